@@ -1,0 +1,71 @@
+"""pilotfish: a Python task runtime in which failure is a first-class result.
+
+>>> import pilotfish
+>>> with pilotfish.Session(workers=2) as s:         # doctest: +SKIP
+...     a = s.submit(pow, 2, 10)
+...     b = s.submit(sum, [a, a])                     # Tasks in arguments are dependencies
+...     b.result()
+2048
+
+The public face is this module; everything else is private.
+"""
+
+from concurrent.futures import CancelledError
+
+from ._events import MasterEvent, TaskEvent, WorkerEvent
+from ._options import TaskFunction, TaskOptions, task
+from ._session import Call, Fail, Retry, Session, Task, as_completed, wait
+from .core.policy import Backoff
+from .core.states import State
+from .core.workflow import AttemptRecord
+from .errors import (
+    Category,
+    CommandFailed,
+    DependencyFailed,
+    EnvironmentMismatch,
+    FailureRecord,
+    InvalidTask,
+    InvalidTransition,
+    MissingOutput,
+    PilotfishError,
+    RemoteError,
+    RuntimeLost,
+    TaskTimeout,
+    WorkerLost,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttemptRecord",
+    "Backoff",
+    "Call",
+    "CancelledError",
+    "Category",
+    "CommandFailed",
+    "DependencyFailed",
+    "EnvironmentMismatch",
+    "Fail",
+    "FailureRecord",
+    "InvalidTask",
+    "InvalidTransition",
+    "MasterEvent",
+    "MissingOutput",
+    "PilotfishError",
+    "RemoteError",
+    "Retry",
+    "RuntimeLost",
+    "Session",
+    "State",
+    "Task",
+    "TaskEvent",
+    "TaskFunction",
+    "TaskOptions",
+    "TaskTimeout",
+    "WorkerEvent",
+    "WorkerLost",
+    "__version__",
+    "as_completed",
+    "task",
+    "wait",
+]

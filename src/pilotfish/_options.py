@@ -1,0 +1,174 @@
+"""Task options, their validation, and the ``@pilotfish.task`` decorator."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Iterable
+from typing import Any, Generic, ParamSpec, TypeVar
+
+from .errors import InvalidTask
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_UNSET: Any = object()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TaskOptions:
+    """Per-task options. ``retries`` is the budget for transient failures (worker lost,
+    runtime lost, timeout) and for user exceptions matched by ``retry_on``; a user
+    exception is never retried unless ``retry_on`` asks for it."""
+
+    retries: int = 3
+    retry_on: tuple[type[BaseException], ...] | bool = ()
+    timeout: float | None = None
+    key: str | None = None
+    name: str | None = None
+    requires: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def merged(self, **changes: Any) -> TaskOptions:
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise InvalidTask(
+                f"unknown task option(s) {sorted(unknown)}; valid options are "
+                f"{[f.name for f in dataclasses.fields(self)]}"
+            )
+        return dataclasses.replace(self, **_normalise(changes))
+
+    def matches(self, exc: BaseException | None, type_name: str | None = None) -> bool:
+        """Does ``retry_on`` ask to retry this user exception?"""
+        if self.retry_on is True:
+            return True
+        if not self.retry_on:
+            return False
+        if exc is not None:
+            return isinstance(exc, self.retry_on)  # type: ignore[arg-type]
+        return type_name is not None and any(
+            type_name in (t.__qualname__, f"{t.__module__}.{t.__qualname__}")
+            for t in self.retry_on  # type: ignore[union-attr]
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        ro = self.retry_on
+        return {
+            "retries": self.retries,
+            "retry_on": ro if isinstance(ro, bool) else [f"{t.__module__}.{t.__qualname__}"
+                                                        for t in ro],
+            "timeout": self.timeout,
+            "key": self.key,
+            "name": self.name,
+            "requires": list(self.requires),
+        }
+
+
+def _normalise(d: dict[str, Any]) -> dict[str, Any]:
+    d = dict(d)
+    ro = d.get("retry_on")
+    if ro is not None and not isinstance(ro, bool):
+        if isinstance(ro, type):
+            d["retry_on"] = (ro,)
+        elif isinstance(ro, Iterable) and not isinstance(ro, str | bytes):
+            d["retry_on"] = tuple(ro)
+    if ro is None and "retry_on" in d:
+        d["retry_on"] = ()
+    req = d.get("requires")
+    if isinstance(req, str):
+        d["requires"] = (req,)
+    elif req is not None:
+        d["requires"] = tuple(req)
+    return d
+
+
+def validate(o: TaskOptions) -> None:
+    if isinstance(o.retries, bool) or not isinstance(o.retries, int) or o.retries < 0:
+        raise InvalidTask(f"task option retries={o.retries!r} is invalid: it must be an int >= 0")
+    if not isinstance(o.retry_on, bool):
+        if not isinstance(o.retry_on, tuple):
+            raise InvalidTask(
+                f"task option retry_on={o.retry_on!r} is invalid: give an exception type, "
+                "a tuple of exception types, or True for any user exception"
+            )
+        for t in o.retry_on:
+            if not (isinstance(t, type) and issubclass(t, BaseException)):
+                raise InvalidTask(
+                    f"task option retry_on contains {t!r}, which is not an exception type; "
+                    "give exception classes such as (OSError, ValueError), or True"
+                )
+    if o.timeout is not None and (
+        isinstance(o.timeout, bool) or not isinstance(o.timeout, int | float) or o.timeout <= 0
+    ):
+        raise InvalidTask(
+            f"task option timeout={o.timeout!r} is invalid: give seconds > 0, or None"
+        )
+    for name in ("key", "name"):
+        v = getattr(o, name)
+        if v is not None and (not isinstance(v, str) or not v.strip()):
+            raise InvalidTask(f"task option {name}={v!r} is invalid: it must be a non-empty str")
+    for r in o.requires:
+        if not isinstance(r, str) or not r.strip():
+            raise InvalidTask(
+                f"task option requires contains {r!r}; give requirement strings "
+                "such as 'numpy>=1.26'"
+            )
+
+
+def make_options(base: TaskOptions | None = None, **kw: Any) -> TaskOptions:
+    base = base or TaskOptions()
+    kw = {k: v for k, v in kw.items() if v is not _UNSET}
+    return base.merged(**kw) if kw else base
+
+
+class TaskFunction(Generic[P, R]):
+    """A function with pilotfish task options; calling it still calls the function."""
+
+    def __init__(self, fn: Callable[P, R], options: TaskOptions) -> None:
+        if not callable(fn):
+            raise InvalidTask(f"@pilotfish.task needs a callable, got {fn!r}")
+        self.fn = fn
+        self.task_options = options
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.fn(*args, **kwargs)
+
+    def options(self, **changes: Any) -> TaskFunction[P, R]:
+        """A copy with some options changed: ``simulate.options(retries=0)``."""
+        return TaskFunction(self.fn, self.task_options.merged(**changes))
+
+    def __repr__(self) -> str:
+        return f"<pilotfish task {getattr(self.fn, '__qualname__', self.fn)!r} {self.task_options}>"
+
+    def __reduce__(self) -> Any:
+        return (TaskFunction, (self.fn, self.task_options))
+
+
+def task(
+    fn: Callable[P, R] | None = None,
+    *,
+    retries: int = _UNSET,
+    retry_on: Any = _UNSET,
+    timeout: float | None = _UNSET,
+    key: str | None = _UNSET,
+    name: str | None = _UNSET,
+    requires: Any = _UNSET,
+) -> Any:
+    """Give a function task options: ``@pilotfish.task(retries=2, retry_on=(OSError,))``.
+
+    Invalid options raise :class:`pilotfish.InvalidTask` naming the option.
+    """
+    opts = make_options(
+        retries=retries, retry_on=retry_on, timeout=timeout, key=key, name=name,
+        requires=requires,
+    )
+    if fn is not None:
+        return TaskFunction(fn, opts)
+
+    def deco(f: Callable[P, R]) -> TaskFunction[P, R]:
+        return TaskFunction(f, opts)
+
+    return deco

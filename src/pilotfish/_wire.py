@@ -1,0 +1,390 @@
+"""Typed wire messages and payload packing shared by the client, master and workers.
+
+Messages are ``NamedTuple`` s (typed, immutable, and cheap to pickle in
+batches); a frame on a pipe is a pickled *list* of messages, so one write
+carries many. Pipes are private to the process tree (no network listener),
+so pickle is safe to use on them.
+
+Payloads (the user's call, values, exceptions) are separate ``bytes`` made by
+cloudpickle so that the master never unpickles user objects.
+
+Dependencies travel as persistent ids: when a call is pickled on the client,
+every ``Task`` found anywhere in its arguments is replaced by its index in the
+task's dependency list; the worker's unpickler substitutes the (already
+pickled) value of that dependency. One pass finds and encodes them all.
+
+Exceptions travel losslessly: a user exception is rebuilt on the client as its
+own type *without calling its* ``__init__`` (so ``__init__(self, a, b)`` is
+no obstacle), with ``args``, ``__dict__``, notes, ``__cause__``/``__context__``
+and the remote traceback (via tblib). When that is impossible, the envelope
+still carries type name, message and complete traceback text, and the client
+raises :class:`pilotfish.RemoteError`.
+"""
+
+from __future__ import annotations
+
+import io
+import linecache
+import os
+import pickle
+import re
+import socket
+import sys
+import threading
+import traceback as _tb
+from collections.abc import Callable, Sequence
+from multiprocessing.connection import Connection
+from typing import Any, NamedTuple
+
+import cloudpickle
+from tblib import Traceback
+
+PROTOCOL = pickle.HIGHEST_PROTOCOL
+
+# --------------------------------------------------------------------------- messages
+
+
+class Config(NamedTuple):
+    """Sent once from a parent to a newly started master or worker."""
+
+    sys_path: list[str]
+    cwd: str
+    workers: int
+    heartbeat_interval: float
+    heartbeat_timeout: float
+    worker_python: str
+    rundir: str
+    prefetch: int
+    name: str = ""
+
+
+class RunAttempt(NamedTuple):
+    attempt: int
+    key: str
+    kind: str  # "call" | "command"
+    payload: bytes
+    deps: tuple[bytes, ...]
+    timeout: float | None
+
+
+class CancelAttempt(NamedTuple):
+    attempt: int
+
+
+class Withdrawn(NamedTuple):
+    """A worker dropped a prefetched attempt that was cancelled before it started."""
+
+    attempt: int
+
+
+class Shutdown(NamedTuple):
+    reason: str = ""
+
+
+class Hello(NamedTuple):
+    """A master or worker finished starting; ``pid`` and ``host`` identify it."""
+
+    pid: int
+    host: str
+    name: str
+    workers: tuple[int, ...] = ()
+
+
+class Started(NamedTuple):
+    attempt: int
+    worker: str
+    pid: int
+    time: float
+    host: str = ""
+
+
+class Result(NamedTuple):
+    """An attempt finished. ``ok``: ``data`` is the pickled value, else an :class:`Envelope`."""
+
+    attempt: int
+    ok: bool
+    data: bytes
+    worker: str
+    pid: int
+    started: float
+    ended: float
+    host: str = ""
+
+
+class Lost(NamedTuple):
+    """An attempt was lost with its worker (or stopped by a timeout)."""
+
+    attempt: int
+    category: str  # Category value
+    message: str
+    worker: str
+    pid: int
+    returncode: int | None
+    signal: str | None
+    stderr_tail: str
+    started: float | None
+    ended: float
+    host: str = ""
+
+
+class WorkerEvent(NamedTuple):
+    kind: str  # "started" | "lost" | "replaced" | "stopped" | "start_failed"
+    worker: str
+    pid: int
+    time: float
+    returncode: int | None = None
+    signal: str | None = None
+    held: tuple[int, ...] = ()
+    message: str = ""
+
+
+class Heartbeat(NamedTuple):
+    time: float
+
+
+class CommandGroup(NamedTuple):
+    """A worker started a program in its own process group ``pgid`` for ``attempt``."""
+
+    attempt: int
+    pgid: int
+
+
+class Fatal(NamedTuple):
+    """The master cannot go on (e.g. no worker can start); ``category`` is a Category value."""
+
+    category: str
+    message: str
+
+
+class Goodbye(NamedTuple):
+    """Sent right before an orderly exit, so it is never mistaken for a crash."""
+
+    reason: str = ""
+
+
+class Envelope(NamedTuple):
+    """A failed attempt as the worker saw it."""
+
+    category: str  # Category value
+    type_name: str
+    message: str
+    traceback: str
+    exc: bytes | None  # the pickled exception, when it could be pickled
+    extra: dict[str, Any]  # returncode, signal, paths, ...
+
+
+# --------------------------------------------------------------------------- framing
+
+
+class Channel:
+    """A framed, thread-safe (for writers) pipe endpoint carrying lists of messages."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self._wlock = threading.Lock()
+
+    @classmethod
+    def pair(cls) -> tuple[Channel, int]:
+        """A parent channel and the raw fd of the child's end (pass it with ``pass_fds``).
+
+        A Unix socket pair: duplex, private to the two processes, not a listener.
+        """
+        a, b = socket.socketpair()
+        return cls(Connection(a.detach())), b.detach()
+
+    @classmethod
+    def from_fd(cls, fd: int) -> Channel:
+        return cls(Connection(fd))
+
+    def fileno(self) -> int:
+        return self.conn.fileno()
+
+    def send(self, msgs: Sequence[Any]) -> None:
+        data = pickle.dumps(list(msgs), PROTOCOL)
+        with self._wlock:
+            self.conn.send_bytes(data)
+
+    def recv(self) -> list[Any]:
+        """Block for one frame; raises EOFError when the peer is gone."""
+        msgs: list[Any] = pickle.loads(self.conn.recv_bytes())
+        return msgs
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        except OSError:
+            pass
+
+
+# --------------------------------------------------------------------------- calls
+
+
+class _CallPickler(cloudpickle.Pickler):
+    def __init__(self, f: io.BytesIO, ref: Callable[[Any], int | None]) -> None:
+        super().__init__(f, protocol=PROTOCOL)
+        self._ref = ref
+
+    def persistent_id(self, obj: Any) -> int | None:  # noqa: D102
+        return self._ref(obj)
+
+
+def dumps_call(obj: Any, ref: Callable[[Any], int | None]) -> bytes:
+    """Pickle ``obj`` with cloudpickle; ``ref(x)`` returns a dependency index for Tasks."""
+    f = io.BytesIO()
+    _CallPickler(f, ref).dump(obj)
+    return f.getvalue()
+
+
+class _CallUnpickler(pickle.Unpickler):
+    def __init__(self, f: io.BytesIO, deps: Sequence[bytes]) -> None:
+        super().__init__(f)
+        self._deps = deps
+        self._cache: dict[int, Any] = {}
+
+    def persistent_load(self, pid: Any) -> Any:
+        i = int(pid)
+        if i not in self._cache:
+            self._cache[i] = pickle.loads(self._deps[i])
+        return self._cache[i]
+
+
+def loads_call(payload: bytes, deps: Sequence[bytes]) -> Any:
+    return _CallUnpickler(io.BytesIO(payload), deps).load()
+
+
+def dumps_value(value: Any) -> bytes:
+    return cloudpickle.dumps(value, protocol=PROTOCOL)
+
+
+# --------------------------------------------------------------------------- exceptions
+
+
+_DYNAMIC = "<dynamic-code>"
+_DYN_RE = re.compile(r'File "<dynamic-code>", line (\d+), in (\S+)\n')
+
+
+def _main_filename(name: str) -> str | None:
+    """cloudpickle hides the file of functions sent by value (``__main__``);
+    find it again on the client, where that ``__main__`` lives."""
+    main = sys.modules.get("__main__")
+    obj = getattr(main, name, None) if main is not None else None
+    obj = getattr(obj, "fn", obj)  # a @pilotfish.task function
+    code = getattr(obj, "__code__", None)
+    return code.co_filename if code is not None else getattr(main, "__file__", None)
+
+
+def fix_dynamic_frames(text: str) -> str:
+    """Put back real file names (and source lines) in a traceback text from a worker."""
+
+    def sub(m: re.Match[str]) -> str:
+        lineno, name = int(m.group(1)), m.group(2)
+        fn = _main_filename(name)
+        if fn is None:
+            return m.group(0)
+        line = linecache.getline(fn, lineno).strip()
+        return f'File "{fn}", line {lineno}, in {name}\n' + (f"    {line}\n" if line else "")
+
+    return _DYN_RE.sub(sub, text) if _DYNAMIC in text else text
+
+
+def _fix_tb_dict(tb: dict[str, Any] | None) -> None:
+    while tb is not None:
+        code = tb.get("tb_frame", {}).get("f_code", {})
+        if code.get("co_filename") == _DYNAMIC:
+            fn = _main_filename(code.get("co_name", ""))
+            if fn:
+                code["co_filename"] = fn
+        tb = tb.get("tb_next")
+
+
+def _rebuild_exc(
+    cls: type[BaseException],
+    args: tuple[Any, ...],
+    state: dict[str, Any] | None,
+    cause: BaseException | None,
+    context: BaseException | None,
+    suppress: bool,
+    tb: dict[str, Any] | None,
+) -> BaseException:
+    exc: BaseException = cls.__new__(cls, *args)
+    exc.args = args
+    if state:
+        exc.__dict__.update(state)
+    exc.__cause__ = cause
+    exc.__context__ = context
+    exc.__suppress_context__ = suppress
+    if tb is not None:
+        try:
+            _fix_tb_dict(tb)
+            exc = exc.with_traceback(Traceback.from_dict(tb).as_traceback())
+        except Exception:  # a traceback we cannot rebuild must not lose the exception
+            pass
+    return exc
+
+
+class _ExcPickler(cloudpickle.Pickler):
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, BaseException) and not isinstance(obj, type):
+            tb = Traceback(obj.__traceback__).as_dict() if obj.__traceback__ else None
+            state = getattr(obj, "__dict__", None)
+            return (
+                _rebuild_exc,
+                (
+                    type(obj),
+                    obj.args,
+                    dict(state) if state else None,
+                    obj.__cause__,
+                    obj.__context__,
+                    obj.__suppress_context__,
+                    tb,
+                ),
+            )
+        return super().reducer_override(obj)
+
+
+def dumps_exception(exc: BaseException) -> bytes:
+    f = io.BytesIO()
+    _ExcPickler(f, protocol=PROTOCOL).dump(exc)
+    return f.getvalue()
+
+
+def qualified_name(t: type) -> str:
+    mod = t.__module__
+    return t.__qualname__ if mod in ("builtins", "__main__") else f"{mod}.{t.__qualname__}"
+
+
+def format_exception(exc: BaseException, skip: int = 0) -> str:
+    """Complete traceback text of ``exc`` and its chain; drop ``skip`` leading frames."""
+    tb = exc.__traceback__
+    for _ in range(skip):
+        if tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+    return "".join(_tb.format_exception(type(exc), exc, tb))
+
+
+def envelope_for(
+    exc: BaseException,
+    category: str,
+    *,
+    skip_frames: int = 0,
+    message: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Envelope:
+    """Package ``exc``; never raises (a failure to pickle leaves ``exc=None``)."""
+    if skip_frames and exc.__traceback__ is not None and exc.__traceback__.tb_next is not None:
+        exc = exc.with_traceback(exc.__traceback__.tb_next)
+    text = format_exception(exc)
+    try:
+        data: bytes | None = dumps_exception(exc)
+    except BaseException as e:  # noqa: BLE001 - any pickling failure means: send text only
+        data = None
+        text += f"\n(pilotfish: the exception could not be pickled: {type(e).__name__}: {e})\n"
+    try:
+        msg = str(exc) if message is None else message
+    except Exception:
+        msg = f"<str() of {type(exc).__name__} failed>"
+    return Envelope(category, qualified_name(type(exc)), msg, text, data, extra or {})
+
+
+def host_name() -> str:
+    return os.uname().nodename

@@ -1,0 +1,371 @@
+"""The client side of the local backend: starts, watches and restarts the master.
+
+Threads (all daemons, all ended by ``stop``):
+
+* ``writer``  sends queued ``RunAttempt``/``CancelAttempt`` messages in batches;
+* ``reader``  receives frames from the master and passes their events to the sink;
+  EOF means the master is gone;
+* ``stderr``  keeps the tail of the master's stderr (for ``RuntimeLost`` messages)
+  and passes it through to ours;
+* ``monitor`` watches the master's heartbeat and kernel state; a master that is
+  stopped or silent for ``heartbeat_timeout`` is killed and handled as lost.
+
+On master loss the attempts the master had *started* are reported ``Lost``
+(RUNTIME_LOST, with the master's exit status and stderr); attempts it had
+not started are simply sent again to the replacement master. After
+``max_master_restarts`` losses, or when a master dies before it finished
+starting, the backend emits ``Fatal`` and every unfinished task fails.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ... import _wire
+from ..._wire import Channel, RunAttempt
+from ..base import MasterEvent, Sink
+from .dispatch import describe_exit
+from .master import proc_sample
+
+_STDERR_TAIL = 16384
+
+
+def _package_root() -> str:
+    import pilotfish
+
+    return str(Path(pilotfish.__file__).resolve().parent.parent)
+
+
+class LocalBackend:
+    name = "local"
+
+    def __init__(
+        self,
+        workers: int | None = None,
+        *,
+        heartbeat_interval: float = 1.0,
+        heartbeat_timeout: float = 10.0,
+        max_master_restarts: int = 3,
+        rundir: str = ".pilotfish",
+        python: str | None = None,
+        worker_python: str | None = None,
+        prefetch: int = 2,
+        start_timeout: float = 60.0,
+    ) -> None:
+        self.workers = workers or os.cpu_count() or 1
+        self.hb_interval = heartbeat_interval
+        self.hb_timeout = heartbeat_timeout
+        self.max_restarts = max_master_restarts
+        self.rundir = rundir
+        self.python = python or sys.executable
+        self.worker_python = worker_python or self.python
+        self.prefetch = prefetch
+        self.start_timeout = start_timeout
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._outbox: list[Any] = []
+        self._inflight: dict[int, RunAttempt] = {}
+        self._started: set[int] = set()
+        self._sink: Sink | None = None
+        self._popen: subprocess.Popen[bytes] | None = None
+        self._ch: Channel | None = None
+        self._gen = 0
+        self._restarts = 0
+        self._ready = False
+        self._last_msg = 0.0
+        self._stopping = False
+        self._dead = False
+        self._said_goodbye = False
+        self._tail: collections.deque[bytes] = collections.deque()
+        self._worker_pids: dict[str, int] = {}
+        self._threads: list[threading.Thread] = []
+
+    # ------------------------------------------------------------------ protocol
+    def start(self, sink: Sink) -> None:
+        self._sink = sink
+        self._launch()
+        t = threading.Thread(target=self._writer, name="pilotfish-writer", daemon=True)
+        m = threading.Thread(target=self._monitor, name="pilotfish-monitor", daemon=True)
+        self._threads += [t, m]
+        t.start()
+        m.start()
+
+    def submit(self, attempts: Sequence[RunAttempt]) -> None:
+        with self._lock:
+            for a in attempts:
+                self._inflight[a.attempt] = a
+            self._outbox.extend(attempts)
+            self._wake.notify()
+
+    def cancel(self, attempts: Sequence[int]) -> None:
+        with self._lock:
+            self._outbox.extend(_wire.CancelAttempt(a) for a in attempts)
+            self._wake.notify()
+
+    def processes(self) -> dict[str, Any]:
+        with self._lock:
+            pid = self._popen.pid if self._popen and self._popen.poll() is None else None
+            return {"master": pid, "workers": sorted(self._worker_pids.values())}
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._lock:
+            self._stopping = True
+            popen, ch = self._popen, self._ch
+            self._wake.notify_all()
+        if popen is not None and ch is not None and popen.poll() is None:
+            with contextlib.suppress(OSError):
+                ch.send([_wire.Shutdown("session closed")])
+            try:
+                popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                popen.kill()
+                popen.wait()
+        self._kill_leftover_workers()
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(timeout)
+        if ch is not None:
+            ch.close()
+
+    # ------------------------------------------------------------------ master life
+    def _launch(self) -> None:
+        ch, child_fd = Channel.pair()
+        env = dict(os.environ)
+        root = _package_root()
+        env["PYTHONPATH"] = os.pathsep.join(
+            [root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+        )
+        cfg = _wire.Config(
+            sys_path=list(sys.path),
+            cwd=os.getcwd(),
+            workers=self.workers,
+            heartbeat_interval=self.hb_interval,
+            heartbeat_timeout=self.hb_timeout,
+            worker_python=self.worker_python,
+            rundir=str(Path(self.rundir).resolve()),
+            prefetch=self.prefetch,
+        )
+        try:
+            popen = subprocess.Popen(
+                [self.python, "-m", "pilotfish.backends.local.master", str(child_fd)],
+                pass_fds=(child_fd,),
+                stdin=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                env=env,
+                start_new_session=True,
+            )
+        except OSError as e:
+            os.close(child_fd)
+            ch.close()
+            self._emit([_wire.Fatal("runtime_lost", f"cannot start the master ({self.python}): {e}")])
+            self._dead = True
+            return
+        os.close(child_fd)
+        with contextlib.suppress(OSError):
+            ch.send([cfg])
+        with self._lock:
+            self._gen += 1
+            gen = self._gen
+            self._popen, self._ch = popen, ch
+            self._ready = False
+            self._said_goodbye = False
+            self._last_msg = time.monotonic()
+            self._tail = collections.deque()
+            self._worker_pids = {}
+            # attempts the previous master never started go to this one unblamed
+            resend = [a for aid, a in self._inflight.items() if aid not in self._started]
+            self._outbox = [m for m in self._outbox if not isinstance(m, RunAttempt)]
+            self._outbox[:0] = resend
+            self._wake.notify()
+        r = threading.Thread(target=self._reader, args=(gen, popen, ch), daemon=True,
+                             name="pilotfish-reader")
+        e = threading.Thread(target=self._stderr, args=(popen, self._tail), daemon=True,
+                             name="pilotfish-stderr")
+        self._threads = [t for t in self._threads if t.is_alive()] + [r, e]
+        r.start()
+        e.start()
+
+    def _emit(self, events: Sequence[Any]) -> None:
+        if self._sink is not None and events:
+            self._sink(events)
+
+    def _reader(self, gen: int, popen: subprocess.Popen[bytes], ch: Channel) -> None:
+        try:
+            while True:
+                msgs = ch.recv()
+                events: list[Any] = []
+                with self._lock:
+                    self._last_msg = time.monotonic()
+                    for m in msgs:
+                        if isinstance(m, _wire.Result | _wire.Lost):
+                            self._inflight.pop(m.attempt, None)
+                            self._started.discard(m.attempt)
+                            events.append(m)
+                        elif isinstance(m, _wire.Started):
+                            if m.attempt in self._inflight:
+                                self._started.add(m.attempt)
+                            events.append(m)
+                        elif isinstance(m, _wire.Heartbeat):
+                            pass
+                        elif isinstance(m, _wire.WorkerEvent):
+                            if m.kind == "started":
+                                self._worker_pids[m.worker] = m.pid
+                            elif m.kind in ("lost", "stopped", "start_failed"):
+                                self._worker_pids.pop(m.worker, None)
+                            events.append(m)
+                        elif isinstance(m, _wire.Hello):
+                            self._ready = True
+                            restarted = self._restarts > 0
+                            events.append(
+                                MasterEvent("restarted" if restarted else "started",
+                                            m.pid, time.time())
+                            )
+                        elif isinstance(m, _wire.Goodbye):
+                            self._said_goodbye = True
+                        elif isinstance(m, _wire.Fatal):
+                            self._dead = True
+                            events.append(m)
+                self._emit(events)
+        except (EOFError, OSError):
+            pass
+        self._master_gone(gen, popen)
+
+    def _stderr(self, popen: subprocess.Popen[bytes], tail: collections.deque[bytes]) -> None:
+        assert popen.stderr is not None
+        fd = popen.stderr.fileno()
+        size = 0
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:
+                break
+            if not data:
+                break
+            tail.append(data)
+            size += len(data)
+            while size > _STDERR_TAIL and len(tail) > 1:
+                size -= len(tail.popleft())
+            with contextlib.suppress(Exception):
+                sys.stderr.write(data.decode("utf-8", errors="replace"))
+                sys.stderr.flush()
+        with contextlib.suppress(OSError):
+            popen.stderr.close()
+
+    def _stderr_tail(self, tail: collections.deque[bytes], lines: int = 20) -> str:
+        text = b"".join(tail).decode("utf-8", errors="replace")
+        return "\n".join(text.rstrip("\n").splitlines()[-lines:])
+
+    def _master_gone(self, gen: int, popen: subprocess.Popen[bytes]) -> None:
+        try:
+            rc = popen.wait(5)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            rc = popen.wait()
+        self._kill_leftover_workers()
+        # let the stderr thread read the last words
+        for t in self._threads:
+            if t.name == "pilotfish-stderr" and t is not threading.current_thread():
+                t.join(1.0)
+        with self._lock:
+            if gen != self._gen:
+                return
+            if self._stopping or self._said_goodbye:
+                return
+            tail = self._stderr_tail(self._tail)
+            was_ready = self._ready
+            how, sig = describe_exit(rc)
+            started = [self._inflight.pop(a) for a in list(self._started) if a in self._inflight]
+            self._started.clear()
+            can_restart = was_ready and not self._dead and self._restarts < self.max_restarts
+            if can_restart:
+                self._restarts += 1
+        now = time.time()
+        what = f"the pilotfish master (pid {popen.pid}) {how}"
+        if not was_ready:
+            what += " before it finished starting"
+        detail = f"; last lines of its stderr:\n{tail}" if tail else " (its stderr was empty)"
+        events: list[Any] = [MasterEvent("lost", popen.pid, now, rc, sig, tail, what)]
+        for a in started:
+            events.append(
+                _wire.Lost(a.attempt, "runtime_lost",
+                           f"{what} while task {a.key!r} was running{detail}",
+                           "master", popen.pid, rc, sig, tail, None, now)
+            )
+        if can_restart:
+            self._emit(events)
+            self._launch()
+            return
+        with self._lock:
+            self._dead = True
+        if was_ready and self.max_restarts > 0:
+            why = f"{what}; it was restarted {self._restarts} times (max_master_restarts=" \
+                  f"{self.max_restarts}), so no more restarts"
+        elif was_ready:
+            why = f"{what}; max_master_restarts=0, so it is not restarted"
+        else:
+            why = f"{what}; the master cannot be started"
+        events.append(_wire.Fatal("runtime_lost", why + detail))
+        self._emit(events)
+
+    def _kill_leftover_workers(self) -> None:
+        """Workers die with their master (PDEATHSIG); this is the belt to those braces."""
+        with self._lock:
+            pids = list(self._worker_pids.values())
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, 9)
+
+    # ------------------------------------------------------------------ threads
+    def _writer(self) -> None:
+        while True:
+            with self._lock:
+                while not self._outbox and not self._stopping:
+                    self._wake.wait()
+                if self._stopping:
+                    return
+                msgs, self._outbox = self._outbox, []
+                ch = self._ch
+            if ch is None:
+                continue
+            try:
+                ch.send(msgs)
+            except OSError:
+                pass  # master gone: _master_gone resends what it had not started
+
+    def _monitor(self) -> None:
+        stopped_since: float | None = None
+        while True:
+            time.sleep(self.hb_interval / 2)
+            with self._lock:
+                if self._stopping:
+                    return
+                popen, last, ready = self._popen, self._last_msg, self._ready
+            if popen is None or popen.poll() is not None:
+                continue
+            now = time.monotonic()
+            sample = proc_sample(popen.pid)
+            if sample and sample[0] in ("T", "t"):
+                stopped_since = stopped_since or now
+            else:
+                stopped_since = None
+            limit = self.hb_timeout if ready else self.start_timeout
+            if (stopped_since is not None and now - stopped_since >= self.hb_interval) or (
+                now - last > limit
+            ):
+                with contextlib.suppress(OSError):
+                    print(
+                        f"pilotfish: master (pid {popen.pid}) stopped answering "
+                        f"(no message for {now - last:.1f} s); killing it",
+                        file=sys.stderr,
+                    )
+                    popen.kill()
+                stopped_since = None

@@ -1,0 +1,312 @@
+"""The local master: one process that owns N worker processes.
+
+::
+
+    client (Session)                       master (this module)                 workers
+    ----------------                       --------------------                 -------
+    RunAttempt / CancelAttempt / Shutdown   Dispatcher (pure, dispatch.py)
+       ==== socketpair ====>  runner loop: selectors.select over  ==== socketpair ====> run
+    <==== Started / Result / Lost /          - the client socket                       attempts
+          WorkerEvent / Heartbeat ====       - each worker's socket        <==== Result/Heartbeat
+                                             - each worker's stderr pipe (tail kept, passed on)
+                                             - each worker's pidfd (process sentinel)
+
+Death is seen at once through the pidfd (``os.pidfd_open``), not by polling;
+before acting on it the worker's socket is drained, so a result that was
+already written is never lost nor blamed. Hangs are found by the dispatcher's
+``tick`` from heartbeats plus kernel samples (see dispatch.py).
+
+Messages to the client are batched: everything produced while handling one
+round of ready file descriptors goes out in one frame.
+
+The master runs in its own session (no terminal signals), dies with its
+client (``PR_SET_PDEATHSIG`` and EOF on the client socket) and takes its
+workers with it (they die with it the same way, and it kills them on exit).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+from ... import _wire
+from ..._wire import Channel
+from .dispatch import Cmd, Dispatcher, Kill, SendWorker, Spawn, ToClient
+from .worker import die_with_parent
+
+_TAIL_BYTES = 16384
+_TAIL_LINES = 20
+
+
+class _Proc:
+    def __init__(self, name: str, popen: subprocess.Popen[bytes], ch: Channel, pidfd: int) -> None:
+        self.name = name
+        self.popen = popen
+        self.ch = ch
+        self.pidfd = pidfd
+        self.tail: collections.deque[bytes] = collections.deque()
+        self.tail_size = 0
+        self.goodbye = False
+        self.closed = False
+
+    def add_stderr(self, data: bytes) -> None:
+        self.tail.append(data)
+        self.tail_size += len(data)
+        while self.tail_size > _TAIL_BYTES and len(self.tail) > 1:
+            self.tail_size -= len(self.tail.popleft())
+
+    def stderr_tail(self) -> str:
+        text = b"".join(self.tail).decode("utf-8", errors="replace")
+        return "\n".join(text.rstrip("\n").splitlines()[-_TAIL_LINES:])
+
+
+def proc_sample(pid: int) -> tuple[str, float] | None:
+    """(kernel state letter, CPU seconds) from /proc, or None if unavailable."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    rest = data[data.rindex(b")") + 2 :].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return rest[0].decode(), (int(rest[11]) + int(rest[12])) / ticks
+
+
+class Master:
+    def __init__(self, client: Channel, cfg: _wire.Config) -> None:
+        self.client = client
+        self.cfg = cfg
+        self.disp = Dispatcher(
+            cfg.workers,
+            prefetch=cfg.prefetch,
+            heartbeat_interval=cfg.heartbeat_interval,
+            heartbeat_timeout=cfg.heartbeat_timeout,
+        )
+        self.sel = selectors.DefaultSelector()
+        self.procs: dict[str, _Proc] = {}
+        self.outbox: list[Any] = []
+        self.env = dict(os.environ)
+        self.stopping = False
+
+    # ------------------------------------------------------------------ commands
+    def run_cmds(self, cmds: list[Cmd]) -> None:
+        for c in cmds:
+            if isinstance(c, ToClient):
+                self.outbox.append(c.msg)
+            elif isinstance(c, SendWorker):
+                p = self.procs.get(c.name)
+                if p is not None and not p.closed:
+                    try:
+                        p.ch.send(c.msgs)
+                    except OSError:
+                        pass  # it died; its pidfd will tell
+            elif isinstance(c, Spawn):
+                self.spawn(c.name)
+            elif isinstance(c, Kill):
+                self.kill(c.name, c.pgids)
+
+    def spawn(self, name: str) -> None:
+        ch, child_fd = Channel.pair()
+        try:
+            popen = subprocess.Popen(
+                [self.cfg.worker_python, "-m", "pilotfish.backends.local.worker", str(child_fd)],
+                pass_fds=(child_fd,),
+                stdin=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                cwd=self.cfg.cwd,
+                env=self.env,
+            )
+        except OSError as e:
+            os.close(child_fd)
+            ch.close()
+            now = time.time()
+            self.disp.slots[name].pid = 0
+            self.run_cmds(self.disp.on_exit(name, 127, f"cannot execute worker: {e}", now, False))
+            return
+        os.close(child_fd)
+        pidfd = os.pidfd_open(popen.pid)
+        p = _Proc(name, popen, ch, pidfd)
+        self.procs[name] = p
+        self.disp.slots[name].pid = popen.pid
+        assert popen.stderr is not None
+        os.set_blocking(popen.stderr.fileno(), False)
+        self.sel.register(ch.conn, selectors.EVENT_READ, ("worker", p))
+        self.sel.register(popen.stderr, selectors.EVENT_READ, ("stderr", p))
+        self.sel.register(pidfd, selectors.EVENT_READ, ("exit", p))
+        cfg = self.cfg._replace(name=name)
+        with contextlib.suppress(OSError):
+            ch.send([cfg])
+
+    def kill(self, name: str, pgids: tuple[int, ...]) -> None:
+        p = self.procs.get(name)
+        for g in pgids:
+            with contextlib.suppress(OSError):
+                os.killpg(g, signal.SIGKILL)
+        if p is not None:
+            with contextlib.suppress(OSError):
+                p.popen.kill()
+
+    # ------------------------------------------------------------------ inputs
+    def on_client(self, msgs: list[Any]) -> None:
+        now = time.time()
+        runs = [m for m in msgs if isinstance(m, _wire.RunAttempt)]
+        if runs:
+            self.run_cmds(self.disp.submit(runs, now))
+        for m in msgs:
+            if isinstance(m, _wire.CancelAttempt):
+                self.run_cmds(self.disp.cancel([m.attempt], now))
+            elif isinstance(m, _wire.Shutdown):
+                self.stopping = True
+                self.run_cmds(self.disp.shutdown())
+
+    def on_worker(self, p: _Proc, msgs: list[Any]) -> None:
+        now = time.time()
+        for m in msgs:
+            if isinstance(m, _wire.Result):
+                self.run_cmds(self.disp.on_result(p.name, m, now))
+            elif isinstance(m, _wire.Heartbeat):
+                self.disp.on_heartbeat(p.name, now)
+            elif isinstance(m, _wire.Hello):
+                self.run_cmds(self.disp.on_hello(p.name, m.pid, now))
+            elif isinstance(m, _wire.Withdrawn):
+                self.run_cmds(self.disp.on_withdrawn(p.name, m.attempt, now))
+            elif isinstance(m, _wire.CommandGroup):
+                self.disp.on_command_group(p.name, m.attempt, m.pgid)
+            elif isinstance(m, _wire.Goodbye):
+                p.goodbye = True
+
+    def read_stderr(self, p: _Proc) -> None:
+        assert p.popen.stderr is not None
+        while True:
+            try:
+                data = os.read(p.popen.stderr.fileno(), 65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                with contextlib.suppress(Exception):
+                    self.sel.unregister(p.popen.stderr)
+                return
+            p.add_stderr(data)
+            with contextlib.suppress(OSError):
+                os.write(2, data)
+
+    def on_exit(self, p: _Proc) -> None:
+        # drain what it wrote before dying: results first, then blame
+        if not p.closed:
+            try:
+                while p.ch.conn.poll(0):
+                    self.on_worker(p, p.ch.recv())
+            except (EOFError, OSError):
+                pass
+        self.read_stderr(p)
+        rc = p.popen.wait()
+        for obj in (p.ch.conn, p.popen.stderr, p.pidfd):
+            with contextlib.suppress(Exception):
+                self.sel.unregister(obj)  # type: ignore[arg-type]
+        p.ch.close()
+        p.closed = True
+        os.close(p.pidfd)
+        if p.popen.stderr is not None:
+            p.popen.stderr.close()
+        del self.procs[p.name]
+        self.run_cmds(self.disp.on_exit(p.name, rc, p.stderr_tail(), time.time(), p.goodbye))
+
+    # ------------------------------------------------------------------ loop
+    def flush(self) -> None:
+        if self.outbox:
+            msgs, self.outbox = self.outbox, []
+            self.client.send(msgs)
+
+    def run(self) -> None:
+        self.sel.register(self.client.conn, selectors.EVENT_READ, ("client", None))
+        now = time.time()
+        self.run_cmds(self.disp.start(now))
+        self.outbox.append(
+            _wire.Hello(os.getpid(), _wire.host_name(), "master",
+                        tuple(p.popen.pid for p in self.procs.values()))
+        )
+        self.flush()
+        interval = self.cfg.heartbeat_interval
+        next_tick = now + interval
+        while True:
+            if self.stopping and not self.procs:
+                self.outbox.append(_wire.Goodbye("shutdown"))
+                self.flush()
+                return
+            deadline = self.disp.next_deadline()
+            wake = next_tick if deadline is None else min(next_tick, deadline)
+            for key, _ in self.sel.select(max(0.0, wake - time.time())):
+                kind, p = key.data
+                if kind == "client":
+                    try:
+                        self.on_client(self.client.recv())
+                    except (EOFError, OSError):
+                        self.abandon()
+                        return
+                elif kind == "worker":
+                    if p.closed:
+                        continue
+                    try:
+                        self.on_worker(p, p.ch.recv())
+                    except (EOFError, OSError):
+                        with contextlib.suppress(Exception):
+                            self.sel.unregister(p.ch.conn)
+                elif kind == "stderr":
+                    self.read_stderr(p)
+                elif kind == "exit" and p.name in self.procs:
+                    self.on_exit(p)
+            now = time.time()
+            if now >= next_tick or (deadline is not None and now >= deadline):
+                samples: dict[str, tuple[str, float]] = {}
+                tails: dict[str, str] = {}
+                for name, pr in self.procs.items():
+                    s = proc_sample(pr.popen.pid)
+                    if s is not None:
+                        samples[name] = s
+                    tails[name] = pr.stderr_tail()
+                self.run_cmds(self.disp.tick(now, samples, tails))
+                if now >= next_tick:
+                    self.outbox.append(_wire.Heartbeat(now))
+                    next_tick = now + interval
+            try:
+                self.flush()
+            except OSError:
+                self.abandon()
+                return
+
+    def abandon(self) -> None:
+        """The client is gone: nobody can use our results. Take the workers with us."""
+        for p in list(self.procs.values()):
+            self.kill(p.name, tuple(self.disp.slots[p.name].pgids.values()))
+        for p in list(self.procs.values()):
+            with contextlib.suppress(Exception):
+                p.popen.wait(5)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    client = Channel.from_fd(int(argv[0]))
+    try:
+        (cfg,) = client.recv()
+    except EOFError:
+        return
+    master = Master(client, cfg)
+    try:
+        master.run()
+    finally:
+        master.abandon()
+
+
+if __name__ == "__main__":
+    main()

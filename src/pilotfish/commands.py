@@ -1,0 +1,746 @@
+"""Run one attempt of a command-line program inside a sandbox directory on a worker.
+
+This module is deliberately self-contained (standard library only) so a worker
+can import it without pulling in the rest of pilotfish.
+
+Design
+------
+*Sandbox.*  Every attempt gets its own directory (mode 0700).  Inputs are
+symlinked into it under their declared names, the program runs with the
+sandbox as its working directory (unless told otherwise), and its declared
+outputs are looked up there after it exits.  :func:`run_command` never deletes
+the sandbox: whoever called it decides whether to keep it for debugging.
+
+*Stage first, fail early.*  Everything that can be checked before spawning is
+checked before spawning: that every input exists and its name stays inside the
+sandbox, that the program can be found and is executable, that the working
+directory exists.  Those failures are reported as ``"staging"`` (the inputs or
+the sandbox) or ``"environment"`` (this host lacks the program or directory),
+never as a failure of the program itself, and the message names the host, the
+program and the ``PATH`` searched, because "works on my machine" is the usual
+cause.
+
+*Files, not pipes.*  stdout and stderr are written straight to
+``stdout.txt`` and ``stderr.txt`` in the sandbox: the child gets the file
+descriptors, so we never have to pump pipes (a full pipe deadlocks a child
+that writes more than 64 KiB while nobody reads), the output is complete and
+byte-exact however large it is, it survives the death of the worker, and a
+human can ``tail`` it while the program runs.  Error messages quote only the
+last lines of stderr, read from the end of the file (:func:`tail_lines`).
+
+*Process groups.*  The program starts in a new session, hence in its own
+process group whose id is its pid.  Killing the group (``os.killpg``) kills
+the whole tree, including grandchildren started in the background, which
+killing only the direct child would orphan.  ``on_start(pid)`` hands that
+group id to the caller right after the spawn so a supervisor can kill the tree
+even if this worker process dies.  On timeout or cancellation the group gets
+SIGTERM, a short grace period, then SIGKILL.  After a normal exit, anything
+left in the group is killed with SIGKILL so nothing leaks.  (A program that
+calls ``setsid()`` itself leaves the group; only cgroups could catch that.)
+
+*No pid-reuse races.*  The exit of the main program is observed with
+``waitid(..., WNOWAIT)``: the child stays an unreaped zombie, which keeps its
+pid and therefore the process-group id reserved, until the group has been
+killed.  Only then is it reaped, so ``killpg`` can never hit an unrelated
+group that happened to be given a recycled id.  While a group is being killed,
+members that are already zombies (possible in containers whose init does not
+reap orphans) are treated as gone.
+
+*No busy waiting.*  Waiting blocks on a pidfd (Linux) or sleeps in short
+slices; when a ``cancel`` event is given, the wait is cut into 50 ms slices
+so cancellation is noticed promptly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Literal, cast
+
+__all__ = [
+    "STDERR_NAME",
+    "STDOUT_NAME",
+    "CommandOutcome",
+    "CommandSpec",
+    "OutcomeKind",
+    "make_sandbox",
+    "run_command",
+    "signal_name",
+    "tail_lines",
+]
+
+OutcomeKind = Literal["ok", "failed", "missing_output", "timeout", "environment", "staging"]
+_KINDS: frozenset[str] = frozenset(
+    ("ok", "failed", "missing_output", "timeout", "environment", "staging")
+)
+
+STDOUT_NAME = "stdout.txt"
+STDERR_NAME = "stderr.txt"
+
+#: Seconds between SIGTERM and SIGKILL when a group is killed.
+KILL_GRACE = 2.0
+#: Longest wait for SIGKILLed processes to actually disappear.
+_KILL_SETTLE = 1.0
+#: Wait slice used when a cancel event must be polled.
+_SLICE = 0.05
+#: Lines of stderr quoted in failure messages.
+_TAIL_LINES = 20
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True, slots=True)
+class CommandSpec:
+    """One program invocation, fully resolved, ready to run on this host."""
+
+    argv: tuple[str, ...]
+    inputs: dict[str, str] = field(default_factory=dict)
+    outputs: tuple[str, ...] = ()
+    env: dict[str, str] | None = None
+    stdin: str | None = None
+    cwd: str | None = None
+    timeout: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able representation (lists and dicts of strings)."""
+        return {
+            "argv": list(self.argv),
+            "inputs": dict(self.inputs),
+            "outputs": list(self.outputs),
+            "env": None if self.env is None else dict(self.env),
+            "stdin": self.stdin,
+            "cwd": self.cwd,
+            "timeout": self.timeout,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> CommandSpec:
+        """Inverse of :meth:`to_dict`."""
+        env = d.get("env")
+        timeout = d.get("timeout")
+        return cls(
+            argv=tuple(str(a) for a in d["argv"]),
+            inputs={str(k): str(v) for k, v in (d.get("inputs") or {}).items()},
+            outputs=tuple(str(o) for o in (d.get("outputs") or ())),
+            env=None if env is None else {str(k): str(v) for k, v in env.items()},
+            stdin=_opt_str(d.get("stdin")),
+            cwd=_opt_str(d.get("cwd")),
+            timeout=None if timeout is None else float(timeout),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CommandOutcome:
+    """What happened to one attempt.  ``message`` is written for a human."""
+
+    kind: OutcomeKind
+    message: str
+    returncode: int | None
+    signal: str | None
+    stdout_path: str | None
+    stderr_path: str | None
+    sandbox: str
+    outputs: dict[str, str]
+    missing: tuple[str, ...]
+    elapsed: float
+    host: str
+
+    @property
+    def ok(self) -> bool:
+        return self.kind == "ok"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able representation."""
+        return {
+            "kind": self.kind,
+            "message": self.message,
+            "returncode": self.returncode,
+            "signal": self.signal,
+            "stdout_path": self.stdout_path,
+            "stderr_path": self.stderr_path,
+            "sandbox": self.sandbox,
+            "outputs": dict(self.outputs),
+            "missing": list(self.missing),
+            "elapsed": self.elapsed,
+            "host": self.host,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> CommandOutcome:
+        """Inverse of :meth:`to_dict`."""
+        kind = str(d["kind"])
+        if kind not in _KINDS:
+            raise ValueError(f"unknown CommandOutcome kind {kind!r}")
+        rc = d.get("returncode")
+        return cls(
+            kind=cast(OutcomeKind, kind),
+            message=str(d.get("message", "")),
+            returncode=None if rc is None else int(rc),
+            signal=_opt_str(d.get("signal")),
+            stdout_path=_opt_str(d.get("stdout_path")),
+            stderr_path=_opt_str(d.get("stderr_path")),
+            sandbox=str(d.get("sandbox", "")),
+            outputs={str(k): str(v) for k, v in (d.get("outputs") or {}).items()},
+            missing=tuple(str(m) for m in (d.get("missing") or ())),
+            elapsed=float(d.get("elapsed", 0.0)),
+            host=str(d.get("host", "")),
+        )
+
+
+def _opt_str(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def signal_name(returncode: int) -> str | None:
+    """Name of the signal that killed a process, from a subprocess-style return code.
+
+    Only negative codes mean "killed by a signal" (``-11`` -> ``"SIGSEGV"``);
+    zero and positive codes (including the shell's 128+N convention) give None.
+    """
+    if returncode >= 0:
+        return None
+    num = -returncode
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return f"SIG{num}"
+
+
+def tail_lines(path: str | Path, n: int = 20, max_bytes: int = 65536) -> str:
+    """Return the last ``n`` lines of a file, reading at most ``max_bytes`` from its end.
+
+    Bytes are decoded as UTF-8 with replacement characters, so any output is
+    safe to put in a message.  A line cut by the ``max_bytes`` window is dropped
+    unless it is the only line in the window.  An unreadable file gives "".
+    """
+    if n <= 0 or max_bytes <= 0:
+        return ""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            start = max(0, size - max_bytes)
+            f.seek(start)
+            data = f.read(size - start)
+    except OSError:
+        return ""
+    if data.endswith(b"\n"):
+        data = data[:-1]
+    if not data:
+        return ""
+    lines = data.split(b"\n")
+    if start > 0 and len(lines) > 1:
+        lines = lines[1:]  # first line in the window is probably cut
+    lines = lines[-n:]
+    return "\n".join(line.rstrip(b"\r").decode("utf-8", errors="replace") for line in lines)
+
+
+def make_sandbox(root: str | Path, name: str) -> Path:
+    """Create ``root`` (mode 0700) if needed and a new, unique sandbox dir inside it.
+
+    The sandbox is named after ``name`` (made filesystem-safe) plus a random
+    suffix and is created with mode 0700.
+    """
+    root_path = Path(root).absolute()
+    if not root_path.is_dir():
+        root_path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(root_path, 0o700)
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in name).strip(".")
+    return Path(tempfile.mkdtemp(prefix=(safe[:80] or "cmd") + "-", dir=root_path))
+
+
+def _host() -> str:
+    return socket.gethostname()
+
+
+def _group_alive(pgid: int) -> bool:
+    """True while the process group has a member that is not a zombie.
+
+    Zombies are ignored because in containers whose init does not reap orphans
+    they never go away; they hold no resources beyond a process-table slot.
+    Uses /proc where available, otherwise ``killpg(pgid, 0)``.
+    """
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        entries = []
+    if entries and os.path.exists("/proc/self/stat"):
+        for entry in entries:
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            fields = stat[stat.rfind(b")") + 2 :].split()
+            if len(fields) >= 3 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+                return True
+        return False
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+class _ExitWatcher:
+    """Waits for a child to exit WITHOUT reaping it (see module docstring)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._pidfd: int | None = None
+        pidfd_open = getattr(os, "pidfd_open", None)
+        if pidfd_open is not None:
+            try:
+                self._pidfd = int(pidfd_open(pid))
+            except OSError:
+                self._pidfd = None
+        self._delay = 0.001
+
+    def exited(self) -> bool:
+        try:
+            res = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return True  # already reaped by someone else
+        return res is not None
+
+    def wait(self, timeout: float) -> bool:
+        """Block up to ``timeout`` seconds; True once the child has exited."""
+        if self.exited():
+            return True
+        if timeout <= 0:
+            return False
+        if self._pidfd is not None:
+            poller = select.poll()
+            poller.register(self._pidfd, select.POLLIN)
+            with contextlib.suppress(InterruptedError):
+                poller.poll(max(1, int(timeout * 1000)))
+            return self.exited()
+        # Portable fallback: short sleeps growing to 50 ms.
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return self.exited()
+            time.sleep(min(self._delay, remaining))
+            self._delay = min(self._delay * 2, _SLICE)
+            if self.exited():
+                return True
+
+    def close(self) -> None:
+        if self._pidfd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._pidfd)
+            self._pidfd = None
+
+
+def _kill_group(proc: subprocess.Popen[bytes], watcher: _ExitWatcher) -> None:
+    """SIGTERM the group, grace period, SIGKILL, wait for it to die, reap the child.
+
+    The child is reaped only at the end so its zombie keeps the group id reserved.
+    """
+    pgid = proc.pid
+    _signal_group(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + KILL_GRACE
+    while _group_alive(pgid) and time.monotonic() < deadline:
+        # Block on the main child first (cheap), then poll the rest of the group.
+        if not watcher.exited():
+            watcher.wait(min(_SLICE, max(0.0, deadline - time.monotonic())))
+        else:
+            time.sleep(0.02)
+    _signal_group(pgid, signal.SIGKILL)
+    settle = time.monotonic() + _KILL_SETTLE
+    while _group_alive(pgid) and time.monotonic() < settle:
+        time.sleep(0.01)
+    proc.wait()
+
+
+def _outcome(
+    kind: OutcomeKind,
+    message: str,
+    sandbox: Path,
+    started: float,
+    *,
+    returncode: int | None = None,
+    streams: bool = False,
+    outputs: dict[str, str] | None = None,
+    missing: tuple[str, ...] = (),
+) -> CommandOutcome:
+    return CommandOutcome(
+        kind=kind,
+        message=message,
+        returncode=returncode,
+        signal=None if returncode is None else signal_name(returncode),
+        stdout_path=str(sandbox / STDOUT_NAME) if streams else None,
+        stderr_path=str(sandbox / STDERR_NAME) if streams else None,
+        sandbox=str(sandbox),
+        outputs=outputs or {},
+        missing=missing,
+        elapsed=time.monotonic() - started,
+        host=_host(),
+    )
+
+
+def _describe_exit(returncode: int) -> str:
+    sig = signal_name(returncode)
+    if sig is not None:
+        return f"was killed by signal {sig} ({returncode})"
+    return f"exited with code {returncode}"
+
+
+def _stderr_excerpt(stderr_path: Path) -> str:
+    tail = tail_lines(stderr_path, _TAIL_LINES)
+    if not tail:
+        return "stderr is empty."
+    return f"last lines of stderr:\n{tail}"
+
+
+def _check_input_name(name: str, sandbox: Path) -> str | None:
+    """Return an error sentence if ``name`` is not a safe relative path in the sandbox."""
+    if not name or name.strip() != name:
+        return f"input name {name!r} is empty or has surrounding whitespace"
+    if "\0" in name:
+        return f"input name {name!r} contains a NUL byte"
+    if os.path.isabs(name):
+        return f"input name {name!r} is an absolute path; names must be relative to the sandbox"
+    parts = Path(name).parts
+    if ".." in parts:
+        return f"input name {name!r} escapes the sandbox ('..' is not allowed)"
+    norm = os.path.normpath(name)
+    if norm in (".", STDOUT_NAME, STDERR_NAME):
+        return f"input name {name!r} is reserved in the sandbox"
+    # No existing component of the parent may be a symlink (it could lead
+    # outside the sandbox, e.g. into a staged input directory).
+    cur = sandbox
+    for part in Path(norm).parts[:-1]:
+        cur = cur / part
+        if cur.is_symlink():
+            return (
+                f"input name {name!r} would be placed inside {cur}, "
+                "which is a symlink (another input?)"
+            )
+    return None
+
+
+def _stage_inputs(spec: CommandSpec, sandbox: Path) -> str | None:
+    """Symlink every input into the sandbox.  Returns an error message or None."""
+    host = _host()
+    for name, source in spec.inputs.items():
+        problem = _check_input_name(name, sandbox)
+        if problem is not None:
+            return f"cannot stage inputs on host {host}: {problem} (sandbox {sandbox})."
+        src = os.path.abspath(source)
+        if not os.path.exists(src):
+            return (
+                f"cannot stage input {name!r} on host {host}: source {src} does not exist "
+                f"(sandbox {sandbox}). Check that the file was produced and that its "
+                "filesystem is mounted on this host."
+            )
+        link = sandbox / os.path.normpath(name)
+        try:
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if link.is_symlink():
+                if os.readlink(link) == src:
+                    continue
+                link.unlink()
+            elif link.exists():
+                return (
+                    f"cannot stage input {name!r} on host {host}: {link} already exists "
+                    f"in the sandbox and is not a staged link (sandbox {sandbox})."
+                )
+            os.symlink(src, link)
+        except OSError as exc:
+            return (
+                f"cannot stage input {name!r} ({src}) on host {host}: "
+                f"{exc.strerror or exc} (sandbox {sandbox})."
+            )
+    return None
+
+
+def _resolve_program(argv0: str, cwd: str, env: Mapping[str, str]) -> tuple[str | None, str]:
+    """Find the executable.  Returns (path, "") or (None, reason)."""
+    search_path = env.get("PATH", os.defpath)
+    if not argv0:
+        return None, "the program name (argv[0]) is empty"
+    if "/" not in argv0:
+        found = shutil.which(argv0, path=search_path)
+        if found is None:
+            return None, (
+                f"program {argv0!r} was not found on PATH (or is not executable); "
+                f"PATH searched: {search_path}"
+            )
+        return os.path.abspath(found), ""
+    full = argv0 if os.path.isabs(argv0) else os.path.join(cwd, argv0)
+    if not os.path.exists(full):
+        return None, f"program {argv0!r} does not exist (looked at {full})"
+    if os.path.isdir(full):
+        return None, f"program {argv0!r} is a directory ({full})"
+    if not os.access(full, os.X_OK):
+        return None, (
+            f"program {argv0!r} is not executable ({full}); check its permissions (chmod +x)"
+        )
+    return full, ""
+
+
+# --------------------------------------------------------------------------- main entry
+
+
+def run_command(
+    spec: CommandSpec,
+    sandbox: str | Path,
+    *,
+    on_start: Callable[[int], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> CommandOutcome:
+    """Run ``spec`` once in ``sandbox`` and report what happened.
+
+    Never raises for problems of the program, its inputs or this host: those
+    become a :class:`CommandOutcome`.  It raises only if ``on_start`` raises
+    (after killing the process group) or on interpreter-level interruptions
+    (also after killing the group).  The sandbox is never deleted.
+    """
+    started = time.monotonic()
+    host = _host()
+    box = Path(sandbox).absolute()
+    program = spec.argv[0] if spec.argv else ""
+
+    # --- sandbox and inputs -------------------------------------------------
+    try:
+        if not box.is_dir():
+            box.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(box, 0o700)
+    except OSError as exc:
+        return _outcome(
+            "staging",
+            f"cannot create sandbox {box} on host {host}: {exc.strerror or exc}.",
+            box,
+            started,
+        )
+    problem = _stage_inputs(spec, box)
+    if problem is not None:
+        return _outcome("staging", problem, box, started)
+
+    # --- environment: cwd, program, stdin ------------------------------------
+    env = dict(os.environ)
+    if spec.env:
+        env.update(spec.env)
+    if spec.cwd is None:
+        cwd = str(box)
+    elif os.path.isabs(spec.cwd):
+        cwd = spec.cwd
+    else:
+        cwd = os.path.normpath(os.path.join(box, spec.cwd))
+    if not os.path.isdir(cwd):
+        return _outcome(
+            "environment",
+            f"cannot run {program!r} on host {host}: working directory {cwd} does not exist "
+            f"or is not a directory (sandbox {box}).",
+            box,
+            started,
+        )
+    if not spec.argv:
+        return _outcome(
+            "environment", f"cannot run on host {host}: the command is empty.", box, started
+        )
+    executable, reason = _resolve_program(program, cwd, env)
+    if executable is None:
+        return _outcome(
+            "environment",
+            f"cannot run {program!r} on host {host}: {reason}. Install it on this host "
+            "or fix the command/PATH.",
+            box,
+            started,
+        )
+
+    stdin_file: IO[bytes] | None = None
+    if spec.stdin is not None:
+        stdin_path = spec.stdin if os.path.isabs(spec.stdin) else os.path.join(box, spec.stdin)
+        try:
+            stdin_file = open(stdin_path, "rb")  # noqa: SIM115 - closed in finally below
+        except OSError as exc:
+            return _outcome(
+                "staging",
+                f"cannot open stdin file {stdin_path} for {program!r} on host {host}: "
+                f"{exc.strerror or exc} (sandbox {box}).",
+                box,
+                started,
+            )
+
+    # --- spawn --------------------------------------------------------------
+    stdout_path = box / STDOUT_NAME
+    stderr_path = box / STDERR_NAME
+    try:
+        try:
+            out_f = open(stdout_path, "wb")  # noqa: SIM115
+            try:
+                err_f = open(stderr_path, "wb")  # noqa: SIM115
+            except OSError:
+                out_f.close()
+                raise
+        except OSError as exc:
+            return _outcome(
+                "staging",
+                f"cannot create output files in sandbox {box} on host {host}: "
+                f"{exc.strerror or exc}.",
+                box,
+                started,
+            )
+        try:
+            proc = subprocess.Popen(
+                list(spec.argv),
+                executable=executable,
+                stdin=stdin_file if stdin_file is not None else subprocess.DEVNULL,
+                stdout=out_f,
+                stderr=err_f,
+                cwd=cwd,
+                env=env,
+                start_new_session=True,
+                close_fds=True,
+            )
+        except OSError as exc:
+            detail = exc.strerror or str(exc)
+            if exc.errno == errno.ENOEXEC:
+                detail += " (not a binary and no '#!' line?)"
+            return _outcome(
+                "environment",
+                f"cannot start {program!r} ({executable}) on host {host}: {detail}; "
+                f"cwd {cwd}, PATH searched: {env.get('PATH', os.defpath)}.",
+                box,
+                started,
+            )
+        finally:
+            out_f.close()
+            err_f.close()
+    finally:
+        if stdin_file is not None:
+            stdin_file.close()
+
+    # --- wait ---------------------------------------------------------------
+    spawned = time.monotonic()
+    watcher = _ExitWatcher(proc.pid)
+    reason_killed: Literal["timeout", "cancelled"] | None = None
+    try:
+        if on_start is not None:
+            on_start(proc.pid)
+        deadline = None if spec.timeout is None else spawned + spec.timeout
+        while True:
+            if cancel is not None and cancel.is_set():
+                reason_killed = "cancelled"
+                break
+            if deadline is None:
+                slice_ = _SLICE if cancel is not None else 3600.0
+            else:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    if watcher.exited():
+                        break
+                    reason_killed = "timeout"
+                    break
+                slice_ = min(_SLICE, remaining) if cancel is not None else remaining
+            if watcher.wait(slice_):
+                break
+        if reason_killed is not None:
+            _kill_group(proc, watcher)
+        else:
+            # Main program exited; its zombie still reserves the group id, so
+            # killing leftovers (background grandchildren) is race-free.
+            _signal_group(proc.pid, signal.SIGKILL)
+            proc.wait()
+    except BaseException:
+        if proc.returncode is None:
+            _kill_group(proc, watcher)
+        raise
+    finally:
+        watcher.close()
+
+    ran = time.monotonic() - spawned
+    rc = proc.returncode
+    assert rc is not None
+
+    if reason_killed == "timeout":
+        return _outcome(
+            "timeout",
+            f"{program!r} on host {host} exceeded its time limit of {spec.timeout:g}s "
+            f"(ran {ran:.1f}s) and its process group was killed; {_describe_exit(rc)}. "
+            f"stderr: {stderr_path}; sandbox kept at {box}. "
+            f"{_stderr_excerpt(stderr_path)}",
+            box,
+            started,
+            returncode=rc,
+            streams=True,
+        )
+    if reason_killed == "cancelled":
+        return _outcome(
+            "failed",
+            f"cancelled: {program!r} on host {host} was cancelled after {ran:.1f}s and its "
+            f"process group was killed; {_describe_exit(rc)}. "
+            f"stderr: {stderr_path}; sandbox {box}.",
+            box,
+            started,
+            returncode=rc,
+            streams=True,
+        )
+    if rc != 0:
+        return _outcome(
+            "failed",
+            f"{program!r} on host {host} {_describe_exit(rc)} after {ran:.1f}s. "
+            f"stderr: {stderr_path}; sandbox {box}. {_stderr_excerpt(stderr_path)}",
+            box,
+            started,
+            returncode=rc,
+            streams=True,
+        )
+
+    found: dict[str, str] = {}
+    missing: list[str] = []
+    for name in spec.outputs:
+        path = os.path.abspath(os.path.join(cwd, name))
+        if os.path.exists(path):
+            found[name] = path
+        else:
+            missing.append(name)
+    if missing:
+        listed = ", ".join(repr(m) for m in missing)
+        return _outcome(
+            "missing_output",
+            f"{program!r} on host {host} exited 0 but did not create declared output(s) "
+            f"{listed} (looked in {cwd}; sandbox {box}). Check the output names in the "
+            f"command and the program's stderr: {stderr_path}.",
+            box,
+            started,
+            returncode=rc,
+            streams=True,
+            missing=tuple(missing),
+        )
+    return _outcome(
+        "ok",
+        f"{program!r} on host {host} exited 0 after {ran:.1f}s (sandbox {box}).",
+        box,
+        started,
+        returncode=rc,
+        streams=True,
+        outputs=found,
+    )

@@ -1,0 +1,8 @@
+"""The pure workflow core: events in, commands out; no processes, sockets, clocks or files.
+
+``states`` holds the task state enum and its transition table, ``policy`` the
+retry/backoff/poison rules as plain data, ``workflow`` the state machine that
+owns the task graph, attempts (whose ids are fencing tokens) and failure
+propagation. The session feeds it events from a backend and executes the
+commands it returns.
+"""

@@ -1,0 +1,586 @@
+"""The workflow state machine: ``Workflow.handle(event) -> list[Command]``.
+
+It owns the task graph, each task's state (see :mod:`.states`), its attempts
+and the retry/poison policy. It knows nothing about processes, pipes, files
+or wall clocks: time arrives inside events (``now``), randomness through an
+injected ``rand`` callable, and everything it wants done leaves as commands
+that the session executes.
+
+Fencing: every dispatch gets a fresh attempt id. An event about an attempt is
+accepted only if that attempt is the *current* attempt of a task that is
+``RUNNING``; anything else (a late result from a worker already declared lost,
+a duplicate message, a result for a cancelled task) produces a ``Dropped``
+command and changes nothing. Hence a task is recorded ``DONE`` at most once,
+with the value of the attempt that was accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from ..errors import Category, FailureRecord, InvalidTransition
+from .policy import Backoff
+from .states import FINAL, TRANSITIONS, State
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclasses.dataclass(slots=True)
+class AttemptRecord:
+    """One dispatch of a task. ``number`` counts from 1 within the task; ``id`` is global."""
+
+    number: int
+    id: int
+    dispatched: float
+    worker: str | None = None
+    host: str | None = None
+    pid: int | None = None
+    started: float | None = None
+    ended: float | None = None
+    outcome: str | None = None  # "done" | category value | "cancelled" | "dropped"
+    failure: FailureRecord | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["failure"] = self.failure.to_dict() if self.failure else None
+        return d
+
+
+@dataclasses.dataclass(slots=True)
+class _Task:
+    tid: int
+    key: str
+    deps: tuple[int, ...]
+    retries: int
+    state: State = State.PENDING
+    waiting: int = 0
+    dependents: list[int] = dataclasses.field(default_factory=list)
+    current: int | None = None
+    attempts: list[AttemptRecord] = dataclasses.field(default_factory=list)
+    history: list[tuple[float, str, str]] = dataclasses.field(default_factory=list)
+    failure: FailureRecord | None = None
+    retries_used: int = 0
+    ready_at: float = 0.0
+
+
+# --------------------------------------------------------------------------- events
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Submit:
+    """A new task; ``deps`` are tids of tasks already submitted."""
+
+    tid: int
+    key: str
+    deps: tuple[int, ...]
+    retries: int
+    now: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Restore:
+    """A task found DONE in the journal (resume): it becomes DONE without running."""
+
+    tid: int
+    key: str
+    now: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Started:
+    """The backend handed the attempt to a worker."""
+
+    attempt: int
+    now: float
+    worker: str | None = None
+    host: str | None = None
+    pid: int | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Succeeded:
+    attempt: int
+    now: float
+    worker: str | None = None
+    host: str | None = None
+    pid: int | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RetryOverride:
+    """The failure handler asked for a retry (after ``delay`` s), maybe with a new budget."""
+
+    delay: float = 0.0
+    retries: int | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FailOverride:
+    """The failure handler asked to stop; ``failure`` replaces the attempt's if given."""
+
+    failure: FailureRecord | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Failed:
+    """An attempt failed. ``retry_requested``: a USER_ERROR matched the task's ``retry_on``
+    or a COMMAND_FAILED exit code is in ``retry_exit_codes``."""
+
+    attempt: int
+    failure: FailureRecord
+    now: float
+    retry_requested: bool = False
+    override: RetryOverride | FailOverride | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Tick:
+    """Time has passed: tasks whose backoff ended become READY."""
+
+    now: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Cancel:
+    """Cancel a task if it has not started running (concurrent.futures semantics)."""
+
+    tid: int
+    now: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Abort:
+    """The runtime is gone for good: every task not final fails with ``failure``'s category."""
+
+    category: Category
+    message: str
+    now: float
+
+
+Event = Submit | Restore | Started | Succeeded | Failed | Tick | Cancel | Abort
+
+# --------------------------------------------------------------------------- commands
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Dispatch:
+    tid: int
+    attempt: int
+    number: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CancelAttempt:
+    """Withdraw a dispatched attempt the backend has not started yet."""
+
+    attempt: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Transition:
+    tid: int
+    key: str
+    start: State
+    finish: State
+    now: float
+    attempt: int | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Resolve:
+    """The task is DONE with the value of ``attempt`` (None when restored)."""
+
+    tid: int
+    attempt: int | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Reject:
+    """The task FAILED for good with ``failure``."""
+
+    tid: int
+    failure: FailureRecord
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Cancelled:
+    tid: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Dropped:
+    """An event about a superseded or unknown attempt was ignored (fencing)."""
+
+    attempt: int
+    reason: str
+    event: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Wake:
+    """Deliver a ``Tick`` at time ``at`` (a backoff ends then)."""
+
+    at: float
+
+
+Command = Dispatch | CancelAttempt | Transition | Resolve | Reject | Cancelled | Dropped | Wake
+
+
+# --------------------------------------------------------------------------- machine
+
+
+class Workflow:
+    """The pure state machine. Not thread-safe: the caller serialises ``handle``."""
+
+    def __init__(
+        self,
+        *,
+        poison_after: int = 3,
+        keep_going: bool = True,
+        backoff: Backoff | None = None,
+        rand: Callable[[], float] = lambda: 0.5,
+    ) -> None:
+        if poison_after < 1:
+            raise ValueError(f"poison_after must be >= 1, got {poison_after!r}")
+        self.poison_after = poison_after
+        self.keep_going = keep_going
+        self.backoff = backoff or Backoff()
+        self._rand = rand
+        self._tasks: dict[int, _Task] = {}
+        self._attempt_owner: dict[int, int] = {}
+        self._next_attempt = 1
+        self._timers: list[tuple[float, int]] = []
+        self._stopped = False  # keep_going=False tripped, or aborted
+        self.counts: dict[State, int] = dict.fromkeys(State, 0)
+
+    # ----------------------------------------------------------------- queries
+    def state(self, tid: int) -> State:
+        return self._tasks[tid].state
+
+    def attempts(self, tid: int) -> list[AttemptRecord]:
+        return self._tasks[tid].attempts
+
+    def failure(self, tid: int) -> FailureRecord | None:
+        return self._tasks[tid].failure
+
+    def key(self, tid: int) -> str:
+        return self._tasks[tid].key
+
+    def deps(self, tid: int) -> tuple[int, ...]:
+        return self._tasks[tid].deps
+
+    def owner(self, attempt: int) -> int | None:
+        """The task whose *current*, running attempt this is, else None (fencing)."""
+        tid = self._attempt_owner.get(attempt)
+        if tid is None:
+            return None
+        t = self._tasks[tid]
+        if t.current != attempt or t.state is not State.RUNNING:
+            return None
+        return tid
+
+    def is_started(self, tid: int) -> bool:
+        t = self._tasks[tid]
+        return t.state is State.RUNNING and bool(t.attempts) and t.attempts[-1].started is not None
+
+    def running_attempts(self) -> list[int]:
+        return [t.current for t in self._tasks.values() if t.state is State.RUNNING and t.current]
+
+    def unfinished(self) -> int:
+        return len(self._tasks) - sum(self.counts[s] for s in FINAL)
+
+    # ----------------------------------------------------------------- driver
+    def handle(self, event: Event) -> list[Command]:
+        out: list[Command] = []
+        match event:
+            case Submit():
+                self._submit(event, out)
+            case Restore():
+                self._restore(event, out)
+            case Started():
+                self._started(event, out)
+            case Succeeded():
+                self._succeeded(event, out)
+            case Failed():
+                self._failed(event, out)
+            case Tick():
+                self._tick(event.now, out)
+            case Cancel():
+                self._cancel(event, out)
+            case Abort():
+                self._abort(event, out)
+            case _:  # pragma: no cover - typing makes this unreachable
+                raise TypeError(f"unknown event {event!r}")
+        return out
+
+    def handle_many(self, events: Iterable[Event]) -> list[Command]:
+        out: list[Command] = []
+        for e in events:
+            out.extend(self.handle(e))
+        return out
+
+    # ----------------------------------------------------------------- internals
+    def _move(self, t: _Task, finish: State, now: float, out: list[Command]) -> None:
+        start = t.state
+        if (start, finish) not in TRANSITIONS:
+            raise InvalidTransition(t.key, start.name, finish.name, list(t.history))
+        t.state = finish
+        t.history.append((now, start.name, finish.name))
+        self.counts[start] -= 1
+        self.counts[finish] += 1
+        out.append(Transition(t.tid, t.key, start, finish, now, t.current))
+
+    def _submit(self, ev: Submit, out: list[Command]) -> None:
+        if ev.tid in self._tasks:
+            raise ValueError(f"task id {ev.tid} submitted twice")
+        t = _Task(ev.tid, ev.key, ev.deps, ev.retries)
+        t.history.append((ev.now, "", "PENDING"))
+        self._tasks[ev.tid] = t
+        self.counts[State.PENDING] += 1
+        out.append(Transition(t.tid, t.key, State.PENDING, State.PENDING, ev.now))
+        failed_dep: _Task | None = None
+        for d in ev.deps:
+            dt = self._tasks[d]
+            if dt.state is State.DONE:
+                continue
+            if dt.state in (State.FAILED, State.CANCELLED):
+                failed_dep = dt
+                continue
+            t.waiting += 1
+            dt.dependents.append(t.tid)
+        if failed_dep is not None:
+            self._fail_downstream_of(failed_dep, [t], ev.now, out)
+            return
+        if self._stopped:
+            self._move(t, State.CANCELLED, ev.now, out)
+            out.append(Cancelled(t.tid))
+            return
+        if t.waiting == 0:
+            self._make_ready(t, ev.now, out)
+
+    def _restore(self, ev: Restore, out: list[Command]) -> None:
+        t = _Task(ev.tid, ev.key, (), 0)
+        t.history.append((ev.now, "", "PENDING"))
+        self._tasks[ev.tid] = t
+        self.counts[State.PENDING] += 1
+        self._move(t, State.DONE, ev.now, out)
+        out.append(Resolve(t.tid, None))
+
+    def _make_ready(self, t: _Task, now: float, out: list[Command]) -> None:
+        self._move(t, State.READY, now, out)
+        self._dispatch(t, now, out)
+
+    def _dispatch(self, t: _Task, now: float, out: list[Command]) -> None:
+        aid = self._next_attempt
+        self._next_attempt += 1
+        t.current = aid
+        self._attempt_owner[aid] = t.tid
+        t.attempts.append(AttemptRecord(len(t.attempts) + 1, aid, now))
+        self._move(t, State.RUNNING, now, out)
+        out.append(Dispatch(t.tid, aid, len(t.attempts)))
+
+    def _fenced(self, aid: int, what: str, out: list[Command]) -> _Task | None:
+        tid = self._attempt_owner.get(aid)
+        if tid is None:
+            out.append(Dropped(aid, "unknown attempt", what))
+            return None
+        t = self._tasks[tid]
+        if t.current != aid:
+            out.append(Dropped(aid, f"superseded by attempt {t.current} of {t.key!r}", what))
+            return None
+        if t.state is not State.RUNNING:
+            out.append(Dropped(aid, f"task {t.key!r} is {t.state.name}", what))
+            return None
+        return t
+
+    def _started(self, ev: Started, out: list[Command]) -> None:
+        t = self._fenced(ev.attempt, "started", out)
+        if t is None:
+            return
+        a = t.attempts[-1]
+        if a.started is not None:
+            out.append(Dropped(ev.attempt, "duplicate start", "started"))
+            return
+        a.started, a.worker, a.host, a.pid = ev.now, ev.worker, ev.host, ev.pid
+
+    def _succeeded(self, ev: Succeeded, out: list[Command]) -> None:
+        t = self._fenced(ev.attempt, "succeeded", out)
+        if t is None:
+            return
+        a = t.attempts[-1]
+        a.ended, a.outcome = ev.now, "done"
+        a.worker = ev.worker or a.worker
+        a.host = ev.host or a.host
+        a.pid = ev.pid or a.pid
+        if a.started is None:
+            a.started = a.dispatched
+        t.current = None
+        self._move(t, State.DONE, ev.now, out)
+        out.append(Resolve(t.tid, ev.attempt))
+        for d in t.dependents:
+            dt = self._tasks[d]
+            if dt.state is not State.PENDING:
+                continue
+            dt.waiting -= 1
+            if dt.waiting == 0:
+                self._make_ready(dt, ev.now, out)
+
+    def _failed(self, ev: Failed, out: list[Command]) -> None:
+        t = self._fenced(ev.attempt, "failed", out)
+        if t is None:
+            return
+        f = ev.failure
+        a = t.attempts[-1]
+        a.ended, a.outcome, a.failure = ev.now, f.category.value, f
+        a.worker = f.worker or a.worker
+        a.host = f.host or a.host
+        a.pid = f.pid or a.pid
+        t.current = None
+        ov = ev.override
+        if isinstance(ov, FailOverride):
+            self._fail(t, ov.failure or f, ev.now, out)
+            return
+        if isinstance(ov, RetryOverride):
+            if ov.retries is not None:
+                t.retries = ov.retries
+            self._retry(t, ev.now + max(0.0, ov.delay), ev.now, out)
+            return
+        lost = [x for x in t.attempts if x.outcome == Category.WORKER_LOST.value]
+        if f.category is Category.WORKER_LOST and len(lost) >= self.poison_after:
+            self._fail(t, self._poison_record(t, f, lost), ev.now, out)
+            return
+        retryable = f.category.transient or ev.retry_requested
+        if retryable and t.retries_used < t.retries and not self._stopped:
+            t.retries_used += 1
+            delay = self.backoff.delay(t.retries_used, self._rand())
+            self._retry(t, ev.now + delay, ev.now, out)
+            return
+        self._fail(t, f, ev.now, out)
+
+    def _poison_record(
+        self, t: _Task, last: FailureRecord, lost: list[AttemptRecord]
+    ) -> FailureRecord:
+        lines = [
+            f"task {t.key!r} is poison: its attempts killed {len(lost)} workers "
+            f"(poison_after={self.poison_after}); it will not be retried again. Attempts:"
+        ]
+        for a in lost:
+            af = a.failure
+            assert af is not None
+            how = af.signal or (f"exit code {af.returncode}" if af.returncode is not None else "?")
+            lines.append(f"  attempt {a.number} on {a.worker or '?'} (pid {a.pid}): {how}")
+            if af.stderr_tail:
+                lines.extend("    | " + ln for ln in af.stderr_tail.splitlines())
+        return dataclasses.replace(last, message="\n".join(lines), transient=False)
+
+    def _retry(self, t: _Task, at: float, now: float, out: list[Command]) -> None:
+        self._move(t, State.RETRYING, now, out)
+        t.ready_at = at
+        if at <= now:
+            self._move(t, State.READY, now, out)
+            self._dispatch(t, now, out)
+        else:
+            heapq.heappush(self._timers, (at, t.tid))
+            out.append(Wake(at))
+
+    def _tick(self, now: float, out: list[Command]) -> None:
+        while self._timers and self._timers[0][0] <= now:
+            _, tid = heapq.heappop(self._timers)
+            t = self._tasks[tid]
+            if t.state is State.RETRYING and t.ready_at <= now:
+                self._move(t, State.READY, now, out)
+                self._dispatch(t, now, out)
+        if self._timers:
+            out.append(Wake(self._timers[0][0]))
+
+    def _fail(self, t: _Task, f: FailureRecord, now: float, out: list[Command]) -> None:
+        f = f if f.key == t.key else dataclasses.replace(f, key=t.key)
+        t.failure = f
+        self._move(t, State.FAILED, now, out)
+        out.append(Reject(t.tid, f))
+        self._fail_downstream_of(t, [self._tasks[d] for d in t.dependents], now, out)
+        if not self.keep_going and not self._stopped:
+            self._stop_all(now, out)
+
+    def _fail_downstream_of(
+        self, failed: _Task, children: list[_Task], now: float, out: list[Command]
+    ) -> None:
+        """Fail (or cancel) every task downstream of ``failed`` at once: no hang."""
+        root_f = failed.failure
+        root = (root_f.root or failed.key) if root_f else failed.key
+        stack = [(failed, c) for c in children]
+        while stack:
+            up, c = stack.pop()
+            if c.state.final or c.state is not State.PENDING:
+                continue
+            if failed.state is State.CANCELLED and root_f is None:
+                self._move(c, State.CANCELLED, now, out)
+                out.append(Cancelled(c.tid))
+            else:
+                what = root_f.one_line() if root_f else "failed"
+                cat = root_f.category.value if root_f else "?"
+                msg = (
+                    f"task {c.key!r} did not run: its input {up.key!r} failed; "
+                    f"the failure began in {root!r} ({cat}: {what}). "
+                    f"Run `pilotfish show {root}` for the full record."
+                )
+                c.failure = FailureRecord(
+                    key=c.key,
+                    category=Category.DEPENDENCY_FAILED,
+                    message=msg,
+                    transient=False,
+                    upstream=up.key,
+                    root=root,
+                    time=now,
+                )
+                self._move(c, State.FAILED, now, out)
+                out.append(Reject(c.tid, c.failure))
+            stack.extend((c, self._tasks[d]) for d in c.dependents)
+
+    def _cancel(self, ev: Cancel, out: list[Command]) -> None:
+        t = self._tasks[ev.tid]
+        if t.state.final:
+            return
+        if t.state is State.RUNNING:
+            if t.attempts[-1].started is not None:
+                return  # started: cannot be cancelled (concurrent.futures semantics)
+            assert t.current is not None
+            out.append(CancelAttempt(t.current))
+            t.attempts[-1].outcome = "cancelled"
+            t.attempts[-1].ended = ev.now
+            t.current = None
+        self._move(t, State.CANCELLED, ev.now, out)
+        out.append(Cancelled(t.tid))
+        self._fail_downstream_of(t, [self._tasks[d] for d in t.dependents], ev.now, out)
+
+    def _stop_all(self, now: float, out: list[Command]) -> None:
+        """keep_going=False: cancel everything that has not started; running work finishes."""
+        self._stopped = True
+        for t in list(self._tasks.values()):
+            if t.state in (State.PENDING, State.READY, State.RETRYING) or (
+                t.state is State.RUNNING and t.attempts[-1].started is None
+            ):
+                self._cancel(Cancel(t.tid, now), out)
+
+    def _abort(self, ev: Abort, out: list[Command]) -> None:
+        self._stopped = True
+        for t in list(self._tasks.values()):
+            if t.state.final:
+                continue
+            if t.current is not None:
+                a = t.attempts[-1]
+                a.ended, a.outcome = ev.now, ev.category.value
+                t.current = None
+            f = FailureRecord(
+                key=t.key,
+                category=ev.category,
+                message=f"task {t.key!r}: {ev.message}",
+                transient=ev.category.transient,
+                time=ev.now,
+            )
+            t.failure = f
+            self._move(t, State.FAILED, ev.now, out)
+            out.append(Reject(t.tid, f))
