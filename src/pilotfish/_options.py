@@ -147,24 +147,14 @@ class TaskFunction(Generic[P, R]):
         return (TaskFunction, (self.fn, self.task_options))
 
 
-def task(
-    fn: Callable[P, R] | None = None,
-    *,
-    retries: int = _UNSET,
-    retry_on: Any = _UNSET,
-    timeout: float | None = _UNSET,
-    key: str | None = _UNSET,
-    name: str | None = _UNSET,
-    requires: Any = _UNSET,
-) -> Any:
+def task(fn: Callable[P, R] | None = None, /, **options: Any) -> Any:
     """Give a function task options: ``@pilotfish.task(retries=2, retry_on=(OSError,))``.
 
-    Invalid options raise :class:`pilotfish.InvalidTask` naming the option.
+    Options: ``retries``, ``retry_on``, ``timeout``, ``key``, ``name``, ``requires``
+    (see :class:`TaskOptions`). Invalid or unknown options raise
+    :class:`pilotfish.InvalidTask` naming the option.
     """
-    opts = make_options(
-        retries=retries, retry_on=retry_on, timeout=timeout, key=key, name=name,
-        requires=requires,
-    )
+    opts = make_options(**options)
     if fn is not None:
         return TaskFunction(fn, opts)
 

@@ -122,7 +122,9 @@ class Task(cf.Future):  # type: ignore[type-arg]
         return self._session._cancel(self)
 
     def _force_cancel(self) -> None:
-        super().cancel()
+        # cancel, then notify waiters of cf.wait/as_completed, as an Executor must
+        if super().cancel():
+            self.set_running_or_notify_cancel()
 
     def __repr__(self) -> str:
         return f"<Task {self.key!r} {self.state.name}>"
@@ -194,6 +196,7 @@ class Session(cf.Executor):
         self._tasks: dict[int, Task] = {}
         self._by_attempt: dict[int, Task] = {}
         self._keys: dict[str, Task] = {}
+        self._dups: dict[str, int] = {}
         self._next_tid = 1
         self._on_event = on_event
         self._on_failure = on_failure
@@ -203,7 +206,6 @@ class Session(cf.Executor):
         self._timers: list[float] = []
         self._timer_cv = threading.Condition(self._lock)
         self._closed = False
-        self._dead: str | None = None
         if isinstance(backend, str):
             if backend == "local":
                 from .backends.local.backend import LocalBackend
@@ -320,11 +322,13 @@ class Session(cf.Executor):
                         f"{self._keys[key]!r}; keys must be unique"
                     )
             else:
-                key = f"{name}-{digest}"
-                n = 2
+                # the n-th identical call gets "-n": unique, and stable from run to run
+                key = base = f"{name}-{digest}"
+                n = self._dups.get(base, 1)
                 while key in self._keys:
-                    key = f"{name}-{digest}-{n}"
                     n += 1
+                    key = f"{base}-{n}"
+                self._dups[base] = n
             tid = self._next_tid
             self._next_tid += 1
             task = Task(self, tid, key, name, opts)
@@ -338,19 +342,11 @@ class Session(cf.Executor):
     def _start(self, task: Task) -> Task:
         acts = _Actions()
         with self._lock:
-            if self._dead is not None:
-                self._core.handle(
-                    wf.Submit(task._tid, task.key, tuple(d._tid for d in task._deps),
-                              task.options.retries, self._clock())
-                )
-                self._run(self._core.handle(
-                    wf.Abort(Category.RUNTIME_LOST, self._dead, self._clock())), acts)
-            else:
-                cmds = self._core.handle(
-                    wf.Submit(task._tid, task.key, tuple(d._tid for d in task._deps),
-                              task.options.retries, self._clock())
-                )
-                self._run(cmds, acts)
+            cmds = self._core.handle(
+                wf.Submit(task._tid, task.key, tuple(d._tid for d in task._deps),
+                          task.options.retries, self._clock())
+            )
+            self._run(cmds, acts)
         self._finish(acts)
         return task
 
@@ -654,7 +650,6 @@ class Session(cf.Executor):
                                                ev.signal, ev.message))
         elif isinstance(ev, _wire.Fatal):
             cat = Category(ev.category)
-            self._dead = ev.message
             self._run(self._core.handle(wf.Abort(cat, ev.message, self._clock())), acts)
 
     # ------------------------------------------------------------------ timers

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -31,7 +32,13 @@ class Backoff:
 
         ``rand`` in ``[0, 1)`` is injected by the caller (a seeded RNG in tests).
         """
-        d = min(self.maximum, self.base * self.factor ** max(0, failures - 1))
+        if self.base == 0:
+            return 0.0
+        try:
+            grown = self.base * self.factor ** max(0, failures - 1)
+        except OverflowError:  # thousands of retries: the cap applies
+            grown = math.inf
+        d = min(self.maximum, grown)
         return d * (1.0 - self.jitter * rand)
 
 

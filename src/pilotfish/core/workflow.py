@@ -254,6 +254,7 @@ class Workflow:
         self._next_attempt = 1
         self._timers: list[tuple[float, int]] = []
         self._stopped = False  # keep_going=False tripped, or aborted
+        self._aborted: Abort | None = None
         self.counts: dict[State, int] = dict.fromkeys(State, 0)
 
     # ----------------------------------------------------------------- queries
@@ -354,6 +355,9 @@ class Workflow:
         if failed_dep is not None:
             self._fail_downstream_of(failed_dep, [t], ev.now, out)
             return
+        if self._aborted is not None:
+            self._abort_one(t, self._aborted.category, self._aborted.message, ev.now, out)
+            return
         if self._stopped:
             self._move(t, State.CANCELLED, ev.now, out)
             out.append(Cancelled(t.tid))
@@ -388,11 +392,11 @@ class Workflow:
             out.append(Dropped(aid, "unknown attempt", what))
             return None
         t = self._tasks[tid]
+        if t.state is not State.RUNNING or t.current is None:
+            out.append(Dropped(aid, f"task {t.key!r} is {t.state.name}", what))
+            return None
         if t.current != aid:
             out.append(Dropped(aid, f"superseded by attempt {t.current} of {t.key!r}", what))
-            return None
-        if t.state is not State.RUNNING:
-            out.append(Dropped(aid, f"task {t.key!r} is {t.state.name}", what))
             return None
         return t
 
@@ -567,20 +571,24 @@ class Workflow:
 
     def _abort(self, ev: Abort, out: list[Command]) -> None:
         self._stopped = True
+        self._aborted = ev
         for t in list(self._tasks.values()):
-            if t.state.final:
-                continue
-            if t.current is not None:
-                a = t.attempts[-1]
-                a.ended, a.outcome = ev.now, ev.category.value
-                t.current = None
-            f = FailureRecord(
-                key=t.key,
-                category=ev.category,
-                message=f"task {t.key!r}: {ev.message}",
-                transient=ev.category.transient,
-                time=ev.now,
-            )
-            t.failure = f
-            self._move(t, State.FAILED, ev.now, out)
-            out.append(Reject(t.tid, f))
+            if not t.state.final:
+                self._abort_one(t, ev.category, ev.message, ev.now, out)
+
+    def _abort_one(
+        self, t: _Task, category: Category, message: str, now: float, out: list[Command]
+    ) -> None:
+        if t.current is not None:
+            a = t.attempts[-1]
+            a.ended, a.outcome = now, category.value
+            t.current = None
+        t.failure = FailureRecord(
+            key=t.key,
+            category=category,
+            message=f"task {t.key!r}: {message}",
+            transient=category.transient,
+            time=now,
+        )
+        self._move(t, State.FAILED, now, out)
+        out.append(Reject(t.tid, t.failure))

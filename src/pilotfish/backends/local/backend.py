@@ -86,8 +86,10 @@ class LocalBackend:
         self._dead = False
         self._said_goodbye = False
         self._tail: collections.deque[bytes] = collections.deque()
-        self._worker_pids: dict[str, int] = {}
+        self._worker_pids: dict[int, str] = {}  # pid -> worker name
         self._threads: list[threading.Thread] = []
+        self._stop_event = threading.Event()
+        self._ready_event = threading.Event()
 
     # ------------------------------------------------------------------ protocol
     def start(self, sink: Sink) -> None:
@@ -112,15 +114,17 @@ class LocalBackend:
             self._wake.notify()
 
     def processes(self) -> dict[str, Any]:
+        self._ready_event.wait(self.start_timeout)
         with self._lock:
             pid = self._popen.pid if self._popen and self._popen.poll() is None else None
-            return {"master": pid, "workers": sorted(self._worker_pids.values())}
+            return {"master": pid, "workers": sorted(self._worker_pids)}
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._lock:
             self._stopping = True
             popen, ch = self._popen, self._ch
             self._wake.notify_all()
+        self._stop_event.set()
         if popen is not None and ch is not None and popen.poll() is None:
             with contextlib.suppress(OSError):
                 ch.send([_wire.Shutdown("session closed")])
@@ -186,19 +190,21 @@ class LocalBackend:
             self._outbox = [m for m in self._outbox if not isinstance(m, RunAttempt)]
             self._outbox[:0] = resend
             self._wake.notify()
-        r = threading.Thread(target=self._reader, args=(gen, popen, ch), daemon=True,
-                             name="pilotfish-reader")
         e = threading.Thread(target=self._stderr, args=(popen, self._tail), daemon=True,
                              name="pilotfish-stderr")
+        r = threading.Thread(target=self._reader, args=(gen, popen, ch, e), daemon=True,
+                             name="pilotfish-reader")
         self._threads = [t for t in self._threads if t.is_alive()] + [r, e]
-        r.start()
         e.start()
+        r.start()
 
     def _emit(self, events: Sequence[Any]) -> None:
         if self._sink is not None and events:
             self._sink(events)
 
-    def _reader(self, gen: int, popen: subprocess.Popen[bytes], ch: Channel) -> None:
+    def _reader(
+        self, gen: int, popen: subprocess.Popen[bytes], ch: Channel, err: threading.Thread
+    ) -> None:
         try:
             while True:
                 msgs = ch.recv()
@@ -218,12 +224,15 @@ class LocalBackend:
                             pass
                         elif isinstance(m, _wire.WorkerEvent):
                             if m.kind == "started":
-                                self._worker_pids[m.worker] = m.pid
+                                self._worker_pids[m.pid] = m.worker
                             elif m.kind in ("lost", "stopped", "start_failed"):
-                                self._worker_pids.pop(m.worker, None)
+                                self._worker_pids.pop(m.pid, None)
                             events.append(m)
                         elif isinstance(m, _wire.Hello):
                             self._ready = True
+                            self._ready_event.set()
+                            for pid in m.workers:
+                                self._worker_pids.setdefault(pid, "")
                             restarted = self._restarts > 0
                             events.append(
                                 MasterEvent("restarted" if restarted else "started",
@@ -237,7 +246,12 @@ class LocalBackend:
                 self._emit(events)
         except (EOFError, OSError):
             pass
-        self._master_gone(gen, popen)
+        try:
+            self._master_gone(gen, popen, err)
+        except BaseException as e:  # never leave the session waiting on a dead master
+            self._emit([_wire.Fatal("runtime_lost", f"pilotfish could not recover from the "
+                                    f"loss of its master: {type(e).__name__}: {e}")])
+            raise
 
     def _stderr(self, popen: subprocess.Popen[bytes], tail: collections.deque[bytes]) -> None:
         assert popen.stderr is not None
@@ -264,17 +278,16 @@ class LocalBackend:
         text = b"".join(tail).decode("utf-8", errors="replace")
         return "\n".join(text.rstrip("\n").splitlines()[-lines:])
 
-    def _master_gone(self, gen: int, popen: subprocess.Popen[bytes]) -> None:
+    def _master_gone(
+        self, gen: int, popen: subprocess.Popen[bytes], err: threading.Thread
+    ) -> None:
         try:
             rc = popen.wait(5)
         except subprocess.TimeoutExpired:
             popen.kill()
             rc = popen.wait()
         self._kill_leftover_workers()
-        # let the stderr thread read the last words
-        for t in self._threads:
-            if t.name == "pilotfish-stderr" and t is not threading.current_thread():
-                t.join(1.0)
+        err.join(1.0)  # let the stderr thread read the master's last words
         with self._lock:
             if gen != self._gen:
                 return
@@ -306,6 +319,7 @@ class LocalBackend:
             return
         with self._lock:
             self._dead = True
+        self._ready_event.set()
         if was_ready and self.max_restarts > 0:
             why = f"{what}; it was restarted {self._restarts} times (max_master_restarts=" \
                   f"{self.max_restarts}), so no more restarts"
@@ -319,7 +333,7 @@ class LocalBackend:
     def _kill_leftover_workers(self) -> None:
         """Workers die with their master (PDEATHSIG); this is the belt to those braces."""
         with self._lock:
-            pids = list(self._worker_pids.values())
+            pids = list(self._worker_pids)
         for pid in pids:
             with contextlib.suppress(OSError):
                 os.kill(pid, 9)
@@ -343,8 +357,7 @@ class LocalBackend:
 
     def _monitor(self) -> None:
         stopped_since: float | None = None
-        while True:
-            time.sleep(self.hb_interval / 2)
+        while not self._stop_event.wait(self.hb_interval / 2):
             with self._lock:
                 if self._stopping:
                     return

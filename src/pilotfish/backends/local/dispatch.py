@@ -172,8 +172,13 @@ class Dispatcher:
         for aid in ids:
             if aid not in self.attempts:
                 continue
+            # remembered in every case: a worker that dies before answering Withdrawn
+            # must not have the cancelled attempt requeued (_lose drops it)
             for s in self.slots.values():
+                if s.held and s.held[0] == aid:
+                    break  # started: it runs on, its result is fenced by the client
                 if aid in s.held[1:]:
+                    self.cancelled.add(aid)
                     out.append(SendWorker(s.name, [CancelAttempt(aid)]))
                     break
             else:

@@ -1,0 +1,442 @@
+"""Unit tests for the local master's dispatcher (pilotfish.backends.local.dispatch).
+
+The dispatcher is a pure state machine: these tests feed it what the OS and the
+sockets would say (hello, results, exits, kernel samples) with explicit times, and
+inspect the commands it returns. No processes, no sleeps, no threads.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from pilotfish._wire import (
+    CancelAttempt,
+    Fatal,
+    Lost,
+    Result,
+    RunAttempt,
+    Shutdown,
+    Started,
+    WorkerEvent,
+)
+from pilotfish.backends.local.dispatch import (
+    Dispatcher,
+    Kill,
+    SendWorker,
+    Spawn,
+    ToClient,
+    describe_exit,
+)
+
+
+def ra(aid: int, timeout: float | None = None) -> RunAttempt:
+    return RunAttempt(aid, f"k{aid}", "call", b"payload", (), timeout)
+
+
+def res(aid: int, worker: str = "w1", pid: int = 101, ok: bool = True) -> Result:
+    return Result(aid, ok, b"value", worker, pid, 0.0, 1.0)
+
+
+def msgs(cmds, cls) -> list:
+    return [c.msg for c in cmds if isinstance(c, ToClient) and isinstance(c.msg, cls)]
+
+
+def sent(cmds) -> dict[str, list[int]]:
+    """worker name -> attempt ids sent to it as RunAttempts."""
+    out: dict[str, list[int]] = {}
+    for c in cmds:
+        if isinstance(c, SendWorker):
+            for m in c.msgs:
+                if isinstance(m, RunAttempt):
+                    out.setdefault(c.name, []).append(m.attempt)
+    return out
+
+
+def started_ids(cmds) -> list[int]:
+    return [m.attempt for m in msgs(cmds, Started)]
+
+
+def of(cmds, cls) -> list:
+    return [c for c in cmds if isinstance(c, cls)]
+
+
+def ready(n: int = 1, **kw) -> Dispatcher:
+    """A dispatcher whose n workers w1..wn (pids 101..) all said hello at t=0."""
+    d = Dispatcher(n, **kw)
+    d.start(0.0)
+    for i in range(1, n + 1):
+        d.on_hello(f"w{i}", 100 + i, 0.0)
+    return d
+
+
+# --------------------------------------------------------------------------- start / assign
+
+
+def test_start_spawns_n_workers():
+    """Session start: one Spawn per configured worker, distinct names; no work is
+    assigned to a worker before it says hello."""
+    d = Dispatcher(3)
+    assert d.start(0.0) == [Spawn("w1"), Spawn("w2"), Spawn("w3")]
+    assert d.submit([ra(1)], 0.1) == []
+    assert len(d.queue) == 1
+
+
+def test_workers_must_be_positive():
+    """A configuration error is rejected at construction."""
+    with pytest.raises(ValueError, match="workers"):
+        Dispatcher(0)
+
+
+def test_hello_assigns_up_to_prefetch_and_starts_only_first():
+    """Three attempts queued before the only worker is up (prefetch=2): at hello it gets
+    two; only the first is reported Started (it runs them in order), the third waits."""
+    d = Dispatcher(1, prefetch=2)
+    d.start(0.0)
+    d.submit([ra(1), ra(2), ra(3)], 0.0)
+    cmds = d.on_hello("w1", 4242, 1.0)
+    assert msgs(cmds, WorkerEvent) == [WorkerEvent("started", "w1", 4242, 1.0)]
+    assert sent(cmds) == {"w1": [1, 2]}
+    assert msgs(cmds, Started) == [Started(1, "w1", 4242, 1.0)]
+    assert [a.attempt for a in d.queue] == [3]
+    assert d.slots["w1"].held == [1, 2]
+
+
+def test_result_starts_next_held_attempt_and_refills():
+    """The worker finishes attempt 1: the result goes to the client first, then attempt 2
+    (already prefetched) is reported Started, and attempt 3 is sent to refill the slot."""
+    d = ready(1, prefetch=2)
+    d.submit([ra(1), ra(2), ra(3)], 0.0)
+    cmds = d.on_result("w1", res(1), 2.0)
+    assert cmds[0] == ToClient(res(1))
+    assert started_ids(cmds) == [2]
+    assert sent(cmds) == {"w1": [3]}
+    assert d.slots["w1"].since == 2.0
+    cmds = d.on_result("w1", res(2), 3.0)
+    assert started_ids(cmds) == [3] and sent(cmds) == {}
+
+
+def test_attempts_spread_over_idle_workers():
+    """Two idle workers, four attempts: each gets two (least loaded first) and each
+    reports its first one Started."""
+    d = ready(2, prefetch=2)
+    cmds = d.submit([ra(i) for i in range(1, 5)], 1.0)
+    held = sent(cmds)
+    assert sorted(len(v) for v in held.values()) == [2, 2]
+    assert sorted(started_ids(cmds)) == sorted(v[0] for v in held.values())
+
+
+def test_duplicate_hello_is_ignored():
+    """A worker's hello delivered twice does not reset it or assign twice."""
+    d = ready(1)
+    d.submit([ra(1)], 0.0)
+    assert d.on_hello("w1", 101, 1.0) == []
+
+
+# --------------------------------------------------------------------------- worker death
+
+
+def test_worker_death_blames_only_running_attempt_and_requeues_rest():
+    """A worker holding two attempts is SIGKILLed (OOM killer): only the one it was running
+    is reported Lost (worker_lost, naming SIGKILL and the stderr tail); the prefetched one
+    never started, so it is requeued unblamed and sent to the other worker; a replacement
+    worker is spawned."""
+    d = Dispatcher(2, prefetch=2)
+    d.start(0.0)
+    d.on_hello("w1", 101, 0.0)
+    d.submit([ra(1), ra(2)], 1.0)
+    assert d.slots["w1"].held == [1, 2]
+    d.on_hello("w2", 102, 1.5)
+
+    tail = "Traceback (most recent call last):\nMemoryError"
+    cmds = d.on_exit("w1", -9, tail, 4.0, goodbye=False)
+
+    (ev,) = [m for m in msgs(cmds, WorkerEvent) if m.kind == "lost"]
+    assert ev.worker == "w1" and ev.held == (1,) and ev.signal == "SIGKILL"
+    (lost,) = msgs(cmds, Lost)
+    assert lost.attempt == 1 and lost.category == "worker_lost"
+    assert lost.returncode == -9 and lost.signal == "SIGKILL"
+    assert lost.started == 1.0 and lost.ended == 4.0
+    assert "SIGKILL" in lost.message and "(-9)" in lost.message
+    assert "'k1'" in lost.message and "pid 101" in lost.message
+    assert "MemoryError" in lost.message and lost.stderr_tail == tail
+
+    assert sent(cmds) == {"w2": [2]}
+    assert started_ids(cmds) == [2]
+    assert of(cmds, Spawn) == [Spawn("w3")]
+    assert any(m.kind == "replaced" and m.worker == "w3" for m in msgs(cmds, WorkerEvent))
+    assert d.slots["w2"].held == [2]
+
+
+def test_worker_exit_code_named_in_lost_message():
+    """A worker calls os._exit(3) from user code: the message names the exit code."""
+    d = ready(1)
+    d.submit([ra(1)], 0.0)
+    (lost,) = msgs(d.on_exit("w1", 3, "", 1.0, goodbye=False), Lost)
+    assert "exited with code 3" in lost.message
+    assert lost.signal is None and "stderr" not in lost.message
+
+
+def test_idle_worker_death_blames_nobody():
+    """An idle worker dies: reported lost with nothing held, replaced, no Lost."""
+    d = ready(1)
+    cmds = d.on_exit("w1", -11, "", 1.0, goodbye=False)
+    assert msgs(cmds, Lost) == []
+    assert of(cmds, Spawn) == [Spawn("w2")]
+
+
+def test_requeued_attempt_waits_for_replacement_worker():
+    """The only worker dies holding two attempts: the second waits at the head of the
+    queue and goes to the replacement worker when it says hello, ahead of newer work."""
+    d = ready(1, prefetch=2)
+    d.submit([ra(1), ra(2)], 0.0)
+    cmds = d.on_exit("w1", -9, "", 1.0, goodbye=False)
+    assert sent(cmds) == {} and of(cmds, Spawn) == [Spawn("w2")]
+    d.submit([ra(3)], 1.5)
+    cmds = d.on_hello("w2", 202, 2.0)
+    assert sent(cmds) == {"w2": [2, 3]}
+    assert started_ids(cmds) == [2]
+
+
+def test_describe_exit():
+    """Exit statuses are described for humans: signal names, codes, unknown."""
+    assert describe_exit(-9) == ("was killed by signal SIGKILL (-9)", "SIGKILL")
+    assert describe_exit(-11)[1] == "SIGSEGV"
+    assert describe_exit(3) == ("exited with code 3", None)
+    assert describe_exit(None)[1] is None and "unknown" in describe_exit(None)[0]
+    assert describe_exit(-200)[1] == "signal 200"
+
+
+# --------------------------------------------------------------------------- timeout
+
+
+def test_timeout_kills_worker_and_reports_timeout():
+    """A task with timeout=5 runs past it: at the first tick at/after since+5 the worker
+    (and the program's process group) is killed, the attempt reported Lost with category
+    timeout stating the limit and the elapsed time, and a replacement spawned. The exit
+    that follows our kill is not reported a second time; a result the worker managed to
+    send first is still forwarded (the client's fencing drops it)."""
+    d = ready(1)
+    d.submit([ra(1, timeout=5.0)], 10.0)
+    d.on_command_group("w1", 1, 777)
+    assert d.next_deadline() == 15.0
+    assert d.tick(14.9, {}, {}) == []
+
+    cmds = d.tick(15.25, {}, {})
+    assert of(cmds, Kill) == [Kill("w1", (777,))]
+    (lost,) = msgs(cmds, Lost)
+    assert lost.attempt == 1 and lost.category == "timeout"
+    assert "timeout of 5 s" in lost.message and "ran 5.25 s" in lost.message
+    assert of(cmds, Spawn) == [Spawn("w2")]
+    assert d.next_deadline() is None
+
+    assert d.on_result("w1", res(1), 15.3) == [ToClient(res(1))]
+    assert d.on_exit("w1", -9, "", 15.4, goodbye=False) == []
+
+
+def test_timeout_clock_starts_when_attempt_becomes_first():
+    """A prefetched attempt's timeout counts from when the worker reaches it, not from
+    when it was sent."""
+    d = ready(1, prefetch=2)
+    d.submit([ra(1), ra(2, timeout=5.0)], 0.0)
+    d.on_result("w1", res(1), 8.0)
+    assert d.next_deadline() == 13.0
+    assert of(d.tick(12.0, {}, {}), Kill) == []
+
+
+# --------------------------------------------------------------------------- hang detection
+
+
+def test_kernel_stopped_worker_declared_hung():
+    """A worker was SIGSTOPped (or a debugger attached): the kernel says 'T' at two
+    samples at least heartbeat_interval apart -> killed, its attempt Lost worker_lost
+    with 'stopped' and the stderr tail, replacement spawned."""
+    d = ready(1, heartbeat_interval=1.0)
+    d.submit([ra(1)], 0.0)
+    assert d.tick(0.5, {"w1": ("T", 1.0)}, {}) == []
+    assert d.tick(1.0, {"w1": ("T", 1.0)}, {}) == []
+    cmds = d.tick(1.5, {"w1": ("T", 1.0)}, {"w1": "last words"})
+    assert of(cmds, Kill) == [Kill("w1", ())]
+    (lost,) = msgs(cmds, Lost)
+    assert lost.category == "worker_lost" and lost.signal == "SIGKILL"
+    assert "stopped" in lost.message and "hung" in lost.message
+    assert "last words" in lost.message
+    assert of(cmds, Spawn) == [Spawn("w2")]
+
+
+def test_kernel_stop_interrupted_by_running_is_not_hung():
+    """Briefly stopped then running again (a profiler's sample): the stop clock resets."""
+    d = ready(1, heartbeat_interval=1.0)
+    d.submit([ra(1)], 0.0)
+    seq = [(0.0, "T"), (0.6, "R"), (1.2, "T"), (1.8, "t")]
+    for now, st in seq:
+        assert of(d.tick(now, {"w1": (st, 1.0)}, {}), Kill) == [], now
+
+
+def test_silent_but_busy_worker_is_not_hung():
+    """User code holds the GIL in a long C call: no heartbeat for 30 s, but the kernel
+    shows its CPU time advancing -> busy, not hung."""
+    d = ready(1, heartbeat_interval=1.0, heartbeat_timeout=10.0)
+    d.submit([ra(1)], 0.0)
+    for t in range(1, 31):
+        assert of(d.tick(float(t), {"w1": ("R", float(t))}, {}), Kill) == [], t
+
+
+def test_silent_and_idle_cpu_worker_declared_hung():
+    """A worker deadlocked in native code: no heartbeat and no CPU for more than
+    heartbeat_timeout -> killed, Lost worker_lost naming both facts."""
+    d = ready(1, heartbeat_interval=1.0, heartbeat_timeout=10.0)
+    d.submit([ra(1)], 0.0)
+    for t in range(1, 12):  # first sample at t=1 records the CPU; 10 s later is not > 10
+        assert of(d.tick(float(t), {"w1": ("S", 5.0)}, {}), Kill) == [], t
+    cmds = d.tick(12.0, {"w1": ("S", 5.0)}, {})
+    assert of(cmds, Kill) == [Kill("w1", ())]
+    (lost,) = msgs(cmds, Lost)
+    assert lost.category == "worker_lost"
+    assert "no heartbeat" in lost.message and "no CPU" in lost.message
+
+
+def test_heartbeating_worker_without_cpu_is_not_hung():
+    """A worker sleeping in user code (time.sleep) keeps heartbeating: not hung."""
+    d = ready(1, heartbeat_interval=1.0, heartbeat_timeout=10.0)
+    d.submit([ra(1)], 0.0)
+    for t in range(1, 40):
+        d.on_heartbeat("w1", float(t))
+        assert of(d.tick(float(t) + 0.5, {"w1": ("S", 5.0)}, {}), Kill) == [], t
+
+
+def test_master_suspended_resets_clocks_and_blames_nobody():
+    """The master itself was suspended for 100 s (its ticks stopped): no heartbeat was
+    read and the worker was stopped at the last sample; on resume nobody is blamed, and
+    the hang clocks start afresh from the resume."""
+    d = ready(2, heartbeat_interval=1.0, heartbeat_timeout=10.0)
+    d.submit([ra(1), ra(2)], 0.0)
+    for t in range(1, 4):
+        d.tick(float(t), {"w1": ("S", 5.0), "w2": ("R", 1.0)}, {})
+    d.tick(3.5, {"w1": ("S", 5.0), "w2": ("T", 1.0)}, {})
+    cmds = d.tick(103.5, {"w1": ("S", 5.0), "w2": ("T", 1.0)}, {})
+    assert of(cmds, Kill) == [] and msgs(cmds, Lost) == []
+    for t in range(104, 114):
+        assert of(d.tick(float(t), {"w1": ("S", 5.0)}, {}), Kill) == [], t
+    # now the clocks are the ones that started at the resume: 10.5 s silent, no CPU
+    cmds = d.tick(114.0, {"w1": ("S", 5.0)}, {})
+    assert [k.name for k in of(cmds, Kill)] == ["w1"]
+
+
+# --------------------------------------------------------------------------- start failures
+
+
+def test_repeated_start_failures_are_fatal_with_stderr():
+    """The worker environment is broken (import error): three workers in a row exit
+    before hello -> each is replaced until the third, then Fatal('environment') whose
+    message carries the stderr; no further spawn."""
+    d = Dispatcher(1, max_start_failures=3)
+    assert d.start(0.0) == [Spawn("w1")]
+    err = "ModuleNotFoundError: No module named 'numpy'"
+    c1 = d.on_exit("w1", 1, err, 1.0, goodbye=False)
+    assert of(c1, Spawn) == [Spawn("w2")]
+    (ev,) = msgs(c1, WorkerEvent)
+    assert ev.kind == "start_failed" and "start failure 1 of 3" in ev.message
+    assert of(d.on_exit("w2", 1, err, 2.0, goodbye=False), Spawn) == [Spawn("w3")]
+    c3 = d.on_exit("w3", 1, err, 3.0, goodbye=False)
+    assert of(c3, Spawn) == []
+    (fatal,) = msgs(c3, Fatal)
+    assert fatal.category == "environment"
+    assert err in fatal.message and "3 consecutive" in fatal.message
+    assert d.fatal and msgs(c3, Lost) == []
+
+
+def test_start_failures_must_be_consecutive():
+    """A flaky start now and then is not fatal: a successful hello resets the count."""
+    d = Dispatcher(2, max_start_failures=2)
+    d.start(0.0)
+    d.on_exit("w1", 1, "", 1.0, goodbye=False)
+    d.on_hello("w2", 102, 1.5)
+    cmds = d.on_exit("w3", 1, "", 2.0, goodbye=False)
+    assert msgs(cmds, Fatal) == [] and of(cmds, Spawn) == [Spawn("w4")]
+
+
+# --------------------------------------------------------------------------- shutdown
+
+
+def test_orderly_shutdown_is_not_a_loss():
+    """Session close: every live worker is sent Shutdown; when they exit after saying
+    goodbye they are reported stopped, nothing is Lost and nothing is respawned."""
+    d = ready(2)
+    cmds = d.shutdown()
+    assert sorted(c.name for c in of(cmds, SendWorker)) == ["w1", "w2"]
+    assert all(isinstance(c.msgs[0], Shutdown) for c in of(cmds, SendWorker))
+    c1 = d.on_exit("w1", 0, "", 1.0, goodbye=True)
+    assert msgs(c1, WorkerEvent) == [WorkerEvent("stopped", "w1", 101, 1.0, 0)]
+    c2 = d.on_exit("w2", None, "", 1.0, goodbye=False)  # stopping: no goodbye needed
+    assert [m.kind for m in msgs(c2, WorkerEvent)] == ["stopped"]
+    assert of(c1 + c2, Spawn) == [] and msgs(c1 + c2, Lost) == []
+    assert d.live() == []
+
+
+def test_goodbye_exit_without_shutdown_is_stopped():
+    """A worker that says goodbye and exits (e.g. max tasks reached) is not a loss."""
+    d = ready(1)
+    cmds = d.on_exit("w1", 0, "", 1.0, goodbye=True)
+    assert [m.kind for m in msgs(cmds, WorkerEvent)] == ["stopped"]
+    assert of(cmds, Spawn) == [] and msgs(cmds, Lost) == []
+
+
+# --------------------------------------------------------------------------- cancel
+
+
+def test_cancel_queued_attempt_is_never_sent():
+    """A task is cancelled while its attempt waits in the master's queue: when a slot
+    frees up the attempt is skipped and the next one sent instead."""
+    d = ready(1, prefetch=1)
+    d.submit([ra(1), ra(2), ra(3)], 0.0)
+    assert d.cancel([2], 0.5) == []
+    cmds = d.on_result("w1", res(1), 1.0)
+    assert sent(cmds) == {"w1": [3]} and started_ids(cmds) == [3]
+    assert 2 not in d.attempts and not d.cancelled
+
+
+def test_cancel_prefetched_attempt_withdrawn_from_worker():
+    """A task is cancelled after its attempt was prefetched by a busy worker (held[1]):
+    the worker is told CancelAttempt; its Withdrawn frees the slot for queued work."""
+    d = ready(1, prefetch=2)
+    d.submit([ra(1), ra(2), ra(3)], 0.0)
+    cmds = d.cancel([2], 0.5)
+    assert cmds == [SendWorker("w1", [CancelAttempt(2)])]
+    cmds = d.on_withdrawn("w1", 2, 0.6)
+    assert sent(cmds) == {"w1": [3]}
+    assert started_ids(cmds) == []  # attempt 1 is still the one running
+    assert d.slots["w1"].held == [1, 3]
+
+
+def test_cancel_started_attempt_does_nothing():
+    """The attempt already runs: cancel sends nothing; its result is still forwarded."""
+    d = ready(1)
+    d.submit([ra(1)], 0.0)
+    assert d.cancel([1], 0.5) == []
+    assert d.on_result("w1", res(1), 1.0)[0] == ToClient(res(1))
+
+
+def test_cancel_unknown_attempt_ignored():
+    """Cancelling an attempt that already finished is harmless."""
+    d = ready(1)
+    d.submit([ra(1)], 0.0)
+    d.on_result("w1", res(1), 1.0)
+    assert d.cancel([1, 99], 2.0) == []
+
+
+def test_cancelled_prefetched_attempt_not_rerun_when_worker_dies():
+    """The user cancels a prefetched attempt; before the worker can answer Withdrawn, the
+    attempt it is running times out and the worker is killed. The cancelled attempt must
+    not be requeued and run on another worker (a cancelled task would run)."""
+    d = Dispatcher(2, prefetch=2)
+    d.start(0.0)
+    d.on_hello("w1", 101, 0.0)
+    d.submit([ra(1, timeout=5.0), ra(2)], 0.0)
+    assert d.slots["w1"].held == [1, 2]
+    d.on_hello("w2", 102, 0.5)  # idle, ready to take requeued work
+    assert d.cancel([2], 1.0) == [SendWorker("w1", [CancelAttempt(2)])]
+    cmds = d.tick(5.0, {}, {})
+    assert [m.attempt for m in msgs(cmds, Lost)] == [1]
+    assert sent(cmds) == {}  # attempt 2 must not go to the idle w2
+    assert started_ids(cmds) == []
+    assert 2 not in [a.attempt for a in d.queue]
