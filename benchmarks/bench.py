@@ -285,8 +285,14 @@ def child_main(args: argparse.Namespace) -> int:
         faulthandler.dump_traceback_later(args._deadline, exit=False)
     name = args._child
     out: dict[str, Any] = {
-        "runtime": name, "ok": False, "errors": [], "pids": [],
-        "throughput": [], "throughput_distinct": [], "latency": [], "chains": [],
+        "runtime": name,
+        "ok": False,
+        "errors": [],
+        "pids": [],
+        "throughput": [],
+        "throughput_distinct": [],
+        "latency": [],
+        "chains": [],
     }
 
     def save() -> None:
@@ -317,8 +323,10 @@ def child_main(args: argparse.Namespace) -> int:
         rt.results(rt.chains(20, sz["chain_len"]))
         out["pids"] = rt.pids()
         out["warmup_s"] = time.perf_counter() - t0
-        log(f"[{name}] started in {out['startup_s']:.2f}s, warm-up {out['warmup_s']:.2f}s, "
-            f"pids {out['pids']}")
+        log(
+            f"[{name}] started in {out['startup_s']:.2f}s, warm-up {out['warmup_s']:.2f}s, "
+            f"pids {out['pids']}"
+        )
         save()
     except Exception:
         fail("start/warm-up")
@@ -340,8 +348,10 @@ def child_main(args: argparse.Namespace) -> int:
                 continue
             out[key].append(res)
             save()
-            log(f"[{name}] repeat {r + 1}/{args.repeat} {key}: " + ", ".join(
-                f"{k}={v:.4g}" for k, v in res.items()))
+            log(
+                f"[{name}] repeat {r + 1}/{args.repeat} {key}: "
+                + ", ".join(f"{k}={v:.4g}" for k, v in res.items())
+            )
 
     t0 = time.perf_counter()
     try:
@@ -390,15 +400,31 @@ def run_child(name: str, args: argparse.Namespace) -> dict:
     fd, outpath = tempfile.mkstemp(prefix=f"bench-{name}-", suffix=".json")
     os.close(fd)
     deadline = max(5, args.timeout - 20)
-    cmd = [sys.executable, os.path.abspath(__file__), "--_child", name, "--_out", outpath,
-           "--_deadline", str(deadline), "--repeat", str(args.repeat)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--_child",
+        name,
+        "--_out",
+        outpath,
+        "--_deadline",
+        str(deadline),
+        "--repeat",
+        str(args.repeat),
+    ]
     if args.quick:
         cmd.append("--quick")
     log(f"=== {LABEL[name]}: {' '.join(cmd[1:2])} --_child {name} (timeout {args.timeout}s)")
     tail: collections.deque[str] = collections.deque(maxlen=400)
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True, text=True,
-                            cwd=os.getcwd())
+    proc = subprocess.Popen(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        text=True,
+        cwd=os.getcwd(),
+    )
     _current["proc"] = proc
 
     def pump() -> None:
@@ -437,10 +463,12 @@ def run_child(name: str, args: argparse.Namespace) -> dict:
     res["returncode"] = rc
     res["timed_out"] = timed_out
     if timed_out or rc != 0:
-        res.setdefault("errors", []).append({
-            "where": "timeout" if timed_out else f"child exit code {rc}",
-            "output_tail": "\n".join(tail),
-        })
+        res.setdefault("errors", []).append(
+            {
+                "where": "timeout" if timed_out else f"child exit code {rc}",
+                "output_tail": "\n".join(tail),
+            }
+        )
         if not args.verbose:
             last = list(tail)[-40:]
             log(f"[{name}] child output (last {len(last)} lines):")
@@ -535,10 +563,12 @@ def print_table(m: dict, args: argparse.Namespace, sz: dict) -> None:
     w0 = 32
     hdr = f"{'':{w0}}" + "".join(f"{c:>12}" for c in cols) + "   target (pf/PPE)"
     print()
-    print(f"Medians of {args.repeat} repeat(s), {WORKERS} workers each; "
-          f"{sz['noop_tasks']} no-ops, {sz['latency_rounds']} round trips, "
-          f"{sz['chains']} chains x {sz['chain_len']}.  "
-          f"Python {platform.python_version()}, {os.cpu_count()} CPUs.")
+    print(
+        f"Medians of {args.repeat} repeat(s), {WORKERS} workers each; "
+        f"{sz['noop_tasks']} no-ops, {sz['latency_rounds']} round trips, "
+        f"{sz['chains']} chains x {sz['chain_len']}.  "
+        f"Python {platform.python_version()}, {os.cpu_count()} CPUs."
+    )
     print("Ratios are pilotfish / peer of the same row (> 1 = pilotfish larger).")
     print(hdr)
     print("-" * len(hdr))
@@ -566,15 +596,23 @@ def _sizes(args: argparse.Namespace) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--repeat", type=int, default=None, help="repeats per scenario (default 5)")
     ap.add_argument("--json", metavar="PATH", help="write raw numbers to PATH")
-    ap.add_argument("--only", default=",".join(PEERS),
-                    help="comma-separated peers among pilotfish,ppe,dask (default: all)")
+    ap.add_argument(
+        "--only",
+        default=",".join(PEERS),
+        help="comma-separated peers among pilotfish,ppe,dask (default: all)",
+    )
     ap.add_argument("--quick", action="store_true", help="small smoke run (fewer tasks, repeat 1)")
-    ap.add_argument("--timeout", type=float, default=600,
-                    help="seconds allowed per runtime before it is killed (default 600)")
+    ap.add_argument(
+        "--timeout",
+        type=float,
+        default=600,
+        help="seconds allowed per runtime before it is killed (default 600)",
+    )
     ap.add_argument("--verbose", action="store_true", help="show all child output")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     ap.add_argument("--_out", help=argparse.SUPPRESS)
@@ -631,9 +669,14 @@ def main(argv: list[str] | None = None) -> int:
         doc = {
             "meta": {
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t0)),
-                "python": sys.version, "platform": platform.platform(),
-                "cpus": os.cpu_count(), "workers": WORKERS, "repeat": args.repeat,
-                "quick": args.quick, "sizes": sz, "targets": TARGETS,
+                "python": sys.version,
+                "platform": platform.platform(),
+                "cpus": os.cpu_count(),
+                "workers": WORKERS,
+                "repeat": args.repeat,
+                "quick": args.quick,
+                "sizes": sz,
+                "targets": TARGETS,
             },
             "medians": m,
             "raw": results,

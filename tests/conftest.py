@@ -7,6 +7,7 @@ now (an orphaned worker is re-parented to init), and fail the test.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
@@ -45,10 +46,8 @@ def no_leftover_processes(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
         time.sleep(0.05)
         alive = _survivors(token)
     for p in alive:
-        try:
+        with contextlib.suppress(psutil.Error):
             p.kill()
-        except psutil.Error:
-            pass
     assert not alive, "processes left behind: " + ", ".join(
         f"{p.pid} {' '.join(p.cmdline())}" for p in alive if p.is_running()
     )

@@ -13,12 +13,38 @@ def test_all_is_locked() -> None:
     """Adding or removing a public name is a deliberate act: update this list with it."""
     assert sorted(pilotfish.__all__) == sorted(
         [
-            "AttemptRecord", "Backoff", "Call", "CancelledError", "Category", "CommandFailed",
-            "DependencyFailed", "EnvironmentMismatch", "Fail", "FailureRecord", "InvalidTask",
-            "InvalidTransition", "MasterEvent", "MissingOutput", "PilotfishError", "RemoteError",
-            "Retry", "RuntimeLost", "Session", "State", "Task", "TaskEvent", "TaskFunction",
-            "TaskOptions", "TaskTimeout", "WorkerEvent", "WorkerLost", "__version__",
-            "as_completed", "task", "wait",
+            "AttemptRecord",
+            "Backoff",
+            "Call",
+            "CancelledError",
+            "Category",
+            "CommandFailed",
+            "CommandResult",
+            "DependencyFailed",
+            "EnvironmentMismatch",
+            "Fail",
+            "FailureRecord",
+            "InvalidTask",
+            "InvalidTransition",
+            "MasterEvent",
+            "MissingOutput",
+            "PilotfishError",
+            "RemoteError",
+            "Retry",
+            "RuntimeLost",
+            "Session",
+            "State",
+            "Task",
+            "TaskEvent",
+            "TaskFunction",
+            "TaskOptions",
+            "TaskTimeout",
+            "WorkerEvent",
+            "WorkerLost",
+            "__version__",
+            "as_completed",
+            "task",
+            "wait",
         ]
     )
     for name in pilotfish.__all__:
@@ -28,9 +54,15 @@ def test_all_is_locked() -> None:
 def test_exception_tree() -> None:
     """Callers catch at the right level: every pilotfish error is a PilotfishError."""
     for cls in (
-        pilotfish.InvalidTask, pilotfish.CommandFailed, pilotfish.MissingOutput,
-        pilotfish.TaskTimeout, pilotfish.WorkerLost, pilotfish.RuntimeLost,
-        pilotfish.DependencyFailed, pilotfish.EnvironmentMismatch, pilotfish.RemoteError,
+        pilotfish.InvalidTask,
+        pilotfish.CommandFailed,
+        pilotfish.MissingOutput,
+        pilotfish.TaskTimeout,
+        pilotfish.WorkerLost,
+        pilotfish.RuntimeLost,
+        pilotfish.DependencyFailed,
+        pilotfish.EnvironmentMismatch,
+        pilotfish.RemoteError,
     ):
         assert issubclass(cls, pilotfish.PilotfishError)
     assert issubclass(pilotfish.TaskTimeout, TimeoutError)
@@ -40,7 +72,8 @@ def test_exception_tree() -> None:
     assert issubclass(pilotfish.Task, cf.Future)
     transient = {c for c in pilotfish.Category if c.transient}
     assert transient == {
-        pilotfish.Category.TIMEOUT, pilotfish.Category.WORKER_LOST,
+        pilotfish.Category.TIMEOUT,
+        pilotfish.Category.WORKER_LOST,
         pilotfish.Category.RUNTIME_LOST,
     }
 

@@ -146,8 +146,7 @@ def test_user_exception_type_message_traceback_and_note(session: pilotfish.Sessi
     with pytest.raises(ValueError, match="bad parameter 42") as info:
         t.result(timeout=30)
     exc = info.value
-    assert any("fail_with" in line for line in __import__("traceback").format_tb(
-        exc.__traceback__))
+    assert any("fail_with" in line for line in __import__("traceback").format_tb(exc.__traceback__))
     notes = getattr(exc, "__notes__", [])
     assert any(t.key in n and "attempt 1" in n and "worker" in n and "host" in n for n in notes)
     f = t.failure
@@ -410,7 +409,8 @@ def test_functions_from_main_travel_by_value(tmp_path: Path) -> None:
     does not re-run the unguarded top level of the script."""
     script = tmp_path / "flow.py"
     marker = tmp_path / "toplevel-runs"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import pilotfish
         with open({str(marker)!r}, "a") as f:
             f.write("x")
@@ -433,9 +433,11 @@ def test_functions_from_main_travel_by_value(tmp_path: Path) -> None:
             print("caught", type(e).__name__, e)
             traceback.print_exception(e)
         s.shutdown()
-    """))
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                         timeout=60, cwd=tmp_path)
+    """)
+    )
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
     assert out.returncode == 0, out.stderr
     assert "285" in out.stdout and "caught MyError from main" in out.stdout
     assert f'File "{script}"' in out.stderr and 'raise MyError("from main")' in out.stderr

@@ -38,15 +38,19 @@ def events() -> list[object]:
 @pytest.fixture
 def fs(tmp_path: Path, events: list[object]):  # type: ignore[no-untyped-def]
     with pilotfish.Session(
-        workers=2, rundir=str(tmp_path / "run"), heartbeat_interval=0.25,
-        heartbeat_timeout=2.0, on_event=events.append,
+        workers=2,
+        rundir=str(tmp_path / "run"),
+        heartbeat_interval=0.25,
+        heartbeat_timeout=2.0,
+        on_event=events.append,
         backoff=pilotfish.Backoff(base=0.01),
     ) as s:
         yield s
 
 
-def test_sigkill_worker_mid_task_is_retried_elsewhere(fs: pilotfish.Session, tmp_path: Path,
-                                                      events: list[object]) -> None:
+def test_sigkill_worker_mid_task_is_retried_elsewhere(
+    fs: pilotfish.Session, tmp_path: Path, events: list[object]
+) -> None:
     """The OOM killer or a node failure SIGKILLs a worker mid-task: the attempt it held is
     reported lost at once (signal named), the worker replaced, the task retried and done."""
     pidfile = tmp_path / "pid"
@@ -97,8 +101,9 @@ def test_segfault_names_the_signal(fs: pilotfish.Session) -> None:
     assert fs.submit(faulty.ident, 2).result(timeout=30) == 2
 
 
-def test_sigstop_worker_detected_by_heartbeat(fs: pilotfish.Session, tmp_path: Path,
-                                              events: list[object]) -> None:
+def test_sigstop_worker_detected_by_heartbeat(
+    fs: pilotfish.Session, tmp_path: Path, events: list[object]
+) -> None:
     """A stopped worker (SIGSTOP, a debugger) never answers: it is declared hung within
     about two heartbeat intervals, killed, replaced, and its task retried."""
     pidfile = tmp_path / "pid"
@@ -120,8 +125,9 @@ def test_sigstop_worker_detected_by_heartbeat(fs: pilotfish.Session, tmp_path: P
 def test_gil_holding_c_code_is_not_mistaken_for_a_hang(tmp_path: Path) -> None:
     """A long C call holding the GIL starves the worker's heartbeat thread; the kernel
     shows it burning CPU, so it must not be killed as hung."""
-    with pilotfish.Session(workers=1, rundir=str(tmp_path / "r"), heartbeat_interval=0.1,
-                           heartbeat_timeout=0.5) as s:
+    with pilotfish.Session(
+        workers=1, rundir=str(tmp_path / "r"), heartbeat_interval=0.1, heartbeat_timeout=0.5
+    ) as s:
         t = s.submit(faulty.spin_in_c, 1.5)
         assert t.result(timeout=60) == 1
         assert len(t.attempts) == 1
@@ -159,7 +165,7 @@ def test_worker_that_cannot_start(tmp_path: Path) -> None:
     bad.chmod(0o755)
     with pilotfish.Session(workers=1, rundir=str(tmp_path / "r"), worker_python=str(bad)) as s:
         t = s.submit(faulty.ident, 1)
-        with pytest.raises(pilotfish.EnvironmentMismatch, match="libfoo.so") as info:
+        with pytest.raises(pilotfish.EnvironmentMismatch, match=r"libfoo\.so") as info:
             t.result(timeout=30)
         assert "no worker could start" in str(info.value)
 
@@ -178,8 +184,12 @@ def test_master_killed_mid_run_restarts(tmp_path: Path) -> None:
         new = s.processes()
         assert new["master"] != old["master"]
         for pid in old["workers"]:
-            wait_for(lambda pid=pid: not psutil.pid_exists(pid)
-                     or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
+            wait_for(
+                lambda pid=pid: (
+                    not psutil.pid_exists(pid)
+                    or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+                )
+            )
     kinds = [e.kind for e in ev if isinstance(e, pilotfish.MasterEvent)]
     assert kinds == ["started", "lost", "restarted"]
 
@@ -217,8 +227,9 @@ def test_master_crashing_at_startup(tmp_path: Path) -> None:
 def test_master_hung_is_detected(tmp_path: Path) -> None:
     """A stopped master (SIGSTOP) is detected by the client's heartbeat watch, killed and
     replaced; the work finishes."""
-    with pilotfish.Session(workers=1, rundir=str(tmp_path / "r"), heartbeat_interval=0.2,
-                           heartbeat_timeout=1.0) as s:
+    with pilotfish.Session(
+        workers=1, rundir=str(tmp_path / "r"), heartbeat_interval=0.2, heartbeat_timeout=1.0
+    ) as s:
         ts = [s.submit(faulty.slow, i, 0.2) for i in range(3)]
         wait_for(lambda: any(t.running() for t in ts))
         master = s.processes()["master"]
@@ -236,15 +247,19 @@ def test_orderly_shutdown_is_not_a_crash(tmp_path: Path) -> None:
     kinds = Counter(e.kind for e in ev if isinstance(e, pilotfish.WorkerEvent))
     assert kinds["stopped"] == 2 and kinds["lost"] == 0
     for pid in [procs["master"], *procs["workers"]]:
-        wait_for(lambda pid=pid: not psutil.pid_exists(pid)
-                 or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
+        wait_for(
+            lambda pid=pid: (
+                not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+            )
+        )
 
 
 def test_client_killed_takes_master_and_workers_with_it(tmp_path: Path) -> None:
     """The user's script is SIGKILLed (or the login node session dies): the master and
     the workers it started exit on their own; nothing is orphaned."""
     script = tmp_path / "client.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import sys, time
         sys.path[:0] = {sys.path!r}
         import pilotfish, faulty
@@ -253,9 +268,9 @@ def test_client_killed_takes_master_and_workers_with_it(tmp_path: Path) -> None:
         p = s.processes()
         print(p["master"], *p["workers"], flush=True)
         time.sleep(60)
-    """))
-    with subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
-                          text=True) as proc:
+    """)
+    )
+    with subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True) as proc:
         try:
             assert proc.stdout is not None
             pids = [int(x) for x in proc.stdout.readline().split()]
@@ -264,8 +279,12 @@ def test_client_killed_takes_master_and_workers_with_it(tmp_path: Path) -> None:
             proc.kill()
             proc.wait()
     for pid in pids:
-        wait_for(lambda pid=pid: not psutil.pid_exists(pid)
-                 or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, timeout=10)
+        wait_for(
+            lambda pid=pid: (
+                not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+            ),
+            timeout=10,
+        )
 
 
 @pytest.mark.slow
@@ -281,8 +300,13 @@ def test_chaos_random_worker_kills(tmp_path: Path) -> None:
 
     stop = threading.Event()
     kills = 0
-    with pilotfish.Session(workers=2, rundir=str(tmp_path / "r"), on_event=on_event,
-                           poison_after=50, backoff=pilotfish.Backoff(base=0.01)) as s:
+    with pilotfish.Session(
+        workers=2,
+        rundir=str(tmp_path / "r"),
+        on_event=on_event,
+        poison_after=50,
+        backoff=pilotfish.Backoff(base=0.01),
+    ) as s:
         task = pilotfish.task(faulty.square_slowly, retries=50)
 
         def killer() -> None:

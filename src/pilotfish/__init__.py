@@ -15,6 +15,7 @@ from concurrent.futures import CancelledError
 from ._events import MasterEvent, TaskEvent, WorkerEvent
 from ._options import TaskFunction, TaskOptions, task
 from ._session import Call, Fail, Retry, Session, Task, as_completed, wait
+from .commands import CommandResult
 from .core.policy import Backoff
 from .core.states import State
 from .core.workflow import AttemptRecord
@@ -43,6 +44,7 @@ __all__ = [
     "CancelledError",
     "Category",
     "CommandFailed",
+    "CommandResult",
     "DependencyFailed",
     "EnvironmentMismatch",
     "Fail",

@@ -47,18 +47,18 @@ class TaskOptions:
         if not self.retry_on:
             return False
         if exc is not None:
-            return isinstance(exc, self.retry_on)  # type: ignore[arg-type]
+            return isinstance(exc, self.retry_on)
         return type_name is not None and any(
-            type_name in (t.__qualname__, f"{t.__module__}.{t.__qualname__}")
-            for t in self.retry_on  # type: ignore[union-attr]
+            type_name in (t.__qualname__, f"{t.__module__}.{t.__qualname__}") for t in self.retry_on
         )
 
     def to_dict(self) -> dict[str, Any]:
         ro = self.retry_on
         return {
             "retries": self.retries,
-            "retry_on": ro if isinstance(ro, bool) else [f"{t.__module__}.{t.__qualname__}"
-                                                        for t in ro],
+            "retry_on": ro
+            if isinstance(ro, bool)
+            else [f"{t.__module__}.{t.__qualname__}" for t in ro],
             "timeout": self.timeout,
             "key": self.key,
             "name": self.name,

@@ -16,17 +16,20 @@ import dataclasses
 import hashlib
 import heapq
 import logging
+import os
 import pickle
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from . import _wire
 from ._events import MasterEvent, TaskEvent, WorkerEvent
 from ._options import TaskFunction, TaskOptions, make_options
 from .backends.base import Backend
+from .commands import CommandResult
 from .core import workflow as wf
 from .core.policy import Backoff
 from .core.states import State
@@ -93,6 +96,9 @@ class Task(cf.Future):  # type: ignore[type-arg]
         self._last_exc: BaseException | None = None
         self._last_failure: FailureRecord | None = None
         self._pending_value: Any = None
+        self._declared_outputs: tuple[str, ...] = ()
+        self._output_tasks: dict[str, Task] = {}
+        self._cmd_timeout: float | None = None
 
     @property
     def state(self) -> State:
@@ -120,6 +126,26 @@ class Task(cf.Future):  # type: ignore[type-arg]
     def cancel(self) -> bool:
         """Cancel if not started yet (queued, waiting for inputs, or between retries)."""
         return self._session._cancel(self)
+
+    def output(self, name: str) -> Task:
+        """A Task resolving to the path of declared output ``name`` of this program task.
+
+        Use it as an input or argument of later tasks to chain programs by their files.
+        """
+        if self._kind != "command":
+            raise InvalidTask(f"{self!r} is not a program task; output() needs executable()")
+        if name not in self._declared_outputs:
+            raise InvalidTask(
+                f"{name!r} is not a declared output of task {self.key!r}; declared: "
+                f"{list(self._declared_outputs)} (add it to outputs=[...])"
+            )
+        with self._session._lock:
+            t = self._output_tasks.get(name)
+            if t is None:
+                opts = TaskOptions(name=f"{self.name}.output", key=f"{self.key}:{name}")
+                t = self._session._submit_call(_output_path, (self, name), {}, opts)
+                self._output_tasks[name] = t
+            return t
 
     def _force_cancel(self) -> None:
         # cancel, then notify waiters of cf.wait/as_completed, as an Executor must
@@ -176,6 +202,7 @@ class Session(cf.Executor):
         heartbeat_interval: float = 1.0,
         heartbeat_timeout: float = 10.0,
         max_master_restarts: int = 3,
+        keep_sandboxes: str = "failed",
         backoff: Backoff | None = None,
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] | None = None,
@@ -183,8 +210,9 @@ class Session(cf.Executor):
     ) -> None:
         import random
 
-        _check_session_args(workers, poison_after, heartbeat_interval, heartbeat_timeout,
-                            max_master_restarts)
+        _check_session_args(
+            workers, poison_after, heartbeat_interval, heartbeat_timeout, max_master_restarts
+        )
         self._lock = threading.RLock()
         self._clock = clock
         self._core = wf.Workflow(
@@ -201,6 +229,11 @@ class Session(cf.Executor):
         self._on_event = on_event
         self._on_failure = on_failure
         self._rundir = rundir
+        if keep_sandboxes not in ("failed", "all"):
+            raise InvalidTask(
+                f"Session(keep_sandboxes={keep_sandboxes!r}) is invalid: give 'failed' or 'all'"
+            )
+        self._keep_sandboxes = keep_sandboxes
         self._shutdown_flag = False
         self._host = _wire.host_name()
         self._timers: list[float] = []
@@ -245,6 +278,137 @@ class Session(cf.Executor):
         if not callable(fn):
             raise InvalidTask(f"submit() needs a callable as first argument, got {fn!r}")
         return self._submit_call(fn, args, kwargs, opts)
+
+    def executable(
+        self,
+        argv: Sequence[Any],
+        /,
+        *,
+        inputs: dict[str, Any] | None = None,
+        outputs: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+        stdin: str | os.PathLike[str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        retries: int = 3,
+        retry_exit_codes: Iterable[int] = (),
+        name: str | None = None,
+        key: str | None = None,
+        keep_sandboxes: str | None = None,
+    ) -> Task:
+        """Run a program in its own sandbox; the Task's value is a :class:`CommandResult`.
+
+        ``argv`` elements and ``inputs`` values may be Tasks (their value, e.g. from
+        ``task.output(name)``, is substituted). ``outputs`` must exist after exit 0.
+        ``retries`` covers transient failures (worker lost, timeout) and exit codes
+        listed in ``retry_exit_codes``; any other non-zero exit is permanent.
+        ``keep_sandboxes`` (default: the session's) is ``"failed"`` (successful
+        sandboxes are removed after moving outputs to ``rundir/results/KEY``) or
+        ``"all"``. Failed attempts' sandboxes are always kept.
+        """
+        template, opts, shown = self._command_template(
+            argv,
+            inputs,
+            outputs,
+            env,
+            stdin,
+            cwd,
+            timeout,
+            retries,
+            retry_exit_codes,
+            name,
+            key,
+            keep_sandboxes,
+        )
+        payload, deps = self._pickle_call_obj(template, f"program {shown!r}")
+        digest = hashlib.blake2b(payload, digest_size=6)
+        for d in deps:
+            digest.update(d.key.encode())
+        for path in template["inputs"].values():
+            if isinstance(path, str):
+                with contextlib.suppress(OSError):
+                    st = os.stat(path)
+                    digest.update(f"{path}:{st.st_size}:{st.st_mtime_ns}".encode())
+        task = self._register(
+            opts.name or shown, opts, digest.hexdigest(), deps, payload, "command"
+        )
+        task._declared_outputs = tuple(template["outputs"])
+        task._cmd_timeout = timeout
+        return self._start(task)
+
+    def _command_template(
+        self,
+        argv: Any,
+        inputs: Any,
+        outputs: Any,
+        env: Any,
+        stdin: Any,
+        cwd: Any,
+        timeout: Any,
+        retries: Any,
+        retry_exit_codes: Any,
+        name: Any,
+        key: Any,
+        keep_sandboxes: Any,
+    ) -> tuple[dict[str, Any], TaskOptions, str]:
+        def bad(what: str) -> InvalidTask:
+            return InvalidTask(f"executable(): {what}")
+
+        if isinstance(argv, str | bytes) or not isinstance(argv, Sequence) or not argv:
+            raise bad(
+                f"argv={argv!r} must be a non-empty list such as ['gmx', 'mdrun'] "
+                "(for a shell line use ['sh', '-c', LINE])"
+            )
+        for i, a in enumerate(argv):
+            if not isinstance(a, str | os.PathLike | int | float | Task):
+                raise bad(f"argv[{i}]={a!r} must be a str, path, number or Task")
+        shown = os.path.basename(os.fspath(argv[0])) if not isinstance(argv[0], Task) else "program"
+        ins: dict[str, Any] = {}
+        for n, v in (inputs or {}).items():
+            if not isinstance(n, str) or not n or os.path.isabs(n) or ".." in Path(n).parts:
+                raise bad(f"input name {n!r} must be a relative path inside the sandbox")
+            if isinstance(v, Task):
+                ins[n] = v
+            elif isinstance(v, str | os.PathLike):
+                p = os.path.abspath(os.fspath(v))
+                if not os.path.exists(p):
+                    raise bad(f"input {n!r}: {p} does not exist")
+                ins[n] = p
+            else:
+                raise bad(f"input {n!r}={v!r} must be a path or a Task")
+        if isinstance(outputs, str) or not all(
+            isinstance(o, str) and o and not os.path.isabs(o) and ".." not in Path(o).parts
+            for o in outputs
+        ):
+            raise bad(f"outputs={outputs!r} must be a list of relative paths")
+        if env is not None and not (
+            isinstance(env, dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
+        ):
+            raise bad("env must be a dict of str to str")
+        codes = list(retry_exit_codes)
+        if not all(isinstance(c, int) and not isinstance(c, bool) and c != 0 for c in codes):
+            raise bad(f"retry_exit_codes={codes!r} must be non-zero ints")
+        keep = keep_sandboxes or self._keep_sandboxes
+        if keep not in ("failed", "all"):
+            raise bad(f"keep_sandboxes={keep!r} must be 'failed' or 'all'")
+        opts = make_options(retries=retries, timeout=timeout, name=name, key=key)
+        if stdin is not None:
+            stdin = os.path.abspath(os.fspath(stdin))
+            if not os.path.isfile(stdin):
+                raise bad(f"stdin file {stdin} does not exist")
+        template = {
+            "argv": list(argv),
+            "inputs": ins,
+            "outputs": list(outputs),
+            "env": env,
+            "stdin": stdin,
+            "cwd": cwd,
+            "timeout": timeout,
+            "retry_exit_codes": codes,
+            "keep_sandboxes": keep,
+        }
+        return template, opts, shown
 
     def processes(self) -> dict[str, Any]:
         """``{"master": pid, "workers": [pids]}`` (diagnostics)."""
@@ -294,7 +458,10 @@ class Session(cf.Executor):
 
     # ------------------------------------------------------------------ submit
     def _submit_call(
-        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
         opts: TaskOptions,
     ) -> Task:
         if self._shutdown_flag:
@@ -310,7 +477,12 @@ class Session(cf.Executor):
         return self._start(task)
 
     def _register(
-        self, name: str, opts: TaskOptions, digest: str, deps: list[Task], payload: bytes,
+        self,
+        name: str,
+        opts: TaskOptions,
+        digest: str,
+        deps: list[Task],
+        payload: bytes,
         kind: str,
     ) -> Task:
         with self._lock:
@@ -343,8 +515,13 @@ class Session(cf.Executor):
         acts = _Actions()
         with self._lock:
             cmds = self._core.handle(
-                wf.Submit(task._tid, task.key, tuple(d._tid for d in task._deps),
-                          task.options.retries, self._clock())
+                wf.Submit(
+                    task._tid,
+                    task.key,
+                    tuple(d._tid for d in task._deps),
+                    task.options.retries,
+                    self._clock(),
+                )
             )
             self._run(cmds, acts)
         self._finish(acts)
@@ -353,6 +530,9 @@ class Session(cf.Executor):
     def _pickle_call(
         self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[bytes, list[Task]]:
+        return self._pickle_call_obj((fn, args, kwargs), None)
+
+    def _pickle_call_obj(self, obj: Any, what: str | None) -> tuple[bytes, list[Task]]:
         deps: list[Task] = []
         index: dict[int, int] = {}
 
@@ -371,10 +551,13 @@ class Session(cf.Executor):
             return None
 
         try:
-            return _wire.dumps_call((fn, args, kwargs), ref), deps
+            return _wire.dumps_call(obj, ref), deps
         except InvalidTask:
             raise
         except Exception as e:
+            if what is not None:
+                raise InvalidTask(f"cannot submit {what}: {type(e).__name__}: {e}") from e
+            fn, args, kwargs = obj
             raise InvalidTask(_explain_unpicklable(fn, args, kwargs, ref, e)) from e
 
     # ------------------------------------------------------------------ cancel
@@ -405,8 +588,12 @@ class Session(cf.Executor):
                 self._by_attempt[c.attempt] = t
                 acts.dispatch.append(
                     _wire.RunAttempt(
-                        c.attempt, t.key, t._kind, t._payload,
-                        tuple(d._value_bytes or b"" for d in t._deps), t.options.timeout,
+                        c.attempt,
+                        t.key,
+                        t._kind,
+                        t._payload,
+                        tuple(d._value_bytes or b"" for d in t._deps),
+                        t.options.timeout if t._kind == "call" else _backstop(t._cmd_timeout),
                     )
                 )
             elif isinstance(c, wf.Resolve):
@@ -474,12 +661,19 @@ class Session(cf.Executor):
     ) -> FailureRecord:
         number = len(self._core.attempts(t._tid))
         return FailureRecord(
-            key=t.key, category=category, message=message,
-            transient=category.transient, attempt=number, host=fields.pop("host", None)
-            or self._host, time=self._clock(), **fields,
+            key=t.key,
+            category=category,
+            message=message,
+            transient=category.transient,
+            attempt=number,
+            host=fields.pop("host", None) or self._host,
+            time=self._clock(),
+            **fields,
         )
 
-    def _user_failure(self, t: Task, res: _wire.Result) -> tuple[FailureRecord, BaseException, bool]:
+    def _user_failure(
+        self, t: Task, res: _wire.Result
+    ) -> tuple[FailureRecord, BaseException, bool]:
         env: _wire.Envelope = pickle.loads(res.data)
         env = env._replace(traceback=_wire.fix_dynamic_frames(env.traceback))
         number = len(self._core.attempts(t._tid))
@@ -496,18 +690,30 @@ class Session(cf.Executor):
                 )
         extra = env.extra
         f = FailureRecord(
-            key=t.key, category=category, message=env.message if category is not
-            Category.USER_ERROR else f"{env.type_name}: {env.message}",
-            transient=category.transient, exc_type=env.type_name, traceback=env.traceback,
-            returncode=extra.get("returncode"), signal=extra.get("signal"),
-            stdout_path=extra.get("stdout_path"), stderr_path=extra.get("stderr_path"),
-            sandbox=extra.get("sandbox"), worker=res.worker, host=host, pid=res.pid,
-            attempt=number, time=res.ended,
+            key=t.key,
+            category=category,
+            message=env.message
+            if category is not Category.USER_ERROR
+            else f"{env.type_name}: {env.message}",
+            transient=category.transient,
+            exc_type=env.type_name,
+            traceback=env.traceback,
+            returncode=extra.get("returncode"),
+            signal=extra.get("signal"),
+            stdout_path=extra.get("stdout_path"),
+            stderr_path=extra.get("stderr_path"),
+            sandbox=extra.get("sandbox"),
+            worker=res.worker,
+            host=host,
+            pid=res.pid,
+            attempt=number,
+            time=res.ended,
         )
         if exc is None:
             if category is Category.USER_ERROR:
-                exc = RemoteError(env.message, f, type_name=env.type_name,
-                                  remote_traceback=env.traceback)
+                exc = RemoteError(
+                    env.message, f, type_name=env.type_name, remote_traceback=env.traceback
+                )
             else:
                 exc = EXCEPTION_FOR.get(category, PilotfishError)(env.message, f)
         with contextlib.suppress(Exception):
@@ -517,14 +723,18 @@ class Session(cf.Executor):
             )
         retry = False
         if category is Category.USER_ERROR:
-            retry = t.options.matches(None if isinstance(exc, RemoteError) else exc,
-                                      env.type_name)
+            retry = t.options.matches(None if isinstance(exc, RemoteError) else exc, env.type_name)
         elif category is Category.COMMAND_FAILED:
             retry = bool(extra.get("retry_requested"))
         return f, exc, retry
 
     def _failed_attempt(
-        self, t: Task, attempt: int, f: FailureRecord, exc: BaseException, retry: bool,
+        self,
+        t: Task,
+        attempt: int,
+        f: FailureRecord,
+        exc: BaseException,
+        retry: bool,
         acts: _Actions,
     ) -> None:
         t._last_exc, t._last_failure = exc, f
@@ -571,8 +781,10 @@ class Session(cf.Executor):
             with contextlib.suppress(Exception):
                 e.add_note(f"pilotfish: raised by the on_failure handler for task {t.key!r}")
             hf = dataclasses.replace(
-                f, message=f"the on_failure handler raised {type(e).__name__}: {e} "
-                f"(while handling: {f.one_line()})", exc_type=_wire.qualified_name(type(e)),
+                f,
+                message=f"the on_failure handler raised {type(e).__name__}: {e} "
+                f"(while handling: {f.one_line()})",
+                exc_type=_wire.qualified_name(type(e)),
                 traceback=_wire.format_exception(e) + "\nwhile handling:\n" + (f.traceback or ""),
                 transient=False,
             )
@@ -604,27 +816,39 @@ class Session(cf.Executor):
                     value = pickle.loads(ev.data)
                 except Exception as e:
                     f = self._attempt_failure(
-                        t, ev.attempt, Category.USER_ERROR,
+                        t,
+                        ev.attempt,
+                        Category.USER_ERROR,
                         f"the result of task {t.key!r} could not be unpickled on the client: "
-                        f"{type(e).__name__}: {e}", worker=ev.worker, pid=ev.pid,
+                        f"{type(e).__name__}: {e}",
+                        worker=ev.worker,
+                        pid=ev.pid,
                         exc_type=_wire.qualified_name(type(e)),
                         traceback=_wire.format_exception(e),
                     )
-                    exc = RemoteError(f.message, f, type_name=f.exc_type or "",
-                                      remote_traceback=f.traceback or "")
+                    exc: BaseException = RemoteError(
+                        f.message, f, type_name=f.exc_type or "", remote_traceback=f.traceback or ""
+                    )
                     self._failed_attempt(t, ev.attempt, f, exc, False, acts)
                     return
                 t._value_bytes = ev.data
                 t._pending_value = value
-                self._run(self._core.handle(
-                    wf.Succeeded(ev.attempt, ev.ended, ev.worker, ev.host or self._host, ev.pid)
-                ), acts)
+                self._run(
+                    self._core.handle(
+                        wf.Succeeded(ev.attempt, ev.ended, ev.worker, ev.host or self._host, ev.pid)
+                    ),
+                    acts,
+                )
             else:
                 f, exc, retry = self._user_failure(t, ev)
                 self._failed_attempt(t, ev.attempt, f, exc, retry, acts)
         elif isinstance(ev, _wire.Started):
-            self._run(self._core.handle(
-                wf.Started(ev.attempt, ev.time, ev.worker, ev.host or self._host, ev.pid)), acts)
+            self._run(
+                self._core.handle(
+                    wf.Started(ev.attempt, ev.time, ev.worker, ev.host or self._host, ev.pid)
+                ),
+                acts,
+            )
         elif isinstance(ev, _wire.Lost):
             tid = self._core.owner(ev.attempt)
             if tid is None:
@@ -633,8 +857,15 @@ class Session(cf.Executor):
             t = self._tasks[tid]
             cat = Category(ev.category)
             f = self._attempt_failure(
-                t, ev.attempt, cat, ev.message, worker=ev.worker, pid=ev.pid,
-                returncode=ev.returncode, signal=ev.signal, stderr_tail=ev.stderr_tail or None,
+                t,
+                ev.attempt,
+                cat,
+                ev.message,
+                worker=ev.worker,
+                pid=ev.pid,
+                returncode=ev.returncode,
+                signal=ev.signal,
+                stderr_tail=ev.stderr_tail or None,
                 host=ev.host or None,
             )
             exc = EXCEPTION_FOR[cat](ev.message, f)
@@ -642,12 +873,23 @@ class Session(cf.Executor):
         elif isinstance(ev, _wire.WorkerEvent):
             if self._on_event is not None:
                 held = tuple(self._by_attempt[a].key for a in ev.held if a in self._by_attempt)
-                acts.events.append(WorkerEvent(ev.kind, ev.worker, ev.pid, ev.time,
-                                               ev.returncode, ev.signal, held, ev.message))
+                acts.events.append(
+                    WorkerEvent(
+                        ev.kind,
+                        ev.worker,
+                        ev.pid,
+                        ev.time,
+                        ev.returncode,
+                        ev.signal,
+                        held,
+                        ev.message,
+                    )
+                )
         elif isinstance(ev, BMasterEvent):
             if self._on_event is not None:
-                acts.events.append(MasterEvent(ev.kind, ev.pid, ev.time, ev.returncode,
-                                               ev.signal, ev.message))
+                acts.events.append(
+                    MasterEvent(ev.kind, ev.pid, ev.time, ev.returncode, ev.signal, ev.message)
+                )
         elif isinstance(ev, _wire.Fatal):
             cat = Category(ev.category)
             self._run(self._core.handle(wf.Abort(cat, ev.message, self._clock())), acts)
@@ -681,8 +923,21 @@ class Session(cf.Executor):
         _live_sessions.discard(self)
 
 
+def _backstop(timeout: float | None) -> float | None:
+    """The master's own deadline for a program: the program's timeout is enforced by the
+    worker (killing its process group); if the worker itself is stuck, the master kills it."""
+    return None if timeout is None else timeout + 10.0 + 0.1 * timeout
+
+
+def _output_path(result: CommandResult, name: str) -> Path:
+    return result.outputs[name]
+
+
 def _check_session_args(
-    workers: int | None, poison_after: int, hb_interval: float, hb_timeout: float,
+    workers: int | None,
+    poison_after: int,
+    hb_interval: float,
+    hb_timeout: float,
     max_restarts: int,
 ) -> None:
     def bad(name: str, value: Any, need: str) -> InvalidTask:
@@ -701,7 +956,10 @@ def _check_session_args(
 
 
 def _explain_unpicklable(
-    fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], ref: Callable[[Any], int | None],
+    fn: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    ref: Callable[[Any], int | None],
     err: Exception,
 ) -> str:
     """Find which part of the call cannot be pickled, to name it in the error."""
@@ -721,7 +979,8 @@ def _explain_unpicklable(
 
 
 def wait(
-    fs: Iterable[cf.Future[Any]], timeout: float | None = None,
+    fs: Iterable[cf.Future[Any]],
+    timeout: float | None = None,
     return_when: str = cf.ALL_COMPLETED,
 ) -> cf._base.DoneAndNotDoneFutures[Any]:
     """``concurrent.futures.wait`` for Tasks (and any futures)."""

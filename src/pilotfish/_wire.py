@@ -23,6 +23,7 @@ raises :class:`pilotfish.RemoteError`.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import linecache
 import os
@@ -210,21 +211,19 @@ class Channel:
         return msgs
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.conn.close()
-        except OSError:
-            pass
 
 
 # --------------------------------------------------------------------------- calls
 
 
-class _CallPickler(cloudpickle.Pickler):
+class _CallPickler(cloudpickle.Pickler):  # type: ignore[misc]
     def __init__(self, f: io.BytesIO, ref: Callable[[Any], int | None]) -> None:
         super().__init__(f, protocol=PROTOCOL)
         self._ref = ref
 
-    def persistent_id(self, obj: Any) -> int | None:  # noqa: D102
+    def persistent_id(self, obj: Any) -> int | None:
         return self._ref(obj)
 
 
@@ -253,7 +252,8 @@ def loads_call(payload: bytes, deps: Sequence[bytes]) -> Any:
 
 
 def dumps_value(value: Any) -> bytes:
-    return cloudpickle.dumps(value, protocol=PROTOCOL)
+    data: bytes = cloudpickle.dumps(value, protocol=PROTOCOL)
+    return data
 
 
 # --------------------------------------------------------------------------- exceptions
@@ -322,7 +322,7 @@ def _rebuild_exc(
     return exc
 
 
-class _ExcPickler(cloudpickle.Pickler):
+class _ExcPickler(cloudpickle.Pickler):  # type: ignore[misc]
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, BaseException) and not isinstance(obj, type):
             tb = Traceback(obj.__traceback__).as_dict() if obj.__traceback__ else None
@@ -376,7 +376,7 @@ def envelope_for(
     text = format_exception(exc)
     try:
         data: bytes | None = dumps_exception(exc)
-    except BaseException as e:  # noqa: BLE001 - any pickling failure means: send text only
+    except BaseException as e:
         data = None
         text += f"\n(pilotfish: the exception could not be pickled: {type(e).__name__}: {e})\n"
     try:

@@ -73,6 +73,7 @@ __all__ = [
     "STDERR_NAME",
     "STDOUT_NAME",
     "CommandOutcome",
+    "CommandResult",
     "CommandSpec",
     "OutcomeKind",
     "make_sandbox",
@@ -140,6 +141,25 @@ class CommandSpec:
             cwd=_opt_str(d.get("cwd")),
             timeout=None if timeout is None else float(timeout),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class CommandResult:
+    """The value of a successful program task.
+
+    ``stdout``/``stderr`` are the complete output files, ``outputs`` maps each
+    declared output to its path, ``sandbox`` is the attempt's sandbox when it is
+    kept (``keep_sandboxes="all"``), else None (the files were moved to
+    ``rundir/results/KEY``). Paths are on ``host``'s filesystem.
+    """
+
+    returncode: int
+    stdout: Path
+    stderr: Path
+    outputs: dict[str, Path]
+    sandbox: Path | None
+    host: str = ""
+    elapsed: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

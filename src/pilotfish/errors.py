@@ -233,9 +233,7 @@ class InvalidTransition(PilotfishError, RuntimeError):
 
     def __init__(self, key: str, start: str, finish: str, history: list[Any]) -> None:
         lines = "\n".join(f"  {h}" for h in history)
-        super().__init__(
-            f"task {key!r}: invalid transition {start} -> {finish}; history:\n{lines}"
-        )
+        super().__init__(f"task {key!r}: invalid transition {start} -> {finish}; history:\n{lines}")
         self.key = key
         self.start = start
         self.finish = finish

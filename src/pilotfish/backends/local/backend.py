@@ -170,7 +170,9 @@ class LocalBackend:
         except OSError as e:
             os.close(child_fd)
             ch.close()
-            self._emit([_wire.Fatal("runtime_lost", f"cannot start the master ({self.python}): {e}")])
+            self._emit(
+                [_wire.Fatal("runtime_lost", f"cannot start the master ({self.python}): {e}")]
+            )
             self._dead = True
             return
         os.close(child_fd)
@@ -190,12 +192,14 @@ class LocalBackend:
             self._outbox = [m for m in self._outbox if not isinstance(m, RunAttempt)]
             self._outbox[:0] = resend
             self._wake.notify()
-        e = threading.Thread(target=self._stderr, args=(popen, self._tail), daemon=True,
-                             name="pilotfish-stderr")
-        r = threading.Thread(target=self._reader, args=(gen, popen, ch, e), daemon=True,
-                             name="pilotfish-reader")
-        self._threads = [t for t in self._threads if t.is_alive()] + [r, e]
-        e.start()
+        err = threading.Thread(
+            target=self._stderr, args=(popen, self._tail), daemon=True, name="pilotfish-stderr"
+        )
+        r = threading.Thread(
+            target=self._reader, args=(gen, popen, ch, err), daemon=True, name="pilotfish-reader"
+        )
+        self._threads = [t for t in self._threads if t.is_alive()] + [r, err]
+        err.start()
         r.start()
 
     def _emit(self, events: Sequence[Any]) -> None:
@@ -235,8 +239,9 @@ class LocalBackend:
                                 self._worker_pids.setdefault(pid, "")
                             restarted = self._restarts > 0
                             events.append(
-                                MasterEvent("restarted" if restarted else "started",
-                                            m.pid, time.time())
+                                MasterEvent(
+                                    "restarted" if restarted else "started", m.pid, time.time()
+                                )
                             )
                         elif isinstance(m, _wire.Goodbye):
                             self._said_goodbye = True
@@ -249,8 +254,15 @@ class LocalBackend:
         try:
             self._master_gone(gen, popen, err)
         except BaseException as e:  # never leave the session waiting on a dead master
-            self._emit([_wire.Fatal("runtime_lost", f"pilotfish could not recover from the "
-                                    f"loss of its master: {type(e).__name__}: {e}")])
+            self._emit(
+                [
+                    _wire.Fatal(
+                        "runtime_lost",
+                        f"pilotfish could not recover from the "
+                        f"loss of its master: {type(e).__name__}: {e}",
+                    )
+                ]
+            )
             raise
 
     def _stderr(self, popen: subprocess.Popen[bytes], tail: collections.deque[bytes]) -> None:
@@ -278,9 +290,7 @@ class LocalBackend:
         text = b"".join(tail).decode("utf-8", errors="replace")
         return "\n".join(text.rstrip("\n").splitlines()[-lines:])
 
-    def _master_gone(
-        self, gen: int, popen: subprocess.Popen[bytes], err: threading.Thread
-    ) -> None:
+    def _master_gone(self, gen: int, popen: subprocess.Popen[bytes], err: threading.Thread) -> None:
         try:
             rc = popen.wait(5)
         except subprocess.TimeoutExpired:
@@ -309,9 +319,18 @@ class LocalBackend:
         events: list[Any] = [MasterEvent("lost", popen.pid, now, rc, sig, tail, what)]
         for a in started:
             events.append(
-                _wire.Lost(a.attempt, "runtime_lost",
-                           f"{what} while task {a.key!r} was running{detail}",
-                           "master", popen.pid, rc, sig, tail, None, now)
+                _wire.Lost(
+                    a.attempt,
+                    "runtime_lost",
+                    f"{what} while task {a.key!r} was running{detail}",
+                    "master",
+                    popen.pid,
+                    rc,
+                    sig,
+                    tail,
+                    None,
+                    now,
+                )
             )
         if can_restart:
             self._emit(events)
@@ -321,8 +340,10 @@ class LocalBackend:
             self._dead = True
         self._ready_event.set()
         if was_ready and self.max_restarts > 0:
-            why = f"{what}; it was restarted {self._restarts} times (max_master_restarts=" \
-                  f"{self.max_restarts}), so no more restarts"
+            why = (
+                f"{what}; it was restarted {self._restarts} times (max_master_restarts="
+                f"{self.max_restarts}), so no more restarts"
+            )
         elif was_ready:
             why = f"{what}; max_master_restarts=0, so it is not restarted"
         else:
@@ -350,10 +371,9 @@ class LocalBackend:
                 ch = self._ch
             if ch is None:
                 continue
-            try:
+            # master gone: _master_gone resends what it had not started
+            with contextlib.suppress(OSError):
                 ch.send(msgs)
-            except OSError:
-                pass  # master gone: _master_gone resends what it had not started
 
     def _monitor(self) -> None:
         stopped_since: float | None = None
@@ -366,10 +386,7 @@ class LocalBackend:
                 continue
             now = time.monotonic()
             sample = proc_sample(popen.pid)
-            if sample and sample[0] in ("T", "t"):
-                stopped_since = stopped_since or now
-            else:
-                stopped_since = None
+            stopped_since = stopped_since or now if sample and sample[0] in ("T", "t") else None
             limit = self.hb_timeout if ready else self.start_timeout
             if (stopped_since is not None and now - stopped_since >= self.hb_interval) or (
                 now - last > limit

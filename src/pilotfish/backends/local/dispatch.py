@@ -275,8 +275,16 @@ class Dispatcher:
             if not self.stopping:
                 out.append(self._new_slot(now))
             return out
-        self._lose(s, now, "worker_lost", f"worker {name} (pid {s.pid}) {how}", out,
-                   returncode=returncode, sig=sig, stderr_tail=stderr_tail)
+        self._lose(
+            s,
+            now,
+            "worker_lost",
+            f"worker {name} (pid {s.pid}) {how}",
+            out,
+            returncode=returncode,
+            sig=sig,
+            stderr_tail=stderr_tail,
+        )
         return out
 
     def _lose(
@@ -293,6 +301,9 @@ class Dispatcher:
     ) -> None:
         """Report exactly the attempt the worker was running; requeue the rest unblamed."""
         held = tuple(s.held)
+        if s.pgids:  # programs it started must not outlive it
+            out.append(Kill(s.name, tuple(s.pgids.values())))
+            s.pgids.clear()
         s.state = "lost"
         out.append(
             ToClient(WorkerEvent("lost", s.name, s.pid, now, returncode, sig, held[:1], why))
@@ -312,8 +323,18 @@ class Dispatcher:
                 msg += f"; last lines of its stderr:\n{stderr_tail}"
             out.append(
                 ToClient(
-                    Lost(running, category, msg, s.name, s.pid, returncode, sig,
-                         stderr_tail, s.since, now)
+                    Lost(
+                        running,
+                        category,
+                        msg,
+                        s.name,
+                        s.pid,
+                        returncode,
+                        sig,
+                        stderr_tail,
+                        s.since,
+                        now,
+                    )
                 )
             )
             for aid in reversed(held[1:]):
@@ -362,7 +383,9 @@ class Dispatcher:
                 if a.timeout is not None and now >= s.since + a.timeout:
                     self._kill(s, out)
                     self._lose(
-                        s, now, "timeout",
+                        s,
+                        now,
+                        "timeout",
                         f"task {a.key!r} exceeded its timeout of {a.timeout:g} s "
                         f"(ran {now - s.since:.2f} s); pilotfish stopped it by killing "
                         f"worker {s.name} (pid {s.pid}), which is replaced",
@@ -377,8 +400,14 @@ class Dispatcher:
                 if s.stopped_since is None:
                     s.stopped_since = now
                 elif now - s.stopped_since >= self.hb_interval:
-                    self._hung(s, now, f"is stopped (kernel state {st!r}: SIGSTOP or a "
-                               f"debugger) for {now - s.stopped_since:.1f} s", stderr_tails, out)
+                    self._hung(
+                        s,
+                        now,
+                        f"is stopped (kernel state {st!r}: SIGSTOP or a "
+                        f"debugger) for {now - s.stopped_since:.1f} s",
+                        stderr_tails,
+                        out,
+                    )
                     continue
             else:
                 s.stopped_since = None
@@ -386,17 +415,27 @@ class Dispatcher:
                 s.cpu, s.cpu_at = cpu, now
             silent = now - s.last_hb
             if silent > self.hb_timeout and now - s.cpu_at > self.hb_timeout:
-                self._hung(s, now, f"sent no heartbeat and used no CPU for {silent:.1f} s "
-                           f"(heartbeat_timeout={self.hb_timeout:g})", stderr_tails, out)
+                self._hung(
+                    s,
+                    now,
+                    f"sent no heartbeat and used no CPU for {silent:.1f} s "
+                    f"(heartbeat_timeout={self.hb_timeout:g})",
+                    stderr_tails,
+                    out,
+                )
         return out
 
-    def _hung(
-        self, s: Slot, now: float, why: str, tails: dict[str, str], out: list[Cmd]
-    ) -> None:
+    def _hung(self, s: Slot, now: float, why: str, tails: dict[str, str], out: list[Cmd]) -> None:
         self._kill(s, out)
-        self._lose(s, now, "worker_lost",
-                   f"worker {s.name} (pid {s.pid}) {why}; declared hung and killed", out,
-                   sig="SIGKILL", stderr_tail=tails.get(s.name, ""))
+        self._lose(
+            s,
+            now,
+            "worker_lost",
+            f"worker {s.name} (pid {s.pid}) {why}; declared hung and killed",
+            out,
+            sig="SIGKILL",
+            stderr_tail=tails.get(s.name, ""),
+        )
 
     def shutdown(self) -> list[Cmd]:
         from ..._wire import Shutdown

@@ -103,10 +103,8 @@ class Master:
             elif isinstance(c, SendWorker):
                 p = self.procs.get(c.name)
                 if p is not None and not p.closed:
-                    try:
+                    with contextlib.suppress(OSError):  # it died; its pidfd will tell
                         p.ch.send(c.msgs)
-                    except OSError:
-                        pass  # it died; its pidfd will tell
             elif isinstance(c, Spawn):
                 self.spawn(c.name)
             elif isinstance(c, Kill):
@@ -231,8 +229,12 @@ class Master:
         now = time.time()
         self.run_cmds(self.disp.start(now))
         self.outbox.append(
-            _wire.Hello(os.getpid(), _wire.host_name(), "master",
-                        tuple(p.popen.pid for p in self.procs.values()))
+            _wire.Hello(
+                os.getpid(),
+                _wire.host_name(),
+                "master",
+                tuple(p.popen.pid for p in self.procs.values()),
+            )
         )
         self.flush()
         interval = self.cfg.heartbeat_interval

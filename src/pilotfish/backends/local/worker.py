@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import pickle
 import queue
 import signal
 import sys
@@ -98,13 +99,14 @@ class Worker:
         return _wire.Result(m.attempt, ok, data, self.name, os.getpid(), started, time.time())
 
     def _fail(self, env: Envelope) -> tuple[bool, bytes]:
-        return False, _wire.pickle.dumps(env, _wire.PROTOCOL)
+        return False, pickle.dumps(env, _wire.PROTOCOL)
 
     def _run(self, m: RunAttempt) -> tuple[bool, bytes]:
         if m.kind == "command":
             from .command_runner import run_command_attempt
 
-            return run_command_attempt(self, m)
+            result: tuple[bool, bytes] = run_command_attempt(self, m)
+            return result
         try:
             fn, args, kwargs = _wire.loads_call(m.payload, m.deps)
         except ImportError as e:
@@ -119,16 +121,16 @@ class Worker:
                     ),
                 )
             )
-        except BaseException as e:  # noqa: BLE001 - report everything, never die
+        except BaseException as e:
             return self._fail(_wire.envelope_for(e, "user_error"))
         try:
             value = fn(*args, **kwargs)
-        except BaseException as e:  # noqa: BLE001 - SystemExit in a task is the task's error
+        except BaseException as e:
             return self._fail(_wire.envelope_for(e, "user_error", skip_frames=1))
         del fn, args, kwargs
         try:
             return True, _wire.dumps_value(value)
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:
             return self._fail(
                 _wire.envelope_for(
                     e,
