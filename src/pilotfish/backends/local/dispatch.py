@@ -354,6 +354,7 @@ class Dispatcher:
 
     def _kill(self, s: Slot, out: list[Cmd]) -> None:
         out.append(Kill(s.name, tuple(s.pgids.values())))
+        s.pgids.clear()
 
     # ------------------------------------------------------------------ time
     def next_deadline(self) -> float | None:

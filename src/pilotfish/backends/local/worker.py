@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import pickle
 import queue
 import signal
 import sys
@@ -28,7 +27,8 @@ import time
 from typing import Any
 
 from ... import _wire
-from ..._wire import Channel, Envelope, RunAttempt
+from ..._wire import Channel, RunAttempt
+from ..execute import run_attempt
 
 _EXIT_PARENT_GONE = 70
 
@@ -94,53 +94,12 @@ class Worker:
                 os._exit(0)
 
     def execute(self, m: RunAttempt) -> _wire.Result:
-        started = time.time()
-        ok, data = self._run(m)
-        return _wire.Result(m.attempt, ok, data, self.name, os.getpid(), started, time.time())
+        def on_group(pgid: int) -> None:
+            self.ch.send([_wire.CommandGroup(m.attempt, pgid)])
 
-    def _fail(self, env: Envelope) -> tuple[bool, bytes]:
-        return False, pickle.dumps(env, _wire.PROTOCOL)
-
-    def _run(self, m: RunAttempt) -> tuple[bool, bytes]:
-        if m.kind == "command":
-            from .command_runner import run_command_attempt
-
-            result: tuple[bool, bytes] = run_command_attempt(self, m)
-            return result
-        try:
-            fn, args, kwargs = _wire.loads_call(m.payload, m.deps)
-        except ImportError as e:
-            return self._fail(
-                _wire.envelope_for(
-                    e,
-                    "environment",
-                    message=(
-                        f"task {m.key!r} cannot be loaded on worker {self.name} at host "
-                        f"{self.host}: {type(e).__name__}: {e}. Python {sys.executable}; "
-                        f"sys.path searched: {sys.path}"
-                    ),
-                )
-            )
-        except BaseException as e:
-            return self._fail(_wire.envelope_for(e, "user_error"))
-        try:
-            value = fn(*args, **kwargs)
-        except BaseException as e:
-            return self._fail(_wire.envelope_for(e, "user_error", skip_frames=1))
-        del fn, args, kwargs
-        try:
-            return True, _wire.dumps_value(value)
-        except BaseException as e:
-            return self._fail(
-                _wire.envelope_for(
-                    e,
-                    "user_error",
-                    message=(
-                        f"the result of task {m.key!r} could not be pickled "
-                        f"({type(value).__name__}): {type(e).__name__}: {e}"
-                    ),
-                )
-            )
+        return run_attempt(
+            m, worker=self.name, host=self.host, rundir=self.cfg.rundir, on_group=on_group
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,14 +20,12 @@ import os
 import pickle
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ... import _wire
-from ...commands import STDERR_NAME, STDOUT_NAME, CommandResult, CommandSpec, run_command
-
-if TYPE_CHECKING:
-    from .worker import Worker
+from .. import _wire
+from ..commands import STDERR_NAME, STDOUT_NAME, CommandResult, CommandSpec, run_command
 
 _CATEGORY = {
     "failed": "command_failed",
@@ -76,23 +74,22 @@ def _safe(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]", "_", key)[:120]
 
 
-def run_command_attempt(worker: Worker, m: _wire.RunAttempt) -> tuple[bool, bytes]:
+def run_command_attempt(
+    m: _wire.RunAttempt, rundir: str, on_group: Callable[[int], None] | None = None
+) -> tuple[bool, bytes]:
     try:
         template = _wire.loads_call(m.payload, m.deps)
         spec = resolve(template)
     except BaseException as e:
         env = _wire.envelope_for(e, "user_error")
         return False, pickle.dumps(env, _wire.PROTOCOL)
-    root = Path(worker.cfg.rundir) / "sandboxes"
+    root = Path(rundir) / "sandboxes"
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     box = root / f"{_safe(m.key)}.a{m.attempt}"
 
-    def on_start(pgid: int) -> None:
-        worker.ch.send([_wire.CommandGroup(m.attempt, pgid)])
-
-    out = run_command(spec, box, on_start=on_start)
+    out = run_command(spec, box, on_start=on_group)
     if out.kind == "ok":
-        return True, _wire.dumps_value(_result(worker, m, template, out))
+        return True, _wire.dumps_value(_result(rundir, m, template, out))
     category = _CATEGORY[out.kind]
     extra = {
         "returncode": out.returncode,
@@ -109,15 +106,13 @@ def run_command_attempt(worker: Worker, m: _wire.RunAttempt) -> tuple[bool, byte
     return False, pickle.dumps(env, _wire.PROTOCOL)
 
 
-def _result(
-    worker: Worker, m: _wire.RunAttempt, template: dict[str, Any], out: Any
-) -> CommandResult:
+def _result(rundir: str, m: _wire.RunAttempt, template: dict[str, Any], out: Any) -> CommandResult:
     box = Path(out.sandbox)
     stdout, stderr = box / STDOUT_NAME, box / STDERR_NAME
     outputs = {k: Path(v) for k, v in out.outputs.items()}
     if template["keep_sandboxes"] == "all":
         return CommandResult(0, stdout, stderr, outputs, box, out.host, out.elapsed)
-    dest = Path(worker.cfg.rundir) / "results" / _safe(m.key)
+    dest = Path(rundir) / "results" / _safe(m.key)
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(mode=0o700, parents=True)

@@ -1,0 +1,81 @@
+"""Run one attempt wherever a backend puts it: the code every worker shares.
+
+``run_attempt`` turns a :class:`~pilotfish._wire.RunAttempt` into a
+:class:`~pilotfish._wire.Result` and never raises: user exceptions, results
+that cannot be pickled, calls that cannot be loaded (a module missing on the
+worker) and program failures all become an ``Envelope`` in the result. The
+local worker and the Dask backend both call it, so a task behaves the same
+on every backend.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+import time
+from collections.abc import Callable
+
+from .. import _wire
+from .._wire import Envelope, Result, RunAttempt
+
+
+def _fail(env: Envelope) -> tuple[bool, bytes]:
+    return False, pickle.dumps(env, _wire.PROTOCOL)
+
+
+def _run(
+    m: RunAttempt, worker: str, host: str, rundir: str, on_group: Callable[[int], None] | None
+) -> tuple[bool, bytes]:
+    if m.kind == "command":
+        from .command_runner import run_command_attempt
+
+        return run_command_attempt(m, rundir, on_group)
+    try:
+        fn, args, kwargs = _wire.loads_call(m.payload, m.deps)
+    except ImportError as e:
+        return _fail(
+            _wire.envelope_for(
+                e,
+                "environment",
+                message=(
+                    f"task {m.key!r} cannot be loaded on worker {worker} at host "
+                    f"{host}: {type(e).__name__}: {e}. Python {sys.executable}; "
+                    f"sys.path searched: {sys.path}"
+                ),
+            )
+        )
+    except BaseException as e:
+        return _fail(_wire.envelope_for(e, "user_error"))
+    try:
+        value = fn(*args, **kwargs)
+    except BaseException as e:
+        return _fail(_wire.envelope_for(e, "user_error", skip_frames=1))
+    del fn, args, kwargs
+    try:
+        return True, _wire.dumps_value(value)
+    except BaseException as e:
+        return _fail(
+            _wire.envelope_for(
+                e,
+                "user_error",
+                message=(
+                    f"the result of task {m.key!r} could not be pickled "
+                    f"({type(value).__name__}): {type(e).__name__}: {e}"
+                ),
+            )
+        )
+
+
+def run_attempt(
+    m: RunAttempt,
+    *,
+    worker: str,
+    host: str,
+    rundir: str,
+    on_group: Callable[[int], None] | None = None,
+) -> Result:
+    """Run ``m`` here and now; ``on_group(pgid)`` is told of a program's process group."""
+    started = time.time()
+    ok, data = _run(m, worker, host, rundir, on_group)
+    return Result(m.attempt, ok, data, worker, os.getpid(), started, time.time(), host)
