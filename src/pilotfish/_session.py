@@ -37,11 +37,13 @@ from .errors import (
     EXCEPTION_FOR,
     Category,
     DependencyFailed,
+    EnvironmentMismatch,
     FailureRecord,
     InvalidTask,
     PilotfishError,
     RemoteError,
 )
+from .journal import Journal
 
 log = logging.getLogger("pilotfish")
 
@@ -168,6 +170,9 @@ class _Actions:
 
 
 _live_sessions: weakref.WeakSet[Session] = weakref.WeakSet()
+#: listeners added to every Session created in this process (used by `pilotfish run`)
+_global_listeners: list[Callable[[Any], None]] = []
+_session_hooks: list[Callable[[Session], None]] = []
 
 
 @atexit.register
@@ -202,6 +207,8 @@ class Session(cf.Executor):
         heartbeat_interval: float = 1.0,
         heartbeat_timeout: float = 10.0,
         max_master_restarts: int = 3,
+        journal: str | os.PathLike[str] | bool | None = True,
+        resume: bool | None = None,
         keep_sandboxes: str = "failed",
         backoff: Backoff | None = None,
         clock: Callable[[], float] = time.time,
@@ -210,6 +217,11 @@ class Session(cf.Executor):
     ) -> None:
         import random
 
+        if isinstance(backend, str) and backend not in ("local", "dask"):
+            raise InvalidTask(
+                f"unknown backend {backend!r}; available: 'local', 'dask' "
+                "(or pass a backend object)"
+            )
         _check_session_args(
             workers, poison_after, heartbeat_interval, heartbeat_timeout, max_master_restarts
         )
@@ -226,7 +238,10 @@ class Session(cf.Executor):
         self._keys: dict[str, Task] = {}
         self._dups: dict[str, int] = {}
         self._next_tid = 1
-        self._on_event = on_event
+        self._listeners: list[Callable[[Any], None]] = list(_global_listeners)
+        if on_event is not None:
+            self._listeners.append(on_event)
+        self._on_event = bool(self._listeners)
         self._on_failure = on_failure
         self._rundir = rundir
         if keep_sandboxes not in ("failed", "all"):
@@ -234,6 +249,18 @@ class Session(cf.Executor):
                 f"Session(keep_sandboxes={keep_sandboxes!r}) is invalid: give 'failed' or 'all'"
             )
         self._keep_sandboxes = keep_sandboxes
+        Path(rundir).mkdir(mode=0o700, parents=True, exist_ok=True)
+        if resume is None:  # `pilotfish resume SCRIPT` sets it for the script's sessions
+            resume = os.environ.get("PILOTFISH_RESUME") == "1"
+        self._resume = resume
+        self._journal: Journal | None = None
+        if journal is True:
+            journal = Path(rundir) / "journal.db"
+        if journal:
+            self._journal = Journal(journal)
+        elif resume:
+            raise InvalidTask("Session(resume=True) needs a journal; do not pass journal=None")
+        self._restored = 0
         self._shutdown_flag = False
         self._host = _wire.host_name()
         self._timers: list[float] = []
@@ -251,9 +278,26 @@ class Session(cf.Executor):
                     rundir=rundir,
                     **backend_options,
                 )
+            elif backend == "dask":
+                try:
+                    from .backends.dask import DaskBackend
+                except ImportError as e:
+                    raise EnvironmentMismatch(
+                        f"backend='dask' needs dask.distributed, which cannot be imported "
+                        f"({e}); install it with: pip install 'pilotfish[dask]'"
+                    ) from e
+                self._backend = DaskBackend(
+                    workers,
+                    heartbeat_interval=heartbeat_interval,
+                    heartbeat_timeout=heartbeat_timeout,
+                    max_master_restarts=max_master_restarts,
+                    rundir=rundir,
+                    **backend_options,
+                )
             else:
                 raise InvalidTask(
-                    f"unknown backend {backend!r}; available: 'local' (or pass a backend object)"
+                    f"unknown backend {backend!r}; available: 'local', 'dask' "
+                    "(or pass a backend object)"
                 )
         else:
             if backend_options:
@@ -513,19 +557,42 @@ class Session(cf.Executor):
 
     def _start(self, task: Task) -> Task:
         acts = _Actions()
+        restored = self._restore_value(task) if self._resume else None
         with self._lock:
-            cmds = self._core.handle(
-                wf.Submit(
-                    task._tid,
-                    task.key,
-                    tuple(d._tid for d in task._deps),
-                    task.options.retries,
-                    self._clock(),
+            if restored is not None:
+                task._value_bytes, task._pending_value = restored
+                task._payload = b""
+                self._restored += 1
+                cmds = self._core.handle(wf.Restore(task._tid, task.key, self._clock()))
+            else:
+                cmds = self._core.handle(
+                    wf.Submit(
+                        task._tid,
+                        task.key,
+                        tuple(d._tid for d in task._deps),
+                        task.options.retries,
+                        self._clock(),
+                    )
                 )
-            )
+                self._journal_task(task, self._core.state(task._tid).name)
             self._run(cmds, acts)
         self._finish(acts)
         return task
+
+    def _restore_value(self, task: Task) -> tuple[bytes, Any] | None:
+        """resume: the journaled value of a task already DONE with this key, if any."""
+        assert self._journal is not None
+        with self._lock:
+            data = self._journal.done_value(task.key)
+        if data is None:
+            return None
+        try:
+            return data, pickle.loads(data)
+        except Exception:
+            log.warning(
+                "pilotfish: cannot unpickle the journaled value of %s; rerunning it", task.key
+            )
+            return None
 
     def _pickle_call(
         self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -579,7 +646,7 @@ class Session(cf.Executor):
         """Execute core commands (under the lock); side effects go to ``acts``."""
         for c in cmds:
             if isinstance(c, wf.Transition):
-                if self._on_event is not None:
+                if self._on_event:
                     t = self._tasks[c.tid]
                     n = len(self._core.attempts(c.tid)) or None
                     acts.events.append(TaskEvent(t.key, t.name, c.start, c.finish, c.now, n))
@@ -600,13 +667,17 @@ class Session(cf.Executor):
                 t = self._tasks[c.tid]
                 self._by_attempt.pop(c.attempt or 0, None)
                 value, t._pending_value = t._pending_value, None
+                if c.attempt is not None:  # restored tasks are in the journal already
+                    self._journal_task(t, "DONE", value=t._value_bytes)
                 t._payload = b""  # never dispatched again
                 acts.finish.append((t, True, value))
             elif isinstance(c, wf.Reject):
                 t = self._tasks[c.tid]
                 acts.finish.append((t, False, self._exception_for(t, c.failure)))
+                self._journal_task(t, "FAILED", failure=c.failure)
             elif isinstance(c, wf.Cancelled):
                 acts.finish.append((self._tasks[c.tid], False, None))
+                self._journal_task(self._tasks[c.tid], "CANCELLED")
             elif isinstance(c, wf.CancelAttempt):
                 self._by_attempt.pop(c.attempt, None)
                 acts.cancels.append(c.attempt)
@@ -614,6 +685,18 @@ class Session(cf.Executor):
                 acts.wake = c.at if acts.wake is None else min(acts.wake, c.at)
             elif isinstance(c, wf.Dropped):
                 log.info("dropped %s event of attempt %s: %s", c.event, c.attempt, c.reason)
+
+    def _journal_task(
+        self,
+        t: Task,
+        state: str,
+        failure: FailureRecord | None = None,
+        value: bytes | None = None,
+    ) -> None:
+        if self._journal is not None:
+            self._journal.record(
+                t, state, self._core.history(t._tid), self._core.attempts(t._tid), failure, value
+            )
 
     def _finish(self, acts: _Actions) -> None:
         """Side effects of commands, outside the lock (user callbacks run here)."""
@@ -634,12 +717,13 @@ class Session(cf.Executor):
                 t._force_cancel()
             else:
                 t.set_exception(value)
-        if self._on_event is not None:
+        if acts.events:
             for e in acts.events:
-                try:
-                    self._on_event(e)
-                except Exception:
-                    log.exception("pilotfish: on_event callback raised on %r", e)
+                for listener in self._listeners:
+                    try:
+                        listener(e)
+                    except Exception:
+                        log.exception("pilotfish: on_event callback raised on %r", e)
 
     # ------------------------------------------------------------------ failures
     def _exception_for(self, t: Task, f: FailureRecord) -> BaseException:
@@ -743,6 +827,9 @@ class Session(cf.Executor):
             override = self._ask_handler(t, f, exc)
         self._by_attempt.pop(attempt, None)
         self._run(self._core.handle(wf.Failed(attempt, f, self._clock(), retry, override)), acts)
+        state = self._core.state(t._tid)
+        if not state.final:  # a retry is coming: keep the failed attempt on record now
+            self._journal_task(t, state.name)
 
     def _ask_handler(
         self, t: Task, f: FailureRecord, exc: BaseException
@@ -871,7 +958,7 @@ class Session(cf.Executor):
             exc = EXCEPTION_FOR[cat](ev.message, f)
             self._failed_attempt(t, ev.attempt, f, exc, False, acts)
         elif isinstance(ev, _wire.WorkerEvent):
-            if self._on_event is not None:
+            if self._on_event:
                 held = tuple(self._by_attempt[a].key for a in ev.held if a in self._by_attempt)
                 acts.events.append(
                     WorkerEvent(
@@ -886,7 +973,7 @@ class Session(cf.Executor):
                     )
                 )
         elif isinstance(ev, BMasterEvent):
-            if self._on_event is not None:
+            if self._on_event:
                 acts.events.append(
                     MasterEvent(ev.kind, ev.pid, ev.time, ev.returncode, ev.signal, ev.message)
                 )
@@ -920,6 +1007,14 @@ class Session(cf.Executor):
             self._closed = True
             self._timer_cv.notify_all()
         self._backend.stop()
+        if self._journal is not None:
+            counts = self._core.counts
+            status = (
+                "failed"
+                if counts[State.FAILED]
+                else ("finished" if not self._core.unfinished() else "interrupted")
+            )
+            self._journal.close(status)
         _live_sessions.discard(self)
 
 

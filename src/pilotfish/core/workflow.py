@@ -267,6 +267,10 @@ class Workflow:
     def failure(self, tid: int) -> FailureRecord | None:
         return self._tasks[tid].failure
 
+    def history(self, tid: int) -> list[tuple[float, str, str]]:
+        """(time, from, to) of every transition of the task, oldest first."""
+        return self._tasks[tid].history
+
     def key(self, tid: int) -> str:
         return self._tasks[tid].key
 
