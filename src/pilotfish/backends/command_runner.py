@@ -25,7 +25,14 @@ from pathlib import Path
 from typing import Any
 
 from .. import _wire
-from ..commands import STDERR_NAME, STDOUT_NAME, CommandResult, CommandSpec, run_command
+from ..commands import (
+    STDERR_NAME,
+    STDOUT_NAME,
+    CommandResult,
+    CommandSpec,
+    run_command,
+    tail_lines,
+)
 
 _CATEGORY = {
     "failed": "command_failed",
@@ -101,7 +108,21 @@ def run_command_attempt(
         "retry_requested": out.kind == "failed"
         and out.returncode in set(template["retry_exit_codes"]),
     }
-    msg = f"task {m.key!r}: {out.message}"
+    if out.kind == "failed":
+        how = (
+            f"was killed by signal {out.signal} ({out.returncode})"
+            if out.signal
+            else f"exited with code {out.returncode}"
+        )
+        tail = tail_lines(out.stderr_path) if out.stderr_path else ""
+        msg = (
+            f"task {m.key!r}: program {spec.argv[0]!r} {how} after {out.elapsed:.1f} s on host "
+            f"{out.host}\n  complete stderr: {out.stderr_path}\n  complete stdout: "
+            f"{out.stdout_path}\n  sandbox (kept): {out.sandbox}\n"
+            + (f"last lines of stderr:\n{tail}" if tail else "stderr is empty")
+        )
+    else:
+        msg = f"task {m.key!r}: {out.message}"
     env = _wire.Envelope(category, _TYPE[category], msg, "", None, extra)
     return False, pickle.dumps(env, _wire.PROTOCOL)
 

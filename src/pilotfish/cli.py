@@ -1,0 +1,403 @@
+"""The ``pilotfish`` command line: run and resume workflows, and read the journal.
+
+Every command that reads results works on the journal in ``./.pilotfish``
+(``--rundir`` to change it) and never writes to it. Problems (no journal, a
+foreign file, an unknown key) are reported in one clear line, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import runpy
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from rich import box
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from .journal import JournalError, JournalReader
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _journal_path(rundir: str) -> Path:
+    return Path(rundir) / "journal.db"
+
+
+def _fmt_time(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+def _fmt_dur(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    return f"{seconds / 60:.1f} min"
+
+
+# --------------------------------------------------------------------------- status
+
+
+def _short(path: str) -> str:
+    """A path relative to the current directory when it is below it."""
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return path
+
+
+def status_table(reader: JournalReader) -> Table:
+    counts = reader.counts()
+    cats = reader.failure_counts()
+    runs = reader.runs()
+    t = Table(title=f"pilotfish status — {reader.path}", box=box.SIMPLE_HEAVY)
+    t.add_column("what")
+    t.add_column("count", justify="right")
+    for state in ("DONE", "FAILED", "CANCELLED", "RUNNING", "RETRYING", "READY", "PENDING"):
+        if counts.get(state):
+            style = {"DONE": "green", "FAILED": "red", "CANCELLED": "yellow"}.get(state, "")
+            t.add_row(Text(state.lower(), style=style), str(counts[state]))
+    t.add_row("total tasks", str(sum(counts.values())), end_section=True)
+    for cat, n in sorted(cats.items()):
+        t.add_row(Text(f"failed: {cat}", style="red"), str(n))
+    if cats:
+        t.rows[-1].end_section = True
+    for r in runs:
+        wall = (r["ended"] - r["started"]) if r["ended"] else None
+        t.add_row(
+            f"run {r['id']} ({r['status']}) {_fmt_time(r['started'])}",
+            _fmt_dur(wall) if wall is not None else "not closed",
+        )
+    return t
+
+
+def failures_table(failures: list[dict[str, Any]]) -> Table:
+    t = Table(title=f"{len(failures)} failed task(s)", box=box.SIMPLE_HEAVY, show_lines=False)
+    for col in ("key", "category", "transient", "attempts", "message", "paths"):
+        t.add_column(col, overflow="fold")
+    for f in failures:
+        msg = (f.get("message") or "").strip().splitlines()
+        prefix = f"task {f.get('key')!r}: "
+        if msg and msg[0].startswith(prefix):
+            msg[0] = msg[0][len(prefix) :]
+        paths = [_short(p) for p in (f.get("sandbox"),) if p]
+        if f.get("root") and f.get("root") != f.get("key"):
+            paths.append(f"root: {f['root']}")
+        t.add_row(
+            f.get("key", ""),
+            Text(f.get("category", ""), style="red"),
+            "yes" if f.get("transient") else "no",
+            str(f.get("attempts", 0)),
+            msg[0] if msg else "",
+            "\n".join(paths),
+        )
+    return t
+
+
+def cmd_status(args: argparse.Namespace, console: Console) -> int:
+    reader = JournalReader(_journal_path(args.rundir))
+    console.print(status_table(reader))
+    return 0
+
+
+def cmd_failures(args: argparse.Namespace, console: Console) -> int:
+    reader = JournalReader(_journal_path(args.rundir))
+    failures = reader.failures()
+    if args.json:
+        print(json.dumps(failures, indent=2, default=str))
+    elif failures:
+        console.print(failures_table(failures))
+    else:
+        console.print("no failed tasks")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace, console: Console) -> int:
+    reader = JournalReader(_journal_path(args.rundir))
+    row = reader.task(args.key)
+    if row is None:
+        near = reader.find(args.key)
+        hint = f"; keys starting so: {', '.join(near)}" if near else ""
+        raise JournalError(f"no task with key {args.key!r} in {reader.path}{hint}")
+    out = Console(file=console.file, force_terminal=console.is_terminal)
+    lines: list[Any] = []
+    lines.append(Text(f"task {row['key']}", style="bold"))
+    lines.append(f"name: {row['name']}   kind: {row['kind']}   state: {row['state']}")
+    lines.append(f"submitted: {_fmt_time(row['submitted'])}   run: {row['run']}")
+    lines.append(f"options: {row['options']}")
+    lines.append(f"dependencies: {', '.join(json.loads(row['deps'] or '[]')) or '-'}")
+    at = Table(title="attempts", box=box.SIMPLE)
+    for col in ("run", "#", "worker", "host", "pid", "started", "ended", "outcome"):
+        at.add_column(col)
+    attempts = reader.attempts(row["key"])
+    for a in attempts:
+        at.add_row(
+            str(a["run"]),
+            str(a["number"]),
+            a["worker"] or "-",
+            a["host"] or "-",
+            str(a["pid"] or "-"),
+            _fmt_time(a["started"]),
+            _fmt_time(a["ended"]),
+            a["outcome"] or "-",
+        )
+    lines.append(at)
+    hist = reader.transitions(row["key"])
+    lines.append("history: " + " -> ".join(f"{b} ({_fmt_time(t)})" for _r, t, _a, b in hist if b))
+    failures = [(a["number"], a["run"], a["failure"]) for a in attempts if a.get("failure")]
+    final = json.loads(row["failure"]) if row["failure"] else None
+    if final and (not failures or final.get("message") != failures[-1][2].get("message")):
+        failures.append((None, row["run"], final))
+    for number, run, f in failures:
+        title = f"failure of attempt {number} (run {run})" if number else "final failure"
+        lines.append(Text(f"\n{title}: {f['category']}", style="bold red"))
+        lines.append(Text(f["message"]))
+        for field in (
+            "returncode",
+            "signal",
+            "worker",
+            "host",
+            "pid",
+            "sandbox",
+            "stdout_path",
+            "stderr_path",
+            "upstream",
+            "root",
+        ):
+            if f.get(field) not in (None, ""):
+                lines.append(f"  {field}: {f[field]}")
+        if f.get("traceback"):
+            lines.append(Text("traceback (complete):", style="bold"))
+            lines.append(Text(f["traceback"]))
+        if f.get("stderr_path"):
+            p = Path(f["stderr_path"])
+            lines.append(Text(f"stderr ({p}, complete):", style="bold"))
+            try:
+                lines.append(Text(p.read_bytes().decode("utf-8", errors="replace")))
+            except OSError as e:
+                lines.append(Text(f"(cannot read it here: {e}; it is on host {f.get('host')})"))
+    if row["state"] == "DONE":
+        lines.append(Text("value: stored in the journal", style="green"))
+
+    def emit() -> None:
+        for item in lines:
+            out.print(item)
+
+    if console.is_terminal and not args.no_pager:
+        with out.pager(styles=True):
+            emit()
+    else:
+        emit()
+    return 0
+
+
+# --------------------------------------------------------------------------- run
+
+
+class Progress:
+    """Live display for `pilotfish run`: counts per state, failures, workers alive."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.states: dict[str, str] = {}
+        self.failed: list[str] = []
+        self.workers: set[str] = set()
+        self.lock = threading.Lock()
+        self.live: Live | None = None
+
+    def on_event(self, e: Any) -> None:
+        from ._events import MasterEvent, TaskEvent, WorkerEvent
+
+        with self.lock:
+            if isinstance(e, TaskEvent):
+                self.states[e.key] = e.finish.name
+                if e.finish.name == "FAILED":
+                    self.failed.append(e.key)
+                    self.console.print(Text(f"failed: {e.key}", style="red"))
+            elif isinstance(e, WorkerEvent):
+                if e.kind == "started":
+                    self.workers.add(e.worker)
+                elif e.kind in ("lost", "stopped", "start_failed"):
+                    self.workers.discard(e.worker)
+                    if e.kind == "lost":
+                        self.console.print(
+                            Text(f"worker {e.worker} lost: {e.message}", style="yellow")
+                        )
+            elif isinstance(e, MasterEvent) and e.kind == "lost":
+                self.console.print(Text(f"master lost: {e.message}", style="yellow"))
+        if self.live is not None:
+            self.live.update(self.render())
+
+    def render(self) -> Table:
+        with self.lock:
+            c = Counter(self.states.values())
+            t = Table(box=box.MINIMAL, show_header=True)
+            for s in ("PENDING", "READY", "RUNNING", "RETRYING", "DONE", "FAILED", "CANCELLED"):
+                t.add_column(s.lower(), justify="right")
+            t.add_column("workers", justify="right")
+            t.add_row(
+                *[
+                    str(c.get(s, 0))
+                    for s in (
+                        "PENDING",
+                        "READY",
+                        "RUNNING",
+                        "RETRYING",
+                        "DONE",
+                        "FAILED",
+                        "CANCELLED",
+                    )
+                ],
+                str(len(self.workers)),
+            )
+            return t
+
+
+def run_script(path: str, argv: list[str], console: Console, *, resume: bool) -> int:
+    from . import _session
+
+    script = Path(path)
+    if not script.is_file():
+        raise JournalError(f"no such workflow script: {script}")
+    progress = Progress(console)
+    _session._global_listeners.append(progress.on_event)
+    old_argv, old_env = sys.argv, os.environ.get("PILOTFISH_RESUME")
+    sys.argv = [str(script), *argv]
+    if resume:
+        os.environ["PILOTFISH_RESUME"] = "1"
+    sys.path.insert(0, str(script.resolve().parent))
+    code = 0
+    try:
+        with Live(
+            progress.render(), console=console, refresh_per_second=8, transient=False
+        ) as live:
+            progress.live = live
+            try:
+                runpy.run_path(str(script), run_name="__main__")
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            live.update(progress.render())
+    finally:
+        _session._global_listeners.remove(progress.on_event)
+        sys.argv = old_argv
+        if resume:
+            if old_env is None:
+                os.environ.pop("PILOTFISH_RESUME", None)
+            else:
+                os.environ["PILOTFISH_RESUME"] = old_env
+    if progress.failed:
+        console.print(
+            Text(f"{len(progress.failed)} task(s) failed; see `pilotfish failures`", style="red")
+        )
+        return code or EXIT_FAILED
+    return code
+
+
+def cmd_run(args: argparse.Namespace, console: Console) -> int:
+    return run_script(args.script, args.args, console, resume=False)
+
+
+def cmd_resume(args: argparse.Namespace, console: Console) -> int:
+    return run_script(args.script, args.args, console, resume=True)
+
+
+def cmd_demo(args: argparse.Namespace, console: Console) -> int:
+    from .examples import demo
+
+    rundir = Path(args.rundir if args.rundir != ".pilotfish" else ".pilotfish-demo")
+    console.print(
+        Text(
+            f"pilotfish demo: an ensemble with deliberate failures, run directory {rundir}",
+            style="bold",
+        )
+    )
+    t0 = time.time()
+    demo.main(str(rundir), console)
+    reader = JournalReader(_journal_path(str(rundir)))
+    console.print(status_table(reader))
+    console.print(failures_table(reader.failures()))
+    console.print(
+        f"finished in {time.time() - t0:.1f} s. The failures above are deliberate. Try:\n"
+        f"  pilotfish --rundir {rundir} show <key>      # the complete record of one task\n"
+        f"  pilotfish --rundir {rundir} failures --json"
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pilotfish",
+        description="Run workflows and inspect their journal (failures are first-class).",
+    )
+    p.add_argument(
+        "--rundir",
+        default=".pilotfish",
+        help="run directory holding journal.db (default: ./.pilotfish)",
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--rundir",
+        default=argparse.SUPPRESS,
+        help="run directory holding journal.db (default: ./.pilotfish)",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser(
+        "run", parents=[common], help="run a workflow script with a live progress display"
+    )
+    r.add_argument("script")
+    r.add_argument("args", nargs=argparse.REMAINDER)
+    r.set_defaults(func=cmd_run)
+    r = sub.add_parser(
+        "resume", parents=[common], help="run a script again, skipping tasks already DONE"
+    )
+    r.add_argument("script")
+    r.add_argument("args", nargs=argparse.REMAINDER)
+    r.set_defaults(func=cmd_resume)
+    s = sub.add_parser(
+        "status", parents=[common], help="counts by state and failure category, runs"
+    )
+    s.set_defaults(func=cmd_status)
+    f = sub.add_parser(
+        "failures", parents=[common], help="every failed task with its category and paths"
+    )
+    f.add_argument("--json", action="store_true", help="machine-readable output")
+    f.set_defaults(func=cmd_failures)
+    sh = sub.add_parser(
+        "show", parents=[common], help="everything about one task: attempts, complete output"
+    )
+    sh.add_argument("key")
+    sh.add_argument("--no-pager", action="store_true")
+    sh.set_defaults(func=cmd_show)
+    d = sub.add_parser(
+        "demo", parents=[common], help="run a bundled example ensemble with deliberate failures"
+    )
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console()
+    try:
+        return int(args.func(args, console))
+    except JournalError as e:
+        Console(stderr=True).print(Text(f"pilotfish: {e}", style="red"))
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
