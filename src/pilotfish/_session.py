@@ -101,6 +101,7 @@ class Task(cf.Future):  # type: ignore[type-arg]
         self._declared_outputs: tuple[str, ...] = ()
         self._output_tasks: dict[str, Task] = {}
         self._cmd_timeout: float | None = None
+        self._programs: tuple[str, ...] = ()
 
     @property
     def state(self) -> State:
@@ -210,6 +211,8 @@ class Session(cf.Executor):
         journal: str | os.PathLike[str] | bool | None = True,
         resume: bool | None = None,
         keep_sandboxes: str = "failed",
+        requires: Iterable[str] = (),
+        requires_programs: Iterable[str] = (),
         backoff: Backoff | None = None,
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] | None = None,
@@ -310,8 +313,26 @@ class Session(cf.Executor):
             target=self._timer_loop, name="pilotfish-timer", daemon=True
         )
         self._timer_thread.start()
+        self._probes: dict[int, cf.Future[Any]] = {}
+        self._next_probe = -1
         self._backend.start(self._on_backend_events)
         _live_sessions.add(self)
+        modules = _str_list(requires, "requires")
+        programs = _str_list(requires_programs, "requires_programs")
+        if modules or programs:
+            try:
+                checks = self.preflight(modules, programs)
+            except BaseException:
+                self._close()
+                raise
+            bad = [c for c in checks if not c.ok]
+            if bad:
+                self._close()
+                lines = "\n".join(f"  - {c.message()}" for c in bad)
+                raise EnvironmentMismatch(
+                    f"Session(requires=...): {len(bad)} pre-flight check(s) failed on the "
+                    f"workers; nothing was submitted:\n{lines}"
+                )
 
     # ------------------------------------------------------------------ public
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Task:
@@ -339,6 +360,8 @@ class Session(cf.Executor):
         name: str | None = None,
         key: str | None = None,
         keep_sandboxes: str | None = None,
+        requires_programs: Iterable[str] = (),
+        requires: Iterable[str] = (),
     ) -> Task:
         """Run a program in its own sandbox; the Task's value is a :class:`CommandResult`.
 
@@ -348,8 +371,12 @@ class Session(cf.Executor):
         listed in ``retry_exit_codes``; any other non-zero exit is permanent.
         ``keep_sandboxes`` (default: the session's) is ``"failed"`` (successful
         sandboxes are removed after moving outputs to ``rundir/results/KEY``) or
-        ``"all"``. Failed attempts' sandboxes are always kept.
+        ``"all"``. Failed attempts' sandboxes are always kept. ``requires_programs``
+        (programs that must be on the worker's PATH) and ``requires`` (Python modules)
+        are checked on the worker first: a failed check is ENVIRONMENT, not retried.
         """
+        programs = _str_list(requires_programs, "requires_programs")
+        modules = _str_list(requires, "requires")
         template, opts, shown = self._command_template(
             argv,
             inputs,
@@ -378,6 +405,9 @@ class Session(cf.Executor):
         )
         task._declared_outputs = tuple(template["outputs"])
         task._cmd_timeout = timeout
+        task._programs = programs
+        if modules:
+            task.options = task.options.merged(requires=modules)
         return self._start(task)
 
     def _command_template(
@@ -453,6 +483,50 @@ class Session(cf.Executor):
             "keep_sandboxes": keep,
         }
         return template, opts, shown
+
+    def preflight(
+        self,
+        requires: Iterable[str] = (),
+        programs: Iterable[str] = (),
+        timeout: float = 120.0,
+    ) -> list[Any]:
+        """Run the pre-flight checks on a worker and return every check (passed or not):
+        Python, pilotfish and cloudpickle versions, sandbox root, disk space, and the given
+        module requirements and programs. Used by ``Session(requires=...)`` and
+        ``pilotfish check``."""
+        from . import preflight as pf
+
+        fut: cf.Future[Any] = cf.Future()
+        with self._lock:
+            aid = self._next_probe
+            self._next_probe -= 1
+            self._probes[aid] = fut
+        payload = _wire.dumps_call(
+            (
+                pf.session_checks,
+                (
+                    pf.client_versions(),
+                    str(Path(self._rundir).resolve()),
+                    list(requires),
+                    list(programs),
+                ),
+                {},
+            ),
+            lambda _obj: None,
+        )
+        self._backend.submit(
+            [_wire.RunAttempt(aid, "pilotfish-preflight", "call", payload, (), timeout)]
+        )
+        try:
+            ok, data = fut.result(timeout)
+        except cf.TimeoutError:
+            raise EnvironmentMismatch(
+                f"pre-flight checks got no answer from any worker within {timeout:g} s"
+            ) from None
+        if not ok:
+            raise EnvironmentMismatch(f"pre-flight checks could not run on a worker: {data}")
+        checks: list[Any] = pickle.loads(data)
+        return checks
 
     def processes(self) -> dict[str, Any]:
         """``{"master": pid, "workers": [pids]}`` (diagnostics)."""
@@ -661,6 +735,8 @@ class Session(cf.Executor):
                         t._payload,
                         tuple(d._value_bytes or b"" for d in t._deps),
                         t.options.timeout if t._kind == "call" else _backstop(t._cmd_timeout),
+                        t.options.requires,
+                        t._programs,
                     )
                 )
             elif isinstance(c, wf.Resolve):
@@ -892,6 +968,17 @@ class Session(cf.Executor):
     def _on_backend_event(self, ev: Any, acts: _Actions) -> None:
         from .backends.base import MasterEvent as BMasterEvent
 
+        if isinstance(ev, _wire.Result | _wire.Lost) and ev.attempt < 0:
+            probe = self._probes.pop(ev.attempt, None)
+            if probe is not None and not probe.done():
+                if isinstance(ev, _wire.Lost):
+                    probe.set_result((False, ev.message))
+                elif ev.ok:
+                    probe.set_result((True, ev.data))
+                else:
+                    env = pickle.loads(ev.data)
+                    probe.set_result((False, f"{env.type_name}: {env.message}\n{env.traceback}"))
+            return
         if isinstance(ev, _wire.Result):
             tid = self._core.owner(ev.attempt)
             if tid is None:
@@ -929,7 +1016,7 @@ class Session(cf.Executor):
             else:
                 f, exc, retry = self._user_failure(t, ev)
                 self._failed_attempt(t, ev.attempt, f, exc, retry, acts)
-        elif isinstance(ev, _wire.Started):
+        elif isinstance(ev, _wire.Started) and ev.attempt > 0:
             self._run(
                 self._core.handle(
                     wf.Started(ev.attempt, ev.time, ev.worker, ev.host or self._host, ev.pid)
@@ -978,6 +1065,10 @@ class Session(cf.Executor):
                     MasterEvent(ev.kind, ev.pid, ev.time, ev.returncode, ev.signal, ev.message)
                 )
         elif isinstance(ev, _wire.Fatal):
+            for probe in self._probes.values():
+                if not probe.done():
+                    probe.set_result((False, ev.message))
+            self._probes.clear()
             cat = Category(ev.category)
             self._run(self._core.handle(wf.Abort(cat, ev.message, self._clock())), acts)
 
@@ -1016,6 +1107,12 @@ class Session(cf.Executor):
             )
             self._journal.close(status)
         _live_sessions.discard(self)
+
+
+def _str_list(items: Iterable[str], what: str) -> tuple[str, ...]:
+    if isinstance(items, str) or not all(isinstance(x, str) and x.strip() for x in items):
+        raise InvalidTask(f"{what}={items!r} must be a list of non-empty strings")
+    return tuple(items)
 
 
 def _backstop(timeout: float | None) -> float | None:

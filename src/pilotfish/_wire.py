@@ -57,6 +57,7 @@ class Config(NamedTuple):
     rundir: str
     prefetch: int
     name: str = ""
+    versions: dict[str, str] | None = None  # the client's, for the workers' pre-flight
 
 
 class RunAttempt(NamedTuple):
@@ -66,6 +67,14 @@ class RunAttempt(NamedTuple):
     payload: bytes
     deps: tuple[bytes, ...]
     timeout: float | None
+    requires: tuple[str, ...] = ()  # modules with version specifiers, checked first
+    programs: tuple[str, ...] = ()  # programs that must be on PATH
+
+
+class PreflightFailed(NamedTuple):
+    """A worker's start-up checks failed; it will not take attempts."""
+
+    problems: tuple[str, ...]
 
 
 class CancelAttempt(NamedTuple):

@@ -312,6 +312,41 @@ def cmd_resume(args: argparse.Namespace, console: Console) -> int:
     return run_script(args.script, args.args, console, resume=True)
 
 
+def cmd_check(args: argparse.Namespace, console: Console) -> int:
+    from . import Session
+    from .errors import PilotfishError
+
+    try:
+        with Session(
+            workers=1,
+            backend=args.backend,
+            rundir=args.rundir,
+            journal=None,
+            **({"address": args.address} if args.address else {}),
+        ) as s:
+            checks = s.preflight(args.requires, args.program)
+    except PilotfishError as e:
+        Console(stderr=True).print(Text(f"pilotfish check: {e}", style="red"))
+        return EXIT_FAILED
+    t = Table(title=f"pre-flight checks ({args.backend} backend)", box=box.SIMPLE_HEAVY)
+    for col in ("check", "result", "found", "fix"):
+        t.add_column(col, overflow="fold")
+    for c in checks:
+        t.add_row(
+            c.name,
+            Text("ok", style="green") if c.ok else Text("FAILED", style="red"),
+            c.found,
+            "" if c.ok else c.hint,
+        )
+    console.print(t)
+    bad = sum(not c.ok for c in checks)
+    if bad:
+        console.print(Text(f"{bad} check(s) failed", style="red"))
+        return EXIT_FAILED
+    console.print(Text("all checks passed", style="green"))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, console: Console) -> int:
     from .examples import demo
 
@@ -382,6 +417,26 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("key")
     sh.add_argument("--no-pager", action="store_true")
     sh.set_defaults(func=cmd_show)
+    c = sub.add_parser(
+        "check", parents=[common], help="pre-flight checks of the worker environment"
+    )
+    c.add_argument("--backend", default="local", choices=["local", "dask"])
+    c.add_argument("--address", help="Dask scheduler address (with --backend dask)")
+    c.add_argument(
+        "--requires",
+        action="append",
+        default=[],
+        metavar="REQ",
+        help="a module requirement such as 'numpy>=1.26' (repeatable)",
+    )
+    c.add_argument(
+        "--program",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a program that must be on the workers' PATH (repeatable)",
+    )
+    c.set_defaults(func=cmd_check)
     d = sub.add_parser(
         "demo", parents=[common], help="run a bundled example ensemble with deliberate failures"
     )

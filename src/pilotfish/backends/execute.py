@@ -27,6 +27,23 @@ def _fail(env: Envelope) -> tuple[bool, bytes]:
 def _run(
     m: RunAttempt, worker: str, host: str, rundir: str, on_group: Callable[[int], None] | None
 ) -> tuple[bool, bytes]:
+    if m.requires or m.programs:
+        from ..preflight import requirement_checks
+
+        failed = [c for c in requirement_checks(m.requires, m.programs) if not c.ok]
+        if failed:
+            lines = "\n".join(f"  - {c.message()}" for c in failed)
+            return _fail(
+                Envelope(
+                    "environment",
+                    "pilotfish.EnvironmentMismatch",
+                    f"task {m.key!r} cannot run on worker {worker}: its requirements are "
+                    f"not met (Python {sys.executable}):\n{lines}",
+                    "",
+                    None,
+                    {"host": host},
+                )
+            )
     if m.kind == "command":
         from .command_runner import run_command_attempt
 

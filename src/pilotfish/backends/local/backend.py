@@ -32,6 +32,7 @@ from typing import Any
 
 from ... import _wire
 from ..._wire import Channel, RunAttempt
+from ...preflight import client_versions
 from ..base import MasterEvent, Sink
 from .dispatch import describe_exit
 from .master import proc_sample
@@ -157,6 +158,7 @@ class LocalBackend:
             worker_python=self.worker_python,
             rundir=str(Path(self.rundir).resolve()),
             prefetch=self.prefetch,
+            versions=client_versions(),
         )
         try:
             popen = subprocess.Popen(

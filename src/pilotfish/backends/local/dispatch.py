@@ -196,6 +196,18 @@ class Dispatcher:
         self._assign(now, out)
         return out
 
+    def on_preflight_failed(self, name: str, problems: tuple[str, ...], now: float) -> list[Cmd]:
+        """The worker's environment cannot run anything: fail everything, clearly, at once
+        (all local workers share one environment, so starting more would not help)."""
+        s = self.slots[name]
+        s.state = "stopping"
+        self.fatal = True
+        lines = "\n".join(f"  - {p}" for p in problems)
+        return [
+            ToClient(WorkerEvent("start_failed", name, s.pid, now, message="pre-flight failed")),
+            ToClient(_fatal("environment", f"pre-flight checks failed on worker {name}:\n{lines}")),
+        ]
+
     def on_heartbeat(self, name: str, now: float) -> None:
         s = self.slots.get(name)
         if s is not None:

@@ -179,6 +179,9 @@ class Master:
                 self.disp.on_command_group(p.name, m.attempt, m.pgid)
             elif isinstance(m, _wire.Goodbye):
                 p.goodbye = True
+            elif isinstance(m, _wire.PreflightFailed):
+                p.goodbye = True  # it exits on purpose
+                self.run_cmds(self.disp.on_preflight_failed(p.name, m.problems, now))
 
     def read_stderr(self, p: _Proc) -> None:
         assert p.popen.stderr is not None

@@ -78,6 +78,13 @@ class Worker:
     def run(self) -> None:
         threading.Thread(target=self._reader, name="pilotfish-reader", daemon=True).start()
         threading.Thread(target=self._heartbeat, name="pilotfish-heartbeat", daemon=True).start()
+        from ...preflight import worker_checks
+
+        checks = worker_checks(self.cfg.versions or {}, self.cfg.rundir)
+        problems = tuple(c.message() for c in checks if not c.ok)
+        if problems:
+            self.ch.send([_wire.PreflightFailed(problems)])
+            os._exit(0)
         self.ch.send([_wire.Hello(os.getpid(), self.host, self.name)])
         while True:
             msg = self.inbox.get()

@@ -1,0 +1,239 @@
+"""Pre-flight checks: find an incompatible worker environment before work is sent to it.
+
+Run on workers (every backend), never trusted from the client's point of view:
+
+* ``worker_checks`` when a worker starts, before it accepts any attempt: Python
+  version, pilotfish version (major.minor must match the client's),
+  cloudpickle (major must match), writable sandbox root, free disk space;
+* ``requirement_checks`` for task requirements: modules with version
+  specifiers (``"numpy>=1.26"``, checked with :mod:`packaging`) and programs
+  (found on ``PATH`` and executable). Results are cached per worker.
+
+Each check is a :class:`Check` (name, ok, found, hint); a failed check's message
+names what was required, what was found (version or absence), the host, the
+Python executable and the ``sys.path``/``PATH`` searched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.version import InvalidVersion, Version
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Check:
+    name: str
+    ok: bool
+    found: str
+    hint: str = ""
+    host: str = ""
+
+    def message(self) -> str:
+        where = f" on host {self.host}" if self.host else ""
+        text = f"{self.name}{where}: found {self.found}"
+        return text + (f"; {self.hint}" if self.hint and not self.ok else "")
+
+
+def _host() -> str:
+    return os.uname().nodename
+
+
+def _version_info() -> tuple[str, str]:
+    import cloudpickle
+
+    from . import __version__
+
+    return __version__, cloudpickle.__version__
+
+
+def client_versions() -> dict[str, str]:
+    """What the client runs, to compare on workers."""
+    pf, cp = _version_info()
+    return {
+        "python": ".".join(map(str, sys.version_info[:3])),
+        "pilotfish": pf,
+        "cloudpickle": cp,
+    }
+
+
+def _major_minor(v: str) -> tuple[int, ...]:
+    try:
+        return Version(v).release[:2]
+    except InvalidVersion:
+        return ()
+
+
+def worker_checks(
+    client: dict[str, str], rundir: str, min_free_bytes: int = 100 * 2**20
+) -> list[Check]:
+    """The start-up checks of one worker; compare with the client's ``client_versions()``."""
+    host = _host()
+    mine = client_versions()
+    out: list[Check] = []
+    py_ok = mine["python"].split(".")[:2] == client.get("python", mine["python"]).split(".")[:2]
+    out.append(
+        Check(
+            f"python {client.get('python')} (as the client)",
+            py_ok,
+            f"python {mine['python']} at {sys.executable}",
+            "run workers with the client's Python minor version (cloudpickle payloads are "
+            "tied to it): set python=/path/to/python",
+            host,
+        )
+    )
+    pf_ok = _major_minor(mine["pilotfish"]) == _major_minor(client.get("pilotfish", ""))
+    out.append(
+        Check(
+            f"pilotfish {client.get('pilotfish')} (major.minor as the client)",
+            pf_ok,
+            f"pilotfish {mine['pilotfish']}",
+            "install the same pilotfish version on the workers",
+            host,
+        )
+    )
+    cp_ok = Version(mine["cloudpickle"]).major == Version(client.get("cloudpickle", "0")).major
+    out.append(
+        Check(
+            f"cloudpickle {client.get('cloudpickle')} (same major)",
+            cp_ok,
+            f"cloudpickle {mine['cloudpickle']}",
+            "install the client's cloudpickle major version on the workers",
+            host,
+        )
+    )
+    root = Path(rundir) / "sandboxes"
+    try:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".preflight-"):
+            pass
+        out.append(Check(f"sandbox root {root} writable", True, "writable", "", host))
+    except OSError as e:
+        out.append(
+            Check(
+                f"sandbox root {root} writable",
+                False,
+                f"not writable ({e.strerror or e})",
+                "choose a rundir on a filesystem this worker can write (Session(rundir=...))",
+                host,
+            )
+        )
+    try:
+        free = shutil.disk_usage(root if root.is_dir() else Path(rundir).parent).free
+        out.append(
+            Check(
+                f"free disk space >= {min_free_bytes / 2**20:.0f} MiB",
+                free >= min_free_bytes,
+                f"{free / 2**20:.0f} MiB free",
+                "free some space or choose another rundir",
+                host,
+            )
+        )
+    except OSError as e:
+        out.append(Check("free disk space", False, f"unknown ({e})", "", host))
+    return out
+
+
+_cache: dict[str, Check] = {}
+
+
+def _check_module(spec: str) -> Check:
+    host = _host()
+    try:
+        req = Requirement(spec)
+    except InvalidRequirement as e:
+        return Check(
+            f"requirement {spec!r}",
+            False,
+            f"an invalid requirement ({e})",
+            "write it like 'numpy>=1.26'",
+            host,
+        )
+    version: str | None = None
+    try:
+        version = importlib.metadata.version(req.name)
+    except importlib.metadata.PackageNotFoundError:
+        modname = req.name.replace("-", "_")
+        if importlib.util.find_spec(modname) is None:
+            return Check(
+                f"module {spec}",
+                False,
+                f"nothing: {req.name!r} is not installed for {sys.executable} "
+                f"(sys.path searched: {sys.path})",
+                f"install it on the workers: pip install '{spec}'",
+                host,
+            )
+        if req.specifier:
+            mod = importlib.import_module(modname)
+            version = getattr(mod, "__version__", None)
+            if version is None:
+                return Check(
+                    f"module {spec}",
+                    False,
+                    f"{modname} importable but of unknown version",
+                    "install it as a package so its version is known",
+                    host,
+                )
+        else:
+            return Check(f"module {spec}", True, f"{modname} importable", "", host)
+    if req.specifier and not req.specifier.contains(version, prereleases=True):
+        return Check(
+            f"module {spec}",
+            False,
+            f"{req.name} {version} for {sys.executable} (sys.path searched: {sys.path})",
+            f"install a matching version on the workers: pip install '{spec}'",
+            host,
+        )
+    return Check(f"module {spec}", True, f"{req.name} {version}", "", host)
+
+
+def _check_program(name: str, env_path: str | None = None) -> Check:
+    host = _host()
+    path = env_path if env_path is not None else os.environ.get("PATH", "")
+    found = shutil.which(name, path=path)
+    if found is None:
+        return Check(
+            f"program {name}",
+            False,
+            f"nothing executable named {name!r} (PATH searched: {path})",
+            "install it on the workers or load its module (module load ...) before starting them",
+            host,
+        )
+    return Check(f"program {name}", True, found, "", host)
+
+
+def requirement_checks(modules: Iterable[str], programs: Iterable[str] = ()) -> list[Check]:
+    """Check task requirements here; results are cached for the life of this worker."""
+    out = []
+    for spec in modules:
+        key = "m:" + spec
+        if key not in _cache:
+            _cache[key] = _check_module(spec)
+        out.append(_cache[key])
+    for prog in programs:
+        key = "p:" + prog
+        if key not in _cache:
+            _cache[key] = _check_program(prog)
+        out.append(_cache[key])
+    return out
+
+
+def report(checks: list[Check]) -> dict[str, Any]:
+    return {"ok": all(c.ok for c in checks), "checks": [dataclasses.asdict(c) for c in checks]}
+
+
+def session_checks(
+    client: dict[str, str], rundir: str, modules: list[str], programs: list[str]
+) -> list[Check]:
+    """What ``Session(requires=...)`` and ``pilotfish check`` run on a worker."""
+    return worker_checks(client, rundir) + requirement_checks(modules, programs)
