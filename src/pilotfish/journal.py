@@ -360,8 +360,11 @@ class JournalReader:
         row = self.task(key)
         if row is None or row["state"] != "DONE":
             return None
-        data = row["value"] if row["value"] is not None else (
-            Path(row["value_path"]).read_bytes() if row["value_path"] else None)
+        data = (
+            row["value"]
+            if row["value"] is not None
+            else (Path(row["value_path"]).read_bytes() if row["value_path"] else None)
+        )
         return pickle.loads(data) if data is not None else None
 
     def find(self, prefix: str) -> list[str]:
