@@ -648,7 +648,8 @@ class Session(cf.Executor):
                         self._clock(),
                     )
                 )
-                self._journal_task(task, self._core.state(task._tid).name)
+                if self._journal is not None:
+                    self._journal.record_submit(task, self._clock())
             self._run(cmds, acts)
         self._finish(acts)
         return task

@@ -7,7 +7,8 @@ time, every ``FailureRecord`` in full, and the pickled value of DONE tasks
 
 Writes are cheap for the session: it appends plain tuples to a list under its
 own lock; a writer thread commits them in batches every ``flush_interval``
-seconds, in one transaction. After SIGKILL of the client the journal opens
+seconds (0.5 s), in one transaction, one row per task (a task that is submitted
+and finishes within one interval costs a single row). After SIGKILL of the client the journal opens
 cleanly (WAL) and shows everything committed up to then: a task counts as DONE
 for ``resume`` only once its DONE row is committed.
 
@@ -146,7 +147,7 @@ def _check(conn: sqlite3.Connection, path: Path) -> None:
 class Journal:
     """The single writer. ``record_*`` methods are called with the session's lock held."""
 
-    def __init__(self, path: str | os.PathLike[str], *, flush_interval: float = 0.1) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, flush_interval: float = 0.5) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.values_dir = self.path.parent / "values"
@@ -177,6 +178,7 @@ class Journal:
         )
         self.run = int(cur.lastrowid or 0)
         self._flush_interval = flush_interval
+        self._opts_json: dict[int, tuple[Any, str]] = {}
         # append and popleft are atomic: the session's threads never wait for the writer
         self._q: collections.deque[tuple[Any, ...]] = collections.deque()
         self._lock = threading.Lock()
@@ -219,6 +221,10 @@ class Journal:
         flush interval costs one row."""
         self._q.append((task, state, list(history), list(attempts), failure, value, time.time()))
 
+    def record_submit(self, task: Any, now: float) -> None:
+        """A new task (state PENDING or later: the latest snapshot in a batch wins)."""
+        self._q.append((task, None, None, None, None, None, now))
+
     # ------------------------------------------------------------------ writer
     def _loop(self) -> None:
         while True:
@@ -244,12 +250,38 @@ class Journal:
             latest[rec[0].key] = rec
         if not latest:
             return
-        opts_json: dict[int, str] = {}  # TaskOptions objects are shared by many tasks
-        rows = []
+        opts_json = self._opts_json  # TaskOptions objects are shared by many tasks
+        if len(opts_json) > 4096:
+            opts_json.clear()
+        rows: list[tuple[Any, ...]] = []
         for task, state, history, attempts, failure, value, now in latest.values():
-            oj = opts_json.get(id(task.options))
-            if oj is None:
-                oj = opts_json[id(task.options)] = json.dumps(task.options.to_dict(), default=str)
+            cached = opts_json.get(id(task.options))
+            if cached is None or cached[0] is not task.options:
+                cached = opts_json[id(task.options)] = (
+                    task.options,
+                    json.dumps(task.options.to_dict(), default=str),
+                )
+            oj = cached[1]
+            if state is None:  # submitted, nothing else known yet: the cheap row
+                rows.append(
+                    (
+                        task.key,
+                        task.name,
+                        task._kind,
+                        json.dumps([d.key for d in task._deps]) if task._deps else "[]",
+                        oj,
+                        self.run,
+                        now,
+                        "PENDING",
+                        now,
+                        None,
+                        None,
+                        None,
+                        "[]",
+                        "",
+                    )
+                )
+                continue
             value_path = None
             if value is not None and len(value) > VALUE_INLINE_MAX:
                 value_path, value = str(self._value_file(task.key, value)), None
