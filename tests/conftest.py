@@ -11,7 +11,9 @@ import contextlib
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -54,8 +56,8 @@ def no_leftover_processes(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
 
 
 @pytest.fixture
-def session(tmp_path: os.PathLike[str]) -> Iterator[pilotfish.Session]:
-    with pilotfish.Session(workers=2, rundir=str(tmp_path / "run")) as s:
+def session(make_session: Callable[..., pilotfish.Session]) -> Iterator[pilotfish.Session]:
+    with make_session(workers=2) as s:
         yield s
 
 
@@ -67,3 +69,73 @@ def wait_for(pred, timeout: float = 10.0, interval: float = 0.01):  # type: igno
             return v
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout} s")
+
+
+# ---------------------------------------------------------------- backends (conformance)
+#
+# Tests that take `session` or `make_session` run once per backend: the same assertions
+# hold on every backend. A behaviour a backend cannot offer is skipped explicitly, with
+# the reason, by `skip_on(...)`.
+
+BACKENDS = ["local", "dask"]
+
+
+@pytest.fixture(scope="session")
+def dask_cluster() -> Iterator[Any]:
+    """One LocalCluster (2 worker processes) for the conformance tests on Dask.
+
+    Started without the per-test token in the environment, so its processes are not
+    mistaken for leftovers of the test that happened to start it."""
+    distributed = pytest.importorskip("distributed")
+    import multiprocessing.resource_tracker
+
+    token = os.environ.pop(TOKEN_VAR, None)
+    try:
+        multiprocessing.resource_tracker.ensure_running()
+        # dashboard_address=None still binds :8787 in distributed 2026.8; ":0" does not
+        cluster = distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+        )
+    finally:
+        if token is not None:
+            os.environ[TOKEN_VAR] = token
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    if name == "dask":
+        request.applymarker(pytest.mark.filterwarnings("ignore::ResourceWarning"))
+        request.applymarker(pytest.mark.filterwarnings("ignore:.*[Ww]orker.*:UserWarning"))
+    return name
+
+
+@pytest.fixture
+def make_session(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[Callable[..., pilotfish.Session]]:
+    """Make a Session on the test's backend; every session made is closed afterwards."""
+    made: list[pilotfish.Session] = []
+
+    def make(**kw: Any) -> pilotfish.Session:
+        kw.setdefault("rundir", str(tmp_path / f"run{len(made)}"))
+        kw.setdefault("backoff", pilotfish.Backoff(base=0.01))
+        if backend == "dask":
+            cluster = request.getfixturevalue("dask_cluster")
+            kw.pop("workers", None)  # the cluster decides
+            kw.setdefault("address", cluster.scheduler_address)
+        s = pilotfish.Session(backend=backend, **kw)
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.shutdown(wait=True, cancel_futures=True)
+
+
+def skip_on(backend: str, *names: str, reason: str) -> None:
+    """An explicit, documented skip of a behaviour a backend cannot offer."""
+    if backend in names:
+        pytest.skip(f"not on {backend}: {reason}")

@@ -9,6 +9,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -213,18 +214,20 @@ def test_unpicklable_argument_rejected_at_submit(session: pilotfish.Session) -> 
     assert session.submit(add, 5, 5).result(timeout=30) == 10
 
 
-def test_task_of_another_session_is_invalid(session: pilotfish.Session, tmp_path: Path) -> None:
+def test_task_of_another_session_is_invalid(
+    make_session: Any, session: pilotfish.Session, tmp_path: Path
+) -> None:
     """A future from another session cannot be a dependency."""
-    with pilotfish.Session(workers=1, rundir=str(tmp_path / "other")) as other:
+    with make_session(workers=1) as other:
         foreign = other.submit(add, 1, 1)
         with pytest.raises(pilotfish.InvalidTask, match="another Session"):
             session.submit(inc, foreign)
         foreign.result(timeout=30)
 
 
-def test_submit_after_shutdown(tmp_path: Path) -> None:
+def test_submit_after_shutdown(make_session: Any, tmp_path: Path) -> None:
     """Executor semantics: submit after shutdown raises RuntimeError."""
-    s = pilotfish.Session(workers=1, rundir=str(tmp_path / "r"))
+    s = make_session(workers=1)
     s.shutdown()
     with pytest.raises(RuntimeError, match="after shutdown"):
         s.submit(add, 1, 2)
@@ -297,9 +300,9 @@ def test_retry_budget_is_respected(session: pilotfish.Session, tmp_path: Path) -
     assert len(t.attempts) == 2
 
 
-def test_keep_going_false_cancels_what_has_not_started(tmp_path: Path) -> None:
+def test_keep_going_false_cancels_what_has_not_started(make_session: Any, tmp_path: Path) -> None:
     """keep_going=False: after the first failure nothing new starts; running work ends."""
-    with pilotfish.Session(workers=1, rundir=str(tmp_path / "r"), keep_going=False) as s:
+    with make_session(workers=1, keep_going=False) as s:
         bad = s.submit(fail_with, "stop here")
         queued = [s.submit(sleep_then, i, 0.05) for i in range(20)]
         with pytest.raises(ValueError):
@@ -314,7 +317,7 @@ def test_keep_going_false_cancels_what_has_not_started(tmp_path: Path) -> None:
         assert all(q.result() == i for i, q in enumerate(queued) if not q.cancelled())
 
 
-def test_on_failure_retry_with_changed_arguments(tmp_path: Path) -> None:
+def test_on_failure_retry_with_changed_arguments(make_session: Any, tmp_path: Path) -> None:
     """The failure handler resubmits with a smaller time step; same task, two attempts."""
     seen = []
 
@@ -324,7 +327,7 @@ def test_on_failure_retry_with_changed_arguments(tmp_path: Path) -> None:
             return pilotfish.Retry(args=(call.args[0], 4))
         return None
 
-    with pilotfish.Session(workers=2, rundir=str(tmp_path / "r"), on_failure=handler) as s:
+    with make_session(workers=2, on_failure=handler) as s:
         t = s.submit(divide, 8, 0)
         assert t.result(timeout=30) == 2.0
         assert len(t.attempts) == 2 and t.attempts[0].outcome == "user_error"
@@ -334,7 +337,7 @@ def test_on_failure_retry_with_changed_arguments(tmp_path: Path) -> None:
             u.result(timeout=30)
 
 
-def test_on_failure_fail_and_handler_errors(tmp_path: Path) -> None:
+def test_on_failure_fail_and_handler_errors(make_session: Any, tmp_path: Path) -> None:
     """Fail() stops retries; a handler that raises fails the task with that error."""
 
     def handler(failure: pilotfish.FailureRecord, call: pilotfish.Call) -> object:
@@ -342,7 +345,7 @@ def test_on_failure_fail_and_handler_errors(tmp_path: Path) -> None:
             raise LookupError("handler bug")
         return pilotfish.Fail()
 
-    with pilotfish.Session(workers=1, rundir=str(tmp_path / "r"), on_failure=handler) as s:
+    with make_session(workers=1, on_failure=handler) as s:
         t = s.submit(pilotfish.task(fail_with, retry_on=True), "x")
         with pytest.raises(ValueError):
             t.result(timeout=30)
@@ -358,10 +361,10 @@ def test_on_failure_fail_and_handler_errors(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- events and cancel
 
 
-def test_events_and_done_callbacks(tmp_path: Path) -> None:
+def test_events_and_done_callbacks(make_session: Any, tmp_path: Path) -> None:
     """on_event sees task transitions and worker starts; done callbacks fire."""
     events: list[object] = []
-    with pilotfish.Session(workers=2, rundir=str(tmp_path / "r"), on_event=events.append) as s:
+    with make_session(workers=2, on_event=events.append) as s:
         t = s.submit(add, 1, 2)
         called = threading.Event()
         t.add_done_callback(lambda f: called.set())
@@ -375,9 +378,9 @@ def test_events_and_done_callbacks(tmp_path: Path) -> None:
     assert any(isinstance(e, pilotfish.MasterEvent) and e.kind == "started" for e in events)
 
 
-def test_cancel_queued_tasks(tmp_path: Path) -> None:
+def test_cancel_queued_tasks(make_session: Any, tmp_path: Path) -> None:
     """Queued tasks can be cancelled; started ones cannot (concurrent.futures semantics)."""
-    with pilotfish.Session(workers=1, rundir=str(tmp_path / "r")) as s:
+    with make_session(workers=1) as s:
         first = s.submit(sleep_then, 1, 0.5)
         queued = [s.submit(sleep_then, i, 0.01) for i in range(10)]
         dependent = s.submit(inc, queued[-1])
@@ -389,9 +392,9 @@ def test_cancel_queued_tasks(tmp_path: Path) -> None:
         assert queued[0].result(timeout=30) == 0
 
 
-def test_shutdown_cancel_futures(tmp_path: Path) -> None:
+def test_shutdown_cancel_futures(make_session: Any, tmp_path: Path) -> None:
     """shutdown(cancel_futures=True) cancels what has not started and returns promptly."""
-    s = pilotfish.Session(workers=1, rundir=str(tmp_path / "r"))
+    s = make_session(workers=1)
     fs = [s.submit(sleep_then, i, 0.2) for i in range(20)]
     time.sleep(0.1)
     t0 = time.monotonic()
@@ -444,9 +447,12 @@ def test_functions_from_main_travel_by_value(tmp_path: Path) -> None:
     assert marker.read_text() == "x"
 
 
-def test_processes(session: pilotfish.Session) -> None:
-    """Session.processes() names the master and the workers."""
+def test_processes(session: pilotfish.Session, backend: str) -> None:
+    """Session.processes() names the master (local) or scheduler (Dask) and the workers."""
     session.submit(add, 1, 1).result(timeout=30)
     procs = session.processes()
-    assert procs["master"] and procs["master"] != os.getpid()
-    assert len(procs["workers"]) == 2
+    assert len(procs["workers"]) == 2 and os.getpid() not in procs["workers"]
+    if backend == "local":
+        assert procs["master"] and procs["master"] != os.getpid()
+    else:  # Dask: the scheduler plays the master's part
+        assert procs["master"] is None and procs["scheduler"].startswith("tcp://")

@@ -10,12 +10,13 @@ import stat
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 
 import pilotfish
-from conftest import wait_for
+from conftest import skip_on, wait_for
 from pilotfish import Category, State
 
 PY = sys.executable
@@ -36,9 +37,9 @@ def test_program_success_result(session: pilotfish.Session, tmp_path: Path) -> N
     assert r.sandbox is None and "results" in r.stdout.parts
 
 
-def test_keep_all_sandboxes(tmp_path: Path) -> None:
+def test_keep_all_sandboxes(make_session: Any, tmp_path: Path) -> None:
     """keep_sandboxes='all' keeps successful sandboxes too (private to the user)."""
-    with pilotfish.Session(workers=1, rundir=str(tmp_path / "r"), keep_sandboxes="all") as s:
+    with make_session(workers=1, keep_sandboxes="all") as s:
         r = s.executable(["sh", "-c", "echo x > o"], outputs=["o"]).result(timeout=30)
         assert r.sandbox is not None and r.sandbox.is_dir()
         assert r.outputs["o"].parent == r.sandbox
@@ -234,9 +235,18 @@ def test_invalid_program_tasks_rejected_at_submit(
     t.cancel()
 
 
-def test_worker_killed_running_a_program_kills_the_program(tmp_path: Path) -> None:
+def test_worker_killed_running_a_program_kills_the_program(
+    make_session: Any, backend: str, tmp_path: Path
+) -> None:
     """The worker running a program is SIGKILLed: the program's process group dies too,
     and the task is retried on a new worker."""
+    skip_on(
+        backend,
+        "dask",
+        reason="a SIGKILLed Dask worker cannot take the program's "
+        "process group with it (no pilotfish master watches Dask workers); documented "
+        "in pilotfish.backends.dask",
+    )
     marker = str(random.randint(10**8, 10**9 - 1))  # sleep 1000.<marker> is a valid time
     pidfile = tmp_path / "pid"
     counter = tmp_path / "n"
@@ -244,7 +254,7 @@ def test_worker_killed_running_a_program_kills_the_program(tmp_path: Path) -> No
         f"if [ ! -e {counter} ]; then touch {counter}; echo $PPID > {pidfile}; "
         f"sleep 1000.{marker}; fi; echo second"
     )
-    with pilotfish.Session(workers=1, rundir=str(tmp_path / "r")) as s:
+    with make_session(workers=1) as s:
         t = s.executable(["sh", "-c", script])
         worker = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip()))
         os.kill(worker, 9)

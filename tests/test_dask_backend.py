@@ -1,0 +1,342 @@
+"""The Dask distributed backend: what is specific to Dask (faults, clients, scheduler).
+
+The behaviour shared with every backend (values, dependencies, errors, retries,
+programs) is asserted by the conformance tests (test_callables.py, test_commands.py),
+which run once per backend through the `session`/`make_session` fixtures.
+
+Clusters and the leak check (conftest.py): every test runs with a unique token in its
+environment and fails if a process carrying it survives. The shared ``cluster`` is
+module-scoped, so it starts before any test's token is set and its processes carry
+none; it is only used by tests that never end a worker process (a nanny restarting a
+worker would start it with the running test's token). Tests that kill workers or time
+out (pilotfish then ends the worker) get their own cluster, closed inside the test.
+The scheduler test runs ``dask scheduler``/``dask worker`` as subprocesses of its own.
+
+Worker imports: LocalCluster's workers are spawned with this process's ``sys.path``;
+the subprocess worker of the scheduler test relies on the backend's sys.path plugin.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing.resource_tracker
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+distributed = pytest.importorskip("distributed")
+
+import faulty  # noqa: E402
+import pilotfish  # noqa: E402
+from conftest import wait_for  # noqa: E402
+from pilotfish import Category, State  # noqa: E402
+from test_callables import (  # noqa: E402
+    add,
+    sleep_then,
+)
+
+pytestmark = [
+    # Closing a LocalCluster while its nanny processes exit can leave asyncio
+    # transports/sockets to be collected later; Python reports them as
+    # ResourceWarning/"unclosed" at an arbitrary later point. They are Dask's, not ours.
+    pytest.mark.filterwarnings("ignore::ResourceWarning"),
+    # Dask warns (UserWarning) when a worker it did not expect to lose goes away or a
+    # nanny restarts one; in these tests that is the point.
+    pytest.mark.filterwarnings("ignore:.*[Ww]orker.*:UserWarning"),
+]
+
+
+def _local_cluster(n: int = 2) -> Any:
+    # dashboard_address=None still binds the scheduler's dashboard to :8787, and a
+    # second cluster then warns "Port 8787 is already in use" (an error here): use :0
+    return distributed.LocalCluster(
+        n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0"
+    )
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Any]:
+    # multiprocessing's resource tracker is started on first use and lives as long as
+    # this process: start it now, before any test's token is in the environment
+    multiprocessing.resource_tracker.ensure_running()
+    with _local_cluster() as c:
+        yield c
+
+
+@pytest.fixture
+def ds(cluster: Any, tmp_path: Path) -> Iterator[pilotfish.Session]:
+    with pilotfish.Session(
+        backend="dask",
+        address=cluster.scheduler_address,
+        rundir=str(tmp_path / "run"),
+        backoff=pilotfish.Backoff(base=0.01),
+    ) as s:
+        yield s
+
+
+@pytest.fixture
+def own_cluster() -> Iterator[Any]:
+    multiprocessing.resource_tracker.ensure_running()
+    with _local_cluster() as c:
+        yield c
+
+
+@pytest.fixture
+def strict_cluster() -> Iterator[Any]:
+    """A cluster configured as the module docstring of pilotfish.backends.dask advises:
+    allowed-failures=0, so Dask never reruns a task whose worker died."""
+    import dask
+
+    multiprocessing.resource_tracker.ensure_running()
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), _local_cluster() as c:
+        yield c
+
+
+# ---------------------------------------------------------------- values and errors
+
+
+@pytest.mark.timeout(60)
+def test_cancel_and_processes(ds: pilotfish.Session, cluster: Any) -> None:
+    first = [ds.submit(sleep_then, i, 0.5) for i in range(2)]
+    queued = [ds.submit(sleep_then, i, 0.01) for i in range(2, 12)]
+    wait_for(lambda: all(t.running() for t in first), timeout=20)
+    assert queued[-1].cancel() and queued[-1].state is State.CANCELLED
+    assert [t.result(timeout=30) for t in first] == [0, 1]
+    assert queued[0].result(timeout=30) == 2
+    procs = ds.processes()
+    assert procs["master"] is None and procs["scheduler"] == cluster.scheduler_address
+    assert len(procs["workers"]) == 2 and os.getpid() not in procs["workers"]
+
+
+@pytest.mark.timeout(60)
+def test_existing_client_is_left_open(cluster: Any, tmp_path: Path) -> None:
+    with distributed.Client(cluster, set_as_default=False) as client:
+        with pilotfish.Session(backend="dask", client=client, rundir=str(tmp_path / "r")) as s:
+            assert s.submit(add, 2, 3).result(timeout=30) == 5
+        assert client.status == "running"
+        assert client.submit(faulty.square, 3).result(timeout=30) == 9
+
+
+@pytest.mark.timeout(30)
+def test_no_address_is_invalid(tmp_path: Path) -> None:
+    with pytest.raises(pilotfish.InvalidTask, match="address="):
+        pilotfish.Session(backend="dask", rundir=str(tmp_path / "r"))
+
+
+# ---------------------------------------------------------------- faults (own clusters)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.timeout(60)
+def test_timeout_is_task_timeout(own_cluster: Any, tmp_path: Path) -> None:
+    """Dask cannot stop a thread: the attempt is failed at its limit from the client and
+    its worker process ended (the nanny starts a new one)."""
+    with pilotfish.Session(
+        backend="dask", address=own_cluster.scheduler_address, rundir=str(tmp_path / "r")
+    ) as s:
+        t = s.submit(pilotfish.task(faulty.slow, timeout=0.5, retries=0), 1, 30)
+        t0 = time.monotonic()
+        with pytest.raises(pilotfish.TaskTimeout) as info:
+            t.result(timeout=30)
+        assert time.monotonic() - t0 < 0.5 + 2.0
+        assert "0.5 s" in str(info.value) and "ran" in str(info.value)
+        f = info.value.failure
+        assert f is not None and f.category is Category.TIMEOUT and f.transient
+        assert f.pid and f.worker is not None and f.worker in str(info.value)
+        pid = f.pid
+        wait_for(lambda: _gone(pid), timeout=10)  # the call's worker process was ended
+        assert [s.submit(faulty.ident, i).result(timeout=30) for i in range(4)] == [0, 1, 2, 3]
+
+
+@pytest.mark.timeout(90)
+def test_sigkill_worker_mid_task_is_retried(own_cluster: Any, tmp_path: Path) -> None:
+    events: list[object] = []
+    with pilotfish.Session(
+        backend="dask",
+        address=own_cluster.scheduler_address,
+        rundir=str(tmp_path / "r"),
+        on_event=events.append,
+        backoff=pilotfish.Backoff(base=0.01),
+    ) as s:
+        pidfile = tmp_path / "pid"
+        t = s.submit(faulty.write_pid_then_sleep, str(pidfile), 1.0, 42)
+        pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text(), timeout=20))
+        pidfile.unlink()
+        os.kill(pid, signal.SIGKILL)
+        assert t.result(timeout=60) == 42
+        assert len(t.attempts) == 2
+        first, second = t.attempts
+        assert first.outcome == "worker_lost" and first.pid == pid
+        f = first.failure
+        assert f is not None and f.transient and f.category is Category.WORKER_LOST
+        assert f.worker is not None and f.worker in f.message and f.worker.startswith("tcp://")
+        assert f"pid {pid}" in f.message and t.key in f.message
+        assert second.outcome == "done" and second.pid != pid
+        lost = [e for e in events if isinstance(e, pilotfish.WorkerEvent) and e.kind == "lost"]
+        assert any(e.held == (t.key,) and e.pid == pid for e in lost)
+        assert s.submit(faulty.ident, 1).result(timeout=30) == 1
+
+
+@pytest.mark.timeout(90)
+def test_task_killing_its_worker_every_time_is_poison(strict_cluster: Any, tmp_path: Path) -> None:
+    with pilotfish.Session(
+        backend="dask",
+        address=strict_cluster.scheduler_address,
+        rundir=str(tmp_path / "r"),
+        backoff=pilotfish.Backoff(base=0.01),
+    ) as s:
+        bad = s.submit(faulty.exit_hard, 3)
+        others = [s.submit(faulty.slow, i, 0.05) for i in range(8)]
+        with pytest.raises(pilotfish.WorkerLost, match="poison") as info:
+            bad.result(timeout=60)
+        assert len(bad.attempts) == 3
+        assert all(a.outcome == "worker_lost" for a in bad.attempts)
+        assert info.value.failure is not None and not info.value.failure.transient
+        assert "KilledWorker" not in str(info.value)
+        assert [o.result(timeout=60) for o in others] == list(range(8))
+        # Dask keeps a result on its worker until the client fetches it: when the poison
+        # task kills a worker in that window, the innocent attempt is honestly reported
+        # lost and retried (never silently re-run); nothing else may happen to them
+        for o in others:
+            assert o.attempts[-1].outcome == "done"
+            assert all(a.outcome == "worker_lost" for a in o.attempts[:-1])
+            assert len(o.attempts) < 3
+
+
+# ---------------------------------------------------------------- scheduler loss
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class _External:
+    """A scheduler and nanny-less workers as our own subprocesses (all killed at the end)."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.port = _free_port()
+        self.address = f"tcp://127.0.0.1:{self.port}"
+        self.logs = (tmp_path / "dask.log").open("wb")
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.scheduler = self._spawn("dask_scheduler", "--host", "127.0.0.1", "--port",
+                                     str(self.port), "--no-dashboard")  # fmt: skip
+        self.add_worker()
+
+    def _spawn(self, cli: str, *args: str) -> subprocess.Popen[bytes]:
+        p = subprocess.Popen(
+            [sys.executable, "-m", f"distributed.cli.{cli}", *args],
+            stdout=self.logs,
+            stderr=self.logs,
+            cwd=self.tmp_path,
+            env={**os.environ, "PYTHONPATH": ""},  # only the backend's plugin adds tests/
+        )
+        self.procs.append(p)
+        return p
+
+    def add_worker(self) -> None:
+        self._spawn("dask_worker", self.address, "--nthreads", "1", "--no-nanny",
+                    "--no-dashboard", "--death-timeout", "30")  # fmt: skip
+        with distributed.Client(self.address, timeout=30, set_as_default=False) as c:
+            c.wait_for_workers(1, timeout=30)
+
+    def restart_scheduler(self) -> None:
+        self.scheduler = self._spawn("dask_scheduler", "--host", "127.0.0.1", "--port",
+                                     str(self.port), "--no-dashboard")  # fmt: skip
+
+    def close(self) -> None:
+        for p in self.procs:
+            with contextlib.suppress(OSError):
+                p.kill()
+            p.wait()
+        self.logs.close()
+
+
+@pytest.fixture
+def external(tmp_path: Path) -> Iterator[_External]:
+    ext = _External(tmp_path)
+    try:
+        yield ext
+    finally:
+        ext.close()
+
+
+@pytest.mark.timeout(90)
+def test_scheduler_killed_without_restarts_is_runtime_lost(
+    external: _External, tmp_path: Path
+) -> None:
+    events: list[object] = []
+    address = external.address
+    s = pilotfish.Session(
+        backend="dask",
+        address=address,
+        rundir=str(tmp_path / "r"),
+        max_master_restarts=0,
+        on_event=events.append,
+    )
+    try:
+        assert s.submit(faulty.ident, 7).result(timeout=30) == 7  # sys.path plugin works
+        ts = [s.submit(faulty.slow, i, 2.0) for i in range(3)]
+        wait_for(lambda: any(t.running() for t in ts), timeout=20)
+        external.scheduler.kill()
+        t0 = time.monotonic()
+        for t in ts:
+            with pytest.raises(pilotfish.RuntimeLost, match=address):
+                t.result(timeout=20)
+        assert time.monotonic() - t0 < 5
+        assert "max_master_restarts=0" in str(ts[0].exception())
+        late = s.submit(faulty.ident, 1)
+        with pytest.raises(pilotfish.RuntimeLost):
+            late.result(timeout=5)
+    finally:
+        t0 = time.monotonic()
+        s.shutdown(wait=False, cancel_futures=True)
+        assert time.monotonic() - t0 < 15
+    kinds = [e.kind for e in events if isinstance(e, pilotfish.MasterEvent)]
+    assert kinds == ["started", "lost"]
+
+
+@pytest.mark.timeout(90)
+def test_scheduler_restarted_in_time_resumes(external: _External, tmp_path: Path) -> None:
+    """The scheduler comes back at the same address within heartbeat_timeout: started
+    attempts are RUNTIME_LOST and retried, the others resubmitted; all finish."""
+    events: list[object] = []
+    with pilotfish.Session(
+        backend="dask",
+        address=external.address,
+        rundir=str(tmp_path / "r"),
+        heartbeat_timeout=20,
+        on_event=events.append,
+        backoff=pilotfish.Backoff(base=0.01),
+    ) as s:
+        ts = [s.submit(faulty.slow, i, 1.0) for i in range(3)]
+        wait_for(lambda: any(t.running() for t in ts), timeout=20)
+        external.scheduler.kill()
+        external.scheduler.wait()
+        external.restart_scheduler()
+        external.add_worker()
+        assert [t.result(timeout=40) for t in ts] == [0, 1, 2]
+        outcomes = [a.outcome for t in ts for a in t.attempts]
+        assert "runtime_lost" in outcomes and outcomes.count("done") == 3
+        assert s.submit(faulty.ident, 5).result(timeout=30) == 5
+    kinds = [e.kind for e in events if isinstance(e, pilotfish.MasterEvent)]
+    assert kinds == ["started", "lost", "restarted"]
