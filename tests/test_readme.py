@@ -1,0 +1,38 @@
+"""The README's promises: its first two lines are the commands, its examples run."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_readme_starts_with_the_two_commands() -> None:
+    """The README opens with the demo command and the test command that .ci/run runs."""
+    lines = [ln for ln in README.read_text().splitlines() if ln.strip()]
+    assert lines[0].startswith("# pilotfish") and lines[1] == "```sh"
+    assert "pilotfish demo" in lines[2] and "pytest" in lines[3]
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert "grep -m2 '^python3 -m venv .venv' README.md" in ci
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+def test_readme_dask_localcluster_example(tmp_path: Path) -> None:
+    """The "Running on a cluster" LocalCluster example runs as written."""
+    pytest.importorskip("distributed")
+    text = README.read_text()
+    m = re.search(r"<!-- readme-example: dask-localcluster -->\n```python\n(.*?)```", text, re.S)
+    assert m, "example block not found"
+    script = tmp_path / "example.py"
+    script.write_text(m.group(1))
+    out = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=110
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "285"
