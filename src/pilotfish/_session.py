@@ -154,9 +154,28 @@ class Task(cf.Future):  # type: ignore[type-arg]
         # cancel, then notify waiters of cf.wait/as_completed, as an Executor must
         if super().cancel():
             self.set_running_or_notify_cancel()
+        self._release_condition()
+
+    def set_result(self, result: Any) -> None:
+        super().set_result(result)
+        self._release_condition()
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        super().set_exception(exception)
+        self._release_condition()
+
+    def _release_condition(self) -> None:
+        """A finished future is never waited on again (every waiter was notified and holds
+        its own reference); its Condition (about 1 KB) is swapped for a shared one, which
+        keeps the memory per finished task small in runs of 100,000 tasks."""
+        if self.done():
+            self._condition = _FINISHED_CONDITION
 
     def __repr__(self) -> str:
         return f"<Task {self.key!r} {self.state.name}>"
+
+
+_FINISHED_CONDITION = threading.Condition()
 
 
 class _Actions:
