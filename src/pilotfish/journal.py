@@ -261,38 +261,23 @@ class Journal:
                     task.options,
                     json.dumps(task.options.to_dict(), default=str),
                 )
-            oj = cached[1]
+            head = (
+                task.key,
+                task.name,
+                task._kind,
+                json.dumps([d.key for d in task._deps]) if task._deps else "[]",
+                cached[1],
+                self.run,
+            )
             if state is None:  # submitted, nothing else known yet: the cheap row
-                rows.append(
-                    (
-                        task.key,
-                        task.name,
-                        task._kind,
-                        json.dumps([d.key for d in task._deps]) if task._deps else "[]",
-                        oj,
-                        self.run,
-                        now,
-                        "PENDING",
-                        now,
-                        None,
-                        None,
-                        None,
-                        "[]",
-                        "",
-                    )
-                )
+                rows.append((*head, now, "PENDING", now, None, None, None, "[]", ""))
                 continue
             value_path = None
             if value is not None and len(value) > VALUE_INLINE_MAX:
                 value_path, value = str(self._value_file(task.key, value)), None
             rows.append(
                 (
-                    task.key,
-                    task.name,
-                    task._kind,
-                    json.dumps([d.key for d in task._deps]) if task._deps else "[]",
-                    oj,
-                    self.run,
+                    *head,
                     history[0][0] if history else now,
                     state,
                     now,
