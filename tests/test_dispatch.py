@@ -440,3 +440,17 @@ def test_cancelled_prefetched_attempt_not_rerun_when_worker_dies():
     assert sent(cmds) == {}  # attempt 2 must not go to the idle w2
     assert started_ids(cmds) == []
     assert 2 not in [a.attempt for a in d.queue]
+
+
+def test_worker_hung_at_startup_is_killed_and_counted() -> None:
+    """A worker that never says hello (an import stuck on a dead NFS mount) is killed after
+    start_timeout; its exit counts as a start failure, so tasks never wait forever."""
+    d = Dispatcher(1, heartbeat_interval=1.0, heartbeat_timeout=5.0, start_timeout=30.0)
+    (spawn,) = d.start(0.0)
+    d.slots[spawn.name].pid = 4242
+    assert d.tick(10.0, {}, {}) == []
+    cmds = d.tick(31.0, {}, {})
+    assert Kill(spawn.name, ()) in cmds
+    out = d.on_exit(spawn.name, -9, "", 31.1, False)
+    assert any(isinstance(c, ToClient) and c.msg.kind == "start_failed" for c in out)
+    assert any(isinstance(c, Spawn) for c in out)  # tried again, up to max_start_failures

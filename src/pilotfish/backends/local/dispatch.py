@@ -101,6 +101,7 @@ class Dispatcher:
         heartbeat_interval: float = 1.0,
         heartbeat_timeout: float = 10.0,
         max_start_failures: int = 3,
+        start_timeout: float = 60.0,
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
@@ -109,6 +110,7 @@ class Dispatcher:
         self.hb_interval = heartbeat_interval
         self.hb_timeout = heartbeat_timeout
         self.max_start_failures = max_start_failures
+        self.start_timeout = start_timeout
         self.slots: dict[str, Slot] = {}
         self.queue: deque[RunAttempt] = deque()
         self.attempts: dict[int, RunAttempt] = {}  # queued or held
@@ -389,6 +391,12 @@ class Dispatcher:
                 s.last_hb, s.cpu_at, s.stopped_since = now, now, None
         self._last_tick = now
         for s in list(self.slots.values()):
+            if s.state == "starting" and s.pid and now - s.spawned > self.start_timeout:
+                # hung while starting (an import stuck on a dead filesystem, say): kill it;
+                # its exit is then counted as a start failure, so nothing waits forever
+                out.append(Kill(s.name, ()))
+                s.spawned = now  # one kill per timeout
+                continue
             if s.state != "ready":
                 continue
             if s.held:
