@@ -316,3 +316,13 @@ def test_demo_runs(tmp_path: Path) -> None:
     ):
         assert needle in text, needle
     assert faulty  # imported for the scripts above
+
+
+def test_unusable_rundir_or_journal_path(tmp_path: Path) -> None:
+    """A run directory or journal that cannot be created is a clear error at once."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(pilotfish.EnvironmentMismatch, match="cannot create the run directory"):
+        pilotfish.Session(workers=1, rundir=str(blocker / "run"))
+    with pytest.raises(JournalError, match="cannot open the journal"):
+        pilotfish.Session(workers=1, rundir=str(tmp_path / "r"), journal=blocker / "j.db")

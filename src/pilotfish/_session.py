@@ -18,6 +18,7 @@ import heapq
 import logging
 import os
 import pickle
+import sqlite3
 import threading
 import time
 import weakref
@@ -43,7 +44,7 @@ from .errors import (
     PilotfishError,
     RemoteError,
 )
-from .journal import Journal
+from .journal import Journal, JournalError
 
 log = logging.getLogger("pilotfish")
 
@@ -271,7 +272,13 @@ class Session(cf.Executor):
                 f"Session(keep_sandboxes={keep_sandboxes!r}) is invalid: give 'failed' or 'all'"
             )
         self._keep_sandboxes = keep_sandboxes
-        Path(rundir).mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            Path(rundir).mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as e:
+            raise EnvironmentMismatch(
+                f"Session(rundir={rundir!r}): cannot create the run directory "
+                f"({e.strerror or e}); choose a directory you can write"
+            ) from e
         if resume is None:  # `pilotfish resume SCRIPT` sets it for the script's sessions
             resume = os.environ.get("PILOTFISH_RESUME") == "1"
         self._resume = resume
@@ -279,7 +286,13 @@ class Session(cf.Executor):
         if journal is True:
             journal = Path(rundir) / "journal.db"
         if journal:
-            self._journal = Journal(journal)
+            try:
+                self._journal = Journal(journal)
+            except (sqlite3.Error, OSError) as e:
+                raise JournalError(
+                    f"Session(journal={str(journal)!r}): cannot open the journal ({e}); "
+                    "check the path, or pass journal=None to run without one"
+                ) from e
         elif resume:
             raise InvalidTask("Session(resume=True) needs a journal; do not pass journal=None")
         self._restored = 0
