@@ -21,9 +21,11 @@ from __future__ import annotations
 import contextlib
 import multiprocessing.resource_tracker
 import os
+import pickle
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -123,6 +125,63 @@ def test_existing_client_is_left_open(cluster: Any, tmp_path: Path) -> None:
             assert s.submit(add, 2, 3).result(timeout=30) == 5
         assert client.status == "running"
         assert client.submit(faulty.square, 3).result(timeout=30) == 9
+
+
+@pytest.mark.timeout(60)
+def test_many_tasks_batched_and_fetched_directly(ds: pilotfish.Session) -> None:
+    """Attempts reach Dask in batches (one graph per batch) and values come straight
+    from the workers on this host; every task still gets Started and its own value."""
+    ts = [ds.submit(faulty.ident, i) for i in range(300)]
+    chain = ds.submit(add, ds.submit(add, 1, 2), 3)
+    assert [t.result(timeout=60) for t in ts] == list(range(300))
+    assert chain.result(timeout=60) == 6
+    assert all(len(t.attempts) == 1 and t.attempts[0].started for t in ts)
+    backend: Any = ds._backend
+    assert backend._near and all(backend._near.values())  # LocalCluster: all local
+    assert not backend._inflight and not backend._pending
+
+
+@pytest.mark.timeout(60)
+def test_attempt_cancelled_while_being_handed_to_dask(cluster: Any, tmp_path: Path) -> None:
+    """A cancel that lands between taking a batch and Dask's futures existing: the late
+    future is cancelled and nothing of that attempt is ever reported."""
+    from pilotfish import _wire
+    from pilotfish.backends.dask import DaskBackend
+
+    got: list[Any] = []
+    b = DaskBackend(address=cluster.scheduler_address, rundir=str(tmp_path / "r"))
+    inside, go = threading.Event(), threading.Event()
+    real = b._submit_batch
+
+    def slow_batch(batch: list[Any]) -> None:
+        inside.set()
+        assert go.wait(20)
+        real(batch)
+
+    b._submit_batch = slow_batch  # type: ignore[method-assign]
+
+    def attempt(aid: int, x: int) -> Any:
+        payload = _wire.dumps_call((faulty.ident, (x,), {}), lambda _obj: None)
+        return _wire.RunAttempt(aid, f"k{aid}", "call", payload, (), None)
+
+    b.start(got.extend)
+    try:
+        b.submit([attempt(1, 10), attempt(2, 20)])
+        assert inside.wait(20)
+        b.cancel([1])
+        wait_for(lambda: 1 not in b._inflight, timeout=20)
+        go.set()
+        wait_for(lambda: any(isinstance(e, _wire.Result) for e in got), timeout=30)
+        time.sleep(0.3)
+        mine = [e for e in got if getattr(e, "attempt", None) in (1, 2)]
+        assert {type(e).__name__ for e in mine} == {"Started", "Result"}
+        assert all(e.attempt == 2 for e in mine)
+        res = next(e for e in mine if isinstance(e, _wire.Result))
+        assert res.ok and pickle.loads(res.data) == 20
+        assert not b._inflight and not b._pending
+    finally:
+        go.set()
+        b.stop()
 
 
 @pytest.mark.timeout(30)

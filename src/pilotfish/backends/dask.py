@@ -16,6 +16,16 @@ reports ``Started`` to the scheduler with a synchronous call (one round trip
 per attempt), so that the client knows which worker holds which attempt even
 if the task kills its worker at once.
 
+Cost (see benchmarks/bench_dask.py): ``submit`` only registers an attempt; a
+submitter thread hands everything pending to Dask with one ``Client.map``
+(one graph update on the scheduler per batch, not per attempt). An attempt
+cancelled, lost or stopped before its Dask future exists is skipped, or its
+late future cancelled. Finished values are gathered in batches, straight from
+the workers when they are on the client's host (else through the scheduler,
+Dask's default; keys a worker no longer has fall back to the scheduler). With
+``LocalCluster`` the scheduler shares the client's process and GIL, so work
+kept off the scheduler is throughput.
+
 How Dask's signals become pilotfish events:
 
 =====================================================  ===============================
@@ -232,6 +242,9 @@ class DaskBackend:
         self._q: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
         self._inflight: dict[int, _Att] = {}
         self._held: list[RunAttempt] = []  # submitted while the scheduler is away
+        self._pending: list[_Att] = []  # registered, not yet handed to Dask
+        self._submit_wake = threading.Event()
+        self._submitter: threading.Thread | None = None
         self._sink: Sink | None = None
         self._stopping = threading.Event()
         self._stopped = False
@@ -243,6 +256,8 @@ class DaskBackend:
         self._gen = 0
         self._sched_pid = 0
         self._worker_pids: dict[str, int] = {}
+        self._near: dict[str, bool] = {}  # worker address -> on this host (gather directly)
+        self._host = _wire.host_name()
         self._restarting: dict[str, str] = {}  # worker address -> why we restarted it
         self._prev_all_handler: Callable[[Any], Any] | None = None
         self._threads: list[threading.Thread] = []
@@ -253,6 +268,9 @@ class DaskBackend:
         self._sink = sink
         self._consumer = threading.Thread(
             target=self._run_consumer, name="pilotfish-dask", daemon=True
+        )
+        self._submitter = threading.Thread(
+            target=self._run_submitter, name="pilotfish-dask-submit", daemon=True
         )
         if self._client is None:
             try:
@@ -287,6 +305,7 @@ class DaskBackend:
         events += [WorkerEvent("started", w, 0, now) for w in workers]
         self._emit(events)
         self._consumer.start()
+        self._submitter.start()
 
     def submit(self, attempts: Sequence[RunAttempt]) -> None:
         lost: list[Any] = []
@@ -328,10 +347,13 @@ class DaskBackend:
             futs = [a.fut for a in self._inflight.values() if a.fut is not None]
             self._inflight.clear()
             self._held.clear()
+            self._pending.clear()
         self._stopping.set()
+        self._submit_wake.set()
         self._q.put(None)
-        if self._consumer is not None and self._consumer is not threading.current_thread():
-            self._consumer.join(timeout)
+        for t in (self._submitter, self._consumer):
+            if t is not None and t.is_alive() and t is not threading.current_thread():
+                t.join(timeout)
         c = self._client
         if c is None:
             return
@@ -356,21 +378,65 @@ class DaskBackend:
         return f"pilotfish-{a.key}-a{a.attempt}-{self._token}{tail}"
 
     def _submit_locked(self, att: _Att) -> None:
+        """Register ``att``; the submitter thread hands it to Dask (in a batch)."""
         att.gen = self._gen
         self._inflight[att.m.attempt] = att
-        fut = self._client.submit(
+        self._pending.append(att)
+        self._submit_wake.set()
+
+    def _run_submitter(self) -> None:
+        """Hand pending attempts to Dask, many per ``Client.map`` (one graph update each)."""
+        while True:
+            self._submit_wake.wait()
+            self._submit_wake.clear()
+            with self._lock:
+                if self._stopped:
+                    return
+                batch = [a for a in self._pending if self._inflight.get(a.m.attempt) is a]
+                self._pending = []
+            if batch:
+                try:
+                    self._submit_batch(batch)
+                except Exception as e:  # never strand an attempt: report it lost
+                    log.exception("pilotfish: could not submit attempts to Dask")
+                    why = f"the Dask client could not submit it: {type(e).__name__}: {e}"
+                    failed = []
+                    with self._lock:
+                        for a in batch:
+                            if self._inflight.get(a.m.attempt) is a and a.fut is None:
+                                del self._inflight[a.m.attempt]
+                                failed.append(self._runtime_lost(a.m, why))
+                    if failed:
+                        self._q.put(("emit", failed))
+
+    def _submit_batch(self, batch: list[_Att]) -> None:
+        n = len(batch)
+        keys = [a.dkey for a in batch]
+        futs = self._client.map(
             _attempt_on_worker,
-            att.m,
-            att.dkey,
-            self._topic,
-            self.rundir,
-            key=att.dkey,
+            [a.m for a in batch],
+            keys,
+            [self._topic] * n,
+            [self.rundir] * n,
+            key=keys,
             pure=False,
             retries=0,
+            batch_size=None,
         )
-        att.fut = fut
-        dkey, aid = att.dkey, att.m.attempt
-        fut.add_done_callback(lambda f: self._q.put(("done", f, dkey, aid)))
+        late = []
+        with self._lock:
+            for a, f in zip(batch, futs, strict=True):
+                if self._inflight.get(a.m.attempt) is a:
+                    a.fut = f
+                else:  # cancelled, lost or stopped while we submitted it
+                    late.append(f)
+        put = self._q.put
+        for a, f in zip(batch, futs, strict=True):
+            if a.fut is f:
+                f.add_done_callback(
+                    lambda f, dkey=a.dkey, aid=a.m.attempt: put(("done", f, dkey, aid))
+                )
+        self._cancel_futs(late, "cancelled by pilotfish")
 
     def _emit(self, events: Sequence[Any]) -> None:
         if self._sink is not None and events:
@@ -432,6 +498,7 @@ class DaskBackend:
 
     def _cancel_futs(self, futs: list[Any], msg: str) -> None:
         c = self._client
+        futs = [f for f in futs if f is not None]  # None: not handed to Dask yet
         if futs and c is not None and c.status in ("running", "connecting"):
             with contextlib.suppress(Exception):
                 c.cancel(futs, reason=_OUR_CANCEL, msg=msg)
@@ -507,11 +574,7 @@ class DaskBackend:
         with self._lock:
             why_restart = self._restarting.pop(addr, "")
             # every attempt of ours that started there and is not delivered yet is lost
-            held = [
-                a
-                for a in self._inflight.values()
-                if a.started and a.worker == addr and a.fut is not None
-            ]
+            held = [a for a in self._inflight.values() if a.started and a.worker == addr]
             for a in held:
                 del self._inflight[a.m.attempt]
             pid = self._worker_pids.pop(addr, 0)
@@ -574,7 +637,10 @@ class DaskBackend:
         if not finished:
             return
         try:
-            values = self._client.gather([f for _, f in finished])
+            # from the workers themselves when they are on this host (no detour through
+            # the scheduler); else Dask's default. Missing keys fall back to the scheduler.
+            direct = all(self._is_near(a) for a, _ in finished) or None
+            values = self._client.gather([f for _, f in finished], direct=direct)
             pairs = list(zip([a for a, _ in finished], values, strict=True))
         except Exception:  # one by one; a result lost with its worker fails its attempt
             pairs = []
@@ -607,6 +673,19 @@ class DaskBackend:
             if not att.started:
                 events.append(Started(res.attempt, res.worker, res.pid, res.started, res.host))
             events.append(res)
+
+    def _is_near(self, att: _Att) -> bool:
+        """Did ``att`` run on a worker that surely is reachable from here (this host)?"""
+        w = att.worker
+        if not att.started or not w:
+            return False
+        hit = self._near.get(w)
+        if hit is None:
+            host = w.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+            hit = w.startswith("inproc://") or host in ("localhost", "::1")
+            hit = hit or host.startswith("127.") or att.host == self._host
+            self._near[w] = hit
+        return hit
 
     def _result_lost(self, att: _Att, events: list[Any]) -> None:
         """Never let Dask silently run a finished attempt again: report it lost instead."""
