@@ -132,3 +132,13 @@ def test_invalid_session_arguments(kwargs: dict[str, object], named: str) -> Non
     """Bad Session arguments fail before any process starts."""
     with pytest.raises(pilotfish.InvalidTask, match=named):
         pilotfish.Session(**kwargs)  # type: ignore[arg-type]
+
+
+def test_missing_optional_backend_says_how_to_install() -> None:
+    """backend='radical' without RADICAL-Pilot installed: a clear error with the pip line."""
+    import importlib.util
+
+    if importlib.util.find_spec("radical") is not None:
+        pytest.skip("radical.pilot is installed here; the error path cannot be shown")
+    with pytest.raises(pilotfish.EnvironmentMismatch, match=r"pilotfish\[radical\]"):
+        pilotfish.Session(backend="radical")

@@ -240,9 +240,9 @@ class Session(cf.Executor):
     ) -> None:
         import random
 
-        if isinstance(backend, str) and backend not in ("local", "dask"):
+        if isinstance(backend, str) and backend not in ("local", "dask", "radical"):
             raise InvalidTask(
-                f"unknown backend {backend!r}; available: 'local', 'dask' "
+                f"unknown backend {backend!r}; available: 'local', 'dask', 'radical' "
                 "(or pass a backend object)"
             )
         _check_session_args(
@@ -329,9 +329,27 @@ class Session(cf.Executor):
                     rundir=rundir,
                     **backend_options,
                 )
+            elif backend == "radical":
+                try:
+                    from .backends.radical.backend import RadicalBackend
+                except ImportError as e:
+                    hint = (
+                        ""
+                        if "pilotfish[radical]" in str(e)
+                        else ("; install it with: pip install 'pilotfish[radical]'")
+                    )
+                    raise EnvironmentMismatch(f"{e}{hint}") from e
+                self._backend = RadicalBackend(
+                    workers,
+                    heartbeat_interval=heartbeat_interval,
+                    heartbeat_timeout=heartbeat_timeout,
+                    max_master_restarts=max_master_restarts,
+                    rundir=rundir,
+                    **backend_options,
+                )
             else:
                 raise InvalidTask(
-                    f"unknown backend {backend!r}; available: 'local', 'dask' "
+                    f"unknown backend {backend!r}; available: 'local', 'dask', 'radical' "
                     "(or pass a backend object)"
                 )
         else:

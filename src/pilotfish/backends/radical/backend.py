@@ -1,0 +1,825 @@
+"""The RADICAL-Pilot raptor backend: pilotfish's semantics on an RP pilot.
+
+``Session(backend="radical", workers=N)`` starts an RP session, a pilot
+(``resource="local.localhost"`` by default), pilotfish's raptor master
+(:mod:`pilotfish.backends.radical.master`, a subclass of RP's ``raptor.Master``) and
+N pilotfish raptor workers (:mod:`pilotfish.backends.radical.worker`), and ends all of
+it on ``stop()``. ``pilot=`` an existing ``rp.Pilot`` reuses it (then only the master
+and its workers belong to the backend; the pilot is the caller's).
+
+Every attempt is one raptor function task calling ``PilotfishWorker.pilotfish_run``
+with the pickled ``RunAttempt`` (base64) as its argument; it runs
+:func:`pilotfish.backends.execute.run_attempt`, which never raises, and returns the
+pickled ``Result``. So user exceptions, unpicklable results, programs (with
+pilotfish sandboxes and complete stdout/stderr files) behave as on every backend.
+
+How RP's signals become pilotfish events:
+
+=================================================  ==================================
+RP                                                 pilotfish
+=================================================  ==================================
+function task DONE, ``return_value`` = Result      ``Result``
+FAILED with ``return_value["pilotfish"] ==         ``Lost(worker_lost)`` (the master
+"worker_lost"`` (advanced by our master)           saw the worker die: exit code,
+                                                   signal, stderr tail)
+FAILED, ``"environment"`` (worker pre-flight)      ``Result`` with an ENVIRONMENT error
+FAILED with RP's ``TimeoutError``                  ``Lost(timeout)``
+FAILED otherwise (RP could not call us)            ``Result`` with an ENVIRONMENT error
+master ping answer names the task's worker         ``Started``; worker changes:
+                                                   ``WorkerEvent``
+master task final, or no ping answer within        every in-flight attempt
+``heartbeat_timeout``                              ``Lost(runtime_lost)``; a new master
+                                                   (``MasterEvent("restarted")``) up to
+                                                   ``max_master_restarts``, else
+                                                   ``Fatal(runtime_lost)``
+pilot final                                        ``Lost(runtime_lost)`` + ``Fatal``
+=================================================  ==================================
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import os
+import pickle
+import queue
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+try:
+    import radical.pilot as rp
+    import radical.utils as ru
+except ImportError as e:  # pragma: no cover - exercised without the extra
+    raise ImportError(
+        f"backend='radical' needs RADICAL-Pilot, which cannot be imported ({e}); "
+        "install it with: pip install 'pilotfish[radical]'"
+    ) from e
+
+from ... import _wire
+from ..._wire import Fatal, Lost, Result, RunAttempt, Started, WorkerEvent
+from ...preflight import client_versions
+from ..base import MasterEvent, Sink
+
+__all__ = ["RadicalBackend"]
+
+log = logging.getLogger("pilotfish.radical")
+
+_HERE = Path(__file__).resolve().parent
+_TOKEN_VAR = "PILOTFISH_RP_TOKEN"
+
+
+def _tail(path: str, n: int = 4000) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - n))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def _local_path(url: Any) -> str:
+    s = str(url or "")
+    with contextlib.suppress(Exception):
+        return str(ru.Url(s).path)
+    return s
+
+
+@dataclass(slots=True)
+class _Att:
+    m: RunAttempt
+    uid: str
+    gen: int
+    started: bool = False
+    worker: str = ""
+    pid: int = 0
+    host: str = ""
+    t0: float | None = None
+
+
+class RadicalBackend:
+    """Runs attempts as raptor function tasks; see the module docstring."""
+
+    name = "radical"
+
+    def __init__(
+        self,
+        workers: int | None = None,
+        *,
+        heartbeat_interval: float = 1.0,
+        heartbeat_timeout: float = 10.0,
+        max_master_restarts: int = 3,
+        rundir: str = ".pilotfish",
+        pilot: Any = None,
+        task_manager: Any = None,
+        resource: str = "local.localhost",
+        cores: int | None = None,
+        runtime: int = 60,
+        pilot_options: dict[str, Any] | None = None,
+        start_timeout: float = 300.0,
+        named_env: str | None = "rp",
+        ping_timeout: float | None = None,
+    ) -> None:
+        self.workers = workers or max(1, (os.cpu_count() or 2) - 1)
+        self.hb_interval = heartbeat_interval
+        self.hb_timeout = heartbeat_timeout
+        self.ping_timeout = ping_timeout or max(heartbeat_interval, heartbeat_timeout / 2)
+        self.max_restarts = max_master_restarts
+        self.rundir = str(Path(rundir).resolve())
+        self.resource = resource
+        self.cores = cores or (self.workers + 3)
+        self.runtime = runtime
+        self.pilot_options = dict(pilot_options or {})
+        self.start_timeout = start_timeout
+        self.named_env = named_env
+        self._own_pilot = pilot is None
+        self._pilot: Any = pilot
+        self._session: Any = pilot.session if pilot is not None else None
+        self._pmgr: Any = None
+        self._tmgr: Any = task_manager
+        self._own_tmgr = task_manager is None
+        self._master: Any = None
+        self._master_pid = 0
+        self._master_seen_running: float | None = None
+        self._master_submitted = 0.0
+        self._last_answer: float | None = None
+        self._gen = 0
+        self._restarts = 0
+        self._token = uuid.uuid4().hex[:8]
+        self._lock = threading.RLock()
+        self._q: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._inflight: dict[int, _Att] = {}
+        self._by_uid: dict[str, _Att] = {}
+        self._workers_seen: dict[str, list[Any]] = {}
+        self._claimed: dict[str, str] = {}
+        self._sink: Sink | None = None
+        self._stopping = threading.Event()
+        self._stopped = False
+        self._dead = False
+        self._fatal_message = ""
+        self._threads: list[threading.Thread] = []
+        self._known_pids: set[int] = set()
+        self._n = 0
+
+    # ------------------------------------------------------------------ protocol
+    def start(self, sink: Sink) -> None:
+        self._sink = sink
+        try:
+            self._start_rp()
+        except BaseException as e:
+            why = f"could not start RADICAL-Pilot ({self.resource}): {type(e).__name__}: {e}"
+            log.exception("pilotfish: %s", why)
+            self._dead, self._fatal_message = True, why
+            self._emit([Fatal("runtime_lost", why)])
+            self.stop()
+            return
+        for target, name in ((self._consume_loop, "events"), (self._ping_loop, "ping")):
+            t = threading.Thread(target=target, name=f"pilotfish-rp-{name}", daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def submit(self, attempts: Sequence[RunAttempt]) -> None:
+        self._q.put(("submit", tuple(attempts)))
+
+    def cancel(self, attempts: Sequence[int]) -> None:
+        self._q.put(("cancel", tuple(attempts)))
+
+    def processes(self) -> dict[str, Any]:
+        with self._lock:
+            ws = {w: v for w, v in self._workers_seen.items() if v[0] in ("ready", "starting")}
+            held = {}
+            for uid, wid in self._claimed.items():
+                a = self._by_uid.get(uid)
+                w = self._workers_seen.get(wid)
+                if a is not None and w is not None:
+                    held[a.m.attempt] = int(w[1])
+            return {
+                "master": self._master_pid or None,
+                "workers": sorted(int(v[1]) for v in ws.values() if v[1]),
+                "worker_names": {w: int(v[1]) for w, v in ws.items()},
+                "held": held,
+                "pilot": getattr(self._pilot, "uid", None),
+                "master_task": getattr(self._master, "uid", None),
+            }
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            self._inflight.clear()
+        self._stopping.set()
+        self._q.put(None)
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(timeout)
+        pids = self._rp_pids()
+        self._stop_master()
+        if self._own_tmgr:
+            self._bounded(lambda: self._tmgr and self._tmgr.close(), 15, "tmgr.close")
+        elif self._tmgr is not None:
+            with contextlib.suppress(Exception):
+                self._tmgr.unregister_callback(self._task_cb)
+        if self._own_pilot:
+            self._bounded(
+                lambda: self._session and self._session.close(download=False),
+                max(30.0, timeout),
+                "session.close",
+            )
+            pids |= self._token_pids()
+        self._end_pids(pids)
+
+    # ------------------------------------------------------------------ start-up
+    def _ensure_venv_env(self) -> None:
+        """RP's local resource runs the agent from the client's *activated* venv."""
+        if sys.prefix != sys.base_prefix and not os.environ.get("VIRTUAL_ENV"):
+            os.environ["VIRTUAL_ENV"] = sys.prefix
+        bindir = os.path.join(sys.prefix, "bin")
+        path = os.environ.get("PATH", "").split(os.pathsep)
+        if path[:1] != [bindir]:
+            os.environ["PATH"] = os.pathsep.join([bindir] + [p for p in path if p != bindir])
+        os.environ.setdefault("RADICAL_REPORT_ANIME", "0")
+
+    def _start_rp(self) -> None:
+        if self._pilot is None:
+            self._ensure_venv_env()
+            os.environ[_TOKEN_VAR] = self._token  # inherited by every RP process we start
+            try:
+                self._session = rp.Session()
+                self._pmgr = rp.PilotManager(self._session)
+                pd = {
+                    "resource": self.resource,
+                    "cores": self.cores,
+                    "runtime": self.runtime,
+                    "exit_on_error": False,
+                }
+                pd.update(self.pilot_options)
+                self._pilot = self._pmgr.submit_pilots(rp.PilotDescription(pd))
+                self._pilot.wait([rp.PMGR_ACTIVE, *rp.FINAL], timeout=self.start_timeout)
+            finally:
+                os.environ.pop(_TOKEN_VAR, None)
+            if self._pilot.state != rp.PMGR_ACTIVE:
+                raise RuntimeError(
+                    f"pilot {self._pilot.uid} is {self._pilot.state} after "
+                    f"{self.start_timeout:g} s; {self._pilot_details()}"
+                )
+        self._pilot.register_callback(self._pilot_cb)
+        if self._tmgr is None:  # an RP pilot can belong to one TaskManager only
+            self._tmgr = rp.TaskManager(self._session)
+            self._tmgr.add_pilots(self._pilot)
+        self._tmgr.register_callback(self._task_cb)
+        self._start_master()
+
+    def _cfg(self) -> dict[str, Any]:
+        return {
+            "workers": self.workers,
+            "worker_file": str(_HERE / "worker.py"),
+            "named_env": self.named_env,
+            "versions": client_versions(),
+            "rundir": self.rundir,
+            "cwd": os.getcwd(),
+            "sys_path": [p for p in sys.path if p],
+            "worker_env": {},
+        }
+
+    def _start_master(self) -> None:
+        td = rp.TaskDescription(
+            {
+                "mode": rp.RAPTOR_MASTER,
+                "raptor_class": "PilotfishMaster",
+                "raptor_file": str(_HERE / "master.py"),
+                "environment": {
+                    "PILOTFISH_RP_CFG": base64.b64encode(json.dumps(self._cfg()).encode()).decode()
+                },
+            }
+        )
+        if self.named_env:
+            td.named_env = self.named_env
+        with self._lock:
+            self._gen += 1
+            self._master_pid = 0
+            self._master_seen_running = None
+            self._last_answer = None
+            self._workers_seen = {}
+            self._claimed = {}
+            self._master_submitted = time.monotonic()
+        self._master = self._tmgr.submit_raptors([td], self._pilot.uid)[0]
+
+    # ------------------------------------------------------------------ RP callbacks
+    def _task_cb(self, task: Any, state: str) -> None:
+        self._q.put(("task", task, state))
+
+    def _pilot_cb(self, pilot: Any, state: str) -> None:
+        if state in rp.FINAL:
+            self._q.put(("pilot", pilot, state))
+
+    # ------------------------------------------------------------------ event thread
+    def _emit(self, events: list[Any]) -> None:
+        if events and self._sink is not None and not self._stopped:
+            self._sink(events)
+
+    def _consume_loop(self) -> None:
+        try:
+            self._consume()
+        except BaseException as e:
+            log.exception("pilotfish: the RADICAL-Pilot backend's event thread failed")
+            self._emit([Fatal("runtime_lost", f"pilotfish's RADICAL-Pilot backend failed: {e!r}")])
+
+    def _consume(self) -> None:
+        tick = max(0.02, min(0.1, self.hb_interval / 4))
+        while not self._stopping.is_set():
+            try:
+                items = [self._q.get(timeout=tick)]
+            except queue.Empty:
+                items = []
+            with contextlib.suppress(queue.Empty):
+                while len(items) < 5000:
+                    items.append(self._q.get_nowait())
+            if self._stopping.is_set():
+                return
+            events: list[Any] = []
+            batch: list[RunAttempt] = []
+            for it in items:
+                if it is None:
+                    continue
+                kind = it[0]
+                if kind == "submit":
+                    batch.extend(it[1])
+                    continue
+                if batch:
+                    self._submit_now(batch, events)
+                    batch = []
+                if kind == "task":
+                    self._on_task(it[1], it[2], events)
+                elif kind == "pilot":
+                    self._on_pilot(it[1], it[2], events)
+                elif kind == "cancel":
+                    self._on_cancel(it[1])
+                elif kind == "ping":
+                    self._on_ping(it[1], it[2], events)
+            if batch:
+                self._submit_now(batch, events)
+            self._check_master(events)
+            self._emit(events)
+
+    def _submit_now(self, attempts: list[RunAttempt], events: list[Any]) -> None:
+        if self._dead:
+            events.extend(
+                self._runtime_lost(a, self._fatal_message or "backend stopped") for a in attempts
+            )
+            return
+        tds = []
+        with self._lock:
+            for a in attempts:
+                self._n += 1
+                tag = a.attempt if a.attempt > 0 else f"p{-a.attempt}"  # probes: < 0
+                uid = f"pf.{self._token}.{tag}.{self._n}"
+                att = _Att(a, uid, self._gen)
+                self._inflight[a.attempt] = att
+                self._by_uid[uid] = att
+                td = rp.TaskDescription(
+                    {
+                        "uid": uid,
+                        "mode": rp.TASK_FUNCTION,
+                        "function": "pilotfish_run",
+                        "args": [base64.b64encode(pickle.dumps(a, 5)).decode("ascii")],
+                        "raptor_id": self._master.uid,
+                    }
+                )
+                if a.kind == "call" and a.timeout:
+                    td.timeout = float(a.timeout)
+                tds.append(td)
+        try:
+            self._tmgr.submit_tasks(tds)
+        except Exception as e:
+            why = f"RADICAL-Pilot refused the tasks: {type(e).__name__}: {e}"
+            with self._lock:
+                for a in attempts:
+                    gone = self._inflight.pop(a.attempt, None)
+                    if gone is not None:
+                        self._by_uid.pop(gone.uid, None)
+            events.extend(self._runtime_lost(a, why) for a in attempts)
+
+    def _on_cancel(self, ids: Sequence[int]) -> None:
+        uids = []
+        with self._lock:
+            for i in ids:
+                att = self._inflight.get(i)
+                if att is not None and not att.started:
+                    del self._inflight[i]
+                    uids.append(att.uid)
+        if uids and self._master is not None:
+            self._async_rpc("pilotfish_cancel", uids=uids)
+
+    def _pop(self, uid: str) -> _Att | None:
+        with self._lock:
+            att = self._by_uid.pop(uid, None)
+            if att is None or self._inflight.get(att.m.attempt) is not att:
+                return None
+            del self._inflight[att.m.attempt]
+            return att
+
+    def _on_task(self, task: Any, state: str, events: list[Any]) -> None:
+        uid = task.uid
+        if self._master is not None and uid == self._master.uid:
+            if state == rp.AGENT_EXECUTING and self._master_seen_running is None:
+                self._master_seen_running = time.monotonic()
+            if state in rp.FINAL:
+                self._master_lost(f"its RP task {uid} reached state {state}", task, events)
+            return
+        if state not in rp.FINAL:
+            return
+        att = self._pop(uid)
+        if att is None:
+            return  # cancelled by us, or a late result for an attempt already reported lost
+        now = time.time()
+        rv = task.return_value
+        info = rv if isinstance(rv, dict) and "pilotfish" in rv else None
+        if state == rp.DONE and isinstance(rv, str):
+            try:
+                res = pickle.loads(base64.b64decode(rv))
+            except Exception as e:
+                events.append(self._env_result(att, f"its result could not be decoded: {e!r}"))
+                return
+            if not isinstance(res, Result):
+                events.append(self._env_result(att, f"unexpected task result {res!r}"))
+                return
+            if not att.started:
+                events.append(Started(res.attempt, res.worker, res.pid, res.started, res.host))
+            events.append(res)
+            return
+        if info is not None and info.get("pilotfish") == "worker_lost":
+            worker, pid, host = (
+                info.get("worker", ""),
+                int(info.get("pid") or 0),
+                info.get("host", ""),
+            )
+            if not att.started:
+                events.append(Started(att.m.attempt, worker, pid, att.t0 or now, host))
+            events.append(
+                Lost(
+                    att.m.attempt,
+                    "worker_lost",
+                    f"task {att.m.key!r} (attempt id {att.m.attempt}) was lost: "
+                    + str(info.get("message", "")),
+                    worker,
+                    pid,
+                    info.get("returncode"),
+                    info.get("signal"),
+                    info.get("stderr_tail") or "",
+                    att.t0 or now,
+                    now,
+                    host,
+                )
+            )
+            return
+        if info is not None and info.get("pilotfish") == "environment":
+            events.append(self._env_result(att, info.get("message", ""), plain=True))
+            return
+        exc = str(task.exception or "")
+        detail = str(task.exception_detail or "")
+        if state == rp.FAILED and "TimeoutError" in exc and att.m.timeout:
+            events.append(
+                Lost(
+                    att.m.attempt,
+                    "timeout",
+                    f"task {att.m.key!r} exceeded its timeout of {att.m.timeout:g} s; "
+                    "RADICAL-Pilot's raptor worker ended the process running it",
+                    att.worker,
+                    att.pid,
+                    None,
+                    None,
+                    str(task.stderr or "")[-2000:],
+                    att.t0,
+                    now,
+                    att.host,
+                )
+            )
+            return
+        if state == rp.CANCELED:
+            events.append(self._runtime_lost(att.m, f"RADICAL-Pilot cancelled its task {uid}", att))
+            return
+        sbox = _local_path(task.sandbox)
+        events.append(
+            self._env_result(
+                att,
+                f"RADICAL-Pilot could not run it (task {uid} {state}, exit code "
+                f"{task.exit_code}): {exc}\n{detail}\nstderr:\n{str(task.stderr or '')[-2000:]}\n"
+                f"task sandbox: {sbox}. Is pilotfish (the client's version) installed in the "
+                "pilot's Python environment?",
+            )
+        )
+
+    def _env_result(self, att: _Att, why: str, *, plain: bool = False) -> Result:
+        msg = why if plain else f"task {att.m.key!r} (attempt id {att.m.attempt}): {why}"
+        env = _wire.Envelope("environment", "pilotfish.EnvironmentMismatch", msg, "", None, {})
+        now = time.time()
+        return Result(
+            att.m.attempt,
+            False,
+            pickle.dumps(env, _wire.PROTOCOL),
+            att.worker,
+            att.pid,
+            att.t0 or now,
+            now,
+            att.host,
+        )
+
+    def _runtime_lost(self, m: RunAttempt, why: str, att: _Att | None = None) -> Lost:
+        return Lost(
+            m.attempt,
+            "runtime_lost",
+            f"task {m.key!r} (attempt id {m.attempt}) was lost: {why}",
+            att.worker if att else "",
+            att.pid if att else 0,
+            None,
+            None,
+            "",
+            att.t0 if att else None,
+            time.time(),
+            att.host if att else "",
+        )
+
+    # ------------------------------------------------------------------ master and pilot
+    def _master_details(self, task: Any = None) -> tuple[str, str]:
+        task = task or self._master
+        sbox = _local_path(getattr(task, "sandbox", ""))
+        err = ""
+        if sbox:
+            err = _tail(os.path.join(sbox, f"{task.uid}.err"), 2000)
+        err = err or str(getattr(task, "stderr", "") or "")[-2000:]
+        return sbox, err
+
+    def _pilot_details(self) -> str:
+        p = self._pilot
+        sbox = _local_path(getattr(p, "pilot_sandbox", ""))
+        err = ""
+        for name in ("bootstrap_0.err", "agent_0.err", "bootstrap_0.out"):
+            t = _tail(os.path.join(sbox, name), 1500) if sbox else ""
+            if t.strip():
+                err += f"\n--- {name} (tail) ---\n{t}"
+        return f"pilot sandbox: {sbox}{err}"
+
+    def _on_pilot(self, pilot: Any, state: str, events: list[Any]) -> None:
+        if self._dead or self._stopping.is_set():
+            return
+        why = f"the RADICAL-Pilot pilot {pilot.uid} reached state {state}; {self._pilot_details()}"
+        self._fatal(why, events)
+
+    def _check_master(self, events: list[Any]) -> None:
+        if self._dead or self._master is None:
+            return
+        now = time.monotonic()
+        with self._lock:
+            last = self._last_answer
+            running = self._master_seen_running
+        if last is not None:
+            if now - last > self.hb_timeout:
+                self._master_lost(
+                    f"it stopped answering (no ping answer for {now - last:.1f} s, "
+                    f"heartbeat_timeout={self.hb_timeout:g} s)",
+                    None,
+                    events,
+                )
+        elif running is not None and now - running > max(60.0, self.hb_timeout):
+            self._master_lost("it never answered a ping after it started", None, events)
+        elif now - self._master_submitted > self.start_timeout:
+            self._master_lost(f"it did not start within {self.start_timeout:g} s", None, events)
+
+    def _master_lost(self, why: str, task: Any, events: list[Any]) -> None:
+        if self._dead or self._stopping.is_set():
+            return
+        old = self._master
+        sbox, err = self._master_details(task or old)
+        pid = self._master_pid
+        what = (
+            f"the pilotfish raptor master {old.uid} (pid {pid or '?'}) was lost: {why}; "
+            f"master sandbox: {sbox}" + (f"; its stderr (tail):\n{err}" if err.strip() else "")
+        )
+        with self._lock:
+            gone = list(self._inflight.values())
+            self._inflight.clear()
+            self._by_uid.clear()
+            worker_pids = [int(v[1]) for v in self._workers_seen.values() if v[1]]
+        events.append(MasterEvent("lost", pid, time.time(), stderr_tail=err, message=what))
+        for a in gone:
+            events.append(
+                Lost(
+                    a.m.attempt,
+                    "runtime_lost",
+                    f"task {a.m.key!r} (attempt id {a.m.attempt}) was lost with its master: {what}",
+                    a.worker,
+                    a.pid,
+                    None,
+                    None,
+                    err,
+                    a.t0,
+                    time.time(),
+                    a.host,
+                )
+            )
+        # end what is left of the old master and its workers
+        self._bounded(lambda: self._tmgr.cancel_tasks([old.uid]), 10, "cancel master")
+        self._end_pids({p for p in [pid, *worker_pids] if p}, grace=0.5)
+        pilot_ok = self._pilot is not None and self._pilot.state == rp.PMGR_ACTIVE
+        if self._restarts >= self.max_restarts or not pilot_ok:
+            reason = (
+                "max_master_restarts=0, so pilotfish does not start another"
+                if self.max_restarts == 0
+                else f"it was restarted {self._restarts} times (max_master_restarts="
+                f"{self.max_restarts})"
+                if pilot_ok
+                else f"the pilot is {self._pilot.state}"
+            )
+            self._fatal(f"{what}; {reason}", events)
+            return
+        self._restarts += 1
+        try:
+            self._start_master()
+        except Exception as e:
+            self._fatal(f"{what}; a new master could not be started: {e!r}", events)
+            return
+        events.append(
+            MasterEvent(
+                "restarted",
+                0,
+                time.time(),
+                message=f"started master {self._master.uid} (restart {self._restarts} of "
+                f"{self.max_restarts})",
+            )
+        )
+
+    def _fatal(self, why: str, events: list[Any]) -> None:
+        with self._lock:
+            self._dead = True
+            self._fatal_message = why
+            gone = list(self._inflight.values())
+            self._inflight.clear()
+            self._by_uid.clear()
+        events.extend(self._runtime_lost(a.m, why, a) for a in gone)
+        events.append(Fatal("runtime_lost", why))
+
+    # ------------------------------------------------------------------ pings (rpc)
+    def _rpc(self, cmd: str, timeout: float, **kwargs: Any) -> Any:
+        """RP's ``Raptor.rpc`` with a timeout (RP's own waits forever: pinned RP 1.103)."""
+        from radical.pilot import constants as rpc_const
+        from radical.pilot.messages import RPCRequestMessage
+
+        p, master = self._pilot, self._master
+        rid = ru.generate_id(f"{p.uid}.pfrpc")
+        kwargs["raptor_cmd"] = cmd
+        req = RPCRequestMessage(uid=rid, cmd="raptor_rpc", addr=master.uid, args=[], kwargs=kwargs)
+        slot = {"req": req, "res": None, "evt": threading.Event(), "time": time.time()}
+        p._rpc_reqs[rid] = slot
+        try:
+            p._ctrl_pub.put(rpc_const.CONTROL_PUBSUB, req)
+            if not slot["evt"].wait(timeout):
+                raise TimeoutError(f"no answer to {cmd} within {timeout:g} s")
+            res = slot["res"]
+            if res.exc:
+                raise RuntimeError(f"rpc {cmd} failed: {res.exc}")
+            return res.val
+        finally:
+            p._rpc_reqs.pop(rid, None)
+
+    def _async_rpc(self, cmd: str, **kwargs: Any) -> None:
+        def run() -> None:
+            with contextlib.suppress(Exception):
+                self._rpc(cmd, self.ping_timeout, **kwargs)
+
+        threading.Thread(target=run, name="pilotfish-rp-rpc", daemon=True).start()
+
+    def _ping_loop(self) -> None:
+        while not self._stopping.wait(self.hb_interval):
+            if self._dead:
+                return
+            gen = self._gen
+            if self._master_seen_running is None:
+                continue
+            try:
+                ans = self._rpc("pilotfish_ping", self.ping_timeout)
+            except Exception:
+                continue
+            if isinstance(ans, dict):
+                self._q.put(("ping", gen, ans))
+
+    def _on_ping(self, gen: int, ans: dict[str, Any], events: list[Any]) -> None:
+        if gen != self._gen or self._dead:
+            return
+        now = time.time()
+        with self._lock:
+            self._last_answer = time.monotonic()
+            if not self._master_pid:
+                self._master_pid = int(ans.get("pid") or 0)
+                events.append(
+                    MasterEvent(
+                        "started",
+                        self._master_pid,
+                        now,
+                        message=f"pilotfish raptor master {self._master.uid} on pilot "
+                        f"{self._pilot.uid}",
+                    )
+                )
+            old = self._workers_seen
+            new = {w: list(v) for w, v in (ans.get("workers") or {}).items()}
+            self._workers_seen = new
+            self._claimed = dict(ans.get("claimed") or {})
+            for wid, (state, pid, _host) in new.items():
+                if pid:
+                    self._known_pids.add(int(pid))
+                before = (old.get(wid) or [None])[0]
+                if state == before:
+                    continue
+                if state == "ready":
+                    events.append(WorkerEvent("started", wid, int(pid), now))
+                elif state == "lost":
+                    events.append(WorkerEvent("lost", wid, int(pid), now, message="worker lost"))
+                elif state == "preflight_failed":
+                    events.append(
+                        WorkerEvent(
+                            "start_failed", wid, int(pid), now, message=ans.get("env_problem", "")
+                        )
+                    )
+            for uid, wid in self._claimed.items():
+                att = self._by_uid.get(uid)
+                if att is None or att.started or self._inflight.get(att.m.attempt) is not att:
+                    continue
+                _, pid, host = new.get(wid) or ["", 0, ""]
+                att.started, att.worker, att.pid, att.host, att.t0 = True, wid, int(pid), host, now
+                events.append(Started(att.m.attempt, wid, int(pid), now, host))
+
+    # ------------------------------------------------------------------ teardown
+    @staticmethod
+    def _bounded(fn: Any, timeout: float, what: str) -> None:
+        def run() -> None:
+            try:
+                fn()
+            except Exception as e:
+                log.info("pilotfish: %s failed: %r", what, e)
+
+        t = threading.Thread(target=run, name=f"pilotfish-rp-{what}", daemon=True)
+        t.start()
+        t.join(timeout)
+        if t.is_alive():
+            log.warning("pilotfish: %s did not return within %g s", what, timeout)
+
+    def _stop_master(self) -> None:
+        if self._master is None or (self._dead and self._master.state in rp.FINAL):
+            return
+        with contextlib.suppress(Exception):
+            if self._master.state not in rp.FINAL:
+                self._rpc("stop", 5.0)
+        self._bounded(lambda: self._tmgr.cancel_tasks([self._master.uid]), 10, "cancel master")
+
+    def _rp_pids(self) -> set[int]:
+        with self._lock:
+            pids = set(self._known_pids)
+            if self._master_pid:
+                pids.add(self._master_pid)
+        return pids
+
+    def _token_pids(self) -> set[int]:
+        import psutil
+
+        out = set()
+        me = os.getpid()
+        for p in psutil.process_iter(["pid"]):
+            if p.pid == me:
+                continue
+            with contextlib.suppress(psutil.Error, OSError):
+                if p.environ().get(_TOKEN_VAR) == self._token:
+                    out.add(p.pid)
+        return out
+
+    @staticmethod
+    def _end_pids(pids: set[int], grace: float = 3.0) -> None:
+        """End processes RP left behind, by PID (whole trees: the workers' task children)."""
+        import psutil
+
+        procs: list[Any] = []
+        for pid in pids:
+            with contextlib.suppress(psutil.Error):
+                p = psutil.Process(pid)
+                procs.append(p)
+                procs.extend(p.children(recursive=True))
+        alive = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        if not alive:
+            return
+        _, alive = psutil.wait_procs(alive, timeout=grace)
+        for p in alive:
+            with contextlib.suppress(psutil.Error):
+                p.send_signal(signal.SIGTERM)
+        _, alive = psutil.wait_procs(alive, timeout=1.0)
+        for p in alive:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        psutil.wait_procs(alive, timeout=1.0)
