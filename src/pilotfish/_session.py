@@ -177,6 +177,7 @@ class Task(cf.Future):  # type: ignore[type-arg]
 
 
 _FINISHED_CONDITION = threading.Condition()
+_DEFAULT_OPTIONS = TaskOptions()  # frozen: one shared instance (the journal caches its JSON)
 
 
 class _Actions:
@@ -387,7 +388,7 @@ class Session(cf.Executor):
     # ------------------------------------------------------------------ public
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Task:
         """Run ``fn(*args, **kwargs)``; Tasks anywhere in the arguments are dependencies."""
-        opts = TaskOptions()
+        opts = _DEFAULT_OPTIONS
         if isinstance(fn, TaskFunction):
             opts, fn = fn.task_options, fn.fn
         if not callable(fn):
