@@ -396,26 +396,23 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
-def run_child(name: str, args: argparse.Namespace) -> dict:
-    fd, outpath = tempfile.mkstemp(prefix=f"bench-{name}-", suffix=".json")
-    os.close(fd)
-    deadline = max(5, args.timeout - 20)
-    cmd = [
-        sys.executable,
-        os.path.abspath(__file__),
-        "--_child",
-        name,
-        "--_out",
-        outpath,
-        "--_deadline",
-        str(deadline),
-        "--repeat",
-        str(args.repeat),
-    ]
-    if args.quick:
-        cmd.append("--quick")
-    log(f"=== {LABEL[name]}: {' '.join(cmd[1:2])} --_child {name} (timeout {args.timeout}s)")
-    tail: collections.deque[str] = collections.deque(maxlen=400)
+def supervise_child(
+    name: str,
+    cmd: list[str],
+    outpath: str,
+    timeout: float,
+    show: Callable[[str, bool], bool],
+    tail_len: int = 400,
+) -> tuple[dict[str, Any], int, bool, list[str]]:
+    """Run one benchmark child in its own process group, bounded by ``timeout``.
+
+    Its output is relayed line by line (``show(line, in_traceback)`` decides what is
+    logged); its JSON result is read from ``outpath``; afterwards anything left of
+    its process group, and every runtime pid it reported under ``"pids"``, is killed
+    (pilotfish's master runs in its own session, outside the group) and reported
+    as leaked. Shared by bench.py and bench_faults.py.
+    """
+    tail: collections.deque[str] = collections.deque(maxlen=tail_len)
     proc = subprocess.Popen(
         cmd,
         stdin=subprocess.DEVNULL,
@@ -435,48 +432,34 @@ def run_child(name: str, args: argparse.Namespace) -> dict:
             line = line.rstrip("\n")
             tail.append(line)
             starts_tb = line.startswith(("Traceback", "Timeout (", "Fatal Python error"))
-            show = args.verbose or line.startswith(f"[{name}]") or starts_tb or in_tb
             if starts_tb:
                 in_tb = True
             elif in_tb and line and not line[0].isspace() and not line.startswith("Thread 0x"):
                 in_tb = False  # the "ExcType: message" line ends a traceback
-            if show:
+            if show(line, starts_tb or in_tb):
                 log("  " + line)
 
     th = threading.Thread(target=pump, daemon=True)
     th.start()
     timed_out = False
     try:
-        rc = proc.wait(args.timeout)
+        rc = proc.wait(timeout)
     except subprocess.TimeoutExpired:
         timed_out = True
-        log(f"[{name}] TIMEOUT after {args.timeout}s -- killing its process group")
+        log(f"[{name}] TIMEOUT after {timeout:g} s -- killing its process group")
         _kill_group(proc.pid)
         rc = proc.wait()
     th.join(5)
     _current.pop("proc", None)
 
-    res: dict[str, Any] = {"runtime": name, "errors": []}
+    res: dict[str, Any] = {}
     with contextlib.suppress(OSError, ValueError), open(outpath) as f:
         res = json.load(f)
-    os.unlink(outpath)
+    with contextlib.suppress(OSError):
+        os.unlink(outpath)
     res["returncode"] = rc
     res["timed_out"] = timed_out
-    if timed_out or rc != 0:
-        res.setdefault("errors", []).append(
-            {
-                "where": "timeout" if timed_out else f"child exit code {rc}",
-                "output_tail": "\n".join(tail),
-            }
-        )
-        if not args.verbose:
-            last = list(tail)[-40:]
-            log(f"[{name}] child output (last {len(last)} lines):")
-            for line in last:
-                log("  | " + line)
 
-    # clean-up: anything left of the child's process group, then every worker
-    # pid the runtime reported (pilotfish's master runs in its own session).
     _kill_group(proc.pid)
     time.sleep(0.2)
     leaked = [p for p in res.get("pids", []) if _alive(p)]
@@ -489,6 +472,47 @@ def run_child(name: str, args: argparse.Namespace) -> dict:
         for p in leaked:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(p, signal.SIGKILL)
+    return res, rc, timed_out, list(tail)
+
+
+def run_child(name: str, args: argparse.Namespace) -> dict:
+    fd, outpath = tempfile.mkstemp(prefix=f"bench-{name}-", suffix=".json")
+    os.close(fd)
+    deadline = max(5, args.timeout - 20)
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--_child",
+        name,
+        "--_out",
+        outpath,
+        "--_deadline",
+        str(deadline),
+        "--repeat",
+        str(args.repeat),
+    ]
+    if args.quick:
+        cmd.append("--quick")
+    log(f"=== {LABEL[name]}: {' '.join(cmd[1:2])} --_child {name} (timeout {args.timeout}s)")
+
+    def show(line: str, in_tb: bool) -> bool:
+        return bool(args.verbose or line.startswith(f"[{name}]") or in_tb)
+
+    res, rc, timed_out, tail = supervise_child(name, cmd, outpath, args.timeout, show)
+    res.setdefault("runtime", name)
+    if timed_out or rc != 0:
+        res.setdefault("errors", []).append(
+            {
+                "where": "timeout" if timed_out else f"child exit code {rc}",
+                "output_tail": "\n".join(tail),
+            }
+        )
+        if not args.verbose:
+            last = tail[-40:]
+            log(f"[{name}] child output (last {len(last)} lines):")
+            for line in last:
+                log("  | " + line)
+    res.setdefault("errors", [])
     return res
 
 

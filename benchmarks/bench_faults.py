@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import collections
 import concurrent.futures as cf
-import contextlib
 import json
 import os
 import platform
@@ -33,7 +32,6 @@ import random
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -47,7 +45,7 @@ if HERE not in sys.path:
 
 import _fault_tasks  # noqa: E402
 import _tasks  # noqa: E402
-from bench import _alive, _cmdline, _kill_group, log  # noqa: E402
+from bench import _cleanup_current, log, supervise_child  # noqa: E402
 
 WORKERS = 2
 SCENARIOS = ("kill", "chaos", "journal")
@@ -566,9 +564,6 @@ def child_main(args: argparse.Namespace) -> int:
 
 
 # =========================================================================== parent
-_current: dict[str, Any] = {}
-
-
 def run_child(name: str, args: argparse.Namespace) -> dict:
     fd, outpath = tempfile.mkstemp(prefix=f"bfaults-{name}-", suffix=".json")
     os.close(fd)
@@ -593,72 +588,20 @@ def run_child(name: str, args: argparse.Namespace) -> dict:
         str(args.journal_tasks),
     ]
     log(f"=== {name} (timeout {args.timeout:g} s)")
-    tail: collections.deque[str] = collections.deque(maxlen=300)
-    proc = subprocess.Popen(
-        cmd,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        text=True,
+    res, rc, timed_out, tail = supervise_child(
+        name, cmd, outpath, args.timeout, lambda _line, _tb: True, tail_len=300
     )
-    _current["proc"] = proc
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.rstrip("\n")
-            tail.append(line)
-            log("  " + line)
-
-    th = threading.Thread(target=pump, daemon=True)
-    th.start()
-    timed_out = False
-    try:
-        rc = proc.wait(args.timeout)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        log(f"[{name}] TIMEOUT after {args.timeout:g} s -- killing its process group")
-        _kill_group(proc.pid)
-        rc = proc.wait()
-    th.join(5)
-    _current.pop("proc", None)
-
-    res: dict[str, Any] = {"scenario": name, "errors": [], name: []}
-    with contextlib.suppress(OSError, ValueError), open(outpath) as f:
-        res = json.load(f)
-    os.unlink(outpath)
-    res["returncode"] = rc
-    res["timed_out"] = timed_out
+    res.setdefault("scenario", name)
+    res.setdefault(name, [])
     if timed_out or (rc != 0 and not res.get("errors")):
         res.setdefault("errors", []).append(
             {
                 "where": "timeout" if timed_out else f"child exit code {rc}",
-                "message": "\n".join(list(tail)[-60:]),
+                "message": "\n".join(tail[-60:]),
             }
         )
-
-    # clean-up: the child's process group, then every master/worker pid it saw
-    # (pilotfish's master runs in its own session, outside the group).
-    _kill_group(proc.pid)
-    time.sleep(0.2)
-    leaked = [p for p in res.get("pids", []) if _alive(p)]
-    if leaked:
-        time.sleep(2)
-        leaked = [p for p in leaked if _alive(p)]
-    if leaked:
-        res["leaked"] = {p: _cmdline(p) for p in leaked}
-        log(f"[{name}] LEAKED processes after the child exited: {res['leaked']} -- killing")
-        for p in leaked:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(p, signal.SIGKILL)
+    res.setdefault("errors", [])
     return res
-
-
-def _cleanup_current() -> None:
-    proc = _current.get("proc")
-    if proc is not None and proc.poll() is None:
-        _kill_group(proc.pid)
 
 
 # =========================================================================== report
