@@ -241,9 +241,9 @@ class Session(cf.Executor):
     ) -> None:
         import random
 
-        if isinstance(backend, str) and backend not in ("local", "dask", "radical"):
+        if isinstance(backend, str) and backend not in _BACKENDS:
             raise InvalidTask(
-                f"unknown backend {backend!r}; available: 'local', 'dask', 'radical' "
+                f"unknown backend {backend!r}; available: {', '.join(map(repr, _BACKENDS))} "
                 "(or pass a backend object)"
             )
         _check_session_args(
@@ -303,56 +303,14 @@ class Session(cf.Executor):
         self._timer_cv = threading.Condition(self._lock)
         self._closed = False
         if isinstance(backend, str):
-            if backend == "local":
-                from .backends.local.backend import LocalBackend
-
-                self._backend: Backend = LocalBackend(
-                    workers,
-                    heartbeat_interval=heartbeat_interval,
-                    heartbeat_timeout=heartbeat_timeout,
-                    max_master_restarts=max_master_restarts,
-                    rundir=rundir,
-                    **backend_options,
-                )
-            elif backend == "dask":
-                try:
-                    from .backends.dask import DaskBackend
-                except ImportError as e:
-                    raise EnvironmentMismatch(
-                        f"backend='dask' needs dask.distributed, which cannot be imported "
-                        f"({e}); install it with: pip install 'pilotfish[dask]'"
-                    ) from e
-                self._backend = DaskBackend(
-                    workers,
-                    heartbeat_interval=heartbeat_interval,
-                    heartbeat_timeout=heartbeat_timeout,
-                    max_master_restarts=max_master_restarts,
-                    rundir=rundir,
-                    **backend_options,
-                )
-            elif backend == "radical":
-                try:
-                    from .backends.radical.backend import RadicalBackend
-                except ImportError as e:
-                    hint = (
-                        ""
-                        if "pilotfish[radical]" in str(e)
-                        else ("; install it with: pip install 'pilotfish[radical]'")
-                    )
-                    raise EnvironmentMismatch(f"{e}{hint}") from e
-                self._backend = RadicalBackend(
-                    workers,
-                    heartbeat_interval=heartbeat_interval,
-                    heartbeat_timeout=heartbeat_timeout,
-                    max_master_restarts=max_master_restarts,
-                    rundir=rundir,
-                    **backend_options,
-                )
-            else:
-                raise InvalidTask(
-                    f"unknown backend {backend!r}; available: 'local', 'dask', 'radical' "
-                    "(or pass a backend object)"
-                )
+            self._backend: Backend = _backend_class(backend)(
+                workers,
+                heartbeat_interval=heartbeat_interval,
+                heartbeat_timeout=heartbeat_timeout,
+                max_master_restarts=max_master_restarts,
+                rundir=rundir,
+                **backend_options,
+            )
         else:
             if backend_options:
                 raise InvalidTask(
@@ -1159,6 +1117,31 @@ class Session(cf.Executor):
             )
             self._journal.close(status)
         _live_sessions.discard(self)
+
+
+#: backend name -> (module, class); optional ones are installed as the extra of that name
+_BACKENDS = {
+    "local": ("pilotfish.backends.local.backend", "LocalBackend"),
+    "dask": ("pilotfish.backends.dask", "DaskBackend"),
+    "radical": ("pilotfish.backends.radical.backend", "RadicalBackend"),
+}
+
+
+def _backend_class(name: str) -> Any:
+    """Import a backend by name; a missing optional dependency says how to install it."""
+    import importlib
+
+    module, cls = _BACKENDS[name]
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except ImportError as e:
+        hint = f"pilotfish[{name}]"
+        if hint in str(e):
+            raise EnvironmentMismatch(str(e)) from e
+        raise EnvironmentMismatch(
+            f"backend={name!r} needs an optional dependency that cannot be imported ({e}); "
+            f"install it with: pip install '{hint}'"
+        ) from e
 
 
 def _str_list(items: Iterable[str], what: str) -> tuple[str, ...]:
