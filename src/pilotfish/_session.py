@@ -30,6 +30,7 @@ from . import _wire
 from ._events import MasterEvent, TaskEvent, WorkerEvent
 from ._options import TaskFunction, TaskOptions, make_options
 from .backends.base import Backend
+from .backends.base import MasterEvent as BMasterEvent
 from .commands import CommandResult
 from .core import workflow as wf
 from .core.policy import Backoff
@@ -976,8 +977,6 @@ class Session(cf.Executor):
         self._finish(acts)
 
     def _on_backend_event(self, ev: Any, acts: _Actions) -> None:
-        from .backends.base import MasterEvent as BMasterEvent
-
         if isinstance(ev, _wire.Result | _wire.Lost) and ev.attempt < 0:
             probe = self._probes.pop(ev.attempt, None)
             if probe is not None and not probe.done():

@@ -76,6 +76,7 @@ __all__ = [
     "CommandResult",
     "CommandSpec",
     "OutcomeKind",
+    "describe_exit",
     "make_sandbox",
     "run_command",
     "signal_name",
@@ -424,7 +425,8 @@ def _outcome(
     )
 
 
-def _describe_exit(returncode: int) -> str:
+def describe_exit(returncode: int) -> str:
+    """'exited with code 3' or 'was killed by signal SIGSEGV (-11)'."""
     sig = signal_name(returncode)
     if sig is not None:
         return f"was killed by signal {sig} ({returncode})"
@@ -704,7 +706,7 @@ def run_command(
         return _outcome(
             "timeout",
             f"{program!r} on host {host} exceeded its time limit of {spec.timeout:g}s "
-            f"(ran {ran:.1f}s) and its process group was killed; {_describe_exit(rc)}. "
+            f"(ran {ran:.1f}s) and its process group was killed; {describe_exit(rc)}. "
             f"stderr: {stderr_path}; sandbox kept at {box}. "
             f"{_stderr_excerpt(stderr_path)}",
             box,
@@ -716,7 +718,7 @@ def run_command(
         return _outcome(
             "failed",
             f"cancelled: {program!r} on host {host} was cancelled after {ran:.1f}s and its "
-            f"process group was killed; {_describe_exit(rc)}. "
+            f"process group was killed; {describe_exit(rc)}. "
             f"stderr: {stderr_path}; sandbox {box}.",
             box,
             started,
@@ -726,7 +728,7 @@ def run_command(
     if rc != 0:
         return _outcome(
             "failed",
-            f"{program!r} on host {host} {_describe_exit(rc)} after {ran:.1f}s. "
+            f"{program!r} on host {host} {describe_exit(rc)} after {ran:.1f}s. "
             f"stderr: {stderr_path}; sandbox {box}. {_stderr_excerpt(stderr_path)}",
             box,
             started,

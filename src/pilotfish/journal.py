@@ -23,7 +23,6 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -184,7 +183,6 @@ class Journal:
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)
         self._closed = False
-        self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="pilotfish-journal", daemon=True)
         self._thread.start()
 
@@ -234,8 +232,7 @@ class Journal:
                 closed = self._closed
             try:
                 self.flush()
-            except BaseException as e:  # keep the error for close(); never kill the session
-                self._error = e
+            except BaseException:  # logged; a journal failure must never kill the session
                 import logging
 
                 logging.getLogger("pilotfish").exception("pilotfish: journal write failed")
@@ -429,9 +426,3 @@ class JournalReader:
 
     def close(self) -> None:
         self.conn.close()
-
-
-def iter_failure_lines(failures: Iterable[dict[str, Any]]) -> Iterable[str]:
-    for f in failures:
-        msg = (f.get("message") or "").strip().splitlines()
-        yield f"{f.get('key')}: {f.get('category')}: {msg[0] if msg else ''}"

@@ -30,6 +30,7 @@ from ..commands import (
     STDOUT_NAME,
     CommandResult,
     CommandSpec,
+    describe_exit,
     run_command,
     tail_lines,
 )
@@ -109,11 +110,7 @@ def run_command_attempt(
         and out.returncode in set(template["retry_exit_codes"]),
     }
     if out.kind == "failed":
-        how = (
-            f"was killed by signal {out.signal} ({out.returncode})"
-            if out.signal
-            else f"exited with code {out.returncode}"
-        )
+        how = describe_exit(out.returncode if out.returncode is not None else 0)
         tail = tail_lines(out.stderr_path) if out.stderr_path else ""
         msg = (
             f"task {m.key!r}: program {spec.argv[0]!r} {how} after {out.elapsed:.1f} s on host "

@@ -67,6 +67,9 @@ class _Proc:
         return "\n".join(text.rstrip("\n").splitlines()[-_TAIL_LINES:])
 
 
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
 def proc_sample(pid: int) -> tuple[str, float] | None:
     """(kernel state letter, CPU seconds) from /proc, or None if unavailable."""
     try:
@@ -75,8 +78,7 @@ def proc_sample(pid: int) -> tuple[str, float] | None:
     except OSError:
         return None
     rest = data[data.rindex(b")") + 2 :].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    return rest[0].decode(), (int(rest[11]) + int(rest[12])) / ticks
+    return rest[0].decode(), (int(rest[11]) + int(rest[12])) / _CLK_TCK
 
 
 class Master:
