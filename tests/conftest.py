@@ -75,9 +75,37 @@ def wait_for(pred, timeout: float = 10.0, interval: float = 0.01):  # type: igno
 #
 # Tests that take `session` or `make_session` run once per backend: the same assertions
 # hold on every backend. A behaviour a backend cannot offer is skipped explicitly, with
-# the reason, by `skip_on(...)`.
+# the reason, by `skip_on(...)`. `--backends` chooses the backends: local and dask by
+# default; `.ci/run` runs the suite on radical in its own step (RADICAL-Pilot needs an
+# activated venv and a private HOME):
+#     pytest tests/test_callables.py tests/test_commands.py --backends radical -k radical
 
-BACKENDS = ["local", "dask"]
+ALL_BACKENDS = ("local", "dask", "radical")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--backends",
+        default="local,dask",
+        help="comma-separated backends the conformance tests run on "
+        f"(of {', '.join(ALL_BACKENDS)}; default: local,dask)",
+    )
+
+
+def _chosen_backends(config: pytest.Config) -> list[str]:
+    names = [n.strip() for n in str(config.getoption("--backends")).split(",") if n.strip()]
+    bad = [n for n in names if n not in ALL_BACKENDS]
+    if bad or not names:
+        raise pytest.UsageError(
+            f"--backends={config.getoption('--backends')!r}: unknown backend(s) {bad}; "
+            f"choose from {', '.join(ALL_BACKENDS)}"
+        )
+    return names
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend" in metafunc.fixturenames:
+        metafunc.parametrize("backend", _chosen_backends(metafunc.config), indirect=True)
 
 
 @pytest.fixture(scope="session")
@@ -103,12 +131,105 @@ def dask_cluster() -> Iterator[Any]:
     cluster.close()
 
 
-@pytest.fixture(params=BACKENDS)
+RP_MODULE_VAR = "PILOTFISH_RP_TEST_PILOT"
+
+
+def with_env(var: str, value: str) -> list[psutil.Process]:
+    """Live processes whose environment has var=value."""
+    me = os.getpid()
+    out = []
+    for p in psutil.process_iter(["pid", "status"]):
+        if p.pid == me or p.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        with contextlib.suppress(psutil.Error, OSError):
+            if p.environ().get(var) == value:
+                out.append(p)
+    return out
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return False
+
+
+@pytest.fixture(scope="session")
+def rp_pilot() -> Iterator[tuple[Any, Any]]:
+    """One RADICAL-Pilot ``local.localhost`` pilot and its TaskManager for the test run.
+
+    Its start-up costs ~15 s, so it is paid once; every test starts its own pilotfish
+    raptor master and workers on it and must end them. Started under a private HOME,
+    with the per-test token removed from the environment (RP's processes outlive the
+    test that happens to start the pilot); a token of its own lets the teardown check
+    that no RP process survived ``session.close``."""
+    rp = pytest.importorskip("radical.pilot")
+    import sys
+    import tempfile
+
+    saved = {k: os.environ.get(k) for k in (TOKEN_VAR, "HOME", "RADICAL_REPORT_ANIME")}
+    home = tempfile.mkdtemp(prefix="pf-rp-home-")
+    pilot_token = uuid.uuid4().hex
+    os.environ.pop(TOKEN_VAR, None)
+    os.environ.update(HOME=home, RADICAL_REPORT_ANIME="0", **{RP_MODULE_VAR: pilot_token})
+    if sys.prefix != sys.base_prefix:  # RP's local resource needs an "activated" venv
+        os.environ.setdefault("VIRTUAL_ENV", sys.prefix)
+        os.environ["PATH"] = os.path.join(sys.prefix, "bin") + os.pathsep + os.environ["PATH"]
+    cwd = os.getcwd()
+    os.chdir(home)  # RP writes its client session directory into the cwd
+    session = None
+    try:
+        session = rp.Session()
+        pmgr = rp.PilotManager(session)
+        pilot = pmgr.submit_pilots(
+            rp.PilotDescription(
+                {"resource": "local.localhost", "cores": 8, "runtime": 60, "exit_on_error": False}
+            )
+        )
+        pilot.wait([rp.PMGR_ACTIVE, *rp.FINAL], timeout=180)
+        assert pilot.state == rp.PMGR_ACTIVE, f"pilot did not start: {pilot.state}"
+        tmgr = rp.TaskManager(session)  # an RP pilot belongs to one TaskManager only
+        tmgr.add_pilots(pilot)
+    except BaseException:
+        if session is not None:
+            session.close(download=False)
+        raise
+    finally:
+        os.chdir(cwd)
+        for k in (TOKEN_VAR, "HOME"):
+            if saved[k] is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = saved[k]  # type: ignore[assignment]
+        os.environ.pop(RP_MODULE_VAR, None)
+    yield pilot, tmgr
+    session.close(download=False)
+    deadline = time.monotonic() + 15
+    left = with_env(RP_MODULE_VAR, pilot_token)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = with_env(RP_MODULE_VAR, pilot_token)
+    desc = [f"{p.pid} {' '.join(p.cmdline())[:120]}" for p in left if p.is_running()]
+    for p in left:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    assert not desc, "RP processes left after session.close: " + "; ".join(desc)
+
+
+@pytest.fixture
 def backend(request: pytest.FixtureRequest) -> str:
     name: str = request.param
     if name == "dask":
         request.applymarker(pytest.mark.filterwarnings("ignore::ResourceWarning"))
         request.applymarker(pytest.mark.filterwarnings("ignore:.*[Ww]orker.*:UserWarning"))
+    if name == "radical":
+        # RP's zmq sockets/contexts are garbage-collected unclosed in RP's own threads
+        for w in (
+            "ignore::pytest.PytestUnraisableExceptionWarning",
+            "ignore::ResourceWarning",
+            "ignore::DeprecationWarning",
+        ):
+            request.applymarker(pytest.mark.filterwarnings(w))
     return name
 
 
@@ -116,7 +237,8 @@ def backend(request: pytest.FixtureRequest) -> str:
 def make_session(
     backend: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> Iterator[Callable[..., pilotfish.Session]]:
-    """Make a Session on the test's backend; every session made is closed afterwards."""
+    """Make a Session on the test's backend; every session made is closed afterwards
+    (on radical: and its raptor master and workers are gone)."""
     made: list[pilotfish.Session] = []
 
     def make(**kw: Any) -> pilotfish.Session:
@@ -126,13 +248,21 @@ def make_session(
             cluster = request.getfixturevalue("dask_cluster")
             kw.pop("workers", None)  # the cluster decides
             kw.setdefault("address", cluster.scheduler_address)
+        elif backend == "radical":
+            pilot, tmgr = request.getfixturevalue("rp_pilot")
+            kw.setdefault("pilot", pilot)
+            kw.setdefault("task_manager", tmgr)
         s = pilotfish.Session(backend=backend, **kw)
         made.append(s)
         return s
 
     yield make
     for s in made:
+        procs = s.processes() if backend == "radical" else {}
         s.shutdown(wait=True, cancel_futures=True)
+        pids = [p for p in [procs.get("master"), *procs.get("workers", [])] if p]
+        if pids:
+            wait_for(lambda pids=pids: not [p for p in pids if pid_alive(p)], 15, 0.1)
 
 
 def skip_on(backend: str, *names: str, reason: str) -> None:

@@ -1,4 +1,4 @@
-"""Python callables on the local backend: values, dependencies and lossless errors."""
+"""Python callables on every backend: values, dependencies and lossless errors (conformance)."""
 
 from __future__ import annotations
 
@@ -448,11 +448,12 @@ def test_functions_from_main_travel_by_value(tmp_path: Path) -> None:
 
 
 def test_processes(session: pilotfish.Session, backend: str) -> None:
-    """Session.processes() names the master (local) or scheduler (Dask) and the workers."""
+    """Session.processes() names the master (local, radical) or scheduler (Dask) and the
+    workers (on radical a worker's pid is known once it has registered with the master)."""
     session.submit(add, 1, 1).result(timeout=30)
-    procs = session.processes()
-    assert len(procs["workers"]) == 2 and os.getpid() not in procs["workers"]
-    if backend == "local":
+    procs = wait_for(lambda: (p := session.processes()) and len(p["workers"]) == 2 and p, 30)
+    assert os.getpid() not in procs["workers"]
+    if backend in ("local", "radical"):
         assert procs["master"] and procs["master"] != os.getpid()
     else:  # Dask: the scheduler plays the master's part
         assert procs["master"] is None and procs["scheduler"].startswith("tcp://")

@@ -1,27 +1,22 @@
 """The RADICAL-Pilot raptor backend on a real ``local.localhost`` pilot (no mocks).
 
 Skipped unless radical.pilot is importable (``pip install 'pilotfish[radical]'``). One
-pilot is shared by the module (its start-up costs ~15 s); every test starts its own
-pilotfish raptor master and workers on it and must end them. The pilot is started with
-the per-test token removed from the environment (see conftest), under a private HOME,
-and the module checks at teardown that no RP process survived ``session.close``.
+pilot (conftest's ``rp_pilot``) is shared by the test run; every test starts its own
+pilotfish raptor master and workers on it and must end them. These are the failures
+RADICAL-Pilot alone loses or truncates; the conformance suite (test_callables.py,
+test_commands.py with ``--backends radical``) covers the common semantics.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
-import sys
-import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
 import pilotfish
@@ -29,7 +24,7 @@ from pilotfish.core.policy import Backoff
 
 rp = pytest.importorskip("radical.pilot")
 
-from conftest import TOKEN_VAR, wait_for  # noqa: E402
+from conftest import TOKEN_VAR, pid_alive, wait_for, with_env  # noqa: E402
 from pilotfish.backends.radical.backend import RadicalBackend  # noqa: E402
 
 pytestmark = [
@@ -39,71 +34,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::ResourceWarning"),
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
 ]
-
-_MOD_VAR = "PILOTFISH_RP_TEST_MODULE"
-
-
-def _with_env(var: str, value: str) -> list[psutil.Process]:
-    me = os.getpid()
-    out = []
-    for p in psutil.process_iter(["pid", "status"]):
-        if p.pid == me or p.info["status"] == psutil.STATUS_ZOMBIE:
-            continue
-        with contextlib.suppress(psutil.Error, OSError):
-            if p.environ().get(var) == value:
-                out.append(p)
-    return out
-
-
-@pytest.fixture(scope="module")
-def rp_pilot() -> Iterator[Any]:
-    saved = {k: os.environ.get(k) for k in (TOKEN_VAR, "HOME", "RADICAL_REPORT_ANIME", _MOD_VAR)}
-    home = tempfile.mkdtemp(prefix="pf-rp-home-")
-    mod_token = uuid.uuid4().hex
-    os.environ.pop(TOKEN_VAR, None)
-    os.environ.update(HOME=home, RADICAL_REPORT_ANIME="0", **{_MOD_VAR: mod_token})
-    if sys.prefix != sys.base_prefix:  # RP's local resource needs an "activated" venv
-        os.environ.setdefault("VIRTUAL_ENV", sys.prefix)
-        os.environ["PATH"] = os.path.join(sys.prefix, "bin") + os.pathsep + os.environ["PATH"]
-    cwd = os.getcwd()
-    os.chdir(home)  # RP writes its client session directory into the cwd
-    session = None
-    try:
-        session = rp.Session()
-        pmgr = rp.PilotManager(session)
-        pilot = pmgr.submit_pilots(
-            rp.PilotDescription(
-                {"resource": "local.localhost", "cores": 8, "runtime": 30, "exit_on_error": False}
-            )
-        )
-        pilot.wait([rp.PMGR_ACTIVE, *rp.FINAL], timeout=180)
-        assert pilot.state == rp.PMGR_ACTIVE, f"pilot did not start: {pilot.state}"
-        tmgr = rp.TaskManager(session)  # an RP pilot belongs to one TaskManager only
-        tmgr.add_pilots(pilot)
-    except BaseException:
-        if session is not None:
-            session.close(download=False)
-        raise
-    finally:
-        os.chdir(cwd)
-        for k in (TOKEN_VAR, "HOME"):
-            if saved[k] is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = saved[k]  # type: ignore[assignment]
-        os.environ.pop(_MOD_VAR, None)
-    yield pilot, tmgr
-    session.close(download=False)
-    deadline = time.monotonic() + 15
-    left = _with_env(_MOD_VAR, mod_token)
-    while left and time.monotonic() < deadline:
-        time.sleep(0.2)
-        left = _with_env(_MOD_VAR, mod_token)
-    desc = [f"{p.pid} {' '.join(p.cmdline())[:120]}" for p in left if p.is_running()]
-    for p in left:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
-    assert not desc, "RP processes left after session.close: " + "; ".join(desc)
 
 
 @pytest.fixture
@@ -130,14 +60,7 @@ def make(rp_pilot: Any, tmp_path: Path) -> Iterator[Any]:
         procs = b.processes()
         s.shutdown(wait=True, cancel_futures=True)
         pids = [p for p in [procs["master"], *procs["workers"]] if p]
-        wait_for(lambda pids=pids: not [p for p in pids if _alive(p)], timeout=15, interval=0.1)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
+        wait_for(lambda pids=pids: not [p for p in pids if pid_alive(p)], timeout=15, interval=0.1)
 
 
 # ---------------------------------------------------------------- task functions
@@ -281,7 +204,7 @@ def test_own_pilot_leaves_no_process(tmp_path: Path, monkeypatch: pytest.MonkeyP
         wait_for(lambda: b.processes()["master"] and b.processes()["workers"], timeout=30)
         pids = [p for p in [b.processes()["master"], *b.processes()["workers"]] if p]
     closed = time.monotonic() - t0
-    left = _with_env("PILOTFISH_RP_TOKEN", b._token)
+    left = with_env("PILOTFISH_RP_TOKEN", b._token)
     assert not left, [" ".join(p.cmdline()) for p in left]
-    assert not [p for p in pids if _alive(p)]
+    assert not [p for p in pids if pid_alive(p)]
     print(f"own pilot: start {started:.1f} s, start+task+close {closed:.1f} s")

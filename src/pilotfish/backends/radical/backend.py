@@ -160,7 +160,7 @@ class RadicalBackend:
         self._inflight: dict[int, _Att] = {}
         self._by_uid: dict[str, _Att] = {}
         self._workers_seen: dict[str, list[Any]] = {}
-        self._claimed: dict[str, str] = {}
+        self._running: dict[str, str] = {}
         self._sink: Sink | None = None
         self._stopping = threading.Event()
         self._stopped = False
@@ -169,11 +169,18 @@ class RadicalBackend:
         self._threads: list[threading.Thread] = []
         self._known_pids: set[int] = set()
         self._n = 0
+        # bound methods are new objects on every access; RP unregisters by id()
+        self._task_cb_fn = self._task_cb
+        self._reaper: Any = None
+        self._host = _wire.host_name()
+        self._master_local = False
+        self._pilot_cb_fn = self._pilot_cb
 
     # ------------------------------------------------------------------ protocol
     def start(self, sink: Sink) -> None:
         self._sink = sink
         try:
+            self._start_reaper()
             self._start_rp()
         except BaseException as e:
             why = f"could not start RADICAL-Pilot ({self.resource}): {type(e).__name__}: {e}"
@@ -197,7 +204,7 @@ class RadicalBackend:
         with self._lock:
             ws = {w: v for w, v in self._workers_seen.items() if v[0] in ("ready", "starting")}
             held = {}
-            for uid, wid in self._claimed.items():
+            for uid, wid in self._running.items():
                 a = self._by_uid.get(uid)
                 w = self._workers_seen.get(wid)
                 if a is not None and w is not None:
@@ -226,9 +233,12 @@ class RadicalBackend:
         self._stop_master()
         if self._own_tmgr:
             self._bounded(lambda: self._tmgr and self._tmgr.close(), 15, "tmgr.close")
-        elif self._tmgr is not None:
+        elif self._tmgr is not None:  # RP finds a callback by id(): the very same object
             with contextlib.suppress(Exception):
-                self._tmgr.unregister_callback(self._task_cb)
+                self._tmgr.unregister_callback(self._task_cb_fn)
+        if not self._own_pilot and self._pilot is not None:
+            with contextlib.suppress(Exception):
+                self._pilot.unregister_callback(self._pilot_cb_fn)
         if self._own_pilot:
             self._bounded(
                 lambda: self._session and self._session.close(download=False),
@@ -237,6 +247,7 @@ class RadicalBackend:
             )
             pids |= self._token_pids()
         self._end_pids(pids)
+        self._stop_reaper()
 
     # ------------------------------------------------------------------ start-up
     def _ensure_venv_env(self) -> None:
@@ -272,11 +283,11 @@ class RadicalBackend:
                     f"pilot {self._pilot.uid} is {self._pilot.state} after "
                     f"{self.start_timeout:g} s; {self._pilot_details()}"
                 )
-        self._pilot.register_callback(self._pilot_cb)
+        self._pilot.register_callback(self._pilot_cb_fn)
         if self._tmgr is None:  # an RP pilot can belong to one TaskManager only
             self._tmgr = rp.TaskManager(self._session)
             self._tmgr.add_pilots(self._pilot)
-        self._tmgr.register_callback(self._task_cb)
+        self._tmgr.register_callback(self._task_cb_fn)
         self._start_master()
 
     def _cfg(self) -> dict[str, Any]:
@@ -310,7 +321,7 @@ class RadicalBackend:
             self._master_seen_running = None
             self._last_answer = None
             self._workers_seen = {}
-            self._claimed = {}
+            self._running = {}
             self._master_submitted = time.monotonic()
         self._master = self._tmgr.submit_raptors([td], self._pilot.uid)[0]
 
@@ -318,9 +329,13 @@ class RadicalBackend:
     def _task_cb(self, task: Any, state: str) -> None:
         self._q.put(("task", task, state))
 
-    def _pilot_cb(self, pilot: Any, state: str) -> None:
-        if state in rp.FINAL:
-            self._q.put(("pilot", pilot, state))
+    def _pilot_cb(self, pilots: Any, state: str | None = None) -> None:
+        """RP calls a pilot's own callbacks with ``[pilot]`` (no state), the pilot
+        manager's with ``(pilot, state)``."""
+        for pilot in ru.as_list(pilots):
+            st = state or pilot.state
+            if st in rp.FINAL:
+                self._q.put(("pilot", pilot, st))
 
     # ------------------------------------------------------------------ event thread
     def _emit(self, events: list[Any]) -> None:
@@ -436,6 +451,9 @@ class RadicalBackend:
             if state in rp.FINAL:
                 self._master_lost(f"its RP task {uid} reached state {state}", task, events)
             return
+        if state == rp.AGENT_EXECUTING:
+            self._on_started(task, events)
+            return
         if state not in rp.FINAL:
             return
         att = self._pop(uid)
@@ -457,11 +475,13 @@ class RadicalBackend:
                 events.append(Started(res.attempt, res.worker, res.pid, res.started, res.host))
             events.append(res)
             return
-        if info is not None and info.get("pilotfish") == "worker_lost":
+        kind = info.get("pilotfish") if info is not None else None
+        if info is not None and kind in ("worker_lost", "task_process_lost"):
+            # the worker died, or the process the worker forked for this task did
             worker, pid, host = (
-                info.get("worker", ""),
-                int(info.get("pid") or 0),
-                info.get("host", ""),
+                info.get("worker") or att.worker,
+                int(info.get("pid") or att.pid or 0),
+                info.get("host") or att.host,
             )
             if not att.started:
                 events.append(Started(att.m.attempt, worker, pid, att.t0 or now, host))
@@ -487,13 +507,13 @@ class RadicalBackend:
             return
         exc = str(task.exception or "")
         detail = str(task.exception_detail or "")
-        if state == rp.FAILED and "TimeoutError" in exc and att.m.timeout:
+        if state == rp.FAILED and (kind == "timeout" or "TimeoutError" in exc) and att.m.timeout:
             events.append(
                 Lost(
                     att.m.attempt,
                     "timeout",
                     f"task {att.m.key!r} exceeded its timeout of {att.m.timeout:g} s; "
-                    "RADICAL-Pilot's raptor worker ended the process running it",
+                    "pilotfish's raptor worker killed the process running it",
                     att.worker,
                     att.pid,
                     None,
@@ -518,6 +538,22 @@ class RadicalBackend:
                 "pilot's Python environment?",
             )
         )
+
+    def _on_started(self, task: Any, events: list[Any]) -> None:
+        """Our master published where the task runs (worker, pid, host) as it started."""
+        md = (task.description or {}).get("metadata") or {}
+        info = md.get("pilotfish") if isinstance(md, dict) else None
+        if not isinstance(info, dict):
+            return
+        with self._lock:
+            att = self._by_uid.get(task.uid)
+            if att is None or att.started or self._inflight.get(att.m.attempt) is not att:
+                return
+            att.started, att.worker, att.host = True, str(info.get("worker") or ""), ""
+            att.pid = int(info.get("pid") or 0)
+            att.host = str(info.get("host") or "")
+            att.t0 = float(info.get("time") or time.time())
+        events.append(Started(att.m.attempt, att.worker, att.pid, att.t0, att.host))
 
     def _env_result(self, att: _Att, why: str, *, plain: bool = False) -> Result:
         msg = why if plain else f"task {att.m.key!r} (attempt id {att.m.attempt}): {why}"
@@ -592,8 +628,14 @@ class RadicalBackend:
                 )
         elif running is not None and now - running > max(60.0, self.hb_timeout):
             self._master_lost("it never answered a ping after it started", None, events)
-        elif now - self._master_submitted > self.start_timeout:
-            self._master_lost(f"it did not start within {self.start_timeout:g} s", None, events)
+        else:
+            # a first master waits for the pilot's slots; a replacement for one that was
+            # lost should come up quickly, or the pilot itself is in trouble
+            limit = self.start_timeout
+            if self._restarts:
+                limit = min(limit, max(60.0, 6 * self.hb_timeout))
+            if now - self._master_submitted > limit:
+                self._master_lost(f"it did not start within {limit:g} s", None, events)
 
     def _master_lost(self, why: str, task: Any, events: list[Any]) -> None:
         if self._dead or self._stopping.is_set():
@@ -609,7 +651,10 @@ class RadicalBackend:
             gone = list(self._inflight.values())
             self._inflight.clear()
             self._by_uid.clear()
-            worker_pids = [int(v[1]) for v in self._workers_seen.values() if v[1]]
+            worker_pids = [
+                int(v[1]) for v in self._workers_seen.values() if v[1] and v[2] == self._host
+            ]
+            to_end = {p for p in [pid if self._master_local else 0, *worker_pids] if p}
         events.append(MasterEvent("lost", pid, time.time(), stderr_tail=err, message=what))
         for a in gone:
             events.append(
@@ -629,7 +674,7 @@ class RadicalBackend:
             )
         # end what is left of the old master and its workers
         self._bounded(lambda: self._tmgr.cancel_tasks([old.uid]), 10, "cancel master")
-        self._end_pids({p for p in [pid, *worker_pids] if p}, grace=0.5)
+        self._end_pids(to_end, grace=0.5)
         pilot_ok = self._pilot is not None and self._pilot.state == rp.PMGR_ACTIVE
         if self._restarts >= self.max_restarts or not pilot_ok:
             reason = (
@@ -720,6 +765,10 @@ class RadicalBackend:
             self._last_answer = time.monotonic()
             if not self._master_pid:
                 self._master_pid = int(ans.get("pid") or 0)
+                # pids are ended by us only on this host (a cluster's nodes have their own)
+                self._master_local = ans.get("host") == self._host
+                if self._master_local:
+                    self._reap(self._master_pid)
                 events.append(
                     MasterEvent(
                         "started",
@@ -732,9 +781,11 @@ class RadicalBackend:
             old = self._workers_seen
             new = {w: list(v) for w, v in (ans.get("workers") or {}).items()}
             self._workers_seen = new
-            self._claimed = dict(ans.get("claimed") or {})
-            for wid, (state, pid, _host) in new.items():
-                if pid:
+            self._running = dict(ans.get("running") or {})
+            for wid, (state, pid, host) in new.items():
+                if pid and host == self._host:
+                    if int(pid) not in self._known_pids:
+                        self._reap(int(pid))
                     self._known_pids.add(int(pid))
                 before = (old.get(wid) or [None])[0]
                 if state == before:
@@ -749,7 +800,7 @@ class RadicalBackend:
                             "start_failed", wid, int(pid), now, message=ans.get("env_problem", "")
                         )
                     )
-            for uid, wid in self._claimed.items():
+            for uid, wid in self._running.items():
                 att = self._by_uid.get(uid)
                 if att is None or att.started or self._inflight.get(att.m.attempt) is not att:
                     continue
@@ -758,6 +809,48 @@ class RadicalBackend:
                 events.append(Started(att.m.attempt, wid, int(pid), now, host))
 
     # ------------------------------------------------------------------ teardown
+    def _start_reaper(self) -> None:
+        """A watcher that ends our RP processes if this client dies without stop()."""
+        import subprocess
+
+        env = {k: v for k, v in os.environ.items() if k != _TOKEN_VAR}
+        self._reaper = subprocess.Popen(
+            [sys.executable, "-m", "pilotfish.backends.radical.reaper", str(os.getpid())],
+            stdin=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # a Ctrl-C in the terminal must not end it first
+            env=env,
+        )
+        if self._own_pilot:
+            self._tell_reaper(f"token {self._token}")
+
+    def _tell_reaper(self, line: str) -> None:
+        r = self._reaper
+        if r is not None and r.stdin is not None:
+            with contextlib.suppress(OSError, ValueError):
+                r.stdin.write(line + "\n")
+                r.stdin.flush()
+
+    def _reap(self, pid: int) -> None:
+        import psutil
+
+        with contextlib.suppress(psutil.Error):
+            self._tell_reaper(f"pid {pid} {psutil.Process(pid).create_time()!r}")
+
+    def _stop_reaper(self) -> None:
+        r, self._reaper = self._reaper, None
+        if r is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            assert r.stdin is not None
+            r.stdin.write("done\n")
+            r.stdin.close()
+        try:
+            r.wait(10)
+        except Exception:
+            r.kill()
+            r.wait()
+
     @staticmethod
     def _bounded(fn: Any, timeout: float, what: str) -> None:
         def run() -> None:
@@ -783,7 +876,7 @@ class RadicalBackend:
     def _rp_pids(self) -> set[int]:
         with self._lock:
             pids = set(self._known_pids)
-            if self._master_pid:
+            if self._master_pid and self._master_local:
                 pids.add(self._master_pid)
         return pids
 

@@ -4,21 +4,36 @@ RADICAL-Pilot loads this file with ``ru.load_class(path, "PilotfishMaster")``, s
 uses absolute imports only. On top of RP's raptor ``Master`` it keeps its own record:
 
 * every task it received (``request_cb``) until it is finished or advanced by us;
-* which worker holds which task: a worker claims a task (synchronous request on the
-  master's task service) before it runs it, so a worker's death names its tasks;
+* which worker *holds* which task: a worker claims the bulk of tasks it took from RP's
+  shared queue (``pilotfish_claim``) as soon as it has them;
+* which held task is *running*: the worker's per-task process asks before it runs one
+  (``pilotfish_start``); the master then publishes the task's AGENT_EXECUTING state
+  with the worker's name, pid and host in ``description.metadata["pilotfish"]``, so
+  the client knows at once where the attempt runs (RP alone reports AGENT_EXECUTING
+  only together with the result);
 * each worker's pid, host and pre-flight result (``pilotfish_hello``).
 
-When a worker fails or is cancelled (its RP state update) or its process is gone
-(polled), the master advances exactly the tasks it held to FAILED, with the worker's
-exit code and the tail of its stderr in the task's ``return_value`` (a dict with
-``"pilotfish": "worker_lost"``), kills their program process groups, and starts a
-replacement worker. A late result for a task already advanced is dropped (fencing).
-If pre-flight fails on a worker, every task (queued, held or later) fails with an
-ENVIRONMENT error (``"pilotfish": "environment"``) and no replacement is started.
+When a worker fails or is cancelled (its RP state update, with its exit code) or its
+process is gone (polled; RP's update is awaited for a second so the exit code is
+known), the master advances exactly the tasks it was *running* to FAILED, with the
+worker's exit code, signal and the tail of its stderr in the task's ``return_value`` (a
+dict with ``"pilotfish": "worker_lost"``), kills their program process groups, puts the
+tasks it merely *held* back on the queue (not blamed), and starts a replacement
+worker. A task can also vanish between RP's queue and a worker that dies before it
+claims it: the queue is first-in first-out, so a task still unclaimed a second after a
+task pushed later was claimed is pushed again. A claim is the fence, so a duplicate on
+the queue is dropped by whoever takes it second. A result is accepted only from the
+worker that holds the task, once: a late result for a task already advanced or
+requeued is dropped.
+
+Pre-flight (:func:`pilotfish.preflight.worker_checks`) runs here when the master
+starts and on every worker when it starts. If it fails, every task (queued, held or
+later) fails with an ENVIRONMENT error (``"pilotfish": "environment"``) and no
+(replacement) worker is started.
 
 The client pings the master through RP's raptor rpc (``pilotfish_ping``): the answer
-names the master's pid and its workers, and ``pilotfish_cancel`` withdraws unclaimed
-tasks.
+names the master's pid, its workers and the running tasks; ``pilotfish_cancel``
+withdraws tasks that are not running.
 """
 
 from __future__ import annotations
@@ -30,6 +45,7 @@ import os
 import signal
 import threading
 import time
+from collections import deque
 from typing import Any
 
 import radical.pilot as rp
@@ -39,7 +55,10 @@ from radical.pilot import constants as rpc_const
 from radical.pilot.raptor import Master
 
 _CFG_VAR = "PILOTFISH_RP_CFG"
+_MASTER_VAR = "PILOTFISH_RP_MASTER"
 _TAIL = 4000
+_GONE_GRACE = 1.0  # s to wait for RP's state update (with the exit code) of a vanished worker
+_TRANSIT_GRACE = 1.0  # s after a later task was claimed, an unclaimed one is taken as lost
 
 
 def _tail(path: str, n: int = _TAIL) -> str:
@@ -51,6 +70,12 @@ def _tail(path: str, n: int = _TAIL) -> str:
             return f.read().decode("utf-8", "replace")
     except OSError:
         return ""
+
+
+def _host() -> str:
+    from pilotfish import _wire
+
+    return _wire.host_name()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -67,32 +92,74 @@ def _pid_alive(pid: int) -> bool:
             return False
 
 
+def _exit_status(exit_code: Any) -> tuple[int | None, str, str | None]:
+    """(returncode, 'was killed by signal SIGKILL (-9)', 'SIGKILL') from RP's exit code.
+
+    RP starts a worker through a shell, which reports a signal N as exit code 128+N."""
+    from pilotfish.backends.local.dispatch import describe_exit
+
+    if not isinstance(exit_code, int):
+        return None, "exit status unknown", None
+    rc = exit_code
+    if rc > 128 and (rc - 128) in {s.value for s in signal.Signals}:
+        rc = -(rc - 128)
+    how, sig = describe_exit(rc)
+    return exit_code, how, sig
+
+
 class PilotfishMaster(Master):  # type: ignore[misc]
     def __init__(self) -> None:
         self._pf_cfg: dict[str, Any] = json.loads(
             base64.b64decode(os.environ.get(_CFG_VAR) or "e30=")
         )
         self._pf_lock = threading.RLock()
-        self._pf_tasks: dict[str, dict[str, Any]] = {}  # task uid -> task dict
-        self._pf_owner: dict[str, str] = {}  # task uid -> worker uid
+        self._pf_tasks: dict[str, dict[str, Any]] = {}  # task uid -> task dict (unfinished)
+        # unclaimed task uid -> its place on RP's queue, in push order
+        self._pf_pushed: dict[str, int] = {}
+        self._pf_seq = 0
+        self._pf_claims: deque[tuple[float, int]] = deque()  # (when, place) of claims
+        self._pf_claimed_upto = 0  # a task placed before this is lost if still unclaimed
+        self._pf_owner: dict[str, str] = {}  # task uid -> worker uid holding it
+        self._pf_running: dict[str, str] = {}  # task uid -> worker uid running it
         self._pf_groups: dict[str, int] = {}  # task uid -> program process group
         self._pf_workers: dict[str, dict[str, Any]] = {}  # worker uid -> record
         self._pf_env_problem = ""
         self._pf_stopping = False
         super().__init__()
+        self._pf_preflight()
         ts = self._task_service
         ts.register_request("pilotfish_hello", self._pf_hello)
         ts.register_request("pilotfish_claim", self._pf_claim)
+        ts.register_request("pilotfish_start", self._pf_start)
         ts.register_request("pilotfish_group", self._pf_group)
         self.register_rpc_handler("raptor_rpc", self._raptor_rpc, rpc_addr=self.uid)
         threading.Thread(target=self._pf_watch, name="pilotfish-watch", daemon=True).start()
-        self._pf_start_workers(int(self._pf_cfg.get("workers") or 1))
+        if not self._pf_env_problem:
+            self._pf_start_workers(int(self._pf_cfg.get("workers") or 1))
+
+    def _pf_preflight(self) -> None:
+        try:
+            from pilotfish import _wire
+            from pilotfish.preflight import worker_checks
+
+            checks = worker_checks(self._pf_cfg.get("versions") or {}, self._pf_cfg["rundir"])
+            problems = [c.message() for c in checks if not c.ok]
+            host = _wire.host_name()
+        except Exception as e:
+            problems, host = [f"pre-flight could not run: {type(e).__name__}: {e}"], "?"
+        if problems:
+            lines = "\n".join(f"  - {p}" for p in problems)
+            self._pf_env_problem = (
+                f"pre-flight checks failed in the pilotfish raptor master {self.uid} "
+                f"(pid {os.getpid()}, host {host}); no worker was started:\n{lines}"
+            )
+            self._pf_log(self._pf_env_problem)
 
     # -- workers ----------------------------------------------------------------
     def _pf_start_workers(self, n: int) -> None:
         if n <= 0 or self._pf_stopping:
             return
-        env = {"PILOTFISH_RP_CFG": os.environ.get(_CFG_VAR, "{}")}
+        env = {"PILOTFISH_RP_CFG": os.environ.get(_CFG_VAR, "{}"), _MASTER_VAR: self._pf_me()}
         env.update(self._pf_cfg.get("worker_env") or {})
         tds = []
         for _ in range(n):
@@ -118,6 +185,13 @@ class PilotfishMaster(Master):  # type: ignore[misc]
                     "t0": time.time(),
                 }
 
+    @staticmethod
+    def _pf_me() -> str:
+        """'host pid create_time': a worker on this host ends itself when we are gone."""
+        import psutil
+
+        return f"{_host()} {os.getpid()} {psutil.Process().create_time()!r}"
+
     def _pf_log(self, msg: str) -> None:
         path = os.path.join(self._sbox, "pilotfish-master.log")
         with contextlib.suppress(Exception), open(path, "a") as f:
@@ -135,23 +209,94 @@ class PilotfishMaster(Master):  # type: ignore[misc]
                     f"(pid {pid}, host {host}):\n{lines}"
                 )
                 doomed = list(self._pf_tasks.values())
-                self._pf_tasks.clear()
-                self._pf_owner.clear()
+                self._pf_forget_all()
             else:
                 doomed = []
         for t in doomed:
             self._pf_fail(t, {"pilotfish": "environment", "message": self._pf_env_problem}, 78)
         return not problems
 
-    def _pf_claim(self, wid: str, uid: str) -> bool:
+    def _pf_forget(self, uid: str) -> dict[str, Any] | None:
+        """Drop every record of a task (lock held); returns its dict if it was known."""
+        self._pf_owner.pop(uid, None)
+        self._pf_running.pop(uid, None)
+        self._pf_groups.pop(uid, None)
+        self._pf_pushed.pop(uid, None)
+        return self._pf_tasks.pop(uid, None)
+
+    def _pf_forget_all(self) -> None:
+        for d in (self._pf_tasks, self._pf_owner, self._pf_running, self._pf_groups):
+            d.clear()
+        self._pf_pushed.clear()
+
+    def _pf_claim(self, wid: str, uids: list[str]) -> list[str]:
+        """A worker took these tasks off the queue: it holds those nobody else holds."""
+        mine = []
         with self._pf_lock:
             w = self._pf_workers.get(wid)
-            if uid not in self._pf_tasks or (w is not None and w.get("state") == "lost"):
+            if w is not None and w.get("state") == "lost":
+                return []
+            now = time.monotonic()
+            for uid in uids:
+                if uid in self._pf_tasks and uid not in self._pf_owner:
+                    self._pf_owner[uid] = wid
+                    mine.append(uid)
+                    place = self._pf_pushed.pop(uid, None)
+                    if place is not None:
+                        self._pf_claims.append((now, place))
+        return mine
+
+    def _pf_push(self, tasks: list[dict[str, Any]]) -> None:
+        """Record tasks as (back) on RP's queue (lock held); the caller puts them there."""
+        for t in tasks:
+            self._pf_pushed.pop(t["uid"], None)
+            self._pf_seq += 1
+            self._pf_pushed[t["uid"]] = self._pf_seq
+
+    def _pf_lost_in_transit(self) -> list[dict[str, Any]]:
+        """Unclaimed tasks placed before one claimed more than a grace period ago (lock
+        held): the queue is FIFO, so they went to a worker that died before claiming."""
+        limit = time.monotonic() - _TRANSIT_GRACE
+        while self._pf_claims and self._pf_claims[0][0] < limit:
+            self._pf_claimed_upto = max(self._pf_claimed_upto, self._pf_claims.popleft()[1])
+        lost = []
+        for uid, place in self._pf_pushed.items():
+            if place >= self._pf_claimed_upto:
+                break
+            lost.append(self._pf_tasks[uid])
+        self._pf_push(lost)
+        return lost
+
+    def _pf_start(self, wid: str, uid: str, pid: int) -> bool:
+        """A worker's task process asks to run a task it holds."""
+        with self._pf_lock:
+            w = self._pf_workers.get(wid) or {}
+            if (
+                uid not in self._pf_tasks
+                or self._pf_owner.get(uid) != wid
+                or w.get("state") == "lost"
+            ):
                 return False
-            self._pf_owner[uid] = wid
-            if w is not None:
-                w["busy_since"] = time.time()
-            return True
+            self._pf_running[uid] = wid
+            info = {
+                "worker": wid,
+                "pid": int(w.get("pid") or 0),
+                "task_pid": int(pid),
+                "host": w.get("host") or "",
+                "time": time.time(),
+            }
+        update = {
+            "uid": uid,
+            "type": "task",
+            "state": rps.AGENT_EXECUTING,
+            "description": {"metadata": {"pilotfish": info}},
+            "$all": True,  # publish these fields, not just the state
+        }
+        try:
+            self.advance([update], publish=True, push=False)
+        except Exception:
+            self._log.exception("pilotfish: could not publish the start of %s", uid)
+        return True
 
     def _pf_group(self, uid: str, pgid: int) -> bool:
         with self._pf_lock:
@@ -163,16 +308,26 @@ class PilotfishMaster(Master):  # type: ignore[misc]
         """Backstop for RP's state updates: a worker whose process is gone is lost."""
         while not self._term.is_set():
             time.sleep(0.25)
+            now = time.monotonic()
+            gone = []
             with self._pf_lock:
-                gone = [
-                    w["uid"]
-                    for w in self._pf_workers.values()
-                    if w.get("pid")
-                    and w.get("state") in ("ready", "preflight_failed")
-                    and not _pid_alive(int(w["pid"]))
-                ]
+                for w in self._pf_workers.values():
+                    if not w.get("pid") or w.get("state") not in ("ready", "preflight_failed"):
+                        continue
+                    if _pid_alive(int(w["pid"])):
+                        continue
+                    w.setdefault("gone_at", now)
+                    if now - w["gone_at"] >= _GONE_GRACE:
+                        gone.append(w["uid"])
             for wid in gone:
-                self._pf_worker_lost(wid, None, "its process is gone")
+                self._pf_worker_lost(wid, None, "its process is gone; RP reported no exit code")
+            with self._pf_lock:
+                lost = [] if self._pf_stopping else self._pf_lost_in_transit()
+            if lost:
+                self._pf_log(
+                    f"lost on the way to a worker, pushed again: {[t['uid'] for t in lost]}"
+                )
+                self._req_put.put(lost)
 
     def _state_cb(self, topic: str, msg: Any) -> bool:
         with contextlib.suppress(Exception):
@@ -191,46 +346,47 @@ class PilotfishMaster(Master):  # type: ignore[misc]
                 return
             was = w.get("state")
             w["state"] = "lost"
-            held = [u for u, o in self._pf_owner.items() if o == wid]
-            tasks = []
-            for u in held:
-                del self._pf_owner[u]
-                t = self._pf_tasks.pop(u, None)
-                pg = self._pf_groups.pop(u, None)
-                if pg:
-                    with contextlib.suppress(OSError):
-                        os.killpg(pg, signal.SIGKILL)
-                if t is not None:
-                    tasks.append(t)
+            running, held = [], []
+            for u, o in list(self._pf_owner.items()):
+                if o != wid:
+                    continue
+                if u in self._pf_running:
+                    pg = self._pf_groups.get(u)
+                    if pg:
+                        with contextlib.suppress(OSError):
+                            os.killpg(pg, signal.SIGKILL)
+                    t = self._pf_forget(u)
+                    if t is not None:
+                        running.append(t)
+                else:  # taken off the queue but not started: back on the queue, unblamed
+                    del self._pf_owner[u]
+                    held.append(self._pf_tasks[u])
+            self._pf_push(held)
             stopping = self._pf_stopping
+        if held and not stopping:
+            self._pf_log(f"requeue {[t['uid'] for t in held]} after {wid} was lost")
+            self._req_put.put(held)
         err_path = os.path.join(self._sbox, f"{wid}.err")
         tail = _tail(err_path)
-        sig = None
-        if isinstance(exit_code, int) and exit_code < 0:
-            sig = signal.Signals(-exit_code).name if -exit_code in signal.valid_signals() else None
-        elif isinstance(exit_code, int) and exit_code > 128:
-            with contextlib.suppress(ValueError):
-                sig = signal.Signals(exit_code - 128).name
+        code, how, sig = _exit_status(exit_code)
         info = {
             "pilotfish": "worker_lost",
             "worker": wid,
             "pid": int(w.get("pid") or 0),
             "host": w.get("host") or "",
-            "returncode": exit_code if isinstance(exit_code, int) else None,
+            "returncode": code,
             "signal": sig,
             "stderr_tail": tail[-2000:],
             "stderr_path": err_path,
             "message": (
                 f"RADICAL-Pilot raptor worker {wid} (pid {w.get('pid') or '?'}, host "
-                f"{w.get('host') or '?'}) was lost ({why}"
-                + (f", exit code {exit_code}" if exit_code is not None else "")
-                + (f", {sig}" if sig else "")
-                + f"); its stderr: {err_path}"
+                f"{w.get('host') or '?'}) was lost: {why}"
+                + (f"; it {how}" if code is not None else "")
+                + f"; its stderr: {err_path}"
             ),
         }
-        self._pf_events_lost = getattr(self, "_pf_events_lost", 0) + 1
-        for t in tasks:
-            self._pf_fail(t, dict(info), exit_code if isinstance(exit_code, int) else 1)
+        for t in running:
+            self._pf_fail(t, dict(info), code if isinstance(code, int) and code > 0 else 1)
         if not stopping and was != "preflight_failed" and not self._pf_env_problem:
             self._pf_start_workers(1)
 
@@ -256,6 +412,7 @@ class PilotfishMaster(Master):  # type: ignore[misc]
                 if not problem:
                     self._pf_tasks[t["uid"]] = t
                     keep.append(t)
+            self._pf_push(keep)
         if problem:
             for t in tasks:
                 self._pf_fail(t, {"pilotfish": "environment", "message": problem}, 78)
@@ -266,13 +423,14 @@ class PilotfishMaster(Master):  # type: ignore[misc]
         with self._pf_lock:
             for t in ru.as_list(tasks):
                 uid = t.get("uid")
-                if uid in self._pf_tasks:
-                    del self._pf_tasks[uid]
-                    self._pf_owner.pop(uid, None)
-                    self._pf_groups.pop(uid, None)
+                owner = self._pf_owner.get(uid)
+                if uid in self._pf_tasks and owner in (None, t.get("worker")):
+                    self._pf_forget(uid)
                     mine.append(t)
                 else:
-                    self._log.info("pilotfish: dropped a late result for %s", uid)
+                    self._log.info(
+                        "pilotfish: dropped a late result for %s from %s", uid, t.get("worker")
+                    )
         if mine:
             super()._result_cb(mine)
 
@@ -283,12 +441,13 @@ class PilotfishMaster(Master):  # type: ignore[misc]
             with self._pf_lock:
                 return {
                     "pid": os.getpid(),
+                    "host": _host(),
                     "time": time.time(),
                     "workers": {
                         w["uid"]: [w.get("state"), int(w.get("pid") or 0), w.get("host") or ""]
                         for w in self._pf_workers.values()
                     },
-                    "claimed": dict(self._pf_owner),
+                    "running": dict(self._pf_running),
                     "env_problem": self._pf_env_problem,
                 }
         if cmd == "pilotfish_cancel":
@@ -296,11 +455,11 @@ class PilotfishMaster(Master):  # type: ignore[misc]
             gone = []
             with self._pf_lock:
                 for u in uids:
-                    if u in self._pf_tasks and u not in self._pf_owner:
-                        gone.append(self._pf_tasks.pop(u))
+                    if u in self._pf_tasks and u not in self._pf_running:
+                        gone.append(self._pf_forget(u))
             if gone:
                 self.advance(gone, rps.CANCELED, publish=True, push=False)
-            return [t["uid"] for t in gone]
+            return [t["uid"] for t in gone if t]
         if cmd == "stop":
             with self._pf_lock:
                 self._pf_stopping = True

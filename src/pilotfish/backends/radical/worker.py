@@ -1,15 +1,26 @@
 """pilotfish's raptor worker (runs inside the pilot; loaded by path by RADICAL-Pilot).
 
 RADICAL-Pilot loads this file with ``ru.load_class(path, "PilotfishWorker")``, so it
-uses absolute imports only. It is RP's ``DefaultWorker`` with four additions:
+uses absolute imports only. It is RP's ``DefaultWorker`` (one forked process per task)
+with these changes:
 
 * pre-flight (:func:`pilotfish.preflight.worker_checks`) runs before the worker takes
   any task; the result goes to the master with the worker's pid in ``pilotfish_hello``;
-* before running a task it *claims* it from the master with a synchronous request, so
-  the master knows which worker holds which task (RP's shared queue does not say), and
-  a task the master already advanced (cancelled, failed with a lost worker) is dropped;
-* the processes RP forks per task die with the worker (``PR_SET_PDEATHSIG``), and a
+* a bulk of tasks taken from RP's shared queue is *claimed* from the master at once
+  (``pilotfish_claim``), so the master knows which worker holds which task; a task the
+  master no longer has (cancelled, already claimed elsewhere) is dropped;
+* the forked per-task process asks the master before it runs the task
+  (``pilotfish_start``): the master then knows the task is *running* (not just
+  queued in this worker) and tells the client at once; a task the master withdrew in
+  the meantime is not run;
+* the per-task process runs the call in a child of its own and always reports: a
+  result, a timeout, or, when that child died without one (segfault, ``os._exit``,
+  SIGKILL), a ``"pilotfish": "task_process_lost"`` record with its exit status. RP's
+  own ``DefaultWorker`` reports nothing in that case and the task waits forever;
+* every process RP forks per task dies with its parent (``PR_SET_PDEATHSIG``), and a
   program's process group is reported to the master, which kills it if the worker dies;
+* a second result for the same task process (the child reported and then died) is
+  dropped instead of crashing RP's result thread;
 * ``pilotfish_run(blob)`` is the one function every task calls: it runs a pickled
   :class:`~pilotfish._wire.RunAttempt` through :func:`pilotfish.backends.execute.run_attempt`
   (which never raises) and returns the pickled ``Result``, base64-encoded.
@@ -17,19 +28,54 @@ uses absolute imports only. It is RP's ``DefaultWorker`` with four additions:
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
+import multiprocessing as mp
 import os
 import pickle
 import sys
 import threading
+import traceback
 from typing import Any
 
 import radical.utils as ru
+from radical.pilot import TASK_FUNCTION, TASK_METHOD
 from radical.pilot.raptor import DefaultWorker
 
 _CFG_VAR = "PILOTFISH_RP_CFG"
+_MASTER_VAR = "PILOTFISH_RP_MASTER"
+
+
+def _die_with_master() -> None:
+    """End this worker when its master (on this host) is gone: RP's worker waits for
+    its registration forever if the master died first, and keeps running otherwise
+    until RP's agent notices (it may not, when the master was killed)."""
+    import time
+
+    import psutil
+
+    from pilotfish import _wire
+
+    try:
+        host, pid, created = os.environ[_MASTER_VAR].split()
+        if host != _wire.host_name():
+            return
+        master = psutil.Process(int(pid))
+        if abs(master.create_time() - float(created)) > 1.0:
+            os._exit(70)
+    except (KeyError, ValueError):
+        return
+    except psutil.Error:
+        os._exit(70)
+    while True:
+        time.sleep(0.5)
+        try:
+            if master.status() == psutil.STATUS_ZOMBIE:
+                os._exit(70)
+        except psutil.Error:
+            os._exit(70)
 
 
 def _cfg() -> dict[str, Any]:
@@ -43,6 +89,9 @@ def _client_path(cfg: dict[str, Any]) -> None:
 
 class PilotfishWorker(DefaultWorker):  # type: ignore[misc]
     def __init__(self, raptor_id: str) -> None:
+        threading.Thread(
+            target=_die_with_master, name="pilotfish-master-watch", daemon=True
+        ).start()
         cfg = _cfg()
         _client_path(cfg)
         from pilotfish import _wire
@@ -77,32 +126,151 @@ class PilotfishWorker(DefaultWorker):  # type: ignore[misc]
         self._pf_said_hello = True
 
     def _request_cb(self, tasks: Any) -> None:
-        for task in ru.as_list(tasks):
-            try:
-                self._pf_hello()
-                ok = self._pf_request("pilotfish_claim", self._uid, task["uid"])
-            except Exception:
-                self._log.exception("pilotfish: claim failed for %s", task["uid"])
-                ok = True  # let RP run it; the master's record decides about its result
-            if ok:
+        tasks = ru.as_list(tasks)
+        uids = [t["uid"] for t in tasks]
+        try:
+            self._pf_hello()
+            mine = set(self._pf_request("pilotfish_claim", self._uid, uids))
+        except Exception:
+            self._log.exception("pilotfish: claim failed for %s", uids)
+            mine = set(uids)  # let RP run them; the master's record decides about results
+        for task in tasks:
+            if task["uid"] in mine:
                 super()._request_cb([task])
             else:
                 self._log.info("pilotfish: master withdrew %s", task["uid"])
 
-    def _dispatch(self, task: Any, env: Any) -> None:  # runs in a forked child
+    def _result_cb(self, result: Any) -> None:
+        task = result[0]
+        with self._plock:
+            known = task.get("pid") in self._pool
+            if known and task.get("pf_withdrawn"):
+                del self._pool[task["pid"]]
+        if not known:  # a second result from one task process: the first one counts
+            self._log.info("pilotfish: dropped a second result for %s", task.get("uid"))
+            return
+        if task.get("pf_withdrawn"):
+            self._dealloc(task)
+            return
+        super()._result_cb(result)
+
+    # -- the per-task process ------------------------------------------------------
+    def _dispatch(self, task: Any, env: Any) -> None:  # runs in a process forked per task
         from pilotfish.backends.local.worker import die_with_parent
 
         die_with_parent()
+        task["pid"] = os.getpid()
+        os.environ.update({k: str(v) for k, v in env.items()})
+        os.environ.update({k: str(v) for k, v in (task.get("environment") or {}).items()})
         os.environ["PILOTFISH_RP_TS"] = str(self._ts_addr)
         os.environ["PILOTFISH_RP_TASK"] = str(task["uid"])
-        super()._dispatch(task, env)
+        try:
+            self._pf_run_task(task)
+        except BaseException as e:  # report, whatever happened
+            self._pf_put(task, exc=(repr(e), traceback.format_exc()), err=f"dispatch failed: {e}")
+        finally:
+            with contextlib.suppress(Exception):
+                self._result_queue.close()
+                self._result_queue.join_thread()
+            os._exit(0)
+
+    def _pf_put(
+        self,
+        task: Any,
+        *,
+        out: Any = None,
+        err: Any = None,
+        ret: int = 1,
+        val: Any = None,
+        exc: Any = (None, None),
+    ) -> None:
+        self._result_queue.put([task, out, err, ret, val, list(exc)])
+
+    def _pf_run_task(self, task: Any) -> None:
+        uid = task["uid"]
+        try:
+            c = ru.zmq.Client(url=self._ts_addr)
+            go = c.request("pilotfish_start", self._uid, uid, os.getpid())
+            c.close()
+        except Exception:
+            self._log.exception("pilotfish: start request failed for %s", uid)
+            go = True  # run it; the master's record decides about its result
+        if not go:
+            task["pf_withdrawn"] = True
+            self._pf_put(task)
+            return
+        sent = mp.Value("b", 0, lock=False)
+        child = mp.Process(target=self._pf_child, args=(task, sent), daemon=True)
+        child.start()
+        tout = task["description"].get("timeout") or None
+        child.join(timeout=tout)
+        if child.is_alive():
+            child.kill()
+            child.join()
+            if not sent.value:
+                self._pf_put(
+                    task,
+                    err=f"timeout (>{tout})",
+                    val={"pilotfish": "timeout", "timeout": tout, "pid": child.pid},
+                    exc=('TimeoutError("task timed out")', None),
+                )
+            return
+        if sent.value:
+            return
+        from pilotfish.backends.local.dispatch import describe_exit
+
+        how, sig = describe_exit(child.exitcode)
+        msg = (
+            f"the process running task {uid} (pid {child.pid}, in RADICAL-Pilot raptor "
+            f"worker {self._uid} on host {self._pf_host}) {how} before it returned a result"
+        )
+        self._pf_put(
+            task,
+            err=msg,
+            val={
+                "pilotfish": "task_process_lost",
+                "worker": self._uid,
+                "pid": child.pid,
+                "host": self._pf_host,
+                "returncode": child.exitcode,
+                "signal": sig,
+                "message": msg,
+            },
+            exc=(f"pilotfish: {msg}", None),
+        )
+
+    def _pf_child(self, task: Any, sent: Any) -> None:  # the call's own process
+        from pilotfish.backends.local.worker import die_with_parent
+
+        die_with_parent()
+        with contextlib.suppress(Exception):
+            import setproctitle
+
+            setproctitle.setproctitle(f"pilotfish.rp.task.{task['uid']}")
+        out = err = val = None
+        ret = 1
+        exc: Any = (None, None)
+        try:
+            sbox = task["task_sandbox_path"]
+            ru.rec_makedir(sbox)
+            os.chdir(sbox)
+            mode = task["description"]["mode"]
+            dispatcher = self.get_dispatcher(mode)
+            if mode in (TASK_FUNCTION, TASK_METHOD):
+                out, err, ret, val, exc = asyncio.run(dispatcher(task))
+            else:
+                out, err, ret, val, exc = dispatcher(task)
+        except Exception as e:
+            exc = (repr(e), traceback.format_exc())
+        self._pf_put(task, out=out, err=err, ret=ret, val=val, exc=exc)
+        self._result_queue.close()
+        self._result_queue.join_thread()  # the result is in the pipe before we say so
+        sent.value = 1
 
     # -- the function every pilotfish task calls --------------------------------
     def pilotfish_run(self, blob: str) -> str:
         from pilotfish.backends.execute import run_attempt
-        from pilotfish.backends.local.worker import die_with_parent
 
-        die_with_parent()  # we are RP's per-task grandchild: die with its parent
         cfg = self._pf_cfg
         cwd = cfg.get("cwd")
         if cwd:
