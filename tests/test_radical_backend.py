@@ -40,9 +40,9 @@ pytestmark = [
 def make(rp_pilot: Any, tmp_path: Path) -> Iterator[Any]:
     made: list[tuple[pilotfish.Session, RadicalBackend]] = []
 
-    def mk(workers: int = 2, **kw: Any) -> pilotfish.Session:
+    def mk(workers: int = 2, backend_class: Any = RadicalBackend, **kw: Any) -> pilotfish.Session:
         rundir = str(tmp_path / f"run{len(made)}")
-        b = RadicalBackend(
+        b = backend_class(
             workers,
             pilot=rp_pilot[0],
             task_manager=rp_pilot[1],
@@ -98,6 +98,14 @@ def slow_once(marker: str) -> int:
 
 def sleep_long() -> None:
     time.sleep(120)
+
+
+def segfault() -> None:
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def exit_hard(code: int) -> None:
+    os._exit(code)
 
 
 # ---------------------------------------------------------------- tests
@@ -169,6 +177,10 @@ def test_worker_sigkill_mid_task_is_lost_then_retried(make: Any, tmp_path: Path)
         first = t.attempts[0]
         assert first.failure is not None
         assert first.failure.category == pilotfish.Category.WORKER_LOST
+        # the worker's exit status, from RP's state update (its shell reports 128+9)
+        assert first.failure.signal == "SIGKILL", first.failure
+        assert "SIGKILL" in first.failure.message and "stderr" in first.failure.message
+        assert first.worker and first.worker != t.attempts[1].worker  # a replacement ran it
         assert len(t.attempts) == 2
         print(f"worker SIGKILL -> done on retry in {took:.2f} s")
 
@@ -191,7 +203,9 @@ def test_master_killed_is_runtime_lost_quickly(make: Any) -> None:
 
 @pytest.mark.timeout(300)
 def test_own_pilot_leaves_no_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The backend's own RP session and pilot: nothing survives the Session."""
+    """The backend's own RP session and pilot: a pilot that ends (as at the end of its
+    walltime) turns the running attempt into RuntimeLost at once, naming the pilot and
+    its sandbox; nothing survives the Session."""
     monkeypatch.delenv(TOKEN_VAR)  # our own check below is stricter: the backend's token
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
@@ -203,8 +217,138 @@ def test_own_pilot_leaves_no_process(tmp_path: Path, monkeypatch: pytest.MonkeyP
         assert s.submit(square, 5).result(timeout=120) == 25
         wait_for(lambda: b.processes()["master"] and b.processes()["workers"], timeout=30)
         pids = [p for p in [b.processes()["master"], *b.processes()["workers"]] if p]
+        t = s.submit(sleep_long)
+        wait_for(t.running, timeout=60)
+        t1 = time.monotonic()
+        b._pilot.cancel()
+        with pytest.raises(pilotfish.RuntimeLost) as ei:
+            t.result(timeout=60)
+        lost_in = time.monotonic() - t1
+        assert b._pilot.uid in str(ei.value) and "pilot sandbox" in str(ei.value), ei.value
+        with pytest.raises(pilotfish.RuntimeLost):  # nothing runs any more, nothing waits
+            s.submit(square, 2).result(timeout=30)
     closed = time.monotonic() - t0
     left = with_env("PILOTFISH_RP_TOKEN", b._token)
     assert not left, [" ".join(p.cmdline()) for p in left]
     assert not [p for p in pids if pid_alive(p)]
-    print(f"own pilot: start {started:.1f} s, start+task+close {closed:.1f} s")
+    print(f"own pilot: start {started:.1f} s, pilot cancelled -> RuntimeLost {lost_in:.1f} s")
+    print(f"own pilot: start+tasks+close {closed:.1f} s")
+
+
+def test_task_process_death_is_worker_lost_then_poison(make: Any) -> None:
+    """The process running a call dies (segfault, os._exit): RP's own worker reports
+    nothing and the task waits forever; pilotfish reports WORKER_LOST with the signal,
+    retries, and declares the task poison after ``poison_after`` deaths."""
+    with make(poison_after=2) as s:
+        bad = s.submit(segfault)
+        gone = s.submit(exit_hard, 7)
+        ok = s.submit(square, 9)
+        with pytest.raises(pilotfish.WorkerLost) as ei:
+            bad.result(timeout=120)
+        assert ok.result(timeout=120) == 81  # independent work keeps going
+        f = ei.value.failure
+        assert f.signal == "SIGSEGV" and "poison" in f.message, f
+        assert [a.outcome for a in bad.attempts] == ["worker_lost", "worker_lost"]
+        with pytest.raises(pilotfish.WorkerLost) as ei2:
+            gone.result(timeout=120)
+        assert ei2.value.failure.returncode == 7
+        assert "exited with code 7" in ei2.value.failure.message
+
+
+def test_call_timeout_is_timeout(make: Any) -> None:
+    with make() as s:
+        t = s.submit(pilotfish.task(timeout=1, retries=0)(sleep_long))
+        with pytest.raises(pilotfish.TaskTimeout):
+            t.result(timeout=60)
+        assert s.submit(square, 3).result(timeout=60) == 9
+
+
+class _OldPilotfishOnThePilot(RadicalBackend):
+    """The client claims a pilotfish version the pilot's environment does not have."""
+
+    def _cfg(self) -> dict[str, Any]:
+        cfg = super()._cfg()
+        cfg["versions"] = dict(cfg["versions"], pilotfish="0.0.1")
+        return cfg
+
+
+def test_preflight_in_master_fails_tasks_with_environment(make: Any) -> None:
+    with make(backend_class=_OldPilotfishOnThePilot) as s:
+        t = s.submit(square, 2)
+        with pytest.raises(pilotfish.EnvironmentMismatch) as ei:
+            t.result(timeout=120)
+        msg = str(ei.value)
+        assert "pilotfish raptor master" in msg and "0.0.1" in msg, msg
+        assert s.processes()["workers"] == []  # no worker was started
+
+
+def test_lost_in_transit_bookkeeping() -> None:
+    """The master's record of tasks on RP's FIFO queue: a task still unclaimed after a
+    task pushed later was claimed (a grace period ago) is pushed again, once."""
+    from pilotfish.backends.radical import master as m
+
+    pm = object.__new__(m.PilotfishMaster)  # the bookkeeping only, no RP component
+    pm._pf_tasks, pm._pf_owner, pm._pf_pushed, pm._pf_seq = {}, {}, {}, 0
+    pm._pf_claims, pm._pf_claimed_upto, pm._pf_workers = m.deque(), 0, {}
+    tasks = [{"uid": f"t{i}"} for i in range(4)]
+    pm._pf_tasks = {t["uid"]: t for t in tasks}
+    pm._pf_push(tasks)
+    assert pm._pf_claim("w1", ["t0"]) == ["t0"]
+    assert pm._pf_claim("w2", ["t0", "t2"]) == ["t2"]  # t0 is held by w1: the fence
+    assert pm._pf_lost_in_transit() == []  # within the grace period
+    pm._pf_claims = m.deque((when - 10, place) for when, place in pm._pf_claims)
+    assert [t["uid"] for t in pm._pf_lost_in_transit()] == ["t1"]  # t3 may be on its way
+    assert pm._pf_lost_in_transit() == []  # pushed again: at the back of the queue
+    assert list(pm._pf_pushed) == ["t3", "t1"]
+
+
+def _client_script(tmp: Path) -> Path:
+    script = tmp / "client.py"
+    script.write_text(
+        "import sys, time, pilotfish\n"
+        "from pilotfish.backends.radical.backend import RadicalBackend\n"
+        "def nap():\n"
+        "    time.sleep(300)\n"
+        "if __name__ == '__main__':\n"
+        "    b = RadicalBackend(1, rundir=sys.argv[1], cores=3)\n"
+        "    s = pilotfish.Session(backend=b, rundir=sys.argv[1])\n"
+        "    t = s.submit(nap)\n"
+        "    while not t.running():\n"
+        "        time.sleep(0.1)\n"
+        "    print(b._token, flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    return script
+
+
+@pytest.mark.timeout(300)
+def test_client_sigkill_leaves_no_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client dies without stopping anything (kill -9): pilotfish's reaper ends the
+    agent, bridges, master, workers and the running task (RP alone keeps ~30 processes
+    for its 600 s heartbeat timeout)."""
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    script = _client_script(tmp_path)
+    p = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "run")],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert p.stdout is not None
+        token = p.stdout.readline().strip()
+        assert token, "the client did not start its task"
+        assert len(with_env("PILOTFISH_RP_TOKEN", token)) > 5
+        t0 = time.monotonic()
+        p.kill()
+        p.wait()
+        wait_for(lambda: not with_env("PILOTFISH_RP_TOKEN", token), 30, 0.2)
+        print(f"client SIGKILL -> every RP process gone in {time.monotonic() - t0:.1f} s")
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()

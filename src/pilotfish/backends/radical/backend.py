@@ -203,12 +203,8 @@ class RadicalBackend:
     def processes(self) -> dict[str, Any]:
         with self._lock:
             ws = {w: v for w, v in self._workers_seen.items() if v[0] in ("ready", "starting")}
-            held = {}
-            for uid, wid in self._running.items():
-                a = self._by_uid.get(uid)
-                w = self._workers_seen.get(wid)
-                if a is not None and w is not None:
-                    held[a.m.attempt] = int(w[1])
+            # attempt id -> pid of the raptor worker running it
+            held = {a.m.attempt: a.pid for a in self._inflight.values() if a.started and a.pid}
             return {
                 "master": self._master_pid or None,
                 "workers": sorted(int(v[1]) for v in ws.values() if v[1]),
@@ -229,8 +225,10 @@ class RadicalBackend:
         for t in self._threads:
             if t is not threading.current_thread():
                 t.join(timeout)
+        t0 = time.monotonic()
         pids = self._rp_pids()
         self._stop_master()
+        log.info("pilotfish: master stopped in %.2f s", time.monotonic() - t0)
         if self._own_tmgr:
             self._bounded(lambda: self._tmgr and self._tmgr.close(), 15, "tmgr.close")
         elif self._tmgr is not None:  # RP finds a callback by id(): the very same object
@@ -248,6 +246,7 @@ class RadicalBackend:
             pids |= self._token_pids()
         self._end_pids(pids)
         self._stop_reaper()
+        log.info("pilotfish: RADICAL-Pilot backend stopped in %.2f s", time.monotonic() - t0)
 
     # ------------------------------------------------------------------ start-up
     def _ensure_venv_env(self) -> None:
@@ -868,8 +867,10 @@ class RadicalBackend:
     def _stop_master(self) -> None:
         if self._master is None or (self._dead and self._master.state in rp.FINAL):
             return
+        # a master that never answered is still starting (or hung): RP cancels its task,
+        # and its workers end themselves once it is gone
         with contextlib.suppress(Exception):
-            if self._master.state not in rp.FINAL:
+            if self._master.state not in rp.FINAL and self._last_answer is not None:
                 self._rpc("stop", 5.0)
         self._bounded(lambda: self._tmgr.cancel_tasks([self._master.uid]), 10, "cancel master")
 
@@ -894,7 +895,7 @@ class RadicalBackend:
         return out
 
     @staticmethod
-    def _end_pids(pids: set[int], grace: float = 3.0) -> None:
+    def _end_pids(pids: set[int], grace: float = 1.0) -> None:
         """End processes RP left behind, by PID (whole trees: the workers' task children)."""
         import psutil
 

@@ -92,6 +92,31 @@ def _pid_alive(pid: int) -> bool:
             return False
 
 
+# how bash reports a child that a signal ended ("<script>: line 68: 26327 Killed  <cmd>")
+_SHELL_SIGNALS = {
+    "Killed": signal.SIGKILL,
+    "Terminated": signal.SIGTERM,
+    "Segmentation fault": signal.SIGSEGV,
+    "Aborted": signal.SIGABRT,
+    "Bus error": signal.SIGBUS,
+    "Hangup": signal.SIGHUP,
+    "Interrupt": signal.SIGINT,
+    "Floating point exception": signal.SIGFPE,
+    "Illegal instruction": signal.SIGILL,
+}
+
+
+def _shell_reported_exit(stderr_tail: str, pid: int) -> int | None:
+    """RP runs a worker under a bash script, which writes to the worker's stderr file how
+    a signal ended it: RP's own state update (with the exit code) may come late, or not
+    reach the master at all."""
+    import re
+
+    words = "|".join(re.escape(w) for w in _SHELL_SIGNALS)
+    found = re.findall(rf"\b{pid}\s+({words})\b", stderr_tail)
+    return 128 + int(_SHELL_SIGNALS[found[-1]]) if found else None
+
+
 def _exit_status(exit_code: Any) -> tuple[int | None, str, str | None]:
     """(returncode, 'was killed by signal SIGKILL (-9)', 'SIGKILL') from RP's exit code.
 
@@ -124,9 +149,12 @@ class PilotfishMaster(Master):  # type: ignore[misc]
         self._pf_groups: dict[str, int] = {}  # task uid -> program process group
         self._pf_workers: dict[str, dict[str, Any]] = {}  # worker uid -> record
         self._pf_env_problem = ""
+        self._pf_doomed: list[dict[str, Any]] = []  # to fail: pre-flight failed
         self._pf_stopping = False
+        self._pf_preflight()  # before RP's init: tasks arrive as soon as it registers
         super().__init__()
-        self._pf_preflight()
+        if self._pf_env_problem:
+            self._pf_log(self._pf_env_problem)
         ts = self._task_service
         ts.register_request("pilotfish_hello", self._pf_hello)
         ts.register_request("pilotfish_claim", self._pf_claim)
@@ -150,10 +178,10 @@ class PilotfishMaster(Master):  # type: ignore[misc]
         if problems:
             lines = "\n".join(f"  - {p}" for p in problems)
             self._pf_env_problem = (
-                f"pre-flight checks failed in the pilotfish raptor master {self.uid} "
+                "pre-flight checks failed in the pilotfish raptor master "
+                f"{os.environ.get('RP_TASK_ID', '?')} "
                 f"(pid {os.getpid()}, host {host}); no worker was started:\n{lines}"
             )
-            self._pf_log(self._pf_env_problem)
 
     # -- workers ----------------------------------------------------------------
     def _pf_start_workers(self, n: int) -> None:
@@ -193,7 +221,7 @@ class PilotfishMaster(Master):  # type: ignore[misc]
         return f"{_host()} {os.getpid()} {psutil.Process().create_time()!r}"
 
     def _pf_log(self, msg: str) -> None:
-        path = os.path.join(self._sbox, "pilotfish-master.log")
+        path = os.path.join(os.environ.get("RP_TASK_SANDBOX", "."), "pilotfish-master.log")
         with contextlib.suppress(Exception), open(path, "a") as f:
             f.write(f"{time.time():.3f} {msg}\n")
 
@@ -320,7 +348,11 @@ class PilotfishMaster(Master):  # type: ignore[misc]
                     if now - w["gone_at"] >= _GONE_GRACE:
                         gone.append(w["uid"])
             for wid in gone:
-                self._pf_worker_lost(wid, None, "its process is gone; RP reported no exit code")
+                self._pf_worker_lost(wid, None, "its process is gone")
+            with self._pf_lock:
+                doomed, self._pf_doomed = self._pf_doomed, []
+            for t in doomed:
+                self._pf_fail(t, {"pilotfish": "environment", "message": self._pf_env_problem}, 78)
             with self._pf_lock:
                 lost = [] if self._pf_stopping else self._pf_lost_in_transit()
             if lost:
@@ -368,6 +400,8 @@ class PilotfishMaster(Master):  # type: ignore[misc]
             self._req_put.put(held)
         err_path = os.path.join(self._sbox, f"{wid}.err")
         tail = _tail(err_path)
+        if exit_code is None and w.get("pid"):
+            exit_code = _shell_reported_exit(tail, int(w["pid"]))
         code, how, sig = _exit_status(exit_code)
         info = {
             "pilotfish": "worker_lost",
@@ -414,8 +448,11 @@ class PilotfishMaster(Master):  # type: ignore[misc]
                     keep.append(t)
             self._pf_push(keep)
         if problem:
-            for t in tasks:
-                self._pf_fail(t, {"pilotfish": "environment", "message": problem}, 78)
+            # a state published from here does not reach the client (RP 1.103): let RP
+            # submit them, then fail them through the result path (the watch thread)
+            with self._pf_lock:
+                self._pf_doomed.extend(tasks)
+            return list(tasks)
         return keep
 
     def _result_cb(self, tasks: Any) -> None:
@@ -433,6 +470,21 @@ class PilotfishMaster(Master):  # type: ignore[misc]
                     )
         if mine:
             super()._result_cb(mine)
+
+    def _pf_shutdown(self) -> None:
+        pids = [int(w.get("pid") or 0) for w in self._pf_workers.values()]
+        for pid in pids:  # RP's worker_terminate is a request; make sure
+            if pid:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGTERM)
+        # a worker still starting has no pid yet: have RP's agent cancel every worker task
+        # (and such a worker ends itself when this master is gone)
+        with contextlib.suppress(Exception):
+            self.publish(
+                rpc_const.CONTROL_PUBSUB,
+                {"cmd": "cancel_tasks", "arg": {"uids": list(self._pf_workers)}},
+            )
+        self.stop()
 
     # -- rpc from the client ---------------------------------------------------------
     def _raptor_rpc(self, *args: Any, **kwargs: Any) -> Any:
@@ -466,17 +518,7 @@ class PilotfishMaster(Master):  # type: ignore[misc]
                 for w in self._pf_workers.values():
                     if w.get("state") != "lost":
                         w["state"] = "stopped"
-            pids = [int(w.get("pid") or 0) for w in self._pf_workers.values()]
-            # a worker still starting has no pid yet: have RP's agent cancel every worker task
-            with contextlib.suppress(Exception):
-                self.publish(
-                    rpc_const.CONTROL_PUBSUB,
-                    {"cmd": "cancel_tasks", "arg": {"uids": list(self._pf_workers)}},
-                )
-            self.stop()
-            for pid in pids:  # RP's worker_terminate is a request; make sure
-                if pid:
-                    with contextlib.suppress(OSError):
-                        os.kill(pid, signal.SIGTERM)
+            # answer at once: RP's Component.stop() joins threads for seconds
+            threading.Thread(target=self._pf_shutdown, name="pilotfish-stop", daemon=True).start()
             return True
         return super()._raptor_rpc(*args, **kwargs)

@@ -35,6 +35,7 @@ import json
 import multiprocessing as mp
 import os
 import pickle
+import signal
 import sys
 import threading
 import traceback
@@ -200,10 +201,15 @@ class PilotfishWorker(DefaultWorker):  # type: ignore[misc]
             self._pf_put(task)
             return
         sent = mp.Value("b", 0, lock=False)
+        # a program's process group, set by pilotfish_run in the child (shared memory)
+        self._pf_pgid = mp.Value("i", 0, lock=False)
         child = mp.Process(target=self._pf_child, args=(task, sent), daemon=True)
         child.start()
         tout = task["description"].get("timeout") or None
         child.join(timeout=tout)
+        if not sent.value and self._pf_pgid.value:  # the child died or hangs: its program too
+            with contextlib.suppress(OSError):
+                os.killpg(self._pf_pgid.value, signal.SIGKILL)
         if child.is_alive():
             child.kill()
             child.join()
@@ -280,6 +286,9 @@ class PilotfishWorker(DefaultWorker):  # type: ignore[misc]
         uid = os.environ.get("PILOTFISH_RP_TASK", "")
 
         def on_group(pgid: int) -> None:
+            slot = getattr(self, "_pf_pgid", None)
+            if slot is not None:
+                slot.value = pgid
             try:
                 c = ru.zmq.Client(url=os.environ["PILOTFISH_RP_TS"])
                 c.request("pilotfish_group", uid, pgid)
