@@ -47,12 +47,12 @@ def no_leftover_processes(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     while alive and time.monotonic() < deadline:
         time.sleep(0.05)
         alive = _survivors(token)
+    desc = []
     for p in alive:
         with contextlib.suppress(psutil.Error):
+            desc.append(f"{p.pid} {' '.join(p.cmdline())}")
             p.kill()
-    assert not alive, "processes left behind: " + ", ".join(
-        f"{p.pid} {' '.join(p.cmdline())}" for p in alive if p.is_running()
-    )
+    assert not desc, "processes left behind: " + ", ".join(desc)
 
 
 @pytest.fixture

@@ -252,7 +252,7 @@ def test_task_process_death_is_worker_lost_then_poison(make: Any) -> None:
         with pytest.raises(pilotfish.WorkerLost) as ei2:
             gone.result(timeout=120)
         assert ei2.value.failure.returncode == 7
-        assert "exited with code 7" in ei2.value.failure.message
+        assert "exit code 7" in ei2.value.failure.message
 
 
 def test_call_timeout_is_timeout(make: Any) -> None:
@@ -290,6 +290,7 @@ def test_lost_in_transit_bookkeeping() -> None:
     pm = object.__new__(m.PilotfishMaster)  # the bookkeeping only, no RP component
     pm._pf_tasks, pm._pf_owner, pm._pf_pushed, pm._pf_seq = {}, {}, {}, 0
     pm._pf_claims, pm._pf_claimed_upto, pm._pf_workers = m.deque(), 0, {}
+    pm._pf_lock = threading.RLock()
     tasks = [{"uid": f"t{i}"} for i in range(4)]
     pm._pf_tasks = {t["uid"]: t for t in tasks}
     pm._pf_push(tasks)
@@ -348,6 +349,8 @@ def test_client_sigkill_leaves_no_process(tmp_path: Path, monkeypatch: pytest.Mo
         p.wait()
         wait_for(lambda: not with_env("PILOTFISH_RP_TOKEN", token), 30, 0.2)
         print(f"client SIGKILL -> every RP process gone in {time.monotonic() - t0:.1f} s")
+        # and the reaper itself ends (it carries this test's token, not the backend's)
+        wait_for(lambda: not with_env(TOKEN_VAR, os.environ[TOKEN_VAR]), 15, 0.2)
     finally:
         if p.poll() is None:
             p.kill()

@@ -260,10 +260,14 @@ class RadicalBackend:
         os.environ.setdefault("RADICAL_REPORT_ANIME", "0")
 
     def _start_rp(self) -> None:
-        if self._pilot is None:
+        own = self._pilot is None
+        if own:
             self._ensure_venv_env()
-            os.environ[_TOKEN_VAR] = self._token  # inherited by every RP process we start
-            try:
+            # inherited by every RP process we start (client components, agent, bridges,
+            # master, workers): what the reaper ends if this client dies
+            os.environ[_TOKEN_VAR] = self._token
+        try:
+            if own:
                 self._session = rp.Session()
                 self._pmgr = rp.PilotManager(self._session)
                 pd = {
@@ -275,19 +279,20 @@ class RadicalBackend:
                 pd.update(self.pilot_options)
                 self._pilot = self._pmgr.submit_pilots(rp.PilotDescription(pd))
                 self._pilot.wait([rp.PMGR_ACTIVE, *rp.FINAL], timeout=self.start_timeout)
-            finally:
+                if self._pilot.state != rp.PMGR_ACTIVE:
+                    raise RuntimeError(
+                        f"pilot {self._pilot.uid} is {self._pilot.state} after "
+                        f"{self.start_timeout:g} s; {self._pilot_details()}"
+                    )
+            self._pilot.register_callback(self._pilot_cb_fn)
+            if self._tmgr is None:  # an RP pilot can belong to one TaskManager only
+                self._tmgr = rp.TaskManager(self._session)
+                self._tmgr.add_pilots(self._pilot)
+            self._tmgr.register_callback(self._task_cb_fn)
+            self._start_master()
+        finally:
+            if own:
                 os.environ.pop(_TOKEN_VAR, None)
-            if self._pilot.state != rp.PMGR_ACTIVE:
-                raise RuntimeError(
-                    f"pilot {self._pilot.uid} is {self._pilot.state} after "
-                    f"{self.start_timeout:g} s; {self._pilot_details()}"
-                )
-        self._pilot.register_callback(self._pilot_cb_fn)
-        if self._tmgr is None:  # an RP pilot can belong to one TaskManager only
-            self._tmgr = rp.TaskManager(self._session)
-            self._tmgr.add_pilots(self._pilot)
-        self._tmgr.register_callback(self._task_cb_fn)
-        self._start_master()
 
     def _cfg(self) -> dict[str, Any]:
         return {

@@ -15,8 +15,13 @@ to end:
 * ``done``: the client stopped the backend itself: one last sweep, then exit.
 
 It polls the client every 0.2 s (a pipe's end-of-file is no signal here: RP forks
-client-side processes that inherit the pipe). When the client is gone, or at
-``done``, the processes are sent SIGTERM, then SIGKILL after a second.
+client-side processes that inherit the pipe). RP also forks helpers from the client
+without exec (its proxy worker): they keep the client's command line and the
+environment the client was started with, so the token does not show in them; the
+watcher notes the client's descendants with the client's own command line every
+second. When the client is gone, all of these are sent SIGTERM, then SIGKILL after a
+second; at ``done`` only the token's processes and the pids (the client may have forked
+children of its own that must live on).
 """
 
 from __future__ import annotations
@@ -76,6 +81,18 @@ def _targets(orders: _Orders) -> list[psutil.Process]:
     return [p for p in found.values() if p.pid != me]
 
 
+def _forked(client: psutil.Process) -> dict[int, float]:
+    """The client's descendants that were forked without exec (same command line)."""
+    out = {}
+    with contextlib.suppress(psutil.Error):
+        cmd = client.cmdline()
+        for c in client.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if c.cmdline() == cmd:
+                    out[c.pid] = c.create_time()
+    return out
+
+
 def sweep(orders: _Orders) -> int:
     procs = _targets(orders)
     for p in procs:
@@ -95,7 +112,11 @@ def main(argv: list[str]) -> int:
     created = client.create_time()
     orders = _Orders()
     threading.Thread(target=orders.read, args=(sys.stdin,), daemon=True).start()
+    forked: dict[int, float] = {}
+    last = 0.0
     while not orders.done.wait(0.2):
+        if time.monotonic() - last > 1.0:
+            forked, last = _forked(client) or forked, time.monotonic()
         try:
             gone = not client.is_running() or client.status() == psutil.STATUS_ZOMBIE
             gone = gone or abs(client.create_time() - created) > 1.0
@@ -103,6 +124,8 @@ def main(argv: list[str]) -> int:
             gone = True
         if gone:
             time.sleep(0.2)  # let the last orders in the pipe arrive
+            with orders.lock:
+                orders.pids.update(forked)
             n = sweep(orders)
             print(f"pilotfish reaper: client {argv[0]} died; ended {n} processes", file=sys.stderr)
             return 0
