@@ -543,6 +543,24 @@ class RadicalBackend:
             )
         )
 
+    def _note_master(self, pid: int, host: str, now: float, events: list[Any]) -> None:
+        """The master's pid, from a ping answer or a task's start (lock held)."""
+        if self._master_pid or not pid:
+            return
+        self._master_pid = pid
+        # pids are ended by us only on this host (a cluster's nodes have their own)
+        self._master_local = host == self._host
+        if self._master_local:
+            self._reap(pid)
+        events.append(
+            MasterEvent(
+                "started",
+                pid,
+                now,
+                message=f"pilotfish raptor master {self._master.uid} on pilot {self._pilot.uid}",
+            )
+        )
+
     def _on_started(self, task: Any, events: list[Any]) -> None:
         """Our master published where the task runs (worker, pid, host) as it started."""
         md = (task.description or {}).get("metadata") or {}
@@ -557,6 +575,17 @@ class RadicalBackend:
             att.pid = int(info.get("pid") or 0)
             att.host = str(info.get("host") or "")
             att.t0 = float(info.get("time") or time.time())
+            now = time.time()
+            # the master and the worker are up (a ping may not have told us yet)
+            self._note_master(
+                int(info.get("master_pid") or 0), str(info.get("master_host") or ""), now, events
+            )
+            if att.worker and (self._workers_seen.get(att.worker) or [None])[0] != "ready":
+                self._workers_seen[att.worker] = ["ready", att.pid, att.host]
+                events.append(WorkerEvent("started", att.worker, att.pid, now))
+                if att.pid and att.host == self._host and att.pid not in self._known_pids:
+                    self._reap(att.pid)
+                    self._known_pids.add(att.pid)
         events.append(Started(att.m.attempt, att.worker, att.pid, att.t0, att.host))
 
     def _env_result(self, att: _Att, why: str, *, plain: bool = False) -> Result:
@@ -767,21 +796,7 @@ class RadicalBackend:
         now = time.time()
         with self._lock:
             self._last_answer = time.monotonic()
-            if not self._master_pid:
-                self._master_pid = int(ans.get("pid") or 0)
-                # pids are ended by us only on this host (a cluster's nodes have their own)
-                self._master_local = ans.get("host") == self._host
-                if self._master_local:
-                    self._reap(self._master_pid)
-                events.append(
-                    MasterEvent(
-                        "started",
-                        self._master_pid,
-                        now,
-                        message=f"pilotfish raptor master {self._master.uid} on pilot "
-                        f"{self._pilot.uid}",
-                    )
-                )
+            self._note_master(int(ans.get("pid") or 0), str(ans.get("host") or ""), now, events)
             old = self._workers_seen
             new = {w: list(v) for w, v in (ans.get("workers") or {}).items()}
             self._workers_seen = new

@@ -312,6 +312,8 @@ class PilotfishMaster(Master):  # type: ignore[misc]
                 "task_pid": int(pid),
                 "host": w.get("host") or "",
                 "time": time.time(),
+                "master_pid": os.getpid(),
+                "master_host": _host(),
             }
         update = {
             "uid": uid,
