@@ -109,17 +109,9 @@ def _latency_stats(lat_ms: list[float]) -> dict[str, float]:
 
 def token_procs(token: str) -> list[Any]:
     """Live (non-zombie) processes, other than this one, whose environment has the token."""
-    import psutil
+    from pilotfish._procs import with_env
 
-    me = os.getpid()
-    out = []
-    for p in psutil.process_iter(["pid", "status"]):
-        if p.pid == me or p.info["status"] == psutil.STATUS_ZOMBIE:
-            continue
-        with contextlib.suppress(psutil.Error, OSError):
-            if p.environ().get(TOKEN_VAR) == token:
-                out.append(p)
-    return out
+    return with_env(TOKEN_VAR, {token})
 
 
 def sweep(token: str, grace: float) -> dict[str, str]:

@@ -19,22 +19,13 @@ import psutil
 import pytest
 
 import pilotfish
+from pilotfish import _procs
 
 TOKEN_VAR = "PILOTFISH_TEST_TOKEN"
 
 
 def _survivors(token: str) -> list[psutil.Process]:
-    found = []
-    me = os.getpid()
-    for p in psutil.process_iter(["pid", "status"]):
-        if p.pid == me or p.info["status"] == psutil.STATUS_ZOMBIE:
-            continue
-        try:
-            if p.environ().get(TOKEN_VAR) == token:
-                found.append(p)
-        except (psutil.Error, OSError):
-            continue
-    return found
+    return _procs.with_env(TOKEN_VAR, {token})
 
 
 @pytest.fixture(autouse=True)
@@ -135,16 +126,8 @@ RP_MODULE_VAR = "PILOTFISH_RP_TEST_PILOT"
 
 
 def with_env(var: str, value: str) -> list[psutil.Process]:
-    """Live processes whose environment has var=value."""
-    me = os.getpid()
-    out = []
-    for p in psutil.process_iter(["pid", "status"]):
-        if p.pid == me or p.info["status"] == psutil.STATUS_ZOMBIE:
-            continue
-        with contextlib.suppress(psutil.Error, OSError):
-            if p.environ().get(var) == value:
-                out.append(p)
-    return out
+    """Live processes (not this one) whose environment has var=value."""
+    return _procs.with_env(var, {value})
 
 
 def pid_alive(pid: int) -> bool:

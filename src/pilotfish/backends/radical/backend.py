@@ -45,7 +45,6 @@ import logging
 import os
 import pickle
 import queue
-import signal
 import sys
 import threading
 import time
@@ -65,6 +64,7 @@ except ImportError as e:  # pragma: no cover - exercised without the extra
     ) from e
 
 from ... import _wire
+from ..._procs import end_processes, with_env
 from ..._wire import Fatal, Lost, Result, RunAttempt, Started, WorkerEvent
 from ...preflight import client_versions
 from ..base import MasterEvent, Sink
@@ -902,17 +902,7 @@ class RadicalBackend:
         return pids
 
     def _token_pids(self) -> set[int]:
-        import psutil
-
-        out = set()
-        me = os.getpid()
-        for p in psutil.process_iter(["pid"]):
-            if p.pid == me:
-                continue
-            with contextlib.suppress(psutil.Error, OSError):
-                if p.environ().get(_TOKEN_VAR) == self._token:
-                    out.add(p.pid)
-        return out
+        return {p.pid for p in with_env(_TOKEN_VAR, {self._token})}
 
     @staticmethod
     def _end_pids(pids: set[int], grace: float = 1.0) -> None:
@@ -925,15 +915,4 @@ class RadicalBackend:
                 p = psutil.Process(pid)
                 procs.append(p)
                 procs.extend(p.children(recursive=True))
-        alive = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-        if not alive:
-            return
-        _, alive = psutil.wait_procs(alive, timeout=grace)
-        for p in alive:
-            with contextlib.suppress(psutil.Error):
-                p.send_signal(signal.SIGTERM)
-        _, alive = psutil.wait_procs(alive, timeout=1.0)
-        for p in alive:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-        psutil.wait_procs(alive, timeout=1.0)
+        end_processes(procs, grace)

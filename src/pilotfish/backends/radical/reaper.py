@@ -35,6 +35,8 @@ import time
 
 import psutil
 
+from pilotfish._procs import end_processes, with_env
+
 TOKEN_VAR = "PILOTFISH_RP_TOKEN"
 
 
@@ -72,12 +74,8 @@ def _targets(orders: _Orders) -> list[psutil.Process]:
                 for c in p.children(recursive=True):
                     found[c.pid] = c
     if tokens:
-        for p in psutil.process_iter(["pid"]):
-            if p.pid == me or p.pid in found:
-                continue
-            with contextlib.suppress(psutil.Error, OSError):
-                if p.environ().get(TOKEN_VAR) in tokens:
-                    found[p.pid] = p
+        for p in with_env(TOKEN_VAR, tokens):
+            found.setdefault(p.pid, p)
     return [p for p in found.values() if p.pid != me]
 
 
@@ -95,14 +93,7 @@ def _forked(client: psutil.Process) -> dict[int, float]:
 
 def sweep(orders: _Orders) -> int:
     procs = _targets(orders)
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            p.send_signal(signal.SIGTERM)
-    _, alive = psutil.wait_procs(procs, timeout=1.0)
-    for p in alive:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
-    psutil.wait_procs(alive, timeout=1.0)
+    end_processes(procs)
     return len(procs)
 
 
