@@ -65,6 +65,45 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def json_saver(out: dict[str, Any], path: str) -> Callable[[], None]:
+    """``save()``: a child's record ``out``, written whole (tmp + rename) to ``path``, so
+    the parent reads the last complete state even if the child is killed mid-run."""
+
+    def save() -> None:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(out, f, default=str)
+        os.replace(tmp, path)
+
+    return save
+
+
+def child_record(
+    out: dict[str, Any], path: str, say: Callable[[str], None]
+) -> tuple[Callable[[], None], Callable[[str], None]]:
+    """``(save, fail)`` for a child's record: ``fail(where)`` records the exception being
+    handled (with its traceback) in ``out["errors"]``, says so and saves."""
+    save = json_saver(out, path)
+
+    def fail(where: str) -> None:
+        tb = traceback.format_exc()
+        out["errors"].append({"where": where, "traceback": tb})
+        say(f"ERROR in {where}:\n{tb}")
+        save()
+
+    return save, fail
+
+
+def machine_meta(t0: float) -> dict[str, Any]:
+    """What every benchmark's JSON records about the run and the machine."""
+    return {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t0)),
+        "python": sys.version,
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+    }
+
+
 # =========================================================================== runtimes
 class Runtime:
     """Uniform face over the three executors."""
@@ -295,17 +334,7 @@ def child_main(args: argparse.Namespace) -> int:
         "chains": [],
     }
 
-    def save() -> None:
-        tmp = args._out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(out, f)
-        os.replace(tmp, args._out)
-
-    def fail(where: str) -> None:
-        tb = traceback.format_exc()
-        out["errors"].append({"where": where, "traceback": tb})
-        log(f"[{name}] ERROR in {where}:\n{tb}")
-        save()
+    save, fail = child_record(out, args._out, lambda msg: log(f"[{name}] {msg}"))
 
     sz = _sizes(args)
     rt = RUNTIMES[name]()
@@ -692,10 +721,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         doc = {
             "meta": {
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t0)),
-                "python": sys.version,
-                "platform": platform.platform(),
-                "cpus": os.cpu_count(),
+                **machine_meta(t0),
                 "workers": WORKERS,
                 "repeat": args.repeat,
                 "quick": args.quick,

@@ -25,7 +25,6 @@ import json
 import logging
 import multiprocessing.resource_tracker
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -38,6 +37,7 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)  # LocalCluster workers are spawned with this sys.path
 
 import _tasks  # noqa: E402
+from bench import machine_meta  # noqa: E402
 
 VARIANTS = ("raw", "raw_gather", "pf", "pf_journal")
 LABEL = {
@@ -267,10 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         doc = {
             "meta": {
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t_start)),
-                "python": sys.version,
-                "platform": platform.platform(),
-                "cpus": os.cpu_count(),
+                **machine_meta(t_start),
                 "loadavg": os.getloadavg(),
                 "distributed": distributed.__version__,
                 "args": vars(args),

@@ -45,7 +45,13 @@ if HERE not in sys.path:
 
 import _fault_tasks  # noqa: E402
 import _tasks  # noqa: E402
-from bench import _cleanup_current, log, supervise_child  # noqa: E402
+from bench import (  # noqa: E402
+    _cleanup_current,
+    json_saver,
+    log,
+    machine_meta,
+    supervise_child,
+)
 
 WORKERS = 2
 SCENARIOS = ("kill", "chaos", "journal")
@@ -538,11 +544,7 @@ def child_main(args: argparse.Namespace) -> int:
     name = args._child
     out: dict[str, Any] = {"scenario": name, "ok": False, "errors": [], "pids": [], name: []}
 
-    def save() -> None:
-        tmp = args._out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(out, f, default=str)
-        os.replace(tmp, args._out)
+    save = json_saver(out, args._out)
 
     try:
         SCENARIO_FN[name](out, args, save)
@@ -814,10 +816,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         doc = {
             "meta": {
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t0)),
-                "python": sys.version,
-                "platform": platform.platform(),
-                "cpus": os.cpu_count(),
+                **machine_meta(t0),
                 "loadavg_end": os.getloadavg(),
                 "workers": WORKERS,
                 "repeat": args.repeat,

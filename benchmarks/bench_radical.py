@@ -39,7 +39,6 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 import uuid
 from typing import Any
 
@@ -48,7 +47,13 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)  # pilotfish workers get this sys.path; raptor workers PYTHONPATH
 
 import _tasks  # noqa: E402
-from bench import _cleanup_current, log, supervise_child  # noqa: E402
+from bench import (  # noqa: E402
+    _cleanup_current,
+    child_record,
+    log,
+    machine_meta,
+    supervise_child,
+)
 
 WORKERS = 2
 PEERS = ("raptor", "pilotfish")
@@ -390,17 +395,7 @@ def child_main(args: argparse.Namespace) -> int:
     sz = _sizes(args)
     out: dict[str, Any] = {"ok": False, "errors": [], "pids": [], "runs": {p: [] for p in PEERS}}
 
-    def save() -> None:
-        tmp = args._out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(out, f)
-        os.replace(tmp, args._out)
-
-    def fail(where: str) -> None:
-        tb = traceback.format_exc()
-        out["errors"].append({"where": where, "traceback": tb})
-        say(f"ERROR in {where}:\n{tb}")
-        save()
+    save, fail = child_record(out, args._out, say)
 
     import radical.pilot as rp
 
@@ -697,10 +692,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         doc = {
             "meta": {
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t_start)),
-                "python": sys.version,
-                "platform": platform.platform(),
-                "cpus": os.cpu_count(),
+                **machine_meta(t_start),
                 "loadavg": os.getloadavg(),
                 "workers": WORKERS,
                 "cores": args.cores,

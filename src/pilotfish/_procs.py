@@ -30,6 +30,18 @@ def with_env(var: str, values: Collection[str]) -> list[psutil.Process]:
     return out
 
 
+def alive(pid: int, created: float) -> psutil.Process | None:
+    """The process ``pid`` if it still runs and is the one created at ``created`` (a
+    recycled pid is another process), else None."""
+    try:
+        p = psutil.Process(pid)
+        if abs(p.create_time() - created) < 1.0 and p.status() != psutil.STATUS_ZOMBIE:
+            return p
+    except psutil.Error:
+        pass
+    return None
+
+
 def end_processes(procs: Iterable[psutil.Process], grace: float = 0.0) -> None:
     """Give ``procs`` ``grace`` seconds to exit, then SIGTERM, then SIGKILL a second later."""
     alive = []

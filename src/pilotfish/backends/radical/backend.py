@@ -561,6 +561,12 @@ class RadicalBackend:
             )
         )
 
+    def _note_worker_pid(self, pid: int, host: str) -> None:
+        """A worker pid on this host: ended by stop() and by the reaper (lock held)."""
+        if pid and host == self._host and pid not in self._known_pids:
+            self._reap(pid)
+            self._known_pids.add(pid)
+
     def _on_started(self, task: Any, events: list[Any]) -> None:
         """Our master published where the task runs (worker, pid, host) as it started."""
         md = (task.description or {}).get("metadata") or {}
@@ -571,9 +577,8 @@ class RadicalBackend:
             att = self._by_uid.get(task.uid)
             if att is None or att.started or self._inflight.get(att.m.attempt) is not att:
                 return
-            att.started, att.worker, att.host = True, str(info.get("worker") or ""), ""
-            att.pid = int(info.get("pid") or 0)
-            att.host = str(info.get("host") or "")
+            att.started, att.worker = True, str(info.get("worker") or "")
+            att.pid, att.host = int(info.get("pid") or 0), str(info.get("host") or "")
             att.t0 = float(info.get("time") or time.time())
             now = time.time()
             # the master and the worker are up (a ping may not have told us yet)
@@ -583,9 +588,7 @@ class RadicalBackend:
             if att.worker and (self._workers_seen.get(att.worker) or [None])[0] != "ready":
                 self._workers_seen[att.worker] = ["ready", att.pid, att.host]
                 events.append(WorkerEvent("started", att.worker, att.pid, now))
-                if att.pid and att.host == self._host and att.pid not in self._known_pids:
-                    self._reap(att.pid)
-                    self._known_pids.add(att.pid)
+                self._note_worker_pid(att.pid, att.host)
         events.append(Started(att.m.attempt, att.worker, att.pid, att.t0, att.host))
 
     def _env_result(self, att: _Att, why: str, *, plain: bool = False) -> Result:
@@ -802,10 +805,7 @@ class RadicalBackend:
             self._workers_seen = new
             self._running = dict(ans.get("running") or {})
             for wid, (state, pid, host) in new.items():
-                if pid and host == self._host:
-                    if int(pid) not in self._known_pids:
-                        self._reap(int(pid))
-                    self._known_pids.add(int(pid))
+                self._note_worker_pid(int(pid or 0), host)
                 before = (old.get(wid) or [None])[0]
                 if state == before:
                     continue

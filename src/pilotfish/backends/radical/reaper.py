@@ -35,7 +35,7 @@ import time
 
 import psutil
 
-from pilotfish._procs import end_processes, with_env
+from pilotfish._procs import alive, end_processes, with_env
 
 TOKEN_VAR = "PILOTFISH_RP_TOKEN"
 
@@ -67,10 +67,10 @@ def _targets(orders: _Orders) -> list[psutil.Process]:
         tokens, pids = set(orders.tokens), dict(orders.pids)
     found: dict[int, psutil.Process] = {}
     for pid, created in pids.items():
-        with contextlib.suppress(psutil.Error):
-            p = psutil.Process(pid)
-            if abs(p.create_time() - created) < 1.0:  # not a recycled pid
-                found[pid] = p
+        p = alive(pid, created)
+        if p is not None:
+            found[pid] = p
+            with contextlib.suppress(psutil.Error):
                 for c in p.children(recursive=True):
                     found[c.pid] = c
     if tokens:
@@ -108,12 +108,7 @@ def main(argv: list[str]) -> int:
     while not orders.done.wait(0.2):
         if time.monotonic() - last > 1.0:
             forked, last = _forked(client) or forked, time.monotonic()
-        try:
-            gone = not client.is_running() or client.status() == psutil.STATUS_ZOMBIE
-            gone = gone or abs(client.create_time() - created) > 1.0
-        except psutil.Error:
-            gone = True
-        if gone:
+        if alive(client.pid, created) is None:
             time.sleep(0.2)  # let the last orders in the pipe arrive
             with orders.lock:
                 orders.pids.update(forked)

@@ -55,28 +55,19 @@ def _die_with_master() -> None:
     until RP's agent notices (it may not, when the master was killed)."""
     import time
 
-    import psutil
-
     from pilotfish import _wire
+    from pilotfish._procs import alive
 
     try:
         host, pid, created = os.environ[_MASTER_VAR].split()
-        if host != _wire.host_name():
-            return
-        master = psutil.Process(int(pid))
-        if abs(master.create_time() - float(created)) > 1.0:
-            os._exit(70)
+        master = (int(pid), float(created))
     except (KeyError, ValueError):
         return
-    except psutil.Error:
-        os._exit(70)
-    while True:
+    if host != _wire.host_name():
+        return
+    while alive(*master) is not None:
         time.sleep(0.5)
-        try:
-            if master.status() == psutil.STATUS_ZOMBIE:
-                os._exit(70)
-        except psutil.Error:
-            os._exit(70)
+    os._exit(70)
 
 
 def _cfg() -> dict[str, Any]:
