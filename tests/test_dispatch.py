@@ -98,7 +98,7 @@ def test_hello_assigns_up_to_prefetch_and_starts_only_first():
     assert sent(cmds) == {"w1": [1, 2]}
     assert msgs(cmds, Started) == [Started(1, "w1", 4242, 1.0)]
     assert [a.attempt for a in d.queue] == [3]
-    assert d.slots["w1"].held == [1, 2]
+    assert d.held("w1") == [1, 2]
 
 
 def test_result_starts_next_held_attempt_and_refills():
@@ -110,7 +110,7 @@ def test_result_starts_next_held_attempt_and_refills():
     assert cmds[0] == ToClient(res(1))
     assert started_ids(cmds) == [2]
     assert sent(cmds) == {"w1": [3]}
-    assert d.slots["w1"].since == 2.0
+    assert d.ledger.get(2).started == 2.0
     cmds = d.on_result("w1", res(2), 3.0)
     assert started_ids(cmds) == [3] and sent(cmds) == {}
 
@@ -144,7 +144,7 @@ def test_worker_death_blames_only_running_attempt_and_requeues_rest():
     d.start(0.0)
     d.on_hello("w1", 101, 0.0)
     d.submit([ra(1), ra(2)], 1.0)
-    assert d.slots["w1"].held == [1, 2]
+    assert d.held("w1") == [1, 2]
     d.on_hello("w2", 102, 1.5)
 
     tail = "Traceback (most recent call last):\nMemoryError"
@@ -164,7 +164,7 @@ def test_worker_death_blames_only_running_attempt_and_requeues_rest():
     assert started_ids(cmds) == [2]
     assert of(cmds, Spawn) == [Spawn("w3")]
     assert any(m.kind == "replaced" and m.worker == "w3" for m in msgs(cmds, WorkerEvent))
-    assert d.slots["w2"].held == [2]
+    assert d.held("w2") == [2]
 
 
 def test_worker_exit_code_named_in_lost_message():
@@ -392,7 +392,7 @@ def test_cancel_queued_attempt_is_never_sent():
     assert d.cancel([2], 0.5) == []
     cmds = d.on_result("w1", res(1), 1.0)
     assert sent(cmds) == {"w1": [3]} and started_ids(cmds) == [3]
-    assert 2 not in d.attempts and not d.cancelled
+    assert 2 not in d.ledger
 
 
 def test_cancel_prefetched_attempt_withdrawn_from_worker():
@@ -405,7 +405,7 @@ def test_cancel_prefetched_attempt_withdrawn_from_worker():
     cmds = d.on_withdrawn("w1", 2, 0.6)
     assert sent(cmds) == {"w1": [3]}
     assert started_ids(cmds) == []  # attempt 1 is still the one running
-    assert d.slots["w1"].held == [1, 3]
+    assert d.held("w1") == [1, 3]
 
 
 def test_cancel_started_attempt_does_nothing():
@@ -432,7 +432,7 @@ def test_cancelled_prefetched_attempt_not_rerun_when_worker_dies():
     d.start(0.0)
     d.on_hello("w1", 101, 0.0)
     d.submit([ra(1, timeout=5.0), ra(2)], 0.0)
-    assert d.slots["w1"].held == [1, 2]
+    assert d.held("w1") == [1, 2]
     d.on_hello("w2", 102, 0.5)  # idle, ready to take requeued work
     assert d.cancel([2], 1.0) == [SendWorker("w1", [CancelAttempt(2)])]
     cmds = d.tick(5.0, {}, {})

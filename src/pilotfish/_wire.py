@@ -40,6 +40,9 @@ from typing import Any, NamedTuple
 import cloudpickle
 from tblib import Traceback
 
+from .core.ledger import Lost as Lost  # what a backend reports about an attempt
+from .core.ledger import Started as Started
+
 PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 # --------------------------------------------------------------------------- messages
@@ -100,14 +103,6 @@ class Hello(NamedTuple):
     workers: tuple[int, ...] = ()
 
 
-class Started(NamedTuple):
-    attempt: int
-    worker: str
-    pid: int
-    time: float
-    host: str = ""
-
-
 class Result(NamedTuple):
     """An attempt finished. ``ok``: ``data`` is the pickled value, else an :class:`Envelope`."""
 
@@ -117,22 +112,6 @@ class Result(NamedTuple):
     worker: str
     pid: int
     started: float
-    ended: float
-    host: str = ""
-
-
-class Lost(NamedTuple):
-    """An attempt was lost with its worker (or stopped by a timeout)."""
-
-    attempt: int
-    category: str  # Category value
-    message: str
-    worker: str
-    pid: int
-    returncode: int | None
-    signal: str | None
-    stderr_tail: str
-    started: float | None
     ended: float
     host: str = ""
 

@@ -31,12 +31,15 @@ stopped), the clocks are reset rather than blaming the workers.
 from __future__ import annotations
 
 import dataclasses
-import signal as _signal
 from collections import deque
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
-from ..._wire import CancelAttempt, Lost, Result, RunAttempt, Started, WorkerEvent
+from ..._wire import CancelAttempt, Fatal, Result, RunAttempt, Shutdown, WorkerEvent
+from ...core import ledger as L
+from ...core.ledger import describe_exit
+
+__all__ = ["Cmd", "Dispatcher", "Kill", "SendWorker", "Slot", "Spawn", "ToClient", "describe_exit"]
 
 # --------------------------------------------------------------------------- commands
 
@@ -64,35 +67,25 @@ class ToClient(NamedTuple):
 Cmd = Spawn | SendWorker | Kill | ToClient
 
 
-def describe_exit(returncode: int | None) -> tuple[str, str | None]:
-    """('killed by signal SIGKILL (-9)', 'SIGKILL') or ('exited with code 3', None)."""
-    if returncode is None:
-        return "vanished (exit status unknown)", None
-    if returncode < 0:
-        try:
-            name = _signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
-        return f"was killed by signal {name} ({returncode})", name
-    return f"exited with code {returncode}", None
-
-
 @dataclasses.dataclass(slots=True)
 class Slot:
+    """A worker process as the master sees it; what it holds is in the ledger."""
+
     name: str
     spawned: float
-    state: str = "starting"  # starting | ready | lost | stopping
+    state: str = "starting"  # starting | ready | lost | stopping | dead
     pid: int = 0
-    held: list[int] = dataclasses.field(default_factory=list)
-    since: float = 0.0  # when held[0] started
     last_hb: float = 0.0
     cpu: float = -1.0
     cpu_at: float = 0.0
     stopped_since: float | None = None
-    pgids: dict[int, int] = dataclasses.field(default_factory=dict)
 
 
 class Dispatcher:
+    """The local master's scheduling: worker slots, the queue and hang detection; what
+    each worker holds, and what its loss means, is the shared :class:`~pilotfish.core.
+    ledger.Ledger`'s."""
+
     def __init__(
         self,
         workers: int,
@@ -113,8 +106,7 @@ class Dispatcher:
         self.start_timeout = start_timeout
         self.slots: dict[str, Slot] = {}
         self.queue: deque[RunAttempt] = deque()
-        self.attempts: dict[int, RunAttempt] = {}  # queued or held
-        self.cancelled: set[int] = set()
+        self.ledger = L.Ledger()
         self.start_failures = 0
         self.stopping = False
         self.fatal = False
@@ -134,36 +126,60 @@ class Dispatcher:
     def live(self) -> list[Slot]:
         return [s for s in self.slots.values() if s.state in ("starting", "ready")]
 
+    def held(self, name: str) -> list[int]:
+        """Attempts worker ``name`` holds, in order: the first is the one running."""
+        return self.ledger.held_by(name)
+
+    def pgids(self, name: str) -> tuple[int, ...]:
+        """Process groups of programs that worker ``name``'s attempts started."""
+        return tuple(g for a in self.ledger.held_by(name) for g in self.ledger.entries[a].groups)
+
+    def _carry_out(self, cmds: list[L.Command], out: list[Cmd]) -> None:
+        for c in cmds:
+            if isinstance(c, L.Report):
+                out.append(ToClient(c.msg))
+            elif isinstance(c, L.Requeue):
+                self.queue.extendleft(reversed(c.items))
+            elif isinstance(c, L.Withdraw):
+                if c.worker:
+                    out.append(SendWorker(c.worker, [CancelAttempt(c.attempt)]))
+            elif isinstance(c, L.KillGroups):
+                out.append(Kill(c.worker, c.pgids))
+
     def _assign(self, now: float, out: list[Cmd]) -> None:
         ready = [s for s in self.slots.values() if s.state == "ready"]
         if not ready or not self.queue:
             return
         batches: dict[str, list[Any]] = {}
+        load = {s.name: len(self.ledger.held_by(s.name)) for s in ready}
         while self.queue:
-            s = min(ready, key=lambda x: len(x.held))
-            if len(s.held) >= self.prefetch:
+            name = min(load, key=load.__getitem__)
+            if load[name] >= self.prefetch:
                 break
             a = self.queue.popleft()
-            if a.attempt in self.cancelled:
-                self.cancelled.discard(a.attempt)
-                self.attempts.pop(a.attempt, None)
-                continue
-            s.held.append(a.attempt)
-            batches.setdefault(s.name, []).append(a)
-            if len(s.held) == 1:
-                self._begin(s, now, out)
+            e = self.ledger.get(a.attempt)
+            if e is None or e.where != "queued":
+                continue  # cancelled while queued
+            self.ledger.handle(L.Hold(name, (a.attempt,)))
+            load[name] += 1
+            batches.setdefault(name, []).append(a)
+            if load[name] == 1:
+                self._begin(self.slots[name], now, out)
         for name, msgs in batches.items():
             out.append(SendWorker(name, msgs))
 
     def _begin(self, s: Slot, now: float, out: list[Cmd]) -> None:
-        s.since = now
-        out.append(ToClient(Started(s.held[0], s.name, s.pid, now)))
+        """The worker runs what it holds in order: its first held attempt starts now (the
+        master sent it to this worker alone, which is the local start fence)."""
+        held = self.ledger.held_by(s.name)
+        if held and not self.ledger.entries[held[0]].cancelled:
+            self._carry_out(self.ledger.handle(L.Start(s.name, held[0], s.pid, "", now)), out)
 
     # ------------------------------------------------------------------ events
     def submit(self, attempts: Iterable[RunAttempt], now: float) -> list[Cmd]:
         out: list[Cmd] = []
         for a in attempts:
-            self.attempts[a.attempt] = a
+            self.ledger.submit([(a.attempt, a.key, a, a.timeout)])
             self.queue.append(a)
         self._assign(now, out)
         return out
@@ -171,20 +187,7 @@ class Dispatcher:
     def cancel(self, ids: Iterable[int], now: float) -> list[Cmd]:
         """Withdraw attempts not yet started; a started one runs on (its result is fenced)."""
         out: list[Cmd] = []
-        for aid in ids:
-            if aid not in self.attempts:
-                continue
-            # remembered in every case: a worker that dies before answering Withdrawn
-            # must not have the cancelled attempt requeued (_lose drops it)
-            for s in self.slots.values():
-                if s.held and s.held[0] == aid:
-                    break  # started: it runs on, its result is fenced by the client
-                if aid in s.held[1:]:
-                    self.cancelled.add(aid)
-                    out.append(SendWorker(s.name, [CancelAttempt(aid)]))
-                    break
-            else:
-                self.cancelled.add(aid)
+        self._carry_out(self.ledger.handle(L.Cancel(tuple(ids))), out)
         return out
 
     def on_hello(self, name: str, pid: int, now: float) -> list[Cmd]:
@@ -207,7 +210,7 @@ class Dispatcher:
         lines = "\n".join(f"  - {p}" for p in problems)
         return [
             ToClient(WorkerEvent("start_failed", name, s.pid, now, message="pre-flight failed")),
-            ToClient(_fatal("environment", f"pre-flight checks failed on worker {name}:\n{lines}")),
+            ToClient(Fatal("environment", f"pre-flight checks failed on worker {name}:\n{lines}")),
         ]
 
     def on_heartbeat(self, name: str, now: float) -> None:
@@ -216,19 +219,14 @@ class Dispatcher:
             s.last_hb = now
 
     def on_command_group(self, name: str, attempt: int, pgid: int) -> None:
-        s = self.slots.get(name)
-        if s is not None and attempt in s.held:
-            s.pgids[attempt] = pgid
+        self.ledger.handle(L.Group(name, attempt, pgid))
 
     def _finish(self, s: Slot, attempt: int, now: float, out: list[Cmd]) -> bool:
-        if attempt not in s.held:
+        held = self.ledger.held_by(s.name)
+        first = bool(held) and held[0] == attempt
+        if not isinstance(self.ledger.handle(L.Finish(s.name, attempt))[0], L.Accept):
             return False
-        first = s.held[0] == attempt
-        s.held.remove(attempt)
-        s.pgids.pop(attempt, None)
-        self.attempts.pop(attempt, None)
-        self.cancelled.discard(attempt)
-        if first and s.held:
+        if first:
             self._begin(s, now, out)
         return True
 
@@ -260,6 +258,7 @@ class Dispatcher:
             return out
         if goodbye or s.state == "stopping":
             s.state = "dead"
+            self.ledger.forget_worker(name)
             out.append(ToClient(WorkerEvent("stopped", name, s.pid, now, returncode)))
             return out
         how, sig = describe_exit(returncode)
@@ -277,7 +276,7 @@ class Dispatcher:
                 self.fatal = True
                 out.append(
                     ToClient(
-                        _fatal(
+                        Fatal(
                             "environment",
                             f"no worker could start: {self.start_failures} consecutive "
                             f"start-up failures; the last one {how}. Its stderr:\n"
@@ -292,72 +291,23 @@ class Dispatcher:
         self._lose(
             s,
             now,
-            "worker_lost",
-            f"worker {name} (pid {s.pid}) {how}",
+            L.WorkerLost(
+                name, f"worker {name} (pid {s.pid}) {how}", now, returncode, sig, stderr_tail
+            ),
             out,
-            returncode=returncode,
-            sig=sig,
-            stderr_tail=stderr_tail,
         )
         return out
 
-    def _lose(
-        self,
-        s: Slot,
-        now: float,
-        category: str,
-        why: str,
-        out: list[Cmd],
-        *,
-        returncode: int | None = None,
-        sig: str | None = None,
-        stderr_tail: str = "",
-    ) -> None:
-        """Report exactly the attempt the worker was running; requeue the rest unblamed."""
-        held = tuple(s.held)
-        if s.pgids:  # programs it started must not outlive it
-            out.append(Kill(s.name, tuple(s.pgids.values())))
-            s.pgids.clear()
+    def _lose(self, s: Slot, now: float, ev: L.WorkerLost, out: list[Cmd]) -> None:
+        """The ledger reports what the worker was running and requeues the rest unblamed."""
+        running = tuple(self.ledger.started_on(s.name))
         s.state = "lost"
         out.append(
-            ToClient(WorkerEvent("lost", s.name, s.pid, now, returncode, sig, held[:1], why))
-        )
-        if held:
-            running = held[0]
-            a = self.attempts.pop(running)
-            elapsed = now - s.since
-            if category == "worker_lost":
-                msg = (
-                    f"{why} while running task {a.key!r} (attempt id {running}, "
-                    f"after {elapsed:.2f} s)"
-                )
-            else:
-                msg = why
-            if stderr_tail and category == "worker_lost":
-                msg += f"; last lines of its stderr:\n{stderr_tail}"
-            out.append(
-                ToClient(
-                    Lost(
-                        running,
-                        category,
-                        msg,
-                        s.name,
-                        s.pid,
-                        returncode,
-                        sig,
-                        stderr_tail,
-                        s.since,
-                        now,
-                    )
-                )
+            ToClient(
+                WorkerEvent("lost", s.name, s.pid, now, ev.returncode, ev.signal, running, ev.why)
             )
-            for aid in reversed(held[1:]):
-                if aid in self.cancelled:
-                    self.cancelled.discard(aid)
-                    self.attempts.pop(aid, None)
-                else:
-                    self.queue.appendleft(self.attempts[aid])
-        s.held.clear()
+        )
+        self._carry_out(self.ledger.handle(ev), out)
         if not self.stopping and not self.fatal:
             new = self._new_slot(now)
             out.append(new)
@@ -366,20 +316,9 @@ class Dispatcher:
             )
         self._assign(now, out)
 
-    def _kill(self, s: Slot, out: list[Cmd]) -> None:
-        out.append(Kill(s.name, tuple(s.pgids.values())))
-        s.pgids.clear()
-
     # ------------------------------------------------------------------ time
     def next_deadline(self) -> float | None:
-        best: float | None = None
-        for s in self.slots.values():
-            if s.state == "ready" and s.held:
-                t = self.attempts[s.held[0]].timeout
-                if t is not None:
-                    d = s.since + t
-                    best = d if best is None else min(best, d)
-        return best
+        return self.ledger.next_deadline()
 
     def tick(
         self, now: float, samples: dict[str, tuple[str, float]], stderr_tails: dict[str, str]
@@ -390,6 +329,18 @@ class Dispatcher:
             for s in self.slots.values():  # we were suspended ourselves: nobody is to blame
                 s.last_hb, s.cpu_at, s.stopped_since = now, now, None
         self._last_tick = now
+        # timeouts: the ledger reports the attempt; the only way to stop a running call is
+        # to kill its worker, which is then replaced (what else it held goes back unblamed)
+        for c in self.ledger.handle(
+            L.Tick(now, "pilotfish stopped it by killing the worker, which is replaced")
+        ):
+            if isinstance(c, L.Report):
+                out.append(ToClient(c.msg))
+            elif isinstance(c, L.Expired):
+                s = self.slots[c.worker]
+                why = f"worker {s.name} (pid {s.pid}) was killed: attempt {c.attempt} timed out"
+                out.append(Kill(s.name, c.pgids + self.pgids(s.name)))
+                self._lose(s, now, L.WorkerLost(s.name, why, now, signal="SIGKILL"), out)
         for s in list(self.slots.values()):
             if s.state == "starting" and s.pid and now - s.spawned > self.start_timeout:
                 # hung while starting (an import stuck on a dead filesystem, say): kill it;
@@ -399,20 +350,6 @@ class Dispatcher:
                 continue
             if s.state != "ready":
                 continue
-            if s.held:
-                a = self.attempts[s.held[0]]
-                if a.timeout is not None and now >= s.since + a.timeout:
-                    self._kill(s, out)
-                    self._lose(
-                        s,
-                        now,
-                        "timeout",
-                        f"task {a.key!r} exceeded its timeout of {a.timeout:g} s "
-                        f"(ran {now - s.since:.2f} s); pilotfish stopped it by killing "
-                        f"worker {s.name} (pid {s.pid}), which is replaced",
-                        out,
-                    )
-                    continue
             sample = samples.get(s.name)
             if sample is None:
                 continue
@@ -447,20 +384,13 @@ class Dispatcher:
         return out
 
     def _hung(self, s: Slot, now: float, why: str, tails: dict[str, str], out: list[Cmd]) -> None:
-        self._kill(s, out)
+        out.append(Kill(s.name, self.pgids(s.name)))
+        why = f"worker {s.name} (pid {s.pid}) {why}; declared hung and killed"
         self._lose(
-            s,
-            now,
-            "worker_lost",
-            f"worker {s.name} (pid {s.pid}) {why}; declared hung and killed",
-            out,
-            sig="SIGKILL",
-            stderr_tail=tails.get(s.name, ""),
+            s, now, L.WorkerLost(s.name, why, now, None, "SIGKILL", tails.get(s.name, "")), out
         )
 
     def shutdown(self) -> list[Cmd]:
-        from ..._wire import Shutdown
-
         self.stopping = True
         out: list[Cmd] = []
         for s in self.slots.values():
@@ -468,9 +398,3 @@ class Dispatcher:
                 s.state = "stopping"
                 out.append(SendWorker(s.name, [Shutdown("session closed")]))
         return out
-
-
-def _fatal(category: str, message: str) -> Any:
-    from ..._wire import Fatal
-
-    return Fatal(category, message)

@@ -293,7 +293,7 @@ class Master:
     def abandon(self) -> None:
         """The client is gone: nobody can use our results. Take the workers with us."""
         for p in list(self.procs.values()):
-            self.kill(p.name, tuple(self.disp.slots[p.name].pgids.values()))
+            self.kill(p.name, self.disp.pgids(p.name))
         for p in list(self.procs.values()):
             with contextlib.suppress(Exception):
                 p.popen.wait(5)

@@ -1,0 +1,614 @@
+"""The attempt ledger: where every in-flight attempt is, and what a loss means for it.
+
+One pure object (events in, commands out; no processes, sockets, clocks or files)
+shared by every backend. The local master, the Dask backend, the RADICAL-Pilot
+raptor master and the client side of each backend (for the loss of the master or
+scheduler) keep *no* bookkeeping of their own about attempts: they turn their
+engine's signals into the events below and carry out the commands that come back.
+Tested directly in ``tests/test_ledger.py``.
+
+An attempt's path::
+
+    Submit      Hold(worker)        Start(worker, pid, host)     Finish(worker)
+    queued ---------> held ------------------> started ----------------> (gone: Accept)
+      ^                 |                         |
+      |  requeue,       | WorkerLost / Bounce     | WorkerLost  -> Lost(worker_lost)
+      +--- unblamed ----+  RuntimeLost            | RuntimeLost -> Lost(runtime_lost)
+                                                  | Tick past its timeout -> Expired
+
+The rules it owns, written once:
+
+* **Start fence.** User code runs only after ``Start`` was *granted*: the attempt
+  is queued or held by that same worker, and has not started anywhere. Any other
+  ``Start`` (an engine re-running an attempt whose worker died, a task pushed
+  twice, a worker already declared lost) is ``Refused`` and the caller must not
+  run user code.
+* **Worker loss.** A lost worker's *started* attempts are ``Lost(worker_lost)``
+  with its exit code, signal and stderr tail, and the process groups of programs
+  they started are to be killed; its held-but-unstarted attempts go back on the
+  queue (``Requeue``) without blame.
+* **Master/scheduler loss.** Started attempts are ``Lost(runtime_lost)``; every
+  attempt that had not started (queued or held) is sent again (``Resend``), not
+  blamed, so it uses no retry.
+* **Results.** A result is accepted once, only from the worker that holds the
+  attempt (``Accept``); anything else is ``Dropped`` with the reason.
+* **Cancel.** An attempt that has not started is withdrawn (``Withdraw``); a
+  started one runs on (its result is fenced by the workflow).
+
+Times are whatever clock the caller passes in events (wall time for reports).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal as _signal
+from collections.abc import Iterable
+from typing import Any, Literal, NamedTuple
+
+__all__ = [
+    "Accept",
+    "Bounce",
+    "Cancel",
+    "Command",
+    "Dropped",
+    "Event",
+    "Expired",
+    "Finish",
+    "Granted",
+    "Group",
+    "Hold",
+    "KillGroups",
+    "Ledger",
+    "Lost",
+    "Refused",
+    "Report",
+    "Requeue",
+    "Resend",
+    "RuntimeLost",
+    "Start",
+    "Started",
+    "Submit",
+    "Tick",
+    "Withdraw",
+    "WorkerLost",
+    "describe_exit",
+]
+
+Where = Literal["queued", "held", "started"]
+
+
+# --------------------------------------------------------------------------- reports
+# What a backend tells the client about an attempt. Defined here, where the rules that
+# produce them live; pilotfish._wire re-exports them as wire messages.
+
+
+class Started(NamedTuple):
+    """The attempt was granted to ``worker`` and its user code is starting."""
+
+    attempt: int
+    worker: str
+    pid: int
+    time: float
+    host: str = ""
+
+
+class Lost(NamedTuple):
+    """An attempt was lost with its worker or master, or stopped by its timeout."""
+
+    attempt: int
+    category: str  # a Category value: worker_lost | runtime_lost | timeout
+    message: str
+    worker: str
+    pid: int
+    returncode: int | None
+    signal: str | None
+    stderr_tail: str
+    started: float | None
+    ended: float
+    host: str = ""
+
+
+def describe_exit(returncode: int | None) -> tuple[str, str | None]:
+    """How a process ended, in words, and its signal name:
+    ``('was killed by signal SIGKILL (-9)', 'SIGKILL')`` or ``('exited with code 3', None)``.
+
+    The one wording of a worker's or master's exit status for every backend."""
+    if returncode is None:
+        return "vanished (exit status unknown)", None
+    if returncode < 0:
+        try:
+            name = _signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"was killed by signal {name} ({returncode})", name
+    return f"exited with code {returncode}", None
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclasses.dataclass(slots=True)
+class Entry:
+    """One in-flight attempt. ``item`` is the backend's own object for it (what it sends
+    again on ``Requeue``/``Resend``); the ledger never looks inside."""
+
+    attempt: int
+    key: str
+    item: Any
+    timeout: float | None
+    where: Where = "queued"
+    worker: str = ""
+    pid: int = 0
+    host: str = ""
+    started: float | None = None
+    groups: tuple[int, ...] = ()
+    cancelled: bool = False  # held when cancelled: the worker is told to drop it
+
+
+# --------------------------------------------------------------------------- events
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Submit:
+    """Attempts handed to the backend; they are queued until a worker holds them."""
+
+    entries: tuple[tuple[int, str, Any, float | None], ...]  # (attempt, key, item, timeout)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Hold:
+    """``worker`` took these attempts (prefetch, a claim from a shared queue)."""
+
+    worker: str
+    attempts: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Start:
+    """``worker`` asks to run ``attempt``'s user code now (the start fence)."""
+
+    worker: str
+    attempt: int
+    pid: int
+    host: str
+    time: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Finish:
+    """``worker`` delivered a result (value or error) for ``attempt``."""
+
+    worker: str
+    attempt: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Group:
+    """A program of ``attempt`` runs in process group ``pgid`` (killed if the worker dies)."""
+
+    worker: str
+    attempt: int
+    pgid: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Cancel:
+    attempts: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Bounce:
+    """The engine gave ``attempt`` back without running it here (e.g. Dask gave up on a
+    task whose workers died): requeued unblamed if it never started, else lost."""
+
+    attempt: int
+    why: str
+    time: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class WorkerLost:
+    """``worker`` is gone (``why``: 'worker w1 (pid 7) was killed by signal SIGKILL (-9)')."""
+
+    worker: str
+    why: str
+    time: float
+    returncode: int | None = None
+    signal: str | None = None
+    stderr_tail: str = ""
+    category: str = "worker_lost"  # or "timeout" when it was killed for a timeout
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RuntimeLost:
+    """The master or scheduler that ran these attempts is gone."""
+
+    why: str
+    time: float
+    worker: str = "master"
+    pid: int = 0
+    returncode: int | None = None
+    signal: str | None = None
+    stderr_tail: str = ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Tick:
+    """Time passed: started attempts past their timeout expire. ``how`` says how the
+    backend stops an expired attempt (appended to its message)."""
+
+    time: float
+    how: str = ""
+
+
+Event = Submit | Hold | Start | Finish | Group | Cancel | Bounce | WorkerLost | RuntimeLost | Tick
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Report:
+    """Tell the client (a :class:`Started` or :class:`Lost`)."""
+
+    msg: Started | Lost
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Granted:
+    """The start fence let ``worker`` run ``attempt``."""
+
+    worker: str
+    attempt: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Refused:
+    """The start fence refused: ``worker`` must not run ``attempt``'s user code."""
+
+    worker: str
+    attempt: int
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Accept:
+    """Deliver this result to the client."""
+
+    worker: str
+    attempt: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Dropped:
+    """A result, hold or event that is not from the attempt's holder (logged, ignored)."""
+
+    worker: str
+    attempt: int
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Requeue:
+    """Put these attempts back on the queue, in order, ahead of others: never started."""
+
+    items: tuple[Any, ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Resend:
+    """Send these attempts again to the new master/scheduler: never started."""
+
+    items: tuple[Any, ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Withdraw:
+    """Take back ``attempt`` (not started); ``worker`` holds it, or '' if only queued."""
+
+    worker: str
+    attempt: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class KillGroups:
+    """Kill these program process groups: their worker is gone."""
+
+    worker: str
+    pgids: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Expired:
+    """``attempt`` ran past its timeout on ``worker``: stop it there, with the process
+    groups of programs it started (already reported)."""
+
+    worker: str
+    attempt: int
+    pid: int
+    pgids: tuple[int, ...] = ()
+
+
+Command = (
+    Report
+    | Granted
+    | Refused
+    | Accept
+    | Dropped
+    | Requeue
+    | Resend
+    | Withdraw
+    | KillGroups
+    | Expired
+)
+
+
+# --------------------------------------------------------------------------- the ledger
+
+
+class Ledger:
+    """See the module docstring. ``handle(event) -> list[Command]``."""
+
+    def __init__(self) -> None:
+        self.entries: dict[int, Entry] = {}
+        # worker -> attempts it holds or runs, in the order it took them
+        self._by_worker: dict[str, dict[int, None]] = {}
+        self.refused = 0  # start requests refused (an engine's own re-execution, ...)
+        self.dropped = 0  # results dropped (not from the holder, or late)
+
+    # ------------------------------------------------------------------ queries
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __contains__(self, attempt: object) -> bool:
+        return attempt in self.entries
+
+    def get(self, attempt: int) -> Entry | None:
+        return self.entries.get(attempt)
+
+    def held_by(self, worker: str) -> list[int]:
+        """Attempts ``worker`` holds or runs, in the order it took them."""
+        return list(self._by_worker.get(worker, ()))
+
+    def started_on(self, worker: str) -> list[int]:
+        return [a for a in self._by_worker.get(worker, ()) if self.entries[a].where == "started"]
+
+    def started(self) -> list[Entry]:
+        return [e for e in self.entries.values() if e.where == "started"]
+
+    def next_deadline(self) -> float | None:
+        """The earliest time a started attempt's timeout expires (for the caller's timer)."""
+        best: float | None = None
+        for e in self.entries.values():
+            if e.where == "started" and e.timeout is not None and e.started is not None:
+                d = e.started + e.timeout
+                best = d if best is None or d < best else best
+        return best
+
+    # ------------------------------------------------------------------ events
+    def handle(self, ev: Event) -> list[Command]:
+        out: list[Command] = []
+        if isinstance(ev, Submit):
+            for aid, key, item, timeout in ev.entries:
+                self.entries[aid] = Entry(aid, key, item, timeout)
+        elif isinstance(ev, Hold):
+            self._hold(ev, out)
+        elif isinstance(ev, Start):
+            self._start(ev, out)
+        elif isinstance(ev, Finish):
+            self._finish(ev, out)
+        elif isinstance(ev, Group):
+            e = self.entries.get(ev.attempt)
+            if e is not None and e.worker == ev.worker:
+                e.groups += (ev.pgid,)
+        elif isinstance(ev, Cancel):
+            self._cancel(ev, out)
+        elif isinstance(ev, Bounce):
+            self._bounce(ev, out)
+        elif isinstance(ev, WorkerLost):
+            self._worker_lost(ev, out)
+        elif isinstance(ev, RuntimeLost):
+            self._runtime_lost(ev, out)
+        elif isinstance(ev, Tick):
+            self._tick(ev, out)
+        else:  # pragma: no cover - the Event union is closed
+            raise TypeError(f"not a ledger event: {ev!r}")
+        return out
+
+    def _hold(self, ev: Hold, out: list[Command]) -> None:
+        mine = self._by_worker.setdefault(ev.worker, {})
+        for aid in ev.attempts:
+            e = self.entries.get(aid)
+            if e is None:
+                out.append(Dropped(ev.worker, aid, "not in flight (finished, cancelled or lost)"))
+            elif e.where != "queued":
+                if e.worker != ev.worker:
+                    out.append(Dropped(ev.worker, aid, f"already held by {e.worker}"))
+            else:
+                e.where, e.worker = "held", ev.worker
+                mine[aid] = None
+
+    def _start(self, ev: Start, out: list[Command]) -> None:
+        e = self.entries.get(ev.attempt)
+        why = ""
+        if e is None:
+            why = "it is not in flight any more (finished, cancelled or lost)"
+        elif e.where == "started":
+            why = f"it already started on {e.worker} (pid {e.pid})"
+        elif e.where == "held" and e.worker != ev.worker:
+            why = f"it is held by {e.worker}"
+        elif e.cancelled:
+            why = "it was cancelled"
+        if why or e is None:
+            self.refused += 1
+            out.append(Refused(ev.worker, ev.attempt, why))
+            return
+        if e.where == "queued":  # an engine without a separate hold step (Dask)
+            self._by_worker.setdefault(ev.worker, {})[ev.attempt] = None
+        e.where, e.worker, e.pid, e.host, e.started = "started", ev.worker, ev.pid, ev.host, ev.time
+        out.append(Granted(ev.worker, ev.attempt))
+        out.append(Report(Started(ev.attempt, ev.worker, ev.pid, ev.time, ev.host)))
+
+    def _finish(self, ev: Finish, out: list[Command]) -> None:
+        e = self.entries.get(ev.attempt)
+        if e is None or e.worker != ev.worker or e.where == "queued":
+            self.dropped += 1
+            why = (
+                "it is not in flight any more (finished, cancelled or lost)"
+                if e is None
+                else f"it is held by {e.worker or 'nobody'}, not {ev.worker}"
+            )
+            out.append(Dropped(ev.worker, ev.attempt, why))
+            return
+        self._forget(e)
+        out.append(Accept(ev.worker, ev.attempt))
+
+    def _cancel(self, ev: Cancel, out: list[Command]) -> None:
+        for aid in ev.attempts:
+            e = self.entries.get(aid)
+            if e is None or e.where == "started" or e.cancelled:
+                continue  # unknown, or runs on: its result is fenced by the workflow
+            if e.where == "held":
+                # the worker has it: it stays held (its start refused) until the worker
+                # says it dropped it (Finish), or is lost (then it is not requeued)
+                e.cancelled = True
+            else:
+                self._forget(e)
+            out.append(Withdraw(e.worker, aid))
+
+    def _bounce(self, ev: Bounce, out: list[Command]) -> None:
+        e = self.entries.get(ev.attempt)
+        if e is None:
+            return
+        if e.where == "started":
+            self._forget(e)
+            out.append(Report(self._lost(e, "worker_lost", ev.why, ev.time)))
+        elif e.cancelled:
+            self._forget(e)
+        else:
+            self._unhold(e)
+            out.append(Requeue((e.item,)))
+
+    def _worker_lost(self, ev: WorkerLost, out: list[Command]) -> None:
+        ids = list(self._by_worker.pop(ev.worker, ()))
+        groups: list[int] = []
+        requeue: list[Any] = []
+        for aid in ids:
+            e = self.entries[aid]
+            groups.extend(e.groups)
+            if e.where == "started":
+                del self.entries[aid]
+                elapsed = ev.time - e.started if e.started is not None else 0.0
+                if ev.category == "worker_lost":
+                    msg = (
+                        f"{ev.why} while running task {e.key!r} (attempt id {aid}, "
+                        f"after {elapsed:.2f} s)"
+                    )
+                    if ev.stderr_tail:
+                        msg += f"; last lines of its stderr:\n{ev.stderr_tail}"
+                else:
+                    msg = ev.why
+                out.append(
+                    Report(
+                        Lost(
+                            aid,
+                            ev.category,
+                            msg,
+                            ev.worker,
+                            e.pid,
+                            ev.returncode,
+                            ev.signal,
+                            ev.stderr_tail,
+                            e.started,
+                            ev.time,
+                            e.host,
+                        )
+                    )
+                )
+            elif e.cancelled:  # cancelled while held: nothing to run again
+                del self.entries[aid]
+            else:  # held, never started: back on the queue, unblamed
+                e.where, e.worker = "queued", ""
+                requeue.append(e.item)
+        if groups:
+            out.append(KillGroups(ev.worker, tuple(groups)))
+        if requeue:
+            out.append(Requeue(tuple(requeue)))
+
+    def _runtime_lost(self, ev: RuntimeLost, out: list[Command]) -> None:
+        resend: list[Any] = []
+        for e in list(self.entries.values()):
+            if e.where == "started":
+                out.append(
+                    Report(
+                        Lost(
+                            e.attempt,
+                            "runtime_lost",
+                            f"{ev.why} while task {e.key!r} was running",
+                            ev.worker,
+                            ev.pid,
+                            ev.returncode,
+                            ev.signal,
+                            ev.stderr_tail,
+                            e.started,
+                            ev.time,
+                            e.host,
+                        )
+                    )
+                )
+                del self.entries[e.attempt]
+            elif e.cancelled:
+                del self.entries[e.attempt]
+            else:
+                e.where, e.worker = "queued", ""
+                resend.append(e.item)
+        self._by_worker.clear()
+        if resend:
+            out.append(Resend(tuple(resend)))
+
+    def _tick(self, ev: Tick, out: list[Command]) -> None:
+        for e in list(self.entries.values()):
+            if e.where != "started" or e.timeout is None or e.started is None:
+                continue
+            ran = ev.time - e.started
+            if ran < e.timeout:
+                continue
+            self._forget(e)
+            out.append(
+                Report(
+                    self._lost(
+                        e,
+                        "timeout",
+                        f"task {e.key!r} exceeded its timeout of {e.timeout:g} s "
+                        f"(ran {ran:.2f} s on {e.worker}, pid {e.pid})"
+                        + (f"; {ev.how}" if ev.how else ""),
+                        ev.time,
+                    )
+                )
+            )
+            out.append(Expired(e.worker, e.attempt, e.pid, e.groups))
+
+    # ------------------------------------------------------------------ helpers
+    def _lost(self, e: Entry, category: str, why: str, now: float) -> Lost:
+        return Lost(
+            e.attempt, category, why, e.worker, e.pid, None, None, "", e.started, now, e.host
+        )
+
+    def _unhold(self, e: Entry) -> None:
+        if e.worker:
+            self._by_worker.get(e.worker, {}).pop(e.attempt, None)
+        e.where, e.worker = "queued", ""
+
+    def _forget(self, e: Entry) -> None:
+        if e.worker:
+            self._by_worker.get(e.worker, {}).pop(e.attempt, None)
+        del self.entries[e.attempt]
+
+    def forget_worker(self, worker: str) -> None:
+        """An orderly-stopped worker that held nothing (no loss rules apply)."""
+        self._by_worker.pop(worker, None)
+
+    def submit(self, items: Iterable[tuple[int, str, Any, float | None]]) -> None:
+        """Shorthand for ``handle(Submit(...))`` (which returns no commands)."""
+        for aid, key, item, timeout in items:
+            self.entries[aid] = Entry(aid, key, item, timeout)
