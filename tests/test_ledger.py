@@ -1,0 +1,195 @@
+"""Unit tests for the attempt ledger (pilotfish.core.ledger), the one pure object that
+holds every backend's in-flight attempts and the rules for losing them.
+
+Each test feeds the events an engine would produce, in the order of a real-world race,
+and checks the commands. No processes, clocks or threads.
+"""
+
+from __future__ import annotations
+
+from pilotfish.core import ledger as L
+from pilotfish.core.ledger import Ledger, Lost, Started
+
+
+def make(*ids: int, timeout: float | None = None) -> Ledger:
+    led = Ledger()
+    led.handle(L.Submit(tuple((i, f"k{i}", f"item{i}", timeout) for i in ids)))
+    return led
+
+
+def of(cmds: list[L.Command], cls: type) -> list:
+    return [c for c in cmds if isinstance(c, cls)]
+
+
+def reports(cmds: list[L.Command], cls: type) -> list:
+    return [c.msg for c in cmds if isinstance(c, L.Report) and isinstance(c.msg, cls)]
+
+
+def test_start_is_granted_once_and_reported():
+    """The normal path: a worker holds an attempt, asks to start it, is granted, and the
+    client hears Started with the worker, pid and host."""
+    led = make(1)
+    assert led.handle(L.Hold("w1", (1,))) == []
+    cmds = led.handle(L.Start("w1", 1, 101, "h", 5.0))
+    assert of(cmds, L.Granted) == [L.Granted("w1", 1)]
+    assert reports(cmds, Started) == [Started(1, "w1", 101, 5.0, "h")]
+    assert led.started_on("w1") == [1]
+
+
+def test_engine_reexecution_after_worker_death_is_refused():
+    """Dask's scheduler reruns a task whose worker died mid-call on another worker (its
+    own allowed-failures). The attempt had started on w1 and was reported lost: the rerun
+    on w2 must not reach user code."""
+    led = make(1)
+    led.handle(L.Start("w1", 1, 101, "h", 1.0))
+    lost = led.handle(L.WorkerLost("w1", "worker w1 was killed", 2.0, -9, "SIGKILL"))
+    assert [m.attempt for m in reports(lost, Lost)] == [1]
+    cmds = led.handle(L.Start("w2", 1, 202, "h", 2.1))
+    assert of(cmds, L.Granted) == [] and reports(cmds, Started) == []
+    (refused,) = of(cmds, L.Refused)
+    assert refused.worker == "w2" and "not in flight" in refused.reason
+    assert led.refused == 1
+
+
+def test_second_start_while_first_runs_is_refused():
+    """A RADICAL-Pilot task pushed twice onto the shared queue reaches two workers: only
+    the first start is granted; the second names the worker already running it."""
+    led = make(1)
+    led.handle(L.Start("w1", 1, 101, "h", 1.0))
+    (refused,) = of(led.handle(L.Start("w2", 1, 202, "h", 1.5)), L.Refused)
+    assert "already started on w1" in refused.reason
+    assert led.get(1) is not None and led.get(1).worker == "w1"
+
+
+def test_start_by_other_worker_than_holder_is_refused():
+    """A duplicate of a claimed task is taken by another worker: its start is refused,
+    the holder's start is still granted."""
+    led = make(1)
+    led.handle(L.Hold("w1", (1,)))
+    assert of(led.handle(L.Start("w2", 1, 202, "h", 1.0)), L.Refused)
+    assert of(led.handle(L.Start("w1", 1, 101, "h", 1.1)), L.Granted)
+
+
+def test_hold_of_already_held_attempt_is_dropped():
+    """Two workers claim the same task from RP's queue (a push repeated after a
+    suspected loss): the second claim is dropped."""
+    led = make(1)
+    led.handle(L.Hold("w1", (1,)))
+    (d,) = of(led.handle(L.Hold("w2", (1,))), L.Dropped)
+    assert d.worker == "w2" and "w1" in d.reason
+    assert led.held_by("w2") == []
+
+
+def test_worker_lost_blames_started_and_requeues_held_in_order():
+    """A worker with a prefetch of three is SIGKILLed while running the first: only the
+    running one is WORKER_LOST (exit status and stderr in the message); the two it never
+    started go back on the queue, unblamed, in their order; program groups are killed."""
+    led = make(1, 2, 3)
+    led.handle(L.Hold("w1", (1, 2, 3)))
+    led.handle(L.Start("w1", 1, 101, "h", 10.0))
+    led.handle(L.Group("w1", 1, 777))
+    cmds = led.handle(
+        L.WorkerLost("w1", "worker w1 (pid 101) was killed", 12.5, -9, "SIGKILL", "boom")
+    )
+    (lost,) = reports(cmds, Lost)
+    assert lost.attempt == 1 and lost.category == "worker_lost"
+    assert (lost.returncode, lost.signal, lost.stderr_tail) == (-9, "SIGKILL", "boom")
+    assert "task 'k1'" in lost.message and "after 2.50 s" in lost.message
+    assert "boom" in lost.message and lost.started == 10.0 and lost.ended == 12.5
+    assert of(cmds, L.Requeue) == [L.Requeue(("item2", "item3"))]
+    assert of(cmds, L.KillGroups) == [L.KillGroups("w1", (777,))]
+    assert led.held_by("w1") == [] and led.get(2).where == "queued"
+
+
+def test_late_result_from_lost_worker_is_dropped():
+    """A worker is declared lost (hung, SIGSTOP) and its result arrives after SIGCONT:
+    the attempt was already reported lost, so the late result is dropped."""
+    led = make(1)
+    led.handle(L.Start("w1", 1, 101, "h", 1.0))
+    led.handle(L.WorkerLost("w1", "hung", 5.0))
+    (d,) = of(led.handle(L.Finish("w1", 1)), L.Dropped)
+    assert "not in flight" in d.reason and led.dropped == 1
+
+
+def test_result_from_non_holder_is_dropped_and_holder_is_accepted_once():
+    """A duplicate result from a worker that never held the attempt is dropped; the
+    holder's result is accepted once; a second copy is dropped."""
+    led = make(1)
+    led.handle(L.Start("w1", 1, 101, "h", 1.0))
+    assert of(led.handle(L.Finish("w2", 1)), L.Dropped)
+    assert led.handle(L.Finish("w1", 1)) == [L.Accept("w1", 1)]
+    assert of(led.handle(L.Finish("w1", 1)), L.Dropped)
+    assert len(led) == 0
+
+
+def test_master_loss_blames_started_and_resends_the_rest():
+    """The master is SIGKILLed with one task running and six queued or prefetched: the
+    running one is RUNTIME_LOST; the six are sent again unblamed (no retry used)."""
+    led = make(*range(1, 8))
+    led.handle(L.Hold("w1", (1, 2)))
+    led.handle(L.Start("w1", 1, 101, "h", 1.0))
+    cmds = led.handle(L.RuntimeLost("the master (pid 9) was killed", 3.0, "master", 9, -9))
+    (lost,) = reports(cmds, Lost)
+    assert lost.attempt == 1 and lost.category == "runtime_lost"
+    assert "while task 'k1' was running" in lost.message and lost.pid == 9
+    (resend,) = of(cmds, L.Resend)
+    assert resend.items == tuple(f"item{i}" for i in range(2, 8))
+    assert all(led.get(i).where == "queued" for i in range(2, 8))
+    # the new master's workers can take them
+    assert of(led.handle(L.Start("w9", 2, 1, "h", 4.0)), L.Granted)
+
+
+def test_cancel_queued_withdraws_and_cancel_started_runs_on():
+    """Cancel withdraws what has not started; a started attempt runs on (its result is
+    fenced by the workflow, not here)."""
+    led = make(1, 2)
+    led.handle(L.Start("w1", 1, 101, "h", 1.0))
+    cmds = led.handle(L.Cancel((1, 2)))
+    assert cmds == [L.Withdraw("", 2)]
+    assert 2 not in led and 1 in led
+
+
+def test_cancelled_prefetched_attempt_is_not_requeued_when_worker_dies():
+    """A prefetched attempt is cancelled, then its worker dies before it confirmed the
+    withdrawal: the cancelled attempt must not be requeued (a cancelled task would run),
+    and a start request for it is refused."""
+    led = make(1, 2)
+    led.handle(L.Hold("w1", (1, 2)))
+    led.handle(L.Start("w1", 1, 101, "h", 1.0))
+    assert led.handle(L.Cancel((2,))) == [L.Withdraw("w1", 2)]
+    assert of(led.handle(L.Start("w1", 2, 101, "h", 1.1)), L.Refused)
+    cmds = led.handle(L.WorkerLost("w1", "gone", 2.0))
+    assert of(cmds, L.Requeue) == [] and 2 not in led
+
+
+def test_bounce_requeues_unstarted_and_blames_started():
+    """Dask gives up on a task (KilledWorker) whose workers died: if our attempt never
+    started it is requeued unblamed; if it had started it is WORKER_LOST."""
+    led = make(1, 2)
+    led.handle(L.Start("w1", 2, 101, "h", 1.0))
+    assert led.handle(L.Bounce(1, "KilledWorker", 2.0)) == [L.Requeue(("item1",))]
+    (lost,) = reports(led.handle(L.Bounce(2, "KilledWorker", 2.0)), Lost)
+    assert lost.attempt == 2 and lost.category == "worker_lost"
+
+
+def test_timeout_expires_started_attempt_once():
+    """A started attempt runs past its timeout: one Tick reports it TIMEOUT and asks the
+    backend to stop it (with its program groups); it is then out of the ledger, so the
+    worker's later exit does not report it again."""
+    led = make(1, timeout=5.0)
+    led.handle(L.Start("w1", 1, 101, "h", 10.0))
+    led.handle(L.Group("w1", 1, 55))
+    assert led.next_deadline() == 15.0
+    assert led.handle(L.Tick(14.9)) == []
+    cmds = led.handle(L.Tick(15.2, "killed the worker"))
+    (lost,) = reports(cmds, Lost)
+    assert lost.category == "timeout" and "timeout of 5 s" in lost.message
+    assert "killed the worker" in lost.message
+    assert of(cmds, L.Expired) == [L.Expired("w1", 1, 101, (55,))]
+    assert reports(led.handle(L.WorkerLost("w1", "killed", 15.3)), Lost) == []
+
+
+def test_describe_exit():
+    assert L.describe_exit(-9) == ("was killed by signal SIGKILL (-9)", "SIGKILL")
+    assert L.describe_exit(3) == ("exited with code 3", None)
+    assert L.describe_exit(None)[1] is None
