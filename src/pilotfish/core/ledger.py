@@ -75,6 +75,9 @@ __all__ = [
 ]
 
 Where = Literal["queued", "held", "started"]
+#: an attempt's id, unique among the attempts one ledger sees (the workflow's attempt id,
+#: or a number the engine gives each of its tasks, e.g. the RADICAL master's)
+AttemptId = int
 
 
 # --------------------------------------------------------------------------- reports
@@ -132,7 +135,7 @@ class Entry:
     """One in-flight attempt. ``item`` is the backend's own object for it (what it sends
     again on ``Requeue``/``Resend``); the ledger never looks inside."""
 
-    attempt: int
+    attempt: AttemptId
     key: str
     item: Any
     timeout: float | None
@@ -152,7 +155,7 @@ class Entry:
 class Submit:
     """Attempts handed to the backend; they are queued until a worker holds them."""
 
-    entries: tuple[tuple[int, str, Any, float | None], ...]  # (attempt, key, item, timeout)
+    entries: tuple[tuple[AttemptId, str, Any, float | None], ...]  # (attempt, key, item, timeout)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -160,7 +163,7 @@ class Hold:
     """``worker`` took these attempts (prefetch, a claim from a shared queue)."""
 
     worker: str
-    attempts: tuple[int, ...]
+    attempts: tuple[AttemptId, ...]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -168,7 +171,7 @@ class Start:
     """``worker`` asks to run ``attempt``'s user code now (the start fence)."""
 
     worker: str
-    attempt: int
+    attempt: AttemptId
     pid: int
     host: str
     time: float
@@ -179,7 +182,7 @@ class Finish:
     """``worker`` delivered a result (value or error) for ``attempt``."""
 
     worker: str
-    attempt: int
+    attempt: AttemptId
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -187,13 +190,13 @@ class Group:
     """A program of ``attempt`` runs in process group ``pgid`` (killed if the worker dies)."""
 
     worker: str
-    attempt: int
+    attempt: AttemptId
     pgid: int
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Cancel:
-    attempts: tuple[int, ...]
+    attempts: tuple[AttemptId, ...]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -201,7 +204,7 @@ class Bounce:
     """The engine gave ``attempt`` back without running it here (e.g. Dask gave up on a
     task whose workers died): requeued unblamed if it never started, else lost."""
 
-    attempt: int
+    attempt: AttemptId
     why: str
     time: float
 
@@ -259,7 +262,7 @@ class Granted:
     """The start fence let ``worker`` run ``attempt``."""
 
     worker: str
-    attempt: int
+    attempt: AttemptId
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -267,7 +270,7 @@ class Refused:
     """The start fence refused: ``worker`` must not run ``attempt``'s user code."""
 
     worker: str
-    attempt: int
+    attempt: AttemptId
     reason: str
 
 
@@ -276,7 +279,7 @@ class Accept:
     """Deliver this result to the client."""
 
     worker: str
-    attempt: int
+    attempt: AttemptId
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -284,7 +287,7 @@ class Dropped:
     """A result, hold or event that is not from the attempt's holder (logged, ignored)."""
 
     worker: str
-    attempt: int
+    attempt: AttemptId
     reason: str
 
 
@@ -307,7 +310,7 @@ class Withdraw:
     """Take back ``attempt`` (not started); ``worker`` holds it, or '' if only queued."""
 
     worker: str
-    attempt: int
+    attempt: AttemptId
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -324,7 +327,7 @@ class Expired:
     groups of programs it started (already reported)."""
 
     worker: str
-    attempt: int
+    attempt: AttemptId
     pid: int
     pgids: tuple[int, ...] = ()
 
@@ -350,9 +353,9 @@ class Ledger:
     """See the module docstring. ``handle(event) -> list[Command]``."""
 
     def __init__(self) -> None:
-        self.entries: dict[int, Entry] = {}
+        self.entries: dict[AttemptId, Entry] = {}
         # worker -> attempts it holds or runs, in the order it took them
-        self._by_worker: dict[str, dict[int, None]] = {}
+        self._by_worker: dict[str, dict[AttemptId, None]] = {}
         self.refused = 0  # start requests refused (an engine's own re-execution, ...)
         self.dropped = 0  # results dropped (not from the holder, or late)
 
@@ -363,14 +366,14 @@ class Ledger:
     def __contains__(self, attempt: object) -> bool:
         return attempt in self.entries
 
-    def get(self, attempt: int) -> Entry | None:
+    def get(self, attempt: AttemptId) -> Entry | None:
         return self.entries.get(attempt)
 
-    def held_by(self, worker: str) -> list[int]:
+    def held_by(self, worker: str) -> list[AttemptId]:
         """Attempts ``worker`` holds or runs, in the order it took them."""
         return list(self._by_worker.get(worker, ()))
 
-    def started_on(self, worker: str) -> list[int]:
+    def started_on(self, worker: str) -> list[AttemptId]:
         return [a for a in self._by_worker.get(worker, ()) if self.entries[a].where == "started"]
 
     def started(self) -> list[Entry]:
@@ -441,6 +444,8 @@ class Ledger:
             why = "it was cancelled"
         if why or e is None:
             self.refused += 1
+            if e is not None and e.cancelled:
+                self._forget(e)  # its holder will not run it: nothing more to wait for
             out.append(Refused(ev.worker, ev.attempt, why))
             return
         if e.where == "queued":  # an engine without a separate hold step (Dask)
@@ -608,7 +613,7 @@ class Ledger:
         """An orderly-stopped worker that held nothing (no loss rules apply)."""
         self._by_worker.pop(worker, None)
 
-    def submit(self, items: Iterable[tuple[int, str, Any, float | None]]) -> None:
+    def submit(self, items: Iterable[tuple[AttemptId, str, Any, float | None]]) -> None:
         """Shorthand for ``handle(Submit(...))`` (which returns no commands)."""
         for aid, key, item, timeout in items:
             self.entries[aid] = Entry(aid, key, item, timeout)

@@ -66,6 +66,7 @@ except ImportError as e:  # pragma: no cover - exercised without the extra
 from ... import _wire
 from ..._procs import end_processes, with_env
 from ..._wire import Fatal, Lost, Result, RunAttempt, Started, WorkerEvent
+from ...core import ledger as L
 from ...preflight import client_versions
 from ..base import MasterEvent, Sink
 
@@ -96,14 +97,11 @@ def _local_path(url: Any) -> str:
 
 @dataclass(slots=True)
 class _Att:
+    """The RP task of an attempt (a ledger entry's item): where it runs is the ledger's."""
+
     m: RunAttempt
     uid: str
     gen: int
-    started: bool = False
-    worker: str = ""
-    pid: int = 0
-    host: str = ""
-    t0: float | None = None
 
 
 class RadicalBackend:
@@ -157,8 +155,9 @@ class RadicalBackend:
         self._token = uuid.uuid4().hex[:8]
         self._lock = threading.RLock()
         self._q: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
-        self._inflight: dict[int, _Att] = {}
-        self._by_uid: dict[str, _Att] = {}
+        # the attempts the master has: queued, or started (which worker, pid, host)
+        self._ledger = L.Ledger()
+        self._by_uid: dict[str, int] = {}  # RP task uid -> attempt id
         self._workers_seen: dict[str, list[Any]] = {}
         self._running: dict[str, str] = {}
         self._sink: Sink | None = None
@@ -204,7 +203,7 @@ class RadicalBackend:
         with self._lock:
             ws = {w: v for w, v in self._workers_seen.items() if v[0] in ("ready", "starting")}
             # attempt id -> pid of the raptor worker running it
-            held = {a.m.attempt: a.pid for a in self._inflight.values() if a.started and a.pid}
+            held = {e.attempt: e.pid for e in self._ledger.started() if e.pid}
             return {
                 "master": self._master_pid or None,
                 "workers": sorted(int(v[1]) for v in ws.values() if v[1]),
@@ -219,7 +218,8 @@ class RadicalBackend:
             if self._stopped:
                 return
             self._stopped = True
-            self._inflight.clear()
+            self._ledger = L.Ledger()
+            self._by_uid.clear()
         self._stopping.set()
         self._q.put(None)
         for t in self._threads:
@@ -402,9 +402,8 @@ class RadicalBackend:
                 self._n += 1
                 tag = a.attempt if a.attempt > 0 else f"p{-a.attempt}"  # probes: < 0
                 uid = f"pf.{self._token}.{tag}.{self._n}"
-                att = _Att(a, uid, self._gen)
-                self._inflight[a.attempt] = att
-                self._by_uid[uid] = att
+                self._ledger.submit([(a.attempt, a.key, _Att(a, uid, self._gen), a.timeout)])
+                self._by_uid[uid] = a.attempt
                 td = rp.TaskDescription(
                     {
                         "uid": uid,
@@ -423,29 +422,27 @@ class RadicalBackend:
             why = f"RADICAL-Pilot refused the tasks: {type(e).__name__}: {e}"
             with self._lock:
                 for a in attempts:
-                    gone = self._inflight.pop(a.attempt, None)
-                    if gone is not None:
-                        self._by_uid.pop(gone.uid, None)
+                    self._ledger.handle(L.Cancel((a.attempt,)))
             events.extend(self._runtime_lost(a, why) for a in attempts)
 
     def _on_cancel(self, ids: Sequence[int]) -> None:
-        uids = []
         with self._lock:
-            for i in ids:
-                att = self._inflight.get(i)
-                if att is not None and not att.started:
-                    del self._inflight[i]
-                    uids.append(att.uid)
+            items = {i: e.item for i in ids if (e := self._ledger.get(i))}
+            cmds = self._ledger.handle(L.Cancel(tuple(ids)))
+            uids = [items[c.attempt].uid for c in cmds if isinstance(c, L.Withdraw)]
         if uids and self._master is not None:
             self._async_rpc("pilotfish_cancel", uids=uids)
 
-    def _pop(self, uid: str) -> _Att | None:
+    def _pop(self, uid: str) -> L.Entry | None:
+        """The attempt of RP task ``uid`` has ended: out of the ledger (None if it was
+        not in flight: cancelled by us, or already reported lost)."""
         with self._lock:
-            att = self._by_uid.pop(uid, None)
-            if att is None or self._inflight.get(att.m.attempt) is not att:
+            aid = self._by_uid.pop(uid, None)
+            e = self._ledger.get(aid) if aid is not None else None
+            if e is None or e.item.uid != uid:
                 return None
-            del self._inflight[att.m.attempt]
-            return att
+            self._ledger.handle(L.Finish(e.worker, e.attempt))
+            return e
 
     def _on_task(self, task: Any, state: str, events: list[Any]) -> None:
         uid = task.uid
@@ -460,22 +457,24 @@ class RadicalBackend:
             return
         if state not in rp.FINAL:
             return
-        att = self._pop(uid)
-        if att is None:
+        e = self._pop(uid)
+        if e is None:
             return  # cancelled by us, or a late result for an attempt already reported lost
+        att: _Att = e.item
+        started = e.where == "started"
         now = time.time()
         rv = task.return_value
         info = rv if isinstance(rv, dict) and "pilotfish" in rv else None
         if state == rp.DONE and isinstance(rv, str):
             try:
                 res = pickle.loads(base64.b64decode(rv))
-            except Exception as e:
-                events.append(self._env_result(att, f"its result could not be decoded: {e!r}"))
+            except Exception as bad:
+                events.append(self._env_result(e, f"its result could not be decoded: {bad!r}"))
                 return
             if not isinstance(res, Result):
-                events.append(self._env_result(att, f"unexpected task result {res!r}"))
+                events.append(self._env_result(e, f"unexpected task result {res!r}"))
                 return
-            if not att.started:
+            if not started:
                 events.append(Started(res.attempt, res.worker, res.pid, res.started, res.host))
             events.append(res)
             return
@@ -483,12 +482,12 @@ class RadicalBackend:
         if info is not None and kind in ("worker_lost", "task_process_lost"):
             # the worker died, or the process the worker forked for this task did
             worker, pid, host = (
-                info.get("worker") or att.worker,
-                int(info.get("pid") or att.pid or 0),
-                info.get("host") or att.host,
+                info.get("worker") or e.worker,
+                int(info.get("pid") or e.pid or 0),
+                info.get("host") or e.host,
             )
-            if not att.started:
-                events.append(Started(att.m.attempt, worker, pid, att.t0 or now, host))
+            if not started:
+                events.append(Started(att.m.attempt, worker, pid, e.started or now, host))
             events.append(
                 Lost(
                     att.m.attempt,
@@ -500,14 +499,14 @@ class RadicalBackend:
                     info.get("returncode"),
                     info.get("signal"),
                     info.get("stderr_tail") or "",
-                    att.t0 or now,
+                    e.started or now,
                     now,
                     host,
                 )
             )
             return
         if info is not None and info.get("pilotfish") == "environment":
-            events.append(self._env_result(att, info.get("message", ""), plain=True))
+            events.append(self._env_result(e, info.get("message", ""), plain=True))
             return
         exc = str(task.exception or "")
         detail = str(task.exception_detail or "")
@@ -518,24 +517,24 @@ class RadicalBackend:
                     "timeout",
                     f"task {att.m.key!r} exceeded its timeout of {att.m.timeout:g} s; "
                     "pilotfish's raptor worker killed the process running it",
-                    att.worker,
-                    att.pid,
+                    e.worker,
+                    e.pid,
                     None,
                     None,
                     str(task.stderr or "")[-2000:],
-                    att.t0,
+                    e.started,
                     now,
-                    att.host,
+                    e.host,
                 )
             )
             return
         if state == rp.CANCELED:
-            events.append(self._runtime_lost(att.m, f"RADICAL-Pilot cancelled its task {uid}", att))
+            events.append(self._runtime_lost(att.m, f"RADICAL-Pilot cancelled its task {uid}", e))
             return
         sbox = _local_path(task.sandbox)
         events.append(
             self._env_result(
-                att,
+                e,
                 f"RADICAL-Pilot could not run it (task {uid} {state}, exit code "
                 f"{task.exit_code}): {exc}\n{detail}\nstderr:\n{str(task.stderr or '')[-2000:]}\n"
                 f"task sandbox: {sbox}. Is pilotfish (the client's version) installed in the "
@@ -574,51 +573,56 @@ class RadicalBackend:
         if not isinstance(info, dict):
             return
         with self._lock:
-            att = self._by_uid.get(task.uid)
-            if att is None or att.started or self._inflight.get(att.m.attempt) is not att:
+            aid = self._by_uid.get(task.uid)
+            if aid is None:
                 return
-            att.started, att.worker = True, str(info.get("worker") or "")
-            att.pid, att.host = int(info.get("pid") or 0), str(info.get("host") or "")
-            att.t0 = float(info.get("time") or time.time())
+            worker, pid = str(info.get("worker") or ""), int(info.get("pid") or 0)
+            host = str(info.get("host") or "")
+            cmds = self._ledger.handle(
+                L.Start(worker, aid, pid, host, float(info.get("time") or time.time()))
+            )
+            started = [c.msg for c in cmds if isinstance(c, L.Report)]
+            if not started:
+                return  # already known to run (a ping told us first), or not in flight
             now = time.time()
             # the master and the worker are up (a ping may not have told us yet)
             self._note_master(
                 int(info.get("master_pid") or 0), str(info.get("master_host") or ""), now, events
             )
-            if att.worker and (self._workers_seen.get(att.worker) or [None])[0] != "ready":
-                self._workers_seen[att.worker] = ["ready", att.pid, att.host]
-                events.append(WorkerEvent("started", att.worker, att.pid, now))
-                self._note_worker_pid(att.pid, att.host)
-        events.append(Started(att.m.attempt, att.worker, att.pid, att.t0, att.host))
+            if worker and (self._workers_seen.get(worker) or [None])[0] != "ready":
+                self._workers_seen[worker] = ["ready", pid, host]
+                events.append(WorkerEvent("started", worker, pid, now))
+                self._note_worker_pid(pid, host)
+        events.extend(started)
 
-    def _env_result(self, att: _Att, why: str, *, plain: bool = False) -> Result:
-        msg = why if plain else f"task {att.m.key!r} (attempt id {att.m.attempt}): {why}"
+    def _env_result(self, e: L.Entry, why: str, *, plain: bool = False) -> Result:
+        msg = why if plain else f"task {e.key!r} (attempt id {e.attempt}): {why}"
         env = _wire.Envelope("environment", "pilotfish.EnvironmentMismatch", msg, "", None, {})
         now = time.time()
         return Result(
-            att.m.attempt,
+            e.attempt,
             False,
             pickle.dumps(env, _wire.PROTOCOL),
-            att.worker,
-            att.pid,
-            att.t0 or now,
+            e.worker,
+            e.pid,
+            e.started or now,
             now,
-            att.host,
+            e.host,
         )
 
-    def _runtime_lost(self, m: RunAttempt, why: str, att: _Att | None = None) -> Lost:
+    def _runtime_lost(self, m: RunAttempt, why: str, e: L.Entry | None = None) -> Lost:
         return Lost(
             m.attempt,
             "runtime_lost",
             f"task {m.key!r} (attempt id {m.attempt}) was lost: {why}",
-            att.worker if att else "",
-            att.pid if att else 0,
+            e.worker if e else "",
+            e.pid if e else 0,
             None,
             None,
             "",
-            att.t0 if att else None,
+            e.started if e else None,
             time.time(),
-            att.host if att else "",
+            e.host if e else "",
         )
 
     # ------------------------------------------------------------------ master and pilot
@@ -684,30 +688,27 @@ class RadicalBackend:
             f"master sandbox: {sbox}" + (f"; its stderr (tail):\n{err}" if err.strip() else "")
         )
         with self._lock:
-            gone = list(self._inflight.values())
-            self._inflight.clear()
+            # the ledger's rule: started attempts are lost with it, the others are sent
+            # again (unblamed) to the next master
+            cmds = self._ledger.handle(
+                L.RuntimeLost(
+                    f"task was lost with its master: {what}", time.time(), "", pid, None, None, err
+                )
+            )
             self._by_uid.clear()
             worker_pids = [
                 int(v[1]) for v in self._workers_seen.values() if v[1] and v[2] == self._host
             ]
             to_end = {p for p in [pid if self._master_local else 0, *worker_pids] if p}
         events.append(MasterEvent("lost", pid, time.time(), stderr_tail=err, message=what))
-        for a in gone:
-            events.append(
-                Lost(
-                    a.m.attempt,
-                    "runtime_lost",
-                    f"task {a.m.key!r} (attempt id {a.m.attempt}) was lost with its master: {what}",
-                    a.worker,
-                    a.pid,
-                    None,
-                    None,
-                    err,
-                    a.t0,
-                    time.time(),
-                    a.host,
-                )
-            )
+        resend: list[RunAttempt] = []
+        for c in cmds:
+            if isinstance(c, L.Report):
+                events.append(c.msg)
+            elif isinstance(c, L.Resend):
+                resend.extend(att.m for att in c.items)
+        # not started: nothing ran, so they wait in the ledger's place for the next master
+        self._ledger = L.Ledger()
         # end what is left of the old master and its workers
         self._bounded(lambda: self._tmgr.cancel_tasks([old.uid]), 10, "cancel master")
         self._end_pids(to_end, grace=0.5)
@@ -721,13 +722,13 @@ class RadicalBackend:
                 if pilot_ok
                 else f"the pilot is {self._pilot.state}"
             )
-            self._fatal(f"{what}; {reason}", events)
+            self._fatal(f"{what}; {reason}", events, resend)
             return
         self._restarts += 1
         try:
             self._start_master()
         except Exception as e:
-            self._fatal(f"{what}; a new master could not be started: {e!r}", events)
+            self._fatal(f"{what}; a new master could not be started: {e!r}", events, resend)
             return
         events.append(
             MasterEvent(
@@ -738,15 +739,18 @@ class RadicalBackend:
                 f"{self.max_restarts})",
             )
         )
+        if resend:
+            self._submit_now(resend, events)
 
-    def _fatal(self, why: str, events: list[Any]) -> None:
+    def _fatal(self, why: str, events: list[Any], unsent: Sequence[RunAttempt] = ()) -> None:
         with self._lock:
             self._dead = True
             self._fatal_message = why
-            gone = list(self._inflight.values())
-            self._inflight.clear()
+            gone = list(self._ledger.entries.values())
+            self._ledger = L.Ledger()
             self._by_uid.clear()
-        events.extend(self._runtime_lost(a.m, why, a) for a in gone)
+        events.extend(self._runtime_lost(e.item.m, why, e) for e in gone)
+        events.extend(self._runtime_lost(m, why) for m in unsent)
         events.append(Fatal("runtime_lost", why))
 
     # ------------------------------------------------------------------ pings (rpc)
@@ -820,12 +824,14 @@ class RadicalBackend:
                         )
                     )
             for uid, wid in self._running.items():
-                att = self._by_uid.get(uid)
-                if att is None or att.started or self._inflight.get(att.m.attempt) is not att:
+                aid = self._by_uid.get(uid)
+                e = self._ledger.get(aid) if aid is not None else None
+                if e is None or e.where == "started" or e.item.uid != uid:
                     continue
                 _, pid, host = new.get(wid) or ["", 0, ""]
-                att.started, att.worker, att.pid, att.host, att.t0 = True, wid, int(pid), host, now
-                events.append(Started(att.m.attempt, wid, int(pid), now, host))
+                for c in self._ledger.handle(L.Start(wid, e.attempt, int(pid), host, now)):
+                    if isinstance(c, L.Report):
+                        events.append(c.msg)
 
     # ------------------------------------------------------------------ teardown
     def _start_reaper(self) -> None:

@@ -1,7 +1,9 @@
 """pilotfish's raptor master (runs inside the pilot; loaded by path by RADICAL-Pilot).
 
 RADICAL-Pilot loads this file with ``ru.load_class(path, "PilotfishMaster")``, so it
-uses absolute imports only. On top of RP's raptor ``Master`` it keeps its own record:
+uses absolute imports only. Which task is queued, held by which worker or running is the
+shared attempt ledger's (:mod:`pilotfish.core.ledger`, keyed by the number at the end of
+the task's uid); this master turns RP's signals into ledger events:
 
 * every task it received (``request_cb``) until it is finished or advanced by us;
 * which worker *holds* which task: a worker claims the bulk of tasks it took from RP's
@@ -53,6 +55,8 @@ import radical.pilot.states as rps
 import radical.utils as ru
 from radical.pilot import constants as rpc_const
 from radical.pilot.raptor import Master
+
+from pilotfish.core import ledger as L
 
 _CFG_VAR = "PILOTFISH_RP_CFG"
 _MASTER_VAR = "PILOTFISH_RP_MASTER"
@@ -121,7 +125,7 @@ def _exit_status(exit_code: Any) -> tuple[int | None, str, str | None]:
     """(returncode, 'was killed by signal SIGKILL (-9)', 'SIGKILL') from RP's exit code.
 
     RP starts a worker through a shell, which reports a signal N as exit code 128+N."""
-    from pilotfish.backends.local.dispatch import describe_exit
+    from pilotfish.core.ledger import describe_exit
 
     if not isinstance(exit_code, int):
         return None, "exit status unknown", None
@@ -132,21 +136,28 @@ def _exit_status(exit_code: Any) -> tuple[int | None, str, str | None]:
     return exit_code, how, sig
 
 
+def _aid(uid: str) -> int:
+    """The ledger id of a task: the client numbers every task it submits
+    (``pf.TOKEN.TAG.N``), so ``N`` is unique among this master's tasks."""
+    try:
+        return int(str(uid).rsplit(".", 1)[1])
+    except (IndexError, ValueError):
+        return hash(uid)  # not one of ours: never matches a ledger entry
+
+
 class PilotfishMaster(Master):  # type: ignore[misc]
     def __init__(self) -> None:
         self._pf_cfg: dict[str, Any] = json.loads(
             base64.b64decode(os.environ.get(_CFG_VAR) or "e30=")
         )
         self._pf_lock = threading.RLock()
-        self._pf_tasks: dict[str, dict[str, Any]] = {}  # task uid -> task dict (unfinished)
-        # unclaimed task uid -> its place on RP's queue, in push order
+        self._pf_ledger = L.Ledger()  # every task it received, until finished or lost
+        # unclaimed task uid -> its place on RP's queue, in push order (RP queue plumbing:
+        # a task can vanish between the queue and a worker that dies before claiming it)
         self._pf_pushed: dict[str, int] = {}
         self._pf_seq = 0
         self._pf_claims: deque[tuple[float, int]] = deque()  # (when, place) of claims
         self._pf_claimed_upto = 0  # a task placed before this is lost if still unclaimed
-        self._pf_owner: dict[str, str] = {}  # task uid -> worker uid holding it
-        self._pf_running: dict[str, str] = {}  # task uid -> worker uid running it
-        self._pf_groups: dict[str, int] = {}  # task uid -> program process group
         self._pf_workers: dict[str, dict[str, Any]] = {}  # worker uid -> record
         self._pf_env_problem = ""
         self._pf_doomed: list[dict[str, Any]] = []  # to fail: pre-flight failed
@@ -236,42 +247,30 @@ class PilotfishMaster(Master):  # type: ignore[misc]
                     f"pre-flight checks failed on RADICAL-Pilot raptor worker {wid} "
                     f"(pid {pid}, host {host}):\n{lines}"
                 )
-                doomed = list(self._pf_tasks.values())
-                self._pf_forget_all()
+                doomed = [e.item for e in self._pf_ledger.entries.values()]
+                self._pf_ledger = L.Ledger()
+                self._pf_pushed.clear()
             else:
                 doomed = []
         for t in doomed:
             self._pf_fail(t, {"pilotfish": "environment", "message": self._pf_env_problem}, 78)
         return not problems
 
-    def _pf_forget(self, uid: str) -> dict[str, Any] | None:
-        """Drop every record of a task (lock held); returns its dict if it was known."""
-        self._pf_owner.pop(uid, None)
-        self._pf_running.pop(uid, None)
-        self._pf_groups.pop(uid, None)
-        self._pf_pushed.pop(uid, None)
-        return self._pf_tasks.pop(uid, None)
-
-    def _pf_forget_all(self) -> None:
-        for d in (self._pf_tasks, self._pf_owner, self._pf_running, self._pf_groups):
-            d.clear()
-        self._pf_pushed.clear()
-
     def _pf_claim(self, wid: str, uids: list[str]) -> list[str]:
         """A worker took these tasks off the queue: it holds those nobody else holds."""
-        mine = []
         with self._pf_lock:
             w = self._pf_workers.get(wid)
             if w is not None and w.get("state") == "lost":
                 return []
+            ids = {_aid(u): u for u in uids}
+            cmds = self._pf_ledger.handle(L.Hold(wid, tuple(ids)))
+            dropped = {c.attempt for c in cmds if isinstance(c, L.Dropped)}
+            mine = [u for i, u in ids.items() if i not in dropped]
             now = time.monotonic()
-            for uid in uids:
-                if uid in self._pf_tasks and uid not in self._pf_owner:
-                    self._pf_owner[uid] = wid
-                    mine.append(uid)
-                    place = self._pf_pushed.pop(uid, None)
-                    if place is not None:
-                        self._pf_claims.append((now, place))
+            for uid in mine:
+                place = self._pf_pushed.pop(uid, None)
+                if place is not None:
+                    self._pf_claims.append((now, place))
         return mine
 
     def _pf_push(self, tasks: list[dict[str, Any]]) -> None:
@@ -291,21 +290,25 @@ class PilotfishMaster(Master):  # type: ignore[misc]
         for uid, place in self._pf_pushed.items():
             if place >= self._pf_claimed_upto:
                 break
-            lost.append(self._pf_tasks[uid])
+            e = self._pf_ledger.get(_aid(uid))
+            if e is not None and e.where == "queued":
+                lost.append(e.item)
         self._pf_push(lost)
         return lost
 
     def _pf_start(self, wid: str, uid: str, pid: int) -> bool:
-        """A worker's task process asks to run a task it holds."""
+        """A worker's task process asks to run a task it holds (the start fence)."""
         with self._pf_lock:
             w = self._pf_workers.get(wid) or {}
-            if (
-                uid not in self._pf_tasks
-                or self._pf_owner.get(uid) != wid
-                or w.get("state") == "lost"
-            ):
+            if w.get("state") == "lost":
                 return False
-            self._pf_running[uid] = wid
+            cmds = self._pf_ledger.handle(
+                L.Start(wid, _aid(uid), int(w.get("pid") or 0), w.get("host") or "", time.time())
+            )
+            refused = [c for c in cmds if isinstance(c, L.Refused)]
+            if refused:
+                self._pf_log(f"refused start of {uid} on {wid}: {refused[0].reason}")
+                return False
             info = {
                 "worker": wid,
                 "pid": int(w.get("pid") or 0),
@@ -330,8 +333,9 @@ class PilotfishMaster(Master):  # type: ignore[misc]
 
     def _pf_group(self, uid: str, pgid: int) -> bool:
         with self._pf_lock:
-            if uid in self._pf_tasks:
-                self._pf_groups[uid] = int(pgid)
+            e = self._pf_ledger.get(_aid(uid))
+            if e is not None and e.worker:
+                self._pf_ledger.handle(L.Group(e.worker, e.attempt, int(pgid)))
         return True
 
     def _pf_watch(self) -> None:
@@ -380,49 +384,51 @@ class PilotfishMaster(Master):  # type: ignore[misc]
                 return
             was = w.get("state")
             w["state"] = "lost"
-            running, held = [], []
-            for u, o in list(self._pf_owner.items()):
-                if o != wid:
-                    continue
-                if u in self._pf_running:
-                    pg = self._pf_groups.get(u)
-                    if pg:
-                        with contextlib.suppress(OSError):
-                            os.killpg(pg, signal.SIGKILL)
-                    t = self._pf_forget(u)
-                    if t is not None:
-                        running.append(t)
-                else:  # taken off the queue but not started: back on the queue, unblamed
-                    del self._pf_owner[u]
-                    held.append(self._pf_tasks[u])
-            self._pf_push(held)
             stopping = self._pf_stopping
-        if held and not stopping:
-            self._pf_log(f"requeue {[t['uid'] for t in held]} after {wid} was lost")
-            self._req_put.put(held)
         err_path = os.path.join(self._sbox, f"{wid}.err")
         tail = _tail(err_path)
         if exit_code is None and w.get("pid"):
             exit_code = _shell_reported_exit(tail, int(w["pid"]))
         code, how, sig = _exit_status(exit_code)
-        info = {
-            "pilotfish": "worker_lost",
-            "worker": wid,
-            "pid": int(w.get("pid") or 0),
-            "host": w.get("host") or "",
-            "returncode": code,
-            "signal": sig,
-            "stderr_tail": tail[-2000:],
-            "stderr_path": err_path,
-            "message": (
-                f"RADICAL-Pilot raptor worker {wid} (pid {w.get('pid') or '?'}, host "
-                f"{w.get('host') or '?'}) was lost: {why}"
-                + (f"; it {how}" if code is not None else "")
-                + f"; its stderr: {err_path}"
-            ),
-        }
-        for t in running:
-            self._pf_fail(t, dict(info), code if isinstance(code, int) and code > 0 else 1)
+        what = (
+            f"RADICAL-Pilot raptor worker {wid} (pid {w.get('pid') or '?'}, host "
+            f"{w.get('host') or '?'}) was lost: {why}" + (f"; it {how}" if code is not None else "")
+        )
+        with self._pf_lock:
+            tasks = {a: self._pf_ledger.entries[a].item for a in self._pf_ledger.started_on(wid)}
+            cmds = self._pf_ledger.handle(
+                L.WorkerLost(wid, what, time.time(), code, sig, tail[-2000:])
+            )
+            running, held = [], []
+            for c in cmds:
+                if isinstance(c, L.KillGroups):
+                    for pg in c.pgids:
+                        with contextlib.suppress(OSError):
+                            os.killpg(pg, signal.SIGKILL)
+                elif isinstance(c, L.Requeue):
+                    held = list(c.items)
+                elif isinstance(c, L.Report) and isinstance(c.msg, L.Lost):
+                    running.append(c.msg)
+            self._pf_push(held)
+        if held and not stopping:
+            self._pf_log(f"requeue {[t['uid'] for t in held]} after {wid} was lost")
+            self._req_put.put(held)
+        for lost in running:
+            task = tasks.get(lost.attempt)
+            if task is None:
+                continue
+            info = {
+                "pilotfish": "worker_lost",
+                "worker": wid,
+                "pid": int(w.get("pid") or 0),
+                "host": w.get("host") or "",
+                "returncode": code,
+                "signal": sig,
+                "stderr_tail": tail[-2000:],
+                "stderr_path": err_path,
+                "message": f"{lost.message}; its stderr: {err_path}",
+            }
+            self._pf_fail(task, info, code if isinstance(code, int) and code > 0 else 1)
         if not stopping and was != "preflight_failed" and not self._pf_env_problem:
             self._pf_start_workers(1)
 
@@ -446,8 +452,8 @@ class PilotfishMaster(Master):  # type: ignore[misc]
             problem = self._pf_env_problem
             for t in tasks:
                 if not problem:
-                    self._pf_tasks[t["uid"]] = t
                     keep.append(t)
+            self._pf_ledger.submit((_aid(t["uid"]), t["uid"], t, None) for t in keep)
             self._pf_push(keep)
         if problem:
             # a state published from here does not reach the client (RP 1.103): let RP
@@ -462,14 +468,11 @@ class PilotfishMaster(Master):  # type: ignore[misc]
         with self._pf_lock:
             for t in ru.as_list(tasks):
                 uid = t.get("uid")
-                owner = self._pf_owner.get(uid)
-                if uid in self._pf_tasks and owner in (None, t.get("worker")):
-                    self._pf_forget(uid)
+                (c,) = self._pf_ledger.handle(L.Finish(str(t.get("worker")), _aid(uid)))
+                if isinstance(c, L.Accept):
                     mine.append(t)
                 else:
-                    self._log.info(
-                        "pilotfish: dropped a late result for %s from %s", uid, t.get("worker")
-                    )
+                    self._log.info("pilotfish: dropped a result for %s: %s", uid, c)
         if mine:
             super()._result_cb(mine)
 
@@ -501,16 +504,17 @@ class PilotfishMaster(Master):  # type: ignore[misc]
                         w["uid"]: [w.get("state"), int(w.get("pid") or 0), w.get("host") or ""]
                         for w in self._pf_workers.values()
                     },
-                    "running": dict(self._pf_running),
+                    "running": {e.item["uid"]: e.worker for e in self._pf_ledger.started()},
                     "env_problem": self._pf_env_problem,
                 }
         if cmd == "pilotfish_cancel":
             uids = kwargs.get("uids") or []
-            gone = []
             with self._pf_lock:
-                for u in uids:
-                    if u in self._pf_tasks and u not in self._pf_running:
-                        gone.append(self._pf_forget(u))
+                items = {e.attempt: e.item for u in uids if (e := self._pf_ledger.get(_aid(u)))}
+                cmds = self._pf_ledger.handle(L.Cancel(tuple(items)))
+                gone = [items[c.attempt] for c in cmds if isinstance(c, L.Withdraw)]
+                for t in gone:
+                    self._pf_pushed.pop(t["uid"], None)
             if gone:
                 self.advance(gone, rps.CANCELED, publish=True, push=False)
             return [t["uid"] for t in gone if t]
