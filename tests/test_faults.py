@@ -211,6 +211,25 @@ def test_master_killed_without_restarts_fails_fast(tmp_path: Path) -> None:
             late.result(timeout=5)
 
 
+def test_local_backend_gone_silent_does_not_hang_shutdown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The local backend's event path dies (a wedged reader thread, a bug) while a task
+    runs: its Alive signal stops with it, and leaving the with-block ends about
+    heartbeat_timeout later with RuntimeLost naming the backend, instead of never."""
+    with pilotfish.Session(
+        workers=1, rundir=str(tmp_path / "r"), heartbeat_interval=0.1, heartbeat_timeout=0.5
+    ) as s:
+        t = s.submit(faulty.slow, 1, 30.0)
+        wait_for(t.running)
+        monkeypatch.setattr(s._backend, "_sink", lambda events: None)  # nothing arrives
+        t0 = time.monotonic()
+        s.shutdown(wait=True)
+        assert time.monotonic() - t0 < 5
+    with pytest.raises(pilotfish.RuntimeLost, match="the local backend sent nothing"):
+        t.result()
+
+
 def test_master_crashing_at_startup(tmp_path: Path) -> None:
     """A master that cannot start (e.g. a broken interpreter) fails tasks with
     RuntimeLost carrying the master's own stderr, instead of hanging."""

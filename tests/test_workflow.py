@@ -12,6 +12,7 @@ from pilotfish.core.policy import NO_BACKOFF, Backoff
 from pilotfish.core.states import State
 from pilotfish.core.workflow import (
     Abort,
+    AttemptStarted,
     Cancel,
     CancelAttempt,
     Cancelled,
@@ -23,7 +24,6 @@ from pilotfish.core.workflow import (
     Resolve,
     Restore,
     RetryOverride,
-    Started,
     Submit,
     Succeeded,
     Tick,
@@ -88,7 +88,7 @@ def test_submit_without_deps_dispatches_and_success_resolves():
     assert (d.tid, d.number) == (1, 1)
     assert w.state(1) is State.RUNNING and not w.is_started(1)
 
-    assert w.handle(Started(d.attempt, 1.0, worker="w1", host="h", pid=42)) == []
+    assert w.handle(AttemptStarted(d.attempt, 1.0, worker="w1", host="h", pid=42)) == []
     assert w.is_started(1)
     cmds = w.handle(Succeeded(d.attempt, 2.0))
     assert of(cmds, Resolve) == [Resolve(1, d.attempt)]
@@ -151,7 +151,7 @@ def test_late_result_from_lost_worker_is_dropped_after_retry():
     must be dropped, and the retry's result recorded once (task DONE with attempt 2)."""
     w = make()
     d1 = only_dispatch(submit(w, 1, retries=2))
-    w.handle(Started(d1.attempt, 0.5))
+    w.handle(AttemptStarted(d1.attempt, 0.5))
     cmds = w.handle(Failed(d1.attempt, failure(Category.WORKER_LOST), 1.0))
     d2 = only_dispatch(cmds)
     assert d2.attempt != d1.attempt and d2.number == 2
@@ -196,7 +196,7 @@ def test_result_for_unknown_attempt_is_dropped():
     submit(w, 1)
     for ev in (
         Succeeded(999, 1.0),
-        Started(999, 1.0),
+        AttemptStarted(999, 1.0),
         Failed(999, failure(Category.USER_ERROR), 1),
     ):
         (drop,) = w.handle(ev)
@@ -211,11 +211,11 @@ def test_started_for_superseded_attempt_is_dropped():
     w = make()
     d1 = only_dispatch(submit(w, 1, retries=1))
     d2 = only_dispatch(w.handle(Failed(d1.attempt, failure(Category.WORKER_LOST), 1.0)))
-    (drop,) = w.handle(Started(d1.attempt, 1.5, worker="old"))
+    (drop,) = w.handle(AttemptStarted(d1.attempt, 1.5, worker="old"))
     assert isinstance(drop, Dropped) and drop.event == "started"
     assert not w.is_started(1)
     assert w.attempts(1)[-1].worker is None
-    w.handle(Started(d2.attempt, 2.0, worker="new"))
+    w.handle(AttemptStarted(d2.attempt, 2.0, worker="new"))
     assert w.attempts(1)[-1].worker == "new"
 
 
@@ -223,8 +223,8 @@ def test_duplicate_started_is_dropped():
     """A 'started' notice delivered twice keeps the first start time."""
     w = make()
     d = only_dispatch(submit(w, 1))
-    w.handle(Started(d.attempt, 1.0))
-    (drop,) = w.handle(Started(d.attempt, 5.0))
+    w.handle(AttemptStarted(d.attempt, 1.0))
+    (drop,) = w.handle(AttemptStarted(d.attempt, 5.0))
     assert isinstance(drop, Dropped) and drop.reason == "duplicate start"
     assert w.attempts(1)[0].started == 1.0
 
@@ -236,7 +236,7 @@ def test_result_after_cancel_is_dropped():
     d = only_dispatch(submit(w, 1))
     w.handle(Cancel(1, 0.5))
     assert w.state(1) is State.CANCELLED
-    for ev in (Started(d.attempt, 0.6), Succeeded(d.attempt, 1.0)):
+    for ev in (AttemptStarted(d.attempt, 0.6), Succeeded(d.attempt, 1.0)):
         assert [type(c) for c in w.handle(ev)] == [Dropped]
     assert w.state(1) is State.CANCELLED
     assert w.attempts(1)[0].outcome == "cancelled"
@@ -247,7 +247,7 @@ def test_result_after_abort_is_dropped():
     flight arrives afterwards: it is dropped, the task stays FAILED."""
     w = make()
     d = only_dispatch(submit(w, 1, retries=3))
-    w.handle(Started(d.attempt, 0.5))
+    w.handle(AttemptStarted(d.attempt, 0.5))
     w.handle(Abort(Category.RUNTIME_LOST, "master died", 1.0))
     assert [type(c) for c in w.handle(Succeeded(d.attempt, 2.0))] == [Dropped]
     assert w.state(1) is State.FAILED
@@ -468,7 +468,7 @@ def test_keep_going_false_stops_unstarted_work_but_lets_started_finish():
     w = make(keep_going=False, backoff=SLOW)
     d_bad = only_dispatch(submit(w, 1))
     d_run = only_dispatch(submit(w, 2))
-    w.handle(Started(d_run.attempt, 0.1))
+    w.handle(AttemptStarted(d_run.attempt, 0.1))
     d_queued = only_dispatch(submit(w, 3))
     submit(w, 4, [2])  # PENDING
     d_retry = only_dispatch(submit(w, 5, retries=3))
@@ -495,7 +495,7 @@ def test_keep_going_false_running_task_is_not_retried_after_stop():
     w = make(keep_going=False)
     d1 = only_dispatch(submit(w, 1))
     d2 = only_dispatch(submit(w, 2, retries=5))
-    w.handle(Started(d2.attempt, 0.1))
+    w.handle(AttemptStarted(d2.attempt, 0.1))
     w.handle(Failed(d1.attempt, failure(Category.USER_ERROR), 1.0))
     cmds = w.handle(Failed(d2.attempt, failure(Category.WORKER_LOST), 2.0))
     assert of(cmds, Dispatch) == []
@@ -538,7 +538,7 @@ def test_cancel_started_task_is_refused():
     w = make()
     d = only_dispatch(submit(w, 1))
     submit(w, 2, [1])
-    w.handle(Started(d.attempt, 0.5))
+    w.handle(AttemptStarted(d.attempt, 0.5))
     assert w.handle(Cancel(1, 1.0)) == []
     assert w.state(1) is State.RUNNING
     cmds = w.handle(Succeeded(d.attempt, 2.0))

@@ -1,4 +1,10 @@
-"""Typed events delivered to ``Session(on_event=...)``."""
+"""Typed events delivered to ``Session(on_event=...)``.
+
+Public and stable (``pilotfish.TaskEvent``, ``WorkerEvent``, ``MasterEvent``). The
+session makes ``TaskEvent`` from the workflow core's transitions; ``WorkerEvent`` and
+``MasterEvent`` are what :mod:`pilotfish._translate` makes of a backend's
+``WorkerReport`` and ``MasterReport`` (attempt ids become task keys).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Task options, their validation, and the ``@pilotfish.task`` decorator."""
+"""Task options, their validation, the ``@pilotfish.task`` decorator, and the checks of
+``Session(...)``'s own keywords."""
 
 from __future__ import annotations
 
@@ -115,6 +116,37 @@ def validate(o: TaskOptions) -> None:
                 f"task option requires contains {r!r}; give requirement strings "
                 "such as 'numpy>=1.26'"
             )
+
+
+def check_session_args(
+    workers: int | None,
+    poison_after: int,
+    hb_interval: float,
+    hb_timeout: float,
+    max_restarts: int,
+) -> None:
+    """``Session(...)``'s numeric keywords, each rejected with the rule it breaks."""
+
+    def bad(name: str, value: Any, need: str) -> InvalidTask:
+        return InvalidTask(f"Session({name}={value!r}) is invalid: {need}")
+
+    if workers is not None and (not isinstance(workers, int) or workers < 1):
+        raise bad("workers", workers, "give an int >= 1 (or None for one per CPU)")
+    if not isinstance(poison_after, int) or poison_after < 1:
+        raise bad("poison_after", poison_after, "give an int >= 1")
+    if not isinstance(hb_interval, int | float) or hb_interval <= 0:
+        raise bad("heartbeat_interval", hb_interval, "give seconds > 0")
+    if not isinstance(hb_timeout, int | float) or hb_timeout <= hb_interval:
+        raise bad("heartbeat_timeout", hb_timeout, "give seconds > heartbeat_interval")
+    if not isinstance(max_restarts, int) or max_restarts < 0:
+        raise bad("max_master_restarts", max_restarts, "give an int >= 0")
+
+
+def str_list(items: Iterable[str], what: str) -> tuple[str, ...]:
+    """A list of non-empty strings (modules, programs), or InvalidTask naming ``what``."""
+    if isinstance(items, str) or not all(isinstance(x, str) and x.strip() for x in items):
+        raise InvalidTask(f"{what}={items!r} must be a list of non-empty strings")
+    return tuple(items)
 
 
 def make_options(base: TaskOptions | None = None, **kw: Any) -> TaskOptions:

@@ -1,10 +1,21 @@
 """Session (a ``concurrent.futures.Executor``) and Task (a ``Future``).
 
-The session is the only driver of I/O on the client: it turns user calls and
-backend events into events for the pure workflow core
-(:mod:`pilotfish.core.workflow`), executes the commands the core returns
-(dispatch to the backend, resolve futures, deliver events), and runs user
-callbacks outside its lock.
+The session is the only driver of I/O on the client, and a thin loop::
+
+    user calls -----> submit, executable, cancel -----------+
+                                                            v   events
+    backend events -> _probes (ids < 0) | _translate -> core (workflow.Workflow)
+                                                            |   commands
+    backend.submit / cancel   <-- Dispatch, CancelAttempt --+
+    futures, journal, on_event <-- Resolve, Reject, Transition
+
+It turns user calls and backend events into events for the pure workflow core
+(:mod:`pilotfish.core.workflow`), executes the commands the core returns, and
+runs user callbacks outside its lock. The rules live elsewhere, each in one
+named place: what a backend event means (:mod:`._translate`), what a program
+call may be (:mod:`._programs`), how a call is pickled (:mod:`._payloads`),
+pre-flight probes (:mod:`._probes`), when a silent backend is given up
+(:class:`pilotfish.core.policy.Silence`).
 """
 
 from __future__ import annotations
@@ -13,7 +24,6 @@ import atexit
 import concurrent.futures as cf
 import contextlib
 import dataclasses
-import hashlib
 import heapq
 import logging
 import os
@@ -28,56 +38,22 @@ from typing import Any
 
 from . import _wire
 from ._events import MasterEvent, TaskEvent, WorkerEvent
-from ._options import TaskFunction, TaskOptions, make_options
-from .backends.base import Backend
-from .backends.base import MasterEvent as BMasterEvent
-from .commands import CommandResult
+from ._options import TaskFunction, TaskOptions, check_session_args, str_list
+from ._payloads import call_digest, pickle_call
+from ._probes import Probes, is_probe
+from ._programs import backstop, input_stamps, output_path, program_spec
+from ._translate import Call, Fail, Retry, Translator
+from .backends import backend_factory
+from .backends.base import Alive, Backend, BackendEvent, Fatal, Lost, Result, Started
 from .core import workflow as wf
-from .core.policy import Backoff
+from .core.policy import Backoff, Silence
 from .core.states import State
-from .errors import (
-    EXCEPTION_FOR,
-    Category,
-    DependencyFailed,
-    EnvironmentMismatch,
-    FailureRecord,
-    InvalidTask,
-    PilotfishError,
-    RemoteError,
-)
+from .errors import Category, EnvironmentMismatch, FailureRecord, InvalidTask
 from .journal import Journal, JournalError
 
 log = logging.getLogger("pilotfish")
 
 __all__ = ["Call", "Fail", "Retry", "Session", "Task", "as_completed", "wait"]
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Call:
-    """What a failure handler sees of the failed task's call."""
-
-    fn: Callable[..., Any]
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    options: TaskOptions
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Retry:
-    """Returned by ``on_failure``: resubmit after ``delay`` s, maybe with new args/options.
-
-    ``options`` is a dict of option changes (``{"timeout": 60}``) or a TaskOptions.
-    """
-
-    delay: float = 0.0
-    args: tuple[Any, ...] | None = None
-    kwargs: dict[str, Any] | None = None
-    options: dict[str, Any] | TaskOptions | None = None
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Fail:
-    """Returned by ``on_failure``: stop, do not retry."""
 
 
 class Task(cf.Future):  # type: ignore[type-arg]
@@ -148,7 +124,7 @@ class Task(cf.Future):  # type: ignore[type-arg]
             t = self._output_tasks.get(name)
             if t is None:
                 opts = TaskOptions(name=f"{self.name}.output", key=f"{self.key}:{name}")
-                t = self._session._submit_call(_output_path, (self, name), {}, opts)
+                t = self._session._submit_call(output_path, (self, name), {}, opts)
                 self._output_tasks[name] = t
             return t
 
@@ -182,6 +158,8 @@ _DEFAULT_OPTIONS = TaskOptions()  # frozen: one shared instance (the journal cac
 
 
 class _Actions:
+    """Side effects of core commands, collected under the lock, done after it."""
+
     __slots__ = ("cancels", "dispatch", "events", "finish", "wake")
 
     def __init__(self) -> None:
@@ -195,7 +173,6 @@ class _Actions:
 _live_sessions: weakref.WeakSet[Session] = weakref.WeakSet()
 #: listeners added to every Session created in this process (used by `pilotfish run`)
 _global_listeners: list[Callable[[Any], None]] = []
-_session_hooks: list[Callable[[Session], None]] = []
 
 
 @atexit.register
@@ -208,13 +185,17 @@ def _shutdown_all() -> None:
 class Session(cf.Executor):
     """Run Python callables (and programs) with every failure recorded and handled.
 
-    Keywords: ``workers`` (default: CPU count), ``backend`` (``"local"`` or a backend
-    object), ``rundir``, ``keep_going`` (default True: independent work continues
-    after a failure; False cancels what has not started), ``on_event(event)``,
-    ``on_failure(failure, call)``, ``poison_after`` (worker deaths that make a task
-    poison), ``heartbeat_interval``/``heartbeat_timeout`` (s), ``max_master_restarts``,
-    ``backoff`` (a :class:`pilotfish.core.policy.Backoff`), ``clock`` and ``rand``
-    (injected for deterministic tests). Other keywords go to the backend.
+    Keywords: ``workers`` (default: CPU count), ``backend`` (``"local"``, ``"dask"``,
+    ``"radical"``, or a backend object such as
+    :class:`pilotfish.backends.fake.FakeBackend`), ``rundir``, ``keep_going`` (default
+    True: independent work continues after a failure; False cancels what has not
+    started), ``on_event(event)``, ``on_failure(failure, call)``, ``poison_after``
+    (worker deaths that make a task poison), ``heartbeat_interval``/``heartbeat_timeout``
+    (s; a backend that sends ``Alive`` and then stays silent for longer than
+    ``heartbeat_timeout`` while ``shutdown`` waits has its unfinished tasks failed
+    RUNTIME_LOST), ``max_master_restarts``, ``backoff`` (a
+    :class:`pilotfish.core.policy.Backoff`), ``clock`` and ``rand`` (injected for
+    deterministic tests). Other keywords go to the backend.
     """
 
     def __init__(
@@ -242,12 +223,8 @@ class Session(cf.Executor):
     ) -> None:
         import random
 
-        if isinstance(backend, str) and backend not in _BACKENDS:
-            raise InvalidTask(
-                f"unknown backend {backend!r}; available: {', '.join(map(repr, _BACKENDS))} "
-                "(or pass a backend object)"
-            )
-        _check_session_args(
+        factory = backend_factory(backend, backend_options)
+        check_session_args(
             workers, poison_after, heartbeat_interval, heartbeat_timeout, max_master_restarts
         )
         self._lock = threading.RLock()
@@ -259,7 +236,6 @@ class Session(cf.Executor):
             rand=rand or random.Random().random,
         )
         self._tasks: dict[int, Task] = {}
-        self._by_attempt: dict[int, Task] = {}
         self._keys: dict[str, Task] = {}
         self._dups: dict[str, int] = {}
         self._next_tid = 1
@@ -299,12 +275,28 @@ class Session(cf.Executor):
             raise InvalidTask("Session(resume=True) needs a journal; do not pass journal=None")
         self._restored = 0
         self._shutdown_flag = False
-        self._host = _wire.host_name()
         self._timers: list[float] = []
         self._timer_cv = threading.Condition(self._lock)
         self._closed = False
-        if isinstance(backend, str):
-            self._backend: Backend = _backend_class(backend)(
+        # shutdown(wait=True) waits on this; bounded by the backend's silence
+        self._drained = threading.Condition(self._lock)
+        self._draining = False
+        self._hb_interval, self._hb_timeout = heartbeat_interval, heartbeat_timeout
+        self._silence = Silence(heartbeat_timeout + heartbeat_interval)
+        self._gave_up = False  # the backend went silent: stop it without a long goodbye
+        self._translate = Translator(
+            self._core,
+            self._tasks,
+            self._keys,
+            host=_wire.host_name(),
+            clock=clock,
+            on_failure=on_failure,
+            repickle=self._pickle_call,
+            public_events=self._on_event,
+        )
+        self._probes = Probes()
+        self._backend: Backend = (
+            factory(
                 workers,
                 heartbeat_interval=heartbeat_interval,
                 heartbeat_timeout=heartbeat_timeout,
@@ -312,23 +304,17 @@ class Session(cf.Executor):
                 rundir=rundir,
                 **backend_options,
             )
-        else:
-            if backend_options:
-                raise InvalidTask(
-                    f"backend options {sorted(backend_options)} given with a backend object; "
-                    "configure the backend object instead"
-                )
-            self._backend = backend
+            if isinstance(backend, str)
+            else factory
+        )
         self._timer_thread = threading.Thread(
             target=self._timer_loop, name="pilotfish-timer", daemon=True
         )
         self._timer_thread.start()
-        self._probes: dict[int, cf.Future[Any]] = {}
-        self._next_probe = -1
         self._backend.start(self._on_backend_events)
         _live_sessions.add(self)
-        modules = _str_list(requires, "requires")
-        programs = _str_list(requires_programs, "requires_programs")
+        modules = str_list(requires, "requires")
+        programs = str_list(requires_programs, "requires_programs")
         if modules or programs:
             try:
                 checks = self.preflight(modules, programs)
@@ -385,114 +371,33 @@ class Session(cf.Executor):
         (programs that must be on the worker's PATH) and ``requires`` (Python modules)
         are checked on the worker first: a failed check is ENVIRONMENT, not retried.
         """
-        programs = _str_list(requires_programs, "requires_programs")
-        modules = _str_list(requires, "requires")
-        template, opts, shown = self._command_template(
+        programs = str_list(requires_programs, "requires_programs")
+        modules = str_list(requires, "requires")
+        spec = program_spec(
             argv,
-            inputs,
-            outputs,
-            env,
-            stdin,
-            cwd,
-            timeout,
-            retries,
-            retry_exit_codes,
-            name,
-            key,
-            keep_sandboxes,
+            inputs=inputs,
+            outputs=outputs,
+            env=env,
+            stdin=stdin,
+            cwd=cwd,
+            timeout=timeout,
+            retries=retries,
+            retry_exit_codes=retry_exit_codes,
+            name=name,
+            key=key,
+            keep_sandboxes=keep_sandboxes or self._keep_sandboxes,
+            task_type=Task,
         )
-        payload, deps = self._pickle_call_obj(template, f"program {shown!r}")
-        digest = hashlib.blake2b(payload, digest_size=6)
-        for d in deps:
-            digest.update(d.key.encode())
-        for path in template["inputs"].values():
-            if isinstance(path, str):
-                with contextlib.suppress(OSError):
-                    st = os.stat(path)
-                    digest.update(f"{path}:{st.st_size}:{st.st_mtime_ns}".encode())
-        task = self._register(
-            opts.name or shown, opts, digest.hexdigest(), deps, payload, "command"
-        )
-        task._declared_outputs = tuple(template["outputs"])
+        payload, deps = pickle_call(spec.template, self, Task, f"program {spec.shown!r}")
+        digest = call_digest(payload, deps, input_stamps(spec.template))
+        opts = spec.options
+        task = self._register(opts.name or spec.shown, opts, digest, deps, payload, "command")
+        task._declared_outputs = spec.outputs
         task._cmd_timeout = timeout
         task._programs = programs
         if modules:
             task.options = task.options.merged(requires=modules)
         return self._start(task)
-
-    def _command_template(
-        self,
-        argv: Any,
-        inputs: Any,
-        outputs: Any,
-        env: Any,
-        stdin: Any,
-        cwd: Any,
-        timeout: Any,
-        retries: Any,
-        retry_exit_codes: Any,
-        name: Any,
-        key: Any,
-        keep_sandboxes: Any,
-    ) -> tuple[dict[str, Any], TaskOptions, str]:
-        def bad(what: str) -> InvalidTask:
-            return InvalidTask(f"executable(): {what}")
-
-        if isinstance(argv, str | bytes) or not isinstance(argv, Sequence) or not argv:
-            raise bad(
-                f"argv={argv!r} must be a non-empty list such as ['gmx', 'mdrun'] "
-                "(for a shell line use ['sh', '-c', LINE])"
-            )
-        for i, a in enumerate(argv):
-            if not isinstance(a, str | os.PathLike | int | float | Task):
-                raise bad(f"argv[{i}]={a!r} must be a str, path, number or Task")
-        shown = os.path.basename(os.fspath(argv[0])) if not isinstance(argv[0], Task) else "program"
-        ins: dict[str, Any] = {}
-        for n, v in (inputs or {}).items():
-            if not isinstance(n, str) or not n or os.path.isabs(n) or ".." in Path(n).parts:
-                raise bad(f"input name {n!r} must be a relative path inside the sandbox")
-            if isinstance(v, Task):
-                ins[n] = v
-            elif isinstance(v, str | os.PathLike):
-                p = os.path.abspath(os.fspath(v))
-                if not os.path.exists(p):
-                    raise bad(f"input {n!r}: {p} does not exist")
-                ins[n] = p
-            else:
-                raise bad(f"input {n!r}={v!r} must be a path or a Task")
-        if isinstance(outputs, str) or not all(
-            isinstance(o, str) and o and not os.path.isabs(o) and ".." not in Path(o).parts
-            for o in outputs
-        ):
-            raise bad(f"outputs={outputs!r} must be a list of relative paths")
-        if env is not None and not (
-            isinstance(env, dict)
-            and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
-        ):
-            raise bad("env must be a dict of str to str")
-        codes = list(retry_exit_codes)
-        if not all(isinstance(c, int) and not isinstance(c, bool) and c != 0 for c in codes):
-            raise bad(f"retry_exit_codes={codes!r} must be non-zero ints")
-        keep = keep_sandboxes or self._keep_sandboxes
-        if keep not in ("failed", "all"):
-            raise bad(f"keep_sandboxes={keep!r} must be 'failed' or 'all'")
-        opts = make_options(retries=retries, timeout=timeout, name=name, key=key)
-        if stdin is not None:
-            stdin = os.path.abspath(os.fspath(stdin))
-            if not os.path.isfile(stdin):
-                raise bad(f"stdin file {stdin} does not exist")
-        template = {
-            "argv": list(argv),
-            "inputs": ins,
-            "outputs": list(outputs),
-            "env": env,
-            "stdin": stdin,
-            "cwd": cwd,
-            "timeout": timeout,
-            "retry_exit_codes": codes,
-            "keep_sandboxes": keep,
-        }
-        return template, opts, shown
 
     def preflight(
         self,
@@ -504,39 +409,9 @@ class Session(cf.Executor):
         Python, pilotfish and cloudpickle versions, sandbox root, disk space, and the given
         module requirements and programs. Used by ``Session(requires=...)`` and
         ``pilotfish check``."""
-        from . import preflight as pf
-
-        fut: cf.Future[Any] = cf.Future()
-        with self._lock:
-            aid = self._next_probe
-            self._next_probe -= 1
-            self._probes[aid] = fut
-        payload = _wire.dumps_call(
-            (
-                pf.session_checks,
-                (
-                    pf.client_versions(),
-                    str(Path(self._rundir).resolve()),
-                    list(requires),
-                    list(programs),
-                ),
-                {},
-            ),
-            lambda _obj: None,
+        return self._probes.preflight(
+            self._backend.submit, self._rundir, requires, programs, timeout
         )
-        self._backend.submit(
-            [_wire.RunAttempt(aid, "pilotfish-preflight", "call", payload, (), timeout)]
-        )
-        try:
-            ok, data = fut.result(timeout)
-        except cf.TimeoutError:
-            raise EnvironmentMismatch(
-                f"pre-flight checks got no answer from any worker within {timeout:g} s"
-            ) from None
-        if not ok:
-            raise EnvironmentMismatch(f"pre-flight checks could not run on a worker: {data}")
-        checks: list[Any] = pickle.loads(data)
-        return checks
 
     def processes(self) -> dict[str, Any]:
         """``{"master": pid, "workers": [pids]}`` (diagnostics)."""
@@ -564,6 +439,9 @@ class Session(cf.Executor):
     def shutdown(
         self, wait: bool = True, *, cancel_futures: bool = False, _stop_now: bool = False
     ) -> None:
+        """Stop taking tasks; with ``wait``, return when every task is final. That wait is
+        bounded: a backend that sent ``Alive`` and then says nothing for longer than
+        ``heartbeat_timeout`` is given up, and its unfinished tasks fail RUNTIME_LOST."""
         with self._lock:
             self._shutdown_flag = True
             acts = _Actions()
@@ -572,8 +450,7 @@ class Session(cf.Executor):
                     self._run(self._core.handle(wf.Cancel(t._tid, self._clock())), acts)
         self._finish(acts)
         if wait and not _stop_now:
-            pending = [t for t in self.tasks if not t.done()]
-            cf.wait(pending)
+            self._drain()
         self._close()
 
     def __enter__(self) -> Session:
@@ -583,6 +460,50 @@ class Session(cf.Executor):
         # Ctrl-C in the with-block: do not wait for the whole ensemble
         interrupted = exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
         self.shutdown(wait=True, cancel_futures=interrupted)
+
+    # ------------------------------------------------------------------ shutdown
+    def _drain(self) -> None:
+        """Wait until every task is final, or the backend is silent for too long."""
+        while True:
+            with self._lock:
+                self._draining = True
+                acts = self._wait_drained()
+            if acts is None:
+                break
+            self._finish(acts)
+        # tasks final in the core: their futures are being resolved (outside the lock)
+        cf.wait([t for t in self.tasks if not t.done()])
+
+    def _wait_drained(self) -> _Actions | None:
+        """Under the lock: None once no task is unfinished; else what giving up on a
+        silent backend does (every unfinished task fails RUNTIME_LOST)."""
+        while self._core.unfinished():
+            silent = self._silence.silent_for(time.monotonic())
+            if silent is not None:
+                inflight = len(self._core.running_attempts())
+                if inflight:
+                    return self._give_up(silent, inflight)
+            self._drained.wait(self._hb_interval / 2)
+        return None
+
+    def _give_up(self, silent: float, inflight: int) -> _Actions:
+        name = getattr(self._backend, "name", type(self._backend).__name__)
+        msg = (
+            f"the {name} backend sent nothing for {silent:.1f} s (heartbeat_timeout="
+            f"{self._hb_timeout:g} s) while {inflight} attempt(s) were in flight, so the "
+            "session stopped waiting for them at shutdown; check that the backend's master "
+            "or scheduler is still running and reachable (`pilotfish status` lists its "
+            "processes) and read its log"
+        )
+        log.warning("pilotfish: %s", msg)
+        self._gave_up = True
+        now = self._clock()
+        acts = _Actions()
+        if self._on_event:
+            acts.events.append(MasterEvent("lost", 0, now, message=msg))
+        self._probes.fail_all(msg)
+        self._run(self._core.handle(wf.Abort(Category.RUNTIME_LOST, msg, now)), acts)
+        return acts
 
     # ------------------------------------------------------------------ submit
     def _submit_call(
@@ -596,13 +517,15 @@ class Session(cf.Executor):
             raise RuntimeError("cannot schedule new futures after shutdown")
         payload, deps = self._pickle_call(fn, args, kwargs)
         name = opts.name or getattr(fn, "__qualname__", None) or type(fn).__name__
-        digest = hashlib.blake2b(payload, digest_size=6)
-        for d in deps:
-            digest.update(d.key.encode())
-        task = self._register(name, opts, digest.hexdigest(), deps, payload, "call")
+        task = self._register(name, opts, call_digest(payload, deps), deps, payload, "call")
         if self._on_failure is not None:
             task._call = (fn, args, kwargs)
         return self._start(task)
+
+    def _pickle_call(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[bytes, list[Task]]:
+        return pickle_call((fn, args, kwargs), self, Task)
 
     def _register(
         self,
@@ -679,39 +602,6 @@ class Session(cf.Executor):
             )
             return None
 
-    def _pickle_call(
-        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[bytes, list[Task]]:
-        return self._pickle_call_obj((fn, args, kwargs), None)
-
-    def _pickle_call_obj(self, obj: Any, what: str | None) -> tuple[bytes, list[Task]]:
-        deps: list[Task] = []
-        index: dict[int, int] = {}
-
-        def ref(obj: Any) -> int | None:
-            if isinstance(obj, Task):
-                if obj._session is not self:
-                    raise InvalidTask(
-                        f"argument {obj!r} is a Task of another Session; a task can only "
-                        "depend on tasks of its own session (pass its .result() instead)"
-                    )
-                i = index.get(obj._tid)
-                if i is None:
-                    i = index[obj._tid] = len(deps)
-                    deps.append(obj)
-                return i
-            return None
-
-        try:
-            return _wire.dumps_call(obj, ref), deps
-        except InvalidTask:
-            raise
-        except Exception as e:
-            if what is not None:
-                raise InvalidTask(f"cannot submit {what}: {type(e).__name__}: {e}") from e
-            fn, args, kwargs = obj
-            raise InvalidTask(_explain_unpicklable(fn, args, kwargs, ref, e)) from e
-
     # ------------------------------------------------------------------ cancel
     def _cancel(self, task: Task) -> bool:
         acts = _Actions()
@@ -737,7 +627,6 @@ class Session(cf.Executor):
                     acts.events.append(TaskEvent(t.key, t.name, c.start, c.finish, c.now, n))
             elif isinstance(c, wf.Dispatch):
                 t = self._tasks[c.tid]
-                self._by_attempt[c.attempt] = t
                 acts.dispatch.append(
                     _wire.RunAttempt(
                         c.attempt,
@@ -745,14 +634,13 @@ class Session(cf.Executor):
                         t._kind,
                         t._payload,
                         tuple(d._value_bytes or b"" for d in t._deps),
-                        t.options.timeout if t._kind == "call" else _backstop(t._cmd_timeout),
+                        t.options.timeout if t._kind == "call" else backstop(t._cmd_timeout),
                         t.options.requires,
                         t._programs,
                     )
                 )
             elif isinstance(c, wf.Resolve):
                 t = self._tasks[c.tid]
-                self._by_attempt.pop(c.attempt or 0, None)
                 value, t._pending_value = t._pending_value, None
                 if c.attempt is not None:  # restored tasks are in the journal already
                     self._journal_task(t, "DONE", value=t._value_bytes)
@@ -760,18 +648,19 @@ class Session(cf.Executor):
                 acts.finish.append((t, True, value))
             elif isinstance(c, wf.Reject):
                 t = self._tasks[c.tid]
-                acts.finish.append((t, False, self._exception_for(t, c.failure)))
+                acts.finish.append((t, False, self._translate.exception_for(t, c.failure)))
                 self._journal_task(t, "FAILED", failure=c.failure)
             elif isinstance(c, wf.Cancelled):
                 acts.finish.append((self._tasks[c.tid], False, None))
                 self._journal_task(self._tasks[c.tid], "CANCELLED")
             elif isinstance(c, wf.CancelAttempt):
-                self._by_attempt.pop(c.attempt, None)
                 acts.cancels.append(c.attempt)
             elif isinstance(c, wf.Wake):
                 acts.wake = c.at if acts.wake is None else min(acts.wake, c.at)
             elif isinstance(c, wf.Dropped):
                 log.info("dropped %s event of attempt %s: %s", c.event, c.attempt, c.reason)
+        if self._draining and not self._core.unfinished():
+            self._drained.notify_all()
 
     def _journal_task(
         self,
@@ -812,274 +701,39 @@ class Session(cf.Executor):
                     except Exception:
                         log.exception("pilotfish: on_event callback raised on %r", e)
 
-    # ------------------------------------------------------------------ failures
-    def _exception_for(self, t: Task, f: FailureRecord) -> BaseException:
-        if t._last_failure is f and t._last_exc is not None:
-            return t._last_exc
-        if f.category is Category.DEPENDENCY_FAILED:
-            exc: BaseException = DependencyFailed(f.message, f)
-            root = self._keys.get(f.root or "")
-            if root is not None:
-                cause = root._last_exc or (
-                    self._exception_for(root, root.failure) if root.failure else None
-                )
-                exc.__cause__ = cause
-            return exc
-        return EXCEPTION_FOR.get(f.category, PilotfishError)(f.message, f)
-
-    def _attempt_failure(
-        self, t: Task, attempt: int, category: Category, message: str, **fields: Any
-    ) -> FailureRecord:
-        number = len(self._core.attempts(t._tid))
-        return FailureRecord(
-            key=t.key,
-            category=category,
-            message=message,
-            transient=category.transient,
-            attempt=number,
-            host=fields.pop("host", None) or self._host,
-            time=self._clock(),
-            **fields,
-        )
-
-    def _user_failure(
-        self, t: Task, res: _wire.Result
-    ) -> tuple[FailureRecord, BaseException, bool]:
-        env: _wire.Envelope = pickle.loads(res.data)
-        env = env._replace(traceback=_wire.fix_dynamic_frames(env.traceback))
-        number = len(self._core.attempts(t._tid))
-        host = res.host or self._host
-        category = Category(env.category)
-        exc: BaseException | None = None
-        if env.exc is not None and category is Category.USER_ERROR:
-            try:
-                exc = pickle.loads(env.exc)
-            except Exception as e:
-                env = env._replace(
-                    traceback=env.traceback + "\n(pilotfish: the exception could not be "
-                    f"unpickled on the client: {type(e).__name__}: {e})\n"
-                )
-        extra = env.extra
-        f = FailureRecord(
-            key=t.key,
-            category=category,
-            message=env.message
-            if category is not Category.USER_ERROR
-            else f"{env.type_name}: {env.message}",
-            transient=category.transient,
-            exc_type=env.type_name,
-            traceback=env.traceback,
-            returncode=extra.get("returncode"),
-            signal=extra.get("signal"),
-            stdout_path=extra.get("stdout_path"),
-            stderr_path=extra.get("stderr_path"),
-            sandbox=extra.get("sandbox"),
-            worker=res.worker,
-            host=host,
-            pid=res.pid,
-            attempt=number,
-            time=res.ended,
-        )
-        if exc is None:
-            if category is Category.USER_ERROR:
-                exc = RemoteError(
-                    env.message, f, type_name=env.type_name, remote_traceback=env.traceback
-                )
-            else:
-                exc = EXCEPTION_FOR.get(category, PilotfishError)(env.message, f)
-        with contextlib.suppress(Exception):
-            exc.add_note(
-                f"pilotfish: raised by task {t.key!r}, attempt {number}, on worker "
-                f"{res.worker} (pid {res.pid}) at host {host}"
-            )
-        retry = False
-        if category is Category.USER_ERROR:
-            retry = t.options.matches(None if isinstance(exc, RemoteError) else exc, env.type_name)
-        elif category is Category.COMMAND_FAILED:
-            retry = bool(extra.get("retry_requested"))
-        return f, exc, retry
-
-    def _failed_attempt(
-        self,
-        t: Task,
-        attempt: int,
-        f: FailureRecord,
-        exc: BaseException,
-        retry: bool,
-        acts: _Actions,
-    ) -> None:
-        t._last_exc, t._last_failure = exc, f
-        override: wf.RetryOverride | wf.FailOverride | None = None
-        if self._on_failure is not None and t._call is not None:
-            override = self._ask_handler(t, f, exc)
-        self._by_attempt.pop(attempt, None)
-        self._run(self._core.handle(wf.Failed(attempt, f, self._clock(), retry, override)), acts)
-        state = self._core.state(t._tid)
-        if not state.final:  # a retry is coming: keep the failed attempt on record now
-            self._journal_task(t, state.name)
-
-    def _ask_handler(
-        self, t: Task, f: FailureRecord, exc: BaseException
-    ) -> wf.RetryOverride | wf.FailOverride | None:
-        assert self._on_failure is not None and t._call is not None
-        fn, args, kwargs = t._call
-        try:
-            decision = self._on_failure(f, Call(fn, args, kwargs, t.options))
-            if decision is None:
-                return None
-            if isinstance(decision, Fail):
-                return wf.FailOverride()
-            if isinstance(decision, Retry):
-                new_args = decision.args if decision.args is not None else args
-                new_kwargs = decision.kwargs if decision.kwargs is not None else kwargs
-                opts = t.options
-                if isinstance(decision.options, TaskOptions):
-                    opts = decision.options
-                elif decision.options:
-                    opts = opts.merged(**decision.options)
-                if decision.args is not None or decision.kwargs is not None:
-                    payload, deps = self._pickle_call(fn, tuple(new_args), dict(new_kwargs))
-                    if any(d._tid not in {x._tid for x in t._deps} for d in deps):
-                        raise InvalidTask("Retry(args=...) may not add new Task dependencies")
-                    t._payload, t._deps = payload, tuple(deps)
-                    t._call = (fn, tuple(new_args), dict(new_kwargs))
-                retries = opts.retries if opts.retries != t.options.retries else None
-                t.options = opts
-                return wf.RetryOverride(delay=decision.delay, retries=retries)
-            raise TypeError(
-                f"on_failure returned {decision!r}; return pilotfish.Retry(...), "
-                "pilotfish.Fail() or None"
-            )
-        except Exception as e:
-            e.__cause__ = exc
-            with contextlib.suppress(Exception):
-                e.add_note(f"pilotfish: raised by the on_failure handler for task {t.key!r}")
-            hf = dataclasses.replace(
-                f,
-                message=f"the on_failure handler raised {type(e).__name__}: {e} "
-                f"(while handling: {f.one_line()})",
-                exc_type=_wire.qualified_name(type(e)),
-                traceback=_wire.format_exception(e) + "\nwhile handling:\n" + (f.traceback or ""),
-                transient=False,
-            )
-            t._last_exc, t._last_failure = e, hf
-            return wf.FailOverride(hf)
-
     # ------------------------------------------------------------------ backend events
-    def _on_backend_events(self, events: Sequence[Any]) -> None:
+    def _on_backend_events(self, events: Sequence[BackendEvent]) -> None:
+        """The backend's sink (any thread): route each event, then act outside the lock."""
         acts = _Actions()
         with self._lock:
+            self._silence.heard(time.monotonic())
             for ev in events:
                 try:
-                    self._on_backend_event(ev, acts)
+                    self._route(ev, acts)
                 except Exception:
                     log.exception("pilotfish: error handling backend event %r", ev)
         self._finish(acts)
 
-    def _on_backend_event(self, ev: Any, acts: _Actions) -> None:
-        if isinstance(ev, _wire.Result | _wire.Lost) and ev.attempt < 0:
-            probe = self._probes.pop(ev.attempt, None)
-            if probe is not None and not probe.done():
-                if isinstance(ev, _wire.Lost):
-                    probe.set_result((False, ev.message))
-                elif ev.ok:
-                    probe.set_result((True, ev.data))
-                else:
-                    env = pickle.loads(ev.data)
-                    probe.set_result((False, f"{env.type_name}: {env.message}\n{env.traceback}"))
+    def _route(self, ev: BackendEvent, acts: _Actions) -> None:
+        if isinstance(ev, Result | Started | Lost) and is_probe(ev.attempt):
+            self._probes.deliver(ev)
             return
-        if isinstance(ev, _wire.Result):
-            tid = self._core.owner(ev.attempt)
-            if tid is None:
-                self._run([wf.Dropped(ev.attempt, "not the current attempt", "result")], acts)
-                return
-            t = self._tasks[tid]
-            if ev.ok:
-                try:
-                    value = pickle.loads(ev.data)
-                except Exception as e:
-                    f = self._attempt_failure(
-                        t,
-                        ev.attempt,
-                        Category.USER_ERROR,
-                        f"the result of task {t.key!r} could not be unpickled on the client: "
-                        f"{type(e).__name__}: {e}",
-                        worker=ev.worker,
-                        pid=ev.pid,
-                        exc_type=_wire.qualified_name(type(e)),
-                        traceback=_wire.format_exception(e),
-                    )
-                    exc: BaseException = RemoteError(
-                        f.message, f, type_name=f.exc_type or "", remote_traceback=f.traceback or ""
-                    )
-                    self._failed_attempt(t, ev.attempt, f, exc, False, acts)
-                    return
-                t._value_bytes = ev.data
-                t._pending_value = value
-                self._run(
-                    self._core.handle(
-                        wf.Succeeded(ev.attempt, ev.ended, ev.worker, ev.host or self._host, ev.pid)
-                    ),
-                    acts,
-                )
-            else:
-                f, exc, retry = self._user_failure(t, ev)
-                self._failed_attempt(t, ev.attempt, f, exc, retry, acts)
-        elif isinstance(ev, _wire.Started) and ev.attempt > 0:
-            self._run(
-                self._core.handle(
-                    wf.Started(ev.attempt, ev.time, ev.worker, ev.host or self._host, ev.pid)
-                ),
-                acts,
-            )
-        elif isinstance(ev, _wire.Lost):
-            tid = self._core.owner(ev.attempt)
-            if tid is None:
-                self._run([wf.Dropped(ev.attempt, "not the current attempt", "lost")], acts)
-                return
-            t = self._tasks[tid]
-            cat = Category(ev.category)
-            f = self._attempt_failure(
-                t,
-                ev.attempt,
-                cat,
-                ev.message,
-                worker=ev.worker,
-                pid=ev.pid,
-                returncode=ev.returncode,
-                signal=ev.signal,
-                stderr_tail=ev.stderr_tail or None,
-                host=ev.host or None,
-            )
-            exc = EXCEPTION_FOR[cat](ev.message, f)
-            self._failed_attempt(t, ev.attempt, f, exc, False, acts)
-        elif isinstance(ev, _wire.WorkerEvent):
-            if self._on_event:
-                held = tuple(self._by_attempt[a].key for a in ev.held if a in self._by_attempt)
-                acts.events.append(
-                    WorkerEvent(
-                        ev.kind,
-                        ev.worker,
-                        ev.pid,
-                        ev.time,
-                        ev.returncode,
-                        ev.signal,
-                        held,
-                        ev.message,
-                    )
-                )
-        elif isinstance(ev, BMasterEvent):
-            if self._on_event:
-                acts.events.append(
-                    MasterEvent(ev.kind, ev.pid, ev.time, ev.returncode, ev.signal, ev.message)
-                )
-        elif isinstance(ev, _wire.Fatal):
-            for probe in self._probes.values():
-                if not probe.done():
-                    probe.set_result((False, ev.message))
-            self._probes.clear()
-            cat = Category(ev.category)
-            self._run(self._core.handle(wf.Abort(cat, ev.message, self._clock())), acts)
+        if isinstance(ev, Alive):
+            self._silence.heard(time.monotonic(), alive=True)
+            return
+        if isinstance(ev, Fatal):
+            self._probes.fail_all(ev.message)
+        step = self._translate.event(ev)
+        if step is None:
+            return
+        if isinstance(step, WorkerEvent | MasterEvent):
+            acts.events.append(step)
+            return
+        self._run(self._core.handle(step), acts)
+        if isinstance(step, wf.Failed):  # a retry is coming: keep the failed attempt on record
+            tid = self._core.task_of(step.attempt)
+            if tid is not None and not self._core.state(tid).final:
+                self._journal_task(self._tasks[tid], self._core.state(tid).name)
 
     # ------------------------------------------------------------------ timers
     def _timer_loop(self) -> None:
@@ -1106,7 +760,10 @@ class Session(cf.Executor):
                 return
             self._closed = True
             self._timer_cv.notify_all()
-        self._backend.stop()
+        if self._gave_up:
+            self._backend.stop(self._hb_timeout)
+        else:
+            self._backend.stop()
         if self._journal is not None:
             counts = self._core.counts
             status = (
@@ -1116,92 +773,6 @@ class Session(cf.Executor):
             )
             self._journal.close(status)
         _live_sessions.discard(self)
-
-
-#: backend name -> (module, class); optional ones are installed as the extra of that name
-_BACKENDS = {
-    "local": ("pilotfish.backends.local.backend", "LocalBackend"),
-    "dask": ("pilotfish.backends.dask", "DaskBackend"),
-    "radical": ("pilotfish.backends.radical.backend", "RadicalBackend"),
-}
-
-
-def _backend_class(name: str) -> Any:
-    """Import a backend by name; a missing optional dependency says how to install it."""
-    import importlib
-
-    module, cls = _BACKENDS[name]
-    try:
-        return getattr(importlib.import_module(module), cls)
-    except ImportError as e:
-        hint = f"pilotfish[{name}]"
-        if hint in str(e):
-            raise EnvironmentMismatch(str(e)) from e
-        raise EnvironmentMismatch(
-            f"backend={name!r} needs an optional dependency that cannot be imported ({e}); "
-            f"install it with: pip install '{hint}'"
-        ) from e
-
-
-def _str_list(items: Iterable[str], what: str) -> tuple[str, ...]:
-    if isinstance(items, str) or not all(isinstance(x, str) and x.strip() for x in items):
-        raise InvalidTask(f"{what}={items!r} must be a list of non-empty strings")
-    return tuple(items)
-
-
-def _backstop(timeout: float | None) -> float | None:
-    """The master's own deadline for a program: the program's timeout is enforced by the
-    worker (killing its process group); if the worker itself is stuck, the master kills it."""
-    return None if timeout is None else timeout + 10.0 + 0.1 * timeout
-
-
-def _output_path(result: CommandResult, name: str) -> Path:
-    return result.outputs[name]
-
-
-def _check_session_args(
-    workers: int | None,
-    poison_after: int,
-    hb_interval: float,
-    hb_timeout: float,
-    max_restarts: int,
-) -> None:
-    def bad(name: str, value: Any, need: str) -> InvalidTask:
-        return InvalidTask(f"Session({name}={value!r}) is invalid: {need}")
-
-    if workers is not None and (not isinstance(workers, int) or workers < 1):
-        raise bad("workers", workers, "give an int >= 1 (or None for one per CPU)")
-    if not isinstance(poison_after, int) or poison_after < 1:
-        raise bad("poison_after", poison_after, "give an int >= 1")
-    if not isinstance(hb_interval, int | float) or hb_interval <= 0:
-        raise bad("heartbeat_interval", hb_interval, "give seconds > 0")
-    if not isinstance(hb_timeout, int | float) or hb_timeout <= hb_interval:
-        raise bad("heartbeat_timeout", hb_timeout, "give seconds > heartbeat_interval")
-    if not isinstance(max_restarts, int) or max_restarts < 0:
-        raise bad("max_master_restarts", max_restarts, "give an int >= 0")
-
-
-def _explain_unpicklable(
-    fn: Any,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    ref: Callable[[Any], int | None],
-    err: Exception,
-) -> str:
-    """Find which part of the call cannot be pickled, to name it in the error."""
-    parts: list[tuple[str, Any]] = [("the callable", fn)]
-    parts += [(f"argument {i} ({type(a).__name__})", a) for i, a in enumerate(args)]
-    parts += [(f"keyword argument {k!r} ({type(v).__name__})", v) for k, v in kwargs.items()]
-    for label, obj in parts:
-        try:
-            _wire.dumps_call(obj, ref)
-        except Exception as e:
-            return (
-                f"cannot submit {getattr(fn, '__qualname__', fn)!r}: {label} cannot be pickled "
-                f"({type(e).__name__}: {e}). Tasks run in other processes, so the callable and "
-                "its arguments must be picklable (cloudpickle); pass a path or the data instead."
-            )
-    return f"cannot pickle the call to {fn!r}: {type(err).__name__}: {err}"
 
 
 def wait(

@@ -116,7 +116,10 @@ class Result(NamedTuple):
     host: str = ""
 
 
-class WorkerEvent(NamedTuple):
+class WorkerReport(NamedTuple):
+    """What a backend reports about a worker's life; the session turns it into the public
+    :class:`pilotfish.WorkerEvent` (``held`` attempt ids become task keys)."""
+
     kind: str  # "started" | "lost" | "replaced" | "stopped" | "start_failed"
     worker: str
     pid: int
@@ -127,7 +130,16 @@ class WorkerEvent(NamedTuple):
     message: str = ""
 
 
+#: The old name of :class:`WorkerReport`, kept while ``backends/local/dispatch.py``,
+#: ``backends/dask.py`` and ``backends/radical/backend.py`` still import it. One name, one
+#: meaning: ``WorkerEvent`` is the public :class:`pilotfish.WorkerEvent`; remove this alias
+#: once those files say ``WorkerReport``.
+WorkerEvent = WorkerReport
+
+
 class Heartbeat(NamedTuple):
+    """A master or worker is alive (process to process; never reaches the session)."""
+
     time: float
 
 

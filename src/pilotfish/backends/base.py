@@ -9,21 +9,43 @@ and a RADICAL-Pilot raptor master alike)::
     stop()                 orderly shutdown; leaves no process behind
     processes()            diagnostics: {"master": pid, "workers": [pids]}
 
-Events a backend emits (all typed, from :mod:`pilotfish._wire` plus
-:class:`MasterEvent`):
+Events a backend emits (:data:`BackendEvent`, all typed; the attempt reports come
+from :mod:`pilotfish.core.ledger`, which every backend uses to produce them):
 
-``Started``      the attempt was handed to a worker (it can no longer be cancelled)
-``Result``       the attempt finished: pickled value, or an ``Envelope`` with the error
-``Lost``         the attempt was lost with its worker, stopped by its timeout, or lost
-                 with the master (category names which)
-``WorkerEvent``  a worker started / was lost (exit code, signal, held attempts) / replaced
-``MasterEvent``  the master (or scheduler) was lost / restarted
-``Fatal``        the backend cannot run anything any more; every unfinished task fails
+``Started``       the attempt was granted to a worker and its user code starts
+                  (it can no longer be cancelled)
+``Result``        the attempt finished: pickled value, or an ``Envelope`` with the error
+``Lost``          the attempt was lost with its worker, stopped by its timeout, or lost
+                  with the master (category names which)
+``WorkerReport``  a worker started / was lost (exit code, signal, held attempts) /
+                  was replaced / stopped
+``MasterReport``  the master (or scheduler) started / was lost / restarted
+``Fatal``         the backend cannot run anything any more; every unfinished task fails
+``Alive``         optional: the backend is working (see below)
+
+**Alive (optional).** A backend that sends ``Alive`` promises to send *some* event
+at least every ``heartbeat_interval`` while it works, even when no attempt starts
+or ends for hours. From its first ``Alive`` on, the session holds it to that:
+when ``Session.shutdown(wait=True)`` is waiting for attempts and the backend has
+been silent for longer than the session's ``heartbeat_timeout`` (plus one
+``heartbeat_interval`` of grace, so that a backend which detects the same silence
+itself speaks first), the session stops waiting and fails the unfinished tasks
+with RUNTIME_LOST. A backend that never sends ``Alive`` is never timed out this
+way (it must report every loss itself); the Dask and RADICAL-Pilot backends do
+not send it yet.
+
+**Probes.** Attempts with a *negative* id are probes (pre-flight checks, see
+:mod:`pilotfish._probes`): a backend runs them like any attempt and reports their
+``Result`` or ``Lost``; the session routes those to the waiting probe, never to
+the workflow core.
 
 A backend never decides about retries, never sees the task graph and never
 records anything: the workflow core and the journal live in the client.
 Attempt ids are fencing tokens; a backend may deliver a late or duplicate
 event for an attempt and the core will drop it.
+
+:class:`pilotfish.backends.fake.FakeBackend` is the reference implementation
+in a few hundred lines, in-process, for tests.
 """
 
 from __future__ import annotations
@@ -31,23 +53,29 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol
 
-from .._wire import Fatal, Lost, Result, RunAttempt, Started, WorkerEvent
+from .._wire import Fatal, Lost, Result, RunAttempt, Started, WorkerReport
 
 __all__ = [
+    "Alive",
     "Backend",
     "BackendEvent",
     "Fatal",
     "Lost",
     "MasterEvent",
+    "MasterReport",
     "Result",
     "RunAttempt",
     "Sink",
     "Started",
     "WorkerEvent",
+    "WorkerReport",
 ]
 
 
-class MasterEvent(NamedTuple):
+class MasterReport(NamedTuple):
+    """What a backend reports about its master (or scheduler); the session turns it
+    into the public :class:`pilotfish.MasterEvent`."""
+
     kind: str  # "started" | "lost" | "restarted"
     pid: int
     time: float
@@ -57,8 +85,20 @@ class MasterEvent(NamedTuple):
     message: str = ""
 
 
-BackendEvent = Started | Result | Lost | WorkerEvent | MasterEvent | Fatal
-Sink = Callable[[Sequence[Any]], None]
+class Alive(NamedTuple):
+    """The backend is working (its master or scheduler answers); see the module docstring."""
+
+    time: float
+
+
+#: Old names, kept while ``backends/dask.py``, ``backends/radical/backend.py`` and
+#: ``backends/local/dispatch.py`` still import them (``MasterEvent`` and ``WorkerEvent``
+#: are the public :mod:`pilotfish` events). Remove once those files use the new names.
+MasterEvent = MasterReport
+WorkerEvent = WorkerReport
+
+BackendEvent = Started | Result | Lost | WorkerReport | MasterReport | Fatal | Alive
+Sink = Callable[[Sequence[BackendEvent]], None]
 
 
 class Backend(Protocol):

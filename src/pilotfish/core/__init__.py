@@ -1,8 +1,9 @@
 """The pure workflow core: events in, commands out; no processes, sockets, clocks or files.
 
 ``states`` holds the task state enum and its transition table, ``policy`` the
-retry/backoff/poison rules as plain data, ``workflow`` the state machine that
-owns the task graph, attempts (whose ids are fencing tokens) and failure
-propagation. The session feeds it events from a backend and executes the
+retry/backoff/poison rules and when to give up on a silent backend, as plain data,
+``workflow`` the state machine that owns the task graph, attempts (whose ids are
+fencing tokens) and failure propagation, ``ledger`` the attempt ledger every backend
+uses. The session feeds the workflow events from a backend and executes the
 commands it returns.
 """

@@ -1,4 +1,4 @@
-"""Retry, backoff and poison rules as plain data (no clock, no randomness inside)."""
+"""Retry, backoff, poison and silence rules as plain data (no clock, no randomness inside)."""
 
 from __future__ import annotations
 
@@ -43,3 +43,29 @@ class Backoff:
 
 
 NO_BACKOFF = Backoff(base=0.0, jitter=0.0)
+
+
+@dataclasses.dataclass(slots=True)
+class Silence:
+    """When to stop waiting for a backend that says nothing (times passed in, any clock).
+
+    A backend that sent ``Alive`` once (``armed``) has promised to say something at
+    least every heartbeat interval while it works; after ``limit`` seconds without a
+    word it is taken for gone. A backend that never sent ``Alive`` is never timed out
+    here: it reports its own losses.
+    """
+
+    limit: float
+    armed: bool = False
+    last: float = 0.0
+
+    def heard(self, now: float, alive: bool = False) -> None:
+        """The backend delivered events at ``now`` (``alive``: one was an ``Alive``)."""
+        self.last = now
+        self.armed = self.armed or alive
+
+    def silent_for(self, now: float) -> float | None:
+        """Seconds of silence when past the limit (and armed), else None."""
+        if self.armed and now - self.last > self.limit:
+            return now - self.last
+        return None

@@ -90,8 +90,8 @@ class Restore:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class Started:
-    """The backend handed the attempt to a worker."""
+class AttemptStarted:
+    """The backend reported the attempt started on a worker (the backend's ``Started``)."""
 
     attempt: int
     now: float
@@ -160,7 +160,7 @@ class Abort:
     now: float
 
 
-Event = Submit | Restore | Started | Succeeded | Failed | Tick | Cancel | Abort
+Event = Submit | Restore | AttemptStarted | Succeeded | Failed | Tick | Cancel | Abort
 
 # --------------------------------------------------------------------------- commands
 
@@ -287,6 +287,10 @@ class Workflow:
             return None
         return tid
 
+    def task_of(self, attempt: int) -> int | None:
+        """The task of ``attempt``, current or superseded (no fencing: for naming only)."""
+        return self._attempt_owner.get(attempt)
+
     def is_started(self, tid: int) -> bool:
         t = self._tasks[tid]
         return t.state is State.RUNNING and bool(t.attempts) and t.attempts[-1].started is not None
@@ -305,7 +309,7 @@ class Workflow:
                 self._submit(event, out)
             case Restore():
                 self._restore(event, out)
-            case Started():
+            case AttemptStarted():
                 self._started(event, out)
             case Succeeded():
                 self._succeeded(event, out)
@@ -404,7 +408,7 @@ class Workflow:
             return None
         return t
 
-    def _started(self, ev: Started, out: list[Command]) -> None:
+    def _started(self, ev: AttemptStarted, out: list[Command]) -> None:
         t = self._fenced(ev.attempt, "started", out)
         if t is None:
             return

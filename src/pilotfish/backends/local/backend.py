@@ -8,7 +8,11 @@ Threads (all daemons, all ended by ``stop``):
 * ``stderr``  keeps the tail of the master's stderr (for ``RuntimeLost`` messages)
   and passes it through to ours;
 * ``monitor`` watches the master's heartbeat and kernel state; a master that is
-  stopped or silent for ``heartbeat_timeout`` is killed and handled as lost.
+  stopped or silent for ``heartbeat_timeout`` is killed and handled as lost. While
+  the master's last message is that recent (or it is starting, within
+  ``start_timeout``), it tells the session with an ``Alive`` event every tick; if
+  this backend itself ever falls silent (a dead reader thread), the session's
+  wait at shutdown ends ``heartbeat_timeout`` later instead of never.
 
 On master loss the attempts the master had *started* are reported ``Lost``
 (RUNTIME_LOST, with the master's exit status and stderr); attempts it had
@@ -32,9 +36,9 @@ from typing import Any
 
 from ... import _wire
 from ..._wire import Channel, RunAttempt
+from ...core.ledger import describe_exit
 from ...preflight import client_versions
-from ..base import MasterEvent, Sink
-from .dispatch import describe_exit
+from ..base import Alive, BackendEvent, MasterReport, Sink
 from .master import proc_sample
 
 _STDERR_TAIL = 16384
@@ -204,7 +208,7 @@ class LocalBackend:
         err.start()
         r.start()
 
-    def _emit(self, events: Sequence[Any]) -> None:
+    def _emit(self, events: Sequence[BackendEvent]) -> None:
         if self._sink is not None and events:
             self._sink(events)
 
@@ -214,7 +218,7 @@ class LocalBackend:
         try:
             while True:
                 msgs = ch.recv()
-                events: list[Any] = []
+                events: list[BackendEvent] = []
                 with self._lock:
                     self._last_msg = time.monotonic()
                     for m in msgs:
@@ -228,7 +232,7 @@ class LocalBackend:
                             events.append(m)
                         elif isinstance(m, _wire.Heartbeat):
                             pass
-                        elif isinstance(m, _wire.WorkerEvent):
+                        elif isinstance(m, _wire.WorkerReport):
                             if m.kind == "started":
                                 self._worker_pids[m.pid] = m.worker
                             elif m.kind in ("lost", "stopped", "start_failed"):
@@ -241,7 +245,7 @@ class LocalBackend:
                                 self._worker_pids.setdefault(pid, "")
                             restarted = self._restarts > 0
                             events.append(
-                                MasterEvent(
+                                MasterReport(
                                     "restarted" if restarted else "started", m.pid, time.time()
                                 )
                             )
@@ -318,7 +322,7 @@ class LocalBackend:
         if not was_ready:
             what += " before it finished starting"
         detail = f"; last lines of its stderr:\n{tail}" if tail else " (its stderr was empty)"
-        events: list[Any] = [MasterEvent("lost", popen.pid, now, rc, sig, tail, what)]
+        events: list[BackendEvent] = [MasterReport("lost", popen.pid, now, rc, sig, tail, what)]
         for a in started:
             events.append(
                 _wire.Lost(
@@ -379,17 +383,27 @@ class LocalBackend:
 
     def _monitor(self) -> None:
         stopped_since: float | None = None
+        gone_since: float | None = None
         while not self._stop_event.wait(self.hb_interval / 2):
             with self._lock:
                 if self._stopping:
                     return
-                popen, last, ready = self._popen, self._last_msg, self._ready
-            if popen is None or popen.poll() is not None:
-                continue
+                popen, last, ready, dead = self._popen, self._last_msg, self._ready, self._dead
             now = time.monotonic()
+            if popen is None or popen.poll() is not None:
+                # the reader is handling the master's exit (its events follow within a
+                # second or so); vouch for that, but not forever
+                gone_since = gone_since or now
+                if not dead and now - gone_since <= self.hb_timeout:
+                    self._emit([Alive(time.time())])
+                continue
+            gone_since = None
             sample = proc_sample(popen.pid)
             stopped_since = stopped_since or now if sample and sample[0] in ("T", "t") else None
             limit = self.hb_timeout if ready else self.start_timeout
+            if now - last <= limit:
+                # the master answers (or this monitor is about to handle it): we are working
+                self._emit([Alive(time.time())])
             if (stopped_since is not None and now - stopped_since >= self.hb_interval) or (
                 now - last > limit
             ):

@@ -286,13 +286,17 @@ class PilotfishMaster(Master):  # type: ignore[misc]
         limit = time.monotonic() - _TRANSIT_GRACE
         while self._pf_claims and self._pf_claims[0][0] < limit:
             self._pf_claimed_upto = max(self._pf_claimed_upto, self._pf_claims.popleft()[1])
-        lost = []
+        lost, stale = [], []
         for uid, place in self._pf_pushed.items():
             if place >= self._pf_claimed_upto:
                 break
             e = self._pf_ledger.get(_aid(uid))
             if e is not None and e.where == "queued":
                 lost.append(e.item)
+            else:  # ended (or started) without a claim of ours: nothing to push
+                stale.append(uid)
+        for uid in stale:
+            del self._pf_pushed[uid]
         self._pf_push(lost)
         return lost
 

@@ -1,0 +1,144 @@
+"""Program tasks on the client: ``Session.executable()``'s arguments, checked once.
+
+:func:`program_spec` turns what the user passed into the *template* a worker
+runs (``backends/command_runner.py`` resolves it in a fresh sandbox) and the
+task's options. Bad arguments are rejected here, by the call that received
+them, with an :class:`~pilotfish.InvalidTask` naming the argument: never by a
+worker crashing later. Input paths are made absolute (and must exist) so the
+worker copies exactly the file the user meant; names inside the sandbox are
+relative and cannot climb out of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ._options import TaskOptions, make_options
+from .commands import CommandResult
+from .errors import InvalidTask
+
+if TYPE_CHECKING:
+    from ._session import Task
+
+__all__ = ["ProgramSpec", "backstop", "input_stamps", "output_path", "program_spec"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ProgramSpec:
+    """A checked program call: the worker's ``template``, the task ``options``, and the
+    name to show (the program's base name)."""
+
+    template: dict[str, Any]
+    options: TaskOptions
+    shown: str
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return tuple(self.template["outputs"])
+
+
+def program_spec(
+    argv: Any,
+    *,
+    inputs: Any,
+    outputs: Any,
+    env: Any,
+    stdin: Any,
+    cwd: Any,
+    timeout: Any,
+    retries: Any,
+    retry_exit_codes: Iterable[Any],
+    name: Any,
+    key: Any,
+    keep_sandboxes: Any,
+    task_type: type[Task],
+) -> ProgramSpec:
+    """Check ``executable()``'s arguments; ``keep_sandboxes`` is already defaulted.
+    ``task_type`` is :class:`pilotfish.Task` (Tasks may stand for arguments and inputs)."""
+
+    def bad(what: str) -> InvalidTask:
+        return InvalidTask(f"executable(): {what}")
+
+    if isinstance(argv, str | bytes) or not isinstance(argv, Sequence) or not argv:
+        raise bad(
+            f"argv={argv!r} must be a non-empty list such as ['gmx', 'mdrun'] "
+            "(for a shell line use ['sh', '-c', LINE])"
+        )
+    for i, a in enumerate(argv):
+        if not isinstance(a, str | os.PathLike | int | float | task_type):
+            raise bad(f"argv[{i}]={a!r} must be a str, path, number or Task")
+    first = argv[0]
+    shown = "program" if isinstance(first, task_type) else os.path.basename(os.fspath(first))
+    ins: dict[str, Any] = {}
+    for n, v in (inputs or {}).items():
+        if not isinstance(n, str) or not n or os.path.isabs(n) or ".." in Path(n).parts:
+            raise bad(f"input name {n!r} must be a relative path inside the sandbox")
+        if isinstance(v, task_type):
+            ins[n] = v
+        elif isinstance(v, str | os.PathLike):
+            p = os.path.abspath(os.fspath(v))
+            if not os.path.exists(p):
+                raise bad(f"input {n!r}: {p} does not exist")
+            ins[n] = p
+        else:
+            raise bad(f"input {n!r}={v!r} must be a path or a Task")
+    if isinstance(outputs, str) or not all(
+        isinstance(o, str) and o and not os.path.isabs(o) and ".." not in Path(o).parts
+        for o in outputs
+    ):
+        raise bad(f"outputs={outputs!r} must be a list of relative paths")
+    if env is not None and not (
+        isinstance(env, dict)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
+    ):
+        raise bad("env must be a dict of str to str")
+    codes = list(retry_exit_codes)
+    if not all(isinstance(c, int) and not isinstance(c, bool) and c != 0 for c in codes):
+        raise bad(f"retry_exit_codes={codes!r} must be non-zero ints")
+    if keep_sandboxes not in ("failed", "all"):
+        raise bad(f"keep_sandboxes={keep_sandboxes!r} must be 'failed' or 'all'")
+    opts = make_options(retries=retries, timeout=timeout, name=name, key=key)
+    if stdin is not None:
+        stdin = os.path.abspath(os.fspath(stdin))
+        if not os.path.isfile(stdin):
+            raise bad(f"stdin file {stdin} does not exist")
+    template = {
+        "argv": list(argv),
+        "inputs": ins,
+        "outputs": list(outputs),
+        "env": env,
+        "stdin": stdin,
+        "cwd": cwd,
+        "timeout": timeout,
+        "retry_exit_codes": codes,
+        "keep_sandboxes": keep_sandboxes,
+    }
+    return ProgramSpec(template, opts, shown)
+
+
+def input_stamps(template: dict[str, Any]) -> list[str]:
+    """Path, size and mtime of each input file, for the task key: an edited input
+    makes a new task (resume does not take the old result)."""
+    stamps = []
+    for path in template["inputs"].values():
+        if isinstance(path, str):
+            with contextlib.suppress(OSError):
+                st = os.stat(path)
+                stamps.append(f"{path}:{st.st_size}:{st.st_mtime_ns}")
+    return stamps
+
+
+def backstop(timeout: float | None) -> float | None:
+    """The master's own deadline for a program: the program's timeout is enforced by the
+    worker (killing its process group); if the worker itself is stuck, the master kills it."""
+    return None if timeout is None else timeout + 10.0 + 0.1 * timeout
+
+
+def output_path(result: CommandResult, name: str) -> Path:
+    """The value of ``task.output(name)``: that declared output's path."""
+    return result.outputs[name]

@@ -1,0 +1,409 @@
+"""An in-memory backend for tests: attempts run in this process, faults on cue.
+
+As httpx ships a ``MockTransport``, pilotfish ships :class:`FakeBackend`: a
+complete backend (the protocol of :mod:`pilotfish.backends.base`) without
+processes, pipes or sockets, so the Session, the workflow core and the attempt
+ledger are tested together in milliseconds, and races that are hard to provoke
+with real processes are scripted exactly::
+
+    from pilotfish.backends.fake import FakeBackend, LoseWorker
+
+    fake = FakeBackend(faults=[LoseWorker(attempt=1, returncode=-9)])
+    with pilotfish.Session(backend=fake, rundir=tmp, journal=None) as s:
+        t = s.submit(pow, 2, 10)
+    assert t.result() == 1024                       # attempt 2 ran it
+    assert t.attempts[0].outcome == "worker_lost"   # attempt 1 died with its worker
+
+How it works. ``workers`` threads take attempts in submission order (requeued or
+resent ones first) and run them with :func:`pilotfish.backends.execute.run_attempt`,
+the code every real worker runs, so values, user exceptions and programs behave
+as they do anywhere. The bookkeeping is a :class:`pilotfish.core.ledger.Ledger`,
+as in every backend: a worker passes the ledger's start fence before user code
+runs, results go through it, losses follow its rules. Events reach the sink in
+the order the ledger produced them, from the fake's threads. A ticker thread
+sends ``Alive`` every ``alive_interval`` seconds (``None``: never, like a backend
+without the signal) and ticks the ledger, so task timeouts expire; user code
+cannot be killed in-process, so a timed-out attempt runs on in its thread and
+its late result is dropped by the ledger.
+
+Faults. Attempt ids are the workflow core's: 1, 2, 3, ... in dispatch order (a
+retry takes the next free id). Each fault fires once, when its attempt is
+granted to a worker (``Started`` is already reported):
+
+==========================================  ==============================================
+``LoseWorker(attempt, returncode=-9)``      the worker dies while running it: ``Lost``
+                                            (WORKER_LOST, with exit code and signal),
+                                            worker ``lost`` then ``replaced``
+``LoseWorker(..., late_result=True)``       the same, but its user code had run: the
+                                            result arrives late, right after the next
+                                            attempt starts
+``LoseMaster(attempt, restart=True)``       the master dies: started attempts are ``Lost``
+                                            (RUNTIME_LOST), the others resent unblamed;
+                                            it restarts, or ``restart=False``: ``Fatal``
+``GoSilent(attempt=None)``                  nothing is delivered any more, not even
+                                            ``Alive`` (``None``: at the first attempt)
+``DuplicateResult(attempt)``                its result is delivered twice
+``Reexecute(attempt, while_running=False)`` the engine starts it again on another worker
+                                            after it finished (or while it runs): the
+                                            ledger's fence refuses, user code does not run
+==========================================  ==============================================
+
+For assertions the fake keeps ``ran`` (attempt ids whose user code ran),
+``refused`` and ``dropped`` (``(attempt, reason)`` from the ledger's fence),
+``delivered`` (every event the sink got, in order), ``swallowed`` (withheld
+while silent) and ``ledger`` itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from ..core import ledger as L
+from ..core.ledger import describe_exit
+from .base import Alive, BackendEvent, Fatal, MasterReport, Result, RunAttempt, Sink, WorkerReport
+from .execute import run_attempt
+
+__all__ = [
+    "DuplicateResult",
+    "FakeBackend",
+    "Fault",
+    "GoSilent",
+    "LoseMaster",
+    "LoseWorker",
+    "Reexecute",
+]
+
+
+# --------------------------------------------------------------------------- faults
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LoseWorker:
+    """The worker running ``attempt`` dies (``returncode``: -9 is SIGKILL). With
+    ``late_result`` its user code had finished: the result is delivered after the
+    loss, when the next attempt starts (a worker declared lost that was only slow)."""
+
+    attempt: int
+    returncode: int = -9
+    stderr_tail: str = ""
+    late_result: bool = False
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LoseMaster:
+    """The master dies while ``attempt`` runs; it restarts unless ``restart=False``."""
+
+    attempt: int
+    returncode: int = -9
+    restart: bool = True
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GoSilent:
+    """From ``attempt`` on (``None``: the first attempt), deliver nothing at all."""
+
+    attempt: int | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DuplicateResult:
+    """Deliver ``attempt``'s result twice (in two batches)."""
+
+    attempt: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Reexecute:
+    """The engine tries to run ``attempt`` again on another worker: after it finished, or
+    ``while_running``. The ledger's start fence must refuse it."""
+
+    attempt: int
+    while_running: bool = False
+
+
+Fault = LoseWorker | LoseMaster | GoSilent | DuplicateResult | Reexecute
+_FAULTS = (LoseWorker, LoseMaster, GoSilent, DuplicateResult, Reexecute)
+
+
+# --------------------------------------------------------------------------- backend
+
+
+class FakeBackend:
+    """See the module docstring. ``Session(backend=FakeBackend(...))``."""
+
+    name = "fake"
+
+    def __init__(
+        self,
+        workers: int = 1,
+        *,
+        faults: Iterable[Fault] = (),
+        rundir: str = ".pilotfish",
+        alive_interval: float | None = 0.02,
+        host: str = "fakehost",
+    ) -> None:
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"FakeBackend(workers={workers!r}): give an int >= 1")
+        if alive_interval is not None and not alive_interval > 0:
+            raise ValueError(f"FakeBackend(alive_interval={alive_interval!r}): give s > 0")
+        self.workers = workers
+        self.rundir = rundir
+        self.alive_interval = alive_interval
+        self.host = host
+        self.pid = os.getpid()  # every "process" of the fake is this one
+        self.ledger = L.Ledger()
+        self.ran: list[int] = []
+        self.refused: list[tuple[int, str]] = []
+        self.dropped: list[tuple[int, str]] = []
+        self.delivered: list[BackendEvent] = []
+        self.swallowed: list[BackendEvent] = []
+        self._lock = threading.Lock()
+        self._faults: list[Fault] = []
+        for f in faults:
+            self.add(f)
+        self._work = threading.Condition(self._lock)
+        self._emit_lock = threading.Lock()  # one batch at a time, in ledger order
+        self._outbox: list[BackendEvent] = []
+        self._queue: deque[int] = deque()
+        self._names: list[str] = []
+        self._made = 0
+        self._late: list[Result] = []  # results of workers declared lost
+        self._lose_after: dict[int, LoseWorker] = {}
+        self._twice: set[int] = set()
+        self._again_after: set[int] = set()
+        self._sink: Sink | None = None
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+        self._silent = False
+        self._dead = False
+
+    def add(self, fault: Fault) -> None:
+        """Script one more fault (before or while the session runs)."""
+        if not isinstance(fault, _FAULTS):
+            raise TypeError(f"not a FakeBackend fault: {fault!r}")
+        with self._lock:
+            self._faults.append(fault)
+
+    # ------------------------------------------------------------------ protocol
+    def start(self, sink: Sink) -> None:
+        self._sink = sink
+        now = time.time()
+        with self._lock:
+            self._outbox.append(
+                MasterReport("started", self.pid, now, message="fake backend (in-process)")
+            )
+            for _ in range(self.workers):
+                self._names.append(self._new_worker(now))
+            if self.alive_interval is not None:
+                self._outbox.append(Alive(now))
+        for slot in range(self.workers):
+            self._spawn(self._work_loop, f"pilotfish-fake-w{slot + 1}", slot)
+        self._spawn(self._tick_loop, "pilotfish-fake-ticker")
+        self._flush()
+
+    def submit(self, attempts: Sequence[RunAttempt]) -> None:
+        with self._lock:
+            self.ledger.handle(L.Submit(tuple((a.attempt, a.key, a, a.timeout) for a in attempts)))
+            self._queue.extend(a.attempt for a in attempts)
+            self._work.notify_all()
+
+    def cancel(self, attempts: Sequence[int]) -> None:
+        with self._lock:
+            self._carry_out(self.ledger.handle(L.Cancel(tuple(attempts))))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the threads; one still inside user code is left to finish (it cannot be
+        killed in-process) and nothing more is delivered."""
+        with self._lock:
+            self._stop.set()
+            self._work.notify_all()
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(min(timeout, 1.0))
+
+    def processes(self) -> dict[str, Any]:
+        return {"master": None, "workers": []}  # no processes: everything runs in this one
+
+    # ------------------------------------------------------------------ threads
+    def _spawn(self, target: Any, name: str, *args: Any) -> None:
+        t = threading.Thread(target=target, args=args, name=name, daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    def _work_loop(self, slot: int) -> None:
+        while True:
+            with self._lock:
+                while not self._stop.is_set() and (self._silent or self._dead or not self._queue):
+                    self._work.wait()
+                if self._stop.is_set():
+                    return
+                aid = self._queue.popleft()
+                entry = self.ledger.get(aid)
+                if entry is None or entry.where != "queued":
+                    continue  # withdrawn (cancelled) while queued
+                m: RunAttempt = entry.item
+                worker = self._names[slot]
+                run = self._start(slot, worker, m)
+            self._flush()
+            if not run:
+                continue
+            res = run_attempt(m, worker=worker, host=self.host, rundir=self.rundir)
+            with self._lock:
+                self.ran.append(m.attempt)
+                again = self._finish(slot, worker, res)
+            self._flush()
+            if again is not None:
+                with self._lock:
+                    self._outbox.append(again)
+                self._flush()
+
+    def _tick_loop(self) -> None:
+        interval = self.alive_interval or 0.05
+        while not self._stop.wait(interval):
+            now = time.time()
+            with self._lock:
+                self._carry_out(
+                    self.ledger.handle(
+                        L.Tick(now, "the fake backend cannot stop user code; it runs on")
+                    )
+                )
+                if self.alive_interval is not None and not self._dead:
+                    self._outbox.append(Alive(now))
+            self._flush()
+
+    def _flush(self) -> None:
+        with self._emit_lock:
+            with self._lock:
+                batch, self._outbox = self._outbox, []
+                silent = self._silent
+            if not batch or self._stop.is_set():
+                return
+            if silent:
+                self.swallowed.extend(batch)
+                return
+            self.delivered.extend(batch)
+            assert self._sink is not None
+            self._sink(batch)
+
+    # ------------------------------------------------------------------ attempts (locked)
+    def _start(self, slot: int, worker: str, m: RunAttempt) -> bool:
+        """The start fence, then this attempt's fault; True: run the user code."""
+        now = time.time()
+        start = L.Start(worker, m.attempt, self.pid, self.host, now)
+        if not self._carry_out(self.ledger.handle(start)):
+            return False
+        self._outbox.extend(self._late)  # a lost worker's result, arriving late
+        self._late.clear()
+        fault = self._take_fault(m.attempt)
+        if isinstance(fault, LoseWorker):
+            if fault.late_result:
+                self._lose_after[m.attempt] = fault
+                return True
+            self._lose_worker(slot, worker, fault, now)
+            return False
+        if isinstance(fault, LoseMaster):
+            self._lose_master(fault, now)
+            return False
+        if isinstance(fault, GoSilent):
+            self._silent = True
+            return False
+        if isinstance(fault, DuplicateResult):
+            self._twice.add(m.attempt)
+        elif isinstance(fault, Reexecute):
+            if fault.while_running:
+                self._reexecute(slot, m.attempt, now)
+            else:
+                self._again_after.add(m.attempt)
+        return True
+
+    def _finish(self, slot: int, worker: str, res: Result) -> Result | None:
+        """Deliver a result through the ledger; a duplicate to send next, if scripted."""
+        aid = res.attempt
+        lose = self._lose_after.pop(aid, None)
+        if lose is not None:
+            self._lose_worker(slot, worker, lose, res.ended)
+            self._late.append(res)
+            return None
+        if not self._carry_out(self.ledger.handle(L.Finish(worker, aid))):
+            return None
+        self._outbox.append(res)
+        if aid in self._again_after:
+            self._again_after.discard(aid)
+            self._reexecute(slot, aid, res.ended)
+        if aid in self._twice:
+            self._twice.discard(aid)
+            return res
+        return None
+
+    def _reexecute(self, slot: int, aid: int, now: float) -> None:
+        other = self._names[(slot + 1) % len(self._names)]
+        if other == self._names[slot]:
+            other = f"{other}-copy"  # one worker: the engine's copy elsewhere
+        self._carry_out(self.ledger.handle(L.Start(other, aid, self.pid, self.host, now)))
+
+    def _lose_worker(self, slot: int, worker: str, f: LoseWorker, now: float) -> None:
+        how, sig = describe_exit(f.returncode)
+        why = f"worker {worker} (pid {self.pid}) {how}"
+        running = tuple(self.ledger.started_on(worker))
+        self._outbox.append(
+            WorkerReport("lost", worker, self.pid, now, f.returncode, sig, running, why)
+        )
+        self._carry_out(
+            self.ledger.handle(L.WorkerLost(worker, why, now, f.returncode, sig, f.stderr_tail))
+        )
+        new = self._new_worker(now, replaces=worker)
+        self._names[slot] = new
+
+    def _lose_master(self, f: LoseMaster, now: float) -> None:
+        how, sig = describe_exit(f.returncode)
+        what = f"the fake master (pid {self.pid}) {how}"
+        self._outbox.append(MasterReport("lost", self.pid, now, f.returncode, sig, "", what))
+        self._carry_out(
+            self.ledger.handle(L.RuntimeLost(what, now, "master", self.pid, f.returncode, sig))
+        )
+        if not f.restart:
+            self._dead = True
+            self._outbox.append(Fatal("runtime_lost", f"{what}; it is not restarted"))
+            return
+        self._outbox.append(MasterReport("restarted", self.pid, now, message="fake master"))
+        self._names = [self._new_worker(now) for _ in self._names]  # its workers died with it
+
+    def _new_worker(self, now: float, replaces: str = "") -> str:
+        self._made += 1
+        name = f"w{self._made}"
+        if replaces:
+            self._outbox.append(
+                WorkerReport("replaced", name, self.pid, now, message=f"replaces {replaces}")
+            )
+        self._outbox.append(WorkerReport("started", name, self.pid, now))
+        return name
+
+    def _take_fault(self, aid: int) -> Fault | None:
+        for i, f in enumerate(self._faults):
+            if f.attempt == aid or (isinstance(f, GoSilent) and f.attempt is None):
+                return self._faults.pop(i)
+        return None
+
+    def _carry_out(self, cmds: list[L.Command]) -> bool:
+        """Do what the ledger says; True if it granted a start or accepted a result."""
+        ok = False
+        for c in cmds:
+            if isinstance(c, L.Report):
+                self._outbox.append(c.msg)
+            elif isinstance(c, L.Granted | L.Accept):
+                ok = True
+            elif isinstance(c, L.Refused):
+                self.refused.append((c.attempt, c.reason))
+            elif isinstance(c, L.Dropped):
+                self.dropped.append((c.attempt, c.reason))
+            elif isinstance(c, L.Requeue | L.Resend):
+                self._queue.extendleft(reversed([m.attempt for m in c.items]))
+                self._work.notify_all()
+            # Withdraw: the queue skips it; KillGroups, Expired: no process to kill here
+        return ok
