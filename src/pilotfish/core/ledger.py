@@ -549,7 +549,12 @@ class Ledger:
                         Lost(
                             e.attempt,
                             "runtime_lost",
-                            f"{ev.why} while task {e.key!r} was running",
+                            f"{ev.why} while task {e.key!r} was running"
+                            + (
+                                f"; last lines of its stderr:\n{ev.stderr_tail}"
+                                if ev.stderr_tail
+                                else ""
+                            ),
                             ev.worker,
                             ev.pid,
                             ev.returncode,

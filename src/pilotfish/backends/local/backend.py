@@ -36,6 +36,7 @@ from typing import Any
 
 from ... import _wire
 from ..._wire import Channel, RunAttempt
+from ...core import ledger as L
 from ...core.ledger import describe_exit
 from ...preflight import client_versions
 from ..base import Alive, BackendEvent, MasterReport, Sink
@@ -78,8 +79,9 @@ class LocalBackend:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._outbox: list[Any] = []
-        self._inflight: dict[int, RunAttempt] = {}
-        self._started: set[int] = set()
+        # what the master has: queued there, or started (the ledger's rule on master loss)
+        self._ledger = L.Ledger()
+        self._resend: tuple[RunAttempt, ...] = ()  # unstarted, for the next master
         self._sink: Sink | None = None
         self._popen: subprocess.Popen[bytes] | None = None
         self._ch: Channel | None = None
@@ -108,13 +110,13 @@ class LocalBackend:
 
     def submit(self, attempts: Sequence[RunAttempt]) -> None:
         with self._lock:
-            for a in attempts:
-                self._inflight[a.attempt] = a
+            self._ledger.submit((a.attempt, a.key, a, a.timeout) for a in attempts)
             self._outbox.extend(attempts)
             self._wake.notify()
 
     def cancel(self, attempts: Sequence[int]) -> None:
         with self._lock:
+            self._ledger.handle(L.Cancel(tuple(attempts)))  # not resent if the master dies
             self._outbox.extend(_wire.CancelAttempt(a) for a in attempts)
             self._wake.notify()
 
@@ -194,9 +196,9 @@ class LocalBackend:
             self._tail = collections.deque()
             self._worker_pids = {}
             # attempts the previous master never started go to this one unblamed
-            resend = [a for aid, a in self._inflight.items() if aid not in self._started]
             self._outbox = [m for m in self._outbox if not isinstance(m, RunAttempt)]
-            self._outbox[:0] = resend
+            self._outbox[:0] = self._resend
+            self._resend = ()
             self._wake.notify()
         err = threading.Thread(
             target=self._stderr, args=(popen, self._tail), daemon=True, name="pilotfish-stderr"
@@ -223,12 +225,12 @@ class LocalBackend:
                     self._last_msg = time.monotonic()
                     for m in msgs:
                         if isinstance(m, _wire.Result | _wire.Lost):
-                            self._inflight.pop(m.attempt, None)
-                            self._started.discard(m.attempt)
+                            e = self._ledger.get(m.attempt)
+                            if e is not None:  # the master fenced it; mirror its end
+                                self._ledger.handle(L.Finish(e.worker, m.attempt))
                             events.append(m)
                         elif isinstance(m, _wire.Started):
-                            if m.attempt in self._inflight:
-                                self._started.add(m.attempt)
+                            self._ledger.handle(L.Start(m.worker, m.attempt, m.pid, m.host, m.time))
                             events.append(m)
                         elif isinstance(m, _wire.Heartbeat):
                             pass
@@ -312,32 +314,23 @@ class LocalBackend:
             tail = self._stderr_tail(self._tail)
             was_ready = self._ready
             how, sig = describe_exit(rc)
-            started = [self._inflight.pop(a) for a in list(self._started) if a in self._inflight]
-            self._started.clear()
+            now = time.time()
+            what = f"the pilotfish master (pid {popen.pid}) {how}"
+            if not was_ready:
+                what += " before it finished starting"
+            # started attempts are lost with it; the others go to the next master unblamed
+            cmds = self._ledger.handle(L.RuntimeLost(what, now, "master", popen.pid, rc, sig, tail))
             can_restart = was_ready and not self._dead and self._restarts < self.max_restarts
             if can_restart:
                 self._restarts += 1
-        now = time.time()
-        what = f"the pilotfish master (pid {popen.pid}) {how}"
-        if not was_ready:
-            what += " before it finished starting"
         detail = f"; last lines of its stderr:\n{tail}" if tail else " (its stderr was empty)"
         events: list[BackendEvent] = [MasterReport("lost", popen.pid, now, rc, sig, tail, what)]
-        for a in started:
-            events.append(
-                _wire.Lost(
-                    a.attempt,
-                    "runtime_lost",
-                    f"{what} while task {a.key!r} was running{detail}",
-                    "master",
-                    popen.pid,
-                    rc,
-                    sig,
-                    tail,
-                    None,
-                    now,
-                )
-            )
+        for c in cmds:
+            if isinstance(c, L.Report):
+                events.append(c.msg)
+            elif isinstance(c, L.Resend) and can_restart:
+                with self._lock:
+                    self._resend = tuple(c.items)
         if can_restart:
             self._emit(events)
             self._launch()

@@ -683,17 +683,14 @@ class RadicalBackend:
         old = self._master
         sbox, err = self._master_details(task or old)
         pid = self._master_pid
-        what = (
-            f"the pilotfish raptor master {old.uid} (pid {pid or '?'}) was lost: {why}; "
-            f"master sandbox: {sbox}" + (f"; its stderr (tail):\n{err}" if err.strip() else "")
-        )
+        lost = f"the pilotfish raptor master {old.uid} (pid {pid or '?'}) was lost: {why}; "
+        lost += f"master sandbox: {sbox}"
+        what = lost + (f"; its stderr (tail):\n{err}" if err.strip() else "")
         with self._lock:
             # the ledger's rule: started attempts are lost with it, the others are sent
             # again (unblamed) to the next master
             cmds = self._ledger.handle(
-                L.RuntimeLost(
-                    f"task was lost with its master: {what}", time.time(), "", pid, None, None, err
-                )
+                L.RuntimeLost(lost, time.time(), "", pid, None, None, err.strip())
             )
             self._by_uid.clear()
             worker_pids = [
