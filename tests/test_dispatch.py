@@ -17,7 +17,7 @@ from pilotfish._wire import (
     RunAttempt,
     Shutdown,
     Started,
-    WorkerEvent,
+    WorkerReport,
 )
 from pilotfish.backends.local.dispatch import (
     Dispatcher,
@@ -94,7 +94,7 @@ def test_hello_assigns_up_to_prefetch_and_starts_only_first():
     d.start(0.0)
     d.submit([ra(1), ra(2), ra(3)], 0.0)
     cmds = d.on_hello("w1", 4242, 1.0)
-    assert msgs(cmds, WorkerEvent) == [WorkerEvent("started", "w1", 4242, 1.0)]
+    assert msgs(cmds, WorkerReport) == [WorkerReport("started", "w1", 4242, 1.0)]
     assert sent(cmds) == {"w1": [1, 2]}
     assert msgs(cmds, Started) == [Started(1, "w1", 4242, 1.0)]
     assert [a.attempt for a in d.queue] == [3]
@@ -150,7 +150,7 @@ def test_worker_death_blames_only_running_attempt_and_requeues_rest():
     tail = "Traceback (most recent call last):\nMemoryError"
     cmds = d.on_exit("w1", -9, tail, 4.0, goodbye=False)
 
-    (ev,) = [m for m in msgs(cmds, WorkerEvent) if m.kind == "lost"]
+    (ev,) = [m for m in msgs(cmds, WorkerReport) if m.kind == "lost"]
     assert ev.worker == "w1" and ev.held == (1,) and ev.signal == "SIGKILL"
     (lost,) = msgs(cmds, Lost)
     assert lost.attempt == 1 and lost.category == "worker_lost"
@@ -163,7 +163,7 @@ def test_worker_death_blames_only_running_attempt_and_requeues_rest():
     assert sent(cmds) == {"w2": [2]}
     assert started_ids(cmds) == [2]
     assert of(cmds, Spawn) == [Spawn("w3")]
-    assert any(m.kind == "replaced" and m.worker == "w3" for m in msgs(cmds, WorkerEvent))
+    assert any(m.kind == "replaced" and m.worker == "w3" for m in msgs(cmds, WorkerReport))
     assert d.held("w2") == [2]
 
 
@@ -334,7 +334,7 @@ def test_repeated_start_failures_are_fatal_with_stderr():
     err = "ModuleNotFoundError: No module named 'numpy'"
     c1 = d.on_exit("w1", 1, err, 1.0, goodbye=False)
     assert of(c1, Spawn) == [Spawn("w2")]
-    (ev,) = msgs(c1, WorkerEvent)
+    (ev,) = msgs(c1, WorkerReport)
     assert ev.kind == "start_failed" and "start failure 1 of 3" in ev.message
     assert of(d.on_exit("w2", 1, err, 2.0, goodbye=False), Spawn) == [Spawn("w3")]
     c3 = d.on_exit("w3", 1, err, 3.0, goodbye=False)
@@ -366,9 +366,9 @@ def test_orderly_shutdown_is_not_a_loss():
     assert sorted(c.name for c in of(cmds, SendWorker)) == ["w1", "w2"]
     assert all(isinstance(c.msgs[0], Shutdown) for c in of(cmds, SendWorker))
     c1 = d.on_exit("w1", 0, "", 1.0, goodbye=True)
-    assert msgs(c1, WorkerEvent) == [WorkerEvent("stopped", "w1", 101, 1.0, 0)]
+    assert msgs(c1, WorkerReport) == [WorkerReport("stopped", "w1", 101, 1.0, 0)]
     c2 = d.on_exit("w2", None, "", 1.0, goodbye=False)  # stopping: no goodbye needed
-    assert [m.kind for m in msgs(c2, WorkerEvent)] == ["stopped"]
+    assert [m.kind for m in msgs(c2, WorkerReport)] == ["stopped"]
     assert of(c1 + c2, Spawn) == [] and msgs(c1 + c2, Lost) == []
     assert d.live() == []
 
@@ -377,7 +377,7 @@ def test_goodbye_exit_without_shutdown_is_stopped():
     """A worker that says goodbye and exits (e.g. max tasks reached) is not a loss."""
     d = ready(1)
     cmds = d.on_exit("w1", 0, "", 1.0, goodbye=True)
-    assert [m.kind for m in msgs(cmds, WorkerEvent)] == ["stopped"]
+    assert [m.kind for m in msgs(cmds, WorkerReport)] == ["stopped"]
     assert of(cmds, Spawn) == [] and msgs(cmds, Lost) == []
 
 

@@ -35,7 +35,7 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
-from ..._wire import CancelAttempt, Fatal, Result, RunAttempt, Shutdown, WorkerEvent
+from ..._wire import CancelAttempt, Fatal, Result, RunAttempt, Shutdown, WorkerReport
 from ...core import ledger as L
 from ...core.ledger import describe_exit
 
@@ -197,7 +197,7 @@ class Dispatcher:
             return out
         s.state, s.pid, s.last_hb, s.cpu_at = "ready", pid, now, now
         self.start_failures = 0
-        out.append(ToClient(WorkerEvent("started", name, pid, now)))
+        out.append(ToClient(WorkerReport("started", name, pid, now)))
         self._assign(now, out)
         return out
 
@@ -209,7 +209,7 @@ class Dispatcher:
         self.fatal = True
         lines = "\n".join(f"  - {p}" for p in problems)
         return [
-            ToClient(WorkerEvent("start_failed", name, s.pid, now, message="pre-flight failed")),
+            ToClient(WorkerReport("start_failed", name, s.pid, now, message="pre-flight failed")),
             ToClient(Fatal("environment", f"pre-flight checks failed on worker {name}:\n{lines}")),
         ]
 
@@ -259,7 +259,7 @@ class Dispatcher:
         if goodbye or s.state == "stopping":
             s.state = "dead"
             self.ledger.forget_worker(name)
-            out.append(ToClient(WorkerEvent("stopped", name, s.pid, now, returncode)))
+            out.append(ToClient(WorkerReport("stopped", name, s.pid, now, returncode)))
             return out
         how, sig = describe_exit(returncode)
         if s.state == "starting":
@@ -270,7 +270,7 @@ class Dispatcher:
                 f"(start failure {self.start_failures} of {self.max_start_failures})"
             )
             out.append(
-                ToClient(WorkerEvent("start_failed", name, s.pid, now, returncode, sig, (), msg))
+                ToClient(WorkerReport("start_failed", name, s.pid, now, returncode, sig, (), msg))
             )
             if self.start_failures >= self.max_start_failures:
                 self.fatal = True
@@ -304,7 +304,7 @@ class Dispatcher:
         s.state = "lost"
         out.append(
             ToClient(
-                WorkerEvent("lost", s.name, s.pid, now, ev.returncode, ev.signal, running, ev.why)
+                WorkerReport("lost", s.name, s.pid, now, ev.returncode, ev.signal, running, ev.why)
             )
         )
         self._carry_out(self.ledger.handle(ev), out)
@@ -312,7 +312,7 @@ class Dispatcher:
             new = self._new_slot(now)
             out.append(new)
             out.append(
-                ToClient(WorkerEvent("replaced", new.name, 0, now, message=f"replaces {s.name}"))
+                ToClient(WorkerReport("replaced", new.name, 0, now, message=f"replaces {s.name}"))
             )
         self._assign(now, out)
 

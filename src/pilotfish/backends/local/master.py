@@ -7,7 +7,7 @@
     RunAttempt / CancelAttempt / Shutdown   Dispatcher (pure, dispatch.py)
        ==== socketpair ====>  runner loop: selectors.select over  ==== socketpair ====> run
     <==== Started / Result / Lost /          - the client socket                       attempts
-          WorkerEvent / Heartbeat ====       - each worker's socket        <==== Result/Heartbeat
+          WorkerReport / Heartbeat ====       - each worker's socket        <==== Result/Heartbeat
                                              - each worker's stderr pipe (tail kept, passed on)
                                              - each worker's pidfd (process sentinel)
 
