@@ -9,6 +9,8 @@ test_commands.py with ``--backends radical``) covers the common semantics.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import threading
@@ -25,6 +27,7 @@ from pilotfish.core.policy import Backoff
 rp = pytest.importorskip("radical.pilot")
 
 from conftest import TOKEN_VAR, pid_alive, wait_for, with_env  # noqa: E402
+from faulty_chain import chain_once  # noqa: E402
 from pilotfish.backends.radical.backend import RadicalBackend  # noqa: E402
 
 pytestmark = [
@@ -263,6 +266,67 @@ def test_call_timeout_is_timeout(make: Any) -> None:
         assert s.submit(square, 3).result(timeout=60) == 9
 
 
+def _read_chain(path: Path) -> dict[str, int]:
+    """The pids chain_once published: the call's process, the per-task fork, the worker."""
+    wait_for(path.exists, timeout=120, interval=0.05)
+    chain: dict[str, int] = json.loads(path.read_text())
+    return chain
+
+
+def _assert_fork_lost_then_retried(t: Any, chain: dict[str, int], value: int) -> float:
+    t0 = time.monotonic()
+    assert t.result(timeout=60) == value
+    took = time.monotonic() - t0
+    assert took < 30, took  # noticed within seconds, not after a heartbeat timeout
+    first = t.attempts[0]
+    f = first.failure
+    assert f is not None and f.category == pilotfish.Category.WORKER_LOST, f
+    # the exit status of the per-task process (the highest link of the chain that died)
+    assert f.signal == "SIGKILL" and f.returncode == -9, f
+    assert "per-task process" in f.message and str(chain["fork"]) in f.message, f.message
+    assert first.pid == chain["fork"]
+    assert [a.outcome for a in t.attempts] == ["worker_lost", "done"]
+    assert pid_alive(chain["worker"])  # the worker was not touched and lives on
+    return took
+
+
+def test_call_and_fork_sigkill_is_worker_lost_then_retried(make: Any, tmp_path: Path) -> None:
+    """Both the process running a call and the per-task process the raptor worker forked
+    for it are SIGKILLed (the OOM killer, ``kill -9`` on a process tree) while the worker
+    lives on: nobody above them reported, the task waited forever (> 400 s) and so did
+    ``Session.__exit__``. The worker now watches its per-task processes: WORKER_LOST with
+    that process's SIGKILL within seconds, a retry that succeeds, a session that closes."""
+    path = tmp_path / "chain.json"
+    with make() as s:
+        t = s.submit(chain_once, str(path), 7)
+        chain = _read_chain(path)
+        wait_for(lambda: chain["worker"] in s.processes()["workers"], timeout=30, interval=0.1)
+        # the fork first: dead, it cannot report the death of the call's process
+        os.kill(chain["fork"], signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # maybe gone already (PDEATHSIG)
+            os.kill(chain["call"], signal.SIGKILL)
+        took = _assert_fork_lost_then_retried(t, chain, 7)
+        t_close = time.monotonic()
+    closed = time.monotonic() - t_close
+    assert closed < 60, closed
+    print(f"call+fork SIGKILL -> done on retry in {took:.2f} s, closed in {closed:.1f} s")
+
+
+def test_fork_sigkill_is_worker_lost_then_retried(make: Any, tmp_path: Path) -> None:
+    """Only the per-task process between the worker and the call's process is SIGKILLed:
+    the call's process must not run on as an orphan (it dies with its parent,
+    PR_SET_PDEATHSIG), and the worker reports the per-task process's SIGKILL: WORKER_LOST,
+    then a successful retry."""
+    path = tmp_path / "chain.json"
+    with make() as s:
+        t = s.submit(chain_once, str(path), 8)
+        chain = _read_chain(path)
+        os.kill(chain["fork"], signal.SIGKILL)
+        wait_for(lambda: not pid_alive(chain["call"]), timeout=5, interval=0.05)
+        took = _assert_fork_lost_then_retried(t, chain, 8)
+    print(f"fork SIGKILL -> done on retry in {took:.2f} s")
+
+
 class _OldPilotfishOnThePilot(RadicalBackend):
     """The client claims a pilotfish version the pilot's environment does not have."""
 
@@ -288,19 +352,20 @@ def test_lost_in_transit_bookkeeping() -> None:
     from pilotfish.backends.radical import master as m
 
     pm = object.__new__(m.PilotfishMaster)  # the bookkeeping only, no RP component
-    pm._pf_tasks, pm._pf_owner, pm._pf_pushed, pm._pf_seq = {}, {}, {}, 0
+    pm._pf_ledger, pm._pf_pushed, pm._pf_seq = m.L.Ledger(), {}, 0
     pm._pf_claims, pm._pf_claimed_upto, pm._pf_workers = m.deque(), 0, {}
     pm._pf_lock = threading.RLock()
-    tasks = [{"uid": f"t{i}"} for i in range(4)]
-    pm._pf_tasks = {t["uid"]: t for t in tasks}
+    uid = [f"pf.tok.{i}.{i}" for i in range(4)]  # the client's uids: pf.TOKEN.ATTEMPT.N
+    tasks = [{"uid": u} for u in uid]
+    pm._pf_ledger.submit((m._aid(t["uid"]), t["uid"], t, None) for t in tasks)
     pm._pf_push(tasks)
-    assert pm._pf_claim("w1", ["t0"]) == ["t0"]
-    assert pm._pf_claim("w2", ["t0", "t2"]) == ["t2"]  # t0 is held by w1: the fence
+    assert pm._pf_claim("w1", [uid[0]]) == [uid[0]]
+    assert pm._pf_claim("w2", [uid[0], uid[2]]) == [uid[2]]  # held by w1: the fence
     assert pm._pf_lost_in_transit() == []  # within the grace period
     pm._pf_claims = m.deque((when - 10, place) for when, place in pm._pf_claims)
-    assert [t["uid"] for t in pm._pf_lost_in_transit()] == ["t1"]  # t3 may be on its way
+    assert [t["uid"] for t in pm._pf_lost_in_transit()] == [uid[1]]  # uid[3] may be on its way
     assert pm._pf_lost_in_transit() == []  # pushed again: at the back of the queue
-    assert list(pm._pf_pushed) == ["t3", "t1"]
+    assert list(pm._pf_pushed) == [uid[3], uid[1]]
 
 
 def _client_script(tmp: Path) -> Path:
@@ -316,21 +381,49 @@ def _client_script(tmp: Path) -> Path:
         "    t = s.submit(nap)\n"
         "    while not t.running():\n"
         "        time.sleep(0.1)\n"
-        "    print(b._token, flush=True)\n"
+        "    print(b._token, b._session.uid, flush=True)\n"
         "    time.sleep(600)\n"
     )
     return script
 
 
-@pytest.mark.timeout(300)
-def test_client_sigkill_leaves_no_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The client dies without stopping anything (kill -9): pilotfish's reaper ends the
-    agent, bridges, master, workers and the running task (RP alone keeps ~30 processes
-    for its 600 s heartbeat timeout)."""
+def _session_procs(sid: str) -> list[Any]:
+    """Live processes of RP session ``sid``. RP's bridges and components (``rp.<name>``)
+    set their process title over their environment, so the backend's token does not show
+    in them; their working directory (the client's session directory, or the pilot
+    sandbox) names the session."""
+    import psutil
+
+    out = []
+    for p in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if p.pid == os.getpid() or p.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if sid in Path(p.cwd()).parts or any(sid in a for a in p.cmdline()):
+                out.append(p)
+    return out
+
+
+def _describe(procs: list[Any]) -> list[str]:
+    import psutil
+
+    out = []
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            out.append(f"{p.pid} {' '.join(p.cmdline()).strip()[:100]}")
+    return out
+
+
+def _client_dies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sig: signal.Signals) -> None:
     import subprocess
     import sys
 
+    import psutil
+
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    # set by pytest itself (>= 8.2); RP's process watchers then send SIGTERM only, never
+    # SIGKILL: the case a pilotfish session started from a user's pytest suite is in
+    monkeypatch.setenv("PYTEST_VERSION", os.environ.get("PYTEST_VERSION") or pytest.__version__)
     (tmp_path / "home").mkdir()
     script = _client_script(tmp_path)
     p = subprocess.Popen(
@@ -339,19 +432,48 @@ def test_client_sigkill_leaves_no_process(tmp_path: Path, monkeypatch: pytest.Mo
         stdout=subprocess.PIPE,
         text=True,
     )
+    sid = ""
     try:
         assert p.stdout is not None
-        token = p.stdout.readline().strip()
-        assert token, "the client did not start its task"
+        token, _, sid = p.stdout.readline().strip().partition(" ")
+        assert token and sid, "the client did not start its task"
         assert len(with_env("PILOTFISH_RP_TOKEN", token)) > 5
+        titles = [" ".join(q.cmdline()).strip() for q in _session_procs(sid)]
+        assert any(t.startswith("rp.agent_executing") for t in titles), titles
         t0 = time.monotonic()
-        p.kill()
+        p.send_signal(sig)
         p.wait()
-        wait_for(lambda: not with_env("PILOTFISH_RP_TOKEN", token), 30, 0.2)
-        print(f"client SIGKILL -> every RP process gone in {time.monotonic() - t0:.1f} s")
+        deadline = t0 + 30
+        left = with_env("PILOTFISH_RP_TOKEN", token) + _session_procs(sid)
+        while left and time.monotonic() < deadline:
+            time.sleep(0.2)
+            left = with_env("PILOTFISH_RP_TOKEN", token) + _session_procs(sid)
+        assert not left, f"left {time.monotonic() - t0:.0f} s after {sig.name}: {_describe(left)}"
+        print(f"client {sig.name} -> every RP process gone in {time.monotonic() - t0:.1f} s")
         # and the reaper itself ends (it carries this test's token, not the backend's)
         wait_for(lambda: not with_env(TOKEN_VAR, os.environ[TOKEN_VAR]), 15, 0.2)
     finally:
         if p.poll() is None:
             p.kill()
             p.wait()
+        if sid:  # the token's processes are the autouse fixture's; these are not found by it
+            for q in _session_procs(sid):
+                with contextlib.suppress(psutil.Error):
+                    q.kill()
+
+
+@pytest.mark.timeout(300)
+def test_client_sigkill_leaves_no_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client dies without stopping anything (kill -9): pilotfish's reaper ends the
+    agent, bridges, master, workers and the running task (RP alone keeps ~30 processes
+    for its 600 s heartbeat timeout)."""
+    _client_dies(tmp_path, monkeypatch, signal.SIGKILL)
+
+
+@pytest.mark.timeout(300)
+def test_client_sigterm_leaves_no_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client is terminated (SIGTERM: a batch system's or a user's ``kill``): RP's
+    agent executor (``rp.agent_executing``) catches SIGTERM and lives on, and neither its
+    environment (overwritten by its process title) nor its parent (init) leads to the
+    client: it ran on 50 s later and more. Within 30 s no process of the session is left."""
+    _client_dies(tmp_path, monkeypatch, signal.SIGTERM)

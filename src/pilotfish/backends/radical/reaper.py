@@ -19,15 +19,31 @@ client-side processes that inherit the pipe). RP also forks helpers from the cli
 without exec (its proxy worker): they keep the client's command line and the
 environment the client was started with, so the token does not show in them; the
 watcher notes the client's descendants with the client's own command line every
-second. When the client is gone, all of these are sent SIGTERM, then SIGKILL after a
-second; at ``done`` only the token's processes and the pids (the client may have forked
-children of its own that must live on).
+second.
+
+RP's bridges and components (``rp.log_pubsub``, ``rp.agent_executing.0000``, ...) do not
+show the token either: they set their process title over their environment
+(``/proc/PID/environ``), and they are daemons (their parent is init). They end
+themselves when the process that started them is gone, but with SIGTERM only when
+``PYTEST_VERSION`` is set (radical.utils' ``PWatcher``), and the agent's executor catches
+SIGTERM and runs on (``rp.agent_executing.0000`` was still there 50 s after its client
+was terminated). So the watcher learns the RP session ids of the token's processes
+(the bootstrapper's command line, the sandboxes they run in) and also ends every
+``rp.*`` process whose working directory is in one of those sessions (the client's
+session directory or the pilot sandbox), with its children.
+
+When the client is gone, all of these are sent SIGTERM, then SIGKILL after a second,
+and again while new ones show up (a master starts a replacement worker when one ends);
+at ``done`` only the token's processes, the session's ``rp.*`` processes left by
+``session.close()``, and the pids (the client may have forked children of its own that
+must live on).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import sys
 import threading
@@ -38,6 +54,8 @@ import psutil
 from pilotfish._procs import alive, end_processes, with_env
 
 TOKEN_VAR = "PILOTFISH_RP_TOKEN"
+_SESSION_ID = re.compile(r"\brp\.session\.[^/\s]+")
+_ROUNDS = 5  # sweeps after the client died, while each still finds something
 
 
 class _Orders:
@@ -45,6 +63,7 @@ class _Orders:
         self.lock = threading.Lock()
         self.tokens: set[str] = set()
         self.pids: dict[int, float] = {}
+        self.sessions: set[str] = set()  # RP session ids seen in the token's processes
         self.done = threading.Event()
 
     def read(self, stream: object) -> None:
@@ -76,7 +95,45 @@ def _targets(orders: _Orders) -> list[psutil.Process]:
     if tokens:
         for p in with_env(TOKEN_VAR, tokens):
             found.setdefault(p.pid, p)
+    for p in _session_daemons(orders):
+        found.setdefault(p.pid, p)
+        with contextlib.suppress(psutil.Error):
+            for c in p.children(recursive=True):
+                found.setdefault(c.pid, c)
     return [p for p in found.values() if p.pid != me]
+
+
+def learn_sessions(orders: _Orders) -> None:
+    """Note the RP session ids the token's processes name (RP's bootstrapper has
+    ``-s SID`` on its command line; agent, master and workers run in the pilot sandbox
+    ``.../SID/pilot.0000``)."""
+    with orders.lock:
+        tokens = set(orders.tokens)
+    if not tokens:
+        return
+    sids: set[str] = set()
+    for p in with_env(TOKEN_VAR, tokens):
+        with contextlib.suppress(psutil.Error):
+            sids.update(_SESSION_ID.findall(" ".join([*p.cmdline(), p.cwd()])))
+    with orders.lock:
+        orders.sessions |= sids
+
+
+def _session_daemons(orders: _Orders) -> list[psutil.Process]:
+    """RP's ``rp.*`` processes (titles over their environment) of the learned sessions."""
+    with orders.lock:
+        sids = set(orders.sessions)
+    if not sids:
+        return []
+    out = []
+    for p in psutil.process_iter(["cmdline", "cwd", "status"]):
+        if p.info["status"] == psutil.STATUS_ZOMBIE or not p.info["cwd"]:
+            continue
+        title = " ".join(p.info["cmdline"] or []).strip()
+        # the title check: a user's shell that happens to sit in a sandbox lives on
+        if title.startswith("rp.") and sids & set(p.info["cwd"].split(os.sep)):
+            out.append(p)
+    return out
 
 
 def _forked(client: psutil.Process) -> dict[int, float]:
@@ -91,10 +148,16 @@ def _forked(client: psutil.Process) -> dict[int, float]:
     return out
 
 
-def sweep(orders: _Orders) -> int:
-    procs = _targets(orders)
-    end_processes(procs)
-    return len(procs)
+def sweep(orders: _Orders, rounds: int = 1) -> int:
+    """End the targets; again (up to ``rounds`` times) while new ones show up."""
+    n = 0
+    for _ in range(rounds):
+        procs = _targets(orders)
+        if not procs:
+            break
+        end_processes(procs)
+        n += len(procs)
+    return n
 
 
 def main(argv: list[str]) -> int:
@@ -104,17 +167,25 @@ def main(argv: list[str]) -> int:
     orders = _Orders()
     threading.Thread(target=orders.read, args=(sys.stdin,), daemon=True).start()
     forked: dict[int, float] = {}
-    last = 0.0
+    last = learned = 0.0
     while not orders.done.wait(0.2):
-        if time.monotonic() - last > 1.0:
-            forked, last = _forked(client) or forked, time.monotonic()
+        now = time.monotonic()
+        if now - last > 1.0:
+            forked, last = _forked(client) or forked, now
+        # each second until a session is known, then now and then (a scan of every
+        # process's environment)
+        if now - learned > (5.0 if orders.sessions else 1.0):
+            learn_sessions(orders)
+            learned = now
         if alive(client.pid, created) is None:
             time.sleep(0.2)  # let the last orders in the pipe arrive
             with orders.lock:
                 orders.pids.update(forked)
-            n = sweep(orders)
+            learn_sessions(orders)
+            n = sweep(orders, _ROUNDS)
             print(f"pilotfish reaper: client {argv[0]} died; ended {n} processes", file=sys.stderr)
             return 0
+    learn_sessions(orders)
     sweep(orders)
     return 0
 

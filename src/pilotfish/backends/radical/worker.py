@@ -17,8 +17,14 @@ with these changes:
   result, a timeout, or, when that child died without one (segfault, ``os._exit``,
   SIGKILL), a ``"pilotfish": "task_process_lost"`` record with its exit status. RP's
   own ``DefaultWorker`` reports nothing in that case and the task waits forever;
-* every process RP forks per task dies with its parent (``PR_SET_PDEATHSIG``), and a
-  program's process group is reported to the master, which kills it if the worker dies;
+* the worker watches every per-task process it forked: when one ends (SIGKILL, the
+  OOM killer) before a result for its task was sent, the worker reports the same
+  ``task_process_lost`` record with *that* process's exit status, and ends the call's
+  process and its program group if they are still there. RP's own worker would hold
+  the task (and its cores) forever;
+* every process RP forks per task dies with its parent (``PR_SET_PDEATHSIG``, and a
+  check that the parent did not die before that was set), and a program's process
+  group is reported to the master, which kills it if the worker dies;
 * a second result for the same task process (the child reported and then died) is
   dropped instead of crashing RP's result thread;
 * ``pilotfish_run(blob)`` is the one function every task calls: it runs a pickled
@@ -38,6 +44,7 @@ import pickle
 import signal
 import sys
 import threading
+import time
 import traceback
 from typing import Any
 
@@ -79,6 +86,27 @@ def _client_path(cfg: dict[str, Any]) -> None:
     sys.path[:] = paths + [p for p in sys.path if p not in paths]
 
 
+_WATCH_EVERY = 0.2  # s between looks at the per-task processes
+
+
+class _Fork:
+    """A per-task process this worker forked, and what it shares with the worker.
+
+    The shared values are allocated in the worker *before* the fork (so the per-task
+    process and the call's process write where the worker reads): ``sent`` is set once
+    a result for the task is in the result queue (by the call's process, or by the
+    per-task process for its own reports), ``child`` is the call's process's pid,
+    ``pgid`` the program's process group (0: none). A plain class, not a dataclass: RP
+    loads this file without registering it in ``sys.modules``."""
+
+    def __init__(self, task: dict[str, Any]) -> None:
+        self.task = task
+        self.sent: Any = mp.Value("b", 0, lock=False)
+        self.child: Any = mp.Value("i", 0, lock=False)
+        self.pgid: Any = mp.Value("i", 0, lock=False)
+        self.proc: Any = None  # the multiprocessing.Process RP started for the task
+
+
 class PilotfishWorker(DefaultWorker):  # type: ignore[misc]
     def __init__(self, raptor_id: str) -> None:
         threading.Thread(
@@ -99,7 +127,17 @@ class PilotfishWorker(DefaultWorker):  # type: ignore[misc]
         self._pf_lock = threading.Lock()
         self._pf_client: Any = None
         self._pf_said_hello = False
+        self._pf_pid = os.getpid()
+        # task uid -> its per-task process; read by the fork (inherited), so entries are
+        # added before RP forks and removed once that process has ended
+        self._pf_forks: dict[str, _Fork] = {}
+        self._pf_forks_lock = threading.Lock()
+        self._pf_fork: _Fork | None = None  # in a per-task process: its own record
+        self._pf_reported = False  # in a per-task process: it put a result of its own
         super().__init__(raptor_id)
+        threading.Thread(
+            target=self._pf_watch_forks, name="pilotfish-fork-watch", daemon=True
+        ).start()
         self._pf_hello()
 
     # -- talking to the master (its task service, request/reply) ---------------
@@ -128,9 +166,93 @@ class PilotfishWorker(DefaultWorker):  # type: ignore[misc]
             mine = set(uids)  # let RP run them; the master's record decides about results
         for task in tasks:
             if task["uid"] in mine:
-                super()._request_cb([task])
+                self._pf_start_fork(task)
             else:
                 self._log.info("pilotfish: master withdrew %s", task["uid"])
+
+    # -- watching the per-task processes (in the worker) ---------------------------
+    def _pf_start_fork(self, task: Any) -> None:
+        """Have RP fork the task's process, and watch that process."""
+        rec = _Fork(task)
+        with self._pf_forks_lock:
+            self._pf_forks[task["uid"]] = rec
+        # RP keeps no record of which process runs which task other than its pool,
+        # keyed by pid: the pid this call adds is the task's (only this thread adds)
+        with self._plock:
+            before = set(self._pool)
+        super()._request_cb([task])
+        with self._plock:
+            new = [p for pid, p in self._pool.items() if pid not in before]
+        if len(new) == 1:
+            rec.proc = new[0]
+        else:  # no process (RP reported the failure itself) or its result is already in
+            with self._pf_forks_lock:
+                self._pf_forks.pop(task["uid"], None)
+
+    def _pf_watch_forks(self) -> None:
+        """Poll each per-task process's exit status (waitpid on that pid, through the
+        ``Process`` object, whose status multiprocessing may also collect when RP starts
+        the next one). Not its sentinel: the call's process inherits that pipe, so it
+        would not signal the per-task process's death while the call's process lives."""
+        while True:
+            time.sleep(_WATCH_EVERY)
+            with self._pf_forks_lock:
+                recs = [r for r in self._pf_forks.values() if r.proc is not None]
+            for rec in recs:
+                try:
+                    code = rec.proc.exitcode
+                except Exception:  # pragma: no cover - defensive
+                    self._log.exception("pilotfish: cannot watch %s", rec.task.get("uid"))
+                    continue
+                if code is None:
+                    continue
+                with self._pf_forks_lock:
+                    self._pf_forks.pop(rec.task["uid"], None)
+                try:
+                    self._pf_fork_ended(rec, code)
+                except Exception:  # pragma: no cover - keep watching the others
+                    self._log.exception("pilotfish: report for %s failed", rec.task["uid"])
+
+    def _pf_fork_ended(self, rec: _Fork, code: int) -> None:
+        """A per-task process has ended with exit status ``code``."""
+        uid, pid = rec.task["uid"], rec.proc.pid
+        if rec.sent.value:
+            return  # its result (or its own report) is in the queue
+        with self._plock:
+            waiting = pid in self._pool
+        if not waiting:
+            return  # the result came back already
+        # what ran under it must not outlive it (its death signal may have been missed)
+        if rec.pgid.value:
+            with contextlib.suppress(OSError):
+                os.killpg(rec.pgid.value, signal.SIGKILL)
+        if rec.child.value:
+            with contextlib.suppress(OSError):
+                os.kill(rec.child.value, signal.SIGKILL)
+        from pilotfish.core.ledger import describe_exit
+
+        how, sig = describe_exit(code)
+        msg = (
+            f"the per-task process of task {uid} (pid {pid}, forked by RADICAL-Pilot raptor "
+            f"worker {self._uid} on host {self._pf_host}) {how} before it returned a result"
+        )
+        self._log.info("pilotfish: %s", msg)
+        # through the result queue, behind anything that process put there before it
+        # died: a result already sent wins, and this report is dropped as a second one
+        self._pf_put(
+            dict(rec.task, pid=pid),
+            err=msg,
+            val={
+                "pilotfish": "task_process_lost",
+                "worker": self._uid,
+                "pid": pid,
+                "host": self._pf_host,
+                "returncode": code,
+                "signal": sig,
+                "message": msg,
+            },
+            exc=(f"pilotfish: {msg}", None),
+        )
 
     def _result_cb(self, result: Any) -> None:
         task = result[0]
@@ -151,7 +273,11 @@ class PilotfishWorker(DefaultWorker):  # type: ignore[misc]
         from pilotfish.backends.local.worker import die_with_parent
 
         die_with_parent()
+        if os.getppid() != self._pf_pid:  # the worker died before the line above
+            os._exit(70)
         task["pid"] = os.getpid()
+        self._pf_fork = self._pf_forks.get(task["uid"]) or _Fork(task)
+        self._pf_reported = False
         os.environ.update({k: str(v) for k, v in env.items()})
         os.environ.update({k: str(v) for k, v in (task.get("environment") or {}).items()})
         os.environ["PILOTFISH_RP_TS"] = str(self._ts_addr)
@@ -164,6 +290,8 @@ class PilotfishWorker(DefaultWorker):  # type: ignore[misc]
             with contextlib.suppress(Exception):
                 self._result_queue.close()
                 self._result_queue.join_thread()
+                if self._pf_reported:  # in the pipe: the worker's watch need not report
+                    self._pf_fork.sent.value = 1
             os._exit(0)
 
     def _pf_put(
@@ -176,6 +304,7 @@ class PilotfishWorker(DefaultWorker):  # type: ignore[misc]
         val: Any = None,
         exc: Any = (None, None),
     ) -> None:
+        self._pf_reported = True
         self._result_queue.put([task, out, err, ret, val, list(exc)])
 
     def _pf_run_task(self, task: Any) -> None:
@@ -191,11 +320,15 @@ class PilotfishWorker(DefaultWorker):  # type: ignore[misc]
             task["pf_withdrawn"] = True
             self._pf_put(task)
             return
-        sent = mp.Value("b", 0, lock=False)
-        # a program's process group, set by pilotfish_run in the child (shared memory)
-        self._pf_pgid = mp.Value("i", 0, lock=False)
+        rec = self._pf_fork
+        assert rec is not None
+        sent = rec.sent
+        # a program's process group, set by pilotfish_run in the child (shared memory,
+        # also read by the worker if this process dies)
+        self._pf_pgid = rec.pgid
         child = mp.Process(target=self._pf_child, args=(task, sent), daemon=True)
         child.start()
+        rec.child.value = child.pid or 0
         tout = task["description"].get("timeout") or None
         child.join(timeout=tout)
         if not sent.value and self._pf_pgid.value:  # the child died or hangs: its program too
@@ -214,7 +347,7 @@ class PilotfishWorker(DefaultWorker):  # type: ignore[misc]
             return
         if sent.value:
             return
-        from pilotfish.backends.local.dispatch import describe_exit
+        from pilotfish.core.ledger import describe_exit
 
         how, sig = describe_exit(child.exitcode)
         msg = (
@@ -240,6 +373,8 @@ class PilotfishWorker(DefaultWorker):  # type: ignore[misc]
         from pilotfish.backends.local.worker import die_with_parent
 
         die_with_parent()
+        if os.getppid() != task["pid"]:  # the per-task process died before the line above
+            os._exit(70)
         with contextlib.suppress(Exception):
             import setproctitle
 
