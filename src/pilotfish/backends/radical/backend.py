@@ -26,10 +26,10 @@ FAILED, ``"environment"`` (worker pre-flight)      ``Result`` with an ENVIRONMEN
 FAILED with RP's ``TimeoutError``                  ``Lost(timeout)``
 FAILED otherwise (RP could not call us)            ``Result`` with an ENVIRONMENT error
 master ping answer names the task's worker         ``Started``; worker changes:
-                                                   ``WorkerEvent``
+                                                   ``WorkerReport``
 master task final, or no ping answer within        every in-flight attempt
 ``heartbeat_timeout``                              ``Lost(runtime_lost)``; a new master
-                                                   (``MasterEvent("restarted")``) up to
+                                                   (``MasterReport("restarted")``) up to
                                                    ``max_master_restarts``, else
                                                    ``Fatal(runtime_lost)``
 pilot final                                        ``Lost(runtime_lost)`` + ``Fatal``
@@ -65,10 +65,10 @@ except ImportError as e:  # pragma: no cover - exercised without the extra
 
 from ... import _wire
 from ..._procs import end_processes, with_env
-from ..._wire import Fatal, Lost, Result, RunAttempt, Started, WorkerEvent
+from ..._wire import Fatal, Lost, Result, RunAttempt, Started, WorkerReport
 from ...core import ledger as L
 from ...preflight import client_versions
-from ..base import MasterEvent, Sink
+from ..base import Alive, MasterReport, Sink
 
 __all__ = ["RadicalBackend"]
 
@@ -355,6 +355,7 @@ class RadicalBackend:
 
     def _consume(self) -> None:
         tick = max(0.02, min(0.1, self.hb_interval / 4))
+        alive_at = 0.0
         while not self._stopping.is_set():
             try:
                 items = [self._q.get(timeout=tick)]
@@ -388,6 +389,12 @@ class RadicalBackend:
             if batch:
                 self._submit_now(batch, events)
             self._check_master(events)
+            now = time.monotonic()
+            if not self._dead and now - alive_at >= self.hb_interval / 2:
+                # this thread runs and bounds the master's silence itself (_check_master):
+                # vouch for the backend, so that the session's shutdown waits for us
+                events.append(Alive(time.time()))
+                alive_at = now
             self._emit(events)
 
     def _submit_now(self, attempts: list[RunAttempt], events: list[Any]) -> None:
@@ -552,7 +559,7 @@ class RadicalBackend:
         if self._master_local:
             self._reap(pid)
         events.append(
-            MasterEvent(
+            MasterReport(
                 "started",
                 pid,
                 now,
@@ -591,7 +598,7 @@ class RadicalBackend:
             )
             if worker and (self._workers_seen.get(worker) or [None])[0] != "ready":
                 self._workers_seen[worker] = ["ready", pid, host]
-                events.append(WorkerEvent("started", worker, pid, now))
+                events.append(WorkerReport("started", worker, pid, now))
                 self._note_worker_pid(pid, host)
         events.extend(started)
 
@@ -697,7 +704,7 @@ class RadicalBackend:
                 int(v[1]) for v in self._workers_seen.values() if v[1] and v[2] == self._host
             ]
             to_end = {p for p in [pid if self._master_local else 0, *worker_pids] if p}
-        events.append(MasterEvent("lost", pid, time.time(), stderr_tail=err, message=what))
+        events.append(MasterReport("lost", pid, time.time(), stderr_tail=err, message=what))
         resend: list[RunAttempt] = []
         for c in cmds:
             if isinstance(c, L.Report):
@@ -728,7 +735,7 @@ class RadicalBackend:
             self._fatal(f"{what}; a new master could not be started: {e!r}", events, resend)
             return
         events.append(
-            MasterEvent(
+            MasterReport(
                 "restarted",
                 0,
                 time.time(),
@@ -811,12 +818,12 @@ class RadicalBackend:
                 if state == before:
                     continue
                 if state == "ready":
-                    events.append(WorkerEvent("started", wid, int(pid), now))
+                    events.append(WorkerReport("started", wid, int(pid), now))
                 elif state == "lost":
-                    events.append(WorkerEvent("lost", wid, int(pid), now, message="worker lost"))
+                    events.append(WorkerReport("lost", wid, int(pid), now, message="worker lost"))
                 elif state == "preflight_failed":
                     events.append(
-                        WorkerEvent(
+                        WorkerReport(
                             "start_failed", wid, int(pid), now, message=ans.get("env_problem", "")
                         )
                     )
