@@ -130,13 +130,6 @@ class WorkerReport(NamedTuple):
     message: str = ""
 
 
-#: The old name of :class:`WorkerReport`, kept while ``backends/local/dispatch.py``,
-#: ``backends/dask.py`` and ``backends/radical/backend.py`` still import it. One name, one
-#: meaning: ``WorkerEvent`` is the public :class:`pilotfish.WorkerEvent`; remove this alias
-#: once those files say ``WorkerReport``.
-WorkerEvent = WorkerReport
-
-
 class Heartbeat(NamedTuple):
     """A master or worker is alive (process to process; never reaches the session)."""
 

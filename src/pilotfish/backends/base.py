@@ -61,13 +61,11 @@ __all__ = [
     "BackendEvent",
     "Fatal",
     "Lost",
-    "MasterEvent",
     "MasterReport",
     "Result",
     "RunAttempt",
     "Sink",
     "Started",
-    "WorkerEvent",
     "WorkerReport",
 ]
 
@@ -90,12 +88,6 @@ class Alive(NamedTuple):
 
     time: float
 
-
-#: Old names, kept while ``backends/dask.py``, ``backends/radical/backend.py`` and
-#: ``backends/local/dispatch.py`` still import them (``MasterEvent`` and ``WorkerEvent``
-#: are the public :mod:`pilotfish` events). Remove once those files use the new names.
-MasterEvent = MasterReport
-WorkerEvent = WorkerReport
 
 BackendEvent = Started | Result | Lost | WorkerReport | MasterReport | Fatal | Alive
 Sink = Callable[[Sequence[BackendEvent]], None]

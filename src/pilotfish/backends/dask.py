@@ -4,17 +4,30 @@
 existing ``distributed.Client``) runs every attempt as one Dask task on a
 cluster that the user started (``LocalCluster``, ``dask_jobqueue.SLURMCluster``,
 ``dask scheduler`` + ``dask worker``). pilotfish never starts, restarts or
-shuts down that cluster. The workflow core, the retry and poison policy,
-fencing and the journal stay on the client, as with the local backend; Dask
-only places and runs attempts.
+shuts down that cluster, and needs none of its settings changed. The workflow
+core, the retry and poison policy, fencing and the journal stay on the client,
+as with the local backend; Dask only places and runs attempts.
 
 Each attempt is submitted with a unique key
 (``pilotfish-KEY-aATTEMPT-TOKEN``), ``pure=False`` and ``retries=0``; on the
 worker it calls :func:`pilotfish.backends.execute.run_attempt`, which never
-raises, and returns its ``Result``. Before running user code the worker
-reports ``Started`` to the scheduler with a synchronous call (one round trip
-per attempt), so that the client knows which worker holds which attempt even
-if the task kills its worker at once.
+raises, and returns its ``Result``. Where each attempt is, and what Dask's
+signals mean for it, is kept by the shared attempt ledger
+(:class:`pilotfish.core.ledger.Ledger`): this backend only turns Dask's signals
+into ledger events and carries out the ledger's commands.
+
+**Start fence.** Before running user code the worker asks a scheduler plugin
+(:mod:`pilotfish.backends._dask_fence`, registered by the session, shipped by
+value) with one synchronous call (the one round trip per attempt the worker made
+anyway to report ``Started``). The first request for a Dask key, from the worker
+the scheduler has it processing on, is granted and published to the client as
+``Started``; any other is refused, and the task returns without running user
+code. So Dask's own rerun of a task whose worker died (its
+``allowed-failures``, 3 by default) never runs an attempt's user code twice:
+pilotfish's policy decides about a retry. A refusal is logged (``pilotfish.dask``,
+INFO, naming attempt, Dask key (it holds the task key) and worker) and counted in
+``Session.processes()["refused_starts"]``. A worker that died holding an attempt
+it had *not* started leaves no grant behind: Dask's rerun elsewhere is granted.
 
 Cost (see benchmarks/bench_dask.py): ``submit`` only registers an attempt; a
 submitter thread hands everything pending to Dask with one ``Client.map``
@@ -26,37 +39,43 @@ Dask's default; keys a worker no longer has fall back to the scheduler). With
 ``LocalCluster`` the scheduler shares the client's process and GIL, so work
 kept off the scheduler is throughput.
 
-How Dask's signals become pilotfish events:
+How Dask's signals become ledger events, and what pilotfish then reports and does:
 
-=====================================================  ===============================
-Dask                                                   pilotfish
-=====================================================  ===============================
-our task reports it is running (event topic)           ``Started``
-future finished                                        ``Result`` (value or error envelope)
-scheduler ``remove-worker`` event naming a worker      ``WorkerEvent("lost")`` and
-that ran one of our started attempts                   ``Lost(worker_lost)``; its future is
-                                                       cancelled, so Dask's own reschedule
-                                                       of it does not run on (best effort:
-                                                       Dask may start it before the cancel
-                                                       arrives; fencing drops its result)
-future erred with ``KilledWorker`` / a cancel we did   ``Lost(worker_lost)`` if it had
-not ask for                                            started, else resubmitted unblamed
-future erred otherwise (e.g. pilotfish not importable  ``Result`` with an ENVIRONMENT error
-on the worker)
-attempt running longer than its ``timeout``            ``Lost(timeout)``, future cancelled,
-                                                       worker restarted (see below)
-connection to the scheduler lost                       ``MasterEvent("lost")``; back within
-                                                       ``heartbeat_timeout``: started attempts
-                                                       ``Lost(runtime_lost)``, the others
-                                                       resubmitted, ``MasterEvent("restarted")``;
-                                                       otherwise, or with
-                                                       ``max_master_restarts=0``:
-                                                       ``Fatal(runtime_lost)``
-=====================================================  ===============================
+===============================================  ===============  ===============================
+Dask                                             ledger event     pilotfish
+===============================================  ===============  ===============================
+``Session.submit`` (a retry too)                 ``Submit``       handed to Dask in a batch
+the start fence granted a worker's request       ``Start``        ``Started``
+the start fence refused it (Dask's own rerun, a  --               logged and counted; the task
+task cancelled or moved meanwhile)                                returns, user code not run
+future finished                                  ``Finish``       ``Result`` (value or error)
+scheduler ``remove-worker`` event                ``WorkerLost``   ``WorkerReport("lost")`` and
+                                                                  ``Lost(worker_lost)`` for the
+                                                                  attempts that started there;
+                                                                  their futures are cancelled
+future erred with ``KilledWorker``, a cancel we  ``Bounce``       ``Lost(worker_lost)`` if it had
+did not ask for, a result lost with its worker                    started, else resubmitted
+before the client fetched it                                      unblamed under a new Dask key
+future erred otherwise (e.g. pilotfish not       --               ``Result`` with an ENVIRONMENT
+importable on the worker)                                         error
+attempt running longer than its ``timeout``      ``Tick``         ``Lost(timeout)``; ``Expired``:
+                                                                  future cancelled, worker
+                                                                  restarted (see below)
+the session cancels an attempt                   ``Cancel``       ``Withdraw``: future cancelled
+                                                                  (a started one runs on; its
+                                                                  result is fenced)
+connection to the scheduler lost                 --               ``MasterReport("lost")``
+... and back within ``heartbeat_timeout``        ``RuntimeLost``  started attempts
+                                                                  ``Lost(runtime_lost)``; the
+                                                                  others ``Resend``: resubmitted
+                                                                  unblamed, new Dask keys;
+                                                                  ``MasterReport("restarted")``
+... not back, or ``max_master_restarts=0``       ``RuntimeLost``  started attempts
+                                                                  ``Lost(runtime_lost)``, then
+                                                                  ``Fatal(runtime_lost)``
+===============================================  ===============  ===============================
 
-``KilledWorker`` never reaches the user. Tip: set the scheduler's
-``distributed.scheduler.allowed-failures`` to 0 so Dask never reruns a task
-whose worker died; pilotfish's policy decides instead.
+``KilledWorker`` never reaches the user.
 
 Limits (honest ones):
 
@@ -91,7 +110,16 @@ Limits (honest ones):
 * Imports: by default (``ship_sys_path=True``) a worker plugin appends the
   client's ``sys.path`` entries that a worker lacks, so modules next to the
   user's script import there too (when the filesystem is shared); pilotfish
-  itself must be installed in the workers' environment.
+  itself must be installed in the workers' (and scheduler's) environment.
+* The start fence lives on the scheduler: it is registered when the session
+  starts and again after a reconnect, shipped by value (so it needs the
+  client's Python version there), else by reference (pilotfish installed
+  there); if neither works the session fails at once, saying so. Dask itself
+  unpickles task graphs on the scheduler, so pilotfish must be importable on
+  the scheduler as well as on the workers (with ``LocalCluster`` and
+  dask-jobqueue the scheduler runs in the client's process).
+* A grant whose ``started`` message is lost with the scheduler connection is
+  not known to the client: that attempt is then resent as never started.
 """
 
 from __future__ import annotations
@@ -105,18 +133,21 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, NamedTuple
 
 import distributed
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from .. import _wire
-from .._wire import Fatal, Lost, Result, RunAttempt, Started, WorkerEvent
+from .._wire import Fatal, Lost, Result, RunAttempt, WorkerReport
+from ..core import ledger as L
 from ..errors import InvalidTask
-from .base import MasterEvent, Sink
+from . import _dask_fence
+from .base import Alive, MasterReport, Sink
 from .execute import run_attempt
 
 __all__ = ["DaskBackend"]
@@ -127,37 +158,57 @@ _CONN_LOST = "scheduler-connection-lost"
 _OUR_CANCEL = "pilotfish"
 _MAX_RESUBMITS = 10
 _EXIT_TIMEOUT = 75  # exit status of a worker pilotfish ended to stop a timed-out call
+_FENCE_TIMEOUT = 30  # s a worker waits for the start fence's answer (then it refuses itself)
 
 
 # --------------------------------------------------------------------------- worker side
 
 
-def _attempt_on_worker(m: RunAttempt, dkey: str, topic: str, rundir: str) -> Result:
-    """The Dask task: say ``Started`` (synchronously), then run the attempt here."""
-    host = _wire.host_name()
-    worker: Any = None
-    try:
-        worker = distributed.get_worker()
-        where = str(worker.address)
-    except Exception:
-        where = f"dask-worker-pid-{os.getpid()}"
-    if worker is not None:
-        msg = {
-            "op": "started",
-            "attempt": m.attempt,
-            "key": dkey,
-            "worker": where,
-            "pid": os.getpid(),
-            "time": time.time(),
-            "host": host,
-        }
-        try:  # one round trip: the client hears of it even if the task kills us next
-            from distributed.utils import sync
+class _NotStarted(NamedTuple):
+    """What a Dask task returns when the start fence refused it: user code did not run."""
 
-            sync(worker.loop, worker.scheduler.log_event, topic=topic, msg=msg, callback_timeout=30)
-        except Exception:
-            with contextlib.suppress(Exception):
-                worker.log_event(topic, msg)
+    attempt: int
+    dkey: str
+    worker: str
+    reason: str
+
+
+def _attempt_on_worker(m: RunAttempt, dkey: str, fence: str, rundir: str) -> Result | _NotStarted:
+    """The Dask task: ask the start fence on the scheduler (one synchronous call), then
+    run the attempt here, or return :class:`_NotStarted` without running user code."""
+    pid = os.getpid()
+    try:
+        worker: Any = distributed.get_worker()
+    except Exception:
+        return _NotStarted(m.attempt, dkey, f"pid {pid}", "not running on a Dask worker")
+    where = str(worker.address)
+    host = _wire.host_name()
+    try:
+        from distributed.utils import sync
+
+        answer = sync(
+            worker.loop,
+            getattr(worker.scheduler, fence),
+            key=dkey,
+            attempt=m.attempt,
+            worker=where,
+            pid=pid,
+            host=host,
+            when=time.time(),
+            callback_timeout=_FENCE_TIMEOUT,
+        )
+        granted = isinstance(answer, dict) and answer.get("granted") is True
+        if granted:
+            why = ""
+        elif isinstance(answer, dict):
+            why = str(answer.get("reason") or "refused")
+        else:  # Dask answers None to an unknown handler: a task from before a reconnect
+            why = f"the scheduler has no start fence {fence!r} (it was replaced or removed)"
+    except Exception as e:  # fail closed: no answer, no user code
+        granted = False
+        why = f"pilotfish's start fence on the scheduler did not answer: {type(e).__name__}: {e}"
+    if not granted:
+        return _NotStarted(m.attempt, dkey, where, why)
     return run_attempt(m, worker=where, host=host, rundir=rundir)
 
 
@@ -175,22 +226,41 @@ class _ClientSysPath(WorkerPlugin):
                 sys.path.append(p)
 
 
+_BY_VALUE = threading.Lock()
+
+
+@contextlib.contextmanager
+def _pickled_by_value(module: ModuleType) -> Iterator[None]:
+    """Pickle ``module``'s objects by value (cloudpickle) for the duration."""
+    import cloudpickle
+
+    with _BY_VALUE:
+        known = module.__name__ in cloudpickle.list_registry_pickle_by_value()
+        if not known:
+            cloudpickle.register_pickle_by_value(module)
+        try:
+            yield
+        finally:
+            if not known:
+                cloudpickle.unregister_pickle_by_value(module)
+
+
 # --------------------------------------------------------------------------- client side
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Att:
+    """A ledger entry's ``item``: the Dask plumbing of one attempt (its Dask key and
+    future). A resubmission gets a new one, with a new key."""
+
     m: RunAttempt
     dkey: str
     fut: Any = None
-    started: bool = False
-    worker: str = ""
-    pid: int = 0
-    host: str = ""
-    t0: float = 0.0  # monotonic, at Started
-    t0_wall: float | None = None
     resubmits: int = 0
-    gen: int = 0
+
+
+def _has(cmds: list[L.Command], kind: type) -> bool:
+    return any(isinstance(c, kind) for c in cmds)
 
 
 class DaskBackend:
@@ -240,9 +310,9 @@ class DaskBackend:
         self._plugin_name = f"pilotfish-syspath-{self._token}"
         self._lock = threading.Lock()
         self._q: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
-        self._inflight: dict[int, _Att] = {}
-        self._held: list[RunAttempt] = []  # submitted while the scheduler is away
-        self._pending: list[_Att] = []  # registered, not yet handed to Dask
+        # every attempt in flight, and what Dask's signals mean for it (items: _Att)
+        self._ledger = L.Ledger()
+        self._pending: list[_Att] = []  # in the ledger, not yet handed to Dask
         self._submit_wake = threading.Event()
         self._submitter: threading.Thread | None = None
         self._sink: Sink | None = None
@@ -253,9 +323,14 @@ class DaskBackend:
         self._lost_since: float | None = None
         self._conn_lost = False
         self._restarts = 0
-        self._gen = 0
+        self._fence_n = 0  # start fences registered so far (one per (re)connection)
+        self._fence_op = ""  # the scheduler handler a task asks before running user code
+        self._fence_close = ""
+        self._fence_sched = ""  # the id of the scheduler it is registered on
+        self._refused = 0  # start requests the fence refused (Dask's own reruns, ...)
+        self._next_tick = 0.0
         self._sched_pid = 0
-        self._worker_pids: dict[str, int] = {}
+        self._workers: dict[str, tuple[int, str]] = {}  # worker address -> (pid, host)
         self._near: dict[str, bool] = {}  # worker address -> on this host (gather directly)
         self._host = _wire.host_name()
         self._restarting: dict[str, str] = {}  # worker address -> why we restarted it
@@ -284,39 +359,53 @@ class DaskBackend:
                     f"cannot connect to the Dask scheduler at {self.address}: "
                     f"{type(e).__name__}: {e}"
                 )
-                with self._lock:
-                    self._dead, self._fatal_message = True, why
-                self._emit([Fatal("runtime_lost", why)])
-                self._consumer.start()
+                self._die("runtime_lost", why)
                 return
         c = self._client
         self.address = str(c.scheduler.address)
         with contextlib.suppress(Exception):
             self._sched_pid = int(c.run_on_scheduler(os.getpid))
         self._subscribe()
+        why = self._install_fence()
+        if why:
+            self._die("environment", why)
+            return
         self._ship_path()
         workers: list[str] = []
         with contextlib.suppress(Exception):
             workers = sorted(c.scheduler_info()["workers"])
         now = time.time()
         events: list[Any] = [
-            MasterEvent("started", self._sched_pid, now, message=f"Dask scheduler {self.address}")
+            MasterReport("started", self._sched_pid, now, message=f"Dask scheduler {self.address}")
         ]
-        events += [WorkerEvent("started", w, 0, now) for w in workers]
+        events += [WorkerReport("started", w, 0, now) for w in workers]
         self._emit(events)
         self._consumer.start()
         self._submitter.start()
 
+    def _die(self, category: str, why: str) -> None:
+        """The backend cannot start: every attempt fails with ``why``."""
+        with self._lock:
+            self._dead, self._fatal_message = True, why
+        self._emit([Fatal(category, why)])
+        assert self._consumer is not None
+        self._consumer.start()
+
     def submit(self, attempts: Sequence[RunAttempt]) -> None:
         lost: list[Any] = []
         with self._lock:
+            new = []
             for a in attempts:
                 if self._dead or self._stopped:
                     lost.append(self._runtime_lost(a, self._fatal_message or "backend stopped"))
-                elif self._lost_since is not None:
-                    self._held.append(a)
-                else:
-                    self._submit_locked(_Att(a, self._dkey(a, 0)))
+                    continue
+                att = _Att(a, self._dkey(a, 0))
+                new.append((a.attempt, a.key, att, a.timeout))
+                if self._lost_since is None:  # else resent when the scheduler is back
+                    self._pending.append(att)
+            self._ledger.submit(new)
+            if self._pending:
+                self._submit_wake.set()
         if lost:
             self._q.put(("emit", lost))
 
@@ -330,6 +419,9 @@ class DaskBackend:
             "scheduler_pid": self._sched_pid or None,
             "workers": [],
             "worker_addresses": {},
+            # Dask's own reruns of a started attempt (and other stray starts) that the
+            # start fence refused: their user code did not run
+            "refused_starts": self._refused,
         }
         c = self._client
         if c is not None and c.status == "running":
@@ -344,9 +436,9 @@ class DaskBackend:
             if self._stopped:
                 return
             self._stopped = True
-            futs = [a.fut for a in self._inflight.values() if a.fut is not None]
-            self._inflight.clear()
-            self._held.clear()
+            # the session is closing: what is in flight is abandoned, not reported
+            futs = [e.item.fut for e in self._ledger.entries.values() if e.item.fut is not None]
+            self._ledger = L.Ledger()
             self._pending.clear()
         self._stopping.set()
         self._submit_wake.set()
@@ -361,6 +453,7 @@ class DaskBackend:
             if futs:
                 with contextlib.suppress(Exception):
                     c.cancel(futs, reason=_OUR_CANCEL, msg="pilotfish session closed")
+            self._remove_fence()
             self._unsubscribe()
             if self.ship_sys_path:
                 with contextlib.suppress(Exception):
@@ -372,17 +465,57 @@ class DaskBackend:
             with contextlib.suppress(Exception):
                 c.close(timeout=min(timeout, 5.0))
 
+    # ------------------------------------------------------------------ the start fence
+    def _install_fence(self) -> str:
+        """Register a fresh start fence on the scheduler, replacing ours if it is still
+        there (a task handed to Dask before a reconnect then asks a handler that is gone,
+        and is refused). Returns '' or why it could not be installed."""
+        sid = ""
+        with contextlib.suppress(Exception):
+            sid = str(self._client.scheduler_info(n_workers=0).get("id", ""))
+        if sid != self._fence_sched:  # another scheduler: ours went with the old one
+            self._fence_close = ""
+        self._remove_fence()
+        self._fence_sched = sid
+        self._fence_n += 1
+        plugin = _dask_fence.StartFence(self._token, self._fence_n, self._topic)
+        errors = []
+        # by value first: the scheduler need not have pilotfish installed
+        for how in ("by value", "by reference"):
+            try:
+                by_value = how == "by value"
+                with _pickled_by_value(_dask_fence) if by_value else contextlib.nullcontext():
+                    self._client.register_plugin(plugin, name=plugin.name)
+            except Exception as e:
+                errors.append(f"{how}: {type(e).__name__}: {e}")
+                continue
+            with self._lock:
+                self._fence_op, self._fence_close = plugin.op, plugin.close_op
+            return ""
+        return (
+            "pilotfish could not install its start fence (a Dask scheduler plugin that lets "
+            f"each attempt's user code start once) on the Dask scheduler at {self.address} ("
+            + "; ".join(errors)
+            + "). The scheduler must accept pickled plugins (distributed.scheduler.pickle: "
+            "true, Dask's default) and run the client's Python version, or have pilotfish "
+            "installed"
+        )
+
+    def _remove_fence(self) -> None:
+        op, self._fence_close = self._fence_close, ""
+        c = self._client
+        if op and c is not None:
+            with contextlib.suppress(Exception):
+                c.sync(getattr(c.scheduler, op), callback_timeout=5)
+
     # ------------------------------------------------------------------ helpers
     def _dkey(self, a: RunAttempt, n: int) -> str:
         tail = f"-r{n}" if n else ""
         return f"pilotfish-{a.key}-a{a.attempt}-{self._token}{tail}"
 
-    def _submit_locked(self, att: _Att) -> None:
-        """Register ``att``; the submitter thread hands it to Dask (in a batch)."""
-        att.gen = self._gen
-        self._inflight[att.m.attempt] = att
-        self._pending.append(att)
-        self._submit_wake.set()
+    def _current(self, att: _Att) -> bool:
+        e = self._ledger.entries.get(att.m.attempt)
+        return e is not None and e.item is att
 
     def _run_submitter(self) -> None:
         """Hand pending attempts to Dask, many per ``Client.map`` (one graph update each)."""
@@ -392,31 +525,31 @@ class DaskBackend:
             with self._lock:
                 if self._stopped:
                     return
-                batch = [a for a in self._pending if self._inflight.get(a.m.attempt) is a]
+                batch = [a for a in self._pending if self._current(a)]
                 self._pending = []
+                fence = self._fence_op
             if batch:
                 try:
-                    self._submit_batch(batch)
+                    self._submit_batch(batch, fence)
                 except Exception as e:  # never strand an attempt: report it lost
                     log.exception("pilotfish: could not submit attempts to Dask")
                     why = f"the Dask client could not submit it: {type(e).__name__}: {e}"
-                    failed = []
+                    failed: list[Any] = []
                     with self._lock:
                         for a in batch:
-                            if self._inflight.get(a.m.attempt) is a and a.fut is None:
-                                del self._inflight[a.m.attempt]
-                                failed.append(self._runtime_lost(a.m, why))
+                            if self._current(a) and a.fut is None:
+                                self._give_up_locked(a, "runtime_lost", why, failed)
                     if failed:
                         self._q.put(("emit", failed))
 
-    def _submit_batch(self, batch: list[_Att]) -> None:
+    def _submit_batch(self, batch: list[_Att], fence: str) -> None:
         n = len(batch)
         keys = [a.dkey for a in batch]
         futs = self._client.map(
             _attempt_on_worker,
             [a.m for a in batch],
             keys,
-            [self._topic] * n,
+            [fence] * n,
             [self.rundir] * n,
             key=keys,
             pure=False,
@@ -426,7 +559,7 @@ class DaskBackend:
         late = []
         with self._lock:
             for a, f in zip(batch, futs, strict=True):
-                if self._inflight.get(a.m.attempt) is a:
+                if self._current(a):
                     a.fut = f
                 else:  # cancelled, lost or stopped while we submitted it
                     late.append(f)
@@ -436,7 +569,7 @@ class DaskBackend:
                 f.add_done_callback(
                     lambda f, dkey=a.dkey, aid=a.m.attempt: put(("done", f, dkey, aid))
                 )
-        self._cancel_futs(late, "cancelled by pilotfish")
+        self._cancel_futs(late)
 
     def _emit(self, events: Sequence[Any]) -> None:
         if self._sink is not None and events:
@@ -447,7 +580,7 @@ class DaskBackend:
 
     def _subscribe(self) -> None:
         c = self._client
-        c.subscribe_topic(self._topic, lambda ev: self._q.put(("started", ev[1])))
+        c.subscribe_topic(self._topic, lambda ev: self._q.put(("fence", ev[1])))
         prev = c._event_handlers.get("all")  # chain to the user's own handler, if any
         if prev is not None and getattr(prev, "_pilotfish", None) != self._token:
             self._prev_all_handler = prev
@@ -481,27 +614,99 @@ class DaskBackend:
         except Exception as e:  # tasks then fail with ENVIRONMENT, naming what is missing
             log.warning("pilotfish: could not install the sys.path plugin on Dask workers: %s", e)
 
-    def _runtime_lost(self, a: RunAttempt, why: str, att: _Att | None = None) -> Lost:
+    def _runtime_lost(self, a: RunAttempt, why: str) -> Lost:
+        """An attempt the backend cannot take at all (stopped, scheduler gone)."""
         return Lost(
             a.attempt,
             "runtime_lost",
             f"task {a.key!r}: {why}",
-            att.worker if att else "scheduler",
-            att.pid if att else self._sched_pid,
+            "scheduler",
+            self._sched_pid,
             None,
             None,
             "",
-            att.t0_wall if att else None,
+            None,
             time.time(),
-            att.host if att else "",
+            "",
         )
 
-    def _cancel_futs(self, futs: list[Any], msg: str) -> None:
+    def _cancel_futs(self, futs: list[Any]) -> None:
         c = self._client
         futs = [f for f in futs if f is not None]  # None: not handed to Dask yet
         if futs and c is not None and c.status in ("running", "connecting"):
             with contextlib.suppress(Exception):
-                c.cancel(futs, reason=_OUR_CANCEL, msg=msg)
+                c.cancel(futs, reason=_OUR_CANCEL, msg="withdrawn by pilotfish")
+
+    # ------------------------------------------------------------------ ledger commands
+    # Everything below that touches the ledger runs with self._lock held ("_locked"):
+    # events are what the session is told, cancel the Dask futures to cancel afterwards.
+
+    def _carry_out(
+        self,
+        cmds: list[L.Command],
+        items: dict[int, _Att],
+        events: list[Any],
+        cancel: list[Any],
+    ) -> None:
+        """Carry out the ledger's commands; ``items``: the attempts they may name (an
+        attempt the ledger let go of is no longer in it)."""
+        for c in cmds:
+            if isinstance(c, L.Report):
+                msg = c.msg
+                if isinstance(msg, Lost):
+                    att = items.get(msg.attempt)
+                    if att is not None:  # Dask may still be rerunning it: not any more
+                        cancel.append(att.fut)
+                events.append(msg)
+            elif isinstance(c, L.Requeue | L.Resend):
+                for it in c.items:
+                    self._resubmit_locked(it, events, cancel)
+            elif isinstance(c, L.Withdraw | L.Expired):
+                att = items.get(c.attempt)
+                if att is not None:
+                    cancel.append(att.fut)
+            # Granted/Refused/Accept/Dropped: read by the caller. KillGroups: never (no
+            # Group events: a Dask worker's programs are not watched by a master)
+
+    def _resubmit_locked(self, old: _Att, events: list[Any], cancel: list[Any]) -> None:
+        """The ledger sends ``old`` again (it never started): a new Dask key, unblamed."""
+        if not self._current(old):
+            return
+        cancel.append(old.fut)
+        n = old.resubmits + 1
+        if n > _MAX_RESUBMITS:
+            self._give_up_locked(
+                old,
+                "worker_lost",
+                f"Dask gave it back {_MAX_RESUBMITS} times without running it",
+                events,
+            )
+            return
+        new = _Att(old.m, self._dkey(old.m, n), resubmits=n)
+        self._ledger.replace_item(old.m.attempt, new)
+        if self._lost_since is None and not self._dead:  # else resent when it is back
+            self._pending.append(new)
+            self._submit_wake.set()
+
+    def _give_up_locked(self, att: _Att, category: str, why: str, events: list[Any]) -> None:
+        """An attempt that never started cannot be run: it leaves the ledger, lost."""
+        why = f"task {att.m.key!r} (attempt id {att.m.attempt}): {why}"
+        cmds = self._ledger.handle(L.Reject(att.m.attempt, category, why, time.time()))
+        events.extend(c.msg for c in cmds if isinstance(c, L.Report))
+
+    def _bounce_locked(
+        self, att: _Att, why: str, now: float, events: list[Any], cancel: list[Any]
+    ) -> None:
+        """Dask gave ``att`` back: lost if it started, else sent again unblamed."""
+        e = self._ledger.get(att.m.attempt)
+        if e is None or e.item is not att:
+            return
+        where = ""
+        if e.where == "started":
+            where = f"; it ran on Dask worker {e.worker} (pid {e.pid}) at host {e.host}"
+        msg = f"task {e.key!r} (attempt id {e.attempt}) was lost: {why}{where}"
+        cmds = self._ledger.handle(L.Bounce(e.attempt, msg, now))
+        self._carry_out(cmds, {e.attempt: att}, events, cancel)
 
     # ------------------------------------------------------------------ consumer thread
     def _run_consumer(self) -> None:
@@ -513,6 +718,7 @@ class DaskBackend:
 
     def _consume(self) -> None:
         tick = max(0.01, min(0.1, self.hb_interval / 4))
+        alive_at = 0.0
         while not self._stopping.is_set():
             try:
                 item = self._q.get(timeout=tick)
@@ -525,6 +731,7 @@ class DaskBackend:
             if self._stopping.is_set():
                 return
             events: list[Any] = []
+            cancel: list[Any] = []
             done: list[tuple[Any, str, int]] = []
             for it in items:
                 if it is None:
@@ -534,113 +741,157 @@ class DaskBackend:
                     done.append((it[1], it[2], it[3]))
                     continue
                 if done:  # keep the order of results and worker losses
-                    self._collect(done, events)
+                    self._collect(done, events, cancel)
                     done = []
-                if kind == "started":
-                    self._on_started(it[1], events)
+                if kind == "fence":
+                    self._on_fence(it[1], events, cancel)
                 elif kind == "cluster":
-                    self._on_cluster(it[1], events)
+                    self._on_cluster(it[1], events, cancel)
                 elif kind == "cancel":
-                    self._on_cancel(it[1])
+                    self._on_cancel(it[1], cancel)
                 elif kind == "emit":
                     events.extend(it[1])
             if done:
-                self._collect(done, events)
-            self._check_timeouts(events)
-            self._check_scheduler(events)
+                self._collect(done, events, cancel)
+            self._check_timeouts(events, cancel, tick)
+            self._check_scheduler(events, cancel)
+            self._cancel_futs(cancel)
+            now = time.monotonic()
+            if not self._dead and now - alive_at >= self.hb_interval / 2:
+                # this thread runs and bounds the scheduler's absence itself
+                # (_check_scheduler): vouch for the backend, so the session's shutdown waits
+                events.append(Alive(time.time()))
+                alive_at = now
             self._emit(events)
 
-    def _on_started(self, msg: Any, events: list[Any]) -> None:
-        if not isinstance(msg, dict) or msg.get("op") != "started":
+    def _on_fence(self, msg: Any, events: list[Any], cancel: list[Any]) -> None:
+        """The start fence granted (``started``) or refused a worker's request."""
+        if not isinstance(msg, dict):
             return
-        aid, worker = int(msg["attempt"]), str(msg["worker"])
+        op, aid, dkey = msg.get("op"), int(msg.get("attempt", 0)), str(msg.get("key"))
+        worker, pid, host = str(msg.get("worker")), int(msg.get("pid", 0)), str(msg.get("host"))
+        if op == "refused":
+            self._refused += 1
+            log.info(
+                "pilotfish: the start fence refused attempt %s (Dask key %s) on Dask worker "
+                "%s (pid %s, host %s); its user code did not run there: %s",
+                aid,
+                dkey,
+                worker,
+                pid,
+                host,
+                msg.get("reason"),
+            )
+            return
+        if op != "started":
+            return
+        now = time.time()
         with self._lock:
-            att = self._inflight.get(aid)
-            if att is None or att.dkey != msg.get("key") or att.started:
+            self._workers[worker] = (pid, host)
+            e = self._ledger.get(aid)
+            if e is None:
+                log.info(
+                    "pilotfish: attempt %s (Dask key %s) started on Dask worker %s after "
+                    "pilotfish withdrew it or gave it up; its result will be dropped",
+                    aid,
+                    dkey,
+                    worker,
+                )
                 return
-            att.started, att.worker, att.pid = True, worker, int(msg["pid"])
-            att.host, att.t0, att.t0_wall = str(msg["host"]), time.monotonic(), float(msg["time"])
-            self._worker_pids[worker] = att.pid
-        events.append(Started(aid, worker, att.pid, att.t0_wall, att.host))
+            att = e.item
+            cmds = self._ledger.handle(L.Start(worker, aid, pid, host, now))
+            for c in cmds:
+                if isinstance(c, L.Refused):
+                    log.warning(
+                        "pilotfish: Dask started attempt %s (Dask key %s) on %s although %s; "
+                        "its result will be dropped",
+                        aid,
+                        dkey,
+                        worker,
+                        c.reason,
+                    )
+            self._carry_out(cmds, {aid: att}, events, cancel)
+            if _has(cmds, L.Granted) and att.dkey != dkey:
+                # it started under a key pilotfish had replaced (the fence refuses the new
+                # one): its result will not reach us through the future we hold
+                self._bounce_locked(
+                    att,
+                    f"it started under Dask key {dkey}, which pilotfish had already "
+                    "replaced, so its result cannot be collected",
+                    now,
+                    events,
+                    cancel,
+                )
 
-    def _on_cluster(self, msg: dict[str, Any], events: list[Any]) -> None:
+    def _on_cluster(self, msg: dict[str, Any], events: list[Any], cancel: list[Any]) -> None:
         now = time.time()
         addr = str(msg.get("worker", ""))
         if msg.get("action") == "add-worker":
-            events.append(WorkerEvent("started", addr, 0, now))
+            events.append(WorkerReport("started", addr, 0, now))
             return
         processing = set(msg.get("processing-tasks") or ())
         expected = bool(msg.get("expected"))
         with self._lock:
             why_restart = self._restarting.pop(addr, "")
-            # every attempt of ours that started there and is not delivered yet is lost
-            held = [a for a in self._inflight.values() if a.started and a.worker == addr]
-            for a in held:
-                del self._inflight[a.m.attempt]
-            pid = self._worker_pids.pop(addr, 0)
-        cause = f"Dask's stimulus: {msg.get('stimulus_id', '?')}"
-        if why_restart:
-            cause = f"pilotfish restarted it: {why_restart}"
-        elif expected:
-            cause += ", an expected removal (retired or restarted)"
-        what = (
-            f"Dask worker {addr} (pid {pid or '?'}) was removed from the cluster ({cause}); "
-            "Dask does not report its exit status: see the worker's and its nanny's log"
-        )
-        kind = "lost" if held or not expected else "stopped"
-        events.append(
-            WorkerEvent(kind, addr, pid, now, None, None, tuple(a.m.attempt for a in held), what)
-        )
-        for a in held:
-            state = "running" if a.dkey in processing else "holding the unfetched result of"
-            events.append(
-                Lost(
-                    a.m.attempt,
-                    "worker_lost",
-                    f"{what}, while {state} task {a.m.key!r} (attempt id {a.m.attempt}, "
-                    f"after {time.monotonic() - a.t0:.2f} s) at host {a.host}",
-                    addr,
-                    a.pid,
-                    None,
-                    None,
-                    "",
-                    a.t0_wall,
-                    now,
-                    a.host,
-                )
+            pid, host = self._workers.pop(addr, (0, ""))
+            led = self._ledger
+            started = tuple(led.started_on(addr))
+            cause = f"Dask's stimulus: {msg.get('stimulus_id', '?')}"
+            if why_restart:
+                cause = f"pilotfish restarted it: {why_restart}"
+            elif expected:
+                cause += ", an expected removal (retired or restarted)"
+            what = (
+                f"Dask worker {addr} (pid {pid or '?'}){' at host ' + host if host else ''} "
+                f"was removed from the cluster ({cause}); Dask does not report its exit "
+                "status: see the worker's and its nanny's log"
             )
-        self._cancel_futs([a.fut for a in held], f"worker {addr} lost")
+            kind = "lost" if started or not expected else "stopped"
+            events.append(WorkerReport(kind, addr, pid, now, None, None, started, what))
+            items = {a: led.entries[a].item for a in led.held_by(addr)}
+            cmds: list[L.Command] = []
+            for aid in started:
+                e = led.entries[aid]
+                if e.item.dkey not in processing:  # it finished there, value not fetched
+                    ran = now - (e.started or now)
+                    why = (
+                        f"{what}, while holding the unfetched result of task {e.key!r} "
+                        f"(attempt id {aid}, after {ran:.2f} s)"
+                    )
+                    cmds += led.handle(L.Bounce(aid, why, now))
+            cmds += led.handle(L.WorkerLost(addr, what, now))
+            self._carry_out(cmds, items, events, cancel)
 
-    def _on_cancel(self, ids: Sequence[int]) -> None:
+    def _on_cancel(self, ids: Sequence[int], cancel: list[Any]) -> None:
         with self._lock:
-            gone = [self._inflight.pop(i) for i in ids if i in self._inflight]
-            held = {i for i in ids}
-            self._held = [h for h in self._held if h.attempt not in held]
-        self._cancel_futs([a.fut for a in gone if a.fut is not None], "cancelled by pilotfish")
+            items = {a: e.item for a in ids if (e := self._ledger.get(a)) is not None}
+            self._carry_out(self._ledger.handle(L.Cancel(tuple(ids))), items, [], cancel)
 
-    def _collect(self, done: list[tuple[Any, str, int]], events: list[Any]) -> None:
+    def _collect(
+        self, done: list[tuple[Any, str, int]], events: list[Any], cancel: list[Any]
+    ) -> None:
         finished: list[tuple[_Att, Any]] = []
-        for fut, dkey, aid in done:
-            with self._lock:
-                att = self._inflight.get(aid)
-            if att is None or att.dkey != dkey:
-                continue  # we cancelled it, or already reported it lost
-            status = fut.status
-            if status == "finished":
-                finished.append((att, fut))
-            elif status == "cancelled":
-                self._on_cancelled(att, fut, events)
-            elif status == "error":
-                self._on_error(att, fut, events)
-            else:  # "lost"/"pending": Dask lost the result with its worker and recomputes
-                self._result_lost(att, events)
+        other: list[tuple[_Att, Any, str]] = []
+        near = True
+        with self._lock:
+            for fut, dkey, aid in done:
+                e = self._ledger.get(aid)
+                if e is None or e.item.dkey != dkey:
+                    continue  # withdrawn, lost or resubmitted under a new key meanwhile
+                status = fut.status
+                if status == "finished":
+                    finished.append((e.item, fut))
+                    near = near and e.where == "started" and self._is_near(e.worker, e.host)
+                else:
+                    other.append((e.item, fut, status))
+        for att, fut, status in other:
+            self._on_unfinished(att, fut, status, events, cancel)
         if not finished:
             return
         try:
             # from the workers themselves when they are on this host (no detour through
             # the scheduler); else Dask's default. Missing keys fall back to the scheduler.
-            direct = all(self._is_near(a) for a, _ in finished) or None
-            values = self._client.gather([f for _, f in finished], direct=direct)
+            values = self._client.gather([f for _, f in finished], direct=near or None)
             pairs = list(zip([a for a, _ in finished], values, strict=True))
         except Exception:  # one by one; a result lost with its worker fails its attempt
             pairs = []
@@ -649,55 +900,77 @@ class DaskBackend:
                     with contextlib.suppress(Exception):
                         pairs.append((att, fut.result(timeout=5)))
                         continue
-                if fut.status == "error":
-                    self._on_error(att, fut, events)
-                elif fut.status == "cancelled":
-                    self._on_cancelled(att, fut, events)
-                else:
-                    self._result_lost(att, events)
-        for att, res in pairs:
-            with self._lock:
-                if self._inflight.get(att.m.attempt) is not att:
-                    continue
-                del self._inflight[att.m.attempt]
-            if not isinstance(res, Result):
-                res = self._env_result(att, TypeError(f"unexpected task result {res!r}"))
-            elif att.started and (res.worker, res.pid) != (att.worker, att.pid):
-                log.info(
-                    "pilotfish: Dask re-ran attempt %s of %r on %s after losing %s",
-                    att.m.attempt,
-                    att.m.key,
-                    res.worker,
-                    att.worker,
-                )
-            if not att.started:
-                events.append(Started(res.attempt, res.worker, res.pid, res.started, res.host))
-            events.append(res)
+                self._on_unfinished(att, fut, fut.status, events, cancel)
+        with self._lock:
+            for att, res in pairs:
+                self._deliver_locked(att, res, events, cancel)
 
-    def _is_near(self, att: _Att) -> bool:
-        """Did ``att`` run on a worker that surely is reachable from here (this host)?"""
-        w = att.worker
-        if not att.started or not w:
-            return False
-        hit = self._near.get(w)
+    def _deliver_locked(self, att: _Att, res: Any, events: list[Any], cancel: list[Any]) -> None:
+        e = self._ledger.get(att.m.attempt)
+        if e is None or e.item is not att:
+            return
+        now = time.time()
+        if isinstance(res, _NotStarted):
+            if e.where == "started":
+                # Dask ran its task again (the fence refused: nothing ran) and our future
+                # now holds that, so the started run's result cannot arrive through it
+                why = (
+                    f"Dask ran its task again on {res.worker}, where pilotfish's start fence "
+                    "refused it (user code did not run there), so the result of the run "
+                    f"that started cannot reach the client"
+                )
+            else:  # never started: given back, sent again unblamed
+                why = f"pilotfish's start fence refused it on Dask worker {res.worker}: "
+                why += res.reason
+            self._bounce_locked(att, why, now, events, cancel)
+            return
+        if not isinstance(res, Result):
+            self._env_error_locked(att, TypeError(f"unexpected task result {res!r}"), events)
+            return
+        cmds: list[L.Command] = []
+        if e.where == "queued":  # its `started` message was missed: the result proves it
+            cmds += self._ledger.handle(L.Start(res.worker, e.attempt, res.pid, res.host, now))
+        cmds += self._ledger.handle(L.Finish(res.worker, e.attempt))
+        self._carry_out(cmds, {e.attempt: att}, events, cancel)
+        if _has(cmds, L.Accept):
+            events.append(res)
+        else:
+            log.info(
+                "pilotfish: dropped the result of attempt %s from Dask worker %s: %s",
+                e.attempt,
+                res.worker,
+                "; ".join(c.reason for c in cmds if isinstance(c, L.Dropped | L.Refused)),
+            )
+
+    def _is_near(self, worker: str, host: str) -> bool:
+        """Is ``worker`` surely reachable from here (this host)?"""
+        hit = self._near.get(worker)
         if hit is None:
-            host = w.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
-            hit = w.startswith("inproc://") or host in ("localhost", "::1")
-            hit = hit or host.startswith("127.") or att.host == self._host
-            self._near[w] = hit
+            h = worker.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+            hit = worker.startswith("inproc://") or h in ("localhost", "::1")
+            hit = hit or h.startswith("127.") or host == self._host
+            self._near[worker] = hit
         return hit
 
-    def _result_lost(self, att: _Att, events: list[Any]) -> None:
-        """Never let Dask silently run a finished attempt again: report it lost instead."""
-        self._lost_or_resubmit(
-            att,
-            f"Dask worker {att.worker or '?'}, which held its result, was lost before the "
-            "client could fetch it",
-            events,
-            cancel=True,
-        )
+    def _on_unfinished(
+        self, att: _Att, fut: Any, status: str, events: list[Any], cancel: list[Any]
+    ) -> None:
+        if status == "cancelled":
+            self._on_cancelled(att, fut, events, cancel)
+        elif status == "error":
+            self._on_error(att, fut, events, cancel)
+        else:  # "lost"/"pending": Dask lost the result with its worker and recomputes
+            with self._lock:
+                self._bounce_locked(
+                    att,
+                    "the Dask worker that held its result was lost before the client could "
+                    "fetch it",
+                    time.time(),
+                    events,
+                    cancel,
+                )
 
-    def _on_cancelled(self, att: _Att, fut: Any, events: list[Any]) -> None:
+    def _on_cancelled(self, att: _Att, fut: Any, events: list[Any], cancel: list[Any]) -> None:
         reason = ""
         try:
             fut.result(timeout=5)
@@ -706,11 +979,16 @@ class DaskBackend:
         if _CONN_LOST in reason:
             self._conn_lost = True  # handled by _check_scheduler: lost or resubmitted
             return
-        self._lost_or_resubmit(
-            att, f"its Dask task was cancelled by someone else ({reason})", events
-        )
+        with self._lock:
+            self._bounce_locked(
+                att,
+                f"its Dask task was cancelled by someone else ({reason})",
+                time.time(),
+                events,
+                cancel,
+            )
 
-    def _on_error(self, att: _Att, fut: Any, events: list[Any]) -> None:
+    def _on_error(self, att: _Att, fut: Any, events: list[Any], cancel: list[Any]) -> None:
         try:
             exc = fut.exception(timeout=5)
         except BaseException as e:
@@ -719,124 +997,86 @@ class DaskBackend:
             last = ""
             with contextlib.suppress(Exception):
                 last = f" (last on worker {exc.last_worker.address})"
-            self._lost_or_resubmit(
-                att, f"Dask gave up on its task after workers died running it{last}", events
-            )
+            with self._lock:
+                self._bounce_locked(
+                    att,
+                    f"Dask gave up on its task after workers died running it{last}",
+                    time.time(),
+                    events,
+                    cancel,
+                )
             return
         if exc is None:
             exc = RuntimeError(f"Dask future ended with status {fut.status!r}")
         with self._lock:
-            if self._inflight.get(att.m.attempt) is not att:
-                return
-            del self._inflight[att.m.attempt]
-        events.append(self._env_result(att, exc))
+            self._env_error_locked(att, exc, events)
 
-    def _env_result(self, att: _Att, exc: BaseException) -> Result:
+    def _env_error_locked(self, att: _Att, exc: BaseException, events: list[Any]) -> None:
+        """Dask could not run the task: an ENVIRONMENT error, not retried."""
+        e = self._ledger.get(att.m.attempt)
+        if e is None or e.item is not att:
+            return
+        worker, pid, host, started = e.worker, e.pid, e.host, e.started
+        if e.where == "started":
+            self._ledger.handle(L.Finish(e.worker, e.attempt))
+        else:  # it failed before it reached the start fence (e.g. pilotfish not importable)
+            self._ledger.handle(L.Cancel((e.attempt,)))
         env = _wire.envelope_for(
             exc,
             "environment",
             message=(
                 f"Dask could not run task {att.m.key!r} (attempt id {att.m.attempt})"
-                f"{' on worker ' + att.worker if att.worker else ''}: "
+                f"{' on worker ' + worker if worker else ''}: "
                 f"{type(exc).__name__}: {exc}. Is pilotfish (the same version as on the "
-                "client) installed in the Dask workers' environment?"
+                "client) installed in the environment of the Dask workers and scheduler?"
             ),
         )
         now = time.time()
-        return Result(
-            att.m.attempt,
-            False,
-            pickle.dumps(env, _wire.PROTOCOL),
-            att.worker,
-            att.pid,
-            att.t0_wall or now,
-            now,
-            att.host,
-        )
-
-    def _lost_or_resubmit(
-        self, att: _Att, why: str, events: list[Any], *, cancel: bool = False
-    ) -> None:
-        """Blame a started attempt (``Lost``); quietly resubmit one that never started."""
-        with self._lock:
-            if self._inflight.get(att.m.attempt) is not att:
-                return
-            del self._inflight[att.m.attempt]
-            if not att.started and att.resubmits < _MAX_RESUBMITS and not self._dead:
-                n = att.resubmits + 1
-                self._submit_locked(_Att(att.m, self._dkey(att.m, n), resubmits=n))
-                if cancel:
-                    self._cancel_futs([att.fut], "resubmitted")
-                return
-        if cancel:
-            self._cancel_futs([att.fut], "lost")
-        now = time.time()
         events.append(
-            Lost(
+            Result(
                 att.m.attempt,
-                "worker_lost",
-                f"task {att.m.key!r} (attempt id {att.m.attempt}) was lost: {why}"
-                + (f"; it was running on Dask worker {att.worker}" if att.worker else ""),
-                att.worker,
-                att.pid,
-                None,
-                None,
-                "",
-                att.t0_wall,
+                False,
+                pickle.dumps(env, _wire.PROTOCOL),
+                worker,
+                pid,
+                started or now,
                 now,
-                att.host,
+                host,
             )
         )
 
-    def _check_timeouts(self, events: list[Any]) -> None:
-        now = time.monotonic()
-        with self._lock:
-            late = [
-                a
-                for a in self._inflight.values()
-                if a.started and a.m.timeout is not None and now - a.t0 >= a.m.timeout
-            ]
-            for a in late:
-                del self._inflight[a.m.attempt]
-        if not late:
+    # ------------------------------------------------------------------ timeouts
+    def _check_timeouts(self, events: list[Any], cancel: list[Any], every: float) -> None:
+        now = time.time()
+        if now < self._next_tick:
             return
-        wall = time.time()
-        restart: set[str] = set()
-        for a in late:
-            assert a.m.timeout is not None
-            if self.timeout_restart:
-                how = (
-                    f"pilotfish cancelled it and ends that worker process (pid {a.pid}) so that "
-                    "its nanny starts a fresh one (a worker without a nanny is left alone: the "
-                    "call then runs on in its thread and its result is dropped)"
-                )
-                restart.add(a.worker)
-                with self._lock:
-                    self._restarting[a.worker] = (
-                        f"task {a.m.key!r} exceeded its timeout of {a.m.timeout:g} s"
-                    )
-            else:
-                how = (
-                    "pilotfish cancelled it; Dask cannot stop a running thread, so the call "
-                    "runs on and its result is dropped"
-                )
-            events.append(
-                Lost(
-                    a.m.attempt,
-                    "timeout",
-                    f"task {a.m.key!r} exceeded its timeout of {a.m.timeout:g} s "
-                    f"(ran {now - a.t0:.2f} s) on Dask worker {a.worker} at host {a.host}; " + how,
-                    a.worker,
-                    a.pid,
-                    None,
-                    None,
-                    "",
-                    a.t0_wall,
-                    wall,
-                    a.host,
-                )
+        self._next_tick = now + min(every, 0.05)
+        if self.timeout_restart:
+            how = (
+                "pilotfish cancelled its Dask task and ends that worker process so that its "
+                "nanny starts a fresh one (a worker without a nanny is left alone: the call "
+                "then runs on in its thread and its result is dropped)"
             )
-        self._cancel_futs([a.fut for a in late], "timeout")
+        else:
+            how = (
+                "pilotfish cancelled its Dask task; Dask cannot stop a running thread, so the "
+                "call runs on and its result is dropped"
+            )
+        restart: set[str] = set()
+        with self._lock:
+            deadline = self._ledger.next_deadline()
+            if deadline is None or deadline > now:
+                return
+            items = {e.attempt: e.item for e in self._ledger.started()}
+            cmds = self._ledger.handle(L.Tick(now, how))
+            for c in cmds:
+                if isinstance(c, L.Expired) and self.timeout_restart:
+                    m = items[c.attempt].m
+                    restart.add(c.worker)
+                    self._restarting[c.worker] = (
+                        f"task {m.key!r} exceeded its timeout of {m.timeout:g} s"
+                    )
+            self._carry_out(cmds, items, events, cancel)
         if restart:
             t = threading.Thread(
                 target=self._restart_workers,
@@ -867,7 +1107,7 @@ class DaskBackend:
             log.info("pilotfish: could not restart Dask workers %s: %s", addrs, e)
 
     # ------------------------------------------------------------------ scheduler loss
-    def _check_scheduler(self, events: list[Any]) -> None:
+    def _check_scheduler(self, events: list[Any], cancel: list[Any]) -> None:
         if self._dead or self._client is None:
             return
         status = self._client.status
@@ -877,7 +1117,7 @@ class DaskBackend:
             with self._lock:
                 self._lost_since = time.monotonic()
             events.append(
-                MasterEvent(
+                MasterReport(
                     "lost",
                     self._sched_pid,
                     time.time(),
@@ -885,21 +1125,23 @@ class DaskBackend:
                 )
             )
             if self._restarts >= self.max_restarts:
-                self._fatal(self._no_restart_reason(), events)
+                self._fatal(self._no_restart_reason(), events, cancel)
                 return
         if status == "running":
-            self._recovered(events)
+            self._recovered(events, cancel)
         elif status in ("closed", "closing"):
             self._fatal(
                 f"lost the connection to the Dask scheduler at {self.address} and the Dask "
                 "client gave up reconnecting",
                 events,
+                cancel,
             )
         elif time.monotonic() - self._lost_since > self.hb_timeout:
             self._fatal(
                 f"lost the connection to the Dask scheduler at {self.address}, and it did not "
                 f"come back within heartbeat_timeout={self.hb_timeout:g} s",
                 events,
+                cancel,
             )
 
     def _no_restart_reason(self) -> str:
@@ -914,48 +1156,60 @@ class DaskBackend:
             f"{self.max_restarts}), so pilotfish does not wait for it again"
         )
 
-    def _fatal(self, why: str, events: list[Any]) -> None:
+    def _fatal(self, why: str, events: list[Any], cancel: list[Any]) -> None:
+        """The scheduler is gone for good: started attempts are RUNTIME_LOST (the ledger
+        says so); the others have nowhere to go, and ``Fatal`` fails them."""
         with self._lock:
             self._dead = True
             self._fatal_message = why
-            futs = [a.fut for a in self._inflight.values() if a.fut is not None]
-            self._inflight.clear()
-            self._held.clear()
+            cancel.extend(e.item.fut for e in self._ledger.entries.values())
+            cmds = self._scheduler_lost_locked(why, self._sched_pid)
+            events.extend(c.msg for c in cmds if isinstance(c, L.Report))
+            self._pending.clear()
         events.append(Fatal("runtime_lost", why))
-        self._cancel_futs(futs, "scheduler lost")
 
-    def _recovered(self, events: list[Any]) -> None:
+    def _scheduler_lost_locked(self, why: str, pid: int) -> list[L.Command]:
+        """``RuntimeLost`` for the ledger; its reports also name the Dask worker."""
+        where = {
+            e.attempt: f"; it was running on Dask worker {e.worker} (pid {e.pid}) at host {e.host}"
+            for e in self._ledger.started()
+        }
+        cmds = self._ledger.handle(
+            L.RuntimeLost(why, time.time(), f"scheduler {self.address}", pid)
+        )
+        return [
+            L.Report(c.msg._replace(message=c.msg.message + where.get(c.msg.attempt, "")))
+            if isinstance(c, L.Report) and isinstance(c.msg, Lost)
+            else c
+            for c in cmds
+        ]
+
+    def _recovered(self, events: list[Any], cancel: list[Any]) -> None:
         """The client is connected again: what the old scheduler had is gone."""
         self._restarts += 1
         with contextlib.suppress(Exception):
             self._subscribe()
+        failed = self._install_fence()
+        if failed:
+            self._fatal(failed, events, cancel)
+            return
         self._ship_path()
         why = (
-            f"the connection to the Dask scheduler at {self.address} was lost while it ran "
-            f"(reconnected; restart {self._restarts} of max_master_restarts={self.max_restarts})"
+            f"the connection to the Dask scheduler at {self.address} was lost (reconnected; "
+            f"restart {self._restarts} of max_master_restarts={self.max_restarts})"
         )
+        old_pid = self._sched_pid
+        with contextlib.suppress(Exception):
+            self._sched_pid = int(self._client.run_on_scheduler(os.getpid))
         with self._lock:
-            self._gen += 1
             self._conn_lost = False
             self._lost_since = None
-            gone = [
-                a
-                for a in self._inflight.values()
-                if a.fut is not None and a.fut.status == "cancelled"
-            ]
-            for a in gone:
-                del self._inflight[a.m.attempt]
-                if a.started:
-                    events.append(self._runtime_lost(a.m, why, a))
-                else:
-                    self._submit_locked(
-                        _Att(a.m, self._dkey(a.m, a.resubmits + 1), resubmits=a.resubmits + 1)
-                    )
-            held, self._held = self._held, []
-            for m in held:
-                self._submit_locked(_Att(m, self._dkey(m, 0)))
+            items = {a: e.item for a, e in self._ledger.entries.items()}
+            cmds = self._scheduler_lost_locked(why, old_pid)
+            # started: Lost(runtime_lost); the others: Resend, under new keys
+            self._carry_out(cmds, items, events, cancel)
         events.append(
-            MasterEvent(
+            MasterReport(
                 "restarted",
                 self._sched_pid,
                 time.time(),

@@ -61,6 +61,7 @@ __all__ = [
     "Ledger",
     "Lost",
     "Refused",
+    "Reject",
     "Report",
     "Requeue",
     "Resend",
@@ -210,6 +211,17 @@ class Bounce:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Reject:
+    """The engine cannot run ``attempt`` at all (it refused the submission, or gave it back
+    too often): it leaves the ledger, reported lost with ``category``."""
+
+    attempt: int
+    category: str
+    why: str
+    time: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class WorkerLost:
     """``worker`` is gone (``why``: 'worker w1 (pid 7) was killed by signal SIGKILL (-9)')."""
 
@@ -244,7 +256,19 @@ class Tick:
     how: str = ""
 
 
-Event = Submit | Hold | Start | Finish | Group | Cancel | Bounce | WorkerLost | RuntimeLost | Tick
+Event = (
+    Submit
+    | Hold
+    | Start
+    | Finish
+    | Group
+    | Cancel
+    | Bounce
+    | Reject
+    | WorkerLost
+    | RuntimeLost
+    | Tick
+)
 
 
 # --------------------------------------------------------------------------- commands
@@ -408,6 +432,11 @@ class Ledger:
             self._cancel(ev, out)
         elif isinstance(ev, Bounce):
             self._bounce(ev, out)
+        elif isinstance(ev, Reject):
+            e = self.entries.get(ev.attempt)
+            if e is not None:
+                self._forget(e)
+                out.append(Report(self._lost(e, ev.category, ev.why, ev.time)))
         elif isinstance(ev, WorkerLost):
             self._worker_lost(ev, out)
         elif isinstance(ev, RuntimeLost):
@@ -590,7 +619,8 @@ class Ledger:
                         e,
                         "timeout",
                         f"task {e.key!r} exceeded its timeout of {e.timeout:g} s "
-                        f"(ran {ran:.2f} s on {e.worker}, pid {e.pid})"
+                        f"(ran {ran:.2f} s on {e.worker}"
+                        f"{' at host ' + e.host if e.host else ''}, pid {e.pid})"
                         + (f"; {ev.how}" if ev.how else ""),
                         ev.time,
                     )
@@ -613,6 +643,10 @@ class Ledger:
         if e.worker:
             self._by_worker.get(e.worker, {}).pop(e.attempt, None)
         del self.entries[e.attempt]
+
+    def replace_item(self, attempt: AttemptId, item: Any) -> None:
+        """The backend's object for ``attempt`` changed (sent again under a new name)."""
+        self.entries[attempt].item = item
 
     def forget_worker(self, worker: str) -> None:
         """An orderly-stopped worker that held nothing (no loss rules apply)."""
