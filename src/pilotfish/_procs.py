@@ -1,4 +1,5 @@
-"""Finding processes by an environment marker and ending them (psutil; no pilotfish imports).
+"""Finding processes by an environment marker, sampling and ending them (psutil, /proc;
+no pilotfish imports).
 
 A process started with ``VAR=value`` in its environment keeps it (``/proc/PID/environ``)
 whoever its parent becomes, so a marker finds every process of one run: the RADICAL-Pilot
@@ -61,3 +62,17 @@ def end_processes(procs: Iterable[psutil.Process], grace: float = 0.0) -> None:
         with contextlib.suppress(psutil.Error):
             p.kill()
     psutil.wait_procs(alive, timeout=1.0)
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_sample(pid: int) -> tuple[str, float] | None:
+    """(kernel state letter, CPU seconds) from /proc, or None if unavailable."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    rest = data[data.rindex(b")") + 2 :].split()
+    return rest[0].decode(), (int(rest[11]) + int(rest[12])) / _CLK_TCK

@@ -20,6 +20,7 @@ import os
 import pickle
 import re
 import shutil
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -83,7 +84,10 @@ def _safe(key: str) -> str:
 
 
 def run_command_attempt(
-    m: _wire.RunAttempt, rundir: str, on_group: Callable[[int], None] | None = None
+    m: _wire.RunAttempt,
+    rundir: str,
+    on_group: Callable[[int], None] | None = None,
+    cancel: threading.Event | None = None,
 ) -> tuple[bool, bytes]:
     try:
         template = _wire.loads_call(m.payload, m.deps)
@@ -95,7 +99,7 @@ def run_command_attempt(
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     box = root / f"{_safe(m.key)}.a{m.attempt}"
 
-    out = run_command(spec, box, on_start=on_group)
+    out = run_command(spec, box, on_start=on_group, cancel=cancel)
     if out.kind == "ok":
         return True, _wire.dumps_value(_result(rundir, m, template, out))
     category = _CATEGORY[out.kind]

@@ -209,7 +209,30 @@ def _attempt_on_worker(m: RunAttempt, dkey: str, fence: str, rundir: str) -> Res
         why = f"pilotfish's start fence on the scheduler did not answer: {type(e).__name__}: {e}"
     if not granted:
         return _NotStarted(m.attempt, dkey, where, why)
-    return run_attempt(m, worker=where, host=host, rundir=rundir)
+    if m.kind != "command":
+        return run_attempt(m, worker=where, host=host, rundir=rundir)
+    # A program runs in its own process group, which a released task (the client died or
+    # cancelled it) would leave running: Dask cannot stop the thread, but we can stop the
+    # program, and with it the thread.
+    cancel, done = threading.Event(), threading.Event()
+    watch = threading.Thread(
+        target=_watch_release, args=(worker, dkey, cancel, done), daemon=True, name="pf-watch"
+    )
+    watch.start()
+    try:
+        return run_attempt(m, worker=where, host=host, rundir=rundir, cancel=cancel)
+    finally:
+        done.set()
+        watch.join()
+
+
+def _watch_release(worker: Any, dkey: str, cancel: threading.Event, done: threading.Event) -> None:
+    """Set ``cancel`` once the worker no longer runs task ``dkey`` (released, cancelled)."""
+    while not done.wait(0.5):
+        ts = worker.state.tasks.get(dkey)
+        if ts is None or ts.state not in ("executing", "long-running"):
+            cancel.set()
+            return
 
 
 class _ClientSysPath(WorkerPlugin):

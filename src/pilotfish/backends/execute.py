@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import pickle
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -25,7 +26,12 @@ def _fail(env: Envelope) -> tuple[bool, bytes]:
 
 
 def _run(
-    m: RunAttempt, worker: str, host: str, rundir: str, on_group: Callable[[int], None] | None
+    m: RunAttempt,
+    worker: str,
+    host: str,
+    rundir: str,
+    on_group: Callable[[int], None] | None,
+    cancel: threading.Event | None,
 ) -> tuple[bool, bytes]:
     if m.requires or m.programs:
         from ..preflight import requirement_checks
@@ -47,7 +53,7 @@ def _run(
     if m.kind == "command":
         from .command_runner import run_command_attempt
 
-        return run_command_attempt(m, rundir, on_group)
+        return run_command_attempt(m, rundir, on_group, cancel)
     try:
         fn, args, kwargs = _wire.loads_call(m.payload, m.deps)
     except ImportError as e:
@@ -91,8 +97,10 @@ def run_attempt(
     host: str,
     rundir: str,
     on_group: Callable[[int], None] | None = None,
+    cancel: threading.Event | None = None,
 ) -> Result:
-    """Run ``m`` here and now; ``on_group(pgid)`` is told of a program's process group."""
+    """Run ``m`` here and now; ``on_group(pgid)`` is told of a program's process group;
+    setting ``cancel`` stops a program (its whole process group) early."""
     started = time.time()
-    ok, data = _run(m, worker, host, rundir, on_group)
+    ok, data = _run(m, worker, host, rundir, on_group, cancel)
     return Result(m.attempt, ok, data, worker, os.getpid(), started, time.time(), host)

@@ -35,12 +35,12 @@ from pathlib import Path
 from typing import Any
 
 from ... import _wire
+from ..._procs import proc_sample
 from ..._wire import Channel, RunAttempt
 from ...core import ledger as L
 from ...core.ledger import describe_exit
 from ...preflight import client_versions
 from ..base import Alive, BackendEvent, MasterReport, Sink
-from .master import proc_sample
 
 _STDERR_TAIL = 16384
 

@@ -37,6 +37,7 @@ import time
 from typing import Any
 
 from ... import _wire
+from ..._procs import proc_sample
 from ..._wire import Channel
 from .dispatch import Cmd, Dispatcher, Kill, SendWorker, Spawn, ToClient
 from .worker import die_with_parent
@@ -65,20 +66,6 @@ class _Proc:
     def stderr_tail(self) -> str:
         text = b"".join(self.tail).decode("utf-8", errors="replace")
         return "\n".join(text.rstrip("\n").splitlines()[-_TAIL_LINES:])
-
-
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def proc_sample(pid: int) -> tuple[str, float] | None:
-    """(kernel state letter, CPU seconds) from /proc, or None if unavailable."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    rest = data[data.rindex(b")") + 2 :].split()
-    return rest[0].decode(), (int(rest[11]) + int(rest[12])) / _CLK_TCK
 
 
 class Master:
@@ -299,9 +286,17 @@ class Master:
                 p.popen.wait(5)
 
 
+def _client_gone(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    die_with_parent()
+    # The client died (SIGKILL, OOM): SIGTERM, not SIGKILL, so that abandon() below still
+    # kills the workers' program process groups, which run in sessions of their own and
+    # would otherwise outlive everyone (the workers die by their own PDEATHSIG).
+    signal.signal(signal.SIGTERM, _client_gone)
+    die_with_parent(signal.SIGTERM)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     client = Channel.from_fd(int(argv[0]))
     try:

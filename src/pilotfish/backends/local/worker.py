@@ -33,13 +33,13 @@ from ..execute import run_attempt
 _EXIT_PARENT_GONE = 70
 
 
-def die_with_parent() -> None:
-    """Ask the kernel to SIGKILL us when our parent dies (Linux); a no-op elsewhere."""
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Ask the kernel to send us ``sig`` when our parent dies (Linux); a no-op elsewhere."""
     if sys.platform.startswith("linux"):
         with contextlib.suppress(Exception):
             libc = ctypes.CDLL(None, use_errno=True)
             PR_SET_PDEATHSIG = 1
-            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            libc.prctl(PR_SET_PDEATHSIG, sig)
 
 
 class Worker:

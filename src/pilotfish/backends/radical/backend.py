@@ -297,6 +297,7 @@ class RadicalBackend:
     def _cfg(self) -> dict[str, Any]:
         return {
             "workers": self.workers,
+            "heartbeat_interval": self.hb_interval,
             "worker_file": str(_HERE / "worker.py"),
             "named_env": self.named_env,
             "versions": client_versions(),

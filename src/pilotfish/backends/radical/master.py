@@ -353,6 +353,7 @@ class PilotfishMaster(Master):  # type: ignore[misc]
                     if not w.get("pid") or w.get("state") not in ("ready", "preflight_failed"):
                         continue
                     if _pid_alive(int(w["pid"])):
+                        self._pf_check_stopped(w, now)
                         continue
                     w.setdefault("gone_at", now)
                     if now - w["gone_at"] >= _GONE_GRACE:
@@ -370,6 +371,28 @@ class PilotfishMaster(Master):  # type: ignore[misc]
                     f"lost on the way to a worker, pushed again: {[t['uid'] for t in lost]}"
                 )
                 self._req_put.put(lost)
+
+    def _pf_check_stopped(self, w: dict[str, Any], now: float) -> None:
+        """A worker the kernel shows stopped (SIGSTOP, a debugger, a suspended job) for a
+        heartbeat interval runs nothing and answers nothing: it is killed as hung, and then
+        lost like any dead worker (lock held). The local master's rule, from /proc."""
+        from pilotfish._procs import proc_sample
+
+        sample = proc_sample(int(w["pid"]))
+        if sample is None or sample[0] not in ("T", "t"):
+            w.pop("stopped_at", None)
+            return
+        since = w.setdefault("stopped_at", now)
+        interval = float(self._pf_cfg.get("heartbeat_interval") or 1.0)
+        if now - since < interval or w.get("hung"):
+            return
+        w["hung"] = (
+            f"its process was stopped (kernel state {sample[0]!r}: SIGSTOP, a debugger or a "
+            f"suspended job) for {now - since:.1f} s; declared hung and killed"
+        )
+        self._pf_log(f"worker {w['uid']} (pid {w['pid']}) {w['hung']}")
+        with contextlib.suppress(OSError):
+            os.kill(int(w["pid"]), signal.SIGKILL)
 
     def _state_cb(self, topic: str, msg: Any) -> bool:
         with contextlib.suppress(Exception):
@@ -389,6 +412,8 @@ class PilotfishMaster(Master):  # type: ignore[misc]
             was = w.get("state")
             w["state"] = "lost"
             stopping = self._pf_stopping
+            if w.get("hung"):  # we killed it: say why, and how
+                why, exit_code = w["hung"], -9
         err_path = os.path.join(self._sbox, f"{wid}.err")
         tail = _tail(err_path)
         if exit_code is None and w.get("pid"):
