@@ -50,6 +50,7 @@ in a few hundred lines, in-process, for tests.
 
 from __future__ import annotations
 
+import time as _time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol
 
@@ -62,6 +63,7 @@ __all__ = [
     "Fatal",
     "Lost",
     "MasterReport",
+    "Pulse",
     "Result",
     "RunAttempt",
     "Sink",
@@ -87,6 +89,22 @@ class Alive(NamedTuple):
     """The backend is working (its master or scheduler answers); see the module docstring."""
 
     time: float
+
+
+class Pulse:
+    """Paces ``Alive``: ``beat()`` gives one at most every ``interval`` seconds, for an
+    event thread that runs and bounds its master's or scheduler's silence itself."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._last = float("-inf")
+
+    def beat(self) -> list[Alive]:
+        now = _time.monotonic()
+        if now - self._last < self.interval:
+            return []
+        self._last = now
+        return [Alive(_time.time())]
 
 
 BackendEvent = Started | Result | Lost | WorkerReport | MasterReport | Fatal | Alive

@@ -147,7 +147,7 @@ from .._wire import Fatal, Lost, Result, RunAttempt, WorkerReport
 from ..core import ledger as L
 from ..errors import InvalidTask
 from . import _dask_fence
-from .base import Alive, MasterReport, Sink
+from .base import MasterReport, Pulse, Sink
 from .execute import run_attempt
 
 __all__ = ["DaskBackend"]
@@ -741,7 +741,7 @@ class DaskBackend:
 
     def _consume(self) -> None:
         tick = max(0.01, min(0.1, self.hb_interval / 4))
-        alive_at = 0.0
+        pulse = Pulse(self.hb_interval / 2)
         while not self._stopping.is_set():
             try:
                 item = self._q.get(timeout=tick)
@@ -779,12 +779,8 @@ class DaskBackend:
             self._check_timeouts(events, cancel, tick)
             self._check_scheduler(events, cancel)
             self._cancel_futs(cancel)
-            now = time.monotonic()
-            if not self._dead and now - alive_at >= self.hb_interval / 2:
-                # this thread runs and bounds the scheduler's absence itself
-                # (_check_scheduler): vouch for the backend, so the session's shutdown waits
-                events.append(Alive(time.time()))
-                alive_at = now
+            if not self._dead:  # this thread bounds the silence itself (_check_scheduler)
+                events.extend(pulse.beat())
             self._emit(events)
 
     def _on_fence(self, msg: Any, events: list[Any], cancel: list[Any]) -> None:

@@ -68,7 +68,7 @@ from ..._procs import end_processes, with_env
 from ..._wire import Fatal, Lost, Result, RunAttempt, Started, WorkerReport
 from ...core import ledger as L
 from ...preflight import client_versions
-from ..base import Alive, MasterReport, Sink
+from ..base import MasterReport, Pulse, Sink
 
 __all__ = ["RadicalBackend"]
 
@@ -356,7 +356,7 @@ class RadicalBackend:
 
     def _consume(self) -> None:
         tick = max(0.02, min(0.1, self.hb_interval / 4))
-        alive_at = 0.0
+        pulse = Pulse(self.hb_interval / 2)
         while not self._stopping.is_set():
             try:
                 items = [self._q.get(timeout=tick)]
@@ -390,12 +390,8 @@ class RadicalBackend:
             if batch:
                 self._submit_now(batch, events)
             self._check_master(events)
-            now = time.monotonic()
-            if not self._dead and now - alive_at >= self.hb_interval / 2:
-                # this thread runs and bounds the master's silence itself (_check_master):
-                # vouch for the backend, so that the session's shutdown waits for us
-                events.append(Alive(time.time()))
-                alive_at = now
+            if not self._dead:  # this thread bounds the silence itself (_check_master)
+                events.extend(pulse.beat())
             self._emit(events)
 
     def _submit_now(self, attempts: list[RunAttempt], events: list[Any]) -> None:
