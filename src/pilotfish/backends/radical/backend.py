@@ -445,7 +445,9 @@ class RadicalBackend:
             e = self._ledger.get(aid) if aid is not None else None
             if e is None or e.item.uid != uid:
                 return None
-            self._ledger.handle(L.Finish(e.worker, e.attempt))
+            # the master fenced it; a result may come before we heard that it started
+            end = L.Finish(e.worker, e.attempt) if e.where == "started" else L.Cancel((e.attempt,))
+            self._ledger.handle(end)
             return e
 
     def _on_task(self, task: Any, state: str, events: list[Any]) -> None:

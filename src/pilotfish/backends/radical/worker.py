@@ -134,7 +134,13 @@ class PilotfishWorker(DefaultWorker):  # type: ignore[misc]
         self._pf_forks_lock = threading.Lock()
         self._pf_fork: _Fork | None = None  # in a per-task process: its own record
         self._pf_reported = False  # in a per-task process: it put a result of its own
+        # RP's DefaultWorker.__init__ subscribes to the request queue (its callback runs in
+        # another thread at once) before it creates the pool, its lock and the result
+        # queue: tasks already queued would hit a half-made worker ("no attribute
+        # '_plock'", and that listener dies). Requests wait for the end of __init__.
+        self._pf_ready = threading.Event()
         super().__init__(raptor_id)
+        self._pf_ready.set()
         threading.Thread(
             target=self._pf_watch_forks, name="pilotfish-fork-watch", daemon=True
         ).start()
@@ -156,6 +162,7 @@ class PilotfishWorker(DefaultWorker):  # type: ignore[misc]
         self._pf_said_hello = True
 
     def _request_cb(self, tasks: Any) -> None:
+        self._pf_ready.wait()
         tasks = ru.as_list(tasks)
         uids = [t["uid"] for t in tasks]
         try:
