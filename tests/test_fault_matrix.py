@@ -463,6 +463,10 @@ def test_master_killed_with_queued_work(rig: Rig, backend: str, recovery: str) -
             rig.dask.start_scheduler()
             rig.dask.add_workers(1)
     else:
+        # the master's pid reaches the client with its first ping answer or task start
+        deadline = time.monotonic() + 30
+        while not s.processes()["master"] and time.monotonic() < deadline:
+            time.sleep(0.05)
         _kill(s.processes()["master"])
     ends([long, *queued], END[backend], "the SIGKILL of the master/scheduler")
     took = time.monotonic() - t0
