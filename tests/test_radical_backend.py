@@ -204,6 +204,76 @@ def test_master_killed_is_runtime_lost_quickly(make: Any) -> None:
         print(f"master SIGKILL -> RuntimeLost in {took:.2f} s")
 
 
+def test_end_pids_spares_a_recycled_pid(tmp_path: Path) -> None:
+    """The backend ends a remembered worker pid only while it is the process remembered:
+    a live process (standing for the user's shell on a recycled pid) with another
+    creation time is not ended, nor its children. No pilot needed."""
+    import subprocess
+
+    import psutil
+
+    shell = subprocess.Popen(["sh", "-c", "sleep 60 & wait"])
+    try:
+        wait_for(lambda: psutil.Process(shell.pid).children(), timeout=10, interval=0.02)
+        child = psutil.Process(shell.pid).children()[0].pid
+        created = psutil.Process(shell.pid).create_time()
+        RadicalBackend._end_pids({shell.pid: created - 30.0}, grace=0.0)
+        time.sleep(0.2)
+        assert shell.poll() is None and pid_alive(child)
+        b = RadicalBackend(1, rundir=str(tmp_path / "run"))
+        b._known_pids = {shell.pid: created + 30.0}  # learned before the pid was reused
+        RadicalBackend._end_pids(b._rp_pids(), grace=0.0)
+        time.sleep(0.2)
+        assert shell.poll() is None and pid_alive(child)
+        RadicalBackend._end_pids({shell.pid: created}, grace=0.0)
+        assert shell.wait(5) is not None
+        wait_for(lambda: not pid_alive(child), timeout=5, interval=0.02)
+    finally:
+        if shell.poll() is None:
+            for p in psutil.Process(shell.pid).children(recursive=True):
+                p.kill()
+            shell.kill()
+        shell.wait()
+
+
+def test_token_is_in_os_environ_only_around_the_spawn(tmp_path: Path) -> None:
+    """``_with_token`` holds the token in os.environ only during the call it wraps (the
+    one that starts RP's pilot launcher) and restores what was there; a process another
+    thread started in that window inherits it, but ``_token_pids`` (what stop() ends)
+    leaves it out as it is of no RP session. The session here is a stand-in object with
+    only a ``uid`` (no RP session is started)."""
+    import subprocess
+    import types
+
+    b = RadicalBackend(1, rundir=str(tmp_path / "run"))
+    var = "PILOTFISH_RP_TOKEN"
+    os.environ.pop(var, None)
+    seen: list[str | None] = []
+    stray: list[subprocess.Popen[bytes]] = []
+
+    def spawn() -> str:
+        seen.append(os.environ.get(var))
+        # what another thread's spawn in this window gets: the token
+        stray.append(subprocess.Popen(["sleep", "60"], cwd=tmp_path))
+        return "made"
+
+    try:
+        assert b._with_token(spawn) == "made"
+        assert seen == [b._token] and var not in os.environ
+        os.environ[var] = "outer"
+        b._with_token(lambda: seen.append(os.environ.get(var)))
+        assert seen[-1] == b._token and os.environ[var] == "outer"
+        del os.environ[var]
+        wait_for(lambda: with_env(var, b._token), timeout=5, interval=0.02)
+        b._session = types.SimpleNamespace(uid="rp.session.pilotfish.test.0000")
+        assert stray[0].pid not in b._token_pids()
+    finally:
+        os.environ.pop(var, None)
+        for p in stray:
+            p.kill()
+            p.wait()
+
+
 @pytest.mark.timeout(300)
 def test_own_pilot_leaves_no_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The backend's own RP session and pilot: a pilot that ends (as at the end of its
@@ -214,9 +284,35 @@ def test_own_pilot_leaves_no_process(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.chdir(tmp_path)
     (tmp_path / "home").mkdir()
     b = RadicalBackend(1, rundir=str(tmp_path / "run"), cores=4)
+    # meanwhile another thread of the client starts processes (a local Session's
+    # workers would): they must not carry the backend's token, or at least not be ended
+    import subprocess
+
+    others: list[subprocess.Popen[bytes]] = []
+    token_seen: list[float] = []
+    starting = threading.Event()
+
+    def other_thread() -> None:
+        while not starting.is_set():
+            if os.environ.get("PILOTFISH_RP_TOKEN"):
+                token_seen.append(time.monotonic())
+            if len(others) < 200:
+                others.append(subprocess.Popen(["sleep", "300"], cwd=tmp_path))
+            time.sleep(0.1)
+
+    th = threading.Thread(target=other_thread)
+    th.start()
     t0 = time.monotonic()
-    with pilotfish.Session(backend=b, rundir=str(tmp_path / "run")) as s:
+    try:
+        s = pilotfish.Session(backend=b, rundir=str(tmp_path / "run"))
+    finally:
+        starting.set()
+        th.join()
+    with s:
         started = time.monotonic() - t0
+        assert "PILOTFISH_RP_TOKEN" not in os.environ
+        # the token was in os.environ for the PilotManager's start only, not the start
+        assert len(token_seen) * 0.1 < min(10.0, started / 2), (len(token_seen), started)
         assert s.submit(square, 5).result(timeout=120) == 25
         wait_for(lambda: b.processes()["master"] and b.processes()["workers"], timeout=30)
         pids = [p for p in [b.processes()["master"], *b.processes()["workers"]] if p]
@@ -231,9 +327,18 @@ def test_own_pilot_leaves_no_process(tmp_path: Path, monkeypatch: pytest.MonkeyP
         with pytest.raises(pilotfish.RuntimeLost):  # nothing runs any more, nothing waits
             s.submit(square, 2).result(timeout=30)
     closed = time.monotonic() - t0
-    left = with_env("PILOTFISH_RP_TOKEN", b._token)
-    assert not left, [" ".join(p.cmdline()) for p in left]
-    assert not [p for p in pids if pid_alive(p)]
+    try:
+        # the client's other processes live on, those that inherited the token too
+        assert all(p.poll() is None for p in others)
+        left = with_env("PILOTFISH_RP_TOKEN", b._token)
+        inherited = {p.pid for p in others}
+        left = [p for p in left if p.pid not in inherited]
+        assert not left, [" ".join(p.cmdline()) for p in left]
+        assert not [p for p in pids if pid_alive(p)]
+    finally:
+        for p in others:
+            p.kill()
+            p.wait()
     print(f"own pilot: start {started:.1f} s, pilot cancelled -> RuntimeLost {lost_in:.1f} s")
     print(f"own pilot: start+tasks+close {closed:.1f} s")
 

@@ -3,6 +3,13 @@
 Every command that reads results works on the journal in ``./.pilotfish``
 (``--rundir`` to change it) and never writes to it. Problems (no journal, a
 foreign file, an unknown key) are reported in one clear line, exit status 2.
+
+Task data (keys, names, messages, tracebacks, stderr) is shown as it is, never as rich
+markup, and with control characters (escape sequences, BEL, carriage returns) made
+visible as ``\\x1b``-style escapes: a key like ``a[/]b`` or a program that writes
+terminal escape sequences cannot break or take over the terminal. ``show`` prints the
+last ``--tail-kb`` KiB of a stderr file (the path says where the rest is), or streams the
+whole file with ``--full``; it never reads a file whole into memory.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import runpy
 import sys
 import threading
@@ -28,6 +36,33 @@ from .journal import JournalError, JournalReader
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+TAIL_KB = 64  # of a stderr file shown by `show` (without --full)
+_CHUNK = 1 << 16
+
+# C0 controls but newline and tab, DEL, the C1 controls (a bare 0x9b is a CSI), and
+# Unicode's line separators and bidirectional overrides (text that shows reordered)
+_OTHER = "\u2028\u2029\u202a-\u202e\u2066-\u2069"
+_CONTROL = re.compile(f"[\x00-\x08\x0b-\x1f\x7f-\x9f{_OTHER}]")
+_CONTROL_LINE = re.compile(f"[\x00-\x1f\x7f-\x9f{_OTHER}]")
+
+
+def _esc(ch: re.Match[str]) -> str:
+    n = ord(ch.group())
+    return f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}"
+
+
+def clean(value: object, *, one_line: bool = False) -> str:
+    """``value`` as text safe for a terminal: control characters (ANSI CSI/OSC escape
+    sequences, BEL, backspace, carriage return...) become visible ``\\xNN`` escapes
+    (``one_line``: newlines and tabs too). Never markup: callers wrap it in ``Text``."""
+    s = "" if value is None else str(value)
+    return (_CONTROL_LINE if one_line else _CONTROL).sub(_esc, s)
+
+
+def plain(value: object, style: str = "", *, one_line: bool = True) -> Text:
+    """Task data for a table cell or a line: cleaned, and a ``Text`` (never parsed as
+    rich markup, so ``[/]`` in a key is just three characters)."""
+    return Text(clean(value, one_line=one_line), style=style)
 
 
 def _journal_path(rundir: str) -> Path:
@@ -61,22 +96,22 @@ def status_table(reader: JournalReader) -> Table:
     counts = reader.counts()
     cats = reader.failure_counts()
     runs = reader.runs()
-    t = Table(title=f"pilotfish status — {reader.path}", box=box.SIMPLE_HEAVY)
+    t = Table(title=plain(f"pilotfish status — {reader.path}"), box=box.SIMPLE_HEAVY)
     t.add_column("what")
     t.add_column("count", justify="right")
     for state in ("DONE", "FAILED", "CANCELLED", "RUNNING", "RETRYING", "READY", "PENDING"):
         if counts.get(state):
             style = {"DONE": "green", "FAILED": "red", "CANCELLED": "yellow"}.get(state, "")
-            t.add_row(Text(state.lower(), style=style), str(counts[state]))
+            t.add_row(plain(state.lower(), style), str(counts[state]))
     t.add_row("total tasks", str(sum(counts.values())), end_section=True)
     for cat, n in sorted(cats.items()):
-        t.add_row(Text(f"failed: {cat}", style="red"), str(n))
+        t.add_row(plain(f"failed: {cat}", "red"), str(n))
     if cats:
         t.rows[-1].end_section = True
     for r in runs:
         wall = (r["ended"] - r["started"]) if r["ended"] else None
         t.add_row(
-            f"run {r['id']} ({r['status']}) {_fmt_time(r['started'])}",
+            plain(f"run {r['id']} ({r['status']}) {_fmt_time(r['started'])}"),
             _fmt_dur(wall) if wall is not None else "not closed",
         )
     return t
@@ -91,16 +126,16 @@ def failures_table(failures: list[dict[str, Any]]) -> Table:
         prefix = f"task {f.get('key')!r}: "
         if msg and msg[0].startswith(prefix):
             msg[0] = msg[0][len(prefix) :]
-        paths = [_short(p) for p in (f.get("sandbox"),) if p]
+        paths = [clean(_short(p), one_line=True) for p in (f.get("sandbox"),) if p]
         if f.get("root") and f.get("root") != f.get("key"):
-            paths.append(f"root: {f['root']}")
+            paths.append(clean(f"root: {f['root']}", one_line=True))
         t.add_row(
-            f.get("key", ""),
-            Text(f.get("category", ""), style="red"),
+            plain(f.get("key", "")),
+            plain(f.get("category", ""), "red"),
             "yes" if f.get("transient") else "no",
-            str(f.get("attempts", 0)),
-            msg[0] if msg else "",
-            "\n".join(paths),
+            plain(f.get("attempts", 0)),
+            plain(msg[0] if msg else ""),
+            Text("\n".join(paths)),
         )
     return t
 
@@ -132,37 +167,46 @@ def cmd_show(args: argparse.Namespace, console: Console) -> int:
         raise JournalError(f"no task with key {args.key!r} in {reader.path}{hint}")
     out = Console(file=console.file, force_terminal=console.is_terminal)
     lines: list[Any] = []
-    lines.append(Text(f"task {row['key']}", style="bold"))
-    lines.append(f"name: {row['name']}   kind: {row['kind']}   state: {row['state']}")
-    lines.append(f"submitted: {_fmt_time(row['submitted'])}   run: {row['run']}")
-    lines.append(f"options: {row['options']}")
-    lines.append(f"dependencies: {', '.join(json.loads(row['deps'] or '[]')) or '-'}")
+    lines.append(plain(f"task {row['key']}", "bold"))
+    lines.append(plain(f"name: {row['name']}   kind: {row['kind']}   state: {row['state']}"))
+    lines.append(plain(f"submitted: {_fmt_time(row['submitted'])}   run: {row['run']}"))
+    lines.append(plain(f"options: {row['options']}"))
+    deps = ", ".join(json.loads(row["deps"] or "[]")) or "-"
+    lines.append(plain(f"dependencies: {deps}"))
     at = Table(title="attempts", box=box.SIMPLE)
     for col in ("run", "#", "worker", "host", "pid", "started", "ended", "outcome"):
         at.add_column(col)
     attempts = reader.attempts(row["key"])
     for a in attempts:
         at.add_row(
-            str(a["run"]),
-            str(a["number"]),
-            a["worker"] or "-",
-            a["host"] or "-",
-            str(a["pid"] or "-"),
-            _fmt_time(a["started"]),
-            _fmt_time(a["ended"]),
-            a["outcome"] or "-",
+            *(
+                plain(v)
+                for v in (
+                    a["run"],
+                    a["number"],
+                    a["worker"] or "-",
+                    a["host"] or "-",
+                    a["pid"] or "-",
+                    _fmt_time(a["started"]),
+                    _fmt_time(a["ended"]),
+                    a["outcome"] or "-",
+                )
+            )
         )
     lines.append(at)
     hist = reader.transitions(row["key"])
-    lines.append("history: " + " -> ".join(f"{b} ({_fmt_time(t)})" for _r, t, _a, b in hist if b))
+    lines.append(
+        plain("history: " + " -> ".join(f"{b} ({_fmt_time(t)})" for _r, t, _a, b in hist if b))
+    )
     failures = [(a["number"], a["run"], a["failure"]) for a in attempts if a.get("failure")]
     final = json.loads(row["failure"]) if row["failure"] else None
     if final and (not failures or final.get("message") != failures[-1][2].get("message")):
         failures.append((None, row["run"], final))
+    full: Path | None = None  # a stderr file streamed after the rest (--full)
     for number, run, f in failures:
         title = f"failure of attempt {number} (run {run})" if number else "final failure"
-        lines.append(Text(f"\n{title}: {f['category']}", style="bold red"))
-        lines.append(Text(f["message"]))
+        lines.append(plain(f"\n{title}: {f.get('category')}", "bold red", one_line=False))
+        lines.append(plain(f.get("message"), one_line=False))
         for field in (
             "returncode",
             "signal",
@@ -176,17 +220,16 @@ def cmd_show(args: argparse.Namespace, console: Console) -> int:
             "root",
         ):
             if f.get(field) not in (None, ""):
-                lines.append(f"  {field}: {f[field]}")
+                lines.append(plain(f"  {field}: {f[field]}"))
         if f.get("traceback"):
             lines.append(Text("traceback (complete):", style="bold"))
-            lines.append(Text(f["traceback"]))
+            lines.append(plain(f["traceback"], one_line=False))
         if f.get("stderr_path"):
-            p = Path(f["stderr_path"])
-            lines.append(Text(f"stderr ({p}, complete):", style="bold"))
-            try:
-                lines.append(Text(p.read_bytes().decode("utf-8", errors="replace")))
-            except OSError as e:
-                lines.append(Text(f"(cannot read it here: {e}; it is on host {f.get('host')})"))
+            p = Path(str(f["stderr_path"]))
+            if args.full:
+                full = p  # the last one: the others' paths are listed
+            else:
+                lines.extend(_stderr_tail(p, f.get("host"), args.tail_kb * 1024))
     if row["state"] == "DONE":
         lines.append(Text("value: stored in the journal", style="green"))
 
@@ -194,12 +237,65 @@ def cmd_show(args: argparse.Namespace, console: Console) -> int:
         for item in lines:
             out.print(item)
 
-    if console.is_terminal and not args.no_pager:
+    if console.is_terminal and not args.no_pager and full is None:
+        # rich's pager holds what it shows: bounded here (the stderr is a tail)
         with out.pager(styles=True):
             emit()
     else:
         emit()
+    if full is not None:
+        _stream_file(out, full)
     return 0
+
+
+def _stderr_tail(p: Path, host: object, limit: int) -> list[Text]:
+    """The last ``limit`` bytes of a stderr file, cleaned, with a title saying what is
+    shown and where the whole file is; never more than ``limit`` bytes read."""
+    try:
+        with open(p, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            start = max(0, size - limit)
+            fh.seek(start)
+            data = fh.read(limit)
+    except OSError as e:
+        return [plain(f"stderr: cannot read {p} here: {e}; it is on host {host}")]
+    if start:
+        title = (
+            f"stderr ({p}): the last {len(data) / 1024:.0f} KiB of {size / 1024:.0f} KiB; "
+            "the whole file with --full, or open the path"
+        )
+    else:
+        title = f"stderr ({p}, complete):"
+    text = data.decode("utf-8", errors="replace")
+    if start and "\n" in text:
+        text = text[text.index("\n") + 1 :]  # from the first whole line
+    return [plain(title, "bold"), plain(text, one_line=False)]
+
+
+def _stream_file(out: Console, p: Path) -> None:
+    """``p`` printed in chunks (cleaned), so a file of any size is never held whole."""
+    out.print(plain(f"stderr ({p}, complete):", "bold"))
+    try:
+        with open(p, "rb") as fh:
+            tail = b""
+            while chunk := fh.read(_CHUNK):
+                chunk, tail = _split_utf8(tail + chunk)
+                out.print(plain(chunk.decode("utf-8", "replace"), one_line=False), end="")
+            if tail:
+                out.print(plain(tail.decode("utf-8", "replace"), one_line=False), end="")
+        out.print()
+    except OSError as e:
+        out.print(plain(f"(cannot read {p} here: {e})"))
+
+
+def _split_utf8(b: bytes) -> tuple[bytes, bytes]:
+    """``b`` cut before an incomplete UTF-8 sequence at its end (kept for the next chunk)."""
+    for i in range(1, min(4, len(b)) + 1):
+        c = b[-i]
+        if c & 0xC0 != 0x80:  # the start of the last character (or ASCII)
+            need = 1 if c < 0x80 else 2 if c >> 5 == 0b110 else 3 if c >> 4 == 0b1110 else 4
+            return (b, b"") if need <= i else (b[:-i], b[-i:])
+    return b, b""
 
 
 # --------------------------------------------------------------------------- run
@@ -224,18 +320,16 @@ class Progress:
                 self.states[e.key] = e.finish.name
                 if e.finish.name == "FAILED":
                     self.failed.append(e.key)
-                    self.console.print(Text(f"failed: {e.key}", style="red"))
+                    self.console.print(plain(f"failed: {e.key}", "red"))
             elif isinstance(e, WorkerEvent):
                 if e.kind == "started":
                     self.workers.add(e.worker)
                 elif e.kind in ("lost", "stopped", "start_failed"):
                     self.workers.discard(e.worker)
                     if e.kind == "lost":
-                        self.console.print(
-                            Text(f"worker {e.worker} lost: {e.message}", style="yellow")
-                        )
+                        self.console.print(plain(f"worker {e.worker} lost: {e.message}", "yellow"))
             elif isinstance(e, MasterEvent) and e.kind == "lost":
-                self.console.print(Text(f"master lost: {e.message}", style="yellow"))
+                self.console.print(plain(f"master lost: {e.message}", "yellow"))
         if self.live is not None:
             self.live.update(self.render())
 
@@ -326,17 +420,17 @@ def cmd_check(args: argparse.Namespace, console: Console) -> int:
         ) as s:
             checks = s.preflight(args.requires, args.program)
     except PilotfishError as e:
-        Console(stderr=True).print(Text(f"pilotfish check: {e}", style="red"))
+        Console(stderr=True).print(plain(f"pilotfish check: {e}", "red", one_line=False))
         return EXIT_FAILED
     t = Table(title=f"pre-flight checks ({args.backend} backend)", box=box.SIMPLE_HEAVY)
     for col in ("check", "result", "found", "fix"):
         t.add_column(col, overflow="fold")
     for c in checks:
         t.add_row(
-            c.name,
+            plain(c.name),
             Text("ok", style="green") if c.ok else Text("FAILED", style="red"),
-            c.found,
-            "" if c.ok else c.hint,
+            plain(c.found, one_line=False),
+            plain("" if c.ok else c.hint, one_line=False),
         )
     console.print(t)
     bad = sum(not c.ok for c in checks)
@@ -353,7 +447,7 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
     rundir = Path(args.rundir if args.rundir != ".pilotfish" else ".pilotfish-demo")
     console.print(
         Text(
-            f"pilotfish demo: an ensemble with deliberate failures, run directory {rundir}",
+            clean(f"pilotfish demo: an ensemble with deliberate failures, run directory {rundir}"),
             style="bold",
         )
     )
@@ -363,14 +457,27 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
     console.print(status_table(reader))
     console.print(failures_table(reader.failures()))
     console.print(
-        f"finished in {time.time() - t0:.1f} s. The failures above are deliberate. Try:\n"
-        f"  pilotfish --rundir {rundir} show <key>      # the complete record of one task\n"
-        f"  pilotfish --rundir {rundir} failures --json"
+        plain(
+            f"finished in {time.time() - t0:.1f} s. The failures above are deliberate. Try:\n"
+            f"  pilotfish --rundir {rundir} show <key>      # the complete record of one task\n"
+            f"  pilotfish --rundir {rundir} failures --json",
+            one_line=False,
+        )
     )
     return 0
 
 
 # --------------------------------------------------------------------------- main
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"not a positive whole number: {text!r}")
+    return n
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -416,6 +523,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sh.add_argument("key")
     sh.add_argument("--no-pager", action="store_true")
+    sh.add_argument(
+        "--full",
+        action="store_true",
+        help="stream the whole stderr file (default: its last --tail-kb KiB and its path)",
+    )
+    sh.add_argument(
+        "--tail-kb",
+        type=_positive_int,
+        default=TAIL_KB,
+        metavar="N",
+        help=f"KiB of stderr shown without --full (default {TAIL_KB})",
+    )
     sh.set_defaults(func=cmd_show)
     c = sub.add_parser(
         "check", parents=[common], help="pre-flight checks of the worker environment"
@@ -450,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args, console))
     except JournalError as e:
-        Console(stderr=True).print(Text(f"pilotfish: {e}", style="red"))
+        Console(stderr=True).print(plain(f"pilotfish: {e}", "red", one_line=False))
         return EXIT_USAGE
 
 

@@ -64,7 +64,7 @@ except ImportError as e:  # pragma: no cover - exercised without the extra
     ) from e
 
 from ... import _wire
-from ..._procs import end_processes, with_env
+from ..._procs import create_time, end_trees, in_places, with_env
 from ..._wire import Fatal, Lost, Result, RunAttempt, Started, WorkerReport
 from ...core import ledger as L
 from ...preflight import client_versions
@@ -76,6 +76,9 @@ log = logging.getLogger("pilotfish.radical")
 
 _HERE = Path(__file__).resolve().parent
 _TOKEN_VAR = "PILOTFISH_RP_TOKEN"
+# os.environ holds a backend's token only while it starts RP's PilotManager (see
+# _start_rp); one backend at a time
+_ENV_LOCK = threading.Lock()
 
 
 def _tail(path: str, n: int = 4000) -> str:
@@ -147,6 +150,7 @@ class RadicalBackend:
         self._own_tmgr = task_manager is None
         self._master: Any = None
         self._master_pid = 0
+        self._master_created = 0.0  # the master's creation time (this host only)
         self._master_seen_running: float | None = None
         self._master_submitted = 0.0
         self._last_answer: float | None = None
@@ -166,7 +170,8 @@ class RadicalBackend:
         self._dead = False
         self._fatal_message = ""
         self._threads: list[threading.Thread] = []
-        self._known_pids: set[int] = set()
+        # worker pids on this host -> creation time: only that process is ever ended
+        self._known_pids: dict[int, float] = {}
         self._n = 0
         # bound methods are new objects on every access; RP unregisters by id()
         self._task_cb_fn = self._task_cb
@@ -263,36 +268,62 @@ class RadicalBackend:
         own = self._pilot is None
         if own:
             self._ensure_venv_env()
-            # inherited by every RP process we start (client components, agent, bridges,
-            # master, workers): what the reaper ends if this client dies
+            self._session = rp.Session()
+            # the reaper ends the session's RP processes (client components, bridges,
+            # agent) by their session id, and the token's processes only when they are
+            # of this session
+            self._tell_reaper(f"session {self._session.uid}")
+            self._pmgr = self._with_token(lambda: rp.PilotManager(self._session))
+            pd = {
+                "resource": self.resource,
+                "cores": self.cores,
+                "runtime": self.runtime,
+                "exit_on_error": False,
+            }
+            pd.update(self.pilot_options)
+            self._pilot = self._pmgr.submit_pilots(rp.PilotDescription(pd))
+            self._pilot.wait([rp.PMGR_ACTIVE, *rp.FINAL], timeout=self.start_timeout)
+            if self._pilot.state != rp.PMGR_ACTIVE:
+                raise RuntimeError(
+                    f"pilot {self._pilot.uid} is {self._pilot.state} after "
+                    f"{self.start_timeout:g} s; {self._pilot_details()}"
+                )
+        self._pilot.register_callback(self._pilot_cb_fn)
+        if self._tmgr is None:  # an RP pilot can belong to one TaskManager only
+            self._tmgr = rp.TaskManager(self._session)
+            self._tmgr.add_pilots(self._pilot)
+        self._tmgr.register_callback(self._task_cb_fn)
+        self._start_master()
+
+    def _with_token(self, spawn: Any) -> Any:
+        """``spawn()`` with the backend's token in ``os.environ``, and only then.
+
+        The token must reach the pilot's processes (bootstrapper, agent, master, workers,
+        their tasks): what the reaper ends if this client dies. RP's pilot description
+        has no environment of its own; the pilot job is launched (PSI/J, inheriting the
+        environment on local resources) by the PilotManager's ``pmgr_launching``
+        component, a process ``rp.PilotManager()`` starts (``radical-pilot-component``)
+        and waits for. So that constructor is the one spawn that needs the token; the
+        pilot's start (``submit_pilots`` and the wait for it, most of the start-up) and
+        the Session's and TaskManager's components run without it.
+
+        Why this is safe: the window is that one constructor (about a second, not the
+        whole start), backends take it one at a time (``_ENV_LOCK``), and a process another
+        thread of the client starts meanwhile (a local Session's workers) inherits the
+        token but is never ended for it: the backend and the reaper end a token's process
+        only when it or one of its ancestors is inside this RP session (its id in the
+        working directory or command line, see ``_procs.in_places``).
+        """
+        with _ENV_LOCK:
+            old = os.environ.get(_TOKEN_VAR)
             os.environ[_TOKEN_VAR] = self._token
-        try:
-            if own:
-                self._session = rp.Session()
-                self._pmgr = rp.PilotManager(self._session)
-                pd = {
-                    "resource": self.resource,
-                    "cores": self.cores,
-                    "runtime": self.runtime,
-                    "exit_on_error": False,
-                }
-                pd.update(self.pilot_options)
-                self._pilot = self._pmgr.submit_pilots(rp.PilotDescription(pd))
-                self._pilot.wait([rp.PMGR_ACTIVE, *rp.FINAL], timeout=self.start_timeout)
-                if self._pilot.state != rp.PMGR_ACTIVE:
-                    raise RuntimeError(
-                        f"pilot {self._pilot.uid} is {self._pilot.state} after "
-                        f"{self.start_timeout:g} s; {self._pilot_details()}"
-                    )
-            self._pilot.register_callback(self._pilot_cb_fn)
-            if self._tmgr is None:  # an RP pilot can belong to one TaskManager only
-                self._tmgr = rp.TaskManager(self._session)
-                self._tmgr.add_pilots(self._pilot)
-            self._tmgr.register_callback(self._task_cb_fn)
-            self._start_master()
-        finally:
-            if own:
-                os.environ.pop(_TOKEN_VAR, None)
+            try:
+                return spawn()
+            finally:
+                if old is None:
+                    os.environ.pop(_TOKEN_VAR, None)
+                else:
+                    os.environ[_TOKEN_VAR] = old
 
     def _cfg(self) -> dict[str, Any]:
         return {
@@ -323,6 +354,7 @@ class RadicalBackend:
         with self._lock:
             self._gen += 1
             self._master_pid = 0
+            self._master_created = 0.0
             self._master_seen_running = None
             self._last_answer = None
             self._workers_seen = {}
@@ -553,10 +585,13 @@ class RadicalBackend:
         if self._master_pid or not pid:
             return
         self._master_pid = pid
-        # pids are ended by us only on this host (a cluster's nodes have their own)
+        # pids are ended by us only on this host (a cluster's nodes have their own), and
+        # only while they are this process: its creation time, read when first told
         self._master_local = host == self._host
-        if self._master_local:
-            self._reap(pid)
+        created = create_time(pid) if self._master_local else None
+        self._master_created = created or 0.0
+        if created:
+            self._reap(pid, created)
         events.append(
             MasterReport(
                 "started",
@@ -567,10 +602,17 @@ class RadicalBackend:
         )
 
     def _note_worker_pid(self, pid: int, host: str) -> None:
-        """A worker pid on this host: ended by stop() and by the reaper (lock held)."""
-        if pid and host == self._host and pid not in self._known_pids:
-            self._reap(pid)
-            self._known_pids.add(pid)
+        """A worker pid on this host: ended by stop() and by the reaper, only while it is
+        the process with the creation time read now, when first told (lock held)."""
+        if not pid or host != self._host or pid in self._known_pids:
+            # a pid seen before keeps its first creation time: if it is another process
+            # by now, it is spared (rather than a worker missed: the token ends those)
+            return
+        created = create_time(pid)
+        if created is None:
+            return  # gone already: nothing to end, and a later process is not it
+        self._reap(pid, created)
+        self._known_pids[pid] = created
 
     def _on_started(self, task: Any, events: list[Any]) -> None:
         """Our master published where the task runs (worker, pid, host) as it started."""
@@ -699,10 +741,13 @@ class RadicalBackend:
                 L.RuntimeLost(lost, time.time(), "", pid, None, None, err.strip())
             )
             self._by_uid.clear()
-            worker_pids = [
-                int(v[1]) for v in self._workers_seen.values() if v[1] and v[2] == self._host
-            ]
-            to_end = {p for p in [pid if self._master_local else 0, *worker_pids] if p}
+            to_end = {
+                int(v[1]): self._known_pids[int(v[1])]
+                for v in self._workers_seen.values()
+                if v[1] and v[2] == self._host and int(v[1]) in self._known_pids
+            }
+            if pid and self._master_local and self._master_created:
+                to_end[pid] = self._master_created
         events.append(MasterReport("lost", pid, time.time(), stderr_tail=err, message=what))
         resend: list[RunAttempt] = []
         for c in cmds:
@@ -812,7 +857,8 @@ class RadicalBackend:
             self._workers_seen = new
             self._running = dict(ans.get("running") or {})
             for wid, (state, pid, host) in new.items():
-                self._note_worker_pid(int(pid or 0), host)
+                if state in ("ready", "starting"):  # a lost worker's pid may be reused
+                    self._note_worker_pid(int(pid or 0), host)
                 before = (old.get(wid) or [None])[0]
                 if state == before:
                     continue
@@ -859,11 +905,8 @@ class RadicalBackend:
                 r.stdin.write(line + "\n")
                 r.stdin.flush()
 
-    def _reap(self, pid: int) -> None:
-        import psutil
-
-        with contextlib.suppress(psutil.Error):
-            self._tell_reaper(f"pid {pid} {psutil.Process(pid).create_time()!r}")
+    def _reap(self, pid: int, created: float) -> None:
+        self._tell_reaper(f"pid {pid} {created!r}")
 
     def _stop_reaper(self) -> None:
         r, self._reaper = self._reaper, None
@@ -903,25 +946,31 @@ class RadicalBackend:
                 self._rpc("stop", 5.0)
         self._bounded(lambda: self._tmgr.cancel_tasks([self._master.uid]), 10, "cancel master")
 
-    def _rp_pids(self) -> set[int]:
+    def _rp_pids(self) -> dict[int, float]:
+        """The master's and workers' pids on this host, with their creation times."""
         with self._lock:
-            pids = set(self._known_pids)
-            if self._master_pid and self._master_local:
-                pids.add(self._master_pid)
+            pids = dict(self._known_pids)
+            if self._master_pid and self._master_local and self._master_created:
+                pids[self._master_pid] = self._master_created
         return pids
 
-    def _token_pids(self) -> set[int]:
-        return {p.pid for p in with_env(_TOKEN_VAR, {self._token})}
-
-    @staticmethod
-    def _end_pids(pids: set[int], grace: float = 1.0) -> None:
-        """End processes RP left behind, by PID (whole trees: the workers' task children)."""
+    def _token_pids(self) -> dict[int, float]:
+        """The live processes with this backend's token that are of its RP session (a
+        process that inherited the token from the client while ``_with_token`` held it,
+        but is not RP's, is not)."""
         import psutil
 
-        procs: list[Any] = []
-        for pid in pids:
+        sid = str(getattr(self._session, "uid", "") or "")
+        out: dict[int, float] = {}
+        for p in with_env(_TOKEN_VAR, {self._token}):
             with contextlib.suppress(psutil.Error):
-                p = psutil.Process(pid)
-                procs.append(p)
-                procs.extend(p.children(recursive=True))
-        end_processes(procs, grace)
+                if sid and in_places(p, {sid}):
+                    out[p.pid] = p.create_time()
+        return out
+
+    @staticmethod
+    def _end_pids(pids: dict[int, float], grace: float = 1.0) -> None:
+        """End processes RP left behind (whole trees: the workers' task children), each
+        pid only while it is the process remembered: ``pids`` maps a pid to its creation
+        time, and a recycled pid (another process by now: the user's shell) is spared."""
+        end_trees(pids, grace)

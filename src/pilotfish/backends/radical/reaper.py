@@ -7,11 +7,17 @@ this watcher (``python -m pilotfish.backends.radical.reaper CLIENT_PID``) in a s
 of its own, so a Ctrl-C in the terminal does not reach it, and tells it on stdin what
 to end:
 
-* ``token T``: every process whose environment has ``PILOTFISH_RP_TOKEN=T`` (the
-  backend sets it while it starts its own RP session and pilot, so every RP process
-  of that session inherits it);
-* ``pid P CREATE_TIME``: one process (the raptor master and workers on a pilot that
-  is not the backend's own), and its children;
+* ``session SID``: the backend's own RP session (told before any of its processes
+  starts);
+* ``token T``: every process whose environment has ``PILOTFISH_RP_TOKEN=T`` and that
+  is of a told session (it, or an ancestor, has the session id in its working directory
+  or command line). The backend puts the token in its environment only while
+  ``rp.PilotManager()`` starts the component that launches the pilot, so the pilot's
+  processes inherit it; another process the client started in that second inherits it
+  too, but is of no RP session and is spared;
+* ``pid P CREATE_TIME``: one process (the raptor master and workers), and its
+  children, ended only while ``P`` is still the process created at ``CREATE_TIME`` (a
+  recycled pid is another process);
 * ``done``: the client stopped the backend itself: one last sweep, then exit.
 
 It polls the client every 0.2 s (a pipe's end-of-file is no signal here: RP forks
@@ -27,10 +33,9 @@ show the token either: they set their process title over their environment
 themselves when the process that started them is gone, but with SIGTERM only when
 ``PYTEST_VERSION`` is set (radical.utils' ``PWatcher``), and the agent's executor catches
 SIGTERM and runs on (``rp.agent_executing.0000`` was still there 50 s after its client
-was terminated). So the watcher learns the RP session ids of the token's processes
-(the bootstrapper's command line, the sandboxes they run in) and also ends every
-``rp.*`` process whose working directory is in one of those sessions (the client's
-session directory or the pilot sandbox), with its children.
+was terminated). So the watcher also ends every ``rp.*`` process whose working
+directory is in a told session (the client's session directory or the pilot sandbox),
+with its children.
 
 When the client is gone, all of these are sent SIGTERM, then SIGKILL after a second,
 and again while new ones show up (a master starts a replacement worker when one ends);
@@ -51,10 +56,10 @@ import time
 
 import psutil
 
-from pilotfish._procs import alive, end_processes, with_env
+from pilotfish._procs import alive, end_processes, in_places, same_processes, with_env
 
 TOKEN_VAR = "PILOTFISH_RP_TOKEN"
-_SESSION_ID = re.compile(r"\brp\.session\.[^/\s]+")
+_SESSION_ID = re.compile(r"rp\.session\.[^/\s]+")
 _ROUNDS = 5  # sweeps after the client died, while each still finds something
 
 
@@ -63,7 +68,7 @@ class _Orders:
         self.lock = threading.Lock()
         self.tokens: set[str] = set()
         self.pids: dict[int, float] = {}
-        self.sessions: set[str] = set()  # RP session ids seen in the token's processes
+        self.sessions: set[str] = set()  # the backend's RP session ids
         self.done = threading.Event()
 
     def read(self, stream: object) -> None:
@@ -72,6 +77,9 @@ class _Orders:
             with self.lock:
                 if parts[:1] == ["token"] and len(parts) == 2:
                     self.tokens.add(parts[1])
+                elif parts[:1] == ["session"] and len(parts) == 2:
+                    if _SESSION_ID.fullmatch(parts[1]):
+                        self.sessions.add(parts[1])
                 elif parts[:1] == ["pid"] and len(parts) == 3:
                     with contextlib.suppress(ValueError):
                         self.pids[int(parts[1])] = float(parts[2])
@@ -83,18 +91,12 @@ class _Orders:
 def _targets(orders: _Orders) -> list[psutil.Process]:
     me = os.getpid()
     with orders.lock:
-        tokens, pids = set(orders.tokens), dict(orders.pids)
-    found: dict[int, psutil.Process] = {}
-    for pid, created in pids.items():
-        p = alive(pid, created)
-        if p is not None:
-            found[pid] = p
-            with contextlib.suppress(psutil.Error):
-                for c in p.children(recursive=True):
-                    found[c.pid] = c
-    if tokens:
+        tokens, pids, sids = set(orders.tokens), dict(orders.pids), set(orders.sessions)
+    found = {p.pid: p for p in same_processes(pids)}
+    if tokens and sids:
         for p in with_env(TOKEN_VAR, tokens):
-            found.setdefault(p.pid, p)
+            if p.pid not in found and in_places(p, sids):
+                found[p.pid] = p
     for p in _session_daemons(orders):
         found.setdefault(p.pid, p)
         with contextlib.suppress(psutil.Error):
@@ -103,24 +105,8 @@ def _targets(orders: _Orders) -> list[psutil.Process]:
     return [p for p in found.values() if p.pid != me]
 
 
-def learn_sessions(orders: _Orders) -> None:
-    """Note the RP session ids the token's processes name (RP's bootstrapper has
-    ``-s SID`` on its command line; agent, master and workers run in the pilot sandbox
-    ``.../SID/pilot.0000``)."""
-    with orders.lock:
-        tokens = set(orders.tokens)
-    if not tokens:
-        return
-    sids: set[str] = set()
-    for p in with_env(TOKEN_VAR, tokens):
-        with contextlib.suppress(psutil.Error):
-            sids.update(_SESSION_ID.findall(" ".join([*p.cmdline(), p.cwd()])))
-    with orders.lock:
-        orders.sessions |= sids
-
-
 def _session_daemons(orders: _Orders) -> list[psutil.Process]:
-    """RP's ``rp.*`` processes (titles over their environment) of the learned sessions."""
+    """RP's ``rp.*`` processes (titles over their environment) of the told sessions."""
     with orders.lock:
         sids = set(orders.sessions)
     if not sids:
@@ -167,25 +153,18 @@ def main(argv: list[str]) -> int:
     orders = _Orders()
     threading.Thread(target=orders.read, args=(sys.stdin,), daemon=True).start()
     forked: dict[int, float] = {}
-    last = learned = 0.0
+    last = 0.0
     while not orders.done.wait(0.2):
         now = time.monotonic()
         if now - last > 1.0:
             forked, last = _forked(client) or forked, now
-        # each second until a session is known, then now and then (a scan of every
-        # process's environment)
-        if now - learned > (5.0 if orders.sessions else 1.0):
-            learn_sessions(orders)
-            learned = now
         if alive(client.pid, created) is None:
             time.sleep(0.2)  # let the last orders in the pipe arrive
             with orders.lock:
                 orders.pids.update(forked)
-            learn_sessions(orders)
             n = sweep(orders, _ROUNDS)
             print(f"pilotfish reaper: client {argv[0]} died; ended {n} processes", file=sys.stderr)
             return 0
-    learn_sessions(orders)
     sweep(orders)
     return 0
 
