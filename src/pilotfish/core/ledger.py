@@ -42,8 +42,8 @@ from __future__ import annotations
 
 import dataclasses
 import signal as _signal
-from collections.abc import Iterable
-from typing import Any, Literal, NamedTuple
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar, Literal, NamedTuple
 
 __all__ = [
     "Accept",
@@ -152,14 +152,14 @@ class Entry:
 # --------------------------------------------------------------------------- events
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class Submit:
     """Attempts handed to the backend; they are queued until a worker holds them."""
 
     entries: tuple[tuple[AttemptId, str, Any, float | None], ...]  # (attempt, key, item, timeout)
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class Hold:
     """``worker`` took these attempts (prefetch, a claim from a shared queue)."""
 
@@ -167,7 +167,7 @@ class Hold:
     attempts: tuple[AttemptId, ...]
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class Start:
     """``worker`` asks to run ``attempt``'s user code now (the start fence)."""
 
@@ -178,7 +178,7 @@ class Start:
     time: float
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class Finish:
     """``worker`` delivered a result (value or error) for ``attempt``."""
 
@@ -186,7 +186,7 @@ class Finish:
     attempt: AttemptId
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class Group:
     """A program of ``attempt`` runs in process group ``pgid`` (killed if the worker dies)."""
 
@@ -195,12 +195,12 @@ class Group:
     pgid: int
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class Cancel:
     attempts: tuple[AttemptId, ...]
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class Bounce:
     """The engine gave ``attempt`` back without running it here (e.g. Dask gave up on a
     task whose workers died): requeued unblamed if it never started, else lost."""
@@ -210,7 +210,7 @@ class Bounce:
     time: float
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class Reject:
     """The engine cannot run ``attempt`` at all (it refused the submission, or gave it back
     too often): it leaves the ledger, reported lost with ``category``."""
@@ -221,7 +221,7 @@ class Reject:
     time: float
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class WorkerLost:
     """``worker`` is gone (``why``: 'worker w1 (pid 7) was killed by signal SIGKILL (-9)')."""
 
@@ -234,7 +234,7 @@ class WorkerLost:
     category: str = "worker_lost"  # or "timeout" when it was killed for a timeout
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class RuntimeLost:
     """The master or scheduler that ran these attempts is gone."""
 
@@ -247,7 +247,7 @@ class RuntimeLost:
     stderr_tail: str = ""
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class Tick:
     """Time passed: started attempts past their timeout expire. ``how`` says how the
     backend stops an expired attempt (appended to its message)."""
@@ -274,14 +274,14 @@ Event = (
 # --------------------------------------------------------------------------- commands
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class Report:
     """Tell the client (a :class:`Started` or :class:`Lost`)."""
 
     msg: Started | Lost
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class Granted:
     """The start fence let ``worker`` run ``attempt``."""
 
@@ -289,7 +289,7 @@ class Granted:
     attempt: AttemptId
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class Refused:
     """The start fence refused: ``worker`` must not run ``attempt``'s user code."""
 
@@ -298,7 +298,7 @@ class Refused:
     reason: str
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class Accept:
     """Deliver this result to the client."""
 
@@ -306,7 +306,7 @@ class Accept:
     attempt: AttemptId
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class Dropped:
     """A result, hold or event that is not from the attempt's holder (logged, ignored)."""
 
@@ -315,21 +315,21 @@ class Dropped:
     reason: str
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class Requeue:
     """Put these attempts back on the queue, in order, ahead of others: never started."""
 
     items: tuple[Any, ...]
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class Resend:
     """Send these attempts again to the new master/scheduler: never started."""
 
     items: tuple[Any, ...]
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class Withdraw:
     """Take back ``attempt`` (not started); ``worker`` holds it, or '' if only queued."""
 
@@ -337,7 +337,7 @@ class Withdraw:
     attempt: AttemptId
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class KillGroups:
     """Kill these program process groups: their worker is gone."""
 
@@ -345,7 +345,7 @@ class KillGroups:
     pgids: tuple[int, ...]
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class Expired:
     """``attempt`` ran past its timeout on ``worker``: stop it there, with the process
     groups of programs it started (already reported)."""
@@ -376,6 +376,9 @@ Command = (
 class Ledger:
     """See the module docstring. ``handle(event) -> list[Command]``."""
 
+    #: event type -> the method that handles it (filled in below the class)
+    _how: ClassVar[dict[type, Callable[[Ledger, Any, list[Command]], None]]]
+
     def __init__(self) -> None:
         self.entries: dict[AttemptId, Entry] = {}
         # worker -> attempts it holds or runs, in the order it took them
@@ -397,6 +400,16 @@ class Ledger:
         """Attempts ``worker`` holds or runs, in the order it took them."""
         return list(self._by_worker.get(worker, ()))
 
+    def count(self, worker: str) -> int:
+        """How many attempts ``worker`` holds or runs."""
+        held = self._by_worker.get(worker)
+        return len(held) if held else 0
+
+    def first(self, worker: str) -> AttemptId | None:
+        """The first attempt ``worker`` took of those it still holds (None if none)."""
+        held = self._by_worker.get(worker)
+        return next(iter(held)) if held else None
+
     def started_on(self, worker: str) -> list[AttemptId]:
         return [a for a in self._by_worker.get(worker, ()) if self.entries[a].where == "started"]
 
@@ -415,37 +428,27 @@ class Ledger:
     # ------------------------------------------------------------------ events
     def handle(self, ev: Event) -> list[Command]:
         out: list[Command] = []
-        if isinstance(ev, Submit):
-            for aid, key, item, timeout in ev.entries:
-                self.entries[aid] = Entry(aid, key, item, timeout)
-        elif isinstance(ev, Hold):
-            self._hold(ev, out)
-        elif isinstance(ev, Start):
-            self._start(ev, out)
-        elif isinstance(ev, Finish):
-            self._finish(ev, out)
-        elif isinstance(ev, Group):
-            e = self.entries.get(ev.attempt)
-            if e is not None and e.worker == ev.worker:
-                e.groups += (ev.pgid,)
-        elif isinstance(ev, Cancel):
-            self._cancel(ev, out)
-        elif isinstance(ev, Bounce):
-            self._bounce(ev, out)
-        elif isinstance(ev, Reject):
-            e = self.entries.get(ev.attempt)
-            if e is not None:
-                self._forget(e)
-                out.append(Report(self._lost(e, ev.category, ev.why, ev.time)))
-        elif isinstance(ev, WorkerLost):
-            self._worker_lost(ev, out)
-        elif isinstance(ev, RuntimeLost):
-            self._runtime_lost(ev, out)
-        elif isinstance(ev, Tick):
-            self._tick(ev, out)
-        else:  # pragma: no cover - the Event union is closed
-            raise TypeError(f"not a ledger event: {ev!r}")
+        try:
+            how = self._how[type(ev)]
+        except KeyError:
+            raise TypeError(f"not a ledger event: {ev!r}") from None
+        how(self, ev, out)
         return out
+
+    def _submit(self, ev: Submit, out: list[Command]) -> None:
+        for aid, key, item, timeout in ev.entries:
+            self.entries[aid] = Entry(aid, key, item, timeout)
+
+    def _group(self, ev: Group, out: list[Command]) -> None:
+        e = self.entries.get(ev.attempt)
+        if e is not None and e.worker == ev.worker:
+            e.groups += (ev.pgid,)
+
+    def _reject(self, ev: Reject, out: list[Command]) -> None:
+        e = self.entries.get(ev.attempt)
+        if e is not None:
+            self._forget(e)
+            out.append(Report(self._lost(e, ev.category, ev.why, ev.time)))
 
     def _hold(self, ev: Hold, out: list[Command]) -> None:
         mine = self._by_worker.setdefault(ev.worker, {})
@@ -656,3 +659,19 @@ class Ledger:
         """Shorthand for ``handle(Submit(...))`` (which returns no commands)."""
         for aid, key, item, timeout in items:
             self.entries[aid] = Entry(aid, key, item, timeout)
+
+
+# event type -> the Ledger method that handles it (one lookup per event, on the hot path)
+Ledger._how = {
+    Submit: Ledger._submit,
+    Hold: Ledger._hold,
+    Start: Ledger._start,
+    Finish: Ledger._finish,
+    Group: Ledger._group,
+    Cancel: Ledger._cancel,
+    Bounce: Ledger._bounce,
+    Reject: Ledger._reject,
+    WorkerLost: Ledger._worker_lost,
+    RuntimeLost: Ledger._runtime_lost,
+    Tick: Ledger._tick,
+}

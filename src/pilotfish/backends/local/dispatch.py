@@ -147,20 +147,22 @@ class Dispatcher:
                 out.append(Kill(c.worker, c.pgids))
 
     def _assign(self, now: float, out: list[Cmd]) -> None:
-        ready = [s for s in self.slots.values() if s.state == "ready"]
-        if not ready or not self.queue:
+        if not self.queue:
+            return
+        ledger = self.ledger
+        load = {s.name: ledger.count(s.name) for s in self.slots.values() if s.state == "ready"}
+        if not load:
             return
         batches: dict[str, list[Any]] = {}
-        load = {s.name: len(self.ledger.held_by(s.name)) for s in ready}
         while self.queue:
             name = min(load, key=load.__getitem__)
             if load[name] >= self.prefetch:
                 break
             a = self.queue.popleft()
-            e = self.ledger.get(a.attempt)
+            e = ledger.entries.get(a.attempt)
             if e is None or e.where != "queued":
                 continue  # cancelled while queued
-            self.ledger.handle(L.Hold(name, (a.attempt,)))
+            ledger.handle(L.Hold(name, (a.attempt,)))
             load[name] += 1
             batches.setdefault(name, []).append(a)
             if load[name] == 1:
@@ -171,9 +173,9 @@ class Dispatcher:
     def _begin(self, s: Slot, now: float, out: list[Cmd]) -> None:
         """The worker runs what it holds in order: its first held attempt starts now (the
         master sent it to this worker alone, which is the local start fence)."""
-        held = self.ledger.held_by(s.name)
-        if held and not self.ledger.entries[held[0]].cancelled:
-            self._carry_out(self.ledger.handle(L.Start(s.name, held[0], s.pid, "", now)), out)
+        first = self.ledger.first(s.name)
+        if first is not None and not self.ledger.entries[first].cancelled:
+            self._carry_out(self.ledger.handle(L.Start(s.name, first, s.pid, "", now)), out)
 
     # ------------------------------------------------------------------ events
     def submit(self, attempts: Iterable[RunAttempt], now: float) -> list[Cmd]:
@@ -222,8 +224,7 @@ class Dispatcher:
         self.ledger.handle(L.Group(name, attempt, pgid))
 
     def _finish(self, s: Slot, attempt: int, now: float, out: list[Cmd]) -> bool:
-        held = self.ledger.held_by(s.name)
-        first = bool(held) and held[0] == attempt
+        first = self.ledger.first(s.name) == attempt
         if not isinstance(self.ledger.handle(L.Finish(s.name, attempt))[0], L.Accept):
             return False
         if first:
