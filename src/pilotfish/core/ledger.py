@@ -383,6 +383,9 @@ class Ledger:
         self.entries: dict[AttemptId, Entry] = {}
         # worker -> attempts it holds or runs, in the order it took them
         self._by_worker: dict[str, dict[AttemptId, None]] = {}
+        # started attempts that have a timeout -> when it expires (scanned by Tick and
+        # next_deadline instead of every entry)
+        self._deadlines: dict[AttemptId, float] = {}
         self.refused = 0  # start requests refused (an engine's own re-execution, ...)
         self.dropped = 0  # results dropped (not from the holder, or late)
 
@@ -418,12 +421,7 @@ class Ledger:
 
     def next_deadline(self) -> float | None:
         """The earliest time a started attempt's timeout expires (for the caller's timer)."""
-        best: float | None = None
-        for e in self.entries.values():
-            if e.where == "started" and e.timeout is not None and e.started is not None:
-                d = e.started + e.timeout
-                best = d if best is None or d < best else best
-        return best
+        return min(self._deadlines.values()) if self._deadlines else None
 
     # ------------------------------------------------------------------ events
     def handle(self, ev: Event) -> list[Command]:
@@ -483,6 +481,8 @@ class Ledger:
         if e.where == "queued":  # an engine without a separate hold step (Dask)
             self._by_worker.setdefault(ev.worker, {})[ev.attempt] = None
         e.where, e.worker, e.pid, e.host, e.started = "started", ev.worker, ev.pid, ev.host, ev.time
+        if e.timeout is not None:
+            self._deadlines[e.attempt] = ev.time + e.timeout
         out.append(Granted(ev.worker, ev.attempt))
         out.append(Report(Started(ev.attempt, ev.worker, ev.pid, ev.time, ev.host)))
 
@@ -535,6 +535,7 @@ class Ledger:
             groups.extend(e.groups)
             if e.where == "started":
                 del self.entries[aid]
+                self._deadlines.pop(aid, None)
                 elapsed = ev.time - e.started if e.started is not None else 0.0
                 if ev.category == "worker_lost":
                     msg = (
@@ -605,16 +606,17 @@ class Ledger:
                 e.where, e.worker = "queued", ""
                 resend.append(e.item)
         self._by_worker.clear()
+        self._deadlines.clear()
         if resend:
             out.append(Resend(tuple(resend)))
 
     def _tick(self, ev: Tick, out: list[Command]) -> None:
-        for e in list(self.entries.values()):
-            if e.where != "started" or e.timeout is None or e.started is None:
+        for aid, deadline in list(self._deadlines.items()):
+            if ev.time < deadline:
                 continue
+            e = self.entries[aid]
+            assert e.timeout is not None and e.started is not None
             ran = ev.time - e.started
-            if ran < e.timeout:
-                continue
             self._forget(e)
             out.append(
                 Report(
@@ -646,6 +648,7 @@ class Ledger:
         if e.worker:
             self._by_worker.get(e.worker, {}).pop(e.attempt, None)
         del self.entries[e.attempt]
+        self._deadlines.pop(e.attempt, None)
 
     def replace_item(self, attempt: AttemptId, item: Any) -> None:
         """The backend's object for ``attempt`` changed (sent again under a new name)."""
