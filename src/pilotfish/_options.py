@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import os
 from collections.abc import Callable, Iterable
 from typing import Any, Generic, ParamSpec, TypeVar
 
@@ -100,11 +102,10 @@ def validate(o: TaskOptions) -> None:
                     f"task option retry_on contains {t!r}, which is not an exception type; "
                     "give exception classes such as (OSError, ValueError), or True"
                 )
-    if o.timeout is not None and (
-        isinstance(o.timeout, bool) or not isinstance(o.timeout, int | float) or o.timeout <= 0
-    ):
+    if o.timeout is not None and not _positive_seconds(o.timeout):
         raise InvalidTask(
-            f"task option timeout={o.timeout!r} is invalid: give seconds > 0, or None"
+            f"task option timeout={o.timeout!r} is invalid: give a finite number of "
+            "seconds > 0, or None"
         )
     for name in ("key", "name"):
         v = getattr(o, name)
@@ -116,6 +117,25 @@ def validate(o: TaskOptions) -> None:
                 f"task option requires contains {r!r}; give requirement strings "
                 "such as 'numpy>=1.26'"
             )
+
+
+def _positive_seconds(v: object) -> bool:
+    """A finite number > 0 (not a bool): inf and nan are mistakes, not "forever"."""
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def check_rundir(rundir: object) -> str:
+    """``Session(rundir=...)``: a non-empty str or os.PathLike without NUL bytes."""
+    if not isinstance(rundir, str | os.PathLike):
+        raise InvalidTask(
+            f"Session(rundir={rundir!r}) is invalid: give a directory path (str or Path)"
+        )
+    path = os.fspath(rundir)
+    if not isinstance(path, str) or not path or "\0" in path:
+        raise InvalidTask(
+            f"Session(rundir={rundir!r}) is invalid: give a non-empty str path without NUL bytes"
+        )
+    return path
 
 
 def check_session_args(
@@ -134,10 +154,12 @@ def check_session_args(
         raise bad("workers", workers, "give an int >= 1 (or None for one per CPU)")
     if not isinstance(poison_after, int) or poison_after < 1:
         raise bad("poison_after", poison_after, "give an int >= 1")
-    if not isinstance(hb_interval, int | float) or hb_interval <= 0:
-        raise bad("heartbeat_interval", hb_interval, "give seconds > 0")
-    if not isinstance(hb_timeout, int | float) or hb_timeout <= hb_interval:
-        raise bad("heartbeat_timeout", hb_timeout, "give seconds > heartbeat_interval")
+    if not _positive_seconds(hb_interval):
+        raise bad("heartbeat_interval", hb_interval, "give a finite number of seconds > 0")
+    if not _positive_seconds(hb_timeout) or hb_timeout <= hb_interval:
+        raise bad(
+            "heartbeat_timeout", hb_timeout, "give a finite number of seconds > heartbeat_interval"
+        )
     if not isinstance(max_restarts, int) or max_restarts < 0:
         raise bad("max_master_restarts", max_restarts, "give an int >= 0")
 

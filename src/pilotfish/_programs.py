@@ -7,6 +7,11 @@ them, with an :class:`~pilotfish.InvalidTask` naming the argument: never by a
 worker crashing later. Input paths are made absolute (and must exist) so the
 worker copies exactly the file the user meant; names inside the sandbox are
 relative and cannot climb out of it.
+
+The rules on the resolved call (NUL bytes, env names, ``cwd``, outputs that
+clash, escape or name an input) live in one place,
+:func:`pilotfish.commands.spec_problem`: checked here on what is known at
+submit, and again on the worker once dependency values are substituted.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._options import TaskOptions, make_options
-from .commands import CommandResult
+from .commands import CommandResult, CommandSpec, spec_problem
 from .errors import InvalidTask
 
 if TYPE_CHECKING:
@@ -57,6 +62,7 @@ def program_spec(
     key: Any,
     keep_sandboxes: Any,
     task_type: type[Task],
+    inherit_env: Any = True,
 ) -> ProgramSpec:
     """Check ``executable()``'s arguments; ``keep_sandboxes`` is already defaulted.
     ``task_type`` is :class:`pilotfish.Task` (Tasks may stand for arguments and inputs)."""
@@ -87,26 +93,70 @@ def program_spec(
             ins[n] = p
         else:
             raise bad(f"input {n!r}={v!r} must be a path or a Task")
-    if isinstance(outputs, str) or not all(
-        isinstance(o, str) and o and not os.path.isabs(o) and ".." not in Path(o).parts
-        for o in outputs
+    if (
+        isinstance(outputs, str | bytes)
+        or not isinstance(outputs, Iterable)
+        or not all(
+            isinstance(o, str) and o and not os.path.isabs(o) and ".." not in Path(o).parts
+            for o in outputs
+        )
     ):
         raise bad(f"outputs={outputs!r} must be a list of relative paths")
+    outputs = list(outputs)
     if env is not None and not (
         isinstance(env, dict)
         and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
     ):
         raise bad("env must be a dict of str to str")
-    codes = list(retry_exit_codes)
+    if cwd is not None:
+        if not isinstance(cwd, str | os.PathLike):
+            raise bad(f"cwd={cwd!r} must be a path (str or os.PathLike) or None")
+        cwd = os.fspath(cwd)
+        if not isinstance(cwd, str):
+            raise bad(f"cwd={cwd!r} must be a str path, not bytes")
+    if inherit_env is not True and inherit_env is not False:
+        if isinstance(inherit_env, str | bytes) or not isinstance(inherit_env, Iterable):
+            raise bad(f"inherit_env={inherit_env!r} must be True, False or a list of names")
+        inherit_env = tuple(inherit_env)
+    try:
+        codes = list(retry_exit_codes)
+    except TypeError:
+        raise bad(
+            f"retry_exit_codes={retry_exit_codes!r} must be a list of non-zero ints, e.g. [75]"
+        ) from None
     if not all(isinstance(c, int) and not isinstance(c, bool) and c != 0 for c in codes):
         raise bad(f"retry_exit_codes={codes!r} must be non-zero ints")
     if keep_sandboxes not in ("failed", "all"):
         raise bad(f"keep_sandboxes={keep_sandboxes!r} must be 'failed' or 'all'")
     opts = make_options(retries=retries, timeout=timeout, name=name, key=key)
     if stdin is not None:
+        if not isinstance(stdin, str | os.PathLike):
+            raise bad(f"stdin={stdin!r} must be a path or None")
         stdin = os.path.abspath(os.fspath(stdin))
-        if not os.path.isfile(stdin):
-            raise bad(f"stdin file {stdin} does not exist")
+        if not isinstance(stdin, str) or not os.path.isfile(stdin):
+            raise bad(f"stdin file {stdin!r} does not exist")
+    # The same rules the worker applies, on what is known now (a Task stands in
+    # for a value that only exists on the worker; it is checked there).
+    known = CommandSpec(
+        argv=tuple(
+            "task"
+            if isinstance(a, task_type)
+            else os.fsdecode(a)
+            if isinstance(a, os.PathLike)
+            else str(a)
+            for a in argv
+        ),
+        inputs={n: "" if isinstance(v, task_type) else v for n, v in ins.items()},
+        outputs=tuple(outputs),
+        env=env,
+        stdin=stdin,
+        cwd=cwd,
+        timeout=opts.timeout,
+        inherit_env=inherit_env,
+    )
+    problem = spec_problem(known)
+    if problem is not None:
+        raise bad(problem)
     template = {
         "argv": list(argv),
         "inputs": ins,
@@ -118,6 +168,8 @@ def program_spec(
         "retry_exit_codes": codes,
         "keep_sandboxes": keep_sandboxes,
     }
+    if inherit_env is not True:  # only when set: the template's pickle is in the task key
+        template["inherit_env"] = inherit_env
     return ProgramSpec(template, opts, shown)
 
 

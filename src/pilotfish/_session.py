@@ -38,8 +38,8 @@ from typing import Any
 
 from . import _wire
 from ._events import MasterEvent, TaskEvent, WorkerEvent
-from ._options import TaskFunction, TaskOptions, check_session_args, str_list
-from ._payloads import call_digest, pickle_call
+from ._options import TaskFunction, TaskOptions, check_rundir, check_session_args, str_list
+from ._payloads import call_digest, call_key_digest, pickle_call
 from ._probes import Probes, is_probe
 from ._programs import backstop, input_stamps, output_path, program_spec
 from ._translate import Call, Fail, Retry, Translator
@@ -49,7 +49,7 @@ from .core import workflow as wf
 from .core.policy import Backoff, Silence
 from .core.states import State
 from .errors import Category, EnvironmentMismatch, FailureRecord, InvalidTask
-from .journal import Journal, JournalError
+from .journal import Journal, JournalError, secure_rundir
 
 log = logging.getLogger("pilotfish")
 
@@ -80,6 +80,7 @@ class Task(cf.Future):  # type: ignore[type-arg]
         self._output_tasks: dict[str, Task] = {}
         self._cmd_timeout: float | None = None
         self._programs: tuple[str, ...] = ()
+        self._key_unstable: str | None = None  # why its auto-key may differ in another run
 
     @property
     def state(self) -> State:
@@ -127,6 +128,15 @@ class Task(cf.Future):  # type: ignore[type-arg]
                 t = self._session._submit_call(output_path, (self, name), {}, opts)
                 self._output_tasks[name] = t
             return t
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The value, as ``Future.result``; raises :class:`pilotfish.journal.JournalError`
+        instead while the session's journal cannot be written."""
+        value = super().result(timeout)
+        journal = self._session._journal
+        if journal is not None:
+            journal.raise_if_broken()
+        return value
 
     def _force_cancel(self) -> None:
         # cancel, then notify waiters of cf.wait/as_completed, as an Executor must
@@ -227,6 +237,7 @@ class Session(cf.Executor):
         check_session_args(
             workers, poison_after, heartbeat_interval, heartbeat_timeout, max_master_restarts
         )
+        rundir = check_rundir(rundir)
         self._lock = threading.RLock()
         self._clock = clock
         self._core = wf.Workflow(
@@ -257,6 +268,7 @@ class Session(cf.Executor):
                 f"Session(rundir={rundir!r}): cannot create the run directory "
                 f"({e.strerror or e}); choose a directory you can write"
             ) from e
+        secure_rundir(rundir)  # pickles live there: it must be the user's, and private
         if resume is None:  # `pilotfish resume SCRIPT` sets it for the script's sessions
             resume = os.environ.get("PILOTFISH_RESUME") == "1"
         self._resume = resume
@@ -265,7 +277,7 @@ class Session(cf.Executor):
             journal = Path(rundir) / "journal.db"
         if journal:
             try:
-                self._journal = Journal(journal)
+                self._journal = Journal(journal, resume=bool(resume))
             except (sqlite3.Error, OSError) as e:
                 raise JournalError(
                     f"Session(journal={str(journal)!r}): cannot open the journal ({e}); "
@@ -358,6 +370,7 @@ class Session(cf.Executor):
         keep_sandboxes: str | None = None,
         requires_programs: Iterable[str] = (),
         requires: Iterable[str] = (),
+        inherit_env: bool | Iterable[str] = True,
     ) -> Task:
         """Run a program in its own sandbox; the Task's value is a :class:`CommandResult`.
 
@@ -366,10 +379,16 @@ class Session(cf.Executor):
         ``retries`` covers transient failures (worker lost, timeout) and exit codes
         listed in ``retry_exit_codes``; any other non-zero exit is permanent.
         ``keep_sandboxes`` (default: the session's) is ``"failed"`` (successful
-        sandboxes are removed after moving outputs to ``rundir/results/KEY``) or
+        sandboxes are removed after moving outputs to ``rundir/results/NAME``) or
         ``"all"``. Failed attempts' sandboxes are always kept. ``requires_programs``
         (programs that must be on the worker's PATH) and ``requires`` (Python modules)
         are checked on the worker first: a failed check is ENVIRONMENT, not retried.
+        ``inherit_env`` is what the program inherits from the worker's environment (which
+        is the client's, on the local backend): True (all), False (only ``env``), or a
+        list of names to pass through, e.g. ``["PATH", "HOME"]``. ``cwd`` is relative to
+        the sandbox (and may not climb out of it); an absolute ``cwd`` runs the program
+        there but then no ``outputs`` may be declared, since outputs are only ever taken
+        from inside the sandbox.
         """
         programs = str_list(requires_programs, "requires_programs")
         modules = str_list(requires, "requires")
@@ -387,6 +406,7 @@ class Session(cf.Executor):
             key=key,
             keep_sandboxes=keep_sandboxes or self._keep_sandboxes,
             task_type=Task,
+            inherit_env=inherit_env,
         )
         payload, deps = pickle_call(spec.template, self, Task, f"program {spec.shown!r}")
         digest = call_digest(payload, deps, input_stamps(spec.template))
@@ -517,7 +537,9 @@ class Session(cf.Executor):
             raise RuntimeError("cannot schedule new futures after shutdown")
         payload, deps = self._pickle_call(fn, args, kwargs)
         name = opts.name or getattr(fn, "__qualname__", None) or type(fn).__name__
-        task = self._register(name, opts, call_digest(payload, deps), deps, payload, "call")
+        digest, task_unstable = call_key_digest((fn, args, kwargs), payload, deps)
+        task = self._register(name, opts, digest, deps, payload, "call")
+        task._key_unstable = task_unstable if opts.key is None else None
         if self._on_failure is not None:
             task._call = (fn, args, kwargs)
         return self._start(task)
@@ -537,6 +559,8 @@ class Session(cf.Executor):
         kind: str,
     ) -> Task:
         with self._lock:
+            if self._journal is not None:
+                self._journal.raise_if_broken()  # loudly, rather than lose the run's history
             if opts.key is not None:
                 key = opts.key
                 if key in self._keys:
@@ -564,7 +588,13 @@ class Session(cf.Executor):
 
     def _start(self, task: Task) -> Task:
         acts = _Actions()
-        restored = self._restore_value(task) if self._resume else None
+        try:
+            restored = self._restore_value(task) if self._resume else None
+        except BaseException:  # e.g. an untrusted value file: this task was never submitted
+            with self._lock:
+                self._keys.pop(task.key, None)
+                self._tasks.pop(task._tid, None)
+            raise
         with self._lock:
             if restored is not None:
                 task._value_bytes, task._pending_value = restored
@@ -593,6 +623,15 @@ class Session(cf.Executor):
         with self._lock:
             data = self._journal.done_value(task.key)
         if data is None:
+            if task._key_unstable is not None:
+                log.warning(
+                    "pilotfish resume: task %s is not DONE in the journal %s, perhaps because "
+                    "its automatic key is not the same in every process: %s. It runs again; "
+                    "give it a key (pilotfish.task(fn, key=...)) so resume can find it.",
+                    task.key,
+                    self._journal.path,
+                    task._key_unstable,
+                )
             return None
         try:
             return data, pickle.loads(data)

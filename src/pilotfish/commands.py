@@ -11,6 +11,16 @@ sandbox as its working directory (unless told otherwise), and its declared
 outputs are looked up there after it exits.  :func:`run_command` never deletes
 the sandbox: whoever called it decides whether to keep it for debugging.
 
+*Edges trust nothing.*  A task key never becomes a path (:func:`safe_dirname`);
+:func:`make_sandbox` creates a directory no other attempt or run ever had, so a
+stale file cannot pass for an output.  An output counts only if it resolves,
+symlinks followed, to a path inside the sandbox: a link to the user's file, a
+file inside a staged input directory, or a file under a ``cwd`` outside the
+sandbox is refused by name.  :func:`spec_problem` is the one list of argument
+rules (NUL bytes, env names, ``cwd``, output names), applied by the client at
+submit and again here.  An exit status lost to someone else's ``wait`` (ECHILD,
+e.g. SIGCHLD ignored) is reported, never read as success.
+
 *Stage first, fail early.*  Everything that can be checked before spawning is
 checked before spawning: that every input exists and its name stays inside the
 sandbox, that the program can be found and is executable, that the working
@@ -55,6 +65,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
+import math
 import os
 import select
 import shutil
@@ -78,14 +90,19 @@ __all__ = [
     "OutcomeKind",
     "describe_exit",
     "make_sandbox",
+    "output_problem",
     "run_command",
+    "safe_dirname",
     "signal_name",
+    "spec_problem",
     "tail_lines",
 ]
 
-OutcomeKind = Literal["ok", "failed", "missing_output", "timeout", "environment", "staging"]
+OutcomeKind = Literal[
+    "ok", "failed", "missing_output", "timeout", "environment", "staging", "invalid"
+]
 _KINDS: frozenset[str] = frozenset(
-    ("ok", "failed", "missing_output", "timeout", "environment", "staging")
+    ("ok", "failed", "missing_output", "timeout", "environment", "staging", "invalid")
 )
 
 STDOUT_NAME = "stdout.txt"
@@ -115,6 +132,9 @@ class CommandSpec:
     stdin: str | None = None
     cwd: str | None = None
     timeout: float | None = None
+    #: What the program inherits from this process's environment: True (all of it),
+    #: False (nothing: only ``env``), or the names of the variables to pass through.
+    inherit_env: bool | tuple[str, ...] = True
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able representation (lists and dicts of strings)."""
@@ -126,6 +146,9 @@ class CommandSpec:
             "stdin": self.stdin,
             "cwd": self.cwd,
             "timeout": self.timeout,
+            "inherit_env": self.inherit_env
+            if isinstance(self.inherit_env, bool)
+            else list(self.inherit_env),
         }
 
     @classmethod
@@ -133,6 +156,7 @@ class CommandSpec:
         """Inverse of :meth:`to_dict`."""
         env = d.get("env")
         timeout = d.get("timeout")
+        inherit = d.get("inherit_env", True)
         return cls(
             argv=tuple(str(a) for a in d["argv"]),
             inputs={str(k): str(v) for k, v in (d.get("inputs") or {}).items()},
@@ -141,6 +165,7 @@ class CommandSpec:
             stdin=_opt_str(d.get("stdin")),
             cwd=_opt_str(d.get("cwd")),
             timeout=None if timeout is None else float(timeout),
+            inherit_env=inherit if isinstance(inherit, bool) else tuple(str(x) for x in inherit),
         )
 
 
@@ -151,7 +176,8 @@ class CommandResult:
     ``stdout``/``stderr`` are the complete output files, ``outputs`` maps each
     declared output to its path, ``sandbox`` is the attempt's sandbox when it is
     kept (``keep_sandboxes="all"``), else None (the files were moved to
-    ``rundir/results/KEY``). Paths are on ``host``'s filesystem.
+    ``rundir/results/NAME``, the sandbox's own unique name; see
+    :func:`make_sandbox`). Paths are on ``host``'s filesystem.
     """
 
     returncode: int
@@ -271,18 +297,47 @@ def tail_lines(path: str | Path, n: int = 20, max_bytes: int = 65536) -> str:
     return "\n".join(line.rstrip(b"\r").decode("utf-8", errors="replace") for line in lines)
 
 
-def make_sandbox(root: str | Path, name: str) -> Path:
-    """Create ``root`` (mode 0700) if needed and a new, unique sandbox dir inside it.
+def safe_dirname(key: str, prefix_len: int = 40) -> str:
+    """A short, filesystem-safe, collision-free directory name for a task key.
 
-    The sandbox is named after ``name`` (made filesystem-safe) plus a random
-    suffix and is created with mode 0700.
+    A key never becomes a path as it is: ``".."``, ``"a/b"``, a NUL byte or a
+    300-character key would climb out of the run directory, collide with
+    another task's directory or fail.  The name is a readable prefix
+    (letters, digits, ``._-``; other characters become ``_``; no leading dot)
+    plus a hash of the *whole* key, so ``"a/b"`` and ``"a_b"`` differ.
     """
+    raw = key.encode("utf-8", "surrogatepass")
+    digest = hashlib.sha256(raw).hexdigest()[:16]
+    safe = "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "_" for c in key)
+    safe = safe[:prefix_len].lstrip(".") or "task"
+    return f"{safe}-{digest}"
+
+
+def _private_root(root: str | Path) -> Path:
+    """Create ``root`` (mode 0700) if needed; refuse it if it is not a real directory."""
     root_path = Path(root).absolute()
     if not root_path.is_dir():
         root_path.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(root_path, 0o700)
-    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in name).strip(".")
-    return Path(tempfile.mkdtemp(prefix=(safe[:80] or "cmd") + "-", dir=root_path))
+    if root_path.is_symlink() or not root_path.is_dir():
+        raise NotADirectoryError(
+            errno.ENOTDIR, "not a real directory (a symlink or a file?)", str(root_path)
+        )
+    return root_path
+
+
+def make_sandbox(root: str | Path, name: str, tag: str = "") -> Path:
+    """Create ``root`` (mode 0700) if needed and a new, unique sandbox dir inside it.
+
+    The sandbox is named ``safe_dirname(name)`` plus a random suffix and is
+    created with mode 0700 by ``mkdir``, which fails if the name exists
+    (``tempfile.mkdtemp`` then tries another): no other attempt, session or
+    process ever gets the same directory, so no stale file of an earlier run
+    can be taken for an output and no kept sandbox is ever reused or removed.
+    """
+    clean_tag = "".join(c for c in tag if c.isascii() and c.isalnum())[:20]
+    prefix = safe_dirname(name) + (f".{clean_tag}" if clean_tag else "") + "."
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=_private_root(root)))
 
 
 def _host() -> str:
@@ -340,12 +395,16 @@ class _ExitWatcher:
             except OSError:
                 self._pidfd = None
         self._delay = 0.001
+        #: The exit status was lost: someone else reaped the child (ECHILD), e.g.
+        #: because SIGCHLD is ignored in this process.  Never read as success.
+        self.lost = False
 
     def exited(self) -> bool:
         try:
             res = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
         except ChildProcessError:
-            return True  # already reaped by someone else
+            self.lost = True  # already reaped by someone else: status unknown
+            return True
         return res is not None
 
     def wait(self, timeout: float) -> bool:
@@ -467,6 +526,114 @@ def _check_input_name(name: str, sandbox: Path) -> str | None:
     return None
 
 
+_RESERVED = frozenset((".", STDOUT_NAME, STDERR_NAME))
+
+
+def output_problem(name: object, cwd: str | None = None) -> str | None:
+    """An error sentence if ``name`` cannot be a declared output, else None.
+
+    An output is a relative path below the working directory that stays
+    inside the sandbox and is neither the sandbox itself nor one of the
+    runner's own files (``stdout.txt``, ``stderr.txt``).
+    """
+    if not isinstance(name, str) or not name:
+        return f"output {name!r} must be a non-empty relative path"
+    if "\0" in name:
+        return f"output {name!r} contains a NUL byte"
+    if os.path.isabs(name) or ".." in Path(name).parts:
+        return f"output {name!r} must be a relative path inside the sandbox (no '/...', no '..')"
+    rel_cwd = cwd if cwd is not None and not os.path.isabs(cwd) else ""
+    if os.path.normpath(os.path.join(rel_cwd, name)) in _RESERVED:
+        return (
+            f"output {name!r} is reserved: it names the sandbox itself or the runner's own "
+            f"{STDOUT_NAME}/{STDERR_NAME} (those are always returned as .stdout/.stderr)"
+        )
+    return None
+
+
+def _env_problem(env: object, what: str = "env") -> str | None:
+    if env is None:
+        return None
+    if not isinstance(env, Mapping):
+        return f"{what} must be a dict of str to str"
+    for k, v in env.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            return f"{what} must be a dict of str to str (got {k!r}: {v!r})"
+        if not k or "=" in k or "\0" in k:
+            return f"{what} name {k!r} is invalid (empty, or contains '=' or a NUL byte)"
+        if "\0" in v:
+            return f"{what}[{k!r}] contains a NUL byte"
+    return None
+
+
+def spec_problem(spec: CommandSpec) -> str | None:
+    """An error sentence naming the first argument of ``spec`` that cannot run, else None.
+
+    The client checks the same rules when the task is submitted
+    (``Session.executable``); this copy catches values that only arrived on
+    the worker (dependency results) and direct callers of :func:`run_command`.
+    """
+    if not spec.argv:
+        return "argv is empty"
+    for i, a in enumerate(spec.argv):
+        if not isinstance(a, str):
+            return f"argv[{i}]={a!r} is not a string"
+        if "\0" in a:
+            return f"argv[{i}]={a!r} contains a NUL byte"
+    problem = _env_problem(spec.env)
+    if problem is not None:
+        return problem
+    ie = spec.inherit_env
+    if not isinstance(ie, bool) and not (
+        isinstance(ie, tuple) and all(isinstance(n, str) for n in ie)
+    ):
+        return f"inherit_env={ie!r} must be True, False or a list of variable names"
+    cwd = spec.cwd
+    if cwd is not None:
+        if not isinstance(cwd, str) or not cwd or "\0" in cwd:
+            return f"cwd={cwd!r} must be a non-empty path without NUL bytes"
+        if not os.path.isabs(cwd) and ".." in Path(cwd).parts:
+            return f"cwd={cwd!r} escapes the sandbox ('..' is not allowed in a relative cwd)"
+        if os.path.isabs(cwd) and spec.outputs:
+            return (
+                f"cwd={cwd!r} is outside the sandbox, so outputs {list(spec.outputs)!r} cannot "
+                "be collected (outputs are only taken from the sandbox; use a relative cwd "
+                "or write the outputs into the sandbox)"
+            )
+    if spec.stdin is not None and "\0" in spec.stdin:
+        return f"stdin={spec.stdin!r} contains a NUL byte"
+    t = spec.timeout
+    if t is not None and (
+        isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t <= 0
+    ):
+        return f"timeout={t!r} must be a finite number of seconds > 0, or None"
+    for n, src in spec.inputs.items():
+        if "\0" in n or "\0" in src:
+            return f"input {n!r}: {src!r} contains a NUL byte"
+    seen: dict[str, str] = {}
+    staged = [os.path.normpath(n) for n in spec.inputs]
+    for name in spec.outputs:
+        problem = output_problem(name, cwd)
+        if problem is not None:
+            return problem
+        norm = os.path.normpath(os.path.join(cwd or "", name))
+        if norm in seen:
+            return f"outputs {seen[norm]!r} and {name!r} are the same file"
+        seen[norm] = name
+        for inp in staged:
+            if norm == inp or norm.startswith(inp + os.sep):
+                return (
+                    f"output {name!r} is (inside) the input {inp!r}, which is the user's own "
+                    "file; outputs must be new files in the sandbox"
+                )
+    return None
+
+
+def _inside(path: str, root: str) -> bool:
+    """Is the already-resolved ``path`` strictly inside the resolved ``root``?"""
+    return path != root and os.path.commonpath([path, root]) == root
+
+
 def _stage_inputs(spec: CommandSpec, sandbox: Path) -> str | None:
     """Symlink every input into the sandbox.  Returns an error message or None."""
     host = _host()
@@ -549,6 +716,10 @@ def run_command(
     box = Path(sandbox).absolute()
     program = spec.argv[0] if spec.argv else ""
 
+    problem = spec_problem(spec)
+    if problem is not None:
+        return _outcome("invalid", f"invalid program task on host {host}: {problem}.", box, started)
+
     # --- sandbox and inputs -------------------------------------------------
     try:
         if not box.is_dir():
@@ -566,7 +737,12 @@ def run_command(
         return _outcome("staging", problem, box, started)
 
     # --- environment: cwd, program, stdin ------------------------------------
-    env = dict(os.environ)
+    if spec.inherit_env is True:
+        env = dict(os.environ)
+    elif spec.inherit_env is False:
+        env = {}
+    else:
+        env = {k: os.environ[k] for k in spec.inherit_env if k in os.environ}
     if spec.env:
         env.update(spec.env)
     if spec.cwd is None:
@@ -701,6 +877,17 @@ def run_command(
     ran = time.monotonic() - spawned
     rc = proc.returncode
     assert rc is not None
+    if watcher.lost:
+        return _outcome(
+            "environment",
+            f"the exit status of {program!r} on host {host} was lost: the child was reaped "
+            "by someone else (ECHILD; is SIGCHLD ignored in this worker, e.g. by an earlier "
+            f"task calling signal.signal(SIGCHLD, SIG_IGN)?). stderr: {stderr_path}; "
+            f"sandbox {box}.",
+            box,
+            started,
+            streams=True,
+        )
 
     if reason_killed == "timeout":
         return _outcome(
@@ -738,12 +925,34 @@ def run_command(
 
     found: dict[str, str] = {}
     missing: list[str] = []
+    escaped: dict[str, str] = {}
+    real_box = os.path.realpath(box)
     for name in spec.outputs:
         path = os.path.abspath(os.path.join(cwd, name))
-        if os.path.exists(path):
+        if not os.path.lexists(path):
+            missing.append(name)
+        elif not _inside(os.path.realpath(path), real_box):
+            # a symlink to a file outside, a file inside a staged input directory,
+            # or a cwd outside the sandbox: never the program's own new file
+            escaped[name] = os.path.realpath(path)
+        elif os.path.exists(path):
             found[name] = path
         else:
-            missing.append(name)
+            missing.append(name)  # a dangling symlink
+    if escaped:
+        where = ", ".join(f"{n!r} -> {p}" for n, p in escaped.items())
+        return _outcome(
+            "missing_output",
+            f"{program!r} on host {host} exited 0 but declared output(s) {where} resolve "
+            f"outside the sandbox {box}; outputs are only taken "
+            "from inside the sandbox (a symlink to, or a file inside, the user's own files "
+            "is never collected).",
+            box,
+            started,
+            returncode=rc,
+            streams=True,
+            missing=tuple(escaped),
+        )
     if missing:
         listed = ", ".join(repr(m) for m in missing)
         return _outcome(

@@ -13,14 +13,41 @@ cleanly (WAL) and shows everything committed up to then: a task counts as DONE
 for ``resume`` only once its DONE row is committed.
 
 Readers (the CLI) use :class:`JournalReader`, which never writes.
+
+The journal never drops a record:
+
+- a text field SQLite cannot store (a key or name with a lone surrogate such as
+  ``"bad\\udc80"``) is written escaped (``backslashreplace``: ``'bad\\\\udc80'``) and a
+  warning is logged; any other record that cannot be encoded is written row by row,
+  escaped, or as a minimal row that says why;
+- "database is locked" / "busy" errors are retried for ``retry_for`` seconds;
+- when the journal cannot be written at all (disk full, I/O error, read-only file
+  system, locked for longer), the records stay queued in memory and are retried at
+  every flush; :meth:`Journal.raise_if_broken` raises a :class:`JournalError` naming
+  the path and the cause, and the session calls it at every ``submit``,
+  ``executable`` and ``Task.result()``, until a flush succeeds;
+- the final flush of :meth:`Journal.close` (``Session.shutdown``) never raises for
+  these ordinary failures: it logs an ERROR on the ``pilotfish`` logger naming the
+  path, the cause and the keys not written, and leaves :attr:`Journal.error` set.
+
+Pickles are trusted only from files the user owns and nobody else can write
+(:func:`check_private`): resume refuses a run directory, journal or value file
+that is owned by someone else or writable by group or others (whoever can write
+it could make resume run their code). An existing run directory of the user's
+that is group/other-writable is tightened to 0700 with a logged warning
+(:func:`secure_rundir`); one owned by someone else, or a shared sticky directory
+such as ``/tmp``, is refused.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
+import logging
 import os
 import sqlite3
+import stat
 import threading
 import time
 from pathlib import Path
@@ -30,6 +57,8 @@ from .errors import PilotfishError
 
 SCHEMA_VERSION = 1
 VALUE_INLINE_MAX = 1 << 20
+
+log = logging.getLogger("pilotfish")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -115,7 +144,114 @@ def _decode_history(text: str | None) -> list[tuple[float, str, str]]:
 
 
 class JournalError(PilotfishError):
-    """The journal is missing, corrupt, foreign, or from a newer pilotfish."""
+    """The journal is missing, corrupt, foreign, from a newer pilotfish, not safe to load
+    pickles from, or cannot be written."""
+
+
+# --------------------------------------------------------------------------- trust
+
+
+def _loose(st: os.stat_result) -> str | None:
+    """Why a file or directory with this stat cannot be trusted, or None."""
+    uid = os.getuid()
+    if st.st_uid != uid:
+        return f"is owned by uid {st.st_uid}, not by you (uid {uid})"
+    if st.st_mode & 0o022:
+        who = " and ".join(
+            w for w, bit in (("group", 0o020), ("others", 0o002)) if st.st_mode & bit
+        )
+        return f"is writable by {who} (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+def _refuse(path: Path | str, what: str, problem: str) -> JournalError:
+    return JournalError(
+        f"refusing to load pickles from {what} {path}: it {problem}. Whoever can write it "
+        "could make pilotfish run their code. If you trust its contents, make it yours "
+        f"and private (`chown $(id -u) '{path}'` and `chmod go-w '{path}'`), or start "
+        "a new run without resume (another --rundir)."
+    )
+
+
+def check_private(path: Path | str, what: str) -> None:
+    """Raise :class:`JournalError` unless ``path`` is owned by the user and not writable by
+    group or others (checked with ``stat``, following symlinks)."""
+    problem = _loose(os.stat(path))
+    if problem is not None:
+        raise _refuse(path, what, problem)
+
+
+def read_private(path: Path, what: str) -> bytes:
+    """The bytes of ``path``, checked on the open file (no symlink, owned by the user,
+    not writable by others), so a file swapped in after a check is never read."""
+    check_private(path.parent, "the directory of")
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as e:
+        if os.path.islink(path):
+            raise _refuse(path, what, "is a symbolic link") from e
+        raise
+    with os.fdopen(fd, "rb") as f:
+        problem = _loose(os.fstat(f.fileno()))
+        if problem is not None:
+            raise _refuse(path, what, problem)
+        return f.read()
+
+
+def secure_rundir(path: Path | str) -> None:
+    """Make an existing run directory private, or refuse it (see the module docstring)."""
+    st = os.stat(path)
+    if st.st_uid != os.getuid():
+        raise JournalError(
+            f"the run directory {path} is owned by uid {st.st_uid}, not by you (uid "
+            f"{os.getuid()}); pilotfish keeps pickles there, so it must be yours: choose "
+            "another rundir (the default is ./.pilotfish)"
+        )
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o022:
+        if mode & stat.S_ISVTX:
+            raise JournalError(
+                f"the run directory {path} is a shared directory (mode {mode:04o}, sticky); "
+                "pilotfish keeps pickles there, so choose a directory of your own as rundir"
+            )
+        try:
+            os.chmod(path, mode & 0o700)
+        except OSError as e:
+            raise JournalError(
+                f"the run directory {path} is writable by others (mode {mode:04o}) and "
+                f"cannot be made private ({e.strerror or e}); pilotfish keeps pickles "
+                f"there: `chmod go-w '{path}'` or choose another rundir"
+            ) from e
+        log.warning(
+            "pilotfish: the run directory %s was writable by others (mode %04o); made it "
+            "private (mode %04o), since pilotfish loads pickles from it",
+            path,
+            mode,
+            mode & 0o700,
+        )
+
+
+def _safe_text(s: str) -> str:
+    """``s`` as SQLite can store it (valid UTF-8): lone surrogates backslash-escaped."""
+    if s.isascii():
+        return s
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return s.encode("utf-8", "backslashreplace").decode("utf-8")
+    return s
+
+
+def _escape_row(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(_safe_text(v) if isinstance(v, str) else v for v in row)
+
+
+_DATA_ERRORS = (ValueError, TypeError, OverflowError, sqlite3.InterfaceError)
+
+
+def _transient(e: BaseException) -> bool:
+    msg = str(e).lower()
+    return isinstance(e, sqlite3.OperationalError) and ("locked" in msg or "busy" in msg)
 
 
 def _check(conn: sqlite3.Connection, path: Path) -> None:
@@ -146,16 +282,43 @@ def _check(conn: sqlite3.Connection, path: Path) -> None:
 class Journal:
     """The single writer. ``record_*`` methods are called with the session's lock held."""
 
-    def __init__(self, path: str | os.PathLike[str], *, flush_interval: float = 0.5) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        flush_interval: float = 0.5,
+        resume: bool = False,
+        retry_for: float = 30.0,
+    ) -> None:
+        """``resume``: values will be loaded from it, so the journal, its directory and its
+        WAL files must be private (else :class:`JournalError`); without it, an own journal
+        with loose permissions is made 0600. ``retry_for``: seconds to retry a locked
+        database before the journal counts as broken."""
         self.path = Path(path)
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.values_dir = self.path.parent / "values"
+        self.error: JournalError | None = None  # set while records cannot be written
+        self._retry_for = retry_for
+        self._cause = ""
+        if resume:
+            check_private(self.path.parent, "the run directory")
         existed = self.path.exists()
         if not existed:
             fd = os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600)
             os.close(fd)
         else:
-            os.chmod(self.path, 0o600)
+            for side in ("", "-wal", "-shm"):
+                p = Path(str(self.path) + side)
+                problem = _loose(os.stat(p)) if p.exists() else None
+                if problem is not None and resume:
+                    raise _refuse(p, "the journal", problem)
+                if problem is not None and "owned" in problem:
+                    raise JournalError(
+                        f"the journal {p} {problem}: pilotfish writes only its own "
+                        "journals; choose another rundir or journal path"
+                    )
+                if problem is not None:
+                    os.chmod(p, 0o600)
         self.conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         _check(self.conn, self.path)
         self.conn.execute("PRAGMA journal_mode=WAL")
@@ -190,18 +353,26 @@ class Journal:
     def done_value(self, key: str) -> bytes | None:
         """The pickled value of ``key`` if it is DONE in the journal, else None."""
         row = self.conn.execute(
-            "SELECT state, value, value_path FROM tasks WHERE key=?", (key,)
+            "SELECT state, value, value_path FROM tasks WHERE key=?", (_safe_text(key),)
         ).fetchone()
         if row is None or row[0] != "DONE":
             return None
         if row[1] is not None:
             return bytes(row[1])
         if row[2]:
-            try:
-                return Path(row[2]).read_bytes()
-            except OSError:
+            # only a file in this run's values/ (the row holds its name; the rundir may move)
+            path = self.values_dir / Path(row[2]).name
+            if not path.exists() and not path.is_symlink():
                 return None
+            return read_private(path, "the value file")
         return None
+
+    def raise_if_broken(self) -> None:
+        """Raise :class:`JournalError` while the journal cannot be written (the session
+        calls this at every submit and result); nothing once the journal is closed."""
+        err = self.error
+        if err is not None and not self._closed:
+            raise JournalError(str(err)) from err.__cause__
 
     # ------------------------------------------------------------------ recording
     def record(
@@ -230,16 +401,16 @@ class Journal:
                 if not self._closed:
                     self._cv.wait(self._flush_interval)
                 closed = self._closed
+            if closed:
+                return  # close() does the final flush
             try:
                 self.flush()
             except BaseException:  # logged; a journal failure must never kill the session
-                import logging
-
-                logging.getLogger("pilotfish").exception("pilotfish: journal write failed")
-            if closed:
-                return
+                log.exception("pilotfish: journal write failed")
 
     def flush(self) -> None:
+        """Write what is queued. Records that cannot be written stay queued, and
+        :attr:`error` says why (see the module docstring); it never drops one."""
         q = self._q
         latest: dict[str, tuple[Any, ...]] = {}
         for _ in range(len(q)):
@@ -247,11 +418,45 @@ class Journal:
             latest[rec[0].key] = rec
         if not latest:
             return
+        try:
+            self._write([self._row(rec) for rec in latest.values()])
+        except Exception as e:  # sqlite3.Error, OSError (values/), or a bug: keep them all
+            q.extendleft(reversed(list(latest.values())))  # kept, older than what came since
+            msg = (
+                f"the journal {self.path} cannot be written ({type(e).__name__}: {e}); "
+                f"{len(q)} task record(s) are held in memory and retried every "
+                f"{self._flush_interval:g} s. Free disk space or fix the file system; until "
+                "then the run's history is not on disk and resume would rerun these tasks"
+            )
+            cause = f"{type(e).__name__}: {e}"
+            if self.error is None or self._cause != cause:  # once per cause, not per flush
+                log.error("pilotfish: %s", msg)
+            self._cause = cause
+            err = JournalError(msg)
+            err.__cause__ = e
+            self.error = err
+            return
+        if self.error is not None:
+            log.warning("pilotfish: the journal %s is written again", self.path)
+            self.error = None
+
+    def _row(self, rec: tuple[Any, ...]) -> tuple[Any, ...]:
+        task, state, history, attempts, failure, value, now = rec
+        key, name = _safe_text(task.key), _safe_text(task.name)
+        if key != task.key or name != task.name:
+            log.warning(
+                "pilotfish: task key %r or name %r is not valid UTF-8 text; the journal %s "
+                "stores it escaped as %r / %r",
+                task.key,
+                task.name,
+                self.path,
+                key,
+                name,
+            )
         opts_json = self._opts_json  # TaskOptions objects are shared by many tasks
         if len(opts_json) > 4096:
             opts_json.clear()
-        rows: list[tuple[Any, ...]] = []
-        for task, state, history, attempts, failure, value, now in latest.values():
+        try:
             cached = opts_json.get(id(task.options))
             if cached is None or cached[0] is not task.options:
                 cached = opts_json[id(task.options)] = (
@@ -259,39 +464,75 @@ class Journal:
                     json.dumps(task.options.to_dict(), default=str),
                 )
             head = (
-                task.key,
-                task.name,
+                key,
+                name,
                 task._kind,
                 json.dumps([d.key for d in task._deps]) if task._deps else "[]",
                 cached[1],
                 self.run,
             )
             if state is None:  # submitted, nothing else known yet: the cheap row
-                rows.append((*head, now, "PENDING", now, None, None, None, "[]", ""))
-                continue
+                return (*head, now, "PENDING", now, None, None, None, "[]", "")
             value_path = None
             if value is not None and len(value) > VALUE_INLINE_MAX:
                 value_path, value = str(self._value_file(task.key, value)), None
-            rows.append(
-                (
-                    *head,
-                    history[0][0] if history else now,
-                    state,
-                    now,
-                    json.dumps(failure.to_dict()) if failure is not None else None,
-                    value,
-                    value_path,
-                    *_encode(history, attempts),
-                )
+            return (
+                *head,
+                history[0][0] if history else now,
+                state,
+                now,
+                json.dumps(failure.to_dict()) if failure is not None else None,
+                value,
+                value_path,
+                *_encode(history, attempts),
             )
-        c = self.conn
-        c.execute("BEGIN")
+        except OSError:
+            raise  # the values directory cannot be written: the journal is broken
+        except Exception as e:
+            log.warning("pilotfish: journal record of task %r is incomplete: %s", key, e)
+            note = json.dumps({"journal_error": f"{type(e).__name__}: {e}"}, default=str)
+            head = (key, name, str(task._kind), "[]", "{}", self.run)
+            return (*head, now, state or "PENDING", now, note, None, None, "[]", "")
+
+    def _write(self, rows: list[tuple[Any, ...]]) -> None:
+        """One transaction; on a record SQLite refuses, row by row (escaped if need be)."""
         try:
-            c.executemany(_UPSERT, rows)
-            c.execute("COMMIT")
-        except BaseException:
-            c.execute("ROLLBACK")
-            raise
+            self._commit(rows)
+            return
+        except _DATA_ERRORS:
+            pass
+        for row in rows:
+            try:
+                self._commit([row])
+                continue
+            except _DATA_ERRORS as e:
+                log.warning("pilotfish: journal record of task %r escaped: %s", row[0], e)
+            try:
+                self._commit([_escape_row(row)])
+            except _DATA_ERRORS as e:
+                note = json.dumps({"journal_error": f"{type(e).__name__}: {e}"})
+                minimal = (ascii(row[0]), ascii(row[1]), "call", "[]", "{}", self.run)
+                self._commit([(*minimal, row[6], row[7], row[8], note, None, None, "[]", "")])
+
+    def _commit(self, rows: list[tuple[Any, ...]]) -> None:
+        """Commit ``rows`` in one transaction, retrying "locked"/"busy" for ``retry_for``."""
+        c = self.conn
+        deadline = time.monotonic() + self._retry_for
+        delay = 0.01
+        while True:
+            try:
+                c.execute("BEGIN")
+                c.executemany(_UPSERT, rows)
+                c.execute("COMMIT")
+                return
+            except BaseException as e:
+                if c.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        c.execute("ROLLBACK")
+                if not _transient(e) or time.monotonic() + delay > deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
 
     def _value_file(self, key: str, value: bytes) -> Path:
         import hashlib
@@ -305,17 +546,45 @@ class Journal:
         return path
 
     def close(self, status: str = "finished") -> None:
+        """The final flush. Never raises for a journal that cannot be written: it logs an
+        ERROR naming the path, the cause and the tasks not journaled (:attr:`error`)."""
         with self._cv:
             if self._closed:
                 return
             self._closed = True
             self._cv.notify()
         self._thread.join()
-        self.flush()
-        self.conn.execute(
-            "UPDATE runs SET ended=?, status=? WHERE id=?", (time.time(), status, self.run)
-        )
-        self.conn.close()
+        try:
+            self.flush()
+            if self.error is None:
+                self._commit_run_status(status)
+        except Exception as e:  # not expected: flush keeps its own errors in self.error
+            err = JournalError(f"the journal {self.path} cannot be written ({e})")
+            err.__cause__ = e
+            self.error = err
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                self.conn.close()
+        if self.error is not None:
+            keys = [rec[0].key for rec in self._q]
+            shown = ", ".join(repr(k) for k in keys[:20]) + (" ..." if len(keys) > 20 else "")
+            log.error(
+                "pilotfish: the run ended but its journal could not be completed: %s. Not "
+                "journaled: %d record(s) of task(s) %s",
+                self.error,
+                len(keys),
+                shown or "(none)",
+            )
+
+    def _commit_run_status(self, status: str) -> None:
+        try:
+            self.conn.execute(
+                "UPDATE runs SET ended=?, status=? WHERE id=?", (time.time(), status, self.run)
+            )
+        except sqlite3.Error as e:
+            err = JournalError(f"the journal {self.path} cannot record the run's end ({e})")
+            err.__cause__ = e
+            self.error = err
 
 
 # --------------------------------------------------------------------------- reading
@@ -374,11 +643,12 @@ class JournalReader:
         row = self.task(key)
         if row is None or row["state"] != "DONE":
             return None
-        data = (
-            row["value"]
-            if row["value"] is not None
-            else (Path(row["value_path"]).read_bytes() if row["value_path"] else None)
-        )
+        check_private(self.path, "the journal")
+        data = row["value"]
+        if data is None and row["value_path"]:
+            data = read_private(
+                self.path.parent / "values" / Path(row["value_path"]).name, "the value file"
+            )
         return pickle.loads(data) if data is not None else None
 
     def find(self, prefix: str) -> list[str]:

@@ -10,15 +10,24 @@ TIMEOUT or ENVIRONMENT with every path in ``extra``.
 
 Stage on error: a failed attempt's sandbox is never touched. A successful
 one is kept with ``keep_sandboxes="all"``; with ``"failed"`` (the default)
-its declared outputs and stdout/stderr are moved to ``rundir/results/KEY/``
+its declared outputs and stdout/stderr are moved to ``rundir/results/NAME/``
 and the sandbox is removed.
+
+Edges trust nothing (DESIGN section 5): a task key never becomes a path.
+Every attempt gets a fresh sandbox ``rundir/sandboxes/NAME`` created with
+``mkdir`` that fails if it exists (:func:`pilotfish.commands.make_sandbox`),
+where ``NAME`` is a safe prefix of the key, a hash of the whole key, the
+attempt number and a random suffix; its results directory has the same
+``NAME``. So no attempt, in this session or any other, reuses a sandbox, sees
+a stale file, or removes another task's results. Outputs have already been
+checked to resolve inside the sandbox (``run_command``); a symlinked output is
+copied (its target may be shared), a plain one is moved.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
-import re
 import shutil
 import threading
 from collections.abc import Callable
@@ -32,7 +41,9 @@ from ..commands import (
     CommandResult,
     CommandSpec,
     describe_exit,
+    make_sandbox,
     run_command,
+    spec_problem,
     tail_lines,
 )
 
@@ -42,12 +53,14 @@ _CATEGORY = {
     "timeout": "timeout",
     "environment": "environment",
     "staging": "environment",
+    "invalid": "invalid_task",
 }
 _TYPE = {
     "command_failed": "pilotfish.CommandFailed",
     "missing_output": "pilotfish.MissingOutput",
     "timeout": "pilotfish.TaskTimeout",
     "environment": "pilotfish.EnvironmentMismatch",
+    "invalid_task": "pilotfish.InvalidTask",
 }
 
 
@@ -68,6 +81,7 @@ def resolve(template: dict[str, Any]) -> CommandSpec:
         name: os.path.abspath(_as_arg(v, f"input {name!r}"))
         for name, v in template["inputs"].items()
     }
+    inherit = template.get("inherit_env", True)  # absent from older templates
     return CommandSpec(
         argv=argv,
         inputs=inputs,
@@ -76,11 +90,17 @@ def resolve(template: dict[str, Any]) -> CommandSpec:
         stdin=template["stdin"],
         cwd=template["cwd"],
         timeout=template["timeout"],
+        inherit_env=inherit if isinstance(inherit, bool) else tuple(inherit),
     )
 
 
-def _safe(key: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.+-]", "_", key)[:120]
+def _invalid(m: _wire.RunAttempt, what: str) -> tuple[bool, bytes]:
+    """The attempt cannot start because of its own arguments: INVALID_TASK (permanent),
+    never a crashed worker taken for WORKER_LOST."""
+    env = _wire.Envelope(
+        "invalid_task", _TYPE["invalid_task"], f"task {m.key!r}: {what}", "", None, {}
+    )
+    return False, pickle.dumps(env, _wire.PROTOCOL)
 
 
 def run_command_attempt(
@@ -95,13 +115,41 @@ def run_command_attempt(
     except BaseException as e:
         env = _wire.envelope_for(e, "user_error")
         return False, pickle.dumps(env, _wire.PROTOCOL)
-    root = Path(rundir) / "sandboxes"
-    root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    box = root / f"{_safe(m.key)}.a{m.attempt}"
-
-    out = run_command(spec, box, on_start=on_group, cancel=cancel)
+    problem = spec_problem(spec)
+    if problem is not None:
+        return _invalid(m, f"invalid program task: {problem}")
+    try:
+        box = make_sandbox(Path(rundir) / "sandboxes", m.key, f"a{m.attempt}")
+    except OSError as e:
+        env = _wire.Envelope(
+            "environment",
+            _TYPE["environment"],
+            f"task {m.key!r}: cannot create a sandbox under {Path(rundir) / 'sandboxes'} on "
+            f"host {_wire.host_name()}: {e.strerror or e}",
+            "",
+            None,
+            {"host": _wire.host_name()},
+        )
+        return False, pickle.dumps(env, _wire.PROTOCOL)
+    try:
+        out = run_command(spec, box, on_start=on_group, cancel=cancel)
+    except (ValueError, TypeError, OverflowError) as e:
+        # an argument the checks did not foresee (raised before or by the spawn)
+        return _invalid(m, f"program {spec.argv[:1]!r} cannot start: {type(e).__name__}: {e}")
     if out.kind == "ok":
-        return True, _wire.dumps_value(_result(rundir, m, template, out))
+        try:
+            return True, _wire.dumps_value(_result(rundir, m, template, out))
+        except OSError as e:
+            env = _wire.Envelope(
+                "environment",
+                _TYPE["environment"],
+                f"task {m.key!r}: cannot collect the outputs of sandbox {out.sandbox} on host "
+                f"{out.host}: {e} (sandbox kept)",
+                "",
+                None,
+                {"sandbox": out.sandbox, "host": out.host},
+            )
+            return False, pickle.dumps(env, _wire.PROTOCOL)
     category = _CATEGORY[out.kind]
     extra = {
         "returncode": out.returncode,
@@ -134,15 +182,28 @@ def _result(rundir: str, m: _wire.RunAttempt, template: dict[str, Any], out: Any
     outputs = {k: Path(v) for k, v in out.outputs.items()}
     if template["keep_sandboxes"] == "all":
         return CommandResult(0, stdout, stderr, outputs, box, out.host, out.elapsed)
-    dest = Path(rundir) / "results" / _safe(m.key)
-    if dest.exists():
-        shutil.rmtree(dest)
-    dest.mkdir(mode=0o700, parents=True)
+    # Same unique name as the sandbox: never an existing directory, never another
+    # task's (mkdir fails if it exists; nothing is removed first).
+    results = Path(rundir) / "results"
+    results.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if results.is_symlink() or not results.is_dir():
+        raise NotADirectoryError(f"{results} is not a real directory")
+    dest = results / box.name
+    dest.mkdir(mode=0o700)
     moved: dict[str, Path] = {}
     for name, path in outputs.items():
-        target = dest / name
+        target = dest / os.path.normpath(name)
         target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        shutil.move(os.fspath(path), target)
+        if path.is_symlink():
+            # resolves inside the sandbox (checked by run_command) but its target
+            # may be another output: copy the content, never move through a link
+            real = os.path.realpath(path)
+            if os.path.isdir(real):
+                shutil.copytree(real, target, symlinks=True)
+            else:
+                shutil.copy2(real, target)
+        else:
+            shutil.move(os.fspath(path), target)
         moved[name] = target
     for f in (stdout, stderr):
         shutil.move(os.fspath(f), dest / f.name)

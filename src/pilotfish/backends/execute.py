@@ -6,19 +6,58 @@ that cannot be pickled, calls that cannot be loaded (a module missing on the
 worker) and program failures all become an ``Envelope`` in the result. The
 local worker and the Dask backend both call it, so a task behaves the same
 on every backend.
+
+Signal dispositions are per process and outlive the task that changed them: a
+Python task that calls ``signal.signal(SIGCHLD, SIG_IGN)`` would make the
+kernel reap every later program's child, and its exit status would be lost.
+So the dispositions this module found when the worker imported it (before any
+user code ran) are put back before every attempt, where that is possible (in
+the main thread; elsewhere user code cannot change them either).
 """
 
 from __future__ import annotations
 
+import _signal  # the C module behind `signal`: getsignal without enum conversion, 50x faster
+import contextlib
 import os
 import pickle
+import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from .. import _wire
 from .._wire import Envelope, Result, RunAttempt
+
+
+def _dispositions() -> dict[int, Any]:
+    """This process's current signal handlers, for those set from Python or by default."""
+    out: dict[int, Any] = {}
+    for sig in signal.valid_signals():
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            handler = _signal.getsignal(sig)
+            if handler is not None:  # None: installed by C code; leave it alone
+                out[int(sig)] = handler
+    return out
+
+
+#: What a fresh worker has (taken at import, before any user code ran).
+_FRESH = _dispositions()
+
+
+def reset_signals() -> None:
+    """Put back the fresh worker's signal dispositions (SIGCHLD, SIGPIPE, SIGINT...)
+    that an earlier task changed; a no-op outside the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig, handler in _FRESH.items():
+        if _signal.getsignal(sig) != handler:
+            with contextlib.suppress(OSError, ValueError, TypeError):
+                signal.signal(sig, handler)
 
 
 def _fail(env: Envelope) -> tuple[bool, bytes]:
@@ -102,5 +141,6 @@ def run_attempt(
     """Run ``m`` here and now; ``on_group(pgid)`` is told of a program's process group;
     setting ``cancel`` stops a program (its whole process group) early."""
     started = time.time()
+    reset_signals()
     ok, data = _run(m, worker, host, rundir, on_group, cancel)
     return Result(m.attempt, ok, data, worker, os.getpid(), started, time.time(), host)

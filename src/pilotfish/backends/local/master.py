@@ -278,12 +278,33 @@ class Master:
                 return
 
     def abandon(self) -> None:
-        """The client is gone: nobody can use our results. Take the workers with us."""
+        """The client is gone: nobody can use our results. Take the workers with us, and
+        the programs they run: those known from CommandGroup messages, and any process
+        group a worker's descendant leads (a program whose CommandGroup message is still
+        unread, or not sent yet, when the client died)."""
+        # the client's death arrives twice (EOF and our PDEATHSIG SIGTERM): the second
+        # must not interrupt this clean-up half way
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for p in list(self.procs.values()):
-            self.kill(p.name, self.disp.pgids(p.name))
+            self.kill(p.name, self.disp.pgids(p.name) + _led_groups(p.popen.pid))
         for p in list(self.procs.values()):
             with contextlib.suppress(Exception):
                 p.popen.wait(5)
+
+
+def _led_groups(pid: int) -> tuple[int, ...]:
+    """Process groups led by descendants of ``pid`` (programs start in sessions of their
+    own); never our own group, which may be the client's shell job."""
+    import psutil
+
+    ours = os.getpgrp()
+    out = []
+    with contextlib.suppress(psutil.Error):
+        for c in psutil.Process(pid).children(recursive=True):
+            with contextlib.suppress(OSError):
+                if os.getpgid(c.pid) == c.pid != ours:
+                    out.append(c.pid)
+    return tuple(out)
 
 
 def _client_gone(signum: int, frame: Any) -> None:
