@@ -501,7 +501,7 @@ def _session_procs(sid: str) -> list[Any]:
 
     out = []
     for p in psutil.process_iter():
-        with contextlib.suppress(psutil.Error):
+        with contextlib.suppress(psutil.Error, OSError):  # gone while we looked
             if p.pid == os.getpid() or p.status() == psutil.STATUS_ZOMBIE:
                 continue
             if sid in Path(p.cwd()).parts or any(sid in a for a in p.cmdline()):
