@@ -548,18 +548,8 @@ class Ledger:
                     msg = ev.why
                 out.append(
                     Report(
-                        Lost(
-                            aid,
-                            ev.category,
-                            msg,
-                            ev.worker,
-                            e.pid,
-                            ev.returncode,
-                            ev.signal,
-                            ev.stderr_tail,
-                            e.started,
-                            ev.time,
-                            e.host,
+                        self._lost(
+                            e, ev.category, msg, ev.time, ev.returncode, ev.signal, ev.stderr_tail
                         )
                     )
                 )
@@ -577,28 +567,14 @@ class Ledger:
         resend: list[Any] = []
         for e in list(self.entries.values()):
             if e.where == "started":
-                out.append(
-                    Report(
-                        Lost(
-                            e.attempt,
-                            "runtime_lost",
-                            f"{ev.why} while task {e.key!r} was running"
-                            + (
-                                f"; last lines of its stderr:\n{ev.stderr_tail}"
-                                if ev.stderr_tail
-                                else ""
-                            ),
-                            ev.worker,
-                            ev.pid,
-                            ev.returncode,
-                            ev.signal,
-                            ev.stderr_tail,
-                            e.started,
-                            ev.time,
-                            e.host,
-                        )
-                    )
+                msg = f"{ev.why} while task {e.key!r} was running"
+                if ev.stderr_tail:
+                    msg += f"; last lines of its stderr:\n{ev.stderr_tail}"
+                lost = self._lost(
+                    e, "runtime_lost", msg, ev.time, ev.returncode, ev.signal, ev.stderr_tail
                 )
+                # reported as lost with the master, not with a worker of it
+                out.append(Report(lost._replace(worker=ev.worker, pid=ev.pid)))
                 del self.entries[e.attempt]
             elif e.cancelled:
                 del self.entries[e.attempt]
@@ -634,9 +610,29 @@ class Ledger:
             out.append(Expired(e.worker, e.attempt, e.pid, e.groups))
 
     # ------------------------------------------------------------------ helpers
-    def _lost(self, e: Entry, category: str, why: str, now: float) -> Lost:
+    def _lost(
+        self,
+        e: Entry,
+        category: str,
+        why: str,
+        now: float,
+        returncode: int | None = None,
+        signal: str | None = None,
+        stderr_tail: str = "",
+    ) -> Lost:
+        """The one report of a lost attempt (where it ran, since when, how it ended)."""
         return Lost(
-            e.attempt, category, why, e.worker, e.pid, None, None, "", e.started, now, e.host
+            e.attempt,
+            category,
+            why,
+            e.worker,
+            e.pid,
+            returncode,
+            signal,
+            stderr_tail,
+            e.started,
+            now,
+            e.host,
         )
 
     def _unhold(self, e: Entry) -> None:
