@@ -144,6 +144,7 @@ def check_session_args(
     hb_interval: float,
     hb_timeout: float,
     max_restarts: int,
+    workers_name: str = "workers",
 ) -> None:
     """``Session(...)``'s numeric keywords, each rejected with the rule it breaks."""
 
@@ -151,7 +152,11 @@ def check_session_args(
         return InvalidTask(f"Session({name}={value!r}) is invalid: {need}")
 
     if workers is not None and (not isinstance(workers, int) or workers < 1):
-        raise bad("workers", workers, "give an int >= 1 (or None for one per CPU)")
+        raise bad(
+            workers_name,
+            workers,
+            f"{workers_name} must be greater than 0 (an int, or None for one per CPU)",
+        )
     if not isinstance(poison_after, int) or poison_after < 1:
         raise bad("poison_after", poison_after, "give an int >= 1")
     if not _positive_seconds(hb_interval):

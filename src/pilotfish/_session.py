@@ -25,6 +25,7 @@ import concurrent.futures as cf
 import contextlib
 import dataclasses
 import heapq
+import itertools
 import logging
 import os
 import pickle
@@ -39,7 +40,7 @@ from typing import Any
 from . import _wire
 from ._events import MasterEvent, TaskEvent, WorkerEvent
 from ._options import TaskFunction, TaskOptions, check_rundir, check_session_args, str_list
-from ._payloads import call_digest, call_key_digest, pickle_call
+from ._payloads import call_chunk, call_digest, call_key_digest, pickle_call
 from ._probes import Probes, is_probe
 from ._programs import backstop, input_stamps, output_path, program_spec
 from ._translate import Call, Fail, Retry, Translator
@@ -180,16 +181,180 @@ class _Actions:
         self.wake: float | None = None
 
 
+class _TaskTable:
+    """The session's tasks by id, holding only the unfinished ones.
+
+    A finished task stays reachable while the user (or a dependent task) holds it, and
+    is freed with its result when nobody does: its record is in the core and the journal,
+    so memory grows with the tasks the user keeps, not with every task ever run (what
+    ``concurrent.futures`` promises: an executor keeps no reference to results).
+    """
+
+    __slots__ = ("_ids", "_live", "_weak")
+
+    def __init__(self) -> None:
+        self._live: dict[int, Task] = {}
+        self._weak: weakref.WeakValueDictionary[int, Task] = weakref.WeakValueDictionary()
+        self._ids: dict[str, int] = {}  # every key ever used in the session -> task id
+
+    def add(self, task: Task) -> None:
+        self._live[task._tid] = task
+        self._weak[task._tid] = task
+        self._ids[task.key] = task._tid
+
+    def release(self, tid: int) -> None:
+        """``tid`` is final: hold it no more (it lives on while someone else holds it)."""
+        self._live.pop(tid, None)
+
+    def forget(self, task: Task) -> None:
+        """A submit that failed half-way: as if never submitted (its key is free again)."""
+        self._live.pop(task._tid, None)
+        self._weak.pop(task._tid, None)
+        if self._ids.get(task.key) == task._tid:
+            del self._ids[task.key]
+
+    def __getitem__(self, tid: int) -> Task:
+        t = self._live.get(tid)
+        return t if t is not None else self._weak[tid]
+
+    def get(self, tid: int) -> Task | None:
+        t = self._live.get(tid)
+        return t if t is not None else self._weak.get(tid)
+
+    def by_key(self, key: str) -> Task | None:
+        tid = self._ids.get(key)
+        return None if tid is None else self.get(tid)
+
+    def used(self, key: str) -> bool:
+        return key in self._ids
+
+    def ids(self) -> list[int]:
+        """Every task id of the session (freed ones too), in submission order."""
+        return list(self._ids.values())
+
+    def alive(self) -> list[Task]:
+        """The tasks that still exist (unfinished, or held by someone), in submission order."""
+        return sorted(self._weak.values(), key=lambda t: t._tid)
+
+    def unfinished(self) -> list[Task]:
+        return list(self._live.values())
+
+
 _live_sessions: weakref.WeakSet[Session] = weakref.WeakSet()
+#: sessions with unfinished work keep themselves alive (the user may drop every
+#: reference, as with ``pool.submit(print, "x")``: the work still runs, as in
+#: concurrent.futures); an idle session is freed once the user lets go of it
+_busy_sessions: set[Session] = set()
 #: listeners added to every Session created in this process (used by `pilotfish run`)
 _global_listeners: list[Callable[[Any], None]] = []
+_exiting = False
+
+
+def _python_exit() -> None:
+    """At interpreter exit (before non-daemon threads are joined and before ``atexit``),
+    as concurrent.futures does: every session runs its pending work to the end, then
+    stops; new submits raise. Ctrl-C while waiting cancels what has not started."""
+    global _exiting
+    _exiting = True
+    for s in sorted(_live_sessions, key=id):
+        try:
+            s.shutdown(wait=True)
+        except KeyboardInterrupt:
+            s.shutdown(wait=False, cancel_futures=True, _stop_now=True)
+        except Exception:
+            log.exception("pilotfish: shutting down %r at exit", s)
+
+
+threading._register_atexit(_python_exit)  # type: ignore[attr-defined]
 
 
 @atexit.register
 def _shutdown_all() -> None:
+    """Backstop: whatever is still running when atexit runs is stopped now."""
     for s in list(_live_sessions):
         with contextlib.suppress(Exception):
             s.shutdown(wait=False, cancel_futures=True, _stop_now=True)
+
+
+def _timer_loop(ref: weakref.ref[Session], cv: threading.Condition) -> None:
+    """The session's timer thread: it holds the session only weakly, so a session the
+    user dropped is collected (and stops its backend) even while this waits."""
+    with cv:
+        while True:
+            s = ref()
+            if s is None or s._closed:
+                return
+            now = s._clock()
+            timers = s._timers
+            if timers and timers[0] <= now:
+                while timers and timers[0] <= now:
+                    heapq.heappop(timers)
+                acts = _Actions()
+                s._run(s._core.handle(wf.Tick(now)), acts)
+                cv.release()
+                try:
+                    s._finish(acts)
+                finally:
+                    cv.acquire()
+                continue
+            timeout = (timers[0] - now) if timers else None
+            del s, timers
+            cv.wait(timeout)
+
+
+def _weak_sink(session: Session) -> Callable[[Sequence[BackendEvent]], None]:
+    """The backend's sink, holding the session weakly (see ``_timer_loop``)."""
+    ref = weakref.ref(session)
+
+    def sink(events: Sequence[BackendEvent]) -> None:
+        s = ref()
+        if s is not None:
+            s._on_backend_events(events)
+
+    return sink
+
+
+class _Closer:
+    """What closing a session does, kept apart from the session so that it also runs
+    when the session is garbage-collected (``weakref.finalize``)."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        journal: Journal | None,
+        core: wf.Workflow,
+        timer_cv: threading.Condition,
+    ) -> None:
+        self.backend = backend
+        self.journal = journal
+        self.core = core
+        self.timer_cv = timer_cv
+        self.stop_timeout: float | None = None  # set when the backend was given up
+        self.collected = False
+
+    def __call__(self) -> None:
+        with self.timer_cv:
+            self.timer_cv.notify_all()  # the timer thread sees its session gone, and ends
+        if self.collected:
+            # collected by the garbage collector, perhaps on one of the backend's own
+            # threads, which stop() joins: stop it from a thread of its own
+            threading.Thread(target=self.close, name="pilotfish-close", daemon=True).start()
+        else:
+            self.close()
+
+    def close(self) -> None:
+        if self.stop_timeout is not None:
+            self.backend.stop(self.stop_timeout)
+        else:
+            self.backend.stop()
+        if self.journal is not None:
+            counts = self.core.counts
+            status = (
+                "failed"
+                if counts[State.FAILED]
+                else ("finished" if not self.core.unfinished() else "interrupted")
+            )
+            self.journal.close(status)
 
 
 class Session(cf.Executor):
@@ -212,6 +377,9 @@ class Session(cf.Executor):
         self,
         workers: int | None = None,
         *,
+        max_workers: int | None = None,
+        initializer: Callable[..., Any] | None = None,
+        initargs: Iterable[Any] = (),
         backend: str | Backend = "local",
         rundir: str = ".pilotfish",
         keep_going: bool = True,
@@ -233,11 +401,29 @@ class Session(cf.Executor):
     ) -> None:
         import random
 
+        workers_name = "workers"
+        if max_workers is not None:  # ProcessPoolExecutor's name for it
+            if workers is not None:
+                raise InvalidTask(
+                    f"Session(workers={workers!r}, max_workers={max_workers!r}): give one "
+                    "of them (max_workers is the concurrent.futures name for workers)"
+                )
+            workers, workers_name = max_workers, "max_workers"
         factory = backend_factory(backend, backend_options)
         check_session_args(
-            workers, poison_after, heartbeat_interval, heartbeat_timeout, max_master_restarts
+            workers,
+            poison_after,
+            heartbeat_interval,
+            heartbeat_timeout,
+            max_master_restarts,
+            workers_name=workers_name,
         )
         rundir = check_rundir(rundir)
+        if initializer is not None and not callable(initializer):
+            raise InvalidTask(
+                f"Session(initializer={initializer!r}) is invalid: give a callable, run once "
+                "in every worker before its first task"
+            )
         self._lock = threading.RLock()
         self._clock = clock
         self._core = wf.Workflow(
@@ -246,9 +432,9 @@ class Session(cf.Executor):
             backoff=backoff,
             rand=rand or random.Random().random,
         )
-        self._tasks: dict[int, Task] = {}
-        self._keys: dict[str, Task] = {}
+        self._tasks = _TaskTable()
         self._dups: dict[str, int] = {}
+        self._keepalive = False
         self._next_tid = 1
         self._listeners: list[Callable[[Any], None]] = list(_global_listeners)
         if on_event is not None:
@@ -290,16 +476,26 @@ class Session(cf.Executor):
         self._timers: list[float] = []
         self._timer_cv = threading.Condition(self._lock)
         self._closed = False
+        self._closing = False  # a shutdown(wait=False) thread is draining
         # shutdown(wait=True) waits on this; bounded by the backend's silence
         self._drained = threading.Condition(self._lock)
         self._draining = False
         self._hb_interval, self._hb_timeout = heartbeat_interval, heartbeat_timeout
         self._silence = Silence(heartbeat_timeout + heartbeat_interval)
         self._gave_up = False  # the backend went silent: stop it without a long goodbye
+        self._init = b""
+        if initializer is not None:
+            payload, deps = self._pickle_call(initializer, tuple(initargs), {})
+            if deps:
+                raise InvalidTask(
+                    "Session(initargs=...) may not contain Tasks: the initializer runs "
+                    "before any task, on every worker"
+                )
+            self._init = payload
         self._translate = Translator(
             self._core,
-            self._tasks,
-            self._keys,
+            self._tasks,  # type: ignore[arg-type]
+            self._tasks.by_key,
             host=_wire.host_name(),
             clock=clock,
             on_failure=on_failure,
@@ -319,11 +515,18 @@ class Session(cf.Executor):
             if isinstance(backend, str)
             else factory
         )
+        self._closer = _Closer(self._backend, self._journal, self._core, self._timer_cv)
+        self._closer.collected = True  # until _close() says otherwise
+        self._finalizer = weakref.finalize(self, self._closer)
+        self._finalizer.atexit = False  # _python_exit/_shutdown_all close sessions first
         self._timer_thread = threading.Thread(
-            target=self._timer_loop, name="pilotfish-timer", daemon=True
+            target=_timer_loop,
+            args=(weakref.ref(self), self._timer_cv),
+            name="pilotfish-timer",
+            daemon=True,
         )
         self._timer_thread.start()
-        self._backend.start(self._on_backend_events)
+        self._backend.start(_weak_sink(self))
         _live_sessions.add(self)
         modules = str_list(requires, "requires")
         programs = str_list(requires_programs, "requires_programs")
@@ -351,6 +554,39 @@ class Session(cf.Executor):
         if not callable(fn):
             raise InvalidTask(f"submit() needs a callable as first argument, got {fn!r}")
         return self._submit_call(fn, args, kwargs, opts)
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+    ) -> Iterator[Any]:
+        """``Executor.map``: submits every call now and yields the results in order
+        (raising a call's exception when its turn comes; ``timeout`` counts from this
+        call). ``chunksize=n`` runs n calls per attempt, as ProcessPoolExecutor does: fewer,
+        larger tasks for many tiny calls; a failure then fails (and retries) its chunk."""
+        if isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1:
+            raise InvalidTask(
+                f"map(chunksize={chunksize!r}) is invalid: chunksize must be >= 1 "
+                "(the number of calls each task runs)"
+            )
+        if chunksize == 1:
+            return super().map(fn, *iterables, timeout=timeout)
+        end = None if timeout is None else time.monotonic() + timeout
+        opts = _DEFAULT_OPTIONS
+        if isinstance(fn, TaskFunction):
+            opts, fn = fn.task_options, fn.fn
+        if not callable(fn):
+            raise InvalidTask(f"map() needs a callable as first argument, got {fn!r}")
+        name = f"{opts.name or getattr(fn, '__qualname__', None) or type(fn).__name__}[chunk]"
+        opts = opts.merged(name=name)
+        calls = zip(*iterables, strict=False)
+        fs = [
+            self._submit_call(call_chunk, (fn, chunk), {}, opts)
+            for chunk in iter(lambda: tuple(itertools.islice(calls, chunksize)), ())
+        ]
+        return _chunk_results(fs, end)
 
     def executable(
         self,
@@ -441,7 +677,7 @@ class Session(cf.Executor):
         """The FailureRecord of every task that failed so far, in submission order."""
         with self._lock:
             out = []
-            for tid in self._tasks:
+            for tid in self._tasks.ids():
                 f = self._core.failure(tid)
                 if f is not None and self._core.state(tid) is State.FAILED:
                     out.append(f)
@@ -449,8 +685,11 @@ class Session(cf.Executor):
 
     @property
     def tasks(self) -> list[Task]:
+        """The tasks that are unfinished or still referenced (by you or a dependent task),
+        in submission order; a finished task nobody holds is freed (its record is in
+        :meth:`failures`, the journal and ``pilotfish status``)."""
         with self._lock:
-            return list(self._tasks.values())
+            return self._tasks.alive()
 
     def counts(self) -> dict[str, int]:
         with self._lock:
@@ -466,12 +705,27 @@ class Session(cf.Executor):
             self._shutdown_flag = True
             acts = _Actions()
             if cancel_futures:
-                for t in list(self._tasks.values()):
+                for t in self._tasks.unfinished():
                     self._run(self._core.handle(wf.Cancel(t._tid, self._clock())), acts)
+            closing, self._closing = self._closing, True
         self._finish(acts)
-        if wait and not _stop_now:
+        if _stop_now:
+            self._close()
+        elif wait:
             self._drain()
-        self._close()
+            self._close()
+        elif not closing:
+            # return at once; the pending work still runs. A non-daemon thread waits for
+            # it and then stops the backend; the interpreter does not exit before it ends
+            threading.Thread(
+                target=self._drain_and_close, name="pilotfish-shutdown", daemon=False
+            ).start()
+
+    def _drain_and_close(self) -> None:
+        try:
+            self._drain()
+        finally:
+            self._close()
 
     def __enter__(self) -> Session:
         return self
@@ -492,7 +746,9 @@ class Session(cf.Executor):
                 break
             self._finish(acts)
         # tasks final in the core: their futures are being resolved (outside the lock)
-        cf.wait([t for t in self.tasks if not t.done()])
+        with self._lock:
+            pending = [t for t in self._tasks.unfinished() if not t.done()]
+        cf.wait(pending)
 
     def _wait_drained(self) -> _Actions | None:
         """Under the lock: None once no task is unfinished; else what giving up on a
@@ -535,6 +791,8 @@ class Session(cf.Executor):
     ) -> Task:
         if self._shutdown_flag:
             raise RuntimeError("cannot schedule new futures after shutdown")
+        if _exiting:
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
         payload, deps = self._pickle_call(fn, args, kwargs)
         name = opts.name or getattr(fn, "__qualname__", None) or type(fn).__name__
         digest, task_unstable = call_key_digest((fn, args, kwargs), payload, deps)
@@ -563,16 +821,16 @@ class Session(cf.Executor):
                 self._journal.raise_if_broken()  # loudly, rather than lose the run's history
             if opts.key is not None:
                 key = opts.key
-                if key in self._keys:
+                if self._tasks.used(key):
                     raise InvalidTask(
                         f"task key {key!r} is already used in this session by "
-                        f"{self._keys[key]!r}; keys must be unique"
+                        f"{self._tasks.by_key(key) or 'an earlier task'!r}; keys must be unique"
                     )
             else:
                 # the n-th identical call gets "-n": unique, and stable from run to run
                 key = base = f"{name}-{digest}"
                 n = self._dups.get(base, 1)
-                while key in self._keys:
+                while self._tasks.used(key):
                     n += 1
                     key = f"{base}-{n}"
                 self._dups[base] = n
@@ -582,8 +840,10 @@ class Session(cf.Executor):
             task._payload = payload
             task._deps = tuple(deps)
             task._kind = kind
-            self._keys[key] = task
-            self._tasks[tid] = task
+            self._tasks.add(task)
+            if not self._keepalive:
+                self._keepalive = True
+                _busy_sessions.add(self)
             return task
 
     def _start(self, task: Task) -> Task:
@@ -592,8 +852,7 @@ class Session(cf.Executor):
             restored = self._restore_value(task) if self._resume else None
         except BaseException:  # e.g. an untrusted value file: this task was never submitted
             with self._lock:
-                self._keys.pop(task.key, None)
-                self._tasks.pop(task._tid, None)
+                self._tasks.forget(task)
             raise
         with self._lock:
             if restored is not None:
@@ -676,6 +935,7 @@ class Session(cf.Executor):
                         t.options.timeout if t._kind == "call" else backstop(t._cmd_timeout),
                         t.options.requires,
                         t._programs,
+                        self._init,
                     )
                 )
             elif isinstance(c, wf.Resolve):
@@ -698,8 +958,12 @@ class Session(cf.Executor):
                 acts.wake = c.at if acts.wake is None else min(acts.wake, c.at)
             elif isinstance(c, wf.Dropped):
                 log.info("dropped %s event of attempt %s: %s", c.event, c.attempt, c.reason)
-        if self._draining and not self._core.unfinished():
-            self._drained.notify_all()
+        if acts.finish and not self._core.unfinished():
+            if self._draining:
+                self._drained.notify_all()
+            if self._keepalive:  # idle: the user's references alone keep it now
+                self._keepalive = False
+                _busy_sessions.discard(self)
 
     def _journal_task(
         self,
@@ -723,15 +987,19 @@ class Session(cf.Executor):
             self._backend.cancel(acts.cancels)
         if acts.dispatch:
             self._backend.submit(acts.dispatch)
-        for t, ok, value in acts.finish:
-            if t.done():
-                continue
-            if ok:
-                t.set_result(value)
-            elif value is None:
-                t._force_cancel()
-            else:
-                t.set_exception(value)
+        if acts.finish:
+            for t, ok, value in acts.finish:
+                if t.done():
+                    continue
+                if ok:
+                    t.set_result(value)
+                elif value is None:
+                    t._force_cancel()
+                else:
+                    t.set_exception(value)
+            with self._lock:
+                for t, _, _ in acts.finish:
+                    self._tasks.release(t._tid)
         if acts.events:
             for e in acts.events:
                 for listener in self._listeners:
@@ -749,7 +1017,7 @@ class Session(cf.Executor):
             for ev in events:
                 try:
                     self._route(ev, acts)
-                except Exception:
+                except BaseException:  # even SystemExit: never kill a backend's thread
                     log.exception("pilotfish: error handling backend event %r", ev)
         self._finish(acts)
 
@@ -774,44 +1042,38 @@ class Session(cf.Executor):
             if tid is not None and not self._core.state(tid).final:
                 self._journal_task(self._tasks[tid], self._core.state(tid).name)
 
-    # ------------------------------------------------------------------ timers
-    def _timer_loop(self) -> None:
-        with self._lock:
-            while not self._closed:
-                now = self._clock()
-                if self._timers and self._timers[0] <= now:
-                    while self._timers and self._timers[0] <= now:
-                        heapq.heappop(self._timers)
-                    acts = _Actions()
-                    self._run(self._core.handle(wf.Tick(now)), acts)
-                    self._lock.release()
-                    try:
-                        self._finish(acts)
-                    finally:
-                        self._lock.acquire()
-                    continue
-                timeout = (self._timers[0] - now) if self._timers else None
-                self._timer_cv.wait(timeout)
-
     def _close(self) -> None:
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            self._timer_cv.notify_all()
+            if self._keepalive:
+                self._keepalive = False
+                _busy_sessions.discard(self)
         if self._gave_up:
-            self._backend.stop(self._hb_timeout)
-        else:
-            self._backend.stop()
-        if self._journal is not None:
-            counts = self._core.counts
-            status = (
-                "failed"
-                if counts[State.FAILED]
-                else ("finished" if not self._core.unfinished() else "interrupted")
-            )
-            self._journal.close(status)
+            self._closer.stop_timeout = self._hb_timeout
+        self._closer.collected = False
+        self._finalizer()  # once: a later garbage collection does nothing
         _live_sessions.discard(self)
+
+
+def _chunk_results(fs: list[Task], end: float | None) -> Iterator[Any]:
+    """The items of ``map``'s chunk tasks in order; holds no task it has passed (so
+    neither their results), and cancels the rest if the caller stops early."""
+    fs.reverse()
+    try:
+        while fs:
+            f = fs.pop()
+            try:
+                chunk = f.result(None if end is None else end - time.monotonic())
+            finally:
+                f.cancel()
+                del f
+            yield from chunk
+            del chunk
+    finally:
+        for f in fs:
+            f.cancel()
 
 
 def wait(

@@ -101,7 +101,7 @@ class Translator:
         self,
         core: wf.Workflow,
         tasks: Mapping[int, Task],
-        keys: Mapping[str, Task],
+        by_key: Callable[[str], Task | None],
         *,
         host: str,
         clock: Callable[[], float],
@@ -111,7 +111,7 @@ class Translator:
     ) -> None:
         self._core = core
         self._tasks = tasks
-        self._keys = keys
+        self._by_key = by_key
         self._host = host
         self._clock = clock
         self._on_failure = on_failure
@@ -173,7 +173,7 @@ class Translator:
             return self._failed(t, ev.attempt, f, exc, retry)
         try:
             value = pickle.loads(ev.data)
-        except Exception as e:
+        except BaseException as e:  # even SystemExit: this runs on a backend's thread
             f = self._attempt_failure(
                 t,
                 Category.USER_ERROR,
@@ -228,7 +228,7 @@ class Translator:
             return t._last_exc
         if f.category is Category.DEPENDENCY_FAILED:
             exc: BaseException = DependencyFailed(f.message, f)
-            root = self._keys.get(f.root or "")
+            root = self._by_key(f.root or "")
             if root is not None:
                 cause = root._last_exc or (
                     self.exception_for(root, root.failure) if root.failure else None
@@ -263,7 +263,7 @@ class Translator:
         if env.exc is not None and category is Category.USER_ERROR:
             try:
                 exc = pickle.loads(env.exc)
-            except Exception as e:
+            except BaseException as e:  # even SystemExit: this runs on a backend's thread
                 env = env._replace(
                     traceback=env.traceback + "\n(pilotfish: the exception could not be "
                     f"unpickled on the client: {type(e).__name__}: {e})\n"

@@ -72,6 +72,9 @@ class RunAttempt(NamedTuple):
     timeout: float | None
     requires: tuple[str, ...] = ()  # modules with version specifiers, checked first
     programs: tuple[str, ...] = ()  # programs that must be on PATH
+    #: the session's ``initializer`` call, pickled once and shared by every attempt (the
+    #: pickle of a batch stores it once); run once per worker process (see execute)
+    init: bytes = b""
 
 
 class PreflightFailed(NamedTuple):

@@ -388,11 +388,13 @@ class Journal:
         and when final. Serialised by the writer thread, off the session's hot path;
         the latest snapshot of a key in a batch wins, so a task that finishes within one
         flush interval costs one row."""
-        self._q.append((task, state, list(history), list(attempts), failure, value, time.time()))
+        self._q.append(
+            (_head(task), state, list(history), list(attempts), failure, value, time.time())
+        )
 
     def record_submit(self, task: Any, now: float) -> None:
         """A new task (state PENDING or later: the latest snapshot in a batch wins)."""
-        self._q.append((task, None, None, None, None, None, now))
+        self._q.append((_head(task), None, None, None, None, None, now))
 
     # ------------------------------------------------------------------ writer
     def _loop(self) -> None:
@@ -415,7 +417,7 @@ class Journal:
         latest: dict[str, tuple[Any, ...]] = {}
         for _ in range(len(q)):
             rec = q.popleft()
-            latest[rec[0].key] = rec
+            latest[rec[0][0]] = rec
         if not latest:
             return
         try:
@@ -441,14 +443,22 @@ class Journal:
             self.error = None
 
     def _row(self, rec: tuple[Any, ...]) -> tuple[Any, ...]:
-        task, state, history, attempts, failure, value, now = rec
-        key, name = _safe_text(task.key), _safe_text(task.name)
-        if key != task.key or name != task.name:
+        (
+            (task_key, task_name, kind, deps, options),
+            state,
+            history,
+            attempts,
+            failure,
+            value,
+            now,
+        ) = rec
+        key, name = _safe_text(task_key), _safe_text(task_name)
+        if key != task_key or name != task_name:
             log.warning(
                 "pilotfish: task key %r or name %r is not valid UTF-8 text; the journal %s "
                 "stores it escaped as %r / %r",
-                task.key,
-                task.name,
+                task_key,
+                task_name,
                 self.path,
                 key,
                 name,
@@ -457,17 +467,17 @@ class Journal:
         if len(opts_json) > 4096:
             opts_json.clear()
         try:
-            cached = opts_json.get(id(task.options))
-            if cached is None or cached[0] is not task.options:
-                cached = opts_json[id(task.options)] = (
-                    task.options,
-                    json.dumps(task.options.to_dict(), default=str),
+            cached = opts_json.get(id(options))
+            if cached is None or cached[0] is not options:
+                cached = opts_json[id(options)] = (
+                    options,
+                    json.dumps(options.to_dict(), default=str),
                 )
             head = (
                 key,
                 name,
-                task._kind,
-                json.dumps([d.key for d in task._deps]) if task._deps else "[]",
+                kind,
+                json.dumps(list(deps)) if deps else "[]",
                 cached[1],
                 self.run,
             )
@@ -475,7 +485,7 @@ class Journal:
                 return (*head, now, "PENDING", now, None, None, None, "[]", "")
             value_path = None
             if value is not None and len(value) > VALUE_INLINE_MAX:
-                value_path, value = str(self._value_file(task.key, value)), None
+                value_path, value = str(self._value_file(task_key, value)), None
             return (
                 *head,
                 history[0][0] if history else now,
@@ -491,7 +501,7 @@ class Journal:
         except Exception as e:
             log.warning("pilotfish: journal record of task %r is incomplete: %s", key, e)
             note = json.dumps({"journal_error": f"{type(e).__name__}: {e}"}, default=str)
-            head = (key, name, str(task._kind), "[]", "{}", self.run)
+            head = (key, name, str(kind), "[]", "{}", self.run)
             return (*head, now, state or "PENDING", now, note, None, None, "[]", "")
 
     def _write(self, rows: list[tuple[Any, ...]]) -> None:
@@ -566,7 +576,7 @@ class Journal:
             with contextlib.suppress(sqlite3.Error):
                 self.conn.close()
         if self.error is not None:
-            keys = [rec[0].key for rec in self._q]
+            keys = [rec[0][0] for rec in self._q]
             shown = ", ".join(repr(k) for k in keys[:20]) + (" ..." if len(keys) > 20 else "")
             log.error(
                 "pilotfish: the run ended but its journal could not be completed: %s. Not "
@@ -696,3 +706,17 @@ class JournalReader:
 
     def close(self) -> None:
         self.conn.close()
+
+
+def _head(task: Any) -> tuple[str, str, str, tuple[str, ...], Any]:
+    """What a record needs of a ``pilotfish.Task``: (key, name, kind, dependency keys,
+    options). Not the Task itself: a queued record must not keep a finished task, and
+    with it its result, alive until the next flush."""
+    deps = task._deps
+    return (
+        task.key,
+        task.name,
+        task._kind,
+        tuple(d.key for d in deps) if deps else (),
+        task.options,
+    )

@@ -25,6 +25,7 @@ import signal
 import sys
 import threading
 import time
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -60,6 +61,83 @@ def reset_signals() -> None:
                 signal.signal(sig, handler)
 
 
+#: the client's ``__main__`` globals as this worker has seen them (data only, no code)
+_MAIN_STATE: dict[str, Any] = {}
+_CODE = (types.FunctionType, types.BuiltinFunctionType, type, types.ModuleType)
+
+
+def _main_globals(fn: Any) -> dict[str, Any] | None:
+    """The globals of a function that came by value from the client's ``__main__``."""
+    g = getattr(fn, "__globals__", None)
+    if getattr(fn, "__module__", None) != "__main__" or not isinstance(g, dict):
+        return None
+    main = sys.modules.get("__main__")
+    return None if main is not None and g is vars(main) else g
+
+
+def _enter_main(g: dict[str, Any]) -> None:
+    """Before calling a function that came by value from ``__main__`` (globals ``g``):
+    give it the module-level data earlier calls on this worker left (an initializer's
+    ``global model``); a fresh unpickled copy would see only the client's values. With
+    ``_leave_main`` this is what a worker that imported the script once (as
+    multiprocessing's spawn does) would see."""
+    for name, value in _MAIN_STATE.items():
+        if not isinstance(g.get(name), _CODE):
+            g[name] = value
+
+
+def _leave_main(g: dict[str, Any]) -> None:
+    _MAIN_STATE.update(
+        (k, v) for k, v in g.items() if not k.startswith("__") and not isinstance(v, _CODE)
+    )
+
+
+#: initializer call (its pickle) -> None once it ran here, or the Envelope of its failure
+_INITIALIZED: dict[bytes, Envelope | None] = {}
+_INIT_LOCK = threading.Lock()
+
+
+def ensure_initialized(m: RunAttempt, worker: str, host: str) -> Envelope | None:
+    """Run the session's ``initializer(*initargs)`` in this process if no attempt did
+    yet (once per worker process, as ProcessPoolExecutor does, so a replacement worker
+    runs it too). Its failure is kept: every attempt on this worker then fails
+    ENVIRONMENT with the initializer's traceback, instead of running uninitialised.
+    A backend that forks a process per attempt calls this in the parent first."""
+    if not m.init:
+        return None
+    try:
+        return _INITIALIZED[m.init]
+    except KeyError:
+        pass
+    with _INIT_LOCK:  # Dask runs attempts in threads: the first runs it, the rest wait
+        if m.init in _INITIALIZED:
+            return _INITIALIZED[m.init]
+        fn: Any = None
+        try:
+            fn, args, kwargs = _wire.loads_call(m.init, ())
+            g = _main_globals(fn)
+            if g is not None:
+                _enter_main(g)
+            fn(*args, **kwargs)
+            if g is not None:
+                _leave_main(g)
+            env = None
+        except BaseException as e:
+            name = getattr(fn, "__qualname__", None) or "initializer"
+            env = _wire.envelope_for(
+                e,
+                "environment",
+                message=(
+                    f"the session's initializer {name}() raised on worker {worker} at host "
+                    f"{host} (pid {os.getpid()}): {type(e).__name__}: {e}; no task runs on "
+                    "a worker whose initializer failed (fix the initializer, or the "
+                    "environment it needs, and resubmit)"
+                ),
+            )
+        _INITIALIZED[m.init] = env
+        return env
+
+
 def _fail(env: Envelope) -> tuple[bool, bytes]:
     return False, pickle.dumps(env, _wire.PROTOCOL)
 
@@ -72,6 +150,10 @@ def _run(
     on_group: Callable[[int], None] | None,
     cancel: threading.Event | None,
 ) -> tuple[bool, bytes]:
+    if m.init:
+        env = ensure_initialized(m, worker, host)
+        if env is not None:
+            return _fail(env._replace(extra={**env.extra, "host": host}))
     if m.requires or m.programs:
         from ..preflight import requirement_checks
 
@@ -109,10 +191,16 @@ def _run(
         )
     except BaseException as e:
         return _fail(_wire.envelope_for(e, "user_error"))
+    g = _main_globals(fn)
+    if g is not None:
+        _enter_main(g)
     try:
         value = fn(*args, **kwargs)
     except BaseException as e:
         return _fail(_wire.envelope_for(e, "user_error", skip_frames=1))
+    finally:
+        if g is not None:
+            _leave_main(g)
     del fn, args, kwargs
     try:
         return True, _wire.dumps_value(value)
