@@ -36,3 +36,18 @@ def test_readme_dask_localcluster_example(tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "285"
+
+
+@pytest.mark.timeout(120)
+def test_readme_switching_from_processpoolexecutor(tmp_path: Path) -> None:
+    """The "Switching from ProcessPoolExecutor" example runs as written."""
+    text = README.read_text()
+    m = re.search(r"<!-- readme-example: ppe-switch -->\n```python\n(.*?)```", text, re.S)
+    assert m, "example block not found"
+    script = tmp_path / "example.py"
+    script.write_text(m.group(1))
+    out = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=110
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "90"

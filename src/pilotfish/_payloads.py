@@ -254,8 +254,3 @@ def _explain_unpicklable(
             )
     return f"cannot pickle the call to {fn!r}: {type(err).__name__}: {err}"
 
-
-def call_chunk(fn: Callable[..., Any], chunk: tuple[tuple[Any, ...], ...]) -> list[Any]:
-    """One attempt of ``Session.map(..., chunksize=n)``: ``fn`` over up to n argument
-    tuples, in order (runs on the worker)."""
-    return [fn(*args) for args in chunk]

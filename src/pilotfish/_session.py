@@ -40,12 +40,13 @@ from typing import Any
 from . import _wire
 from ._events import MasterEvent, TaskEvent, WorkerEvent
 from ._options import TaskFunction, TaskOptions, check_rundir, check_session_args, str_list
-from ._payloads import call_chunk, call_digest, call_key_digest, pickle_call
+from ._payloads import call_digest, call_key_digest, pickle_call
 from ._probes import Probes, is_probe
 from ._programs import backstop, input_stamps, output_path, program_spec
 from ._translate import Call, Fail, Retry, Translator
 from .backends import backend_factory
 from .backends.base import Alive, Backend, BackendEvent, Fatal, Lost, Result, Started
+from .backends.execute import call_chunk
 from .core import workflow as wf
 from .core.policy import Backoff, Silence
 from .core.states import State

@@ -92,6 +92,19 @@ def _leave_main(g: dict[str, Any]) -> None:
     )
 
 
+def call_chunk(fn: Callable[..., Any], chunk: tuple[tuple[Any, ...], ...]) -> list[Any]:
+    """One attempt of ``Session.map(..., chunksize=n)``: ``fn`` over up to n argument
+    tuples, in order."""
+    g = _main_globals(fn)
+    if g is not None:
+        _enter_main(g)
+    try:
+        return [fn(*args) for args in chunk]
+    finally:
+        if g is not None:
+            _leave_main(g)
+
+
 #: initializer call (its pickle) -> None once it ran here, or the Envelope of its failure
 _INITIALIZED: dict[bytes, Envelope | None] = {}
 _INIT_LOCK = threading.Lock()
