@@ -253,4 +253,3 @@ def _explain_unpicklable(
                 "its arguments must be picklable (cloudpickle); pass a path or the data instead."
             )
     return f"cannot pickle the call to {fn!r}: {type(err).__name__}: {err}"
-

@@ -21,6 +21,7 @@ pre-flight probes (:mod:`._probes`), when a silent backend is given up
 from __future__ import annotations
 
 import atexit
+import collections
 import concurrent.futures as cf
 import contextlib
 import dataclasses
@@ -182,45 +183,81 @@ class _Actions:
         self.wake: float | None = None
 
 
+class _TaskRef(weakref.ref):  # type: ignore[type-arg]
+    __slots__ = ("tid",)
+    tid: int
+
+
 class _TaskTable:
     """The session's tasks by id, holding only the unfinished ones.
 
     A finished task stays reachable while the user (or a dependent task) holds it, and
-    is freed with its result when nobody does: its record is in the core and the journal,
-    so memory grows with the tasks the user keeps, not with every task ever run (what
-    ``concurrent.futures`` promises: an executor keeps no reference to results).
+    is freed with its result when nobody does: its id then appears in ``gone`` (a
+    weakref callback, in whatever thread the last reference died; it only appends), and
+    the session drops its record from the core under its lock (``Workflow.forget``; the
+    journal has it). So memory grows with the tasks the user keeps, not with every task
+    ever run, and an executor keeps no reference to results, as concurrent.futures
+    promises.
     """
 
-    __slots__ = ("_ids", "_live", "_weak")
+    __slots__ = ("_gone_cb", "_ids", "_live", "_refs", "gone")
 
     def __init__(self) -> None:
         self._live: dict[int, Task] = {}
-        self._weak: weakref.WeakValueDictionary[int, Task] = weakref.WeakValueDictionary()
+        self._refs: dict[int, _TaskRef] = {}
         self._ids: dict[str, int] = {}  # every key ever used in the session -> task id
+        self.gone: collections.deque[int] = collections.deque()
+        gone = self.gone
+
+        def on_gone(ref: _TaskRef) -> None:
+            gone.append(ref.tid)
+
+        self._gone_cb = on_gone
 
     def add(self, task: Task) -> None:
-        self._live[task._tid] = task
-        self._weak[task._tid] = task
-        self._ids[task.key] = task._tid
+        tid = task._tid
+        self._live[tid] = task
+        ref = _TaskRef(task, self._gone_cb)
+        ref.tid = tid
+        self._refs[tid] = ref
+        self._ids[task.key] = tid
 
     def release(self, tid: int) -> None:
         """``tid`` is final: hold it no more (it lives on while someone else holds it)."""
         self._live.pop(tid, None)
 
+    def collect(self) -> list[int]:
+        """The ids of tasks freed since the last call (under the session's lock)."""
+        gone, refs, out = self.gone, self._refs, []
+        while gone:
+            tid = gone.popleft()
+            ref = refs.get(tid)
+            if ref is not None and ref() is None:
+                del refs[tid]
+                out.append(tid)
+        return out
+
     def forget(self, task: Task) -> None:
         """A submit that failed half-way: as if never submitted (its key is free again)."""
         self._live.pop(task._tid, None)
-        self._weak.pop(task._tid, None)
+        self._refs.pop(task._tid, None)
         if self._ids.get(task.key) == task._tid:
             del self._ids[task.key]
 
     def __getitem__(self, tid: int) -> Task:
         t = self._live.get(tid)
-        return t if t is not None else self._weak[tid]
+        if t is None:
+            t = self._refs[tid]()
+            if t is None:
+                raise KeyError(tid)
+        return t
 
     def get(self, tid: int) -> Task | None:
         t = self._live.get(tid)
-        return t if t is not None else self._weak.get(tid)
+        if t is None:
+            ref = self._refs.get(tid)
+            t = None if ref is None else ref()
+        return t
 
     def by_key(self, key: str) -> Task | None:
         tid = self._ids.get(key)
@@ -229,13 +266,10 @@ class _TaskTable:
     def used(self, key: str) -> bool:
         return key in self._ids
 
-    def ids(self) -> list[int]:
-        """Every task id of the session (freed ones too), in submission order."""
-        return list(self._ids.values())
-
     def alive(self) -> list[Task]:
         """The tasks that still exist (unfinished, or held by someone), in submission order."""
-        return sorted(self._weak.values(), key=lambda t: t._tid)
+        out = [r() for r in list(self._refs.values())]
+        return [t for t in out if t is not None]
 
     def unfinished(self) -> list[Task]:
         return list(self._live.values())
@@ -677,12 +711,15 @@ class Session(cf.Executor):
     def failures(self) -> list[FailureRecord]:
         """The FailureRecord of every task that failed so far, in submission order."""
         with self._lock:
-            out = []
-            for tid in self._tasks.ids():
-                f = self._core.failure(tid)
-                if f is not None and self._core.state(tid) is State.FAILED:
-                    out.append(f)
-            return out
+            return self._core.failures()
+
+    def failure_digest(self) -> dict[str, Any]:
+        """The failures grouped by category and normalised message, largest group first
+        (plain data, as ``pilotfish failures --group --json`` prints): ``{"failed": n,
+        "groups": [{"category", "signature", "count", "examples", "roots", ...}]}``."""
+        from .digest import failure_digest
+
+        return failure_digest(self.failures())
 
     @property
     def tasks(self) -> list[Task]:
@@ -856,6 +893,8 @@ class Session(cf.Executor):
                 self._tasks.forget(task)
             raise
         with self._lock:
+            if self._tasks.gone:
+                self._forget_freed()
             if restored is not None:
                 task._value_bytes, task._pending_value = restored
                 task._payload = b""
@@ -966,6 +1005,12 @@ class Session(cf.Executor):
                 self._keepalive = False
                 _busy_sessions.discard(self)
 
+    def _forget_freed(self) -> None:
+        """Drop the core's records of finished tasks nobody holds any more."""
+        forget = self._core.forget
+        for tid in self._tasks.collect():
+            forget(tid)
+
     def _journal_task(
         self,
         t: Task,
@@ -1015,6 +1060,8 @@ class Session(cf.Executor):
         acts = _Actions()
         with self._lock:
             self._silence.heard(time.monotonic())
+            if self._tasks.gone:
+                self._forget_freed()
             for ev in events:
                 try:
                     self._route(ev, acts)

@@ -134,7 +134,7 @@ class Translator:
             for a in ev.held:
                 tid = self._core.task_of(a)
                 if tid is not None:
-                    held.append(self._tasks[tid].key)
+                    held.append(self._core.key(tid))
             return WorkerEvent(
                 ev.kind,
                 ev.worker,

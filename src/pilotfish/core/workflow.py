@@ -23,7 +23,7 @@ from typing import Any
 
 from ..errors import Category, FailureRecord, InvalidTransition
 from .policy import Backoff
-from .states import FINAL, TRANSITIONS, State
+from .states import TRANSITIONS, State
 
 # --------------------------------------------------------------------------- records
 
@@ -256,6 +256,7 @@ class Workflow:
         self._stopped = False  # keep_going=False tripped, or aborted
         self._aborted: Abort | None = None
         self.counts: dict[State, int] = dict.fromkeys(State, 0)
+        self._forgotten_failures: dict[int, FailureRecord | None] = {}
 
     # ----------------------------------------------------------------- queries
     def state(self, tid: int) -> State:
@@ -299,7 +300,34 @@ class Workflow:
         return [t.current for t in self._tasks.values() if t.state is State.RUNNING and t.current]
 
     def unfinished(self) -> int:
-        return len(self._tasks) - sum(self.counts[s] for s in FINAL)
+        c = self.counts
+        return c[State.PENDING] + c[State.READY] + c[State.RUNNING] + c[State.RETRYING]
+
+    def failures(self) -> list[FailureRecord]:
+        """The record of every FAILED task (forgotten ones too), in submission order."""
+        live = [(tid, t.failure) for tid, t in self._tasks.items() if t.state is State.FAILED]
+        both = sorted([*live, *self._forgotten_failures.items()], key=lambda x: x[0])
+        return [f for _, f in both if f is not None]
+
+    def forget(self, tid: int) -> bool:
+        """Drop a final task's record (its history and attempts; the journal has them):
+        the session does this when nobody holds the Task any more, so memory grows with
+        the tasks in use, not with every task ever run. Counts are kept, and so is the
+        failure record of a FAILED task (for ``failures()``). False if not final."""
+        t = self._tasks.get(tid)
+        if t is None or not t.state.final:
+            return False
+        del self._tasks[tid]
+        for a in t.attempts:
+            self._attempt_owner.pop(a.id, None)
+        if t.state is State.FAILED:
+            self._forgotten_failures[tid] = t.failure
+        return True
+
+    def _children(self, t: _Task) -> list[_Task]:
+        """``t``'s dependents that are still on record (a forgotten one is final)."""
+        tasks = self._tasks
+        return [c for c in map(tasks.get, t.dependents) if c is not None]
 
     # ----------------------------------------------------------------- driver
     def handle(self, event: Event) -> list[Command]:
@@ -432,8 +460,7 @@ class Workflow:
         t.current = None
         self._move(t, State.DONE, ev.now, out)
         out.append(Resolve(t.tid, ev.attempt))
-        for d in t.dependents:
-            dt = self._tasks[d]
+        for dt in self._children(t):
             if dt.state is not State.PENDING:
                 continue
             dt.waiting -= 1
@@ -501,8 +528,8 @@ class Workflow:
     def _tick(self, now: float, out: list[Command]) -> None:
         while self._timers and self._timers[0][0] <= now:
             _, tid = heapq.heappop(self._timers)
-            t = self._tasks[tid]
-            if t.state is State.RETRYING and t.ready_at <= now:
+            t = self._tasks.get(tid)
+            if t is not None and t.state is State.RETRYING and t.ready_at <= now:
                 self._move(t, State.READY, now, out)
                 self._dispatch(t, now, out)
         if self._timers:
@@ -513,7 +540,7 @@ class Workflow:
         t.failure = f
         self._move(t, State.FAILED, now, out)
         out.append(Reject(t.tid, f))
-        self._fail_downstream_of(t, [self._tasks[d] for d in t.dependents], now, out)
+        self._fail_downstream_of(t, self._children(t), now, out)
         if not self.keep_going and not self._stopped:
             self._stop_all(now, out)
 
@@ -550,7 +577,7 @@ class Workflow:
                 )
                 self._move(c, State.FAILED, now, out)
                 out.append(Reject(c.tid, c.failure))
-            stack.extend((c, self._tasks[d]) for d in c.dependents)
+            stack.extend((c, d) for d in self._children(c))
 
     def _cancel(self, ev: Cancel, out: list[Command]) -> None:
         t = self._tasks[ev.tid]
@@ -566,7 +593,7 @@ class Workflow:
             t.current = None
         self._move(t, State.CANCELLED, ev.now, out)
         out.append(Cancelled(t.tid))
-        self._fail_downstream_of(t, [self._tasks[d] for d in t.dependents], ev.now, out)
+        self._fail_downstream_of(t, self._children(t), ev.now, out)
 
     def _stop_all(self, now: float, out: list[Command]) -> None:
         """keep_going=False: cancel everything that has not started; running work finishes."""
