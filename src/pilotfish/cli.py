@@ -10,6 +10,11 @@ visible as ``\\x1b``-style escapes: a key like ``a[/]b`` or a program that write
 terminal escape sequences cannot break or take over the terminal. ``show`` prints the
 last ``--tail-kb`` KiB of a stderr file (the path says where the rest is), or streams the
 whole file with ``--full``; it never reads a file whole into memory.
+
+Many failures: ``failures`` prints one line per task cut to the terminal's width (the
+rest is in ``show``), ``failures --group`` the failure digest (:mod:`pilotfish.digest`),
+and ``report --html`` writes one self-contained HTML page (:mod:`pilotfish.report`).
+``run``, ``resume`` and ``demo`` say where that report goes when tasks failed.
 """
 
 from __future__ import annotations
@@ -17,9 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import runpy
+import shlex
 import sys
+import textwrap
 import threading
 import time
 from collections import Counter
@@ -27,36 +33,20 @@ from pathlib import Path
 from typing import Any
 
 from rich import box
+from rich.cells import cell_len
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from . import digest as _digest
+from .digest import clean
 from .journal import JournalError, JournalReader
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 TAIL_KB = 64  # of a stderr file shown by `show` (without --full)
 _CHUNK = 1 << 16
-
-# C0 controls but newline and tab, DEL, the C1 controls (a bare 0x9b is a CSI), and
-# Unicode's line separators and bidirectional overrides (text that shows reordered)
-_OTHER = "\u2028\u2029\u202a-\u202e\u2066-\u2069"
-_CONTROL = re.compile(f"[\x00-\x08\x0b-\x1f\x7f-\x9f{_OTHER}]")
-_CONTROL_LINE = re.compile(f"[\x00-\x1f\x7f-\x9f{_OTHER}]")
-
-
-def _esc(ch: re.Match[str]) -> str:
-    n = ord(ch.group())
-    return f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}"
-
-
-def clean(value: object, *, one_line: bool = False) -> str:
-    """``value`` as text safe for a terminal: control characters (ANSI CSI/OSC escape
-    sequences, BEL, backspace, carriage return...) become visible ``\\xNN`` escapes
-    (``one_line``: newlines and tabs too). Never markup: callers wrap it in ``Text``."""
-    s = "" if value is None else str(value)
-    return (_CONTROL_LINE if one_line else _CONTROL).sub(_esc, s)
 
 
 def plain(value: object, style: str = "", *, one_line: bool = True) -> Text:
@@ -117,27 +107,96 @@ def status_table(reader: JournalReader) -> Table:
     return t
 
 
-def failures_table(failures: list[dict[str, Any]]) -> Table:
-    t = Table(title=f"{len(failures)} failed task(s)", box=box.SIMPLE_HEAVY, show_lines=False)
-    for col in ("key", "category", "transient", "attempts", "message", "paths"):
-        t.add_column(col, overflow="fold")
-    for f in failures:
-        msg = (f.get("message") or "").strip().splitlines()
-        prefix = f"task {f.get('key')!r}: "
-        if msg and msg[0].startswith(prefix):
-            msg[0] = msg[0][len(prefix) :]
-        paths = [clean(_short(p), one_line=True) for p in (f.get("sandbox"),) if p]
-        if f.get("root") and f.get("root") != f.get("key"):
-            paths.append(clean(f"root: {f['root']}", one_line=True))
-        t.add_row(
-            plain(f.get("key", "")),
-            plain(f.get("category", ""), "red"),
-            "yes" if f.get("transient") else "no",
-            plain(f.get("attempts", 0)),
-            plain(msg[0] if msg else ""),
-            Text("\n".join(paths)),
+def failure_lines(failures: list[dict[str, Any]], width: int) -> list[Text]:
+    """One line per failed task, each at most ``width`` cells: key, category, attempts
+    and the first line of the message, cut with "…" (``show KEY`` has the rest; a cut
+    key still finds its task: ``show`` lists the keys that start with what it is given)."""
+    if not failures:
+        return [Text("no failed tasks")]
+    keys = [clean(f.get("key", ""), one_line=True) for f in failures]
+    cats = [clean(f.get("category", ""), one_line=True) for f in failures]
+    tries = [str(f.get("attempts", 0)) for f in failures]
+    gap = 2
+    cat_w = max(len("category"), *(cell_len(c) for c in cats))
+    att_w = len("attempts")
+    key_w = max(len("key"), *(cell_len(k) for k in keys))
+    # a key of usual length (24) stays whole; a longer one gets two fifths of the room
+    # (in a very narrow terminal, a third of the line: the key is what `show` needs)
+    room = width - cat_w - att_w - 3 * gap
+    key_w = max(3, min(key_w, max(24, room * 2 // 5), max(room - 10, width // 3)))
+    msg_w = max(1, width - key_w - cat_w - att_w - 3 * gap)
+
+    def cell(text: str, w: int, style: str = "", right: bool = False, last: bool = False) -> Text:
+        t = Text(text, style=style)
+        t.truncate(w, overflow="ellipsis")
+        pad = "" if last else " " * (w - t.cell_len)
+        return Text(pad, style="") + t if right else t + pad
+
+    def line(k: Text, c: Text, a: Text, m: Text) -> Text:
+        out = Text.assemble(k, " " * gap, c, " " * gap, a, " " * gap, m)
+        out.truncate(width, overflow="ellipsis")
+        return out
+
+    out = [
+        line(
+            cell("key", key_w, "bold"),
+            cell("category", cat_w, "bold"),
+            cell("attempts", att_w, "bold"),
+            cell("message", msg_w, "bold", last=True),
         )
-    return t
+    ]
+    for f, k, c, a in zip(failures, keys, cats, tries, strict=True):
+        msg = clean(_digest.headline(f), one_line=True)
+        out.append(
+            line(
+                cell(k, key_w),
+                cell(c, cat_w, "red"),
+                cell(a, att_w, right=True),
+                cell(msg, msg_w, last=True),
+            )
+        )
+    return out
+
+
+def print_failures(console: Console, failures: list[dict[str, Any]]) -> None:
+    width = console.width
+    n = len(failures)
+    console.print(Text(f"{n} failed task(s)", style="bold"))
+    for ln in failure_lines(failures, width):
+        console.print(ln, no_wrap=True, overflow="ellipsis", crop=True)
+    if failures:
+        _wrapped(
+            console,
+            "one in full: `pilotfish show KEY`; grouped: `pilotfish failures --group`",
+            style="dim",
+        )
+
+
+def _wrapped(console: Console, text: str, style: str = "", indent: str = "") -> None:
+    """``text`` (task data allowed: it is cleaned) wrapped to the console's width, its
+    continuation lines indented by ``indent`` plus two spaces."""
+    lines = textwrap.wrap(
+        clean(text, one_line=True),
+        width=max(20, console.width),
+        initial_indent=indent,
+        subsequent_indent=indent + "  ",
+        break_on_hyphens=False,
+    ) or [""]
+    for ln in lines:
+        console.print(Text(ln, style=style), no_wrap=True, crop=True)
+
+
+def print_digest(console: Console, digest: dict[str, Any]) -> None:
+    """The failure digest (:func:`pilotfish.digest.format_digest`), wrapped to the width:
+    the largest group first, its size and category in colour."""
+    lines = _digest.format_digest(digest)
+    for i, ln in enumerate(lines):
+        if i == 0:
+            _wrapped(console, ln, style="bold")
+        elif ln.startswith("    "):
+            _wrapped(console, ln.strip(), indent="    ")
+        else:
+            _wrapped(console, ln, style="red")
 
 
 def cmd_status(args: argparse.Namespace, console: Console) -> int:
@@ -149,12 +208,41 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
 def cmd_failures(args: argparse.Namespace, console: Console) -> int:
     reader = JournalReader(_journal_path(args.rundir))
     failures = reader.failures()
-    if args.json:
+    if args.group:
+        digest = _digest.failure_digest(failures)
+        if args.json:
+            print(json.dumps(digest, indent=2, default=str))
+        else:
+            print_digest(console, digest)
+    elif args.json:
         print(json.dumps(failures, indent=2, default=str))
     elif failures:
-        console.print(failures_table(failures))
+        print_failures(console, failures)
     else:
         console.print("no failed tasks")
+    return 0
+
+
+def _report_hint(rundir: str) -> str:
+    opt = "" if Path(rundir) == Path(".pilotfish") else f" --rundir {shlex.quote(rundir)}"
+    return f"pilotfish{opt} report --html"
+
+
+def cmd_report(args: argparse.Namespace, console: Console) -> int:
+    from . import report
+
+    journal = _journal_path(args.rundir)
+    JournalReader(journal).close()  # a clear error for a missing or foreign journal
+    out = Path(args.out) if args.out else Path(args.rundir) / "report.html"
+    if out.is_dir():
+        out = out / "report.html"
+    try:
+        path = report.write_report(journal, out)
+    except OSError as e:
+        raise JournalError(f"cannot write the report to {out}: {e.strerror or e}") from e
+    size = path.stat().st_size
+    console.print(plain(f"report written: {path} ({size / 1024:,.0f} KiB)"))
+    console.print(plain(f"open it in a browser: {path.resolve().as_uri()}"))
     return 0
 
 
@@ -309,6 +397,7 @@ class Progress:
         self.states: dict[str, str] = {}
         self.failed: list[str] = []
         self.workers: set[str] = set()
+        self.rundirs: list[str] = []  # of sessions with failed tasks (for the report hint)
         self.lock = threading.Lock()
         self.live: Live | None = None
 
@@ -321,6 +410,7 @@ class Progress:
                 if e.finish.name == "FAILED":
                     self.failed.append(e.key)
                     self.console.print(plain(f"failed: {e.key}", "red"))
+                    self._note_rundirs()
             elif isinstance(e, WorkerEvent):
                 if e.kind == "started":
                     self.workers.add(e.worker)
@@ -332,6 +422,23 @@ class Progress:
                 self.console.print(plain(f"master lost: {e.message}", "yellow"))
         if self.live is not None:
             self.live.update(self.render())
+
+    def _note_rundirs(self) -> None:
+        """The run directories of the live sessions with a journal (a failure happened in
+        one of them): `run` names them in its report hint."""
+        from . import _session
+
+        try:
+            sessions = list(_session._live_sessions)
+        except RuntimeError:  # the set changed while it was read: the next failure retries
+            return
+        for s in sessions:
+            journal = getattr(s, "_journal", None)
+            path = getattr(journal, "path", None)
+            if path is not None and path.name == "journal.db":
+                rundir = str(path.parent)
+                if rundir not in self.rundirs:
+                    self.rundirs.append(rundir)
 
     def render(self) -> Table:
         with self.lock:
@@ -391,9 +498,14 @@ def run_script(path: str, argv: list[str], console: Console, *, resume: bool) ->
             else:
                 os.environ["PILOTFISH_RESUME"] = old_env
     if progress.failed:
-        console.print(
-            Text(f"{len(progress.failed)} task(s) failed; see `pilotfish failures`", style="red")
-        )
+        n = len(progress.failed)
+        console.line()
+        console.print(Text(f"{n} task(s) failed; see `pilotfish failures`", style="red"))
+        for rundir in progress.rundirs:
+            hint = _report_hint(_short(rundir))
+            where = _short(str(Path(rundir) / "report.html"))
+            _wrapped(console, f"  grouped: {hint.replace('report --html', 'failures --group')}")
+            _wrapped(console, f"  report:  {hint}   (writes {shlex.quote(where)})")
         return code or EXIT_FAILED
     return code
 
@@ -452,18 +564,25 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
         )
     )
     t0 = time.time()
-    demo.main(str(rundir), console)
+    digest = demo.main(str(rundir), console)
+    elapsed = time.time() - t0
     reader = JournalReader(_journal_path(str(rundir)))
     console.print(status_table(reader))
-    console.print(failures_table(reader.failures()))
-    console.print(
-        plain(
-            f"finished in {time.time() - t0:.1f} s. The failures above are deliberate. Try:\n"
-            f"  pilotfish --rundir {rundir} show <key>      # the complete record of one task\n"
-            f"  pilotfish --rundir {rundir} failures --json",
-            one_line=False,
-        )
-    )
+    print_failures(console, reader.failures())
+    from . import report
+
+    page = report.write_report(_journal_path(str(rundir)), rundir / "report.html")
+    opt = f"--rundir {shlex.quote(str(rundir))}"
+    console.print(Text(f"\nfinished in {elapsed:.1f} s. The failures are deliberate. Try:"))
+    for cmd, what in (
+        ("show KEY", "  # one task in full"),
+        ("failures --json", ""),
+        ("report --html", "  # the HTML report"),
+    ):
+        _wrapped(console, f"  pilotfish {opt} {cmd}{what}")
+    _wrapped(console, f"report written: {_short(str(page))} (open it in a browser)")
+    console.print(Text("\nfailure digest (`pilotfish failures --group`):", style="bold"))
+    print_digest(console, digest)
     return 0
 
 
@@ -514,10 +633,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(func=cmd_status)
     f = sub.add_parser(
-        "failures", parents=[common], help="every failed task with its category and paths"
+        "failures",
+        parents=[common],
+        help="every failed task on one line (--group: the digest, grouped by cause)",
+    )
+    f.add_argument(
+        "--group",
+        action="store_true",
+        help="group the failures by category and normalised message, largest group first",
     )
     f.add_argument("--json", action="store_true", help="machine-readable output")
     f.set_defaults(func=cmd_failures)
+    rp = sub.add_parser(
+        "report", parents=[common], help="write one self-contained HTML page about the run"
+    )
+    rp.add_argument(
+        "--html", action="store_true", help="an HTML page (the only format, and the default)"
+    )
+    rp.add_argument("--out", metavar="FILE", help="where to write it (default: RUNDIR/report.html)")
+    rp.set_defaults(func=cmd_report)
     sh = sub.add_parser(
         "show", parents=[common], help="everything about one task: attempts, complete output"
     )

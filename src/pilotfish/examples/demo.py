@@ -7,7 +7,8 @@
 * one member kills its own worker on the first try (a node failure): the worker is
   replaced and the member retried;
 * a two-program chain passes a file from one program to the next;
-* independent work keeps going throughout.
+* independent work keeps going throughout;
+* it ends with the failure digest: the failures grouped by cause, largest group first.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pilotfish
+from pilotfish.digest import failure_digest
 
 
 def simulate(seed: int, steps: int = 20000) -> float:
@@ -47,7 +49,9 @@ def analyse(values: list[float]) -> dict[str, float]:
     return {"n": len(values), "mean": sum(values) / len(values)}
 
 
-def main(rundir: str, console: Any = None) -> None:
+def main(rundir: str, console: Any = None) -> dict[str, Any]:
+    """Run the ensemble in ``rundir``; return its failure digest (plain data, see
+    :func:`pilotfish.digest.failure_digest`), which ``pilotfish demo`` prints last."""
     say = console.print if console is not None else print
     Path(rundir).mkdir(parents=True, exist_ok=True)
     marker = os.path.join(rundir, "flaky-node-marker")
@@ -64,9 +68,10 @@ def main(rundir: str, console: Any = None) -> None:
     with pilotfish.Session(
         workers=2, rundir=rundir, on_event=on_event, backoff=pilotfish.Backoff(base=0.05)
     ) as s:
+        # first, so that its node dies early and the replacement worker takes over
+        flaky = s.submit(simulate_on_flaky_node, 21, marker)
         members = [s.submit(simulate, seed) for seed in (1, 2, 3, 4, 5, 6, 7, 8)]
         bad = s.submit(simulate, 13)
-        flaky = s.submit(simulate_on_flaky_node, 21, marker)
         md = s.executable(
             [
                 "sh",
@@ -98,8 +103,10 @@ def main(rundir: str, console: Any = None) -> None:
                 say(f"  {name}: ok -> {r if not hasattr(r, 'stdout') else r.stdout}")
             except Exception as e:
                 first = str(e).strip().splitlines()[0]
+                first = first if len(first) <= 60 else first[:59] + "…"
                 say(f"  {name}: {type(e).__name__}: {first}")
         say(
             f"  flaky member: {len(flaky.attempts)} attempts, outcomes "
             f"{[a.outcome for a in flaky.attempts]}"
         )
+        return failure_digest(s.failures())

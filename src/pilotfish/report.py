@@ -1,0 +1,1000 @@
+"""The HTML report (``pilotfish report --html``): one self-contained file, from the journal.
+
+A reader of the journal only: this module imports :mod:`pilotfish.journal` (the reader),
+:mod:`pilotfish.digest` (the failure digest) and the standard library, nothing of the
+runtime. The page it writes::
+
+    header        journal, runs, wall time
+    timeline      one lane per (run, host, worker); each attempt a bar coloured *and
+                  patterned* by outcome (a legend with labels: never colour alone); a lost
+                  worker's lane ends with a marker naming its signal or exit code, and
+                  the lane of the worker that started after it says so. Drawn on a
+                  canvas (only the visible window), so 10,000 attempts scroll and zoom
+    counts        tasks by state, failed tasks by category
+    digest        :func:`pilotfish.digest.failure_digest`, each group a filter
+    failures      one row per failed task (key, category, attempts, message); a row opens
+                  in place (``<details>``) to the complete message, traceback and stderr
+                  (read from the kept file), the attempts, and for a dependency failure
+                  its root; a root says how many tasks it took with it
+
+Nothing is fetched from anywhere: styles and the script are inline, the data is a JSON
+block, and a Content-Security-Policy (``default-src 'none'``, the script allowed by its
+hash) forbids any request. Every task string (keys, messages, tracebacks, stderr) is
+HTML-escaped, with control characters made visible as in the CLI.
+
+Size is bounded: the text of the failure details shares a budget (``DETAIL_BUDGET``),
+each piece cut to its share (at most ``PIECE_MAX``) with the path to the whole file or
+``pilotfish show KEY``; at most ``ROWS_MAX`` failed tasks are listed (all are counted and
+in the digest). A 10,000-task run stays well under 5 MB.
+
+Stderr files are read only inside the run directory (the journal's directory, after
+resolving symbolic links), so a journal from elsewhere cannot make the page embed files
+such as ``~/.ssh/id_rsa``. If the run directory was moved, a recorded path is looked up
+again below ``sandboxes/`` or ``results/`` of where the journal is now.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import html
+import json
+import os
+import re
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from .digest import clean, exit_label, failure_digest, headline, signature
+from .journal import JournalReader
+
+__all__ = [
+    "DETAIL_BUDGET",
+    "GROUPS_MAX",
+    "PIECE_MAX",
+    "ROWS_MAX",
+    "build_report",
+    "write_report",
+]
+
+DETAIL_BUDGET = 3 * 512 * 1024  # characters of (escaped) failure detail text in a page
+PIECE_MAX = 256 * 1024  # one traceback or stderr shown whole up to this size
+PIECE_MIN = 256  # the share of each piece never goes below this
+ROWS_MAX = 2000  # failed tasks listed (the rest are counted)
+GROUPS_MAX = 200  # digest groups listed (the rest are counted)
+HEADLINE_MAX = 160  # characters of a message in a collapsed row
+
+# outcome -> (label, colour (Okabe-Ito, safe for colour-blind readers), pattern drawn on
+# top, a symbol used in the legend and the tables). Pattern and label carry the meaning.
+OUTCOMES: dict[str, tuple[str, str, str, str]] = {
+    "done": ("done", "#009E73", "solid", "✓"),
+    "user_error": ("user error", "#D55E00", "slash", "!"),
+    "command_failed": ("command failed", "#E69F00", "backslash", "✗"),
+    "missing_output": ("missing output", "#E69F00", "cross", "∅"),
+    "timeout": ("timeout", "#CC79A7", "horizontal", "⌛"),
+    "worker_lost": ("worker lost", "#000000", "dots", "☠"),
+    "runtime_lost": ("runtime lost", "#0072B2", "vertical", "⚡"),
+    "environment": ("environment", "#F0E442", "grid", "⚙"),
+    "invalid_task": ("invalid task", "#56B4E9", "cross", "?"),
+    "dependency_failed": ("dependency failed", "#7f7f7f", "slash", "↑"),
+    "cancelled": ("cancelled", "#BBBBBB", "hollow", "⊘"),
+    "dropped": ("dropped", "#DDDDDD", "hollow", "·"),
+    "running": ("unfinished", "#FFFFFF", "hollow", "…"),
+}
+_MARKED = {"worker_lost": "lost", "runtime_lost": "runtime lost", "timeout": "killed: timeout"}
+
+
+def _h(value: object, *, one_line: bool = False) -> str:
+    """Task data as HTML text: control characters made visible, then escaped."""
+    return html.escape(clean(value, one_line=one_line), quote=True)
+
+
+def _json_block(data: Any) -> str:
+    """JSON that is safe inside ``<script type="application/json">``."""
+    text = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    return text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
+
+
+def _fmt_time(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+def _fmt_dur(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _kib(n: int) -> str:
+    return f"{n / 1024:,.0f} KiB" if n >= 1024 else f"{n} bytes"
+
+
+# --------------------------------------------------------------------------- budget
+
+
+class _Budget:
+    """Shares ``DETAIL_BUDGET`` characters among the pieces of text still to come."""
+
+    def __init__(self, total: int, pieces: int) -> None:
+        self.left = total
+        self.pieces = max(1, pieces)
+
+    def share(self) -> int:
+        return max(PIECE_MIN, min(PIECE_MAX, self.left // self.pieces))
+
+    def spend(self, n: int) -> None:
+        self.left = max(0, self.left - n)
+        self.pieces = max(1, self.pieces - 1)
+
+
+def _cut_middle(text: str, limit: int, key: str) -> tuple[str, str]:
+    """``text`` whole, or its head and tail with a note saying what is left out."""
+    if len(text) <= limit:
+        return text, ""
+    half = limit // 2
+    omitted = len(text) - 2 * half
+    note = (
+        f"{omitted:,} characters in the middle are not in this page; "
+        f"`pilotfish show {key}` prints it whole"
+    )
+    return text[:half] + f"\n[... {omitted:,} characters omitted ...]\n" + text[-half:], note
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _locate(recorded: str, rundir: Path) -> tuple[Path | None, str]:
+    """The file a journal names, if it may be read: inside the run directory after
+    resolving links (or found again there below sandboxes/ or results/)."""
+    root = rundir.resolve()
+    candidates = [Path(recorded)]
+    parts = Path(recorded).parts
+    for anchor in ("sandboxes", "results"):
+        if anchor in parts:
+            i = len(parts) - 1 - parts[::-1].index(anchor)
+            candidates.append(rundir.joinpath(*parts[i:]))
+    outside = False
+    for c in candidates:
+        try:
+            real = c.resolve()
+        except (OSError, RuntimeError):
+            continue
+        if not real.is_relative_to(root):
+            outside = outside or real.exists()
+            continue
+        if real.is_file():
+            return real, ""
+    if outside:
+        return None, f"not read: it is outside the run directory {rundir}"
+    return None, "not found here (on another host, or removed)"
+
+
+def _read_tail(path: Path, limit: int) -> tuple[str, int, bool]:
+    """The last ``limit`` bytes of ``path`` (from a whole line), its size, and whether
+    that is all of it. Never reads more than ``limit`` bytes."""
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        start = max(0, size - limit)
+        fh.seek(start)
+        data = fh.read(limit)
+    text = data.decode("utf-8", errors="replace")
+    if start and "\n" in text:
+        text = text[text.index("\n") + 1 :]
+    return text, size, start == 0
+
+
+# --------------------------------------------------------------------------- model
+
+
+def _lanes(
+    tasks: list[dict[str, Any]], t0: float, now: float
+) -> tuple[list[dict[str, Any]], list[list[int]], list[dict[str, Any]]]:
+    """Lanes (one per run, host and worker, in order of their first attempt), the bars
+    ``[lane, start_ms, end_ms, outcome_index, task_index, attempt_number]`` and the markers
+    ``{lane, t, label, kind}`` where a lane ends with a lost worker or master."""
+    outcome_ids = {name: i for i, name in enumerate(OUTCOMES)}
+    raw: list[tuple[tuple[Any, str, str], float, float, str, int, int, dict[str, Any] | None]] = []
+    for ti, t in enumerate(tasks):
+        for a in t["attempts"]:
+            if not a.get("started") or not a.get("worker"):
+                continue  # never started: no bar (the task's table row says so)
+            lane = (a.get("run"), str(a.get("host") or "?"), str(a["worker"]))
+            outcome = a.get("outcome") or "running"
+            if outcome not in outcome_ids:
+                outcome = "running"
+            end = a.get("ended") or now
+            raw.append(
+                (lane, a["started"], end, outcome, ti, a.get("number") or 0, a.get("failure"))
+            )
+    first: dict[tuple[Any, str, str], float] = {}
+    last: dict[tuple[Any, str, str], float] = {}
+    for lane, start, end, *_ in raw:
+        first[lane] = min(first.get(lane, start), start)
+        last[lane] = max(last.get(lane, end), end)
+    order = sorted(first, key=lambda ln: (ln[0] or 0, ln[1], _natural(ln[2]), first[ln]))
+    index = {ln: i for i, ln in enumerate(order)}
+    lanes = [
+        {"run": ln[0], "host": ln[1], "worker": ln[2], "label": f"{ln[2]} @ {ln[1]}", "after": ""}
+        for ln in order
+    ]
+    bars = [
+        [index[ln], round((s - t0) * 1000), round((e - t0) * 1000), outcome_ids[o], ti, n]
+        for ln, s, e, o, ti, n, _f in raw
+    ]
+    bars.sort(key=lambda b: (b[0], b[1]))
+    markers: list[dict[str, Any]] = []
+    losses: list[tuple[float, tuple[Any, str, str]]] = []
+    for ln, _s, e, o, _ti, _n, f in raw:
+        if o not in _MARKED:
+            continue
+        f = f or {}
+        what = _MARKED[o]
+        if o != "timeout" and (f.get("returncode") is not None or f.get("signal")):
+            how = exit_label(f.get("returncode"), f.get("signal"))
+            rc = f.get("returncode")
+            what = f"{what}: {how}" + (f" ({rc})" if f.get("signal") and rc is not None else "")
+        markers.append(
+            {"lane": index[ln], "t": round((e - t0) * 1000), "label": f"{ln[2]} {what}", "kind": o}
+        )
+        if o == "worker_lost":
+            losses.append((e, ln))
+    # the replacement of a lost worker (the journal has no worker events): on the same
+    # run and host, the first lane to begin after the loss whose name sorts after every
+    # worker seen before it (local workers are numbered w1, w2, ...; a new one is w3)
+    taken: set[tuple[Any, str, str]] = set()
+    for when, lost in sorted(losses):
+        before = [ln for ln in order if ln[:2] == lost[:2] and first[ln] < when]
+        newest = max((_natural(ln[2]) for ln in before), default=())
+        later = [
+            ln
+            for ln in order
+            if ln[:2] == lost[:2]
+            and ln not in taken
+            and first[ln] >= when
+            and _natural(ln[2]) > newest
+        ]
+        if later:
+            ln = min(later, key=lambda c: first[c])
+            taken.add(ln)
+            lanes[index[ln]]["after"] = f"new after {lost[2]} was lost"
+    return lanes, bars, markers
+
+
+def _natural(name: str) -> tuple[Any, ...]:
+    """``w2`` before ``w10``."""
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
+
+
+def _collect(reader: JournalReader) -> dict[str, Any]:
+    tasks: list[dict[str, Any]] = []
+    for row in reader.tasks():
+        failure = json.loads(row["failure"]) if row["failure"] else None
+        if failure is not None and "journal_error" in failure and "category" not in failure:
+            failure = None
+        tasks.append(
+            {
+                "key": row["key"],
+                "name": row["name"],
+                "kind": row["kind"],
+                "state": row["state"],
+                "submitted": row["submitted"],
+                "updated": row["updated"],
+                "failure": failure,
+                "attempts": reader.attempts(row["key"]),
+            }
+        )
+    return {"tasks": tasks, "runs": [dict(r) for r in reader.runs()]}
+
+
+# --------------------------------------------------------------------------- HTML pieces
+
+
+def _badge(outcome: str) -> str:
+    label, _colour, _pattern, symbol = OUTCOMES.get(outcome, (outcome, "", "", "?"))
+    cls = outcome if outcome in OUTCOMES else "other"
+    return f'<span class="badge o-{cls}"><b aria-hidden="true">{symbol}</b> {_h(label)}</span>'
+
+
+def _outcome_css() -> str:
+    return "".join(f".o-{name}{{--c:{v[1]}}}" for name, v in OUTCOMES.items())
+
+
+def _counts_html(tasks: list[dict[str, Any]], failures: list[dict[str, Any]]) -> str:
+    states = Counter(t["state"] or "?" for t in tasks)
+    cats = Counter(str(f.get("category") or "unknown") for f in failures)
+    total = max(1, len(tasks))
+    out = ['<div class="counts"><table class="count"><caption>tasks by state</caption>']
+    for state in ("DONE", "FAILED", "CANCELLED", "RUNNING", "RETRYING", "READY", "PENDING"):
+        if states.get(state):
+            n = states.pop(state)
+            out.append(_count_row(state.lower(), n, total))
+    for state, n in sorted(states.items()):
+        out.append(_count_row(str(state).lower(), n, total))
+    out.append(f'<tr class="total"><th>total</th><td>{len(tasks):,}</td><td></td></tr></table>')
+    out.append('<table class="count"><caption>failed tasks by category</caption>')
+    if not cats:
+        out.append('<tr><td colspan="3">no failed tasks</td></tr>')
+    for cat, n in cats.most_common():
+        out.append(
+            f"<tr><th>{_badge(cat)}</th><td>{n:,}</td>"
+            f'<td><span class="bar o-{cat if cat in OUTCOMES else "other"}" '
+            f'style="width:{100 * n / max(1, len(failures)):.1f}%"></span>'
+            "</td></tr>"
+        )
+    out.append("</table></div>")
+    return "".join(out)
+
+
+def _count_row(label: str, n: int, total: int) -> str:
+    return (
+        f'<tr class="s-{html.escape(label)}"><th>{html.escape(label)}</th><td>{n:,}</td>'
+        f'<td><span class="bar" style="width:{100 * n / total:.1f}%"></span></td></tr>'
+    )
+
+
+def _digest_html(digest: dict[str, Any], anchors: dict[str, int]) -> str:
+    groups = digest["groups"]
+    if not groups:
+        return "<p>No failed tasks.</p>"
+    out = [
+        f"<p>{digest['failed']:,} failed task(s) in {len(groups):,} group(s), largest first. "
+        'Click a group to list only its tasks below.</p><ol class="digest">'
+    ]
+    for gi, g in enumerate(groups[:GROUPS_MAX]):
+        extra = []
+        if g["roots"]:
+            roots = ", ".join(
+                f"{_key_link(r['key'], anchors)} ({r['count']:,})" for r in g["roots"]
+            )
+            more = g["root_count"] - len(g["roots"])
+            extra.append(f"roots: {roots}" + (f" and {more:,} more" if more > 0 else ""))
+        else:
+            extra.append("e.g. " + ", ".join(_key_link(k, anchors) for k in g["examples"]))
+        if g["took_down"]:
+            extra.append(f"root of {g['took_down']:,} dependency failure(s)")
+        out.append(
+            f'<li class="group" data-group="{gi}"><button type="button" class="gfilter" '
+            f'data-group="{gi}"><b>{g["count"]:,} task(s)</b></button> '
+            f"{_badge(g['category'])} <code>{_h(g['signature'], one_line=True)}</code>"
+            f'<div class="sub">{" · ".join(extra)}</div></li>'
+        )
+    out.append("</ol>")
+    if len(groups) > GROUPS_MAX:
+        rest = sum(g["count"] for g in groups[GROUPS_MAX:])
+        out.append(
+            f'<p class="note">and {len(groups) - GROUPS_MAX:,} smaller group(s) of {rest:,} '
+            "task(s) in all: <code>pilotfish failures --group</code> lists every group.</p>"
+        )
+    return "".join(out)
+
+
+def _key_link(key: str, anchors: dict[str, int]) -> str:
+    i = anchors.get(key)
+    if i is None:
+        return f"<code>{_h(key, one_line=True)}</code>"
+    return f'<a href="#f{i}"><code>{_h(key, one_line=True)}</code></a>'
+
+
+def _pre(text: str, cls: str, note: str = "", budget: _Budget | None = None) -> str:
+    """``text`` in a ``<pre>``, escaped; what it costs in the page is taken from
+    ``budget`` (escaping makes quotes and brackets longer)."""
+    body = _h(text)
+    if budget is not None:
+        budget.spend(len(body))
+    n = f'<div class="note">{_h(note)}</div>' if note else ""
+    return f'{n}<pre class="{cls}">{body}</pre>'
+
+
+def _stderr_html(f: dict[str, Any], rundir: Path, budget: _Budget, key: str) -> str:
+    recorded = f.get("stderr_path")
+    if not recorded:
+        tail = f.get("stderr_tail")
+        if not tail:
+            return ""
+        text, note = _cut_middle(str(tail), budget.share(), key)
+        return f"<h4>stderr (last lines, from the record)</h4>{_pre(text, 'stderr', note, budget)}"
+    path, why = _locate(str(recorded), rundir)
+    head = f"<h4>stderr <code>{_h(recorded, one_line=True)}</code></h4>"
+    if path is None:
+        return f'{head}<div class="note">{_h(why)}</div>'
+    try:
+        text, size, whole = _read_tail(path, budget.share())
+    except OSError as e:
+        return f'{head}<div class="note">cannot read it: {_h(e)}</div>'
+    if whole:
+        note = f"complete ({_kib(size)})"
+    else:
+        note = (
+            f"the last {_kib(len(text.encode()))} of {_kib(size)}; the whole file: "
+            f"{recorded} (or `pilotfish show {key} --full`)"
+        )
+    return head + _pre(text, "stderr", note, budget)
+
+
+def _attempts_html(attempts: list[dict[str, Any]]) -> str:
+    if not attempts:
+        return '<div class="note">no attempt was started</div>'
+    rows = []
+    for a in attempts:
+        dur = (a["ended"] - a["started"]) if a.get("ended") and a.get("started") else None
+        f = a.get("failure") or {}
+        how = ""
+        if f.get("returncode") is not None or f.get("signal"):
+            how = exit_label(f.get("returncode"), f.get("signal"))
+        rows.append(
+            "<tr>"
+            + "".join(
+                f"<td>{_h(v, one_line=True)}</td>"
+                for v in (a.get("run"), a.get("number"), a.get("worker") or "-")
+            )
+            + f"<td>{_h(a.get('host') or '-', one_line=True)}</td>"
+            + f"<td>{_h(a.get('pid') or '-')}</td><td>{_fmt_time(a.get('started'))}</td>"
+            + f"<td>{_fmt_dur(dur)}</td><td>{_badge(a.get('outcome') or 'running')}</td>"
+            + f"<td>{_h(how)}</td></tr>"
+        )
+    return (
+        '<table class="attempts"><tr><th>run</th><th>#</th><th>worker</th><th>host</th>'
+        "<th>pid</th><th>started</th><th>took</th><th>outcome</th><th>exit</th></tr>"
+        + "".join(rows)
+        + "</table>"
+    )
+
+
+_FIELDS = (
+    "exc_type",
+    "returncode",
+    "signal",
+    "worker",
+    "host",
+    "pid",
+    "attempt",
+    "sandbox",
+    "stdout_path",
+    "stderr_path",
+)
+
+
+def _failure_row(
+    i: int,
+    t: dict[str, Any],
+    group: int,
+    rundir: Path,
+    budget: _Budget,
+    anchors: dict[str, int],
+    took: dict[str, list[str]],
+) -> str:
+    f = t["failure"] or {}
+    key = str(t["key"])
+    cat = str(f.get("category") or "unknown")
+    first = headline(dict(f, key=key))
+    if len(first) > HEADLINE_MAX:
+        first = first[: HEADLINE_MAX - 1] + "…"
+    last_run = t["attempts"][-1].get("run") if t["attempts"] else None
+    n_att = sum(1 for a in t["attempts"] if a.get("run") == last_run)
+    body: list[str] = []
+    if cat == "dependency_failed":
+        root, upstream = f.get("root"), f.get("upstream")
+        body.append(
+            '<p class="dep">did not run because '
+            + (f"its input {_key_link(str(upstream), anchors)} failed; " if upstream else "")
+            + (
+                f"the failure began in the root task {_key_link(str(root), anchors)}, "
+                f"which took {len(took.get(str(root), ())):,} task(s) with it"
+                if root
+                else ""
+            )
+            + "</p>"
+        )
+    victims = took.get(key)
+    if victims:
+        shown = ", ".join(_key_link(k, anchors) for k in victims[:5])
+        more = f" and {len(victims) - 5:,} more" if len(victims) > 5 else ""
+        body.append(
+            f'<p class="took">root of <b>{len(victims):,}</b> dependency failure(s): '
+            f"it took {shown}{more} with it</p>"
+        )
+    message, note = _cut_middle(str(f.get("message") or ""), budget.share(), key)
+    body.append("<h4>message</h4>" + _pre(message, "message", note, budget))
+    fields = [
+        f"<tr><th>{name}</th><td>{_h(f[name], one_line=True)}</td></tr>"
+        for name in _FIELDS
+        if f.get(name) not in (None, "")
+    ]
+    if f.get("time"):
+        fields.append(f"<tr><th>time</th><td>{_fmt_time(f['time'])}</td></tr>")
+    if fields:
+        body.append('<table class="fields">' + "".join(fields) + "</table>")
+    if f.get("traceback"):
+        tb, note = _cut_middle(str(f["traceback"]), budget.share(), key)
+        body.append("<h4>traceback (complete)</h4>" if not note else "<h4>traceback</h4>")
+        body.append(_pre(tb, "traceback", note, budget))
+    body.append(_stderr_html(f, rundir, budget, key))
+    body.append("<h4>attempts</h4>" + _attempts_html(t["attempts"]))
+    return (
+        f'<details class="failure" id="f{i}" data-group="{group}" '
+        f'data-key="{_h(key, one_line=True)}">'
+        f'<summary><span class="k">{_h(key, one_line=True)}</span>'
+        f'<span class="c">{_badge(cat)}</span><span class="a">{n_att}</span>'
+        f'<span class="m">{_h(first, one_line=True)}</span></summary>'
+        f'<div class="body">{"".join(body)}</div></details>'
+    )
+
+
+# --------------------------------------------------------------------------- page
+
+
+def build_report(reader: JournalReader, *, now: float | None = None) -> str:
+    """The whole report of the journal ``reader`` reads, as one HTML string."""
+    now = time.time() if now is None else now
+    data = _collect(reader)
+    tasks, runs = data["tasks"], data["runs"]
+    rundir = reader.path.parent
+    failed = [t for t in tasks if t["state"] == "FAILED" and t["failure"]]
+    records = [dict(t["failure"], key=t["key"]) for t in failed]
+    digest = failure_digest(records)
+
+    starts = [a["started"] for t in tasks for a in t["attempts"] if a.get("started")]
+    ends = [a["ended"] for t in tasks for a in t["attempts"] if a.get("ended")]
+    t0 = min(starts) if starts else now
+    # an attempt with no end (a run still going, or its client killed) is drawn up to the
+    # last time the journal knows of
+    t_end = max(ends + starts) if starts else now
+    for t in tasks:
+        if t.get("updated") and any(a.get("started") and not a.get("ended") for a in t["attempts"]):
+            t_end = max(t_end, t["updated"])
+    lanes, bars, markers = _lanes(tasks, t0, t_end)
+
+    # failed rows: by digest group (largest first), then submission order
+    group_index = {(g["category"], g["signature"]): i for i, g in enumerate(digest["groups"])}
+    dep_group = next(
+        (i for i, g in enumerate(digest["groups"]) if g["category"] == "dependency_failed"), -1
+    )
+
+    def group_of(rec: dict[str, Any]) -> int:
+        cat = str(rec.get("category") or "unknown").lower()
+        if cat == "dependency_failed":
+            return dep_group
+        return group_index.get((cat, signature(rec)), len(group_index))
+
+    ranked = sorted(
+        ((group_of(rec), n, t) for n, (rec, t) in enumerate(zip(records, failed, strict=True))),
+        key=lambda x: (x[0], x[1]),
+    )
+    listed = ranked[:ROWS_MAX]
+    anchors = {str(t["key"]): i for i, (_g, _n, t) in enumerate(listed)}
+    took: dict[str, list[str]] = {}
+    for rec in records:
+        if str(rec.get("category")) == "dependency_failed" and rec.get("root"):
+            took.setdefault(str(rec["root"]), []).append(str(rec["key"]))
+    pieces = sum(
+        1
+        + bool(t["failure"].get("traceback"))
+        + bool(t["failure"].get("stderr_path") or t["failure"].get("stderr_tail"))
+        for _g, _n, t in listed
+    )
+    budget = _Budget(DETAIL_BUDGET, pieces)
+    rows = [
+        _failure_row(i, t, g, rundir, budget, anchors, took) for i, (g, _n, t) in enumerate(listed)
+    ]
+    task_of_bar = sorted({b[4] for b in bars})
+    keys = {ti: str(tasks[ti]["key"]) for ti in task_of_bar}
+    failed_anchor = {ti: anchors.get(str(tasks[ti]["key"]), -1) for ti in task_of_bar}
+
+    payload = {
+        "t0": t0,
+        "span": max(1, round((max(t_end, t0) - t0) * 1000)),
+        "outcomes": [
+            {"id": name, "label": v[0], "colour": v[1], "pattern": v[2], "symbol": v[3]}
+            for name, v in OUTCOMES.items()
+        ],
+        "lanes": lanes,
+        "bars": bars,
+        "markers": markers,
+        "keys": {str(ti): clean(k, one_line=True) for ti, k in keys.items()},
+        "rows": {str(ti): a for ti, a in failed_anchor.items() if a >= 0},
+        "runs": [{"id": r["id"], "t": round(((r["started"] or t0) - t0) * 1000)} for r in runs],
+    }
+    outcome_counts = Counter(b[3] for b in bars)
+    outcome_names = list(OUTCOMES)
+    legend = "".join(
+        f'<span class="legend-item" data-outcome="{name}"><canvas class="swatch" width="28" '
+        f'height="14" data-outcome="{i}"></canvas> {html.escape(OUTCOMES[name][0])} '
+        f"({outcome_counts.get(i, 0):,})</span>"
+        for i, name in enumerate(outcome_names)
+        if outcome_counts.get(i) or name in ("done", "user_error", "command_failed", "worker_lost")
+    )
+
+    wall = None
+    if runs:
+        first_start = min(r["started"] for r in runs if r["started"]) if runs else None
+        last_end = max((r["ended"] or 0) for r in runs)
+        wall = (last_end - first_start) if first_start and last_end else None
+    run_lines = "".join(
+        f"<li>run {r['id']} ({_h(r['status'], one_line=True)}): started {_fmt_time(r['started'])}"
+        + (
+            f", {_fmt_dur(r['ended'] - r['started'])}"
+            if r["ended"] and r["started"]
+            else ", not closed (still running, or its client was killed)"
+        )
+        + f" on {_h(r['host'], one_line=True)}</li>"
+        for r in runs
+    )
+    more = ""
+    if len(ranked) > len(listed):
+        more = (
+            f'<p class="note">{len(ranked) - len(listed):,} more failed task(s) are not '
+            "listed in this page (they are counted above and in the digest): "
+            "<code>pilotfish failures</code> lists them all.</p>"
+        )
+    script = _SCRIPT
+    digest_b64 = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    csp = (
+        "default-src 'none'; style-src 'unsafe-inline'; img-src data:; "
+        f"script-src 'sha256-{digest_b64}'; base-uri 'none'; form-action 'none'"
+    )
+    n_failed = len(failed)
+    title = f"pilotfish report — {len(tasks):,} tasks, {n_failed:,} failed"
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{csp}">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="data:,">
+<title>{html.escape(title)}</title>
+<style>{_STYLE}{_outcome_css()}</style></head>
+<body>
+<header><h1>{html.escape(title)}</h1>
+<p class="meta">journal <code>{_h(reader.path, one_line=True)}</code> · {len(runs)} run(s) ·
+wall time {_fmt_dur(wall)} · report written {_fmt_time(now)}</p>
+<ul class="runs">{run_lines}</ul></header>
+<section id="timeline"><h2>timeline</h2>
+<p class="help">One lane per worker and host; each attempt is a bar, its outcome shown by
+colour <em>and</em> pattern (legend below). ✕ marks where a worker was lost. Scroll
+sideways; zoom with the buttons or Ctrl+wheel; hover a bar for its task, click a failed
+one to open its row.</p>
+<div class="tools"><button type="button" id="zin">zoom in</button>
+<button type="button" id="zout">zoom out</button><button type="button" id="zfit">fit</button>
+<span id="zlabel"></span></div>
+<div class="legend">{legend}</div>
+<div class="tl"><div class="labels" id="labels"></div>
+<div class="scroller" id="scroller"><div class="spacer" id="spacer">
+<canvas id="tl-canvas"></canvas><div class="markers" id="markers"></div></div></div></div>
+<div id="tip" role="tooltip" hidden></div>
+<noscript><p class="note">The timeline needs JavaScript; the tables below do not.</p></noscript>
+</section>
+<section id="counts"><h2>counts</h2>{_counts_html(tasks, [t["failure"] for t in failed])}</section>
+<section id="digest"><h2>failure digest</h2>{_digest_html(digest, anchors)}</section>
+<section id="failures"><h2>failed tasks</h2>
+<p class="help">Click a row to see its complete message, traceback and stderr.
+<input type="search" id="filter" placeholder="filter by key or message" aria-label="filter">
+<button type="button" id="showall" hidden>show all groups</button></p>
+<div class="ftable"><div class="fhead"><span class="k">key</span><span class="c">category</span>
+<span class="a">attempts</span><span class="m">message</span></div>
+{"".join(rows) if rows else "<p>No failed tasks.</p>"}</div>{more}</section>
+<script type="application/json" id="pf-data">{_json_block(payload)}</script>
+<script>{script}</script>
+</body></html>
+"""
+
+
+def write_report(journal: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
+    """Write the report of ``journal`` to ``out`` (atomically; mode 0600, since it holds
+    the run's messages and stderr) and return its path."""
+    reader = JournalReader(journal)
+    try:
+        page = build_report(reader)
+    finally:
+        reader.close()
+    target = Path(out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".html", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(page)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return target
+
+
+_STYLE = """
+:root{--fg:#1b1b1b;--muted:#5a5a5a;--line:#d8d8d8;--bg:#fff;--hi:#f3f6fa}
+*{box-sizing:border-box}
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:var(--fg);
+background:var(--bg);margin:0 auto;padding:0 1.2rem 3rem;max-width:1400px}
+h1{font-size:1.35rem;margin:1rem 0 .2rem}h2{font-size:1.1rem;border-bottom:1px solid var(--line);
+padding-bottom:.2rem;margin-top:1.6rem}h4{margin:.8rem 0 .2rem;font-size:.9rem}
+code,pre{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:12.5px}
+.meta,.help,.note,.sub{color:var(--muted)}.note{font-size:12px}
+.runs{margin:.2rem 0;padding-left:1.2rem;color:var(--muted)}
+.tools button,.gfilter,#showall{font:inherit;padding:.1rem .5rem;cursor:pointer}
+.legend{display:flex;flex-wrap:wrap;gap:.3rem 1rem;margin:.4rem 0}
+.legend-item{display:inline-flex;align-items:center;gap:.3rem}
+.swatch{border:1px solid #444;vertical-align:middle}
+.tl{display:flex;border:1px solid var(--line);max-height:70vh;overflow-y:auto;position:relative}
+.labels{flex:0 0 auto;min-width:9rem;max-width:22rem;border-right:1px solid var(--line);
+background:#fafafa;padding-top:18px}
+.lane{height:var(--lh,20px);line-height:var(--lh,20px);font-size:12px;padding:0 .4rem;
+white-space:nowrap;overflow:hidden;text-overflow:ellipsis;border-bottom:1px solid #eee}
+.lane .after{color:var(--muted);font-style:italic}
+.scroller{flex:1 1 auto;overflow-x:auto;overflow-y:hidden;position:relative}
+.spacer{position:relative}
+#tl-canvas{position:sticky;left:0;top:0;display:block}
+.markers{position:absolute;left:0;top:0;height:100%;width:100%;pointer-events:none;
+overflow:hidden}
+.lost-marker{position:absolute;font-size:11px;white-space:nowrap;background:#fff;
+border:1px solid #000;border-radius:3px;padding:0 3px;line-height:15px;transform:translateX(-7px)}
+.lost-marker.timeout{border-style:dashed}.lost-marker.runtime_lost{border-color:#0072B2}
+#tip{position:fixed;z-index:10;background:#222;color:#fff;padding:.3rem .5rem;border-radius:4px;
+font-size:12px;pointer-events:none;max-width:40rem;white-space:pre-wrap}
+.counts{display:flex;flex-wrap:wrap;gap:2rem}
+table.count{border-collapse:collapse;min-width:22rem}
+table.count caption{text-align:left;font-weight:600;padding:.2rem 0}
+table.count th,table.count td{text-align:left;padding:.15rem .5rem;border-bottom:1px solid #eee}
+table.count td:nth-child(2){text-align:right;font-variant-numeric:tabular-nums}
+table.count td:last-child{width:12rem}
+.bar{display:inline-block;height:.7rem;background:#888;min-width:1px}
+.s-done .bar{background:#009E73}.s-failed .bar{background:#D55E00}.bar.badge,.bar[class*=" o-"]{
+background:var(--c);border:1px solid #444}
+tr.total th,tr.total td{font-weight:600}
+.badge{display:inline-flex;align-items:center;gap:.25rem;white-space:nowrap;font-size:12px;
+border:1px solid var(--c);border-left:.6rem solid var(--c);border-radius:3px;padding:0 .35rem}
+.badge{--c:#999}
+ol.digest{padding-left:1.5rem}ol.digest li{margin:.35rem 0;overflow-wrap:anywhere}
+.fields td,.dep,.took,.meta{overflow-wrap:anywhere}
+.ftable{border:1px solid var(--line)}
+.fhead,details.failure>summary{display:grid;grid-template-columns:minmax(9rem,22%) 11rem 5rem 1fr;
+gap:.6rem;padding:.25rem .5rem;align-items:center}
+.fhead{font-weight:600;background:#fafafa;border-bottom:1px solid var(--line)}
+details.failure{border-bottom:1px solid #eee}
+details.failure>summary{cursor:pointer;list-style:none}
+details.failure>summary::-webkit-details-marker{display:none}
+details.failure>summary .k::before{content:"▸ ";color:var(--muted)}
+details.failure[open]>summary .k::before{content:"▾ "}
+details.failure>summary:hover,details.failure[open]>summary{background:var(--hi)}
+details.failure:target>summary{outline:2px solid #0072B2}
+summary span{overflow:hidden;text-overflow:ellipsis;white-space:nowrap;min-width:0}
+summary .k{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12.5px}
+summary .a{text-align:right;font-variant-numeric:tabular-nums}
+.body{padding:.2rem 1rem 1rem 1.6rem}
+pre{background:#f7f7f7;border:1px solid #e4e4e4;padding:.5rem;overflow:auto;max-height:36rem;
+white-space:pre-wrap;word-break:break-all;margin:.2rem 0}
+table.fields,table.attempts{border-collapse:collapse;font-size:12.5px}
+table.fields th{text-align:left;padding:.05rem .8rem .05rem 0;color:var(--muted);font-weight:500}
+table.fields td{word-break:break-all}
+table.attempts th,table.attempts td{padding:.1rem .5rem;border-bottom:1px solid #eee;
+text-align:left}
+.dep,.took{background:#fff8e6;border-left:3px solid #E69F00;padding:.3rem .6rem}
+#filter{margin-left:1rem;min-width:16rem;font:inherit}
+.hidden{display:none}
+"""
+
+_SCRIPT = r"""
+(function () {
+"use strict";
+const D = JSON.parse(document.getElementById("pf-data").textContent);
+const OUT = D.outcomes, LANES = D.lanes, BARS = D.bars;
+const LH = LANES.length > 400 ? Math.max(6, Math.floor(8000 / LANES.length)) : 20, AX = 18;
+const canvas = document.getElementById("tl-canvas"), ctx = canvas.getContext("2d");
+const scroller = document.getElementById("scroller"), spacer = document.getElementById("spacer");
+const labels = document.getElementById("labels"), markersEl = document.getElementById("markers");
+const tip = document.getElementById("tip");
+let zoom = 1;
+
+function fmt(ms) {
+  if (ms < 10000) return (ms / 1000).toFixed(ms % 1000 ? 2 : 0) + " s";
+  if (ms < 120000) return (ms / 1000).toFixed(0) + " s";
+  if (ms < 7200000) return (ms / 60000).toFixed(1) + " min";
+  return (ms / 3600000).toFixed(1) + " h";
+}
+
+// each outcome: its colour with a pattern on top, so colour is never the only cue
+const STROKES = {
+  slash: [[0, 8, 8, 0], [-2, 2, 2, -2], [6, 10, 10, 6]],
+  backslash: [[0, 0, 8, 8], [6, -2, 10, 2], [-2, 6, 2, 10]],
+  cross: [[0, 0, 8, 8], [8, 0, 0, 8]],
+  horizontal: [[0, 4, 8, 4]],
+  vertical: [[4, 0, 4, 8]],
+  grid: [[0, 4, 8, 4], [4, 0, 4, 8]],
+};
+function pattern(o, c) {
+  const p = document.createElement("canvas");
+  p.width = 8; p.height = 8;
+  const g = p.getContext("2d");
+  g.fillStyle = o.colour; g.fillRect(0, 0, 8, 8);
+  const dark = ["#000000", "#0072B2", "#7f7f7f"].indexOf(o.colour) >= 0;
+  g.strokeStyle = g.fillStyle = dark ? "rgba(255,255,255,.9)" : "rgba(0,0,0,.55)";
+  g.lineWidth = 1.5;
+  g.beginPath();
+  (STROKES[o.pattern] || []).forEach(function (l) { g.moveTo(l[0], l[1]); g.lineTo(l[2], l[3]); });
+  if (o.pattern === "dots") { g.arc(4, 4, 1.6, 0, 7); g.fill(); }
+  if (o.pattern === "hollow") { g.fillStyle = "#fff"; g.fillRect(1, 1, 6, 6); }
+  g.stroke();
+  return c.createPattern(p, "repeat");
+}
+const fills = OUT.map(function (o) { return pattern(o, ctx); });
+document.querySelectorAll("canvas.swatch").forEach(function (s) {
+  const g = s.getContext("2d");
+  g.fillStyle = pattern(OUT[+s.dataset.outcome], g);
+  g.fillRect(0, 0, s.width, s.height);
+});
+
+// lanes in the DOM (their labels), bars on the canvas
+const byLane = LANES.map(function () { return []; });
+BARS.forEach(function (b) { byLane[b[0]].push(b); });
+const manyRuns = LANES.some(function (m) { return m.run !== LANES[0].run; });
+LANES.forEach(function (l, i) {
+  const d = document.createElement("div");
+  d.className = "lane"; d.dataset.lane = i; d.dataset.worker = l.worker; d.dataset.host = l.host;
+  d.style.setProperty("--lh", LH + "px");
+  d.textContent = l.label + (manyRuns ? " (run " + l.run + ")" : "");
+  d.title = d.textContent + (l.after ? " — " + l.after : "");
+  if (l.after) {
+    const s = document.createElement("span");
+    s.className = "after"; s.textContent = " ↳ " + l.after;
+    d.appendChild(s);
+  }
+  labels.appendChild(d);
+});
+if (!LANES.length) labels.textContent = "no attempt was started";
+
+function width() { return Math.max(200, scroller.clientWidth); }
+function x(ms) { return 4 + ms / D.span * (width() * zoom - 12); }
+
+function layout() {
+  spacer.style.width = (width() * zoom) + "px";
+  spacer.style.height = (AX + LANES.length * LH) + "px";
+  markersEl.textContent = "";
+  // a marker names the signal or exit code; where markers crowd a lane, the later ones
+  // shrink to their symbol (the name in their tooltip) until zoomed in
+  const right = {};
+  D.markers.slice().sort(function (a, b) { return a.t - b.t; }).forEach(function (m) {
+    const e = document.createElement("div"), left = x(m.t);
+    const full = left >= (right[m.lane] || -1e9) + 4;
+    e.className = "lost-marker " + m.kind + (full ? "" : " compact");
+    e.dataset.lane = m.lane;
+    e.textContent = full ? "✕ " + m.label : "✕"; e.title = m.label;
+    e.style.left = left + "px";
+    e.style.top = (AX + m.lane * LH + Math.max(0, (LH - 17) / 2)) + "px";
+    markersEl.appendChild(e);
+    if (full) right[m.lane] = left + e.offsetWidth;
+  });
+  document.getElementById("zlabel").textContent = "zoom " + zoom + "x";
+  draw();
+}
+
+function draw() {
+  const dpr = window.devicePixelRatio || 1, w = width(), h = AX + Math.max(1, LANES.length * LH);
+  canvas.style.width = w + "px"; canvas.style.height = h + "px";
+  canvas.width = w * dpr; canvas.height = h * dpr;
+  ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+  ctx.clearRect(0, 0, w, h);
+  const left = scroller.scrollLeft;
+  // time axis: about one tick per 110 px, on a 1-2-5 scale
+  const per = D.span / (width() * zoom - 12) * 110;
+  const p10 = Math.pow(10, Math.floor(Math.log10(Math.max(per, 1))));
+  const step = [1, 2, 5, 10].map(function (m) { return m * p10; })
+    .find(function (s) { return s >= per; }) || per;
+  ctx.fillStyle = "#5a5a5a"; ctx.font = "11px system-ui,sans-serif"; ctx.strokeStyle = "#ccc";
+  for (let t = Math.floor(left / (width() * zoom) * D.span / step) * step; t <= D.span; t += step) {
+    const tx = x(t) - left;
+    if (tx > w) break;
+    if (tx < 0) continue;
+    ctx.beginPath(); ctx.moveTo(tx + .5, AX - 5); ctx.lineTo(tx + .5, h); ctx.stroke();
+    ctx.fillText(fmt(t), tx + 3, AX - 6);
+  }
+  ctx.translate(0, AX);
+  ctx.strokeStyle = "#eee";
+  for (let i = 0; i <= LANES.length; i++) {
+    ctx.beginPath(); ctx.moveTo(0, i * LH - .5); ctx.lineTo(w, i * LH - .5); ctx.stroke();
+  }
+  D.runs.forEach(function (r) {
+    const rx = x(r.t) - left;
+    if (D.runs.length < 2 || rx < 0 || rx > w) return;
+    ctx.strokeStyle = "#999"; ctx.setLineDash([3, 3]);
+    ctx.beginPath(); ctx.moveTo(rx, -AX); ctx.lineTo(rx, h); ctx.stroke(); ctx.setLineDash([]);
+    ctx.fillStyle = "#333"; ctx.fillText("run " + r.id, rx + 3, LANES.length * LH - 3);
+  });
+  for (let pass = 0; pass < 2; pass++) {  // failures are drawn over successes
+    for (const b of BARS) {
+      if ((pass === 0) !== (b[3] === 0)) continue;
+      const x0 = x(b[1]) - left, x1 = x(b[2]) - left;
+      if (x1 < 0 || x0 > w) continue;
+      const bw = Math.max(1.5, x1 - x0), y = b[0] * LH + 2, bh = Math.max(2, LH - 4);
+      ctx.fillStyle = fills[b[3]]; ctx.fillRect(x0, y, bw, bh);
+      if (bw > 3 && LH >= 10) {
+        ctx.strokeStyle = "rgba(0,0,0,.45)"; ctx.lineWidth = 1;
+        ctx.strokeRect(x0 + .5, y + .5, bw - 1, bh - 1);
+      }
+    }
+  }
+}
+
+function hit(ev) {
+  const r = canvas.getBoundingClientRect();
+  const px = ev.clientX - r.left + scroller.scrollLeft;
+  const lane = Math.floor((ev.clientY - r.top - AX) / LH);
+  if (lane < 0 || lane >= LANES.length) return null;
+  let best = null;
+  for (const b of byLane[lane]) {
+    const x0 = x(b[1]), x1 = Math.max(x(b[2]), x0 + 3);
+    if (px >= x0 - 1 && px <= x1 + 1) { best = b; if (b[3] !== 0) break; }
+  }
+  return best;
+}
+canvas.addEventListener("mousemove", function (ev) {
+  const b = hit(ev);
+  if (!b) { tip.hidden = true; canvas.style.cursor = ""; return; }
+  const o = OUT[b[3]];
+  tip.hidden = false;
+  tip.style.left = (ev.clientX + 12) + "px"; tip.style.top = (ev.clientY + 12) + "px";
+  tip.textContent = D.keys[b[4]] + "\nattempt " + b[5] + " on " + LANES[b[0]].label + "\n" +
+    o.symbol + " " + o.label + ", " + fmt(b[2] - b[1]);
+  canvas.style.cursor = (b[4] in D.rows) ? "pointer" : "";
+});
+canvas.addEventListener("mouseleave", function () { tip.hidden = true; });
+canvas.addEventListener("click", function (ev) {
+  const b = hit(ev);
+  if (b && (b[4] in D.rows)) openRow(D.rows[b[4]]);
+});
+function openRow(i) {
+  const d = document.getElementById("f" + i);
+  if (!d) return;
+  clearGroup(); d.open = true; d.scrollIntoView({block: "center"});
+}
+function setZoom(z, anchorPx) {
+  const old = zoom;
+  zoom = Math.min(4096, Math.max(1, z));
+  const a = anchorPx === undefined ? scroller.clientWidth / 2 : anchorPx;
+  const t = (scroller.scrollLeft + a) / old;
+  layout(); scroller.scrollLeft = t * zoom - a; draw();
+}
+document.getElementById("zin").onclick = function () { setZoom(zoom * 2); };
+document.getElementById("zout").onclick = function () { setZoom(zoom / 2); };
+document.getElementById("zfit").onclick = function () { setZoom(1); };
+scroller.addEventListener("wheel", function (ev) {
+  if (!ev.ctrlKey) return;
+  ev.preventDefault();
+  const a = ev.clientX - scroller.getBoundingClientRect().left;
+  setZoom(ev.deltaY < 0 ? zoom * 1.5 : zoom / 1.5, a);
+}, {passive: false});
+scroller.addEventListener("scroll", draw);
+// the scroller narrows when a page scrollbar appears (a row opened), not only on resize
+let lastWidth = 0;
+new ResizeObserver(function () {
+  if (scroller.clientWidth !== lastWidth) { lastWidth = scroller.clientWidth; layout(); }
+}).observe(scroller);
+
+// failed-task rows: filter by text, or by digest group
+const rows = Array.from(document.querySelectorAll("details.failure"));
+const filter = document.getElementById("filter"), showall = document.getElementById("showall");
+let group = null;
+function apply() {
+  const q = filter.value.toLowerCase();
+  rows.forEach(function (r) {
+    const t = r.querySelector("summary").textContent.toLowerCase();
+    const out = (group !== null && r.dataset.group !== group) || (q && t.indexOf(q) < 0);
+    r.classList.toggle("hidden", !!out);
+  });
+  showall.hidden = group === null;
+}
+function clearGroup() { group = null; filter.value = ""; apply(); }
+filter.addEventListener("input", apply);
+showall.addEventListener("click", clearGroup);
+document.querySelectorAll("button.gfilter").forEach(function (b) {
+  b.addEventListener("click", function () {
+    group = b.dataset.group; apply();
+    document.getElementById("failures").scrollIntoView();
+  });
+});
+layout();
+})();
+"""

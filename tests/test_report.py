@@ -1,0 +1,482 @@
+"""The HTML report (issue 16, items 3 and 4).
+
+Unit tests build journals with the journal's own writer (synthetic tasks and attempts):
+size for 10,000 attempts, escaping of hostile task data, stderr files read only inside
+the run directory and cut to the page's budget, no reference to anything outside the
+page. The browser test renders the report of a real mixed run in headless Chromium."""
+
+from __future__ import annotations
+
+import ast
+import base64
+import hashlib
+import html.parser
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+import pilotfish
+from pilotfish import cli, report
+from pilotfish.errors import Category, FailureRecord
+from pilotfish.journal import Journal, JournalReader
+
+HOSTILE_KEY = "<script>window.pwned=1</script>&amp;\x1b[31m"
+HOSTILE_SHOWN = "<script>window.pwned=1</script>&amp;\\x1b[31m"  # as text, the escape visible
+HOSTILE_MSG = '<img src=x onerror="window.pwned=2"> </pre></details></script><!-- & "'
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class _Options:
+    def to_dict(self) -> dict[str, Any]:
+        return {"retries": 0}
+
+
+_OPTS = _Options()
+
+
+def _task(key: str, deps: tuple[str, ...] = ()) -> SimpleNamespace:
+    return SimpleNamespace(
+        key=key,
+        name=key.split("-")[0],
+        _kind="call",
+        _deps=[SimpleNamespace(key=d) for d in deps],
+        options=_OPTS,
+    )
+
+
+def _attempt(
+    number: int, worker: str, start: float, end: float, outcome: str, failure: Any = None
+) -> SimpleNamespace:
+    return SimpleNamespace(
+        number=number,
+        id=number,
+        dispatched=start,
+        worker=worker,
+        host="node1",
+        pid=1000 + int(worker[1:]),
+        started=start,
+        ended=end,
+        outcome=outcome,
+        failure=failure,
+    )
+
+
+def _write(
+    journal: Journal,
+    key: str,
+    state: str,
+    attempts: list[Any],
+    failure: Any = None,
+    deps: tuple[str, ...] = (),
+) -> None:
+    t0 = attempts[0].started if attempts else 0.0
+    journal.record(
+        _task(key, deps),
+        state,
+        [(t0, "PENDING", "READY"), (t0, "READY", "RUNNING"), (t0 + 1, "RUNNING", state)],
+        attempts,
+        failure,
+        b"\x80\x04K\x01." if state == "DONE" else None,
+    )
+
+
+def _page_of(rundir: Path) -> str:
+    reader = JournalReader(rundir / "journal.db")
+    try:
+        return report.build_report(reader)
+    finally:
+        reader.close()
+
+
+class _Tags(html.parser.HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, dict(attrs)))
+
+
+def _tags(page: str) -> list[tuple[str, dict[str, str | None]]]:
+    p = _Tags()
+    p.feed(page)
+    return p.tags
+
+
+# --------------------------------------------------------------------------- unit
+
+
+@pytest.mark.timeout(120)
+def test_10000_attempts_stay_under_5_mb(tmp_path: Path) -> None:
+    """A 10,000-task run (10,600 attempts on 64 workers: successes, 1,500 user errors with
+    long tracebacks, 300 lost workers, 500 dependency failures) makes a page under 5 MB,
+    with every lane and bar in its data and the failed tasks listed up to ROWS_MAX."""
+    rundir = tmp_path / "run"
+    journal = Journal(rundir / "journal.db")
+    t0 = 1_700_000_000.0
+    tb = "Traceback (most recent call last):\n" + '  File "sim.py", line 9, in f\n' * 400
+    for i in range(10_000):
+        w = f"w{i % 64 + 1}"
+        start = t0 + i * 0.05
+        key = f"member-{i:05d}"
+        if i % 20 == 3:  # 500 dependency failures: no attempt
+            root = f"member-{i - 1:05d}"
+            f = FailureRecord(
+                key,
+                Category.DEPENDENCY_FAILED,
+                f"task {key!r} did not run",
+                upstream=root,
+                root=root,
+            )
+            _write(journal, key, "FAILED", [], f, deps=(root,))
+        elif i % 20 in (2, 5, 8):  # 1,500 user errors
+            word = "".join(chr(97 + int(d)) for d in str(i))  # 1,500 distinct signatures
+            f = FailureRecord(
+                key,
+                Category.USER_ERROR,
+                f"ValueError: {word} diverged " + "x" * 200,
+                exc_type="ValueError",
+                traceback=tb + f"ValueError: seed {i}\n",
+            )
+            _write(journal, key, "FAILED", [_attempt(1, w, start, start + 0.5, "user_error", f)], f)
+        elif i % 20 == 7 and i % 40 == 7:  # 250 lost then retried: two attempts
+            lost = FailureRecord(
+                key,
+                Category.WORKER_LOST,
+                f"worker {w} was killed by signal SIGKILL (-9)",
+                returncode=-9,
+                signal="SIGKILL",
+                worker=w,
+            )
+            a1 = _attempt(1, w, start, start + 0.2, "worker_lost", lost)
+            a2 = _attempt(2, f"w{65 + i % 7}", start + 0.3, start + 0.9, "done")
+            _write(journal, key, "DONE", [a1, a2])
+        else:
+            _write(journal, key, "DONE", [_attempt(1, w, start, start + 0.8, "done")])
+    journal.close()
+    t = time.perf_counter()
+    page = _page_of(rundir)
+    took = time.perf_counter() - t
+    size = len(page.encode())
+    assert size < 5 * 1024 * 1024, f"{size / 1e6:.1f} MB"
+    data = json.loads(
+        re.search(r'<script type="application/json" id="pf-data">(.*?)</script>', page, re.S).group(
+            1
+        )
+    )  # type: ignore[union-attr]
+    assert len(data["bars"]) == 9_500 + 250  # every started attempt is a bar
+    assert len(data["lanes"]) == 71
+    assert len(data["markers"]) == 250  # each loss marks its lane
+    rows = page.count('<details class="failure"')
+    assert rows == min(report.ROWS_MAX, 2_000)
+    assert "more failed task(s) are not listed" not in page
+    assert "smaller group(s)" in page  # 1,502 groups: the largest GROUPS_MAX are listed
+    assert took < 60, took
+
+
+@pytest.mark.timeout(60)
+def test_hostile_strings_are_text(tmp_path: Path) -> None:
+    """A key like ``<script>...</script>``, a message that closes tags, and stderr full of
+    markup render as text: no element or attribute comes from task data, and the JSON
+    data block cannot be closed by a key."""
+    rundir = tmp_path / "run"
+    journal = Journal(rundir / "journal.db")
+    sandbox = rundir / "sandboxes" / "evil"
+    sandbox.mkdir(parents=True)
+    (sandbox / "stderr.txt").write_text("<script>window.pwned=3</script>\n" + HOSTILE_MSG + "\n")
+    f = FailureRecord(
+        HOSTILE_KEY,
+        Category.COMMAND_FAILED,
+        HOSTILE_MSG,
+        returncode=1,
+        stderr_path=str(sandbox / "stderr.txt"),
+        worker="w1",
+    )
+    t0 = 1_700_000_000.0
+    _write(journal, HOSTILE_KEY, "FAILED", [_attempt(1, "w1", t0, t0 + 1, "command_failed", f)], f)
+    dep = FailureRecord(
+        "down", Category.DEPENDENCY_FAILED, "did not run", upstream=HOSTILE_KEY, root=HOSTILE_KEY
+    )
+    _write(journal, "down", "FAILED", [], dep, deps=(HOSTILE_KEY,))
+    journal.close()
+    page = _page_of(rundir)
+    tags = _tags(page)
+    assert [t for t, _a in tags if t == "script"] == ["script", "script"]  # data + ours
+    assert not [t for t, _a in tags if t == "img"]
+    assert not any(k.startswith("on") for _t, attrs in tags for k in attrs)
+    assert "&lt;script&gt;window.pwned=1&lt;/script&gt;&amp;amp;\\x1b[31m" in page
+    assert "&lt;img src=x onerror=&quot;window.pwned=2&quot;&gt;" in page
+    assert "&lt;script&gt;window.pwned=3&lt;/script&gt;" in page  # the stderr file
+    block = re.search(r'id="pf-data">(.*?)</script>', page, re.S).group(1)  # type: ignore[union-attr]
+    assert "<" not in block and ">" not in block
+    assert list(json.loads(block)["keys"].values()) == [
+        "<script>window.pwned=1</script>&amp;\\x1b[31m"
+    ]
+    assert "\x1b" not in page
+    assert "root of <b>1</b> dependency failure(s)" in page
+
+
+def test_only_inline_content_and_a_strict_policy(tmp_path: Path) -> None:
+    """No src/href to anything but the page itself, and a Content-Security-Policy that
+    forbids every request, allowing only the page's own script (by its hash)."""
+    rundir = tmp_path / "run"
+    journal = Journal(rundir / "journal.db")
+    t0 = 1_700_000_000.0
+    _write(journal, "a", "DONE", [_attempt(1, "w1", t0, t0 + 1, "done")])
+    journal.close()
+    page = _page_of(rundir)
+    for tag, attrs in _tags(page):
+        for name in ("src", "href", "action", "data", "poster"):
+            value = attrs.get(name)
+            if value is not None:
+                assert value.startswith(("#", "data:")), (tag, name, value)
+        assert tag not in ("iframe", "object", "embed", "img", "video", "audio")
+    csp = re.search(r'http-equiv="Content-Security-Policy" content="([^"]+)"', page).group(1)  # type: ignore[union-attr]
+    assert "default-src 'none'" in csp
+    script = re.search(r"<script>(.*?)</script>", page, re.S).group(1)  # type: ignore[union-attr]
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    assert f"script-src 'sha256-{digest}'" in csp
+    assert not re.search(r"@import|url\(\s*['\"]?(?!data:)", page)
+
+
+def test_stderr_read_only_inside_the_run_directory(tmp_path: Path) -> None:
+    """A journal naming a file outside its run directory (a private key, by a malicious
+    or moved journal) never gets it into the page; a symlink out is refused too."""
+    rundir = tmp_path / "run"
+    journal = Journal(rundir / "journal.db")
+    secret = tmp_path / "id_rsa"
+    secret.write_text("-----BEGIN SECRET KEY-----\n")
+    (rundir / "sandboxes").mkdir()
+    link = rundir / "sandboxes" / "stderr.txt"
+    link.symlink_to(secret)
+    t0 = 1_700_000_000.0
+    for key, path in (("direct", secret), ("link", link)):
+        f = FailureRecord(key, Category.COMMAND_FAILED, "boom", returncode=1, stderr_path=str(path))
+        _write(journal, key, "FAILED", [_attempt(1, "w1", t0, t0 + 1, "command_failed", f)], f)
+    journal.close()
+    page = _page_of(rundir)
+    assert "BEGIN SECRET" not in page
+    assert page.count("not read: it is outside the run directory") == 2
+
+
+def test_large_stderr_cut_with_the_path(tmp_path: Path) -> None:
+    """A 3 MB stderr file is shown by its last PIECE_MAX bytes at most, from a whole
+    line, with its size and where the whole file is; a moved run directory still finds
+    it below sandboxes/."""
+    rundir = tmp_path / "run"
+    journal = Journal(rundir / "journal.db")
+    sandbox = rundir / "sandboxes" / "big-1"
+    sandbox.mkdir(parents=True)
+    lines = [f"line {i:07d} " + "y" * 100 for i in range(30_000)]
+    (sandbox / "stderr.txt").write_text("\n".join(lines) + "\nTHE END\n")
+    recorded = "/somewhere/else/run/sandboxes/big-1/stderr.txt"  # the run directory moved
+    f = FailureRecord("big", Category.COMMAND_FAILED, "exit 3", returncode=3, stderr_path=recorded)
+    t0 = 1_700_000_000.0
+    _write(journal, "big", "FAILED", [_attempt(1, "w1", t0, t0 + 1, "command_failed", f)], f)
+    journal.close()
+    page = _page_of(rundir)
+    assert "THE END" in page and "line 0000000" not in page
+    size = (sandbox / "stderr.txt").stat().st_size
+    assert f"the last 256 KiB of {size / 1024:,.0f} KiB; the whole file: {recorded}" in page
+    assert len(page) < report.PIECE_MAX + 100_000
+
+
+def test_empty_and_unfinished_runs(tmp_path: Path) -> None:
+    """A journal with no task, and one whose run was cut short (an attempt still
+    running, a task never started), still make a page."""
+    rundir = tmp_path / "run"
+    Journal(rundir / "journal.db").close()
+    page = _page_of(rundir)
+    assert "0 tasks, 0 failed" in page and "No failed tasks." in page
+    journal = Journal(rundir / "journal.db")
+    t0 = time.time() - 5
+    running = _attempt(1, "w1", t0, t0, "done")
+    running.ended, running.outcome = None, None
+    _write(journal, "running", "RUNNING", [running])
+    journal.record(_task("queued"), "READY", [], [], None, None)
+    journal.flush()  # the run is not closed, as after a SIGKILL of the client
+    page = _page_of(rundir)
+    data = json.loads(re.search(r'id="pf-data">(.*?)</script>', page, re.S).group(1))  # type: ignore[union-attr]
+    (bar,) = data["bars"]
+    assert data["outcomes"][bar[3]]["id"] == "running" and bar[2] >= 4000
+    assert "run 2 (running): started" in page and "not closed" in page
+    journal.close()
+
+
+def test_outcomes_never_by_colour_alone() -> None:
+    """Every outcome a bar can have differs from every other by its pattern or symbol and
+    has a text label (the legend), so readers who cannot tell the colours apart can tell
+    the outcomes apart; the failure categories the issue names all have one."""
+    outcomes = report.OUTCOMES
+    assert {c.value for c in Category} - {"invalid_task"} <= set(outcomes)
+    looks = [(pattern, symbol) for _label, _colour, pattern, symbol in outcomes.values()]
+    assert len(set(looks)) == len(looks)
+    assert len({symbol for *_rest, symbol in outcomes.values()}) == len(outcomes)
+    assert all(label for label, *_rest in outcomes.values())
+
+
+def test_report_imports_only_the_journal_and_the_digest() -> None:
+    """The report is a reader of the journal: it imports nothing from the runtime."""
+    tree = ast.parse(Path(report.__file__).read_text())
+    imported: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            imported.add(("." * node.level) + (node.module or ""))
+        elif isinstance(node, ast.Import):
+            imported.update(a.name for a in node.names)
+    ours = {m for m in imported if m.startswith((".", "pilotfish"))}
+    assert ours == {".digest", ".journal"}
+    assert all(m.split(".")[0] in sys.stdlib_module_names for m in imported - ours), imported
+    digest_src = Path(report.__file__).with_name("digest.py").read_text()
+    assert not re.search(r"^\s*(from \.|import pilotfish|from pilotfish)", digest_src, re.M)
+
+
+# --------------------------------------------------------------------------- browser
+
+
+def user_error(seed: int) -> float:
+    raise ValueError(f"seed {seed}: unstable parameters")
+
+
+def kill_my_worker() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def ok(x: int) -> int:
+    time.sleep(0.05)
+    return x
+
+
+STDERR_LINES = 400
+
+
+def _chromium() -> tuple[str, str] | None:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    return (browser, driver) if browser and driver else None
+
+
+@pytest.mark.timeout(120)
+def test_report_in_a_real_browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The report of a mixed run (successes, a user exception whose key is a <script>
+    tag, a command failure with 400 lines of stderr, a worker SIGKILLed, a dependency
+    failure) in headless Chromium: lanes, the lost-worker marker and the failure rows are
+    in the DOM; clicking the command's row shows its whole stderr; the hostile key is
+    text; no script error; and the page made no network request."""
+    found = _chromium()
+    if found is None:
+        pytest.skip(
+            "chromium and chromedriver are not on PATH (apt-get install chromium chromium-driver)"
+        )
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    browser, driver_path = found
+    rundir = tmp_path / "run"
+    script = (
+        f"import sys\nfor i in range(1, {STDERR_LINES + 1}):\n"
+        f"    print(f'stderr line {{i}} of {STDERR_LINES}', file=sys.stderr)\n"
+        "print('FATAL: broken input', file=sys.stderr)\nsys.exit(3)\n"
+    )
+    with pilotfish.Session(
+        workers=2, rundir=str(rundir), backoff=pilotfish.Backoff(base=0.01)
+    ) as s:
+        lost = s.submit(pilotfish.task(kill_my_worker, retries=0))
+        fine = [s.submit(ok, i) for i in range(8)]
+        bad = s.submit(pilotfish.task(user_error, key=HOSTILE_KEY, retries=0), 13)
+        cmd = s.executable([sys.executable, "-c", script], key="long-stderr", retries=0)
+        down = s.submit(sum, [bad, fine[0]])
+        pilotfish.wait([lost, *fine, bad, cmd, down], timeout=60)
+    states = {t.key: t.state.name for t in (lost, bad, cmd, down)}
+    assert set(states.values()) == {"FAILED"}, states
+    assert lost.failure is not None and lost.failure.category is Category.WORKER_LOST
+
+    out = tmp_path / "report.html"
+    assert cli.main(["--rundir", str(rundir), "report", "--html", "--out", str(out)]) == 0
+    url = out.resolve().as_uri()
+
+    monkeypatch.setenv("SE_OFFLINE", "true")  # selenium must not look for drivers online
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        "--window-size=1300,1000",
+    ):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
+    try:
+        driver.set_page_load_timeout(30)
+        driver.get(url)
+        lanes = driver.find_elements(By.CSS_SELECTOR, "#labels .lane")
+        workers = {e.get_attribute("data-worker") for e in lanes}
+        assert len(lanes) >= 2 and lost.failure.worker in workers, workers
+        painted = driver.execute_script(  # the bars are drawn: coloured pixels on the canvas
+            "const c = document.getElementById('tl-canvas');"
+            "const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+            "let n = 0; for (let i = 0; i < d.length; i += 4)"
+            "  if (d[i + 3] && Math.max(d[i], d[i + 1], d[i + 2]) - Math.min(d[i], d[i + 1],"
+            "      d[i + 2]) > 60) n++;"
+            "return n;"
+        )
+        assert painted > 500, painted
+        markers = driver.find_elements(By.CSS_SELECTOR, ".lost-marker.worker_lost")
+        assert len(markers) == 1
+        assert f"{lost.failure.worker} lost: signal SIGKILL" in markers[0].text
+        assert markers[0].is_displayed()
+        rows = {
+            e.get_attribute("data-key"): e
+            for e in driver.find_elements(By.CSS_SELECTOR, "details.failure")
+        }
+        assert set(rows) == {lost.key, HOSTILE_SHOWN, cmd.key, down.key}
+        hostile = rows[HOSTILE_SHOWN].find_element(By.CSS_SELECTOR, "summary .k")
+        assert hostile.text == HOSTILE_SHOWN
+        assert driver.execute_script("return window.pwned === undefined")
+        assert "root of 1 dependency failure(s)" in rows[HOSTILE_SHOWN].get_attribute("textContent")
+
+        row = rows["long-stderr"]
+        stderr = row.find_element(By.CSS_SELECTOR, "pre.stderr")
+        assert not stderr.is_displayed()
+        row.find_element(By.TAG_NAME, "summary").click()
+        assert row.get_attribute("open") is not None and stderr.is_displayed()
+        text = stderr.get_attribute("textContent")
+        lines = text.splitlines()
+        assert lines[0] == f"stderr line 1 of {STDERR_LINES}"
+        assert lines[-1] == "FATAL: broken input" and len(lines) == STDERR_LINES + 1
+        assert "complete (" in row.text
+
+        dep = rows[down.key]
+        dep.find_element(By.TAG_NAME, "summary").click()
+        assert "the failure began in the root task" in dep.text and HOSTILE_SHOWN in dep.text
+        assert "which took 1 task(s) with it" in dep.text
+
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert errors == []
+        requests = []
+        for entry in driver.get_log("performance"):
+            message = json.loads(entry["message"])["message"]
+            if message["method"] == "Network.requestWillBeSent":
+                requests.append(message["params"]["request"]["url"])
+        assert url in requests
+        # what came after the page itself: only the page (and inline data: URLs)
+        after = requests[requests.index(url) :]
+        assert all(u == url or u.startswith("data:") for u in after), after
+        assert not [u for u in requests if re.match(r"(?i)(https?|wss?|ftp):", u)], requests
+    finally:
+        driver.quit()
