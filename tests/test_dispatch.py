@@ -454,3 +454,230 @@ def test_worker_hung_at_startup_is_killed_and_counted() -> None:
     out = d.on_exit(spawn.name, -9, "", 31.1, False)
     assert any(isinstance(c, ToClient) and c.msg.kind == "start_failed" for c in out)
     assert any(isinstance(c, Spawn) for c in out)  # tried again, up to max_start_failures
+
+
+# --------------------------------------------------------------------------- max_tasks_per_child
+
+
+def shutdowns(cmds) -> dict[str, int]:
+    """worker name -> position of the Shutdown in the messages sent to it (RunAttempts
+    before it run first: the worker handles its messages in order)."""
+    out: dict[str, int] = {}
+    for c in cmds:
+        if isinstance(c, SendWorker):
+            for i, m in enumerate(c.msgs):
+                if isinstance(m, Shutdown):
+                    out[c.name] = i
+    return out
+
+
+def test_max_tasks_per_child_must_be_positive_or_none():
+    """A configuration error is rejected at construction (the local backend has already
+    turned it into InvalidTask for the user; this is the dispatcher's own guard)."""
+    with pytest.raises(ValueError, match="max_tasks_per_child"):
+        Dispatcher(1, max_tasks_per_child=0)
+    assert Dispatcher(1, max_tasks_per_child=None).max_tasks is None
+
+
+def test_worker_given_k_attempts_retires_with_shutdown_after_them():
+    """max_tasks_per_child=3, prefetch=2: the worker is given 1, 2, then 3 (its third,
+    counting the prefetched one); 3 goes out with Shutdown behind it in the same message,
+    the worker is given nothing more, and its replacement is spawned at once (not when the
+    old one exits), reported 'replaced' with the reason. Attempt 4 waits for w2."""
+    d = ready(1, prefetch=2, max_tasks_per_child=3)
+    d.submit([ra(i) for i in range(1, 6)], 0.0)
+    assert d.held("w1") == [1, 2]
+    cmds = d.on_result("w1", res(1), 1.0)
+    (send,) = of(cmds, SendWorker)
+    assert send.name == "w1" and [type(m) for m in send.msgs] == [RunAttempt, Shutdown]
+    assert send.msgs[0].attempt == 3
+    assert of(cmds, Spawn) == [Spawn("w2")]
+    (rep,) = msgs(cmds, WorkerReport)
+    assert rep.kind == "replaced" and rep.worker == "w2" and "max_tasks_per_child=3" in rep.message
+    assert d.slots["w1"].state == "retiring" and [s.name for s in d.live()] == ["w2"]
+    # w1 finishes what it holds; it gets nothing more, w2 is not up yet
+    cmds = d.on_result("w1", res(2), 2.0)
+    assert sent(cmds) == {} and started_ids(cmds) == [3] and of(cmds, Spawn) == []
+    cmds = d.on_result("w1", res(3), 3.0)
+    assert sent(cmds) == {} and of(cmds, Spawn) == []
+    assert [a.attempt for a in d.queue] == [4, 5]
+    cmds = d.on_hello("w2", 202, 3.5)
+    assert sent(cmds) == {"w2": [4, 5]} and shutdowns(cmds) == {}
+
+
+def test_retired_worker_goodbye_exit_is_stopped_not_lost():
+    """The retired worker ran its three attempts, said Goodbye and exited 0: reported
+    'stopped' (saying why), no Lost, nothing requeued, no second replacement."""
+    d = ready(1, prefetch=1, max_tasks_per_child=2)
+    d.submit([ra(1), ra(2), ra(3)], 0.0)
+    d.on_result("w1", res(1), 1.0)
+    d.on_result("w1", res(2), 2.0)
+    cmds = d.on_exit("w1", 0, "", 2.1, goodbye=True)
+    (rep,) = msgs(cmds, WorkerReport)
+    assert rep.kind == "stopped" and rep.pid == 101 and rep.returncode == 0
+    assert "max_tasks_per_child=2" in rep.message
+    assert msgs(cmds, Lost) == [] and of(cmds, Spawn) == [] and sent(cmds) == {}
+    assert [a.attempt for a in d.queue] == [3]
+    assert d.slots["w1"].state == "dead" and [s.name for s in d.live()] == ["w2"]
+
+
+def test_k_1_every_worker_gets_exactly_one_attempt():
+    """max_tasks_per_child=1 with prefetch=2 and two workers: each worker is given one
+    attempt and Shutdown; two replacements start; the queue waits for them."""
+    d = ready(2, prefetch=2, max_tasks_per_child=1)
+    cmds = d.submit([ra(i) for i in range(1, 5)], 0.0)
+    assert sent(cmds) == {"w1": [1], "w2": [2]}
+    assert shutdowns(cmds) == {"w1": 1, "w2": 1}
+    assert of(cmds, Spawn) == [Spawn("w3"), Spawn("w4")]
+    assert started_ids(cmds) == [1, 2]
+    assert [a.attempt for a in d.queue] == [3, 4]
+    cmds = d.on_hello("w3", 303, 1.0) + d.on_hello("w4", 304, 1.0)
+    assert sent(cmds) == {"w3": [3], "w4": [4]}
+    assert of(cmds, Spawn) == [Spawn("w5"), Spawn("w6")]
+
+
+def test_failed_attempt_counts_like_a_successful_one():
+    """A task that raised (a user error) ran on the worker: it counts toward the limit."""
+    d = ready(1, prefetch=1, max_tasks_per_child=2)
+    d.submit([ra(1), ra(2), ra(3)], 0.0)
+    cmds = d.on_result("w1", res(1, ok=False), 1.0)
+    assert sent(cmds) == {"w1": [2]} and shutdowns(cmds) == {"w1": 1}
+
+
+def test_no_limit_never_retires():
+    """max_tasks_per_child=None (the default): a worker takes any number of attempts."""
+    d = ready(1, prefetch=1)
+    d.submit([ra(i) for i in range(1, 202)], 0.0)
+    for i in range(1, 201):
+        cmds = d.on_result("w1", res(i), float(i))
+        assert sent(cmds) == {"w1": [i + 1]} and shutdowns(cmds) == {} and of(cmds, Spawn) == []
+    assert d.slots["w1"].given == 0
+
+
+def test_cancelled_queued_attempt_is_not_counted():
+    """A task cancelled while its attempt waits in the master's queue never reaches a
+    worker: the worker's count is of the attempts it was given (1 and 3)."""
+    d = ready(1, prefetch=1, max_tasks_per_child=2)
+    d.submit([ra(1), ra(2), ra(3), ra(4)], 0.0)
+    d.cancel([2], 0.5)
+    cmds = d.on_result("w1", res(1), 1.0)
+    assert sent(cmds) == {"w1": [3]} and shutdowns(cmds) == {"w1": 1}
+
+
+def test_withdrawn_prefetched_attempt_is_given_back():
+    """A prefetched attempt is cancelled and the worker withdraws it without running
+    it: it does not count, so the worker still runs three attempts (1, 3, 4)."""
+    d = ready(1, prefetch=2, max_tasks_per_child=3)
+    d.submit([ra(i) for i in range(1, 6)], 0.0)
+    d.cancel([2], 0.5)
+    cmds = d.on_withdrawn("w1", 2, 0.6)
+    assert sent(cmds) == {"w1": [3]} and shutdowns(cmds) == {}
+    cmds = d.on_result("w1", res(1), 1.0)
+    assert sent(cmds) == {"w1": [4]} and shutdowns(cmds) == {"w1": 1}
+
+
+def test_withdrawn_after_retirement_leaves_worker_retired():
+    """The worker was given its last attempt (Shutdown already sent behind it), then that
+    attempt is cancelled and withdrawn: the worker stays retired (it cannot take the
+    Shutdown back, and its replacement is already starting); it just ran one fewer."""
+    d = ready(1, prefetch=2, max_tasks_per_child=2)
+    d.submit([ra(1), ra(2), ra(3)], 0.0)
+    assert d.slots["w1"].state == "retiring"
+    d.cancel([2], 0.5)
+    cmds = d.on_withdrawn("w1", 2, 0.6)
+    assert sent(cmds) == {} and of(cmds, Spawn) == []
+    assert d.slots["w1"].state == "retiring"
+    cmds = d.on_result("w1", res(1), 1.0)
+    assert sent(cmds) == {} and [a.attempt for a in d.queue] == [3]
+
+
+def test_retiring_worker_killed_is_lost_but_not_replaced_twice():
+    """A worker SIGKILLed (OOM killer) while it retires, running attempt 2 and holding 3:
+    attempt 2 is Lost (worker_lost, charged as any loss), 3 goes back unblamed, and no
+    second replacement is spawned: the one started at retirement keeps the pool at N."""
+    d = ready(1, prefetch=2, max_tasks_per_child=3)
+    d.submit([ra(i) for i in range(1, 5)], 0.0)
+    d.on_result("w1", res(1), 1.0)  # given 1, 2, 3: retiring; w2 spawned
+    cmds = d.on_exit("w1", -9, "", 1.5, goodbye=False)
+    assert [(m.attempt, m.category) for m in msgs(cmds, Lost)] == [(2, "worker_lost")]
+    (rep,) = msgs(cmds, WorkerReport)
+    assert rep.kind == "lost" and rep.held == (2,) and rep.signal == "SIGKILL"
+    assert of(cmds, Spawn) == [] and sent(cmds) == {}
+    assert [a.attempt for a in d.queue] == [3, 4]
+    assert [s.name for s in d.live()] == ["w2"]
+    cmds = d.on_hello("w2", 202, 2.0)
+    assert sent(cmds) == {"w2": [3, 4]}
+
+
+def test_retiring_worker_still_watched_for_hangs_and_timeouts():
+    """A retiring worker runs user code: it is still killed when SIGSTOPped (hung) and
+    when its attempt times out, and neither spawns a second replacement."""
+    d = ready(1, prefetch=1, max_tasks_per_child=1, heartbeat_interval=1.0)
+    d.submit([ra(1)], 0.0)
+    assert d.slots["w1"].state == "retiring"
+    d.tick(0.5, {"w1": ("T", 1.0)}, {})
+    cmds = d.tick(1.5, {"w1": ("T", 1.0)}, {})
+    assert of(cmds, Kill) == [Kill("w1", ())] and of(cmds, Spawn) == []
+    assert [m.attempt for m in msgs(cmds, Lost)] == [1]
+
+    d = ready(1, prefetch=1, max_tasks_per_child=1)
+    d.submit([ra(1, timeout=5.0)], 0.0)
+    cmds = d.tick(5.5, {}, {})
+    assert of(cmds, Kill) == [Kill("w1", ())] and of(cmds, Spawn) == []
+    assert [(m.attempt, m.category) for m in msgs(cmds, Lost)] == [(1, "timeout")]
+
+
+def test_session_shutdown_while_a_worker_retires():
+    """Session close while w1 retires: Shutdown goes only to the live pool (w1 has its
+    own already); both exits after Goodbye are 'stopped', nothing Lost or respawned."""
+    d = ready(1, prefetch=1, max_tasks_per_child=1)
+    d.submit([ra(1)], 0.0)
+    d.on_result("w1", res(1), 1.0)
+    d.on_hello("w2", 202, 1.0)
+    cmds = d.shutdown()
+    assert [c.name for c in of(cmds, SendWorker)] == ["w2"]
+    out = d.on_exit("w1", 0, "", 1.1, goodbye=True) + d.on_exit("w2", 0, "", 1.2, goodbye=True)
+    assert [m.kind for m in msgs(out, WorkerReport)] == ["stopped", "stopped"]
+    assert of(out, Spawn) == [] and msgs(out, Lost) == []
+
+
+def test_replacement_start_failure_is_counted_and_retried():
+    """The fresh worker that replaces a retired one fails to start: a start failure like
+    any other (counted, retried), not a loss of the retired worker's attempts."""
+    d = ready(1, prefetch=1, max_tasks_per_child=1)
+    d.submit([ra(1), ra(2)], 0.0)
+    cmds = d.on_exit("w2", 1, "ImportError", 0.5, goodbye=False)
+    assert [m.kind for m in msgs(cmds, WorkerReport)] == ["start_failed"]
+    assert of(cmds, Spawn) == [Spawn("w3")] and msgs(cmds, Lost) == []
+    assert d.held("w1") == [1] and [a.attempt for a in d.queue] == [2]
+
+
+def test_retirement_waits_for_answer_about_cancelled_prefetched_attempt():
+    """The user cancels prefetched attempt 2 while 1 runs; the worker can only answer
+    Withdrawn after 1 ends, and 1's result makes the master give it 3, its third. It is
+    not retired yet (2 may never run): it takes no more work until the answer; 2 is
+    withdrawn, given back, so it takes 4 and retires then: it runs 1, 3 and 4."""
+    d = ready(1, prefetch=2, max_tasks_per_child=3)
+    d.submit([ra(i) for i in range(1, 6)], 0.0)
+    d.cancel([2], 0.5)
+    cmds = d.on_result("w1", res(1), 1.0)
+    assert sent(cmds) == {"w1": [3]} and shutdowns(cmds) == {} and of(cmds, Spawn) == []
+    assert d.slots["w1"].state == "ready" and [a.attempt for a in d.queue] == [4, 5]
+    cmds = d.on_withdrawn("w1", 2, 1.1)
+    assert sent(cmds) == {"w1": [4]} and shutdowns(cmds) == {"w1": 1}
+    assert started_ids(cmds) == [3] and of(cmds, Spawn) == [Spawn("w2")]
+    assert d.slots["w1"].state == "retiring" and [a.attempt for a in d.queue] == [5]
+
+
+def test_cancelled_prefetched_attempt_that_ran_anyway_counts():
+    """The same cancel, but the worker had already started attempt 2 when the cancel
+    reached it (it answers with a Result, not Withdrawn): 2 ran, so it counts and the
+    worker, given 1, 2 and 3, retires now with a Shutdown of its own."""
+    d = ready(1, prefetch=2, max_tasks_per_child=3)
+    d.submit([ra(i) for i in range(1, 6)], 0.0)
+    d.cancel([2], 0.5)
+    d.on_result("w1", res(1), 1.0)
+    cmds = d.on_result("w1", res(2), 1.1)
+    assert cmds[0] == ToClient(res(2))  # the client's fencing drops it (task cancelled)
+    assert sent(cmds) == {} and shutdowns(cmds) == {"w1": 0}
+    assert of(cmds, Spawn) == [Spawn("w2")] and d.slots["w1"].state == "retiring"

@@ -39,6 +39,7 @@ from ..._procs import proc_sample
 from ..._wire import Channel, RunAttempt
 from ...core import ledger as L
 from ...core.ledger import describe_exit
+from ...errors import InvalidTask
 from ...preflight import client_versions
 from ..base import Alive, BackendEvent, MasterReport, Sink
 
@@ -66,7 +67,19 @@ class LocalBackend:
         worker_python: str | None = None,
         prefetch: int = 2,
         start_timeout: float = 60.0,
+        max_tasks_per_child: int | None = None,
     ) -> None:
+        if max_tasks_per_child is not None and (
+            not isinstance(max_tasks_per_child, int)
+            or isinstance(max_tasks_per_child, bool)
+            or max_tasks_per_child < 1
+        ):
+            raise InvalidTask(
+                f"Session(max_tasks_per_child={max_tasks_per_child!r}) is invalid: give an "
+                "int >= 1 (each worker process is replaced by a fresh one after that many "
+                "tasks), or None to keep workers for the whole session"
+            )
+        self.max_tasks_per_child = max_tasks_per_child
         self.workers = workers or os.cpu_count() or 1
         self.hb_interval = heartbeat_interval
         self.hb_timeout = heartbeat_timeout
@@ -167,8 +180,11 @@ class LocalBackend:
             versions=client_versions(),
         )
         try:
+            argv = [self.python, "-m", "pilotfish.backends.local.master", str(child_fd)]
+            if self.max_tasks_per_child is not None:
+                argv.append(str(self.max_tasks_per_child))
             popen = subprocess.Popen(
-                [self.python, "-m", "pilotfish.backends.local.master", str(child_fd)],
+                argv,
                 pass_fds=(child_fd,),
                 stdin=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,

@@ -26,6 +26,23 @@ starve. A worker is declared hung when
 A worker silent but burning CPU is busy, not hung: the per-task ``timeout``
 is the tool for runaway work. If the master itself was suspended (its ticks
 stopped), the clocks are reset rather than blaming the workers.
+
+Recycling (``max_tasks_per_child=K``, as ``ProcessPoolExecutor`` has it). A worker
+is given at most K attempts in its life, prefetched ones included. When it is given
+its K-th, it is *retiring*: it gets no more work, ``Shutdown`` follows its last
+attempt in the same message (it runs what it holds in order, then says ``Goodbye``
+and exits, which is an orderly ``stopped``, not a loss), and its replacement is
+spawned at once, so the pool keeps N workers taking work while the old one
+finishes. Nothing is requeued or charged. A retiring worker that dies anyway is
+lost like any other (its started attempt is WORKER_LOST, the held ones go back
+unblamed), but it is not replaced a second time.
+
+An attempt cancelled while queued here never counts. One cancelled after it was
+prefetched counts until the worker withdraws it (it may have started it in the
+meantime); a worker given its K-th attempt while it holds such a one takes no
+more work but retires only once that answer came (``_settle``): withdrawn, it is
+given back and the worker takes another. Only one cancelled after the retirement
+(``Shutdown`` sent) is not given back: the worker then runs K - 1.
 """
 
 from __future__ import annotations
@@ -73,12 +90,13 @@ class Slot:
 
     name: str
     spawned: float
-    state: str = "starting"  # starting | ready | lost | stopping | dead
+    state: str = "starting"  # starting | ready | retiring | lost | stopping | dead
     pid: int = 0
     last_hb: float = 0.0
     cpu: float = -1.0
     cpu_at: float = 0.0
     stopped_since: float | None = None
+    given: int = 0  # attempts it was given (counted only with max_tasks_per_child)
 
 
 class Dispatcher:
@@ -95,9 +113,13 @@ class Dispatcher:
         heartbeat_timeout: float = 10.0,
         max_start_failures: int = 3,
         start_timeout: float = 60.0,
+        max_tasks_per_child: int | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
+        if max_tasks_per_child is not None and max_tasks_per_child < 1:
+            raise ValueError(f"max_tasks_per_child must be >= 1 or None, got {max_tasks_per_child}")
+        self.max_tasks = max_tasks_per_child
         self.n = workers
         self.prefetch = max(1, prefetch)
         self.hb_interval = heartbeat_interval
@@ -124,6 +146,7 @@ class Dispatcher:
         return [self._new_slot(now) for _ in range(self.n)]
 
     def live(self) -> list[Slot]:
+        """The pool: workers that take (or will take) work; retiring ones are not in it."""
         return [s for s in self.slots.values() if s.state in ("starting", "ready")]
 
     def held(self, name: str) -> list[int]:
@@ -151,6 +174,9 @@ class Dispatcher:
             return
         ledger = self.ledger
         load = {s.name: ledger.count(s.name) for s in self.slots.values() if s.state == "ready"}
+        limit = self.max_tasks
+        if limit is not None:  # a worker given its last attempt takes no more
+            load = {n: c for n, c in load.items() if self.slots[n].given < limit}
         if not load:
             return
         batches: dict[str, list[Any]] = {}
@@ -167,8 +193,47 @@ class Dispatcher:
             batches.setdefault(name, []).append(a)
             if load[name] == 1:
                 self._begin(self.slots[name], now, out)
+            if limit is not None:
+                s = self.slots[name]
+                s.given += 1
+                if s.given >= limit:
+                    del load[name]
+                    self._retire(s, now, batches[name], out)
+                    if not load:
+                        break
         for name, msgs in batches.items():
             out.append(SendWorker(name, msgs))
+
+    def _retire(self, s: Slot, now: float, batch: list[Any], out: list[Cmd]) -> None:
+        """``s`` was given its last attempt: ``Shutdown`` goes after it (in the same
+        message if there is one: ``batch``), and a fresh worker takes its place in the
+        pool now. Not yet if an attempt it holds was cancelled and may still be
+        withdrawn (given back): the answer comes first (see ``_settle``)."""
+        ledger = self.ledger
+        if any(ledger.entries[a].cancelled for a in ledger.held_by(s.name)):
+            return
+        s.state = "retiring"
+        why = f"it was given max_tasks_per_child={self.max_tasks} attempts"
+        batch.append(Shutdown(why))
+        if not self.stopping and not self.fatal:
+            self._replace(s, now, f" ({why})", out)
+
+    def _settle(self, s: Slot, now: float, out: list[Cmd]) -> None:
+        """A worker given its last attempts, retirement pending on a cancelled one: that
+        one ended (withdrawn: given back, so the worker takes more; or it ran anyway)."""
+        limit = self.max_tasks
+        if limit is not None and s.state == "ready" and s.given >= limit:
+            batch: list[Any] = []
+            self._retire(s, now, batch, out)
+            if batch:
+                out.append(SendWorker(s.name, batch))
+
+    def _replace(self, s: Slot, now: float, why: str, out: list[Cmd]) -> None:
+        new = self._new_slot(now)
+        out.append(new)
+        out.append(
+            ToClient(WorkerReport("replaced", new.name, 0, now, message=f"replaces {s.name}{why}"))
+        )
 
     def _begin(self, s: Slot, now: float, out: list[Cmd]) -> None:
         """The worker runs what it holds in order: its first held attempt starts now (the
@@ -239,12 +304,18 @@ class Dispatcher:
             # a result from a worker already declared lost is still forwarded: the
             # client's fencing decides (it was reported lost, so it will be dropped)
             out.insert(0, ToClient(res))
+        if self.max_tasks is not None:
+            self._settle(s, now, out)
         self._assign(now, out)
         return out
 
     def on_withdrawn(self, name: str, attempt: int, now: float) -> list[Cmd]:
         out: list[Cmd] = []
-        self._finish(self.slots[name], attempt, now, out)
+        s = self.slots[name]
+        if self._finish(s, attempt, now, out) and self.max_tasks is not None:
+            if s.state == "ready":
+                s.given -= 1  # it never ran: it does not count (a retiring worker stays retired)
+            self._settle(s, now, out)
         self._assign(now, out)
         return out
 
@@ -258,9 +329,14 @@ class Dispatcher:
             s.state = "dead"
             return out
         if goodbye or s.state == "stopping":
+            why = (
+                f"retired: it was given its max_tasks_per_child={self.max_tasks} attempts"
+                if s.state == "retiring"
+                else ""
+            )
             s.state = "dead"
             self.ledger.forget_worker(name)
-            out.append(ToClient(WorkerReport("stopped", name, s.pid, now, returncode)))
+            out.append(ToClient(WorkerReport("stopped", name, s.pid, now, returncode, message=why)))
             return out
         how, sig = describe_exit(returncode)
         if s.state == "starting":
@@ -302,6 +378,7 @@ class Dispatcher:
     def _lose(self, s: Slot, now: float, ev: L.WorkerLost, out: list[Cmd]) -> None:
         """The ledger reports what the worker was running and requeues the rest unblamed."""
         running = tuple(self.ledger.started_on(s.name))
+        retiring = s.state == "retiring"  # its replacement is already there
         s.state = "lost"
         out.append(
             ToClient(
@@ -309,12 +386,8 @@ class Dispatcher:
             )
         )
         self._carry_out(self.ledger.handle(ev), out)
-        if not self.stopping and not self.fatal:
-            new = self._new_slot(now)
-            out.append(new)
-            out.append(
-                ToClient(WorkerReport("replaced", new.name, 0, now, message=f"replaces {s.name}"))
-            )
+        if not self.stopping and not self.fatal and not retiring:
+            self._replace(s, now, "", out)
         self._assign(now, out)
 
     # ------------------------------------------------------------------ time
@@ -349,7 +422,7 @@ class Dispatcher:
                 out.append(Kill(s.name, ()))
                 s.spawned = now  # one kill per timeout
                 continue
-            if s.state != "ready":
+            if s.state != "ready" and s.state != "retiring":
                 continue
             sample = samples.get(s.name)
             if sample is None:

@@ -69,7 +69,9 @@ class _Proc:
 
 
 class Master:
-    def __init__(self, client: Channel, cfg: _wire.Config) -> None:
+    def __init__(
+        self, client: Channel, cfg: _wire.Config, max_tasks_per_child: int | None = None
+    ) -> None:
         self.client = client
         self.cfg = cfg
         self.disp = Dispatcher(
@@ -77,6 +79,7 @@ class Master:
             prefetch=cfg.prefetch,
             heartbeat_interval=cfg.heartbeat_interval,
             heartbeat_timeout=cfg.heartbeat_timeout,
+            max_tasks_per_child=max_tasks_per_child,
         )
         self.sel = selectors.DefaultSelector()
         self.procs: dict[str, _Proc] = {}
@@ -312,7 +315,10 @@ def _client_gone(signum: int, frame: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``python -m pilotfish.backends.local.master FD [MAX_TASKS_PER_CHILD]``."""
     argv = sys.argv[1:] if argv is None else argv
+    # the local backend checked it (LocalBackend.__init__); absent means never recycle
+    max_tasks = int(argv[1]) if len(argv) > 1 else None
     # The client died (SIGKILL, OOM): SIGTERM, not SIGKILL, so that abandon() below still
     # kills the workers' program process groups, which run in sessions of their own and
     # would otherwise outlive everyone (the workers die by their own PDEATHSIG).
@@ -324,7 +330,7 @@ def main(argv: list[str] | None = None) -> None:
         (cfg,) = client.recv()
     except EOFError:
         return
-    master = Master(client, cfg)
+    master = Master(client, cfg, max_tasks)
     try:
         master.run()
     finally:
