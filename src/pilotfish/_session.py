@@ -976,6 +976,7 @@ class Session(cf.Executor):
                         t.options.requires,
                         t._programs,
                         self._init,
+                        c.tid,
                     )
                 )
             elif isinstance(c, wf.Resolve):

@@ -75,6 +75,9 @@ class RunAttempt(NamedTuple):
     #: the session's ``initializer`` call, pickled once and shared by every attempt (the
     #: pickle of a batch stores it once); run once per worker process (see execute)
     init: bytes = b""
+    #: the task's place in submission order: a retry keeps its task's place, so backends
+    #: run queued attempts by (order, attempt), not by attempt id alone
+    order: int = 0
 
 
 class PreflightFailed(NamedTuple):

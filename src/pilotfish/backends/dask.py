@@ -337,6 +337,7 @@ class DaskBackend:
         self._ledger = L.Ledger()
         self._pending: list[_Att] = []  # in the ledger, not yet handed to Dask
         self._submit_wake = threading.Event()
+        self._newest_order = 0  # the latest task (submission order) handed to Dask
         self._submitter: threading.Thread | None = None
         self._sink: Sink | None = None
         self._stopping = threading.Event()
@@ -566,19 +567,15 @@ class DaskBackend:
                         self._q.put(("emit", failed))
 
     def _submit_batch(self, batch: list[_Att], fence: str) -> None:
-        n = len(batch)
-        keys = [a.dkey for a in batch]
-        futs = self._client.map(
-            _attempt_on_worker,
-            [a.m for a in batch],
-            keys,
-            [fence] * n,
-            [self.rundir] * n,
-            key=keys,
-            pure=False,
-            retries=0,
-            batch_size=None,
-        )
+        # Retries keep their place: an attempt of a task submitted before the newest one
+        # already handed over (a retry, or a resend) goes ahead of Dask's FIFO order
+        newest = self._newest_order
+        ahead = [a for a in batch if a.m.order and a.m.order < newest]
+        if ahead:
+            fresh = [a for a in batch if not (a.m.order and a.m.order < newest)]
+            batch = ahead + fresh
+        self._newest_order = max(newest, max((a.m.order for a in batch), default=0))
+        futs = self._map(ahead, fence, 1) + self._map(batch[len(ahead) :], fence, 0)
         late = []
         with self._lock:
             for a, f in zip(batch, futs, strict=True):
@@ -593,6 +590,25 @@ class DaskBackend:
                     lambda f, dkey=a.dkey, aid=a.m.attempt: put(("done", f, dkey, aid))
                 )
         self._cancel_futs(late)
+
+    def _map(self, batch: list[_Att], fence: str, priority: int) -> list[Any]:
+        if not batch:
+            return []
+        n = len(batch)
+        keys = [a.dkey for a in batch]
+        futs: list[Any] = self._client.map(
+            _attempt_on_worker,
+            [a.m for a in batch],
+            keys,
+            [fence] * n,
+            [self.rundir] * n,
+            key=keys,
+            pure=False,
+            retries=0,
+            batch_size=None,
+            priority=priority,
+        )
+        return futs
 
     def _emit(self, events: Sequence[Any]) -> None:
         if self._sink is not None and events:
