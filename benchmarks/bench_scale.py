@@ -41,46 +41,48 @@ def main() -> int:
     me = psutil.Process()
     tenth = max(a.window, a.n // 10 // a.window * a.window)
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        with pilotfish.Session(workers=a.workers, rundir=os.path.join(tmp, "run")) as s:
-            s.submit(noop).result()
-            rss0 = me.memory_info().rss
-            t0 = tprev = time.perf_counter()
-            done = prev_done = 0
-            previous: list[pilotfish.Task] = []
-            submitted = 0
-            while done < a.n:
-                current = []
-                if submitted < a.n:
-                    k = min(a.window, a.n - submitted)
-                    current = [s.submit(noop) for _ in range(k)]
-                    submitted += k
-                pilotfish.wait(previous)
-                done += len(previous)
-                previous = current
-                del current
-                if done - prev_done >= tenth or (done >= a.n and done > prev_done):
-                    now = time.perf_counter()
-                    rss = me.memory_info().rss
-                    rows.append(
-                        {
-                            "done": done,
-                            "rate": (done - prev_done) / (now - tprev),
-                            "rss_mb": rss / 2**20,
-                            "bytes_per_done": (rss - rss0) / done,
-                            "held": len(s.tasks),
-                        }
-                    )
-                    r = rows[-1]
-                    print(
-                        f"{done:>9,} done  {r['rate']:>8,.0f} tasks/s  client RSS "
-                        f"{r['rss_mb']:7.1f} MB  {r['bytes_per_done']:7.0f} B/task since start"
-                        f"  (tasks held: {r['held']:,})",
-                        flush=True,
-                    )
-                    tprev, prev_done = now, done
-            total = time.perf_counter() - t0
-            counts = s.counts()
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        pilotfish.Session(workers=a.workers, rundir=os.path.join(tmp, "run")) as s,
+    ):
+        s.submit(noop).result()
+        rss0 = me.memory_info().rss
+        t0 = tprev = time.perf_counter()
+        done = prev_done = 0
+        previous: list[pilotfish.Task] = []
+        submitted = 0
+        while done < a.n:
+            current = []
+            if submitted < a.n:
+                k = min(a.window, a.n - submitted)
+                current = [s.submit(noop) for _ in range(k)]
+                submitted += k
+            pilotfish.wait(previous)
+            done += len(previous)
+            previous = current
+            del current
+            if done - prev_done >= tenth or (done >= a.n and done > prev_done):
+                now = time.perf_counter()
+                rss = me.memory_info().rss
+                rows.append(
+                    {
+                        "done": done,
+                        "rate": (done - prev_done) / (now - tprev),
+                        "rss_mb": rss / 2**20,
+                        "bytes_per_done": (rss - rss0) / done,
+                        "held": len(s.tasks),
+                    }
+                )
+                r = rows[-1]
+                print(
+                    f"{done:>9,} done  {r['rate']:>8,.0f} tasks/s  client RSS "
+                    f"{r['rss_mb']:7.1f} MB  {r['bytes_per_done']:7.0f} B/task since start"
+                    f"  (tasks held: {r['held']:,})",
+                    flush=True,
+                )
+                tprev, prev_done = now, done
+        total = time.perf_counter() - t0
+        counts = s.counts()
     first, last = rows[0]["rate"], rows[-1]["rate"]
     print(
         f"\n{a.n:,} tasks in {total:.1f} s ({a.n / total:,.0f}/s); last tenth / first tenth "

@@ -117,7 +117,7 @@ def master() -> list[float]:
         d.on_hello("w2", 102, 0.0)
         atts = [RunAttempt(i, f"k{i}", "call", b"", (), None) for i in range(1, N + 1)]
 
-        def run() -> None:
+        def run(d: Dispatcher = d, atts: list[RunAttempt] = atts) -> None:
             d.submit(atts, 0.0)
             for a in atts:
                 w = "w1" if a.attempt % 2 else "w2"
@@ -147,7 +147,7 @@ def pipe() -> list[float]:
     for _ in range(REPEAT):
         done = threading.Event()
 
-        def reader() -> None:
+        def reader(done: threading.Event = done) -> None:
             n = 0
             while n < N:
                 n += len(cb.recv())

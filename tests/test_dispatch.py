@@ -681,3 +681,20 @@ def test_cancelled_prefetched_attempt_that_ran_anyway_counts():
     assert cmds[0] == ToClient(res(2))  # the client's fencing drops it (task cancelled)
     assert sent(cmds) == {} and shutdowns(cmds) == {"w1": 0}
     assert of(cmds, Spawn) == [Spawn("w2")] and d.slots["w1"].state == "retiring"
+
+
+def test_a_retry_keeps_its_place_in_the_queue():
+    """Retries keep their place: an attempt of a task submitted earlier (a retry) goes
+    before the queued tasks submitted after it, not behind the whole queue."""
+    d = ready(1, prefetch=1)
+    first = [RunAttempt(i, f"k{i}", "call", b"", (), None, order=i) for i in range(1, 6)]
+    d.submit(first, 0.0)  # w1 holds attempt 1 (task 1); tasks 2..5 queued
+    retry = RunAttempt(9, "k1", "call", b"", (), None, order=1)  # task 1 again
+    d.submit([retry], 0.1)
+    assert [a.attempt for a in d.queue] == [9, 2, 3, 4, 5]
+    again = RunAttempt(10, "k0", "call", b"", (), None, order=1)  # same place: FIFO among equals
+    d.submit([again], 0.2)
+    assert [a.attempt for a in d.queue] == [9, 10, 2, 3, 4, 5]
+    fresh = RunAttempt(11, "k6", "call", b"", (), None, order=6)
+    d.submit([fresh], 0.3)
+    assert [a.attempt for a in d.queue] == [9, 10, 2, 3, 4, 5, 11]

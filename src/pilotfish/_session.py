@@ -538,18 +538,23 @@ class Session(cf.Executor):
             public_events=self._on_event,
         )
         self._probes = Probes()
-        self._backend: Backend = (
-            factory(
-                workers,
-                heartbeat_interval=heartbeat_interval,
-                heartbeat_timeout=heartbeat_timeout,
-                max_master_restarts=max_master_restarts,
-                rundir=rundir,
-                **backend_options,
+        try:
+            self._backend: Backend = (
+                factory(
+                    workers,
+                    heartbeat_interval=heartbeat_interval,
+                    heartbeat_timeout=heartbeat_timeout,
+                    max_master_restarts=max_master_restarts,
+                    rundir=rundir,
+                    **backend_options,
+                )
+                if isinstance(backend, str)
+                else factory
             )
-            if isinstance(backend, str)
-            else factory
-        )
+        except BaseException:  # e.g. a bad backend option: nothing ran, leave no journal open
+            if self._journal is not None:
+                self._journal.close("failed")
+            raise
         self._closer = _Closer(self._backend, self._journal, self._core, self._timer_cv)
         self._closer.collected = True  # until _close() says otherwise
         self._finalizer = weakref.finalize(self, self._closer)

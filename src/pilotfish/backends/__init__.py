@@ -51,6 +51,12 @@ def backend_factory(backend: str | Backend, options: dict[str, Any]) -> Any:
                 f"unknown backend {backend!r}; available: {', '.join(map(repr, BACKENDS))} "
                 "(or pass a backend object)"
             )
+        if backend != "local" and options.get("max_tasks_per_child") is not None:
+            raise InvalidTask(
+                f"Session(max_tasks_per_child=...) is for the local backend; on "
+                f"backend={backend!r} the engine manages the worker processes (on Dask, "
+                "recycle workers with the worker's --lifetime option)"
+            )
         return backend_class(backend)
     if options:
         raise InvalidTask(

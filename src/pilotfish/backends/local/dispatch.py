@@ -128,6 +128,7 @@ class Dispatcher:
         self.start_timeout = start_timeout
         self.slots: dict[str, Slot] = {}
         self.queue: deque[RunAttempt] = deque()
+        self._newest = 0  # the highest task order queued so far (see _enqueue)
         self.ledger = L.Ledger()
         self.start_failures = 0
         self.stopping = False
@@ -247,9 +248,25 @@ class Dispatcher:
         out: list[Cmd] = []
         for a in attempts:
             self.ledger.submit([(a.attempt, a.key, a, a.timeout)])
-            self.queue.append(a)
+            self._enqueue(a)
         self._assign(now, out)
         return out
+
+    def _enqueue(self, a: RunAttempt) -> None:
+        """Queue ``a`` by its task's submission order: a retry (or a resend) of a task goes
+        before every task submitted after it, not behind the whole queue, so a task lost
+        with its worker runs again as soon as a worker is free (as Dask orders by
+        submission). Fresh tasks arrive in order and are appended."""
+        q, order = self.queue, a.order
+        if not order or order >= self._newest or not q:
+            q.append(a)
+            self._newest = max(self._newest, order)
+            return
+        for i, b in enumerate(q):
+            if b.order > order:
+                q.insert(i, a)
+                return
+        q.append(a)
 
     def cancel(self, ids: Iterable[int], now: float) -> list[Cmd]:
         """Withdraw attempts not yet started; a started one runs on (its result is fenced)."""
