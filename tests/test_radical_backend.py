@@ -451,15 +451,146 @@ def test_preflight_in_master_fails_tasks_with_environment(make: Any) -> None:
         assert s.processes()["workers"] == []  # no worker was started
 
 
+def _bare_master(token: str = "tok", uid: str = "raptor.0001") -> Any:
+    """A PilotfishMaster's bookkeeping only, no RP component: what it would put on RP's
+    queue (``pushed``), advance (``advanced``) and log (``logged``) is recorded."""
+    import logging
+    import types
+    from collections import deque
+
+    from pilotfish.backends.radical import master as m
+    from pilotfish.core.ledger import Ledger
+
+    pm = object.__new__(m.PilotfishMaster)
+    pm._pf_ledger, pm._pf_pushed, pm._pf_seq = Ledger(), {}, 0
+    pm._pf_claims, pm._pf_claimed_upto, pm._pf_workers = deque(), 0, {}
+    pm._pf_push_time, pm._pf_repushed, pm._pf_seen, pm._pf_tomb = {}, {}, set(), set()
+    pm._pf_up, pm._pf_token, pm._pf_test, pm._uid = True, token, {}, uid
+    pm._pf_arrival_times, pm._pf_arrival_tops, pm._pf_settled, pm._pf_top = [], [], 0, 0
+    pm._pf_last_arrival = time.monotonic()
+    pm._pf_env_problem, pm._pf_doomed, pm._pf_stopping = "", [], False
+    pm._pf_lock = threading.RLock()
+    pm._log = logging.getLogger("test.pilotfish.master")
+    pm.pushed, pm.advanced, pm.logged = [], [], []
+    pm._req_put = types.SimpleNamespace(put=pm.pushed.extend)
+    pm._pf_log = pm.logged.append  # type: ignore[method-assign]
+    pm.advance = lambda tasks, state=None, **kw: pm.advanced.extend(
+        (t["uid"], state or t.get("state")) for t in tasks
+    )
+    return pm
+
+
+def _rp_task(uid: str, raptor_id: str = "raptor.0001") -> dict[str, Any]:
+    return {"uid": uid, "description": {"raptor_id": raptor_id, "mode": "function"}}
+
+
+def test_master_takes_only_its_own_tasks() -> None:
+    """What hung ``test_values_and_dependencies`` once in three CI runs, replayed on the
+    master's bookkeeping. Another test had killed a master (raptor.0045) while its tasks
+    pf.<theirs>.2.2 .. 7.7 were on their way: RP's agent scheduler keeps its push socket
+    to a dead master's queue, RP binds every new queue on the lowest free port, so a
+    later master (raptor.0049) got those tasks. The ledger key is the number at the end
+    of the uid: our pf.<ours>.2.2 replaced the foreign 2.2, a worker claimed the foreign
+    one (held our entry), ran it and finished it, and our task 2 was then dropped as "not
+    in flight": ``c = add(a, b)`` waited forever. The master now takes only its own
+    tasks (raptor_id and client token) and fences claims, starts and results by uid."""
+
+    pm = _bare_master("ours", "raptor.0049")
+    foreign = [_rp_task(f"pf.theirs.{i}.{i}", "raptor.0045") for i in range(2, 8)]
+    stray = _rp_task("pf.theirs.9.9", "raptor.0049")  # right master, another client
+    own = [_rp_task(f"pf.ours.{i}.{i}", "raptor.0049") for i in (1, 2)]
+    assert pm.request_cb([*foreign, stray]) == []  # nothing of theirs is run here...
+    assert {u for u, _ in pm.advanced} == {t["uid"] for t in [*foreign, stray]}
+    assert {st for _, st in pm.advanced} == {"CANCELED"}  # ...RP forgets them
+    assert pm.request_cb(own) == own
+    # a foreign task delivered straight to a worker: not claimed, not started, no result
+    assert pm._pf_claim("w1", ["pf.theirs.2.2"]) == []
+    assert pm._pf_start("w1", "pf.theirs.2.2", 123) is False
+    pm._result_cb([dict(foreign[0], worker="w1", exit_code=0)])
+    assert pm._pf_ledger.get(2) is not None and pm._pf_ledger.get(2).where == "queued"
+    # our task 2 is still there for the worker that takes it
+    assert pm._pf_claim("w2", ["pf.ours.2.2"]) == ["pf.ours.2.2"]
+    assert pm._pf_claim("w1", ["pf.ours.2.2"]) == []  # a copy on the queue: the fence
+    assert pm._pf_claim("w2", ["pf.ours.2.2"]) == []  # also for the holder itself
+    assert pm._pf_start("w2", "pf.ours.2.2", 456) is True
+    assert pm._pf_start("w2", "pf.ours.2.2", 457) is False  # never twice
+    assert pm.request_cb([own[1]]) == []  # delivered twice: the first copy is in flight
+    assert pm.request_cb([_rp_task("pf.ours.7.2", "raptor.0049")]) == []  # number taken
+    assert pm._pf_ledger.get(2).where == "started"
+
+
+def test_master_sweep_withdraws_what_it_never_received() -> None:
+    """The client asks about tasks it sent a while ago and has not seen start: the master
+    names those it has, and withdraws at once those it takes as lost (a task sent later
+    came the task's grace period ago, or nothing came for that long), so one that
+    arrives after all is cancelled and never runs (the client has sent it again under a
+    new uid). A task that may still be on its way through a busy RP is neither."""
+    pm = _bare_master("ours", "raptor.0001")
+    got = _rp_task("pf.ours.1.1")
+    assert pm.request_cb([got]) == [got]
+    pm._pf_up = False
+    assert pm._pf_sweep(["pf.ours.1.1", "pf.ours.2.2"], [5.0, 5.0]) is None  # not registered
+    pm._pf_up = True
+    pm.request_cb([_rp_task("pf.ours.3.3")])  # just now: 2 may be on its way behind it
+    ans = pm._pf_sweep(["pf.ours.1.1", "pf.ours.2.2"], [5.0, 5.0])
+    assert ans == {"known": ["pf.ours.1.1"], "gone": []}
+    # 3 came 10 s ago (and something else 2 s ago): 2 is lost, 4 may be on its way, and
+    # 2 asked with a longer grace (sent again before) may be on its way too
+    pm._pf_arrival_times = [t - 10 for t in pm._pf_arrival_times]
+    pm._pf_last_arrival = time.monotonic() - 2
+    ans = pm._pf_sweep(["pf.ours.2.2", "pf.ours.4.4"], [20.0, 5.0])
+    assert ans == {"known": [], "gone": []}
+    ans = pm._pf_sweep(["pf.ours.2.2", "pf.ours.4.4"], [5.0, 5.0])
+    assert ans == {"known": [], "gone": ["pf.ours.2.2"]}
+    pm._pf_last_arrival = time.monotonic() - 10  # nothing came for 10 s: 4 is lost too
+    ans = pm._pf_sweep(["pf.ours.2.2", "pf.ours.4.4"], [5.0, 5.0])
+    assert ans == {"known": [], "gone": ["pf.ours.2.2", "pf.ours.4.4"]}
+    late = _rp_task("pf.ours.2.2")
+    assert pm.request_cb([late]) == []
+    assert pm.advanced == [("pf.ours.2.2", "CANCELED")]
+    assert pm._pf_claim("w1", ["pf.ours.2.2"]) == []  # and if a worker got it anyway
+    again = _rp_task("pf.ours.2.5")  # the client's new uid for the same attempt
+    assert pm.request_cb([again]) == [again]
+    assert pm._pf_claim("w1", ["pf.ours.2.5"]) == ["pf.ours.2.5"]
+
+
+def test_master_pushes_again_what_idle_workers_never_claimed() -> None:
+    """A task that waits unclaimed on RP's queue while a ready worker holds nothing (a
+    worker took it and died before its claim, with no later task to show the gap) is
+    pushed again after ``_IDLE_GRACE``, then after twice as long; only one copy runs. A
+    worker declared lost that still claims puts what it took back on the queue."""
+    from pilotfish.backends.radical import master as m
+
+    pm = _bare_master()
+    t = _rp_task("pf.tok.1.1")
+    pm.request_cb([t])
+    now = time.monotonic()
+    pm._pf_workers = {"w1": {"uid": "w1", "state": "ready", "busy_at": now}}
+    assert pm._pf_unclaimed_while_idle(now + 1) == []  # not for long enough
+    pm._pf_workers["w1"]["busy_at"] = now - 10
+    pm._pf_push_time["pf.tok.1.1"] = now - 10
+    assert pm._pf_unclaimed_while_idle(now) == [t]
+    assert pm._pf_unclaimed_while_idle(now + m._IDLE_GRACE) == []  # next after 2x
+    assert pm._pf_unclaimed_while_idle(now + 2 * m._IDLE_GRACE + 0.1) == [t]
+    assert pm._pf_claim("w1", ["pf.tok.1.1"]) == ["pf.tok.1.1"]
+    assert pm._pf_unclaimed_while_idle(now + 60) == []  # held: nothing to push
+    assert pm._pf_claim("w2", ["pf.tok.1.1"]) == []  # the other copy
+    # a lost worker's claim: refused, and the task goes back on the queue at once
+    t2 = _rp_task("pf.tok.2.2")
+    pm.request_cb([t2])
+    pm._pf_workers["w3"] = {"uid": "w3", "state": "lost"}
+    assert pm._pf_claim("w3", ["pf.tok.2.2"]) == []
+    assert pm.pushed == [t2] and "pf.tok.2.2" in pm._pf_pushed
+
+
 def test_lost_in_transit_bookkeeping() -> None:
     """The master's record of tasks on RP's FIFO queue: a task still unclaimed after a
     task pushed later was claimed (a grace period ago) is pushed again, once."""
+    from collections import deque
+
     from pilotfish.backends.radical import master as m
 
-    pm = object.__new__(m.PilotfishMaster)  # the bookkeeping only, no RP component
-    pm._pf_ledger, pm._pf_pushed, pm._pf_seq = m.L.Ledger(), {}, 0
-    pm._pf_claims, pm._pf_claimed_upto, pm._pf_workers = m.deque(), 0, {}
-    pm._pf_lock = threading.RLock()
+    pm = _bare_master()
     uid = [f"pf.tok.{i}.{i}" for i in range(4)]  # the client's uids: pf.TOKEN.ATTEMPT.N
     tasks = [{"uid": u} for u in uid]
     pm._pf_ledger.submit((m._aid(t["uid"]), t["uid"], t, None) for t in tasks)
@@ -467,10 +598,76 @@ def test_lost_in_transit_bookkeeping() -> None:
     assert pm._pf_claim("w1", [uid[0]]) == [uid[0]]
     assert pm._pf_claim("w2", [uid[0], uid[2]]) == [uid[2]]  # held by w1: the fence
     assert pm._pf_lost_in_transit() == []  # within the grace period
-    pm._pf_claims = m.deque((when - 10, place) for when, place in pm._pf_claims)
+    pm._pf_claims = deque((when - 10, place) for when, place in pm._pf_claims)
     assert [t["uid"] for t in pm._pf_lost_in_transit()] == [uid[1]]  # uid[3] may be on its way
     assert pm._pf_lost_in_transit() == []  # pushed again: at the back of the queue
     assert list(pm._pf_pushed) == [uid[3], uid[1]]
+
+
+def count_run(path: str, x: int) -> int:
+    with open(path, "a") as f:
+        f.write(f"{x}\n")
+    return x * x
+
+
+class _Hooked(RadicalBackend):
+    """Test hooks in the master and workers; the client sweeps after 2 s."""
+
+    hooks: dict[str, Any] = {}
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, resend_after=2.0, **kw)
+
+    def _cfg(self) -> dict[str, Any]:
+        return dict(super()._cfg(), test_hooks=dict(self.hooks))
+
+
+class _MasterDrops(_Hooked):
+    hooks = {"master_drops": [1, 2]}  # the first two RP tasks never reach the ledger
+
+
+class _WorkerDrops(_Hooked):
+    hooks = {"worker_drops": [1]}  # each worker drops the first RP task unclaimed
+
+
+def test_request_lost_before_the_master_is_sent_again(
+    make: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request RP delivers nowhere (the master drops it silently: the test hook) was a
+    task that waited forever, and so did the session's shutdown. The client's sweep
+    finds that the master never received it and sends it again; every task runs once."""
+    import logging
+
+    runs = tmp_path / "runs.txt"
+    caplog.set_level(logging.WARNING, logger="pilotfish.radical")
+    with make(backend_class=_MasterDrops) as s:
+        t0 = time.monotonic()
+        ts = [s.submit(count_run, str(runs), i) for i in range(4)]
+        assert [t.result(timeout=90) for t in ts] == [0, 1, 4, 9]
+        took = time.monotonic() - t0
+    assert sorted(runs.read_text().split()) == ["0", "1", "2", "3"]  # each ran once
+    assert all(len(t.attempts) == 1 for t in ts)  # unblamed: no retry used
+    assert "never received" in caplog.text, caplog.text
+    print(f"requests lost before the master -> sent again, done in {took:.1f} s")
+
+
+def test_task_lost_before_a_claim_is_pushed_again(make: Any, tmp_path: Path) -> None:
+    """A worker takes a task off RP's queue and drops it before its claim (the test hook;
+    as a worker that dies there would), and no later task shows the gap: the master sees
+    the task wait unclaimed while a worker is idle, pushes it again, and it runs once."""
+    runs = tmp_path / "runs.txt"
+    with make(backend_class=_WorkerDrops) as s:
+        t0 = time.monotonic()
+        assert s.submit(count_run, str(runs), 5).result(timeout=90) == 25
+        took = time.monotonic() - t0
+        b = s._backend
+        from pilotfish.backends.radical.backend import _local_path
+
+        sbox = Path(_local_path(b._pilot.pilot_sandbox), b._master.uid)
+        log = (sbox / "pilotfish-master.log").read_text()
+    assert runs.read_text().split() == ["5"]
+    assert "unclaimed while a worker was idle" in log, log
+    print(f"task dropped before its claim -> pushed again, done in {took:.1f} s")
 
 
 def _client_script(tmp: Path) -> Path:

@@ -34,6 +34,16 @@ master task final, or no ping answer within        every in-flight attempt
                                                    ``Fatal(runtime_lost)``
 pilot final                                        ``Lost(runtime_lost)`` + ``Fatal``
 =================================================  ==================================
+
+No attempt waits forever for a message RP lost: an attempt submitted at least
+``resend_after`` seconds ago (counted from when the master was up) and not seen to
+start is asked about (``pilotfish_sweep``, after a ping, each attempt at most once per
+``resend_after``); the master answers which of them it has and which it takes as lost
+on the way (see :mod:`.master`), and withdraws those (cancelled if they arrive later).
+They are sent again under new uids, unblamed (the ledger's Resend rule, here for one
+attempt). The master itself pushes again a task that waits unclaimed on its queue
+while a worker is idle, and the claim and start fences drop the second copy: no
+attempt is lost, none runs twice.
 """
 
 from __future__ import annotations
@@ -105,6 +115,10 @@ class _Att:
     m: RunAttempt
     uid: str
     gen: int
+    sent: float = 0.0  # when submitted (monotonic)
+    asked: float = 0.0  # when a sweep last asked the master about it
+    resent: int = 0  # how often the master did not receive it (each time waits twice as long)
+    known: bool = False  # the master said it received it (a sweep asks no more)
 
 
 class RadicalBackend:
@@ -129,11 +143,15 @@ class RadicalBackend:
         start_timeout: float = 300.0,
         named_env: str | None = "rp",
         ping_timeout: float | None = None,
+        resend_after: float | None = None,
     ) -> None:
         self.workers = workers or max(1, (os.cpu_count() or 2) - 1)
         self.hb_interval = heartbeat_interval
         self.hb_timeout = heartbeat_timeout
         self.ping_timeout = ping_timeout or max(heartbeat_interval, heartbeat_timeout / 2)
+        # an attempt not seen to start this long after it was sent (and the master was
+        # up) is asked about: sent again if the master never received it
+        self.resend_after = resend_after or max(10.0, heartbeat_timeout)
         self.max_restarts = max_master_restarts
         self.rundir = str(Path(rundir).resolve())
         self.resource = resource
@@ -153,6 +171,7 @@ class RadicalBackend:
         self._master_created = 0.0  # the master's creation time (this host only)
         self._master_seen_running: float | None = None
         self._master_submitted = 0.0
+        self._master_up_at: float | None = None  # the master said its queue is registered
         self._last_answer: float | None = None
         self._gen = 0
         self._restarts = 0
@@ -336,6 +355,8 @@ class RadicalBackend:
             "cwd": os.getcwd(),
             "sys_path": [p for p in sys.path if p],
             "worker_env": {},
+            "token": self._token,  # the master takes only its own client's tasks
+            "test_hooks": {},
         }
 
     def _start_master(self) -> None:
@@ -356,6 +377,7 @@ class RadicalBackend:
             self._master_pid = 0
             self._master_created = 0.0
             self._master_seen_running = None
+            self._master_up_at = None
             self._last_answer = None
             self._workers_seen = {}
             self._running = {}
@@ -419,6 +441,8 @@ class RadicalBackend:
                     self._on_cancel(it[1])
                 elif kind == "ping":
                     self._on_ping(it[1], it[2], events)
+                elif kind == "sweep":
+                    self._on_sweep(it[1], it[2], events)
             if batch:
                 self._submit_now(batch, events)
             self._check_master(events)
@@ -435,23 +459,31 @@ class RadicalBackend:
         tds = []
         with self._lock:
             for a in attempts:
-                self._n += 1
-                tag = a.attempt if a.attempt > 0 else f"p{-a.attempt}"  # probes: < 0
-                uid = f"pf.{self._token}.{tag}.{self._n}"
-                self._ledger.submit([(a.attempt, a.key, _Att(a, uid, self._gen), a.timeout)])
-                self._by_uid[uid] = a.attempt
-                td = rp.TaskDescription(
-                    {
-                        "uid": uid,
-                        "mode": rp.TASK_FUNCTION,
-                        "function": "pilotfish_run",
-                        "args": [base64.b64encode(pickle.dumps(a, 5)).decode("ascii")],
-                        "raptor_id": self._master.uid,
-                    }
-                )
-                if a.kind == "call" and a.timeout:
-                    td.timeout = float(a.timeout)
+                att, td = self._task(a)
+                self._ledger.submit([(a.attempt, a.key, att, a.timeout)])
                 tds.append(td)
+        self._send(attempts, tds, events)
+
+    def _task(self, a: RunAttempt) -> tuple[_Att, Any]:
+        """A new RP task (a new uid) for attempt ``a`` on the current master (lock held)."""
+        self._n += 1
+        tag = a.attempt if a.attempt > 0 else f"p{-a.attempt}"  # probes: < 0
+        uid = f"pf.{self._token}.{tag}.{self._n}"
+        self._by_uid[uid] = a.attempt
+        td = rp.TaskDescription(
+            {
+                "uid": uid,
+                "mode": rp.TASK_FUNCTION,
+                "function": "pilotfish_run",
+                "args": [base64.b64encode(pickle.dumps(a, 5)).decode("ascii")],
+                "raptor_id": self._master.uid,
+            }
+        )
+        if a.kind == "call" and a.timeout:
+            td.timeout = float(a.timeout)
+        return _Att(a, uid, self._gen, time.monotonic()), td
+
+    def _send(self, attempts: Sequence[RunAttempt], tds: list[Any], events: list[Any]) -> None:
         try:
             self._tmgr.submit_tasks(tds)
         except Exception as e:
@@ -460,6 +492,59 @@ class RadicalBackend:
                 for a in attempts:
                     self._ledger.handle(L.Cancel((a.attempt,)))
             events.extend(self._runtime_lost(a, why) for a in attempts)
+
+    def _on_sweep(self, gen: int, ans: dict[str, Any], events: list[Any]) -> None:
+        """The master's answer to a sweep: ``gone`` it takes as lost on the way (and
+        withdrew, so they cannot run), ``known`` it has. The withdrawn ones are sent
+        again under new uids, unblamed; their old RP tasks are cancelled."""
+        if gen != self._gen or self._dead or self._stopping.is_set():
+            return
+        withdrawn = {str(u) for u in ans.get("gone") or ()}
+        known = {str(u) for u in ans.get("known") or ()}
+        again: list[RunAttempt] = []
+        tds: list[Any] = []
+        old: list[str] = []
+        with self._lock:
+            for uid in known | withdrawn:
+                aid = self._by_uid.get(uid)
+                e = self._ledger.get(aid) if aid is not None else None
+                if e is None or e.item.uid != uid:
+                    continue  # ended, cancelled, or sent again already
+                if uid not in withdrawn:
+                    e.item.known = True
+                    continue
+                if e.where != "queued":
+                    continue  # cannot be: the master started what it never received
+                att, td = self._task(e.item.m)
+                att.resent = e.item.resent + 1
+                self._by_uid.pop(uid, None)
+                self._ledger.replace_item(e.attempt, att)
+                again.append(att.m)
+                tds.append(td)
+                old.append(uid)
+        if not tds:
+            return
+        log.warning(
+            "pilotfish: the raptor master %s never received %s (sent %.0f s ago or more); "
+            "sent again as %s",
+            self._master.uid,
+            old,
+            self.resend_after,
+            [td.uid for td in tds],
+        )
+        self._send(again, tds, events)
+        self._cancel_rp_tasks(old)
+
+    def _cancel_rp_tasks(self, uids: list[str]) -> None:
+        """Have RP forget tasks we no longer wait for (in the background: best effort)."""
+        tmgr = self._tmgr
+
+        def run() -> None:
+            with contextlib.suppress(Exception):
+                tmgr.cancel_tasks(uids)
+
+        if uids and tmgr is not None:
+            threading.Thread(target=run, name="pilotfish-rp-cancel", daemon=True).start()
 
     def _on_cancel(self, ids: Sequence[int]) -> None:
         with self._lock:
@@ -750,15 +835,20 @@ class RadicalBackend:
                 to_end[pid] = self._master_created
         events.append(MasterReport("lost", pid, time.time(), stderr_tail=err, message=what))
         resend: list[RunAttempt] = []
+        stale: list[str] = []
         for c in cmds:
             if isinstance(c, L.Report):
                 events.append(c.msg)
             elif isinstance(c, L.Resend):
                 resend.extend(att.m for att in c.items)
+                stale.extend(att.uid for att in c.items)
         # not started: nothing ran, so they wait in the ledger's place for the next master
         self._ledger = L.Ledger()
         # end what is left of the old master and its workers
         self._bounded(lambda: self._tmgr.cancel_tasks([old.uid]), 10, "cancel master")
+        # its unstarted tasks are sent again: RP's scheduler, which keeps the tasks of a
+        # master until its queue registers, must not hand them to anyone
+        self._cancel_rp_tasks(stale)
         self._end_pids(to_end, grace=0.5)
         pilot_ok = self._pilot is not None and self._pilot.state == rp.PMGR_ACTIVE
         if self._restarts >= self.max_restarts or not pilot_ok:
@@ -844,6 +934,45 @@ class RadicalBackend:
                 continue
             if isinstance(ans, dict):
                 self._q.put(("ping", gen, ans))
+            self._sweep(gen)
+
+    def _grace(self, att: _Att) -> float:
+        """How long ``att`` may be on its way to the master: ``resend_after``, twice as
+        long for each time it was sent again (an RP that slow is not taken as lossy for
+        ever)."""
+        return float(self.resend_after * 2 ** min(att.resent, 5))
+
+    def _sweep(self, gen: int) -> None:
+        """Ask the master about attempts sent ``resend_after`` ago (since it was up) that
+        have not started and that it has not confirmed yet (see ``_on_sweep``)."""
+        now = time.monotonic()
+        with self._lock:
+            up = self._master_up_at
+            if up is None or gen != self._gen or self._dead:
+                return
+            due = [
+                e.item
+                for e in self._ledger.entries.values()
+                if e.where == "queued"
+                and not e.item.known
+                and e.item.gen == gen
+                and now - max(e.item.sent, e.item.asked, up) > self._grace(e.item)
+            ][:1000]
+            for att in due:
+                att.asked = now
+        if not due:
+            return
+        try:
+            ans = self._rpc(
+                "pilotfish_sweep",
+                self.ping_timeout,
+                uids=[att.uid for att in due],
+                graces=[self._grace(att) for att in due],
+            )
+        except Exception:
+            return
+        if isinstance(ans, dict):
+            self._q.put(("sweep", gen, ans))
 
     def _on_ping(self, gen: int, ans: dict[str, Any], events: list[Any]) -> None:
         if gen != self._gen or self._dead:
@@ -851,6 +980,8 @@ class RadicalBackend:
         now = time.time()
         with self._lock:
             self._last_answer = time.monotonic()
+            if ans.get("up") and self._master_up_at is None:
+                self._master_up_at = self._last_answer
             self._note_master(int(ans.get("pid") or 0), str(ans.get("host") or ""), now, events)
             old = self._workers_seen
             new = {w: list(v) for w, v in (ans.get("workers") or {}).items()}

@@ -28,6 +28,33 @@ the queue is dropped by whoever takes it second. A result is accepted only from 
 worker that holds the task, once: a late result for a task already advanced or
 requeued is dropped.
 
+Every ledger key is the number at the end of a task's uid, unique among the tasks of
+one client backend only; so the master takes only tasks meant for it (their
+``raptor_id`` is this master and their uid carries its client's token) and fences
+every claim, start, result and process group by the task's full uid as well. RP's
+agent scheduler keeps a ZMQ push socket to every master that registered and never
+drops it when a master is killed; RP picks the lowest free port for every queue, so
+that socket reconnects to a later master's queue on the same port and delivers the dead
+master's tasks there (observed: another client's tasks 2..7 arrived at a new master,
+task 2 of the new client took the place of the foreign task 2 in the ledger and was
+dropped as "already finished" when its worker claimed it: it waited forever). Such a
+task is cancelled here, never run.
+
+Two backstops find a task that is lost on the way nevertheless:
+
+* a task pushed on the queue more than ``_IDLE_GRACE`` ago and still unclaimed while a
+  ready worker held nothing all that time is pushed again (then after twice as long,
+  and so on); the claim drops the copy that comes second;
+* the client asks (``pilotfish_sweep``) about the tasks it submitted a while ago that
+  it has not seen start; the master answers, atomically with its request callback,
+  which of them it has, and which it takes as lost on the way and *withdraws*: if one
+  arrives later it is cancelled, not run. Lost means not received although a task the
+  client sent later (a higher number) arrived a grace period ago (RP's way to the
+  master is first-in first-out), or nothing arrived for a grace period: a slow RP, with
+  thousands of tasks on their way, is not mistaken for a lossy one. The client sends the
+  withdrawn ones again under new uids, so no task waits forever for a message RP lost,
+  and none runs twice.
+
 Pre-flight (:func:`pilotfish.preflight.worker_checks`) runs here when the master
 starts and on every worker when it starts. If it fails, every task (queued, held or
 later) fails with an ENVIRONMENT error (``"pilotfish": "environment"``) and no
@@ -41,6 +68,7 @@ withdraws tasks that are not running.
 from __future__ import annotations
 
 import base64
+import bisect
 import contextlib
 import json
 import os
@@ -63,6 +91,8 @@ _MASTER_VAR = "PILOTFISH_RP_MASTER"
 _TAIL = 4000
 _GONE_GRACE = 1.0  # s to wait for RP's state update (with the exit code) of a vanished worker
 _TRANSIT_GRACE = 1.0  # s after a later task was claimed, an unclaimed one is taken as lost
+_IDLE_GRACE = 3.0  # s a task may wait unclaimed on the queue while a worker holds nothing
+_ARRIVALS_KEPT = 1800.0  # s of task arrivals a client's sweep may ask about
 
 
 def _tail(path: str, n: int = _TAIL) -> str:
@@ -158,12 +188,30 @@ class PilotfishMaster(Master):  # type: ignore[misc]
         self._pf_seq = 0
         self._pf_claims: deque[tuple[float, int]] = deque()  # (when, place) of claims
         self._pf_claimed_upto = 0  # a task placed before this is lost if still unclaimed
+        self._pf_push_time: dict[str, float] = {}  # unclaimed task uid -> when pushed
+        self._pf_repushed: dict[str, int] = {}  # task uid -> pushed again for idle workers
+        # every task uid this master received (a client's sweep asks about the others),
+        # and those it withdrew, unreceived, for a sweep: cancelled if they come later
+        self._pf_seen: set[str] = set()
+        self._pf_tomb: set[str] = set()
+        self._pf_up = False  # registered with RP's scheduler: tasks can arrive
+        # when the highest task number received so far went up, and to what (a sweep
+        # asks what had arrived a grace period ago); older than _ARRIVALS_KEPT: settled
+        self._pf_arrival_times: list[float] = []
+        self._pf_arrival_tops: list[int] = []
+        self._pf_settled = 0
+        self._pf_last_arrival = time.monotonic()
+        self._pf_top = 0
+        self._pf_token = str(self._pf_cfg.get("token") or "")
+        self._pf_test: dict[str, Any] = dict(self._pf_cfg.get("test_hooks") or {})
         self._pf_workers: dict[str, dict[str, Any]] = {}  # worker uid -> record
         self._pf_env_problem = ""
         self._pf_doomed: list[dict[str, Any]] = []  # to fail: pre-flight failed
         self._pf_stopping = False
         self._pf_preflight()  # before RP's init: tasks arrive as soon as it registers
         super().__init__()
+        self._pf_up = True
+        self._pf_last_arrival = time.monotonic()
         if self._pf_env_problem:
             self._pf_log(self._pf_env_problem)
         ts = self._task_service
@@ -241,6 +289,7 @@ class PilotfishMaster(Master):  # type: ignore[misc]
         with self._pf_lock:
             w = self._pf_workers.setdefault(wid, {"uid": wid, "t0": time.time()})
             w.update(pid=pid, host=host, state="ready" if not problems else "preflight_failed")
+            w["busy_at"] = time.monotonic()  # idle from now on, as far as we know
             if problems and not self._pf_env_problem:
                 lines = "\n".join(f"  - {p}" for p in problems)
                 self._pf_env_problem = (
@@ -249,36 +298,65 @@ class PilotfishMaster(Master):  # type: ignore[misc]
                 )
                 doomed = [e.item for e in self._pf_ledger.entries.values()]
                 self._pf_ledger = L.Ledger()
-                self._pf_pushed.clear()
+                self._pf_unpushed(list(self._pf_pushed))
             else:
                 doomed = []
         for t in doomed:
             self._pf_fail(t, {"pilotfish": "environment", "message": self._pf_env_problem}, 78)
         return not problems
 
+    def _pf_entry(self, uid: str) -> L.Entry | None:
+        """The ledger entry of task ``uid``: its key and its full uid (lock held)."""
+        e = self._pf_ledger.get(_aid(uid))
+        return e if e is not None and e.item.get("uid") == uid else None
+
     def _pf_claim(self, wid: str, uids: list[str]) -> list[str]:
-        """A worker took these tasks off the queue: it holds those nobody else holds."""
+        """A worker took these tasks off the queue: it holds those still queued here.
+
+        Not its own: a task this master never took (another master's, delivered to our
+        queue by a stale RP socket), one held already (a copy pushed again), or one that
+        is no longer in flight. A worker declared lost holds nothing: what it took goes
+        back on the queue."""
+        back: list[dict[str, Any]] = []
         with self._pf_lock:
             w = self._pf_workers.get(wid)
-            if w is not None and w.get("state") == "lost":
-                return []
-            ids = {_aid(u): u for u in uids}
-            cmds = self._pf_ledger.handle(L.Hold(wid, tuple(ids)))
+            lost = w is not None and w.get("state") == "lost"
+            ids: dict[int, str] = {}
+            for u in uids:
+                e = self._pf_entry(u)
+                if e is None or e.where != "queued":
+                    continue
+                if lost:
+                    back.append(e.item)
+                else:
+                    ids[e.attempt] = u
+            cmds = self._pf_ledger.handle(L.Hold(wid, tuple(ids))) if ids else []
             dropped = {c.attempt for c in cmds if isinstance(c, L.Dropped)}
             mine = [u for i, u in ids.items() if i not in dropped]
             now = time.monotonic()
+            if w is not None and mine:
+                w["busy_at"] = now
             for uid in mine:
+                self._pf_push_time.pop(uid, None)
+                self._pf_repushed.pop(uid, None)
                 place = self._pf_pushed.pop(uid, None)
                 if place is not None:
                     self._pf_claims.append((now, place))
+            self._pf_push(back)
+            stopping = self._pf_stopping
+        if back and not stopping:
+            self._pf_log(f"lost worker {wid} took {[t['uid'] for t in back]}: pushed again")
+            self._req_put.put(back)
         return mine
 
     def _pf_push(self, tasks: list[dict[str, Any]]) -> None:
         """Record tasks as (back) on RP's queue (lock held); the caller puts them there."""
+        now = time.monotonic()
         for t in tasks:
             self._pf_pushed.pop(t["uid"], None)
             self._pf_seq += 1
             self._pf_pushed[t["uid"]] = self._pf_seq
+            self._pf_push_time[t["uid"]] = now
 
     def _pf_lost_in_transit(self) -> list[dict[str, Any]]:
         """Unclaimed tasks placed before one claimed more than a grace period ago (lock
@@ -290,13 +368,49 @@ class PilotfishMaster(Master):  # type: ignore[misc]
         for uid, place in self._pf_pushed.items():
             if place >= self._pf_claimed_upto:
                 break
-            e = self._pf_ledger.get(_aid(uid))
+            e = self._pf_entry(uid)
             if e is not None and e.where == "queued":
                 lost.append(e.item)
             else:  # ended (or started) without a claim of ours: nothing to push
                 stale.append(uid)
-        for uid in stale:
-            del self._pf_pushed[uid]
+        self._pf_unpushed(stale)
+        self._pf_push(lost)
+        return lost
+
+    def _pf_unpushed(self, uids: list[str]) -> None:
+        """These tasks are off the queue for good (lock held)."""
+        for uid in uids:
+            self._pf_pushed.pop(uid, None)
+            self._pf_push_time.pop(uid, None)
+            self._pf_repushed.pop(uid, None)
+
+    def _pf_unclaimed_while_idle(self, now: float) -> list[dict[str, Any]]:
+        """Tasks on the queue, unclaimed for ``_IDLE_GRACE`` (then twice as long, ...)
+        while a ready worker held nothing for as long (lock held): a worker waiting on
+        RP's queue takes a task within milliseconds, so these went astray (a worker took
+        them and died before its claim, a stale socket took them). Pushed again; the
+        claim drops whichever copy comes second."""
+        idle_since = [
+            float(w.get("busy_at") or now)
+            for w in self._pf_workers.values()
+            if w.get("state") == "ready" and not self._pf_ledger.count(w["uid"])
+        ]
+        if not idle_since or now - min(idle_since) < _IDLE_GRACE:
+            return []
+        idle_for = now - min(idle_since)
+        lost, stale = [], []
+        for uid, pushed in self._pf_push_time.items():
+            wait = _IDLE_GRACE * 2 ** min(self._pf_repushed.get(uid, 0), 5)
+            if now - pushed < wait or idle_for < wait:
+                continue
+            e = self._pf_entry(uid)
+            if e is not None and e.where == "queued":
+                lost.append(e.item)
+            else:
+                stale.append(uid)
+        self._pf_unpushed(stale)
+        for t in lost:
+            self._pf_repushed[t["uid"]] = self._pf_repushed.get(t["uid"], 0) + 1
         self._pf_push(lost)
         return lost
 
@@ -305,6 +419,9 @@ class PilotfishMaster(Master):  # type: ignore[misc]
         with self._pf_lock:
             w = self._pf_workers.get(wid) or {}
             if w.get("state") == "lost":
+                return False
+            if self._pf_entry(uid) is None:
+                self._pf_log(f"refused start of {uid} on {wid}: not one of this master's tasks")
                 return False
             cmds = self._pf_ledger.handle(
                 L.Start(wid, _aid(uid), int(w.get("pid") or 0), w.get("host") or "", time.time())
@@ -337,7 +454,7 @@ class PilotfishMaster(Master):  # type: ignore[misc]
 
     def _pf_group(self, uid: str, pgid: int) -> bool:
         with self._pf_lock:
-            e = self._pf_ledger.get(_aid(uid))
+            e = self._pf_entry(uid)
             if e is not None and e.worker:
                 self._pf_ledger.handle(L.Group(e.worker, e.attempt, int(pgid)))
         return True
@@ -365,12 +482,21 @@ class PilotfishMaster(Master):  # type: ignore[misc]
             for t in doomed:
                 self._pf_fail(t, {"pilotfish": "environment", "message": self._pf_env_problem}, 78)
             with self._pf_lock:
+                for w in self._pf_workers.values():
+                    if self._pf_ledger.count(w["uid"]):
+                        w["busy_at"] = now
                 lost = [] if self._pf_stopping else self._pf_lost_in_transit()
+                idle = [] if self._pf_stopping else self._pf_unclaimed_while_idle(now)
             if lost:
                 self._pf_log(
                     f"lost on the way to a worker, pushed again: {[t['uid'] for t in lost]}"
                 )
                 self._req_put.put(lost)
+            if idle:
+                self._pf_log(
+                    f"unclaimed while a worker was idle, pushed again: {[t['uid'] for t in idle]}"
+                )
+                self._req_put.put(idle)
 
     def _pf_check_stopped(self, w: dict[str, Any], now: float) -> None:
         """A worker the kernel shows stopped (SIGSTOP, a debugger, a suspended job) for a
@@ -475,21 +601,50 @@ class PilotfishMaster(Master):  # type: ignore[misc]
             self._log.exception("pilotfish: could not advance %s", task.get("uid"))
 
     # -- tasks ------------------------------------------------------------------
+    def _pf_mine(self, task: dict[str, Any]) -> bool:
+        """A task meant for this master: its raptor_id is ours and its uid carries our
+        client's token (RP's scheduler may deliver a dead master's tasks to our queue)."""
+        uid = str(task.get("uid") or "")
+        rid = (task.get("description") or {}).get("raptor_id")
+        if rid and rid != getattr(self, "_uid", rid):
+            return False
+        return not self._pf_token or uid.startswith(f"pf.{self._pf_token}.")
+
     def request_cb(self, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        keep = []
+        keep: list[dict[str, Any]] = []
+        refuse: list[dict[str, Any]] = []  # not ours, or withdrawn: cancelled, never run
+        drop = {int(n) for n in self._pf_test.get("master_drops") or ()}
         with self._pf_lock:
             problem = self._pf_env_problem
             for t in tasks:
-                if not problem:
+                uid = str(t.get("uid") or "")
+                if not self._pf_mine(t) or uid in self._pf_tomb:
+                    refuse.append(t)
+                elif uid in self._pf_seen:
+                    continue  # delivered twice: the first copy is the one in flight
+                elif (e := self._pf_ledger.get(_aid(uid))) is not None:
+                    self._pf_log(f"refused {uid}: its number is {e.item.get('uid')}'s")
+                    refuse.append(t)
+                elif _aid(uid) in drop:  # test hook: a request lost on its way here
+                    self._pf_log(f"test hook: dropped the request for {uid}")
+                else:
+                    self._pf_seen.add(uid)
                     keep.append(t)
-            self._pf_ledger.submit((_aid(t["uid"]), t["uid"], t, None) for t in keep)
-            self._pf_push(keep)
+            if keep:
+                self._pf_arrived(max(_aid(t["uid"]) for t in keep))
+            if not problem:
+                self._pf_ledger.submit((_aid(t["uid"]), t["uid"], t, None) for t in keep)
+                self._pf_push(keep)
+        if refuse:
+            which = [(t.get("uid"), (t.get("description") or {}).get("raptor_id")) for t in refuse]
+            self._pf_log(f"cancelled tasks not meant for this master, or withdrawn: {which}")
+            with contextlib.suppress(Exception):
+                self.advance(refuse, rps.CANCELED, publish=True, push=False)
         if problem:
             # a state published from here does not reach the client (RP 1.103): let RP
             # submit them, then fail them through the result path (the watch thread)
             with self._pf_lock:
-                self._pf_doomed.extend(tasks)
-            return list(tasks)
+                self._pf_doomed.extend(keep)
         return keep
 
     def _result_cb(self, tasks: Any) -> None:
@@ -497,6 +652,9 @@ class PilotfishMaster(Master):  # type: ignore[misc]
         with self._pf_lock:
             for t in ru.as_list(tasks):
                 uid = t.get("uid")
+                if self._pf_entry(str(uid)) is None:
+                    self._log.info("pilotfish: dropped a result for %s: not in flight", uid)
+                    continue
                 (c,) = self._pf_ledger.handle(L.Finish(str(t.get("worker")), _aid(uid)))
                 if isinstance(c, L.Accept):
                     mine.append(t)
@@ -521,6 +679,47 @@ class PilotfishMaster(Master):  # type: ignore[misc]
         self.stop()
 
     # -- rpc from the client ---------------------------------------------------------
+    def _pf_arrived(self, top: int) -> None:
+        """Tasks of ours arrived, numbered up to ``top`` (lock held)."""
+        now = self._pf_last_arrival = time.monotonic()
+        if top > self._pf_top:
+            self._pf_top = top
+            self._pf_arrival_times.append(now)
+            self._pf_arrival_tops.append(top)
+        old = bisect.bisect_left(self._pf_arrival_times, now - _ARRIVALS_KEPT)
+        if old:
+            self._pf_settled = self._pf_arrival_tops[old - 1]
+            del self._pf_arrival_times[:old], self._pf_arrival_tops[:old]
+
+    def _pf_top_at(self, when: float) -> int:
+        """The highest task number of ours received at ``when`` or before (lock held)."""
+        i = bisect.bisect_right(self._pf_arrival_times, when)
+        return self._pf_arrival_tops[i - 1] if i else self._pf_settled
+
+    def _pf_sweep(self, uids: list[str], graces: list[float]) -> dict[str, list[str]] | None:
+        """Of these tasks (the client's, submitted a while ago and not seen to start):
+        ``known``, those this master received; ``gone``, those it takes as lost on the
+        way: a task the client sent later (a higher number) arrived the task's grace
+        period ago, or nothing arrived for that long. Those are withdrawn at once, under
+        the same lock as ``request_cb``, so one that arrives after all is cancelled and
+        the client may send it again under a new uid. The others may still be on their
+        way. None while RP has not registered our queue (tasks wait for that in RP's
+        scheduler)."""
+        if not self._pf_up:
+            return None
+        now = time.monotonic()
+        known, gone = [], []
+        with self._pf_lock:
+            for u, g in zip(uids, graces, strict=False):
+                if u in self._pf_seen:
+                    known.append(u)
+                elif now - self._pf_last_arrival >= g or _aid(u) < self._pf_top_at(now - g):
+                    gone.append(u)
+            self._pf_tomb.update(gone)
+        if gone:
+            self._pf_log(f"sweep: never received {gone}: withdrawn, the client sends them again")
+        return {"known": known, "gone": gone}
+
     def _raptor_rpc(self, *args: Any, **kwargs: Any) -> Any:
         cmd = kwargs.get("raptor_cmd")
         if cmd == "pilotfish_ping":
@@ -535,15 +734,19 @@ class PilotfishMaster(Master):  # type: ignore[misc]
                     },
                     "running": {e.item["uid"]: e.worker for e in self._pf_ledger.started()},
                     "env_problem": self._pf_env_problem,
+                    "up": self._pf_up,
                 }
+        if cmd == "pilotfish_sweep":
+            uids = [str(u) for u in kwargs.get("uids") or ()]
+            graces = [float(g) for g in kwargs.get("graces") or ()]
+            return self._pf_sweep(uids, graces + [10.0] * (len(uids) - len(graces)))
         if cmd == "pilotfish_cancel":
             uids = kwargs.get("uids") or []
             with self._pf_lock:
-                items = {e.attempt: e.item for u in uids if (e := self._pf_ledger.get(_aid(u)))}
+                items = {e.attempt: e.item for u in uids if (e := self._pf_entry(str(u)))}
                 cmds = self._pf_ledger.handle(L.Cancel(tuple(items)))
                 gone = [items[c.attempt] for c in cmds if isinstance(c, L.Withdraw)]
-                for t in gone:
-                    self._pf_pushed.pop(t["uid"], None)
+                self._pf_unpushed([t["uid"] for t in gone])
             if gone:
                 self.advance(gone, rps.CANCELED, publish=True, push=False)
             return [t["uid"] for t in gone if t]
