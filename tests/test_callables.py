@@ -457,3 +457,29 @@ def test_processes(session: pilotfish.Session, backend: str) -> None:
         assert procs["master"] and procs["master"] != os.getpid()
     else:  # Dask: the scheduler plays the master's part
         assert procs["master"] is None and procs["scheduler"].startswith("tcp://")
+
+
+# --------------------------------------------------------------------------- Executor args
+
+
+def test_initializer_state_is_seen_by_tasks(make_session: Any) -> None:
+    """initializer/initargs (as ProcessPoolExecutor's) run in the worker before its
+    tasks, on every backend; map(chunksize=) batches calls."""
+    from executor_tasks import init, state
+
+    s = make_session(workers=2, initializer=init, initargs=("loaded",))
+    fs = [s.submit(state) for _ in range(6)]
+    assert {f.result(timeout=120)[0] for f in fs} == {"loaded"}
+    assert [v for v, _ in s.map(lambda _: state(), range(5), chunksize=2)] == ["loaded"] * 5
+
+
+def test_failing_initializer_is_environment(make_session: Any) -> None:
+    from executor_tasks import init_fails, state
+
+    s = make_session(workers=2, initializer=init_fails)
+    f = s.submit(state)
+    with pytest.raises(pilotfish.EnvironmentMismatch, match="initializer"):
+        f.result(timeout=120)
+    assert f.failure is not None and f.failure.category is Category.ENVIRONMENT
+    assert "error in initializer" in (f.failure.traceback or "")
+    assert len(f.attempts) == 1

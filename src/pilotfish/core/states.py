@@ -22,6 +22,10 @@ class State(enum.Enum):
     FAILED = "failed"
     CANCELLED = "cancelled"
 
+    # members are singletons: hash by identity (in C), not Enum's hash of the name in
+    # Python; the core hashes states several times per task (counts, transition table)
+    __hash__ = object.__hash__
+
     @property
     def final(self) -> bool:
         return self in FINAL
