@@ -266,9 +266,10 @@ _KEYS_SCRIPT = textwrap.dedent(
     ]
     with pilotfish.Session(backend=FakeBackend(), journal=None,
                            rundir=sys.argv[1]) as s:
-        keys = [s.submit(work, *c, opt={"s", "t"}).key for c in calls]
-        keys.append(s.submit(lambda v: v, {"l1", "l2"}).key)
-        unstable = [t._key_unstable for t in s.tasks]
+        tasks = [s.submit(work, *c, opt={"s", "t"}) for c in calls]
+        tasks.append(s.submit(lambda v: v, {"l1", "l2"}))
+        keys = [t.key for t in tasks]
+        unstable = [t._key_unstable for t in tasks]  # s.tasks: only the tasks still held
     print(json.dumps([keys, unstable]))
     """
 )
