@@ -53,6 +53,20 @@ scheduler ``remove-worker`` event                ``WorkerLost``   ``WorkerReport
                                                                   ``Lost(worker_lost)`` for the
                                                                   attempts that started there;
                                                                   their futures are cancelled
+... of a worker in a SLURM job                   ``WorkerLost``   the same, naming the job and
+                                                                  how it ended (``SLURM job 12
+                                                                  CANCELLED``, ``TIMEOUT`` and
+                                                                  its walltime) or that it runs
+                                                                  on (the worker process died)
+... of the last worker                           --               ``WorkerReport("gone")`` at
+                                                                  once, naming the jobs; an
+                                                                  adaptive cluster made by
+                                                                  ``pilotfish.cluster.slurm`` is
+                                                                  asked for replacements
+no worker joins within ``no_workers_timeout``    ``Reject``       ``Lost(runtime_lost)`` for
+                                                                  every attempt in flight or
+                                                                  queued, and for new ones until
+                                                                  a worker joins
 future erred with ``KilledWorker``, a cancel we  ``Bounce``       ``Lost(worker_lost)`` if it had
 did not ask for, a result lost with its worker                    started, else resubmitted
 before the client fetched it                                      unblamed under a new Dask key
@@ -76,6 +90,22 @@ connection to the scheduler lost                 --               ``MasterReport
 ===============================================  ===============  ===============================
 
 ``KilledWorker`` never reaches the user.
+
+**Batch jobs.** A worker plugin makes every Dask worker report its ``SLURM_JOB_ID``
+(with its pid and host) on the session's topic as it joins. When it leaves, the client
+asks ``scontrol show job`` (:func:`pilotfish.cluster.slurm_job`, waiting up to 3 s
+while the job is ``COMPLETING``) and the attempts it had started are ``WORKER_LOST``
+with ``SLURM job N CANCELLED (...)``, ``TIMEOUT (killed by SLURM at its walltime of
+00:01:00 ...)``, ``PREEMPTED``, ... or, when the job is still ``RUNNING``, saying that
+the worker process died inside it. Once a job's walltime is known (from the cluster
+made by :func:`pilotfish.cluster.slurm`, else from the first job's ``scontrol``), an
+attempt whose ``timeout`` is longer is warned about at submit (``pilotfish.dask``,
+WARNING, once per timeout value). When the last worker leaves, ``WorkerReport("gone")``
+says so at once; after ``no_workers_timeout`` seconds (a backend keyword, default
+``heartbeat_timeout``; ``float("inf")`` waits forever) without a worker, the attempts
+in flight and queued are ``RUNTIME_LOST`` naming the jobs and how they ended, and so
+are attempts submitted later, until a worker joins. Before the first worker ever joined
+(jobs still queued in SLURM) nothing times out.
 
 Limits (honest ones):
 
@@ -159,6 +189,9 @@ _OUR_CANCEL = "pilotfish"
 _MAX_RESUBMITS = 10
 _EXIT_TIMEOUT = 75  # exit status of a worker pilotfish ended to stop a timed-out call
 _FENCE_TIMEOUT = 30  # s a worker waits for the start fence's answer (then it refuses itself)
+#: s to wait for a lost worker's batch job to leave COMPLETING (to learn CANCELLED, TIMEOUT)
+_JOB_SETTLE = 3.0
+_GONE_KEPT = 20  # how many lost workers a "no worker left" message names at most
 
 
 # --------------------------------------------------------------------------- worker side
@@ -249,6 +282,30 @@ class _ClientSysPath(WorkerPlugin):
                 sys.path.append(p)
 
 
+class _WorkerJob(WorkerPlugin):
+    """Each Dask worker says which batch job it runs in (its ``SLURM_JOB_ID``), its pid
+    and host, on the session's event topic, as it joins: so that when it leaves, the
+    client can ask SLURM how that job ended (see :mod:`pilotfish.cluster`)."""
+
+    idempotent = False
+
+    def __init__(self, topic: str) -> None:
+        self.topic = topic
+
+    def setup(self, worker: Any) -> None:
+        worker.log_event(
+            self.topic,
+            {
+                "op": "worker",
+                "worker": str(worker.address),
+                "name": str(worker.name),
+                "job": os.environ.get("SLURM_JOB_ID", ""),
+                "pid": os.getpid(),
+                "host": _wire.host_name(),
+            },
+        )
+
+
 _BY_VALUE = threading.Lock()
 
 
@@ -304,6 +361,7 @@ class DaskBackend:
         timeout_restart: bool = True,
         ship_sys_path: bool = True,
         connect_timeout: float = 30.0,
+        no_workers_timeout: float | None = None,
     ) -> None:
         if client is None and not address:
             raise InvalidTask(
@@ -361,6 +419,20 @@ class DaskBackend:
         self._prev_all_handler: Callable[[Any], Any] | None = None
         self._threads: list[threading.Thread] = []
         self._consumer: threading.Thread | None = None
+        # batch jobs (SLURM) and "no worker left": see _on_cluster and _check_workers
+        self.no_workers_timeout = (
+            heartbeat_timeout if no_workers_timeout is None else no_workers_timeout
+        )
+        self._job_plugin = f"pilotfish-jobs-{self._token}"
+        self._live: set[str] = set()  # worker addresses in the cluster now
+        self._jobs: dict[str, tuple[str, str]] = {}  # worker address -> (job id, worker name)
+        self._gone: list[str] = []  # how the workers that left since the last live one ended
+        self._gone_names: set[str] = set()  # their Dask worker names (cluster job names)
+        self._gone_since: float | None = None  # monotonic: the last worker left
+        self._starved = ""  # why attempts fail at once: no worker came back in time
+        self._walltime: tuple[float, str] | None = None  # the worker jobs' walltime
+        self._walltime_asked = False
+        self._warned_timeouts: set[float] = set()
 
     # ------------------------------------------------------------------ protocol
     def start(self, sink: Sink) -> None:
@@ -395,9 +467,13 @@ class DaskBackend:
             self._die("environment", why)
             return
         self._ship_path()
+        self._ship_job_plugin()
+        self._cluster_walltime()
         workers: list[str] = []
         with contextlib.suppress(Exception):
             workers = sorted(c.scheduler_info()["workers"])
+        with self._lock:
+            self._live.update(workers)
         now = time.time()
         events: list[Any] = [
             MasterReport("started", self._sched_pid, now, message=f"Dask scheduler {self.address}")
@@ -417,11 +493,16 @@ class DaskBackend:
 
     def submit(self, attempts: Sequence[RunAttempt]) -> None:
         lost: list[Any] = []
+        if self._walltime is not None:
+            self._warn_walltime(attempts)
         with self._lock:
             new = []
             for a in attempts:
                 if self._dead or self._stopped:
                     lost.append(self._runtime_lost(a, self._fatal_message or "backend stopped"))
+                    continue
+                if self._starved and not self._live:
+                    lost.append(self._runtime_lost(a, self._starved))
                     continue
                 att = _Att(a, self._dkey(a, 0))
                 new.append((a.attempt, a.key, att, a.timeout))
@@ -437,6 +518,8 @@ class DaskBackend:
         self._q.put(("cancel", tuple(attempts)))
 
     def processes(self) -> dict[str, Any]:
+        with self._lock:
+            jobs = {a: j for a, (j, _) in self._jobs.items() if j}
         out: dict[str, Any] = {
             "master": None,
             "scheduler": self.address,
@@ -446,6 +529,8 @@ class DaskBackend:
             # Dask's own reruns of a started attempt (and other stray starts) that the
             # start fence refused: their user code did not run
             "refused_starts": self._refused,
+            # batch jobs: worker address -> SLURM job id (what the worker reported)
+            "worker_jobs": jobs,
         }
         c = self._client
         if c is not None and c.status == "running":
@@ -482,6 +567,8 @@ class DaskBackend:
             if self.ship_sys_path:
                 with contextlib.suppress(Exception):
                     c.unregister_worker_plugin(self._plugin_name)
+            with contextlib.suppress(Exception):
+                c.unregister_worker_plugin(self._job_plugin)
         del futs
         for t in self._threads:
             t.join(timeout)
@@ -653,6 +740,130 @@ class DaskBackend:
         except Exception as e:  # tasks then fail with ENVIRONMENT, naming what is missing
             log.warning("pilotfish: could not install the sys.path plugin on Dask workers: %s", e)
 
+    def _ship_job_plugin(self) -> None:
+        try:
+            self._client.register_plugin(_WorkerJob(self._topic), name=self._job_plugin)
+        except Exception as e:  # losses then name the worker, not its batch job
+            log.info("pilotfish: could not install the worker-job plugin on Dask workers: %s", e)
+
+    # ------------------------------------------------------------------ batch jobs
+    def _cluster_walltime(self) -> None:
+        """The walltime of a cluster :func:`pilotfish.cluster.slurm` made in this process."""
+        from .. import cluster as _cluster
+
+        made = _cluster.cluster_for(self.address)
+        text = str(getattr(made, "_pilotfish_walltime", "") or "")
+        secs = _cluster.parse_walltime(text) if text else None
+        if secs is not None:
+            self._walltime = (secs, text)
+
+    def _warn_walltime(self, attempts: Sequence[RunAttempt]) -> None:
+        """Warn (once per timeout value) when a task may run longer than its worker job."""
+        assert self._walltime is not None
+        secs, text = self._walltime
+        for a in attempts:
+            t = a.timeout
+            if t is None or t <= secs or t in self._warned_timeouts or a.attempt < 0:
+                continue
+            self._warned_timeouts.add(t)
+            log.warning(
+                "pilotfish: task %r has timeout=%g s, longer than the walltime of the batch "
+                "jobs that run the Dask workers (%s = %g s): SLURM ends the job first, and "
+                "an attempt still running then is WORKER_LOST (job TIMEOUT), not TIMEOUT. "
+                "Ask for a longer walltime or give the task a shorter timeout",
+                a.key,
+                t,
+                text,
+                secs,
+            )
+
+    def _job_of(self, addr: str) -> tuple[str, Any]:
+        """(job id, what SLURM says about it now) for the worker at ``addr`` ('' , None if
+        it did not run in a batch job or never said so)."""
+        job = self._jobs.get(addr, ("", ""))[0]
+        if not job:
+            return "", None
+        from .. import cluster as _cluster
+
+        return job, _cluster.slurm_job(job, settle=_JOB_SETTLE)
+
+    def _on_worker_info(self, msg: dict[str, Any]) -> None:
+        """A worker said which batch job it runs in (the :class:`_WorkerJob` plugin)."""
+        addr, job, name = str(msg.get("worker")), str(msg.get("job") or ""), str(msg.get("name"))
+        with self._lock:
+            self._jobs[addr] = (job, name)
+            with contextlib.suppress(TypeError, ValueError):
+                self._workers.setdefault(addr, (int(msg.get("pid", 0)), str(msg.get("host"))))
+        if job and self._walltime is None and not self._walltime_asked:
+            self._walltime_asked = True  # once: every job of a cluster has the same walltime
+            from .. import cluster as _cluster
+
+            info = _cluster.slurm_job(job)
+            secs = info.walltime if info is not None else None
+            if info is not None and secs is not None:
+                self._walltime = (secs, info.time_limit)
+        if job:
+            log.info("pilotfish: Dask worker %s (%s) runs in SLURM job %s", addr, name, job)
+
+    def _all_gone_locked(self, now: float, events: list[Any]) -> None:
+        """The last worker left: say so at once, ask the cluster for replacement jobs."""
+        from .. import cluster as _cluster
+
+        self._gone_since = time.monotonic()
+        made = _cluster.cluster_for(self.address)
+        asked = made is not None and _cluster.request_replacements(made, set(self._gone_names))
+        ended = self._gone_text()
+        if self.no_workers_timeout == float("inf"):
+            then = "pilotfish waits for one (no_workers_timeout=inf)"
+        else:
+            then = (
+                f"if none joins within no_workers_timeout={self.no_workers_timeout:g} s, "
+                "pilotfish fails the attempts in flight and queued as RUNTIME_LOST"
+            )
+        msg = (
+            f"no Dask worker is left in the cluster at {self.address}: {ended}. "
+            + (
+                "pilotfish asked the cluster for replacement jobs; "
+                if asked
+                else "A new worker must join (an adaptive cluster, e.g. "
+                "pilotfish.cluster.slurm(), replaces lost jobs); "
+            )
+            + then
+        )
+        log.warning("pilotfish: %s", msg)
+        events.append(WorkerReport("gone", "", 0, now, message=msg))
+
+    def _gone_text(self) -> str:
+        more = len(self._gone) >= _GONE_KEPT
+        return "; ".join(self._gone) + (" (and maybe more)" if more else "") or "no reason known"
+
+    def _check_workers(self, events: list[Any], cancel: list[Any]) -> None:
+        """No worker for ``no_workers_timeout``: attempts in flight and queued fail."""
+        since = self._gone_since
+        if since is None or self._starved or self._dead:
+            return
+        if time.monotonic() - since < self.no_workers_timeout:
+            return
+        with self._lock:
+            if self._live or self._gone_since is None:
+                return
+            ended = self._gone_text()
+            why = (
+                f"no Dask worker joined the cluster at {self.address} within "
+                f"no_workers_timeout={self.no_workers_timeout:g} s after the last one left "
+                f"({ended})"
+            )
+            self._starved = why
+            now = time.time()
+            for e in list(self._ledger.entries.values()):
+                att = e.item
+                cancel.append(att.fut)
+                msg = f"task {e.key!r} (attempt id {e.attempt}): {why}"
+                cmds = self._ledger.handle(L.Reject(e.attempt, "runtime_lost", msg, now))
+                events.extend(c.msg for c in cmds if isinstance(c, L.Report))
+            self._pending.clear()
+        log.error("pilotfish: %s; the attempts in flight and queued fail (RUNTIME_LOST)", why)
+
     def _runtime_lost(self, a: RunAttempt, why: str) -> Lost:
         """An attempt the backend cannot take at all (stopped, scheduler gone)."""
         return Lost(
@@ -794,6 +1005,7 @@ class DaskBackend:
                 self._collect(done, events, cancel)
             self._check_timeouts(events, cancel, tick)
             self._check_scheduler(events, cancel)
+            self._check_workers(events, cancel)
             self._cancel_futs(cancel)
             if not self._dead:  # this thread bounds the silence itself (_check_scheduler)
                 events.extend(pulse.beat())
@@ -802,6 +1014,9 @@ class DaskBackend:
     def _on_fence(self, msg: Any, events: list[Any], cancel: list[Any]) -> None:
         """The start fence granted (``started``) or refused a worker's request."""
         if not isinstance(msg, dict):
+            return
+        if msg.get("op") == "worker":
+            self._on_worker_info(msg)
             return
         op, aid, dkey = msg.get("op"), int(msg.get("attempt", 0)), str(msg.get("key"))
         worker, pid, host = str(msg.get("worker")), int(msg.get("pid", 0)), str(msg.get("host"))
@@ -862,13 +1077,23 @@ class DaskBackend:
         now = time.time()
         addr = str(msg.get("worker", ""))
         if msg.get("action") == "add-worker":
+            with self._lock:
+                self._live.add(addr)
+                self._gone_since, self._starved = None, ""
+                self._gone.clear()
+                self._gone_names.clear()
             events.append(WorkerReport("started", addr, 0, now))
             return
         processing = set(msg.get("processing-tasks") or ())
         expected = bool(msg.get("expected"))
+        # a worker in a batch job: how did the job end? (scontrol, ~10 ms; before the
+        # lock, and before Dask's own rerun elsewhere could be taken for the cause)
+        job, info = self._job_of(addr)
         with self._lock:
             why_restart = self._restarting.pop(addr, "")
             pid, host = self._workers.pop(addr, (0, ""))
+            name = self._jobs.pop(addr, ("", ""))[1]
+            self._live.discard(addr)
             led = self._ledger
             started = tuple(led.started_on(addr))
             cause = f"Dask's stimulus: {msg.get('stimulus_id', '?')}"
@@ -876,13 +1101,17 @@ class DaskBackend:
                 cause = f"pilotfish restarted it: {why_restart}"
             elif expected:
                 cause += ", an expected removal (retired or restarted)"
-            what = (
-                f"Dask worker {addr} (pid {pid or '?'}){' at host ' + host if host else ''} "
-                f"was removed from the cluster ({cause}); Dask does not report its exit "
-                "status: see the worker's and its nanny's log"
-            )
+            who = f"Dask worker {addr} (pid {pid or '?'}){' at host ' + host if host else ''}"
+            what, ended = self._describe_removal(who, cause, job, info)
             kind = "lost" if started or not expected else "stopped"
             events.append(WorkerReport(kind, addr, pid, now, None, None, started, what))
+            if ended:  # its job is over: the cluster may replace it
+                self._gone.append(ended)
+                if name:
+                    self._gone_names.add(name)
+            elif not self._stopping.is_set():
+                still = f"; its SLURM job {job} is still {info.state}" if info else ""
+                self._gone.append(f"{who} was removed ({cause}){still}")
             items = {a: led.entries[a].item for a in led.held_by(addr)}
             cmds: list[L.Command] = []
             for aid in started:
@@ -896,6 +1125,46 @@ class DaskBackend:
                     cmds += led.handle(L.Bounce(aid, why, now))
             cmds += led.handle(L.WorkerLost(addr, what, now))
             self._carry_out(cmds, items, events, cancel)
+            del self._gone[:-_GONE_KEPT]
+            # a cluster scaled down to nothing (retired: expected) is not "gone"
+            if not (self._live or expected or self._stopping.is_set() or self._gone_since):
+                self._all_gone_locked(now, events)
+
+    @staticmethod
+    def _describe_removal(who: str, cause: str, job: str, info: Any) -> tuple[str, str]:
+        """What a removed worker's loss says (for its attempts' WORKER_LOST), and how its
+        batch job ended ('' if it did not, or it ran in none)."""
+        if not job:
+            return (
+                f"{who} was removed from the cluster ({cause}); Dask does not report its exit "
+                "status: see the worker's and its nanny's log",
+                "",
+            )
+        from .. import cluster as _cluster
+
+        if info is None:
+            return (
+                f"{who}, in SLURM job {job}, was removed from the cluster ({cause}); SLURM did "
+                "not say how the job ended (no scontrol here, or it did not answer): see "
+                f"`scontrol show job {job}` and the job's log",
+                "",
+            )
+        if info.ended:
+            ended = _cluster.describe_job_end(info)
+            return f"{who} was removed from the cluster: its {ended}", ended
+        if info.state == "COMPLETING":
+            ended = (
+                f"SLURM job {job} COMPLETING (it is ending, but SLURM did not say why within "
+                f"{_JOB_SETTLE:g} s: see `scontrol show job {job}`)"
+            )
+            return f"{who} was removed from the cluster: its {ended}", ended
+        log_ = f"; see its log {info.stderr}" if info.stderr and info.stderr != "(null)" else ""
+        return (
+            f"{who} was removed from the cluster ({cause}), but its SLURM job {job} is still "
+            f"{info.state}: the worker process ended inside the job (killed, crashed, or out "
+            f"of memory; a nanny starts a new one){log_}",
+            "",
+        )
 
     def _on_cancel(self, ids: Sequence[int], cancel: list[Any]) -> None:
         with self._lock:
@@ -1229,6 +1498,7 @@ class DaskBackend:
             self._fatal(failed, events, cancel)
             return
         self._ship_path()
+        self._ship_job_plugin()
         why = (
             f"the connection to the Dask scheduler at {self.address} was lost (reconnected; "
             f"restart {self._restarts} of max_master_restarts={self.max_restarts})"
