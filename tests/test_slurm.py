@@ -258,7 +258,7 @@ def test_all_jobs_gone_with_work_queued_is_runtime_lost(
         took = time.monotonic() - t0
         assert all(t.done() for t in [running, *queued]), "still pending"
         assert took < 30, took
-        gone = [e for e in events if isinstance(e, pilotfish.WorkerEvent) and e.kind == "gone"]
+        gone = [e for e in events if isinstance(e, pilotfish.WorkersGone)]
         assert gone, events
         assert f"SLURM job {job} CANCELLED" in gone[0].message
         for t in queued:

@@ -12,10 +12,12 @@ The public face is this module; everything else is private.
 
 from concurrent.futures import CancelledError
 
-from ._events import MasterEvent, TaskEvent, WorkerEvent
+from ._events import HostDrained, MasterEvent, TaskEvent, WorkerEvent, WorkersGone
 from ._options import TaskFunction, TaskOptions, task
+from ._scratch import previous_attempt_files, scratch_dir
 from ._session import Call, Fail, Retry, Session, Task, as_completed, wait
 from .commands import CommandResult
+from .core.drain import DrainPolicy
 from .core.policy import Backoff
 from .core.states import State
 from .core.workflow import AttemptRecord
@@ -46,9 +48,11 @@ __all__ = [
     "CommandFailed",
     "CommandResult",
     "DependencyFailed",
+    "DrainPolicy",
     "EnvironmentMismatch",
     "Fail",
     "FailureRecord",
+    "HostDrained",
     "InvalidTask",
     "InvalidTransition",
     "MasterEvent",
@@ -66,8 +70,11 @@ __all__ = [
     "TaskTimeout",
     "WorkerEvent",
     "WorkerLost",
+    "WorkersGone",
     "__version__",
     "as_completed",
+    "previous_attempt_files",
+    "scratch_dir",
     "task",
     "wait",
 ]

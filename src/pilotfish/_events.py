@@ -1,6 +1,7 @@
 """Typed events delivered to ``Session(on_event=...)``.
 
-Public and stable (``pilotfish.TaskEvent``, ``WorkerEvent``, ``MasterEvent``). The
+Public and stable (``pilotfish.TaskEvent``, ``WorkerEvent``, ``MasterEvent``,
+``HostDrained``, ``WorkersGone``). The
 session makes ``TaskEvent`` from the workflow core's transitions; ``WorkerEvent`` and
 ``MasterEvent`` are what :mod:`pilotfish._translate` makes of a backend's
 ``WorkerReport`` and ``MasterReport`` (attempt ids become task keys).
@@ -51,3 +52,29 @@ class MasterEvent:
     returncode: int | None = None
     signal: str | None = None
     message: str = ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class HostDrained:
+    """A worker or host was drained (``kind`` is ``"worker"`` or ``"host"``): attempts of
+    several different tasks (``keys``) failed there (WORKER_LOST, ENVIRONMENT, TIMEOUT)
+    within ``Session(drain_after=...)``'s window. No new attempts go there, and those
+    attempts were not charged to the tasks' retry budgets. ``reason`` says it all."""
+
+    kind: str
+    name: str
+    host: str | None
+    time: float
+    reason: str
+    keys: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class WorkersGone:
+    """Every worker left (on a batch system: every worker job was cancelled, preempted
+    or hit its walltime). Replacements are asked for at once; if none joins within the
+    backend's ``no_workers_timeout``, unfinished attempts fail RUNTIME_LOST. ``message``
+    names the workers (jobs) and why they ended."""
+
+    time: float
+    message: str

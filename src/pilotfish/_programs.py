@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._options import TaskOptions, make_options
-from .commands import CommandResult, CommandSpec, spec_problem
+from .commands import CommandResult, CommandSpec, output_problem, spec_problem
 from .errors import InvalidTask
 
 if TYPE_CHECKING:
@@ -63,9 +63,16 @@ def program_spec(
     keep_sandboxes: Any,
     task_type: type[Task],
     inherit_env: Any = True,
+    resume_files: Any = (),
+    resume_argv: Any = None,
 ) -> ProgramSpec:
     """Check ``executable()``'s arguments; ``keep_sandboxes`` is already defaulted.
-    ``task_type`` is :class:`pilotfish.Task` (Tasks may stand for arguments and inputs)."""
+    ``task_type`` is :class:`pilotfish.Task` (Tasks may stand for arguments and inputs).
+
+    ``resume_files`` are names inside the sandbox (as outputs are) that a retry after a
+    lost, timed-out or retry-asking attempt starts with, copied from that attempt's
+    sandbox (all or none); ``resume_argv`` (needs ``resume_files``) replaces ``argv``
+    when they all came."""
 
     def bad(what: str) -> InvalidTask:
         return InvalidTask(f"executable(): {what}")
@@ -126,6 +133,47 @@ def program_spec(
         ) from None
     if not all(isinstance(c, int) and not isinstance(c, bool) and c != 0 for c in codes):
         raise bad(f"retry_exit_codes={codes!r} must be non-zero ints")
+    if isinstance(resume_files, Iterable) and not isinstance(resume_files, str | bytes):
+        resume_files = list(resume_files)
+    if not isinstance(resume_files, list) or not all(
+        isinstance(r, str) and r and not os.path.isabs(r) and ".." not in Path(r).parts
+        for r in resume_files
+    ):
+        raise bad(
+            f"resume_files={resume_files!r} must be a list of relative paths inside the "
+            "sandbox, e.g. ['md.cpt']"
+        )
+    if resume_files and isinstance(cwd, str) and os.path.isabs(cwd):
+        raise bad(
+            f"resume_files with an absolute cwd={cwd!r}: files are only ever taken from "
+            "inside the sandbox (use a relative cwd)"
+        )
+    for r in resume_files:
+        if os.path.normpath(r) in {os.path.normpath(n) for n in ins}:
+            raise bad(
+                f"resume file {r!r} is also an input: an input is staged afresh in every "
+                "attempt; list only the files the program writes (e.g. the checkpoint)"
+            )
+        problem = output_problem(r)
+        if problem is not None:
+            raise bad(f"resume file {r!r}: {problem}")
+    if resume_argv is not None:
+        if not resume_files:
+            raise bad("resume_argv needs resume_files (the files whose presence it needs)")
+        if (
+            isinstance(resume_argv, str | bytes)
+            or not isinstance(resume_argv, Sequence)
+            or not resume_argv
+        ):
+            raise bad(
+                f"resume_argv={resume_argv!r} must be a non-empty list such as "
+                "['gmx', 'mdrun', '-cpi', 'md.cpt']"
+            )
+        for i, a in enumerate(resume_argv):
+            if not isinstance(a, str | os.PathLike | int | float | task_type):
+                raise bad(f"resume_argv[{i}]={a!r} must be a str, path, number or Task")
+            if isinstance(a, str) and "\0" in a:
+                raise bad(f"resume_argv[{i}] contains a NUL byte")
     if keep_sandboxes not in ("failed", "all"):
         raise bad(f"keep_sandboxes={keep_sandboxes!r} must be 'failed' or 'all'")
     opts = make_options(retries=retries, timeout=timeout, name=name, key=key)
@@ -170,6 +218,10 @@ def program_spec(
     }
     if inherit_env is not True:  # only when set: the template's pickle is in the task key
         template["inherit_env"] = inherit_env
+    if resume_files:  # likewise
+        template["resume_files"] = list(resume_files)
+        if resume_argv is not None:
+            template["resume_argv"] = list(resume_argv)
     return ProgramSpec(template, opts, shown)
 
 

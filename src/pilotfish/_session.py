@@ -39,12 +39,12 @@ from pathlib import Path
 from typing import Any
 
 from . import _wire
-from ._events import MasterEvent, TaskEvent, WorkerEvent
+from ._events import MasterEvent, TaskEvent, WorkerEvent, WorkersGone
 from ._options import TaskFunction, TaskOptions, check_rundir, check_session_args, str_list
 from ._payloads import call_digest, call_key_digest, pickle_call
 from ._probes import Probes, is_probe
 from ._programs import backstop, input_stamps, output_path, program_spec
-from ._translate import Call, Fail, Retry, Translator
+from ._translate import Call, Fail, Retry, Translator, drain_policy, on_drained
 from .backends import backend_factory
 from .backends.base import Alive, Backend, BackendEvent, Fatal, Lost, Result, Started
 from .backends.execute import call_chunk
@@ -405,7 +405,10 @@ class Session(cf.Executor):
     ``heartbeat_timeout`` while ``shutdown`` waits has its unfinished tasks failed
     RUNTIME_LOST), ``max_master_restarts``, ``backoff`` (a
     :class:`pilotfish.core.policy.Backoff`), ``clock`` and ``rand`` (injected for
-    deterministic tests). Other keywords go to the backend.
+    deterministic tests), ``drain_after`` (None: off; ``3`` or ``(3, 600.0)``: a worker
+    or host where 3 different tasks failed WORKER_LOST, ENVIRONMENT or TIMEOUT within
+    600 s is drained, those attempts uncharged; see :mod:`pilotfish.core.drain`). Other
+    keywords go to the backend.
     """
 
     def __init__(
@@ -432,6 +435,7 @@ class Session(cf.Executor):
         backoff: Backoff | None = None,
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] | None = None,
+        drain_after: Any = None,
         **backend_options: Any,
     ) -> None:
         import random
@@ -466,7 +470,9 @@ class Session(cf.Executor):
             keep_going=keep_going,
             backoff=backoff,
             rand=rand or random.Random().random,
+            drain=drain_policy(drain_after),
         )
+        self._nonce = f"{random.getrandbits(32):08x}"  # sandbox tags unique in the rundir
         self._tasks = _TaskTable()
         self._dups: dict[str, int] = {}
         self._keepalive = False
@@ -647,6 +653,8 @@ class Session(cf.Executor):
         requires_programs: Iterable[str] = (),
         requires: Iterable[str] = (),
         inherit_env: bool | Iterable[str] = True,
+        resume_files: Sequence[str] = (),
+        resume_argv: Sequence[Any] | None = None,
     ) -> Task:
         """Run a program in its own sandbox; the Task's value is a :class:`CommandResult`.
 
@@ -664,7 +672,10 @@ class Session(cf.Executor):
         list of names to pass through, e.g. ``["PATH", "HOME"]``. ``cwd`` is relative to
         the sandbox (and may not climb out of it); an absolute ``cwd`` runs the program
         there but then no ``outputs`` may be declared, since outputs are only ever taken
-        from inside the sandbox.
+        from inside the sandbox. ``resume_files`` (names in the sandbox, e.g. ``["md.cpt"]``):
+        a retry after a lost, timed-out or ``retry_exit_codes`` attempt starts with them,
+        copied from that attempt's sandbox (all or none), and ``resume_argv`` then
+        replaces ``argv``; the attempt's ``note`` says which.
         """
         programs = str_list(requires_programs, "requires_programs")
         modules = str_list(requires, "requires")
@@ -683,6 +694,8 @@ class Session(cf.Executor):
             keep_sandboxes=keep_sandboxes or self._keep_sandboxes,
             task_type=Task,
             inherit_env=inherit_env,
+            resume_files=resume_files,
+            resume_argv=resume_argv,
         )
         payload, deps = pickle_call(spec.template, self, Task, f"program {spec.shown!r}")
         digest = call_digest(payload, deps, input_stamps(spec.template))
@@ -982,8 +995,11 @@ class Session(cf.Executor):
                         t._programs,
                         self._init,
                         c.tid,
+                        (self._nonce, *c.resume) if c.resume else (self._nonce,),
                     )
                 )
+            elif isinstance(c, wf.Drained):
+                acts.events.append(on_drained(c, self._backend, self._journal))
             elif isinstance(c, wf.Resolve):
                 t = self._tasks[c.tid]
                 value, t._pending_value = t._pending_value, None
@@ -1084,10 +1100,22 @@ class Session(cf.Executor):
             return
         if isinstance(ev, Fatal):
             self._probes.fail_all(ev.message)
+        if isinstance(ev, _wire.WorkerReport) and self._journal is not None:
+            msg = ev.message
+            if ev.kind == "lost" and not msg:
+                msg = ", ".join(
+                    x
+                    for x in (
+                        f"exit code {ev.returncode}" if ev.returncode is not None else "",
+                        f"signal {ev.signal}" if ev.signal else "",
+                    )
+                    if x
+                )
+            self._journal.record_event(ev.time, ev.kind, ev.worker, ev.pid or None, None, msg)
         step = self._translate.event(ev)
         if step is None:
             return
-        if isinstance(step, WorkerEvent | MasterEvent):
+        if isinstance(step, WorkerEvent | MasterEvent | WorkersGone):
             acts.events.append(step)
             return
         self._run(self._core.handle(step), acts)

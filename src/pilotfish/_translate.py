@@ -34,10 +34,12 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from . import _wire
-from ._events import MasterEvent, WorkerEvent
+from ._events import HostDrained, MasterEvent, WorkerEvent, WorkersGone
 from ._options import TaskOptions
 from .backends.base import Alive, BackendEvent, Fatal, Lost, MasterReport, Result, Started
+from .commands import CommandResult
 from .core import workflow as wf
+from .core.drain import DrainPolicy
 from .errors import (
     EXCEPTION_FOR,
     Category,
@@ -53,7 +55,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pilotfish")
 
-__all__ = ["Call", "Fail", "Retry", "Translator"]
+__all__ = ["Call", "Fail", "Retry", "Translator", "drain_policy", "on_drained"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -86,7 +88,7 @@ class Fail:
 
 OnFailure = Callable[[FailureRecord, Call], Retry | Fail | None]
 #: what a backend event becomes: a core event, a public event, or nothing
-Step = wf.Event | WorkerEvent | MasterEvent | None
+Step = wf.Event | WorkerEvent | MasterEvent | WorkersGone | None
 
 
 class Translator:
@@ -130,6 +132,8 @@ class Translator:
         if isinstance(ev, _wire.WorkerReport):
             if not self._public:
                 return None
+            if ev.kind == "gone":  # every worker left
+                return WorkersGone(ev.time, ev.message)
             held = []
             for a in ev.held:
                 tid = self._core.task_of(a)
@@ -169,8 +173,8 @@ class Translator:
         if t is None:
             return None
         if not ev.ok:
-            f, exc, retry = self._user_failure(t, ev)
-            return self._failed(t, ev.attempt, f, exc, retry)
+            f, exc, retry, note = self._user_failure(t, ev)
+            return self._failed(t, ev.attempt, f, exc, retry, note)
         try:
             value = pickle.loads(ev.data)
         except BaseException as e:  # even SystemExit: this runs on a backend's thread
@@ -190,7 +194,8 @@ class Translator:
             return self._failed(t, ev.attempt, f, exc, False)
         t._value_bytes = ev.data
         t._pending_value = value
-        return wf.Succeeded(ev.attempt, ev.ended, ev.worker, ev.host or self._host, ev.pid)
+        note = value.note if isinstance(value, CommandResult) else None
+        return wf.Succeeded(ev.attempt, ev.ended, ev.worker, ev.host or self._host, ev.pid, note)
 
     def _lost(self, ev: Lost) -> Step:
         t = self._current(ev.attempt, "lost")
@@ -211,13 +216,19 @@ class Translator:
         return self._failed(t, ev.attempt, f, EXCEPTION_FOR[cat](ev.message, f), False)
 
     def _failed(
-        self, t: Task, attempt: int, f: FailureRecord, exc: BaseException, retry: bool
+        self,
+        t: Task,
+        attempt: int,
+        f: FailureRecord,
+        exc: BaseException,
+        retry: bool,
+        note: str | None = None,
     ) -> wf.Failed:
         t._last_exc, t._last_failure = exc, f
         override: wf.RetryOverride | wf.FailOverride | None = None
         if self._on_failure is not None and t._call is not None:
             override = self._ask_handler(t, f, exc)
-        return wf.Failed(attempt, f, self._clock(), retry, override)
+        return wf.Failed(attempt, f, self._clock(), retry, override, note)
 
     # ------------------------------------------------------------------ failures
     def exception_for(self, t: Task, f: FailureRecord) -> BaseException:
@@ -251,9 +262,12 @@ class Translator:
             **fields,
         )
 
-    def _user_failure(self, t: Task, res: Result) -> tuple[FailureRecord, BaseException, bool]:
-        """A failed attempt's ``Envelope``: its record, its exception, and whether the
-        task asked for a retry (``retry_on``, ``retry_exit_codes``)."""
+    def _user_failure(
+        self, t: Task, res: Result
+    ) -> tuple[FailureRecord, BaseException, bool, str | None]:
+        """A failed attempt's ``Envelope``: its record, its exception, whether the
+        task asked for a retry (``retry_on``, ``retry_exit_codes``), and the attempt's
+        note (what a program resumed from)."""
         env: _wire.Envelope = pickle.loads(res.data)
         env = env._replace(traceback=_wire.fix_dynamic_frames(env.traceback))
         number = len(self._core.attempts(t._tid))
@@ -306,7 +320,8 @@ class Translator:
             retry = t.options.matches(None if isinstance(exc, RemoteError) else exc, env.type_name)
         elif category is Category.COMMAND_FAILED:
             retry = bool(extra.get("retry_requested"))
-        return f, exc, retry
+        note = extra.get("note")
+        return f, exc, retry, note if isinstance(note, str) else None
 
     # ------------------------------------------------------------------ on_failure
     def _ask_handler(
@@ -357,3 +372,42 @@ class Translator:
             )
             t._last_exc, t._last_failure = e, hf
             return wf.FailOverride(hf)
+
+
+# --------------------------------------------------------------------------- draining
+def drain_policy(value: Any) -> DrainPolicy | None:
+    """``Session(drain_after=...)`` checked where it enters: None (off), an int (different
+    tasks), a pair (tasks, window seconds) or a DrainPolicy."""
+    try:
+        return DrainPolicy.coerce(value)
+    except (ValueError, TypeError) as e:
+        raise InvalidTask(f"Session(drain_after={value!r}) is invalid: {e}") from None
+
+
+def on_drained(c: wf.Drained, backend: Any, journal: Any) -> HostDrained:
+    """Carry out the core's ``Drained``: tell the backend (its optional ``drain(name,
+    kind=...)``: Dask retires the worker, the local master replaces it), journal it (the
+    journal's optional ``record_drain``), log it; the public ``HostDrained`` event."""
+    log.warning("pilotfish: %s (tasks: %s)", c.reason, ", ".join(c.keys))
+    drain = getattr(backend, "drain", None)
+    if callable(drain):
+        try:
+            drain(c.name, kind=c.kind)
+        except Exception:
+            log.exception("pilotfish: the backend could not drain %s %s", c.kind, c.name)
+    else:
+        log.info("pilotfish: backend %s cannot drain; %s stays", backend, c.name)
+    record = getattr(journal, "record_drain", None)
+    if callable(record):
+        record(
+            {
+                "kind": c.kind,
+                "name": c.name,
+                "host": c.host,
+                "time": c.now,
+                "reason": c.reason,
+                "keys": list(c.keys),
+                "attempts": list(c.attempts),
+            }
+        )
+    return HostDrained(c.kind, c.name, c.host, c.now, c.reason, c.keys)

@@ -78,6 +78,11 @@ class RunAttempt(NamedTuple):
     #: the task's place in submission order: a retry keeps its task's place, so backends
     #: run queued attempts by (order, attempt), not by attempt id alone
     order: int = 0
+    #: ``(nonce,)`` or ``(nonce, previous attempt id, previous number)``: the session's
+    #: random nonce makes this attempt's sandbox/scratch tag unique in the rundir; the
+    #: previous attempt (lost, timed out, retry asked) is the one a retry may resume from
+    #: (``resume_files``, ``pilotfish.previous_attempt_files()``); () from older clients
+    lineage: tuple[Any, ...] = ()
 
 
 class PreflightFailed(NamedTuple):
@@ -98,6 +103,14 @@ class Withdrawn(NamedTuple):
 
 class Shutdown(NamedTuple):
     reason: str = ""
+
+
+class DrainWorker(NamedTuple):
+    """Client -> master: worker ``name`` was drained (several different tasks failed
+    there); it takes no more work, finishes what it holds and is replaced."""
+
+    name: str
+    why: str
 
 
 class Hello(NamedTuple):
@@ -126,7 +139,7 @@ class WorkerReport(NamedTuple):
     """What a backend reports about a worker's life; the session turns it into the public
     :class:`pilotfish.WorkerEvent` (``held`` attempt ids become task keys)."""
 
-    kind: str  # "started" | "lost" | "replaced" | "stopped" | "start_failed"
+    kind: str  # "started" | "lost" | "replaced" | "stopped" | "start_failed" | "gone"
     worker: str
     pid: int
     time: float

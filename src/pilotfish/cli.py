@@ -107,6 +107,36 @@ def status_table(reader: JournalReader) -> Table:
     return t
 
 
+def workers_table(reader: JournalReader) -> Table | None:
+    """Each worker of the last run that had any: its last state and why (a lost or
+    stopped worker's message: exit status, signal, or its batch job and how it ended),
+    drains and "every worker gone" too; None when the journal has no worker events."""
+    events = reader.events()
+    if not events:
+        return None
+    last_run = max(e["run"] for e in events)
+    t = Table(title=plain(f"workers (run {last_run})"), box=box.SIMPLE_HEAVY)
+    t.add_column("worker")
+    t.add_column("pid", justify="right")
+    t.add_column("state")
+    t.add_column("why", overflow="fold")
+    for w in reader.workers():
+        if w["run"] != last_run:
+            continue
+        style = {"lost": "red", "stopped": "", "started": "green"}.get(w["state"], "")
+        t.add_row(
+            plain(w["name"]),
+            str(w.get("pid") or ""),
+            plain(w["state"], style),
+            plain(w.get("message") or ""),
+        )
+    for e in events:
+        if e["run"] == last_run and e["kind"] in ("gone", "drained"):
+            what = "every worker gone" if e["kind"] == "gone" else f"drained {e['name']}"
+            t.add_row(plain(what, "red"), "", plain(e["kind"], "red"), plain(e["message"] or ""))
+    return t
+
+
 def failure_lines(failures: list[dict[str, Any]], width: int) -> list[Text]:
     """One line per failed task, each at most ``width`` cells: key, category, attempts
     and the first line of the message, cut with "…" (``show KEY`` has the rest; a cut
@@ -202,6 +232,9 @@ def print_digest(console: Console, digest: dict[str, Any]) -> None:
 def cmd_status(args: argparse.Namespace, console: Console) -> int:
     reader = JournalReader(_journal_path(args.rundir))
     console.print(status_table(reader))
+    workers = workers_table(reader)
+    if workers is not None:
+        console.print(workers)
     return 0
 
 
@@ -282,6 +315,9 @@ def cmd_show(args: argparse.Namespace, console: Console) -> int:
             )
         )
     lines.append(at)
+    for a in attempts:  # what it resumed from, or why it was not charged (issue 17)
+        if a.get("note"):
+            lines.append(plain(f"attempt {a['number']} (run {a['run']}): {a['note']}"))
     hist = reader.transitions(row["key"])
     lines.append(
         plain("history: " + " -> ".join(f"{b} ({_fmt_time(t)})" for _r, t, _a, b in hist if b))
@@ -554,17 +590,27 @@ def cmd_check(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, console: Console) -> int:
-    from .examples import demo
+    from .examples import demo, gromacs
 
     rundir = Path(args.rundir if args.rundir != ".pilotfish" else ".pilotfish-demo")
+    if args.gromacs and not gromacs.available():
+        console.print(
+            Text(
+                "pilotfish demo --gromacs needs GROMACS: `gmx` is not on PATH "
+                "(Debian/Ubuntu: apt-get install gromacs)",
+                style="red",
+            )
+        )
+        return EXIT_USAGE
+    what = "a real GROMACS ensemble" if args.gromacs else "an ensemble"
     console.print(
         Text(
-            clean(f"pilotfish demo: an ensemble with deliberate failures, run directory {rundir}"),
+            clean(f"pilotfish demo: {what} with deliberate failures, run directory {rundir}"),
             style="bold",
         )
     )
     t0 = time.time()
-    digest = demo.main(str(rundir), console)
+    digest = (gromacs if args.gromacs else demo).main(str(rundir), console)
     elapsed = time.time() - t0
     reader = JournalReader(_journal_path(str(rundir)))
     console.print(status_table(reader))
@@ -581,6 +627,10 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
     ):
         _wrapped(console, f"  pilotfish {opt} {cmd}{what}")
     _wrapped(console, f"report written: {_short(str(page))} (open it in a browser)")
+    if not args.gromacs and gromacs.available():
+        _wrapped(
+            console, "GROMACS is installed: `pilotfish demo --gromacs` runs a real MD ensemble"
+        )
     console.print(Text("\nfailure digest (`pilotfish failures --group`):", style="bold"))
     print_digest(console, digest)
     return 0
@@ -692,6 +742,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_check)
     d = sub.add_parser(
         "demo", parents=[common], help="run a bundled example ensemble with deliberate failures"
+    )
+    d.add_argument(
+        "--gromacs",
+        action="store_true",
+        help="run a small real GROMACS ensemble instead (needs gmx): a bad .mdp, a blow-up, "
+        "a member whose node dies and one that hits its walltime, both resumed from md.cpt",
     )
     d.set_defaults(func=cmd_demo)
     return p

@@ -88,9 +88,12 @@ __all__ = [
     "CommandResult",
     "CommandSpec",
     "OutcomeKind",
+    "attempt_tags",
     "describe_exit",
+    "find_sandbox",
     "make_sandbox",
     "output_problem",
+    "restore_files",
     "run_command",
     "safe_dirname",
     "signal_name",
@@ -187,6 +190,10 @@ class CommandResult:
     sandbox: Path | None
     host: str = ""
     elapsed: float = 0.0
+    #: what the attempt started from, when the program names ``resume_files`` and an
+    #: earlier attempt was lost: "resumed from attempt 2: md.cpt, 48 MB" or
+    #: "fresh start: md.cpt missing" (also in the task's attempt record)
+    note: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,6 +345,108 @@ def make_sandbox(root: str | Path, name: str, tag: str = "") -> Path:
     clean_tag = "".join(c for c in tag if c.isascii() and c.isalnum())[:20]
     prefix = safe_dirname(name) + (f".{clean_tag}" if clean_tag else "") + "."
     return Path(tempfile.mkdtemp(prefix=prefix, dir=_private_root(root)))
+
+
+def attempt_tags(attempt: int, lineage: tuple[Any, ...]) -> tuple[str, str | None, int | None]:
+    """This attempt's sandbox tag, and the tag and number of the attempt it may resume
+    from (``RunAttempt.lineage``: ``(nonce,)`` or ``(nonce, previous id, previous
+    number)``). The session's random nonce makes tags unique in a rundir shared by
+    several runs (attempt ids restart at 1 in every session)."""
+    if not lineage:
+        return f"a{attempt}", None, None
+    nonce = "".join(c for c in str(lineage[0]) if c.isascii() and c.isalnum())[:10]
+    if len(lineage) >= 3 and isinstance(lineage[1], int) and isinstance(lineage[2], int):
+        return f"{nonce}a{attempt}", f"{nonce}a{lineage[1]}", lineage[2]
+    return f"{nonce}a{attempt}", None, None
+
+
+def find_sandbox(root: str | Path, name: str, tag: str) -> Path | None:
+    """The sandbox :func:`make_sandbox` made for ``(name, tag)`` under ``root``, if it is
+    there (same filesystem): a real directory of ours. The newest if an engine ran that
+    attempt twice (each run got its own sandbox)."""
+    prefix = safe_dirname(name) + "." + tag + "."
+    root_path = Path(root).absolute()
+    found: list[tuple[int, Path]] = []
+    try:
+        entries = list(os.scandir(root_path))
+    except OSError:
+        return None
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    for e in entries:
+        if not e.name.startswith(prefix):
+            continue
+        try:
+            st = e.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if e.is_symlink() or not e.is_dir(follow_symlinks=False):
+            continue
+        if uid is not None and st.st_uid != uid:
+            continue  # not ours: never take files from it
+        found.append((st.st_mtime_ns, Path(e.path)))
+    return max(found)[1] if found else None
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" or n >= 10 else f"{n:.1f} {unit}"
+        n /= 1000  # type: ignore[assignment]
+    return f"{n} B"  # pragma: no cover
+
+
+def restore_files(
+    previous: Path | None, number: int | None, box: Path, names: tuple[str, ...]
+) -> tuple[bool, str]:
+    """Copy ``names`` from an earlier attempt's sandbox ``previous`` into ``box``: all of
+    them or none. Returns ``(resumed, note)``: ``(True, "resumed from attempt 2: md.cpt,
+    48 MB")`` or ``(False, "fresh start: md.cpt missing")``. A file counts only if it is a
+    regular, non-empty file inside ``previous`` (symlinks resolved: a link out of the old
+    sandbox is refused, as outputs are); an empty one is partial. A copy that fails
+    (disk full, a file that shrank) removes what was copied: a fresh start, never a
+    half-restored sandbox."""
+    which = f"attempt {number}" if number is not None else "the previous attempt"
+    if previous is None:
+        return False, f"fresh start: the sandbox of {which} is not on host {_host()}"
+    real_prev = os.path.realpath(previous)
+    problems: list[str] = []
+    sources: list[tuple[str, str, int]] = []
+    for name in names:
+        src = os.path.realpath(os.path.join(previous, os.path.normpath(name)))
+        if not _inside(src, real_prev):
+            problems.append(f"{name} is a link out of the sandbox")
+            continue
+        try:
+            st = os.stat(src)
+        except OSError:
+            problems.append(f"{name} missing")
+            continue
+        if not os.path.isfile(src):
+            problems.append(f"{name} is not a file")
+        elif st.st_size == 0:
+            problems.append(f"{name} empty (partial)")
+        else:
+            sources.append((name, src, st.st_size))
+    if problems:
+        return False, "fresh start: " + ", ".join(problems) + f" (in {which})"
+    copied: list[Path] = []
+    try:
+        for name, src, size in sources:
+            dest = box / os.path.normpath(name)
+            dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if dest.is_symlink() or dest.exists():
+                raise FileExistsError(f"{name} is already in the new sandbox (an input?)")
+            shutil.copyfile(src, dest)
+            copied.append(dest)
+            if os.path.getsize(dest) < size:
+                raise OSError(f"{name} shrank while it was copied (partial)")
+    except OSError as e:
+        for f in copied:
+            with contextlib.suppress(OSError):
+                f.unlink()
+        return False, f"fresh start: cannot copy from {which}: {e}"
+    total = sum(size for _, _, size in sources)
+    return True, f"resumed from {which}: {', '.join(names)}, {_size(total)}"
 
 
 def _host() -> str:

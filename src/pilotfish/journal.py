@@ -69,6 +69,9 @@ CREATE TABLE IF NOT EXISTS tasks (
     key TEXT PRIMARY KEY, name TEXT, kind TEXT, deps TEXT, options TEXT, run INTEGER,
     submitted REAL, state TEXT, updated REAL, failure TEXT, value BLOB, value_path TEXT,
     attempts TEXT, history TEXT, earlier TEXT);
+CREATE TABLE IF NOT EXISTS events (
+    run INTEGER, time REAL, kind TEXT, name TEXT, pid INTEGER, host TEXT, message TEXT,
+    data TEXT);
 """
 
 
@@ -105,6 +108,7 @@ _ATTEMPT_FIELDS = (
     "ended",
     "outcome",
     "failure",
+    "note",  # what the attempt resumed from, or why it was not charged (issue 17)
 )
 
 
@@ -124,14 +128,22 @@ def _encode(history: list[tuple[float, str, str]], attempts: list[Any]) -> tuple
             a.ended,
             a.outcome,
             a.failure.to_dict() if a.failure is not None else None,
+            a.note,
         )
         for a in attempts
     ]
     return json.dumps(rows), h
 
 
+def _attempt_row(r: list[Any]) -> dict[str, Any]:
+    """One attempt; rows written before ``note`` existed have one field less."""
+    return dict(
+        zip(_ATTEMPT_FIELDS, [*r, None] if len(r) == len(_ATTEMPT_FIELDS) - 1 else r, strict=True)
+    )
+
+
 def _decode_attempts(text: str | None) -> list[dict[str, Any]]:
-    return [dict(zip(_ATTEMPT_FIELDS, r, strict=True)) for r in json.loads(text or "[]")]
+    return [_attempt_row(r) for r in json.loads(text or "[]")]
 
 
 def _decode_history(text: str | None) -> list[tuple[float, str, str]]:
@@ -343,6 +355,8 @@ class Journal:
         self._opts_json: dict[int, tuple[Any, str]] = {}
         # append and popleft are atomic: the session's threads never wait for the writer
         self._q: collections.deque[tuple[Any, ...]] = collections.deque()
+        #: worker, master and drain events: (time, kind, name, pid, host, message, data)
+        self._events: collections.deque[tuple[Any, ...]] = collections.deque()
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)
         self._closed = False
@@ -392,6 +406,35 @@ class Journal:
             (_head(task), state, list(history), list(attempts), failure, value, time.time())
         )
 
+    def record_event(
+        self,
+        time_: float,
+        kind: str,
+        name: str = "",
+        pid: int | None = None,
+        host: str | None = None,
+        message: str = "",
+        data: dict[str, Any] | None = None,
+    ) -> None:
+        """A worker's life (started, lost, replaced, stopped: on a batch system the
+        message names its job and why it ended), every worker gone, a drain: written
+        with the next flush, read by ``pilotfish status`` and the report."""
+        self._events.append(
+            (time_, kind, name, pid, host, message, json.dumps(data, default=str) if data else None)
+        )
+
+    def record_drain(self, d: dict[str, Any]) -> None:
+        """A drained worker or host (``Session(drain_after=...)``): why and which tasks."""
+        self.record_event(
+            d.get("time") or time.time(),
+            "drained",
+            str(d.get("name") or ""),
+            None,
+            d.get("host"),
+            str(d.get("reason") or ""),
+            {"kind": d.get("kind"), "keys": d.get("keys"), "attempts": d.get("attempts")},
+        )
+
     def record_submit(self, task: Any, now: float) -> None:
         """A new task (state PENDING or later: the latest snapshot in a batch wins)."""
         self._q.append((_head(task), None, None, None, None, None, now))
@@ -413,6 +456,7 @@ class Journal:
     def flush(self) -> None:
         """Write what is queued. Records that cannot be written stay queued, and
         :attr:`error` says why (see the module docstring); it never drops one."""
+        self._flush_events()
         q = self._q
         latest: dict[str, tuple[Any, ...]] = {}
         for _ in range(len(q)):
@@ -586,6 +630,24 @@ class Journal:
                 shown or "(none)",
             )
 
+    def _flush_events(self) -> None:
+        ev = self._events
+        batch = [ev.popleft() for _ in range(len(ev))]
+        if not batch:
+            return
+        c = self.conn
+        try:
+            c.execute("BEGIN")
+            c.executemany(
+                "INSERT INTO events VALUES (?,?,?,?,?,?,?,?)", [(self.run, *e) for e in batch]
+            )
+            c.execute("COMMIT")
+        except sqlite3.Error as e:  # kept, and retried with the next flush
+            with contextlib.suppress(sqlite3.Error):
+                c.execute("ROLLBACK")
+            ev.extendleft(reversed(batch))
+            log.warning("pilotfish: journal events not written yet (%s); retrying", e)
+
     def _commit_run_status(self, status: str) -> None:
         try:
             self.conn.execute(
@@ -633,6 +695,33 @@ class JournalReader:
     def runs(self) -> list[sqlite3.Row]:
         return list(self.conn.execute("SELECT * FROM runs ORDER BY id"))
 
+    def events(self, kind: str | None = None) -> list[sqlite3.Row]:
+        """Worker, master and drain events, oldest first (none in a journal from before
+        they were recorded)."""
+        try:
+            if kind is None:
+                return list(self.conn.execute("SELECT * FROM events ORDER BY time"))
+            return list(
+                self.conn.execute("SELECT * FROM events WHERE kind=? ORDER BY time", (kind,))
+            )
+        except sqlite3.OperationalError:  # no events table: an older journal
+            return []
+
+    def workers(self) -> list[dict[str, Any]]:
+        """Each worker's last known state: name, pid, host, the event that said it, when,
+        and its message (on a batch system: the job and why it ended), run by run."""
+        last: dict[tuple[int, str], dict[str, Any]] = {}
+        for e in self.events():
+            if e["kind"] in ("gone", "drained") or not e["name"]:
+                continue
+            d = last.setdefault((e["run"], e["name"]), {"run": e["run"], "name": e["name"]})
+            d.update(state=e["kind"], time=e["time"], pid=e["pid"] or d.get("pid"))
+            if e["host"]:
+                d["host"] = e["host"]
+            if e["message"] or e["kind"] != "started":
+                d["message"] = e["message"] or ""
+        return list(last.values())
+
     def tasks(self, state: str | None = None) -> list[sqlite3.Row]:
         if state is None:
             return list(self.conn.execute("SELECT * FROM tasks ORDER BY submitted"))
@@ -678,7 +767,7 @@ class JournalReader:
         out: list[dict[str, Any]] = []
         for line in (row["earlier"] or "").splitlines():
             old = json.loads(line)
-            rows = [dict(zip(_ATTEMPT_FIELDS, r, strict=True)) for r in old["attempts"] or []]
+            rows = [_attempt_row(r) for r in old["attempts"] or []]
             out.extend(dict(a, run=old["run"]) for a in rows)
         out.extend(dict(a, run=row["run"]) for a in _decode_attempts(row["attempts"]))
         return out

@@ -13,6 +13,13 @@ one is kept with ``keep_sandboxes="all"``; with ``"failed"`` (the default)
 its declared outputs and stdout/stderr are moved to ``rundir/results/NAME/``
 and the sandbox is removed.
 
+Resume (``resume_files``): when the attempt's ``lineage`` names an earlier attempt
+that was lost, timed out or asked for a retry, its sandbox (found by its unique tag
+under ``rundir/sandboxes``: on a filesystem this worker shares) gives the new
+sandbox those files, all or none (:func:`pilotfish.commands.restore_files`), and
+``resume_argv`` replaces ``argv`` when they all came. The attempt's note says
+which ("resumed from attempt 2: md.cpt, 48 MB", "fresh start: md.cpt missing").
+
 Edges trust nothing (DESIGN section 5): a task key never becomes a path.
 Every attempt gets a fresh sandbox ``rundir/sandboxes/NAME`` created with
 ``mkdir`` that fails if it exists (:func:`pilotfish.commands.make_sandbox`),
@@ -26,6 +33,7 @@ copied (its target may be shared), a plain one is moved.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import shutil
@@ -40,8 +48,11 @@ from ..commands import (
     STDOUT_NAME,
     CommandResult,
     CommandSpec,
+    attempt_tags,
     describe_exit,
+    find_sandbox,
     make_sandbox,
+    restore_files,
     run_command,
     spec_problem,
     tail_lines,
@@ -118,8 +129,10 @@ def run_command_attempt(
     problem = spec_problem(spec)
     if problem is not None:
         return _invalid(m, f"invalid program task: {problem}")
+    root = Path(rundir) / "sandboxes"
+    tag, previous, number = attempt_tags(m.attempt, m.lineage)
     try:
-        box = make_sandbox(Path(rundir) / "sandboxes", m.key, f"a{m.attempt}")
+        box = make_sandbox(root, m.key, tag)
     except OSError as e:
         env = _wire.Envelope(
             "environment",
@@ -131,6 +144,19 @@ def run_command_attempt(
             {"host": _wire.host_name()},
         )
         return False, pickle.dumps(env, _wire.PROTOCOL)
+    note: str | None = None
+    sub = template["cwd"] or ""  # names are relative to the program's directory
+    names = tuple(os.path.normpath(os.path.join(sub, r)) for r in template.get("resume_files", ()))
+    if names and previous is not None:
+        resumed, note = restore_files(find_sandbox(root, m.key, previous), number, box, names)
+        if resumed and template.get("resume_argv"):
+            try:
+                argv = tuple(
+                    _as_arg(a, f"resume_argv[{i}]") for i, a in enumerate(template["resume_argv"])
+                )
+            except TypeError as e:
+                return _invalid(m, str(e))
+            spec = dataclasses.replace(spec, argv=argv)
     try:
         out = run_command(spec, box, on_start=on_group, cancel=cancel)
     except (ValueError, TypeError, OverflowError) as e:
@@ -138,7 +164,7 @@ def run_command_attempt(
         return _invalid(m, f"program {spec.argv[:1]!r} cannot start: {type(e).__name__}: {e}")
     if out.kind == "ok":
         try:
-            return True, _wire.dumps_value(_result(rundir, m, template, out))
+            return True, _wire.dumps_value(_result(rundir, m, template, out, note))
         except OSError as e:
             env = _wire.Envelope(
                 "environment",
@@ -161,6 +187,8 @@ def run_command_attempt(
         "retry_requested": out.kind == "failed"
         and out.returncode in set(template["retry_exit_codes"]),
     }
+    if note is not None:
+        extra["note"] = note
     if out.kind == "failed":
         how = describe_exit(out.returncode if out.returncode is not None else 0)
         tail = tail_lines(out.stderr_path) if out.stderr_path else ""
@@ -176,12 +204,18 @@ def run_command_attempt(
     return False, pickle.dumps(env, _wire.PROTOCOL)
 
 
-def _result(rundir: str, m: _wire.RunAttempt, template: dict[str, Any], out: Any) -> CommandResult:
+def _result(
+    rundir: str,
+    m: _wire.RunAttempt,
+    template: dict[str, Any],
+    out: Any,
+    note: str | None = None,
+) -> CommandResult:
     box = Path(out.sandbox)
     stdout, stderr = box / STDOUT_NAME, box / STDERR_NAME
     outputs = {k: Path(v) for k, v in out.outputs.items()}
     if template["keep_sandboxes"] == "all":
-        return CommandResult(0, stdout, stderr, outputs, box, out.host, out.elapsed)
+        return CommandResult(0, stdout, stderr, outputs, box, out.host, out.elapsed, note)
     # Same unique name as the sandbox: never an existing directory, never another
     # task's (mkdir fails if it exists; nothing is removed first).
     results = Path(rundir) / "results"
@@ -209,5 +243,5 @@ def _result(rundir: str, m: _wire.RunAttempt, template: dict[str, Any], out: Any
         shutil.move(os.fspath(f), dest / f.name)
     shutil.rmtree(box, ignore_errors=True)
     return CommandResult(
-        0, dest / STDOUT_NAME, dest / STDERR_NAME, moved, None, out.host, out.elapsed
+        0, dest / STDOUT_NAME, dest / STDERR_NAME, moved, None, out.host, out.elapsed, note
     )

@@ -29,7 +29,7 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-from .. import _wire
+from .. import _scratch, _wire
 from .._wire import Envelope, Result, RunAttempt
 
 
@@ -207,11 +207,13 @@ def _run(
     g = _main_globals(fn)
     if g is not None:
         _enter_main(g)
+    token = _scratch.enter(rundir, m.key, m.attempt, m.lineage)  # for scratch_dir() etc.
     try:
         value = fn(*args, **kwargs)
     except BaseException as e:
         return _fail(_wire.envelope_for(e, "user_error", skip_frames=1))
     finally:
+        _scratch.leave(token)
         if g is not None:
             _leave_main(g)
     del fn, args, kwargs

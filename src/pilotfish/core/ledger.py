@@ -34,6 +34,12 @@ The rules it owns, written once:
   attempt (``Accept``); anything else is ``Dropped`` with the reason.
 * **Cancel.** An attempt that has not started is withdrawn (``Withdraw``); a
   started one runs on (its result is fenced by the workflow).
+* **Drain.** A worker the client drained (:mod:`pilotfish.core.drain`: several
+  different tasks failed there) gets no new attempts: what it holds but has not
+  started goes back on the queue unblamed (``Requeue``), its running attempts
+  finish, and any later ``Hold`` is ``Dropped`` and ``Start`` ``Refused`` ("worker
+  w3 is drained"): the backend offers those attempts to another worker, and retires
+  (Dask) or replaces (local) the drained one.
 
 Times are whatever clock the caller passes in events (wall time for reports).
 """
@@ -50,6 +56,7 @@ __all__ = [
     "Bounce",
     "Cancel",
     "Command",
+    "Drain",
     "Dropped",
     "Event",
     "Expired",
@@ -256,6 +263,15 @@ class Tick:
     how: str = ""
 
 
+@dataclasses.dataclass(slots=True)
+class Drain:
+    """The client drained ``worker``: no new attempts go there (see the module docstring)."""
+
+    worker: str
+    why: str
+    time: float
+
+
 Event = (
     Submit
     | Hold
@@ -268,6 +284,7 @@ Event = (
     | WorkerLost
     | RuntimeLost
     | Tick
+    | Drain
 )
 
 
@@ -386,6 +403,7 @@ class Ledger:
         # started attempts that have a timeout -> when it expires (scanned by Tick and
         # next_deadline instead of every entry)
         self._deadlines: dict[AttemptId, float] = {}
+        self.drained: dict[str, str] = {}  # worker -> why (no new attempts go there)
         self.refused = 0  # start requests refused (an engine's own re-execution, ...)
         self.dropped = 0  # results dropped (not from the holder, or late)
 
@@ -449,6 +467,10 @@ class Ledger:
             out.append(Report(self._lost(e, ev.category, ev.why, ev.time)))
 
     def _hold(self, ev: Hold, out: list[Command]) -> None:
+        if ev.worker in self.drained:
+            for aid in ev.attempts:
+                out.append(Dropped(ev.worker, aid, f"worker {ev.worker} is drained"))
+            return
         mine = self._by_worker.setdefault(ev.worker, {})
         for aid in ev.attempts:
             e = self.entries.get(aid)
@@ -472,6 +494,11 @@ class Ledger:
             why = f"it is held by {e.worker}"
         elif e.cancelled:
             why = "it was cancelled"
+        elif ev.worker in self.drained:
+            why = f"worker {ev.worker} is drained ({self.drained[ev.worker]})"
+            if e.where == "held":  # it goes to another worker, unblamed
+                self._unhold(e)
+                out.append(Requeue((e.item,)))
         if why or e is None:
             self.refused += 1
             if e is not None and e.cancelled:
@@ -525,6 +552,22 @@ class Ledger:
         else:
             self._unhold(e)
             out.append(Requeue((e.item,)))
+
+    def _drain(self, ev: Drain, out: list[Command]) -> None:
+        self.drained[ev.worker] = ev.why
+        back = []
+        for aid in list(self._by_worker.get(ev.worker, ())):
+            e = self.entries[aid]
+            if e.where != "held":
+                continue  # started: it runs on
+            if e.cancelled:
+                self._forget(e)
+                out.append(Withdraw(ev.worker, aid))
+            else:
+                self._unhold(e)
+                back.append(e.item)
+        if back:
+            out.append(Requeue(tuple(back)))
 
     def _worker_lost(self, ev: WorkerLost, out: list[Command]) -> None:
         ids = list(self._by_worker.pop(ev.worker, ()))
@@ -673,4 +716,5 @@ Ledger._how = {
     WorkerLost: Ledger._worker_lost,
     RuntimeLost: Ledger._runtime_lost,
     Tick: Ledger._tick,
+    Drain: Ledger._drain,
 }

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from ..errors import Category, FailureRecord, InvalidTransition
+from .drain import DRAIN_CATEGORIES, DrainPolicy, DrainRule
 from .policy import Backoff
 from .states import TRANSITIONS, State
 
@@ -42,6 +43,9 @@ class AttemptRecord:
     ended: float | None = None
     outcome: str | None = None  # "done" | category value | "cancelled" | "dropped"
     failure: FailureRecord | None = None
+    #: what the attempt started from, or why it was not charged: "resumed from attempt 2:
+    #: md.cpt, 48 MB", "fresh start: md.cpt missing", "not charged: worker w3 drained"
+    note: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -64,6 +68,10 @@ class _Task:
     failure: FailureRecord | None = None
     retries_used: int = 0
     ready_at: float = 0.0
+    #: (attempt id, number) of the attempt a retry may resume from (its sandbox's files)
+    resume: tuple[int, int] | None = None
+    charged: set[int] | None = None  # attempt ids charged to the retry budget
+    free_retries: int = 0  # retries given without charge (drained places, ENVIRONMENT)
 
 
 # --------------------------------------------------------------------------- events
@@ -107,6 +115,7 @@ class Succeeded:
     worker: str | None = None
     host: str | None = None
     pid: int | None = None
+    note: str | None = None  # the attempt record's note (what it resumed from)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -134,6 +143,7 @@ class Failed:
     now: float
     retry_requested: bool = False
     override: RetryOverride | FailOverride | None = None
+    note: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -167,9 +177,14 @@ Event = Submit | Restore | AttemptStarted | Succeeded | Failed | Tick | Cancel |
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Dispatch:
+    """Run attempt ``attempt`` (number ``number``) of task ``tid``. ``resume``: the
+    (attempt id, number) of the task's earlier attempt that was lost, timed out or asked
+    for a retry, whose sandbox files (``resume_files``) this attempt may start from."""
+
     tid: int
     attempt: int
     number: int
+    resume: tuple[int, int] | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -226,7 +241,30 @@ class Wake:
     at: float
 
 
-Command = Dispatch | CancelAttempt | Transition | Resolve | Reject | Cancelled | Dropped | Wake
+@dataclasses.dataclass(frozen=True, slots=True)
+class Drained:
+    """A worker or host is drained (see :mod:`.drain`): send it no new attempts; the
+    session tells the backend (``backend.drain``), journals it and emits ``HostDrained``.
+    ``keys`` are the tasks whose failures showed it; ``attempts`` were not charged."""
+
+    kind: str  # "worker" | "host"
+    name: str
+    host: str | None
+    reason: str
+    keys: tuple[str, ...]
+    attempts: tuple[int, ...]
+    now: float
+
+
+Command = (
+    Dispatch | CancelAttempt | Transition | Resolve | Reject | Cancelled | Dropped | Wake | Drained
+)
+
+#: outcomes after which the next attempt may start from the failed one's files
+_RESUMABLE = frozenset({Category.WORKER_LOST, Category.RUNTIME_LOST, Category.TIMEOUT})
+#: at most this many retries per task are given without charge (drained places, and the
+#: one ENVIRONMENT failure that may be the worker's): a bound, so no task retries forever
+FREE_RETRIES = 2
 
 
 # --------------------------------------------------------------------------- machine
@@ -242,6 +280,7 @@ class Workflow:
         keep_going: bool = True,
         backoff: Backoff | None = None,
         rand: Callable[[], float] = lambda: 0.5,
+        drain: DrainPolicy | None = None,
     ) -> None:
         if poison_after < 1:
             raise ValueError(f"poison_after must be >= 1, got {poison_after!r}")
@@ -257,6 +296,7 @@ class Workflow:
         self._aborted: Abort | None = None
         self.counts: dict[State, int] = dict.fromkeys(State, 0)
         self._forgotten_failures: dict[int, FailureRecord | None] = {}
+        self.drain = DrainRule(drain) if drain is not None else None
 
     # ----------------------------------------------------------------- queries
     def state(self, tid: int) -> State:
@@ -420,7 +460,7 @@ class Workflow:
         self._attempt_owner[aid] = t.tid
         t.attempts.append(AttemptRecord(len(t.attempts) + 1, aid, now))
         self._move(t, State.RUNNING, now, out)
-        out.append(Dispatch(t.tid, aid, len(t.attempts)))
+        out.append(Dispatch(t.tid, aid, len(t.attempts), t.resume))
 
     def _fenced(self, aid: int, what: str, out: list[Command]) -> _Task | None:
         tid = self._attempt_owner.get(aid)
@@ -445,6 +485,8 @@ class Workflow:
             out.append(Dropped(ev.attempt, "duplicate start", "started"))
             return
         a.started, a.worker, a.host, a.pid = ev.now, ev.worker, ev.host, ev.pid
+        if self.drain is not None:
+            self.drain.seen(ev.host)
 
     def _succeeded(self, ev: Succeeded, out: list[Command]) -> None:
         t = self._fenced(ev.attempt, "succeeded", out)
@@ -452,6 +494,7 @@ class Workflow:
             return
         a = t.attempts[-1]
         a.ended, a.outcome = ev.now, "done"
+        a.note = ev.note or a.note
         a.worker = ev.worker or a.worker
         a.host = ev.host or a.host
         a.pid = ev.pid or a.pid
@@ -477,8 +520,13 @@ class Workflow:
         a.worker = f.worker or a.worker
         a.host = f.host or a.host
         a.pid = f.pid or a.pid
+        a.note = ev.note or a.note
         t.current = None
         ov = ev.override
+        if f.category in _RESUMABLE or ev.retry_requested or isinstance(ov, RetryOverride):
+            t.resume = (a.id, a.number)
+        elif f.category is not Category.ENVIRONMENT:  # it did not run: keep the older one
+            t.resume = None
         if isinstance(ov, FailOverride):
             self._fail(t, ov.failure or f, ev.now, out)
             return
@@ -487,6 +535,12 @@ class Workflow:
                 t.retries = ov.retries
             self._retry(t, ev.now + max(0.0, ov.delay), ev.now, out)
             return
+        free = self._free_retry(t, a, f, ev.now, out)
+        if free is not None and not self._stopped:
+            a.note = free if not a.note else f"{a.note}; {free}"
+            t.free_retries += 1
+            self._retry(t, ev.now + self.backoff.delay(1, self._rand()), ev.now, out)
+            return
         lost = [x for x in t.attempts if x.outcome == Category.WORKER_LOST.value]
         if f.category is Category.WORKER_LOST and len(lost) >= self.poison_after:
             self._fail(t, self._poison_record(t, f, lost), ev.now, out)
@@ -494,10 +548,75 @@ class Workflow:
         retryable = f.category.transient or ev.retry_requested
         if retryable and t.retries_used < t.retries and not self._stopped:
             t.retries_used += 1
+            if t.charged is None:
+                t.charged = set()
+            t.charged.add(a.id)
             delay = self.backoff.delay(t.retries_used, self._rand())
             self._retry(t, ev.now + delay, ev.now, out)
             return
         self._fail(t, f, ev.now, out)
+
+    # ----------------------------------------------------------------- draining
+    def _free_retry(
+        self, t: _Task, a: AttemptRecord, f: FailureRecord, now: float, out: list[Command]
+    ) -> str | None:
+        """With draining on: feed the rule; if this attempt failed on a place that is (now)
+        drained, or is the task's first ENVIRONMENT failure (maybe the worker's fault),
+        the reason it is retried without charge; else None (the normal policy)."""
+        rule = self.drain
+        if rule is None or f.category not in DRAIN_CATEGORIES:
+            return None
+        drained_before = rule.is_drained(a.worker, a.host)
+        for d in rule.failed(
+            key=t.key,
+            attempt=a.id,
+            category=f.category,
+            worker=a.worker,
+            host=a.host,
+            pid=a.pid,
+            now=now,
+        ):
+            out.append(Drained(d.kind, d.name, d.host, d.reason, d.keys, d.attempts, d.time))
+            self._refund(d.attempts, f"not charged: {d.kind} {d.name} drained", a.id)
+        if t.free_retries >= FREE_RETRIES:
+            return None
+        place = a.worker or a.host or "?"
+        if rule.is_drained(a.worker, a.host):
+            what = "worker" if a.worker and ("worker", a.worker) in rule.drained else "host"
+            name = a.worker if what == "worker" else a.host
+            return f"not charged: {what} {name} {'was ' if drained_before else ''}drained"
+        if (
+            f.category is Category.ENVIRONMENT
+            and a.worker is not None
+            and not any(x.outcome == Category.ENVIRONMENT.value for x in t.attempts[:-1])
+        ):
+            return f"not charged: ENVIRONMENT on worker {place} may be the worker's"
+        return None
+
+    def _refund(self, attempts: Iterable[int], note: str, skip: int) -> None:
+        """Give back the retries charged for ``attempts`` (evidence of a drained place)."""
+        for aid in attempts:
+            if aid == skip:
+                continue
+            tid = self._attempt_owner.get(aid)
+            t = self._tasks.get(tid) if tid is not None else None
+            if t is None:
+                continue
+            for rec in t.attempts:
+                if rec.id == aid:
+                    rec.note = note if not rec.note else f"{rec.note}; {note}"
+            if t.charged and aid in t.charged and not t.state.final:
+                t.charged.discard(aid)
+                t.retries_used -= 1
+
+    def drained(self) -> list[Drained]:
+        """Every place drained so far (for ``Session.drained()``)."""
+        if self.drain is None:
+            return []
+        return [
+            Drained(d.kind, d.name, d.host, d.reason, d.keys, d.attempts, d.time)
+            for d in self.drain.drained.values()
+        ]
 
     def _poison_record(
         self, t: _Task, last: FailureRecord, lost: list[AttemptRecord]

@@ -133,6 +133,16 @@ class LocalBackend:
             self._outbox.extend(_wire.CancelAttempt(a) for a in attempts)
             self._wake.notify()
 
+    def drain(self, name: str, kind: str = "worker", why: str = "") -> None:
+        """The session drained worker ``name`` (see :mod:`pilotfish.core.drain`): the
+        master gives it no more work and replaces it; never blocks. A host is never
+        drained here (one machine is the last host)."""
+        if kind != "worker":
+            return
+        with self._lock:
+            self._outbox.append(_wire.DrainWorker(name, why or "drained"))
+            self._wake.notify()
+
     def processes(self) -> dict[str, Any]:
         self._ready_event.wait(self.start_timeout)
         with self._lock:

@@ -268,6 +268,22 @@ class Dispatcher:
                 return
         q.append(a)
 
+    def drain(self, name: str, why: str, now: float) -> list[Cmd]:
+        """The client drained worker ``name``: it is given nothing more, runs what it
+        already holds (its failures there are not charged to their tasks, and nothing it
+        was sent runs twice), then leaves by its orderly ``Shutdown``; a fresh worker
+        takes its place now (as for ``max_tasks_per_child``)."""
+        out: list[Cmd] = []
+        s = self.slots.get(name)
+        if s is None or s.state != "ready":
+            return out
+        s.state = "retiring"
+        out.append(SendWorker(name, [Shutdown(f"drained: {why}")]))
+        if not self.stopping and not self.fatal:
+            self._replace(s, now, f" (drained: {why})", out)
+        self._assign(now, out)
+        return out
+
     def cancel(self, ids: Iterable[int], now: float) -> list[Cmd]:
         """Withdraw attempts not yet started; a started one runs on (its result is fenced)."""
         out: list[Cmd] = []

@@ -152,6 +152,8 @@ class Master:
         for m in msgs:
             if isinstance(m, _wire.CancelAttempt):
                 self.run_cmds(self.disp.cancel([m.attempt], now))
+            elif isinstance(m, _wire.DrainWorker):
+                self.run_cmds(self.disp.drain(m.name, m.why, now))
             elif isinstance(m, _wire.Shutdown):
                 self.stopping = True
                 self.run_cmds(self.disp.shutdown())
