@@ -65,7 +65,15 @@ class Task(cf.Future):  # type: ignore[type-arg]
     def __init__(
         self, session: Session, tid: int, key: str, name: str, options: TaskOptions
     ) -> None:
-        super().__init__()
+        # Future.__init__ without its Condition (a lock, a deque and five bound methods):
+        # most tasks are never waited on one by one, so it is made when first needed
+        # (``_condition`` below). Fewer objects per task: less work for the cyclic GC,
+        # a large share of a no-op's cost (benchmarks/README.md).
+        self._state = cf._base.PENDING
+        self._result = None
+        self._exception = None
+        self._waiters: list[Any] = []
+        self._done_callbacks: list[Any] = []
         self._session = session
         self._tid = tid
         self.key = key
@@ -84,6 +92,31 @@ class Task(cf.Future):  # type: ignore[type-arg]
         self._cmd_timeout: float | None = None
         self._programs: tuple[str, ...] = ()
         self._key_unstable: str | None = None  # why its auto-key may differ in another run
+
+    @property
+    def _condition(self) -> threading.Condition:
+        c: threading.Condition | None = self.__dict__.get("_cond")
+        if c is None:
+            with _COND_LOCK:
+                c = self.__dict__.get("_cond")
+                if c is None:
+                    c = self.__dict__["_cond"] = threading.Condition()
+        return c
+
+    @_condition.setter
+    def _condition(self, c: threading.Condition) -> None:
+        self.__dict__["_cond"] = c
+
+    def done(self) -> bool:
+        return self._state in _DONE_STATES  # one attribute read: no lock (or Condition) needed
+
+    def _nobody_waits(self) -> None:
+        """About to finish: if nobody ever asked for the Condition, nobody waits on it,
+        and the shared one for finished tasks will do."""
+        if "_cond" not in self.__dict__:
+            with _COND_LOCK:
+                if "_cond" not in self.__dict__:
+                    self.__dict__["_cond"] = _FINISHED_CONDITION
 
     @property
     def state(self) -> State:
@@ -143,15 +176,18 @@ class Task(cf.Future):  # type: ignore[type-arg]
 
     def _force_cancel(self) -> None:
         # cancel, then notify waiters of cf.wait/as_completed, as an Executor must
+        self._nobody_waits()
         if super().cancel():
             self.set_running_or_notify_cancel()
         self._release_condition()
 
     def set_result(self, result: Any) -> None:
+        self._nobody_waits()
         super().set_result(result)
         self._release_condition()
 
     def set_exception(self, exception: BaseException | None) -> None:
+        self._nobody_waits()
         super().set_exception(exception)
         self._release_condition()
 
@@ -167,6 +203,8 @@ class Task(cf.Future):  # type: ignore[type-arg]
 
 
 _FINISHED_CONDITION = threading.Condition()
+_COND_LOCK = threading.Lock()  # makes a Task's Condition exactly once
+_DONE_STATES = frozenset({cf._base.CANCELLED, cf._base.CANCELLED_AND_NOTIFIED, cf._base.FINISHED})
 _DEFAULT_OPTIONS = TaskOptions()  # frozen: one shared instance (the journal caches its JSON)
 
 
