@@ -95,6 +95,8 @@ def _plain_call(obj: Any) -> bool:
         return False
     if kwargs and not all(type(v) in _SCALARS for v in kwargs.values()):
         return False
+    if type(fn) is types.BuiltinFunctionType:  # pow, os.getpid: a module's own builtins
+        return isinstance(fn.__self__, types.ModuleType)
     return bool(_should_pickle_by_reference(fn))
 
 
