@@ -370,6 +370,8 @@ class Workflow:
 
     def _children(self, t: _Task) -> list[_Task]:
         """``t``'s dependents that are still on record (a forgotten one is final)."""
+        if not t.dependents:
+            return []
         tasks = self._tasks
         return [c for c in map(tasks.get, t.dependents) if c is not None]
 
