@@ -9,7 +9,9 @@ drive them with explicit events and times; the last ones run a Session."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -293,3 +295,212 @@ def test_a_worker_name_that_keeps_dying_is_drained() -> None:
     assert fail(rule, "a", LOST, "3", 1, pid=11) == []
     [d] = fail(rule, "b", LOST, "3", 2, pid=12)
     assert (d.kind, d.name, d.keys) == ("worker", "3", ("a", "b"))
+
+
+# ------------------------------------------------------------------ a Session on Dask
+def _dies_on_worker(bad: str, markers: str, i: int, secs: float = 0.3) -> int:
+    """A member that kills its Dask worker process when it runs on worker ``bad`` (a node
+    whose memory kills every process); elsewhere it leaves one marker file per run."""
+    import time
+    import uuid
+
+    import distributed
+
+    if str(distributed.get_worker().name) == bad:
+        os._exit(9)
+    time.sleep(secs)
+    Path(markers, f"{i}.{uuid.uuid4().hex}").touch()
+    return i
+
+
+@contextlib.contextmanager
+def _dask_cluster() -> Iterator[tuple[Any, Any]]:
+    """A LocalCluster of two worker processes (names 0 and 1, with nannies) and a client
+    of the test's own, both closed at the end."""
+    import multiprocessing.resource_tracker
+
+    distributed = pytest.importorskip("distributed")
+    from conftest import TOKEN_VAR
+
+    token = os.environ.pop(TOKEN_VAR, None)  # the tracker outlives the test: no token
+    try:
+        multiprocessing.resource_tracker.ensure_running()
+    finally:
+        if token is not None:
+            os.environ[TOKEN_VAR] = token
+    # dashboard_address=None still binds :8787 in distributed 2026.8; ":0" does not
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+        ) as cluster,
+        distributed.Client(cluster, set_as_default=False) as client,
+    ):
+        yield cluster, client
+
+
+def _nanny_of(client: Any, name: str) -> str:
+    info = client.scheduler_info()["workers"]
+    return str(next(w["nanny"] for w in info.values() if str(w["name"]) == name))
+
+
+def _has_place(client: Any, place: str) -> bool:
+    return any(w.get("nanny") == place for w in client.scheduler_info()["workers"].values())
+
+
+def _runs(markers: Path) -> list[int]:
+    """Which members' bodies finished, one entry per run."""
+    return sorted(int(p.name.split(".")[0]) for p in markers.iterdir())
+
+
+@pytest.mark.timeout(180)
+def test_dask_drains_a_worker_that_keeps_dying(tmp_path: Path) -> None:
+    """Two Dask workers, one of which dies with every task it starts; its nanny restarts
+    it under the same name and a new address after each death. pilotfish names an
+    attempt's worker by its nanny's address (its place), so the deaths count against one
+    place: after two different tasks it is drained (HostDrained names it), the start
+    fence refuses it any further start and it is retired, the attempts lost there are not
+    charged, and every member succeeds on the other worker, exactly once."""
+    from conftest import wait_for
+
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    events: list[Any] = []
+    with _dask_cluster() as (cluster, client):
+        place = _nanny_of(client, "0")
+        with pilotfish.Session(
+            backend="dask",
+            address=cluster.scheduler_address,
+            rundir=str(tmp_path / "run"),
+            drain_after=(2, 60),
+            on_event=events.append,
+            backoff=pilotfish.Backoff(base=0.01),
+        ) as s:
+            member = pilotfish.task(_dies_on_worker, retries=3)
+            tasks = [s.submit(member, "0", str(markers), i) for i in range(16)]
+            results = [t.result(timeout=120) for t in tasks]
+            refused = s.processes()["refused_starts"]
+        # the drained worker was retired, with its nanny: no worker of that place is left
+        wait_for(lambda: not _has_place(client, place), timeout=30)
+    assert results == list(range(16))
+    assert _runs(markers) == list(range(16))  # every member's body finished once
+    drained = [e for e in events if isinstance(e, pilotfish.HostDrained)]
+    assert len(drained) == 1, drained
+    d = drained[0]
+    assert (d.kind, d.name) == ("worker", place) and len(d.keys) >= 2
+    assert "different tasks failed there" in d.reason
+    lost = [a for t in tasks for a in t.attempts if a.outcome == Category.WORKER_LOST.value]
+    assert len({t.key for t in tasks if any(a in lost for a in t.attempts)}) >= 2
+    for a in lost:  # every loss was on the broken worker, and none was charged
+        assert a.worker == place, a
+        assert a.note is not None and a.note.startswith("not charged"), a
+        assert a.failure is not None and place in a.failure.message
+    assert all(t.attempts[-1].outcome == "done" for t in tasks)
+    print(f"\nlost attempts {len(lost)}, starts refused after the drain {refused}")
+
+
+@pytest.mark.timeout(180)
+def test_dask_drain_of_a_busy_worker_runs_nothing_twice(tmp_path: Path) -> None:
+    """Draining a Dask worker (the backend's part, as ``on_drained`` asks it) while it
+    runs an attempt and has work queued: it gets no new Dask tasks, what it had not
+    started goes to the other worker, unblamed (a start it asks for is refused: its user
+    code does not run), what it runs finishes there, then it is retired (with its nanny);
+    nothing fails and every member's body finishes exactly once."""
+    import time
+
+    from conftest import wait_for
+
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    with _dask_cluster() as (cluster, client):
+        place = _nanny_of(client, "1")
+        with pilotfish.Session(
+            backend="dask",
+            address=cluster.scheduler_address,
+            rundir=str(tmp_path / "run"),
+            backoff=pilotfish.Backoff(base=0.01),
+        ) as s:
+            member = pilotfish.task(_dies_on_worker, retries=0)
+            tasks = [s.submit(member, "none", str(markers), i, 0.2) for i in range(24)]
+            wait_for(lambda: sum(t.done() for t in tasks) >= 4, timeout=60)
+            when = time.time()
+            s._backend.drain(place, kind="worker")  # what on_drained does
+            results = [t.result(timeout=120) for t in tasks]
+            refused = s.processes()["refused_starts"]
+        wait_for(lambda: not _has_place(client, place), timeout=30)
+    assert results == list(range(24))
+    assert _runs(markers) == list(range(24))
+    assert all([a.outcome for a in t.attempts] == ["done"] for t in tasks)
+    there = [t.attempts[0] for t in tasks if t.attempts[0].worker == place]
+    late = [a for a in there if a.started is not None and a.started > when + 1.0]
+    assert there and not late, late  # it ran members before the drain, none well after
+    print(f"\nmembers run on the drained worker {len(there)}, starts refused {refused}")
+
+
+class _FakeWorkerState:
+    def __init__(self, nanny: str | None) -> None:
+        self.nanny = nanny
+
+
+class _FakeTask:
+    def __init__(self, on: str) -> None:
+        self.processing_on = type("WS", (), {"address": on})()
+        self.state = "processing"
+
+
+class _FakeScheduler:
+    """What the start fence uses of distributed's Scheduler (no cluster)."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, Any] = {}
+        self.tasks: dict[str, _FakeTask] = {}
+        self.workers: dict[str, _FakeWorkerState] = {}
+        self.plugins: dict[str, Any] = {}
+        self.events: list[dict[str, Any]] = []
+
+    def log_event(self, topic: str, msg: dict[str, Any]) -> None:
+        self.events.append(msg)
+
+
+def test_dask_start_fence_refuses_a_drained_place() -> None:
+    """The fence names a worker with a nanny by the nanny's address (its place): a drain
+    of that place refuses every later start there, also from the worker process the
+    nanny starts next (a new address), and publishes which workers it matched; a drained
+    host refuses the workers that said they run there. Other workers start as before."""
+    import asyncio
+
+    from pilotfish.backends._dask_fence import StartFence
+
+    sched = _FakeScheduler()
+    fence = StartFence("tok", 1, "pilotfish-tok")
+    asyncio.run(fence.start(sched))
+    sched.workers = {
+        "tcp://a:1": _FakeWorkerState("tcp://a:9"),
+        "tcp://b:1": _FakeWorkerState(None),
+    }
+
+    def ask(key: str, worker: str, host: str = "h1") -> dict[str, Any]:
+        sched.tasks[key] = _FakeTask(worker)
+        out: dict[str, Any] = sched.handlers["pilotfish_start_tok_1"](
+            key=key, attempt=1, worker=worker, pid=7, host=host, when=1.0
+        )
+        return out
+
+    assert ask("k1", "tcp://a:1")["granted"]
+    assert sched.events[-1]["place"] == "tcp://a:9"  # named by its nanny
+    assert ask("k2", "tcp://b:1")["granted"] and "place" not in sched.events[-1]
+    drain = sched.handlers["pilotfish_fence_drain_tok_1"]
+    assert drain(kind="worker", place="tcp://a:9", why="2 tasks died there") == ["tcp://a:1"]
+    assert sched.events[-1] == {
+        "op": "drained", "kind": "worker", "name": "tcp://a:9", "workers": ["tcp://a:1"],
+        "why": "2 tasks died there",
+    }  # fmt: skip
+    r = ask("k3", "tcp://a:1")
+    assert not r["granted"] and "worker tcp://a:9 is drained (2 tasks died there)" in r["reason"]
+    sched.workers["tcp://a:2"] = _FakeWorkerState("tcp://a:9")  # the nanny's next worker
+    assert not ask("k4", "tcp://a:2")["granted"]
+    assert ask("k5", "tcp://b:1")["granted"]
+    assert fence.retiring == {"tcp://a:1", "tcp://a:2"}  # (retired on the scheduler's loop)
+    # a host: the workers that said they run there
+    assert drain(kind="host", place="h2", why="bad disk") == []
+    assert not ask("k6", "tcp://b:1", host="h2")["granted"]
+    assert ask("k7", "tcp://c:1", host="h3")["granted"]

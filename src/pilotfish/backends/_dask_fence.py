@@ -20,6 +20,20 @@ is published too (the client counts and logs it) and the task returns without
 running user code. A worker that died holding a task it had *not* started leaves
 no grant behind, so Dask's rerun of that task elsewhere is granted (once).
 
+**Draining.** The client drains a worker (several different tasks failed there) by
+calling the fence's ``pilotfish_fence_drain_<token>_<n>`` handler with the worker's
+*place*: its nanny's address (stable while the nanny restarts the worker process
+under a new address), or its own address when it has no nanny; or a host name
+(the ``host`` a worker sends with its requests). From then on a start request from
+a worker of that place is refused ("drained"), and that worker is retired
+(``Scheduler.retire_workers(close_workers=True)``: no new Dask tasks, its data moved
+elsewhere, then it and its nanny are closed), as is a worker of that place that joins
+later (its nanny restarted it before the retirement). A worker that runs attempts
+when it is drained gets no new Dask tasks at once (its status on the scheduler is
+``closing_gracefully``) and is retired when they end: they are not killed with it.
+The drain is published on the session's topic (``op: drained``, naming the workers
+it matched) in the same handler, so the client sees every grant made before it first.
+
 A grant is dropped when the scheduler forgets the key, so the plugin's memory
 is bounded by the keys the scheduler holds. Each (re)connection of a session
 registers a plugin of its own (``n``): a task submitted before a reconnect asks
@@ -35,11 +49,18 @@ there anyway.)
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 __all__ = ["StartFence"]
+
+
+def _ip(address: str) -> str:
+    """The host part of a worker's address (``tcp://10.0.0.5:4000`` -> ``10.0.0.5``)."""
+    return address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
 
 
 class StartFence(SchedulerPlugin):
@@ -51,22 +72,63 @@ class StartFence(SchedulerPlugin):
         self.name = f"pilotfish-fence-{token}-{n}"
         self.op = f"pilotfish_start_{token}_{n}"
         self.close_op = f"pilotfish_fence_close_{token}_{n}"
+        self.drain_op = f"pilotfish_fence_drain_{token}_{n}"
         self.topic = topic
         self.granted: dict[Any, str] = {}  # Dask key -> the worker it was granted to
         self.refused = 0
         self.scheduler: Any = None
+        self.drained: dict[tuple[str, str], str] = {}  # (kind, place) -> why
+        self.hosts: dict[str, str] = {}  # worker address -> the host it said it runs on
+        self.retiring: set[str] = set()  # worker addresses we asked the scheduler to retire
+        self.waiting: set[str] = set()  # drained workers to retire when their attempts end
+        self._tasks: set[Any] = set()  # retire_workers calls in progress
 
     async def start(self, scheduler: Any) -> None:
         self.scheduler = scheduler
         scheduler.handlers[self.op] = self.request
         scheduler.handlers[self.close_op] = self.remove
+        scheduler.handlers[self.drain_op] = self.drain
 
     def transition(self, key: Any, start: Any, finish: Any, *args: Any, **kwargs: Any) -> None:
+        if self.waiting and start == "processing":  # a drained worker's attempt ended?
+            w = self.granted.get(key)
+            if w in self.waiting and not self.busy(w):
+                self.waiting.discard(w)
+                self.retire([w])
         if finish == "forgotten" and self.granted:
             self.granted.pop(key, None)
 
-    def decide(self, key: Any, worker: str) -> str:
+    def remove_worker(self, scheduler: Any = None, worker: str = "", **kwargs: Any) -> None:
+        self.waiting.discard(worker)
+
+    def add_worker(self, scheduler: Any = None, worker: str = "") -> None:
+        """A nanny restarted a drained worker (same nanny, new address): retire it."""
+        if (
+            self.drained
+            and worker
+            and self.is_drained(worker, self.hosts.get(worker) or _ip(worker))
+        ):
+            self.retire([worker])
+
+    def place(self, worker: str) -> str:
+        """The worker's place: its nanny's address (the same across the worker processes
+        the nanny starts), else its own address."""
+        ws = (getattr(self.scheduler, "workers", None) or {}).get(worker)
+        return str(getattr(ws, "nanny", None) or worker)
+
+    def is_drained(self, worker: str, host: str) -> str:
+        """Why ``worker`` (at ``host``) is drained ('' if it is not)."""
+        return self.drained.get(("worker", self.place(worker))) or self.drained.get(
+            ("host", host), ""
+        )
+
+    def decide(self, key: Any, worker: str, host: str = "") -> str:
         """Why ``worker`` may not start ``key`` ('' if it may)."""
+        if self.drained:
+            why = self.is_drained(worker, host)
+            if why:
+                self.retire([worker])
+                return f"worker {self.place(worker)} is drained ({why})"
         prev = self.granted.get(key)
         if prev is not None:
             if prev == worker:
@@ -88,7 +150,9 @@ class StartFence(SchedulerPlugin):
         self, key: Any, attempt: int, worker: str, pid: int, host: str, when: float
     ) -> dict[str, Any]:
         """The handler a worker calls before running user code; answers at once."""
-        why = self.decide(key, worker)
+        if host:
+            self.hosts[worker] = host
+        why = self.decide(key, worker, host)
         msg = {
             "op": "refused" if why else "started",
             "attempt": attempt,
@@ -103,8 +167,66 @@ class StartFence(SchedulerPlugin):
             msg["reason"] = why
         else:
             self.granted[key] = worker
+            place = self.place(worker)
+            if place != worker:  # the client names the worker by its place
+                msg["place"] = place
         self.scheduler.log_event(self.topic, msg)
         return {"granted": not why, "reason": why}
+
+    def drain(self, kind: str, place: str, why: str) -> list[str]:
+        """Drain a worker place (``kind="worker"``) or a host: refuse starts there from
+        now on and retire its workers. Returns (and publishes) the workers it matched."""
+        self.drained[(kind, place)] = why
+        workers = sorted(
+            a
+            for a in (getattr(self.scheduler, "workers", None) or {})
+            if (kind == "worker" and self.place(a) == place)
+            or (kind == "host" and place in (self.hosts.get(a), _ip(a)))
+        )
+        msg = {"op": "drained", "kind": kind, "name": place, "workers": workers, "why": why}
+        self.scheduler.log_event(self.topic, msg)
+        self.retire(workers)
+        return workers
+
+    def busy(self, worker: str) -> bool:
+        """Does ``worker`` run user code we let start (a granted key processing there)?"""
+        ws = (getattr(self.scheduler, "workers", None) or {}).get(worker)
+        return any(self.granted.get(ts.key) == worker for ts in getattr(ws, "processing", ()))
+
+    def retire(self, workers: list[str]) -> None:
+        """Retire ``workers`` (once each, in the background): at once if they run no
+        attempt; else the scheduler gives them no new tasks now, and they are retired
+        when the attempts they run end (:meth:`transition`), not killed with them."""
+        new = [w for w in workers if w not in self.retiring and w not in self.waiting]
+        if not new or self.scheduler is None:
+            return
+        for w in [w for w in new if self.busy(w)]:
+            new.remove(w)
+            self.waiting.add(w)
+            with contextlib.suppress(Exception):  # scheduler side only: it runs on
+                self.scheduler.handle_worker_status_change(
+                    "closing_gracefully", w, stimulus_id=f"pilotfish-drain-{self.name}"
+                )
+        if not new:
+            return
+        self.retiring.update(new)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not on the scheduler's loop (a test): refusing is enough
+            return
+        t = loop.create_task(self._retire(new))
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    async def _retire(self, workers: list[str]) -> None:
+        # if it fails, the worker stays drained: its starts are refused all the same
+        with contextlib.suppress(Exception):
+            await self.scheduler.retire_workers(
+                workers=workers,
+                close_workers=True,
+                remove=True,
+                stimulus_id=f"pilotfish-drain-{self.name}",
+            )
 
     def remove(self) -> int:
         """Uninstall (the session ended or reconnected); returns the number of refusals."""
@@ -112,6 +234,7 @@ class StartFence(SchedulerPlugin):
         if s is not None:
             s.handlers.pop(self.op, None)
             s.handlers.pop(self.close_op, None)
+            s.handlers.pop(self.drain_op, None)
             if s.plugins.get(self.name) is self:
                 s.remove_plugin(self.name)
         self.granted.clear()

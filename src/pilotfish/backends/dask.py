@@ -91,6 +91,20 @@ connection to the scheduler lost                 --               ``MasterReport
 
 ``KilledWorker`` never reaches the user.
 
+**Workers' names, and draining.** An attempt's ``worker`` (in ``Started``, results and
+failure records) is the worker's *place*: its nanny's address when it has a nanny (a
+nanny restarts a dead worker process under a new address, so failures there keep
+counting against one place), else the worker's own address; a message that names a
+worker process names both. ``drain(place)`` (the session's bad-node draining, see
+:mod:`pilotfish.core.drain`) tells the start fence, which refuses every later start
+there (the attempt is given back and sent again under a new Dask key, unblamed: user
+code never ran there) and retires those workers (``retire_workers(close_workers=True)``:
+no new Dask tasks, data moved off, worker and nanny closed; a worker that runs attempts
+then gets no new Dask tasks at once and is retired when they end, so they are not
+killed with it); ``drain(host, kind="host")`` does that for every worker that runs on
+``host``. The client's ledger takes ``Drain`` when the fence says it drained (after
+every grant made before it). WorkerEvents still name worker processes by address.
+
 **Batch jobs.** A worker plugin makes every Dask worker report its ``SLURM_JOB_ID``
 (with its pid and host) on the session's topic as it joins. When it leaves, the client
 asks ``scontrol show job`` (:func:`pilotfish.cluster.slurm_job`, waiting up to 3 s
@@ -299,6 +313,7 @@ class _WorkerJob(WorkerPlugin):
                 "op": "worker",
                 "worker": str(worker.address),
                 "name": str(worker.name),
+                "nanny": str(getattr(worker, "nanny", None) or ""),
                 "job": os.environ.get("SLURM_JOB_ID", ""),
                 "pid": os.getpid(),
                 "host": _wire.host_name(),
@@ -433,6 +448,9 @@ class DaskBackend:
         self._walltime: tuple[float, str] | None = None  # the worker jobs' walltime
         self._walltime_asked = False
         self._warned_timeouts: set[float] = set()
+        # draining: worker address -> its place (its nanny's address; see the docstring)
+        self._place: dict[str, str] = {}
+        self._drains: list[tuple[str, str, str]] = []  # (kind, name, why) asked so far
 
     # ------------------------------------------------------------------ protocol
     def start(self, sink: Sink) -> None:
@@ -471,7 +489,9 @@ class DaskBackend:
         self._cluster_walltime()
         workers: list[str] = []
         with contextlib.suppress(Exception):
-            workers = sorted(c.scheduler_info()["workers"])
+            info = c.scheduler_info()["workers"]
+            workers = sorted(info)
+            self._place.update((a, str(w["nanny"])) for a, w in info.items() if w.get("nanny"))
         with self._lock:
             self._live.update(workers)
         now = time.time()
@@ -516,6 +536,40 @@ class DaskBackend:
 
     def cancel(self, attempts: Sequence[int]) -> None:
         self._q.put(("cancel", tuple(attempts)))
+
+    def drain(self, name: str, kind: str = "worker", why: str = "") -> None:
+        """The session drained worker place ``name`` (or host ``name``, ``kind="host"``):
+        the start fence refuses every later start there and retires its workers (see
+        the module docstring). Never blocks: the scheduler is told from a thread."""
+        if kind not in ("worker", "host"):
+            raise ValueError(f"drain kind={kind!r}: 'worker' or 'host'")
+        d = (kind, name, why or "drained by pilotfish: several different tasks failed there")
+        with self._lock:
+            if self._stopped or d[:2] in {x[:2] for x in self._drains}:
+                return
+            self._drains.append(d)
+            op = self._fence_op.replace("pilotfish_start_", "pilotfish_fence_drain_", 1)
+        self._spawn(self._tell_fence, [(op, d)], "pilotfish-dask-drain")
+
+    def _tell_fence(self, drains: list[tuple[str, tuple[str, str, str]]]) -> None:
+        c = self._client
+        for op, (kind, name, why) in drains:
+            if not op or c is None:
+                continue  # no fence yet: it is told when one is installed
+            try:
+                c.sync(
+                    getattr(c.scheduler, op), kind=kind, place=name, why=why, callback_timeout=30
+                )
+            except Exception as e:  # its starts are not refused; the workflow still
+                # refunds the evidence, and a reconnect tells the new fence again
+                log.warning(
+                    "pilotfish: could not drain Dask %s %s on the scheduler: %s", kind, name, e
+                )
+
+    def _spawn(self, target: Callable[..., Any], args: list[Any], name: str) -> None:
+        t = threading.Thread(target=target, args=(args,), name=name, daemon=True)
+        self._threads = [x for x in self._threads if x.is_alive()] + [t]
+        t.start()
 
     def processes(self) -> dict[str, Any]:
         with self._lock:
@@ -697,8 +751,26 @@ class DaskBackend:
         )
         return futs
 
+    def _placed(self, ev: Any) -> Any:
+        """``ev`` naming its worker by its place (see the module docstring)."""
+        if not isinstance(ev, L.Started | Lost | Result) or not ev.worker:
+            return ev
+        place = self._place.get(ev.worker)
+        if not place or place == ev.worker:
+            return ev
+        if not isinstance(ev, Lost) or place in ev.message:
+            return ev._replace(worker=place)
+        addr, msg = ev.worker, ev.message
+        if addr in msg:
+            msg = msg.replace(addr, f"{addr} (nanny {place})", 1)
+        else:
+            msg += f" (on Dask worker {addr}, nanny {place})"
+        return ev._replace(worker=place, message=msg)
+
     def _emit(self, events: Sequence[Any]) -> None:
         if self._sink is not None and events:
+            if self._place:
+                events = [self._placed(e) for e in events]
             try:
                 self._sink(events)
             except Exception:
@@ -791,6 +863,8 @@ class DaskBackend:
         """A worker said which batch job it runs in (the :class:`_WorkerJob` plugin)."""
         addr, job, name = str(msg.get("worker")), str(msg.get("job") or ""), str(msg.get("name"))
         with self._lock:
+            if msg.get("nanny"):
+                self._place[addr] = str(msg["nanny"])
             self._jobs[addr] = (job, name)
             with contextlib.suppress(TypeError, ValueError):
                 self._workers.setdefault(addr, (int(msg.get("pid", 0)), str(msg.get("host"))))
@@ -1018,6 +1092,9 @@ class DaskBackend:
         if msg.get("op") == "worker":
             self._on_worker_info(msg)
             return
+        if msg.get("op") == "drained":
+            self._on_drained(msg, events, cancel)
+            return
         op, aid, dkey = msg.get("op"), int(msg.get("attempt", 0)), str(msg.get("key"))
         worker, pid, host = str(msg.get("worker")), int(msg.get("pid", 0)), str(msg.get("host"))
         if op == "refused":
@@ -1038,6 +1115,8 @@ class DaskBackend:
         now = time.time()
         with self._lock:
             self._workers[worker] = (pid, host)
+            if msg.get("place"):
+                self._place[worker] = str(msg["place"])
             e = self._ledger.get(aid)
             if e is None:
                 log.info(
@@ -1073,6 +1152,29 @@ class DaskBackend:
                     cancel,
                 )
 
+    def _on_drained(self, msg: dict[str, Any], events: list[Any], cancel: list[Any]) -> None:
+        """The start fence drained a place (after every grant it made before): the ledger
+        takes ``Drain`` for each worker there (what one held unstarted goes elsewhere)."""
+        kind, name, why = str(msg.get("kind")), str(msg.get("name")), str(msg.get("why"))
+        now = time.time()
+        with self._lock:
+            addrs = {str(a) for a in msg.get("workers") or ()}
+            if kind == "worker":
+                addrs |= {a for a, p in self._place.items() if p == name}
+                addrs.add(name)
+            else:
+                addrs |= {a for a, (_, h) in self._workers.items() if h == name}
+            led = self._ledger
+            for addr in sorted(addrs):
+                items = {a: led.entries[a].item for a in led.held_by(addr)}
+                self._carry_out(led.handle(L.Drain(addr, why, now)), items, events, cancel)
+        log.info(
+            "pilotfish: Dask %s %s drained (workers %s): no new attempts start there",
+            kind,
+            name,
+            ", ".join(sorted(addrs)) or "none now",
+        )
+
     def _on_cluster(self, msg: dict[str, Any], events: list[Any], cancel: list[Any]) -> None:
         now = time.time()
         addr = str(msg.get("worker", ""))
@@ -1101,7 +1203,9 @@ class DaskBackend:
                 cause = f"pilotfish restarted it: {why_restart}"
             elif expected:
                 cause += ", an expected removal (retired or restarted)"
-            who = f"Dask worker {addr} (pid {pid or '?'}){' at host ' + host if host else ''}"
+            place = self._place.get(addr, addr)
+            who = f"Dask worker {addr}{f' (nanny {place})' if place != addr else ''}"
+            who += f" (pid {pid or '?'}){' at host ' + host if host else ''}"
             what, ended = self._describe_removal(who, cause, job, info)
             kind = "lost" if started or not expected else "stopped"
             events.append(WorkerReport(kind, addr, pid, now, None, None, started, what))
@@ -1233,7 +1337,11 @@ class DaskBackend:
             return
         cmds: list[L.Command] = []
         if e.where == "queued":  # its `started` message was missed: the result proves it
+            # (the fence granted it: a drain after that grant does not undo it)
+            drained = self._ledger.drained.pop(res.worker, None)
             cmds += self._ledger.handle(L.Start(res.worker, e.attempt, res.pid, res.host, now))
+            if drained is not None:
+                self._ledger.drained[res.worker] = drained
         cmds += self._ledger.handle(L.Finish(res.worker, e.attempt))
         self._carry_out(cmds, {e.attempt: att}, events, cancel)
         if _has(cmds, L.Accept):
@@ -1499,6 +1607,11 @@ class DaskBackend:
             return
         self._ship_path()
         self._ship_job_plugin()
+        with self._lock:
+            op = self._fence_op.replace("pilotfish_start_", "pilotfish_fence_drain_", 1)
+            drains = [(op, d) for d in self._drains]
+        if drains:
+            self._spawn(self._tell_fence, drains, "pilotfish-dask-drain")
         why = (
             f"the connection to the Dask scheduler at {self.address} was lost (reconnected; "
             f"restart {self._restarts} of max_master_restarts={self.max_restarts})"

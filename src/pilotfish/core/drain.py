@@ -15,8 +15,9 @@ Evidence, counted so that one event is never taken for several::
     failure on (worker W, host H, pid P) of task K
         WORKER_LOST   one incident per dead worker process (W, P): a worker that dies
                       holding three attempts (Dask threads) is one piece of evidence
-                      against W and H, not three. A worker name that comes back after
-                      each death (a Dask nanny restarting worker "3") gathers evidence;
+                      against W and H, not three. A worker that comes back after each
+                      death under the same name gathers evidence (on Dask, an attempt's
+                      worker is its nanny's address, which a restart keeps);
                       one used once (the local backend's w1, w2, ...) never drains by
                       deaths alone: its host does, on a cluster
         ENVIRONMENT,  one incident per (W, K): against W, and against H
