@@ -128,7 +128,7 @@ def _encode(history: list[tuple[float, str, str]], attempts: list[Any]) -> tuple
             a.ended,
             a.outcome,
             a.failure.to_dict() if a.failure is not None else None,
-            a.note,
+            getattr(a, "note", None),
         )
         for a in attempts
     ]
