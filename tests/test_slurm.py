@@ -319,19 +319,11 @@ def test_worker_job_reaching_its_walltime(
 @pytest.mark.timeout(120)
 def test_readme_slurm_example(slurm_up: None, tmp_path: Path) -> None:
     """The README's SLURM example runs as written (on the single-node SLURM)."""
-    import re
-    import sys
+    from test_readme import run_readme_example
 
-    text = (ROOT / "README.md").read_text()
-    m = re.search(r"<!-- readme-example: slurm -->\n```python\n(.*?)```", text, re.S)
-    assert m, "example block not found"
-    script = tmp_path / "example.py"
-    script.write_text(m.group(1))
     before = set(_jobs_named("dask-worker"))
     try:
-        out = subprocess.run(
-            [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=110
-        )
+        out = run_readme_example("slurm", tmp_path)
     finally:
         wait_for(lambda: not set(_jobs_named("dask-worker")) - before, timeout=30, interval=0.2)
     assert out.returncode == 0, out.stderr

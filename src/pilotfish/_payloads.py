@@ -79,7 +79,7 @@ def pickle_call(
         raise InvalidTask(_explain_unpicklable(fn, args, kwargs, ref, e)) from e
 
 
-_SCALARS = (int, float, str, bytes, bool, type(None))
+_SIMPLE = (int, float, str, bytes, bool, type(None))
 _FUNCTIONS = (types.FunctionType, types.BuiltinFunctionType)
 
 
@@ -91,9 +91,9 @@ def _plain_call(obj: Any) -> bool:
         fn, args, kwargs = obj
     except (TypeError, ValueError):
         return False
-    if type(fn) not in _FUNCTIONS or not all(type(a) in _SCALARS for a in args):
+    if type(fn) not in _FUNCTIONS or not all(type(a) in _SIMPLE for a in args):
         return False
-    if kwargs and not all(type(v) in _SCALARS for v in kwargs.values()):
+    if kwargs and not all(type(v) in _SIMPLE for v in kwargs.values()):
         return False
     if type(fn) is types.BuiltinFunctionType:  # pow, os.getpid: a module's own builtins
         return isinstance(fn.__self__, types.ModuleType)
@@ -137,9 +137,6 @@ def call_key_digest(
     for d in deps:
         h.update(d.key.encode())
     return h.hexdigest(), None
-
-
-_SIMPLE = (int, float, str, bytes, bool, type(None))
 
 
 def _simple(x: Any) -> bool:

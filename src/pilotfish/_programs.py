@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +45,21 @@ class ProgramSpec:
     @property
     def outputs(self) -> tuple[str, ...]:
         return tuple(self.template["outputs"])
+
+
+def _check_argv(
+    name: str,
+    argv: Any,
+    example: str,
+    task_type: type,
+    bad: Callable[[str], InvalidTask],
+) -> None:
+    """``argv`` (or ``resume_argv``) is a non-empty list of str, paths, numbers or Tasks."""
+    if isinstance(argv, str | bytes) or not isinstance(argv, Sequence) or not argv:
+        raise bad(f"{name}={argv!r} must be a non-empty list such as {example}")
+    for i, a in enumerate(argv):
+        if not isinstance(a, str | os.PathLike | int | float | task_type):
+            raise bad(f"{name}[{i}]={a!r} must be a str, path, number or Task")
 
 
 def program_spec(
@@ -77,14 +92,9 @@ def program_spec(
     def bad(what: str) -> InvalidTask:
         return InvalidTask(f"executable(): {what}")
 
-    if isinstance(argv, str | bytes) or not isinstance(argv, Sequence) or not argv:
-        raise bad(
-            f"argv={argv!r} must be a non-empty list such as ['gmx', 'mdrun'] "
-            "(for a shell line use ['sh', '-c', LINE])"
-        )
-    for i, a in enumerate(argv):
-        if not isinstance(a, str | os.PathLike | int | float | task_type):
-            raise bad(f"argv[{i}]={a!r} must be a str, path, number or Task")
+    _check_argv(
+        "argv", argv, "['gmx', 'mdrun'] (for a shell line use ['sh', '-c', LINE])", task_type, bad
+    )
     first = argv[0]
     shown = "program" if isinstance(first, task_type) else os.path.basename(os.fspath(first))
     ins: dict[str, Any] = {}
@@ -160,18 +170,10 @@ def program_spec(
     if resume_argv is not None:
         if not resume_files:
             raise bad("resume_argv needs resume_files (the files whose presence it needs)")
-        if (
-            isinstance(resume_argv, str | bytes)
-            or not isinstance(resume_argv, Sequence)
-            or not resume_argv
-        ):
-            raise bad(
-                f"resume_argv={resume_argv!r} must be a non-empty list such as "
-                "['gmx', 'mdrun', '-cpi', 'md.cpt']"
-            )
+        _check_argv(
+            "resume_argv", resume_argv, "['gmx', 'mdrun', '-cpi', 'md.cpt']", task_type, bad
+        )
         for i, a in enumerate(resume_argv):
-            if not isinstance(a, str | os.PathLike | int | float | task_type):
-                raise bad(f"resume_argv[{i}]={a!r} must be a str, path, number or Task")
             if isinstance(a, str) and "\0" in a:
                 raise bad(f"resume_argv[{i}] contains a NUL byte")
     if keep_sandboxes not in ("failed", "all"):

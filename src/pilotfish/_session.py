@@ -49,6 +49,7 @@ from .backends import backend_factory
 from .backends.base import Alive, Backend, BackendEvent, Fatal, Lost, Result, Started
 from .backends.execute import call_chunk
 from .core import workflow as wf
+from .core.ledger import describe_exit
 from .core.policy import Backoff, Silence
 from .core.states import State
 from .errors import Category, EnvironmentMismatch, FailureRecord, InvalidTask
@@ -1140,15 +1141,8 @@ class Session(cf.Executor):
             self._probes.fail_all(ev.message)
         if isinstance(ev, _wire.WorkerReport) and self._journal is not None:
             msg = ev.message
-            if ev.kind == "lost" and not msg:
-                msg = ", ".join(
-                    x
-                    for x in (
-                        f"exit code {ev.returncode}" if ev.returncode is not None else "",
-                        f"signal {ev.signal}" if ev.signal else "",
-                    )
-                    if x
-                )
+            if ev.kind == "lost" and not msg:  # every backend names the cause; just in case
+                msg = f"worker {ev.worker} {describe_exit(ev.returncode)[0]}"
             self._journal.record_event(ev.time, ev.kind, ev.worker, ev.pid or None, None, msg)
         step = self._translate.event(ev)
         if step is None:

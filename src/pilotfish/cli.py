@@ -40,7 +40,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import digest as _digest
-from .digest import clean
+from .digest import clean, fmt_dur, fmt_time
 from .journal import JournalError, JournalReader
 
 EXIT_FAILED = 1
@@ -57,18 +57,6 @@ def plain(value: object, style: str = "", *, one_line: bool = True) -> Text:
 
 def _journal_path(rundir: str) -> Path:
     return Path(rundir) / "journal.db"
-
-
-def _fmt_time(t: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
-
-
-def _fmt_dur(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    return f"{seconds / 60:.1f} min"
 
 
 # --------------------------------------------------------------------------- status
@@ -101,8 +89,8 @@ def status_table(reader: JournalReader) -> Table:
     for r in runs:
         wall = (r["ended"] - r["started"]) if r["ended"] else None
         t.add_row(
-            plain(f"run {r['id']} ({r['status']}) {_fmt_time(r['started'])}"),
-            _fmt_dur(wall) if wall is not None else "not closed",
+            plain(f"run {r['id']} ({r['status']}) {fmt_time(r['started'])}"),
+            fmt_dur(wall) if wall is not None else "not closed",
         )
     return t
 
@@ -290,7 +278,7 @@ def cmd_show(args: argparse.Namespace, console: Console) -> int:
     lines: list[Any] = []
     lines.append(plain(f"task {row['key']}", "bold"))
     lines.append(plain(f"name: {row['name']}   kind: {row['kind']}   state: {row['state']}"))
-    lines.append(plain(f"submitted: {_fmt_time(row['submitted'])}   run: {row['run']}"))
+    lines.append(plain(f"submitted: {fmt_time(row['submitted'])}   run: {row['run']}"))
     lines.append(plain(f"options: {row['options']}"))
     deps = ", ".join(json.loads(row["deps"] or "[]")) or "-"
     lines.append(plain(f"dependencies: {deps}"))
@@ -308,8 +296,8 @@ def cmd_show(args: argparse.Namespace, console: Console) -> int:
                     a["worker"] or "-",
                     a["host"] or "-",
                     a["pid"] or "-",
-                    _fmt_time(a["started"]),
-                    _fmt_time(a["ended"]),
+                    fmt_time(a["started"]),
+                    fmt_time(a["ended"]),
                     a["outcome"] or "-",
                 )
             )
@@ -320,7 +308,7 @@ def cmd_show(args: argparse.Namespace, console: Console) -> int:
             lines.append(plain(f"attempt {a['number']} (run {a['run']}): {a['note']}"))
     hist = reader.transitions(row["key"])
     lines.append(
-        plain("history: " + " -> ".join(f"{b} ({_fmt_time(t)})" for _r, t, _a, b in hist if b))
+        plain("history: " + " -> ".join(f"{b} ({fmt_time(t)})" for _r, t, _a, b in hist if b))
     )
     failures = [(a["number"], a["run"], a["failure"]) for a in attempts if a.get("failure")]
     final = json.loads(row["failure"]) if row["failure"] else None

@@ -32,6 +32,7 @@ and ``Session.failure_digest()`` all use it.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -102,6 +103,23 @@ def clean(value: object, *, one_line: bool = False) -> str:
     the CLI and the HTML report; never markup: each caller escapes for its medium."""
     s = "" if value is None else str(value)
     return (_CONTROL_LINE if one_line else _CONTROL).sub(_esc, s)
+
+
+def fmt_time(t: float | None) -> str:
+    """A journal time as local ``YYYY-MM-DD HH:MM:SS`` (``-`` if unknown), for the CLI
+    and the report alike."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+def fmt_dur(seconds: float | None) -> str:
+    """A duration in s, min or h (``-`` if unknown), for the CLI and the report alike."""
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _get(record: Any, name: str) -> Any:

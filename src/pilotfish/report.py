@@ -48,7 +48,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .digest import clean, exit_label, failure_digest, headline, signature
+from .digest import clean, exit_label, failure_digest, fmt_dur, fmt_time, headline, signature
 from .journal import JournalReader
 
 __all__ = [
@@ -96,20 +96,6 @@ def _json_block(data: Any) -> str:
     """JSON that is safe inside ``<script type="application/json">``."""
     text = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
     return text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
-
-
-def _fmt_time(t: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
-
-
-def _fmt_dur(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def _kib(n: int) -> str:
@@ -435,8 +421,8 @@ def _attempts_html(attempts: list[dict[str, Any]]) -> str:
                 for v in (a.get("run"), a.get("number"), a.get("worker") or "-")
             )
             + f"<td>{_h(a.get('host') or '-', one_line=True)}</td>"
-            + f"<td>{_h(a.get('pid') or '-')}</td><td>{_fmt_time(a.get('started'))}</td>"
-            + f"<td>{_fmt_dur(dur)}</td><td>{_badge(a.get('outcome') or 'running')}</td>"
+            + f"<td>{_h(a.get('pid') or '-')}</td><td>{fmt_time(a.get('started'))}</td>"
+            + f"<td>{fmt_dur(dur)}</td><td>{_badge(a.get('outcome') or 'running')}</td>"
             + f"<td>{_h(how)}</td></tr>"
         )
     return (
@@ -508,7 +494,7 @@ def _failure_row(
         if f.get(name) not in (None, "")
     ]
     if f.get("time"):
-        fields.append(f"<tr><th>time</th><td>{_fmt_time(f['time'])}</td></tr>")
+        fields.append(f"<tr><th>time</th><td>{fmt_time(f['time'])}</td></tr>")
     if fields:
         body.append('<table class="fields">' + "".join(fields) + "</table>")
     if f.get("traceback"):
@@ -617,9 +603,9 @@ def build_report(reader: JournalReader, *, now: float | None = None) -> str:
         last_end = max((r["ended"] or 0) for r in runs)
         wall = (last_end - first_start) if first_start and last_end else None
     run_lines = "".join(
-        f"<li>run {r['id']} ({_h(r['status'], one_line=True)}): started {_fmt_time(r['started'])}"
+        f"<li>run {r['id']} ({_h(r['status'], one_line=True)}): started {fmt_time(r['started'])}"
         + (
-            f", {_fmt_dur(r['ended'] - r['started'])}"
+            f", {fmt_dur(r['ended'] - r['started'])}"
             if r["ended"] and r["started"]
             else ", not closed (still running, or its client was killed)"
         )
@@ -651,7 +637,7 @@ def build_report(reader: JournalReader, *, now: float | None = None) -> str:
 <body>
 <header><h1>{html.escape(title)}</h1>
 <p class="meta">journal <code>{_h(reader.path, one_line=True)}</code> · {len(runs)} run(s) ·
-wall time {_fmt_dur(wall)} · report written {_fmt_time(now)}</p>
+wall time {fmt_dur(wall)} · report written {fmt_time(now)}</p>
 <ul class="runs">{run_lines}</ul></header>
 <section id="timeline"><h2>timeline</h2>
 <p class="help">One lane per worker and host; each attempt is a bar, its outcome shown by

@@ -711,12 +711,13 @@ class DaskBackend:
         # Retries keep their place: an attempt of a task submitted before the newest one
         # already handed over (a retry, or a resend) goes ahead of Dask's FIFO order
         newest = self._newest_order
-        ahead = [a for a in batch if a.m.order and a.m.order < newest]
-        if ahead:
-            fresh = [a for a in batch if not (a.m.order and a.m.order < newest)]
-            batch = ahead + fresh
+        ahead: list[_Att] = []
+        fresh: list[_Att] = []
+        for a in batch:
+            (ahead if 0 < a.m.order < newest else fresh).append(a)
+        batch = ahead + fresh
         self._newest_order = max(newest, max((a.m.order for a in batch), default=0))
-        futs = self._map(ahead, fence, 1) + self._map(batch[len(ahead) :], fence, 0)
+        futs = self._map(ahead, fence, 1) + self._map(fresh, fence, 0)
         late = []
         with self._lock:
             for a, f in zip(batch, futs, strict=True):

@@ -66,43 +66,46 @@ _MAIN_STATE: dict[str, Any] = {}
 _CODE = (types.FunctionType, types.BuiltinFunctionType, type, types.ModuleType)
 
 
-def _main_globals(fn: Any) -> dict[str, Any] | None:
-    """The globals of a function that came by value from the client's ``__main__``."""
-    g = getattr(fn, "__globals__", None)
-    if getattr(fn, "__module__", None) != "__main__" or not isinstance(g, dict):
-        return None
-    main = sys.modules.get("__main__")
-    return None if main is not None and g is vars(main) else g
+class _InMain:
+    """``with _InMain(fn):`` around calls of ``fn``. If ``fn`` came by value from the
+    client's ``__main__``, it gets the module-level data earlier calls on this worker left
+    there (an initializer's ``global model``; a fresh unpickled copy would see only the
+    client's values), and what it leaves is kept for later calls: what a worker that
+    imported the script once (as multiprocessing's spawn does) would see. Any other
+    ``fn``: nothing."""
 
+    __slots__ = ("g",)
 
-def _enter_main(g: dict[str, Any]) -> None:
-    """Before calling a function that came by value from ``__main__`` (globals ``g``):
-    give it the module-level data earlier calls on this worker left (an initializer's
-    ``global model``); a fresh unpickled copy would see only the client's values. With
-    ``_leave_main`` this is what a worker that imported the script once (as
-    multiprocessing's spawn does) would see."""
-    for name, value in _MAIN_STATE.items():
-        if not isinstance(g.get(name), _CODE):
-            g[name] = value
+    def __init__(self, fn: Any) -> None:
+        g = getattr(fn, "__globals__", None)
+        main = sys.modules.get("__main__")
+        by_value = (
+            getattr(fn, "__module__", None) == "__main__"
+            and isinstance(g, dict)
+            and (main is None or g is not vars(main))
+        )
+        self.g: dict[str, Any] | None = g if by_value else None
 
+    def __enter__(self) -> None:
+        g = self.g
+        if g is not None:
+            for name, value in _MAIN_STATE.items():
+                if not isinstance(g.get(name), _CODE):
+                    g[name] = value
 
-def _leave_main(g: dict[str, Any]) -> None:
-    _MAIN_STATE.update(
-        (k, v) for k, v in g.items() if not k.startswith("__") and not isinstance(v, _CODE)
-    )
+    def __exit__(self, *exc: object) -> None:
+        g = self.g
+        if g is not None:
+            _MAIN_STATE.update(
+                (k, v) for k, v in g.items() if not k.startswith("__") and not isinstance(v, _CODE)
+            )
 
 
 def call_chunk(fn: Callable[..., Any], chunk: tuple[tuple[Any, ...], ...]) -> list[Any]:
     """One attempt of ``Session.map(..., chunksize=n)``: ``fn`` over up to n argument
     tuples, in order."""
-    g = _main_globals(fn)
-    if g is not None:
-        _enter_main(g)
-    try:
+    with _InMain(fn):
         return [fn(*args) for args in chunk]
-    finally:
-        if g is not None:
-            _leave_main(g)
 
 
 #: initializer call (its pickle) -> None once it ran here, or the Envelope of its failure
@@ -115,7 +118,7 @@ def ensure_initialized(m: RunAttempt, worker: str, host: str) -> Envelope | None
     yet (once per worker process, as ProcessPoolExecutor does, so a replacement worker
     runs it too). Its failure is kept: every attempt on this worker then fails
     ENVIRONMENT with the initializer's traceback, instead of running uninitialised.
-    A backend that forks a process per attempt calls this in the parent first."""
+    Where every attempt runs in a fresh fork (RADICAL-Pilot), it runs once per attempt."""
     if not m.init:
         return None
     try:
@@ -128,12 +131,8 @@ def ensure_initialized(m: RunAttempt, worker: str, host: str) -> Envelope | None
         fn: Any = None
         try:
             fn, args, kwargs = _wire.loads_call(m.init, ())
-            g = _main_globals(fn)
-            if g is not None:
-                _enter_main(g)
-            fn(*args, **kwargs)
-            if g is not None:
-                _leave_main(g)
+            with _InMain(fn):
+                fn(*args, **kwargs)
             env = None
         except BaseException as e:
             name = getattr(fn, "__qualname__", None) or "initializer"
@@ -204,18 +203,14 @@ def _run(
         )
     except BaseException as e:
         return _fail(_wire.envelope_for(e, "user_error"))
-    g = _main_globals(fn)
-    if g is not None:
-        _enter_main(g)
     token = _scratch.enter(rundir, m.key, m.attempt, m.lineage)  # for scratch_dir() etc.
     try:
-        value = fn(*args, **kwargs)
+        with _InMain(fn):
+            value = fn(*args, **kwargs)
     except BaseException as e:
         return _fail(_wire.envelope_for(e, "user_error", skip_frames=1))
     finally:
         _scratch.leave(token)
-        if g is not None:
-            _leave_main(g)
     del fn, args, kwargs
     try:
         return True, _wire.dumps_value(value)
