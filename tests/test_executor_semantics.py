@@ -88,10 +88,10 @@ def test_pending_work_runs_at_interpreter_exit(tmp_path: Path) -> None:
     out = _run_script(
         """
         import pilotfish
-        from executor_tasks import sleep_then
+        from executor_tasks import say, sleep_then
         s = pilotfish.Session(2, rundir="run")
         for i in range(20):
-            s.submit(print, "done", i, flush=True)
+            s.submit(say, "done", i)
         s.submit(sleep_then, None, 0.5)
         """,
         tmp_path,
@@ -115,19 +115,17 @@ def test_shutdown_no_wait_at_script_end_finishes_the_work(tmp_path: Path) -> Non
     out = _run_script(
         """
         import pilotfish
-        from executor_tasks import sleep_then
+        from executor_tasks import say, sleep_then
         s = pilotfish.Session(2, rundir="run")
         for i in range(5):
-            s.submit(print, "apple", i, flush=True)
+            s.submit(say, "apple", i)
         s.submit(sleep_then, None, 1.0)
         s.shutdown(wait=False)
         """,
         tmp_path,
     )
     assert out.returncode == 0, out.stderr
-    assert sorted(out.stdout.split()) == sorted(
-        ["apple", "0", "apple", "1", "apple", "2", "apple", "3", "apple", "4"]
-    )
+    assert sorted(out.stdout.splitlines()) == [f"apple {i}" for i in range(5)]
     assert "Traceback" not in out.stderr
 
 
