@@ -698,3 +698,114 @@ def test_a_retry_keeps_its_place_in_the_queue():
     fresh = RunAttempt(11, "k6", "call", b"", (), None, order=6)
     d.submit([fresh], 0.3)
     assert [a.attempt for a in d.queue] == [9, 10, 2, 3, 4, 5, 11]
+
+
+# --------------------------------------------------------------------------- depth and balance
+
+
+def named(aid: int, name: str) -> RunAttempt:
+    return RunAttempt(aid, f"k{aid}", "call", b"", (), None, order=aid, name=name)
+
+
+def took(aid: int, seconds: float, worker: str = "w1", start: float = 0.0) -> Result:
+    return Result(aid, True, b"v", worker, 101, start, start + seconds)
+
+
+def test_unknown_run_time_holds_only_prefetch():
+    """Attempts of a name nothing ran yet are held ``prefetch`` deep, as always."""
+    d = ready(1, prefetch=2)
+    cmds = d.submit([named(i, "f") for i in range(1, 11)], 0.0)
+    assert sent(cmds) == {"w1": [1, 2]}
+    assert sent(d.on_result("w1", took(1, 5.0), 5.0)) == {"w1": [3]}  # 5 s: never deeper
+
+
+def test_short_attempts_travel_in_batches_with_hysteresis():
+    """Once a name is known to run in microseconds, a worker holds up to 64 of them and is
+    refilled only when down to half: one message per ~32 results, not one per result."""
+    d = ready(1, prefetch=2)
+    d.submit([named(1, "f")], 0.0)
+    d.on_result("w1", took(1, 1e-5), 0.0)  # the estimate: 10 microseconds
+    cmds = d.submit([named(i, "f") for i in range(2, 202)], 0.0)
+    assert len(sent(cmds)["w1"]) == 64
+    refills = []
+    for aid in range(2, 40):
+        got = sent(d.on_result("w1", took(aid, 1e-5), 0.0)).get("w1", [])
+        if got:
+            refills.append(len(got))
+    assert refills == [32]  # one refill, at 32 held, back up to 64
+    assert d.ledger.count("w1") == 64 - 38 + 32
+
+
+def test_attempts_that_turn_long_end_deep_holding():
+    """When a name's attempts turn out long, the estimate follows within a result or two
+    and the worker is refilled to ``prefetch`` only, not to 64."""
+    d = ready(1, prefetch=2)
+    d.submit([named(1, "f")], 0.0)
+    d.on_result("w1", took(1, 1e-5), 0.0)
+    d.submit([named(i, "f") for i in range(2, 202)], 0.0)
+    t = 0.0
+    refills = []
+    while d.queue or d.ledger.count("w1"):
+        t += 1.0
+        got = sent(d.on_result("w1", took(d.held("w1")[0], 1.0, start=t - 1), t))
+        if got:
+            refills.append(len(got["w1"]))
+    assert refills and set(refills) == {1}  # one attempt per result: prefetch depth
+    assert sum(refills) == 200 - 64
+
+
+def late_second_worker() -> Dispatcher:
+    """w1 took attempts 1 (running since t=0) and 2 (held); w2 said hello at t=0.01."""
+    d = Dispatcher(2, prefetch=2)
+    d.start(0.0)
+    d.on_hello("w1", 101, 0.0)
+    cmds = d.submit([named(1, "long"), named(2, "long")], 0.0)
+    assert sent(cmds) == {"w1": [1, 2]}
+    assert started_ids(cmds) == [1]
+    assert sent(d.on_hello("w2", 102, 0.01)) == {}
+    return d
+
+
+def test_idle_worker_takes_back_attempts_held_behind_a_long_one():
+    """w1 runs a long attempt with another held behind it; w2 is idle and nothing is
+    queued. After 50 ms the held one is asked back, withdrawn, and runs on w2; it is
+    reported started once, on w2."""
+    d = late_second_worker()
+    assert d.next_deadline() == pytest.approx(0.05)
+    assert d.tick(0.01, {}, {}) == []  # not yet: w2 idle, but attempt 1 is young
+    cmds = d.tick(0.06, {}, {})
+    asked = [c for c in cmds if isinstance(c, SendWorker)]
+    assert asked == [SendWorker("w1", [CancelAttempt(2)])]
+    cmds = d.on_withdrawn("w1", 2, 0.07)
+    assert sent(cmds) == {"w2": [2]}
+    assert started_ids(cmds) == [2]
+    assert msgs(cmds, Lost) == []
+    done = d.on_result("w2", took(2, 0.1, "w2", 0.07), 0.2)
+    assert [m.attempt for m in msgs(done, Result)] == [2]
+    assert d.ledger.count("w1") == 1
+
+
+def test_asked_back_after_the_one_before_it_ended():
+    """The race that once lost a task: attempt 2 is asked back, then attempt 1 ends (the
+    master must not mark 2 started), then the worker withdraws 2: it is queued again and
+    runs elsewhere; the client never hears that 2 started on w1."""
+    d = late_second_worker()
+    assert of(d.tick(0.06, {}, {}), SendWorker) == [SendWorker("w1", [CancelAttempt(2)])]
+    cmds = d.on_result("w1", took(1, 0.07), 0.07)
+    assert [m.attempt for m in msgs(cmds, Result)] == [1]
+    assert 2 not in started_ids(cmds)
+    cmds = d.on_withdrawn("w1", 2, 0.08)
+    assert sent(cmds) in ({"w2": [2]}, {"w1": [2]})
+    assert started_ids(cmds) == [2]
+
+
+def test_asked_back_too_late_still_reports_started_before_the_result():
+    """The worker had started attempt 2 before the request reached it: its result is
+    accepted, and the client hears Started(2) first."""
+    d = late_second_worker()
+    d.tick(0.06, {}, {})
+    d.on_result("w1", took(1, 0.07), 0.07)
+    cmds = d.on_result("w1", took(2, 0.01, start=0.071), 0.09)
+    order = [type(c.msg).__name__ for c in cmds if isinstance(c, ToClient)]
+    assert order[:2] == ["Started", "Result"]
+    assert d.ledger.count("w1") == 0 and not d.ledger.entries

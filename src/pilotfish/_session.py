@@ -1035,6 +1035,7 @@ class Session(cf.Executor):
                         self._init,
                         c.tid,
                         (self._nonce, *c.resume) if c.resume else (self._nonce,),
+                        t.name,
                     )
                 )
             elif isinstance(c, wf.Drained):

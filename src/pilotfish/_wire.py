@@ -29,12 +29,13 @@ import linecache
 import os
 import pickle
 import re
+import select
 import socket
+import struct
 import sys
 import threading
 import traceback as _tb
 from collections.abc import Callable, Sequence
-from multiprocessing.connection import Connection
 from typing import Any, NamedTuple
 
 import cloudpickle
@@ -83,6 +84,9 @@ class RunAttempt(NamedTuple):
     #: previous attempt (lost, timed out, retry asked) is the one a retry may resume from
     #: (``resume_files``, ``pilotfish.previous_attempt_files()``); () from older clients
     lineage: tuple[Any, ...] = ()
+    #: the task's name (its function's): a master estimates how long an attempt runs from
+    #: earlier attempts of the same name, to hold more than ``prefetch`` short ones
+    name: str = ""
 
 
 class PreflightFailed(NamedTuple):
@@ -189,12 +193,29 @@ class Envelope(NamedTuple):
 # --------------------------------------------------------------------------- framing
 
 
-class Channel:
-    """A framed, thread-safe (for writers) pipe endpoint carrying lists of messages."""
+_HEADER = struct.Struct("!Q")  # a frame: 8-byte big-endian length, then the pickled list
+_READ_SIZE = 1 << 18
 
-    def __init__(self, conn: Connection) -> None:
-        self.conn = conn
+
+class Channel:
+    """A framed pipe endpoint (one end of a Unix socket pair) carrying lists of messages.
+
+    Writers are thread-safe (``send`` writes a whole frame under a lock). The reader
+    side is one thread's: ``recv`` reads whatever the peer has written in one system
+    call and returns the messages of *every* complete frame in it, so a peer that wrote
+    several frames while this side was busy costs one wake-up, not one per frame.
+
+    ``queue``/``flush`` are the non-blocking way to write, for a process that must never
+    wait on a peer that is busy (the local master writing to a worker running a long
+    task): what the socket does not take now stays in ``backlog`` until ``flush``.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._fd = sock.fileno()
         self._wlock = threading.Lock()
+        self._rbuf = bytearray()
+        self._out = bytearray()  # queued, not yet written (queue/flush)
 
     @classmethod
     def pair(cls) -> tuple[Channel, int]:
@@ -203,28 +224,116 @@ class Channel:
         A Unix socket pair: duplex, private to the two processes, not a listener.
         """
         a, b = socket.socketpair()
-        return cls(Connection(a.detach())), b.detach()
+        return cls(a), b.detach()
 
     @classmethod
     def from_fd(cls, fd: int) -> Channel:
-        return cls(Connection(fd))
+        return cls(socket.socket(fileno=fd))
 
     def fileno(self) -> int:
-        return self.conn.fileno()
+        return self._fd
+
+    @staticmethod
+    def frame(msgs: Sequence[Any]) -> bytes:
+        data = pickle.dumps(msgs if type(msgs) is list else list(msgs), PROTOCOL)
+        return _HEADER.pack(len(data)) + data
 
     def send(self, msgs: Sequence[Any]) -> None:
-        data = pickle.dumps(list(msgs), PROTOCOL)
+        """Write one frame; blocks until the socket took all of it."""
+        data = self.frame(msgs)
         with self._wlock:
-            self.conn.send_bytes(data)
+            self.sock.sendall(data)
+
+    # -- non-blocking writes (single-threaded users) ------------------------------------
+    @property
+    def backlog(self) -> int:
+        return len(self._out)
+
+    def queue(self, msgs: Sequence[Any]) -> bool:
+        """Write one frame without ever blocking; True if all of it is written, else the
+        rest waits for :meth:`flush` (call it when the socket is writable)."""
+        self._out += self.frame(msgs)
+        return self.flush()
+
+    def flush(self) -> bool:
+        out = self._out
+        while out:
+            try:
+                n = self.sock.send(out, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return False
+            del out[:n]
+        return True
+
+    # -- reading (one thread) -----------------------------------------------------------
+    def _take(self) -> list[Any] | None:
+        """The messages of every complete frame read so far, or None if there is none."""
+        buf = self._rbuf
+        size = _HEADER.size
+        out: list[Any] | None = None
+        pos = 0
+        end = len(buf)
+        while end - pos >= size:
+            (n,) = _HEADER.unpack_from(buf, pos)
+            if end - pos - size < n:
+                break
+            msgs = pickle.loads(memoryview(buf)[pos + size : pos + size + n])
+            pos += size + n
+            if out is None:
+                out = msgs
+            else:
+                out.extend(msgs)
+        if pos:
+            del buf[:pos]
+        return out
 
     def recv(self) -> list[Any]:
-        """Block for one frame; raises EOFError when the peer is gone."""
-        msgs: list[Any] = pickle.loads(self.conn.recv_bytes())
-        return msgs
+        """Block until at least one frame is complete; return the messages of all complete
+        frames. Raises EOFError when the peer is gone."""
+        while True:
+            msgs = self._take()
+            if msgs is not None:
+                return msgs
+            self._read(0)
+
+    def recv_nowait(self) -> list[Any]:
+        """The messages already written by the peer, without blocking ([] if none)."""
+        msgs = self._take()
+        if msgs is not None:
+            return msgs
+        try:
+            self._read(socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return []
+        return self._take() or []
+
+    def poll(self) -> bool:
+        """True if a complete frame is buffered or the peer wrote something (or left)."""
+        if self._has_frame():
+            return True
+        r, _, _ = select.select([self._fd], [], [], 0)
+        return bool(r)
+
+    def _has_frame(self) -> bool:
+        buf = self._rbuf
+        if len(buf) < _HEADER.size:
+            return False
+        size: int = _HEADER.unpack_from(buf, 0)[0]
+        return len(buf) - _HEADER.size >= size
+
+    def _read(self, flags: int) -> None:
+        buf = self._rbuf
+        want = _READ_SIZE
+        if len(buf) >= _HEADER.size:  # a large frame: read the rest of it at once
+            want = max(want, _HEADER.size + _HEADER.unpack_from(buf, 0)[0] - len(buf))
+        chunk = self.sock.recv(want, flags)
+        if not chunk:
+            raise EOFError("the peer closed the channel")
+        buf += chunk
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
-            self.conn.close()
+            self.sock.close()
 
 
 # --------------------------------------------------------------------------- calls

@@ -285,6 +285,7 @@ class LocalBackend:
                 self._emit(events)
         except (EOFError, OSError):
             pass
+        ch.close()  # this master's channel is done with (stop() may close it too)
         try:
             self._master_gone(gen, popen, err)
         except BaseException as e:  # never leave the session waiting on a dead master

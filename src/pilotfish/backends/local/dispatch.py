@@ -83,6 +83,15 @@ class ToClient(NamedTuple):
 
 Cmd = Spawn | SendWorker | Kill | ToClient
 
+_INF = float("inf")
+#: beyond ``prefetch``, a worker holds at most this many seconds of estimated work ...
+_BACKLOG = 0.002
+#: ... and at most this many attempts (short ones then travel in batches of about half)
+_MAX_DEPTH = 64
+#: an idle worker takes back attempts held behind one running longer than this
+_STEAL_AFTER = 0.05
+_MAX_NAMES = 10_000
+
 
 @dataclasses.dataclass(slots=True)
 class Slot:
@@ -97,6 +106,8 @@ class Slot:
     cpu_at: float = 0.0
     stopped_since: float | None = None
     given: int = 0  # attempts it was given (counted only with max_tasks_per_child)
+    backlog: float = 0.0  # estimated seconds of the attempts it holds (known estimates)
+    unknown: int = 0  # attempts it holds whose run time nobody can estimate yet
 
 
 class Dispatcher:
@@ -135,6 +146,11 @@ class Dispatcher:
         self.fatal = False
         self._seq = 0
         self._last_tick: float | None = None
+        # run-time estimates by task name, and what each held attempt was estimated at
+        self._est: dict[str, float] = {}
+        self._held_cost: dict[int, tuple[str, str, float]] = {}  # attempt -> worker, name, s
+        self._stolen: set[int] = set()  # asked back from a busy worker for an idle one
+        self._steal_at: float | None = None
 
     # ------------------------------------------------------------------ helpers
     def _new_slot(self, now: float) -> Spawn:
@@ -163,6 +179,8 @@ class Dispatcher:
             if isinstance(c, L.Report):
                 out.append(ToClient(c.msg))
             elif isinstance(c, L.Requeue):
+                for a in c.items:
+                    self._unhold(a.attempt)
                 self.queue.extendleft(reversed(c.items))
             elif isinstance(c, L.Withdraw):
                 if c.worker:
@@ -170,40 +188,132 @@ class Dispatcher:
             elif isinstance(c, L.KillGroups):
                 out.append(Kill(c.worker, c.pgids))
 
+    # ------------------------------------------------------------------ depth
+    def _cost(self, a: RunAttempt) -> float:
+        """How long ``a`` is expected to run (seconds); inf if nothing like it ran yet."""
+        return self._est.get(a.name, _INF) if a.name else _INF
+
+    def _hold(self, s: Slot, a: RunAttempt) -> None:
+        cost = self._cost(a)
+        self._held_cost[a.attempt] = (s.name, a.name, cost)
+        if cost == _INF:
+            s.unknown += 1
+        else:
+            s.backlog += cost
+
+    def _unhold(self, attempt: int) -> None:
+        held = self._held_cost.pop(attempt, None)
+        if held is None:
+            return
+        s = self.slots.get(held[0])
+        if s is None:
+            return
+        if held[2] == _INF:
+            s.unknown -= 1
+        else:
+            s.backlog = max(0.0, s.backlog - held[2])
+
+    def _learn(self, attempt: int, res: Result) -> None:
+        """An attempt ran: its run time refines the estimate for its task name."""
+        held = self._held_cost.get(attempt)
+        if held is None or not held[1]:
+            return
+        took = max(0.0, res.ended - res.started)
+        est = self._est
+        old = est.get(held[1])
+        if old is None and len(est) >= _MAX_NAMES:
+            est.clear()  # a run with countless names: start over rather than grow
+        est[held[1]] = took if old is None else (old + took) / 2
+
+    def _hungry(self, s: Slot, load: int) -> bool:
+        """Does worker ``s`` take work now? Below ``prefetch``, always; beyond it only with
+        short attempts of known run time, and (hysteresis, so that attempts travel in
+        batches, not one per result) once it is down to half of what it may hold."""
+        if load < self.prefetch:
+            return True
+        return s.unknown == 0 and s.backlog <= _BACKLOG / 2 and load <= _MAX_DEPTH // 2
+
+    def _room(self, s: Slot, load: int, a: RunAttempt) -> bool:
+        """May worker ``s``, holding ``load`` attempts, take ``a`` as well?"""
+        if load < self.prefetch:
+            return True
+        if load >= _MAX_DEPTH or s.unknown:
+            return False
+        cost = self._cost(a)
+        return cost != _INF and s.backlog + cost <= _BACKLOG
+
     def _assign(self, now: float, out: list[Cmd]) -> None:
         if not self.queue:
+            self._balance(now, out)
             return
         ledger = self.ledger
-        load = {s.name: ledger.count(s.name) for s in self.slots.values() if s.state == "ready"}
+        slots = self.slots
+        load = {
+            s.name: n
+            for s in slots.values()
+            if s.state == "ready" and self._hungry(s, n := ledger.count(s.name))
+        }
         limit = self.max_tasks
         if limit is not None:  # a worker given its last attempt takes no more
-            load = {n: c for n, c in load.items() if self.slots[n].given < limit}
+            load = {n: c for n, c in load.items() if slots[n].given < limit}
         if not load:
             return
         batches: dict[str, list[Any]] = {}
-        while self.queue:
+        while self.queue and load:
             name = min(load, key=load.__getitem__)
-            if load[name] >= self.prefetch:
-                break
-            a = self.queue.popleft()
+            s = slots[name]
+            a = self.queue[0]
+            if not self._room(s, load[name], a):
+                del load[name]  # full: the others may still take it
+                continue
+            self.queue.popleft()
             e = ledger.entries.get(a.attempt)
             if e is None or e.where != "queued":
                 continue  # cancelled while queued
             ledger.handle(L.Hold(name, (a.attempt,)))
+            self._hold(s, a)
             load[name] += 1
             batches.setdefault(name, []).append(a)
             if load[name] == 1:
-                self._begin(self.slots[name], now, out)
+                self._begin(s, now, out)
             if limit is not None:
-                s = self.slots[name]
                 s.given += 1
                 if s.given >= limit:
                     del load[name]
                     self._retire(s, now, batches[name], out)
-                    if not load:
-                        break
         for name, msgs in batches.items():
             out.append(SendWorker(name, msgs))
+        if not self.queue:
+            self._balance(now, out)
+
+    def _balance(self, now: float, out: list[Cmd]) -> None:
+        """Nothing queued, a worker idle, and another holding attempts it has not started
+        behind one that runs longer than expected (``_STEAL_AFTER``): ask those back
+        (``CancelAttempt``; the worker withdraws what it has not started, and
+        ``on_withdrawn`` queues them again unblamed) so the idle worker takes them. A
+        worker holds more than ``prefetch`` only while attempts are short, so this is
+        the exception that keeps a long one from holding up the ones behind it."""
+        self._steal_at = None
+        ledger = self.ledger
+        ready = [s for s in self.slots.values() if s.state == "ready"]
+        if not any(ledger.count(s.name) == 0 for s in ready):
+            return
+        for s in ready:
+            held = ledger.held_by(s.name)
+            if len(held) < 2:
+                continue
+            first = ledger.entries[held[0]]
+            if first.started is None:
+                continue
+            due = first.started + _STEAL_AFTER
+            if now < due:
+                self._steal_at = due if self._steal_at is None else min(self._steal_at, due)
+                continue
+            for aid in held[1:]:
+                e = ledger.entries[aid]
+                if e.where == "held" and not e.cancelled and aid not in self._stolen:
+                    self._stolen.add(aid)
+                    out.append(SendWorker(s.name, [CancelAttempt(aid)]))
 
     def _retire(self, s: Slot, now: float, batch: list[Any], out: list[Cmd]) -> None:
         """``s`` was given its last attempt: ``Shutdown`` goes after it (in the same
@@ -240,7 +350,11 @@ class Dispatcher:
         """The worker runs what it holds in order: its first held attempt starts now (the
         master sent it to this worker alone, which is the local start fence)."""
         first = self.ledger.first(s.name)
-        if first is not None and not self.ledger.entries[first].cancelled:
+        if (
+            first is not None
+            and not self.ledger.entries[first].cancelled
+            and first not in self._stolen  # asked back: withdrawn, or started after all
+        ):
             self._carry_out(self.ledger.handle(L.Start(s.name, first, s.pid, "", now)), out)
 
     # ------------------------------------------------------------------ events
@@ -325,6 +439,8 @@ class Dispatcher:
         first = self.ledger.first(s.name) == attempt
         if not isinstance(self.ledger.handle(L.Finish(s.name, attempt))[0], L.Accept):
             return False
+        self._unhold(attempt)
+        self._stolen.discard(attempt)
         if first:
             self._begin(s, now, out)
         return True
@@ -333,10 +449,18 @@ class Dispatcher:
         out: list[Cmd] = []
         s = self.slots[name]
         s.last_hb = now
+        self._learn(res.attempt, res)
+        e = self.ledger.entries.get(res.attempt)
+        if e is not None and e.where == "held" and e.worker == name and not e.cancelled:
+            # asked back too late: the worker had started it (it runs what it holds in
+            # order), so it started when it says, before its result
+            st = L.Start(name, res.attempt, res.pid, res.host, res.started)
+            self._carry_out(self.ledger.handle(st), out)
+        head = len(out)  # the result goes before what its end starts (after its Started)
         if self._finish(s, res.attempt, now, out) or s.state == "lost":
             # a result from a worker already declared lost is still forwarded: the
             # client's fencing decides (it was reported lost, so it will be dropped)
-            out.insert(0, ToClient(res))
+            out.insert(head, ToClient(res))
         if self.max_tasks is not None:
             self._settle(s, now, out)
         self._assign(now, out)
@@ -345,6 +469,19 @@ class Dispatcher:
     def on_withdrawn(self, name: str, attempt: int, now: float) -> list[Cmd]:
         out: list[Cmd] = []
         s = self.slots[name]
+        if attempt in self._stolen:  # asked back by _balance: queued again, unblamed
+            self._stolen.discard(attempt)
+            e = self.ledger.entries.get(attempt)
+            if e is not None and e.worker == name and e.where == "held" and not e.cancelled:
+                first = self.ledger.first(name) == attempt
+                self._carry_out(self.ledger.handle(L.Bounce(attempt, "rebalanced", now)), out)
+                if first:  # the worker goes on with the next one it holds
+                    self._begin(s, now, out)
+                if self.max_tasks is not None and s.state == "ready":
+                    s.given -= 1
+                    self._settle(s, now, out)
+                self._assign(now, out)
+                return out
         if self._finish(s, attempt, now, out) and self.max_tasks is not None:
             if s.state == "ready":
                 s.given -= 1  # it never ran: it does not count (a retiring worker stays retired)
@@ -412,6 +549,9 @@ class Dispatcher:
         """The ledger reports what the worker was running and requeues the rest unblamed."""
         running = tuple(self.ledger.started_on(s.name))
         retiring = s.state == "retiring"  # its replacement is already there
+        for aid in self.ledger.held_by(s.name):
+            self._unhold(aid)
+            self._stolen.discard(aid)
         s.state = "lost"
         out.append(
             ToClient(
@@ -425,7 +565,10 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ time
     def next_deadline(self) -> float | None:
-        return self.ledger.next_deadline()
+        d = self.ledger.next_deadline()
+        if self._steal_at is not None:
+            return self._steal_at if d is None else min(d, self._steal_at)
+        return d
 
     def tick(
         self, now: float, samples: dict[str, tuple[str, float]], stderr_tails: dict[str, str]
@@ -436,6 +579,8 @@ class Dispatcher:
             for s in self.slots.values():  # we were suspended ourselves: nobody is to blame
                 s.last_hb, s.cpu_at, s.stopped_since = now, now, None
         self._last_tick = now
+        if self._steal_at is not None and now >= self._steal_at:
+            self._balance(now, out)
         # timeouts: the ledger reports the attempt; the only way to stop a running call is
         # to kill its worker, which is then replaced (what else it held goes back unblamed)
         for c in self.ledger.handle(

@@ -95,12 +95,32 @@ class Master:
             elif isinstance(c, SendWorker):
                 p = self.procs.get(c.name)
                 if p is not None and not p.closed:
-                    with contextlib.suppress(OSError):  # it died; its pidfd will tell
-                        p.ch.send(c.msgs)
+                    self.send_worker(p, c.msgs)
             elif isinstance(c, Spawn):
                 self.spawn(c.name)
             elif isinstance(c, Kill):
                 self.kill(c.name, c.pgids)
+
+    def send_worker(self, p: _Proc, msgs: list[Any]) -> None:
+        """Never blocks: a worker busy in a long task reads its socket only between
+        attempts, so what its socket does not take now is written when it is writable."""
+        had = p.ch.backlog
+        try:
+            done = p.ch.queue(msgs)
+        except OSError:  # it died; its pidfd will tell
+            return
+        if not done and not had:
+            with contextlib.suppress(KeyError, ValueError):  # unregistered: it is gone
+                self.sel.modify(p.ch, selectors.EVENT_READ | selectors.EVENT_WRITE, ("worker", p))
+
+    def flush_worker(self, p: _Proc) -> None:
+        try:
+            done = p.ch.flush()
+        except OSError:
+            done = True  # it died; its pidfd will tell
+        if done:
+            with contextlib.suppress(KeyError, ValueError):
+                self.sel.modify(p.ch, selectors.EVENT_READ, ("worker", p))
 
     def spawn(self, name: str) -> None:
         ch, child_fd = Channel.pair()
@@ -127,12 +147,10 @@ class Master:
         self.disp.slots[name].pid = popen.pid
         assert popen.stderr is not None
         os.set_blocking(popen.stderr.fileno(), False)
-        self.sel.register(ch.conn, selectors.EVENT_READ, ("worker", p))
+        self.sel.register(ch, selectors.EVENT_READ, ("worker", p))
         self.sel.register(popen.stderr, selectors.EVENT_READ, ("stderr", p))
         self.sel.register(pidfd, selectors.EVENT_READ, ("exit", p))
-        cfg = self.cfg._replace(name=name)
-        with contextlib.suppress(OSError):
-            ch.send([cfg])
+        self.send_worker(p, [self.cfg._replace(name=name)])
 
     def kill(self, name: str, pgids: tuple[int, ...]) -> None:
         p = self.procs.get(name)
@@ -198,13 +216,13 @@ class Master:
         # drain what it wrote before dying: results first, then blame
         if not p.closed:
             try:
-                while p.ch.conn.poll(0):
+                while p.ch.poll():
                     self.on_worker(p, p.ch.recv())
             except (EOFError, OSError):
                 pass
         self.read_stderr(p)
         rc = p.popen.wait()
-        for obj in (p.ch.conn, p.popen.stderr, p.pidfd):
+        for obj in (p.ch, p.popen.stderr, p.pidfd):
             with contextlib.suppress(Exception):
                 self.sel.unregister(obj)  # type: ignore[arg-type]
         p.ch.close()
@@ -221,8 +239,8 @@ class Master:
             msgs, self.outbox = self.outbox, []
             self.client.send(msgs)
 
-    def run(self) -> None:
-        self.sel.register(self.client.conn, selectors.EVENT_READ, ("client", None))
+    def run(self, early: list[Any] | None = None) -> None:
+        self.sel.register(self.client, selectors.EVENT_READ, ("client", None))
         now = time.time()
         self.run_cmds(self.disp.start(now))
         self.outbox.append(
@@ -234,6 +252,8 @@ class Master:
             )
         )
         self.flush()
+        if early:
+            self.on_client(early)
         interval = self.cfg.heartbeat_interval
         next_tick = now + interval
         while True:
@@ -243,7 +263,7 @@ class Master:
                 return
             deadline = self.disp.next_deadline()
             wake = next_tick if deadline is None else min(next_tick, deadline)
-            for key, _ in self.sel.select(max(0.0, wake - time.time())):
+            for key, mask in self.sel.select(max(0.0, wake - time.time())):
                 kind, p = key.data
                 if kind == "client":
                     try:
@@ -254,11 +274,15 @@ class Master:
                 elif kind == "worker":
                     if p.closed:
                         continue
+                    if mask & selectors.EVENT_WRITE:
+                        self.flush_worker(p)
+                    if not mask & selectors.EVENT_READ:
+                        continue
                     try:
                         self.on_worker(p, p.ch.recv())
                     except (EOFError, OSError):
                         with contextlib.suppress(Exception):
-                            self.sel.unregister(p.ch.conn)
+                            self.sel.unregister(p.ch)
                 elif kind == "stderr":
                     self.read_stderr(p)
                 elif kind == "exit" and p.name in self.procs:
@@ -329,12 +353,12 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     client = Channel.from_fd(int(argv[0]))
     try:
-        (cfg,) = client.recv()
+        cfg, *early = client.recv()  # what came with the Config in one read follows it
     except EOFError:
         return
     master = Master(client, cfg, max_tasks)
     try:
-        master.run()
+        master.run(early)
     finally:
         master.abandon()
 

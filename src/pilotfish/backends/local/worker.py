@@ -4,10 +4,14 @@ Started by the master as ``python -m pilotfish.backends.local.worker FD`` with
 one end of a Unix socket pair. Never forked from a process with threads, and
 never re-imports the user's ``__main__`` (functions from it travel by value).
 
-Threads: the main thread runs user code; a reader thread drains the socket
-into a queue (so the master's writes never block on a busy worker); a
-heartbeat thread sends ``Heartbeat`` every interval (see the master for why a
-silent heartbeat alone never condemns a worker).
+Threads: the main thread reads the socket and runs user code: before each
+attempt it takes what the master sent meanwhile without blocking, and blocks
+only when it has nothing to run; no thread hand-off per attempt. A second
+thread sends ``Heartbeat`` every interval (see the master for why a silent
+heartbeat alone never condemns a worker) and, once an attempt has run for
+20 ms, reads the socket in its place, so a cancel or a request to give a held
+attempt back is seen while a long attempt runs. The master's writes never wait
+on a busy worker (they are non-blocking there).
 
 The worker dies with its master (``PR_SET_PDEATHSIG`` on Linux, and EOF on
 the socket), so it is never orphaned. It says ``Goodbye`` before an orderly
@@ -16,10 +20,10 @@ exit, so the master never takes a clean exit for a crash.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import os
-import queue
 import signal
 import sys
 import threading
@@ -31,6 +35,7 @@ from ..._wire import Channel, RunAttempt
 from ..execute import run_attempt
 
 _EXIT_PARENT_GONE = 70
+_TICK = 0.02  # how often the heartbeat thread looks at the socket while user code runs
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> None:
@@ -48,25 +53,34 @@ class Worker:
         self.cfg = cfg
         self.name = cfg.name
         self.host = _wire.host_name()
-        self.inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.inbox: collections.deque[Any] = collections.deque()
         self.parent = os.getppid()
-        self.cancelled: set[int] = set()
+        self._rlock = threading.Lock()  # one reader of the socket (and of the inbox) at a time
+        self._busy_since = 0.0  # when the running attempt started (monotonic), else 0
 
     # -- threads ---------------------------------------------------------------
-    def _reader(self) -> None:
-        try:
-            while True:
-                for m in self.ch.recv():
-                    if isinstance(m, _wire.CancelAttempt):
-                        self.cancelled.add(m.attempt)
-                    else:
-                        self.inbox.put(m)
-        except (EOFError, OSError):
-            os._exit(_EXIT_PARENT_GONE)  # master gone: nobody can use our results
-
-    def _heartbeat(self) -> None:
+    def _watch(self) -> None:
+        """Heartbeats, and the socket while user code runs: what the master sent since
+        (a cancel, or a request to give back a held attempt for an idle worker) is taken
+        after ``_TICK`` of a running attempt, so it is seen before that attempt ends.
+        Short attempts never wait for this thread: the main thread reads between them."""
+        interval = self.cfg.heartbeat_interval
+        tick = min(_TICK, interval)
+        next_beat = time.monotonic() + interval
         while True:
-            time.sleep(self.cfg.heartbeat_interval)
+            time.sleep(tick)
+            now = time.monotonic()
+            since = self._busy_since
+            if since and now - since >= tick and self._rlock.acquire(blocking=False):
+                try:
+                    self._take(self.ch.recv_nowait())
+                except (EOFError, OSError):
+                    os._exit(_EXIT_PARENT_GONE)  # master gone: nobody can use our results
+                finally:
+                    self._rlock.release()
+            if now < next_beat:
+                continue
+            next_beat = now + interval
             if os.getppid() != self.parent:
                 os._exit(_EXIT_PARENT_GONE)
             try:
@@ -75,9 +89,32 @@ class Worker:
                 os._exit(_EXIT_PARENT_GONE)
 
     # -- main loop -------------------------------------------------------------
+    def _take(self, msgs: list[Any]) -> None:
+        """Queue what the master sent (under ``_rlock``). A cancel names an attempt sent
+        earlier on this socket: still queued here, it is dropped and ``Withdrawn`` at once
+        (even while another attempt runs); otherwise it runs or ran already."""
+        for m in msgs:
+            if isinstance(m, _wire.CancelAttempt):
+                for i, queued in enumerate(self.inbox):
+                    if isinstance(queued, RunAttempt) and queued.attempt == m.attempt:
+                        del self.inbox[i]
+                        self.ch.send([_wire.Withdrawn(m.attempt)])
+                        break
+            else:
+                self.inbox.append(m)
+
+    def _next(self) -> Any:
+        """The next message to act on: what the master sent meanwhile is taken first
+        without blocking; block only when there is nothing to run."""
+        with self._rlock:
+            try:
+                self._take(self.ch.recv_nowait() if self.inbox else self.ch.recv())
+            except (EOFError, OSError):
+                os._exit(_EXIT_PARENT_GONE)  # master gone: nobody can use our results
+            return self.inbox.popleft() if self.inbox else None
+
     def run(self) -> None:
-        threading.Thread(target=self._reader, name="pilotfish-reader", daemon=True).start()
-        threading.Thread(target=self._heartbeat, name="pilotfish-heartbeat", daemon=True).start()
+        threading.Thread(target=self._watch, name="pilotfish-heartbeat", daemon=True).start()
         from ...preflight import worker_checks
 
         checks = worker_checks(self.cfg.versions or {}, self.cfg.rundir)
@@ -87,13 +124,12 @@ class Worker:
             os._exit(0)
         self.ch.send([_wire.Hello(os.getpid(), self.host, self.name)])
         while True:
-            msg = self.inbox.get()
+            msg = self._next()
             if isinstance(msg, RunAttempt):
-                if msg.attempt in self.cancelled:
-                    self.cancelled.discard(msg.attempt)
-                    self.ch.send([_wire.Withdrawn(msg.attempt)])
-                else:
-                    self.ch.send([self.execute(msg)])
+                self._busy_since = time.monotonic()
+                result = self.execute(msg)
+                self._busy_since = 0.0
+                self.ch.send([result])
             elif isinstance(msg, _wire.Shutdown):
                 self.ch.send([_wire.Goodbye(msg.reason)])
                 sys.stdout.flush()
@@ -114,12 +150,15 @@ def main(argv: list[str] | None = None) -> None:
     die_with_parent()
     ch = Channel.from_fd(int(argv[0]))
     try:
-        (cfg,) = ch.recv()
+        cfg, *early = ch.recv()  # what came with the Config in one read follows it
     except EOFError:
         os._exit(_EXIT_PARENT_GONE)
     sys.path[:] = list(cfg.sys_path)
     os.chdir(cfg.cwd)
-    Worker(ch, cfg).run()
+    w = Worker(ch, cfg)
+    with w._rlock:
+        w._take(early)
+    w.run()
 
 
 if __name__ == "__main__":
