@@ -216,6 +216,8 @@ class Channel:
         self._wlock = threading.Lock()
         self._rbuf = bytearray()
         self._out = bytearray()  # queued, not yet written (queue/flush)
+        self._chunk = bytearray(_READ_SIZE)
+        self._view = memoryview(self._chunk)
 
     @classmethod
     def pair(cls) -> tuple[Channel, int]:
@@ -323,13 +325,19 @@ class Channel:
 
     def _read(self, flags: int) -> None:
         buf = self._rbuf
-        want = _READ_SIZE
         if len(buf) >= _HEADER.size:  # a large frame: read the rest of it at once
-            want = max(want, _HEADER.size + _HEADER.unpack_from(buf, 0)[0] - len(buf))
-        chunk = self.sock.recv(want, flags)
-        if not chunk:
+            want = _HEADER.size + _HEADER.unpack_from(buf, 0)[0] - len(buf)
+            if want > _READ_SIZE:
+                chunk = self.sock.recv(want, flags)
+                if not chunk:
+                    raise EOFError("the peer closed the channel")
+                buf += chunk
+                return
+        # into one reused buffer: a fresh 256 KB bytes per read would cost an mmap
+        n = self.sock.recv_into(self._chunk, _READ_SIZE, flags)
+        if not n:
             raise EOFError("the peer closed the channel")
-        buf += chunk
+        buf += self._view[:n]
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
