@@ -44,6 +44,7 @@ from ...preflight import client_versions
 from ..base import Alive, BackendEvent, MasterReport, Sink
 
 _STDERR_TAIL = 16384
+_QUIET = 0.0002  # a submit this long after the previous one is written at once (see submit)
 
 
 def _package_root() -> str:
@@ -102,6 +103,8 @@ class LocalBackend:
         self._restarts = 0
         self._ready = False
         self._last_msg = 0.0
+        self._last_submit = 0.0
+        self._sending = False  # a frame is being written (by submit() or the writer)
         self._stopping = False
         self._dead = False
         self._said_goodbye = False
@@ -122,10 +125,30 @@ class LocalBackend:
         m.start()
 
     def submit(self, attempts: Sequence[RunAttempt]) -> None:
+        """Queue ``attempts`` for the master. An attempt submitted alone (none in the last
+        ``_QUIET`` seconds, nothing queued or being written) is written here and now: no
+        hand-off to the writer thread on the way of a single task's round trip; in a burst
+        the writer thread sends what piled up in one message."""
         with self._lock:
             self._ledger.submit((a.attempt, a.key, a, a.timeout) for a in attempts)
-            self._outbox.extend(attempts)
-            self._wake.notify()
+            now = time.monotonic()
+            quiet = now - self._last_submit > _QUIET
+            self._last_submit = now
+            ch = self._ch
+            if not quiet or self._outbox or self._sending or ch is None or self._stopping:
+                self._outbox.extend(attempts)
+                self._wake.notify()
+                return
+            self._sending = True
+        try:
+            ch.send(attempts)
+        except OSError:
+            pass  # master gone: _master_gone resends what it had not started
+        finally:
+            with self._lock:
+                self._sending = False
+                if self._outbox:
+                    self._wake.notify()
 
     def cancel(self, attempts: Sequence[int]) -> None:
         with self._lock:
@@ -389,17 +412,22 @@ class LocalBackend:
     def _writer(self) -> None:
         while True:
             with self._lock:
-                while not self._outbox and not self._stopping:
+                while (not self._outbox or self._sending) and not self._stopping:
                     self._wake.wait()
                 if self._stopping:
                     return
                 msgs, self._outbox = self._outbox, []
                 ch = self._ch
+                self._sending = ch is not None  # submit() writes nothing meanwhile: in order
             if ch is None:
                 continue
-            # master gone: _master_gone resends what it had not started
-            with contextlib.suppress(OSError):
+            try:
                 ch.send(msgs)
+            except OSError:
+                pass  # master gone: _master_gone resends what it had not started
+            finally:
+                with self._lock:
+                    self._sending = False
 
     def _monitor(self) -> None:
         stopped_since: float | None = None
