@@ -4,7 +4,6 @@ behind a long attempt elsewhere (the rules are unit-tested in test_dispatch.py).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pilotfish
@@ -16,18 +15,15 @@ def _len(b: bytes) -> int:
 
 
 def test_held_attempt_is_taken_back_by_an_idle_worker(tmp_path: Path) -> None:
-    """Three tasks on two workers: the first worker takes the 3 s one and holds another
+    """Three tasks on two workers: the first worker takes the 5 s one and holds another
     behind it (prefetch 2). The other worker is done in 0.2 s and takes the held one
-    back; it does not wait the 3 s. Every body runs once."""
+    back; it does not wait the 5 s. Every body runs once."""
     with pilotfish.Session(2, rundir=str(tmp_path / "run")) as s:
         s.submit(sleep_then, None, 0).result()  # both workers up is not needed; one is
-        t0 = time.monotonic()
-        long = s.submit(sleep_then, "long", 3.0)
+        long = s.submit(sleep_then, "long", 5.0)
         short = [s.submit(sleep_then, i, 0.2) for i in range(2)]
         assert [f.result(timeout=30) for f in short] == [0, 1]
-        took = time.monotonic() - t0
-        assert not long.done(), "the long task should still be running"
-        assert took < 2.0, f"a short task waited behind the long one ({took:.1f} s)"
+        assert not long.done(), "a short task waited behind the long one"
         assert long.result(timeout=30) == "long"
         assert [len(f.attempts) for f in [long, *short]] == [1, 1, 1]
 
