@@ -168,7 +168,10 @@ Limits (honest ones):
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import contextvars
+import functools
 import logging
 import os
 import pickle
@@ -184,7 +187,9 @@ from types import ModuleType
 from typing import Any, NamedTuple
 
 import distributed
+from distributed.client import done_callback as _done_callback
 from distributed.diagnostics.plugin import WorkerPlugin
+from distributed.utils_comm import gather_from_workers
 
 from .. import _wire
 from .._wire import Fatal, Lost, Result, RunAttempt, WorkerReport
@@ -220,9 +225,17 @@ class _NotStarted(NamedTuple):
     reason: str
 
 
-def _attempt_on_worker(m: RunAttempt, dkey: str, fence: str, rundir: str) -> Result | _NotStarted:
+async def _attempt_on_worker(
+    m: RunAttempt, dkey: str, fence: str, rundir: str
+) -> Result | _NotStarted:
     """The Dask task: ask the start fence on the scheduler (one synchronous call), then
-    run the attempt here, or return :class:`_NotStarted` without running user code."""
+    run the attempt here, or return :class:`_NotStarted` without running user code.
+
+    A coroutine, so Dask runs it on the worker's event loop, holding one of the worker's
+    task slots as any task does: the fence's call is awaited right there (a worker thread
+    handing it to the loop and waiting for the answer cost two thread switches per
+    attempt, on the path every attempt waits for), and only the attempt itself goes to the
+    worker's thread pool (:func:`_in_thread`, as Dask runs a function task)."""
     pid = os.getpid()
     try:
         worker: Any = distributed.get_worker()
@@ -231,21 +244,11 @@ def _attempt_on_worker(m: RunAttempt, dkey: str, fence: str, rundir: str) -> Res
     where = str(worker.address)
     host = _wire.host_name()
     try:
-        from distributed.utils import sync
-
-        if os.environ.get("PF_NOFENCE"):
-            answer = {"granted": True}
-        else:
-          answer = sync(
-            worker.loop,
-            getattr(worker.scheduler, fence),
-            key=dkey,
-            attempt=m.attempt,
-            worker=where,
-            pid=pid,
-            host=host,
-            when=time.time(),
-            callback_timeout=_FENCE_TIMEOUT,
+        answer = await asyncio.wait_for(
+            getattr(worker.scheduler, fence)(
+                key=dkey, attempt=m.attempt, worker=where, pid=pid, host=host, when=time.time()
+            ),
+            _FENCE_TIMEOUT,
         )
         granted = isinstance(answer, dict) and answer.get("granted") is True
         if granted:
@@ -259,6 +262,32 @@ def _attempt_on_worker(m: RunAttempt, dkey: str, fence: str, rundir: str) -> Res
         why = f"pilotfish's start fence on the scheduler did not answer: {type(e).__name__}: {e}"
     if not granted:
         return _NotStarted(m.attempt, dkey, where, why)
+    ctx = contextvars.copy_context()  # Dask's worker context variable: get_worker() works
+    pool = worker.executors.get("default")
+    return await asyncio.get_running_loop().run_in_executor(
+        pool, ctx.run, _in_thread, worker, m, dkey, where, host, rundir
+    )
+
+
+def _in_thread(worker: Any, m: RunAttempt, dkey: str, where: str, host: str, rundir: str) -> Result:
+    """Run a granted attempt in a thread of the worker's pool, set up as Dask sets up a
+    thread that runs a task (its key, its worker; listed in the worker's active threads)."""
+    from distributed.utils import set_thread_state
+
+    ident = threading.get_ident()
+    with worker.active_threads_lock:
+        worker.active_threads[ident] = dkey
+    try:
+        with set_thread_state(
+            start_time=time.time(), execution_state=worker.execution_state, key=dkey
+        ):
+            return _run_here(worker, m, dkey, where, host, rundir)
+    finally:
+        with worker.active_threads_lock:
+            worker.active_threads.pop(ident, None)
+
+
+def _run_here(worker: Any, m: RunAttempt, dkey: str, where: str, host: str, rundir: str) -> Result:
     if m.kind != "command":
         return run_attempt(m, worker=where, host=host, rundir=rundir)
     # A program runs in its own process group, which a released task (the client died or
@@ -283,6 +312,18 @@ def _watch_release(worker: Any, dkey: str, cancel: threading.Event, done: thread
         if ts is None or ts.state not in ("executing", "long-running"):
             cancel.set()
             return
+
+
+def _watch_futures(loop: Any, items: list[tuple[Any, str, int]], put: Callable[..., None]) -> None:
+    """On the Dask client's event loop: put ``("done", future, dkey, attempt)`` once each
+    future is done. What ``Future.add_done_callback`` does, without its per-future wake-up
+    of the loop from another thread and hop through Dask's callback thread."""
+    for f, dkey, aid in items:
+        loop.add_callback(_done_callback, f, functools.partial(_report_done, put, dkey, aid))
+
+
+def _report_done(put: Callable[..., None], dkey: str, aid: int, fut: Any) -> None:
+    put(("done", fut, dkey, aid))
 
 
 class _ClientSysPath(WorkerPlugin):
@@ -728,12 +769,9 @@ class DaskBackend:
                     a.fut = f
                 else:  # cancelled, lost or stopped while we submitted it
                     late.append(f)
-        put = self._q.put
-        for a, f in zip(batch, futs, strict=True):
-            if a.fut is f:
-                f.add_done_callback(
-                    lambda f, dkey=a.dkey, aid=a.m.attempt: put(("done", f, dkey, aid))
-                )
+        watch = [(f, a.dkey, a.m.attempt) for a, f in zip(batch, futs, strict=True) if a.fut is f]
+        if watch:  # one hand-over to the client's event loop per batch
+            self._client.loop.add_callback(_watch_futures, self._client.loop, watch, self._q.put)
         self._cancel_futs(late)
 
     def _map(self, batch: list[_Att], fence: str, priority: int) -> list[Any]:
@@ -1284,7 +1322,7 @@ class DaskBackend:
     ) -> None:
         finished: list[tuple[_Att, Any]] = []
         other: list[tuple[_Att, Any, str]] = []
-        near = True
+        holder: dict[str, str] = {}  # Dask key -> the worker on this host that ran it
         with self._lock:
             for fut, dkey, aid in done:
                 e = self._ledger.get(aid)
@@ -1293,7 +1331,8 @@ class DaskBackend:
                 status = fut.status
                 if status == "finished":
                     finished.append((e.item, fut))
-                    near = near and e.where == "started" and self._is_near(e.worker, e.host)
+                    if e.where == "started" and self._is_near(e.worker, e.host):
+                        holder[dkey] = e.worker
                 else:
                     other.append((e.item, fut, status))
         for att, fut, status in other:
@@ -1301,9 +1340,7 @@ class DaskBackend:
         if not finished:
             return
         try:
-            # from the workers themselves when they are on this host (no detour through
-            # the scheduler); else Dask's default. Missing keys fall back to the scheduler.
-            values = self._client.gather([f for _, f in finished], direct=near or None)
+            values = self._fetch(finished, holder)
             pairs = list(zip([a for a, _ in finished], values, strict=True))
         except Exception:  # one by one; a result lost with its worker fails its attempt
             pairs = []
@@ -1316,6 +1353,28 @@ class DaskBackend:
         with self._lock:
             for att, res in pairs:
                 self._deliver_locked(att, res, events, cancel)
+
+    def _fetch(self, finished: list[tuple[_Att, Any]], holder: dict[str, str]) -> list[Any]:
+        """The values of finished futures, in order. A value whose worker is on this host
+        comes straight from the worker the start fence granted its attempt to, asked
+        directly (one request per worker: no detour through the scheduler, and no
+        ``who_has`` round trip to it first, as ``Client.gather(direct=True)`` makes). The
+        others, and any that worker no longer has (moved, lost), come through
+        ``Client.gather``: directly when all of them are near, else Dask's default."""
+        got: dict[str, Any] = {}
+        if holder:
+            with contextlib.suppress(Exception):  # then all of them through Client.gather
+                got = self._client.sync(
+                    gather_from_workers,
+                    {k: [w] for k, w in holder.items()},
+                    rpc=self._client.rpc,
+                )[0]
+        rest = [f for a, f in finished if a.dkey not in got]
+        if rest:
+            near = all(f.key in holder for f in rest)
+            values = self._client.gather(rest, direct=near or None)
+            got.update(zip([f.key for f in rest], values, strict=True))
+        return [got[a.dkey] for a, _ in finished]
 
     def _deliver_locked(self, att: _Att, res: Any, events: list[Any], cancel: list[Any]) -> None:
         e = self._ledger.get(att.m.attempt)

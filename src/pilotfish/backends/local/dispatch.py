@@ -296,7 +296,10 @@ class Dispatcher:
         self._steal_at = None
         ledger = self.ledger
         ready = [s for s in self.slots.values() if s.state == "ready"]
-        if not any(ledger.count(s.name) == 0 for s in ready):
+        limit = self.max_tasks
+        if not any(
+            ledger.count(s.name) == 0 and (limit is None or s.given < limit) for s in ready
+        ):
             return
         for s in ready:
             held = ledger.held_by(s.name)
