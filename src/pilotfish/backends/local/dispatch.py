@@ -297,9 +297,7 @@ class Dispatcher:
         ledger = self.ledger
         ready = [s for s in self.slots.values() if s.state == "ready"]
         limit = self.max_tasks
-        if not any(
-            ledger.count(s.name) == 0 and (limit is None or s.given < limit) for s in ready
-        ):
+        if not any(ledger.count(s.name) == 0 and (limit is None or s.given < limit) for s in ready):
             return
         for s in ready:
             held = ledger.held_by(s.name)
