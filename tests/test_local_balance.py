@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import faulty
 import pilotfish
-from executor_tasks import sleep_then
+from executor_tasks import log_once, sleep_then
 
 
 def _len(b: bytes) -> int:
@@ -44,3 +45,23 @@ def test_busy_worker_never_blocks_the_master(tmp_path: Path) -> None:
         assert second.result(timeout=60) == 64 << 20
         assert [len(first.attempts), len(second.attempts)] == [1, 1]
         assert s.counts().get("DONE") == 2
+
+
+def test_worker_killed_while_holding_a_batch(tmp_path: Path) -> None:
+    """Short tasks are held 64 deep; a task in the middle kills its worker. Only that task
+    is charged (WORKER_LOST, then done on its retry); the batch the dead worker held goes
+    back unblamed and each of those bodies runs exactly once."""
+    log = tmp_path / "ran.log"
+    with pilotfish.Session(
+        2, rundir=str(tmp_path / "run"), backoff=pilotfish.Backoff(base=0.01)
+    ) as s:
+        [s.submit(log_once, str(tmp_path / "warm.log"), i) for i in range(300)][-1].result()
+        before = [s.submit(log_once, str(log), i) for i in range(600)]
+        killer = s.submit(faulty.kill_self_once, str(tmp_path / "marker"), 7)
+        after = [s.submit(log_once, str(log), i) for i in range(600, 1200)]
+        assert killer.result(timeout=60) == 7
+        assert [f.result(timeout=60) for f in before + after] == list(range(1200))
+        assert [a.outcome for a in killer.attempts] == ["worker_lost", "done"]
+        assert {len(f.attempts) for f in before + after} == {1}
+    ran = sorted(int(x) for x in log.read_text().split())
+    assert ran == list(range(1200)), "a body ran twice, or never"
