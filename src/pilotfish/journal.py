@@ -115,7 +115,7 @@ _ATTEMPT_FIELDS = (
 def _encode(history: list[tuple[float, str, str]], attempts: list[Any]) -> tuple[str, str]:
     """Compact, fast encodings (this runs once per task): attempts as JSON lists in
     ``_ATTEMPT_FIELDS`` order, history as ``time from to;...``."""
-    h = ";".join(f"{t:.6f} {a} {b}" for t, a, b in history)
+    h = ";".join([f"{t:.6f} {a} {b}" for t, a, b in history])  # a list joins faster
     rows = [
         (
             a.number,
