@@ -377,10 +377,17 @@ class _CallUnpickler(pickle.Unpickler):
 
 
 def loads_call(payload: bytes, deps: Sequence[bytes]) -> Any:
+    if not deps:  # no persistent ids in it: the C unpickler alone
+        return pickle.loads(payload)
     return _CallUnpickler(io.BytesIO(payload), deps).load()
 
 
+_PLAIN_VALUES = frozenset({type(None), bool, int, float, str, bytes})
+
+
 def dumps_value(value: Any) -> bytes:
+    if type(value) in _PLAIN_VALUES:  # what cloudpickle would write, 10x faster
+        return pickle.dumps(value, PROTOCOL)
     data: bytes = cloudpickle.dumps(value, protocol=PROTOCOL)
     return data
 
