@@ -604,6 +604,104 @@ def test_lost_in_transit_bookkeeping() -> None:
     assert list(pm._pf_pushed) == [uid[3], uid[1]]
 
 
+def test_task_callback_queues_only_executing_and_final_states(tmp_path: Path) -> None:
+    """RP calls the TaskManager callback for every state a task passes (~15 per task);
+    only AGENT_EXECUTING and the final states mean anything to the backend's event
+    thread, so only those are queued for it."""
+    import types
+
+    b = RadicalBackend(1, rundir=str(tmp_path / "run"))
+    task = types.SimpleNamespace(uid="pf.tok.1.1")
+    states = [getattr(rp.states, n) for n in dir(rp.states) if n.isupper()]
+    states = sorted({s for s in states if isinstance(s, str) and s in rp.states._task_state_values})
+    for st in states:
+        b._task_cb(task, st)
+    queued = []
+    while not b._q.empty():
+        item = b._q.get_nowait()
+        assert item is not None
+        queued.append(item[2])
+    assert sorted(queued) == sorted({rp.AGENT_EXECUTING, *rp.FINAL})
+
+
+class _Prof:
+    def prof(self, *a: Any, **kw: Any) -> None:
+        pass
+
+
+def _bare_worker(answers: list[Any]) -> Any:
+    """A PilotfishWorker's own logic only (no RP component): one core, its requests to
+    the master answered from ``answers`` and recorded in ``asked``."""
+    import logging
+
+    from pilotfish.backends.radical import worker as w
+
+    pw = object.__new__(w.PilotfishWorker)
+    pw._uid, pw._n_cores, pw._n_gpus = "w1", 1, 0
+    pw._rlock, pw._resources = threading.Lock(), {"cores": [0], "gpus": []}
+    pw._res_evt, pw._pf_alloc_wait = threading.Event(), 0.2
+    pw._prof, pw._log = _Prof(), logging.getLogger("test.pilotfish.worker")
+    pw.asked = []
+
+    def request(cmd: str, *args: Any) -> Any:
+        pw.asked.append((cmd, *args))
+        return answers.pop(0)
+
+    pw._pf_request = request
+    return pw
+
+
+def test_worker_asks_the_start_fence_once_the_core_is_its_before_the_fork() -> None:
+    """The start fence is asked by the worker itself (its one connection to the master),
+    right after RP's allocation gave the task its core and before RP forks the task's
+    process: granted, the task runs; refused, its process runs nothing (withdrawn); no
+    core free, nothing is asked yet."""
+    pw = _bare_worker([True, False])
+    t1 = {"uid": "pf.tok.1.1", "description": {}}
+    assert pw._alloc(t1) is True
+    assert pw.asked == [("pilotfish_start", "w1", "pf.tok.1.1", os.getpid())]
+    assert "pf_withdrawn" not in t1
+    t2 = {"uid": "pf.tok.2.2", "description": {}}
+    assert pw._alloc(t2) is False  # the one core is t1's: not asked
+    assert len(pw.asked) == 1
+    # a core freed while it waits is taken at once (not after RP's 10 ms sleep)
+    threading.Timer(0.05, pw._dealloc, (t1,)).start()
+    t0 = time.monotonic()
+    assert pw._alloc(t2) is True
+    assert time.monotonic() - t0 < 0.15
+    assert pw.asked[-1][:3] == ("pilotfish_start", "w1", "pf.tok.2.2")
+    assert t2["pf_withdrawn"] is True  # refused: the fork reports it, runs nothing
+
+
+def test_worker_calls_pilotfish_run_as_rp_dispatcher_does() -> None:
+    """The call's process calls ``pilotfish_run`` directly (no asyncio event loop per
+    task): the same (stdout, stderr, exit code, value, exception) as RP's dispatcher."""
+    import asyncio
+
+    pw = _bare_worker([])
+
+    def run_ok(blob: str) -> str:
+        print("out", blob)
+        print("err", file=__import__("sys").stderr)
+        return blob.upper()
+
+    def run_bad(blob: str) -> str:
+        raise ValueError(blob)
+
+    task = {"uid": "pf.tok.1.1", "description": {"function": "pilotfish_run", "args": ["ab"]}}
+    pw.pilotfish_run = run_ok
+    mine = pw._pf_call(dict(task))
+    theirs = asyncio.run(pw._dispatch_func(dict(task, description=dict(task["description"]))))
+    assert mine == tuple(theirs) == ("out ab\n", "err\n", 0, "AB", (None, None))
+    pw.pilotfish_run = run_bad
+    out, err, ret, val, exc = pw._pf_call(dict(task))
+    t_out, t_err, t_ret, t_val, t_exc = asyncio.run(
+        pw._dispatch_func(dict(task, description=dict(task["description"])))
+    )
+    assert (out, err, ret, val, exc[0]) == (t_out, t_err, t_ret, t_val, t_exc[0])
+    assert ret == 1 and exc[0] == "ValueError('ab')" and "ValueError: ab" in exc[1]
+
+
 def count_run(path: str, x: int) -> int:
     with open(path, "a") as f:
         f.write(f"{x}\n")

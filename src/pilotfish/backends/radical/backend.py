@@ -89,6 +89,8 @@ _TOKEN_VAR = "PILOTFISH_RP_TOKEN"
 # os.environ holds a backend's token only while it starts RP's PilotManager (see
 # _start_rp); one backend at a time
 _ENV_LOCK = threading.Lock()
+_EXECUTING = rp.AGENT_EXECUTING
+_FINAL = frozenset(rp.FINAL)
 
 
 def _tail(path: str, n: int = 4000) -> str:
@@ -386,7 +388,11 @@ class RadicalBackend:
 
     # ------------------------------------------------------------------ RP callbacks
     def _task_cb(self, task: Any, state: str) -> None:
-        self._q.put(("task", task, state))
+        # RP calls this for every state a task passes (~15 per task); only these two
+        # kinds mean anything here (see _on_task): the others would wake the event
+        # thread for nothing
+        if state == _EXECUTING or state in _FINAL:
+            self._q.put(("task", task, state))
 
     def _pilot_cb(self, pilots: Any, state: str | None = None) -> None:
         """RP calls a pilot's own callbacks with ``[pilot]`` (no state), the pilot

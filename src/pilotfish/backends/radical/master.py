@@ -8,7 +8,7 @@ the task's uid); this master turns RP's signals into ledger events:
 * every task it received (``request_cb``) until it is finished or advanced by us;
 * which worker *holds* which task: a worker claims the bulk of tasks it took from RP's
   shared queue (``pilotfish_claim``) as soon as it has them;
-* which held task is *running*: the worker's per-task process asks before it runs one
+* which held task is *running*: the worker asks before it forks the process for one
   (``pilotfish_start``); the master then publishes the task's AGENT_EXECUTING state
   with the worker's name, pid and host in ``description.metadata["pilotfish"]``, so
   the client knows at once where the attempt runs (RP alone reports AGENT_EXECUTING
@@ -415,7 +415,8 @@ class PilotfishMaster(Master):  # type: ignore[misc]
         return lost
 
     def _pf_start(self, wid: str, uid: str, pid: int) -> bool:
-        """A worker's task process asks to run a task it holds (the start fence)."""
+        """A worker asks to run a task it holds (the start fence), just before it forks
+        the task's process (``pid`` is the worker's own)."""
         with self._pf_lock:
             w = self._pf_workers.get(wid) or {}
             if w.get("state") == "lost":
@@ -433,7 +434,6 @@ class PilotfishMaster(Master):  # type: ignore[misc]
             info = {
                 "worker": wid,
                 "pid": int(w.get("pid") or 0),
-                "task_pid": int(pid),
                 "host": w.get("host") or "",
                 "time": time.time(),
                 "master_pid": os.getpid(),

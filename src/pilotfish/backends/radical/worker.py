@@ -9,10 +9,11 @@ with these changes:
 * a bulk of tasks taken from RP's shared queue is *claimed* from the master at once
   (``pilotfish_claim``), so the master knows which worker holds which task; a task the
   master no longer has (cancelled, already claimed elsewhere) is dropped;
-* the forked per-task process asks the master before it runs the task
-  (``pilotfish_start``): the master then knows the task is *running* (not just
-  queued in this worker) and tells the client at once; a task the master withdrew in
-  the meantime is not run;
+* the worker asks the master before it forks the per-task process for a task, once
+  RP gave the task its core (``pilotfish_start``, from the thread that forks, on the
+  worker's one connection to the master): the master then knows the task is *running*
+  (not just queued in this worker) and tells the client at once; a task the master
+  withdrew in the meantime is not run (its per-task process reports it withdrawn);
 * the per-task process runs the call in a child of its own and always reports: a
   result, a timeout, or, when that child died without one (segfault, ``os._exit``,
   SIGKILL), a ``"pilotfish": "task_process_lost"`` record with its exit status. RP's
@@ -29,7 +30,13 @@ with these changes:
   dropped instead of crashing RP's result thread;
 * ``pilotfish_run(blob)`` is the one function every task calls: it runs a pickled
   :class:`~pilotfish._wire.RunAttempt` through :func:`pilotfish.backends.execute.run_attempt`
-  (which never raises) and returns the pickled ``Result``, base64-encoded.
+  (which never raises) and returns the pickled ``Result``, base64-encoded. The call's
+  process calls it directly (stdout/stderr captured as RP's function dispatcher does),
+  without RP's per-call asyncio event loop and environment copy.
+
+Per task, the worker forks; what every task's processes need is imported in the worker
+before that (so not once per task), and the start fence travels on the worker's one
+connection to the master (not a new ZMQ context per task process).
 """
 
 from __future__ import annotations
@@ -87,6 +94,40 @@ def _client_path(cfg: dict[str, Any]) -> None:
 
 
 _WATCH_EVERY = 0.2  # s between looks at the per-task processes
+_PRCTL: Any = None  # libc's prctl, looked up once in the worker (not in every fork)
+
+
+def _die_with_parent() -> None:
+    """PR_SET_PDEATHSIG with SIGKILL (Linux), as ``local.worker.die_with_parent``, with
+    libc's ``prctl`` looked up once in the worker before it forks."""
+    if _PRCTL is None:
+        from pilotfish.backends.local.worker import die_with_parent
+
+        die_with_parent()
+        return
+    with contextlib.suppress(Exception):
+        _PRCTL(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _preload() -> None:
+    """Import in the worker what each task's forked processes need, and look up prctl:
+    a fork inherits them instead of importing them for every task."""
+    global _PRCTL
+    import importlib
+
+    for name in (
+        "setproctitle",
+        "pilotfish.backends.execute",
+        "pilotfish.backends.local.worker",
+        "pilotfish.core.ledger",
+    ):
+        with contextlib.suppress(Exception):
+            importlib.import_module(name)
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(Exception):
+            import ctypes
+
+            _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
 
 
 class _Fork:
@@ -119,6 +160,7 @@ class PilotfishWorker(DefaultWorker):  # type: ignore[misc]
 
         self._pf_cfg = cfg
         self._pf_host = _wire.host_name()
+        _preload()
         try:
             checks = worker_checks(cfg.get("versions") or {}, cfg.get("rundir") or ".")
             self._pf_problems = [c.message() for c in checks if not c.ok]
@@ -178,6 +220,33 @@ class PilotfishWorker(DefaultWorker):  # type: ignore[misc]
                 self._pf_start_fork(task)
             else:
                 self._log.info("pilotfish: master withdrew %s", task["uid"])
+
+    _pf_alloc_wait = 1.0  # s to wait for a core to come free before RP's caller retries
+
+    def _alloc(self, task: Any) -> bool:
+        """RP's resource allocation, then the start fence: RP forks the task's process
+        right after this returns True, in this thread.
+
+        RP's caller sleeps 10 ms between tries while no core is free (on average 5 ms
+        of idle core after every task); this waits for ``_dealloc``'s signal instead
+        (cleared before the try, so a core freed in between is not missed).
+        ``pilotfish_start`` is asked here, on the worker's connection (a new ZMQ context
+        in every per-task process cost ~2 ms of CPU per task); a refused task's process
+        runs nothing and reports it withdrawn."""
+        self._res_evt.clear()
+        if not super()._alloc(task):
+            self._res_evt.wait(self._pf_alloc_wait)
+            if not super()._alloc(task):
+                return False
+        uid = task["uid"]
+        try:
+            go = self._pf_request("pilotfish_start", self._uid, uid, os.getpid())
+        except Exception:
+            self._log.exception("pilotfish: start request failed for %s", uid)
+            go = True  # run it; the master's record decides about its result
+        if not go:
+            task["pf_withdrawn"] = True
+        return True
 
     def _pf_test_drop(self, tasks: list[Any]) -> list[Any]:
         """Test hook (``test_hooks["worker_drops"]``: the numbers at the end of task uids):
@@ -298,9 +367,7 @@ class PilotfishWorker(DefaultWorker):  # type: ignore[misc]
 
     # -- the per-task process ------------------------------------------------------
     def _dispatch(self, task: Any, env: Any) -> None:  # runs in a process forked per task
-        from pilotfish.backends.local.worker import die_with_parent
-
-        die_with_parent()
+        _die_with_parent()
         if os.getppid() != self._pf_pid:  # the worker died before the line above
             os._exit(70)
         task["pid"] = os.getpid()
@@ -337,15 +404,7 @@ class PilotfishWorker(DefaultWorker):  # type: ignore[misc]
 
     def _pf_run_task(self, task: Any) -> None:
         uid = task["uid"]
-        try:
-            c = ru.zmq.Client(url=self._ts_addr)
-            go = c.request("pilotfish_start", self._uid, uid, os.getpid())
-            c.close()
-        except Exception:
-            self._log.exception("pilotfish: start request failed for %s", uid)
-            go = True  # run it; the master's record decides about its result
-        if not go:
-            task["pf_withdrawn"] = True
+        if task.get("pf_withdrawn"):  # the master refused its start (see _alloc)
             self._pf_put(task)
             return
         rec = self._pf_fork
@@ -398,9 +457,7 @@ class PilotfishWorker(DefaultWorker):  # type: ignore[misc]
         )
 
     def _pf_child(self, task: Any, sent: Any) -> None:  # the call's own process
-        from pilotfish.backends.local.worker import die_with_parent
-
-        die_with_parent()
+        _die_with_parent()
         if os.getppid() != task["pid"]:  # the per-task process died before the line above
             os._exit(70)
         with contextlib.suppress(Exception):
@@ -416,7 +473,9 @@ class PilotfishWorker(DefaultWorker):  # type: ignore[misc]
             os.chdir(sbox)
             mode = task["description"]["mode"]
             dispatcher = self.get_dispatcher(mode)
-            if mode in (TASK_FUNCTION, TASK_METHOD):
+            if mode == TASK_FUNCTION and task["description"].get("function") == "pilotfish_run":
+                out, err, ret, val, exc = self._pf_call(task)
+            elif mode in (TASK_FUNCTION, TASK_METHOD):
                 out, err, ret, val, exc = asyncio.run(dispatcher(task))
             else:
                 out, err, ret, val, exc = dispatcher(task)
@@ -426,6 +485,29 @@ class PilotfishWorker(DefaultWorker):  # type: ignore[misc]
         self._result_queue.close()
         self._result_queue.join_thread()  # the result is in the pipe before we say so
         sent.value = 1
+
+    def _pf_call(self, task: Any) -> tuple[Any, Any, int, Any, Any]:
+        """RP's function dispatcher for ``pilotfish_run``, less its asyncio event loop
+        (``pilotfish_run`` is not a coroutine), its copy of ``os.environ`` and its name
+        look-ups: the same (out, err, exit code, value, exception) from the same call."""
+        import io
+
+        td = task["description"]
+        args = list(td.get("args") or [])
+        kwargs = dict(td.get("kwargs") or {})
+        for k, v in (td.get("environment") or {}).items():
+            os.environ[k] = str(v)
+        bak_out, bak_err = sys.stdout, sys.stderr
+        sys.stdout = strout = io.StringIO()
+        sys.stderr = strerr = io.StringIO()
+        try:
+            val = self.pilotfish_run(*args, **kwargs)
+            return strout.getvalue(), strerr.getvalue(), 0, val, (None, None)
+        except Exception as e:
+            err = strerr.getvalue() + f"\ncall failed: {e}"
+            return strout.getvalue(), err, 1, None, (repr(e), traceback.format_exc())
+        finally:
+            sys.stdout, sys.stderr = bak_out, bak_err
 
     # -- the function every pilotfish task calls --------------------------------
     def pilotfish_run(self, blob: str) -> str:
