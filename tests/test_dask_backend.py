@@ -19,6 +19,7 @@ the subprocess worker of the scheduler test relies on the backend's sys.path plu
 from __future__ import annotations
 
 import contextlib
+import inspect
 import multiprocessing.resource_tracker
 import os
 import pickle
@@ -128,16 +129,92 @@ def test_existing_client_is_left_open(cluster: Any, tmp_path: Path) -> None:
 
 @pytest.mark.timeout(60)
 def test_many_tasks_batched_and_fetched_directly(ds: pilotfish.Session) -> None:
-    """Attempts reach Dask in batches (one graph per batch) and values come straight
-    from the workers on this host; every task still gets Started and its own value."""
+    """Attempts reach Dask in batches (one graph per batch); small values come with the
+    task's end on the session's event topic (never fetched), larger ones straight from
+    the workers on this host; every task still gets Started and its own value."""
+    backend: Any = ds._backend
+    fetched: list[str] = []
+    real_fetch = backend._fetch
+
+    def fetch(finished: list[Any], holder: dict[str, str]) -> list[Any]:
+        fetched.extend(a.dkey for a, _ in finished)
+        return real_fetch(finished, holder)  # type: ignore[no-any-return]
+
+    backend._fetch = fetch
     ts = [ds.submit(faulty.ident, i) for i in range(300)]
     chain = ds.submit(add, ds.submit(add, 1, 2), 3)
     assert [t.result(timeout=60) for t in ts] == list(range(300))
     assert chain.result(timeout=60) == 6
     assert all(len(t.attempts) == 1 and t.attempts[0].started for t in ts)
-    backend: Any = ds._backend
+    assert fetched == []  # all small: every value came on the event topic
+    big = [ds.submit(faulty.ident, "x" * 5000 + str(i)) for i in range(5)]
+    assert [t.result(timeout=60) for t in big] == ["x" * 5000 + str(i) for i in range(5)]
+    assert len(fetched) == 5
     assert backend._near and all(backend._near.values())  # LocalCluster: all local
     assert len(backend._ledger) == 0 and not backend._pending
+    # a result event for an attempt pilotfish no longer holds (withdrawn, superseded, or
+    # already delivered) is ignored
+    events: list[Any] = []
+    for aid in (10**9, 1):  # unknown, and long delivered
+        result = [aid, True, b"", "tcp://w:1", 1, 0.0, 0.0, "h"]
+        backend._on_result({"op": "result", "key": "k", "result": result}, events, [])
+    assert events == []
+
+
+def where_it_runs() -> tuple[str, str, str]:
+    """A task: its Dask worker, thread and Dask key, as Dask's worker sees them."""
+    from distributed.worker import thread_state
+
+    w = distributed.get_worker()
+    return str(w.address), threading.current_thread().name, str(thread_state.key)
+
+
+@pytest.mark.timeout(60)
+def test_attempt_runs_in_the_workers_thread_pool(ds: pilotfish.Session, cluster: Any) -> None:
+    """The Dask task is a coroutine (it awaits the start fence on the worker's event loop,
+    no thread hand-offs), but the attempt itself runs in a thread of the worker's pool,
+    set up as Dask sets up a task's thread: get_worker() and the task's key work there."""
+    from pilotfish.backends.dask import _attempt_on_worker
+
+    assert inspect.iscoroutinefunction(_attempt_on_worker)
+    addr, thread, key = ds.submit(where_it_runs).result(timeout=30)
+    assert addr in cluster.scheduler.workers
+    assert "Dask-Default-Threads" in thread  # not the event loop's thread
+    assert key.startswith("pilotfish-") and ds._backend._token in key  # type: ignore[attr-defined]
+
+
+@pytest.mark.timeout(60)
+def test_values_come_from_the_granted_worker_without_asking_the_scheduler(
+    ds: pilotfish.Session, cluster: Any
+) -> None:
+    """A value is fetched straight from the worker the start fence granted its attempt to
+    (no who_has round trip to the scheduler first); a value that worker does not have
+    (moved, lost) comes through Client.gather."""
+    handlers = cluster.scheduler.handlers
+    real = handlers["who_has"]
+    asked: list[Any] = []
+
+    def who_has(*args: Any, **kwargs: Any) -> Any:
+        asked.append(kwargs.get("keys"))
+        return real(*args, **kwargs)
+
+    handlers["who_has"] = who_has
+    try:
+        pad = "y" * 5000  # larger than a result that travels on the event topic
+        ts = [ds.submit(add, pad, str(i)) for i in range(40)]
+        assert [t.result(timeout=60) for t in ts] == [pad + str(i) for i in range(40)]
+        assert asked == []
+        # a holder that does not have the value: Client.gather finds it
+        backend: Any = ds._backend
+        c = backend._client
+        w1, w2 = sorted(cluster.scheduler.workers)
+        fut = c.submit(faulty.square, 7, workers=[w1], pure=False)
+        assert fut.result(timeout=30) == 49
+        att = types.SimpleNamespace(dkey=fut.key)
+        assert backend._fetch([(att, fut)], {fut.key: w2}) == [49]
+        assert asked  # asked the scheduler where it is
+    finally:
+        handlers["who_has"] = real
 
 
 @pytest.mark.timeout(60)
@@ -424,6 +501,38 @@ class _FakeScheduler:
 
     def remove_plugin(self, name: str) -> None:
         del self.plugins[name]
+
+
+def test_submitter_lets_attempts_gather_only_while_dask_has_a_backlog() -> None:
+    """Each Client.map is one graph update on the scheduler: while Dask holds many
+    attempts that have not started (its workers stay busy), the submitter waits a little
+    for more (a quarter of the backlog's run time at 1 ms each, at most 20 ms); never
+    without a backlog, and never for a retry or a resend."""
+    from pilotfish import _wire
+    from pilotfish.backends.dask import DaskBackend, _Att
+
+    b = DaskBackend(address="tcp://127.0.0.1:1")
+    assert b._gather_delay() == 0.0  # nothing pending
+
+    def att(aid: int, lineage: tuple[Any, ...] = ("n",)) -> Any:
+        m = _wire.RunAttempt(aid, f"k{aid}", "call", b"", (), None, lineage=lineage)
+        return _Att(m, f"d{aid}")
+
+    queued = [att(i) for i in range(1, 41)]
+    b._ledger.submit([(a.m.attempt, a.m.key, a, None) for a in queued])
+    b._live = {"tcp://w1:1", "tcp://w2:1"}
+    new = att(100)
+    b._ledger.submit([(100, "k100", new, None)])
+    b._pending = [new]
+    assert b._gather_delay() == pytest.approx(40 / 2 * 0.001 / 4)  # 5 ms
+    b._ledger.submit([(a, f"k{a}", att(a), None) for a in range(200, 400)])
+    assert b._gather_delay() == pytest.approx(0.02)  # at most 20 ms
+    b._pending = [new, att(101, ("n", 7, 1))]  # a retry goes at once
+    assert b._gather_delay() == 0.0
+    b._pending = [new]
+    b._ledger = type(b._ledger)()  # no backlog: at once
+    b._ledger.submit([(100, "k100", new, None)])
+    assert b._gather_delay() == 0.0
 
 
 def test_start_fence_grants_each_key_once() -> None:

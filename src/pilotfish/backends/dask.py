@@ -33,9 +33,15 @@ Cost (see benchmarks/bench_dask.py): ``submit`` only registers an attempt; a
 submitter thread hands everything pending to Dask with one ``Client.map``
 (one graph update on the scheduler per batch, not per attempt). An attempt
 cancelled, lost or stopped before its Dask future exists is skipped, or its
-late future cancelled. Finished values are gathered in batches, straight from
-the workers when they are on the client's host (else through the scheduler,
-Dask's default; keys a worker no longer has fall back to the scheduler). With
+late future cancelled. The Dask task is a coroutine: the worker awaits the start
+fence on its event loop (no thread hand-offs on the path every attempt waits for)
+and runs the attempt in its thread pool. A small result (up to 1 KB pickled) comes
+with the task's end on the session's event topic, before Dask says the task
+finished, and is never fetched. Larger values are gathered in batches, straight
+from the worker the fence granted the attempt to when it is on the client's host
+(no ``who_has`` round trip to the scheduler first), else through Dask's
+``Client.gather`` (also for keys that worker no longer has). Each batch's futures
+are watched from the client's event loop (one hand-over per batch). With
 ``LocalCluster`` the scheduler shares the client's process and GIL, so work
 kept off the scheduler is throughput.
 
@@ -48,7 +54,7 @@ Dask                                             ledger event     pilotfish
 the start fence granted a worker's request       ``Start``        ``Started``
 the start fence refused it (Dask's own rerun, a  --               logged and counted; the task
 task cancelled or moved meanwhile)                                returns, user code not run
-future finished                                  ``Finish``       ``Result`` (value or error)
+future finished (or its small result's event)    ``Finish``       ``Result`` (value or error)
 scheduler ``remove-worker`` event                ``WorkerLost``   ``WorkerReport("lost")`` and
                                                                   ``Lost(worker_lost)`` for the
                                                                   attempts that started there;
@@ -135,6 +141,9 @@ Limits (honest ones):
 * A value stays on its Dask worker until the client fetches it (at once, in
   batches). A worker lost in that window loses the value: the attempt is
   reported ``Lost(worker_lost)`` and retried by policy, never silently re-run.
+  (A small result also travels on the event topic, through the scheduler, which
+  keeps the topic's last ``distributed.admin.low-level-log-length`` events, 1000
+  by default; once it has reached the client, the attempt is finished.)
 * A hung worker (SIGSTOP) is noticed only when Dask's scheduler removes it
   (``distributed.scheduler.worker-ttl``). Dask does not report a dead
   worker's exit status or signal, so ``WorkerLost`` names the worker's
@@ -208,9 +217,14 @@ _OUR_CANCEL = "pilotfish"
 _MAX_RESUBMITS = 10
 _EXIT_TIMEOUT = 75  # exit status of a worker pilotfish ended to stop a timed-out call
 _FENCE_TIMEOUT = 30  # s a worker waits for the start fence's answer (then it refuses itself)
+_EVENT_MAX = 1024  # bytes: a result up to this size also travels on the event topic
 #: s to wait for a lost worker's batch job to leave COMPLETING (to learn CANCELLED, TIMEOUT)
 _JOB_SETTLE = 3.0
 _GONE_KEPT = 20  # how many lost workers a "no worker left" message names at most
+#: the least time a Dask task takes end to end (a no-op: ~1 ms), and the longest the
+#: submitter lets attempts gather while Dask's workers have a backlog (_gather_delay)
+_TASK_MIN = 0.001
+_GATHER_MAX = 0.02
 
 
 # --------------------------------------------------------------------------- worker side
@@ -226,7 +240,7 @@ class _NotStarted(NamedTuple):
 
 
 async def _attempt_on_worker(
-    m: RunAttempt, dkey: str, fence: str, rundir: str
+    m: RunAttempt, dkey: str, fence: str, rundir: str, topic: str = ""
 ) -> Result | _NotStarted:
     """The Dask task: ask the start fence on the scheduler (one synchronous call), then
     run the attempt here, or return :class:`_NotStarted` without running user code.
@@ -235,7 +249,12 @@ async def _attempt_on_worker(
     task slots as any task does: the fence's call is awaited right there (a worker thread
     handing it to the loop and waiting for the answer cost two thread switches per
     attempt, on the path every attempt waits for), and only the attempt itself goes to the
-    worker's thread pool (:func:`_in_thread`, as Dask runs a function task)."""
+    worker's thread pool (:func:`_in_thread`, as Dask runs a function task).
+
+    A small result (up to :data:`_EVENT_MAX` bytes) also goes to the client on the
+    session's event topic (``op: result``), which reaches it before Dask says the task
+    finished: the client then need not fetch it from the worker. The task's value is the
+    result all the same (a larger one, or one whose event did not arrive, is fetched)."""
     pid = os.getpid()
     try:
         worker: Any = distributed.get_worker()
@@ -264,9 +283,13 @@ async def _attempt_on_worker(
         return _NotStarted(m.attempt, dkey, where, why)
     ctx = contextvars.copy_context()  # Dask's worker context variable: get_worker() works
     pool = worker.executors.get("default")
-    return await asyncio.get_running_loop().run_in_executor(
+    res: Result = await asyncio.get_running_loop().run_in_executor(
         pool, ctx.run, _in_thread, worker, m, dkey, where, host, rundir
     )
+    if topic and len(res.data) <= _EVENT_MAX:
+        with contextlib.suppress(Exception):  # else the client fetches it
+            worker.log_event(topic, {"op": "result", "key": dkey, "result": list(res)})
+    return res
 
 
 def _in_thread(worker: Any, m: RunAttempt, dkey: str, where: str, host: str, rundir: str) -> Result:
@@ -730,6 +753,9 @@ class DaskBackend:
         """Hand pending attempts to Dask, many per ``Client.map`` (one graph update each)."""
         while True:
             self._submit_wake.wait()
+            delay = self._gather_delay()
+            if delay:
+                self._stopping.wait(delay)
             self._submit_wake.clear()
             with self._lock:
                 if self._stopped:
@@ -750,6 +776,26 @@ class DaskBackend:
                                 self._give_up_locked(a, "runtime_lost", why, failed)
                     if failed:
                         self._q.put(("emit", failed))
+
+    def _gather_delay(self) -> float:
+        """How long to let more pending attempts gather before handing them to Dask: each
+        ``Client.map`` is one graph update, whose fixed cost on the scheduler (a hand-off
+        to a thread among it) outweighs a few attempts' own, and a dependency chain's next
+        steps arrive one by one. Only while Dask holds so many attempts that have not
+        started that its workers stay busy meanwhile: a quarter of that backlog's run time
+        at :data:`_TASK_MIN` per attempt, at most :data:`_GATHER_MAX`. Never for a retry or
+        a resend."""
+        with self._lock:
+            pending = self._pending
+            if not pending or self._stopped:
+                return 0.0
+            if any(a.resubmits or len(a.m.lineage) > 1 for a in pending):
+                return 0.0
+            started = len(self._ledger.started())
+            backlog = len(self._ledger) - started - len(pending)
+            slots = max(started, len(self._live), 1)
+        delay = min(_GATHER_MAX, backlog / slots * _TASK_MIN / 4)
+        return delay if delay >= 0.001 else 0.0
 
     def _submit_batch(self, batch: list[_Att], fence: str) -> None:
         # Retries keep their place: an attempt of a task submitted before the newest one
@@ -785,6 +831,7 @@ class DaskBackend:
             keys,
             [fence] * n,
             [self.rundir] * n,
+            [self._topic] * n,
             key=keys,
             pure=False,
             retries=0,
@@ -1137,6 +1184,9 @@ class DaskBackend:
         if msg.get("op") == "drained":
             self._on_drained(msg, events, cancel)
             return
+        if msg.get("op") == "result":
+            self._on_result(msg, events, cancel)
+            return
         op, aid, dkey = msg.get("op"), int(msg.get("attempt", 0)), str(msg.get("key"))
         worker, pid, host = str(msg.get("worker")), int(msg.get("pid", 0)), str(msg.get("host"))
         if op == "refused":
@@ -1193,6 +1243,20 @@ class DaskBackend:
                     events,
                     cancel,
                 )
+
+    def _on_result(self, msg: dict[str, Any], events: list[Any], cancel: list[Any]) -> None:
+        """A worker sent a small result with its Dask task's end (see
+        :func:`_attempt_on_worker`): delivered now, as if fetched; its future's end is
+        then ignored. One for an attempt pilotfish withdrew, lost or sent again under
+        another Dask key is ignored here (its future's end decides, as without it)."""
+        try:
+            res = Result(*msg["result"])
+        except Exception:
+            return  # then its future brings it
+        with self._lock:
+            e = self._ledger.get(res.attempt)
+            if e is not None and e.item.dkey == str(msg.get("key")):
+                self._deliver_locked(e.item, res, events, cancel)
 
     def _on_drained(self, msg: dict[str, Any], events: list[Any], cancel: list[Any]) -> None:
         """The start fence drained a place (after every grant it made before): the ledger
