@@ -140,8 +140,13 @@ class LocalBackend:
                 self._wake.notify()
                 return
             self._sending = True
+        self._write(ch, attempts)
+
+    def _write(self, ch: Channel, msgs: Sequence[Any]) -> None:
+        """Write one frame; the caller set ``_sending`` (so frames go out in order), and it
+        is cleared here for the next writer, submit() or the writer thread."""
         try:
-            ch.send(attempts)
+            ch.send(msgs)
         except OSError:
             pass  # master gone: _master_gone resends what it had not started
         finally:
@@ -419,15 +424,8 @@ class LocalBackend:
                 msgs, self._outbox = self._outbox, []
                 ch = self._ch
                 self._sending = ch is not None  # submit() writes nothing meanwhile: in order
-            if ch is None:
-                continue
-            try:
-                ch.send(msgs)
-            except OSError:
-                pass  # master gone: _master_gone resends what it had not started
-            finally:
-                with self._lock:
-                    self._sending = False
+            if ch is not None:
+                self._write(ch, msgs)
 
     def _monitor(self) -> None:
         stopped_since: float | None = None

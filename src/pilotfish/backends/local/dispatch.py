@@ -225,6 +225,10 @@ class Dispatcher:
             est.clear()  # a run with countless names: start over rather than grow
         est[held[1]] = took if old is None else (old + took) / 2
 
+    def _open(self, s: Slot) -> bool:
+        """Does worker ``s`` take work at all (ready, and not given its last attempt)?"""
+        return s.state == "ready" and (self.max_tasks is None or s.given < self.max_tasks)
+
     def _hungry(self, s: Slot, load: int) -> bool:
         """Does worker ``s`` take work now? Below ``prefetch``, always; beyond it only with
         short attempts of known run time, and (hysteresis, so that attempts travel in
@@ -251,11 +255,9 @@ class Dispatcher:
         load = {
             s.name: n
             for s in slots.values()
-            if s.state == "ready" and self._hungry(s, n := ledger.count(s.name))
+            if self._open(s) and self._hungry(s, n := ledger.count(s.name))
         }
         limit = self.max_tasks
-        if limit is not None:  # a worker given its last attempt takes no more
-            load = {n: c for n, c in load.items() if slots[n].given < limit}
         if not load:
             return
         batches: dict[str, list[Any]] = {}
@@ -296,8 +298,7 @@ class Dispatcher:
         self._steal_at = None
         ledger = self.ledger
         ready = [s for s in self.slots.values() if s.state == "ready"]
-        limit = self.max_tasks
-        if not any(ledger.count(s.name) == 0 and (limit is None or s.given < limit) for s in ready):
+        if not any(ledger.count(s.name) == 0 and self._open(s) for s in ready):
             return
         for s in ready:
             held = ledger.held_by(s.name)

@@ -38,13 +38,25 @@ _EXIT_PARENT_GONE = 70
 _TICK = 0.02  # how often the heartbeat thread looks at the socket while user code runs
 
 
+_prctl: Any = None  # libc's prctl, looked up once (a process forked later inherits it)
+
+
+def libc_prctl() -> Any:
+    """libc's ``prctl`` (Linux), looked up on first use; None elsewhere."""
+    global _prctl
+    if _prctl is None and sys.platform.startswith("linux"):
+        with contextlib.suppress(Exception):
+            _prctl = ctypes.CDLL(None, use_errno=True).prctl
+    return _prctl
+
+
 def die_with_parent(sig: int = signal.SIGKILL) -> None:
     """Ask the kernel to send us ``sig`` when our parent dies (Linux); a no-op elsewhere."""
-    if sys.platform.startswith("linux"):
+    prctl = libc_prctl()
+    if prctl is not None:
         with contextlib.suppress(Exception):
-            libc = ctypes.CDLL(None, use_errno=True)
             PR_SET_PDEATHSIG = 1
-            libc.prctl(PR_SET_PDEATHSIG, sig)
+            prctl(PR_SET_PDEATHSIG, sig)
 
 
 class Worker:
@@ -73,9 +85,7 @@ class Worker:
             since = self._busy_since
             if since and now - since >= tick and self._rlock.acquire(blocking=False):
                 try:
-                    self._take(self.ch.recv_nowait())
-                except (EOFError, OSError):
-                    os._exit(_EXIT_PARENT_GONE)  # master gone: nobody can use our results
+                    self._read(block=False)
                 finally:
                     self._rlock.release()
             if now < next_beat:
@@ -103,14 +113,18 @@ class Worker:
             else:
                 self.inbox.append(m)
 
+    def _read(self, block: bool) -> None:
+        """Take what the master sent (the caller holds ``_rlock``); exit if it is gone."""
+        try:
+            self._take(self.ch.recv() if block else self.ch.recv_nowait())
+        except (EOFError, OSError):
+            os._exit(_EXIT_PARENT_GONE)  # master gone: nobody can use our results
+
     def _next(self) -> Any:
         """The next message to act on: what the master sent meanwhile is taken first
         without blocking; block only when there is nothing to run."""
         with self._rlock:
-            try:
-                self._take(self.ch.recv_nowait() if self.inbox else self.ch.recv())
-            except (EOFError, OSError):
-                os._exit(_EXIT_PARENT_GONE)  # master gone: nobody can use our results
+            self._read(block=not self.inbox)
             return self.inbox.popleft() if self.inbox else None
 
     def run(self) -> None:

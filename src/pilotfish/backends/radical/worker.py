@@ -94,25 +94,12 @@ def _client_path(cfg: dict[str, Any]) -> None:
 
 
 _WATCH_EVERY = 0.2  # s between looks at the per-task processes
-_PRCTL: Any = None  # libc's prctl, looked up once in the worker (not in every fork)
-
-
-def _die_with_parent() -> None:
-    """PR_SET_PDEATHSIG with SIGKILL (Linux), as ``local.worker.die_with_parent``, with
-    libc's ``prctl`` looked up once in the worker before it forks."""
-    if _PRCTL is None:
-        from pilotfish.backends.local.worker import die_with_parent
-
-        die_with_parent()
-        return
-    with contextlib.suppress(Exception):
-        _PRCTL(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _preload() -> None:
-    """Import in the worker what each task's forked processes need, and look up prctl:
-    a fork inherits them instead of importing them for every task."""
-    global _PRCTL
+    """Import in the worker what each task's forked processes need, and look up prctl
+    (``die_with_parent`` keeps it): a fork inherits them instead of importing them for
+    every task."""
     import importlib
 
     for name in (
@@ -123,11 +110,9 @@ def _preload() -> None:
     ):
         with contextlib.suppress(Exception):
             importlib.import_module(name)
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(Exception):
-            import ctypes
+    from pilotfish.backends.local.worker import libc_prctl
 
-            _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+    libc_prctl()
 
 
 class _Fork:
@@ -367,7 +352,9 @@ class PilotfishWorker(DefaultWorker):  # type: ignore[misc]
 
     # -- the per-task process ------------------------------------------------------
     def _dispatch(self, task: Any, env: Any) -> None:  # runs in a process forked per task
-        _die_with_parent()
+        from pilotfish.backends.local.worker import die_with_parent
+
+        die_with_parent()
         if os.getppid() != self._pf_pid:  # the worker died before the line above
             os._exit(70)
         task["pid"] = os.getpid()
@@ -457,7 +444,9 @@ class PilotfishWorker(DefaultWorker):  # type: ignore[misc]
         )
 
     def _pf_child(self, task: Any, sent: Any) -> None:  # the call's own process
-        _die_with_parent()
+        from pilotfish.backends.local.worker import die_with_parent
+
+        die_with_parent()
         if os.getppid() != task["pid"]:  # the per-task process died before the line above
             os._exit(70)
         with contextlib.suppress(Exception):
