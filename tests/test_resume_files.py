@@ -42,6 +42,19 @@ def _count(tmp_path: Path, lose: str) -> dict[str, Any]:
     }
 
 
+def _exit_75_once(script: str) -> dict[str, Any]:
+    """``sh -c script sh fresh`` (``resume`` on the retry) carrying ckpt and md.log; exit
+    75 is retried once."""
+    return {
+        "argv": ["sh", "-c", script, "sh", "fresh"],
+        "resume_argv": ["sh", "-c", script, "sh", "resume"],
+        "resume_files": ["ckpt", "md.log"],
+        "outputs": ["result.txt"],
+        "retry_exit_codes": [75],
+        "retries": 1,
+    }
+
+
 def test_resume_after_worker_sigkill(make_session: Any, backend: str, tmp_path: Path) -> None:
     """A member's node dies mid-run (its worker SIGKILLed): the retry starts with the
     checkpoint of the lost attempt and resume_argv, and continues from step 5."""
@@ -90,14 +103,8 @@ def test_missing_checkpoint_is_a_fresh_start(make_session: Any, tmp_path: Path) 
     mark = tmp_path / "once"
     script = f'if [ ! -e {mark} ]; then touch {mark}; exit 75; fi; echo "$1" > result.txt'
     with make_session(workers=1) as s:
-        t = s.executable(
-            ["sh", "-c", script, "sh", "fresh"],
-            resume_argv=["sh", "-c", script, "sh", "resume"],
-            resume_files=["ckpt", "md.log"],
-            outputs=["result.txt"],
-            retry_exit_codes=[75],
-            retries=1,
-        )
+        kw = _exit_75_once(script)
+        t = s.executable(kw.pop("argv"), **kw)
         r = t.result(timeout=60)
     assert r.outputs["result.txt"].read_text() == "fresh\n"
     assert t.attempts[1].note == "fresh start: ckpt missing, md.log missing (in attempt 1)"
@@ -112,14 +119,8 @@ def test_partial_checkpoint_is_a_fresh_start(make_session: Any, tmp_path: Path) 
         'ls > result.txt; echo "$1" >> result.txt'
     )
     with make_session(workers=1) as s:
-        t = s.executable(
-            ["sh", "-c", script, "sh", "fresh"],
-            resume_argv=["sh", "-c", script, "sh", "resume"],
-            resume_files=["ckpt", "md.log"],
-            outputs=["result.txt"],
-            retry_exit_codes=[75],
-            retries=1,
-        )
+        kw = _exit_75_once(script)
+        t = s.executable(kw.pop("argv"), **kw)
         r = t.result(timeout=60)
     listing = r.outputs["result.txt"].read_text().split()
     assert listing[-1] == "fresh" and "ckpt" not in listing and "md.log" not in listing
