@@ -276,6 +276,12 @@ def signal_name(returncode: int) -> str | None:
         return f"SIG{num}"
 
 
+def _private(path: str, flags: int) -> int:
+    """``open()``'s opener for the runner's own files in a sandbox: mode 0600 whatever
+    the umask, and never through a symlink."""
+    return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), 0o600)
+
+
 def tail_lines(path: str | Path, n: int = 20, max_bytes: int = 65536) -> str:
     """Return the last ``n`` lines of a file, reading at most ``max_bytes`` from its end.
 
@@ -901,9 +907,9 @@ def run_command(
     stderr_path = box / STDERR_NAME
     try:
         try:
-            out_f = open(stdout_path, "wb")  # noqa: SIM115
+            out_f = open(stdout_path, "wb", opener=_private)  # noqa: SIM115
             try:
-                err_f = open(stderr_path, "wb")  # noqa: SIM115
+                err_f = open(stderr_path, "wb", opener=_private)  # noqa: SIM115
             except OSError:
                 out_f.close()
                 raise
