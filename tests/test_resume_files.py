@@ -18,7 +18,15 @@ import pytest
 import pilotfish
 from conftest import skip_on
 from pilotfish import Category
-from pilotfish.commands import attempt_tags, find_sandbox, make_sandbox, restore_files
+from pilotfish.commands import (
+    attempt_tags,
+    find_sandbox,
+    make_lineage,
+    make_sandbox,
+    newest_sandbox,
+    previous_attempt,
+    restore_files,
+)
 
 COUNT = (
     'mode=$1; start=0; if [ "$mode" = resume ]; then start=$(cat ckpt); fi\n'
@@ -169,7 +177,67 @@ def test_first_attempt_has_no_previous_files(make_session: Any) -> None:
     with make_session(workers=1) as s:
         assert s.submit(pilotfish.previous_attempt_files).result(timeout=30) is None
         d = s.submit(pilotfish.scratch_dir).result(timeout=30)
-    assert d.is_dir() and d.parent.name == "sandboxes"
+    assert d.parent.name == "sandboxes"
+
+
+def _scratch_then(fail: bool) -> str:
+    """Writes a checkpoint in its scratch directory, then returns its path or raises
+    with it."""
+    here = pilotfish.scratch_dir()
+    (here / "ckpt").write_text("1")
+    if fail:
+        raise ValueError(str(here))
+    return str(here)
+
+
+@pytest.mark.parametrize("keep", ["failed", "all"])
+def test_scratch_of_a_successful_attempt_is_removed_unless_kept(
+    make_session: Any, backend: str, keep: str
+) -> None:
+    """Issue 22 item 14: every Python task's scratch directory of a successful attempt was
+    kept forever (a million-member ensemble fills the run directory), while a program's
+    sandbox is removed. One rule now: a successful attempt's goes unless
+    keep_sandboxes="all"; a failed one's stays (its retry and the user read it)."""
+    with make_session(workers=1, keep_sandboxes=keep) as s:
+        ok = Path(s.submit(_scratch_then, False).result(timeout=30))
+        bad = s.submit(_scratch_then, True)
+        with pytest.raises(ValueError) as err:
+            bad.result(timeout=30)
+    assert ok.parent.name == "sandboxes"
+    assert ok.is_dir() is (keep == "all")
+    assert (Path(str(err.value)) / "ckpt").read_text() == "1"  # failed: kept
+
+
+def _chunk_member(x: int, marker: str, kill: bool) -> int:
+    """The README's checkpoint pattern: continue from the previous attempt's checkpoint,
+    else compute and checkpoint; the first attempt dies after item 3 checkpointed."""
+    prev = pilotfish.previous_attempt_files()
+    if prev is not None and (prev / "ckpt").exists():
+        return int((prev / "ckpt").read_text())
+    here = pilotfish.scratch_dir()
+    (here / "ckpt.tmp").write_text(str(x * 100))
+    os.replace(here / "ckpt.tmp", here / "ckpt")
+    if x == 3 and not os.path.exists(marker):
+        Path(marker).touch()
+        if kill:
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError("asks for a retry")
+    return x * 100
+
+
+@pytest.mark.parametrize("kill", [True, False], ids=["worker-killed", "retry-asked"])
+def test_each_call_of_a_chunk_has_its_own_scratch(
+    make_session: Any, backend: str, tmp_path: Path, kill: bool
+) -> None:
+    """Issue 22 item 5: map(f, [1, 2, 3], chunksize=3), worker killed after item 3
+    checkpointed: the three calls of the chunk shared one scratch directory, so the retry
+    gave [300, 300, 300]. Each call has its own, and finds its own in the retry."""
+    if kill:
+        skip_on(backend, "dask", reason="a Dask worker killed by its task is restarted")
+    fn = pilotfish.task(_chunk_member, retries=2, retry_on=[RuntimeError])
+    with make_session(workers=1) as s:
+        out = list(s.map(fn, [1, 2, 3], [str(tmp_path / "m")] * 3, [kill] * 3, chunksize=3))
+    assert out == [100, 200, 300]
 
 
 def test_outside_a_task_the_helpers_say_so() -> None:
@@ -187,7 +255,7 @@ def test_outside_a_task_the_helpers_say_so() -> None:
         ({"resume_files": ["/tmp/md.cpt"]}, "resume_files"),
         ({"resume_argv": ["x"]}, "needs resume_files"),
         ({"resume_files": ["a"], "resume_argv": "gmx mdrun"}, "resume_argv"),
-        ({"resume_files": ["topol.tpr"], "inputs": {"topol.tpr": __file__}}, "also an input"),
+        ({"resume_files": ["topol.tpr"], "inputs": {"topol.tpr": __file__}}, "the input"),
         ({"resume_files": ["stdout.txt"]}, "reserved"),
     ],
 )
@@ -198,11 +266,101 @@ def test_bad_resume_arguments_rejected_at_submit(
         s.executable(["true"], **kw)
 
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.mark.parametrize(
+    ("names", "extra"),
+    [
+        (["/tmp/ckpt"], {}),
+        (["../ckpt"], {}),
+        (["a/../../ckpt"], {}),
+        (["ckpt", "./ckpt"], {}),
+        (["ckpt", "sub/../ckpt"], {}),
+        (["data/ckpt"], {"inputs": {"data": HERE}}),
+        (["data"], {"inputs": {"data": HERE}}),
+        (["x/ckpt"], {"inputs": {"x/": HERE}}),
+        (["stdout.txt"], {}),
+        (["run/../stderr.txt"], {}),
+        (["."], {}),
+        (["c\0kpt"], {}),
+        ([""], {}),
+        ([3], {}),
+        (["ckpt"], {"cwd": "/tmp"}),
+    ],
+)
+def test_resume_files_obey_the_rules_of_outputs(
+    make_session: Any, names: list[Any], extra: dict[str, Any]
+) -> None:
+    """Issue 22 item 13: resume_files=["data/ckpt"], where data is a staged input
+    directory, was accepted and every retry silently started fresh (the file is the
+    user's, staged afresh in every attempt), while outputs inside inputs were refused.
+    Whatever outputs refuse at submit, resume_files refuse too, naming the argument."""
+    with make_session(workers=1) as s:
+        with pytest.raises(pilotfish.InvalidTask, match="output"):
+            s.executable(["true"], outputs=names, **extra)
+        with pytest.raises(pilotfish.InvalidTask, match="resume_files"):
+            s.executable(["true"], resume_files=names, **extra)
+
+
+def test_the_worker_refuses_a_resume_file_inside_an_input(tmp_path: Path) -> None:
+    """The same rule on the worker, on the resolved call (a template that did not come
+    through executable(): an older client, a hand-made payload): INVALID_TASK, and
+    nothing is copied from the earlier sandbox into the input directory."""
+    import pickle
+
+    from pilotfish import _wire
+    from pilotfish.backends.command_runner import run_command_attempt
+
+    data = tmp_path / "data"
+    data.mkdir()
+    template = {
+        "argv": ["true"],
+        "inputs": {"data": str(data)},
+        "outputs": [],
+        "env": None,
+        "stdin": None,
+        "cwd": None,
+        "timeout": None,
+        "retry_exit_codes": [],
+        "keep_sandboxes": "failed",
+        "resume_files": ["data/ckpt"],
+    }
+    m = _wire.RunAttempt(2, "k", "command", pickle.dumps(template), (), None, lineage=("n", 1, 1))
+    ok, out = run_command_attempt(m, str(tmp_path / "run"))
+    env = pickle.loads(out)
+    assert not ok and env.category == "invalid_task"
+    assert "resume file 'data/ckpt' is (inside) the input 'data'" in env.message
+    assert list(data.iterdir()) == []
+
+
 # ------------------------------------------------------------------ pure helpers
 def test_tags_are_unique_per_session_and_name_the_previous_attempt() -> None:
     assert attempt_tags(7, ()) == ("a7", None, None)
     assert attempt_tags(7, ("beef",)) == ("beefa7", None, None)
     assert attempt_tags(7, ("be/ef", 3, 2)) == ("beefa7", "beefa3", 2)
+    assert make_lineage("beef") == ("beef",)
+    assert make_lineage("beef", (3, 2)) == ("beef", 3, 2)
+    # an earlier session's attempt (resume after the client died): its own nonce
+    lineage = make_lineage("beef", None, ("cafe", 4, 1, "of run 1 (interrupted)"))
+    assert attempt_tags(7, lineage) == ("beefa7", "cafea4", 1)
+    assert previous_attempt(7, lineage)[3] == "attempt 1 of run 1 (interrupted)"
+    found = make_lineage("beef", None, ("cafe", 4, None, "of run 1 (found)"))
+    assert previous_attempt(7, found)[1:] == ("cafea4", None, "an attempt of run 1 (found)")
+
+
+def test_newest_sandbox_is_the_keys_own(tmp_path: Path) -> None:
+    """Resume finds an attempt whose start the journal lost by the key's own prefix (a
+    hash of the whole key): never another key's sandbox, a symlink, or a name that is
+    not an attempt's tag."""
+    root = tmp_path / "sandboxes"
+    a = make_sandbox(root, "k", "0123abcda5c2")
+    assert newest_sandbox(root, "k") == (a, "0123abcd", 5)
+    make_sandbox(root, "k2", "0123abcda9")
+    make_sandbox(root, "k", "nota")
+    (root / (a.name + "x")).symlink_to(a)
+    assert newest_sandbox(root, "k") == (a, "0123abcd", 5)
+    assert newest_sandbox(root, "other") is None
 
 
 def test_restore_refuses_links_out_of_the_old_sandbox(tmp_path: Path) -> None:

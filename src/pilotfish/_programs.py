@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._options import TaskOptions, make_options
-from .commands import CommandResult, CommandSpec, output_problem, spec_problem
+from .commands import CommandResult, CommandSpec, files_problem, spec_problem
 from .errors import InvalidTask
 
 if TYPE_CHECKING:
@@ -145,10 +145,7 @@ def program_spec(
         raise bad(f"retry_exit_codes={codes!r} must be non-zero ints")
     if isinstance(resume_files, Iterable) and not isinstance(resume_files, str | bytes):
         resume_files = list(resume_files)
-    if not isinstance(resume_files, list) or not all(
-        isinstance(r, str) and r and not os.path.isabs(r) and ".." not in Path(r).parts
-        for r in resume_files
-    ):
+    if not isinstance(resume_files, list):
         raise bad(
             f"resume_files={resume_files!r} must be a list of relative paths inside the "
             "sandbox, e.g. ['md.cpt']"
@@ -158,15 +155,10 @@ def program_spec(
             f"resume_files with an absolute cwd={cwd!r}: files are only ever taken from "
             "inside the sandbox (use a relative cwd)"
         )
-    for r in resume_files:
-        if os.path.normpath(r) in {os.path.normpath(n) for n in ins}:
-            raise bad(
-                f"resume file {r!r} is also an input: an input is staged afresh in every "
-                "attempt; list only the files the program writes (e.g. the checkpoint)"
-            )
-        problem = output_problem(r)
-        if problem is not None:
-            raise bad(f"resume file {r!r}: {problem}")
+    # the rule of outputs, written once (the worker checks it again on the resolved call)
+    problem = files_problem(resume_files, cwd, ins, "resume file")
+    if problem is not None:
+        raise bad(f"resume_files={resume_files!r}: {problem}")
     if resume_argv is not None:
         if not resume_files:
             raise bad("resume_argv needs resume_files (the files whose presence it needs)")

@@ -48,6 +48,7 @@ from ._translate import Call, Fail, Retry, Translator, drain_policy, on_drained
 from .backends import backend_factory
 from .backends.base import Alive, Backend, BackendEvent, Fatal, Lost, Result, Started
 from .backends.execute import call_chunk
+from .commands import find_sandbox, make_lineage, newest_sandbox
 from .core import workflow as wf
 from .core.ledger import describe_exit
 from .core.policy import Backoff, Silence
@@ -512,6 +513,9 @@ class Session(cf.Executor):
             drain=drain_policy(drain_after),
         )
         self._nonce = f"{random.getrandbits(32):08x}"  # sandbox tags unique in the rundir
+        #: resume: tid -> (the earlier run's interrupted attempt its first attempt continues
+        #: from, as ``make_lineage`` takes it; the note of a Python task's attempt)
+        self._earlier: dict[int, tuple[tuple[str, int, int | None, str], str]] = {}
         self._tasks = _TaskTable()
         self._dups: dict[str, int] = {}
         self._keepalive = False
@@ -943,8 +947,11 @@ class Session(cf.Executor):
 
     def _start(self, task: Task) -> Task:
         acts = _Actions()
+        earlier = None
         try:
             restored = self._restore_value(task) if self._resume else None
+            if self._resume and restored is None:
+                earlier = self._earlier_attempt(task)
         except BaseException:  # e.g. an untrusted value file: this task was never submitted
             with self._lock:
                 self._tasks.forget(task)
@@ -958,6 +965,8 @@ class Session(cf.Executor):
                 self._restored += 1
                 cmds = self._core.handle(wf.Restore(task._tid, task.key, self._clock()))
             else:
+                if earlier is not None:
+                    self._earlier[task._tid] = earlier
                 cmds = self._core.handle(
                     wf.Submit(
                         task._tid,
@@ -997,6 +1006,62 @@ class Session(cf.Executor):
             )
             return None
 
+    def _earlier_attempt(self, task: Task) -> tuple[tuple[str, int, int | None, str], str] | None:
+        """resume: the attempt of an earlier run that ``task`` (not DONE) was running when
+        that run's client died, which its first attempt continues from (``resume_files``,
+        ``previous_attempt_files()``); its sandbox is left in place. Found in the journal
+        (attempts are journaled when they start); an attempt started within the journal's
+        last flush interval may not be there: then the task's newest sandbox (found by the
+        key's own safe_dirname prefix, never a path made from the key) if its attempt is
+        unknown to the journal. Returns the ``make_lineage`` ``earlier`` and the note of a
+        Python task's attempt, or None."""
+        assert self._journal is not None
+        root = Path(self._rundir) / "sandboxes"
+        try:
+            with self._lock:
+                hit = self._journal.interrupted(task.key)
+                state = self._journal.task_state(task.key)
+            if hit is not None:
+                why = (
+                    "interrupted when the client died"
+                    if hit["status"] == "running"
+                    else f"interrupted when that run ended ({hit['status']})"
+                )
+                nonce, aid, number = hit["nonce"], hit["attempt"], hit["number"]
+                how = f"of run {hit['run']} ({why})"
+            else:
+                if state in ("DONE", "FAILED", "CANCELLED"):
+                    return None  # that run ended the task: nothing was interrupted
+                found = newest_sandbox(root, task.key)
+                if found is None or not found[1] or found[1] == self._nonce:
+                    return None
+                _, nonce, aid = found
+                with self._lock:
+                    known = self._journal.started_run(nonce, aid)
+                if known is not None and known[1]:
+                    return None  # a journaled attempt that ended, not an interrupted one
+                number = None
+                how = (
+                    f"of {f'run {known[0]}' if known else 'an earlier run'} (interrupted when "
+                    "the client died; its start was not journaled: its sandbox was found by "
+                    f"searching {root})"
+                )
+        except (sqlite3.Error, OSError) as e:
+            log.warning(
+                "pilotfish resume: cannot tell whether task %s was interrupted in an earlier "
+                "run (%s); it starts fresh",
+                task.key,
+                e,
+            )
+            return None
+        which = (f"attempt {number} " if number is not None else "an attempt ") + how
+        tag = f"{nonce}a{aid}"
+        box = find_sandbox(root, task.key, tag) or find_sandbox(root, task.key, tag + "c0")
+        note = f"previous_attempt_files() is {which}: " + (
+            f"{box}, left in place" if box else "it made no scratch directory here"
+        )
+        return (nonce, aid, number, how), note
+
     # ------------------------------------------------------------------ cancel
     def _cancel(self, task: Task) -> bool:
         acts = _Actions()
@@ -1022,6 +1087,14 @@ class Session(cf.Executor):
                     acts.events.append(TaskEvent(t.key, t.name, c.start, c.finish, c.now, n))
             elif isinstance(c, wf.Dispatch):
                 t = self._tasks[c.tid]
+                earlier = None
+                if self._earlier:  # resume: this task continues an interrupted attempt
+                    if c.resume is None:
+                        earlier = self._earlier.get(c.tid)
+                    else:  # it has one of its own now
+                        self._earlier.pop(c.tid, None)
+                    if earlier is not None and t._kind == "call":
+                        self._core.attempts(c.tid)[-1].note = earlier[1]
                 acts.dispatch.append(
                     _wire.RunAttempt(
                         c.attempt,
@@ -1034,14 +1107,17 @@ class Session(cf.Executor):
                         t._programs,
                         self._init,
                         c.tid,
-                        (self._nonce, *c.resume) if c.resume else (self._nonce,),
+                        make_lineage(self._nonce, c.resume, earlier and earlier[0]),
                         t.name,
+                        self._keep_sandboxes == "all",
                     )
                 )
             elif isinstance(c, wf.Drained):
                 acts.events.append(on_drained(c, self._backend, self._journal))
             elif isinstance(c, wf.Resolve):
                 t = self._tasks[c.tid]
+                if self._earlier:
+                    self._earlier.pop(c.tid, None)
                 value, t._pending_value = t._pending_value, None
                 if c.attempt is not None:  # restored tasks are in the journal already
                     self._journal_task(t, "DONE", value=t._value_bytes)
@@ -1049,9 +1125,13 @@ class Session(cf.Executor):
                 acts.finish.append((t, True, value))
             elif isinstance(c, wf.Reject):
                 t = self._tasks[c.tid]
+                if self._earlier:
+                    self._earlier.pop(c.tid, None)
                 acts.finish.append((t, False, self._translate.exception_for(t, c.failure)))
                 self._journal_task(t, "FAILED", failure=c.failure)
             elif isinstance(c, wf.Cancelled):
+                if self._earlier:
+                    self._earlier.pop(c.tid, None)
                 acts.finish.append((self._tasks[c.tid], False, None))
                 self._journal_task(self._tasks[c.tid], "CANCELLED")
             elif isinstance(c, wf.CancelAttempt):
@@ -1072,6 +1152,17 @@ class Session(cf.Executor):
         forget = self._core.forget
         for tid in self._tasks.collect():
             forget(tid)
+
+    def _journal_started(self, ev: wf.AttemptStarted) -> None:
+        """The core took an attempt's start: journal what finds its sandbox later (a
+        resumed run continues it if the client dies meanwhile: ``_earlier_attempt``)."""
+        assert self._journal is not None
+        tid = self._core.task_of(ev.attempt)
+        if tid is None:
+            return
+        a = self._core.attempts(tid)[-1]
+        if a.id == ev.attempt and a.started == ev.now:  # not a dropped (late, duplicate) one
+            self._journal.record_started(self._core.key(tid), self._nonce, a.id, a.number, ev.now)
 
     def _journal_task(
         self,
@@ -1152,6 +1243,8 @@ class Session(cf.Executor):
             acts.events.append(step)
             return
         self._run(self._core.handle(step), acts)
+        if isinstance(step, wf.AttemptStarted) and self._journal is not None:
+            self._journal_started(step)
         if isinstance(step, wf.Failed):  # a retry is coming: keep the failed attempt on record
             tid = self._core.task_of(step.attempt)
             if tid is not None and not self._core.state(tid).final:

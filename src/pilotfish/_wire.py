@@ -87,6 +87,9 @@ class RunAttempt(NamedTuple):
     #: the task's name (its function's): a master estimates how long an attempt runs from
     #: earlier attempts of the same name, to hold more than ``prefetch`` short ones
     name: str = ""
+    #: the session keeps every sandbox (``keep_sandboxes="all"``): a Python task's scratch
+    #: directories too, after a success (see ``_scratch``)
+    keep: bool = False
 
 
 class PreflightFailed(NamedTuple):

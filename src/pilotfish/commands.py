@@ -68,6 +68,7 @@ import errno
 import hashlib
 import math
 import os
+import re
 import select
 import shutil
 import signal
@@ -339,6 +340,12 @@ def _private_root(root: str | Path) -> Path:
     return root_path
 
 
+def _clean_tag(tag: str) -> str:
+    """A sandbox tag as it appears in a directory name (letters and digits, at most 40):
+    the one form :func:`make_sandbox` names and :func:`find_sandbox` looks for."""
+    return "".join(c for c in tag if c.isascii() and c.isalnum())[:40]
+
+
 def make_sandbox(root: str | Path, name: str, tag: str = "") -> Path:
     """Create ``root`` (mode 0700) if needed and a new, unique sandbox dir inside it.
 
@@ -348,35 +355,100 @@ def make_sandbox(root: str | Path, name: str, tag: str = "") -> Path:
     process ever gets the same directory, so no stale file of an earlier run
     can be taken for an output and no kept sandbox is ever reused or removed.
     """
-    clean_tag = "".join(c for c in tag if c.isascii() and c.isalnum())[:20]
+    clean_tag = _clean_tag(tag)
     prefix = safe_dirname(name) + (f".{clean_tag}" if clean_tag else "") + "."
     return Path(tempfile.mkdtemp(prefix=prefix, dir=_private_root(root)))
 
 
+def make_lineage(
+    nonce: str,
+    previous: tuple[int, int] | None = None,
+    earlier: tuple[str, int, int | None, str] | None = None,
+) -> tuple[Any, ...]:
+    """``RunAttempt.lineage``: ``(nonce,)``; ``(nonce, previous id, previous number)`` for
+    a retry that may resume from this session's attempt ``previous``; or ``(nonce,
+    previous id, previous number or None, earlier nonce, how)`` for the first attempt of a
+    resumed run that may continue an attempt of an earlier session (``earlier``: its
+    nonce, id, number if known, and how it ended and was found, for the note). Workers
+    that know only the first two forms read the third as a fresh start."""
+    if previous is not None:
+        return (nonce, previous[0], previous[1])
+    if earlier is not None:
+        e_nonce, e_id, e_number, how = earlier
+        return (nonce, e_id, e_number, e_nonce, how)
+    return (nonce,)
+
+
 def attempt_tags(attempt: int, lineage: tuple[Any, ...]) -> tuple[str, str | None, int | None]:
     """This attempt's sandbox tag, and the tag and number of the attempt it may resume
-    from (``RunAttempt.lineage``: ``(nonce,)`` or ``(nonce, previous id, previous
-    number)``). The session's random nonce makes tags unique in a rundir shared by
-    several runs (attempt ids restart at 1 in every session)."""
+    from (``RunAttempt.lineage``, see :func:`make_lineage`). The session's random nonce
+    makes tags unique in a rundir shared by several runs (attempt ids restart at 1 in
+    every session)."""
+    tag, previous, number, _ = previous_attempt(attempt, lineage)
+    return tag, previous, number
+
+
+def previous_attempt(
+    attempt: int, lineage: tuple[Any, ...]
+) -> tuple[str, str | None, int | None, str | None]:
+    """:func:`attempt_tags` and the earlier attempt as a note names it ("attempt 2",
+    "attempt 2 of run 1 (interrupted when the client died)"), or None."""
     if not lineage:
-        return f"a{attempt}", None, None
-    nonce = "".join(c for c in str(lineage[0]) if c.isascii() and c.isalnum())[:10]
-    if len(lineage) >= 3 and isinstance(lineage[1], int) and isinstance(lineage[2], int):
-        return f"{nonce}a{attempt}", f"{nonce}a{lineage[1]}", lineage[2]
-    return f"{nonce}a{attempt}", None, None
+        return f"a{attempt}", None, None, None
+    nonce = _clean_tag(str(lineage[0]))[:10]
+    tag = f"{nonce}a{attempt}"
+    if len(lineage) < 3 or not isinstance(lineage[1], int) or isinstance(lineage[1], bool):
+        return tag, None, None, None
+    number = lineage[2] if isinstance(lineage[2], int) else None
+    if len(lineage) >= 5 and isinstance(lineage[3], str) and isinstance(lineage[4], str):
+        earlier = _clean_tag(lineage[3])[:10]
+        which = (f"attempt {number} " if number is not None else "an attempt ") + lineage[4]
+        return tag, f"{earlier}a{lineage[1]}", number, which
+    if number is None:
+        return tag, None, None, None
+    return tag, f"{nonce}a{lineage[1]}", number, f"attempt {number}"
 
 
-def find_sandbox(root: str | Path, name: str, tag: str) -> Path | None:
-    """The sandbox :func:`make_sandbox` made for ``(name, tag)`` under ``root``, if it is
-    there (same filesystem): a real directory of ours. The newest if an engine ran that
-    attempt twice (each run got its own sandbox)."""
-    prefix = safe_dirname(name) + "." + tag + "."
+def from_earlier_run(lineage: tuple[Any, ...]) -> bool:
+    """Does ``lineage`` name an attempt of an earlier session (see :func:`make_lineage`)?"""
+    return len(lineage) >= 5 and isinstance(lineage[3], str)
+
+
+def call_tag(tag: str, call: int | None) -> str:
+    """The tag of call ``call`` of a ``map(chunksize=n)`` attempt: each call of a chunk has
+    its own scratch directory (and finds its own in the previous attempt)."""
+    return tag if call is None else f"{tag}c{call}"
+
+
+def parse_tag(dirname: str, name: str) -> tuple[str, int] | None:
+    """``(nonce, attempt id)`` of a sandbox :func:`make_sandbox` made for task ``name``
+    with a tag from :func:`attempt_tags` (any call of a chunk), or None."""
+    prefix = safe_dirname(name) + "."
+    if not dirname.startswith(prefix):
+        return None
+    m = _TAG.fullmatch(dirname[len(prefix) :].partition(".")[0])
+    return (m.group(1) or "", int(m.group(2))) if m else None
+
+
+_TAG = re.compile(r"([0-9a-f]{8})?a([0-9]+)(?:c[0-9]+)?")
+
+
+def keeps_sandbox(keep_sandboxes: str, ok: bool) -> bool:
+    """The one rule for an attempt's sandbox or scratch directory: a failed (or lost)
+    attempt's is kept (its retry and the user need it); a successful one's is removed
+    unless ``keep_sandboxes="all"``."""
+    return not ok or keep_sandboxes == "all"
+
+
+def _our_dirs(root: str | Path, prefix: str) -> list[tuple[int, Path]]:
+    """``(mtime, path)`` of the real directories of ours under ``root`` whose names
+    start with ``prefix``: never a symlink, never one owned by someone else."""
     root_path = Path(root).absolute()
     found: list[tuple[int, Path]] = []
     try:
         entries = list(os.scandir(root_path))
     except OSError:
-        return None
+        return found
     uid = os.getuid() if hasattr(os, "getuid") else None
     for e in entries:
         if not e.name.startswith(prefix):
@@ -390,7 +462,31 @@ def find_sandbox(root: str | Path, name: str, tag: str) -> Path | None:
         if uid is not None and st.st_uid != uid:
             continue  # not ours: never take files from it
         found.append((st.st_mtime_ns, Path(e.path)))
+    return found
+
+
+def find_sandbox(root: str | Path, name: str, tag: str) -> Path | None:
+    """The sandbox :func:`make_sandbox` made for ``(name, tag)`` under ``root``, if it is
+    there (same filesystem): a real directory of ours. The newest if an engine ran that
+    attempt twice (each run got its own sandbox)."""
+    found = _our_dirs(root, safe_dirname(name) + "." + _clean_tag(tag) + ".")
     return max(found)[1] if found else None
+
+
+def newest_sandbox(root: str | Path, name: str) -> tuple[Path, str, int] | None:
+    """The newest sandbox (or scratch directory) of task ``name`` under ``root`` made with
+    an attempt's tag, and that attempt's ``(nonce, id)``: how a resumed run finds an
+    attempt whose start the journal did not record. Only real directories of ours whose
+    names start with the key's own :func:`safe_dirname` (a hash of the whole key)."""
+    found = [
+        (mtime, path, tag)
+        for mtime, path in _our_dirs(root, safe_dirname(name) + ".")
+        if (tag := parse_tag(path.name, name)) is not None
+    ]
+    if not found:
+        return None
+    _, path, (nonce, aid) = max(found, key=lambda f: (f[0], f[1]))
+    return path, nonce, aid
 
 
 def _size(n: int) -> str:
@@ -402,7 +498,12 @@ def _size(n: int) -> str:
 
 
 def restore_files(
-    previous: Path | None, number: int | None, box: Path, names: tuple[str, ...]
+    previous: Path | None,
+    number: int | str | None,
+    box: Path,
+    names: tuple[str, ...],
+    *,
+    left_in_place: bool = False,
 ) -> tuple[bool, str]:
     """Copy ``names`` from an earlier attempt's sandbox ``previous`` into ``box``: all of
     them or none. Returns ``(resumed, note)``: ``(True, "resumed from attempt 2: md.cpt,
@@ -410,8 +511,13 @@ def restore_files(
     regular, non-empty file inside ``previous`` (symlinks resolved: a link out of the old
     sandbox is refused, as outputs are); an empty one is partial. A copy that fails
     (disk full, a file that shrank) removes what was copied: a fresh start, never a
-    half-restored sandbox."""
-    which = f"attempt {number}" if number is not None else "the previous attempt"
+    half-restored sandbox. ``number`` is the earlier attempt's number, or how a note names
+    it (:func:`previous_attempt`); ``left_in_place``: the note names that sandbox's path
+    (an earlier run's: the user's data, never removed)."""
+    if isinstance(number, str):
+        which = number
+    else:
+        which = f"attempt {number}" if number is not None else "the previous attempt"
     if previous is None:
         return False, f"fresh start: the sandbox of {which} is not on host {_host()}"
     real_prev = os.path.realpath(previous)
@@ -452,7 +558,8 @@ def restore_files(
                 f.unlink()
         return False, f"fresh start: cannot copy from {which}: {e}"
     total = sum(size for _, _, size in sources)
-    return True, f"resumed from {which}: {', '.join(names)}, {_size(total)}"
+    note = f"resumed from {which}: {', '.join(names)}, {_size(total)}"
+    return True, note + (f"; its sandbox, left in place: {previous}" if left_in_place else "")
 
 
 def _host() -> str:
@@ -644,25 +751,51 @@ def _check_input_name(name: str, sandbox: Path) -> str | None:
 _RESERVED = frozenset((".", STDOUT_NAME, STDERR_NAME))
 
 
-def output_problem(name: object, cwd: str | None = None) -> str | None:
-    """An error sentence if ``name`` cannot be a declared output, else None.
+def output_problem(name: object, cwd: str | None = None, what: str = "output") -> str | None:
+    """An error sentence if ``name`` cannot be a declared output (or, with ``what``, a
+    resume file: the same rule), else None.
 
     An output is a relative path below the working directory that stays
     inside the sandbox and is neither the sandbox itself nor one of the
     runner's own files (``stdout.txt``, ``stderr.txt``).
     """
     if not isinstance(name, str) or not name:
-        return f"output {name!r} must be a non-empty relative path"
+        return f"{what} {name!r} must be a non-empty relative path"
     if "\0" in name:
-        return f"output {name!r} contains a NUL byte"
+        return f"{what} {name!r} contains a NUL byte"
     if os.path.isabs(name) or ".." in Path(name).parts:
-        return f"output {name!r} must be a relative path inside the sandbox (no '/...', no '..')"
+        return f"{what} {name!r} must be a relative path inside the sandbox (no '/...', no '..')"
     rel_cwd = cwd if cwd is not None and not os.path.isabs(cwd) else ""
     if os.path.normpath(os.path.join(rel_cwd, name)) in _RESERVED:
         return (
-            f"output {name!r} is reserved: it names the sandbox itself or the runner's own "
+            f"{what} {name!r} is reserved: it names the sandbox itself or the runner's own "
             f"{STDOUT_NAME}/{STDERR_NAME} (those are always returned as .stdout/.stderr)"
         )
+    return None
+
+
+def files_problem(names: Any, cwd: str | None, inputs: Any, what: str = "output") -> str | None:
+    """The one rule for the files a program declares it writes, ``outputs`` and
+    ``resume_files`` alike: each a relative path inside the sandbox (:func:`output_problem`),
+    no two the same file, none an input or inside a staged input directory (that is the
+    user's own file, staged afresh in every attempt). None if they are all fine."""
+    seen: dict[str, str] = {}
+    staged = [os.path.normpath(n) for n in inputs]
+    for name in names:
+        problem = output_problem(name, cwd, what)
+        if problem is not None:
+            return problem
+        norm = os.path.normpath(os.path.join(cwd or "", name))
+        if norm in seen:
+            return f"{what}s {seen[norm]!r} and {name!r} are the same file"
+        seen[norm] = name
+        for inp in staged:
+            if norm == inp or norm.startswith(inp + os.sep):
+                return (
+                    f"{what} {name!r} is (inside) the input {inp!r}, which is the user's own "
+                    f"file, staged afresh in every attempt; {what}s must be new files the "
+                    "program writes in the sandbox"
+                )
     return None
 
 
@@ -725,23 +858,7 @@ def spec_problem(spec: CommandSpec) -> str | None:
     for n, src in spec.inputs.items():
         if "\0" in n or "\0" in src:
             return f"input {n!r}: {src!r} contains a NUL byte"
-    seen: dict[str, str] = {}
-    staged = [os.path.normpath(n) for n in spec.inputs]
-    for name in spec.outputs:
-        problem = output_problem(name, cwd)
-        if problem is not None:
-            return problem
-        norm = os.path.normpath(os.path.join(cwd or "", name))
-        if norm in seen:
-            return f"outputs {seen[norm]!r} and {name!r} are the same file"
-        seen[norm] = name
-        for inp in staged:
-            if norm == inp or norm.startswith(inp + os.sep):
-                return (
-                    f"output {name!r} is (inside) the input {inp!r}, which is the user's own "
-                    "file; outputs must be new files in the sandbox"
-                )
-    return None
+    return files_problem(spec.outputs, cwd, spec.inputs)
 
 
 def _inside(path: str, root: str) -> bool:

@@ -72,6 +72,9 @@ CREATE TABLE IF NOT EXISTS tasks (
 CREATE TABLE IF NOT EXISTS events (
     run INTEGER, time REAL, kind TEXT, name TEXT, pid INTEGER, host TEXT, message TEXT,
     data TEXT);
+CREATE TABLE IF NOT EXISTS started (
+    run INTEGER, key TEXT, nonce TEXT, attempt INTEGER, number INTEGER, time REAL);
+CREATE INDEX IF NOT EXISTS started_key ON started (key);
 """
 
 
@@ -357,6 +360,8 @@ class Journal:
         self._q: collections.deque[tuple[Any, ...]] = collections.deque()
         #: worker, master and drain events: (time, kind, name, pid, host, message, data)
         self._events: collections.deque[tuple[Any, ...]] = collections.deque()
+        #: attempts that started: (key, session nonce, attempt id, number, time)
+        self._started: collections.deque[tuple[Any, ...]] = collections.deque()
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)
         self._closed = False
@@ -439,6 +444,62 @@ class Journal:
         """A new task (state PENDING or later: the latest snapshot in a batch wins)."""
         self._q.append((_head(task), None, None, None, None, None, now))
 
+    def record_started(self, key: str, nonce: str, attempt: int, number: int, now: float) -> None:
+        """An attempt started (the core took the backend's Started): enough to find its
+        sandbox in a later run (the session's nonce and the attempt's id make its tag)
+        if the client dies before the attempt ends (:meth:`interrupted`)."""
+        self._started.append((key, nonce, attempt, number, now))
+
+    def _flush_started(self) -> None:
+        st = self._started
+        batch = [st.popleft() for _ in range(len(st))]
+        if not batch:
+            return
+        c = self.conn
+        try:
+            c.execute("BEGIN")
+            c.executemany(
+                "INSERT INTO started VALUES (?,?,?,?,?,?)",
+                [(self.run, _safe_text(k), *rest) for k, *rest in batch],
+            )
+            c.execute("COMMIT")
+        except sqlite3.Error as e:  # kept, and retried with the next flush
+            with contextlib.suppress(sqlite3.Error):
+                c.execute("ROLLBACK")
+            st.extendleft(reversed(batch))
+            log.warning("pilotfish: journal records of started attempts not written yet (%s)", e)
+
+    def interrupted(self, key: str) -> dict[str, Any] | None:
+        """resume: the latest attempt of ``key`` an earlier run started and never ended
+        (that run's client died, or stopped, while it ran): ``{"run", "nonce", "attempt",
+        "number", "status"}`` (``status``: that run's, "running" if its client died), or
+        None (none started, or the last one ended: done, failed, cancelled)."""
+        return _interrupted(self.conn, _safe_text(key), self.run)
+
+    def task_state(self, key: str) -> str | None:
+        """The state ``key`` had when the journal last recorded it, or None (unknown)."""
+        row = self.conn.execute(
+            "SELECT state FROM tasks WHERE key=?", (_safe_text(key),)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def started_run(self, nonce: str, attempt: int | None = None) -> tuple[int, bool] | None:
+        """``(run, journaled)``: the run whose session had ``nonce`` (known once any of its
+        attempts was journaled as started), and whether attempt ``attempt`` of it was; or
+        None. (A resumed run found a sandbox the journal may not know of.)"""
+        row = self.conn.execute(
+            "SELECT run FROM started WHERE nonce=? LIMIT 1", (nonce,)
+        ).fetchone()
+        if row is None:
+            return None
+        hit = attempt is not None and (
+            self.conn.execute(
+                "SELECT 1 FROM started WHERE nonce=? AND attempt=? LIMIT 1", (nonce, attempt)
+            ).fetchone()
+            is not None
+        )
+        return int(row[0]), hit
+
     # ------------------------------------------------------------------ writer
     def _loop(self) -> None:
         while True:
@@ -457,6 +518,7 @@ class Journal:
         """Write what is queued. Records that cannot be written stay queued, and
         :attr:`error` says why (see the module docstring); it never drops one."""
         self._flush_events()
+        self._flush_started()
         q = self._q
         latest: dict[str, tuple[Any, ...]] = {}
         for _ in range(len(q)):
@@ -660,6 +722,50 @@ class Journal:
 
 
 # --------------------------------------------------------------------------- reading
+
+
+def _interrupted(conn: sqlite3.Connection, key: str, run: int) -> dict[str, Any] | None:
+    """See :meth:`Journal.interrupted` (also :meth:`JournalReader.interrupted`)."""
+    try:
+        last = conn.execute(
+            "SELECT run, nonce, attempt, number FROM started WHERE key=? AND run!=? "
+            "ORDER BY run DESC, rowid DESC LIMIT 1",
+            (key, run),
+        ).fetchone()
+    except sqlite3.OperationalError:  # a journal written before attempts' starts were
+        return None
+    if last is None:
+        return None
+    r, nonce, aid, number = int(last[0]), str(last[1]), int(last[2]), int(last[3])
+    row = conn.execute(
+        "SELECT run, state, attempts, earlier FROM tasks WHERE key=?", (key,)
+    ).fetchone()
+    attempts: list[dict[str, Any]] = []
+    if row is not None:
+        if row[0] == r:
+            if row[1] == "DONE":
+                return None
+            attempts = _decode_attempts(row[2])
+        for line in (row[3] or "").splitlines():  # the task's rows of earlier runs
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                old = json.loads(line)
+                if old.get("run") == r:
+                    if old.get("state") == "DONE":
+                        return None
+                    attempts = [
+                        a if isinstance(a, dict) else _attempt_row(a)
+                        for a in old.get("attempts") or []
+                    ]
+    if any(a.get("id") == aid and a.get("outcome") for a in attempts):
+        return None  # it ended
+    status = conn.execute("SELECT status FROM runs WHERE id=?", (r,)).fetchone()
+    return {
+        "run": r,
+        "nonce": nonce,
+        "attempt": aid,
+        "number": number,
+        "status": str(status[0]) if status and status[0] else "running",
+    }
 
 
 class JournalReader:

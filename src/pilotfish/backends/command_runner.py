@@ -18,7 +18,11 @@ that was lost, timed out or asked for a retry, its sandbox (found by its unique 
 under ``rundir/sandboxes``: on a filesystem this worker shares) gives the new
 sandbox those files, all or none (:func:`pilotfish.commands.restore_files`), and
 ``resume_argv`` replaces ``argv`` when they all came. The attempt's note says
-which ("resumed from attempt 2: md.cpt, 48 MB", "fresh start: md.cpt missing").
+which ("resumed from attempt 2: md.cpt, 48 MB", "fresh start: md.cpt missing"). The
+first attempt of a resumed run may continue an attempt of an earlier run that the
+client's death interrupted (``make_lineage``): its note says so and names that sandbox,
+which is left in place. ``resume_files`` obey the rules of ``outputs``
+(:func:`pilotfish.commands.files_problem`), checked again here on the resolved call.
 
 Edges trust nothing (DESIGN section 5): a task key never becomes a path.
 Every attempt gets a fresh sandbox ``rundir/sandboxes/NAME`` created with
@@ -48,10 +52,13 @@ from ..commands import (
     STDOUT_NAME,
     CommandResult,
     CommandSpec,
-    attempt_tags,
     describe_exit,
+    files_problem,
     find_sandbox,
+    from_earlier_run,
+    keeps_sandbox,
     make_sandbox,
+    previous_attempt,
     restore_files,
     run_command,
     spec_problem,
@@ -126,11 +133,14 @@ def run_command_attempt(
     except BaseException as e:
         env = _wire.envelope_for(e, "user_error")
         return False, pickle.dumps(env, _wire.PROTOCOL)
-    problem = spec_problem(spec)
+    resume_files = tuple(template.get("resume_files", ()))
+    problem = spec_problem(spec) or files_problem(
+        resume_files, spec.cwd, spec.inputs, "resume file"
+    )
     if problem is not None:
         return _invalid(m, f"invalid program task: {problem}")
     root = Path(rundir) / "sandboxes"
-    tag, previous, number = attempt_tags(m.attempt, m.lineage)
+    tag, previous, _, which = previous_attempt(m.attempt, m.lineage)
     try:
         box = make_sandbox(root, m.key, tag)
     except OSError as e:
@@ -146,9 +156,15 @@ def run_command_attempt(
         return False, pickle.dumps(env, _wire.PROTOCOL)
     note: str | None = None
     sub = template["cwd"] or ""  # names are relative to the program's directory
-    names = tuple(os.path.normpath(os.path.join(sub, r)) for r in template.get("resume_files", ()))
+    names = tuple(os.path.normpath(os.path.join(sub, r)) for r in resume_files)
     if names and previous is not None:
-        resumed, note = restore_files(find_sandbox(root, m.key, previous), number, box, names)
+        resumed, note = restore_files(
+            find_sandbox(root, m.key, previous),
+            which,
+            box,
+            names,
+            left_in_place=from_earlier_run(m.lineage),
+        )
         if resumed and template.get("resume_argv"):
             try:
                 argv = tuple(
@@ -214,7 +230,7 @@ def _result(
     box = Path(out.sandbox)
     stdout, stderr = box / STDOUT_NAME, box / STDERR_NAME
     outputs = {k: Path(v) for k, v in out.outputs.items()}
-    if template["keep_sandboxes"] == "all":
+    if keeps_sandbox(template["keep_sandboxes"], True):
         return CommandResult(0, stdout, stderr, outputs, box, out.host, out.elapsed, note)
     # Same unique name as the sandbox: never an existing directory, never another
     # task's (mkdir fails if it exists; nothing is removed first).

@@ -103,9 +103,9 @@ class _InMain:
 
 def call_chunk(fn: Callable[..., Any], chunk: tuple[tuple[Any, ...], ...]) -> list[Any]:
     """One attempt of ``Session.map(..., chunksize=n)``: ``fn`` over up to n argument
-    tuples, in order."""
+    tuples, in order; each call has its own scratch directories (``_scratch.calls``)."""
     with _InMain(fn):
-        return [fn(*args) for args in chunk]
+        return list(_scratch.calls(fn, chunk))
 
 
 #: initializer call (its pickle) -> None once it ran here, or the Envelope of its failure
@@ -203,14 +203,17 @@ def _run(
         )
     except BaseException as e:
         return _fail(_wire.envelope_for(e, "user_error"))
-    token = _scratch.enter(rundir, m.key, m.attempt, m.lineage)  # for scratch_dir() etc.
+    # for scratch_dir() etc.; a successful attempt's scratch is removed unless kept
+    token = _scratch.enter(rundir, m.key, m.attempt, m.lineage, "all" if m.keep else "failed")
+    ok = False
     try:
         with _InMain(fn):
             value = fn(*args, **kwargs)
+        ok = True
     except BaseException as e:
         return _fail(_wire.envelope_for(e, "user_error", skip_frames=1))
     finally:
-        _scratch.leave(token)
+        _scratch.leave(token, ok)
     del fn, args, kwargs
     try:
         return True, _wire.dumps_value(value)
