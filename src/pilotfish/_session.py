@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import _wire
+from . import _rundir, _wire
 from ._events import MasterEvent, TaskEvent, WorkerEvent, WorkersGone
 from ._options import TaskFunction, TaskOptions, check_rundir, check_session_args, str_list
 from ._payloads import call_digest, call_key_digest, pickle_call
@@ -399,9 +399,11 @@ class _Closer:
         journal: Journal | None,
         core: wf.Workflow,
         timer_cv: threading.Condition,
+        locks: list[_rundir.RundirLock],
     ) -> None:
         self.backend = backend
         self.journal = journal
+        self.locks = locks  # the run directory's: released last, once nothing writes
         self.core = core
         self.timer_cv = timer_cv
         self.stop_timeout: float | None = None  # set when the backend was given up
@@ -430,6 +432,7 @@ class _Closer:
                 else ("finished" if not self.core.unfinished() else "interrupted")
             )
             self.journal.close(status)
+        _rundir.release(self.locks)
 
 
 class Session(cf.Executor):
@@ -545,16 +548,23 @@ class Session(cf.Executor):
         self._journal: Journal | None = None
         if journal is True:
             journal = Path(rundir) / "journal.db"
+        if not journal and resume:
+            raise InvalidTask("Session(resume=True) needs a journal; do not pass journal=None")
+        # one session at a time per run directory (and journal), with or without a journal:
+        # held until the session is closed, released by the kernel if this process dies
+        self._locks = _rundir.hold(rundir, Path(journal) if journal else None)
         if journal:
             try:
                 self._journal = Journal(journal, resume=bool(resume))
             except (sqlite3.Error, OSError) as e:
+                _rundir.release(self._locks)
                 raise JournalError(
                     f"Session(journal={str(journal)!r}): cannot open the journal ({e}); "
                     "check the path, or pass journal=None to run without one"
                 ) from e
-        elif resume:
-            raise InvalidTask("Session(resume=True) needs a journal; do not pass journal=None")
+            except BaseException:
+                _rundir.release(self._locks)
+                raise
         self._restored = 0
         self._shutdown_flag = False
         self._timers: list[float] = []
@@ -603,8 +613,11 @@ class Session(cf.Executor):
         except BaseException:  # e.g. a bad backend option: nothing ran, leave no journal open
             if self._journal is not None:
                 self._journal.close("failed")
+            _rundir.release(self._locks)
             raise
-        self._closer = _Closer(self._backend, self._journal, self._core, self._timer_cv)
+        self._closer = _Closer(
+            self._backend, self._journal, self._core, self._timer_cv, self._locks
+        )
         self._closer.collected = True  # until _close() says otherwise
         self._finalizer = weakref.finalize(self, self._closer)
         self._finalizer.atexit = False  # _python_exit/_shutdown_all close sessions first

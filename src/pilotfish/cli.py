@@ -746,8 +746,8 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     try:
         return int(args.func(args, console))
-    except JournalError as e:
-        Console(stderr=True).print(plain(f"pilotfish: {e}", "red", one_line=False))
+    except JournalError as e:  # one line, however wide the terminal
+        Console(stderr=True).print(plain(f"pilotfish: {e}", "red"), soft_wrap=True)
         return EXIT_USAGE
 
 
