@@ -4,7 +4,11 @@ too large to print. The CLI runs in-process, on a journal a real Session wrote."
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import stat
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,6 +17,8 @@ import pytest
 
 import pilotfish
 from pilotfish import cli
+from pilotfish._files import open_regular
+from pilotfish.backends.fake import FakeBackend
 from pilotfish.journal import JournalReader
 
 KEY = "evil[/]key [bold red]x[/bold red]"
@@ -138,7 +144,7 @@ def test_show_full_streams_without_reading_whole(
     """`show --full` prints the whole file, in chunks: no read of more than a chunk, so a
     multi-GB file is never held in memory."""
     reads: list[int] = []
-    real_open = open
+    real_open = open_regular
 
     class Spy:
         def __init__(self, f: Any) -> None:
@@ -157,11 +163,11 @@ def test_show_full_streams_without_reading_whole(
         def __getattr__(self, name: str) -> Any:
             return getattr(self.f, name)
 
-    def spy_open(file: Any, mode: str = "r", *a: Any, **kw: Any) -> Any:
-        f = real_open(file, mode, *a, **kw)
+    def spy_open(file: Any) -> Any:
+        f = real_open(file)
         return Spy(f) if str(file) == str(hostile_run["stderr"]) else f
 
-    monkeypatch.setattr("builtins.open", spy_open)
+    monkeypatch.setattr("pilotfish.cli.open_regular", spy_open)
     args = ["--rundir", hostile_run["rundir"], "show", "big-stderr", "--full"]
     assert cli.main(args) == 0
     out = capsys.readouterr().out
@@ -194,3 +200,212 @@ def test_live_progress_escapes_hostile_keys(capsys: pytest.CaptureFixture[str]) 
     prog.on_event(WorkerEvent("lost", "w[/]1", 1, 0.0, message="died\x1b[2J[/]"))
     out = capsys.readouterr().out
     assert "worker w[/]1 lost: died\\x1b[2J[/]" in out and _escapes(out) == []
+
+
+# --------------------------------------------------------------------------- issue 22
+
+
+def _failed_program_run(rundir: Path) -> str:
+    """A finished run (fake backend) with one DONE task and one failed program whose
+    stderr is kept; returns the failed task's key."""
+    backend = FakeBackend(1, rundir=str(rundir))
+    with pilotfish.Session(backend=backend, rundir=str(rundir)) as s:
+        ok = s.submit(abs, -1)
+        bad = s.executable(["sh", "-c", "echo OOPS-ON-STDERR >&2; exit 3"], key="prog", retries=0)
+        pilotfish.wait([ok, bad], timeout=30)
+    return bad.key
+
+
+def _cli(args: list[str], cwd: Path | None = None, prefix: list[str] | None = None) -> Any:
+    return subprocess.run(
+        [*(prefix or []), sys.executable, "-m", "pilotfish.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=50,
+        env=dict(os.environ, COLUMNS="400"),
+    )
+
+
+def _one_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_report_out_never_writes_over_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`pilotfish report --html --out RUNDIR/journal.db` replaced the journal with the
+    HTML page (`status` then said "not a pilotfish journal"). Nothing pilotfish keeps in
+    the run directory is written over, nor a file that is not a report it wrote."""
+    rundir = tmp_path / "run"
+    key = _failed_program_run(rundir)
+    sandbox = Path(JournalReader(rundir / "journal.db").failures()[0]["sandbox"])
+    mine = tmp_path / "notes.html"
+    mine.write_text("my own notes")
+    journal = rundir / "journal.db"
+    before = journal.read_bytes()
+    for out in (
+        journal,
+        Path(str(journal) + "-wal"),
+        Path(str(journal) + "-shm"),
+        rundir / "values" / "x.html",
+        sandbox / "stderr.txt",
+        sandbox,  # a directory: DIR/report.html, inside a sandbox
+        rundir / "results" / "r.html",
+        rundir / ".." / rundir.name / "journal.db",  # the same file by another path
+        mine,
+    ):
+        assert cli.main(["--rundir", str(rundir), "report", "--html", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "refusing to write the report" in err and "Traceback" not in err, (out, err)
+    assert journal.read_bytes() == before and mine.read_text() == "my own notes"
+    assert "OOPS-ON-STDERR" in (sandbox / "stderr.txt").read_text()
+    assert cli.main(["--rundir", str(rundir), "status"]) == 0
+    page = tmp_path / "page.html"
+    for _ in range(2):  # a report pilotfish wrote is replaced
+        assert cli.main(["--rundir", str(rundir), "report", "--out", str(page)]) == 0
+    assert key in page.read_text()
+    assert cli.main(["--rundir", str(rundir), "report"]) == 0  # RUNDIR/report.html
+    assert (rundir / "report.html").exists()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli.main(["report", "--help"])
+    assert "replaced only if it is a report pilotfish wrote" in capsys.readouterr().out
+
+
+def test_show_and_report_never_block_on_a_fifo(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A program replaced its stderr.txt with a FIFO: `pilotfish show KEY` blocked forever
+    opening it (and `--full`, and the report). Only regular files are read."""
+    rundir = tmp_path / "run"
+    key = _failed_program_run(rundir)
+    stderr = Path(JournalReader(rundir / "journal.db").failures()[0]["stderr_path"])
+    stderr.unlink()
+    os.mkfifo(stderr)
+    for extra in ([], ["--full"]):
+        assert cli.main(["--rundir", str(rundir), "show", key, "--no-pager", *extra]) == 0
+        out = capsys.readouterr().out.replace("\n", "")
+        assert "not read: it is a FIFO" in out, out
+    page = tmp_path / "r.html"
+    assert cli.main(["--rundir", str(rundir), "report", "--out", str(page)]) == 0
+    assert "not read: it is a FIFO" in page.read_text()
+
+
+def _damage(path: Path) -> None:
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.seek(3 * 4096)
+        f.write(b"\xa5" * (size - 5 * 4096))
+
+
+def test_damaged_journal_is_one_line_and_exit_2_everywhere(tmp_path: Path) -> None:
+    """A journal with corrupt pages: every CLI command printed a Python traceback
+    (sqlite3.DatabaseError). Each says, in one line, that the file is damaged and how to
+    recover it, exit status 2, and the file is not written."""
+    rundir = tmp_path / "run"
+    with pilotfish.Session(backend=FakeBackend(1), rundir=str(rundir)) as s:
+        pilotfish.wait([s.submit(abs, -i) for i in range(2000)], timeout=60)
+    journal = rundir / "journal.db"
+    _damage(journal)
+    before = journal.read_bytes()
+    script = tmp_path / "wf.py"
+    script.write_text(f"import pilotfish\npilotfish.Session(rundir={str(rundir)!r})\n")
+    for args in (
+        ["status"],
+        ["failures"],
+        ["failures", "--group"],
+        ["show", "abs-x"],
+        ["report", "--out", str(tmp_path / "r.html")],
+        ["resume", str(script)],
+        ["run", str(script)],
+    ):
+        out = _cli(["--rundir", str(rundir), *args], cwd=tmp_path)
+        line = _one_line(out.stderr)
+        assert out.returncode == 2, (args, out.stderr)
+        assert "damaged" in line and ".recover" in line and str(journal) in line, line
+    assert journal.read_bytes() == before
+
+
+def unprivileged() -> list[str]:
+    """A command prefix under which file permissions hold. As root (a container), where
+    a read-only directory is writable anyway, the capabilities that bypass permissions
+    are dropped for the command (setpriv, util-linux)."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("root without setpriv: permissions cannot be made to hold")
+    return [
+        "setpriv",
+        "--inh-caps=-all",
+        "--bounding-set=-dac_override,-dac_read_search,-fowner",
+        "--",
+    ]
+
+
+def _chmod_tree(root: Path, dirs: int, files: int) -> None:
+    for d, _subdirs, names in os.walk(root):
+        for n in names:
+            p = Path(d) / n
+            if stat.S_ISREG(p.lstat().st_mode):
+                p.chmod(files)
+        Path(d).chmod(dirs)
+
+
+def test_read_only_journal_is_read_and_refused_for_writing(tmp_path: Path) -> None:
+    """A cleanly closed journal in a read-only directory: status/failures/show and resume
+    all answered "not a pilotfish journal ... may be corrupt ... move the file away",
+    advice that invites deleting the history. Readers now read it (immutable when SQLite
+    cannot make its -shm file); writers are refused, saying it is read-only."""
+    rundir = tmp_path / "run"
+    key = _failed_program_run(rundir)
+    script = tmp_path / "wf.py"
+    script.write_text(
+        f"import pilotfish\nwith pilotfish.Session(rundir={str(rundir)!r}) as s:\n"
+        "    print(s.submit(abs, -1).result())\n"
+    )
+    prefix = unprivileged()
+    # a read-only run directory, then only a read-only journal file in a writable one
+    for dirs, files in ((0o500, 0o400), (0o700, 0o400)):
+        _chmod_tree(rundir, dirs, files)
+        try:
+            for args in (
+                ["status"],
+                ["failures"],
+                ["show", key, "--no-pager"],
+                ["report", "--out", str(tmp_path / "r.html")],
+            ):
+                out = _cli(["--rundir", str(rundir), *args], tmp_path, prefix)
+                assert out.returncode == 0, (oct(dirs), args, out.stderr)
+            assert (
+                "OOPS-ON-STDERR"
+                in _cli(
+                    ["--rundir", str(rundir), "show", key, "--no-pager"], tmp_path, prefix
+                ).stdout
+            )
+            for cmd in ("resume", "run"):
+                out = _cli(["--rundir", str(rundir), cmd, str(script)], tmp_path, prefix)
+                line = _one_line(out.stderr)
+                assert out.returncode == 2 and "read-only" in line, (oct(dirs), line)
+                assert "corrupt" not in line and "move" not in line, line
+        finally:
+            _chmod_tree(rundir, 0o700, 0o600)
+    assert JournalReader(rundir / "journal.db").counts() == {"DONE": 1, "FAILED": 1}
+
+
+def test_demo_in_a_read_only_directory_and_its_private_rundir(tmp_path: Path) -> None:
+    """`pilotfish demo` in a read-only directory ended in a PermissionError traceback, and
+    its run directory was created 0755 (the README promises 0700)."""
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o500)
+    out = _cli(["demo"], ro, unprivileged())
+    line = _one_line(out.stderr)
+    assert out.returncode == 2, out.stderr
+    assert "--rundir" in line and str(ro) in line and "cd" in line, line
+    assert not (ro / ".pilotfish-demo").exists()
+    run = tmp_path / "demo-run"
+    out = _cli(["demo", "--rundir", str(run)], tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert stat.S_IMODE(run.stat().st_mode) == 0o700

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import pickle
+import random
 import re
 import sqlite3
 import stat
@@ -26,7 +27,7 @@ from conftest import wait_for
 from pilotfish._payloads import call_digest
 from pilotfish._wire import dumps_call
 from pilotfish.backends.fake import FakeBackend
-from pilotfish.journal import JournalError, JournalReader
+from pilotfish.journal import JournalDamaged, JournalError, JournalReader
 
 
 def double(x: int) -> int:
@@ -414,3 +415,142 @@ def test_resume_in_a_new_process_restores_tasks_with_set_and_dataclass_args(
     runs = {p.name: len(p.read_text().splitlines()) for p in marks.iterdir()}
     assert runs == {"c0": 1, "c1": 1, "c2": 1}
     assert JournalReader(rundir / "journal.db").counts() == {"DONE": 4}
+
+
+# --------------------------------------------------------------------------- issue 22
+
+# what a message may hold: a str read with surrogateescape, bytes that are not UTF-8, NUL
+_BAD = ("lone \udc80 surrogate", b"bytes \xff\xfe not utf-8", "nul \x00 inside")
+_STORED = ("lone \\udc80 surrogate", "bytes \\xff\\xfe not utf-8", "nul \x00 inside")
+
+
+class _Head:
+    """What Journal.record needs of a task (key, name, kind, dependencies, options)."""
+
+    def __init__(self, key: str, name: str) -> None:
+        self.key, self.name, self._kind, self._deps = key, name, "call", ()
+        self.options = pilotfish.TaskOptions()
+
+
+def _text_everywhere(value: object) -> list[str]:
+    """Every str in a row (JSON columns decoded) that is not valid UTF-8 text."""
+    if isinstance(value, str):
+        try:
+            decoded = json.loads(value) if value[:1] in "[{" else None
+        except ValueError:
+            decoded = None
+        bad = [] if _encodes(value) else [value]
+        return bad + (_text_everywhere(decoded) if decoded is not None else [])
+    if isinstance(value, dict):
+        return [b for k, v in value.items() for b in _text_everywhere(k) + _text_everywhere(v)]
+    if isinstance(value, list | tuple):
+        return [b for v in value for b in _text_everywhere(v)]
+    return []
+
+
+def _encodes(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def test_every_text_field_is_stored_whatever_its_bytes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker event whose message was not valid UTF-8 (lone surrogates, bytes) was
+    journaled in the same flush as a finished task: the flush failed, the task's row was
+    lost and the run stayed "running". Every text field of every record kind (tasks,
+    attempts, failures, events, drains) now goes through one escaping rule."""
+    from pilotfish.journal import Journal
+
+    path = tmp_path / "journal.db"
+    j = Journal(path, flush_interval=3600)  # everything below goes in the final flush
+    now = time.time()
+    for i, bad in enumerate(_BAD):
+        text = bad if isinstance(bad, str) else bad.decode("latin-1")
+        fail = pilotfish.FailureRecord(
+            key=f"f{i}",
+            category=pilotfish.Category.USER_ERROR,
+            message=bad,  # type: ignore[arg-type]  # the API may be handed anything
+            traceback=bad,  # type: ignore[arg-type]
+            stderr_tail=bad,  # type: ignore[arg-type]
+            worker=text,
+            host=text,
+        )
+        attempt = dataclasses.make_dataclass(
+            "A",
+            [
+                "number",
+                "id",
+                "dispatched",
+                "worker",
+                "host",
+                "pid",
+                "started",
+                "ended",
+                "outcome",
+                "failure",
+                "note",
+            ],
+        )(1, i, now, bad, bad, 7, now, now, "user_error", fail, bad)
+        j.record(
+            _Head(f"f{i}-{text}", f"name {text}"),
+            "FAILED",
+            [(now, "PENDING", "FAILED")],
+            [attempt],
+            fail,
+        )
+        j.record(
+            _Head(f"d{i}", text), "DONE", [(now, "PENDING", "DONE")], [], None, pickle.dumps(i)
+        )
+        j.record_event(now, bad, bad, 7, bad, bad, {"why": bad, bad: [bad]})  # type: ignore[arg-type, dict-item]
+        j.record_drain({"time": now, "name": bad, "host": bad, "reason": bad, "keys": [bad]})
+    j.close()
+    assert j.error is None
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    r = JournalReader(path)
+    assert [run["status"] for run in r.runs()] == ["finished"]
+    assert r.counts() == {"DONE": 3, "FAILED": 3}
+    assert [r.journal_value(f"d{i}") for i in range(3)] == [0, 1, 2]
+    rows = [dict(row) for row in r.tasks()] + [dict(e) for e in r.events()]
+    assert _text_everywhere(rows) == []
+    messages = [e["message"] for e in r.events() if e["kind"] != "drained"]
+    assert messages == list(_STORED)  # escaped, not dropped: NUL kept as it is
+    assert [e["message"] for e in r.events("drained")] == list(_STORED)
+    assert [f["message"] for f in r.failures()] == list(_STORED)
+    assert [a["note"] for i in range(3) for a in r.attempts(r.tasks("FAILED")[i]["key"])] == list(
+        _STORED
+    )
+
+
+def _damage(path: Path) -> None:
+    """Overwrite the middle pages of an SQLite file with noise (a disk or copy fault)."""
+    size = path.stat().st_size
+    rng = random.Random(22)
+    with open(path, "r+b") as f:
+        f.seek(3 * 4096)
+        f.write(rng.randbytes(size - 5 * 4096))
+
+
+def test_damaged_journal_is_refused_by_session_and_never_written(tmp_path: Path) -> None:
+    """A journal with corrupt pages: Session(resume=True) raised a raw sqlite3 error from
+    submit() and went on writing into the damaged file. Now Session(...) itself refuses,
+    before anything runs, with what to do (.recover), and the file is left as it was."""
+    rundir = tmp_path / "run"
+    with session(rundir) as s:
+        assert [t.result(timeout=30) for t in [s.submit(big, 700 + i) for i in range(300)]]
+    journal = rundir / "journal.db"
+    _damage(journal)
+    before = journal.read_bytes()
+    for kw in ({"resume": True}, {}):
+        with pytest.raises(JournalDamaged) as info:
+            session(rundir, **kw)
+        msg = str(info.value)
+        assert str(journal) in msg and ".recover" in msg and "damaged" in msg, msg
+        assert "\n" not in msg
+    assert journal.read_bytes() == before  # nothing written
+    assert not (rundir / "journal.db-wal").exists()
+    with session(tmp_path / "other") as s:  # and the lock went with the refusal
+        assert s.submit(double, 2).result(timeout=30) == 4

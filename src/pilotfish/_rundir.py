@@ -98,9 +98,8 @@ class RundirLock:
             fd = os.open(path, flags, 0o600)
         except OSError as e:
             if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-                raise read_only_error(
-                    path.parent, f"cannot create {path.name}: {e.strerror}"
-                ) from e
+                why = f"cannot open {path.name} there for writing: {e.strerror}"
+                raise read_only_error(path.parent, why) from e
             if e.errno == errno.ELOOP:
                 raise JournalError(
                     f"{path} is a symbolic link: pilotfish locks {what} with a file of its "

@@ -20,10 +20,12 @@ and ``report --html`` writes one self-contained HTML page (:mod:`pilotfish.repor
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import runpy
 import shlex
+import sqlite3
 import sys
 import textwrap
 import threading
@@ -40,8 +42,9 @@ from rich.table import Table
 from rich.text import Text
 
 from . import digest as _digest
+from ._files import NotRegularFile, open_regular, read_tail
 from .digest import clean, fmt_dur, fmt_time
-from .journal import JournalError, JournalReader
+from .journal import JournalError, JournalReader, sqlite_problem
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -255,8 +258,6 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
     journal = _journal_path(args.rundir)
     JournalReader(journal).close()  # a clear error for a missing or foreign journal
     out = Path(args.out) if args.out else Path(args.rundir) / "report.html"
-    if out.is_dir():
-        out = out / "report.html"
     try:
         path = report.write_report(journal, out)
     except OSError as e:
@@ -314,7 +315,7 @@ def cmd_show(args: argparse.Namespace, console: Console) -> int:
     final = json.loads(row["failure"]) if row["failure"] else None
     if final and (not failures or final.get("message") != failures[-1][2].get("message")):
         failures.append((None, row["run"], final))
-    full: Path | None = None  # a stderr file streamed after the rest (--full)
+    full: tuple[Path, object] | None = None  # a stderr file (and host) streamed last (--full)
     for number, run, f in failures:
         title = f"failure of attempt {number} (run {run})" if number else "final failure"
         lines.append(plain(f"\n{title}: {f.get('category')}", "bold red", one_line=False))
@@ -339,7 +340,7 @@ def cmd_show(args: argparse.Namespace, console: Console) -> int:
         if f.get("stderr_path"):
             p = Path(str(f["stderr_path"]))
             if args.full:
-                full = p  # the last one: the others' paths are listed
+                full = (p, f.get("host"))  # the last one: the others' paths are listed
             else:
                 lines.extend(_stderr_tail(p, f.get("host"), args.tail_kb * 1024))
     if row["state"] == "DONE":
@@ -356,21 +357,26 @@ def cmd_show(args: argparse.Namespace, console: Console) -> int:
     else:
         emit()
     if full is not None:
-        _stream_file(out, full)
+        _stream_file(out, *full)
     return 0
+
+
+def _unread(p: Path, e: OSError, host: object) -> str:
+    """Why the file ``p`` is not shown: not a regular file (a task may have made it a
+    FIFO: never opened for reading), or not readable here."""
+    if isinstance(e, NotRegularFile):
+        return f"stderr {p}: {e.strerror}"
+    return f"stderr: cannot read {p} here: {e}; it is on host {host}"
 
 
 def _stderr_tail(p: Path, host: object, limit: int) -> list[Text]:
     """The last ``limit`` bytes of a stderr file, cleaned, with a title saying what is
-    shown and where the whole file is; never more than ``limit`` bytes read."""
+    shown and where the whole file is; never more than ``limit`` bytes read, never a
+    file that is not a regular one (:func:`pilotfish._files.read_tail`)."""
     try:
-        with open(p, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            start = max(0, size - limit)
-            fh.seek(start)
-            data = fh.read(limit)
+        data, size, start = read_tail(p, limit)
     except OSError as e:
-        return [plain(f"stderr: cannot read {p} here: {e}; it is on host {host}")]
+        return [plain(_unread(p, e, host))]
     if start:
         title = (
             f"stderr ({p}): the last {len(data) / 1024:.0f} KiB of {size / 1024:.0f} KiB; "
@@ -384,11 +390,16 @@ def _stderr_tail(p: Path, host: object, limit: int) -> list[Text]:
     return [plain(title, "bold"), plain(text, one_line=False)]
 
 
-def _stream_file(out: Console, p: Path) -> None:
+def _stream_file(out: Console, p: Path, host: object) -> None:
     """``p`` printed in chunks (cleaned), so a file of any size is never held whole."""
+    try:
+        fh = open_regular(p)
+    except OSError as e:
+        out.print(plain(_unread(p, e, host)))
+        return
     out.print(plain(f"stderr ({p}, complete):", "bold"))
     try:
-        with open(p, "rb") as fh:
+        with fh:
             tail = b""
             while chunk := fh.read(_CHUNK):
                 chunk, tail = _split_utf8(tail + chunk)
@@ -598,7 +609,18 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
         )
     )
     t0 = time.time()
-    digest = (gromacs if args.gromacs else demo).main(str(rundir), console)
+    try:
+        rundir.mkdir(mode=0o700, parents=True, exist_ok=True)  # private, as every rundir
+        digest = (gromacs if args.gromacs else demo).main(str(rundir), console)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        where = Path(e.filename).absolute() if e.filename else rundir.absolute()
+        raise JournalError(
+            f"demo: cannot write {where} ({e.strerror}); the demo writes its run directory "
+            f"({rundir}) in the current directory: cd to a directory you can write, or pass "
+            "--rundir DIR (pilotfish demo --rundir DIR)"
+        ) from e
     elapsed = time.time() - t0
     reader = JournalReader(_journal_path(str(rundir)))
     console.print(status_table(reader))
@@ -688,7 +710,14 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument(
         "--html", action="store_true", help="an HTML page (the only format, and the default)"
     )
-    rp.add_argument("--out", metavar="FILE", help="where to write it (default: RUNDIR/report.html)")
+    rp.add_argument(
+        "--out",
+        metavar="FILE",
+        help="where to write it (default: RUNDIR/report.html; a directory: DIR/report.html). "
+        "An existing FILE is replaced only if it is a report pilotfish wrote; the journal, "
+        "its -wal/-shm files and anything in the run directory's values/, sandboxes/ and "
+        "results/ are never written",
+    )
     rp.set_defaults(func=cmd_report)
     sh = sub.add_parser(
         "show", parents=[common], help="everything about one task: attempts, complete output"
@@ -746,6 +775,10 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     try:
         return int(args.func(args, console))
+    except sqlite3.DatabaseError as e:  # a page found damaged while reading
+        err = sqlite_problem(e, _journal_path(getattr(args, "rundir", ".pilotfish")))
+        Console(stderr=True).print(plain(f"pilotfish: {err}", "red"), soft_wrap=True)
+        return EXIT_USAGE
     except JournalError as e:  # one line, however wide the terminal
         Console(stderr=True).print(plain(f"pilotfish: {e}", "red"), soft_wrap=True)
         return EXIT_USAGE

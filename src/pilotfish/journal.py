@@ -196,8 +196,9 @@ def read_only_error(path: Path | str, why: str) -> JournalReadOnly:
     )
 
 
-def _open_error(e: sqlite3.Error, path: Path) -> JournalError:
-    """What an SQLite error on opening or reading ``path`` means, said once."""
+def sqlite_problem(e: sqlite3.Error, path: Path | str) -> JournalError:
+    """What an SQLite error on opening or reading the journal ``path`` means, said once
+    (the session, resume, the CLI and the report all say it so)."""
     name = getattr(e, "sqlite_errorname", "") or ""
     text = str(e)
     if name.startswith("SQLITE_CORRUPT") or "malformed" in text:
@@ -363,11 +364,11 @@ def _check(conn: sqlite3.Connection, path: Path, *, intact: bool = False) -> Non
     a damaged one (``PRAGMA quick_check``: about 1.5 ms for a 10,000-task journal)."""
     try:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        problems = [r[0] for r in conn.execute("PRAGMA quick_check(3)")] if intact else []
+        problems = [str(r[0]) for r in conn.execute("PRAGMA quick_check(1)")] if intact else []
     except sqlite3.DatabaseError as e:
-        raise _open_error(e, path) from e
+        raise sqlite_problem(e, path) from e
     if problems and problems != ["ok"]:
-        raise damaged_error(path, "; ".join(str(p) for p in problems))
+        raise damaged_error(path, " ".join(problems[0].split()))  # its first problem
     if not tables:
         return
     if "meta" not in tables or "tasks" not in tables:
@@ -540,10 +541,10 @@ class Journal:
         self.record_event(
             d.get("time") or time.time(),
             "drained",
-            str(d.get("name") or ""),
+            d.get("name") or "",  # text by _text when written, whatever it is
             None,
             d.get("host"),
-            str(d.get("reason") or ""),
+            d.get("reason") or "",
             {"kind": d.get("kind"), "keys": d.get("keys"), "attempts": d.get("attempts")},
         )
 
@@ -903,7 +904,7 @@ class JournalReader:
         try:
             self.conn = sqlite3.connect(uri, uri=True)
         except sqlite3.Error as e:
-            raise _open_error(e, self.path) from e
+            raise sqlite_problem(e, self.path) from e
         try:
             try:
                 _check(self.conn, self.path)

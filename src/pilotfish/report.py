@@ -48,8 +48,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from ._files import NotRegularFile, open_regular, read_tail
+from ._rundir import LOCK_NAME
 from .digest import clean, exit_label, failure_digest, fmt_dur, fmt_time, headline, signature
-from .journal import JournalReader
+from .journal import JournalError, JournalReader
 
 __all__ = [
     "DETAIL_BUDGET",
@@ -57,6 +59,7 @@ __all__ = [
     "PIECE_MAX",
     "ROWS_MAX",
     "build_report",
+    "check_target",
     "write_report",
 ]
 
@@ -155,7 +158,7 @@ def _locate(recorded: str, rundir: Path) -> tuple[Path | None, str]:
         if not real.is_relative_to(root):
             outside = outside or real.exists()
             continue
-        if real.is_file():
+        if real.exists():  # read only if regular (a FIFO is named, never opened)
             return real, ""
     if outside:
         return None, f"not read: it is outside the run directory {rundir}"
@@ -164,12 +167,9 @@ def _locate(recorded: str, rundir: Path) -> tuple[Path | None, str]:
 
 def _read_tail(path: Path, limit: int) -> tuple[str, int, bool]:
     """The last ``limit`` bytes of ``path`` (from a whole line), its size, and whether
-    that is all of it. Never reads more than ``limit`` bytes."""
-    with open(path, "rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
-        start = max(0, size - limit)
-        fh.seek(start)
-        data = fh.read(limit)
+    that is all of it. Never reads more than ``limit`` bytes, nor anything but a regular
+    file (:func:`pilotfish._files.read_tail`: a FIFO raises, it never blocks)."""
+    data, size, start = read_tail(path, limit)
     text = data.decode("utf-8", errors="replace")
     if start and "\n" in text:
         text = text[text.index("\n") + 1 :]
@@ -392,6 +392,8 @@ def _stderr_html(f: dict[str, Any], rundir: Path, budget: _Budget, key: str) -> 
         return f'{head}<div class="note">{_h(why)}</div>'
     try:
         text, size, whole = _read_tail(path, budget.share())
+    except NotRegularFile as e:
+        return f'{head}<div class="note">{_h(e.strerror)}</div>'
     except OSError as e:
         return f'{head}<div class="note">cannot read it: {_h(e)}</div>'
     if whole:
@@ -669,15 +671,74 @@ one to open its row.</p>
 """
 
 
+#: in the head of every page this module writes (and wrote): only such a file is replaced
+_MARK = b"<title>pilotfish report"
+
+#: what pilotfish keeps in a run directory: a report is never written over or into them
+_KEPT = (
+    "journal.db",
+    "journal.db-wal",
+    "journal.db-shm",
+    "journal.db-journal",
+    "values",
+    "sandboxes",
+    "results",
+    LOCK_NAME,
+)
+
+
+def check_target(journal: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
+    """Where a report of ``journal`` may be written, or :class:`JournalError` saying why
+    not. The rule (``pilotfish report --help`` states it): never the journal itself, its
+    ``-wal``/``-shm``/``-journal`` files or lock, nor anything inside ``values/``,
+    ``sandboxes/`` or ``results/`` of its run directory; an existing file is replaced only
+    if it is a report pilotfish wrote (``_MARK`` in its first 4 KiB)."""
+    target = Path(out)
+    if target.is_dir():
+        target = target / "report.html"
+    where = target.parent.resolve() / target.name  # the link itself is what is replaced
+    journal = Path(journal)
+    rundir = journal.parent.resolve()
+    kept = [rundir / k for k in _KEPT] + [
+        journal.resolve().parent / (journal.name + side)
+        for side in ("", "-wal", "-shm", "-journal", ".lock")
+    ]
+    for k in kept:
+        if where == k or where.is_relative_to(k):
+            raise JournalError(
+                f"refusing to write the report to {target}: it would replace {k}, which "
+                "pilotfish keeps for the run. Give --out another file (the default is "
+                "RUNDIR/report.html)"
+            )
+    if os.path.lexists(where):
+        try:
+            with open_regular(where) as fh:
+                ours = _MARK in fh.read(4096)
+        except OSError as e:
+            why = e.strerror if isinstance(e, NotRegularFile) else f"cannot read it ({e})"
+            raise JournalError(
+                f"refusing to write the report to {target}: it exists and is {why}; "
+                "give --out a new file name"
+            ) from e
+        if not ours:
+            raise JournalError(
+                f"refusing to write the report to {target}: it exists and is not a report "
+                "pilotfish wrote (only those are replaced); give --out a new file name, or "
+                "move that file away yourself"
+            )
+    return target
+
+
 def write_report(journal: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
     """Write the report of ``journal`` to ``out`` (atomically; mode 0600, since it holds
-    the run's messages and stderr) and return its path."""
+    the run's messages and stderr) and return its path. ``out`` is checked first by
+    :func:`check_target` (a directory means ``out/report.html``)."""
+    target = check_target(journal, out)
     reader = JournalReader(journal)
     try:
         page = build_report(reader)
     finally:
         reader.close()
-    target = Path(out)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".html", dir=target.parent)
     try:

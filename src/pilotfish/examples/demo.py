@@ -53,7 +53,7 @@ def main(rundir: str, console: Any = None) -> dict[str, Any]:
     """Run the ensemble in ``rundir``; return its failure digest (plain data, see
     :func:`pilotfish.digest.failure_digest`), which ``pilotfish demo`` prints last."""
     say = console.print if console is not None else print
-    Path(rundir).mkdir(parents=True, exist_ok=True)
+    Path(rundir).mkdir(mode=0o700, parents=True, exist_ok=True)  # private: pickles live there
     marker = os.path.join(rundir, "flaky-node-marker")
     if os.path.exists(marker):
         os.unlink(marker)
