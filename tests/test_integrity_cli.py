@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -409,3 +410,29 @@ def test_demo_in_a_read_only_directory_and_its_private_rundir(tmp_path: Path) ->
     out = _cli(["demo", "--rundir", str(run)], tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
     assert stat.S_IMODE(run.stat().st_mode) == 0o700
+
+
+def test_read_only_journal_with_a_wal_says_what_it_cannot_show(tmp_path: Path) -> None:
+    """A run killed in a directory that was then made read-only left records in its -wal
+    file, which SQLite cannot read there: `status` showed the older state as if it were
+    all. It still shows it, and says that later records are in the -wal file."""
+    src = tmp_path / "live"
+    _failed_program_run(src)
+    c = sqlite3.connect(src / "journal.db", isolation_level=None)
+    try:
+        c.execute("PRAGMA wal_autocheckpoint=0")
+        c.execute("UPDATE tasks SET state='CANCELLED' WHERE state='DONE'")
+        rundir = tmp_path / "run"
+        rundir.mkdir()
+        for name in ("journal.db", "journal.db-wal"):  # as a killed client left them
+            shutil.copy(src / name, rundir / name)
+    finally:
+        c.close()
+    assert (rundir / "journal.db-wal").stat().st_size > 0
+    _chmod_tree(rundir, 0o500, 0o400)
+    try:
+        out = _cli(["--rundir", str(rundir), "status"], tmp_path, unprivileged())
+    finally:
+        _chmod_tree(rundir, 0o700, 0o600)
+    assert out.returncode == 0, out.stderr
+    assert "shown as last checkpointed" in out.stdout and "journal.db-wal" in out.stdout

@@ -223,6 +223,15 @@ def print_digest(console: Console, digest: dict[str, Any]) -> None:
 def cmd_status(args: argparse.Namespace, console: Console) -> int:
     reader = JournalReader(_journal_path(args.rundir))
     console.print(status_table(reader))
+    wal = Path(f"{reader.path}-wal")
+    if reader.immutable and wal.exists() and wal.stat().st_size:
+        _wrapped(
+            console,
+            f"read-only: shown as last checkpointed; {wal} holds later records that SQLite "
+            "cannot read in a read-only directory (copy the run directory somewhere "
+            "writable to see them)",
+            style="yellow",
+        )
     workers = workers_table(reader)
     if workers is not None:
         console.print(workers)
