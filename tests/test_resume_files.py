@@ -26,6 +26,7 @@ from pilotfish.commands import (
     newest_sandbox,
     previous_attempt,
     restore_files,
+    sandbox_index,
 )
 
 COUNT = (
@@ -361,6 +362,10 @@ def test_newest_sandbox_is_the_keys_own(tmp_path: Path) -> None:
     (root / (a.name + "x")).symlink_to(a)
     assert newest_sandbox(root, "k") == (a, "0123abcd", 5)
     assert newest_sandbox(root, "other") is None
+    index = sandbox_index(root)  # one scan for many keys: the same answers
+    assert newest_sandbox(root, "k", index) == (a, "0123abcd", 5)
+    assert newest_sandbox(root, "k2", index)[1:] == ("0123abcd", 9)  # type: ignore[index]
+    assert newest_sandbox(root, "other", index) is None
 
 
 def test_restore_refuses_links_out_of_the_old_sandbox(tmp_path: Path) -> None:

@@ -48,7 +48,7 @@ from ._translate import Call, Fail, Retry, Translator, drain_policy, on_drained
 from .backends import backend_factory
 from .backends.base import Alive, Backend, BackendEvent, Fatal, Lost, Result, Started
 from .backends.execute import call_chunk
-from .commands import find_sandbox, make_lineage, newest_sandbox
+from .commands import find_sandbox, make_lineage, newest_sandbox, sandbox_index
 from .core import workflow as wf
 from .core.ledger import describe_exit
 from .core.policy import Backoff, Silence
@@ -519,6 +519,7 @@ class Session(cf.Executor):
         #: resume: tid -> (the earlier run's interrupted attempt its first attempt continues
         #: from, as ``make_lineage`` takes it; the note of a Python task's attempt)
         self._earlier: dict[int, tuple[tuple[str, int, int | None, str], str]] = {}
+        self._sandbox_index: dict[str, list[tuple[int, Path]]] | None = None
         self._tasks = _TaskTable()
         self._dups: dict[str, int] = {}
         self._keepalive = False
@@ -1045,7 +1046,9 @@ class Session(cf.Executor):
             else:
                 if state in ("DONE", "FAILED", "CANCELLED"):
                     return None  # that run ended the task: nothing was interrupted
-                found = newest_sandbox(root, task.key)
+                if self._sandbox_index is None:  # one scan for the whole resumed run
+                    self._sandbox_index = sandbox_index(root)
+                found = newest_sandbox(root, task.key, self._sandbox_index)
                 if found is None or not found[1] or found[1] == self._nonce:
                     return None
                 _, nonce, aid = found

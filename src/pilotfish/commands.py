@@ -473,14 +473,35 @@ def find_sandbox(root: str | Path, name: str, tag: str) -> Path | None:
     return max(found)[1] if found else None
 
 
-def newest_sandbox(root: str | Path, name: str) -> tuple[Path, str, int] | None:
+def sandbox_index(root: str | Path) -> dict[str, list[tuple[int, Path]]]:
+    """Every real directory of ours under ``root`` by its task's :func:`safe_dirname`
+    (``(mtime, path)``): one scan of the sandboxes directory for a whole resumed run."""
+    index: dict[str, list[tuple[int, Path]]] = {}
+    for mtime, path in _our_dirs(root, ""):
+        m = _NAME.match(path.name)
+        if m:
+            index.setdefault(m.group(1), []).append((mtime, path))
+    return index
+
+
+_NAME = re.compile(r"(.*-[0-9a-f]{16})\.")
+
+
+def newest_sandbox(
+    root: str | Path, name: str, index: dict[str, list[tuple[int, Path]]] | None = None
+) -> tuple[Path, str, int] | None:
     """The newest sandbox (or scratch directory) of task ``name`` under ``root`` made with
     an attempt's tag, and that attempt's ``(nonce, id)``: how a resumed run finds an
     attempt whose start the journal did not record. Only real directories of ours whose
-    names start with the key's own :func:`safe_dirname` (a hash of the whole key)."""
+    names start with the key's own :func:`safe_dirname` (a hash of the whole key).
+    ``index``: :func:`sandbox_index` of ``root``, for many keys."""
+    if index is None:
+        entries = _our_dirs(root, safe_dirname(name) + ".")
+    else:
+        entries = index.get(safe_dirname(name), [])
     found = [
         (mtime, path, tag)
-        for mtime, path in _our_dirs(root, safe_dirname(name) + ".")
+        for mtime, path in entries
         if (tag := parse_tag(path.name, name)) is not None
     ]
     if not found:
