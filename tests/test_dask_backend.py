@@ -562,7 +562,7 @@ def test_start_fence_grants_each_key_once() -> None:
         return out
 
     sched.tasks["k1"] = _FakeTask("tcp://a")
-    assert req("k1", "tcp://a") == {"granted": True, "reason": ""}
+    assert req("k1", "tcp://a") == {"granted": True, "reason": "", "drained": False}
     started = {"op": "started", "attempt": 1, "key": "k1", "worker": "tcp://a", "pid": 7}
     assert sched.events[-1] == ("pilotfish-tok", {**started, "host": "h", "time": 1.0})
     sched.tasks["k1"] = _FakeTask("tcp://b")  # a died; Dask reschedules k1 on b

@@ -496,11 +496,128 @@ def test_dask_start_fence_refuses_a_drained_place() -> None:
     }  # fmt: skip
     r = ask("k3", "tcp://a:1")
     assert not r["granted"] and "worker tcp://a:9 is drained (2 tasks died there)" in r["reason"]
+    assert r["drained"] is True and sched.events[-1]["drained"] is True
     sched.workers["tcp://a:2"] = _FakeWorkerState("tcp://a:9")  # the nanny's next worker
+    fence.add_worker(sched, "tcp://a:2")  # the client is told that one is drained too
+    assert sched.events[-1] == {
+        "op": "drained", "kind": "worker", "name": "tcp://a:9", "workers": ["tcp://a:2"],
+        "why": "2 tasks died there",
+    }  # fmt: skip
     assert not ask("k4", "tcp://a:2")["granted"]
-    assert ask("k5", "tcp://b:1")["granted"]
+    r = ask("k5", "tcp://b:1")
+    assert r["granted"] and r["drained"] is False
     assert fence.retiring == {"tcp://a:1", "tcp://a:2"}  # (retired on the scheduler's loop)
     # a host: the workers that said they run there
     assert drain(kind="host", place="h2", why="bad disk") == []
     assert not ask("k6", "tcp://b:1", host="h2")["granted"]
     assert ask("k7", "tcp://c:1", host="h3")["granted"]
+
+
+def test_attempts_that_never_ran_never_make_a_task_poison() -> None:
+    """Issue 22 item 6: with every Dask worker drained, healthy tasks' attempts were given
+    back unstarted until the backend gave up on them as WORKER_LOST with no worker and no
+    pid; three such made the task "poison: its attempts killed 3 workers" listing
+    "on ? (pid None)", though no worker died. The rule: only an attempt lost with a
+    worker it ran on (a pid, or a start) counts toward ``poison_after``; others use the
+    retry budget as any transient loss does, and the final failure is theirs, not poison."""
+    w = Workflow(poison_after=2, backoff=NO_BACKOFF, rand=lambda: 0.0)
+    d = current(w.handle(Submit(1, "healthy", (), 5, 0.0)))
+    for i in range(4):  # never ran: no AttemptStarted, no worker, no pid
+        f = FailureRecord(
+            key="healthy", category=LOST, message="given back without running",
+            transient=True, time=float(i),
+        )  # fmt: skip
+        cmds = w.handle(Failed(d, f, float(i)))
+        assert not [c for c in cmds if isinstance(c, Reject)], cmds
+        d = current(cmds)
+    # attempts that ran and were lost with their worker still make it poison
+    for i, pid in enumerate((11, 12)):
+        w.handle(AttemptStarted(d, 10.0 + i, f"w{i}", "h1", pid))
+        f = FailureRecord(
+            key="healthy", category=LOST, message="killed", transient=True, time=10.0 + i,
+            worker=f"w{i}", pid=pid, signal="SIGKILL",
+        )  # fmt: skip
+        cmds = w.handle(Failed(d, f, 10.5 + i))
+        if i == 0:
+            d = current(cmds)
+    [rej] = [c for c in cmds if isinstance(c, Reject)]
+    assert "its attempts killed 2 workers" in rej.failure.message
+    assert "pid None" not in rej.failure.message and " on ? " not in rej.failure.message
+    assert w.state(1) is State.FAILED
+
+
+def _ok(i: int) -> int:
+    return i
+
+
+def _hang_then_healthy(s: pilotfish.Session) -> tuple[list[Any], list[Any]]:
+    """The user's run (issue 22 item 6): four programs that hang time out (twice each)
+    on two workers, so ``drain_after=2`` drains both; then healthy tasks are submitted."""
+    hangs = [s.executable(["sleep", "60"], timeout=1, retries=1, key=f"hang{i}") for i in range(4)]
+    pilotfish.wait(hangs, timeout=120)
+    oks = [s.submit(_ok, i) for i in range(3)]
+    pilotfish.wait(oks, timeout=120)
+    return hangs, oks
+
+
+def _never_poison(tasks: list[Any]) -> None:
+    for t in tasks:
+        assert t.failure is None or "poison" not in t.failure.message, t.failure
+        for a in t.attempts:  # a WORKER_LOST always names the worker and pid it ran on
+            if a.outcome == Category.WORKER_LOST.value:
+                assert a.worker and a.pid, a
+
+
+@pytest.mark.timeout(180)
+def test_dask_every_worker_drained_waits_then_says_so(tmp_path: Path) -> None:
+    """Issue 22 item 6, as reported: on Dask with ``drain_after=2``, four hanging programs
+    (timeouts) drained both workers; the healthy tasks submitted next failed WORKER_LOST
+    "poison: its attempts killed 3 workers" with attempts "on ? (pid None)" (the start
+    fence refused every start on the drained workers, each refusal counted as a give-back,
+    each give-up as a worker death). Now: while every worker is drained, attempts wait
+    (a WorkersGone event says why); after ``no_workers_timeout`` they fail RUNTIME_LOST
+    saying every worker was drained, why, and which tasks showed it; nothing is poison."""
+    events: list[Any] = []
+    with (
+        _dask_cluster() as (cluster, _client),
+        pilotfish.Session(
+            backend="dask",
+            address=cluster.scheduler_address,
+            rundir=str(tmp_path / "run"),
+            drain_after=(2, 600),
+            no_workers_timeout=3,
+            on_event=events.append,
+            backoff=pilotfish.Backoff(base=0.01),
+        ) as s,
+    ):
+        hangs, oks = _hang_then_healthy(s)
+    drained = [e for e in events if isinstance(e, pilotfish.HostDrained)]
+    assert len(drained) == 2, drained
+    gone = [e for e in events if isinstance(e, pilotfish.WorkersGone)]
+    assert any("every Dask worker" in e.message and "drained" in e.message for e in gone), gone
+    _never_poison(hangs + oks)
+    for t in oks:
+        assert t.state is State.FAILED
+        f = t.failure
+        assert f is not None and f.category is Category.RUNTIME_LOST, f
+        assert "every Dask worker" in f.message and "was drained by pilotfish" in f.message
+        assert "no_workers_timeout=3" in f.message and "hang" in f.message
+
+
+@pytest.mark.timeout(180)
+def test_local_every_worker_drained_is_replaced(tmp_path: Path) -> None:
+    """Issue 22 item 6 on the local backend: the same run drains both local workers (and
+    their replacements); the master replaces every drained worker with a fresh one, so
+    the healthy tasks submitted next succeed, and no attempt is counted as poison."""
+    events: list[Any] = []
+    with pilotfish.Session(
+        workers=2,
+        rundir=str(tmp_path / "run"),
+        drain_after=(2, 600),
+        on_event=events.append,
+        backoff=pilotfish.Backoff(base=0.01),
+    ) as s:
+        hangs, oks = _hang_then_healthy(s)
+    assert len([e for e in events if isinstance(e, pilotfish.HostDrained)]) >= 2
+    _never_poison(hangs + oks)
+    assert [t.result() for t in oks] == [0, 1, 2]

@@ -193,3 +193,30 @@ def test_describe_exit():
     assert L.describe_exit(-9) == ("was killed by signal SIGKILL (-9)", "SIGKILL")
     assert L.describe_exit(3) == ("exited with code 3", None)
     assert L.describe_exit(None)[1] is None
+
+
+def test_refusals_on_drained_workers_are_never_counted_as_given_back():
+    """Issue 22 item 6: every Dask worker was drained, so the start fence refused each
+    start of a healthy task; each refusal came back as a give-back, the tenth gave up on
+    the attempt as WORKER_LOST "on ? (pid None)", and three of those made the task
+    poison. The rule: a refusal because the worker is drained (``Bounce(drained=True)``)
+    requeues the attempt unblamed however often it happens; only other give-backs count
+    toward ``max_returns``, and the one past it is lost with no worker and no pid (it
+    never ran anywhere). A ledger without ``max_returns`` never gives up (the local
+    master's rebalancing)."""
+    led = Ledger(max_returns=2)
+    led.handle(L.Submit(((1, "k1", "item1", None), (2, "k2", "item2", None))))
+    for i in range(50):
+        assert led.handle(L.Bounce(1, "worker w1 is drained", float(i), drained=True)) == [
+            L.Requeue(("item1",))
+        ]
+    assert 1 in led and led.get(1).returned == 0  # type: ignore[union-attr]
+    assert led.handle(L.Bounce(1, "KilledWorker", 60.0)) == [L.Requeue(("item1",))]
+    assert led.handle(L.Bounce(1, "KilledWorker", 61.0)) == [L.Requeue(("item1",))]
+    (lost,) = reports(led.handle(L.Bounce(1, "KilledWorker", 62.0)), Lost)
+    assert (lost.worker, lost.pid, lost.started) == ("", 0, None)
+    assert "given back 3 times without running" in lost.message
+    assert "no worker died" in lost.message and 1 not in led
+    unlimited = make(1)
+    for i in range(100):
+        assert unlimited.handle(L.Bounce(1, "rebalanced", float(i))) == [L.Requeue(("item1",))]

@@ -392,7 +392,7 @@ def on_drained(c: wf.Drained, backend: Any, journal: Any) -> HostDrained:
     drain = getattr(backend, "drain", None)
     if callable(drain):
         try:
-            drain(c.name, kind=c.kind)
+            drain(c.name, kind=c.kind, why=f"{c.reason} (tasks: {', '.join(c.keys)})")
         except Exception:
             log.exception("pilotfish: the backend could not drain %s %s", c.kind, c.name)
     else:

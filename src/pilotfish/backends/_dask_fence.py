@@ -102,12 +102,19 @@ class StartFence(SchedulerPlugin):
         self.waiting.discard(worker)
 
     def add_worker(self, scheduler: Any = None, worker: str = "") -> None:
-        """A nanny restarted a drained worker (same nanny, new address): retire it."""
-        if (
-            self.drained
-            and worker
-            and self.is_drained(worker, self.hosts.get(worker) or _ip(worker))
-        ):
+        """A nanny restarted a drained worker (same nanny, new address), or a worker joined
+        on a drained host: the client is told (it sends that worker nothing) and it is
+        retired."""
+        if not (self.drained and worker):
+            return
+        why = self.is_drained(worker, self.hosts.get(worker) or _ip(worker))
+        if why:
+            place = self.place(worker)
+            kind = "worker" if ("worker", place) in self.drained else "host"
+            name = place if kind == "worker" else (self.hosts.get(worker) or _ip(worker))
+            msg = {"op": "drained", "kind": kind, "name": name, "workers": [worker], "why": why}
+            with contextlib.suppress(Exception):
+                self.scheduler.log_event(self.topic, msg)
             self.retire([worker])
 
     def place(self, worker: str) -> str:
@@ -162,16 +169,19 @@ class StartFence(SchedulerPlugin):
             "host": host,
             "time": when,
         }
+        drained = bool(why) and self.is_drained(worker, host) != ""
         if why:
             self.refused += 1
             msg["reason"] = why
+            if drained:
+                msg["drained"] = True
         else:
             self.granted[key] = worker
             place = self.place(worker)
             if place != worker:  # the client names the worker by its place
                 msg["place"] = place
         self.scheduler.log_event(self.topic, msg)
-        return {"granted": not why, "reason": why}
+        return {"granted": not why, "reason": why, "drained": drained}
 
     def drain(self, kind: str, place: str, why: str) -> list[str]:
         """Drain a worker place (``kind="worker"``) or a host: refuse starts there from
@@ -227,6 +237,10 @@ class StartFence(SchedulerPlugin):
                 remove=True,
                 stimulus_id=f"pilotfish-drain-{self.name}",
             )
+        # not retired (Dask could not move its data: the only worker left holds results
+        # the client has not released yet): the next start it asks for (refused) tries again
+        still = getattr(self.scheduler, "workers", None) or {}
+        self.retiring.difference_update(w for w in workers if w in still)
 
     def remove(self) -> int:
         """Uninstall (the session ended or reconnected); returns the number of refusals."""

@@ -109,7 +109,12 @@ no new Dask tasks, data moved off, worker and nanny closed; a worker that runs a
 then gets no new Dask tasks at once and is retired when they end, so they are not
 killed with it); ``drain(host, kind="host")`` does that for every worker that runs on
 ``host``. The client's ledger takes ``Drain`` when the fence says it drained (after
-every grant made before it). WorkerEvents still name worker processes by address.
+every grant made before it). A start refused because the worker is drained is given
+back unblamed and never counts toward giving the attempt up (it never ran). While every
+worker left is drained, attempts are held back on the client (``WorkerReport("gone")``
+says why) and sent when a worker that is not drained joins; after
+``no_workers_timeout`` they fail ``RUNTIME_LOST`` naming the drains and the tasks that
+showed them. WorkerEvents still name worker processes by address.
 
 **Batch jobs.** A worker plugin makes every Dask worker report its ``SLURM_JOB_ID``
 (with its pid and host) on the session's topic as it joins. When it leaves, the client
@@ -237,6 +242,7 @@ class _NotStarted(NamedTuple):
     dkey: str
     worker: str
     reason: str
+    drained: bool = False  # refused because this worker is drained (never counted)
 
 
 async def _attempt_on_worker(
@@ -270,6 +276,7 @@ async def _attempt_on_worker(
             _FENCE_TIMEOUT,
         )
         granted = isinstance(answer, dict) and answer.get("granted") is True
+        drained = isinstance(answer, dict) and answer.get("drained") is True
         if granted:
             why = ""
         elif isinstance(answer, dict):
@@ -277,10 +284,10 @@ async def _attempt_on_worker(
         else:  # Dask answers None to an unknown handler: a task from before a reconnect
             why = f"the scheduler has no start fence {fence!r} (it was replaced or removed)"
     except Exception as e:  # fail closed: no answer, no user code
-        granted = False
+        granted = drained = False
         why = f"pilotfish's start fence on the scheduler did not answer: {type(e).__name__}: {e}"
     if not granted:
-        return _NotStarted(m.attempt, dkey, where, why)
+        return _NotStarted(m.attempt, dkey, where, why, drained)
     ctx = contextvars.copy_context()  # Dask's worker context variable: get_worker() works
     pool = worker.executors.get("default")
     res: Result = await asyncio.get_running_loop().run_in_executor(
@@ -474,7 +481,7 @@ class DaskBackend:
         self._lock = threading.Lock()
         self._q: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
         # every attempt in flight, and what Dask's signals mean for it (items: _Att)
-        self._ledger = L.Ledger()
+        self._ledger = L.Ledger(max_returns=_MAX_RESUBMITS)
         self._pending: list[_Att] = []  # in the ledger, not yet handed to Dask
         self._submit_wake = threading.Event()
         self._newest_order = 0  # the latest task (submission order) handed to Dask
@@ -518,6 +525,8 @@ class DaskBackend:
         # draining: worker address -> its place (its nanny's address; see the docstring)
         self._place: dict[str, str] = {}
         self._drains: list[tuple[str, str, str]] = []  # (kind, name, why) asked so far
+        # attempts held back while every worker is drained (sent when a usable one joins)
+        self._parked: list[_Att] = []
 
     # ------------------------------------------------------------------ protocol
     def start(self, sink: Sink) -> None:
@@ -588,12 +597,14 @@ class DaskBackend:
                 if self._dead or self._stopped:
                     lost.append(self._runtime_lost(a, self._fatal_message or "backend stopped"))
                     continue
-                if self._starved and not self._live:
+                if self._starved and not self._usable_locked():
                     lost.append(self._runtime_lost(a, self._starved))
                     continue
                 att = _Att(a, self._dkey(a, 0))
                 new.append((a.attempt, a.key, att, a.timeout))
-                if self._lost_since is None:  # else resent when the scheduler is back
+                if self._live and not self._usable_locked():  # every worker is drained
+                    self._parked.append(att)
+                elif self._lost_since is None:  # else resent when the scheduler is back
                     self._pending.append(att)
             self._ledger.submit(new)
             if self._pending:
@@ -668,8 +679,9 @@ class DaskBackend:
             self._stopped = True
             # the session is closing: what is in flight is abandoned, not reported
             futs = [e.item.fut for e in self._ledger.entries.values() if e.item.fut is not None]
-            self._ledger = L.Ledger()
+            self._ledger = L.Ledger(max_returns=_MAX_RESUBMITS)
             self._pending.clear()
+            self._parked.clear()
         self._stopping.set()
         self._submit_wake.set()
         self._q.put(None)
@@ -1008,14 +1020,21 @@ class DaskBackend:
         if time.monotonic() - since < self.no_workers_timeout:
             return
         with self._lock:
-            if self._live or self._gone_since is None:
+            if self._usable_locked() or self._gone_since is None:
                 return
-            ended = self._gone_text()
-            why = (
-                f"no Dask worker joined the cluster at {self.address} within "
-                f"no_workers_timeout={self.no_workers_timeout:g} s after the last one left "
-                f"({ended})"
-            )
+            if self._live or (self._drains and not self._gone):
+                why = (
+                    f"every Dask worker in the cluster at {self.address} was drained by "
+                    f"pilotfish ({self._drained_text()}), and no worker that is not drained "
+                    f"joined within no_workers_timeout={self.no_workers_timeout:g} s"
+                )
+            else:
+                ended = self._gone_text()
+                why = (
+                    f"no Dask worker joined the cluster at {self.address} within "
+                    f"no_workers_timeout={self.no_workers_timeout:g} s after the last one "
+                    f"left ({ended})"
+                )
             self._starved = why
             now = time.time()
             for e in list(self._ledger.entries.values()):
@@ -1025,6 +1044,7 @@ class DaskBackend:
                 cmds = self._ledger.handle(L.Reject(e.attempt, "runtime_lost", msg, now))
                 events.extend(c.msg for c in cmds if isinstance(c, L.Report))
             self._pending.clear()
+            self._parked.clear()
         log.error("pilotfish: %s; the attempts in flight and queued fail (RUNTIME_LOST)", why)
 
     def _runtime_lost(self, a: RunAttempt, why: str) -> Lost:
@@ -1086,20 +1106,44 @@ class DaskBackend:
         if not self._current(old):
             return
         cancel.append(old.fut)
-        n = old.resubmits + 1
-        if n > _MAX_RESUBMITS:
-            self._give_up_locked(
-                old,
-                "worker_lost",
-                f"Dask gave it back {_MAX_RESUBMITS} times without running it",
-                events,
-            )
-            return
+        n = old.resubmits + 1  # names its next Dask key (the ledger counts what counts)
         new = _Att(old.m, self._dkey(old.m, n), resubmits=n)
         self._ledger.replace_item(old.m.attempt, new)
-        if self._lost_since is None and not self._dead:  # else resent when it is back
+        if self._live and not self._usable_locked():  # sent when a usable worker joins
+            self._parked.append(new)
+        elif self._lost_since is None and not self._dead:  # else resent when it is back
             self._pending.append(new)
             self._submit_wake.set()
+
+    def _usable_locked(self) -> bool:
+        """Is a worker in the cluster that pilotfish has not drained?"""
+        drained = self._ledger.drained
+        return any(a not in drained for a in self._live)
+
+    def _drained_text(self) -> str:
+        """Every drain so far, with why and the tasks that showed it."""
+        return "; ".join(why for _, _, why in self._drains) or "drained"
+
+    def _every_worker_drained_locked(self, events: list[Any]) -> None:
+        """Every worker left in the cluster is drained: attempts are parked (sent when a
+        usable worker joins); after ``no_workers_timeout`` they fail (_check_workers)."""
+        if self._usable_locked() or self._gone_since is not None or self._stopping.is_set():
+            return
+        self._gone_since = time.monotonic()
+        if self.no_workers_timeout == float("inf"):
+            then = "pilotfish waits for one (no_workers_timeout=inf)"
+        else:
+            then = (
+                f"if none joins within no_workers_timeout={self.no_workers_timeout:g} s, the "
+                "attempts in flight and queued fail RUNTIME_LOST"
+            )
+        msg = (
+            f"every Dask worker in the cluster at {self.address} is drained "
+            f"({self._drained_text()}); attempts wait for a worker that is not drained to "
+            f"join; {then}"
+        )
+        log.warning("pilotfish: %s", msg)
+        events.append(WorkerReport("gone", "", 0, time.time(), message=msg))
 
     def _give_up_locked(self, att: _Att, category: str, why: str, events: list[Any]) -> None:
         """An attempt that never started cannot be run: it leaves the ledger, lost."""
@@ -1108,7 +1152,13 @@ class DaskBackend:
         events.extend(c.msg for c in cmds if isinstance(c, L.Report))
 
     def _bounce_locked(
-        self, att: _Att, why: str, now: float, events: list[Any], cancel: list[Any]
+        self,
+        att: _Att,
+        why: str,
+        now: float,
+        events: list[Any],
+        cancel: list[Any],
+        drained: bool = False,
     ) -> None:
         """Dask gave ``att`` back: lost if it started, else sent again unblamed."""
         e = self._ledger.get(att.m.attempt)
@@ -1118,7 +1168,7 @@ class DaskBackend:
         if e.where == "started":
             where = f"; it ran on Dask worker {e.worker} (pid {e.pid}) at host {e.host}"
         msg = f"task {e.key!r} (attempt id {e.attempt}) was lost: {why}{where}"
-        cmds = self._ledger.handle(L.Bounce(e.attempt, msg, now))
+        cmds = self._ledger.handle(L.Bounce(e.attempt, msg, now, drained))
         self._carry_out(cmds, {e.attempt: att}, events, cancel)
 
     # ------------------------------------------------------------------ consumer thread
@@ -1274,6 +1324,7 @@ class DaskBackend:
             for addr in sorted(addrs):
                 items = {a: led.entries[a].item for a in led.held_by(addr)}
                 self._carry_out(led.handle(L.Drain(addr, why, now)), items, events, cancel)
+            self._every_worker_drained_locked(events)
         log.info(
             "pilotfish: Dask %s %s drained (workers %s): no new attempts start there",
             kind,
@@ -1287,9 +1338,14 @@ class DaskBackend:
         if msg.get("action") == "add-worker":
             with self._lock:
                 self._live.add(addr)
-                self._gone_since, self._starved = None, ""
-                self._gone.clear()
-                self._gone_names.clear()
+                if addr not in self._ledger.drained:
+                    self._gone_since, self._starved = None, ""
+                    self._gone.clear()
+                    self._gone_names.clear()
+                    if self._parked:  # a worker that is not drained: send what waited
+                        self._pending.extend(a for a in self._parked if self._current(a))
+                        self._parked.clear()
+                        self._submit_wake.set()
             events.append(WorkerReport("started", addr, 0, now))
             return
         processing = set(msg.get("processing-tasks") or ())
@@ -1305,8 +1361,11 @@ class DaskBackend:
             led = self._ledger
             started = tuple(led.started_on(addr))
             cause = f"Dask's stimulus: {msg.get('stimulus_id', '?')}"
+            drained = led.drained.get(addr)
             if why_restart:
                 cause = f"pilotfish restarted it: {why_restart}"
+            elif drained is not None:
+                cause = f"pilotfish drained and retired it: {drained}"
             elif expected:
                 cause += ", an expected removal (retired or restarted)"
             place = self._place.get(addr, addr)
@@ -1336,8 +1395,16 @@ class DaskBackend:
             cmds += led.handle(L.WorkerLost(addr, what, now))
             self._carry_out(cmds, items, events, cancel)
             del self._gone[:-_GONE_KEPT]
-            # a cluster scaled down to nothing (retired: expected) is not "gone"
-            if not (self._live or expected or self._stopping.is_set() or self._gone_since):
+            # a cluster scaled down to nothing (retired: expected) is not "gone", unless
+            # pilotfish retired it (drained)
+            if self._live and not self._usable_locked():
+                self._every_worker_drained_locked(events)
+            elif not (
+                self._live
+                or (expected and drained is None)
+                or self._stopping.is_set()
+                or self._gone_since
+            ):
                 self._all_gone_locked(now, events)
 
     @staticmethod
@@ -1457,7 +1524,14 @@ class DaskBackend:
             else:  # never started: given back, sent again unblamed
                 why = f"pilotfish's start fence refused it on Dask worker {res.worker}: "
                 why += res.reason
-            self._bounce_locked(att, why, now, events, cancel)
+            refused_drained = res.drained and e.where != "started"
+            if refused_drained and res.worker not in self._ledger.drained:
+                # a worker of a drained place that joined after the drain (a nanny's restart)
+                dcmds = self._ledger.handle(L.Drain(res.worker, res.reason, now))
+                self._carry_out(dcmds, {}, events, cancel)
+            self._bounce_locked(att, why, now, events, cancel, refused_drained)
+            if refused_drained:
+                self._every_worker_drained_locked(events)
             return
         if not isinstance(res, Result):
             self._env_error_locked(att, TypeError(f"unexpected task result {res!r}"), events)
@@ -1705,6 +1779,7 @@ class DaskBackend:
             cmds = self._scheduler_lost_locked(why, self._sched_pid)
             events.extend(c.msg for c in cmds if isinstance(c, L.Report))
             self._pending.clear()
+            self._parked.clear()
         events.append(Fatal("runtime_lost", why))
 
     def _scheduler_lost_locked(self, why: str, pid: int) -> list[L.Command]:

@@ -39,7 +39,13 @@ The rules it owns, written once:
   started goes back on the queue unblamed (``Requeue``), its running attempts
   finish, and any later ``Hold`` is ``Dropped`` and ``Start`` ``Refused`` ("worker
   w3 is drained"): the backend offers those attempts to another worker, and retires
-  (Dask) or replaces (local) the drained one.
+  (Dask) or replaces (local) the drained one. An attempt given back because its worker
+  is drained (``Bounce(drained=True)``) is never blamed and never counted as given back:
+  no worker died, and its user code did not run.
+* **Given back too often.** A ledger made with ``max_returns=N`` lets an engine give an
+  attempt back (``Bounce`` before it started) N times; the next one is ``Lost`` (no
+  worker and no pid: it never ran, so it is no evidence that the task kills workers).
+  Drained refusals do not count.
 
 Times are whatever clock the caller passes in events (wall time for reports).
 """
@@ -154,6 +160,7 @@ class Entry:
     started: float | None = None
     groups: tuple[int, ...] = ()
     cancelled: bool = False  # held when cancelled: the worker is told to drop it
+    returned: int = 0  # times the engine gave it back before it started (not drained)
 
 
 # --------------------------------------------------------------------------- events
@@ -210,11 +217,14 @@ class Cancel:
 @dataclasses.dataclass(slots=True)
 class Bounce:
     """The engine gave ``attempt`` back without running it here (e.g. Dask gave up on a
-    task whose workers died): requeued unblamed if it never started, else lost."""
+    task whose workers died): requeued unblamed if it never started, else lost.
+    ``drained``: a start fence refused it because its worker is drained (never counted
+    against ``max_returns``)."""
 
     attempt: AttemptId
     why: str
     time: float
+    drained: bool = False
 
 
 @dataclasses.dataclass(slots=True)
@@ -396,7 +406,9 @@ class Ledger:
     #: event type -> the method that handles it (filled in below the class)
     _how: ClassVar[dict[type, Callable[[Ledger, Any, list[Command]], None]]]
 
-    def __init__(self) -> None:
+    def __init__(self, max_returns: int | None = None) -> None:
+        #: how often an engine may give an attempt back unstarted (None: no limit)
+        self.max_returns = max_returns
         self.entries: dict[AttemptId, Entry] = {}
         # worker -> attempts it holds or runs, in the order it took them
         self._by_worker: dict[str, dict[AttemptId, None]] = {}
@@ -549,7 +561,18 @@ class Ledger:
             out.append(Report(self._lost(e, "worker_lost", ev.why, ev.time)))
         elif e.cancelled:
             self._forget(e)
+        elif not ev.drained and self.max_returns is not None and e.returned + 1 > self.max_returns:
+            self._forget(e)
+            why = (
+                f"task {e.key!r} (attempt id {e.attempt}) was given back "
+                f"{e.returned + 1} times without running (last: {ev.why}); pilotfish gives "
+                "up on this attempt (no worker died: it never started)"
+            )
+            e.worker, e.pid, e.host = "", 0, ""
+            out.append(Report(self._lost(e, "worker_lost", why, ev.time)))
         else:
+            if not ev.drained:
+                e.returned += 1
             self._unhold(e)
             out.append(Requeue((e.item,)))
 

@@ -53,6 +53,14 @@ class AttemptRecord:
         return d
 
 
+def _killed_a_worker(a: AttemptRecord) -> bool:
+    """Is attempt ``a`` evidence that its task kills workers (for ``poison_after``)? Only
+    if it was lost with a worker it *ran* on (it started there: a pid). An attempt that
+    never ran (a drained worker's start fence refused it, the engine gave it back, no
+    worker was left) killed nobody, whatever category its loss was reported under."""
+    return a.outcome == Category.WORKER_LOST.value and bool(a.pid or a.started is not None)
+
+
 @dataclasses.dataclass(slots=True)
 class _Task:
     tid: int
@@ -548,8 +556,8 @@ class Workflow:
             t.free_retries += 1
             self._retry(t, ev.now + self.backoff.delay(1, self._rand()), ev.now, out)
             return
-        lost = [x for x in t.attempts if x.outcome == Category.WORKER_LOST.value]
-        if f.category is Category.WORKER_LOST and len(lost) >= self.poison_after:
+        lost = [x for x in t.attempts if _killed_a_worker(x)]
+        if _killed_a_worker(a) and len(lost) >= self.poison_after:
             self._fail(t, self._poison_record(t, f, lost), ev.now, out)
             return
         retryable = f.category.transient or ev.retry_requested
