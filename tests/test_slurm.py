@@ -155,7 +155,10 @@ def make_cluster(slurm_up: None, tmp_path: Path) -> Iterator[Callable[..., Any]]
             scheduler_options={"dashboard_address": ":0"},
         )
         made.append(cluster)
-        with distributed.Client(cluster.scheduler_address, set_as_default=False) as c:
+        assert cluster.scheduler_address.startswith("tls://")  # nobody else gets in
+        with distributed.Client(
+            cluster.scheduler_address, set_as_default=False, security=cluster.security
+        ) as c:
             c.wait_for_workers(jobs, timeout=60)
         return cluster
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import re
 import shutil
 import subprocess
@@ -247,6 +248,7 @@ def slurm(
     adaptive: bool = True,
     lost_worker_timeout: str = "1s",
     wait: float | None = None,
+    security: Any = True,
     **jobqueue_options: Any,
 ) -> Any:
     """Start a ``dask_jobqueue.SLURMCluster`` of ``jobs`` worker jobs, set up for pilotfish.
@@ -265,6 +267,14 @@ def slurm(
     * ``interface``: the network interface of the scheduler and the workers (``"lo"``
       keeps a single-node test on 127.0.0.1; on a real cluster e.g. ``"ib0"``).
     * ``wait``: seconds to wait for the first worker (None: do not wait).
+    * ``security=True``: the scheduler and the workers speak TLS with credentials made
+      for this cluster (``distributed.Security.temporary()``, needs ``cryptography``): a
+      client without them is refused, so nobody else who can reach the scheduler's port
+      can run code as you. The workers' copies of the credentials are written, readable
+      by you only, to ``shared_temp_directory`` (default: ``log_directory``, which the
+      jobs must see anyway). A ``Session(backend="dask", address=cluster.scheduler_address)``
+      in this process finds the credentials by the address. Give a ``Security`` of your
+      own instead, or ``False`` for plain TCP that anyone who reaches it can use.
 
     Other keywords go to ``SLURMCluster`` (``account``, ``job_extra_directives``,
     ``worker_extra_args``, ...). The cluster is a context manager; ``close()`` cancels
@@ -282,10 +292,35 @@ def slurm(
             f"pilotfish.cluster.slurm needs dask-jobqueue ({e}); install it with: "
             "pip install 'pilotfish[slurm]'"
         ) from e
-    if jobs < 0 or cores < 1 or processes < 1:
-        raise ValueError(f"slurm(): jobs={jobs}, cores={cores}, processes={processes}")
-    if parse_walltime(walltime) is None:
-        raise ValueError(f"slurm(): walltime={walltime!r} is not a SLURM time (HH:MM:SS)")
+    _check_slurm_args(
+        cores=cores,
+        memory=memory,
+        walltime=walltime,
+        jobs=jobs,
+        processes=processes,
+        interface=interface,
+        queue=queue,
+        log_directory=log_directory,
+        adaptive=adaptive,
+        lost_worker_timeout=lost_worker_timeout,
+        wait=wait,
+        security=security,
+        jobqueue_options=jobqueue_options,
+    )
+    if security is True:
+        try:
+            from distributed.security import Security
+
+            security = Security.temporary()  # type: ignore[no-untyped-call]
+        except ImportError as e:
+            from .errors import EnvironmentMismatch
+
+            raise EnvironmentMismatch(
+                f"pilotfish.cluster.slurm(security=True) needs the cryptography package for "
+                f"the cluster's TLS credentials ({e}); install it with: "
+                "pip install 'pilotfish[slurm]' (or pass security=False for plain TCP, "
+                "which anyone who can reach the scheduler can use)"
+            ) from e
     logs = Path(log_directory).resolve()
     logs.mkdir(parents=True, exist_ok=True)
     dask.config.set({"distributed.deploy.lost-worker-timeout": lost_worker_timeout})
@@ -300,8 +335,20 @@ def slurm(
         opts["queue"] = queue
     if interface is not None:
         opts["interface"] = interface
+    creds: Path | None = None
+    if security is not False:
+        where = Path(jobqueue_options.get("shared_temp_directory") or logs).expanduser()
+        security, creds = _credential_files(security, where)
+        opts["security"] = security
     opts.update(jobqueue_options)
-    cluster: Any = SLURMCluster(**opts)
+    try:
+        cluster: Any = SLURMCluster(**opts)
+    except BaseException:
+        if creds is not None:
+            shutil.rmtree(creds, ignore_errors=True)
+        raise
+    if creds is not None:  # removed with the cluster (or at exit)
+        weakref.finalize(cluster, shutil.rmtree, creds, True)
     try:
         cluster._pilotfish_walltime = walltime  # read by the Dask backend (same process)
         cluster._pilotfish_jobs = jobs
@@ -321,6 +368,167 @@ def slurm(
             cluster.close()
         raise
     return cluster
+
+
+_WALLTIME = re.compile(r"^(?:[0-9]+-[0-9]{1,2}(?::[0-9]{1,2}){0,2}|[0-9]+(?::[0-9]{1,2}){0,2})$")
+
+
+def _credential_files(security: Any, where: Path) -> tuple[Any, Path | None]:
+    """``security`` with its in-memory PEM credentials (``Security.temporary()``) written
+    to files only the user can read, in a new directory (mode 0700) under ``where`` that
+    the worker jobs must see: the job script names the files, never their contents."""
+    from distributed.security import Security
+
+    fields = (
+        "tls_ca_file",
+        "tls_client_cert",
+        "tls_client_key",
+        "tls_scheduler_cert",
+        "tls_scheduler_key",
+        "tls_worker_cert",
+        "tls_worker_key",
+    )
+    values = {f: getattr(security, f, None) for f in fields}
+    if not any(isinstance(v, str) and "\n" in v for v in values.values()):
+        return security, None  # files already (the user's certificates)
+    import tempfile
+
+    where.mkdir(parents=True, exist_ok=True)
+    d = Path(tempfile.mkdtemp(prefix=".pilotfish-tls-", dir=where))  # mode 0700
+    written: dict[str, str] = {}
+    out: dict[str, Any] = {}
+    for f, v in values.items():
+        if isinstance(v, str) and "\n" in v:
+            if v not in written:
+                path = d / f"{len(written)}.pem"
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(v)
+                written[v] = str(path)
+            out[f] = written[v]
+        else:
+            out[f] = v
+    sec = Security(  # type: ignore[no-untyped-call]
+        require_encryption=True,
+        tls_min_version=getattr(security, "tls_min_version", None),
+        **out,
+    )
+    return sec, d
+
+
+def _bad(name: str, value: Any, need: str) -> ValueError:
+    return ValueError(f"pilotfish.cluster.slurm({name}={value!r}) is invalid: {need}")
+
+
+def _one_line(name: str, value: Any) -> None:
+    """A str that reaches the job script: no newline or other control character, so
+    nothing a caller passes becomes a line of the script of its own."""
+    if not isinstance(value, str):
+        raise TypeError(
+            f"pilotfish.cluster.slurm({name}={value!r}) is invalid: give a str "
+            f"(got {type(value).__name__})"
+        )
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise _bad(
+            name,
+            value,
+            "it contains a newline or another control character, which would put a line "
+            "of its own into the job script; give one line of text",
+        )
+
+
+def _check_slurm_args(
+    *,
+    cores: Any,
+    memory: Any,
+    walltime: Any,
+    jobs: Any,
+    processes: Any,
+    interface: Any,
+    queue: Any,
+    log_directory: Any,
+    adaptive: Any,
+    lost_worker_timeout: Any,
+    wait: Any,
+    security: Any,
+    jobqueue_options: dict[str, Any],
+) -> None:
+    """Every argument of :func:`slurm`, checked at the call (TypeError for a wrong type,
+    ValueError for a wrong value, each naming the argument, its value and what it needs)."""
+
+    def integer(name: str, value: Any, least: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(
+                f"pilotfish.cluster.slurm({name}={value!r}) is invalid: give an int >= "
+                f"{least} (got {type(value).__name__})"
+            )
+        if value < least:
+            raise _bad(name, value, f"give an int >= {least}")
+
+    integer("cores", cores, 1)
+    integer("jobs", jobs, 0)
+    integer("processes", processes, 1)
+    if processes > cores:
+        raise _bad("processes", processes, f"at most cores={cores} (one thread each at least)")
+    _one_line("walltime", walltime)
+    secs = parse_walltime(walltime) if _WALLTIME.match(walltime.strip()) else None
+    if not secs:
+        raise _bad(
+            "walltime",
+            walltime,
+            "give a positive SLURM time: 'HH:MM:SS', 'D-HH:MM:SS', 'MM:SS' or minutes "
+            "('30'), e.g. '04:00:00'",
+        )
+    _one_line("memory", memory)
+    try:
+        from dask.utils import parse_bytes
+
+        size = parse_bytes(memory) if memory.strip() else 0
+    except (ValueError, TypeError):
+        size = 0
+    if not size or size < 0:
+        raise _bad("memory", memory, "give a size such as '4GB' or '500MiB' (> 0)")
+    for name, value in (("interface", interface), ("queue", queue)):
+        if value is not None:
+            _one_line(name, value)
+            if not value.strip():
+                raise _bad(name, value, "give a non-empty str, or leave it out")
+    if not isinstance(log_directory, str | Path):
+        raise TypeError(
+            f"pilotfish.cluster.slurm(log_directory={log_directory!r}) is invalid: give a "
+            "directory path (str or Path)"
+        )
+    _one_line("log_directory", str(log_directory))
+    if not str(log_directory).strip():
+        raise _bad("log_directory", log_directory, "give a non-empty directory path")
+    if not isinstance(adaptive, bool):
+        raise TypeError(f"pilotfish.cluster.slurm(adaptive={adaptive!r}) is invalid: True/False")
+    _one_line("lost_worker_timeout", lost_worker_timeout)
+    try:
+        from dask.utils import parse_timedelta
+
+        ok = parse_timedelta(lost_worker_timeout) is not None
+    except (ValueError, TypeError, KeyError):
+        ok = False
+    if not ok:
+        raise _bad("lost_worker_timeout", lost_worker_timeout, "give a duration such as '1s'")
+    if wait is not None and (
+        isinstance(wait, bool) or not isinstance(wait, int | float) or not 0 < wait < 1e9
+    ):
+        raise _bad("wait", wait, "give seconds > 0 to wait for the first worker, or None")
+    if not (isinstance(security, bool) or type(security).__name__ == "Security"):
+        raise TypeError(
+            f"pilotfish.cluster.slurm(security={security!r}) is invalid: give True (TLS "
+            "with credentials made for this cluster), a distributed.Security, or False"
+        )
+    # any other keyword may reach the job script (account, job_extra_directives,
+    # job_script_prologue, worker_extra_args, python, local_directory, ...): every str in
+    # it, or in a list of them, must be one line
+    for name, value in jobqueue_options.items():
+        items = value if isinstance(value, list | tuple) else [value]
+        for item in items:
+            if isinstance(item, str | Path):
+                _one_line(name, str(item))
 
 
 def cluster_for(address: str) -> Any:

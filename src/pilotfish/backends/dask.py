@@ -232,6 +232,26 @@ _TASK_MIN = 0.001
 _GATHER_MAX = 0.02
 
 
+def _warn_if_open(address: str) -> None:
+    """A plain-TCP scheduler reachable from other machines runs whatever anyone who
+    reaches it submits, as the user who started the workers: say so, and how to fix it."""
+    scheme, _, rest = address.rpartition("://")
+    if (scheme or "tcp") != "tcp":
+        return  # tls://, inproc://, ucx:// ...
+    host = rest.rsplit(":", 1)[0].strip("[]") if ":" in rest else rest
+    if host in ("localhost", "::1") or host.startswith("127."):
+        return
+    log.warning(
+        "pilotfish: the Dask scheduler at %s speaks plain TCP without credentials: anyone "
+        "who can reach that port can submit tasks that run as you on its workers. Use TLS: "
+        "start the cluster with security=distributed.Security.temporary() (or certificates "
+        "of your own) and pass Session(backend='dask', address=..., security=...); "
+        "pilotfish.cluster.slurm() does this by default. Or bind the scheduler to "
+        "127.0.0.1 on a machine only you use.",
+        address,
+    )
+
+
 # --------------------------------------------------------------------------- worker side
 
 
@@ -451,6 +471,7 @@ class DaskBackend:
         ship_sys_path: bool = True,
         connect_timeout: float = 30.0,
         no_workers_timeout: float | None = None,
+        security: Any = None,
     ) -> None:
         if client is None and not address:
             raise InvalidTask(
@@ -464,6 +485,12 @@ class DaskBackend:
                 f"backend='dask': address={address!r} and client= (connected to "
                 f"{getattr(client.scheduler, 'address', '?')!r}) disagree; pass one of them"
             )
+        if security is not None and type(security).__name__ != "Security":
+            raise InvalidTask(
+                f"backend='dask': security={security!r} is invalid: give a "
+                "distributed.Security (the TLS credentials of the scheduler), or leave it out"
+            )
+        self.security = security
         self.workers = workers  # the cluster decides its size; kept for diagnostics
         self.hb_interval = heartbeat_interval
         self.hb_timeout = heartbeat_timeout
@@ -537,12 +564,19 @@ class DaskBackend:
         self._submitter = threading.Thread(
             target=self._run_submitter, name="pilotfish-dask-submit", daemon=True
         )
+        _warn_if_open(self.address or str(getattr(self._client.scheduler, "address", "")))
         if self._client is None:
+            sec = self.security
+            if sec is None:  # a cluster made by pilotfish.cluster.slurm: its credentials
+                from .. import cluster as _cluster
+
+                sec = getattr(_cluster.cluster_for(self.address), "security", None)
             try:
                 self._client = distributed.Client(  # type: ignore[no-untyped-call]
                     self.address,
                     timeout=max(self.connect_timeout, self.hb_timeout),
                     set_as_default=False,
+                    security=sec,
                 )
             except Exception as e:
                 why = (
