@@ -124,6 +124,46 @@ def _positive_seconds(v: object) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
+def check_wait(fn: str, timeout: object, return_when: object = None) -> None:
+    """``wait``/``as_completed``/``Session.map``: ``timeout`` seconds (a number, or None)
+    and ``return_when`` (one of concurrent.futures' three constants), checked at the call
+    rather than failing later inside concurrent.futures with an unrelated error."""
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, int | float) or math.isnan(timeout)
+    ):
+        raise TypeError(
+            f"pilotfish.{fn}(timeout={timeout!r}) is invalid: give a number of seconds, or None"
+        )
+    if return_when is not None and return_when not in (
+        "FIRST_COMPLETED",
+        "FIRST_EXCEPTION",
+        "ALL_COMPLETED",
+    ):
+        raise ValueError(
+            f"pilotfish.{fn}(return_when={return_when!r}) is invalid: give "
+            "concurrent.futures.FIRST_COMPLETED, FIRST_EXCEPTION or ALL_COMPLETED"
+        )
+
+
+def check_retry(delay: object, args: object, kwargs: object) -> None:
+    """``pilotfish.Retry(delay=, args=, kwargs=)``, checked when it is made."""
+    if not _positive_seconds(delay) and delay != 0:
+        raise TypeError(
+            f"pilotfish.Retry(delay={delay!r}) is invalid: give a finite number of seconds >= 0"
+        )
+    if args is not None and not isinstance(args, tuple | list):
+        raise TypeError(
+            f"pilotfish.Retry(args={args!r}) is invalid: give a tuple of arguments, or None"
+        )
+    if kwargs is not None and not (
+        isinstance(kwargs, dict) and all(isinstance(k, str) for k in kwargs)
+    ):
+        raise TypeError(
+            f"pilotfish.Retry(kwargs={kwargs!r}) is invalid: give a dict of keyword "
+            "arguments (str keys), or None"
+        )
+
+
 def check_rundir(rundir: object) -> str:
     """``Session(rundir=...)``: a non-empty str or os.PathLike without NUL bytes."""
     if not isinstance(rundir, str | os.PathLike):

@@ -40,7 +40,14 @@ from typing import Any
 
 from . import _rundir, _wire
 from ._events import MasterEvent, TaskEvent, WorkerEvent, WorkersGone
-from ._options import TaskFunction, TaskOptions, check_rundir, check_session_args, str_list
+from ._options import (
+    TaskFunction,
+    TaskOptions,
+    check_rundir,
+    check_session_args,
+    check_wait,
+    str_list,
+)
 from ._payloads import call_digest, call_key_digest, pickle_call
 from ._probes import Probes, is_probe
 from ._programs import backstop, input_stamps, output_path, program_spec
@@ -1306,6 +1313,7 @@ def wait(
     return_when: str = cf.ALL_COMPLETED,
 ) -> cf._base.DoneAndNotDoneFutures[Any]:
     """``concurrent.futures.wait`` for Tasks (and any futures)."""
+    check_wait("wait", timeout, return_when)
     return cf.wait(fs, timeout=timeout, return_when=return_when)
 
 
@@ -1313,4 +1321,5 @@ def as_completed(
     fs: Iterable[cf.Future[Any]], timeout: float | None = None
 ) -> Iterator[cf.Future[Any]]:
     """``concurrent.futures.as_completed`` for Tasks (and any futures)."""
+    check_wait("as_completed", timeout)
     return cf.as_completed(fs, timeout=timeout)

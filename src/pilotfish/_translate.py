@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _wire
 from ._events import HostDrained, MasterEvent, WorkerEvent, WorkersGone
-from ._options import TaskOptions
+from ._options import TaskOptions, check_retry
 from .backends.base import Alive, BackendEvent, Fatal, Lost, MasterReport, Result, Started
 from .commands import CommandResult
 from .core import workflow as wf
@@ -79,6 +79,9 @@ class Retry:
     args: tuple[Any, ...] | None = None
     kwargs: dict[str, Any] | None = None
     options: dict[str, Any] | TaskOptions | None = None
+
+    def __post_init__(self) -> None:
+        check_retry(self.delay, self.args, self.kwargs)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

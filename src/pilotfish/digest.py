@@ -280,6 +280,11 @@ def failure_digest(records: Iterable[Any]) -> dict[str, Any]:
 
     Ties are broken by category and signature, so the order is stable.
     """
+    if isinstance(records, str | bytes | dict) or not isinstance(records, Iterable):
+        raise TypeError(
+            f"failure_digest(records={records!r:.80}) is invalid: give an iterable of "
+            "FailureRecords (or mappings with their fields), e.g. session.failures()"
+        )
     groups: dict[tuple[str, str], dict[str, Any]] = {}
     group_of: dict[str, tuple[str, str]] = {}
     roots: dict[tuple[str, str], dict[str, int]] = {}
