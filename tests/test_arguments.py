@@ -136,3 +136,35 @@ def test_public_functions_reject_bad_arguments_at_the_call(
     with pytest.raises(exc) as info:
         call()
     assert fragment in str(info.value)
+
+
+SESSION_BAD: list[tuple[str, Callable[[pilotfish.Session], Any], type[Exception], str]] = [
+    ("map timeout str", lambda s: s.map(abs, [1], timeout="1"), TypeError,
+     "pilotfish.Session.map(timeout='1') is invalid"),
+    ("map timeout str chunked", lambda s: s.map(abs, [1, 2], timeout="1", chunksize=2),
+     TypeError, "Session.map(timeout='1') is invalid"),
+    ("map chunksize float", lambda s: s.map(abs, [1], chunksize=2.5), pilotfish.InvalidTask,
+     "map(chunksize=2.5) is invalid"),
+    ("shutdown wait", lambda s: s.shutdown(wait="no"), TypeError,
+     "Session.shutdown(wait='no') is invalid: give True or False"),
+    ("shutdown cancel_futures", lambda s: s.shutdown(cancel_futures="x"), TypeError,
+     "Session.shutdown(cancel_futures='x') is invalid"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("call", "exc", "fragment"), [c[1:] for c in SESSION_BAD], ids=[c[0] for c in SESSION_BAD]
+)
+def test_session_methods_reject_bad_arguments_at_the_call(
+    call: Callable[[pilotfish.Session], Any], exc: type[Exception], fragment: str, tmp_path: Path
+) -> None:
+    """``map(abs, xs, timeout="1")`` failed with "can only concatenate str (not float)"
+    from inside concurrent.futures, and ``shutdown(wait="no")`` was taken as a truthy wait.
+    Each is refused at the call, and the session still works afterwards."""
+    from pilotfish.backends.fake import FakeBackend
+
+    with pilotfish.Session(backend=FakeBackend(), journal=None, rundir=tmp_path) as s:
+        with pytest.raises(exc) as info:
+            call(s)
+        assert fragment in str(info.value)
+        assert s.submit(abs, -3).result() == 3

@@ -681,6 +681,7 @@ class Session(cf.Executor):
                 f"map(chunksize={chunksize!r}) is invalid: chunksize must be >= 1 "
                 "(the number of calls each task runs)"
             )
+        check_wait("Session.map", timeout)
         if chunksize == 1:
             return super().map(fn, *iterables, timeout=timeout)
         end = None if timeout is None else time.monotonic() + timeout
@@ -821,6 +822,9 @@ class Session(cf.Executor):
         """Stop taking tasks; with ``wait``, return when every task is final. That wait is
         bounded: a backend that sent ``Alive`` and then says nothing for longer than
         ``heartbeat_timeout`` is given up, and its unfinished tasks fail RUNTIME_LOST."""
+        for name, flag in (("wait", wait), ("cancel_futures", cancel_futures)):
+            if not isinstance(flag, bool | int):
+                raise TypeError(f"Session.shutdown({name}={flag!r}) is invalid: give True or False")
         with self._lock:
             self._shutdown_flag = True
             acts = _Actions()
