@@ -37,6 +37,13 @@ from pilotfish.errors import Category, FailureRecord
 TIMEOUT, ENV, LOST = Category.TIMEOUT, Category.ENVIRONMENT, Category.WORKER_LOST
 
 
+@pytest.fixture(autouse=True)
+def _validate_every_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pure machines check their invariants after every stimulus (STYLE 15)."""
+    monkeypatch.setattr(Workflow, "debug", True)
+    monkeypatch.setattr(L.Ledger, "debug", True)
+
+
 def fail(rule: DrainRule, key: str, cat: Category, worker: str, now: float, **kw: Any) -> list[Any]:
     kw.setdefault("host", "h1")
     kw.setdefault("pid", 100)
@@ -147,7 +154,7 @@ def test_drained_worker_attempts_are_not_charged() -> None:
     third = current(cmds)
     for aid in (*nxt, third):
         assert [c for c in wf_fail(w, aid, TIMEOUT, "w2", 10.0) if isinstance(c, Dispatch)]
-    assert w.drained()[0].name == "w1"
+    assert w.drain is not None and w.drain.is_drained("w1", None)
 
 
 def test_a_late_failure_on_a_drained_worker_is_not_charged() -> None:

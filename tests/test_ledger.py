@@ -7,8 +7,19 @@ and checks the commands. No processes, clocks or threads.
 
 from __future__ import annotations
 
+import random
+
+import pytest
+
 from pilotfish.core import ledger as L
 from pilotfish.core.ledger import Ledger, Lost, Started
+from pilotfish.core.machine import InvariantViolation
+
+
+@pytest.fixture(autouse=True)
+def _validate_every_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every ``handle`` in these tests ends with ``validate()`` (STYLE 15)."""
+    monkeypatch.setattr(Ledger, "debug", True)
 
 
 def make(*ids: int, timeout: float | None = None) -> Ledger:
@@ -220,3 +231,108 @@ def test_refusals_on_drained_workers_are_never_counted_as_given_back():
     unlimited = make(1)
     for i in range(100):
         assert unlimited.handle(L.Bounce(1, "rebalanced", float(i))) == [L.Requeue(("item1",))]
+
+
+# --------------------------------------------------------------------------- validate()
+
+
+def test_validate_catches_an_attempt_held_by_two_workers():
+    """A bug files one attempt under two workers: both could be granted its start, and
+    the loss of either would requeue or blame it. validate() names both."""
+    led = make(1)
+    led.handle(L.Hold("w1", (1,)))
+    led._by_worker.setdefault("w2", {})[1] = None
+    with pytest.raises(InvariantViolation, match="attempt 1 is held by both w1 and w2") as ei:
+        led.validate()
+    assert "Hold(worker='w1', attempts=(1,))" in str(ei.value)
+
+
+def test_validate_catches_a_started_attempt_without_its_holder():
+    """A started attempt nobody holds would never be reported lost with its worker."""
+    led = make(1)
+    led.handle(L.Start("w1", 1, 101, "h", 1.0))
+    led._by_worker["w1"].clear()
+    with pytest.raises(InvariantViolation, match=r"attempt 1 \('k1', started\) names worker 'w1'"):
+        led.validate()
+
+
+def test_validate_catches_a_queued_attempt_that_is_held():
+    """An attempt both on the queue and held by a worker could run twice."""
+    led = make(1)
+    led._by_worker["w1"] = {1: None}
+    with pytest.raises(InvariantViolation, match="which is queued"):
+        led.validate()
+
+
+def test_validate_catches_a_finished_attempt_still_held():
+    """A finished attempt left in its worker's list: the worker's loss would report it."""
+    led = make(1)
+    led.handle(L.Start("w1", 1, 101, "h", 1.0))
+    del led.entries[1]
+    with pytest.raises(InvariantViolation, match="holds attempt 1, which is not in flight"):
+        led.validate()
+
+
+def test_validate_catches_a_lost_deadline():
+    """A started attempt with a timeout but no deadline would never time out."""
+    led = make(1, timeout=5.0)
+    led.handle(L.Start("w1", 1, 101, "h", 1.0))
+    led._deadlines.clear()
+    with pytest.raises(InvariantViolation, match="its deadline is None"):
+        led.validate()
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_random_events_keep_every_invariant(seed):
+    """Random holds, starts, results, groups, cancels, bounces, drains, worker and runtime
+    losses and ticks from three workers, for attempts in every place (and gone ones):
+    the ledger validates after each (the fixture), and every attempt it reports lost or
+    accepts leaves it exactly once."""
+    rng = random.Random(seed)
+    led = Ledger(max_returns=rng.choice([None, 2]))
+    workers = ["w1", "w2", "w3"]
+    nxt, now, gone = 1, 0.0, []
+    for _ in range(400):
+        now += rng.random()
+        w = rng.choice(workers)
+        known = list(range(1, nxt)) or [1]
+        aid = rng.choice(known)
+        r = rng.random()
+        if r < 0.15:
+            n = rng.randint(1, 3)
+            ids = range(nxt, nxt + n)
+            led.handle(L.Submit(tuple((i, f"k{i}", i, rng.choice([None, 2.0])) for i in ids)))
+            nxt += n
+            continue
+        ev: L.Event
+        if r < 0.3:
+            ev = L.Hold(w, tuple(rng.sample(known, k=min(2, len(known)))))
+        elif r < 0.45:
+            ev = L.Start(w, aid, 100, "h", now)
+        elif r < 0.6:
+            ev = L.Finish(w, aid)
+        elif r < 0.65:
+            ev = L.Group(w, aid, 4242)
+        elif r < 0.7:
+            ev = L.Cancel((aid,))
+        elif r < 0.77:
+            ev = L.Bounce(aid, "given back", now, drained=rng.random() < 0.3)
+        elif r < 0.8:
+            ev = L.Drain(w, "broken", now)
+        elif r < 0.86:
+            ev = L.WorkerLost(w, f"worker {w} died", now, -9, "SIGKILL")
+        elif r < 0.87:
+            ev = L.RuntimeLost("master died", now)
+        elif r < 0.9:
+            ev = L.Reject(aid, "worker_lost", "refused", now)
+        else:
+            ev = L.Tick(now)
+        for c in led.handle(ev):
+            if isinstance(c, L.Accept):
+                gone.append(c.attempt)
+            elif isinstance(c, L.Report) and isinstance(c.msg, Lost):
+                gone.append(c.msg.attempt)
+        if rng.random() < 0.05:  # a drained worker is replaced by a fresh name
+            workers[workers.index(w)] = f"{w}x"
+    assert len(gone) == len(set(gone))
+    assert not set(gone) & set(led.entries)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 
+from pilotfish.core.machine import InvariantViolation
 from pilotfish.core.policy import NO_BACKOFF, Backoff
 from pilotfish.core.states import State
 from pilotfish.core.workflow import (
@@ -37,6 +38,13 @@ from pilotfish.errors import Category, FailureRecord, InvalidTransition
 IMMEDIATE = NO_BACKOFF
 # A deterministic backoff: 1, 2, 4, 8 ... s, capped at 30, half of it jitter.
 SLOW = Backoff(base=1.0, factor=2.0, maximum=30.0, jitter=0.5)
+
+
+@pytest.fixture(autouse=True)
+def _validate_every_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every ``handle`` in these tests ends with ``validate()`` (STYLE 15, as Dask's
+    worker state machine tests do): a step that breaks an invariant fails the test."""
+    monkeypatch.setattr(Workflow, "debug", True)
 
 
 def make(**kw) -> Workflow:
@@ -702,14 +710,13 @@ def test_counts_consistent_after_mixed_scenario():
     d5 = only_dispatch(submit(w, 5, retries=2))
     submit(w, 6, [4])
     check_counts(w)
-    w.handle_many(
-        [
-            Succeeded(d1.attempt, 1.0),
-            Failed(d2.attempt, failure(Category.TIMEOUT), 1.0),
-            Cancel(4, 1.5),
-            Failed(d5.attempt, failure(Category.WORKER_LOST), 2.0),
-        ]
-    )
+    for ev in [
+        Succeeded(d1.attempt, 1.0),
+        Failed(d2.attempt, failure(Category.TIMEOUT), 1.0),
+        Cancel(4, 1.5),
+        Failed(d5.attempt, failure(Category.WORKER_LOST), 2.0),
+    ]:
+        w.handle(ev)
     check_counts(w)
     d2b = only_dispatch(w.handle(Tick(2.0)))
     w.handle(Failed(d2b.attempt, failure(Category.USER_ERROR), 3.0))
@@ -724,3 +731,115 @@ def test_counts_consistent_after_mixed_scenario():
         6: State.CANCELLED,
     }
     assert w.unfinished() == 1
+
+
+# --------------------------------------------------------------------------- validate()
+
+
+def test_validate_catches_a_running_task_without_its_attempt():
+    """A bug clears a RUNNING task's current attempt (its fencing token): every later
+    result would be dropped and the task would hang. validate() names the task and the
+    broken invariant, and shows the stimuli that led there."""
+    w = make()
+    submit(w, 1)
+    w._tasks[1].current = None
+    with pytest.raises(
+        InvariantViolation, match=r"task 't1' \(RUNNING\) has no current attempt"
+    ) as ei:
+        w.validate()
+    assert "Submit(tid=1, key='t1'" in str(ei.value)
+
+
+def test_validate_catches_counts_that_do_not_add_up():
+    """A bug moves a task without its count: ``unfinished()`` would lie to the session,
+    which waits for it at shutdown."""
+    w = make()
+    submit(w, 1)
+    w.counts[State.RUNNING] += 1
+    with pytest.raises(InvariantViolation, match=r"counts\[RUNNING\] is 2 but 1 tasks"):
+        w.validate()
+
+
+def test_validate_catches_a_pending_task_whose_inputs_are_done():
+    """A PENDING task none of whose inputs is unfinished would never be dispatched."""
+    w = make()
+    d = only_dispatch(submit(w, 1))
+    submit(w, 2, [1])
+    w.debug = False  # corrupt first, then look
+    w._tasks[2].dependents.clear()
+    w._tasks[1].dependents.clear()  # its input forgets it: its success will not wake it
+    w.handle(Succeeded(d.attempt, 1.0))
+    assert w.state(2) is State.PENDING
+    with pytest.raises(InvariantViolation, match=r"'t2' \(PENDING\) waits but every input"):
+        w.validate()
+
+
+def test_validate_catches_a_task_retrying_without_a_timer():
+    """A RETRYING task whose timer is lost never runs again (a hang, not a failure)."""
+    w = make(backoff=SLOW)
+    d = only_dispatch(submit(w, 1, retries=1))
+    w.handle(Failed(d.attempt, failure(Category.WORKER_LOST), 1.0))
+    w._timers.clear()
+    with pytest.raises(InvariantViolation, match="has no timer to wake it"):
+        w.validate()
+
+
+def test_story_is_bounded_and_goes_into_an_impossible_transition(monkeypatch):
+    """The machine keeps only its recent stimuli; an InvalidTransition raised by a buggy
+    handler inside ``handle`` (here: the tick handler moves a DONE task back to RUNNING)
+    carries them as a note, so the report shows what led there."""
+    w = make()
+    for tid in range(1, 300):
+        submit(w, tid)
+    assert len(w.story) == 200
+    w.handle(Succeeded(only_dispatch(submit(w, 300)).attempt, 1.0))
+    monkeypatch.setattr(
+        w, "_tick", lambda now, out: w._move(w._tasks[300], State.RUNNING, now, out)
+    )
+    with pytest.raises(InvalidTransition, match="DONE -> RUNNING") as ei:
+        w.handle(Tick(2.0))
+    (note,) = ei.value.__notes__
+    assert "Succeeded(attempt=300" in note and note.rstrip().endswith("Tick(now=2.0)")
+
+
+def _random_run(seed: int, steps: int = 300) -> Workflow:
+    import random
+
+    rng = random.Random(seed)
+    w = make(backoff=SLOW, rand=rng.random, keep_going=rng.random() < 0.9)
+    now, tid, running = 0.0, 0, []
+    cats = [Category.WORKER_LOST, Category.TIMEOUT, Category.USER_ERROR, Category.ENVIRONMENT]
+    for _ in range(steps):
+        now += rng.random()
+        r = rng.random()
+        if r < 0.3 or not tid:
+            tid += 1
+            deps = tuple(rng.sample(range(1, tid), k=min(tid - 1, rng.randint(0, 2))))
+            cmds = submit(w, tid, deps, retries=rng.randint(0, 2), now=now)
+        elif r < 0.45 and running:
+            cmds = w.handle(AttemptStarted(rng.choice(running), now, worker="w1", pid=7))
+        elif r < 0.65 and running:
+            cmds = w.handle(Succeeded(rng.choice(running), now))
+        elif r < 0.85 and running:
+            f = failure(rng.choice(cats))
+            cmds = w.handle(Failed(rng.choice(running), f, now, retry_requested=rng.random() < 0.2))
+        elif r < 0.92:
+            cmds = w.handle(Cancel(rng.randint(1, tid), now))
+        elif r < 0.997:
+            cmds = w.handle(Tick(now + rng.random() * 5))
+        else:
+            cmds = w.handle(Abort(Category.RUNTIME_LOST, "gone", now))
+        running.extend(c.attempt for c in of(cmds, Dispatch))  # stale ids stay: fencing
+    return w
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_random_stimuli_keep_every_invariant(seed):
+    """Random submissions (with dependencies), starts, results, failures of every kind,
+    cancels, ticks and the odd abort, including events for superseded attempts: the
+    workflow validates after every one (the fixture), and at the end every task that is
+    not final is waiting for something."""
+    w = _random_run(seed)
+    w.validate()
+    for tid in list(w._tasks):
+        assert w.state(tid).final or w.state(tid) in (State.PENDING, State.RUNNING, State.RETRYING)

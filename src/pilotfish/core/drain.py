@@ -169,6 +169,22 @@ class DrainRule:
             out.append(d)
         return out
 
+    def problems(self) -> list[str]:
+        """Its invariants, broken ones described (the workflow's ``validate`` reports them)."""
+        out = []
+        for place, d in self.drained.items():
+            if (d.kind, d.name) != place:
+                out.append(f"drain: {place} is filed with the decision for {(d.kind, d.name)}")
+            if place in self._places:
+                out.append(f"drain: {place[0]} {place[1]} is drained but still gathers evidence")
+        for (kind, name), q in self._places.items():
+            if kind == "worker" and len({e.key for e in q}) >= self.policy.tasks:
+                out.append(f"drain: worker {name} has evidence of {self.policy.tasks} tasks")
+        hosts = {n for k, n in self.drained if k == "host"}
+        if hosts and not self._hosts - hosts:
+            out.append(f"drain: every host seen is drained: {sorted(hosts)}")
+        return out
+
     def _decide(
         self,
         place: tuple[str, str],

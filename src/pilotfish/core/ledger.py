@@ -54,8 +54,10 @@ from __future__ import annotations
 
 import dataclasses
 import signal as _signal
-from collections.abc import Callable, Iterable
-from typing import Any, ClassVar, Literal, NamedTuple
+from collections.abc import Iterable, Iterator
+from typing import Any, Literal, NamedTuple, assert_never
+
+from .machine import InvariantViolation, Story
 
 __all__ = [
     "Accept",
@@ -401,10 +403,11 @@ Command = (
 
 
 class Ledger:
-    """See the module docstring. ``handle(event) -> list[Command]``."""
+    """See the module docstring. ``handle(event) -> list[Command]``; ``story`` keeps the
+    last events and ``validate()`` checks the invariants (:mod:`.machine`)."""
 
-    #: event type -> the method that handles it (filled in below the class)
-    _how: ClassVar[dict[type, Callable[[Ledger, Any, list[Command]], None]]]
+    #: validate after every event (tests; off in production: O(attempts) per step)
+    debug = False
 
     def __init__(self, max_returns: int | None = None) -> None:
         #: how often an engine may give an attempt back unstarted (None: no limit)
@@ -418,6 +421,7 @@ class Ledger:
         self.drained: dict[str, str] = {}  # worker -> why (no new attempts go there)
         self.refused = 0  # start requests refused (an engine's own re-execution, ...)
         self.dropped = 0  # results dropped (not from the holder, or late)
+        self.story = Story()  # the last events (for the message of InvariantViolation)
 
     # ------------------------------------------------------------------ queries
     def __len__(self) -> int:
@@ -455,13 +459,88 @@ class Ledger:
 
     # ------------------------------------------------------------------ events
     def handle(self, ev: Event) -> list[Command]:
+        """The one entry: apply ``ev``, return what the backend is to do."""
+        self.story.append(ev)
         out: list[Command] = []
-        try:
-            how = self._how[type(ev)]
-        except KeyError:
-            raise TypeError(f"not a ledger event: {ev!r}") from None
-        how(self, ev, out)
+        match ev:  # the most frequent first: a match tries its cases in order
+            case Hold():
+                self._hold(ev, out)
+            case Start():
+                self._start(ev, out)
+            case Finish():
+                self._finish(ev, out)
+            case Submit():
+                self._submit(ev, out)
+            case Tick():
+                self._tick(ev, out)
+            case Cancel():
+                self._cancel(ev, out)
+            case Group():
+                self._group(ev, out)
+            case Bounce():
+                self._bounce(ev, out)
+            case WorkerLost():
+                self._worker_lost(ev, out)
+            case Drain():
+                self._drain(ev, out)
+            case Reject():
+                self._reject(ev, out)
+            case RuntimeLost():
+                self._runtime_lost(ev, out)
+            case _:
+                assert_never(ev)
+        if self.debug:
+            self.validate()
         return out
+
+    # ------------------------------------------------------------------ invariants
+    def validate(self) -> None:
+        """Check every invariant; raise :class:`InvariantViolation` naming the first one
+        broken, with the recent events. For tests (``debug``): O(attempts)."""
+        for problem in self._problems():
+            raise InvariantViolation("attempt ledger", problem, self.story)
+
+    def _problems(self) -> Iterator[str]:
+        holder: dict[AttemptId, str] = {}
+        for w, mine in self._by_worker.items():
+            for aid in mine:
+                if aid in holder:
+                    yield f"attempt {aid} is held by both {holder[aid]} and {w}"
+                holder[aid] = w
+                e = self.entries.get(aid)
+                if e is None:
+                    yield f"worker {w} holds attempt {aid}, which is not in flight"
+                elif e.worker != w or e.where == "queued":
+                    yield f"worker {w} holds attempt {aid}, which is {e.where} by {e.worker!r}"
+                elif w in self.drained and e.where == "held":
+                    yield f"drained worker {w} still holds attempt {aid} it has not started"
+        for aid, e in self.entries.items():
+            k = f"attempt {aid} ({e.key!r}, {e.where})"
+            if e.attempt != aid:
+                yield f"{k} is filed under the id {aid} but is attempt {e.attempt}"
+            if e.where == "queued":
+                if e.worker or aid in holder:
+                    yield f"{k} is queued but held by {e.worker or holder[aid]}"
+                if e.started is not None or e.cancelled:
+                    yield f"{k} is queued but started={e.started} cancelled={e.cancelled}"
+            elif e.where in ("held", "started"):
+                if holder.get(aid) != e.worker or not e.worker:
+                    yield f"{k} names worker {e.worker!r} but is held by {holder.get(aid)!r}"
+                if (e.where == "started") != (e.started is not None):
+                    yield f"{k} has started={e.started}"
+                if e.where == "started" and e.cancelled:
+                    yield f"{k} is started and cancelled (a started attempt runs on)"
+            else:
+                yield f"{k}: no such place {e.where!r}"
+            due = e.started + e.timeout if e.started is not None and e.timeout is not None else None
+            if e.where == "started" and e.timeout is not None and self._deadlines.get(aid) != due:
+                yield f"{k}: its deadline is {self._deadlines.get(aid)}, not started+timeout"
+            if self.max_returns is not None and e.returned > self.max_returns:
+                yield f"{k} was given back {e.returned} times (max_returns={self.max_returns})"
+        for aid in self._deadlines:
+            e = self.entries.get(aid)
+            if e is None or e.where != "started" or e.timeout is None:
+                yield f"attempt {aid} has a deadline but is not a started attempt with a timeout"
 
     def _submit(self, ev: Submit, out: list[Command]) -> None:
         for aid, key, item, timeout in ev.entries:
@@ -724,20 +803,3 @@ class Ledger:
         """Shorthand for ``handle(Submit(...))`` (which returns no commands)."""
         for aid, key, item, timeout in items:
             self.entries[aid] = Entry(aid, key, item, timeout)
-
-
-# event type -> the Ledger method that handles it (one lookup per event, on the hot path)
-Ledger._how = {
-    Submit: Ledger._submit,
-    Hold: Ledger._hold,
-    Start: Ledger._start,
-    Finish: Ledger._finish,
-    Group: Ledger._group,
-    Cancel: Ledger._cancel,
-    Bounce: Ledger._bounce,
-    Reject: Ledger._reject,
-    WorkerLost: Ledger._worker_lost,
-    RuntimeLost: Ledger._runtime_lost,
-    Tick: Ledger._tick,
-    Drain: Ledger._drain,
-}

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, assert_never
 
 from ..errors import Category, FailureRecord, InvalidTransition
 from .drain import DRAIN_CATEGORIES, DrainPolicy, DrainRule
+from .machine import InvariantViolation, Story, add_story
 from .policy import Backoff
 from .states import TRANSITIONS, State
 
@@ -283,7 +284,13 @@ FREE_RETRIES = 2
 
 
 class Workflow:
-    """The pure state machine. Not thread-safe: the caller serialises ``handle``."""
+    """The pure state machine. Not thread-safe: the caller serialises ``handle``.
+
+    ``story`` keeps the last stimuli (see :mod:`.machine`); with ``debug`` (a class
+    attribute the tests turn on) every ``handle`` ends with ``validate()``."""
+
+    #: validate after every stimulus (tests; off in production: O(tasks) per step)
+    debug = False
 
     def __init__(
         self,
@@ -309,6 +316,7 @@ class Workflow:
         self.counts: dict[State, int] = dict.fromkeys(State, 0)
         self._forgotten_failures: dict[int, FailureRecord | None] = {}
         self.drain = DrainRule(drain) if drain is not None else None
+        self.story = Story()
 
     # ----------------------------------------------------------------- queries
     def state(self, tid: int) -> State:
@@ -326,9 +334,6 @@ class Workflow:
 
     def key(self, tid: int) -> str:
         return self._tasks[tid].key
-
-    def deps(self, tid: int) -> tuple[int, ...]:
-        return self._tasks[tid].deps
 
     def owner(self, attempt: int) -> int | None:
         """The task whose *current*, running attempt this is, else None (fencing)."""
@@ -385,33 +390,102 @@ class Workflow:
 
     # ----------------------------------------------------------------- driver
     def handle(self, event: Event) -> list[Command]:
+        """The one entry: apply ``event``, return what is to be done."""
+        self.story.append(event)
         out: list[Command] = []
-        match event:
-            case Submit():
-                self._submit(event, out)
-            case Restore():
-                self._restore(event, out)
-            case AttemptStarted():
-                self._started(event, out)
-            case Succeeded():
-                self._succeeded(event, out)
-            case Failed():
-                self._failed(event, out)
-            case Tick():
-                self._tick(event.now, out)
-            case Cancel():
-                self._cancel(event, out)
-            case Abort():
-                self._abort(event, out)
-            case _:  # pragma: no cover - typing makes this unreachable
-                raise TypeError(f"unknown event {event!r}")
+        try:
+            match event:
+                case Submit():
+                    self._submit(event, out)
+                case AttemptStarted():
+                    self._started(event, out)
+                case Succeeded():
+                    self._succeeded(event, out)
+                case Failed():
+                    self._failed(event, out)
+                case Tick():
+                    self._tick(event.now, out)
+                case Cancel():
+                    self._cancel(event, out)
+                case Restore():
+                    self._restore(event, out)
+                case Abort():
+                    self._abort(event, out)
+                case _:
+                    assert_never(event)
+        except InvalidTransition as e:
+            raise add_story(e, self.story) from None
+        if self.debug:
+            self.validate()
         return out
 
-    def handle_many(self, events: Iterable[Event]) -> list[Command]:
-        out: list[Command] = []
-        for e in events:
-            out.extend(self.handle(e))
-        return out
+    # ----------------------------------------------------------------- invariants
+    def validate(self) -> None:
+        """Check every invariant of the machine; raise :class:`InvariantViolation` naming
+        the first one broken, with the recent stimuli. For tests (``debug``): O(tasks)."""
+        for problem in self._problems():
+            raise InvariantViolation("workflow", problem, self.story)
+
+    def _problems(self) -> Iterator[str]:
+        tasks = self._tasks
+        counted = dict.fromkeys(State, 0)
+        for t in tasks.values():
+            counted[t.state] += 1
+        for s in State:
+            # forgotten tasks are final and keep their count
+            broken = self.counts[s] < counted[s] if s.final else self.counts[s] != counted[s]
+            if broken:
+                yield f"counts[{s.name}] is {self.counts[s]} but {counted[s]} tasks are {s.name}"
+        timers = {tid for _, tid in self._timers}
+        for tid, t in tasks.items():
+            k = f"task {t.key!r} ({t.state.name})"
+            if t.tid != tid:
+                yield f"{k} is filed under tid {tid} but has tid {t.tid}"
+            if not t.history or t.history[-1][2] != t.state.name:
+                yield f"{k}: its history does not end in its state: {t.history[-1:]}"
+            numbers = [a.number for a in t.attempts]
+            if numbers != list(range(1, len(numbers) + 1)):
+                yield f"{k}: attempt numbers are {numbers}"
+            for a in t.attempts:
+                if self._attempt_owner.get(a.id) != tid:
+                    yield f"{k}: attempt {a.id} is owned by {self._attempt_owner.get(a.id)}"
+                if a.id >= self._next_attempt:
+                    yield f"{k}: attempt id {a.id} was never handed out"
+            if t.state is State.RUNNING:
+                if t.current is None or not t.attempts or t.attempts[-1].id != t.current:
+                    yield f"{k} has no current attempt (current={t.current})"
+                elif t.attempts[-1].ended is not None or t.attempts[-1].outcome is not None:
+                    yield f"{k}: its current attempt {t.current} already ended"
+            elif t.current is not None:
+                yield f"{k} is not RUNNING but has a current attempt {t.current}"
+            if any(a.outcome is None for a in t.attempts[:-1]):
+                yield f"{k}: an attempt before the last has no outcome"
+            if t.state is State.PENDING:
+                unfinished = [d for d in t.deps if d in tasks and tasks[d].state is not State.DONE]
+                if not unfinished:
+                    yield f"{k} waits but every input is DONE"
+                if t.waiting != len(unfinished):
+                    yield f"{k} waits for {t.waiting} inputs but {len(unfinished)} are not DONE"
+                for d in unfinished:
+                    if tasks[d].state.final:
+                        yield f"{k} waits for input {tasks[d].key!r} which is {tasks[d].state.name}"
+                    elif tid not in tasks[d].dependents:
+                        yield f"{k} waits for {tasks[d].key!r}, which does not list it"
+            if t.state is State.RETRYING and tid not in timers:
+                yield f"{k} has no timer to wake it"
+            if t.state is State.FAILED and t.failure is None:
+                yield f"{k} has no failure record"
+            if t.state is State.DONE and t.failure is not None:
+                yield f"{k} has a failure record"
+            if t.retries_used != len(t.charged or ()):
+                yield f"{k}: {t.retries_used} retries used but {len(t.charged or ())} charged"
+            if not 0 <= t.free_retries <= FREE_RETRIES:
+                yield f"{k}: {t.free_retries} free retries (at most {FREE_RETRIES})"
+        for aid, tid in self._attempt_owner.items():
+            if tid not in tasks:
+                yield f"attempt {aid} belongs to task {tid}, which is not on record"
+        if self.drain is not None:
+            yield from self.drain.problems()
 
     # ----------------------------------------------------------------- internals
     def _move(self, t: _Task, finish: State, now: float, out: list[Command]) -> None:
@@ -623,15 +697,6 @@ class Workflow:
             if t.charged and aid in t.charged and not t.state.final:
                 t.charged.discard(aid)
                 t.retries_used -= 1
-
-    def drained(self) -> list[Drained]:
-        """Every place drained so far (for ``Session.drained()``)."""
-        if self.drain is None:
-            return []
-        return [
-            Drained(d.kind, d.name, d.host, d.reason, d.keys, d.attempts, d.time)
-            for d in self.drain.drained.values()
-        ]
 
     def _poison_record(
         self, t: _Task, last: FailureRecord, lost: list[AttemptRecord]
