@@ -21,12 +21,30 @@ from pilotfish._wire import (
 )
 from pilotfish.backends.local.dispatch import (
     Dispatcher,
+    InvalidSlotTransition,
     Kill,
     SendWorker,
+    SlotState,
     Spawn,
     ToClient,
     describe_exit,
 )
+from pilotfish.core import ledger as L
+from pilotfish.core.machine import InvariantViolation
+from pilotfish.errors import InvalidTransition
+
+
+@pytest.fixture(autouse=True)
+def _validate_every_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every stimulus in these tests ends with ``validate()`` of the dispatcher and of
+    its ledger (STYLE 15): a step that breaks an invariant fails the test."""
+    monkeypatch.setattr(Dispatcher, "debug", True)
+    monkeypatch.setattr(L.Ledger, "debug", True)
+
+
+def live(d: Dispatcher) -> list[str]:
+    """The pool: workers that take (or will take) work; retiring ones are not in it."""
+    return [s.name for s in d.slots.values() if s.state in (SlotState.STARTING, SlotState.READY)]
 
 
 def ra(aid: int, timeout: float | None = None) -> RunAttempt:
@@ -98,7 +116,7 @@ def test_hello_assigns_up_to_prefetch_and_starts_only_first():
     assert sent(cmds) == {"w1": [1, 2]}
     assert msgs(cmds, Started) == [Started(1, "w1", 4242, 1.0)]
     assert [a.attempt for a in d.queue] == [3]
-    assert d.held("w1") == [1, 2]
+    assert d.ledger.held_by("w1") == [1, 2]
 
 
 def test_result_starts_next_held_attempt_and_refills():
@@ -144,7 +162,7 @@ def test_worker_death_blames_only_running_attempt_and_requeues_rest():
     d.start(0.0)
     d.on_hello("w1", 101, 0.0)
     d.submit([ra(1), ra(2)], 1.0)
-    assert d.held("w1") == [1, 2]
+    assert d.ledger.held_by("w1") == [1, 2]
     d.on_hello("w2", 102, 1.5)
 
     tail = "Traceback (most recent call last):\nMemoryError"
@@ -164,7 +182,7 @@ def test_worker_death_blames_only_running_attempt_and_requeues_rest():
     assert started_ids(cmds) == [2]
     assert of(cmds, Spawn) == [Spawn("w3")]
     assert any(m.kind == "replaced" and m.worker == "w3" for m in msgs(cmds, WorkerReport))
-    assert d.held("w2") == [2]
+    assert d.ledger.held_by("w2") == [2]
 
 
 def test_worker_exit_code_named_in_lost_message():
@@ -370,7 +388,7 @@ def test_orderly_shutdown_is_not_a_loss():
     c2 = d.on_exit("w2", None, "", 1.0, goodbye=False)  # stopping: no goodbye needed
     assert [m.kind for m in msgs(c2, WorkerReport)] == ["stopped"]
     assert of(c1 + c2, Spawn) == [] and msgs(c1 + c2, Lost) == []
-    assert d.live() == []
+    assert live(d) == []
 
 
 def test_goodbye_exit_without_shutdown_is_stopped():
@@ -405,7 +423,7 @@ def test_cancel_prefetched_attempt_withdrawn_from_worker():
     cmds = d.on_withdrawn("w1", 2, 0.6)
     assert sent(cmds) == {"w1": [3]}
     assert started_ids(cmds) == []  # attempt 1 is still the one running
-    assert d.held("w1") == [1, 3]
+    assert d.ledger.held_by("w1") == [1, 3]
 
 
 def test_cancel_started_attempt_does_nothing():
@@ -432,7 +450,7 @@ def test_cancelled_prefetched_attempt_not_rerun_when_worker_dies():
     d.start(0.0)
     d.on_hello("w1", 101, 0.0)
     d.submit([ra(1, timeout=5.0), ra(2)], 0.0)
-    assert d.held("w1") == [1, 2]
+    assert d.ledger.held_by("w1") == [1, 2]
     d.on_hello("w2", 102, 0.5)  # idle, ready to take requeued work
     assert d.cancel([2], 1.0) == [SendWorker("w1", [CancelAttempt(2)])]
     cmds = d.tick(5.0, {}, {})
@@ -486,7 +504,7 @@ def test_worker_given_k_attempts_retires_with_shutdown_after_them():
     old one exits), reported 'replaced' with the reason. Attempt 4 waits for w2."""
     d = ready(1, prefetch=2, max_tasks_per_child=3)
     d.submit([ra(i) for i in range(1, 6)], 0.0)
-    assert d.held("w1") == [1, 2]
+    assert d.ledger.held_by("w1") == [1, 2]
     cmds = d.on_result("w1", res(1), 1.0)
     (send,) = of(cmds, SendWorker)
     assert send.name == "w1" and [type(m) for m in send.msgs] == [RunAttempt, Shutdown]
@@ -494,7 +512,7 @@ def test_worker_given_k_attempts_retires_with_shutdown_after_them():
     assert of(cmds, Spawn) == [Spawn("w2")]
     (rep,) = msgs(cmds, WorkerReport)
     assert rep.kind == "replaced" and rep.worker == "w2" and "max_tasks_per_child=3" in rep.message
-    assert d.slots["w1"].state == "retiring" and [s.name for s in d.live()] == ["w2"]
+    assert d.slots["w1"].state is SlotState.RETIRING and live(d) == ["w2"]
     # w1 finishes what it holds; it gets nothing more, w2 is not up yet
     cmds = d.on_result("w1", res(2), 2.0)
     assert sent(cmds) == {} and started_ids(cmds) == [3] and of(cmds, Spawn) == []
@@ -518,7 +536,7 @@ def test_retired_worker_goodbye_exit_is_stopped_not_lost():
     assert "max_tasks_per_child=2" in rep.message
     assert msgs(cmds, Lost) == [] and of(cmds, Spawn) == [] and sent(cmds) == {}
     assert [a.attempt for a in d.queue] == [3]
-    assert d.slots["w1"].state == "dead" and [s.name for s in d.live()] == ["w2"]
+    assert d.slots["w1"].state is SlotState.DEAD and live(d) == ["w2"]
 
 
 def test_k_1_every_worker_gets_exactly_one_attempt():
@@ -582,11 +600,11 @@ def test_withdrawn_after_retirement_leaves_worker_retired():
     Shutdown back, and its replacement is already starting); it just ran one fewer."""
     d = ready(1, prefetch=2, max_tasks_per_child=2)
     d.submit([ra(1), ra(2), ra(3)], 0.0)
-    assert d.slots["w1"].state == "retiring"
+    assert d.slots["w1"].state is SlotState.RETIRING
     d.cancel([2], 0.5)
     cmds = d.on_withdrawn("w1", 2, 0.6)
     assert sent(cmds) == {} and of(cmds, Spawn) == []
-    assert d.slots["w1"].state == "retiring"
+    assert d.slots["w1"].state is SlotState.RETIRING
     cmds = d.on_result("w1", res(1), 1.0)
     assert sent(cmds) == {} and [a.attempt for a in d.queue] == [3]
 
@@ -604,7 +622,7 @@ def test_retiring_worker_killed_is_lost_but_not_replaced_twice():
     assert rep.kind == "lost" and rep.held == (2,) and rep.signal == "SIGKILL"
     assert of(cmds, Spawn) == [] and sent(cmds) == {}
     assert [a.attempt for a in d.queue] == [3, 4]
-    assert [s.name for s in d.live()] == ["w2"]
+    assert live(d) == ["w2"]
     cmds = d.on_hello("w2", 202, 2.0)
     assert sent(cmds) == {"w2": [3, 4]}
 
@@ -614,7 +632,7 @@ def test_retiring_worker_still_watched_for_hangs_and_timeouts():
     when its attempt times out, and neither spawns a second replacement."""
     d = ready(1, prefetch=1, max_tasks_per_child=1, heartbeat_interval=1.0)
     d.submit([ra(1)], 0.0)
-    assert d.slots["w1"].state == "retiring"
+    assert d.slots["w1"].state is SlotState.RETIRING
     d.tick(0.5, {"w1": ("T", 1.0)}, {})
     cmds = d.tick(1.5, {"w1": ("T", 1.0)}, {})
     assert of(cmds, Kill) == [Kill("w1", ())] and of(cmds, Spawn) == []
@@ -649,7 +667,7 @@ def test_replacement_start_failure_is_counted_and_retried():
     cmds = d.on_exit("w2", 1, "ImportError", 0.5, goodbye=False)
     assert [m.kind for m in msgs(cmds, WorkerReport)] == ["start_failed"]
     assert of(cmds, Spawn) == [Spawn("w3")] and msgs(cmds, Lost) == []
-    assert d.held("w1") == [1] and [a.attempt for a in d.queue] == [2]
+    assert d.ledger.held_by("w1") == [1] and [a.attempt for a in d.queue] == [2]
 
 
 def test_retirement_waits_for_answer_about_cancelled_prefetched_attempt():
@@ -662,11 +680,11 @@ def test_retirement_waits_for_answer_about_cancelled_prefetched_attempt():
     d.cancel([2], 0.5)
     cmds = d.on_result("w1", res(1), 1.0)
     assert sent(cmds) == {"w1": [3]} and shutdowns(cmds) == {} and of(cmds, Spawn) == []
-    assert d.slots["w1"].state == "ready" and [a.attempt for a in d.queue] == [4, 5]
+    assert d.slots["w1"].state is SlotState.READY and [a.attempt for a in d.queue] == [4, 5]
     cmds = d.on_withdrawn("w1", 2, 1.1)
     assert sent(cmds) == {"w1": [4]} and shutdowns(cmds) == {"w1": 1}
     assert started_ids(cmds) == [3] and of(cmds, Spawn) == [Spawn("w2")]
-    assert d.slots["w1"].state == "retiring" and [a.attempt for a in d.queue] == [5]
+    assert d.slots["w1"].state is SlotState.RETIRING and [a.attempt for a in d.queue] == [5]
 
 
 def test_cancelled_prefetched_attempt_that_ran_anyway_counts():
@@ -680,7 +698,7 @@ def test_cancelled_prefetched_attempt_that_ran_anyway_counts():
     cmds = d.on_result("w1", res(2), 1.1)
     assert cmds[0] == ToClient(res(2))  # the client's fencing drops it (task cancelled)
     assert sent(cmds) == {} and shutdowns(cmds) == {"w1": 0}
-    assert of(cmds, Spawn) == [Spawn("w2")] and d.slots["w1"].state == "retiring"
+    assert of(cmds, Spawn) == [Spawn("w2")] and d.slots["w1"].state is SlotState.RETIRING
 
 
 def test_a_retry_keeps_its_place_in_the_queue():
@@ -747,7 +765,7 @@ def test_attempts_that_turn_long_end_deep_holding():
     refills = []
     while d.queue or d.ledger.count("w1"):
         t += 1.0
-        got = sent(d.on_result("w1", took(d.held("w1")[0], 1.0, start=t - 1), t))
+        got = sent(d.on_result("w1", took(d.ledger.held_by("w1")[0], 1.0, start=t - 1), t))
         if got:
             refills.append(len(got["w1"]))
     assert refills and set(refills) == {1}  # one attempt per result: prefetch depth
@@ -809,3 +827,122 @@ def test_asked_back_too_late_still_reports_started_before_the_result():
     order = [type(c.msg).__name__ for c in cmds if isinstance(c, ToClient)]
     assert order[:2] == ["Started", "Result"]
     assert d.ledger.count("w1") == 0 and not d.ledger.entries
+
+
+# --------------------------------------------------------------------------- validate()
+
+
+def test_an_exit_reported_twice_is_an_impossible_transition():
+    """A runner bug reports a worker's exit twice: the second would 'lose' a worker that
+    is already gone. The slot's transition table refuses (DEAD -> LOST), and the error
+    carries the dispatcher's recent stimuli."""
+    d = ready(1)
+    d.on_exit("w1", 0, "", 1.0, True)
+    with pytest.raises(InvalidSlotTransition, match="'w1': invalid transition DEAD -> LOST") as ei:
+        d.on_exit("w1", -9, "", 2.0, False)
+    assert "WorkerExited(name='w1', returncode=0" in str(ei.value)
+    assert isinstance(ei.value, InvalidTransition)
+
+
+def test_validate_catches_a_queued_attempt_missing_from_the_queue():
+    """An attempt the ledger has queued but the dispatcher's queue lost would never be
+    sent: the task hangs. validate() says so and shows the stimuli."""
+    d = ready(1, prefetch=1)
+    d.submit([ra(1), ra(2)], 0.0)
+    d.queue.clear()
+    with pytest.raises(
+        InvariantViolation, match="attempt 2 is queued in the ledger but not on the queue"
+    ) as ei:
+        d.validate()
+    assert "SubmitAttempts(attempts=" in str(ei.value)
+
+
+def test_validate_catches_a_dead_worker_holding_work():
+    """A slot marked dead while the ledger says it holds an attempt: nobody would report
+    that attempt lost."""
+    d = ready(1)
+    d.submit([ra(1)], 0.0)
+    d.slots["w1"].state = SlotState.DEAD
+    with pytest.raises(InvariantViolation, match=r"worker w1 is DEAD but holds attempts \[1\]"):
+        d.validate()
+
+
+def test_validate_checks_the_ledger_too():
+    """The dispatcher's validate() includes its ledger's invariants."""
+    d = ready(1)
+    d.submit([ra(1)], 0.0)
+    d.ledger._by_worker["w2"] = {1: None}
+    with pytest.raises(InvariantViolation, match=r"attempt ledger: .*held by both w1 and w2"):
+        d.validate()
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_random_stimuli_keep_every_invariant(seed):
+    """Random hellos, submissions, results (of the running attempt, and stale ones),
+    withdrawals of what was asked back, cancels, drains, crashes, orderly exits, ticks
+    (with timeouts and stopped workers) and a shutdown, against random pool settings:
+    the dispatcher and its ledger validate after every stimulus (the fixture), and no
+    attempt is reported lost twice."""
+    import random
+
+    rng = random.Random(seed)
+    d = Dispatcher(
+        rng.randint(1, 3),
+        prefetch=rng.randint(1, 3),
+        max_tasks_per_child=rng.choice([None, 2, 3]),
+        heartbeat_interval=1.0,
+        heartbeat_timeout=3.0,
+    )
+    d.start(0.0)
+    now, nxt, asked, closed = 0.0, 1, set(), False
+    done: list[int] = []
+    lost: list[int] = []
+    for step in range(400):
+        now += rng.random() * 0.3
+        name = rng.choice(list(d.slots))
+        s = d.slots[name]
+        held = d.ledger.held_by(name)
+        r = rng.random()
+        if r < 0.15:
+            if s.state is SlotState.STARTING:
+                cmds = d.on_hello(name, 100 + step, now)
+            else:
+                cmds = d.on_heartbeat(name, now)
+        elif r < 0.3:
+            n = rng.randint(1, 4)
+            cmds = d.submit(
+                [ra(a, rng.choice([None, None, 1.0])) for a in range(nxt, nxt + n)], now
+            )
+            nxt += n
+        elif r < 0.55 and held:
+            cmds = d.on_result(name, Result(held[0], True, b"v", name, 1, now - 0.01, now), now)
+        elif r < 0.58:
+            cmds = d.on_result(name, res(rng.randint(1, nxt), name), now)  # stale or foreign
+        elif r < 0.65 and asked & set(held[1:]):
+            aid = rng.choice(sorted(asked & set(held[1:])))
+            asked.discard(aid)
+            cmds = d.on_withdrawn(name, aid, now)
+        elif r < 0.7:
+            cmds = d.cancel([rng.randint(1, nxt)], now)
+        elif r < 0.73:
+            cmds = d.drain(name, "broken", now)
+        elif r < 0.78 and s.state is not SlotState.DEAD:
+            orderly = s.state in (SlotState.RETIRING, SlotState.STOPPING) and not held
+            cmds = d.on_exit(name, 0 if orderly else -9, "", now, orderly)
+        elif r < 0.97:
+            state = "T" if rng.random() < 0.1 else "S"
+            cmds = d.tick(now, {n: (state, float(step)) for n in d.slots}, {})
+        elif not closed and r > 0.995:
+            closed = True
+            cmds = d.shutdown()
+        else:
+            continue
+        for c in cmds:
+            if isinstance(c, SendWorker):
+                asked |= {m.attempt for m in c.msgs if isinstance(m, CancelAttempt)}
+            elif isinstance(c, ToClient) and isinstance(c.msg, Result) and c.msg.ok:
+                done.append(c.msg.attempt)
+            elif isinstance(c, ToClient) and isinstance(c.msg, Lost):
+                lost.append(c.msg.attempt)
+    assert len(lost) == len(set(lost))  # an attempt is reported lost at most once
+    assert d.slots

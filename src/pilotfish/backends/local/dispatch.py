@@ -48,15 +48,44 @@ given back and the worker takes another. Only one cancelled after the retirement
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections import deque
-from collections.abc import Iterable
-from typing import Any, NamedTuple
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, NamedTuple, assert_never
 
 from ..._wire import CancelAttempt, Fatal, Result, RunAttempt, Shutdown, WorkerReport
 from ...core import ledger as L
 from ...core.ledger import describe_exit
+from ...core.machine import InvariantViolation, Story
+from ...errors import InvalidTransition
 
-__all__ = ["Cmd", "Dispatcher", "Kill", "SendWorker", "Slot", "Spawn", "ToClient", "describe_exit"]
+__all__ = [
+    "SLOT_TRANSITIONS",
+    "Boot",
+    "CancelRequest",
+    "Close",
+    "Cmd",
+    "Dispatcher",
+    "DrainRequest",
+    "GroupFrom",
+    "HeartbeatFrom",
+    "HelloFrom",
+    "InvalidSlotTransition",
+    "Kill",
+    "PreflightFailedOn",
+    "ResultFrom",
+    "SendWorker",
+    "Slot",
+    "SlotState",
+    "Spawn",
+    "Stimulus",
+    "SubmitAttempts",
+    "Tick",
+    "ToClient",
+    "WithdrawnBy",
+    "WorkerExited",
+    "describe_exit",
+]
 
 # --------------------------------------------------------------------------- commands
 
@@ -93,13 +122,67 @@ _STEAL_AFTER = 0.05
 _MAX_NAMES = 10_000
 
 
+class SlotState(enum.Enum):
+    """A worker process's life as the master sees it.
+
+    ``STARTING`` until it says hello; ``READY`` takes work; ``RETIRING`` takes no more
+    (given its last attempt, or drained) and leaves by ``Shutdown`` once it ran what it
+    holds; ``STOPPING`` was told to stop (session closed, pre-flight failed); ``LOST``
+    died or was killed and was reported; ``DEAD`` is gone for good."""
+
+    STARTING = "starting"
+    READY = "ready"
+    RETIRING = "retiring"
+    STOPPING = "stopping"
+    LOST = "lost"
+    DEAD = "dead"
+
+    __hash__ = object.__hash__  # by identity (as core.states.State)
+
+
+W = SlotState
+#: Every allowed (start, finish) pair of a slot; anything else is an InvalidSlotTransition.
+SLOT_TRANSITIONS: frozenset[tuple[SlotState, SlotState]] = frozenset(
+    {
+        (W.STARTING, W.READY),  # hello
+        (W.STARTING, W.STOPPING),  # pre-flight failed, or the session closed
+        (W.STARTING, W.DEAD),  # exited before its hello (a start failure)
+        (W.READY, W.RETIRING),  # given its max_tasks_per_child-th attempt, or drained
+        (W.READY, W.STOPPING),  # the session closed
+        (W.READY, W.LOST),  # died, hung, or killed for a timeout
+        (W.READY, W.DEAD),  # left in order (its Goodbye)
+        (W.RETIRING, W.LOST),
+        (W.RETIRING, W.DEAD),  # its Goodbye after the last attempt
+        (W.STOPPING, W.LOST),  # killed for a timeout while it finishes
+        (W.STOPPING, W.DEAD),
+        (W.LOST, W.DEAD),  # the exit of a worker we killed
+    }
+)
+
+
+class InvalidSlotTransition(InvalidTransition):
+    """A worker slot was to make a move :data:`SLOT_TRANSITIONS` forbids: a pilotfish
+    bug. ``history`` is the dispatcher's recent stimuli."""
+
+    def __init__(self, key: str, start: str, finish: str, history: list[Any]) -> None:
+        lines = "\n".join(f"  {h}" for h in history) or "  (none)"
+        RuntimeError.__init__(
+            self,
+            f"worker slot {key!r}: invalid transition {start} -> {finish}; "
+            f"recent stimuli, oldest first:\n{lines}",
+        )
+        self.failure = None
+        self.key, self.start, self.finish, self.history = key, start, finish, history
+
+
 @dataclasses.dataclass(slots=True)
 class Slot:
-    """A worker process as the master sees it; what it holds is in the ledger."""
+    """A worker process as the master sees it; what it holds is in the ledger. Its
+    ``state`` changes only through the dispatcher (``Dispatcher._move``)."""
 
     name: str
     spawned: float
-    state: str = "starting"  # starting | ready | retiring | lost | stopping | dead
+    state: SlotState = SlotState.STARTING
     pid: int = 0
     last_hb: float = 0.0
     cpu: float = -1.0
@@ -110,10 +193,137 @@ class Slot:
     unknown: int = 0  # attempts it holds whose run time nobody can estimate yet
 
 
+# --------------------------------------------------------------------------- stimuli
+# What the master's runner saw, one dataclass each, fed to ``Dispatcher.handle``. Those
+# made per task (SubmitAttempts, ResultFrom) are not frozen: cheaper to make (see
+# core.workflow).
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Boot:
+    """The master starts: spawn the pool."""
+
+    now: float
+
+
+@dataclasses.dataclass(slots=True)
+class SubmitAttempts:
+    attempts: Sequence[RunAttempt]
+    now: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DrainRequest:
+    """The client drained worker ``name`` (see ``Dispatcher._drain``)."""
+
+    name: str
+    why: str
+    now: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CancelRequest:
+    """Withdraw attempts not yet started; a started one runs on (its result is fenced)."""
+
+    attempts: tuple[int, ...]
+    now: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class HelloFrom:
+    name: str
+    pid: int
+    now: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PreflightFailedOn:
+    name: str
+    problems: tuple[str, ...]
+    now: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class HeartbeatFrom:
+    name: str
+    now: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GroupFrom:
+    """A program of ``attempt`` runs on worker ``name`` in process group ``pgid``."""
+
+    name: str
+    attempt: int
+    pgid: int
+
+
+@dataclasses.dataclass(slots=True)
+class ResultFrom:
+    name: str
+    result: Result
+    now: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class WithdrawnBy:
+    """Worker ``name`` gave ``attempt`` back unstarted (it was asked to)."""
+
+    name: str
+    attempt: int
+    now: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class WorkerExited:
+    """The OS says the worker process is gone (its socket already drained)."""
+
+    name: str
+    returncode: int | None
+    stderr_tail: str
+    now: float
+    goodbye: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Tick:
+    """Timeouts and hang checks. ``samples``: worker -> (kernel state, CPU seconds)."""
+
+    now: float
+    samples: dict[str, tuple[str, float]]
+    stderr_tails: dict[str, str]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Close:
+    """The session closes: every worker is told to stop."""
+
+
+Stimulus = (
+    Boot
+    | SubmitAttempts
+    | DrainRequest
+    | CancelRequest
+    | HelloFrom
+    | PreflightFailedOn
+    | HeartbeatFrom
+    | GroupFrom
+    | ResultFrom
+    | WithdrawnBy
+    | WorkerExited
+    | Tick
+    | Close
+)
+
+
 class Dispatcher:
     """The local master's scheduling: worker slots, the queue and hang detection; what
     each worker holds, and what its loss means, is the shared :class:`~pilotfish.core.
-    ledger.Ledger`'s."""
+    ledger.Ledger`'s. One entry, :meth:`handle`; ``story`` keeps the last stimuli and
+    ``validate()`` checks the invariants (see :mod:`pilotfish.core.machine`)."""
+
+    #: validate after every stimulus (tests; off in production: O(attempts) per step)
+    debug = False
 
     def __init__(
         self,
@@ -151,6 +361,7 @@ class Dispatcher:
         self._held_cost: dict[int, tuple[str, str, float]] = {}  # attempt -> worker, name, s
         self._stolen: set[int] = set()  # asked back from a busy worker for an idle one
         self._steal_at: float | None = None
+        self.story = Story()
 
     # ------------------------------------------------------------------ helpers
     def _new_slot(self, now: float) -> Spawn:
@@ -159,16 +370,11 @@ class Dispatcher:
         self.slots[name] = Slot(name, now, last_hb=now, cpu_at=now)
         return Spawn(name)
 
-    def start(self, now: float) -> list[Cmd]:
-        return [self._new_slot(now) for _ in range(self.n)]
-
-    def live(self) -> list[Slot]:
-        """The pool: workers that take (or will take) work; retiring ones are not in it."""
-        return [s for s in self.slots.values() if s.state in ("starting", "ready")]
-
-    def held(self, name: str) -> list[int]:
-        """Attempts worker ``name`` holds, in order: the first is the one running."""
-        return self.ledger.held_by(name)
+    def _move(self, s: Slot, finish: SlotState) -> None:
+        """The one way a slot's state changes: by :data:`SLOT_TRANSITIONS`."""
+        if (s.state, finish) not in SLOT_TRANSITIONS:
+            raise InvalidSlotTransition(s.name, s.state.name, finish.name, self.story.lines())
+        s.state = finish
 
     def pgids(self, name: str) -> tuple[int, ...]:
         """Process groups of programs that worker ``name``'s attempts started."""
@@ -227,7 +433,7 @@ class Dispatcher:
 
     def _open(self, s: Slot) -> bool:
         """Does worker ``s`` take work at all (ready, and not given its last attempt)?"""
-        return s.state == "ready" and (self.max_tasks is None or s.given < self.max_tasks)
+        return s.state is W.READY and (self.max_tasks is None or s.given < self.max_tasks)
 
     def _hungry(self, s: Slot, load: int) -> bool:
         """Does worker ``s`` take work now? Below ``prefetch``, always; beyond it only with
@@ -297,7 +503,7 @@ class Dispatcher:
         the exception that keeps a long one from holding up the ones behind it."""
         self._steal_at = None
         ledger = self.ledger
-        ready = [s for s in self.slots.values() if s.state == "ready"]
+        ready = [s for s in self.slots.values() if s.state is W.READY]
         if not any(ledger.count(s.name) == 0 and self._open(s) for s in ready):
             return
         for s in ready:
@@ -325,7 +531,7 @@ class Dispatcher:
         ledger = self.ledger
         if any(ledger.entries[a].cancelled for a in ledger.held_by(s.name)):
             return
-        s.state = "retiring"
+        self._move(s, W.RETIRING)
         why = f"it was given max_tasks_per_child={self.max_tasks} attempts"
         batch.append(Shutdown(why))
         if not self.stopping and not self.fatal:
@@ -335,7 +541,7 @@ class Dispatcher:
         """A worker given its last attempts, retirement pending on a cancelled one: that
         one ended (withdrawn: given back, so the worker takes more; or it ran anyway)."""
         limit = self.max_tasks
-        if limit is not None and s.state == "ready" and s.given >= limit:
+        if limit is not None and s.state is W.READY and s.given >= limit:
             batch: list[Any] = []
             self._retire(s, now, batch, out)
             if batch:
@@ -359,14 +565,148 @@ class Dispatcher:
         ):
             self._carry_out(self.ledger.handle(L.Start(s.name, first, s.pid, "", now)), out)
 
-    # ------------------------------------------------------------------ events
-    def submit(self, attempts: Iterable[RunAttempt], now: float) -> list[Cmd]:
+    # ------------------------------------------------------------------ the entry
+    def handle(self, ev: Stimulus) -> list[Cmd]:
+        """The one entry: apply what the runner saw, return what it is to do."""
+        self.story.append(ev)
         out: list[Cmd] = []
-        for a in attempts:
-            self.ledger.submit([(a.attempt, a.key, a, a.timeout)])
+        match ev:  # the most frequent first
+            case ResultFrom():
+                self._result(ev.name, ev.result, ev.now, out)
+            case SubmitAttempts():
+                self._submit(ev.attempts, ev.now, out)
+            case HeartbeatFrom():
+                s = self.slots.get(ev.name)
+                if s is not None:
+                    s.last_hb = ev.now
+            case Tick():
+                self._tick(ev.now, ev.samples, ev.stderr_tails, out)
+            case CancelRequest():
+                self._carry_out(self.ledger.handle(L.Cancel(ev.attempts)), out)
+            case WithdrawnBy():
+                self._withdrawn(ev.name, ev.attempt, ev.now, out)
+            case GroupFrom():
+                self.ledger.handle(L.Group(ev.name, ev.attempt, ev.pgid))
+            case HelloFrom():
+                self._hello(ev.name, ev.pid, ev.now, out)
+            case WorkerExited():
+                self._exit(ev.name, ev.returncode, ev.stderr_tail, ev.now, ev.goodbye, out)
+            case DrainRequest():
+                self._drain(ev.name, ev.why, ev.now, out)
+            case PreflightFailedOn():
+                self._preflight_failed(ev.name, ev.problems, ev.now, out)
+            case Boot():
+                out.extend(self._new_slot(ev.now) for _ in range(self.n))
+            case Close():
+                self._close(out)
+            case _:
+                assert_never(ev)
+        if self.debug:
+            self.validate()
+        return out
+
+    # ------------------------------------------------------------------ invariants
+    def validate(self) -> None:
+        """Check every invariant (the ledger's too); raise :class:`InvariantViolation`
+        naming the first one broken, with the recent stimuli. For tests (``debug``)."""
+        self.ledger.validate()
+        for problem in self._problems():
+            raise InvariantViolation("local dispatcher", problem, self.story)
+
+    def _problems(self) -> Iterator[str]:
+        ledger = self.ledger
+        depth = max(self.prefetch, _MAX_DEPTH)
+        for name, s in self.slots.items():
+            if not isinstance(s.state, SlotState) or s.name != name:
+                yield f"slot {name} is filed as {s.name!r} in state {s.state!r}"
+                continue
+            held = ledger.held_by(name)
+            if held and s.state not in (W.READY, W.RETIRING, W.STOPPING):
+                yield f"worker {name} is {s.state.name} but holds attempts {held}"
+            if len(held) > depth:
+                yield f"worker {name} holds {len(held)} attempts (at most {depth})"
+            if self.max_tasks is not None and s.given > self.max_tasks:
+                yield f"worker {name} was given {s.given} attempts (max {self.max_tasks})"
+            costs = [c for w, _, c in self._held_cost.values() if w == name]
+            unknown = sum(1 for c in costs if c == _INF)
+            if s.unknown != unknown:
+                yield f"worker {name} counts {s.unknown} attempts of unknown cost, not {unknown}"
+            if abs(s.backlog - sum(c for c in costs if c != _INF)) > 1e-6:
+                yield f"worker {name}'s backlog {s.backlog} is not the sum of its held costs"
+            for aid in held[1:]:
+                if ledger.entries[aid].where == "started":
+                    yield f"worker {name} started attempt {aid}, which is not its first"
+        for aid, (w, _, _) in self._held_cost.items():
+            e = ledger.entries.get(aid)
+            if e is None or e.worker != w:
+                yield f"attempt {aid} is costed to {w} but held by {e.worker if e else 'nobody'}"
+        for aid in self._stolen:
+            e = ledger.entries.get(aid)
+            if e is None or e.where != "held":
+                yield f"attempt {aid} was asked back but is {e.where if e else 'gone'}"
+        seen: set[int] = set()
+        for a in self.queue:
+            e = ledger.entries.get(a.attempt)
+            if e is not None and e.where != "queued":
+                yield f"attempt {a.attempt} is on the queue but {e.where} by {e.worker}"
+            if e is not None and a.attempt in seen:
+                yield f"attempt {a.attempt} is on the queue twice"
+            seen.add(a.attempt)
+        for aid, e in ledger.entries.items():
+            if e.where == "queued" and aid not in seen:
+                yield f"attempt {aid} is queued in the ledger but not on the queue (a hang)"
+
+    # The local master's runner (master.py) still calls these; each is handle() of one
+    # stimulus. To go once the runner builds the stimuli itself.
+    def start(self, now: float) -> list[Cmd]:
+        return self.handle(Boot(now))
+
+    def submit(self, attempts: Iterable[RunAttempt], now: float) -> list[Cmd]:
+        return self.handle(SubmitAttempts(list(attempts), now))
+
+    def drain(self, name: str, why: str, now: float) -> list[Cmd]:
+        return self.handle(DrainRequest(name, why, now))
+
+    def cancel(self, ids: Iterable[int], now: float) -> list[Cmd]:
+        return self.handle(CancelRequest(tuple(ids), now))
+
+    def on_hello(self, name: str, pid: int, now: float) -> list[Cmd]:
+        return self.handle(HelloFrom(name, pid, now))
+
+    def on_preflight_failed(self, name: str, problems: tuple[str, ...], now: float) -> list[Cmd]:
+        return self.handle(PreflightFailedOn(name, tuple(problems), now))
+
+    def on_heartbeat(self, name: str, now: float) -> list[Cmd]:
+        return self.handle(HeartbeatFrom(name, now))
+
+    def on_command_group(self, name: str, attempt: int, pgid: int) -> list[Cmd]:
+        return self.handle(GroupFrom(name, attempt, pgid))
+
+    def on_result(self, name: str, res: Result, now: float) -> list[Cmd]:
+        return self.handle(ResultFrom(name, res, now))
+
+    def on_withdrawn(self, name: str, attempt: int, now: float) -> list[Cmd]:
+        return self.handle(WithdrawnBy(name, attempt, now))
+
+    def on_exit(
+        self, name: str, returncode: int | None, stderr_tail: str, now: float, goodbye: bool
+    ) -> list[Cmd]:
+        return self.handle(WorkerExited(name, returncode, stderr_tail, now, goodbye))
+
+    def tick(
+        self, now: float, samples: dict[str, tuple[str, float]], stderr_tails: dict[str, str]
+    ) -> list[Cmd]:
+        return self.handle(Tick(now, samples, stderr_tails))
+
+    def shutdown(self) -> list[Cmd]:
+        return self.handle(Close())
+
+    # ------------------------------------------------------------------ events
+    def _submit(self, batch: Sequence[RunAttempt], now: float, out: list[Cmd]) -> None:
+        self.ledger.handle(L.Submit(tuple((a.attempt, a.key, a, a.timeout) for a in batch)))
+        for a in batch:
             self._enqueue(a)
         self._assign(now, out)
-        return out
 
     def _enqueue(self, a: RunAttempt) -> None:
         """Queue ``a`` by its task's submission order: a retry (or a resend) of a task goes
@@ -384,58 +724,45 @@ class Dispatcher:
                 return
         q.append(a)
 
-    def drain(self, name: str, why: str, now: float) -> list[Cmd]:
+    def _drain(self, name: str, why: str, now: float, out: list[Cmd]) -> None:
         """The client drained worker ``name``: it is given nothing more, runs what it
         already holds (its failures there are not charged to their tasks, and nothing it
         was sent runs twice), then leaves by its orderly ``Shutdown``; a fresh worker
         takes its place now (as for ``max_tasks_per_child``)."""
-        out: list[Cmd] = []
         s = self.slots.get(name)
-        if s is None or s.state != "ready":
-            return out
-        s.state = "retiring"
+        if s is None or s.state is not W.READY:
+            return
+        self._move(s, W.RETIRING)
         out.append(SendWorker(name, [Shutdown(f"drained: {why}")]))
         if not self.stopping and not self.fatal:
             self._replace(s, now, f" (drained: {why})", out)
         self._assign(now, out)
-        return out
 
-    def cancel(self, ids: Iterable[int], now: float) -> list[Cmd]:
-        """Withdraw attempts not yet started; a started one runs on (its result is fenced)."""
-        out: list[Cmd] = []
-        self._carry_out(self.ledger.handle(L.Cancel(tuple(ids))), out)
-        return out
-
-    def on_hello(self, name: str, pid: int, now: float) -> list[Cmd]:
+    def _hello(self, name: str, pid: int, now: float, out: list[Cmd]) -> None:
         s = self.slots[name]
-        out: list[Cmd] = []
-        if s.state != "starting":
-            return out
-        s.state, s.pid, s.last_hb, s.cpu_at = "ready", pid, now, now
+        if s.state is not W.STARTING:
+            return
+        self._move(s, W.READY)
+        s.pid, s.last_hb, s.cpu_at = pid, now, now
         self.start_failures = 0
         out.append(ToClient(WorkerReport("started", name, pid, now)))
         self._assign(now, out)
-        return out
 
-    def on_preflight_failed(self, name: str, problems: tuple[str, ...], now: float) -> list[Cmd]:
+    def _preflight_failed(
+        self, name: str, problems: tuple[str, ...], now: float, out: list[Cmd]
+    ) -> None:
         """The worker's environment cannot run anything: fail everything, clearly, at once
         (all local workers share one environment, so starting more would not help)."""
         s = self.slots[name]
-        s.state = "stopping"
+        self._move(s, W.STOPPING)
         self.fatal = True
         lines = "\n".join(f"  - {p}" for p in problems)
-        return [
-            ToClient(WorkerReport("start_failed", name, s.pid, now, message="pre-flight failed")),
-            ToClient(Fatal("environment", f"pre-flight checks failed on worker {name}:\n{lines}")),
-        ]
-
-    def on_heartbeat(self, name: str, now: float) -> None:
-        s = self.slots.get(name)
-        if s is not None:
-            s.last_hb = now
-
-    def on_command_group(self, name: str, attempt: int, pgid: int) -> None:
-        self.ledger.handle(L.Group(name, attempt, pgid))
+        out.append(
+            ToClient(WorkerReport("start_failed", name, s.pid, now, message="pre-flight failed"))
+        )
+        out.append(
+            ToClient(Fatal("environment", f"pre-flight checks failed on worker {name}:\n{lines}"))
+        )
 
     def _finish(self, s: Slot, attempt: int, now: float, out: list[Cmd]) -> bool:
         first = self.ledger.first(s.name) == attempt
@@ -447,8 +774,7 @@ class Dispatcher:
             self._begin(s, now, out)
         return True
 
-    def on_result(self, name: str, res: Result, now: float) -> list[Cmd]:
-        out: list[Cmd] = []
+    def _result(self, name: str, res: Result, now: float, out: list[Cmd]) -> None:
         s = self.slots[name]
         s.last_hb = now
         self._learn(res.attempt, res)
@@ -459,17 +785,15 @@ class Dispatcher:
             st = L.Start(name, res.attempt, res.pid, res.host, res.started)
             self._carry_out(self.ledger.handle(st), out)
         head = len(out)  # the result goes before what its end starts (after its Started)
-        if self._finish(s, res.attempt, now, out) or s.state == "lost":
+        if self._finish(s, res.attempt, now, out) or s.state is W.LOST:
             # a result from a worker already declared lost is still forwarded: the
             # client's fencing decides (it was reported lost, so it will be dropped)
             out.insert(head, ToClient(res))
         if self.max_tasks is not None:
             self._settle(s, now, out)
         self._assign(now, out)
-        return out
 
-    def on_withdrawn(self, name: str, attempt: int, now: float) -> list[Cmd]:
-        out: list[Cmd] = []
+    def _withdrawn(self, name: str, attempt: int, now: float, out: list[Cmd]) -> None:
         s = self.slots[name]
         if attempt in self._stolen:  # asked back by _balance: queued again, unblamed
             self._stolen.discard(attempt)
@@ -479,40 +803,44 @@ class Dispatcher:
                 self._carry_out(self.ledger.handle(L.Bounce(attempt, "rebalanced", now)), out)
                 if first:  # the worker goes on with the next one it holds
                     self._begin(s, now, out)
-                if self.max_tasks is not None and s.state == "ready":
+                if self.max_tasks is not None and s.state is W.READY:
                     s.given -= 1
                     self._settle(s, now, out)
                 self._assign(now, out)
-                return out
+                return
         if self._finish(s, attempt, now, out) and self.max_tasks is not None:
-            if s.state == "ready":
+            if s.state is W.READY:
                 s.given -= 1  # it never ran: it does not count (a retiring worker stays retired)
             self._settle(s, now, out)
         self._assign(now, out)
-        return out
 
-    def on_exit(
-        self, name: str, returncode: int | None, stderr_tail: str, now: float, goodbye: bool
-    ) -> list[Cmd]:
+    def _exit(
+        self,
+        name: str,
+        returncode: int | None,
+        stderr_tail: str,
+        now: float,
+        goodbye: bool,
+        out: list[Cmd],
+    ) -> None:
         """The OS says the worker process is gone (its socket already drained)."""
         s = self.slots[name]
-        out: list[Cmd] = []
-        if s.state == "lost":  # we killed it and already reported it
-            s.state = "dead"
-            return out
-        if goodbye or s.state == "stopping":
+        if s.state is W.LOST:  # we killed it and already reported it
+            self._move(s, W.DEAD)
+            return
+        if goodbye or s.state is W.STOPPING:
             why = (
                 f"retired: it was given its max_tasks_per_child={self.max_tasks} attempts"
-                if s.state == "retiring"
+                if s.state is W.RETIRING
                 else ""
             )
-            s.state = "dead"
+            self._move(s, W.DEAD)
             self.ledger.forget_worker(name)
             out.append(ToClient(WorkerReport("stopped", name, s.pid, now, returncode, message=why)))
-            return out
+            return
         how, sig = describe_exit(returncode)
-        if s.state == "starting":
-            s.state = "dead"
+        if s.state is W.STARTING:
+            self._move(s, W.DEAD)
             self.start_failures += 1
             msg = (
                 f"worker {name} {how} before it finished starting "
@@ -533,10 +861,10 @@ class Dispatcher:
                         )
                     )
                 )
-                return out
+                return
             if not self.stopping:
                 out.append(self._new_slot(now))
-            return out
+            return
         self._lose(
             s,
             now,
@@ -545,16 +873,15 @@ class Dispatcher:
             ),
             out,
         )
-        return out
 
     def _lose(self, s: Slot, now: float, ev: L.WorkerLost, out: list[Cmd]) -> None:
         """The ledger reports what the worker was running and requeues the rest unblamed."""
         running = tuple(self.ledger.started_on(s.name))
-        retiring = s.state == "retiring"  # its replacement is already there
+        retiring = s.state is W.RETIRING  # its replacement is already there
         for aid in self.ledger.held_by(s.name):
             self._unhold(aid)
             self._stolen.discard(aid)
-        s.state = "lost"
+        self._move(s, W.LOST)
         out.append(
             ToClient(
                 WorkerReport("lost", s.name, s.pid, now, ev.returncode, ev.signal, running, ev.why)
@@ -572,11 +899,14 @@ class Dispatcher:
             return self._steal_at if d is None else min(d, self._steal_at)
         return d
 
-    def tick(
-        self, now: float, samples: dict[str, tuple[str, float]], stderr_tails: dict[str, str]
-    ) -> list[Cmd]:
+    def _tick(
+        self,
+        now: float,
+        samples: dict[str, tuple[str, float]],
+        stderr_tails: dict[str, str],
+        out: list[Cmd],
+    ) -> None:
         """Timeouts and hang checks. ``samples``: worker -> (kernel state, CPU seconds)."""
-        out: list[Cmd] = []
         if self._last_tick is not None and now - self._last_tick > 3 * self.hb_interval + 1:
             for s in self.slots.values():  # we were suspended ourselves: nobody is to blame
                 s.last_hb, s.cpu_at, s.stopped_since = now, now, None
@@ -592,17 +922,18 @@ class Dispatcher:
                 out.append(ToClient(c.msg))
             elif isinstance(c, L.Expired):
                 s = self.slots[c.worker]
+                self._unhold(c.attempt)  # the ledger forgot it: so does the depth count
                 why = f"worker {s.name} (pid {s.pid}) was killed: attempt {c.attempt} timed out"
                 out.append(Kill(s.name, c.pgids + self.pgids(s.name)))
                 self._lose(s, now, L.WorkerLost(s.name, why, now, signal="SIGKILL"), out)
         for s in list(self.slots.values()):
-            if s.state == "starting" and s.pid and now - s.spawned > self.start_timeout:
+            if s.state is W.STARTING and s.pid and now - s.spawned > self.start_timeout:
                 # hung while starting (an import stuck on a dead filesystem, say): kill it;
                 # its exit is then counted as a start failure, so nothing waits forever
                 out.append(Kill(s.name, ()))
                 s.spawned = now  # one kill per timeout
                 continue
-            if s.state != "ready" and s.state != "retiring":
+            if s.state is not W.READY and s.state is not W.RETIRING:
                 continue
             sample = samples.get(s.name)
             if sample is None:
@@ -635,7 +966,6 @@ class Dispatcher:
                     stderr_tails,
                     out,
                 )
-        return out
 
     def _hung(self, s: Slot, now: float, why: str, tails: dict[str, str], out: list[Cmd]) -> None:
         out.append(Kill(s.name, self.pgids(s.name)))
@@ -644,11 +974,9 @@ class Dispatcher:
             s, now, L.WorkerLost(s.name, why, now, None, "SIGKILL", tails.get(s.name, "")), out
         )
 
-    def shutdown(self) -> list[Cmd]:
+    def _close(self, out: list[Cmd]) -> None:
         self.stopping = True
-        out: list[Cmd] = []
         for s in self.slots.values():
-            if s.state in ("starting", "ready"):
-                s.state = "stopping"
+            if s.state is W.STARTING or s.state is W.READY:
+                self._move(s, W.STOPPING)
                 out.append(SendWorker(s.name, [Shutdown("session closed")]))
-        return out
