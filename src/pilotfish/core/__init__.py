@@ -6,6 +6,7 @@ retry/backoff/poison rules and when to give up on a silent backend, as plain dat
 fencing tokens) and failure propagation, ``ledger`` the attempt ledger every backend
 uses, ``drain`` the bad-node rule the workflow feeds, ``machine`` what every state
 machine shares: one ``handle(stimulus)``, a bounded story of recent stimuli for its
-errors, and a ``validate()`` of its invariants that the tests run after every step. The session feeds the workflow events from a backend and executes the
-commands it returns.
+errors, and a ``validate()`` of its invariants that the tests run after every step.
+The session feeds the workflow events from a backend and executes the commands it
+returns.
 """
