@@ -16,6 +16,13 @@ raises an exception that carries it as ``.failure``::
      |    +-- EnvironmentMismatch          the worker environment cannot run the task
      |    +-- RemoteError                  a user exception that could not travel back as itself
      |    +-- InvalidTransition            an internal state-machine bug (carries the history)
+     |    |    +-- InvalidSlotTransition   a move the local dispatcher's slot table forbids
+     |    +-- InvariantViolation (+AssertionError)  ``validate()`` found a machine's state
+     |    |                                broken: a bug (core.machine; tests only)
+     |    +-- JournalError                 the journal or run directory cannot be used
+     |         +-- RundirBusy              another session holds the run directory (_rundir)
+     |         +-- JournalDamaged          SQLite found damaged pages: never written to
+     |         +-- JournalReadOnly         read-only: read by the CLI, refused for writing
      +-- <the user's own exception>        USER_ERROR: re-raised as its own type, with the
                                            remote traceback and a note naming task/attempt/worker
 
