@@ -19,7 +19,11 @@ resent ones first) and run them with :func:`pilotfish.backends.execute.run_attem
 the code every real worker runs, so values, user exceptions and programs behave
 as they do anywhere. The bookkeeping is a :class:`pilotfish.core.ledger.Ledger`,
 as in every backend: a worker passes the ledger's start fence before user code
-runs, results go through it, losses follow its rules. Events reach the sink in
+runs, results go through it, losses follow its rules. Its commands are carried out
+by the backends' one runner (:func:`pilotfish.backends._driver.carry_out`) through
+the fake's hooks (``report``, ``send``, ``withdraw``, ``kill_groups``, ``expire``),
+and its threads belong to a :class:`pilotfish.backends._driver.Nursery` (a thread
+that crashes is one ``Fatal``). Events reach the sink in
 the order the ledger produced them, from the fake's threads. A ticker thread
 sends ``Alive`` every ``alive_interval`` seconds (``None``: never, like a backend
 without the signal) and ticks the ledger, so task timeouts expire; user code
@@ -66,7 +70,8 @@ from typing import Any
 
 from ..core import ledger as L
 from ..core.ledger import describe_exit
-from .base import Alive, BackendEvent, Fatal, MasterReport, Result, RunAttempt, Sink, WorkerReport
+from ._driver import Driver, Outcome, carry_out
+from .base import Alive, BackendEvent, MasterReport, Result, RunAttempt, Sink, WorkerReport
 from .execute import run_attempt
 
 __all__ = [
@@ -177,11 +182,9 @@ class FakeBackend:
         self._lose_after: dict[int, LoseWorker] = {}
         self._twice: set[int] = set()
         self._again_after: set[int] = set()
-        self._sink: Sink | None = None
-        self._threads: list[threading.Thread] = []
-        self._stop = threading.Event()
+        self.driver = Driver("fake")
+        self._stop = self.driver.stopping
         self._silent = False
-        self._dead = False
 
     def add(self, fault: Fault) -> None:
         """Script one more fault (before or while the session runs)."""
@@ -192,7 +195,7 @@ class FakeBackend:
 
     # ------------------------------------------------------------------ protocol
     def start(self, sink: Sink) -> None:
-        self._sink = sink
+        self.driver.sink = sink
         now = time.time()
         with self._lock:
             self._outbox.append(
@@ -203,8 +206,8 @@ class FakeBackend:
             if self.alive_interval is not None:
                 self._outbox.append(Alive(now))
         for slot in range(self.workers):
-            self._spawn(self._work_loop, f"pilotfish-fake-w{slot + 1}", slot)
-        self._spawn(self._tick_loop, "pilotfish-fake-ticker")
+            self.driver.nursery.start(f"pilotfish-fake-w{slot + 1}", self._work_loop, slot)
+        self.driver.nursery.start("pilotfish-fake-ticker", self._tick_loop)
         self._flush()
 
     def submit(self, attempts: Sequence[RunAttempt]) -> None:
@@ -215,7 +218,7 @@ class FakeBackend:
 
     def cancel(self, attempts: Sequence[int]) -> None:
         with self._lock:
-            self._carry_out(self.ledger.handle(L.Cancel(tuple(attempts))))
+            self._run(self.ledger.handle(L.Cancel(tuple(attempts))))
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the threads; one still inside user code is left to finish (it cannot be
@@ -223,23 +226,18 @@ class FakeBackend:
         with self._lock:
             self._stop.set()
             self._work.notify_all()
-        for t in self._threads:
-            if t is not threading.current_thread():
-                t.join(min(timeout, 1.0))
+        self.driver.nursery.stop(min(timeout, 1.0))
 
     def processes(self) -> dict[str, Any]:
         return {"master": None, "workers": []}  # no processes: everything runs in this one
 
     # ------------------------------------------------------------------ threads
-    def _spawn(self, target: Any, name: str, *args: Any) -> None:
-        t = threading.Thread(target=target, args=args, name=name, daemon=True)
-        self._threads.append(t)
-        t.start()
-
     def _work_loop(self, slot: int) -> None:
         while True:
             with self._lock:
-                while not self._stop.is_set() and (self._silent or self._dead or not self._queue):
+                while not self._stop.is_set() and (
+                    self._silent or self.driver.dead or not self._queue
+                ):
                     self._work.wait()
                 if self._stop.is_set():
                     return
@@ -268,12 +266,9 @@ class FakeBackend:
         while not self._stop.wait(interval):
             now = time.time()
             with self._lock:
-                self._carry_out(
-                    self.ledger.handle(
-                        L.Tick(now, "the fake backend cannot stop user code; it runs on")
-                    )
-                )
-                if self.alive_interval is not None and not self._dead:
+                how = "the fake backend cannot stop user code; it runs on"
+                self._run(self.ledger.handle(L.Tick(now, how)))
+                if self.alive_interval is not None and not self.driver.dead:
                     self._outbox.append(Alive(now))
             self._flush()
 
@@ -288,15 +283,14 @@ class FakeBackend:
                 self.swallowed.extend(batch)
                 return
             self.delivered.extend(batch)
-            assert self._sink is not None
-            self._sink(batch)
+            self.driver.emit(batch)
 
     # ------------------------------------------------------------------ attempts (locked)
     def _start(self, slot: int, worker: str, m: RunAttempt) -> bool:
         """The start fence, then this attempt's fault; True: run the user code."""
         now = time.time()
         start = L.Start(worker, m.attempt, self.pid, self.host, now)
-        if not self._carry_out(self.ledger.handle(start)):
+        if not self._run(self.ledger.handle(start)).granted:
             return False
         self._outbox.extend(self._late)  # a lost worker's result, arriving late
         self._late.clear()
@@ -330,7 +324,7 @@ class FakeBackend:
             self._lose_worker(slot, worker, lose, res.ended)
             self._late.append(res)
             return None
-        if not self._carry_out(self.ledger.handle(L.Finish(worker, aid))):
+        if not self._run(self.ledger.handle(L.Finish(worker, aid))).accepted:
             return None
         self._outbox.append(res)
         if aid in self._again_after:
@@ -345,7 +339,7 @@ class FakeBackend:
         other = self._names[(slot + 1) % len(self._names)]
         if other == self._names[slot]:
             other = f"{other}-copy"  # one worker: the engine's copy elsewhere
-        self._carry_out(self.ledger.handle(L.Start(other, aid, self.pid, self.host, now)))
+        self._run(self.ledger.handle(L.Start(other, aid, self.pid, self.host, now)))
 
     def _lose_worker(self, slot: int, worker: str, f: LoseWorker, now: float) -> None:
         how, sig = describe_exit(f.returncode)
@@ -354,9 +348,8 @@ class FakeBackend:
         self._outbox.append(
             WorkerReport("lost", worker, self.pid, now, f.returncode, sig, running, why)
         )
-        self._carry_out(
-            self.ledger.handle(L.WorkerLost(worker, why, now, f.returncode, sig, f.stderr_tail))
-        )
+        lost = L.WorkerLost(worker, why, now, f.returncode, sig, f.stderr_tail)
+        self._run(self.ledger.handle(lost))
         new = self._new_worker(now, replaces=worker)
         self._names[slot] = new
 
@@ -364,12 +357,10 @@ class FakeBackend:
         how, sig = describe_exit(f.returncode)
         what = f"the fake master (pid {self.pid}) {how}"
         self._outbox.append(MasterReport("lost", self.pid, now, f.returncode, sig, "", what))
-        self._carry_out(
-            self.ledger.handle(L.RuntimeLost(what, now, "master", self.pid, f.returncode, sig))
-        )
+        lost = L.RuntimeLost(what, now, "master", self.pid, f.returncode, sig)
+        self._run(self.ledger.handle(lost))
         if not f.restart:
-            self._dead = True
-            self._outbox.append(Fatal("runtime_lost", f"{what}; it is not restarted"))
+            self._outbox.append(self.driver.fatal(f"{what}; it is not restarted"))
             return
         self._outbox.append(MasterReport("restarted", self.pid, now, message="fake master"))
         self._names = [self._new_worker(now) for _ in self._names]  # its workers died with it
@@ -390,20 +381,30 @@ class FakeBackend:
                 return self._faults.pop(i)
         return None
 
-    def _carry_out(self, cmds: list[L.Command]) -> bool:
-        """Do what the ledger says; True if it granted a start or accepted a result."""
-        ok = False
-        for c in cmds:
-            if isinstance(c, L.Report):
-                self._outbox.append(c.msg)
-            elif isinstance(c, L.Granted | L.Accept):
-                ok = True
-            elif isinstance(c, L.Refused):
-                self.refused.append((c.attempt, c.reason))
-            elif isinstance(c, L.Dropped):
-                self.dropped.append((c.attempt, c.reason))
-            elif isinstance(c, L.Requeue | L.Resend):
-                self._queue.extendleft(reversed([m.attempt for m in c.items]))
-                self._work.notify_all()
-            # Withdraw: the queue skips it; KillGroups, Expired: no process to kill here
-        return ok
+    def _run(self, cmds: list[L.Command]) -> Outcome:
+        """Do what the ledger says (through the hooks below); keep what it refused and
+        dropped."""
+        out = carry_out(cmds, self)
+        self.refused.extend((c.attempt, c.reason) for c in out.refused)
+        self.dropped.extend((c.attempt, c.reason) for c in out.dropped)
+        return out
+
+    # ------------------------------------------------------------------ driver hooks
+    # (called by carry_out with the lock held)
+
+    def report(self, msg: L.Started | L.Lost) -> None:
+        self._outbox.append(msg)
+
+    def send(self, items: tuple[Any, ...], resend: bool) -> None:
+        """Requeued or resent attempts go first, in order."""
+        self._queue.extendleft(reversed([m.attempt for m in items]))
+        self._work.notify_all()
+
+    def withdraw(self, worker: str, attempt: int) -> None:
+        pass  # the queue skips an attempt the ledger let go of; a held one is not started
+
+    def kill_groups(self, worker: str, pgids: tuple[int, ...]) -> None:
+        pass  # never asked: nothing here sends the ledger a Group (no process groups)
+
+    def expire(self, worker: str, attempt: int, pid: int, pgids: tuple[int, ...]) -> None:
+        pass  # user code cannot be stopped in-process: it runs on, its result is dropped
