@@ -188,8 +188,6 @@ import contextvars
 import functools
 import logging
 import os
-import pickle
-import queue
 import sys
 import threading
 import time
@@ -206,10 +204,11 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.utils_comm import gather_from_workers
 
 from .. import _wire
-from .._wire import Fatal, Lost, Result, RunAttempt, WorkerReport
+from .._wire import Lost, Result, RunAttempt, WorkerReport
 from ..core import ledger as L
 from ..errors import InvalidTask
 from . import _dask_fence
+from ._driver import Driver, Outcome, Stimuli, carry_out, environment_result, runtime_lost
 from .base import MasterReport, Pulse, Sink
 from .execute import run_attempt
 
@@ -448,8 +447,58 @@ class _Att:
     resubmits: int = 0
 
 
-def _has(cmds: list[L.Command], kind: type) -> bool:
-    return any(isinstance(c, kind) for c in cmds)
+class _Step:
+    """The Dask backend's hooks for the ledger's commands (:func:`._driver.carry_out`),
+    for one step of the event thread (lock held): ``events`` for the session, ``cancel``
+    the Dask futures to cancel afterwards, ``restart`` the workers to end (timeouts).
+    ``items``: the attempts the commands may name (one the ledger let go of is no longer
+    in it); ``where``: text to add to their ``Lost`` reports."""
+
+    __slots__ = ("b", "cancel", "events", "items", "restart", "where")
+
+    def __init__(
+        self,
+        b: DaskBackend,
+        items: dict[int, _Att],
+        events: list[Any],
+        cancel: list[Any],
+        where: dict[int, str] | None = None,
+    ) -> None:
+        self.b, self.items, self.events, self.cancel = b, items, events, cancel
+        self.where = where
+        self.restart: set[str] = set()
+
+    def report(self, msg: L.Started | L.Lost) -> None:
+        if isinstance(msg, Lost):
+            att = self.items.get(msg.attempt)
+            if att is not None:  # Dask may still be rerunning it: not any more
+                self.cancel.append(att.fut)
+            if self.where and msg.attempt in self.where:
+                msg = msg._replace(message=msg.message + self.where[msg.attempt])
+        self.events.append(msg)
+
+    def send(self, items: tuple[Any, ...], resend: bool) -> None:
+        for it in items:  # requeued or resent alike: under a new Dask key, unblamed
+            self.b._resubmit_locked(it, self.events, self.cancel)
+
+    def withdraw(self, worker: str, attempt: int) -> None:
+        att = self.items.get(attempt)
+        if att is not None:
+            self.cancel.append(att.fut)
+
+    def kill_groups(self, worker: str, pgids: tuple[int, ...]) -> None:
+        pass  # never asked: no Group events (a Dask worker's programs have no master)
+
+    def expire(self, worker: str, attempt: int, pid: int, pgids: tuple[int, ...]) -> None:
+        att = self.items.get(attempt)
+        if att is None:
+            return
+        self.cancel.append(att.fut)
+        if self.b.timeout_restart:
+            self.restart.add(worker)
+            self.b._restarting[worker] = (
+                f"task {att.m.key!r} exceeded its timeout of {att.m.timeout:g} s"
+            )
 
 
 class DaskBackend:
@@ -506,21 +555,22 @@ class DaskBackend:
         self._topic = f"pilotfish-{self._token}"
         self._plugin_name = f"pilotfish-syspath-{self._token}"
         self._lock = threading.Lock()
-        self._q: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        # threads, sink, restart budget, dead or not: the backends' kit
+        self._driver = Driver("Dask", max_master_restarts)
+        self._stopping = self._driver.stopping
+        self._tick = max(0.01, min(0.1, heartbeat_interval / 4))
+        self._pulse = Pulse(heartbeat_interval / 2)
+        # everything the event thread handles: ("fence"|"cluster", msg), ("cancel", ids),
+        # ("emit", events), ("done", future, dask key, attempt id)
+        self._q: Stimuli[tuple[Any, ...]] = Stimuli(self._on_stimuli, self._tick)
         # every attempt in flight, and what Dask's signals mean for it (items: _Att)
         self._ledger = L.Ledger(max_returns=_MAX_RESUBMITS)
         self._pending: list[_Att] = []  # in the ledger, not yet handed to Dask
         self._submit_wake = threading.Event()
         self._newest_order = 0  # the latest task (submission order) handed to Dask
-        self._submitter: threading.Thread | None = None
-        self._sink: Sink | None = None
-        self._stopping = threading.Event()
         self._stopped = False
-        self._dead = False
-        self._fatal_message = ""
         self._lost_since: float | None = None
         self._conn_lost = False
-        self._restarts = 0
         self._fence_n = 0  # start fences registered so far (one per (re)connection)
         self._fence_op = ""  # the scheduler handler a task asks before running user code
         self._fence_close = ""
@@ -533,8 +583,6 @@ class DaskBackend:
         self._host = _wire.host_name()
         self._restarting: dict[str, str] = {}  # worker address -> why we restarted it
         self._prev_all_handler: Callable[[Any], Any] | None = None
-        self._threads: list[threading.Thread] = []
-        self._consumer: threading.Thread | None = None
         # batch jobs (SLURM) and "no worker left": see _on_cluster and _check_workers
         self.no_workers_timeout = (
             heartbeat_timeout if no_workers_timeout is None else no_workers_timeout
@@ -557,13 +605,7 @@ class DaskBackend:
 
     # ------------------------------------------------------------------ protocol
     def start(self, sink: Sink) -> None:
-        self._sink = sink
-        self._consumer = threading.Thread(
-            target=self._run_consumer, name="pilotfish-dask", daemon=True
-        )
-        self._submitter = threading.Thread(
-            target=self._run_submitter, name="pilotfish-dask-submit", daemon=True
-        )
+        self._driver.sink = sink
         _warn_if_open(self.address or str(getattr(self._client.scheduler, "address", "")))
         if self._client is None:
             sec = self.security
@@ -610,16 +652,15 @@ class DaskBackend:
         ]
         events += [WorkerReport("started", w, 0, now) for w in workers]
         self._emit(events)
-        self._consumer.start()
-        self._submitter.start()
+        self._q.start(self._driver.nursery, "pilotfish-dask")
+        self._driver.nursery.start("pilotfish-dask-submit", self._run_submitter)
 
     def _die(self, category: str, why: str) -> None:
         """The backend cannot start: every attempt fails with ``why``."""
         with self._lock:
-            self._dead, self._fatal_message = True, why
-        self._emit([Fatal(category, why)])
-        assert self._consumer is not None
-        self._consumer.start()
+            fatal = self._driver.fatal(why, category)
+        self._emit([fatal])
+        self._q.start(self._driver.nursery, "pilotfish-dask")
 
     def submit(self, attempts: Sequence[RunAttempt]) -> None:
         lost: list[Any] = []
@@ -628,11 +669,11 @@ class DaskBackend:
         with self._lock:
             new = []
             for a in attempts:
-                if self._dead or self._stopped:
-                    lost.append(self._runtime_lost(a, self._fatal_message or "backend stopped"))
+                if self._driver.dead or self._stopped:
+                    lost.append(self._driver.refuse(a, worker="scheduler", pid=self._sched_pid))
                     continue
                 if self._starved and not self._usable_locked():
-                    lost.append(self._runtime_lost(a, self._starved))
+                    lost.append(runtime_lost(a, self._starved, worker="scheduler"))
                     continue
                 att = _Att(a, self._dkey(a, 0))
                 new.append((a.attempt, a.key, att, a.timeout))
@@ -661,7 +702,7 @@ class DaskBackend:
                 return
             self._drains.append(d)
             op = self._fence_op.replace("pilotfish_start_", "pilotfish_fence_drain_", 1)
-        self._spawn(self._tell_fence, [(op, d)], "pilotfish-dask-drain")
+        self._driver.nursery.start("pilotfish-dask-drain", self._tell_fence, [(op, d)])
 
     def _tell_fence(self, drains: list[tuple[str, tuple[str, str, str]]]) -> None:
         c = self._client
@@ -677,11 +718,6 @@ class DaskBackend:
                 log.warning(
                     "pilotfish: could not drain Dask %s %s on the scheduler: %s", kind, name, e
                 )
-
-    def _spawn(self, target: Callable[..., Any], args: list[Any], name: str) -> None:
-        t = threading.Thread(target=target, args=(args,), name=name, daemon=True)
-        self._threads = [x for x in self._threads if x.is_alive()] + [t]
-        t.start()
 
     def processes(self) -> dict[str, Any]:
         with self._lock:
@@ -718,10 +754,8 @@ class DaskBackend:
             self._parked.clear()
         self._stopping.set()
         self._submit_wake.set()
-        self._q.put(None)
-        for t in (self._submitter, self._consumer):
-            if t is not None and t.is_alive() and t is not threading.current_thread():
-                t.join(timeout)
+        self._q.close()
+        self._driver.nursery.stop(timeout)  # the event thread, the submitter, helpers
         c = self._client
         if c is None:
             return
@@ -737,8 +771,6 @@ class DaskBackend:
             with contextlib.suppress(Exception):
                 c.unregister_worker_plugin(self._job_plugin)
         del futs
-        for t in self._threads:
-            t.join(timeout)
         if self._own_client:
             with contextlib.suppress(Exception):
                 c.close(timeout=min(timeout, 5.0))
@@ -821,7 +853,7 @@ class DaskBackend:
                             if self._current(a) and a.fut is None:
                                 self._give_up_locked(a, "runtime_lost", why, failed)
                     if failed:
-                        self._q.put(("emit", failed))
+                        self._q.put(("emit", failed))  # from the event thread, in order
 
     def _gather_delay(self) -> float:
         """How long to let more pending attempts gather before handing them to Dask: each
@@ -903,11 +935,11 @@ class DaskBackend:
         return ev._replace(worker=place, message=msg)
 
     def _emit(self, events: Sequence[Any]) -> None:
-        if self._sink is not None and events:
+        if self._driver.sink is not None and events:
             if self._place:
                 events = [self._placed(e) for e in events]
             try:
-                self._sink(events)
+                self._driver.emit(events)
             except Exception:
                 log.exception("pilotfish: the session failed to take backend events")
 
@@ -1049,7 +1081,7 @@ class DaskBackend:
     def _check_workers(self, events: list[Any], cancel: list[Any]) -> None:
         """No worker for ``no_workers_timeout``: attempts in flight and queued fail."""
         since = self._gone_since
-        if since is None or self._starved or self._dead:
+        if since is None or self._starved or self._driver.dead:
             return
         if time.monotonic() - since < self.no_workers_timeout:
             return
@@ -1072,30 +1104,12 @@ class DaskBackend:
             self._starved = why
             now = time.time()
             for e in list(self._ledger.entries.values()):
-                att = e.item
-                cancel.append(att.fut)
                 msg = f"task {e.key!r} (attempt id {e.attempt}): {why}"
                 cmds = self._ledger.handle(L.Reject(e.attempt, "runtime_lost", msg, now))
-                events.extend(c.msg for c in cmds if isinstance(c, L.Report))
+                self._carry_out(cmds, {e.attempt: e.item}, events, cancel)
             self._pending.clear()
             self._parked.clear()
         log.error("pilotfish: %s; the attempts in flight and queued fail (RUNTIME_LOST)", why)
-
-    def _runtime_lost(self, a: RunAttempt, why: str) -> Lost:
-        """An attempt the backend cannot take at all (stopped, scheduler gone)."""
-        return Lost(
-            a.attempt,
-            "runtime_lost",
-            f"task {a.key!r}: {why}",
-            "scheduler",
-            self._sched_pid,
-            None,
-            None,
-            "",
-            None,
-            time.time(),
-            "",
-        )
 
     def _cancel_futs(self, futs: list[Any]) -> None:
         c = self._client
@@ -1114,26 +1128,10 @@ class DaskBackend:
         items: dict[int, _Att],
         events: list[Any],
         cancel: list[Any],
-    ) -> None:
-        """Carry out the ledger's commands; ``items``: the attempts they may name (an
-        attempt the ledger let go of is no longer in it)."""
-        for c in cmds:
-            if isinstance(c, L.Report):
-                msg = c.msg
-                if isinstance(msg, Lost):
-                    att = items.get(msg.attempt)
-                    if att is not None:  # Dask may still be rerunning it: not any more
-                        cancel.append(att.fut)
-                events.append(msg)
-            elif isinstance(c, L.Requeue | L.Resend):
-                for it in c.items:
-                    self._resubmit_locked(it, events, cancel)
-            elif isinstance(c, L.Withdraw | L.Expired):
-                att = items.get(c.attempt)
-                if att is not None:
-                    cancel.append(att.fut)
-            # Granted/Refused/Accept/Dropped: read by the caller. KillGroups: never (no
-            # Group events: a Dask worker's programs are not watched by a master)
+    ) -> Outcome:
+        """Carry out the ledger's commands (:class:`_Step`); ``items``: the attempts they
+        may name (an attempt the ledger let go of is no longer in it)."""
+        return carry_out(cmds, _Step(self, items, events, cancel))
 
     def _resubmit_locked(self, old: _Att, events: list[Any], cancel: list[Any]) -> None:
         """The ledger sends ``old`` again (it never started): a new Dask key, unblamed."""
@@ -1145,7 +1143,7 @@ class DaskBackend:
         self._ledger.replace_item(old.m.attempt, new)
         if self._live and not self._usable_locked():  # sent when a usable worker joins
             self._parked.append(new)
-        elif self._lost_since is None and not self._dead:  # else resent when it is back
+        elif self._lost_since is None and not self._driver.dead:  # else resent when back
             self._pending.append(new)
             self._submit_wake.set()
 
@@ -1183,7 +1181,7 @@ class DaskBackend:
         """An attempt that never started cannot be run: it leaves the ledger, lost."""
         why = f"task {att.m.key!r} (attempt id {att.m.attempt}): {why}"
         cmds = self._ledger.handle(L.Reject(att.m.attempt, category, why, time.time()))
-        events.extend(c.msg for c in cmds if isinstance(c, L.Report))
+        self._carry_out(cmds, {}, events, [])  # its Dask future, if any, ends by itself
 
     def _bounce_locked(
         self,
@@ -1205,58 +1203,38 @@ class DaskBackend:
         cmds = self._ledger.handle(L.Bounce(e.attempt, msg, now, drained))
         self._carry_out(cmds, {e.attempt: att}, events, cancel)
 
-    # ------------------------------------------------------------------ consumer thread
-    def _run_consumer(self) -> None:
-        try:
-            self._consume()
-        except BaseException as e:  # never leave the session waiting on a dead backend
-            log.exception("pilotfish: the Dask backend's event thread failed")
-            self._emit([Fatal("runtime_lost", f"pilotfish's Dask backend failed: {e!r}")])
-
-    def _consume(self) -> None:
-        tick = max(0.01, min(0.1, self.hb_interval / 4))
-        pulse = Pulse(self.hb_interval / 2)
-        while not self._stopping.is_set():
-            try:
-                item = self._q.get(timeout=tick)
-            except queue.Empty:
-                item = None
-            items = [item]
-            with contextlib.suppress(queue.Empty):
-                while len(items) < 5000:
-                    items.append(self._q.get_nowait())
-            if self._stopping.is_set():
-                return
-            events: list[Any] = []
-            cancel: list[Any] = []
-            done: list[tuple[Any, str, int]] = []
-            for it in items:
-                if it is None:
-                    continue
-                kind = it[0]
-                if kind == "done":
-                    done.append((it[1], it[2], it[3]))
-                    continue
-                if done:  # keep the order of results and worker losses
-                    self._collect(done, events, cancel)
-                    done = []
-                if kind == "fence":
-                    self._on_fence(it[1], events, cancel)
-                elif kind == "cluster":
-                    self._on_cluster(it[1], events, cancel)
-                elif kind == "cancel":
-                    self._on_cancel(it[1], cancel)
-                elif kind == "emit":
-                    events.extend(it[1])
-            if done:
+    # ------------------------------------------------------------------ event thread
+    def _on_stimuli(self, items: list[tuple[Any, ...]]) -> None:
+        """One step of the event thread (:class:`._driver.Stimuli`): what piled up, in
+        order, then the timers; a crash here is the driver's ``Fatal``."""
+        events: list[Any] = []
+        cancel: list[Any] = []
+        done: list[tuple[Any, str, int]] = []
+        for it in items:
+            kind = it[0]
+            if kind == "done":
+                done.append((it[1], it[2], it[3]))
+                continue
+            if done:  # keep the order of results and worker losses
                 self._collect(done, events, cancel)
-            self._check_timeouts(events, cancel, tick)
-            self._check_scheduler(events, cancel)
-            self._check_workers(events, cancel)
-            self._cancel_futs(cancel)
-            if not self._dead:  # this thread bounds the silence itself (_check_scheduler)
-                events.extend(pulse.beat())
-            self._emit(events)
+                done = []
+            if kind == "fence":
+                self._on_fence(it[1], events, cancel)
+            elif kind == "cluster":
+                self._on_cluster(it[1], events, cancel)
+            elif kind == "cancel":
+                self._on_cancel(it[1], cancel)
+            elif kind == "emit":
+                events.extend(it[1])
+        if done:
+            self._collect(done, events, cancel)
+        self._check_timeouts(events, cancel, self._tick)
+        self._check_scheduler(events, cancel)
+        self._check_workers(events, cancel)
+        self._cancel_futs(cancel)
+        if not self._driver.dead:  # this thread bounds the silence itself (_check_scheduler)
+            events.extend(self._pulse.beat())
+        self._emit(events)
 
     def _on_fence(self, msg: Any, events: list[Any], cancel: list[Any]) -> None:
         """The start fence granted (``started``) or refused a worker's request."""
@@ -1305,18 +1283,17 @@ class DaskBackend:
                 return
             att = e.item
             cmds = self._ledger.handle(L.Start(worker, aid, pid, host, now))
-            for c in cmds:
-                if isinstance(c, L.Refused):
-                    log.warning(
-                        "pilotfish: Dask started attempt %s (Dask key %s) on %s although %s; "
-                        "its result will be dropped",
-                        aid,
-                        dkey,
-                        worker,
-                        c.reason,
-                    )
-            self._carry_out(cmds, {aid: att}, events, cancel)
-            if _has(cmds, L.Granted) and att.dkey != dkey:
+            out = self._carry_out(cmds, {aid: att}, events, cancel)
+            for c in out.refused:
+                log.warning(
+                    "pilotfish: Dask started attempt %s (Dask key %s) on %s although %s; "
+                    "its result will be dropped",
+                    aid,
+                    dkey,
+                    worker,
+                    c.reason,
+                )
+            if out.granted and att.dkey != dkey:
                 # it started under a key pilotfish had replaced (the fence refuses the new
                 # one): its result will not reach us through the future we hold
                 self._bounce_locked(
@@ -1578,15 +1555,15 @@ class DaskBackend:
             if drained is not None:
                 self._ledger.drained[res.worker] = drained
         cmds += self._ledger.handle(L.Finish(res.worker, e.attempt))
-        self._carry_out(cmds, {e.attempt: att}, events, cancel)
-        if _has(cmds, L.Accept):
+        out = self._carry_out(cmds, {e.attempt: att}, events, cancel)
+        if out.accepted:
             events.append(res)
         else:
             log.info(
                 "pilotfish: dropped the result of attempt %s from Dask worker %s: %s",
                 e.attempt,
                 res.worker,
-                "; ".join(c.reason for c in cmds if isinstance(c, L.Dropped | L.Refused)),
+                out.reasons(),
             )
 
     def _is_near(self, worker: str, host: str) -> bool:
@@ -1663,34 +1640,17 @@ class DaskBackend:
         e = self._ledger.get(att.m.attempt)
         if e is None or e.item is not att:
             return
-        worker, pid, host, started = e.worker, e.pid, e.host, e.started
         if e.where == "started":
             self._ledger.handle(L.Finish(e.worker, e.attempt))
         else:  # it failed before it reached the start fence (e.g. pilotfish not importable)
-            self._ledger.handle(L.Cancel((e.attempt,)))
-        env = _wire.envelope_for(
-            exc,
-            "environment",
-            message=(
-                f"Dask could not run task {att.m.key!r} (attempt id {att.m.attempt})"
-                f"{' on worker ' + worker if worker else ''}: "
-                f"{type(exc).__name__}: {exc}. Is pilotfish (the same version as on the "
-                "client) installed in the environment of the Dask workers and scheduler?"
-            ),
+            self._ledger.handle(L.Cancel((e.attempt,)))  # (a queued one: no command back)
+        message = (
+            f"Dask could not run task {att.m.key!r} (attempt id {att.m.attempt})"
+            f"{' on worker ' + e.worker if e.worker else ''}: "
+            f"{type(exc).__name__}: {exc}. Is pilotfish (the same version as on the "
+            "client) installed in the environment of the Dask workers and scheduler?"
         )
-        now = time.time()
-        events.append(
-            Result(
-                att.m.attempt,
-                False,
-                pickle.dumps(env, _wire.PROTOCOL),
-                worker,
-                pid,
-                started or now,
-                now,
-                host,
-            )
-        )
+        events.append(environment_result(att.m.attempt, message, e, exc))
 
     # ------------------------------------------------------------------ timeouts
     def _check_timeouts(self, events: list[Any], cancel: list[Any], every: float) -> None:
@@ -1709,30 +1669,17 @@ class DaskBackend:
                 "pilotfish cancelled its Dask task; Dask cannot stop a running thread, so the "
                 "call runs on and its result is dropped"
             )
-        restart: set[str] = set()
         with self._lock:
             deadline = self._ledger.next_deadline()
             if deadline is None or deadline > now:
                 return
             items = {e.attempt: e.item for e in self._ledger.started()}
-            cmds = self._ledger.handle(L.Tick(now, how))
-            for c in cmds:
-                if isinstance(c, L.Expired) and self.timeout_restart:
-                    m = items[c.attempt].m
-                    restart.add(c.worker)
-                    self._restarting[c.worker] = (
-                        f"task {m.key!r} exceeded its timeout of {m.timeout:g} s"
-                    )
-            self._carry_out(cmds, items, events, cancel)
-        if restart:
-            t = threading.Thread(
-                target=self._restart_workers,
-                args=(sorted(restart),),
-                name="pilotfish-dask-restart",
-                daemon=True,
+            step = _Step(self, items, events, cancel)  # expire(): cancel, and restart
+            carry_out(self._ledger.handle(L.Tick(now, how)), step)
+        if step.restart:
+            self._driver.nursery.start(
+                "pilotfish-dask-restart", self._restart_workers, sorted(step.restart)
             )
-            self._threads = [x for x in self._threads if x.is_alive()] + [t]
-            t.start()
 
     def _restart_workers(self, addrs: list[str]) -> None:
         """Stop a runaway call the only way Dask allows: end its worker process.
@@ -1755,7 +1702,7 @@ class DaskBackend:
 
     # ------------------------------------------------------------------ scheduler loss
     def _check_scheduler(self, events: list[Any], cancel: list[Any]) -> None:
-        if self._dead or self._client is None:
+        if self._driver.dead or self._client is None:
             return
         status = self._client.status
         if self._lost_since is None:
@@ -1771,8 +1718,13 @@ class DaskBackend:
                     message=f"lost the connection to the Dask scheduler at {self.address}",
                 )
             )
-            if self._restarts >= self.max_restarts:
-                self._fatal(self._no_restart_reason(), events, cancel)
+            if not self._driver.budget.take():
+                what = (
+                    f"lost the connection to the Dask scheduler at {self.address} (it was "
+                    "killed, crashed, or the network failed)"
+                )
+                again = "wait for it to return"
+                self._fatal(f"{what}; {self._driver.budget.spent(again)}", events, cancel)
                 return
         if status == "running":
             self._recovered(events, cancel)
@@ -1791,33 +1743,24 @@ class DaskBackend:
                 cancel,
             )
 
-    def _no_restart_reason(self) -> str:
-        what = (
-            f"lost the connection to the Dask scheduler at {self.address} (it was killed, "
-            "crashed, or the network failed)"
-        )
-        if self.max_restarts == 0:
-            return f"{what}; max_master_restarts=0, so pilotfish does not wait for it to return"
-        return (
-            f"{what}; it was lost {self._restarts} times before (max_master_restarts="
-            f"{self.max_restarts}), so pilotfish does not wait for it again"
-        )
-
     def _fatal(self, why: str, events: list[Any], cancel: list[Any]) -> None:
         """The scheduler is gone for good: started attempts are RUNTIME_LOST (the ledger
         says so); the others have nowhere to go, and ``Fatal`` fails them."""
         with self._lock:
-            self._dead = True
-            self._fatal_message = why
+            fatal = self._driver.fatal(why)
             cancel.extend(e.item.fut for e in self._ledger.entries.values())
-            cmds = self._scheduler_lost_locked(why, self._sched_pid)
-            events.extend(c.msg for c in cmds if isinstance(c, L.Report))
+            # started: Lost(runtime_lost); the others are not sent again (dead): Fatal
+            # fails them
+            self._scheduler_lost_locked(why, self._sched_pid, {}, events, cancel)
             self._pending.clear()
             self._parked.clear()
-        events.append(Fatal("runtime_lost", why))
+        events.append(fatal)
 
-    def _scheduler_lost_locked(self, why: str, pid: int) -> list[L.Command]:
-        """``RuntimeLost`` for the ledger; its reports also name the Dask worker."""
+    def _scheduler_lost_locked(
+        self, why: str, pid: int, items: dict[int, _Att], events: list[Any], cancel: list[Any]
+    ) -> None:
+        """``RuntimeLost`` for the ledger, carried out; its reports also name the Dask
+        worker an attempt was running on."""
         where = {
             e.attempt: f"; it was running on Dask worker {e.worker} (pid {e.pid}) at host {e.host}"
             for e in self._ledger.started()
@@ -1825,16 +1768,10 @@ class DaskBackend:
         cmds = self._ledger.handle(
             L.RuntimeLost(why, time.time(), f"scheduler {self.address}", pid)
         )
-        return [
-            L.Report(c.msg._replace(message=c.msg.message + where.get(c.msg.attempt, "")))
-            if isinstance(c, L.Report) and isinstance(c.msg, Lost)
-            else c
-            for c in cmds
-        ]
+        carry_out(cmds, _Step(self, items, events, cancel, where))
 
     def _recovered(self, events: list[Any], cancel: list[Any]) -> None:
         """The client is connected again: what the old scheduler had is gone."""
-        self._restarts += 1
         with contextlib.suppress(Exception):
             self._subscribe()
         failed = self._install_fence()
@@ -1847,10 +1784,10 @@ class DaskBackend:
             op = self._fence_op.replace("pilotfish_start_", "pilotfish_fence_drain_", 1)
             drains = [(op, d) for d in self._drains]
         if drains:
-            self._spawn(self._tell_fence, drains, "pilotfish-dask-drain")
+            self._driver.nursery.start("pilotfish-dask-drain", self._tell_fence, drains)
         why = (
             f"the connection to the Dask scheduler at {self.address} was lost (reconnected; "
-            f"restart {self._restarts} of max_master_restarts={self.max_restarts})"
+            f"{self._driver.budget.note()})"
         )
         old_pid = self._sched_pid
         with contextlib.suppress(Exception):
@@ -1859,9 +1796,8 @@ class DaskBackend:
             self._conn_lost = False
             self._lost_since = None
             items = {a: e.item for a, e in self._ledger.entries.items()}
-            cmds = self._scheduler_lost_locked(why, old_pid)
             # started: Lost(runtime_lost); the others: Resend, under new keys
-            self._carry_out(cmds, items, events, cancel)
+            self._scheduler_lost_locked(why, old_pid, items, events, cancel)
         events.append(
             MasterReport(
                 "restarted",
