@@ -143,6 +143,14 @@ class Stimuli(Generic[T]):
     def start(self, nursery: Nursery, name: str) -> threading.Thread:
         return nursery.start(name, self._consume)
 
+    def empty(self) -> bool:
+        """Nothing waits (for tests that call a backend's callbacks without its thread)."""
+        return self._q.empty()
+
+    def get_nowait(self) -> T | None:
+        """Take the next stimulus without handling it (tests); raises ``queue.Empty``."""
+        return self._q.get_nowait()
+
     def close(self) -> None:
         self._closed.set()
         self._q.put(None)  # wake the consumer

@@ -1,6 +1,7 @@
 """The client side of the local backend: starts, watches and restarts the master.
 
-Threads (all daemons, all ended by ``stop``):
+Threads (owned by the backend's :class:`~pilotfish.backends._driver.Nursery` and
+joined by ``stop``; a thread that crashes is one ``Fatal``):
 
 * ``writer``  sends queued ``RunAttempt``/``CancelAttempt`` messages in batches;
 * ``reader``  receives frames from the master and passes their events to the sink;
@@ -41,6 +42,7 @@ from ...core import ledger as L
 from ...core.ledger import describe_exit
 from ...errors import InvalidTask
 from ...preflight import client_versions
+from .._driver import Driver, carry_out
 from ..base import Alive, BackendEvent, MasterReport, Sink
 
 _STDERR_TAIL = 16384
@@ -51,6 +53,33 @@ def _package_root() -> str:
     import pilotfish
 
     return str(Path(pilotfish.__file__).resolve().parent.parent)
+
+
+class _Step:
+    """The client side's hooks for its ledger's commands (:func:`.._driver.carry_out`).
+    That ledger mirrors what the master has, for one rule: on master loss, started
+    attempts are lost and the others go to the next master (``resend``)."""
+
+    __slots__ = ("events", "resend")
+
+    def __init__(self, events: list[BackendEvent]) -> None:
+        self.events = events
+        self.resend: tuple[RunAttempt, ...] = ()
+
+    def report(self, msg: L.Started | L.Lost) -> None:
+        self.events.append(msg)
+
+    def send(self, items: tuple[Any, ...], resend: bool) -> None:
+        self.resend += tuple(items)  # never started: to the next master, unblamed
+
+    def withdraw(self, worker: str, attempt: int) -> None:
+        pass  # the master withdraws it: cancel() sends it a CancelAttempt for every id
+
+    def kill_groups(self, worker: str, pgids: tuple[int, ...]) -> None:
+        pass  # never asked: the master watches its workers' program groups
+
+    def expire(self, worker: str, attempt: int, pid: int, pgids: tuple[int, ...]) -> None:
+        pass  # never asked: the master enforces timeouts (no Tick here)
 
 
 class LocalBackend:
@@ -100,29 +129,26 @@ class LocalBackend:
         self._popen: subprocess.Popen[bytes] | None = None
         self._ch: Channel | None = None
         self._gen = 0
-        self._restarts = 0
+        # owned threads (a crash is one Fatal), the restart budget, dead or not
+        self._driver = Driver("local", max_master_restarts)
+        self._driver.sink = self._emit_crash
         self._ready = False
         self._last_msg = 0.0
         self._last_submit = 0.0
         self._sending = False  # a frame is being written (by submit() or the writer)
         self._stopping = False
-        self._dead = False
         self._said_goodbye = False
         self._tail: collections.deque[bytes] = collections.deque()
         self._worker_pids: dict[int, str] = {}  # pid -> worker name
-        self._threads: list[threading.Thread] = []
-        self._stop_event = threading.Event()
+        self._stop_event = self._driver.stopping
         self._ready_event = threading.Event()
 
     # ------------------------------------------------------------------ protocol
     def start(self, sink: Sink) -> None:
         self._sink = sink
         self._launch()
-        t = threading.Thread(target=self._writer, name="pilotfish-writer", daemon=True)
-        m = threading.Thread(target=self._monitor, name="pilotfish-monitor", daemon=True)
-        self._threads += [t, m]
-        t.start()
-        m.start()
+        self._driver.nursery.start("pilotfish-writer", self._writer)
+        self._driver.nursery.start("pilotfish-monitor", self._monitor)
 
     def submit(self, attempts: Sequence[RunAttempt]) -> None:
         """Queue ``attempts`` for the master. An attempt submitted alone (none in the last
@@ -157,7 +183,8 @@ class LocalBackend:
 
     def cancel(self, attempts: Sequence[int]) -> None:
         with self._lock:
-            self._ledger.handle(L.Cancel(tuple(attempts)))  # not resent if the master dies
+            # not resent if the master dies; the master withdraws it
+            carry_out(self._ledger.handle(L.Cancel(tuple(attempts))), _Step([]))
             self._outbox.extend(_wire.CancelAttempt(a) for a in attempts)
             self._wake.notify()
 
@@ -192,9 +219,7 @@ class LocalBackend:
                 popen.kill()
                 popen.wait()
         self._kill_leftover_workers()
-        for t in self._threads:
-            if t is not threading.current_thread():
-                t.join(timeout)
+        self._driver.nursery.stop(timeout)
         if ch is not None:
             ch.close()
 
@@ -232,10 +257,7 @@ class LocalBackend:
         except OSError as e:
             os.close(child_fd)
             ch.close()
-            self._emit(
-                [_wire.Fatal("runtime_lost", f"cannot start the master ({self.python}): {e}")]
-            )
-            self._dead = True
+            self._emit([self._driver.fatal(f"cannot start the master ({self.python}): {e}")])
             return
         os.close(child_fd)
         with contextlib.suppress(OSError):
@@ -254,19 +276,16 @@ class LocalBackend:
             self._outbox[:0] = self._resend
             self._resend = ()
             self._wake.notify()
-        err = threading.Thread(
-            target=self._stderr, args=(popen, self._tail), daemon=True, name="pilotfish-stderr"
-        )
-        r = threading.Thread(
-            target=self._reader, args=(gen, popen, ch, err), daemon=True, name="pilotfish-reader"
-        )
-        self._threads = [t for t in self._threads if t.is_alive()] + [r, err]
-        err.start()
-        r.start()
+        err = self._driver.nursery.start("pilotfish-stderr", self._stderr, popen, self._tail)
+        self._driver.nursery.start("pilotfish-reader", self._reader, gen, popen, ch, err)
 
     def _emit(self, events: Sequence[BackendEvent]) -> None:
         if self._sink is not None and events:
             self._sink(events)
+
+    def _emit_crash(self, events: Sequence[BackendEvent]) -> None:
+        """The driver's sink: a thread's crash (its ``Fatal``), sent as every event is."""
+        self._emit(events)
 
     def _reader(
         self, gen: int, popen: subprocess.Popen[bytes], ch: Channel, err: threading.Thread
@@ -299,7 +318,7 @@ class LocalBackend:
                             self._ready_event.set()
                             for pid in m.workers:
                                 self._worker_pids.setdefault(pid, "")
-                            restarted = self._restarts > 0
+                            restarted = self._driver.budget.used > 0
                             events.append(
                                 MasterReport(
                                     "restarted" if restarted else "started", m.pid, time.time()
@@ -308,25 +327,13 @@ class LocalBackend:
                         elif isinstance(m, _wire.Goodbye):
                             self._said_goodbye = True
                         elif isinstance(m, _wire.Fatal):
-                            self._dead = True
+                            self._driver.fatal(m.message, m.category)
                             events.append(m)
                 self._emit(events)
         except (EOFError, OSError):
             pass
         ch.close()  # this master's channel is done with (stop() may close it too)
-        try:
-            self._master_gone(gen, popen, err)
-        except BaseException as e:  # never leave the session waiting on a dead master
-            self._emit(
-                [
-                    _wire.Fatal(
-                        "runtime_lost",
-                        f"pilotfish could not recover from the "
-                        f"loss of its master: {type(e).__name__}: {e}",
-                    )
-                ]
-            )
-            raise
+        self._master_gone(gen, popen, err)  # if it fails, the nursery's Fatal says so
 
     def _stderr(self, popen: subprocess.Popen[bytes], tail: collections.deque[bytes]) -> None:
         assert popen.stderr is not None
@@ -374,35 +381,27 @@ class LocalBackend:
             if not was_ready:
                 what += " before it finished starting"
             # started attempts are lost with it; the others go to the next master unblamed
-            cmds = self._ledger.handle(L.RuntimeLost(what, now, "master", popen.pid, rc, sig, tail))
-            can_restart = was_ready and not self._dead and self._restarts < self.max_restarts
+            events: list[BackendEvent] = [MasterReport("lost", popen.pid, now, rc, sig, tail, what)]
+            step = _Step(events)
+            carry_out(
+                self._ledger.handle(L.RuntimeLost(what, now, "master", popen.pid, rc, sig, tail)),
+                step,
+            )
+            can_restart = was_ready and not self._driver.dead and self._driver.budget.take()
             if can_restart:
-                self._restarts += 1
+                self._resend = step.resend
         detail = f"; last lines of its stderr:\n{tail}" if tail else " (its stderr was empty)"
-        events: list[BackendEvent] = [MasterReport("lost", popen.pid, now, rc, sig, tail, what)]
-        for c in cmds:
-            if isinstance(c, L.Report):
-                events.append(c.msg)
-            elif isinstance(c, L.Resend) and can_restart:
-                with self._lock:
-                    self._resend = tuple(c.items)
         if can_restart:
             self._emit(events)
             self._launch()
             return
-        with self._lock:
-            self._dead = True
-        self._ready_event.set()
-        if was_ready and self.max_restarts > 0:
-            why = (
-                f"{what}; it was restarted {self._restarts} times (max_master_restarts="
-                f"{self.max_restarts}), so no more restarts"
-            )
-        elif was_ready:
-            why = f"{what}; max_master_restarts=0, so it is not restarted"
+        if was_ready:
+            why = f"{what}; {self._driver.budget.spent('start another master')}"
         else:
             why = f"{what}; the master cannot be started"
-        events.append(_wire.Fatal("runtime_lost", why + detail))
+        with self._lock:
+            events.append(self._driver.fatal(why + detail))
+        self._ready_event.set()
         self._emit(events)
 
     def _kill_leftover_workers(self) -> None:
@@ -434,7 +433,8 @@ class LocalBackend:
             with self._lock:
                 if self._stopping:
                     return
-                popen, last, ready, dead = self._popen, self._last_msg, self._ready, self._dead
+                popen, last, ready = self._popen, self._last_msg, self._ready
+                dead = self._driver.dead
             now = time.monotonic()
             if popen is None or popen.poll() is not None:
                 # the reader is handling the master's exit (its events follow within a
