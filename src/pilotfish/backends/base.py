@@ -31,8 +31,10 @@ been silent for longer than the session's ``heartbeat_timeout`` (plus one
 ``heartbeat_interval`` of grace, so that a backend which detects the same silence
 itself speaks first), the session stops waiting and fails the unfinished tasks
 with RUNTIME_LOST. A backend that never sends ``Alive`` is never timed out this
-way (it must report every loss itself); the Dask and RADICAL-Pilot backends do
-not send it yet.
+way (it must report every loss itself). Every backend here sends it: the local one
+while its master answers, Dask and RADICAL-Pilot from their event threads (which
+bound the scheduler's or master's silence themselves, :class:`Pulse`), the fake
+unless told not to.
 
 **Probes.** Attempts with a *negative* id are probes (pre-flight checks, see
 :mod:`pilotfish._probes`): a backend runs them like any attempt and reports their
@@ -43,6 +45,13 @@ A backend never decides about retries, never sees the task graph and never
 records anything: the workflow core and the journal live in the client.
 Attempt ids are fencing tokens; a backend may deliver a late or duplicate
 event for an attempt and the core will drop it.
+
+**The kit.** :mod:`pilotfish.backends._driver` is what every client-side backend
+is built from: a stimulus queue with one consumer thread, the threads it owns (one
+that crashes is one ``Fatal``), the one runner of the attempt ledger's commands (a
+command a backend has no hook for is a type error, not a silent no-op), the
+``max_master_restarts`` budget and its messages, and the reports for attempts a
+backend cannot run.
 
 :class:`pilotfish.backends.fake.FakeBackend` is the reference implementation
 in a few hundred lines, in-process, for tests.
