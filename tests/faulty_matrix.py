@@ -65,3 +65,42 @@ def kill_own_process(countfile: str) -> None:
     _record(countfile)
     os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(30)  # the signal is delivered at once; never return normally
+
+
+# ---------------------------------------------------------------- containment (issue 22)
+
+
+def leave_children(countfile: str, marker: str, hang: float) -> list[int]:
+    """Start children every way a process detaches, never wait for them, then return
+    (``hang`` 0) or hang ``hang`` seconds (to time out): a plain ``Popen``, one in a new
+    session, and a double fork (its parent exits: it is re-parented). Each runs
+    ``sleep 1000.<marker>``, so the test finds them by command line."""
+    import subprocess
+
+    _record(countfile)
+    sleep = ["sleep", f"1000.{marker}"]
+    plain = subprocess.Popen(sleep)
+    session = subprocess.Popen(sleep, start_new_session=True)
+    # a double fork: the shell starts sleep in the background and exits at once
+    subprocess.run(["sh", "-c", f"(setsid sleep 1000.{marker} &) ; sleep 1000.{marker} &"])
+    if hang:
+        time.sleep(hang)
+    return [plain.pid, session.pid]
+
+
+def close_stdio(countfile: str) -> str:
+    """Close the process's file descriptors 0, 1 and 2 (a library daemonizing itself)."""
+    _record(countfile)
+    for fd in (0, 1, 2):
+        os.close(fd)
+    return "closed"
+
+
+def say(countfile: str, text: str) -> str:
+    """Print ``text`` (to the worker's stdout and stderr) and return it."""
+    import sys
+
+    _record(countfile)
+    print(text)
+    print(text, file=sys.stderr)
+    return text

@@ -606,3 +606,109 @@ def test_client_sigkilled(
     )
     assert not remaining, f"left {took:.0f} s after the client died: {remaining}"
     assert len(fm.body_pids(str(tmp_path / "count"))) == int(call_ran)  # nothing re-ran it
+
+
+# ---------------------------------------------------------------- 7: what a task leaves (issue 22)
+
+
+def _marked(marker: str) -> list[str]:
+    """Live processes whose command line carries ``marker`` (zombies are gone already)."""
+    out = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        with contextlib.suppress(psutil.Error):
+            if p.info["status"] != psutil.STATUS_ZOMBIE and marker in " ".join(
+                p.info["cmdline"] or ()
+            ):
+                out.append(f"{p.pid} {' '.join(p.info['cmdline'])}")
+    return out
+
+
+def _marker() -> str:
+    return str(random.randint(10**8, 10**9 - 1))  # sleep 1000.<marker> is a valid time
+
+
+@pytest.mark.parametrize("how", ["returns", "times_out"])
+def test_nothing_a_python_task_starts_outlives_its_attempt(
+    rig: Rig, backend: str, how: str
+) -> None:
+    """A Python task starts children and never waits for them: a plain
+    ``subprocess.Popen(["sleep", "1000"])``, one in a new session, and a double fork
+    (issue 22 item 10: the child survived the session; one in a new session survived the
+    task's timeout). Whether the task returns or times out, once it has ended no process
+    it started is alive, and the worker keeps working."""
+    if how == "times_out" and backend == "dask":
+        why = "a timed-out call ends its Dask worker process, whose orphans go to init"
+        skip_on(backend, "dask", reason=why + ": Dask's nanny is no subreaper (README)")
+    if backend == "dask":
+        rig.cluster(workers=1)
+    s = rig.session(workers=1)
+    marker, count = _marker(), rig.path("count")
+    hang = 1000.0 if how == "times_out" else 0.0
+    fn = fm.leave_children if not hang else pilotfish.task(fm.leave_children, timeout=2, retries=0)
+    t = s.submit(fn, count, marker, hang)
+    ends([t], END[backend], "submit")
+    if how == "returns":
+        assert len(t.result()) == 2
+        assert not _marked(marker), "left by the attempt, after its result came"
+    else:
+        assert isinstance(t.exception(), pilotfish.TaskTimeout), repr(t.exception())
+        # the worker was killed for the timeout; its orphans went to the master
+        with contextlib.suppress(AssertionError):
+            wait_for(lambda: not _marked(marker), timeout=10, interval=0.05)
+        assert not _marked(marker), "left by the attempt, after it timed out"
+    after = s.submit(fm.record, rig.path("count-after"), 3)
+    assert after.result(timeout=END[backend]) == 3
+    rig.close(s)
+    check_runs(t, count)
+
+
+def test_nothing_a_program_starts_outlives_its_timeout(rig: Rig, backend: str) -> None:
+    """A program detaches children before it times out: one in a new session
+    (``setsid``), one by a double fork (issue 22 item 10: ``setsid`` children survived the
+    program's timeout and the session, as the README promised the whole tree would be
+    killed). The task ends TIMEOUT and, by then, none of them is alive."""
+    s = rig.session(workers=1)
+    marker = _marker()
+    sleep = f"sleep 1000.{marker}"
+    script = f"setsid {sleep} & ({sleep} &) ; setsid sh -c '({sleep} &)' ; exec {sleep}"
+    t = s.executable(["sh", "-c", script], timeout=1.0, retries=0)
+    ends([t], END[backend], "submit")
+    assert isinstance(t.exception(), pilotfish.TaskTimeout), repr(t.exception())
+    assert not _marked(marker), "left by the program, after its timeout"
+    rig.close(s)
+
+
+def test_a_task_that_closes_its_stdio_breaks_no_later_task(rig: Rig, backend: str) -> None:
+    """A Python task closes file descriptors 0-2 (a library that daemonizes itself);
+    issue 22 item 11: the next, innocent task on that worker failed with ``OSError: Bad
+    file descriptor`` when it printed. Every attempt starts with the worker's stdio as it
+    was: the innocent task prints and succeeds, on the same worker."""
+    if backend == "dask":
+        rig.cluster(workers=1)
+    s = rig.session(workers=1)
+    c1, c2 = rig.path("count-close"), rig.path("count-say")
+    bad = s.submit(fm.close_stdio, c1)
+    assert bad.result(timeout=END[backend]) == "closed"
+    good = s.submit(fm.say, c2, "still here")
+    assert good.result(timeout=END[backend]) == "still here"
+    rig.close(s)
+    assert good.attempts[0].pid == bad.attempts[0].pid  # the same worker process
+    check_runs(bad, c1)
+    check_runs(good, c2)
+
+
+def test_a_program_that_swaps_its_stderr_for_a_fifo(rig: Rig, backend: str) -> None:
+    """A program replaces its own ``stderr.txt`` with a FIFO and exits 1 (issue 22 item 12:
+    the worker blocked opening it to quote its tail; the task and the session never
+    ended). The task ends COMMAND_FAILED at once, and the message says stderr was not
+    read because it is not a regular file; the worker keeps working."""
+    s = rig.session(workers=1)
+    t = s.executable(["sh", "-c", "rm stderr.txt && mkfifo stderr.txt && exit 1"], retries=0)
+    ends([t], END[backend], "submit")
+    exc = t.exception()
+    assert isinstance(exc, pilotfish.CommandFailed), repr(exc)
+    assert exc.failure is not None and exc.failure.returncode == 1
+    assert "not a regular file" in str(exc) and "FIFO" in str(exc), str(exc)
+    after = s.submit(fm.record, rig.path("count-after"), 4)
+    assert after.result(timeout=END[backend]) == 4
+    rig.close(s)

@@ -1,5 +1,5 @@
 """Finding processes by an environment marker, sampling and ending them (psutil, /proc;
-no pilotfish imports).
+no pilotfish imports), and containing what an attempt starts (:class:`Containment`).
 
 A process started with ``VAR=value`` in its environment keeps it (``/proc/PID/environ``)
 whoever its parent becomes, so a marker finds every process of one run: the RADICAL-Pilot
@@ -16,9 +16,26 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
+import time
 from collections.abc import Collection, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
-import psutil
+if TYPE_CHECKING:
+    import psutil
+else:
+
+    class _LazyPsutil:
+        """psutil, imported on first use: a worker that never needs it (every attempt's
+        containment reads /proc itself) does not pay for importing it."""
+
+        def __getattr__(self, name: str) -> Any:
+            import psutil as real
+
+            globals()["psutil"] = real
+            return getattr(real, name)
+
+    psutil = _LazyPsutil()
 
 
 def with_env(var: str, values: Collection[str]) -> list[psutil.Process]:
@@ -135,3 +152,222 @@ def proc_sample(pid: int) -> tuple[str, float] | None:
         return None
     rest = data[data.rindex(b")") + 2 :].split()
     return rest[0].decode(), (int(rest[11]) + int(rest[12])) / _CLK_TCK
+
+
+# ------------------------------------------------------------------ containment
+#
+# Nothing an attempt starts outlives it, however it detaches (a new session, a new
+# process group, a double fork). A worker process makes itself a *child subreaper*
+# (Linux ``PR_SET_CHILD_SUBREAPER``): a descendant whose parent dies is re-parented to
+# the worker, not to init, so every process an attempt started is a descendant of the
+# worker until it is reaped. When the attempt ends (done, failed, timed out, cancelled)
+# its descendants are SIGKILLed and reaped (:meth:`Containment.end`). Which ones are the
+# attempt's: those the attempt's own thread started (``/proc/PID/task/TID/children``
+# lists the children of one thread) and their descendants; and, once no other attempt
+# runs in this process, every descendant that was not there when the process was last
+# idle (orphans re-parented to us land on our main thread and cannot be told apart per
+# attempt). What the worker itself keeps running (multiprocessing's resource tracker or
+# fork server, started by an attempt or not) is never touched. Standard library and
+# /proc only: it runs after every attempt.
+
+_PR_SET_CHILD_SUBREAPER = 36
+_prctl: Any = None
+
+
+def _libc_prctl() -> Any:
+    global _prctl
+    if _prctl is None and os.path.exists("/proc/self/stat"):
+        with contextlib.suppress(Exception):
+            import ctypes
+
+            _prctl = ctypes.CDLL(None, use_errno=True).prctl
+    return _prctl
+
+
+def become_subreaper() -> bool:
+    """Make this process a child subreaper (Linux): orphaned descendants are re-parented
+    to it instead of init. Returns whether it is one."""
+    prctl = _libc_prctl()
+    if prctl is None:
+        return False
+    try:
+        return bool(prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+    except Exception:
+        return False
+
+
+def _stat(pid: int) -> tuple[str, int, int] | None:
+    """(state letter, parent pid, start time in clock ticks: its identity with the pid)
+    of process ``pid`` from /proc, or None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    rest = data[data.rindex(b")") + 2 :].split()
+    return rest[0].decode(), int(rest[1]), int(rest[19])
+
+
+def _start_time(pid: int) -> int | None:
+    st = _stat(pid)
+    return None if st is None else st[2]
+
+
+def _children_of_task(pid: int, tid: int) -> set[int]:
+    try:
+        with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+            return {int(x) for x in f.read().split()}
+    except (OSError, ValueError):
+        return set()
+
+
+def children(pid: int) -> set[int]:
+    """The direct children of process ``pid`` (all its threads)."""
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except (OSError, ValueError):
+        return set()
+    out: set[int] = set()
+    for tid in tids:
+        out |= _children_of_task(pid, tid)
+    return out
+
+
+def descendants(roots: Iterable[int]) -> dict[int, int]:
+    """``roots`` and all their descendants that exist, pid -> start time."""
+    out: dict[int, int] = {}
+    todo = list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid in out:
+            continue
+        st = _start_time(pid)
+        if st is None:
+            continue
+        out[pid] = st
+        todo.extend(children(pid))
+    return out
+
+
+def _kill(pid: int, start: int) -> None:
+    """SIGKILL ``pid`` only while it is the process that started at ``start`` (a pidfd
+    pins the process between the check and the signal)."""
+    pidfd_open = getattr(os, "pidfd_open", None)
+    send = getattr(signal, "pidfd_send_signal", None)
+    if pidfd_open is None or send is None:
+        if _start_time(pid) == start:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        return
+    try:
+        fd = pidfd_open(pid)
+    except OSError:
+        return
+    try:
+        if _start_time(pid) == start:
+            with contextlib.suppress(OSError):
+                send(fd, signal.SIGKILL)
+    finally:
+        os.close(fd)
+
+
+def _exempt() -> set[int]:
+    """Helpers of this process that outlive attempts on purpose: multiprocessing's
+    resource tracker and fork server (whoever started them)."""
+    import sys
+
+    out: set[int] = set()
+    rt = sys.modules.get("multiprocessing.resource_tracker")
+    pid = getattr(getattr(rt, "_resource_tracker", None), "_pid", None)
+    if isinstance(pid, int):
+        out.add(pid)
+    fs = sys.modules.get("multiprocessing.forkserver")
+    pid = getattr(getattr(fs, "_forkserver", None), "_forkserver_pid", None)
+    if isinstance(pid, int):
+        out.add(pid)
+    return out
+
+
+#: Longest wait for SIGKILLed processes to be gone (a process in uninterruptible sleep on
+#: a dead filesystem may never go; the worker does not wait for it forever).
+KILL_SETTLE = 2.0
+
+
+def kill_and_reap(procs: Mapping[int, int], settle: float = KILL_SETTLE) -> list[int]:
+    """SIGKILL every process of ``procs`` (pid -> start time) that is still that process,
+    then reap those that are (or become, re-parented) our children, for up to ``settle``
+    seconds. Returns the pids still not gone."""
+    me = os.getpid()
+    for pid, start in procs.items():
+        if pid != me:
+            _kill(pid, start)
+    left = {p: s for p, s in procs.items() if p != me}
+    deadline = time.monotonic() + settle
+    delay = 0.0005
+    while left:
+        for pid in list(left):
+            st = _stat(pid)
+            if st is None or st[2] != left[pid]:
+                del left[pid]  # gone: reaped, by us or by its parent
+            elif st[1] == me:  # ours (or re-parented to us): reap it once it is dead
+                with contextlib.suppress(ChildProcessError, OSError):
+                    if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                        del left[pid]
+            elif st[0] in ("Z", "X") and st[1] not in left:
+                del left[pid]  # dead; its parent, which lives on, reaps it
+        if not left or time.monotonic() >= deadline:
+            break
+        time.sleep(delay)
+        delay = min(delay * 2, 0.02)
+    return sorted(left)
+
+
+class Containment:
+    """What attempts start in this process, ended with them (see the section comment).
+
+    ``token = c.begin()`` in the thread about to run an attempt, ``c.end(token)`` in the
+    same thread once it ended, however it ended. Thread-safe: Dask runs several attempts
+    of one process in threads at once."""
+
+    def __init__(self) -> None:
+        self.me = os.getpid()
+        self.subreaper = become_subreaper()
+        self._lock = threading.Lock()
+        self._running = 0
+        self._idle: dict[int, int] = {}  # descendants when no attempt ran
+
+    def begin(self) -> int:
+        """Note that an attempt starts in this thread; returns its token."""
+        with self._lock:
+            if self._running == 0:
+                self._idle = descendants(children(self.me))
+            self._running += 1
+        return threading.get_native_id()
+
+    def alone(self) -> bool:
+        """Whether exactly one attempt (the caller's, after :meth:`begin`) runs here."""
+        with self._lock:
+            return self._running == 1
+
+    def started(self, tid: int) -> dict[int, int]:
+        """What the attempt running in thread ``tid`` started so far (pid -> start time):
+        the children of its thread and their descendants, and, if it is the only attempt
+        running, every descendant that was not there when this process was idle."""
+        with self._lock:
+            idle, alone = self._idle, self._running <= 1
+        # alone: all our children, those of its thread among them
+        mine = descendants(children(self.me) if alone else _children_of_task(self.me, tid))
+        exempt = _exempt()
+        return {
+            p: s for p, s in mine.items() if idle.get(p) != s and p not in exempt and p != self.me
+        }
+
+    def end(self, tid: int) -> list[int]:
+        """Kill and reap what the attempt of thread ``tid`` started (:meth:`started`);
+        returns the pids that would not go within :data:`KILL_SETTLE` seconds."""
+        try:
+            procs = self.started(tid)
+            return kill_and_reap(procs) if procs else []
+        finally:
+            with self._lock:
+                self._running -= 1

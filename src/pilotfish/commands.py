@@ -82,6 +82,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal, cast
 
+from ._files import NotRegularFile, open_regular, read_tail
+
 __all__ = [
     "STDERR_NAME",
     "STDOUT_NAME",
@@ -91,6 +93,7 @@ __all__ = [
     "OutcomeKind",
     "attempt_tags",
     "describe_exit",
+    "excerpt",
     "find_sandbox",
     "make_sandbox",
     "output_problem",
@@ -288,18 +291,20 @@ def tail_lines(path: str | Path, n: int = 20, max_bytes: int = 65536) -> str:
 
     Bytes are decoded as UTF-8 with replacement characters, so any output is
     safe to put in a message.  A line cut by the ``max_bytes`` window is dropped
-    unless it is the only line in the window.  An unreadable file gives "".
+    unless it is the only line in the window.  An unreadable file gives "", and so
+    does anything but a regular file (a program may have replaced its ``stderr.txt``
+    with a FIFO: it is never opened in a way that blocks; see :func:`excerpt`).
     """
     if n <= 0 or max_bytes <= 0:
         return ""
     try:
-        with open(path, "rb") as f:
-            size = f.seek(0, os.SEEK_END)
-            start = max(0, size - max_bytes)
-            f.seek(start)
-            data = f.read(size - start)
+        data, _, start = read_tail(path, max_bytes)
     except OSError:
         return ""
+    return _last_lines(data, start, n)
+
+
+def _last_lines(data: bytes, start: int, n: int) -> str:
     if data.endswith(b"\n"):
         data = data[:-1]
     if not data:
@@ -309,6 +314,23 @@ def tail_lines(path: str | Path, n: int = 20, max_bytes: int = 65536) -> str:
         lines = lines[1:]  # first line in the window is probably cut
     lines = lines[-n:]
     return "\n".join(line.rstrip(b"\r").decode("utf-8", errors="replace") for line in lines)
+
+
+def excerpt(path: str | Path, what: str = "stderr", n: int = _TAIL_LINES) -> str:
+    """The sentence quoting a sandbox stream in a failure message: its last ``n`` lines,
+    that it is empty, or why it was not read (it is not a regular file: the program
+    replaced it with a FIFO, a device, a socket; or it cannot be opened). Never blocks."""
+    try:
+        data, _, start = read_tail(path, 65536)
+    except NotRegularFile as e:
+        return (
+            f"{what} was not read: {path} is not a regular file ({e.strerror}; the program "
+            "replaced it), so its output is not available"
+        )
+    except OSError as e:
+        return f"{what} could not be read: {path}: {e.strerror or e}"
+    tail = _last_lines(data, start, n)
+    return f"last lines of {what}:\n{tail}" if tail else f"{what} is empty."
 
 
 def safe_dirname(key: str, prefix_len: int = 40) -> str:
@@ -736,10 +758,7 @@ def describe_exit(returncode: int) -> str:
 
 
 def _stderr_excerpt(stderr_path: Path) -> str:
-    tail = tail_lines(stderr_path, _TAIL_LINES)
-    if not tail:
-        return "stderr is empty."
-    return f"last lines of stderr:\n{tail}"
+    return excerpt(stderr_path, "stderr", _TAIL_LINES)
 
 
 def _check_input_name(name: str, sandbox: Path) -> str | None:
@@ -1030,7 +1049,8 @@ def run_command(
     if spec.stdin is not None:
         stdin_path = spec.stdin if os.path.isabs(spec.stdin) else os.path.join(box, spec.stdin)
         try:
-            stdin_file = open(stdin_path, "rb")  # noqa: SIM115 - closed in finally below
+            # a FIFO would block this worker until someone writes it: regular files only
+            stdin_file = open_regular(stdin_path)
         except OSError as exc:
             return _outcome(
                 "staging",

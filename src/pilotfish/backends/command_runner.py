@@ -53,6 +53,7 @@ from ..commands import (
     CommandResult,
     CommandSpec,
     describe_exit,
+    excerpt,
     files_problem,
     find_sandbox,
     from_earlier_run,
@@ -62,7 +63,6 @@ from ..commands import (
     restore_files,
     run_command,
     spec_problem,
-    tail_lines,
 )
 
 _CATEGORY = {
@@ -207,12 +207,11 @@ def run_command_attempt(
         extra["note"] = note
     if out.kind == "failed":
         how = describe_exit(out.returncode if out.returncode is not None else 0)
-        tail = tail_lines(out.stderr_path) if out.stderr_path else ""
         msg = (
             f"task {m.key!r}: program {spec.argv[0]!r} {how} after {out.elapsed:.1f} s on host "
             f"{out.host}\n  complete stderr: {out.stderr_path}\n  complete stdout: "
             f"{out.stdout_path}\n  sandbox (kept): {out.sandbox}\n"
-            + (f"last lines of stderr:\n{tail}" if tail else "stderr is empty")
+            + (excerpt(out.stderr_path) if out.stderr_path else "stderr is empty")
         )
     else:
         msg = f"task {m.key!r}: {out.message}"

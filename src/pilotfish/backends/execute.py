@@ -13,6 +13,18 @@ kernel reap every later program's child, and its exit status would be lost.
 So the dispositions this module found when the worker imported it (before any
 user code ran) are put back before every attempt, where that is possible (in
 the main thread; elsewhere user code cannot change them either).
+
+The same holds for the rest of what a process shares between its attempts
+(:class:`_Worker`, one per process, used by every backend's worker path through
+:func:`run_attempt`): each attempt starts with the worker's file descriptors 0-2
+(a task that closed or replaced them would break the next task's ``print``),
+its working directory and its environment as they were before the first
+attempt; and nothing an attempt started outlives it (:class:`pilotfish._procs.
+Containment`: the worker is a child subreaper, and when the attempt ends,
+however it ends, every process it started, detached or not, is killed and
+reaped before its result is sent). Where several attempts share a process
+(Dask's threads), the directory and environment are put back only when no other
+attempt runs.
 """
 
 from __future__ import annotations
@@ -29,7 +41,7 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-from .. import _scratch, _wire
+from .. import _procs, _scratch, _wire
 from .._wire import Envelope, Result, RunAttempt
 
 
@@ -59,6 +71,84 @@ def reset_signals() -> None:
         if _signal.getsignal(sig) != handler:
             with contextlib.suppress(OSError, ValueError, TypeError):
                 signal.signal(sig, handler)
+
+
+class _Worker:
+    """What this process looked like before its first attempt, and the containment of
+    what its attempts start (one per process: a fork gets its own)."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.contain = _procs.Containment()
+        self.cwd = os.getcwd()
+        self.environ = dict(os.environ)
+        # os.environ's own bytes mapping: comparing it is 20x faster than os.environ
+        self._data: Any = getattr(os.environ, "_data", None)
+        self._data = dict(self._data) if isinstance(self._data, dict) else None
+        self.stdio: list[tuple[int, int, tuple[int, int]] | None] = []
+        for fd in (0, 1, 2):
+            try:
+                st = os.fstat(fd)
+                self.stdio.append((fd, os.dup(fd), (st.st_dev, st.st_ino)))  # close-on-exec
+            except OSError:
+                self.stdio.append(None)
+        self.streams: list[Any] = [sys.stdin, sys.stdout, sys.stderr]
+
+    def restore(self) -> None:
+        """Put back what an earlier attempt changed: fds 0-2 (closed, or pointing
+        elsewhere), ``sys.stdin``/``stdout``/``stderr``, the working directory and
+        ``os.environ``. Call with no other attempt running in this process."""
+        for saved in self.stdio:
+            if saved is None:
+                continue
+            fd, copy, ident = saved
+            try:
+                st = os.fstat(fd)
+                same = (st.st_dev, st.st_ino) == ident
+            except OSError:
+                same = False
+            if not same:
+                with contextlib.suppress(OSError):
+                    os.dup2(copy, fd)
+        for fd, name in enumerate(("stdin", "stdout", "stderr")):
+            stream = self.streams[fd]
+            if getattr(stream, "closed", False) and self.stdio[fd] is not None:
+                # the task closed the stream itself: a fresh one on the same descriptor
+                with contextlib.suppress(OSError, ValueError):
+                    stream = self.streams[fd] = open(  # noqa: SIM115 - kept for the process
+                        fd, "w" if fd else "r", buffering=1 if fd else -1, closefd=False
+                    )
+            if getattr(sys, name) is not stream:
+                setattr(sys, name, stream)
+        with contextlib.suppress(OSError):
+            if os.getcwd() != self.cwd:
+                os.chdir(self.cwd)
+        data = getattr(os.environ, "_data", None)
+        if (data != self._data) if self._data is not None else (os.environ != self.environ):
+            os.environ.clear()
+            os.environ.update(self.environ)
+
+    def begin(self) -> int:
+        token = self.contain.begin()
+        if self.contain.alone():
+            self.restore()
+        reset_signals()
+        return token
+
+
+_WORKER: _Worker | None = None
+_WORKER_LOCK = threading.Lock()  # only ever taken here (never held across a fork)
+
+
+def _this_worker() -> _Worker:
+    global _WORKER
+    w = _WORKER
+    if w is None or w.pid != os.getpid():  # first attempt here, or a fork of a worker
+        with _WORKER_LOCK:
+            w = _WORKER
+            if w is None or w.pid != os.getpid():
+                w = _WORKER = _Worker()
+    return w
 
 
 #: the client's ``__main__`` globals as this worker has seen them (data only, no code)
@@ -242,6 +332,10 @@ def run_attempt(
     """Run ``m`` here and now; ``on_group(pgid)`` is told of a program's process group;
     setting ``cancel`` stops a program (its whole process group) early."""
     started = time.time()
-    reset_signals()
-    ok, data = _run(m, worker, host, rundir, on_group, cancel)
+    w = _this_worker()
+    token = w.begin()
+    try:
+        ok, data = _run(m, worker, host, rundir, on_group, cancel)
+    finally:
+        w.contain.end(token)  # nothing it started outlives it, however it ended
     return Result(m.attempt, ok, data, worker, os.getpid(), started, time.time(), host)

@@ -22,6 +22,12 @@ round of ready file descriptors goes out in one frame.
 The master runs in its own session (no terminal signals), dies with its
 client (``PR_SET_PDEATHSIG`` and EOF on the client socket) and takes its
 workers with it (they die with it the same way, and it kills them on exit).
+
+The master is a child subreaper (``PR_SET_CHILD_SUBREAPER``), as every worker is: what
+an attempt started and detached (a new session, a double fork) is re-parented to its
+worker, and if that worker dies (SIGKILL, a timeout that killed it), to the master,
+which kills and reaps every child of its own that is not a worker (``sweep``) as soon as
+a worker exits, at every tick, and when it leaves.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import time
 from typing import Any
 
 from ... import _wire
-from ..._procs import proc_sample
+from ..._procs import become_subreaper, children, descendants, kill_and_reap, proc_sample
 from ..._wire import Channel
 from .dispatch import Cmd, Dispatcher, Kill, SendWorker, Spawn, ToClient
 from .worker import die_with_parent
@@ -152,6 +158,14 @@ class Master:
         self.sel.register(pidfd, selectors.EVENT_READ, ("exit", p))
         self.send_worker(p, [self.cfg._replace(name=name)])
 
+    def sweep(self) -> None:
+        """Kill and reap our children that are not workers: orphans of a dead worker's
+        attempts, re-parented to us (we are a subreaper), and their descendants."""
+        workers = {p.popen.pid for p in self.procs.values()}
+        orphans = children(os.getpid()) - workers
+        if orphans:
+            kill_and_reap(descendants(orphans), settle=0.5)
+
     def kill(self, name: str, pgids: tuple[int, ...]) -> None:
         p = self.procs.get(name)
         for g in pgids:
@@ -231,6 +245,7 @@ class Master:
         if p.popen.stderr is not None:
             p.popen.stderr.close()
         del self.procs[p.name]
+        self.sweep()  # what its attempts left, re-parented to us when it died
         self.run_cmds(self.disp.on_exit(p.name, rc, p.stderr_tail(), time.time(), p.goodbye))
 
     # ------------------------------------------------------------------ loop
@@ -297,6 +312,7 @@ class Master:
                         samples[name] = s
                     tails[name] = pr.stderr_tail()
                 self.run_cmds(self.disp.tick(now, samples, tails))
+                self.sweep()
                 if now >= next_tick:
                     self.outbox.append(_wire.Heartbeat(now))
                     next_tick = now + interval
@@ -311,14 +327,16 @@ class Master:
         the programs they run: those known from CommandGroup messages, and any process
         group a worker's descendant leads (a program whose CommandGroup message is still
         unread, or not sent yet, when the client died)."""
-        # the client's death arrives twice (EOF and our PDEATHSIG SIGTERM): the second
-        # must not interrupt this clean-up half way
+        # the client's death arrives several times (EOF, and one PDEATHSIG SIGTERM per
+        # thread of the client, see _client_gone): none may interrupt this clean-up
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for p in list(self.procs.values()):
             self.kill(p.name, self.disp.pgids(p.name) + _led_groups(p.popen.pid))
         for p in list(self.procs.values()):
             with contextlib.suppress(Exception):
                 p.popen.wait(5)
+        with contextlib.suppress(Exception):
+            self.sweep()  # what the killed workers' attempts left, re-parented to us
 
 
 def _led_groups(pid: int) -> tuple[int, ...]:
@@ -337,6 +355,14 @@ def _led_groups(pid: int) -> tuple[int, ...]:
 
 
 def _client_gone(signum: int, frame: Any) -> None:
+    """The client died: leave through ``abandon()`` (main's ``finally``).
+
+    The kernel sends the parent-death signal once per *thread* of the client that was
+    our parent: when the client dies, each of its threads exits in turn and we are
+    re-parented to the next one, getting a SIGTERM each time. A second SIGTERM must never
+    interrupt the clean-up the first one started (nor kill us with the default action
+    once the interpreter is finalizing): the first one ignores the rest."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise SystemExit(128 + signum)
 
 
@@ -350,6 +376,7 @@ def main(argv: list[str] | None = None) -> None:
     # would otherwise outlive everyone (the workers die by their own PDEATHSIG).
     signal.signal(signal.SIGTERM, _client_gone)
     die_with_parent(signal.SIGTERM)
+    become_subreaper()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     client = Channel.from_fd(int(argv[0]))
     try:

@@ -96,12 +96,12 @@ _ARRIVALS_KEPT = 1800.0  # s of task arrivals a client's sweep may ask about
 
 
 def _tail(path: str, n: int = _TAIL) -> str:
+    """The last ``n`` bytes of a worker's stderr file in RP's sandbox, which a task could
+    have replaced with a FIFO: read only if it is a regular file, never blocking."""
+    from pilotfish._files import read_tail
+
     try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - n))
-            return f.read().decode("utf-8", "replace")
+        return read_tail(path, n)[0].decode("utf-8", "replace")
     except OSError:
         return ""
 

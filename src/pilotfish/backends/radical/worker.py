@@ -167,6 +167,12 @@ class PilotfishWorker(DefaultWorker):  # type: ignore[misc]
         # '_plock'", and that listener dies). Requests wait for the end of __init__.
         self._pf_ready = threading.Event()
         super().__init__(raptor_id)
+        # a subreaper: what a per-task process started is re-parented to us when that
+        # process dies before its attempt's containment ran (SIGKILL); _pf_sweep ends it
+        from pilotfish._procs import become_subreaper, children
+
+        become_subreaper()
+        self._pf_own = children(os.getpid())  # RP's own children: never swept
         self._pf_ready.set()
         threading.Thread(
             target=self._pf_watch_forks, name="pilotfish-fork-watch", daemon=True
@@ -290,10 +296,27 @@ class PilotfishWorker(DefaultWorker):  # type: ignore[misc]
                     continue
                 with self._pf_forks_lock:
                     self._pf_forks.pop(rec.task["uid"], None)
+                self._pf_sweep()
                 try:
                     self._pf_fork_ended(rec, code)
                 except Exception:  # pragma: no cover - keep watching the others
                     self._log.exception("pilotfish: report for %s failed", rec.task["uid"])
+
+    def _pf_sweep(self) -> None:
+        """Kill and reap our children that are neither RP's per-task processes nor RP's
+        own: orphans of a per-task process that died, re-parented to us."""
+        import multiprocessing.process as mpp
+
+        from pilotfish._procs import children, descendants, kill_and_reap
+
+        with self._plock:  # RP adds a process to its pool under this lock
+            orphans = children(os.getpid()) - set(self._pool) - self._pf_own
+        # every process multiprocessing started and has not joined yet is RP's
+        orphans -= {getattr(p, "pid", None) for p in list(getattr(mpp, "_children", ()))}
+        with self._pf_forks_lock:
+            orphans -= {r.proc.pid for r in self._pf_forks.values() if r.proc is not None}
+        if orphans:
+            kill_and_reap(descendants(orphans), settle=0.5)
 
     def _pf_fork_ended(self, rec: _Fork, code: int) -> None:
         """A per-task process has ended with exit status ``code``."""
