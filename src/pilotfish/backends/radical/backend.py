@@ -54,7 +54,6 @@ import json
 import logging
 import os
 import pickle
-import queue
 import sys
 import threading
 import time
@@ -75,9 +74,10 @@ except ImportError as e:  # pragma: no cover - exercised without the extra
 
 from ... import _wire
 from ..._procs import create_time, end_trees, in_places, with_env
-from ..._wire import Fatal, Lost, Result, RunAttempt, Started, WorkerReport
+from ..._wire import Lost, Result, RunAttempt, Started, WorkerReport
 from ...core import ledger as L
 from ...preflight import client_versions
+from .._driver import Driver, Stimuli, carry_out, environment_result, runtime_lost
 from ..base import MasterReport, Pulse, Sink
 
 __all__ = ["RadicalBackend"]
@@ -121,6 +121,43 @@ class _Att:
     asked: float = 0.0  # when a sweep last asked the master about it
     resent: int = 0  # how often the master did not receive it (each time waits twice as long)
     known: bool = False  # the master said it received it (a sweep asks no more)
+
+
+class _Step:
+    """The RADICAL-Pilot backend's hooks for the ledger's commands
+    (:func:`.._driver.carry_out`): ``events`` for the session; ``resend`` the attempts
+    to send to the next master and ``stale`` their old RP task uids; ``withdrawn`` the
+    uids of tasks to withdraw from the master (``items``: the attempts a command may
+    name after the ledger let go of them)."""
+
+    __slots__ = ("events", "items", "resend", "stale", "withdrawn")
+
+    def __init__(self, events: list[Any], items: dict[int, _Att] | None = None) -> None:
+        self.events = events
+        self.items = items or {}
+        self.resend: list[RunAttempt] = []
+        self.stale: list[str] = []
+        self.withdrawn: list[str] = []
+
+    def report(self, msg: L.Started | L.Lost) -> None:
+        self.events.append(msg)
+
+    def send(self, items: tuple[Any, ...], resend: bool) -> None:
+        # Resend (the master is lost): never started, so sent again unblamed. The
+        # client-side ledger never requeues (its workers are the master's business)
+        self.resend.extend(att.m for att in items)
+        self.stale.extend(att.uid for att in items)
+
+    def withdraw(self, worker: str, attempt: int) -> None:
+        att = self.items.get(attempt)
+        if att is not None:
+            self.withdrawn.append(att.uid)
+
+    def kill_groups(self, worker: str, pgids: tuple[int, ...]) -> None:
+        pass  # never asked: no Group events here (the raptor master kills those groups)
+
+    def expire(self, worker: str, attempt: int, pid: int, pgids: tuple[int, ...]) -> None:
+        pass  # never asked: no Tick here (RP's task timeout and the raptor worker stop it)
 
 
 class RadicalBackend:
@@ -176,21 +213,22 @@ class RadicalBackend:
         self._master_up_at: float | None = None  # the master said its queue is registered
         self._last_answer: float | None = None
         self._gen = 0
-        self._restarts = 0
         self._token = uuid.uuid4().hex[:8]
         self._lock = threading.RLock()
-        self._q: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        # threads, sink, restart budget, dead or not: the backends' kit
+        self._driver = Driver("RADICAL-Pilot", max_master_restarts)
+        self._stopping = self._driver.stopping
+        self._pulse = Pulse(heartbeat_interval / 2)
+        # what the event thread handles: ("submit", attempts), ("cancel", ids),
+        # ("task", task, state), ("pilot", pilot, state), ("ping"|"sweep", gen, answer)
+        tick = max(0.02, min(0.1, heartbeat_interval / 4))
+        self._q: Stimuli[tuple[Any, ...]] = Stimuli(self._on_stimuli, tick)
         # the attempts the master has: queued, or started (which worker, pid, host)
         self._ledger = L.Ledger()
         self._by_uid: dict[str, int] = {}  # RP task uid -> attempt id
         self._workers_seen: dict[str, list[Any]] = {}
         self._running: dict[str, str] = {}
-        self._sink: Sink | None = None
-        self._stopping = threading.Event()
         self._stopped = False
-        self._dead = False
-        self._fatal_message = ""
-        self._threads: list[threading.Thread] = []
         # worker pids on this host -> creation time: only that process is ever ended
         self._known_pids: dict[int, float] = {}
         self._n = 0
@@ -203,21 +241,18 @@ class RadicalBackend:
 
     # ------------------------------------------------------------------ protocol
     def start(self, sink: Sink) -> None:
-        self._sink = sink
+        self._driver.sink = sink
         try:
             self._start_reaper()
             self._start_rp()
         except BaseException as e:
             why = f"could not start RADICAL-Pilot ({self.resource}): {type(e).__name__}: {e}"
             log.exception("pilotfish: %s", why)
-            self._dead, self._fatal_message = True, why
-            self._emit([Fatal("runtime_lost", why)])
+            self._emit([self._driver.fatal(why)])
             self.stop()
             return
-        for target, name in ((self._consume_loop, "events"), (self._ping_loop, "ping")):
-            t = threading.Thread(target=target, name=f"pilotfish-rp-{name}", daemon=True)
-            self._threads.append(t)
-            t.start()
+        self._q.start(self._driver.nursery, "pilotfish-rp-events")
+        self._driver.nursery.start("pilotfish-rp-ping", self._ping_loop)
 
     def submit(self, attempts: Sequence[RunAttempt]) -> None:
         self._q.put(("submit", tuple(attempts)))
@@ -247,10 +282,8 @@ class RadicalBackend:
             self._ledger = L.Ledger()
             self._by_uid.clear()
         self._stopping.set()
-        self._q.put(None)
-        for t in self._threads:
-            if t is not threading.current_thread():
-                t.join(timeout)
+        self._q.close()
+        self._driver.nursery.stop(timeout)  # events, ping, and RPC and cancel helpers
         t0 = time.monotonic()
         pids = self._rp_pids()
         self._stop_master()
@@ -404,63 +437,43 @@ class RadicalBackend:
 
     # ------------------------------------------------------------------ event thread
     def _emit(self, events: list[Any]) -> None:
-        if events and self._sink is not None and not self._stopped:
-            self._sink(events)
+        if not self._stopped:
+            self._driver.emit(events)
 
-    def _consume_loop(self) -> None:
-        try:
-            self._consume()
-        except BaseException as e:
-            log.exception("pilotfish: the RADICAL-Pilot backend's event thread failed")
-            self._emit([Fatal("runtime_lost", f"pilotfish's RADICAL-Pilot backend failed: {e!r}")])
-
-    def _consume(self) -> None:
-        tick = max(0.02, min(0.1, self.hb_interval / 4))
-        pulse = Pulse(self.hb_interval / 2)
-        while not self._stopping.is_set():
-            try:
-                items = [self._q.get(timeout=tick)]
-            except queue.Empty:
-                items = []
-            with contextlib.suppress(queue.Empty):
-                while len(items) < 5000:
-                    items.append(self._q.get_nowait())
-            if self._stopping.is_set():
-                return
-            events: list[Any] = []
-            batch: list[RunAttempt] = []
-            for it in items:
-                if it is None:
-                    continue
-                kind = it[0]
-                if kind == "submit":
-                    batch.extend(it[1])
-                    continue
-                if batch:
-                    self._submit_now(batch, events)
-                    batch = []
-                if kind == "task":
-                    self._on_task(it[1], it[2], events)
-                elif kind == "pilot":
-                    self._on_pilot(it[1], it[2], events)
-                elif kind == "cancel":
-                    self._on_cancel(it[1])
-                elif kind == "ping":
-                    self._on_ping(it[1], it[2], events)
-                elif kind == "sweep":
-                    self._on_sweep(it[1], it[2], events)
+    def _on_stimuli(self, items: list[tuple[Any, ...]]) -> None:
+        """One step of the event thread (:class:`.._driver.Stimuli`): what piled up, in
+        order (submissions in batches), then the master's watch; a crash here is the
+        driver's ``Fatal``."""
+        events: list[Any] = []
+        batch: list[RunAttempt] = []
+        for it in items:
+            kind = it[0]
+            if kind == "submit":
+                batch.extend(it[1])
+                continue
             if batch:
                 self._submit_now(batch, events)
-            self._check_master(events)
-            if not self._dead:  # this thread bounds the silence itself (_check_master)
-                events.extend(pulse.beat())
-            self._emit(events)
+                batch = []
+            if kind == "task":
+                self._on_task(it[1], it[2], events)
+            elif kind == "pilot":
+                self._on_pilot(it[1], it[2], events)
+            elif kind == "cancel":
+                self._on_cancel(it[1])
+            elif kind == "ping":
+                self._on_ping(it[1], it[2], events)
+            elif kind == "sweep":
+                self._on_sweep(it[1], it[2], events)
+        if batch:
+            self._submit_now(batch, events)
+        self._check_master(events)
+        if not self._driver.dead:  # this thread bounds the silence itself (_check_master)
+            events.extend(self._pulse.beat())
+        self._emit(events)
 
     def _submit_now(self, attempts: list[RunAttempt], events: list[Any]) -> None:
-        if self._dead:
-            events.extend(
-                self._runtime_lost(a, self._fatal_message or "backend stopped") for a in attempts
-            )
+        if self._driver.dead:
+            events.extend(self._driver.refuse(a) for a in attempts)
             return
         tds = []
         with self._lock:
@@ -497,13 +510,13 @@ class RadicalBackend:
             with self._lock:
                 for a in attempts:
                     self._ledger.handle(L.Cancel((a.attempt,)))
-            events.extend(self._runtime_lost(a, why) for a in attempts)
+            events.extend(runtime_lost(a, why) for a in attempts)
 
     def _on_sweep(self, gen: int, ans: dict[str, Any], events: list[Any]) -> None:
         """The master's answer to a sweep: ``gone`` it takes as lost on the way (and
         withdrew, so they cannot run), ``known`` it has. The withdrawn ones are sent
         again under new uids, unblamed; their old RP tasks are cancelled."""
-        if gen != self._gen or self._dead or self._stopping.is_set():
+        if gen != self._gen or self._driver.dead or self._stopping.is_set():
             return
         withdrawn = {str(u) for u in ans.get("gone") or ()}
         known = {str(u) for u in ans.get("known") or ()}
@@ -550,15 +563,14 @@ class RadicalBackend:
                 tmgr.cancel_tasks(uids)
 
         if uids and tmgr is not None:
-            threading.Thread(target=run, name="pilotfish-rp-cancel", daemon=True).start()
+            self._driver.nursery.start("pilotfish-rp-cancel", run)
 
     def _on_cancel(self, ids: Sequence[int]) -> None:
         with self._lock:
-            items = {i: e.item for i in ids if (e := self._ledger.get(i))}
-            cmds = self._ledger.handle(L.Cancel(tuple(ids)))
-            uids = [items[c.attempt].uid for c in cmds if isinstance(c, L.Withdraw)]
-        if uids and self._master is not None:
-            self._async_rpc("pilotfish_cancel", uids=uids)
+            step = _Step([], {i: e.item for i in ids if (e := self._ledger.get(i))})
+            carry_out(self._ledger.handle(L.Cancel(tuple(ids))), step)
+        if step.withdrawn and self._master is not None:
+            self._async_rpc("pilotfish_cancel", uids=step.withdrawn)
 
     def _pop(self, uid: str) -> L.Entry | None:
         """The attempt of RP task ``uid`` has ended: out of the ledger (None if it was
@@ -658,7 +670,7 @@ class RadicalBackend:
             )
             return
         if state == rp.CANCELED:
-            events.append(self._runtime_lost(att.m, f"RADICAL-Pilot cancelled its task {uid}", e))
+            events.append(runtime_lost(att.m, f"RADICAL-Pilot cancelled its task {uid}", entry=e))
             return
         sbox = _local_path(task.sandbox)
         events.append(
@@ -717,11 +729,11 @@ class RadicalBackend:
                 return
             worker, pid = str(info.get("worker") or ""), int(info.get("pid") or 0)
             host = str(info.get("host") or "")
+            started: list[Any] = []
             cmds = self._ledger.handle(
                 L.Start(worker, aid, pid, host, float(info.get("time") or time.time()))
             )
-            started = [c.msg for c in cmds if isinstance(c, L.Report)]
-            if not started:
+            if not carry_out(cmds, _Step(started)).granted:
                 return  # already known to run (a ping told us first), or not in flight
             now = time.time()
             # the master and the worker are up (a ping may not have told us yet)
@@ -736,33 +748,7 @@ class RadicalBackend:
 
     def _env_result(self, e: L.Entry, why: str, *, plain: bool = False) -> Result:
         msg = why if plain else f"task {e.key!r} (attempt id {e.attempt}): {why}"
-        env = _wire.Envelope("environment", "pilotfish.EnvironmentMismatch", msg, "", None, {})
-        now = time.time()
-        return Result(
-            e.attempt,
-            False,
-            pickle.dumps(env, _wire.PROTOCOL),
-            e.worker,
-            e.pid,
-            e.started or now,
-            now,
-            e.host,
-        )
-
-    def _runtime_lost(self, m: RunAttempt, why: str, e: L.Entry | None = None) -> Lost:
-        return Lost(
-            m.attempt,
-            "runtime_lost",
-            f"task {m.key!r} (attempt id {m.attempt}) was lost: {why}",
-            e.worker if e else "",
-            e.pid if e else 0,
-            None,
-            None,
-            "",
-            e.started if e else None,
-            time.time(),
-            e.host if e else "",
-        )
+        return environment_result(e.attempt, msg, e)
 
     # ------------------------------------------------------------------ master and pilot
     def _master_details(self, task: Any = None) -> tuple[str, str]:
@@ -785,13 +771,13 @@ class RadicalBackend:
         return f"pilot sandbox: {sbox}{err}"
 
     def _on_pilot(self, pilot: Any, state: str, events: list[Any]) -> None:
-        if self._dead or self._stopping.is_set():
+        if self._driver.dead or self._stopping.is_set():
             return
         why = f"the RADICAL-Pilot pilot {pilot.uid} reached state {state}; {self._pilot_details()}"
         self._fatal(why, events)
 
     def _check_master(self, events: list[Any]) -> None:
-        if self._dead or self._master is None:
+        if self._driver.dead or self._master is None:
             return
         now = time.monotonic()
         with self._lock:
@@ -811,13 +797,13 @@ class RadicalBackend:
             # a first master waits for the pilot's slots; a replacement for one that was
             # lost should come up quickly, or the pilot itself is in trouble
             limit = self.start_timeout
-            if self._restarts:
+            if self._driver.budget.used:
                 limit = min(limit, max(60.0, 6 * self.hb_timeout))
             if now - self._master_submitted > limit:
                 self._master_lost(f"it did not start within {limit:g} s", None, events)
 
     def _master_lost(self, why: str, task: Any, events: list[Any]) -> None:
-        if self._dead or self._stopping.is_set():
+        if self._driver.dead or self._stopping.is_set():
             return
         old = self._master
         sbox, err = self._master_details(task or old)
@@ -840,14 +826,9 @@ class RadicalBackend:
             if pid and self._master_local and self._master_created:
                 to_end[pid] = self._master_created
         events.append(MasterReport("lost", pid, time.time(), stderr_tail=err, message=what))
-        resend: list[RunAttempt] = []
-        stale: list[str] = []
-        for c in cmds:
-            if isinstance(c, L.Report):
-                events.append(c.msg)
-            elif isinstance(c, L.Resend):
-                resend.extend(att.m for att in c.items)
-                stale.extend(att.uid for att in c.items)
+        step = _Step(events)
+        carry_out(cmds, step)
+        resend, stale = step.resend, step.stale
         # not started: nothing ran, so they wait in the ledger's place for the next master
         self._ledger = L.Ledger()
         # end what is left of the old master and its workers
@@ -857,18 +838,14 @@ class RadicalBackend:
         self._cancel_rp_tasks(stale)
         self._end_pids(to_end, grace=0.5)
         pilot_ok = self._pilot is not None and self._pilot.state == rp.PMGR_ACTIVE
-        if self._restarts >= self.max_restarts or not pilot_ok:
+        if not pilot_ok or not self._driver.budget.take():
             reason = (
-                "max_master_restarts=0, so pilotfish does not start another"
-                if self.max_restarts == 0
-                else f"it was restarted {self._restarts} times (max_master_restarts="
-                f"{self.max_restarts})"
+                self._driver.budget.spent("start another master")
                 if pilot_ok
                 else f"the pilot is {self._pilot.state}"
             )
             self._fatal(f"{what}; {reason}", events, resend)
             return
-        self._restarts += 1
         try:
             self._start_master()
         except Exception as e:
@@ -879,8 +856,7 @@ class RadicalBackend:
                 "restarted",
                 0,
                 time.time(),
-                message=f"started master {self._master.uid} (restart {self._restarts} of "
-                f"{self.max_restarts})",
+                message=f"started master {self._master.uid} ({self._driver.budget.note()})",
             )
         )
         if resend:
@@ -888,14 +864,13 @@ class RadicalBackend:
 
     def _fatal(self, why: str, events: list[Any], unsent: Sequence[RunAttempt] = ()) -> None:
         with self._lock:
-            self._dead = True
-            self._fatal_message = why
+            fatal = self._driver.fatal(why)
             gone = list(self._ledger.entries.values())
             self._ledger = L.Ledger()
             self._by_uid.clear()
-        events.extend(self._runtime_lost(e.item.m, why, e) for e in gone)
-        events.extend(self._runtime_lost(m, why) for m in unsent)
-        events.append(Fatal("runtime_lost", why))
+        events.extend(runtime_lost(e.item.m, why, entry=e) for e in gone)
+        events.extend(runtime_lost(m, why) for m in unsent)
+        events.append(fatal)
 
     # ------------------------------------------------------------------ pings (rpc)
     def _rpc(self, cmd: str, timeout: float, **kwargs: Any) -> Any:
@@ -925,11 +900,11 @@ class RadicalBackend:
             with contextlib.suppress(Exception):
                 self._rpc(cmd, self.ping_timeout, **kwargs)
 
-        threading.Thread(target=run, name="pilotfish-rp-rpc", daemon=True).start()
+        self._driver.nursery.start("pilotfish-rp-rpc", run)
 
     def _ping_loop(self) -> None:
         while not self._stopping.wait(self.hb_interval):
-            if self._dead:
+            if self._driver.dead:
                 return
             gen = self._gen
             if self._master_seen_running is None:
@@ -954,7 +929,7 @@ class RadicalBackend:
         now = time.monotonic()
         with self._lock:
             up = self._master_up_at
-            if up is None or gen != self._gen or self._dead:
+            if up is None or gen != self._gen or self._driver.dead:
                 return
             due = [
                 e.item
@@ -981,7 +956,7 @@ class RadicalBackend:
             self._q.put(("sweep", gen, ans))
 
     def _on_ping(self, gen: int, ans: dict[str, Any], events: list[Any]) -> None:
-        if gen != self._gen or self._dead:
+        if gen != self._gen or self._driver.dead:
             return
         now = time.time()
         with self._lock:
@@ -1015,9 +990,9 @@ class RadicalBackend:
                 if e is None or e.where == "started" or e.item.uid != uid:
                     continue
                 _, pid, host = new.get(wid) or ["", 0, ""]
-                for c in self._ledger.handle(L.Start(wid, e.attempt, int(pid), host, now)):
-                    if isinstance(c, L.Report):
-                        events.append(c.msg)
+                carry_out(
+                    self._ledger.handle(L.Start(wid, e.attempt, int(pid), host, now)), _Step(events)
+                )
 
     # ------------------------------------------------------------------ teardown
     def _start_reaper(self) -> None:
@@ -1074,7 +1049,7 @@ class RadicalBackend:
             log.warning("pilotfish: %s did not return within %g s", what, timeout)
 
     def _stop_master(self) -> None:
-        if self._master is None or (self._dead and self._master.state in rp.FINAL):
+        if self._master is None or (self._driver.dead and self._master.state in rp.FINAL):
             return
         # a master that never answered is still starting (or hung): RP cancels its task,
         # and its workers end themselves once it is gone
