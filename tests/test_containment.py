@@ -131,3 +131,22 @@ def test_sandbox_streams_are_read_only_when_regular_files(tmp_path: Path) -> Non
     regular = tmp_path / "out.txt"
     regular.write_bytes(b"one\ntwo\n")
     assert commands.excerpt(regular, "stdout") == "last lines of stdout:\none\ntwo"
+
+
+def test_a_pid_is_killed_only_while_it_is_the_process_remembered() -> None:
+    """Pids are recycled: between the moment containment lists an attempt's processes and
+    the moment it kills them, one may have exited and its pid gone to an unrelated
+    process (the user's shell). A pid is killed only while its start time is the one
+    read with it."""
+    from pilotfish import _procs
+
+    p = subprocess.Popen(["sleep", "1000"])
+    try:
+        start = _procs.descendants([p.pid])[p.pid]
+        assert _procs.kill_and_reap({p.pid: start + 1}, settle=0.0) == []
+        assert p.poll() is None, "a process with another start time was killed"
+        assert _procs.kill_and_reap({p.pid: start}) == []
+        assert _procs._stat(p.pid) is None, "killed and reaped: the pid is free again"
+    finally:
+        p.kill()
+        p.wait()

@@ -46,7 +46,8 @@ group id to the caller right after the spawn so a supervisor can kill the tree
 even if this worker process dies.  On timeout or cancellation the group gets
 SIGTERM, a short grace period, then SIGKILL.  After a normal exit, anything
 left in the group is killed with SIGKILL so nothing leaks.  (A program that
-calls ``setsid()`` itself leaves the group; only cgroups could catch that.)
+calls ``setsid()`` itself leaves the group: the worker, a child subreaper, finds
+it when the attempt ends, see :class:`pilotfish._procs.Containment`.)
 
 *No pid-reuse races.*  The exit of the main program is observed with
 ``waitid(..., WNOWAIT)``: the child stays an unreaped zombie, which keeps its
