@@ -692,7 +692,9 @@ def test_a_task_that_closes_its_stdio_breaks_no_later_task(rig: Rig, backend: st
     good = s.submit(fm.say, c2, "still here")
     assert good.result(timeout=END[backend]) == "still here"
     rig.close(s)
-    assert good.attempts[0].pid == bad.attempts[0].pid  # the same worker process
+    assert good.attempts[0].worker == bad.attempts[0].worker  # the same worker
+    if backend != "radical":  # RP's worker forks a process per task; the others reuse one
+        assert good.attempts[0].pid == bad.attempts[0].pid
     check_runs(bad, c1)
     check_runs(good, c2)
 
