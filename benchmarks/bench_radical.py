@@ -114,7 +114,7 @@ def _latency_stats(lat_ms: list[float]) -> dict[str, float]:
 
 def token_procs(token: str) -> list[Any]:
     """Live (non-zombie) processes, other than this one, whose environment has the token."""
-    from pilotfish._procs import with_env
+    from pilotfish.runtime.procs import with_env
 
     return with_env(TOKEN_VAR, {token})
 

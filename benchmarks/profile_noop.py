@@ -40,10 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _tasks import noop
 
 import pilotfish
-from pilotfish import _wire
 from pilotfish.backends.base import Result, RunAttempt, Sink
-from pilotfish.backends.execute import run_attempt
 from pilotfish.backends.local.dispatch import Dispatcher
+from pilotfish.runtime.execute import run_attempt
+from pilotfish.wire import messages as _wire
 
 N = 20_000
 REPEAT = 5

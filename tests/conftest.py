@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 import pilotfish
-from pilotfish import _procs
+from pilotfish.runtime import procs as _procs
 
 TOKEN_VAR = "PILOTFISH_TEST_TOKEN"
 

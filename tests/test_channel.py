@@ -1,4 +1,4 @@
-"""The framed socket channel between client, master and workers (pilotfish._wire.Channel):
+"""The framed socket channel between client, master and workers (pilotfish.wire.messages.Channel):
 frames coalesced in one read, non-blocking writes with a backlog, large frames, EOF."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from pilotfish._wire import Channel
+from pilotfish.wire.messages import Channel
 
 
 @pytest.fixture

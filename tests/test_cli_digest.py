@@ -14,9 +14,9 @@ import pytest
 from rich.cells import cell_len
 
 import pilotfish
-from pilotfish import cli
 from pilotfish.digest import failure_digest
-from pilotfish.journal import JournalReader
+from pilotfish.store.journal import JournalReader
+from pilotfish.tools import cli
 
 LONG_KEY = "member-" + "k" * 100 + "-end"
 LONG_MESSAGE = "the solver diverged because " + "the time step was far too large " * 6

@@ -1,4 +1,4 @@
-"""Unit tests for pilotfish.commands: one program attempt in a sandbox."""
+"""Unit tests for pilotfish.runtime.programs: one program attempt in a sandbox."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pilotfish.commands import (
+from pilotfish.runtime.programs import (
     CommandOutcome,
     CommandSpec,
     make_sandbox,

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 import pilotfish
-from pilotfish import commands
-from pilotfish._files import NotRegularFile, open_regular
+from pilotfish.runtime import programs as commands
+from pilotfish.runtime.files import NotRegularFile, open_regular
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
 
@@ -67,7 +67,7 @@ def test_containment_ends_what_an_attempt_started_and_spares_the_rest(tmp_path: 
     r = _python(
         """
         import os, subprocess, time
-        from pilotfish import _procs
+        from pilotfish.runtime import procs as _procs
         keep = subprocess.Popen(["sleep", "1000"])  # the worker's own, from before
         c = _procs.Containment()
         assert c.subreaper
@@ -138,7 +138,7 @@ def test_a_pid_is_killed_only_while_it_is_the_process_remembered() -> None:
     the moment it kills them, one may have exited and its pid gone to an unrelated
     process (the user's shell). A pid is killed only while its start time is the one
     read with it."""
-    from pilotfish import _procs
+    from pilotfish.runtime import procs as _procs
 
     p = subprocess.Popen(["sleep", "1000"])
     try:
@@ -150,3 +150,44 @@ def test_a_pid_is_killed_only_while_it_is_the_process_remembered() -> None:
     finally:
         p.kill()
         p.wait()
+
+
+def _wait_for_file(path: str) -> int:
+    import time as _time
+
+    deadline = _time.monotonic() + 30
+    while not os.path.exists(path) and _time.monotonic() < deadline:
+        _time.sleep(0.01)
+    return 7
+
+
+def test_attempts_in_the_clients_own_process_leave_it_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``FakeBackend`` (and a Dask worker inside the client's process) run attempts in the
+    user's own process. Putting back "the worker's" ``sys.stdout``, working directory and
+    environment there undid the user's own changes (pytest's capsys lost the output of a
+    CLI call made after a session ran), and ending "every process that was not there
+    when idle" could kill a process the user started while an attempt ran. In the
+    client's process an attempt owns only what its own thread started."""
+    from pilotfish.backends.fake import FakeBackend
+
+    go = tmp_path / "go"
+    with pilotfish.Session(backend=FakeBackend(1, rundir=str(tmp_path)), rundir=tmp_path) as s:
+        assert s.submit(abs, -1).result() == 1  # the process has seen an attempt
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setenv("PILOTFISH_USERS_OWN", "1")
+        t = s.submit(_wait_for_file, str(go))
+        user = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        try:
+            go.touch()
+            assert t.result(timeout=30) == 7
+            assert s.submit(abs, -2).result() == 2
+            print("the user's own line")
+            assert user.poll() is None, "the user's process was killed by containment"
+            assert os.getcwd() == str(tmp_path)
+            assert os.environ.get("PILOTFISH_USERS_OWN") == "1"
+            assert "the user's own line" in capsys.readouterr().out
+        finally:
+            user.kill()
+            user.wait()

@@ -221,8 +221,8 @@ def test_values_come_from_the_granted_worker_without_asking_the_scheduler(
 def test_attempt_cancelled_while_being_handed_to_dask(cluster: Any, tmp_path: Path) -> None:
     """A cancel that lands between taking a batch and Dask's futures existing: the late
     future is cancelled and nothing of that attempt is ever reported."""
-    from pilotfish import _wire
     from pilotfish.backends.dask import DaskBackend
+    from pilotfish.wire import messages as _wire
 
     got: list[Any] = []
     b = DaskBackend(address=cluster.scheduler_address, rundir=str(tmp_path / "r"))
@@ -508,8 +508,8 @@ def test_submitter_lets_attempts_gather_only_while_dask_has_a_backlog() -> None:
     attempts that have not started (its workers stay busy), the submitter waits a little
     for more (a quarter of the backlog's run time at 1 ms each, at most 20 ms); never
     without a backlog, and never for a retry or a resend."""
-    from pilotfish import _wire
     from pilotfish.backends.dask import DaskBackend, _Att
+    from pilotfish.wire import messages as _wire
 
     b = DaskBackend(address="tcp://127.0.0.1:1")
     assert b._gather_delay() == 0.0  # nothing pending

@@ -9,16 +9,6 @@ from __future__ import annotations
 
 import pytest
 
-from pilotfish._wire import (
-    CancelAttempt,
-    Fatal,
-    Lost,
-    Result,
-    RunAttempt,
-    Shutdown,
-    Started,
-    WorkerReport,
-)
 from pilotfish.backends.local.dispatch import (
     Dispatcher,
     InvalidSlotTransition,
@@ -32,6 +22,16 @@ from pilotfish.backends.local.dispatch import (
 from pilotfish.core import ledger as L
 from pilotfish.core.machine import InvariantViolation
 from pilotfish.errors import InvalidTransition
+from pilotfish.wire.messages import (
+    CancelAttempt,
+    Fatal,
+    Lost,
+    Result,
+    RunAttempt,
+    Shutdown,
+    Started,
+    WorkerReport,
+)
 
 
 @pytest.fixture(autouse=True)

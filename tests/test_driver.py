@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 
-from pilotfish import _wire
 from pilotfish.backends._driver import (
     Driver,
     Nursery,
@@ -24,6 +23,7 @@ from pilotfish.backends._driver import (
 )
 from pilotfish.backends.base import Fatal, RunAttempt
 from pilotfish.core import ledger as L
+from pilotfish.wire import messages as _wire
 
 pytestmark = pytest.mark.timeout(10)
 

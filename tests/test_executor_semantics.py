@@ -99,7 +99,7 @@ def test_pending_work_runs_at_interpreter_exit(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert sorted(out.stdout.split("\n")[:-1]) == sorted(f"done {i}" for i in range(20))
     status = subprocess.run(
-        [sys.executable, "-m", "pilotfish.cli", "status", "--rundir", "run"],
+        [sys.executable, "-m", "pilotfish.tools.cli", "status", "--rundir", "run"],
         cwd=tmp_path,
         capture_output=True,
         text=True,

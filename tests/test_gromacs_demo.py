@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pilotfish.journal import JournalReader
+from pilotfish.store.journal import JournalReader
 
 pytestmark = [
     pytest.mark.skipif(
@@ -29,7 +29,7 @@ def test_demo_gromacs(tmp_path: Path) -> None:
     rundir = tmp_path / "demo"
     t0 = time.monotonic()
     p = subprocess.run(
-        [sys.executable, "-m", "pilotfish.cli", "--rundir", str(rundir), "demo", "--gromacs"],
+        [sys.executable, "-m", "pilotfish.tools.cli", "--rundir", str(rundir), "demo", "--gromacs"],
         capture_output=True,
         text=True,
         timeout=200,

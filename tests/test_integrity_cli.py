@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 
 import pilotfish
-from pilotfish import cli
-from pilotfish._files import open_regular
 from pilotfish.backends.fake import FakeBackend
-from pilotfish.journal import JournalReader
+from pilotfish.runtime.files import open_regular
+from pilotfish.store.journal import JournalReader
+from pilotfish.tools import cli
 
 KEY = "evil[/]key [bold red]x[/bold red]"
 NAME = "name[/]"
@@ -168,7 +168,7 @@ def test_show_full_streams_without_reading_whole(
         f = real_open(file)
         return Spy(f) if str(file) == str(hostile_run["stderr"]) else f
 
-    monkeypatch.setattr("pilotfish.cli.open_regular", spy_open)
+    monkeypatch.setattr("pilotfish.tools.cli.open_regular", spy_open)
     args = ["--rundir", hostile_run["rundir"], "show", "big-stderr", "--full"]
     assert cli.main(args) == 0
     out = capsys.readouterr().out
@@ -190,7 +190,7 @@ def test_live_progress_escapes_hostile_keys(capsys: pytest.CaptureFixture[str]) 
     errors and with escape sequences made visible."""
     from rich.console import Console
 
-    from pilotfish._events import TaskEvent, WorkerEvent
+    from pilotfish.client.events import TaskEvent, WorkerEvent
     from pilotfish.core.states import State
 
     console = Console(force_terminal=False, width=200)
@@ -219,7 +219,7 @@ def _failed_program_run(rundir: Path) -> str:
 
 def _cli(args: list[str], cwd: Path | None = None, prefix: list[str] | None = None) -> Any:
     return subprocess.run(
-        [*(prefix or []), sys.executable, "-m", "pilotfish.cli", *args],
+        [*(prefix or []), sys.executable, "-m", "pilotfish.tools.cli", *args],
         cwd=cwd,
         capture_output=True,
         text=True,

@@ -24,10 +24,10 @@ import pytest
 
 import pilotfish
 from conftest import wait_for
-from pilotfish._payloads import call_digest
-from pilotfish._wire import dumps_call
 from pilotfish.backends.fake import FakeBackend
-from pilotfish.journal import JournalDamaged, JournalError, JournalReader
+from pilotfish.client.payloads import call_digest
+from pilotfish.store.journal import JournalDamaged, JournalError, JournalReader
+from pilotfish.wire.messages import dumps_call
 
 
 def double(x: int) -> int:
@@ -403,7 +403,7 @@ def test_resume_in_a_new_process_restores_tasks_with_set_and_dataclass_args(
     script, marks, rundir = tmp_path / "wf.py", tmp_path / "marks", tmp_path / "run"
     script.write_text(_RESUME_SCRIPT)
     marks.mkdir()
-    cli = [sys.executable, "-m", "pilotfish.cli", "--rundir", str(rundir)]
+    cli = [sys.executable, "-m", "pilotfish.tools.cli", "--rundir", str(rundir)]
     for seed, cmd in (("1", "run"), ("2", "resume")):
         subprocess.run(
             [*cli, cmd, str(script), str(marks), str(rundir)],
@@ -463,7 +463,7 @@ def test_every_text_field_is_stored_whatever_its_bytes(
     journaled in the same flush as a finished task: the flush failed, the task's row was
     lost and the run stayed "running". Every text field of every record kind (tasks,
     attempts, failures, events, drains) now goes through one escaping rule."""
-    from pilotfish.journal import Journal
+    from pilotfish.store.journal import Journal
 
     path = tmp_path / "journal.db"
     j = Journal(path, flush_interval=3600)  # everything below goes in the final flush

@@ -15,8 +15,8 @@ import psutil
 import pytest
 
 from conftest import pid_alive, wait_for
-from pilotfish import _procs
 from pilotfish.backends.radical import reaper
+from pilotfish.runtime import procs as _procs
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 Each test names the mistaken or hostile input it reproduces. They run on the local
 backend (the code under test, ``backends/command_runner.py`` and
-``pilotfish.commands``, is shared by every backend).
+``pilotfish.runtime.programs``, is shared by every backend).
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ from typing import Any
 import pytest
 
 import pilotfish
-from pilotfish import Category, _wire
-from pilotfish.backends.command_runner import run_command_attempt
+from pilotfish import Category
 from pilotfish.backends.fake import FakeBackend
-from pilotfish.commands import CommandSpec, run_command, safe_dirname, spec_problem
+from pilotfish.runtime.program_attempt import run_command_attempt
+from pilotfish.runtime.programs import CommandSpec, run_command, safe_dirname, spec_problem
+from pilotfish.wire import messages as _wire
 
 Make = Callable[..., pilotfish.Session]
 

@@ -18,8 +18,8 @@ import pytest
 import faulty
 import pilotfish
 from conftest import wait_for
-from pilotfish import cli
-from pilotfish.journal import Journal, JournalError, JournalReader
+from pilotfish.store.journal import Journal, JournalError, JournalReader
+from pilotfish.tools import cli
 
 
 def counted(marker_dir: str, name: str, value: int, fail: bool | str = False) -> int:
@@ -170,7 +170,7 @@ def test_resume_after_client_sigkill(tmp_path: Path) -> None:
     assert len(done_before) >= 45
     runs_before = {f"t{i}": runs_of(marks, f"t{i}") for i in range(40)}
     out = subprocess.run(
-        [sys.executable, "-m", "pilotfish.cli", "resume", str(script)],
+        [sys.executable, "-m", "pilotfish.tools.cli", "resume", str(script)],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -270,7 +270,7 @@ def test_cli_as_subprocess(tmp_path: Path) -> None:
     """)
     )
     run = subprocess.run(
-        [sys.executable, "-m", "pilotfish.cli", "run", str(script)],
+        [sys.executable, "-m", "pilotfish.tools.cli", "run", str(script)],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -279,7 +279,7 @@ def test_cli_as_subprocess(tmp_path: Path) -> None:
     assert run.returncode == 1, run.stdout + run.stderr
     assert "5" in run.stdout and "failed" in run.stdout
     fl = subprocess.run(
-        [sys.executable, "-m", "pilotfish.cli", "failures", "--json"],
+        [sys.executable, "-m", "pilotfish.tools.cli", "failures", "--json"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -295,7 +295,7 @@ def test_demo_runs(tmp_path: Path) -> None:
     """`pilotfish demo` exercises the product end to end and prints both tables."""
     t0 = time.monotonic()
     out = subprocess.run(
-        [sys.executable, "-m", "pilotfish.cli", "demo"],
+        [sys.executable, "-m", "pilotfish.tools.cli", "demo"],
         cwd=tmp_path,
         capture_output=True,
         text=True,

@@ -10,7 +10,8 @@ import pytest
 
 import faulty
 import pilotfish
-from pilotfish import Category, cli
+from pilotfish import Category
+from pilotfish.tools import cli
 
 
 def test_missing_module_requirement(session: pilotfish.Session) -> None:

@@ -25,9 +25,10 @@ from typing import Any
 import pytest
 
 import pilotfish
-from pilotfish import cli, report
+import pilotfish.digest
 from pilotfish.errors import Category, FailureRecord
-from pilotfish.journal import Journal, JournalReader
+from pilotfish.store.journal import Journal, JournalReader
+from pilotfish.tools import cli, report
 
 HOSTILE_KEY = "<script>window.pwned=1</script>&amp;\x1b[31m"
 HOSTILE_SHOWN = "<script>window.pwned=1</script>&amp;\\x1b[31m"  # as text, the escape visible
@@ -336,10 +337,13 @@ def test_report_imports_only_the_journal_and_the_digest() -> None:
         elif isinstance(node, ast.Import):
             imported.update(a.name for a in node.names)
     ours = {m for m in imported if m.startswith((".", "pilotfish"))}
-    # _files: the one rule for reading a task's files; _rundir: what the run directory keeps
-    assert ours == {".digest", ".journal", "._files", "._rundir"}
+    # runtime.files: the one rule for reading a task's files (standard library only);
+    # store.rundir: what the run directory keeps
+    assert ours == {"..digest", "..store.journal", "..runtime.files", "..store.rundir"}
     assert all(m.split(".")[0] in sys.stdlib_module_names for m in imported - ours), imported
-    digest_src = Path(report.__file__).with_name("digest.py").read_text()
+    digest_src = Path(pilotfish.digest.__file__).read_text()
+    files_src = Path(report.__file__).parents[1].joinpath("runtime", "files.py").read_text()
+    assert not re.search(r"^\s*(from \.|import pilotfish|from pilotfish)", files_src, re.M)
     assert not re.search(r"^\s*(from \.|import pilotfish|from pilotfish)", digest_src, re.M)
 
 

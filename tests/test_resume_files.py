@@ -18,7 +18,7 @@ import pytest
 import pilotfish
 from conftest import skip_on
 from pilotfish import Category
-from pilotfish.commands import (
+from pilotfish.runtime.programs import (
     attempt_tags,
     find_sandbox,
     make_lineage,
@@ -310,8 +310,8 @@ def test_the_worker_refuses_a_resume_file_inside_an_input(tmp_path: Path) -> Non
     nothing is copied from the earlier sandbox into the input directory."""
     import pickle
 
-    from pilotfish import _wire
-    from pilotfish.backends.command_runner import run_command_attempt
+    from pilotfish.runtime.program_attempt import run_command_attempt
+    from pilotfish.wire import messages as _wire
 
     data = tmp_path / "data"
     data.mkdir()
@@ -393,7 +393,8 @@ def test_restore_refuses_links_out_of_the_old_sandbox(tmp_path: Path) -> None:
 
 def test_show_prints_the_note(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`pilotfish show KEY` prints what each attempt resumed from (from the journal)."""
-    from pilotfish import cli, journal
+    from pilotfish.store import journal
+    from pilotfish.tools import cli
 
     if "note" not in getattr(journal, "_ATTEMPT_FIELDS", ()):
         pytest.skip("this journal does not store attempt notes yet (journal._ATTEMPT_FIELDS)")

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TOKEN_VAR, wait_for, with_env
-from pilotfish import cli
+from pilotfish.tools import cli
 
 _CLIENT = """
 import os, sys, time

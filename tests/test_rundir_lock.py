@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 
 import pilotfish
-from pilotfish import cli
-from pilotfish._rundir import LOCK_NAME, RundirBusy
 from pilotfish.backends.fake import FakeBackend
-from pilotfish.journal import JournalReader
+from pilotfish.store.journal import JournalReader
+from pilotfish.store.rundir import LOCK_NAME, RundirBusy
+from pilotfish.tools import cli
 
 TESTS = Path(__file__).parent
 
@@ -103,7 +103,7 @@ def test_second_session_is_refused_naming_the_holder_and_a_killed_holder_never_b
             "    print(s.submit(abs, -1).result())\n"
         )
         out = subprocess.run(
-            [sys.executable, "-m", "pilotfish.cli", "resume", str(script)],
+            [sys.executable, "-m", "pilotfish.tools.cli", "resume", str(script)],
             cwd=tmp_path,
             capture_output=True,
             text=True,

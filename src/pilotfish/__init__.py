@@ -12,11 +12,10 @@ The public face is this module; everything else is private.
 
 from concurrent.futures import CancelledError
 
-from ._events import HostDrained, MasterEvent, TaskEvent, WorkerEvent, WorkersGone
-from ._options import TaskFunction, TaskOptions, task
-from ._scratch import previous_attempt_files, scratch_dir
-from ._session import Call, Fail, Retry, Session, Task, as_completed, wait
-from .commands import CommandResult
+from ._version import __version__
+from .client.events import HostDrained, MasterEvent, TaskEvent, WorkerEvent, WorkersGone
+from .client.options import TaskFunction, TaskOptions, task
+from .client.session import Call, Fail, Retry, Session, Task, as_completed, wait
 from .core.drain import DrainPolicy
 from .core.policy import Backoff
 from .core.states import State
@@ -36,8 +35,8 @@ from .errors import (
     TaskTimeout,
     WorkerLost,
 )
-
-__version__ = "0.1.0"
+from .runtime.programs import CommandResult
+from .runtime.scratch import previous_attempt_files, scratch_dir
 
 __all__ = [
     "AttemptRecord",

@@ -45,9 +45,9 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, Protocol, TypeVar, assert_never
 
-from .. import _wire
-from .._wire import Fatal, Lost, Result, RunAttempt
 from ..core import ledger as L
+from ..wire import messages as _wire
+from ..wire.messages import Fatal, Lost, Result, RunAttempt
 from .base import BackendEvent, Sink
 
 __all__ = [

@@ -37,7 +37,7 @@ bound the scheduler's or master's silence themselves, :class:`Pulse`), the fake
 unless told not to.
 
 **Probes.** Attempts with a *negative* id are probes (pre-flight checks, see
-:mod:`pilotfish._probes`): a backend runs them like any attempt and reports their
+:mod:`pilotfish.client.probes`): a backend runs them like any attempt and reports their
 ``Result`` or ``Lost``; the session routes those to the waiting probe, never to
 the workflow core.
 
@@ -63,7 +63,7 @@ import time as _time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol
 
-from .._wire import Fatal, Lost, Result, RunAttempt, Started, WorkerReport
+from ..wire.messages import Fatal, Lost, Result, RunAttempt, Started, WorkerReport
 
 __all__ = [
     "Alive",

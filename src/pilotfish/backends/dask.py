@@ -10,7 +10,7 @@ as with the local backend; Dask only places and runs attempts.
 
 Each attempt is submitted with a unique key
 (``pilotfish-KEY-aATTEMPT-TOKEN``), ``pure=False`` and ``retries=0``; on the
-worker it calls :func:`pilotfish.backends.execute.run_attempt`, which never
+worker it calls :func:`pilotfish.runtime.execute.run_attempt`, which never
 raises, and returns its ``Result``. Where each attempt is, and what Dask's
 signals mean for it, is kept by the shared attempt ledger
 (:class:`pilotfish.core.ledger.Ledger`): this backend only turns Dask's signals
@@ -203,14 +203,14 @@ from distributed.client import done_callback as _done_callback
 from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.utils_comm import gather_from_workers
 
-from .. import _wire
-from .._wire import Lost, Result, RunAttempt, WorkerReport
 from ..core import ledger as L
 from ..errors import InvalidTask
+from ..runtime.execute import run_attempt
+from ..wire import messages as _wire
+from ..wire.messages import Lost, Result, RunAttempt, WorkerReport
 from . import _dask_fence
 from ._driver import Driver, Outcome, Stimuli, carry_out, environment_result, runtime_lost
 from .base import MasterReport, Pulse, Sink
-from .execute import run_attempt
 
 __all__ = ["DaskBackend"]
 

@@ -15,7 +15,7 @@ with real processes are scripted exactly::
     assert t.attempts[0].outcome == "worker_lost"   # attempt 1 died with its worker
 
 How it works. ``workers`` threads take attempts in submission order (requeued or
-resent ones first) and run them with :func:`pilotfish.backends.execute.run_attempt`,
+resent ones first) and run them with :func:`pilotfish.runtime.execute.run_attempt`,
 the code every real worker runs, so values, user exceptions and programs behave
 as they do anywhere. The bookkeeping is a :class:`pilotfish.core.ledger.Ledger`,
 as in every backend: a worker passes the ledger's start fence before user code
@@ -70,9 +70,9 @@ from typing import Any
 
 from ..core import ledger as L
 from ..core.ledger import describe_exit
+from ..runtime.execute import run_attempt
 from ._driver import Driver, Outcome, carry_out
 from .base import Alive, BackendEvent, MasterReport, Result, RunAttempt, Sink, WorkerReport
-from .execute import run_attempt
 
 __all__ = [
     "DuplicateResult",

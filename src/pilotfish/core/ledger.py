@@ -98,7 +98,7 @@ AttemptId = int
 
 # --------------------------------------------------------------------------- reports
 # What a backend tells the client about an attempt. Defined here, where the rules that
-# produce them live; pilotfish._wire re-exports them as wire messages.
+# produce them live; pilotfish.wire.messages re-exports them as wire messages.
 
 
 class Started(NamedTuple):

@@ -35,13 +35,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ... import _wire
-from ..._procs import proc_sample
-from ..._wire import Channel, RunAttempt
 from ...core import ledger as L
 from ...core.ledger import describe_exit
 from ...errors import InvalidTask
-from ...preflight import client_versions
+from ...runtime.preflight import client_versions
+from ...runtime.procs import proc_sample
+from ...wire import messages as _wire
+from ...wire.messages import Channel, RunAttempt
 from .._driver import Driver, carry_out
 from ..base import Alive, BackendEvent, MasterReport, Sink
 

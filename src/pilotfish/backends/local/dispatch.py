@@ -53,11 +53,11 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple, assert_never
 
-from ..._wire import CancelAttempt, Fatal, Result, RunAttempt, Shutdown, WorkerReport
 from ...core import ledger as L
 from ...core.ledger import describe_exit
 from ...core.machine import InvariantViolation, Story
 from ...errors import InvalidTransition
+from ...wire.messages import CancelAttempt, Fatal, Result, RunAttempt, Shutdown, WorkerReport
 
 __all__ = [
     "SLOT_TRANSITIONS",

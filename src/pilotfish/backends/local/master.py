@@ -42,11 +42,17 @@ import sys
 import time
 from typing import Any
 
-from ... import _wire
-from ..._procs import become_subreaper, children, descendants, kill_and_reap, proc_sample
-from ..._wire import Channel
+from ...runtime.procs import (
+    become_subreaper,
+    children,
+    descendants,
+    die_with_parent,
+    kill_and_reap,
+    proc_sample,
+)
+from ...wire import messages as _wire
+from ...wire.messages import Channel
 from .dispatch import Cmd, Dispatcher, Kill, SendWorker, Spawn, ToClient
-from .worker import die_with_parent
 
 _TAIL_BYTES = 16384
 _TAIL_LINES = 20

@@ -21,42 +21,19 @@ exit, so the master never takes a clean exit for a crash.
 from __future__ import annotations
 
 import collections
-import contextlib
-import ctypes
 import os
-import signal
 import sys
 import threading
 import time
 from typing import Any
 
-from ... import _wire
-from ..._wire import Channel, RunAttempt
-from ..execute import run_attempt
+from ...runtime.execute import run_attempt
+from ...runtime.procs import die_with_parent
+from ...wire import messages as _wire
+from ...wire.messages import Channel, RunAttempt
 
 _EXIT_PARENT_GONE = 70
 _TICK = 0.02  # how often the heartbeat thread looks at the socket while user code runs
-
-
-_prctl: Any = None  # libc's prctl, looked up once (a process forked later inherits it)
-
-
-def libc_prctl() -> Any:
-    """libc's ``prctl`` (Linux), looked up on first use; None elsewhere."""
-    global _prctl
-    if _prctl is None and sys.platform.startswith("linux"):
-        with contextlib.suppress(Exception):
-            _prctl = ctypes.CDLL(None, use_errno=True).prctl
-    return _prctl
-
-
-def die_with_parent(sig: int = signal.SIGKILL) -> None:
-    """Ask the kernel to send us ``sig`` when our parent dies (Linux); a no-op elsewhere."""
-    prctl = libc_prctl()
-    if prctl is not None:
-        with contextlib.suppress(Exception):
-            PR_SET_PDEATHSIG = 1
-            prctl(PR_SET_PDEATHSIG, sig)
 
 
 class Worker:
@@ -129,7 +106,7 @@ class Worker:
 
     def run(self) -> None:
         threading.Thread(target=self._watch, name="pilotfish-heartbeat", daemon=True).start()
-        from ...preflight import worker_checks
+        from ...runtime.preflight import worker_checks
 
         checks = worker_checks(self.cfg.versions or {}, self.cfg.rundir)
         problems = tuple(c.message() for c in checks if not c.ok)

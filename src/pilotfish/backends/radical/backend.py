@@ -9,7 +9,7 @@ and its workers belong to the backend; the pilot is the caller's).
 
 Every attempt is one raptor function task calling ``PilotfishWorker.pilotfish_run``
 with the pickled ``RunAttempt`` (base64) as its argument; it runs
-:func:`pilotfish.backends.execute.run_attempt`, which never raises, and returns the
+:func:`pilotfish.runtime.execute.run_attempt`, which never raises, and returns the
 pickled ``Result``. So user exceptions, unpicklable results, programs (with
 pilotfish sandboxes and complete stdout/stderr files) behave as on every backend.
 
@@ -72,11 +72,11 @@ except ImportError as e:  # pragma: no cover - exercised without the extra
         "install it with: pip install 'pilotfish[radical]'"
     ) from e
 
-from ... import _wire
-from ..._procs import create_time, end_trees, in_places, with_env
-from ..._wire import Lost, Result, RunAttempt, Started, WorkerReport
 from ...core import ledger as L
-from ...preflight import client_versions
+from ...runtime.preflight import client_versions
+from ...runtime.procs import create_time, end_trees, in_places, with_env
+from ...wire import messages as _wire
+from ...wire.messages import Lost, Result, RunAttempt, Started, WorkerReport
 from .._driver import Driver, Stimuli, carry_out, environment_result, runtime_lost
 from ..base import MasterReport, Pulse, Sink
 

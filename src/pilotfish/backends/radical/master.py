@@ -55,7 +55,7 @@ Two backstops find a task that is lost on the way nevertheless:
   withdrawn ones again under new uids, so no task waits forever for a message RP lost,
   and none runs twice.
 
-Pre-flight (:func:`pilotfish.preflight.worker_checks`) runs here when the master
+Pre-flight (:func:`pilotfish.runtime.preflight.worker_checks`) runs here when the master
 starts and on every worker when it starts. If it fails, every task (queued, held or
 later) fails with an ENVIRONMENT error (``"pilotfish": "environment"``) and no
 (replacement) worker is started.
@@ -98,7 +98,7 @@ _ARRIVALS_KEPT = 1800.0  # s of task arrivals a client's sweep may ask about
 def _tail(path: str, n: int = _TAIL) -> str:
     """The last ``n`` bytes of a worker's stderr file in RP's sandbox, which a task could
     have replaced with a FIFO: read only if it is a regular file, never blocking."""
-    from pilotfish._files import read_tail
+    from pilotfish.runtime.files import read_tail
 
     try:
         return read_tail(path, n)[0].decode("utf-8", "replace")
@@ -107,7 +107,7 @@ def _tail(path: str, n: int = _TAIL) -> str:
 
 
 def _host() -> str:
-    from pilotfish import _wire
+    from pilotfish.wire import messages as _wire
 
     return _wire.host_name()
 
@@ -226,8 +226,8 @@ class PilotfishMaster(Master):  # type: ignore[misc]
 
     def _pf_preflight(self) -> None:
         try:
-            from pilotfish import _wire
-            from pilotfish.preflight import worker_checks
+            from pilotfish.runtime.preflight import worker_checks
+            from pilotfish.wire import messages as _wire
 
             checks = worker_checks(self._pf_cfg.get("versions") or {}, self._pf_cfg["rundir"])
             problems = [c.message() for c in checks if not c.ok]
@@ -502,7 +502,7 @@ class PilotfishMaster(Master):  # type: ignore[misc]
         """A worker the kernel shows stopped (SIGSTOP, a debugger, a suspended job) for a
         heartbeat interval runs nothing and answers nothing: it is killed as hung, and then
         lost like any dead worker (lock held). The local master's rule, from /proc."""
-        from pilotfish._procs import proc_sample
+        from pilotfish.runtime.procs import proc_sample
 
         sample = proc_sample(int(w["pid"]))
         if sample is None or sample[0] not in ("T", "t"):

@@ -56,7 +56,7 @@ import time
 
 import psutil
 
-from pilotfish._procs import alive, end_processes, in_places, same_processes, with_env
+from pilotfish.runtime.procs import alive, end_processes, in_places, same_processes, with_env
 
 TOKEN_VAR = "PILOTFISH_RP_TOKEN"
 _SESSION_ID = re.compile(r"rp\.session\.[^/\s]+")

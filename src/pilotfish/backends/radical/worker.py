@@ -4,7 +4,7 @@ RADICAL-Pilot loads this file with ``ru.load_class(path, "PilotfishWorker")``, s
 uses absolute imports only. It is RP's ``DefaultWorker`` (one forked process per task)
 with these changes:
 
-* pre-flight (:func:`pilotfish.preflight.worker_checks`) runs before the worker takes
+* pre-flight (:func:`pilotfish.runtime.preflight.worker_checks`) runs before the worker takes
   any task; the result goes to the master with the worker's pid in ``pilotfish_hello``;
 * a bulk of tasks taken from RP's shared queue is *claimed* from the master at once
   (``pilotfish_claim``), so the master knows which worker holds which task; a task the
@@ -29,7 +29,7 @@ with these changes:
 * a second result for the same task process (the child reported and then died) is
   dropped instead of crashing RP's result thread;
 * ``pilotfish_run(blob)`` is the one function every task calls: it runs a pickled
-  :class:`~pilotfish._wire.RunAttempt` through :func:`pilotfish.backends.execute.run_attempt`
+  :class:`~pilotfish.wire.messages.RunAttempt` through :func:`pilotfish.runtime.execute.run_attempt`
   (which never raises) and returns the pickled ``Result``, base64-encoded. The call's
   process calls it directly (stdout/stderr captured as RP's function dispatcher does),
   without RP's per-call asyncio event loop and environment copy.
@@ -69,8 +69,8 @@ def _die_with_master() -> None:
     until RP's agent notices (it may not, when the master was killed)."""
     import time
 
-    from pilotfish import _wire
-    from pilotfish._procs import alive
+    from pilotfish.runtime.procs import alive
+    from pilotfish.wire import messages as _wire
 
     try:
         host, pid, created = os.environ[_MASTER_VAR].split()
@@ -104,13 +104,13 @@ def _preload() -> None:
 
     for name in (
         "setproctitle",
-        "pilotfish.backends.execute",
+        "pilotfish.runtime.execute",
         "pilotfish.backends.local.worker",
         "pilotfish.core.ledger",
     ):
         with contextlib.suppress(Exception):
             importlib.import_module(name)
-    from pilotfish.backends.local.worker import libc_prctl
+    from pilotfish.runtime.procs import libc_prctl
 
     libc_prctl()
 
@@ -140,8 +140,8 @@ class PilotfishWorker(DefaultWorker):  # type: ignore[misc]
         ).start()
         cfg = _cfg()
         _client_path(cfg)
-        from pilotfish import _wire
-        from pilotfish.preflight import worker_checks
+        from pilotfish.runtime.preflight import worker_checks
+        from pilotfish.wire import messages as _wire
 
         self._pf_cfg = cfg
         self._pf_host = _wire.host_name()
@@ -169,7 +169,7 @@ class PilotfishWorker(DefaultWorker):  # type: ignore[misc]
         super().__init__(raptor_id)
         # a subreaper: what a per-task process started is re-parented to us when that
         # process dies before its attempt's containment ran (SIGKILL); _pf_sweep ends it
-        from pilotfish._procs import become_subreaper, children
+        from pilotfish.runtime.procs import become_subreaper, children
 
         become_subreaper()
         self._pf_own = children(os.getpid())  # RP's own children: never swept
@@ -307,7 +307,7 @@ class PilotfishWorker(DefaultWorker):  # type: ignore[misc]
         own: orphans of a per-task process that died, re-parented to us."""
         import multiprocessing.process as mpp
 
-        from pilotfish._procs import children, descendants, kill_and_reap
+        from pilotfish.runtime.procs import children, descendants, kill_and_reap
 
         with self._plock:  # RP adds a process to its pool under this lock
             orphans = children(os.getpid()) - set(self._pool) - self._pf_own
@@ -375,7 +375,7 @@ class PilotfishWorker(DefaultWorker):  # type: ignore[misc]
 
     # -- the per-task process ------------------------------------------------------
     def _dispatch(self, task: Any, env: Any) -> None:  # runs in a process forked per task
-        from pilotfish.backends.local.worker import die_with_parent
+        from pilotfish.runtime.procs import die_with_parent
 
         die_with_parent()
         if os.getppid() != self._pf_pid:  # the worker died before the line above
@@ -467,7 +467,7 @@ class PilotfishWorker(DefaultWorker):  # type: ignore[misc]
         )
 
     def _pf_child(self, task: Any, sent: Any) -> None:  # the call's own process
-        from pilotfish.backends.local.worker import die_with_parent
+        from pilotfish.runtime.procs import die_with_parent
 
         die_with_parent()
         if os.getppid() != task["pid"]:  # the per-task process died before the line above
@@ -523,7 +523,7 @@ class PilotfishWorker(DefaultWorker):  # type: ignore[misc]
 
     # -- the function every pilotfish task calls --------------------------------
     def pilotfish_run(self, blob: str) -> str:
-        from pilotfish.backends.execute import run_attempt
+        from pilotfish.runtime.execute import run_attempt
 
         cfg = self._pf_cfg
         cwd = cfg.get("cwd")

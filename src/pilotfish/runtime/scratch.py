@@ -13,7 +13,7 @@ A program names ``resume_files`` and its retry starts with them; a Python task a
         return result
 
 ``scratch_dir()`` is this attempt's directory under ``rundir/sandboxes`` (created
-on first use, mode 0700, never reused: :func:`pilotfish.commands.make_sandbox`,
+on first use, mode 0700, never reused: :func:`pilotfish.runtime.programs.make_sandbox`,
 named by the attempt's unique tag). ``previous_attempt_files()`` is the directory
 of the task's earlier attempt that was lost (worker killed), timed out, or failed
 with an exception its ``retry_on`` retries, if that attempt made one and it is on
@@ -28,12 +28,12 @@ retry of a chunk finds each call's checkpoint in that call, never another's.
 The scratch directories of a successful attempt are removed when it succeeds, unless
 the session keeps sandboxes (``keep_sandboxes="all"``); a failed or lost attempt's are
 kept (its retry reads them): the rule of program sandboxes,
-:func:`pilotfish.commands.keeps_sandbox`. On ``resume``, the first attempt of a task an
+:func:`pilotfish.runtime.programs.keeps_sandbox`. On ``resume``, the first attempt of a task an
 earlier run's death interrupted reads that attempt's directory
-(:func:`pilotfish.commands.make_lineage`); it is left in place.
+(:func:`pilotfish.runtime.programs.make_lineage`); it is left in place.
 
 The attempt is known through a context variable set by
-:func:`pilotfish.backends.execute.run_attempt` around the user's call, so it is
+:func:`pilotfish.runtime.execute.run_attempt` around the user's call, so it is
 right in threads (Dask) and processes alike; outside a task both raise.
 """
 
@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .commands import call_tag, find_sandbox, keeps_sandbox, make_sandbox, previous_attempt
+from .programs import call_tag, find_sandbox, keeps_sandbox, make_sandbox, previous_attempt
 
 __all__ = ["calls", "enter", "leave", "previous_attempt_files", "scratch_dir"]
 
@@ -84,7 +84,7 @@ def enter(
 
 def leave(token: contextvars.Token[_Attempt | None], ok: bool = False) -> None:
     """The user's code returned (``ok``) or raised: a successful attempt's scratch
-    directories are removed unless kept (:func:`pilotfish.commands.keeps_sandbox`)."""
+    directories are removed unless kept (:func:`pilotfish.runtime.programs.keeps_sandbox`)."""
     a = _CURRENT.get()
     _CURRENT.reset(token)
     if a is not None and a.made and not keeps_sandbox(a.keep, ok):

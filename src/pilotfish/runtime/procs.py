@@ -170,11 +170,13 @@ def proc_sample(pid: int) -> tuple[str, float] | None:
 # fork server, started by an attempt or not) is never touched. Standard library and
 # /proc only: it runs after every attempt.
 
+_PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
-_prctl: Any = None
+_prctl: Any = None  # libc's prctl, looked up once (a process forked later inherits it)
 
 
-def _libc_prctl() -> Any:
+def libc_prctl() -> Any:
+    """libc's ``prctl`` (Linux), looked up on first use; None elsewhere."""
     global _prctl
     if _prctl is None and os.path.exists("/proc/self/stat"):
         with contextlib.suppress(Exception):
@@ -184,10 +186,19 @@ def _libc_prctl() -> Any:
     return _prctl
 
 
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Ask the kernel to send us ``sig`` when our parent dies (Linux); a no-op elsewhere.
+    (The kernel means the parent *thread*: see the local master's ``_client_gone``.)"""
+    prctl = libc_prctl()
+    if prctl is not None:
+        with contextlib.suppress(Exception):
+            prctl(_PR_SET_PDEATHSIG, sig)
+
+
 def become_subreaper() -> bool:
     """Make this process a child subreaper (Linux): orphaned descendants are re-parented
     to it instead of init. Returns whether it is one."""
-    prctl = _libc_prctl()
+    prctl = libc_prctl()
     if prctl is None:
         return False
     try:
@@ -329,9 +340,14 @@ class Containment:
     same thread once it ended, however it ended. Thread-safe: Dask runs several attempts
     of one process in threads at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, shared: bool = False) -> None:
+        """``shared``: this process is also a client (a ``FakeBackend``, a Dask worker
+        in the client's process), so it is not made a subreaper and an attempt's
+        processes are only those its own thread started (the user's other processes
+        are none of its business)."""
         self.me = os.getpid()
-        self.subreaper = become_subreaper()
+        self.shared = shared
+        self.subreaper = False if shared else become_subreaper()
         self._lock = threading.Lock()
         self._running = 0
         self._idle: dict[int, int] = {}  # descendants when no attempt ran
@@ -354,7 +370,7 @@ class Containment:
         the children of its thread and their descendants, and, if it is the only attempt
         running, every descendant that was not there when this process was idle."""
         with self._lock:
-            idle, alone = self._idle, self._running <= 1
+            idle, alone = self._idle, self._running <= 1 and not self.shared
         # alone: all our children, those of its thread among them
         mine = descendants(children(self.me) if alone else _children_of_task(self.me, tid))
         exempt = _exempt()

@@ -1,6 +1,6 @@
 """Probes: checks run on a worker through the backend's ordinary attempt path.
 
-A probe is a :class:`~pilotfish._wire.RunAttempt` with a *negative* attempt id
+A probe is a :class:`~pilotfish.wire.messages.RunAttempt` with a *negative* attempt id
 (-1, -2, ...), so it can never collide with a task's attempt (the workflow core
 numbers those from 1). Backends need nothing special for it: they run it like
 any attempt (the local master, Dask, RADICAL-Pilot raptor alike) and report its
@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import _wire
-from .errors import EnvironmentMismatch
+from ..errors import EnvironmentMismatch
+from ..wire import messages as _wire
 
 __all__ = ["PREFLIGHT_KEY", "Probes", "is_probe"]
 
@@ -87,7 +87,7 @@ class Probes:
         timeout: float,
     ) -> list[Any]:
         """Run the pre-flight checks on a worker; every check, passed or not."""
-        from . import preflight as pf
+        from ..runtime import preflight as pf
 
         aid, fut = self.new()
         payload = _wire.dumps_call(

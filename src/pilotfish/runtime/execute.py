@@ -1,7 +1,7 @@
 """Run one attempt wherever a backend puts it: the code every worker shares.
 
-``run_attempt`` turns a :class:`~pilotfish._wire.RunAttempt` into a
-:class:`~pilotfish._wire.Result` and never raises: user exceptions, results
+``run_attempt`` turns a :class:`~pilotfish.wire.messages.RunAttempt` into a
+:class:`~pilotfish.wire.messages.Result` and never raises: user exceptions, results
 that cannot be pickled, calls that cannot be loaded (a module missing on the
 worker) and program failures all become an ``Envelope`` in the result. The
 local worker and the Dask backend both call it, so a task behaves the same
@@ -19,7 +19,7 @@ The same holds for the rest of what a process shares between its attempts
 :func:`run_attempt`): each attempt starts with the worker's file descriptors 0-2
 (a task that closed or replaced them would break the next task's ``print``),
 its working directory and its environment as they were before the first
-attempt; and nothing an attempt started outlives it (:class:`pilotfish._procs.
+attempt; and nothing an attempt started outlives it (:class:`pilotfish.runtime.procs.
 Containment`: the worker is a child subreaper, and when the attempt ends,
 however it ends, every process it started, detached or not, is killed and
 reaped before its result is sent). Where several attempts share a process
@@ -41,8 +41,10 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-from .. import _procs, _scratch, _wire
-from .._wire import Envelope, Result, RunAttempt
+from ..wire import messages as _wire
+from ..wire.messages import Envelope, Result, RunAttempt
+from . import procs as _procs
+from . import scratch as _scratch
 
 
 def _dispositions() -> dict[int, Any]:
@@ -73,13 +75,27 @@ def reset_signals() -> None:
                 signal.signal(sig, handler)
 
 
+_SHARED_PID: int | None = None  # the pid of a process that is also a client
+
+
+def shared_process() -> None:
+    """Say that this process is a client too (a ``Session`` lives here): attempts that
+    run in it (``FakeBackend``, a Dask worker inside the client's process) share it with
+    the user's own code, so nothing of the process is put back between attempts (its
+    working directory, environment and ``sys.stdout`` are the user's to change) and
+    containment ends only what an attempt's own thread started."""
+    global _SHARED_PID
+    _SHARED_PID = os.getpid()
+
+
 class _Worker:
     """What this process looked like before its first attempt, and the containment of
     what its attempts start (one per process: a fork gets its own)."""
 
     def __init__(self) -> None:
         self.pid = os.getpid()
-        self.contain = _procs.Containment()
+        self.shared = self.pid == _SHARED_PID
+        self.contain = _procs.Containment(self.shared)
         self.cwd = os.getcwd()
         self.environ = dict(os.environ)
         # os.environ's own bytes mapping: comparing it is 20x faster than os.environ
@@ -130,6 +146,8 @@ class _Worker:
 
     def begin(self) -> int:
         token = self.contain.begin()
+        if self.shared:
+            return token
         if self.contain.alone():
             self.restore()
         reset_signals()
@@ -143,10 +161,11 @@ _WORKER_LOCK = threading.Lock()  # only ever taken here (never held across a for
 def _this_worker() -> _Worker:
     global _WORKER
     w = _WORKER
-    if w is None or w.pid != os.getpid():  # first attempt here, or a fork of a worker
+    if w is None or w.pid != os.getpid() or w.shared != (w.pid == _SHARED_PID):
+        # first attempt here, a fork of a worker, or a session started here since
         with _WORKER_LOCK:
             w = _WORKER
-            if w is None or w.pid != os.getpid():
+            if w is None or w.pid != os.getpid() or w.shared != (w.pid == _SHARED_PID):
                 w = _WORKER = _Worker()
     return w
 
@@ -257,7 +276,7 @@ def _run(
         if env is not None:
             return _fail(env._replace(extra={**env.extra, "host": host}))
     if m.requires or m.programs:
-        from ..preflight import requirement_checks
+        from .preflight import requirement_checks
 
         failed = [c for c in requirement_checks(m.requires, m.programs) if not c.ok]
         if failed:
@@ -274,7 +293,7 @@ def _run(
                 )
             )
     if m.kind == "command":
-        from .command_runner import run_command_attempt
+        from .program_attempt import run_command_attempt
 
         return run_command_attempt(m, rundir, on_group, cancel)
     try:

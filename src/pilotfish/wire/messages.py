@@ -41,8 +41,8 @@ from typing import Any, NamedTuple
 import cloudpickle
 from tblib import Traceback
 
-from .core.ledger import Lost as Lost  # what a backend reports about an attempt
-from .core.ledger import Started as Started
+from ..core.ledger import Lost as Lost  # what a backend reports about an attempt
+from ..core.ledger import Started as Started
 
 PROTOCOL = pickle.HIGHEST_PROTOCOL
 

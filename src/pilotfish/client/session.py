@@ -38,9 +38,20 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import _rundir, _wire
-from ._events import MasterEvent, TaskEvent, WorkerEvent, WorkersGone
-from ._options import (
+from ..backends import backend_factory
+from ..backends.base import Alive, Backend, BackendEvent, Fatal, Lost, Result, Started
+from ..core import workflow as wf
+from ..core.ledger import describe_exit
+from ..core.policy import Backoff, Silence
+from ..core.states import State
+from ..errors import Category, EnvironmentMismatch, FailureRecord, InvalidTask
+from ..runtime.execute import call_chunk, shared_process
+from ..runtime.programs import find_sandbox, make_lineage, newest_sandbox, sandbox_index
+from ..store import rundir as _rundir
+from ..store.journal import Journal, JournalError, secure_rundir
+from ..wire import messages as _wire
+from .events import MasterEvent, TaskEvent, WorkerEvent, WorkersGone
+from .options import (
     TaskFunction,
     TaskOptions,
     check_rundir,
@@ -48,27 +59,17 @@ from ._options import (
     check_wait,
     str_list,
 )
-from ._payloads import call_digest, call_key_digest, pickle_call
-from ._probes import Probes, is_probe
-from ._programs import backstop, input_stamps, output_path, program_spec
-from ._translate import Call, Fail, Retry, Translator, drain_policy, on_drained
-from .backends import backend_factory
-from .backends.base import Alive, Backend, BackendEvent, Fatal, Lost, Result, Started
-from .backends.execute import call_chunk
-from .commands import find_sandbox, make_lineage, newest_sandbox, sandbox_index
-from .core import workflow as wf
-from .core.ledger import describe_exit
-from .core.policy import Backoff, Silence
-from .core.states import State
-from .errors import Category, EnvironmentMismatch, FailureRecord, InvalidTask
-from .journal import Journal, JournalError, secure_rundir
+from .payloads import Keyed, call_digest, call_key_digest, pickle_call
+from .probes import Probes, is_probe
+from .programs import backstop, input_stamps, output_path, program_spec
+from .translate import Call, Fail, Retry, Translator, drain_policy, on_drained
 
 log = logging.getLogger("pilotfish")
 
 __all__ = ["Call", "Fail", "Retry", "Session", "Task", "as_completed", "wait"]
 
 
-class Task(cf.Future):  # type: ignore[type-arg]
+class Task(cf.Future, Keyed):  # type: ignore[type-arg]
     """A submitted task: a ``concurrent.futures.Future`` with pilotfish's record of it."""
 
     def __init__(
@@ -175,7 +176,7 @@ class Task(cf.Future):  # type: ignore[type-arg]
             return t
 
     def result(self, timeout: float | None = None) -> Any:
-        """The value, as ``Future.result``; raises :class:`pilotfish.journal.JournalError`
+        """The value, as ``Future.result``; raises :class:`pilotfish.store.journal.JournalError`
         instead while the session's journal cannot be written."""
         value = super().result(timeout)
         journal = self._session._journal
@@ -522,6 +523,7 @@ class Session(cf.Executor):
             rand=rand or random.Random().random,
             drain=drain_policy(drain_after),
         )
+        shared_process()  # attempts run here (FakeBackend) leave the process alone
         self._nonce = f"{random.getrandbits(32):08x}"  # sandbox tags unique in the rundir
         #: resume: tid -> (the earlier run's interrupted attempt its first attempt continues
         #: from, as ``make_lineage`` takes it; the note of a Python task's attempt)
@@ -800,7 +802,7 @@ class Session(cf.Executor):
         """The failures grouped by category and normalised message, largest group first
         (plain data, as ``pilotfish failures --group --json`` prints): ``{"failed": n,
         "groups": [{"category", "signature", "count", "examples", "roots", ...}]}``."""
-        from .digest import failure_digest
+        from ..digest import failure_digest
 
         return failure_digest(self.failures())
 

@@ -54,7 +54,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from .errors import PilotfishError
+from ..errors import PilotfishError
 
 SCHEMA_VERSION = 1
 VALUE_INLINE_MAX = 1 << 20

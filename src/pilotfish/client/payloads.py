@@ -1,7 +1,7 @@
 """What a task sends to a worker: its call (or program template), pickled at submit.
 
 Every :class:`~pilotfish.Task` found in the arguments becomes a dependency,
-pickled as its index in the dependency list (see :mod:`pilotfish._wire`); a Task
+pickled as its index in the dependency list (see :mod:`pilotfish.wire.messages`); a Task
 of another session is refused. What cannot be pickled is refused by ``submit``
 itself with an :class:`~pilotfish.InvalidTask` that names the culprit (the
 callable, argument 2, keyword ``data``), never by a worker later.
@@ -32,11 +32,11 @@ from typing import TYPE_CHECKING, Any
 
 from cloudpickle.cloudpickle import _should_pickle_by_reference
 
-from . import _wire
-from .errors import InvalidTask
+from ..errors import InvalidTask
+from ..wire import messages as _wire
 
 if TYPE_CHECKING:
-    from ._session import Session, Task
+    from .session import Session, Task
 
 __all__ = ["call_digest", "call_key_digest", "canonical_digest", "pickle_call"]
 
@@ -102,7 +102,7 @@ def _plain_call(obj: Any) -> bool:
 
 def call_digest(payload: bytes, deps: Sequence[Task], stamps: Iterable[str] = ()) -> str:
     """The hash in a task's key: its payload, its dependencies' keys, and ``stamps``
-    (a program's input files: see :func:`pilotfish._programs.input_stamps`)."""
+    (a program's input files: see :func:`pilotfish.client.programs.input_stamps`)."""
     digest = hashlib.blake2b(payload, digest_size=6)
     for d in deps:
         digest.update(d.key.encode())
@@ -139,6 +139,15 @@ def call_key_digest(
     return h.hexdigest(), None
 
 
+class Keyed:
+    """What a session's ``Task`` is to this module: an object whose canonical form is its
+    stable ``key`` (pickled as a dependency, never by value). ``Task`` subclasses it, so a
+    Task is recognised by type, never by the name of the module that defines it."""
+
+    __slots__ = ()
+    key: str
+
+
 def _simple(x: Any) -> bool:
     """True if the pickle of ``x`` is the same in every process (Tasks are persistent ids)."""
     t = type(x)
@@ -146,7 +155,7 @@ def _simple(x: Any) -> bool:
         return True
     if t is list or t is tuple:
         return all(_simple(v) for v in x)
-    return getattr(t, "__name__", "") == "Task" and t.__module__ == "pilotfish._session"
+    return isinstance(x, Keyed)
 
 
 class _Unstable(Exception):
@@ -186,7 +195,7 @@ def _canon(x: Any, out: list[bytes], depth: int) -> None:
         _tagged(b"S", name + b":" + x.encode(errors="surrogatepass"), out)
     elif isinstance(x, bytes | bytearray):
         _tagged(b"Y", name + b":" + bytes(x), out)
-    elif t.__name__ == "Task" and t.__module__ == "pilotfish._session":
+    elif isinstance(x, Keyed):
         _tagged(b"K", x.key.encode(errors="surrogatepass"), out)  # its key is stable
     elif t in (list, tuple) or (isinstance(x, list | tuple) and not hasattr(x, "__dict__")):
         _tagged(b"L", name + b"".join(_sub(v, depth) for v in x), out)

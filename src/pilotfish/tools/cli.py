@@ -13,7 +13,7 @@ whole file with ``--full``; it never reads a file whole into memory.
 
 Many failures: ``failures`` prints one line per task cut to the terminal's width (the
 rest is in ``show``), ``failures --group`` the failure digest (:mod:`pilotfish.digest`),
-and ``report --html`` writes one self-contained HTML page (:mod:`pilotfish.report`).
+and ``report --html`` writes one self-contained HTML page (:mod:`pilotfish.tools.report`).
 ``run``, ``resume`` and ``demo`` say where that report goes when tasks failed.
 """
 
@@ -41,10 +41,10 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from . import digest as _digest
-from ._files import NotRegularFile, open_regular, read_tail
-from .digest import clean, fmt_dur, fmt_time
-from .journal import JournalError, JournalReader, sqlite_problem
+from .. import digest as _digest
+from ..digest import clean, fmt_dur, fmt_time
+from ..runtime.files import NotRegularFile, open_regular, read_tail
+from ..store.journal import JournalError, JournalReader, sqlite_problem
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -381,7 +381,7 @@ def _unread(p: Path, e: OSError, host: object) -> str:
 def _stderr_tail(p: Path, host: object, limit: int) -> list[Text]:
     """The last ``limit`` bytes of a stderr file, cleaned, with a title saying what is
     shown and where the whole file is; never more than ``limit`` bytes read, never a
-    file that is not a regular one (:func:`pilotfish._files.read_tail`)."""
+    file that is not a regular one (:func:`pilotfish.runtime.files.read_tail`)."""
     try:
         data, size, start = read_tail(p, limit)
     except OSError as e:
@@ -446,7 +446,7 @@ class Progress:
         self.live: Live | None = None
 
     def on_event(self, e: Any) -> None:
-        from ._events import MasterEvent, TaskEvent, WorkerEvent
+        from ..client.events import MasterEvent, TaskEvent, WorkerEvent
 
         with self.lock:
             if isinstance(e, TaskEvent):
@@ -470,7 +470,7 @@ class Progress:
     def _note_rundirs(self) -> None:
         """The run directories of the live sessions with a journal (a failure happened in
         one of them): `run` names them in its report hint."""
-        from . import _session
+        from ..client import session as _session
 
         try:
             sessions = list(_session._live_sessions)
@@ -510,7 +510,7 @@ class Progress:
 
 
 def run_script(path: str, argv: list[str], console: Console, *, resume: bool) -> int:
-    from . import _session
+    from ..client import session as _session
 
     script = Path(path)
     if not script.is_file():
@@ -563,8 +563,8 @@ def cmd_resume(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_check(args: argparse.Namespace, console: Console) -> int:
-    from . import Session
-    from .errors import PilotfishError
+    from .. import Session
+    from ..errors import PilotfishError
 
     try:
         with Session(

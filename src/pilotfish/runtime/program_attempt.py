@@ -3,7 +3,7 @@
 The payload of a ``"command"`` attempt is a pickled dict (see
 ``Session.executable``) whose ``argv`` and ``inputs`` may hold dependency
 values. They are resolved here, on the worker, into a
-:class:`pilotfish.commands.CommandSpec`; :func:`pilotfish.commands.run_command`
+:class:`pilotfish.runtime.programs.CommandSpec`; :func:`pilotfish.runtime.programs.run_command`
 does the rest. Every outcome becomes a ``Result``: a :class:`CommandResult`
 value, or an ``Envelope`` whose category is COMMAND_FAILED, MISSING_OUTPUT,
 TIMEOUT or ENVIRONMENT with every path in ``extra``.
@@ -16,17 +16,17 @@ and the sandbox is removed.
 Resume (``resume_files``): when the attempt's ``lineage`` names an earlier attempt
 that was lost, timed out or asked for a retry, its sandbox (found by its unique tag
 under ``rundir/sandboxes``: on a filesystem this worker shares) gives the new
-sandbox those files, all or none (:func:`pilotfish.commands.restore_files`), and
+sandbox those files, all or none (:func:`pilotfish.runtime.programs.restore_files`), and
 ``resume_argv`` replaces ``argv`` when they all came. The attempt's note says
 which ("resumed from attempt 2: md.cpt, 48 MB", "fresh start: md.cpt missing"). The
 first attempt of a resumed run may continue an attempt of an earlier run that the
 client's death interrupted (``make_lineage``): its note says so and names that sandbox,
 which is left in place. ``resume_files`` obey the rules of ``outputs``
-(:func:`pilotfish.commands.files_problem`), checked again here on the resolved call.
+(:func:`pilotfish.runtime.programs.files_problem`), checked again here on the resolved call.
 
 Edges trust nothing (DESIGN section 5): a task key never becomes a path.
 Every attempt gets a fresh sandbox ``rundir/sandboxes/NAME`` created with
-``mkdir`` that fails if it exists (:func:`pilotfish.commands.make_sandbox`),
+``mkdir`` that fails if it exists (:func:`pilotfish.runtime.programs.make_sandbox`),
 where ``NAME`` is a safe prefix of the key, a hash of the whole key, the
 attempt number and a random suffix; its results directory has the same
 ``NAME``. So no attempt, in this session or any other, reuses a sandbox, sees
@@ -46,8 +46,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .. import _wire
-from ..commands import (
+from ..wire import messages as _wire
+from .programs import (
     STDERR_NAME,
     STDOUT_NAME,
     CommandResult,

@@ -10,7 +10,7 @@ import os
 from collections.abc import Callable, Iterable
 from typing import Any, Generic, ParamSpec, TypeVar
 
-from .errors import InvalidTask
+from ..errors import InvalidTask
 
 P = ParamSpec("P")
 R = TypeVar("R")

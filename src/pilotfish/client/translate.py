@@ -33,14 +33,10 @@ import pickle
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from . import _wire
-from ._events import HostDrained, MasterEvent, WorkerEvent, WorkersGone
-from ._options import TaskOptions, check_retry
-from .backends.base import Alive, BackendEvent, Fatal, Lost, MasterReport, Result, Started
-from .commands import CommandResult
-from .core import workflow as wf
-from .core.drain import DrainPolicy
-from .errors import (
+from ..backends.base import Alive, BackendEvent, Fatal, Lost, MasterReport, Result, Started
+from ..core import workflow as wf
+from ..core.drain import DrainPolicy
+from ..errors import (
     EXCEPTION_FOR,
     Category,
     DependencyFailed,
@@ -49,9 +45,13 @@ from .errors import (
     PilotfishError,
     RemoteError,
 )
+from ..runtime.programs import CommandResult
+from ..wire import messages as _wire
+from .events import HostDrained, MasterEvent, WorkerEvent, WorkersGone
+from .options import TaskOptions, check_retry
 
 if TYPE_CHECKING:
-    from ._session import Task
+    from .session import Task
 
 log = logging.getLogger("pilotfish")
 

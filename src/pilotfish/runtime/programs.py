@@ -47,7 +47,7 @@ even if this worker process dies.  On timeout or cancellation the group gets
 SIGTERM, a short grace period, then SIGKILL.  After a normal exit, anything
 left in the group is killed with SIGKILL so nothing leaks.  (A program that
 calls ``setsid()`` itself leaves the group: the worker, a child subreaper, finds
-it when the attempt ends, see :class:`pilotfish._procs.Containment`.)
+it when the attempt ends, see :class:`pilotfish.runtime.procs.Containment`.)
 
 *No pid-reuse races.*  The exit of the main program is observed with
 ``waitid(..., WNOWAIT)``: the child stays an unreaped zombie, which keeps its
@@ -83,7 +83,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal, cast
 
-from ._files import NotRegularFile, open_regular, read_tail
+from .files import NotRegularFile, open_regular, read_tail
 
 __all__ = [
     "STDERR_NAME",

@@ -3,7 +3,7 @@
 Public and stable (``pilotfish.TaskEvent``, ``WorkerEvent``, ``MasterEvent``,
 ``HostDrained``, ``WorkersGone``). The
 session makes ``TaskEvent`` from the workflow core's transitions; ``WorkerEvent`` and
-``MasterEvent`` are what :mod:`pilotfish._translate` makes of a backend's
+``MasterEvent`` are what :mod:`pilotfish.client.translate` makes of a backend's
 ``WorkerReport`` and ``MasterReport`` (attempt ids become task keys).
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .core.states import State
+from ..core.states import State
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ relative and cannot climb out of it.
 
 The rules on the resolved call (NUL bytes, env names, ``cwd``, outputs that
 clash, escape or name an input) live in one place,
-:func:`pilotfish.commands.spec_problem`: checked here on what is known at
+:func:`pilotfish.runtime.programs.spec_problem`: checked here on what is known at
 submit, and again on the worker once dependency values are substituted.
 """
 
@@ -23,12 +23,12 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._options import TaskOptions, make_options
-from .commands import CommandResult, CommandSpec, files_problem, spec_problem
-from .errors import InvalidTask
+from ..errors import InvalidTask
+from ..runtime.programs import CommandResult, CommandSpec, files_problem, spec_problem
+from .options import TaskOptions, make_options
 
 if TYPE_CHECKING:
-    from ._session import Task
+    from .session import Task
 
 __all__ = ["ProgramSpec", "backstop", "input_stamps", "output_path", "program_spec"]
 

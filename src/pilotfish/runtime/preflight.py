@@ -52,7 +52,7 @@ def _host() -> str:
 def _version_info() -> tuple[str, str]:
     import cloudpickle
 
-    from . import __version__
+    from .._version import __version__
 
     return __version__, cloudpickle.__version__
 

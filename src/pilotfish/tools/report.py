@@ -1,6 +1,6 @@
 """The HTML report (``pilotfish report --html``): one self-contained file, from the journal.
 
-A reader of the journal only: this module imports :mod:`pilotfish.journal` (the reader),
+A reader of the journal only: this module imports :mod:`pilotfish.store.journal` (the reader),
 :mod:`pilotfish.digest` (the failure digest) and the standard library, nothing of the
 runtime. The page it writes::
 
@@ -48,10 +48,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from ._files import NotRegularFile, open_regular, read_tail
-from ._rundir import LOCK_NAME
-from .digest import clean, exit_label, failure_digest, fmt_dur, fmt_time, headline, signature
-from .journal import JournalError, JournalReader
+from ..digest import clean, exit_label, failure_digest, fmt_dur, fmt_time, headline, signature
+from ..runtime.files import NotRegularFile, open_regular, read_tail
+from ..store.journal import JournalError, JournalReader
+from ..store.rundir import LOCK_NAME
 
 __all__ = [
     "DETAIL_BUDGET",
@@ -168,7 +168,7 @@ def _locate(recorded: str, rundir: Path) -> tuple[Path | None, str]:
 def _read_tail(path: Path, limit: int) -> tuple[str, int, bool]:
     """The last ``limit`` bytes of ``path`` (from a whole line), its size, and whether
     that is all of it. Never reads more than ``limit`` bytes, nor anything but a regular
-    file (:func:`pilotfish._files.read_tail`: a FIFO raises, it never blocks)."""
+    file (:func:`pilotfish.runtime.files.read_tail`: a FIFO raises, it never blocks)."""
     data, size, start = read_tail(path, limit)
     text = data.decode("utf-8", errors="replace")
     if start and "\n" in text:
