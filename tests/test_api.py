@@ -147,3 +147,16 @@ def test_missing_optional_backend_says_how_to_install() -> None:
         pytest.skip("radical.pilot is installed here; the error path cannot be shown")
     with pytest.raises(pilotfish.EnvironmentMismatch, match=r"pilotfish\[radical\]"):
         pilotfish.Session(backend="radical")
+
+
+def test_python_dash_m_pilotfish_is_the_command() -> None:
+    """``python -m pilotfish status`` works as ``pilotfish status`` does (the command line
+    moved to ``pilotfish.tools.cli``; ``python -m pilotfish.cli`` is gone with it)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "pilotfish", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert "status" in out.stdout and "failures" in out.stdout
