@@ -232,6 +232,19 @@ def _children_of_task(pid: int, tid: int) -> set[int]:
         return set()
 
 
+def has_children() -> bool:
+    """Whether this process has a child (any thread's), alive or not yet reaped: one
+    ``waitid(P_ALL, WNOHANG | WNOWAIT)``, which reaps nothing. False means there is no
+    child, and so, for a subreaper, no descendant at all: no scan of /proc is needed."""
+    try:
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return False
+    except OSError:
+        return True  # cannot tell: scan
+    return True
+
+
 def children(pid: int) -> set[int]:
     """The direct children of process ``pid`` (all its threads)."""
     try:
@@ -356,7 +369,9 @@ class Containment:
         """Note that an attempt starts in this thread; returns its token."""
         with self._lock:
             if self._running == 0:
-                self._idle = descendants(children(self.me))
+                # one system call in the common case (a worker with no child at all)
+                idle = not self.shared and has_children()
+                self._idle = descendants(children(self.me)) if idle else {}
             self._running += 1
         return threading.get_native_id()
 
@@ -369,6 +384,8 @@ class Containment:
         """What the attempt running in thread ``tid`` started so far (pid -> start time):
         the children of its thread and their descendants, and, if it is the only attempt
         running, every descendant that was not there when this process was idle."""
+        if not has_children():  # a subreaper with no child has no descendant either
+            return {}
         with self._lock:
             idle, alone = self._idle, self._running <= 1 and not self.shared
         # alone: all our children, those of its thread among them
