@@ -183,3 +183,83 @@ def test_an_attempt_that_ended_is_not_continued(tmp_path: Path) -> None:
         t = s.executable(["sh", "-c", "exit 0"], resume_files=["ckpt"], key="member")
         t.result(timeout=30)
     assert t.attempts[0].note is None
+
+
+_WAITING_CLIENT = """
+import sys
+sys.path[:0] = {path!r}
+import pilotfish
+
+rundir, run = sys.argv[1:3]
+SCRIPT = '''
+if [ "$1" = resume ]; then echo "resume from $(cat ckpt)" > result.txt; exit 0; fi
+if [ "$RUN" != 1 ]; then echo fresh > result.txt; exit 0; fi
+echo 7 > ckpt.tmp && mv ckpt.tmp ckpt
+exec sleep 60
+'''
+# run 1: the attempt times out after writing its checkpoint, and its retry waits out a
+# long backoff, during which the client is killed
+backoff = pilotfish.Backoff(base=120.0, maximum=120.0, jitter=0.0)
+with pilotfish.Session(workers=1, rundir=rundir, resume=True, backoff=backoff) as s:
+    prog = s.executable(
+        ["sh", "-c", SCRIPT, "sh", "fresh"],
+        resume_argv=["sh", "-c", SCRIPT, "sh", "resume"],
+        resume_files=["ckpt"],
+        outputs=["result.txt"],
+        env={{"RUN": run}},
+        key="member-waiting",
+        timeout=1.0,
+        retries=2,
+    )
+    print(prog.result(timeout=60).outputs["result.txt"].read_text().strip(), flush=True)
+"""
+
+
+def _state(journal: Path, key: str) -> str | None:
+    if not journal.exists():
+        return None
+    with (
+        contextlib.closing(sqlite3.connect(f"file:{journal}?mode=ro", uri=True)) as c,
+        contextlib.suppress(sqlite3.OperationalError),
+    ):
+        row = c.execute("SELECT state FROM tasks WHERE key=?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+    return None
+
+
+def test_resume_continues_an_attempt_whose_retry_the_client_death_prevented(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A program (resume_files=["ckpt"]) timed out after writing its checkpoint; its retry
+    would have continued from it, but the client was killed during the retry's backoff.
+    The resumed run started that task fresh: the attempt had *ended* (timeout), so it was
+    not taken for an interrupted one. An attempt that ended lost or timed out, whose task
+    was waiting for its retry, is continued by the resumed run's first attempt, and the
+    note says why."""
+    rundir = tmp_path / "run"
+    script = tmp_path / "client.py"
+    script.write_text(
+        textwrap.dedent(_WAITING_CLIENT.format(path=[str(Path(__file__).parent), *sys.path]))
+    )
+    journal = rundir / "journal.db"
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(rundir), "1"], cwd=tmp_path, stdout=subprocess.PIPE
+    )
+    try:
+        wait_for(lambda: _state(journal, "member-waiting") == "RETRYING", 60, 0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+        assert proc.stdout is not None
+        proc.stdout.close()
+    out = subprocess.run(
+        [sys.executable, str(script), str(rundir), "2"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "resume from 7"
+    shown = " ".join(_show(rundir, "member-waiting", capsys).split())
+    assert "ended timeout and its retry had not started when the client died" in shown, shown

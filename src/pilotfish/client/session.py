@@ -1050,9 +1050,13 @@ class Session(cf.Executor):
                 state = self._journal.task_state(task.key)
             if hit is not None:
                 why = (
-                    "interrupted when the client died"
+                    f"it ended {hit['ended']} and its retry had not started"
+                    if hit.get("ended")
+                    else "interrupted"
+                ) + (
+                    " when the client died"
                     if hit["status"] == "running"
-                    else f"interrupted when that run ended ({hit['status']})"
+                    else f" when that run ended ({hit['status']})"
                 )
                 nonce, aid, number = hit["nonce"], hit["attempt"], hit["number"]
                 how = f"of run {hit['run']} ({why})"

@@ -273,8 +273,10 @@ Command = (
     Dispatch | CancelAttempt | Transition | Resolve | Reject | Cancelled | Dropped | Wake | Drained
 )
 
-#: outcomes after which the next attempt may start from the failed one's files
-_RESUMABLE = frozenset({Category.WORKER_LOST, Category.RUNTIME_LOST, Category.TIMEOUT})
+#: outcomes after which the next attempt may start from the failed one's files (also
+#: read by a resumed run, whose first attempt continues such an attempt of an earlier run)
+RESUMABLE = frozenset({Category.WORKER_LOST, Category.RUNTIME_LOST, Category.TIMEOUT})
+_RESUMABLE = RESUMABLE
 #: at most this many retries per task are given without charge (drained places, and the
 #: one ENVIRONMENT failure that may be the worker's): a bound, so no task retries forever
 FREE_RETRIES = 2

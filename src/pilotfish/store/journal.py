@@ -54,6 +54,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
+from ..core.workflow import RESUMABLE
 from ..errors import PilotfishError
 
 SCHEMA_VERSION = 1
@@ -579,9 +580,11 @@ class Journal:
 
     def interrupted(self, key: str) -> dict[str, Any] | None:
         """resume: the latest attempt of ``key`` an earlier run started and never ended
-        (that run's client died, or stopped, while it ran): ``{"run", "nonce", "attempt",
-        "number", "status"}`` (``status``: that run's, "running" if its client died), or
-        None (none started, or the last one ended: done, failed, cancelled)."""
+        (that run's client died, or stopped, while it ran), or that ended lost or timed
+        out while the task waited for its retry (``ended``: that outcome):
+        ``{"run", "nonce", "attempt", "number", "status", "ended"}`` (``status``: that
+        run's, "running" if its client died), or None (none started, or the last one
+        ended so that nothing continues from it: done, failed, cancelled)."""
         return _interrupted(self.conn, _safe_text(key), self.run)
 
     def task_state(self, key: str) -> str | None:
@@ -842,6 +845,10 @@ class Journal:
 # --------------------------------------------------------------------------- reading
 
 
+#: an attempt that ended so is continued by the next one (the core's rule, as outcomes)
+_RESUMABLE_OUTCOMES = frozenset(c.value for c in RESUMABLE)
+
+
 def _interrupted(conn: sqlite3.Connection, key: str, run: int) -> dict[str, Any] | None:
     """See :meth:`Journal.interrupted` (also :meth:`JournalReader.interrupted`)."""
     try:
@@ -859,23 +866,31 @@ def _interrupted(conn: sqlite3.Connection, key: str, run: int) -> dict[str, Any]
         "SELECT run, state, attempts, earlier FROM tasks WHERE key=?", (key,)
     ).fetchone()
     attempts: list[dict[str, Any]] = []
+    state = None
     if row is not None:
         if row[0] == r:
             if row[1] == "DONE":
                 return None
-            attempts = _decode_attempts(row[2])
+            attempts, state = _decode_attempts(row[2]), row[1]
         for line in (row[3] or "").splitlines():  # the task's rows of earlier runs
             with contextlib.suppress(ValueError, TypeError, AttributeError):
                 old = json.loads(line)
                 if old.get("run") == r:
                     if old.get("state") == "DONE":
                         return None
+                    state = old.get("state")
                     attempts = [
                         a if isinstance(a, dict) else _attempt_row(a)
                         for a in old.get("attempts") or []
                     ]
-    if any(a.get("id") == aid and a.get("outcome") for a in attempts):
-        return None  # it ended
+    ended = [a.get("outcome") for a in attempts if a.get("id") == aid and a.get("outcome")]
+    waiting = False
+    if ended:
+        # it ended; if it ended so that its retry continues from it (lost, timed out) and
+        # the task was waiting for that retry when the run ended, the retry is this run's
+        if ended[0] not in _RESUMABLE_OUTCOMES or state in ("DONE", "FAILED", "CANCELLED"):
+            return None
+        waiting = True
     status = conn.execute("SELECT status FROM runs WHERE id=?", (r,)).fetchone()
     return {
         "run": r,
@@ -883,6 +898,7 @@ def _interrupted(conn: sqlite3.Connection, key: str, run: int) -> dict[str, Any]
         "attempt": aid,
         "number": number,
         "status": str(status[0]) if status and status[0] else "running",
+        "ended": ended[0] if waiting else None,
     }
 
 
