@@ -127,18 +127,28 @@ class Lost(NamedTuple):
     host: str = ""
 
 
+def signal_name(returncode: int) -> str | None:
+    """The name of the signal that killed a process, from a subprocess-style return code:
+    ``-11`` -> ``"SIGSEGV"``, an unknown one ``"SIG99"``; zero and positive codes (the
+    shell's 128+N included) give None."""
+    if returncode >= 0:
+        return None
+    try:
+        return _signal.Signals(-returncode).name
+    except ValueError:
+        return f"SIG{-returncode}"
+
+
 def describe_exit(returncode: int | None) -> tuple[str, str | None]:
     """How a process ended, in words, and its signal name:
     ``('was killed by signal SIGKILL (-9)', 'SIGKILL')`` or ``('exited with code 3', None)``.
 
-    The one wording of a worker's or master's exit status for every backend."""
+    The one wording of an exit status, for a worker, a master and a program alike
+    (``pilotfish.runtime.programs`` words a program's exit with it)."""
     if returncode is None:
         return "vanished (exit status unknown)", None
-    if returncode < 0:
-        try:
-            name = _signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
+    name = signal_name(returncode)
+    if name is not None:
         return f"was killed by signal {name} ({returncode})", name
     return f"exited with code {returncode}", None
 

@@ -83,6 +83,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal, cast
 
+from ..core.ledger import describe_exit as _describe_exit
+from ..core.ledger import signal_name
 from .files import NotRegularFile, open_regular, read_tail
 
 __all__ = [
@@ -264,21 +266,6 @@ def _opt_str(value: object) -> str | None:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def signal_name(returncode: int) -> str | None:
-    """Name of the signal that killed a process, from a subprocess-style return code.
-
-    Only negative codes mean "killed by a signal" (``-11`` -> ``"SIGSEGV"``);
-    zero and positive codes (including the shell's 128+N convention) give None.
-    """
-    if returncode >= 0:
-        return None
-    num = -returncode
-    try:
-        return signal.Signals(num).name
-    except ValueError:
-        return f"SIG{num}"
 
 
 def _private(path: str, flags: int) -> int:
@@ -751,11 +738,8 @@ def _outcome(
 
 
 def describe_exit(returncode: int) -> str:
-    """'exited with code 3' or 'was killed by signal SIGSEGV (-11)'."""
-    sig = signal_name(returncode)
-    if sig is not None:
-        return f"was killed by signal {sig} ({returncode})"
-    return f"exited with code {returncode}"
+    """'exited with code 3' or 'was killed by signal SIGSEGV (-11)' (the ledger's words)."""
+    return _describe_exit(returncode)[0]
 
 
 def _stderr_excerpt(stderr_path: Path) -> str:
