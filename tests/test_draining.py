@@ -222,13 +222,13 @@ def test_ledger_drain_requeues_held_and_refuses_new_work() -> None:
     """w1 is drained while it runs attempt 1 and has prefetched 2 and 3: 1 runs on,
     2 and 3 go back on the queue unblamed, and w1 may neither hold nor start again."""
     led = L.Ledger()
-    led.handle(L.Submit(tuple((i, f"k{i}", f"item{i}", None) for i in (1, 2, 3, 4))))
+    led.handle(L.Enqueue(tuple((i, f"k{i}", f"item{i}", None) for i in (1, 2, 3, 4))))
     led.handle(L.Hold("w1", (1, 2, 3)))
     led.handle(L.Start("w1", 1, 10, "h", 1.0))
     cmds = led.handle(L.Drain("w1", "3 different tasks timed out", 2.0))
     assert cmds == [L.Requeue(("item2", "item3"))]
     assert led.started_on("w1") == [1]
-    assert led.handle(L.Hold("w1", (4,))) == [L.Dropped("w1", 4, "worker w1 is drained")]
+    assert led.handle(L.Hold("w1", (4,))) == [L.Ignored("w1", 4, "worker w1 is drained")]
     [r] = led.handle(L.Start("w1", 4, 10, "h", 3.0))
     assert isinstance(r, L.Refused) and "drained" in r.reason
     assert [type(c) for c in led.handle(L.Start("w2", 2, 11, "h", 3.0))] == [

@@ -82,7 +82,7 @@ def test_commands_go_to_their_hooks_in_order() -> None:
         L.Granted("w1", 1),
         L.Refused("w3", 2, "it is held by w1"),
         L.Accept("w1", 1),
-        L.Dropped("w3", 2, "late"),
+        L.Ignored("w3", 2, "late"),
     ]
     out = carry_out(cmds, rec)
     assert rec.calls == [

@@ -50,13 +50,13 @@ def _alive(pid: int) -> bool:
 def test_shutdown_no_wait_returns_at_once_and_runs_10000_queued(tmp_path: Path) -> None:
     s = _session(tmp_path, workers=2)
     fs = [s.submit(abs, -i) for i in range(10_000)]
-    t = time.monotonic()
     s.shutdown(wait=False)
-    took = time.monotonic() - t
+    # it returned before the work was done (it did not wait for 10,000 tasks)
+    pending = sum(not f.done() for f in fs)
     with pytest.raises(RuntimeError, match="cannot schedule new futures"):
         s.submit(abs, 1)
     assert [f.result(timeout=60) for f in fs] == list(range(10_000))
-    assert took < 0.5, f"shutdown(wait=False) blocked {took:.2f} s"
+    assert pending > 0, "shutdown(wait=False) waited until every task was done"
     # the backend is stopped once the work is done, without anyone waiting for it
     closer = [t for t in threading.enumerate() if t.name == "pilotfish-shutdown"]
     for th in closer:

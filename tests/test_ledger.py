@@ -24,7 +24,7 @@ def _validate_every_step(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def make(*ids: int, timeout: float | None = None) -> Ledger:
     led = Ledger()
-    led.handle(L.Submit(tuple((i, f"k{i}", f"item{i}", timeout) for i in ids)))
+    led.handle(L.Enqueue(tuple((i, f"k{i}", f"item{i}", timeout) for i in ids)))
     return led
 
 
@@ -86,7 +86,7 @@ def test_hold_of_already_held_attempt_is_dropped():
     suspected loss): the second claim is dropped."""
     led = make(1)
     led.handle(L.Hold("w1", (1,)))
-    (d,) = of(led.handle(L.Hold("w2", (1,))), L.Dropped)
+    (d,) = of(led.handle(L.Hold("w2", (1,))), L.Ignored)
     assert d.worker == "w2" and "w1" in d.reason
     assert led.held_by("w2") == []
 
@@ -118,7 +118,7 @@ def test_late_result_from_lost_worker_is_dropped():
     led = make(1)
     led.handle(L.Start("w1", 1, 101, "h", 1.0))
     led.handle(L.WorkerLost("w1", "hung", 5.0))
-    (d,) = of(led.handle(L.Finish("w1", 1)), L.Dropped)
+    (d,) = of(led.handle(L.Finish("w1", 1)), L.Ignored)
     assert "not in flight" in d.reason and led.dropped == 1
 
 
@@ -127,9 +127,9 @@ def test_result_from_non_holder_is_dropped_and_holder_is_accepted_once():
     holder's result is accepted once; a second copy is dropped."""
     led = make(1)
     led.handle(L.Start("w1", 1, 101, "h", 1.0))
-    assert of(led.handle(L.Finish("w2", 1)), L.Dropped)
+    assert of(led.handle(L.Finish("w2", 1)), L.Ignored)
     assert led.handle(L.Finish("w1", 1)) == [L.Accept("w1", 1)]
-    assert of(led.handle(L.Finish("w1", 1)), L.Dropped)
+    assert of(led.handle(L.Finish("w1", 1)), L.Ignored)
     assert len(led) == 0
 
 
@@ -155,7 +155,7 @@ def test_cancel_queued_withdraws_and_cancel_started_runs_on():
     fenced by the workflow, not here)."""
     led = make(1, 2)
     led.handle(L.Start("w1", 1, 101, "h", 1.0))
-    cmds = led.handle(L.Cancel((1, 2)))
+    cmds = led.handle(L.Revoke((1, 2)))
     assert cmds == [L.Withdraw("", 2)]
     assert 2 not in led and 1 in led
 
@@ -167,7 +167,7 @@ def test_cancelled_prefetched_attempt_is_not_requeued_when_worker_dies():
     led = make(1, 2)
     led.handle(L.Hold("w1", (1, 2)))
     led.handle(L.Start("w1", 1, 101, "h", 1.0))
-    assert led.handle(L.Cancel((2,))) == [L.Withdraw("w1", 2)]
+    assert led.handle(L.Revoke((2,))) == [L.Withdraw("w1", 2)]
     assert of(led.handle(L.Start("w1", 2, 101, "h", 1.1)), L.Refused)
     cmds = led.handle(L.WorkerLost("w1", "gone", 2.0))
     assert of(cmds, L.Requeue) == [] and 2 not in led
@@ -191,8 +191,8 @@ def test_timeout_expires_started_attempt_once():
     led.handle(L.Start("w1", 1, 101, "h", 10.0))
     led.handle(L.Group("w1", 1, 55))
     assert led.next_deadline() == 15.0
-    assert led.handle(L.Tick(14.9)) == []
-    cmds = led.handle(L.Tick(15.2, "killed the worker"))
+    assert led.handle(L.TimePassed(14.9)) == []
+    cmds = led.handle(L.TimePassed(15.2, "killed the worker"))
     (lost,) = reports(cmds, Lost)
     assert lost.category == "timeout" and "timeout of 5 s" in lost.message
     assert "killed the worker" in lost.message
@@ -216,7 +216,7 @@ def test_refusals_on_drained_workers_are_never_counted_as_given_back():
     never ran anywhere). A ledger without ``max_returns`` never gives up (the local
     master's rebalancing)."""
     led = Ledger(max_returns=2)
-    led.handle(L.Submit(((1, "k1", "item1", None), (2, "k2", "item2", None))))
+    led.handle(L.Enqueue(((1, "k1", "item1", None), (2, "k2", "item2", None))))
     for i in range(50):
         assert led.handle(L.Bounce(1, "worker w1 is drained", float(i), drained=True)) == [
             L.Requeue(("item1",))
@@ -301,7 +301,7 @@ def test_random_events_keep_every_invariant(seed):
         if r < 0.15:
             n = rng.randint(1, 3)
             ids = range(nxt, nxt + n)
-            led.handle(L.Submit(tuple((i, f"k{i}", i, rng.choice([None, 2.0])) for i in ids)))
+            led.handle(L.Enqueue(tuple((i, f"k{i}", i, rng.choice([None, 2.0])) for i in ids)))
             nxt += n
             continue
         ev: L.Event
@@ -314,7 +314,7 @@ def test_random_events_keep_every_invariant(seed):
         elif r < 0.65:
             ev = L.Group(w, aid, 4242)
         elif r < 0.7:
-            ev = L.Cancel((aid,))
+            ev = L.Revoke((aid,))
         elif r < 0.77:
             ev = L.Bounce(aid, "given back", now, drained=rng.random() < 0.3)
         elif r < 0.8:
@@ -324,9 +324,9 @@ def test_random_events_keep_every_invariant(seed):
         elif r < 0.87:
             ev = L.RuntimeLost("master died", now)
         elif r < 0.9:
-            ev = L.Reject(aid, "worker_lost", "refused", now)
+            ev = L.Unrunnable(aid, "worker_lost", "refused", now)
         else:
-            ev = L.Tick(now)
+            ev = L.TimePassed(now)
         for c in led.handle(ev):
             if isinstance(c, L.Accept):
                 gone.append(c.attempt)

@@ -206,7 +206,7 @@ class Outcome:
     granted: list[L.Granted] = dataclasses.field(default_factory=list)
     refused: list[L.Refused] = dataclasses.field(default_factory=list)
     accepted: list[L.Accept] = dataclasses.field(default_factory=list)
-    dropped: list[L.Dropped] = dataclasses.field(default_factory=list)
+    dropped: list[L.Ignored] = dataclasses.field(default_factory=list)
 
     def reasons(self) -> str:
         """Why a start was refused or a result dropped, for a log line."""
@@ -233,7 +233,7 @@ def carry_out(cmds: Sequence[L.Command], hooks: Hooks) -> Outcome:
                 hooks.withdraw(c.worker, c.attempt)
             case L.Refused():
                 out.refused.append(c)
-            case L.Dropped():
+            case L.Ignored():
                 out.dropped.append(c)
             case L.KillGroups():
                 hooks.kill_groups(c.worker, c.pgids)

@@ -50,7 +50,7 @@ How Dask's signals become ledger events, and what pilotfish then reports and doe
 ===============================================  ===============  ===============================
 Dask                                             ledger event     pilotfish
 ===============================================  ===============  ===============================
-``Session.submit`` (a retry too)                 ``Submit``       handed to Dask in a batch
+``Session.submit`` (a retry too)                 ``Enqueue``      handed to Dask in a batch
 the start fence granted a worker's request       ``Start``        ``Started``
 the start fence refused it (Dask's own rerun, a  --               logged and counted; the task
 task cancelled or moved meanwhile)                                returns, user code not run
@@ -69,7 +69,7 @@ scheduler ``remove-worker`` event                ``WorkerLost``   ``WorkerReport
                                                                   adaptive cluster made by
                                                                   ``pilotfish.cluster.slurm`` is
                                                                   asked for replacements
-no worker joins within ``no_workers_timeout``    ``Reject``       ``Lost(runtime_lost)`` for
+no worker joins within ``no_workers_timeout``    ``Unrunnable``   ``Lost(runtime_lost)`` for
                                                                   every attempt in flight or
                                                                   queued, and for new ones until
                                                                   a worker joins
@@ -78,10 +78,10 @@ did not ask for, a result lost with its worker                    started, else 
 before the client fetched it                                      unblamed under a new Dask key
 future erred otherwise (e.g. pilotfish not       --               ``Result`` with an ENVIRONMENT
 importable on the worker)                                         error
-attempt running longer than its ``timeout``      ``Tick``         ``Lost(timeout)``; ``Expired``:
+attempt running longer than its ``timeout``      ``TimePassed``   ``Lost(timeout)``; ``Expired``:
                                                                   future cancelled, worker
                                                                   restarted (see below)
-the session cancels an attempt                   ``Cancel``       ``Withdraw``: future cancelled
+the session cancels an attempt                   ``Revoke``       ``Withdraw``: future cancelled
                                                                   (a started one runs on; its
                                                                   result is fenced)
 connection to the scheduler lost                 --               ``MasterReport("lost")``
@@ -1105,7 +1105,7 @@ class DaskBackend:
             now = time.time()
             for e in list(self._ledger.entries.values()):
                 msg = f"task {e.key!r} (attempt id {e.attempt}): {why}"
-                cmds = self._ledger.handle(L.Reject(e.attempt, "runtime_lost", msg, now))
+                cmds = self._ledger.handle(L.Unrunnable(e.attempt, "runtime_lost", msg, now))
                 self._carry_out(cmds, {e.attempt: e.item}, events, cancel)
             self._pending.clear()
             self._parked.clear()
@@ -1180,7 +1180,7 @@ class DaskBackend:
     def _give_up_locked(self, att: _Att, category: str, why: str, events: list[Any]) -> None:
         """An attempt that never started cannot be run: it leaves the ledger, lost."""
         why = f"task {att.m.key!r} (attempt id {att.m.attempt}): {why}"
-        cmds = self._ledger.handle(L.Reject(att.m.attempt, category, why, time.time()))
+        cmds = self._ledger.handle(L.Unrunnable(att.m.attempt, category, why, time.time()))
         self._carry_out(cmds, {}, events, [])  # its Dask future, if any, ends by itself
 
     def _bounce_locked(
@@ -1457,7 +1457,7 @@ class DaskBackend:
     def _on_cancel(self, ids: Sequence[int], cancel: list[Any]) -> None:
         with self._lock:
             items = {a: e.item for a in ids if (e := self._ledger.get(a)) is not None}
-            self._carry_out(self._ledger.handle(L.Cancel(tuple(ids))), items, [], cancel)
+            self._carry_out(self._ledger.handle(L.Revoke(tuple(ids))), items, [], cancel)
 
     def _collect(
         self, done: list[tuple[Any, str, int]], events: list[Any], cancel: list[Any]
@@ -1643,7 +1643,7 @@ class DaskBackend:
         if e.where == "started":
             self._ledger.handle(L.Finish(e.worker, e.attempt))
         else:  # it failed before it reached the start fence (e.g. pilotfish not importable)
-            self._ledger.handle(L.Cancel((e.attempt,)))  # (a queued one: no command back)
+            self._ledger.handle(L.Revoke((e.attempt,)))  # (a queued one: no command back)
         message = (
             f"Dask could not run task {att.m.key!r} (attempt id {att.m.attempt})"
             f"{' on worker ' + e.worker if e.worker else ''}: "
@@ -1675,7 +1675,7 @@ class DaskBackend:
                 return
             items = {e.attempt: e.item for e in self._ledger.started()}
             step = _Step(self, items, events, cancel)  # expire(): cancel, and restart
-            carry_out(self._ledger.handle(L.Tick(now, how)), step)
+            carry_out(self._ledger.handle(L.TimePassed(now, how)), step)
         if step.restart:
             self._driver.nursery.start(
                 "pilotfish-dask-restart", self._restart_workers, sorted(step.restart)

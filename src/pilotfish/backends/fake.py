@@ -212,13 +212,13 @@ class FakeBackend:
 
     def submit(self, attempts: Sequence[RunAttempt]) -> None:
         with self._lock:
-            self.ledger.handle(L.Submit(tuple((a.attempt, a.key, a, a.timeout) for a in attempts)))
+            self.ledger.handle(L.Enqueue(tuple((a.attempt, a.key, a, a.timeout) for a in attempts)))
             self._queue.extend(a.attempt for a in attempts)
             self._work.notify_all()
 
     def cancel(self, attempts: Sequence[int]) -> None:
         with self._lock:
-            self._run(self.ledger.handle(L.Cancel(tuple(attempts))))
+            self._run(self.ledger.handle(L.Revoke(tuple(attempts))))
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the threads; one still inside user code is left to finish (it cannot be
@@ -267,7 +267,7 @@ class FakeBackend:
             now = time.time()
             with self._lock:
                 how = "the fake backend cannot stop user code; it runs on"
-                self._run(self.ledger.handle(L.Tick(now, how)))
+                self._run(self.ledger.handle(L.TimePassed(now, how)))
                 if self.alive_interval is not None and not self.driver.dead:
                     self._outbox.append(Alive(now))
             self._flush()

@@ -9,12 +9,12 @@ Tested directly in ``tests/test_ledger.py``.
 
 An attempt's path::
 
-    Submit      Hold(worker)        Start(worker, pid, host)     Finish(worker)
+    Enqueue      Hold(worker)        Start(worker, pid, host)     Finish(worker)
     queued ---------> held ------------------> started ----------------> (gone: Accept)
       ^                 |                         |
       |  requeue,       | WorkerLost / Bounce     | WorkerLost  -> Lost(worker_lost)
       +--- unblamed ----+  RuntimeLost            | RuntimeLost -> Lost(runtime_lost)
-                                                  | Tick past its timeout -> Expired
+                                                  | TimePassed past its timeout -> Expired
 
 The rules it owns, written once:
 
@@ -31,13 +31,13 @@ The rules it owns, written once:
   attempt that had not started (queued or held) is sent again (``Resend``), not
   blamed, so it uses no retry.
 * **Results.** A result is accepted once, only from the worker that holds the
-  attempt (``Accept``); anything else is ``Dropped`` with the reason.
-* **Cancel.** An attempt that has not started is withdrawn (``Withdraw``); a
+  attempt (``Accept``); anything else is ``Ignored`` with the reason.
+* **Revoke.** An attempt that has not started is withdrawn (``Withdraw``); a
   started one runs on (its result is fenced by the workflow).
 * **Drain.** A worker the client drained (:mod:`pilotfish.core.drain`: several
   different tasks failed there) gets no new attempts: what it holds but has not
   started goes back on the queue unblamed (``Requeue``), its running attempts
-  finish, and any later ``Hold`` is ``Dropped`` and ``Start`` ``Refused`` ("worker
+  finish, and any later ``Hold`` is ``Ignored`` and ``Start`` ``Refused`` ("worker
   w3 is drained"): the backend offers those attempts to another worker, and retires
   (Dask) or replaces (local) the drained one. An attempt given back because its worker
   is drained (``Bounce(drained=True)``) is never blamed and never counted as given back:
@@ -62,29 +62,29 @@ from .machine import InvariantViolation, Story
 __all__ = [
     "Accept",
     "Bounce",
-    "Cancel",
     "Command",
     "Drain",
-    "Dropped",
+    "Enqueue",
     "Event",
     "Expired",
     "Finish",
     "Granted",
     "Group",
     "Hold",
+    "Ignored",
     "KillGroups",
     "Ledger",
     "Lost",
     "Refused",
-    "Reject",
     "Report",
     "Requeue",
     "Resend",
+    "Revoke",
     "RuntimeLost",
     "Start",
     "Started",
-    "Submit",
-    "Tick",
+    "TimePassed",
+    "Unrunnable",
     "Withdraw",
     "WorkerLost",
     "describe_exit",
@@ -129,14 +129,14 @@ class Lost(NamedTuple):
 
 def signal_name(returncode: int) -> str | None:
     """The name of the signal that killed a process, from a subprocess-style return code:
-    ``-11`` -> ``"SIGSEGV"``, an unknown one ``"SIG99"``; zero and positive codes (the
+    ``-11`` -> ``"SIGSEGV"``, an unknown one ``"signal 99"``; zero and positive codes (the
     shell's 128+N included) give None."""
     if returncode >= 0:
         return None
     try:
         return _signal.Signals(-returncode).name
     except ValueError:
-        return f"SIG{-returncode}"
+        return f"signal {-returncode}"
 
 
 def describe_exit(returncode: int | None) -> tuple[str, str | None]:
@@ -179,7 +179,7 @@ class Entry:
 
 
 @dataclasses.dataclass(slots=True)
-class Submit:
+class Enqueue:
     """Attempts handed to the backend; they are queued until a worker holds them."""
 
     entries: tuple[tuple[AttemptId, str, Any, float | None], ...]  # (attempt, key, item, timeout)
@@ -222,7 +222,7 @@ class Group:
 
 
 @dataclasses.dataclass(slots=True)
-class Cancel:
+class Revoke:
     attempts: tuple[AttemptId, ...]
 
 
@@ -240,7 +240,7 @@ class Bounce:
 
 
 @dataclasses.dataclass(slots=True)
-class Reject:
+class Unrunnable:
     """The engine cannot run ``attempt`` at all (it refused the submission, or gave it back
     too often): it leaves the ledger, reported lost with ``category``."""
 
@@ -277,7 +277,7 @@ class RuntimeLost:
 
 
 @dataclasses.dataclass(slots=True)
-class Tick:
+class TimePassed:
     """Time passed: started attempts past their timeout expire. ``how`` says how the
     backend stops an expired attempt (appended to its message)."""
 
@@ -295,17 +295,17 @@ class Drain:
 
 
 Event = (
-    Submit
+    Enqueue
     | Hold
     | Start
     | Finish
     | Group
-    | Cancel
+    | Revoke
     | Bounce
-    | Reject
+    | Unrunnable
     | WorkerLost
     | RuntimeLost
-    | Tick
+    | TimePassed
     | Drain
 )
 
@@ -346,7 +346,7 @@ class Accept:
 
 
 @dataclasses.dataclass(slots=True)
-class Dropped:
+class Ignored:
     """A result, hold or event that is not from the attempt's holder (logged, ignored)."""
 
     worker: str
@@ -400,7 +400,7 @@ Command = (
     | Granted
     | Refused
     | Accept
-    | Dropped
+    | Ignored
     | Requeue
     | Resend
     | Withdraw
@@ -425,7 +425,7 @@ class Ledger:
         self.entries: dict[AttemptId, Entry] = {}
         # worker -> attempts it holds or runs, in the order it took them
         self._by_worker: dict[str, dict[AttemptId, None]] = {}
-        # started attempts that have a timeout -> when it expires (scanned by Tick and
+        # started attempts that have a timeout -> when it expires (scanned by TimePassed and
         # next_deadline instead of every entry)
         self._deadlines: dict[AttemptId, float] = {}
         self.drained: dict[str, str] = {}  # worker -> why (no new attempts go there)
@@ -479,11 +479,11 @@ class Ledger:
                 self._start(ev, out)
             case Finish():
                 self._finish(ev, out)
-            case Submit():
+            case Enqueue():
                 self._submit(ev, out)
-            case Tick():
+            case TimePassed():
                 self._tick(ev, out)
-            case Cancel():
+            case Revoke():
                 self._cancel(ev, out)
             case Group():
                 self._group(ev, out)
@@ -493,7 +493,7 @@ class Ledger:
                 self._worker_lost(ev, out)
             case Drain():
                 self._drain(ev, out)
-            case Reject():
+            case Unrunnable():
                 self._reject(ev, out)
             case RuntimeLost():
                 self._runtime_lost(ev, out)
@@ -552,7 +552,7 @@ class Ledger:
             if e is None or e.where != "started" or e.timeout is None:
                 yield f"attempt {aid} has a deadline but is not a started attempt with a timeout"
 
-    def _submit(self, ev: Submit, out: list[Command]) -> None:
+    def _submit(self, ev: Enqueue, out: list[Command]) -> None:
         for aid, key, item, timeout in ev.entries:
             self.entries[aid] = Entry(aid, key, item, timeout)
 
@@ -561,7 +561,7 @@ class Ledger:
         if e is not None and e.worker == ev.worker:
             e.groups += (ev.pgid,)
 
-    def _reject(self, ev: Reject, out: list[Command]) -> None:
+    def _reject(self, ev: Unrunnable, out: list[Command]) -> None:
         e = self.entries.get(ev.attempt)
         if e is not None:
             self._forget(e)
@@ -570,16 +570,16 @@ class Ledger:
     def _hold(self, ev: Hold, out: list[Command]) -> None:
         if ev.worker in self.drained:
             for aid in ev.attempts:
-                out.append(Dropped(ev.worker, aid, f"worker {ev.worker} is drained"))
+                out.append(Ignored(ev.worker, aid, f"worker {ev.worker} is drained"))
             return
         mine = self._by_worker.setdefault(ev.worker, {})
         for aid in ev.attempts:
             e = self.entries.get(aid)
             if e is None:
-                out.append(Dropped(ev.worker, aid, "not in flight (finished, cancelled or lost)"))
+                out.append(Ignored(ev.worker, aid, "not in flight (finished, cancelled or lost)"))
             elif e.where != "queued":
                 if e.worker != ev.worker:
-                    out.append(Dropped(ev.worker, aid, f"already held by {e.worker}"))
+                    out.append(Ignored(ev.worker, aid, f"already held by {e.worker}"))
             else:
                 e.where, e.worker = "held", ev.worker
                 mine[aid] = None
@@ -623,12 +623,12 @@ class Ledger:
                 if e is None
                 else f"it is held by {e.worker or 'nobody'}, not {ev.worker}"
             )
-            out.append(Dropped(ev.worker, ev.attempt, why))
+            out.append(Ignored(ev.worker, ev.attempt, why))
             return
         self._forget(e)
         out.append(Accept(ev.worker, ev.attempt))
 
-    def _cancel(self, ev: Cancel, out: list[Command]) -> None:
+    def _cancel(self, ev: Revoke, out: list[Command]) -> None:
         for aid in ev.attempts:
             e = self.entries.get(aid)
             if e is None or e.where == "started" or e.cancelled:
@@ -741,7 +741,7 @@ class Ledger:
         if resend:
             out.append(Resend(tuple(resend)))
 
-    def _tick(self, ev: Tick, out: list[Command]) -> None:
+    def _tick(self, ev: TimePassed, out: list[Command]) -> None:
         for aid, deadline in list(self._deadlines.items()):
             if ev.time < deadline:
                 continue
@@ -810,6 +810,6 @@ class Ledger:
         self._by_worker.pop(worker, None)
 
     def submit(self, items: Iterable[tuple[AttemptId, str, Any, float | None]]) -> None:
-        """Shorthand for ``handle(Submit(...))`` (which returns no commands)."""
+        """Shorthand for ``handle(Enqueue(...))`` (which returns no commands)."""
         for aid, key, item, timeout in items:
             self.entries[aid] = Entry(aid, key, item, timeout)

@@ -184,7 +184,7 @@ class LocalBackend:
     def cancel(self, attempts: Sequence[int]) -> None:
         with self._lock:
             # not resent if the master dies; the master withdraws it
-            carry_out(self._ledger.handle(L.Cancel(tuple(attempts))), _Step([]))
+            carry_out(self._ledger.handle(L.Revoke(tuple(attempts))), _Step([]))
             self._outbox.extend(_wire.CancelAttempt(a) for a in attempts)
             self._wake.notify()
 

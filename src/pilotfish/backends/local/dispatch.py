@@ -582,7 +582,7 @@ class Dispatcher:
             case Tick():
                 self._tick(ev.now, ev.samples, ev.stderr_tails, out)
             case CancelRequest():
-                self._carry_out(self.ledger.handle(L.Cancel(ev.attempts)), out)
+                self._carry_out(self.ledger.handle(L.Revoke(ev.attempts)), out)
             case WithdrawnBy():
                 self._withdrawn(ev.name, ev.attempt, ev.now, out)
             case GroupFrom():
@@ -703,7 +703,7 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ events
     def _submit(self, batch: Sequence[RunAttempt], now: float, out: list[Cmd]) -> None:
-        self.ledger.handle(L.Submit(tuple((a.attempt, a.key, a, a.timeout) for a in batch)))
+        self.ledger.handle(L.Enqueue(tuple((a.attempt, a.key, a, a.timeout) for a in batch)))
         for a in batch:
             self._enqueue(a)
         self._assign(now, out)
@@ -916,7 +916,7 @@ class Dispatcher:
         # timeouts: the ledger reports the attempt; the only way to stop a running call is
         # to kill its worker, which is then replaced (what else it held goes back unblamed)
         for c in self.ledger.handle(
-            L.Tick(now, "pilotfish stopped it by killing the worker, which is replaced")
+            L.TimePassed(now, "pilotfish stopped it by killing the worker, which is replaced")
         ):
             if isinstance(c, L.Report):
                 out.append(ToClient(c.msg))

@@ -509,7 +509,7 @@ class RadicalBackend:
             why = f"RADICAL-Pilot refused the tasks: {type(e).__name__}: {e}"
             with self._lock:
                 for a in attempts:
-                    self._ledger.handle(L.Cancel((a.attempt,)))
+                    self._ledger.handle(L.Revoke((a.attempt,)))
             events.extend(runtime_lost(a, why) for a in attempts)
 
     def _on_sweep(self, gen: int, ans: dict[str, Any], events: list[Any]) -> None:
@@ -568,7 +568,7 @@ class RadicalBackend:
     def _on_cancel(self, ids: Sequence[int]) -> None:
         with self._lock:
             step = _Step([], {i: e.item for i in ids if (e := self._ledger.get(i))})
-            carry_out(self._ledger.handle(L.Cancel(tuple(ids))), step)
+            carry_out(self._ledger.handle(L.Revoke(tuple(ids))), step)
         if step.withdrawn and self._master is not None:
             self._async_rpc("pilotfish_cancel", uids=step.withdrawn)
 
@@ -581,7 +581,7 @@ class RadicalBackend:
             if e is None or e.item.uid != uid:
                 return None
             # the master fenced it; a result may come before we heard that it started
-            end = L.Finish(e.worker, e.attempt) if e.where == "started" else L.Cancel((e.attempt,))
+            end = L.Finish(e.worker, e.attempt) if e.where == "started" else L.Revoke((e.attempt,))
             self._ledger.handle(end)
             return e
 

@@ -331,7 +331,7 @@ class PilotfishMaster(Master):  # type: ignore[misc]
                 else:
                     ids[e.attempt] = u
             cmds = self._pf_ledger.handle(L.Hold(wid, tuple(ids))) if ids else []
-            dropped = {c.attempt for c in cmds if isinstance(c, L.Dropped)}
+            dropped = {c.attempt for c in cmds if isinstance(c, L.Ignored)}
             mine = [u for i, u in ids.items() if i not in dropped]
             now = time.monotonic()
             if w is not None and mine:
@@ -744,7 +744,7 @@ class PilotfishMaster(Master):  # type: ignore[misc]
             uids = kwargs.get("uids") or []
             with self._pf_lock:
                 items = {e.attempt: e.item for u in uids if (e := self._pf_entry(str(u)))}
-                cmds = self._pf_ledger.handle(L.Cancel(tuple(items)))
+                cmds = self._pf_ledger.handle(L.Revoke(tuple(items)))
                 gone = [items[c.attempt] for c in cmds if isinstance(c, L.Withdraw)]
                 self._pf_unpushed([t["uid"] for t in gone])
             if gone:
