@@ -35,7 +35,6 @@ them (within a timeout) when it stops.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import pickle
 import queue
@@ -43,7 +42,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from typing import Any, Generic, Protocol, TypeVar, assert_never
+from typing import Any, Generic, TypeVar
 
 from ..core import ledger as L
 from ..wire import messages as _wire
@@ -177,71 +176,11 @@ class Stimuli(Generic[T]):
 # --------------------------------------------------------------------------- commands
 
 
-class Hooks(Protocol):
-    """What a backend does for the ledger's commands (see :func:`carry_out`). Every
-    backend implements every hook; one with nothing to do says why in its body."""
-
-    def report(self, msg: L.Started | L.Lost) -> None:
-        """Tell the session (``Report``)."""
-
-    def send(self, items: tuple[Any, ...], resend: bool) -> None:
-        """Run these never-started attempts again, unblamed, ahead of others: ``Requeue``
-        (``resend=False``: to another worker) or ``Resend`` (to a new master)."""
-
-    def withdraw(self, worker: str, attempt: int) -> None:
-        """Take back an attempt that has not started (``worker`` holds it, or '')."""
-
-    def kill_groups(self, worker: str, pgids: tuple[int, ...]) -> None:
-        """Kill the process groups of programs whose worker is gone."""
-
-    def expire(self, worker: str, attempt: int, pid: int, pgids: tuple[int, ...]) -> None:
-        """Stop an attempt that ran past its timeout (already reported lost)."""
-
-
-@dataclasses.dataclass(slots=True)
-class Outcome:
-    """What the commands answered for the caller: the start fence (``granted`` /
-    ``refused``) and results (``accepted`` / ``dropped``)."""
-
-    granted: list[L.Granted] = dataclasses.field(default_factory=list)
-    refused: list[L.Refused] = dataclasses.field(default_factory=list)
-    accepted: list[L.Accept] = dataclasses.field(default_factory=list)
-    dropped: list[L.Ignored] = dataclasses.field(default_factory=list)
-
-    def reasons(self) -> str:
-        """Why a start was refused or a result dropped, for a log line."""
-        return "; ".join([c.reason for c in self.refused] + [c.reason for c in self.dropped])
-
-
-def carry_out(cmds: Sequence[L.Command], hooks: Hooks) -> Outcome:
-    """Carry out the ledger's commands, in order, through ``hooks``; the fence's and the
-    result fence's answers come back in the :class:`Outcome`."""
-    out = Outcome()
-    for c in cmds:
-        match c:
-            case L.Report():
-                hooks.report(c.msg)
-            case L.Granted():
-                out.granted.append(c)
-            case L.Accept():
-                out.accepted.append(c)
-            case L.Requeue():
-                hooks.send(c.items, False)
-            case L.Resend():
-                hooks.send(c.items, True)
-            case L.Withdraw():
-                hooks.withdraw(c.worker, c.attempt)
-            case L.Refused():
-                out.refused.append(c)
-            case L.Ignored():
-                out.dropped.append(c)
-            case L.KillGroups():
-                hooks.kill_groups(c.worker, c.pgids)
-            case L.Expired():
-                hooks.expire(c.worker, c.attempt, c.pid, c.pgids)
-            case _:
-                assert_never(c)
-    return out
+# Hooks, Outcome and carry_out, the one runner of the ledger's commands, live with the
+# ledger (pure: the local master's dispatcher uses them too); re-exported here.
+Hooks = L.Hooks
+Outcome = L.Outcome
+carry_out = L.carry_out
 
 
 # --------------------------------------------------------------------------- reports

@@ -54,8 +54,8 @@ from __future__ import annotations
 
 import dataclasses
 import signal as _signal
-from collections.abc import Iterable, Iterator
-from typing import Any, Literal, NamedTuple, assert_never
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Literal, NamedTuple, Protocol, assert_never
 
 from .machine import InvariantViolation, Story
 
@@ -71,10 +71,12 @@ __all__ = [
     "Granted",
     "Group",
     "Hold",
+    "Hooks",
     "Ignored",
     "KillGroups",
     "Ledger",
     "Lost",
+    "Outcome",
     "Refused",
     "Report",
     "Requeue",
@@ -87,6 +89,7 @@ __all__ = [
     "Unrunnable",
     "Withdraw",
     "WorkerLost",
+    "carry_out",
     "describe_exit",
 ]
 
@@ -813,3 +816,73 @@ class Ledger:
         """Shorthand for ``handle(Enqueue(...))`` (which returns no commands)."""
         for aid, key, item, timeout in items:
             self.entries[aid] = Entry(aid, key, item, timeout)
+
+
+# --------------------------------------------------------------------------- runner
+
+
+class Hooks(Protocol):
+    """What a backend does for the ledger's commands (see :func:`carry_out`). Every
+    backend implements every hook; one with nothing to do says why in its body."""
+
+    def report(self, msg: Started | Lost) -> None:
+        """Tell the session (``Report``)."""
+
+    def send(self, items: tuple[Any, ...], resend: bool) -> None:
+        """Run these never-started attempts again, unblamed, ahead of others: ``Requeue``
+        (``resend=False``: to another worker) or ``Resend`` (to a new master)."""
+
+    def withdraw(self, worker: str, attempt: int) -> None:
+        """Take back an attempt that has not started (``worker`` holds it, or '')."""
+
+    def kill_groups(self, worker: str, pgids: tuple[int, ...]) -> None:
+        """Kill the process groups of programs whose worker is gone."""
+
+    def expire(self, worker: str, attempt: int, pid: int, pgids: tuple[int, ...]) -> None:
+        """Stop an attempt that ran past its timeout (already reported lost)."""
+
+
+@dataclasses.dataclass(slots=True)
+class Outcome:
+    """What the commands answered for the caller: the start fence (``granted`` /
+    ``refused``) and results (``accepted`` / ``dropped``)."""
+
+    granted: list[Granted] = dataclasses.field(default_factory=list)
+    refused: list[Refused] = dataclasses.field(default_factory=list)
+    accepted: list[Accept] = dataclasses.field(default_factory=list)
+    dropped: list[Ignored] = dataclasses.field(default_factory=list)
+
+    def reasons(self) -> str:
+        """Why a start was refused or a result dropped, for a log line."""
+        return "; ".join([c.reason for c in self.refused] + [c.reason for c in self.dropped])
+
+
+def carry_out(cmds: Sequence[Command], hooks: Hooks) -> Outcome:
+    """Carry out the ledger's commands, in order, through ``hooks``; the fence's and the
+    result fence's answers come back in the :class:`Outcome`."""
+    out = Outcome()
+    for c in cmds:
+        match c:
+            case Report():
+                hooks.report(c.msg)
+            case Granted():
+                out.granted.append(c)
+            case Accept():
+                out.accepted.append(c)
+            case Requeue():
+                hooks.send(c.items, False)
+            case Resend():
+                hooks.send(c.items, True)
+            case Withdraw():
+                hooks.withdraw(c.worker, c.attempt)
+            case Refused():
+                out.refused.append(c)
+            case Ignored():
+                out.dropped.append(c)
+            case KillGroups():
+                hooks.kill_groups(c.worker, c.pgids)
+            case Expired():
+                hooks.expire(c.worker, c.attempt, c.pid, c.pgids)
+            case _:
+                assert_never(c)
+    return out

@@ -316,6 +316,42 @@ Stimulus = (
 )
 
 
+class _Hooks:
+    """The dispatcher's answers to its ledger's commands (:class:`pilotfish.core.ledger.
+    Hooks`), as commands for the master's runner."""
+
+    __slots__ = ("d", "now", "out")
+
+    def __init__(self, d: Dispatcher, out: list[Cmd], now: float) -> None:
+        self.d, self.out, self.now = d, out, now
+
+    def report(self, msg: L.Started | L.Lost) -> None:
+        self.out.append(ToClient(msg))
+
+    def send(self, items: tuple[Any, ...], resend: bool) -> None:
+        # Requeue: never started, back on the queue ahead of others, unblamed (the master's
+        # ledger never resends: a lost master is its client's business)
+        for a in items:
+            self.d._unhold(a.attempt)
+        self.d.queue.extendleft(reversed(items))
+
+    def withdraw(self, worker: str, attempt: int) -> None:
+        if worker:  # held by a worker: it answers Withdrawn (or Started, too late)
+            self.out.append(SendWorker(worker, [CancelAttempt(attempt)]))
+
+    def kill_groups(self, worker: str, pgids: tuple[int, ...]) -> None:
+        self.out.append(Kill(worker, pgids))
+
+    def expire(self, worker: str, attempt: int, pid: int, pgids: tuple[int, ...]) -> None:
+        # the only way to stop a running call is to kill its worker, which is replaced
+        d, now = self.d, self.now
+        s = d.slots[worker]
+        d._unhold(attempt)  # the ledger forgot it: so does the depth count
+        why = f"worker {s.name} (pid {s.pid}) was killed: attempt {attempt} timed out"
+        self.out.append(Kill(s.name, pgids + d.pgids(s.name)))
+        d._lose(s, now, L.WorkerLost(s.name, why, now, signal="SIGKILL"), self.out)
+
+
 class Dispatcher:
     """The local master's scheduling: worker slots, the queue and hang detection; what
     each worker holds, and what its loss means, is the shared :class:`~pilotfish.core.
@@ -380,19 +416,10 @@ class Dispatcher:
         """Process groups of programs that worker ``name``'s attempts started."""
         return tuple(g for a in self.ledger.held_by(name) for g in self.ledger.entries[a].groups)
 
-    def _carry_out(self, cmds: list[L.Command], out: list[Cmd]) -> None:
-        for c in cmds:
-            if isinstance(c, L.Report):
-                out.append(ToClient(c.msg))
-            elif isinstance(c, L.Requeue):
-                for a in c.items:
-                    self._unhold(a.attempt)
-                self.queue.extendleft(reversed(c.items))
-            elif isinstance(c, L.Withdraw):
-                if c.worker:
-                    out.append(SendWorker(c.worker, [CancelAttempt(c.attempt)]))
-            elif isinstance(c, L.KillGroups):
-                out.append(Kill(c.worker, c.pgids))
+    def _carry_out(self, cmds: list[L.Command], out: list[Cmd], now: float = 0.0) -> L.Outcome:
+        """The ledger's commands, through the one runner (:func:`pilotfish.core.ledger.
+        carry_out`: a command nobody handles is a type error, not a silent no-op)."""
+        return L.carry_out(cmds, _Hooks(self, out, now))
 
     # ------------------------------------------------------------------ depth
     def _cost(self, a: RunAttempt) -> float:
@@ -915,17 +942,13 @@ class Dispatcher:
             self._balance(now, out)
         # timeouts: the ledger reports the attempt; the only way to stop a running call is
         # to kill its worker, which is then replaced (what else it held goes back unblamed)
-        for c in self.ledger.handle(
-            L.TimePassed(now, "pilotfish stopped it by killing the worker, which is replaced")
-        ):
-            if isinstance(c, L.Report):
-                out.append(ToClient(c.msg))
-            elif isinstance(c, L.Expired):
-                s = self.slots[c.worker]
-                self._unhold(c.attempt)  # the ledger forgot it: so does the depth count
-                why = f"worker {s.name} (pid {s.pid}) was killed: attempt {c.attempt} timed out"
-                out.append(Kill(s.name, c.pgids + self.pgids(s.name)))
-                self._lose(s, now, L.WorkerLost(s.name, why, now, signal="SIGKILL"), out)
+        self._carry_out(
+            self.ledger.handle(
+                L.TimePassed(now, "pilotfish stopped it by killing the worker, which is replaced")
+            ),
+            out,
+            now,
+        )
         for s in list(self.slots.values()):
             if s.state is W.STARTING and s.pid and now - s.spawned > self.start_timeout:
                 # hung while starting (an import stuck on a dead filesystem, say): kill it;
