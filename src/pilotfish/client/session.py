@@ -24,7 +24,6 @@ import atexit
 import collections
 import concurrent.futures as cf
 import contextlib
-import dataclasses
 import heapq
 import itertools
 import logging
@@ -59,9 +58,10 @@ from .options import (
     check_wait,
     str_list,
 )
-from .payloads import Keyed, call_digest, call_key_digest, pickle_call
+from .payloads import call_digest, call_key_digest, pickle_call
 from .probes import Probes, is_probe
-from .programs import backstop, input_stamps, output_path, program_spec
+from .programs import backstop, input_stamps, program_spec
+from .task import Task
 from .translate import Call, Fail, Retry, Translator, drain_policy, on_drained
 
 log = logging.getLogger("pilotfish")
@@ -69,152 +69,6 @@ log = logging.getLogger("pilotfish")
 __all__ = ["Call", "Fail", "Retry", "Session", "Task", "as_completed", "wait"]
 
 
-class Task(cf.Future, Keyed):  # type: ignore[type-arg]
-    """A submitted task: a ``concurrent.futures.Future`` with pilotfish's record of it."""
-
-    def __init__(
-        self, session: Session, tid: int, key: str, name: str, options: TaskOptions
-    ) -> None:
-        # Future.__init__ without its Condition (a lock, a deque and five bound methods):
-        # most tasks are never waited on one by one, so it is made when first needed
-        # (``_condition`` below). Fewer objects per task: less work for the cyclic GC,
-        # a large share of a no-op's cost (benchmarks/README.md).
-        self._state = cf._base.PENDING
-        self._result = None
-        self._exception = None
-        self._waiters: list[Any] = []
-        self._done_callbacks: list[Any] = []
-        self._session = session
-        self._tid = tid
-        self.key = key
-        self.name = name
-        self.options = options
-        self._kind = "call"
-        self._payload = b""
-        self._deps: tuple[Task, ...] = ()
-        self._call: tuple[Any, ...] | None = None
-        self._value_bytes: bytes | None = None
-        self._last_exc: BaseException | None = None
-        self._last_failure: FailureRecord | None = None
-        self._pending_value: Any = None
-        self._declared_outputs: tuple[str, ...] = ()
-        self._output_tasks: dict[str, Task] = {}
-        self._cmd_timeout: float | None = None
-        self._programs: tuple[str, ...] = ()
-        self._key_unstable: str | None = None  # why its auto-key may differ in another run
-
-    @property
-    def _condition(self) -> threading.Condition:
-        c: threading.Condition | None = self.__dict__.get("_cond")
-        if c is None:
-            with _COND_LOCK:
-                c = self.__dict__.get("_cond")
-                if c is None:
-                    c = self.__dict__["_cond"] = threading.Condition()
-        return c
-
-    @_condition.setter
-    def _condition(self, c: threading.Condition) -> None:
-        self.__dict__["_cond"] = c
-
-    def done(self) -> bool:
-        return self._state in _DONE_STATES  # one attribute read: no lock (or Condition) needed
-
-    def _nobody_waits(self) -> None:
-        """About to finish: if nobody ever asked for the Condition, nobody waits on it,
-        and the shared one for finished tasks will do."""
-        if "_cond" not in self.__dict__:
-            with _COND_LOCK:
-                if "_cond" not in self.__dict__:
-                    self.__dict__["_cond"] = _FINISHED_CONDITION
-
-    @property
-    def state(self) -> State:
-        with self._session._lock:
-            return self._session._core.state(self._tid)
-
-    @property
-    def attempts(self) -> list[wf.AttemptRecord]:
-        with self._session._lock:
-            return [dataclasses.replace(a) for a in self._session._core.attempts(self._tid)]
-
-    @property
-    def failure(self) -> FailureRecord | None:
-        with self._session._lock:
-            return self._session._core.failure(self._tid)
-
-    @property
-    def dependencies(self) -> tuple[Task, ...]:
-        return self._deps
-
-    def running(self) -> bool:
-        with self._session._lock:
-            return self._session._core.is_started(self._tid)
-
-    def cancel(self) -> bool:
-        """Cancel if not started yet (queued, waiting for inputs, or between retries)."""
-        return self._session._cancel(self)
-
-    def output(self, name: str) -> Task:
-        """A Task resolving to the path of declared output ``name`` of this program task.
-
-        Use it as an input or argument of later tasks to chain programs by their files.
-        """
-        if self._kind != "command":
-            raise InvalidTask(f"{self!r} is not a program task; output() needs executable()")
-        if name not in self._declared_outputs:
-            raise InvalidTask(
-                f"{name!r} is not a declared output of task {self.key!r}; declared: "
-                f"{list(self._declared_outputs)} (add it to outputs=[...])"
-            )
-        with self._session._lock:
-            t = self._output_tasks.get(name)
-            if t is None:
-                opts = TaskOptions(name=f"{self.name}.output", key=f"{self.key}:{name}")
-                t = self._session._submit_call(output_path, (self, name), {}, opts)
-                self._output_tasks[name] = t
-            return t
-
-    def result(self, timeout: float | None = None) -> Any:
-        """The value, as ``Future.result``; raises :class:`pilotfish.store.journal.JournalError`
-        instead while the session's journal cannot be written."""
-        value = super().result(timeout)
-        journal = self._session._journal
-        if journal is not None:
-            journal.raise_if_broken()
-        return value
-
-    def _force_cancel(self) -> None:
-        # cancel, then notify waiters of cf.wait/as_completed, as an Executor must
-        self._nobody_waits()
-        if super().cancel():
-            self.set_running_or_notify_cancel()
-        self._release_condition()
-
-    def set_result(self, result: Any) -> None:
-        self._nobody_waits()
-        super().set_result(result)
-        self._release_condition()
-
-    def set_exception(self, exception: BaseException | None) -> None:
-        self._nobody_waits()
-        super().set_exception(exception)
-        self._release_condition()
-
-    def _release_condition(self) -> None:
-        """A finished future is never waited on again (every waiter was notified and holds
-        its own reference); its Condition (about 1 KB) is swapped for a shared one, which
-        keeps the memory per finished task small in runs of 100,000 tasks."""
-        if self.done():
-            self._condition = _FINISHED_CONDITION
-
-    def __repr__(self) -> str:
-        return f"<Task {self.key!r} {self.state.name}>"
-
-
-_FINISHED_CONDITION = threading.Condition()
-_COND_LOCK = threading.Lock()  # makes a Task's Condition exactly once
-_DONE_STATES = frozenset({cf._base.CANCELLED, cf._base.CANCELLED_AND_NOTIFIED, cf._base.FINISHED})
 _DEFAULT_OPTIONS = TaskOptions()  # frozen: one shared instance (the journal caches its JSON)
 
 
