@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 import pilotfish
+from conftest import wait_for
 from pilotfish.backends.fake import FakeBackend
 from pilotfish.store.journal import JournalReader
 from pilotfish.store.rundir import LOCK_NAME, RundirBusy
@@ -158,6 +159,21 @@ def test_a_stale_lock_file_never_blocks(tmp_path: Path) -> None:
         assert s.submit(abs, -1).result(timeout=30) == 1
 
 
+def _opened(pid: int, path: Path) -> bool | None:
+    """Whether process ``pid`` has ``path`` open (None: cannot tell)."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return None
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == str(path):
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def test_children_do_not_keep_the_lock(tmp_path: Path) -> None:
     """The client was SIGKILLed but a process it had started (a program run with exec, a
     child forked without exec) lived on and kept the run directory locked, so the next
@@ -179,6 +195,9 @@ def test_children_do_not_keep_the_lock(tmp_path: Path) -> None:
         os._exit(0)
     os.close(r)
     try:
+        lock = (rundir / "session.lock").resolve()
+        for child in (exec_child.pid, pid):  # neither holds the lock file open
+            wait_for(lambda c=child: _opened(c, lock) is False, 10)  # type: ignore[misc]
         s.shutdown()
         with fake(rundir) as s2:  # both children are still alive
             assert s2.submit(abs, -5).result(timeout=30) == 5

@@ -150,7 +150,11 @@ class RundirLock:
         _held.discard(fd)
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)
-        os.close(fd)  # the last reference: the kernel releases the lock
+        with contextlib.suppress(OSError):
+            # unlocked explicitly: a copy of the open file that some process may still
+            # have (a child between fork and exec) must not keep the lock after we are done
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def hold(rundir: str | os.PathLike[str], journal: Path | None) -> list[RundirLock]:
