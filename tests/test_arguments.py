@@ -168,3 +168,15 @@ def test_session_methods_reject_bad_arguments_at_the_call(
             call(s)
         assert fragment in str(info.value)
         assert s.submit(abs, -3).result() == 3
+
+
+def test_the_worker_command_replaces_the_job_shell(tmp_path: Path) -> None:
+    """On a SLURM that tracks a job's processes by parentage (proctrack/linuxproc, as on
+    CI's single-node SLURM), a cancelled job's Dask nanny that outlived its batch shell
+    (it was restarting the worker process the cancel's SIGTERM had killed) ran on as an
+    orphan, out of reach of SLURM's SIGKILL. The worker command is ``exec``'d: the nanny
+    is the job's own process."""
+    pytest.importorskip("dask_jobqueue")
+    with _slurm(tmp_path)() as cluster:
+        last = cluster.job_script().strip().splitlines()[-1]
+    assert last.startswith("exec ") and "-m distributed.cli.dask_worker" in last, last

@@ -39,7 +39,7 @@ if importlib.util.find_spec("dask_jobqueue") is None:
     pytest.skip("the SLURM tests need dask-jobqueue", allow_module_level=True)
 
 import pilotfish  # noqa: E402
-from conftest import TOKEN_VAR, wait_for  # noqa: E402
+from conftest import TOKEN_VAR, wait_for, with_env  # noqa: E402
 from pilotfish import Category  # noqa: E402
 from pilotfish.cluster import slurm as slurm_cluster  # noqa: E402
 
@@ -180,9 +180,18 @@ def _cancel_all(name: str) -> None:
             subprocess.run(["scancel", "-n", name], check=False, timeout=10)
             quiet_since = time.monotonic()
         elif time.monotonic() - quiet_since > 2:
-            return
+            break
         time.sleep(0.2)
-    raise AssertionError(f"SLURM jobs {name} still in the queue: {_jobs_named(name)}")
+    else:
+        raise AssertionError(f"SLURM jobs {name} still in the queue: {_jobs_named(name)}")
+    # a job that left the queue may still be completing: slurmd has sent its processes
+    # SIGTERM (a Dask nanny then closes its worker gracefully) and sends SIGKILL after
+    # KillWait. Wait for them as SLURM does (the leftover check that follows is meant for
+    # what nobody would ever end, not for SLURM's own kill protocol at work)
+    token = os.environ.get(TOKEN_VAR, "")
+    if token:
+        with contextlib.suppress(AssertionError):
+            wait_for(lambda: not with_env(TOKEN_VAR, token), 30, 0.2)
 
 
 def _session(cluster: Any, tmp_path: Path, **kw: Any) -> pilotfish.Session:

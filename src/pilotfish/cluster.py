@@ -28,8 +28,10 @@ import contextlib
 import dataclasses
 import os
 import re
+import shlex
 import shutil
 import subprocess
+import sys
 import time
 import weakref
 from pathlib import Path
@@ -341,6 +343,14 @@ def slurm(
         security, creds = _credential_files(security, where)
         opts["security"] = security
     opts.update(jobqueue_options)
+    # The worker command replaces the job's shell (``exec``), so SLURM's SIGTERM and,
+    # after KillWait, its SIGKILL reach the Dask nanny itself, the job's own process. Where
+    # SLURM tracks a job's processes by parentage (proctrack/linuxproc, no cgroups), a
+    # nanny that outlived its shell (it restarts a worker process that the cancel's
+    # SIGTERM killed, then waits on it) became an orphan out of SLURM's reach and ran on.
+    py = str(opts.get("python") or dask.config.get("jobqueue.slurm.python", None) or "")
+    py = py or sys.executable
+    opts["python"] = py if py.startswith("exec ") else f"exec {shlex.quote(py)}"
     try:
         cluster: Any = SLURMCluster(**opts)
     except BaseException:
