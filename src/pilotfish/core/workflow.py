@@ -276,7 +276,6 @@ Command = (
 #: outcomes after which the next attempt may start from the failed one's files (also
 #: read by a resumed run, whose first attempt continues such an attempt of an earlier run)
 RESUMABLE = frozenset({Category.WORKER_LOST, Category.RUNTIME_LOST, Category.TIMEOUT})
-_RESUMABLE = RESUMABLE
 #: at most this many retries per task are given without charge (drained places, and the
 #: one ENVIRONMENT failure that may be the worker's): a bound, so no task retries forever
 FREE_RETRIES = 2
@@ -614,7 +613,7 @@ class Workflow:
         a.note = ev.note or a.note
         t.current = None
         ov = ev.override
-        if f.category in _RESUMABLE or ev.retry_requested or isinstance(ov, RetryOverride):
+        if f.category in RESUMABLE or ev.retry_requested or isinstance(ov, RetryOverride):
             t.resume = (a.id, a.number)
         elif f.category is not Category.ENVIRONMENT:  # it did not run: keep the older one
             t.resume = None

@@ -143,14 +143,22 @@ def end_processes(procs: Iterable[psutil.Process], grace: float = 0.0) -> None:
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def proc_sample(pid: int) -> tuple[str, float] | None:
-    """(kernel state letter, CPU seconds) from /proc, or None if unavailable."""
+def _stat_fields(pid: int) -> list[bytes] | None:
+    """The fields of ``/proc/PID/stat`` after the command name (state first), or None if
+    there is no such process. The name is skipped by its last ')': it may hold spaces."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
     except OSError:
         return None
-    rest = data[data.rindex(b")") + 2 :].split()
+    return data[data.rindex(b")") + 2 :].split()
+
+
+def proc_sample(pid: int) -> tuple[str, float] | None:
+    """(kernel state letter, CPU seconds) from /proc, or None if unavailable."""
+    rest = _stat_fields(pid)
+    if rest is None:
+        return None
     return rest[0].decode(), (int(rest[11]) + int(rest[12])) / _CLK_TCK
 
 
@@ -210,12 +218,9 @@ def become_subreaper() -> bool:
 def _stat(pid: int) -> tuple[str, int, int] | None:
     """(state letter, parent pid, start time in clock ticks: its identity with the pid)
     of process ``pid`` from /proc, or None if there is no such process."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
+    rest = _stat_fields(pid)
+    if rest is None:
         return None
-    rest = data[data.rindex(b")") + 2 :].split()
     return rest[0].decode(), int(rest[1]), int(rest[19])
 
 

@@ -564,17 +564,12 @@ class Journal:
         batch = [st.popleft() for _ in range(len(st))]
         if not batch:
             return
-        c = self.conn
         try:
-            c.execute("BEGIN")
-            c.executemany(
+            self._commit(
+                [(self.run, _text(k), _text(n), *rest) for k, n, *rest in batch],
                 "INSERT INTO started VALUES (?,?,?,?,?,?)",
-                [(self.run, _safe_text(k), *rest) for k, *rest in batch],
             )
-            c.execute("COMMIT")
         except sqlite3.Error as e:  # kept, and retried with the next flush
-            with contextlib.suppress(sqlite3.Error):
-                c.execute("ROLLBACK")
             st.extendleft(reversed(batch))
             log.warning("pilotfish: journal records of started attempts not written yet (%s)", e)
 

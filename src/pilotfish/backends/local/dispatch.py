@@ -416,7 +416,7 @@ class Dispatcher:
         """Process groups of programs that worker ``name``'s attempts started."""
         return tuple(g for a in self.ledger.held_by(name) for g in self.ledger.entries[a].groups)
 
-    def _carry_out(self, cmds: list[L.Command], out: list[Cmd], now: float = 0.0) -> L.Outcome:
+    def _carry_out(self, cmds: list[L.Command], out: list[Cmd], now: float) -> L.Outcome:
         """The ledger's commands, through the one runner (:func:`pilotfish.core.ledger.
         carry_out`: a command nobody handles is a type error, not a silent no-op)."""
         return L.carry_out(cmds, _Hooks(self, out, now))
@@ -590,7 +590,7 @@ class Dispatcher:
             and not self.ledger.entries[first].cancelled
             and first not in self._stolen  # asked back: withdrawn, or started after all
         ):
-            self._carry_out(self.ledger.handle(L.Start(s.name, first, s.pid, "", now)), out)
+            self._carry_out(self.ledger.handle(L.Start(s.name, first, s.pid, "", now)), out, now)
 
     # ------------------------------------------------------------------ the entry
     def handle(self, ev: Stimulus) -> list[Cmd]:
@@ -609,7 +609,7 @@ class Dispatcher:
             case Tick():
                 self._tick(ev.now, ev.samples, ev.stderr_tails, out)
             case CancelRequest():
-                self._carry_out(self.ledger.handle(L.Revoke(ev.attempts)), out)
+                self._carry_out(self.ledger.handle(L.Revoke(ev.attempts)), out, ev.now)
             case WithdrawnBy():
                 self._withdrawn(ev.name, ev.attempt, ev.now, out)
             case GroupFrom():
@@ -810,7 +810,7 @@ class Dispatcher:
             # asked back too late: the worker had started it (it runs what it holds in
             # order), so it started when it says, before its result
             st = L.Start(name, res.attempt, res.pid, res.host, res.started)
-            self._carry_out(self.ledger.handle(st), out)
+            self._carry_out(self.ledger.handle(st), out, now)
         head = len(out)  # the result goes before what its end starts (after its Started)
         if self._finish(s, res.attempt, now, out) or s.state is W.LOST:
             # a result from a worker already declared lost is still forwarded: the
@@ -827,7 +827,7 @@ class Dispatcher:
             e = self.ledger.entries.get(attempt)
             if e is not None and e.worker == name and e.where == "held" and not e.cancelled:
                 first = self.ledger.first(name) == attempt
-                self._carry_out(self.ledger.handle(L.Bounce(attempt, "rebalanced", now)), out)
+                self._carry_out(self.ledger.handle(L.Bounce(attempt, "rebalanced", now)), out, now)
                 if first:  # the worker goes on with the next one it holds
                     self._begin(s, now, out)
                 if self.max_tasks is not None and s.state is W.READY:
@@ -914,7 +914,7 @@ class Dispatcher:
                 WorkerReport("lost", s.name, s.pid, now, ev.returncode, ev.signal, running, ev.why)
             )
         )
-        self._carry_out(self.ledger.handle(ev), out)
+        self._carry_out(self.ledger.handle(ev), out, now)
         if not self.stopping and not self.fatal and not retiring:
             self._replace(s, now, "", out)
         self._assign(now, out)
