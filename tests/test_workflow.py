@@ -27,7 +27,7 @@ from pilotfish.core.workflow import (
     RetryOverride,
     Submit,
     Succeeded,
-    Tick,
+    TimePassed,
     Transition,
     Wake,
     Workflow,
@@ -338,7 +338,7 @@ def test_backoff_delay_does_not_overflow_after_many_failures():
 
 def test_retry_waits_in_retrying_until_tick_reaches_backoff():
     """A worker is lost; the retry is delayed by the backoff: the task waits RETRYING,
-    a Wake is requested for the right time, an early Tick does nothing, and the Tick at
+    a Wake is requested for the right time, an early TimePassed does nothing, and the TimePassed at
     that time dispatches attempt 2. The next delay is twice as long."""
     w = make(backoff=SLOW)
     d = only_dispatch(submit(w, 1, retries=3))
@@ -347,16 +347,16 @@ def test_retry_waits_in_retrying_until_tick_reaches_backoff():
     assert of(cmds, Wake) == [Wake(11.0)]
     assert w.state(1) is State.RETRYING
 
-    early = w.handle(Tick(10.5))
+    early = w.handle(TimePassed(10.5))
     assert of(early, Dispatch) == [] and of(early, Wake) == [Wake(11.0)]
     assert w.state(1) is State.RETRYING
 
-    d2 = only_dispatch(w.handle(Tick(11.0)))
+    d2 = only_dispatch(w.handle(TimePassed(11.0)))
     assert d2.number == 2 and w.state(1) is State.RUNNING
 
     cmds = w.handle(Failed(d2.attempt, failure(Category.TIMEOUT), 20.0))
     assert of(cmds, Wake) == [Wake(22.0)]
-    d3 = only_dispatch(w.handle(Tick(25.0)))  # a late tick is fine too
+    d3 = only_dispatch(w.handle(TimePassed(25.0)))  # a late tick is fine too
     assert d3.number == 3
 
 
@@ -489,7 +489,7 @@ def test_keep_going_false_stops_unstarted_work_but_lets_started_finish():
     assert of(cmds, CancelAttempt) == [CancelAttempt(d_queued.attempt)]
     assert w.state(2) is State.RUNNING
 
-    assert of(w.handle(Tick(100.0)), Dispatch) == []  # the retry timer is dead
+    assert of(w.handle(TimePassed(100.0)), Dispatch) == []  # the retry timer is dead
     assert of(w.handle(Succeeded(d_run.attempt, 2.0)), Resolve) == [Resolve(2, d_run.attempt)]
     assert w.state(4) is State.CANCELLED
     cmds = submit(w, 6, now=3.0)
@@ -599,7 +599,7 @@ def test_fail_override_without_record_keeps_original():
 
 def test_retry_override_with_new_budget_and_delay():
     """The failure handler retries a user error (not transient, retries=0) after 5 s and
-    raises the budget to 1: the task waits RETRYING, runs again at the Tick, and the
+    raises the budget to 1: the task waits RETRYING, runs again at the TimePassed, and the
     next transient failure may use the new budget once."""
     w = make(backoff=IMMEDIATE)
     d = only_dispatch(submit(w, 1, retries=0))
@@ -613,7 +613,7 @@ def test_retry_override_with_new_budget_and_delay():
     )
     assert of(cmds, Wake) == [Wake(15.0)] and of(cmds, Dispatch) == []
     assert w.state(1) is State.RETRYING
-    d2 = only_dispatch(w.handle(Tick(15.0)))
+    d2 = only_dispatch(w.handle(TimePassed(15.0)))
     d3 = only_dispatch(w.handle(Failed(d2.attempt, failure(Category.WORKER_LOST), 16.0)))
     cmds = w.handle(Failed(d3.attempt, failure(Category.WORKER_LOST), 17.0))
     assert len(of(cmds, Reject)) == 1
@@ -660,7 +660,7 @@ def test_abort_fails_every_unfinished_task_with_category():
         Dropped
     ]
     assert w.unfinished() == 0
-    assert of(w.handle(Tick(100.0)), Dispatch) == []
+    assert of(w.handle(TimePassed(100.0)), Dispatch) == []
     assert w.running_attempts() == []
     check_counts(w)
 
@@ -718,7 +718,7 @@ def test_counts_consistent_after_mixed_scenario():
     ]:
         w.handle(ev)
     check_counts(w)
-    d2b = only_dispatch(w.handle(Tick(2.0)))
+    d2b = only_dispatch(w.handle(TimePassed(2.0)))
     w.handle(Failed(d2b.attempt, failure(Category.USER_ERROR), 3.0))
     check_counts(w)
     assert {t: w.state(t) for t in range(7)} == {
@@ -797,9 +797,9 @@ def test_story_is_bounded_and_goes_into_an_impossible_transition(monkeypatch):
         w, "_tick", lambda now, out: w._move(w._tasks[300], State.RUNNING, now, out)
     )
     with pytest.raises(InvalidTransition, match="DONE -> RUNNING") as ei:
-        w.handle(Tick(2.0))
+        w.handle(TimePassed(2.0))
     (note,) = ei.value.__notes__
-    assert "Succeeded(attempt=300" in note and note.rstrip().endswith("Tick(now=2.0)")
+    assert "Succeeded(attempt=300" in note and note.rstrip().endswith("TimePassed(now=2.0)")
 
 
 def _random_run(seed: int, steps: int = 300) -> Workflow:
@@ -826,7 +826,7 @@ def _random_run(seed: int, steps: int = 300) -> Workflow:
         elif r < 0.92:
             cmds = w.handle(Cancel(rng.randint(1, tid), now))
         elif r < 0.997:
-            cmds = w.handle(Tick(now + rng.random() * 5))
+            cmds = w.handle(TimePassed(now + rng.random() * 5))
         else:
             cmds = w.handle(Abort(Category.RUNTIME_LOST, "gone", now))
         running.extend(c.attempt for c in of(cmds, Dispatch))  # stale ids stay: fencing

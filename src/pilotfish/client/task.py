@@ -1,16 +1,18 @@
 """``Task``: a submitted task, a ``concurrent.futures.Future`` with pilotfish's record of it.
 
-Its own fields are written by its session only (under the session's lock); what it knows
-of its attempts, state and failure it reads from the session's workflow core. It is cheap
+Its own fields are written by its session and driver only (under the driver's lock); what
+it knows of its attempts, state and failure it reads from the driver's workflow core. It is cheap
 on purpose: no Condition until someone waits on it alone (``_condition``), one shared
 Condition once it is finished, so 100,000 held futures stay small.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import dataclasses
 import threading
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from ..core import workflow as wf
@@ -21,16 +23,23 @@ from .payloads import Keyed
 from .programs import output_path
 
 if TYPE_CHECKING:
+    from .driver import Driver
     from .session import Session
 
-__all__ = ["Task"]
+__all__ = ["Task", "TaskTable"]
 
 
 class Task(cf.Future, Keyed):  # type: ignore[type-arg]
     """A submitted task: a ``concurrent.futures.Future`` with pilotfish's record of it."""
 
     def __init__(
-        self, session: Session, tid: int, key: str, name: str, options: TaskOptions
+        self,
+        session: Session,
+        driver: Driver,
+        tid: int,
+        key: str,
+        name: str,
+        options: TaskOptions,
     ) -> None:
         # Future.__init__ without its Condition (a lock, a deque and five bound methods):
         # most tasks are never waited on one by one, so it is made when first needed
@@ -41,7 +50,8 @@ class Task(cf.Future, Keyed):  # type: ignore[type-arg]
         self._exception = None
         self._waiters: list[Any] = []
         self._done_callbacks: list[Any] = []
-        self._session = session
+        self._session = session  # output() submits through it
+        self._driver = driver  # state, attempts, failure and cancel read its core
         self._tid = tid
         self.key = key
         self.name = name
@@ -87,30 +97,30 @@ class Task(cf.Future, Keyed):  # type: ignore[type-arg]
 
     @property
     def state(self) -> State:
-        with self._session._lock:
-            return self._session._core.state(self._tid)
+        with self._driver.lock:
+            return self._driver.core.state(self._tid)
 
     @property
     def attempts(self) -> list[wf.AttemptRecord]:
-        with self._session._lock:
-            return [dataclasses.replace(a) for a in self._session._core.attempts(self._tid)]
+        with self._driver.lock:
+            return [dataclasses.replace(a) for a in self._driver.core.attempts(self._tid)]
 
     @property
     def failure(self) -> FailureRecord | None:
-        with self._session._lock:
-            return self._session._core.failure(self._tid)
+        with self._driver.lock:
+            return self._driver.core.failure(self._tid)
 
     @property
     def dependencies(self) -> tuple[Task, ...]:
         return self._deps
 
     def running(self) -> bool:
-        with self._session._lock:
-            return self._session._core.is_started(self._tid)
+        with self._driver.lock:
+            return self._driver.core.is_started(self._tid)
 
     def cancel(self) -> bool:
         """Cancel if not started yet (queued, waiting for inputs, or between retries)."""
-        return self._session._cancel(self)
+        return self._driver.cancel(self)
 
     def output(self, name: str) -> Task:
         """A Task resolving to the path of declared output ``name`` of this program task.
@@ -124,7 +134,7 @@ class Task(cf.Future, Keyed):  # type: ignore[type-arg]
                 f"{name!r} is not a declared output of task {self.key!r}; declared: "
                 f"{list(self._declared_outputs)} (add it to outputs=[...])"
             )
-        with self._session._lock:
+        with self._driver.lock:
             t = self._output_tasks.get(name)
             if t is None:
                 opts = TaskOptions(name=f"{self.name}.output", key=f"{self.key}:{name}")
@@ -136,7 +146,7 @@ class Task(cf.Future, Keyed):  # type: ignore[type-arg]
         """The value, as ``Future.result``; raises :class:`pilotfish.store.journal.JournalError`
         instead while the session's journal cannot be written."""
         value = super().result(timeout)
-        journal = self._session._journal
+        journal = self._driver.journal
         if journal is not None:
             journal.raise_if_broken()
         return value
@@ -172,3 +182,95 @@ class Task(cf.Future, Keyed):  # type: ignore[type-arg]
 _FINISHED_CONDITION = threading.Condition()
 _COND_LOCK = threading.Lock()  # makes a Task's Condition exactly once
 _DONE_STATES = frozenset({cf._base.CANCELLED, cf._base.CANCELLED_AND_NOTIFIED, cf._base.FINISHED})
+
+
+class _TaskRef(weakref.ref):  # type: ignore[type-arg]
+    __slots__ = ("tid",)
+    tid: int
+
+
+class TaskTable:
+    """The session's tasks by id, holding only the unfinished ones.
+
+    A finished task stays reachable while the user (or a dependent task) holds it, and
+    is freed with its result when nobody does: its id then appears in ``gone`` (a
+    weakref callback, in whatever thread the last reference died; it only appends), and
+    the session drops its record from the core under its lock (``Workflow.forget``; the
+    journal has it). So memory grows with the tasks the user keeps, not with every task
+    ever run, and an executor keeps no reference to results, as concurrent.futures
+    promises.
+    """
+
+    __slots__ = ("_gone_cb", "_ids", "_live", "_refs", "gone")
+
+    def __init__(self) -> None:
+        self._live: dict[int, Task] = {}
+        self._refs: dict[int, _TaskRef] = {}
+        self._ids: dict[str, int] = {}  # every key ever used in the session -> task id
+        self.gone: collections.deque[int] = collections.deque()
+        gone = self.gone
+
+        def on_gone(ref: _TaskRef) -> None:
+            gone.append(ref.tid)
+
+        self._gone_cb = on_gone
+
+    def add(self, task: Task) -> None:
+        tid = task._tid
+        self._live[tid] = task
+        ref = _TaskRef(task, self._gone_cb)
+        ref.tid = tid
+        self._refs[tid] = ref
+        self._ids[task.key] = tid
+
+    def release(self, tid: int) -> None:
+        """``tid`` is final: hold it no more (it lives on while someone else holds it)."""
+        self._live.pop(tid, None)
+
+    def collect(self) -> list[int]:
+        """The ids of tasks freed since the last call (under the session's lock)."""
+        gone, refs, out = self.gone, self._refs, []
+        while gone:
+            tid = gone.popleft()
+            ref = refs.get(tid)
+            if ref is not None and ref() is None:
+                del refs[tid]
+                out.append(tid)
+        return out
+
+    def forget(self, task: Task) -> None:
+        """A submit that failed half-way: as if never submitted (its key is free again)."""
+        self._live.pop(task._tid, None)
+        self._refs.pop(task._tid, None)
+        if self._ids.get(task.key) == task._tid:
+            del self._ids[task.key]
+
+    def __getitem__(self, tid: int) -> Task:
+        t = self._live.get(tid)
+        if t is None:
+            t = self._refs[tid]()
+            if t is None:
+                raise KeyError(tid)
+        return t
+
+    def get(self, tid: int) -> Task | None:
+        t = self._live.get(tid)
+        if t is None:
+            ref = self._refs.get(tid)
+            t = None if ref is None else ref()
+        return t
+
+    def by_key(self, key: str) -> Task | None:
+        tid = self._ids.get(key)
+        return None if tid is None else self.get(tid)
+
+    def used(self, key: str) -> bool:
+        return key in self._ids
+
+    def alive(self) -> list[Task]:
+        """The tasks that still exist (unfinished, or held by someone), in submission order."""
+        out = [r() for r in list(self._refs.values())]
+        return [t for t in out if t is not None]
+
+    def unfinished(self) -> list[Task]:
+        return list(self._live.values())

@@ -31,9 +31,9 @@ import dataclasses
 import logging
 import pickle
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, assert_never
 
-from ..backends.base import Alive, BackendEvent, Fatal, Lost, MasterReport, Result, Started
+from ..backends.base import Fatal, Lost, MasterReport, Result, Started
 from ..core import workflow as wf
 from ..core.drain import DrainPolicy
 from ..errors import (
@@ -47,15 +47,18 @@ from ..errors import (
 )
 from ..runtime.programs import CommandResult
 from ..wire import messages as _wire
-from .events import HostDrained, MasterEvent, WorkerEvent, WorkersGone
+from .events import MasterEvent, WorkerEvent, WorkersGone
 from .options import TaskOptions, check_retry
 
 if TYPE_CHECKING:
-    from .session import Task
+    from .task import Task
 
 log = logging.getLogger("pilotfish")
 
-__all__ = ["Call", "Fail", "Retry", "Translator", "drain_policy", "on_drained"]
+__all__ = ["Call", "Fail", "Reported", "Retry", "Translator", "drain_policy"]
+
+#: the backend events the translator reads: every kind but ``Alive`` (the driver's)
+Reported = Started | Result | Lost | _wire.WorkerReport | MasterReport | Fatal
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -124,44 +127,38 @@ class Translator:
         self._public = public_events
 
     # ------------------------------------------------------------------ events
-    def event(self, ev: BackendEvent) -> Step:
-        """What ``ev`` becomes (probes and ``Alive`` are the session's, not handled here)."""
-        if isinstance(ev, Result):
-            return self._result(ev)
-        if isinstance(ev, Started):
-            return wf.AttemptStarted(ev.attempt, ev.time, ev.worker, ev.host or self._host, ev.pid)
-        if isinstance(ev, Lost):
-            return self._lost(ev)
-        if isinstance(ev, _wire.WorkerReport):
-            if not self._public:
-                return None
-            if ev.kind == "gone":  # every worker left
-                return WorkersGone(ev.time, ev.message)
-            held = []
-            for a in ev.held:
-                tid = self._core.task_of(a)
-                if tid is not None:
-                    held.append(self._core.key(tid))
-            return WorkerEvent(
-                ev.kind,
-                ev.worker,
-                ev.pid,
-                ev.time,
-                ev.returncode,
-                ev.signal,
-                tuple(held),
-                ev.message,
-            )
-        if isinstance(ev, MasterReport):
-            if not self._public:
-                return None
-            return MasterEvent(ev.kind, ev.pid, ev.time, ev.returncode, ev.signal, ev.message)
-        if isinstance(ev, Fatal):
-            return wf.Abort(Category(ev.category), ev.message, self._clock())
-        if isinstance(ev, Alive):
-            return None
-        log.warning("pilotfish: ignored an unknown backend event %r", ev)
-        return None
+    def event(self, ev: Reported) -> Step:
+        """What ``ev`` becomes (probes and ``Alive`` are the driver's, never seen here)."""
+        match ev:
+            case Result():
+                return self._result(ev)
+            case Started():
+                host = ev.host or self._host
+                return wf.AttemptStarted(ev.attempt, ev.time, ev.worker, host, ev.pid)
+            case Lost():
+                return self._lost(ev)
+            case _wire.WorkerReport():
+                return self._worker_report(ev) if self._public else None
+            case MasterReport():
+                if not self._public:
+                    return None
+                return MasterEvent(ev.kind, ev.pid, ev.time, ev.returncode, ev.signal, ev.message)
+            case Fatal():
+                return wf.Abort(Category(ev.category), ev.message, self._clock())
+            case _:
+                assert_never(ev)
+
+    def _worker_report(self, ev: _wire.WorkerReport) -> WorkerEvent | WorkersGone:
+        if ev.kind == "gone":  # every worker left
+            return WorkersGone(ev.time, ev.message)
+        held = []
+        for a in ev.held:
+            tid = self._core.task_of(a)
+            if tid is not None:
+                held.append(self._core.key(tid))
+        return WorkerEvent(
+            ev.kind, ev.worker, ev.pid, ev.time, ev.returncode, ev.signal, tuple(held), ev.message
+        )
 
     def _current(self, attempt: int, what: str) -> Task | None:
         """The task whose current, running attempt this is; else log the drop."""
@@ -385,32 +382,3 @@ def drain_policy(value: Any) -> DrainPolicy | None:
         return DrainPolicy.coerce(value)
     except (ValueError, TypeError) as e:
         raise InvalidTask(f"Session(drain_after={value!r}) is invalid: {e}") from None
-
-
-def on_drained(c: wf.Drained, backend: Any, journal: Any) -> HostDrained:
-    """Carry out the core's ``Drained``: tell the backend (its optional ``drain(name,
-    kind=...)``: Dask retires the worker, the local master replaces it), journal it (the
-    journal's optional ``record_drain``), log it; the public ``HostDrained`` event."""
-    log.warning("pilotfish: %s (tasks: %s)", c.reason, ", ".join(c.keys))
-    drain = getattr(backend, "drain", None)
-    if callable(drain):
-        try:
-            drain(c.name, kind=c.kind, why=f"{c.reason} (tasks: {', '.join(c.keys)})")
-        except Exception:
-            log.exception("pilotfish: the backend could not drain %s %s", c.kind, c.name)
-    else:
-        log.info("pilotfish: backend %s cannot drain; %s stays", backend, c.name)
-    record = getattr(journal, "record_drain", None)
-    if callable(record):
-        record(
-            {
-                "kind": c.kind,
-                "name": c.name,
-                "host": c.host,
-                "time": c.now,
-                "reason": c.reason,
-                "keys": list(c.keys),
-                "attempts": list(c.attempts),
-            }
-        )
-    return HostDrained(c.kind, c.name, c.host, c.now, c.reason, c.keys)

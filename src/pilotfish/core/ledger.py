@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import dataclasses
 import signal as _signal
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal, NamedTuple, Protocol, assert_never
 
 from .machine import InvariantViolation, Story
@@ -78,6 +78,7 @@ __all__ = [
     "Lost",
     "Outcome",
     "Refused",
+    "Renamed",
     "Report",
     "Requeue",
     "Resend",
@@ -88,6 +89,7 @@ __all__ = [
     "TimePassed",
     "Unrunnable",
     "Withdraw",
+    "WorkerLeft",
     "WorkerLost",
     "carry_out",
     "describe_exit",
@@ -186,6 +188,22 @@ class Enqueue:
     """Attempts handed to the backend; they are queued until a worker holds them."""
 
     entries: tuple[tuple[AttemptId, str, Any, float | None], ...]  # (attempt, key, item, timeout)
+
+
+@dataclasses.dataclass(slots=True)
+class Renamed:
+    """The backend's object for ``attempt`` changed (sent again under a new name); the
+    attempt, its holder and its state do not."""
+
+    attempt: AttemptId
+    item: Any
+
+
+@dataclasses.dataclass(slots=True)
+class WorkerLeft:
+    """``worker`` stopped in order holding nothing (no loss rules apply): forget it."""
+
+    worker: str
 
 
 @dataclasses.dataclass(slots=True)
@@ -310,6 +328,8 @@ Event = (
     | RuntimeLost
     | TimePassed
     | Drain
+    | Renamed
+    | WorkerLeft
 )
 
 
@@ -500,6 +520,10 @@ class Ledger:
                 self._reject(ev, out)
             case RuntimeLost():
                 self._runtime_lost(ev, out)
+            case Renamed():
+                self.entries[ev.attempt].item = ev.item
+            case WorkerLeft():
+                self._by_worker.pop(ev.worker, None)
             case _:
                 assert_never(ev)
         if self.debug:
@@ -803,19 +827,6 @@ class Ledger:
             self._by_worker.get(e.worker, {}).pop(e.attempt, None)
         del self.entries[e.attempt]
         self._deadlines.pop(e.attempt, None)
-
-    def replace_item(self, attempt: AttemptId, item: Any) -> None:
-        """The backend's object for ``attempt`` changed (sent again under a new name)."""
-        self.entries[attempt].item = item
-
-    def forget_worker(self, worker: str) -> None:
-        """An orderly-stopped worker that held nothing (no loss rules apply)."""
-        self._by_worker.pop(worker, None)
-
-    def submit(self, items: Iterable[tuple[AttemptId, str, Any, float | None]]) -> None:
-        """Shorthand for ``handle(Enqueue(...))`` (which returns no commands)."""
-        for aid, key, item, timeout in items:
-            self.entries[aid] = Entry(aid, key, item, timeout)
 
 
 # --------------------------------------------------------------------------- runner

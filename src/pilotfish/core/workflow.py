@@ -160,7 +160,7 @@ class Failed:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class Tick:
+class TimePassed:
     """Time has passed: tasks whose backoff ended become READY."""
 
     now: float
@@ -183,7 +183,7 @@ class Abort:
     now: float
 
 
-Event = Submit | Restore | AttemptStarted | Succeeded | Failed | Tick | Cancel | Abort
+Event = Submit | Restore | AttemptStarted | Succeeded | Failed | TimePassed | Cancel | Abort
 
 # --------------------------------------------------------------------------- commands
 
@@ -249,7 +249,7 @@ class Dropped:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Wake:
-    """Deliver a ``Tick`` at time ``at`` (a backoff ends then)."""
+    """Deliver a ``TimePassed`` at time ``at`` (a backoff ends then)."""
 
     at: float
 
@@ -404,7 +404,7 @@ class Workflow:
                     self._succeeded(event, out)
                 case Failed():
                     self._failed(event, out)
-                case Tick():
+                case TimePassed():
                     self._tick(event.now, out)
                 case Cancel():
                     self._cancel(event, out)

@@ -470,16 +470,14 @@ class Progress:
     def _note_rundirs(self) -> None:
         """The run directories of the live sessions with a journal (a failure happened in
         one of them): `run` names them in its report hint."""
-        from ..client import session as _session
+        from ..client import lifecycle
 
         try:
-            sessions = list(_session._live_sessions)
+            journals = lifecycle.live_journals()
         except RuntimeError:  # the set changed while it was read: the next failure retries
             return
-        for s in sessions:
-            journal = getattr(s, "_journal", None)
-            path = getattr(journal, "path", None)
-            if path is not None and path.name == "journal.db":
+        for path in journals:
+            if path.name == "journal.db":
                 rundir = str(path.parent)
                 if rundir not in self.rundirs:
                     self.rundirs.append(rundir)
@@ -510,13 +508,13 @@ class Progress:
 
 
 def run_script(path: str, argv: list[str], console: Console, *, resume: bool) -> int:
-    from ..client import session as _session
+    from ..client import lifecycle
 
     script = Path(path)
     if not script.is_file():
         raise JournalError(f"no such workflow script: {script}")
     progress = Progress(console)
-    _session._global_listeners.append(progress.on_event)
+    lifecycle.add_listener(progress.on_event)
     old_argv, old_env = sys.argv, os.environ.get("PILOTFISH_RESUME")
     sys.argv = [str(script), *argv]
     if resume:
@@ -534,7 +532,7 @@ def run_script(path: str, argv: list[str], console: Console, *, resume: bool) ->
                 code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
             live.update(progress.render())
     finally:
-        _session._global_listeners.remove(progress.on_event)
+        lifecycle.remove_listener(progress.on_event)
         sys.argv = old_argv
         if resume:
             if old_env is None:

@@ -79,7 +79,7 @@ class _Step:
         pass  # never asked: the master watches its workers' program groups
 
     def expire(self, worker: str, attempt: int, pid: int, pgids: tuple[int, ...]) -> None:
-        pass  # never asked: the master enforces timeouts (no Tick here)
+        pass  # never asked: the master enforces timeouts (no TimePassed here)
 
 
 class LocalBackend:
@@ -156,7 +156,8 @@ class LocalBackend:
         hand-off to the writer thread on the way of a single task's round trip; in a burst
         the writer thread sends what piled up in one message."""
         with self._lock:
-            self._ledger.submit((a.attempt, a.key, a, a.timeout) for a in attempts)
+            entries = tuple((a.attempt, a.key, a, a.timeout) for a in attempts)
+            self._ledger.handle(L.Enqueue(entries))
             now = time.monotonic()
             quiet = now - self._last_submit > _QUIET
             self._last_submit = now

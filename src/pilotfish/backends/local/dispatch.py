@@ -80,7 +80,7 @@ __all__ = [
     "Spawn",
     "Stimulus",
     "SubmitAttempts",
-    "Tick",
+    "TimePassed",
     "ToClient",
     "WithdrawnBy",
     "WorkerExited",
@@ -286,7 +286,7 @@ class WorkerExited:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class Tick:
+class TimePassed:
     """Timeouts and hang checks. ``samples``: worker -> (kernel state, CPU seconds)."""
 
     now: float
@@ -311,7 +311,7 @@ Stimulus = (
     | ResultFrom
     | WithdrawnBy
     | WorkerExited
-    | Tick
+    | TimePassed
     | Close
 )
 
@@ -606,7 +606,7 @@ class Dispatcher:
                 s = self.slots.get(ev.name)
                 if s is not None:
                     s.last_hb = ev.now
-            case Tick():
+            case TimePassed():
                 self._tick(ev.now, ev.samples, ev.stderr_tails, out)
             case CancelRequest():
                 self._carry_out(self.ledger.handle(L.Revoke(ev.attempts)), out, ev.now)
@@ -723,7 +723,7 @@ class Dispatcher:
     def tick(
         self, now: float, samples: dict[str, tuple[str, float]], stderr_tails: dict[str, str]
     ) -> list[Cmd]:
-        return self.handle(Tick(now, samples, stderr_tails))
+        return self.handle(TimePassed(now, samples, stderr_tails))
 
     def shutdown(self) -> list[Cmd]:
         return self.handle(Close())
@@ -862,7 +862,7 @@ class Dispatcher:
                 else ""
             )
             self._move(s, W.DEAD)
-            self.ledger.forget_worker(name)
+            self.ledger.handle(L.WorkerLeft(name))
             out.append(ToClient(WorkerReport("stopped", name, s.pid, now, returncode, message=why)))
             return
         how, sig = describe_exit(returncode)
