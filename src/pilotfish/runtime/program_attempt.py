@@ -46,13 +46,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..core.ledger import describe_exit
 from ..wire import messages as _wire
 from .programs import (
     STDERR_NAME,
     STDOUT_NAME,
     CommandResult,
     CommandSpec,
-    describe_exit,
     excerpt,
     files_problem,
     find_sandbox,
@@ -206,7 +206,7 @@ def run_command_attempt(
     if note is not None:
         extra["note"] = note
     if out.kind == "failed":
-        how = describe_exit(out.returncode if out.returncode is not None else 0)
+        how = describe_exit(out.returncode if out.returncode is not None else 0)[0]
         msg = (
             f"task {m.key!r}: program {spec.argv[0]!r} {how} after {out.elapsed:.1f} s on host "
             f"{out.host}\n  complete stderr: {out.stderr_path}\n  complete stdout: "
