@@ -45,7 +45,13 @@ from ..core.policy import Backoff, Silence
 from ..core.states import State
 from ..errors import Category, EnvironmentMismatch, FailureRecord, InvalidTask
 from ..runtime.execute import call_chunk, shared_process
-from ..runtime.programs import find_sandbox, make_lineage, newest_sandbox, sandbox_index
+from ..runtime.programs import (
+    KEEP_SANDBOXES,
+    find_sandbox,
+    make_lineage,
+    newest_sandbox,
+    sandbox_index,
+)
 from ..store import rundir as _rundir
 from ..store.journal import Journal, JournalError, secure_rundir
 from ..wire import messages as _wire
@@ -393,7 +399,7 @@ class Session(cf.Executor):
         self._on_event = bool(self._listeners)
         self._on_failure = on_failure
         self._rundir = rundir
-        if keep_sandboxes not in ("failed", "all"):
+        if keep_sandboxes not in KEEP_SANDBOXES:
             raise InvalidTask(
                 f"Session(keep_sandboxes={keep_sandboxes!r}) is invalid: give 'failed' or 'all'"
             )

@@ -182,12 +182,12 @@ def outside_cwd_problem(cwd: object, names: Iterable[str], what: str = "outputs"
     )
 
 
-def env_problem(env: object, what: str = "env") -> str | None:
-    """An error sentence if ``env`` is not None nor a mapping of valid variable names to
-    str values, else None."""
+def env_problem(env: object, what: str = "env", kind: type = Mapping) -> str | None:
+    """An error sentence if ``env`` is not None nor a mapping (a ``kind``: the client
+    asks for a plain dict) of valid variable names to str values, else None."""
     if env is None:
         return None
-    if not isinstance(env, Mapping):
+    if not isinstance(env, kind) or not isinstance(env, Mapping):
         return f"{what} must be a dict of str to str"
     for k, v in env.items():
         if not isinstance(k, str) or not isinstance(v, str):
