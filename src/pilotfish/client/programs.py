@@ -132,13 +132,21 @@ def program_spec(
         "retry_exit_codes": codes,
         "keep_sandboxes": keep_sandboxes,
     }
-    if inherit_env is not True:  # only when set: the template's pickle is in the task key
+    _set_optional(template, inherit_env, resume_files, resume_argv)
+    return ProgramSpec(template, opts, shown)
+
+
+def _set_optional(
+    template: dict[str, Any], inherit_env: Any, resume_files: list[Any], resume_argv: Any
+) -> None:
+    """The template's optional entries, only when set: the template's pickle is in the
+    task key, so a call that does not use them keeps the key it always had."""
+    if inherit_env is not True:
         template["inherit_env"] = inherit_env
-    if resume_files:  # likewise
+    if resume_files:
         template["resume_files"] = list(resume_files)
         if resume_argv is not None:
             template["resume_argv"] = list(resume_argv)
-    return ProgramSpec(template, opts, shown)
 
 
 def _check(problem: str | None) -> None:
