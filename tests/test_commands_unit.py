@@ -17,12 +17,12 @@ from pathlib import Path
 import psutil
 import pytest
 
+from pilotfish.core.ledger import signal_name
 from pilotfish.runtime.programs import (
     CommandOutcome,
     CommandSpec,
     make_sandbox,
     run_command,
-    signal_name,
     tail_lines,
 )
 

@@ -29,6 +29,7 @@ from ..core import workflow as wf
 from ..core.policy import Backoff
 from ..errors import EnvironmentMismatch, FailureRecord, InvalidTask
 from ..runtime.execute import call_chunk, shared_process
+from ..runtime.programs import KEEP_SANDBOXES, keeps_sandbox
 from ..store import rundir as _rundir
 from ..store.journal import Journal, JournalError, secure_rundir
 from ..wire import messages as _wire
@@ -164,7 +165,7 @@ class Session(cf.Executor):
                 f"Session(initializer={initializer!r}) is invalid: give a callable, run once "
                 "in every worker before its first task"
             )
-        if keep_sandboxes not in ("failed", "all"):
+        if keep_sandboxes not in KEEP_SANDBOXES:
             raise InvalidTask(
                 f"Session(keep_sandboxes={keep_sandboxes!r}) is invalid: give 'failed' or 'all'"
             )
@@ -260,7 +261,7 @@ class Session(cf.Executor):
             clock=clock,
             listeners=listeners,
             nonce=nonce,
-            keep_all_sandboxes=self._keep_sandboxes == "all",
+            keep_all_sandboxes=keeps_sandbox(self._keep_sandboxes, ok=True),
             heartbeat_interval=heartbeat_interval,
             heartbeat_timeout=heartbeat_timeout,
         )

@@ -46,19 +46,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..core.ledger import describe_exit
 from ..wire import messages as _wire
 from .programs import (
     STDERR_NAME,
     STDOUT_NAME,
+    CommandOutcome,
     CommandResult,
     CommandSpec,
-    describe_exit,
     excerpt,
     files_problem,
     find_sandbox,
     from_earlier_run,
+    inherit_from,
     keeps_sandbox,
     make_sandbox,
+    outside_cwd_problem,
     previous_attempt,
     restore_files,
     run_command,
@@ -99,7 +102,6 @@ def resolve(template: dict[str, Any]) -> CommandSpec:
         name: os.path.abspath(_as_arg(v, f"input {name!r}"))
         for name, v in template["inputs"].items()
     }
-    inherit = template.get("inherit_env", True)  # absent from older templates
     return CommandSpec(
         argv=argv,
         inputs=inputs,
@@ -108,17 +110,27 @@ def resolve(template: dict[str, Any]) -> CommandSpec:
         stdin=template["stdin"],
         cwd=template["cwd"],
         timeout=template["timeout"],
-        inherit_env=inherit if isinstance(inherit, bool) else tuple(inherit),
+        # absent from older templates
+        inherit_env=inherit_from(template.get("inherit_env", True)),
     )
 
 
-def _invalid(m: _wire.RunAttempt, what: str) -> tuple[bool, bytes]:
+class _Refused(Exception):
+    """The attempt ends before its program runs, with this pickled ``Envelope``."""
+
+    def __init__(self, envelope: _wire.Envelope) -> None:
+        super().__init__(envelope.message)
+        self.envelope = envelope
+
+
+def _invalid(m: _wire.RunAttempt, what: str) -> _Refused:
     """The attempt cannot start because of its own arguments: INVALID_TASK (permanent),
     never a crashed worker taken for WORKER_LOST."""
-    env = _wire.Envelope(
-        "invalid_task", _TYPE["invalid_task"], f"task {m.key!r}: {what}", "", None, {}
+    return _Refused(
+        _wire.Envelope(
+            "invalid_task", _TYPE["invalid_task"], f"task {m.key!r}: {what}", "", None, {}
+        )
     )
-    return False, pickle.dumps(env, _wire.PROTOCOL)
 
 
 def run_command_attempt(
@@ -127,57 +139,20 @@ def run_command_attempt(
     on_group: Callable[[int], None] | None = None,
     cancel: threading.Event | None = None,
 ) -> tuple[bool, bytes]:
+    """Run the program attempt ``m`` in a fresh sandbox under ``rundir``: ``(True, the
+    pickled CommandResult)`` or ``(False, a pickled Envelope)``."""
     try:
-        template = _wire.loads_call(m.payload, m.deps)
-        spec = resolve(template)
-    except BaseException as e:
-        env = _wire.envelope_for(e, "user_error")
-        return False, pickle.dumps(env, _wire.PROTOCOL)
-    resume_files = tuple(template.get("resume_files", ()))
-    problem = spec_problem(spec) or files_problem(
-        resume_files, spec.cwd, spec.inputs, "resume file"
-    )
-    if problem is not None:
-        return _invalid(m, f"invalid program task: {problem}")
-    root = Path(rundir) / "sandboxes"
-    tag, previous, _, which = previous_attempt(m.attempt, m.lineage)
-    try:
-        box = make_sandbox(root, m.key, tag)
-    except OSError as e:
-        env = _wire.Envelope(
-            "environment",
-            _TYPE["environment"],
-            f"task {m.key!r}: cannot create a sandbox under {Path(rundir) / 'sandboxes'} on "
-            f"host {_wire.host_name()}: {e.strerror or e}",
-            "",
-            None,
-            {"host": _wire.host_name()},
-        )
-        return False, pickle.dumps(env, _wire.PROTOCOL)
-    note: str | None = None
-    sub = template["cwd"] or ""  # names are relative to the program's directory
-    names = tuple(os.path.normpath(os.path.join(sub, r)) for r in resume_files)
-    if names and previous is not None:
-        resumed, note = restore_files(
-            find_sandbox(root, m.key, previous),
-            which,
-            box,
-            names,
-            left_in_place=from_earlier_run(m.lineage),
-        )
-        if resumed and template.get("resume_argv"):
-            try:
-                argv = tuple(
-                    _as_arg(a, f"resume_argv[{i}]") for i, a in enumerate(template["resume_argv"])
-                )
-            except TypeError as e:
-                return _invalid(m, str(e))
-            spec = dataclasses.replace(spec, argv=argv)
+        template, spec = _spec(m)
+        box = _sandbox(m, rundir)
+        spec, note = _resume(m, rundir, template, spec, box)
+    except _Refused as r:
+        return False, pickle.dumps(r.envelope, _wire.PROTOCOL)
     try:
         out = run_command(spec, box, on_start=on_group, cancel=cancel)
     except (ValueError, TypeError, OverflowError) as e:
         # an argument the checks did not foresee (raised before or by the spawn)
-        return _invalid(m, f"program {spec.argv[:1]!r} cannot start: {type(e).__name__}: {e}")
+        what = f"program {spec.argv[:1]!r} cannot start: {type(e).__name__}: {e}"
+        return False, pickle.dumps(_invalid(m, what).envelope, _wire.PROTOCOL)
     if out.kind == "ok":
         try:
             return True, _wire.dumps_value(_result(rundir, m, template, out, note))
@@ -192,6 +167,85 @@ def run_command_attempt(
                 {"sandbox": out.sandbox, "host": out.host},
             )
             return False, pickle.dumps(env, _wire.PROTOCOL)
+    return False, pickle.dumps(_failure(m, template, spec, out, note), _wire.PROTOCOL)
+
+
+def _spec(m: _wire.RunAttempt) -> tuple[dict[str, Any], CommandSpec]:
+    """The attempt's template and its spec, dependency values substituted, checked by
+    the rules the client applied at submit (:func:`spec_problem` and those of
+    ``resume_files``)."""
+    try:
+        template = _wire.loads_call(m.payload, m.deps)
+        spec = resolve(template)
+    except BaseException as e:
+        raise _Refused(_wire.envelope_for(e, "user_error")) from None
+    resume_files = tuple(template.get("resume_files", ()))
+    problem = (
+        spec_problem(spec)
+        or outside_cwd_problem(spec.cwd, resume_files, "resume_files")
+        or files_problem(resume_files, spec.cwd, spec.inputs, "resume file")
+    )
+    if problem is not None:
+        raise _invalid(m, f"invalid program task: {problem}")
+    return template, spec
+
+
+def _sandbox(m: _wire.RunAttempt, rundir: str) -> Path:
+    """A new sandbox under ``rundir/sandboxes``, named with the attempt's tag."""
+    tag, _, _, _ = previous_attempt(m.attempt, m.lineage)
+    try:
+        return make_sandbox(Path(rundir) / "sandboxes", m.key, tag)
+    except OSError as e:
+        raise _Refused(
+            _wire.Envelope(
+                "environment",
+                _TYPE["environment"],
+                f"task {m.key!r}: cannot create a sandbox under {Path(rundir) / 'sandboxes'} "
+                f"on host {_wire.host_name()}: {e.strerror or e}",
+                "",
+                None,
+                {"host": _wire.host_name()},
+            )
+        ) from None
+
+
+def _resume(
+    m: _wire.RunAttempt, rundir: str, template: dict[str, Any], spec: CommandSpec, box: Path
+) -> tuple[CommandSpec, str | None]:
+    """The ``resume_files`` of the attempt this one continues, copied into ``box`` (all
+    or none), and the spec to run: with ``resume_argv`` when they all came. The note says
+    which; None if the program names no resume files or nothing came before."""
+    _, previous, _, which = previous_attempt(m.attempt, m.lineage)
+    sub = template["cwd"] or ""  # names are relative to the program's directory
+    names = tuple(os.path.normpath(os.path.join(sub, r)) for r in template.get("resume_files", ()))
+    if not names or previous is None:
+        return spec, None
+    resumed, note = restore_files(
+        find_sandbox(Path(rundir) / "sandboxes", m.key, previous),
+        which,
+        box,
+        names,
+        left_in_place=from_earlier_run(m.lineage),
+    )
+    if resumed and template.get("resume_argv"):
+        try:
+            argv = tuple(
+                _as_arg(a, f"resume_argv[{i}]") for i, a in enumerate(template["resume_argv"])
+            )
+        except TypeError as e:
+            raise _invalid(m, str(e)) from None
+        spec = dataclasses.replace(spec, argv=argv)
+    return spec, note
+
+
+def _failure(
+    m: _wire.RunAttempt,
+    template: dict[str, Any],
+    spec: CommandSpec,
+    out: CommandOutcome,
+    note: str | None,
+) -> _wire.Envelope:
+    """The Envelope of an attempt whose program did not succeed, every path in ``extra``."""
     category = _CATEGORY[out.kind]
     extra = {
         "returncode": out.returncode,
@@ -206,7 +260,7 @@ def run_command_attempt(
     if note is not None:
         extra["note"] = note
     if out.kind == "failed":
-        how = describe_exit(out.returncode if out.returncode is not None else 0)
+        how = describe_exit(out.returncode if out.returncode is not None else 0)[0]
         msg = (
             f"task {m.key!r}: program {spec.argv[0]!r} {how} after {out.elapsed:.1f} s on host "
             f"{out.host}\n  complete stderr: {out.stderr_path}\n  complete stdout: "
@@ -215,8 +269,7 @@ def run_command_attempt(
         )
     else:
         msg = f"task {m.key!r}: {out.message}"
-    env = _wire.Envelope(category, _TYPE[category], msg, "", None, extra)
-    return False, pickle.dumps(env, _wire.PROTOCOL)
+    return _wire.Envelope(category, _TYPE[category], msg, "", None, extra)
 
 
 def _result(
