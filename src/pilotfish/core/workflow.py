@@ -12,6 +12,9 @@ accepted only if that attempt is the *current* attempt of a task that is
 a duplicate message, a result for a cancelled task) produces a ``Dropped``
 command and changes nothing. Hence a task is recorded ``DONE`` at most once,
 with the value of the attempt that was accepted.
+
+(Longer than the size guide, on purpose: the task graph's events, commands and records,
+the machine and its invariants in one file; every rule about a task's state is here.)
 """
 
 from __future__ import annotations

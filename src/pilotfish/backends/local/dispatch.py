@@ -43,6 +43,10 @@ meantime); a worker given its K-th attempt while it holds such a one takes no
 more work but retires only once that answer came (``_settle``): withdrawn, it is
 given back and the worker takes another. Only one cancelled after the retirement
 (``Shutdown`` sent) is not given back: the worker then runs K - 1.
+
+(Longer than the size guide: the slot states and their transition table, the stimuli
+and commands, and the machine, which also carries out the ledger's commands for the
+local master; it has no I/O, so splitting it would only spread one machine's rules.)
 """
 
 from __future__ import annotations
