@@ -174,7 +174,7 @@ def test_attempt_runs_in_the_workers_thread_pool(ds: pilotfish.Session, cluster:
     """The Dask task is a coroutine (it awaits the start fence on the worker's event loop,
     no thread hand-offs), but the attempt itself runs in a thread of the worker's pool,
     set up as Dask sets up a task's thread: get_worker() and the task's key work there."""
-    from pilotfish.backends.dask import _attempt_on_worker
+    from pilotfish.backends.dask.backend import _attempt_on_worker
 
     assert inspect.iscoroutinefunction(_attempt_on_worker)
     addr, thread, key = ds.submit(where_it_runs).result(timeout=30)
@@ -508,7 +508,7 @@ def test_submitter_lets_attempts_gather_only_while_dask_has_a_backlog() -> None:
     attempts that have not started (its workers stay busy), the submitter waits a little
     for more (a quarter of the backlog's run time at 1 ms each, at most 20 ms); never
     without a backlog, and never for a retry or a resend."""
-    from pilotfish.backends.dask import DaskBackend, _Att
+    from pilotfish.backends.dask.backend import DaskBackend, _Att
     from pilotfish.wire import messages as _wire
 
     b = DaskBackend(address="tcp://127.0.0.1:1")
@@ -547,7 +547,7 @@ def test_start_fence_grants_each_key_once() -> None:
     handlers."""
     import asyncio
 
-    from pilotfish.backends._dask_fence import StartFence
+    from pilotfish.backends.dask.fence import StartFence
 
     sched = _FakeScheduler()
     fence = StartFence("tok", 1, "pilotfish-tok")

@@ -17,7 +17,7 @@ signals mean for it, is kept by the shared attempt ledger
 into ledger events and carries out the ledger's commands.
 
 **Start fence.** Before running user code the worker asks a scheduler plugin
-(:mod:`pilotfish.backends._dask_fence`, registered by the session, shipped by
+(:mod:`pilotfish.backends.dask.fence`, registered by the session, shipped by
 value) with one synchronous call (the one round trip per attempt the worker made
 anyway to report ``Started``). The first request for a Dask key, from the worker
 the scheduler has it processing on, is granted and published to the client as
@@ -203,14 +203,14 @@ from distributed.client import done_callback as _done_callback
 from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.utils_comm import gather_from_workers
 
-from ..core import ledger as L
-from ..errors import InvalidTask
-from ..runtime.execute import run_attempt
-from ..wire import messages as _wire
-from ..wire.messages import Lost, Result, RunAttempt, WorkerReport
-from . import _dask_fence
-from ._driver import Driver, Outcome, Stimuli, carry_out, environment_result, runtime_lost
-from .base import MasterReport, Pulse, Sink
+from ...core import ledger as L
+from ...errors import InvalidTask
+from ...runtime.execute import run_attempt
+from ...wire import messages as _wire
+from ...wire.messages import Lost, Result, RunAttempt, WorkerReport
+from .._driver import Driver, Outcome, Stimuli, carry_out, environment_result, runtime_lost
+from ..base import MasterReport, Pulse, Sink
+from . import fence as _fence
 
 __all__ = ["DaskBackend"]
 
@@ -610,7 +610,7 @@ class DaskBackend:
         if self._client is None:
             sec = self.security
             if sec is None:  # a cluster made by pilotfish.cluster.slurm: its credentials
-                from .. import cluster as _cluster
+                from ... import cluster as _cluster
 
                 sec = getattr(_cluster.cluster_for(self.address), "security", None)
             try:
@@ -788,13 +788,13 @@ class DaskBackend:
         self._remove_fence()
         self._fence_sched = sid
         self._fence_n += 1
-        plugin = _dask_fence.StartFence(self._token, self._fence_n, self._topic)
+        plugin = _fence.StartFence(self._token, self._fence_n, self._topic)
         errors = []
         # by value first: the scheduler need not have pilotfish installed
         for how in ("by value", "by reference"):
             try:
                 by_value = how == "by value"
-                with _pickled_by_value(_dask_fence) if by_value else contextlib.nullcontext():
+                with _pickled_by_value(_fence) if by_value else contextlib.nullcontext():
                     self._client.register_plugin(plugin, name=plugin.name)
             except Exception as e:
                 errors.append(f"{how}: {type(e).__name__}: {e}")
@@ -988,7 +988,7 @@ class DaskBackend:
     # ------------------------------------------------------------------ batch jobs
     def _cluster_walltime(self) -> None:
         """The walltime of a cluster :func:`pilotfish.cluster.slurm` made in this process."""
-        from .. import cluster as _cluster
+        from ... import cluster as _cluster
 
         made = _cluster.cluster_for(self.address)
         text = str(getattr(made, "_pilotfish_walltime", "") or "")
@@ -1022,7 +1022,7 @@ class DaskBackend:
         job = self._jobs.get(addr, ("", ""))[0]
         if not job:
             return "", None
-        from .. import cluster as _cluster
+        from ... import cluster as _cluster
 
         return job, _cluster.slurm_job(job, settle=_JOB_SETTLE)
 
@@ -1037,7 +1037,7 @@ class DaskBackend:
                 self._workers.setdefault(addr, (int(msg.get("pid", 0)), str(msg.get("host"))))
         if job and self._walltime is None and not self._walltime_asked:
             self._walltime_asked = True  # once: every job of a cluster has the same walltime
-            from .. import cluster as _cluster
+            from ... import cluster as _cluster
 
             info = _cluster.slurm_job(job)
             secs = info.walltime if info is not None else None
@@ -1048,7 +1048,7 @@ class DaskBackend:
 
     def _all_gone_locked(self, now: float, events: list[Any]) -> None:
         """The last worker left: say so at once, ask the cluster for replacement jobs."""
-        from .. import cluster as _cluster
+        from ... import cluster as _cluster
 
         self._gone_since = time.monotonic()
         made = _cluster.cluster_for(self.address)
@@ -1428,7 +1428,7 @@ class DaskBackend:
                 "status: see the worker's and its nanny's log",
                 "",
             )
-        from .. import cluster as _cluster
+        from ... import cluster as _cluster
 
         if info is None:
             return (
