@@ -102,6 +102,27 @@ def own_cluster() -> Iterator[Any]:
         yield c
 
 
+def _backend(address: str, tmp_path: Path, hooks: Any = None) -> Any:
+    """A Dask backend object, for tests that watch it through its documented seams
+    (``hooks=DaskHooks(...)``, ``token``, ``topic``, ``in_flight()``)."""
+    from pilotfish.backends.dask import DaskBackend
+
+    return DaskBackend(address=address, rundir=str(tmp_path / "run"), hooks=hooks)
+
+
+def _attempt(aid: int, x: Any) -> Any:
+    """A RunAttempt of ``faulty.ident(x)``, for tests that drive a backend directly."""
+    from pilotfish.wire import messages as _wire
+
+    payload = _wire.dumps_call((faulty.ident, (x,), {}), lambda _obj: None)
+    return _wire.RunAttempt(aid, f"k{aid}", "call", payload, (), None)
+
+
+def _dask_keys(scheduler: Any, prefix: str) -> list[str]:
+    """The keys the Dask scheduler holds that start with ``prefix``."""
+    return [str(k) for k in list(scheduler.tasks) if str(k).startswith(prefix)]
+
+
 # ---------------------------------------------------------------- values and errors
 
 
@@ -128,37 +149,61 @@ def test_existing_client_is_left_open(cluster: Any, tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_many_tasks_batched_and_fetched_directly(ds: pilotfish.Session) -> None:
+def test_many_tasks_batched_and_fetched_directly(cluster: Any, tmp_path: Path) -> None:
     """Attempts reach Dask in batches (one graph per batch); small values come with the
     task's end on the session's event topic (never fetched), larger ones straight from
     the workers on this host; every task still gets Started and its own value."""
-    backend: Any = ds._backend
+    from pilotfish.backends.dask import DaskHooks
+
     fetched: list[str] = []
-    real_fetch = backend._fetch
+    direct: set[str] = set()
 
-    def fetch(finished: list[Any], holder: dict[str, str]) -> list[Any]:
-        fetched.extend(a.dkey for a, _ in finished)
-        return real_fetch(finished, holder)  # type: ignore[no-any-return]
+    def on_fetched(keys: list[str], straight: set[str]) -> None:
+        fetched.extend(keys)
+        direct.update(straight)
 
-    backend._fetch = fetch
-    ts = [ds.submit(faulty.ident, i) for i in range(300)]
-    chain = ds.submit(add, ds.submit(add, 1, 2), 3)
-    assert [t.result(timeout=60) for t in ts] == list(range(300))
-    assert chain.result(timeout=60) == 6
-    assert all(len(t.attempts) == 1 and t.attempts[0].started for t in ts)
-    assert fetched == []  # all small: every value came on the event topic
-    big = [ds.submit(faulty.ident, "x" * 5000 + str(i)) for i in range(5)]
-    assert [t.result(timeout=60) for t in big] == ["x" * 5000 + str(i) for i in range(5)]
-    assert len(fetched) == 5
-    assert backend._near and all(backend._near.values())  # LocalCluster: all local
-    assert len(backend._ledger) == 0 and not backend._pending
-    # a result event for an attempt pilotfish no longer holds (withdrawn, superseded, or
-    # already delivered) is ignored
-    events: list[Any] = []
-    for aid in (10**9, 1):  # unknown, and long delivered
-        result = [aid, True, b"", "tcp://w:1", 1, 0.0, 0.0, "h"]
-        backend._on_result({"op": "result", "key": "k", "result": result}, events, [])
-    assert events == []
+    b = _backend(cluster.scheduler_address, tmp_path, DaskHooks(fetched=on_fetched))
+    with pilotfish.Session(
+        backend=b, rundir=str(tmp_path / "run"), backoff=pilotfish.Backoff(base=0.01)
+    ) as ds:
+        ts = [ds.submit(faulty.ident, i) for i in range(300)]
+        chain = ds.submit(add, ds.submit(add, 1, 2), 3)
+        assert [t.result(timeout=60) for t in ts] == list(range(300))
+        assert chain.result(timeout=60) == 6
+        assert all(len(t.attempts) == 1 and t.attempts[0].started for t in ts)
+        assert fetched == []  # all small: every value came on the event topic
+        big = [ds.submit(faulty.ident, "x" * 5000 + str(i)) for i in range(5)]
+        assert [t.result(timeout=60) for t in big] == ["x" * 5000 + str(i) for i in range(5)]
+        assert len(fetched) == 5
+        assert direct == set(fetched)  # LocalCluster: all straight from their workers
+        assert b.in_flight() == 0
+
+
+@pytest.mark.timeout(60)
+def test_result_events_for_attempts_not_held_are_ignored(cluster: Any, tmp_path: Path) -> None:
+    """A result event on the session's topic for an attempt pilotfish does not hold
+    (never did, or long delivered) is ignored: each attempt's result is reported once."""
+    from pilotfish.wire import messages as _wire
+
+    got: list[Any] = []
+    b = _backend(cluster.scheduler_address, tmp_path)
+
+    def results() -> list[int]:
+        return [e.attempt for e in list(got) if isinstance(e, _wire.Result)]
+
+    b.start(got.extend)
+    try:
+        b.submit([_attempt(1, 10)])
+        wait_for(lambda: results() == [1], timeout=30)
+        with distributed.Client(cluster, set_as_default=False) as c:
+            for aid in (10**9, 1):  # unknown, and long delivered
+                result = [aid, True, b"", "tcp://w:1", 1, 0.0, 0.0, "h"]
+                c.log_event(b.topic, {"op": "result", "key": "k", "result": result})
+        b.submit([_attempt(2, 20)])  # its result reaches the backend after those events
+        wait_for(lambda: 2 in results(), timeout=30)
+    finally:
+        b.stop()
+    assert results() == [1, 2]
 
 
 def where_it_runs() -> tuple[str, str, str]:
@@ -170,17 +215,19 @@ def where_it_runs() -> tuple[str, str, str]:
 
 
 @pytest.mark.timeout(60)
-def test_attempt_runs_in_the_workers_thread_pool(ds: pilotfish.Session, cluster: Any) -> None:
+def test_attempt_runs_in_the_workers_thread_pool(cluster: Any, tmp_path: Path) -> None:
     """The Dask task is a coroutine (it awaits the start fence on the worker's event loop,
     no thread hand-offs), but the attempt itself runs in a thread of the worker's pool,
     set up as Dask sets up a task's thread: get_worker() and the task's key work there."""
-    from pilotfish.backends.dask import _attempt_on_worker
+    from pilotfish.backends.dask.worker import attempt_on_worker
 
-    assert inspect.iscoroutinefunction(_attempt_on_worker)
-    addr, thread, key = ds.submit(where_it_runs).result(timeout=30)
+    assert inspect.iscoroutinefunction(attempt_on_worker)
+    b = _backend(cluster.scheduler_address, tmp_path)
+    with pilotfish.Session(backend=b, rundir=str(tmp_path / "run")) as ds:
+        addr, thread, key = ds.submit(where_it_runs).result(timeout=30)
     assert addr in cluster.scheduler.workers
     assert "Dask-Default-Threads" in thread  # not the event loop's thread
-    assert key.startswith("pilotfish-") and ds._backend._token in key  # type: ignore[attr-defined]
+    assert key.startswith("pilotfish-") and b.token in key
 
 
 @pytest.mark.timeout(60)
@@ -205,13 +252,13 @@ def test_values_come_from_the_granted_worker_without_asking_the_scheduler(
         assert [t.result(timeout=60) for t in ts] == [pad + str(i) for i in range(40)]
         assert asked == []
         # a holder that does not have the value: Client.gather finds it
-        backend: Any = ds._backend
-        c = backend._client
+        from pilotfish.backends.dask.results import fetch_values
+
         w1, w2 = sorted(cluster.scheduler.workers)
-        fut = c.submit(faulty.square, 7, workers=[w1], pure=False)
-        assert fut.result(timeout=30) == 49
-        att = types.SimpleNamespace(dkey=fut.key)
-        assert backend._fetch([(att, fut)], {fut.key: w2}) == [49]
+        with distributed.Client(cluster, set_as_default=False) as c:
+            fut = c.submit(faulty.square, 7, workers=[w1], pure=False)
+            assert fut.result(timeout=30) == 49
+            assert fetch_values(c, [(fut.key, fut)], {fut.key: w2}) == ([49], set())
         assert asked  # asked the scheduler where it is
     finally:
         handlers["who_has"] = real
@@ -221,43 +268,36 @@ def test_values_come_from_the_granted_worker_without_asking_the_scheduler(
 def test_attempt_cancelled_while_being_handed_to_dask(cluster: Any, tmp_path: Path) -> None:
     """A cancel that lands between taking a batch and Dask's futures existing: the late
     future is cancelled and nothing of that attempt is ever reported."""
-    from pilotfish.backends.dask import DaskBackend
+    from pilotfish.backends.dask import DaskHooks
     from pilotfish.wire import messages as _wire
 
     got: list[Any] = []
-    b = DaskBackend(address=cluster.scheduler_address, rundir=str(tmp_path / "r"))
     inside, go = threading.Event(), threading.Event()
-    real = b._submit_batch
 
-    def slow_batch(batch: list[Any], fence: str) -> None:
+    def hold(batch: list[Any]) -> None:  # the submitter took the batch: hold it there
         inside.set()
         assert go.wait(20)
-        real(batch, fence)
 
-    b._submit_batch = slow_batch  # type: ignore[method-assign]
-
-    def attempt(aid: int, x: int) -> Any:
-        payload = _wire.dumps_call((faulty.ident, (x,), {}), lambda _obj: None)
-        return _wire.RunAttempt(aid, f"k{aid}", "call", payload, (), None)
-
+    b = _backend(cluster.scheduler_address, tmp_path, DaskHooks(before_batch=hold))
     b.start(got.extend)
     try:
-        b.submit([attempt(1, 10), attempt(2, 20)])
+        b.submit([_attempt(1, 10), _attempt(2, 20)])
         assert inside.wait(20)
         b.cancel([1])
-        wait_for(lambda: 1 not in b._ledger, timeout=20)
+        wait_for(lambda: b.in_flight() == 1, timeout=20)  # attempt 1 withdrawn
         go.set()
         wait_for(lambda: any(isinstance(e, _wire.Result) for e in got), timeout=30)
-        time.sleep(0.3)
-        mine = [e for e in got if getattr(e, "attempt", None) in (1, 2)]
-        assert {type(e).__name__ for e in mine} == {"Started", "Result"}
-        assert all(e.attempt == 2 for e in mine)
-        res = next(e for e in mine if isinstance(e, _wire.Result))
-        assert res.ok and pickle.loads(res.data) == 20
-        assert len(b._ledger) == 0 and not b._pending
+        assert b.in_flight() == 0
+        # attempt 1's late Dask future was cancelled: the scheduler forgets its task
+        wait_for(lambda: not _dask_keys(cluster.scheduler, f"pilotfish-k1-a1-{b.token}"), 20)
     finally:
         go.set()
-        b.stop()
+        b.stop()  # nothing is reported after stop() returns
+    mine = [e for e in got if getattr(e, "attempt", None) in (1, 2)]
+    assert {type(e).__name__ for e in mine} == {"Started", "Result"}
+    assert all(e.attempt == 2 for e in mine)
+    res = next(e for e in mine if isinstance(e, _wire.Result))
+    assert res.ok and pickle.loads(res.data) == 20
 
 
 @pytest.mark.timeout(60)
@@ -310,13 +350,14 @@ def test_timeout_is_task_timeout(own_cluster: Any, tmp_path: Path) -> None:
         backend="dask", address=own_cluster.scheduler_address, rundir=str(tmp_path / "r")
     ) as s:
         t = s.submit(pilotfish.task(faulty.slow, timeout=0.5, retries=0), 1, 30)
-        t0 = time.monotonic()
         with pytest.raises(pilotfish.TaskTimeout) as info:
             t.result(timeout=30)
-        assert time.monotonic() - t0 < 0.5 + 2.0
         assert "0.5 s" in str(info.value) and "ran" in str(info.value)
         f = info.value.failure
         assert f is not None and f.category is Category.TIMEOUT and f.transient
+        (a,) = t.attempts  # failed at its limit, measured from Started
+        assert a.outcome == "timeout" and a.started is not None and a.ended is not None
+        assert a.ended - a.started >= 0.5 and a.started <= f.time
         assert f.pid and f.worker is not None and f.worker in str(info.value)
         pid = f.pid
         wait_for(lambda: _gone(pid), timeout=10)  # the call's worker process was ended
@@ -392,7 +433,9 @@ def test_sigkill_worker_mid_task_is_retried(own_cluster: Any, tmp_path: Path) ->
         lost = [e for e in events if isinstance(e, pilotfish.WorkerEvent) and e.kind == "lost"]
         assert any(e.held == (t.key,) and e.pid == pid for e in lost)
         assert s.submit(faulty.ident, 1).result(timeout=30) == 1
-        time.sleep(0.5)  # a late rerun by Dask would show up here
+        # Dask is done with the first attempt's task (no rerun of it can come any more)
+        prefix = f"pilotfish-{t.key}-a{first.id}-"
+        wait_for(lambda: not _dask_keys(own_cluster.scheduler, prefix), timeout=20)
         runs = body_runs(countfile)
         assert len(runs) == _started(t) == 2, (runs, t.attempts)
         assert runs[0] == pid and runs[1] == second.pid
@@ -407,40 +450,48 @@ def test_dask_rerun_of_a_started_attempt_is_refused_and_recorded(
     """The race behind issue 12, made certain: when Dask removes a dead worker it
     reschedules that worker's task on another worker in the same step; pilotfish's cancel
     of the lost attempt's Dask task has to go through the client and usually arrives
-    later. Here it never arrives (cancels are dropped, and the test holds the Dask future,
-    as a second client wanting the key would), so Dask's rerun always reaches the other
-    worker: the start fence refuses it (user code does not run), the refusal is logged
-    naming attempt and worker and counted in processes(), and the task succeeds on
-    pilotfish's own retry."""
+    later. Here it never takes effect (a second client wants the key, as another user of
+    the cluster might: pilotfish's cancel then only drops its own interest), so Dask's
+    rerun always reaches the other worker: the start fence refuses it (user code does
+    not run), the refusal is logged naming attempt and worker and counted in
+    processes(), and the task succeeds on pilotfish's own retry."""
     import logging
 
     caplog.set_level(logging.INFO, logger="pilotfish.dask")
-    with pilotfish.Session(
-        backend="dask",
-        address=own_cluster.scheduler_address,
-        rundir=str(tmp_path / "r"),
-        backoff=pilotfish.Backoff(base=0.01),
-    ) as s:
-        b: Any = s._backend
-        b._cancel_futs = lambda futs: None  # pilotfish's cancel comes too late: never
+    sched = own_cluster.scheduler
+    with (
+        pilotfish.Session(
+            backend="dask",
+            address=own_cluster.scheduler_address,
+            rundir=str(tmp_path / "r"),
+            backoff=pilotfish.Backoff(base=0.01),
+        ) as s,
+        distributed.Client(own_cluster, set_as_default=False) as other,
+    ):
         pidfile, countfile = tmp_path / "pid", tmp_path / "count"
         t = s.submit(count_then_sleep, str(countfile), str(pidfile), 30, 7)
         pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text(), timeout=20))
-        with b._lock:
-            (entry,) = b._ledger.entries.values()
-            aid, held = entry.attempt, entry.item.fut  # Dask keeps a task someone wants
-        assert held is not None and entry.where == "started"
+        wait_for(lambda: t.attempts and t.attempts[0].started, timeout=20)
+        aid = t.attempts[0].id
+        (dkey,) = wait_for(lambda: _dask_keys(sched, f"pilotfish-{t.key}-a{aid}-"), 20)
+        # someone else wants the key: Dask keeps (and reruns) the task whatever pilotfish
+        # cancels
+        distributed.fire_and_forget(distributed.Future(dkey, other))
+        wants = lambda: {c.client_key for c in sched.tasks[dkey].who_wants}  # noqa: E731
+        wait_for(lambda: "fire-and-forget" in wants(), timeout=20)
+        first_worker = sched.tasks[dkey].processing_on.address
         os.kill(pid, signal.SIGKILL)
         assert t.result(timeout=60) == 7
-        marker = held.result(timeout=30)  # Dask's rerun of the first attempt
-        assert type(marker).__name__ == "_NotStarted" and marker.attempt == aid
-        assert "already started on" in marker.reason and marker.worker != t.attempts[0].worker
-        wait_for(lambda: s.processes()["refused_starts"] >= 1, timeout=10)
-        logged = [r.getMessage() for r in caplog.records if "refused attempt" in r.getMessage()]
-        assert any(f"attempt {aid} " in m and marker.worker in m for m in logged), logged
+        # Dask's rerun of the first attempt reached the other worker and was refused there
+        wait_for(lambda: s.processes()["refused_starts"] >= 1, timeout=30)
+        refusals = [r.args for r in caplog.records if "refused attempt" in str(r.msg)]
+        assert any(
+            isinstance(a, tuple) and a[:2] == (aid, dkey) and a[2] != first_worker
+            and "already started on" in str(a[5])
+            for a in refusals
+        ), refusals  # fmt: skip
         runs = body_runs(countfile)
         assert len(runs) == _started(t) == 2, (runs, t.attempts)
-        del held
 
 
 @pytest.mark.timeout(120)
@@ -472,7 +523,8 @@ def test_task_killing_its_worker_every_time_is_poison(own_cluster: Any, tmp_path
             assert o.attempts[-1].outcome == "done"
             assert all(a.outcome == "worker_lost" for a in o.attempts[:-1])
             assert len(o.attempts) < 3
-        time.sleep(0.5)
+        # Dask is done with the poison task's attempts: no rerun of them can come any more
+        wait_for(lambda: not _dask_keys(own_cluster.scheduler, f"pilotfish-{bad.key}-"), 20)
         assert len(body_runs(countfile)) == _started(bad) == 3
         print(f"\nbody runs {len(body_runs(countfile))}, started attempts {_started(bad)}, "
               f"Dask reruns refused {s.processes()['refused_starts']}")  # fmt: skip
@@ -508,31 +560,22 @@ def test_submitter_lets_attempts_gather_only_while_dask_has_a_backlog() -> None:
     attempts that have not started (its workers stay busy), the submitter waits a little
     for more (a quarter of the backlog's run time at 1 ms each, at most 20 ms); never
     without a backlog, and never for a retry or a resend."""
-    from pilotfish.backends.dask import DaskBackend, _Att
+    from pilotfish.backends.dask.flight import Att
+    from pilotfish.backends.dask.submit import gather_delay
     from pilotfish.wire import messages as _wire
 
-    b = DaskBackend(address="tcp://127.0.0.1:1")
-    assert b._gather_delay() == 0.0  # nothing pending
-
-    def att(aid: int, lineage: tuple[Any, ...] = ("n",)) -> Any:
+    def att(aid: int, lineage: tuple[Any, ...] = ("n",), resubmits: int = 0) -> Att:
         m = _wire.RunAttempt(aid, f"k{aid}", "call", b"", (), None, lineage=lineage)
-        return _Att(m, f"d{aid}")
+        return Att(m, f"d{aid}", resubmits=resubmits)
 
-    queued = [att(i) for i in range(1, 41)]
-    b._ledger.submit([(a.m.attempt, a.m.key, a, None) for a in queued])
-    b._live = {"tcp://w1:1", "tcp://w2:1"}
     new = att(100)
-    b._ledger.submit([(100, "k100", new, None)])
-    b._pending = [new]
-    assert b._gather_delay() == pytest.approx(40 / 2 * 0.001 / 4)  # 5 ms
-    b._ledger.submit([(a, f"k{a}", att(a), None) for a in range(200, 400)])
-    assert b._gather_delay() == pytest.approx(0.02)  # at most 20 ms
-    b._pending = [new, att(101, ("n", 7, 1))]  # a retry goes at once
-    assert b._gather_delay() == 0.0
-    b._pending = [new]
-    b._ledger = type(b._ledger)()  # no backlog: at once
-    b._ledger.submit([(100, "k100", new, None)])
-    assert b._gather_delay() == 0.0
+    assert gather_delay([], 40, 0, 2) == 0.0  # nothing pending
+    # 40 queued in Dask, not started, 2 workers; one new pending
+    assert gather_delay([new], 41, 0, 2) == pytest.approx(40 / 2 * 0.001 / 4)  # 5 ms
+    assert gather_delay([new], 241, 0, 2) == pytest.approx(0.02)  # at most 20 ms
+    assert gather_delay([new, att(101, ("n", 7, 1))], 242, 0, 2) == 0.0  # a retry: at once
+    assert gather_delay([new, att(102, resubmits=1)], 242, 0, 2) == 0.0  # a resend too
+    assert gather_delay([new], 1, 0, 2) == 0.0  # no backlog: at once
 
 
 def test_start_fence_grants_each_key_once() -> None:
@@ -547,7 +590,7 @@ def test_start_fence_grants_each_key_once() -> None:
     handlers."""
     import asyncio
 
-    from pilotfish.backends._dask_fence import StartFence
+    from pilotfish.backends.dask.fence import StartFence
 
     sched = _FakeScheduler()
     fence = StartFence("tok", 1, "pilotfish-tok")
@@ -613,11 +656,11 @@ class _External:
         self.address = f"tcp://127.0.0.1:{self.port}"
         self.logs = (tmp_path / "dask.log").open("wb")
         self.procs: list[subprocess.Popen[bytes]] = []
-        self.scheduler = self._spawn("dask_scheduler", "--host", "127.0.0.1", "--port",
+        self.scheduler = self.spawn("dask_scheduler", "--host", "127.0.0.1", "--port",
                                      str(self.port), "--no-dashboard")  # fmt: skip
         self.add_worker()
 
-    def _spawn(self, cli: str, *args: str) -> subprocess.Popen[bytes]:
+    def spawn(self, cli: str, *args: str) -> subprocess.Popen[bytes]:
         p = subprocess.Popen(
             [sys.executable, "-m", f"distributed.cli.{cli}", *args],
             stdout=self.logs,
@@ -629,13 +672,13 @@ class _External:
         return p
 
     def add_worker(self) -> None:
-        self._spawn("dask_worker", self.address, "--nthreads", "1", "--no-nanny",
+        self.spawn("dask_worker", self.address, "--nthreads", "1", "--no-nanny",
                     "--no-dashboard", "--death-timeout", "30")  # fmt: skip
         with distributed.Client(self.address, timeout=30, set_as_default=False) as c:
             c.wait_for_workers(1, timeout=30)
 
     def restart_scheduler(self) -> None:
-        self.scheduler = self._spawn("dask_scheduler", "--host", "127.0.0.1", "--port",
+        self.scheduler = self.spawn("dask_scheduler", "--host", "127.0.0.1", "--port",
                                      str(self.port), "--no-dashboard")  # fmt: skip
 
     def close(self) -> None:
@@ -673,19 +716,15 @@ def test_scheduler_killed_without_restarts_is_runtime_lost(
         ts = [s.submit(faulty.slow, i, 2.0) for i in range(3)]
         wait_for(lambda: any(t.running() for t in ts), timeout=20)
         external.scheduler.kill()
-        t0 = time.monotonic()
-        for t in ts:
+        for t in ts:  # at once: no restart to wait for (not heartbeat_timeout later)
             with pytest.raises(pilotfish.RuntimeLost, match=address):
                 t.result(timeout=20)
-        assert time.monotonic() - t0 < 5
         assert "max_master_restarts=0" in str(ts[0].exception())
         late = s.submit(faulty.ident, 1)
         with pytest.raises(pilotfish.RuntimeLost):
             late.result(timeout=5)
     finally:
-        t0 = time.monotonic()
         s.shutdown(wait=False, cancel_futures=True)
-        assert time.monotonic() - t0 < 15
     kinds = [e.kind for e in events if isinstance(e, pilotfish.MasterEvent)]
     assert kinds == ["started", "lost"]
 

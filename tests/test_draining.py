@@ -475,7 +475,7 @@ def test_dask_start_fence_refuses_a_drained_place() -> None:
     host refuses the workers that said they run there. Other workers start as before."""
     import asyncio
 
-    from pilotfish.backends._dask_fence import StartFence
+    from pilotfish.backends.dask.fence import StartFence
 
     sched = _FakeScheduler()
     fence = StartFence("tok", 1, "pilotfish-tok")

@@ -398,17 +398,17 @@ def test_parse_walltime(text: str, seconds: float | None) -> None:
 
 def test_removal_message_names_the_job_and_its_end() -> None:
     """What a lost worker's attempts say: the job's end, or that the job runs on."""
-    from pilotfish.backends.dask import DaskBackend
+    from pilotfish.backends.dask.jobs import describe_removal
     from pilotfish.cluster import SlurmJob
 
     who = "Dask worker tcp://127.0.0.1:1 (pid 7) at host n1"
     cancelled = SlurmJob("9", "CANCELLED", "None", "00:10:00", "00:00:03", "n1")
-    what, ended = DaskBackend._describe_removal(who, "x", "9", cancelled)
+    what, ended = describe_removal(who, "x", "9", cancelled)
     assert "SLURM job 9 CANCELLED (scancel" in what and ended.startswith("SLURM job 9 CANC")
     running = SlurmJob("9", "RUNNING", "None", "00:10:00", "00:00:03", "n1")
-    what, ended = DaskBackend._describe_removal(who, "x", "9", running)
+    what, ended = describe_removal(who, "x", "9", running)
     assert "SLURM job 9 is still RUNNING" in what and ended == ""
-    what, ended = DaskBackend._describe_removal(who, "x", "9", None)
+    what, ended = describe_removal(who, "x", "9", None)
     assert "in SLURM job 9" in what and "scontrol" in what
-    what, ended = DaskBackend._describe_removal(who, "x", "", None)
+    what, ended = describe_removal(who, "x", "", None)
     assert "SLURM" not in what and ended == ""

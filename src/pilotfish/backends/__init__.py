@@ -21,7 +21,7 @@ __all__ = ["BACKENDS", "backend_class", "backend_factory"]
 #: backend name -> (module, class); optional ones are installed as the extra of that name
 BACKENDS = {
     "local": ("pilotfish.backends.local.backend", "LocalBackend"),
-    "dask": ("pilotfish.backends.dask", "DaskBackend"),
+    "dask": ("pilotfish.backends.dask.backend", "DaskBackend"),
     "radical": ("pilotfish.backends.radical.backend", "RadicalBackend"),
 }
 

@@ -1,0 +1,121 @@
+"""Dask workers that run in batch jobs (SLURM): which job each runs in, how a lost
+worker's job ended, and the jobs' walltime.
+
+A worker plugin (:class:`.worker.WorkerJob`) makes every Dask worker report its
+``SLURM_JOB_ID`` (with its pid and host) on the session's topic as it joins. When it
+leaves, the client asks ``scontrol show job`` (:func:`pilotfish.cluster.slurm_job`,
+waiting up to :data:`JOB_SETTLE` s while the job is ``COMPLETING``), and
+:func:`describe_removal` says what the loss of its attempts reports. Once a job's
+walltime is known (from the cluster made by :func:`pilotfish.cluster.slurm`, else from
+the first job's ``scontrol``), an attempt whose ``timeout`` is longer is warned about
+at submit (:meth:`BatchJobs.warn`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from ... import cluster as _cluster
+from ...wire.messages import RunAttempt
+
+__all__ = ["JOB_SETTLE", "BatchJobs", "describe_removal"]
+
+log = logging.getLogger("pilotfish.dask")
+
+#: s to wait for a lost worker's batch job to leave COMPLETING (to learn CANCELLED, TIMEOUT)
+JOB_SETTLE = 3.0
+
+
+def describe_removal(who: str, cause: str, job: str, info: Any) -> tuple[str, str]:
+    """What a removed worker's loss says (for its attempts' WORKER_LOST), and how its
+    batch job ended ('' if it did not, or it ran in none). ``info``: what SLURM said
+    about ``job`` (:func:`pilotfish.cluster.slurm_job`), None if it said nothing."""
+    if not job:
+        return (
+            f"{who} was removed from the cluster ({cause}); Dask does not report its exit "
+            "status: see the worker's and its nanny's log",
+            "",
+        )
+    if info is None:
+        return (
+            f"{who}, in SLURM job {job}, was removed from the cluster ({cause}); SLURM did "
+            "not say how the job ended (no scontrol here, or it did not answer): see "
+            f"`scontrol show job {job}` and the job's log",
+            "",
+        )
+    if info.ended:
+        ended = _cluster.describe_job_end(info)
+        return f"{who} was removed from the cluster: its {ended}", ended
+    if info.state == "COMPLETING":
+        ended = (
+            f"SLURM job {job} COMPLETING (it is ending, but SLURM did not say why within "
+            f"{JOB_SETTLE:g} s: see `scontrol show job {job}`)"
+        )
+        return f"{who} was removed from the cluster: its {ended}", ended
+    log_ = f"; see its log {info.stderr}" if info.stderr and info.stderr != "(null)" else ""
+    return (
+        f"{who} was removed from the cluster ({cause}), but its SLURM job {job} is still "
+        f"{info.state}: the worker process ended inside the job (killed, crashed, or out "
+        f"of memory; a nanny starts a new one){log_}",
+        "",
+    )
+
+
+class BatchJobs:
+    """Worker address -> (job id, worker name), as the workers said (guarded by the
+    backend's lock), and the worker jobs' walltime."""
+
+    def __init__(self) -> None:
+        self.of: dict[str, tuple[str, str]] = {}
+        self.walltime: tuple[float, str] | None = None  # (seconds, as SLURM wrote it)
+        self._walltime_asked = False
+        self._warned_timeouts: set[float] = set()
+
+    def from_cluster(self, address: str) -> None:
+        """The walltime of a cluster :func:`pilotfish.cluster.slurm` made in this process."""
+        made = _cluster.cluster_for(address)
+        text = str(getattr(made, "_pilotfish_walltime", "") or "")
+        secs = _cluster.parse_walltime(text) if text else None
+        if secs is not None:
+            self.walltime = (secs, text)
+
+    def learn(self, job: str) -> None:
+        """A worker said it runs in ``job``: ask SLURM for the walltime (once: every job
+        of a cluster has the same walltime)."""
+        if job and self.walltime is None and not self._walltime_asked:
+            self._walltime_asked = True
+            info = _cluster.slurm_job(job)
+            secs = info.walltime if info is not None else None
+            if info is not None and secs is not None:
+                self.walltime = (secs, info.time_limit)
+
+    def job_of(self, addr: str) -> tuple[str, Any]:
+        """(job id, what SLURM says about it now) for the worker at ``addr`` ('' , None if
+        it did not run in a batch job or never said so)."""
+        job = self.of.get(addr, ("", ""))[0]
+        if not job:
+            return "", None
+        return job, _cluster.slurm_job(job, settle=JOB_SETTLE)
+
+    def warn(self, attempts: Sequence[RunAttempt]) -> None:
+        """Warn (once per timeout value) when a task may run longer than its worker job."""
+        if self.walltime is None:
+            return
+        secs, text = self.walltime
+        for a in attempts:
+            t = a.timeout
+            if t is None or t <= secs or t in self._warned_timeouts or a.attempt < 0:
+                continue
+            self._warned_timeouts.add(t)
+            log.warning(
+                "pilotfish: task %r has timeout=%g s, longer than the walltime of the batch "
+                "jobs that run the Dask workers (%s = %g s): SLURM ends the job first, and "
+                "an attempt still running then is WORKER_LOST (job TIMEOUT), not TIMEOUT. "
+                "Ask for a longer walltime or give the task a shorter timeout",
+                a.key,
+                t,
+                text,
+                secs,
+            )

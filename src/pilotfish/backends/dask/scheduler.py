@@ -1,0 +1,153 @@
+"""Losing the Dask scheduler, and getting it back.
+
+:class:`SchedulerWatch` checks the client's connection from the event thread. A lost
+connection is ``MasterReport("lost")`` and takes one restart from the driver's
+:class:`~pilotfish.backends._driver.RestartBudget` (none left: ``Fatal`` at once). Back
+within ``heartbeat_timeout``: the ledger's ``RuntimeLost`` (started attempts
+``Lost(runtime_lost)``, the others resent under new Dask keys), a fresh start fence,
+the plugins and drains installed again, ``MasterReport("restarted")``. Not back in time,
+or the client gave up: ``RuntimeLost`` and ``Fatal(runtime_lost)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+from ...core import ledger as L
+from .._driver import Driver, carry_out
+from ..base import MasterReport
+from .connection import Connection
+from .flight import Att, Flight
+from .workers import Workers
+
+__all__ = ["SchedulerWatch"]
+
+
+class SchedulerWatch:
+    """``conn_lost``: a Dask future said the connection was lost (Dask cancelled it),
+    before the client's status may show it."""
+
+    def __init__(
+        self,
+        flight: Flight,
+        conn: Connection,
+        workers: Workers,
+        driver: Driver,
+        hb_timeout: float,
+    ) -> None:
+        self.flight = flight
+        self.conn = conn
+        self.workers = workers
+        self.driver = driver
+        self.hb_timeout = hb_timeout
+        self.conn_lost = False
+
+    def connection_lost(self) -> None:
+        self.conn_lost = True
+
+    def check(self, events: list[Any], cancel: list[Any]) -> None:
+        if self.driver.dead or self.conn.client is None:
+            return
+        address = self.conn.address
+        status = self.conn.client.status
+        fl = self.flight
+        if fl.lost_since is None:
+            if status == "running" and not self.conn_lost:
+                return
+            with fl.lock:
+                fl.lost_since = time.monotonic()
+            events.append(
+                MasterReport(
+                    "lost",
+                    self.conn.sched_pid,
+                    time.time(),
+                    message=f"lost the connection to the Dask scheduler at {address}",
+                )
+            )
+            if not self.driver.budget.take():
+                what = (
+                    f"lost the connection to the Dask scheduler at {address} (it was "
+                    "killed, crashed, or the network failed)"
+                )
+                again = "wait for it to return"
+                self.fatal(f"{what}; {self.driver.budget.spent(again)}", events, cancel)
+                return
+        if status == "running":
+            self._recovered(events, cancel)
+        elif status in ("closed", "closing"):
+            self.fatal(
+                f"lost the connection to the Dask scheduler at {address} and the Dask "
+                "client gave up reconnecting",
+                events,
+                cancel,
+            )
+        elif time.monotonic() - (fl.lost_since or 0.0) > self.hb_timeout:
+            self.fatal(
+                f"lost the connection to the Dask scheduler at {address}, and it did not "
+                f"come back within heartbeat_timeout={self.hb_timeout:g} s",
+                events,
+                cancel,
+            )
+
+    def fatal(self, why: str, events: list[Any], cancel: list[Any]) -> None:
+        """The scheduler is gone for good: started attempts are RUNTIME_LOST (the ledger
+        says so); the others have nowhere to go, and ``Fatal`` fails them."""
+        fl = self.flight
+        with fl.lock:
+            fatal = self.driver.fatal(why)
+            cancel.extend(e.item.fut for e in fl.ledger.entries.values())
+            # started: Lost(runtime_lost); the others are not sent again (dead): Fatal
+            # fails them
+            self._lost_locked(why, self.conn.sched_pid, {}, events, cancel)
+            fl.drop_queued_locked()
+        events.append(fatal)
+
+    def _lost_locked(
+        self, why: str, pid: int, items: dict[int, Att], events: list[Any], cancel: list[Any]
+    ) -> None:
+        """``RuntimeLost`` for the ledger, carried out; its reports also name the Dask
+        worker an attempt was running on."""
+        led = self.flight.ledger
+        where = {
+            e.attempt: f"; it was running on Dask worker {e.worker} (pid {e.pid}) at host {e.host}"
+            for e in led.started()
+        }
+        cmds = led.handle(L.RuntimeLost(why, time.time(), f"scheduler {self.conn.address}", pid))
+        carry_out(cmds, self.flight.step(items, events, cancel, where))
+
+    def _recovered(self, events: list[Any], cancel: list[Any]) -> None:
+        """The client is connected again: what the old scheduler had is gone."""
+        conn, fl = self.conn, self.flight
+        with contextlib.suppress(Exception):
+            conn.subscribe()
+        failed = conn.install_fence()
+        if failed:
+            self.fatal(failed, events, cancel)
+            return
+        conn.ship_plugins()
+        with fl.lock:
+            drains = [(conn.drain_op, d) for d in self.workers.drains]
+        if drains:
+            self.driver.nursery.start("pilotfish-dask-drain", conn.tell_fence, drains)
+        why = (
+            f"the connection to the Dask scheduler at {conn.address} was lost (reconnected; "
+            f"{self.driver.budget.note()})"
+        )
+        old_pid = conn.sched_pid
+        conn.refresh_scheduler_pid()
+        with fl.lock:
+            self.conn_lost = False
+            fl.lost_since = None
+            items = {a: e.item for a, e in fl.ledger.entries.items()}
+            # started: Lost(runtime_lost); the others: Resend, under new keys
+            self._lost_locked(why, old_pid, items, events, cancel)
+        events.append(
+            MasterReport(
+                "restarted",
+                conn.sched_pid,
+                time.time(),
+                message=f"reconnected to the Dask scheduler at {conn.address}",
+            )
+        )

@@ -1,0 +1,174 @@
+"""Handing attempts to Dask: the submitter thread, in batches.
+
+``DaskBackend.submit`` only registers an attempt (:meth:`.flight.Flight.queue_locked`);
+the :class:`Submitter`'s thread hands everything pending to Dask with one
+``Client.map`` per batch (one graph update on the scheduler per batch, not per
+attempt), each attempt as one Dask task (:func:`.worker.attempt_on_worker`) under a
+unique key, ``pure=False``, ``retries=0``. An attempt cancelled, lost or stopped before
+its Dask future exists is skipped, or its late future cancelled. Each batch's futures
+are watched from the client's event loop (one hand-over per batch): their ends reach
+the backend's stimulus queue as ``("done", future, dask key, attempt id)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from distributed.client import done_callback as _done_callback
+
+from ...wire.messages import RunAttempt
+from .connection import Connection
+from .flight import Att, Flight
+from .worker import attempt_on_worker
+
+__all__ = ["Submitter", "gather_delay"]
+
+log = logging.getLogger("pilotfish.dask")
+
+#: the least time a Dask task takes end to end (a no-op: ~1 ms), and the longest the
+#: submitter lets attempts gather while Dask's workers have a backlog (gather_delay)
+TASK_MIN = 0.001
+GATHER_MAX = 0.02
+
+
+def gather_delay(pending: Sequence[Att], in_flight: int, started: int, live: int) -> float:
+    """How long to let more pending attempts gather before handing them to Dask: each
+    ``Client.map`` is one graph update, whose fixed cost on the scheduler (a hand-off
+    to a thread among it) outweighs a few attempts' own, and a dependency chain's next
+    steps arrive one by one. Only while Dask holds so many attempts that have not
+    started that its workers stay busy meanwhile: a quarter of that backlog's run time
+    at :data:`TASK_MIN` per attempt, at most :data:`GATHER_MAX`. Never for a retry or
+    a resend.
+
+    ``pending``: the attempts not yet handed to Dask; ``in_flight``: every attempt in
+    the ledger (pending ones too); ``started``: those running; ``live``: the workers."""
+    if not pending:
+        return 0.0
+    if any(a.resubmits or len(a.m.lineage) > 1 for a in pending):
+        return 0.0
+    backlog = in_flight - started - len(pending)
+    slots = max(started, live, 1)
+    delay = min(GATHER_MAX, backlog / slots * TASK_MIN / 4)
+    return delay if delay >= 0.001 else 0.0
+
+
+def _watch_futures(loop: Any, items: list[tuple[Any, str, int]], put: Callable[..., None]) -> None:
+    """On the Dask client's event loop: put ``("done", future, dkey, attempt)`` once each
+    future is done. What ``Future.add_done_callback`` does, without its per-future wake-up
+    of the loop from another thread and hop through Dask's callback thread."""
+    for f, dkey, aid in items:
+        loop.add_callback(_done_callback, f, functools.partial(_report_done, put, dkey, aid))
+
+
+def _report_done(put: Callable[..., None], dkey: str, aid: int, fut: Any) -> None:
+    put(("done", fut, dkey, aid))
+
+
+class Submitter:
+    """The thread that hands pending attempts to Dask. ``put``: the backend's stimulus
+    queue; ``before_batch``: a test hook (:class:`.backend.DaskHooks`)."""
+
+    def __init__(
+        self,
+        flight: Flight,
+        conn: Connection,
+        rundir: str,
+        put: Callable[[tuple[Any, ...]], None],
+        stopping: threading.Event,
+        before_batch: Callable[[list[RunAttempt]], None] | None = None,
+    ) -> None:
+        self.flight = flight
+        self.conn = conn
+        self.rundir = rundir
+        self._put = put
+        self._stopping = stopping
+        self._before_batch = before_batch
+        self._newest_order = 0  # the latest task (submission order) handed to Dask
+
+    def run(self) -> None:
+        """Hand pending attempts to Dask, many per ``Client.map`` (one graph update each)."""
+        fl = self.flight
+        while True:
+            fl.wake.wait()
+            delay = self._delay()
+            if delay:
+                self._stopping.wait(delay)
+            fl.wake.clear()
+            with fl.lock:
+                if fl.stopped:
+                    return
+                batch = [a for a in fl.pending if fl.current(a)]
+                fl.pending = []
+                fence = self.conn.fence_op
+            if batch:
+                try:
+                    self._submit_batch(batch, fence)
+                except Exception as e:  # never strand an attempt: report it lost
+                    log.exception("pilotfish: could not submit attempts to Dask")
+                    why = f"the Dask client could not submit it: {type(e).__name__}: {e}"
+                    failed: list[Any] = []
+                    with fl.lock:
+                        for a in batch:
+                            if fl.current(a) and a.fut is None:
+                                fl.give_up_locked(a, "runtime_lost", why, failed)
+                    if failed:
+                        self._put(("emit", failed))  # from the event thread, in order
+
+    def _delay(self) -> float:
+        fl = self.flight
+        with fl.lock:
+            if fl.stopped:
+                return 0.0
+            started = len(fl.ledger.started())
+            return gather_delay(fl.pending, len(fl.ledger), started, len(fl.live))
+
+    def _submit_batch(self, batch: list[Att], fence: str) -> None:
+        if self._before_batch is not None:
+            self._before_batch([a.m for a in batch])
+        # Retries keep their place: an attempt of a task submitted before the newest one
+        # already handed over (a retry, or a resend) goes ahead of Dask's FIFO order
+        newest = self._newest_order
+        ahead: list[Att] = []
+        fresh: list[Att] = []
+        for a in batch:
+            (ahead if 0 < a.m.order < newest else fresh).append(a)
+        batch = ahead + fresh
+        self._newest_order = max(newest, max((a.m.order for a in batch), default=0))
+        futs = self._map(ahead, fence, 1) + self._map(fresh, fence, 0)
+        late = []
+        fl = self.flight
+        with fl.lock:
+            for a, f in zip(batch, futs, strict=True):
+                if fl.current(a):
+                    a.fut = f
+                else:  # cancelled, lost or stopped while we submitted it
+                    late.append(f)
+        watch = [(f, a.dkey, a.m.attempt) for a, f in zip(batch, futs, strict=True) if a.fut is f]
+        if watch:  # one hand-over to the client's event loop per batch
+            loop = self.conn.client.loop
+            loop.add_callback(_watch_futures, loop, watch, self._put)
+        self.conn.cancel(late)
+
+    def _map(self, batch: list[Att], fence: str, priority: int) -> list[Any]:
+        if not batch:
+            return []
+        n = len(batch)
+        keys = [a.dkey for a in batch]
+        futs: list[Any] = self.conn.client.map(
+            attempt_on_worker,
+            [a.m for a in batch],
+            keys,
+            [fence] * n,
+            [self.rundir] * n,
+            [self.conn.topic] * n,
+            key=keys,
+            pure=False,
+            retries=0,
+            batch_size=None,
+            priority=priority,
+        )
+        return futs
