@@ -223,7 +223,7 @@ class DaskBackend:
                 att = Att(a, fl.dkey(a, 0))
                 new.append((a.attempt, a.key, att, a.timeout))
                 fl.queue_locked(att)
-            fl.ledger.submit(new)
+            fl.ledger.handle(L.Enqueue(tuple(new)))
             if fl.pending:
                 fl.wake.set()
         if lost:

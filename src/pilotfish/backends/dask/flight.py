@@ -175,7 +175,7 @@ class Flight:
         cancel.append(old.fut)
         n = old.resubmits + 1  # names its next Dask key (the ledger counts what counts)
         new = Att(old.m, self.dkey(old.m, n), resubmits=n)
-        self.ledger.replace_item(old.m.attempt, new)
+        self.ledger.handle(L.Renamed(old.m.attempt, new))
         if self.live and not self.usable_locked():  # sent when a usable worker joins
             self.parked.append(new)
         elif self.lost_since is None and not self.driver.dead:  # else resent when back
