@@ -19,7 +19,7 @@ import pytest
 import pilotfish
 from pilotfish.backends.fake import FakeBackend
 from pilotfish.runtime.files import open_regular
-from pilotfish.store.journal import JournalReader
+from pilotfish.store.reader import JournalReader
 from pilotfish.tools import cli
 
 KEY = "evil[/]key [bold red]x[/bold red]"

@@ -47,7 +47,8 @@ from ..errors import Category, EnvironmentMismatch, FailureRecord, InvalidTask
 from ..runtime.execute import call_chunk, shared_process
 from ..runtime.programs import find_sandbox, make_lineage, newest_sandbox, sandbox_index
 from ..store import rundir as _rundir
-from ..store.journal import Journal, JournalError, secure_rundir
+from ..store.journal import Journal, JournalError
+from ..store.trust import secure_rundir
 from ..wire import messages as _wire
 from .events import MasterEvent, TaskEvent, WorkerEvent, WorkersGone
 from .options import (

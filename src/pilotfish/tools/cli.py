@@ -44,7 +44,8 @@ from rich.text import Text
 from .. import digest as _digest
 from ..digest import clean, fmt_dur, fmt_time
 from ..runtime.files import NotRegularFile, open_regular, read_tail
-from ..store.journal import JournalError, JournalReader, sqlite_problem
+from ..store.reader import JournalReader
+from ..store.schema import JournalError, sqlite_problem
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2

@@ -1,8 +1,8 @@
 """The HTML report (``pilotfish report --html``): one self-contained file, from the journal.
 
-A reader of the journal only: this module imports :mod:`pilotfish.store.journal` (the reader),
-:mod:`pilotfish.digest` (the failure digest) and the standard library, nothing of the
-runtime. The page it writes::
+A reader of the journal only: this module imports :mod:`pilotfish.store.reader` (the reader,
+and :mod:`~pilotfish.store.schema` for its errors), :mod:`pilotfish.digest` (the failure
+digest) and the standard library, nothing of the runtime. The page it writes::
 
     header        journal, runs, wall time
     timeline      one lane per (run, host, worker); each attempt a bar coloured *and
@@ -51,8 +51,9 @@ from typing import Any
 
 from ..digest import clean, exit_label, failure_digest, fmt_dur, fmt_time, headline, signature
 from ..runtime.files import NotRegularFile, open_regular, read_tail
-from ..store.journal import JournalError, JournalReader
+from ..store.reader import JournalReader
 from ..store.rundir import LOCK_NAME
+from ..store.schema import JournalError
 
 __all__ = [
     "DETAIL_BUDGET",
