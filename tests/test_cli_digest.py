@@ -15,7 +15,7 @@ from rich.cells import cell_len
 
 import pilotfish
 from pilotfish.digest import failure_digest
-from pilotfish.store.journal import JournalReader
+from pilotfish.store.reader import JournalReader
 from pilotfish.tools import cli
 
 LONG_KEY = "member-" + "k" * 100 + "-end"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pilotfish.store.journal import JournalReader
+from pilotfish.store.reader import JournalReader
 
 pytestmark = [
     pytest.mark.skipif(

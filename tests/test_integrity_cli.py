@@ -19,7 +19,7 @@ import pytest
 import pilotfish
 from pilotfish.backends.fake import FakeBackend
 from pilotfish.runtime.files import open_regular
-from pilotfish.store.journal import JournalReader
+from pilotfish.store.reader import JournalReader
 from pilotfish.tools import cli
 
 KEY = "evil[/]key [bold red]x[/bold red]"
@@ -168,7 +168,7 @@ def test_show_full_streams_without_reading_whole(
         f = real_open(file)
         return Spy(f) if str(file) == str(hostile_run["stderr"]) else f
 
-    monkeypatch.setattr("pilotfish.tools.cli.open_regular", spy_open)
+    monkeypatch.setattr("pilotfish.tools.render.open_regular", spy_open)
     args = ["--rundir", hostile_run["rundir"], "show", "big-stderr", "--full"]
     assert cli.main(args) == 0
     out = capsys.readouterr().out

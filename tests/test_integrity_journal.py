@@ -19,6 +19,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,7 +27,8 @@ import pilotfish
 from conftest import wait_for
 from pilotfish.backends.fake import FakeBackend
 from pilotfish.client.payloads import call_digest
-from pilotfish.store.journal import JournalDamaged, JournalError, JournalReader
+from pilotfish.store.reader import JournalReader
+from pilotfish.store.schema import JournalDamaged, JournalError
 from pilotfish.wire.messages import dumps_call
 
 
@@ -46,6 +48,13 @@ def session(rundir: Path, **kw: object) -> pilotfish.Session:
     return pilotfish.Session(backend=FakeBackend(2), rundir=str(rundir), **kw)  # type: ignore[arg-type]
 
 
+def stored_value(r: JournalReader, key: str) -> Any:
+    """The value of DONE task ``key``, read back as resume reads it."""
+    data = r.done_value(key)
+    assert data is not None, f"{key} has no stored value"
+    return pickle.loads(data)
+
+
 # --------------------------------------------------------------------------- item 4
 
 
@@ -61,7 +70,7 @@ def test_lone_surrogate_key_does_not_drop_the_batch(
     r = JournalReader(tmp_path / "run" / "journal.db")
     assert r.counts() == {"DONE": 4}
     assert r.task("bad\\udc80") is not None  # escaped, not lost
-    assert r.journal_value("bad\\udc80") == 14
+    assert stored_value(r, "bad\\udc80") == 14
     assert "bad\\udc80" in caplog.text and "not valid UTF-8" in caplog.text
     with session(tmp_path / "run", resume=True) as s:  # and resume finds it
         t = s.submit(pilotfish.task(double, key="bad\udc80"), 7)
@@ -116,7 +125,7 @@ def test_disk_full_raises_at_next_submit_and_result_and_keeps_records(tmp_path: 
         assert s.submit(double, 2).result(timeout=30) == 4
     r = JournalReader(rundir / "journal.db")
     assert r.counts() == {"DONE": 2}  # the record held in memory was written later
-    assert r.journal_value(t.key) == b"v" * 200_000
+    assert stored_value(r, t.key) == b"v" * 200_000
 
 
 def test_final_flush_failure_is_reported_not_raised(
@@ -175,7 +184,7 @@ def test_resume_refuses_a_replaced_group_writable_pickle(tmp_path: Path) -> None
         assert s.tasks == []  # the refused task is not left half-submitted
     assert not marker.exists()
     with pytest.raises(JournalError, match="writable by"):
-        JournalReader(rundir / "journal.db").journal_value(key)
+        JournalReader(rundir / "journal.db").done_value(key)
     assert not marker.exists()
 
 
@@ -514,7 +523,7 @@ def test_every_text_field_is_stored_whatever_its_bytes(
     r = JournalReader(path)
     assert [run["status"] for run in r.runs()] == ["finished"]
     assert r.counts() == {"DONE": 3, "FAILED": 3}
-    assert [r.journal_value(f"d{i}") for i in range(3)] == [0, 1, 2]
+    assert [stored_value(r, f"d{i}") for i in range(3)] == [0, 1, 2]
     rows = [dict(row) for row in r.tasks()] + [dict(e) for e in r.events()]
     assert _text_everywhere(rows) == []
     messages = [e["message"] for e in r.events() if e["kind"] != "drained"]

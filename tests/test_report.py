@@ -27,7 +27,8 @@ import pytest
 import pilotfish
 import pilotfish.digest
 from pilotfish.errors import Category, FailureRecord
-from pilotfish.store.journal import Journal, JournalReader
+from pilotfish.store.journal import Journal
+from pilotfish.store.reader import JournalReader
 from pilotfish.tools import cli, report
 
 HOSTILE_KEY = "<script>window.pwned=1</script>&amp;\x1b[31m"
@@ -338,8 +339,14 @@ def test_report_imports_only_the_journal_and_the_digest() -> None:
             imported.update(a.name for a in node.names)
     ours = {m for m in imported if m.startswith((".", "pilotfish"))}
     # runtime.files: the one rule for reading a task's files (standard library only);
-    # store.rundir: what the run directory keeps
-    assert ours == {"..digest", "..store.journal", "..runtime.files", "..store.rundir"}
+    # store.rundir: what the run directory keeps; store.schema: the journal's errors
+    assert ours == {
+        "..digest",
+        "..store.reader",
+        "..store.schema",
+        "..runtime.files",
+        "..store.rundir",
+    }
     assert all(m.split(".")[0] in sys.stdlib_module_names for m in imported - ours), imported
     digest_src = Path(pilotfish.digest.__file__).read_text()
     files_src = Path(report.__file__).parents[1].joinpath("runtime", "files.py").read_text()

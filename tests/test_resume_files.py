@@ -393,11 +393,11 @@ def test_restore_refuses_links_out_of_the_old_sandbox(tmp_path: Path) -> None:
 
 def test_show_prints_the_note(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`pilotfish show KEY` prints what each attempt resumed from (from the journal)."""
-    from pilotfish.store import journal
+    from pilotfish.store import schema
     from pilotfish.tools import cli
 
-    if "note" not in getattr(journal, "_ATTEMPT_FIELDS", ()):
-        pytest.skip("this journal does not store attempt notes yet (journal._ATTEMPT_FIELDS)")
+    if "note" not in getattr(schema, "ATTEMPT_FIELDS", ()):
+        pytest.skip("this journal does not store attempt notes yet (schema.ATTEMPT_FIELDS)")
     rundir = tmp_path / "run"
     kw = _count(tmp_path, "exit 75")
     with pilotfish.Session(workers=1, rundir=str(rundir)) as s:

@@ -23,7 +23,7 @@ import pytest
 import pilotfish
 from conftest import wait_for
 from pilotfish.backends.fake import FakeBackend
-from pilotfish.store.journal import JournalReader
+from pilotfish.store.reader import JournalReader
 from pilotfish.store.rundir import LOCK_NAME, RundirBusy
 from pilotfish.tools import cli
 

@@ -37,6 +37,8 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+from .errors import EnvironmentMismatch
+
 __all__ = ["SlurmJob", "describe_job_end", "parse_walltime", "slurm", "slurm_job"]
 
 #: clusters made by :func:`slurm`, by scheduler address (the Dask backend asks them for
@@ -284,63 +286,70 @@ def slurm(
     (same process): it reads the walltime (warning at submit when a task's timeout is
     longer) and asks it for replacement jobs when every worker is gone.
     """
-    try:
-        import dask
-        from dask_jobqueue.slurm import SLURMCluster
-    except ImportError as e:
-        from .errors import EnvironmentMismatch
-
-        raise EnvironmentMismatch(
-            f"pilotfish.cluster.slurm needs dask-jobqueue ({e}); install it with: "
-            "pip install 'pilotfish[slurm]'"
-        ) from e
-    _check_slurm_args(
-        cores=cores,
-        memory=memory,
-        walltime=walltime,
-        jobs=jobs,
-        processes=processes,
-        interface=interface,
-        queue=queue,
-        log_directory=log_directory,
-        adaptive=adaptive,
-        lost_worker_timeout=lost_worker_timeout,
-        wait=wait,
-        security=security,
-        jobqueue_options=jobqueue_options,
-    )
+    dask, slurm_cluster = _jobqueue()
+    # every argument checked at the call: TypeError for a wrong type, ValueError for a
+    # wrong value, each naming the argument, its value and what it needs
+    _check_sizes(cores=cores, jobs=jobs, processes=processes, walltime=walltime, memory=memory)
+    _check_places(interface=interface, queue=queue, log_directory=log_directory)
+    _check_behaviour(adaptive, lost_worker_timeout, wait, security)
+    _check_passed_on(jobqueue_options)
     if security is True:
-        try:
-            from distributed.security import Security
-
-            security = Security.temporary()  # type: ignore[no-untyped-call]
-        except ImportError as e:
-            from .errors import EnvironmentMismatch
-
-            raise EnvironmentMismatch(
-                f"pilotfish.cluster.slurm(security=True) needs the cryptography package for "
-                f"the cluster's TLS credentials ({e}); install it with: "
-                "pip install 'pilotfish[slurm]' (or pass security=False for plain TCP, "
-                "which anyone who can reach the scheduler can use)"
-            ) from e
+        security = _temporary_security()
     logs = Path(log_directory).resolve()
     logs.mkdir(parents=True, exist_ok=True)
     dask.config.set({"distributed.deploy.lost-worker-timeout": lost_worker_timeout})
-    opts: dict[str, Any] = {
-        "cores": cores,
-        "memory": memory,
-        "processes": processes,
-        "walltime": walltime,
-        "log_directory": str(logs),
-    }
+    opts: dict[str, Any] = dict(
+        cores=cores, memory=memory, processes=processes, walltime=walltime, log_directory=str(logs)
+    )
     if queue is not None:
         opts["queue"] = queue
     if interface is not None:
         opts["interface"] = interface
+    cluster = _new_cluster(slurm_cluster, opts, security, jobqueue_options)
+    _start_jobs(cluster, walltime=walltime, jobs=jobs, adaptive=adaptive, wait=wait)
+    return cluster
+
+
+def _jobqueue() -> tuple[Any, Any]:
+    """``dask`` and ``SLURMCluster``, or :class:`EnvironmentMismatch` saying what to install."""
+    try:
+        import dask
+        from dask_jobqueue.slurm import SLURMCluster
+    except ImportError as e:
+        raise EnvironmentMismatch(
+            f"pilotfish.cluster.slurm needs dask-jobqueue ({e}); install it with: "
+            "pip install 'pilotfish[slurm]'"
+        ) from e
+    return dask, SLURMCluster
+
+
+def _temporary_security() -> Any:
+    """TLS credentials made for one cluster (``security=True``)."""
+    try:
+        from distributed.security import Security
+
+        return Security.temporary()  # type: ignore[no-untyped-call]
+    except ImportError as e:
+        raise EnvironmentMismatch(
+            f"pilotfish.cluster.slurm(security=True) needs the cryptography package for "
+            f"the cluster's TLS credentials ({e}); install it with: "
+            "pip install 'pilotfish[slurm]' (or pass security=False for plain TCP, "
+            "which anyone who can reach the scheduler can use)"
+        ) from e
+
+
+def _new_cluster(
+    slurm_cluster: Any, opts: dict[str, Any], security: Any, jobqueue_options: dict[str, Any]
+) -> Any:
+    """The ``SLURMCluster`` of ``opts`` (and the caller's ``jobqueue_options``), its TLS
+    credentials in files the jobs can read (removed with the cluster), and its worker
+    command run with ``exec``."""
+    import dask
+
     creds: Path | None = None
     if security is not False:
-        where = Path(jobqueue_options.get("shared_temp_directory") or logs).expanduser()
-        security, creds = _credential_files(security, where)
+        where = Path(jobqueue_options.get("shared_temp_directory") or opts["log_directory"])
+        security, creds = _credential_files(security, where.expanduser())
         opts["security"] = security
     opts.update(jobqueue_options)
     # The worker command replaces the job's shell (``exec``), so SLURM's SIGTERM and,
@@ -352,13 +361,22 @@ def slurm(
     py = py or sys.executable
     opts["python"] = py if py.startswith("exec ") else f"exec {shlex.quote(py)}"
     try:
-        cluster: Any = SLURMCluster(**opts)
+        cluster: Any = slurm_cluster(**opts)
     except BaseException:
         if creds is not None:
             shutil.rmtree(creds, ignore_errors=True)
         raise
     if creds is not None:  # removed with the cluster (or at exit)
         weakref.finalize(cluster, shutil.rmtree, creds, True)
+    return cluster
+
+
+def _start_jobs(
+    cluster: Any, *, walltime: str, jobs: int, adaptive: bool, wait: float | None
+) -> None:
+    """Ask for the jobs (kept at ``jobs`` if ``adaptive``), make the cluster known to
+    the Dask backend by its address, and wait for a first worker; on any error the
+    cluster is closed."""
     try:
         cluster._pilotfish_walltime = walltime  # read by the Dask backend (same process)
         cluster._pilotfish_jobs = jobs
@@ -377,7 +395,6 @@ def slurm(
         with contextlib.suppress(Exception):
             cluster.close()
         raise
-    return cluster
 
 
 _WALLTIME = re.compile(r"^(?:[0-9]+-[0-9]{1,2}(?::[0-9]{1,2}){0,2}|[0-9]+(?::[0-9]{1,2}){0,2})$")
@@ -447,37 +464,21 @@ def _one_line(name: str, value: Any) -> None:
         )
 
 
-def _check_slurm_args(
-    *,
-    cores: Any,
-    memory: Any,
-    walltime: Any,
-    jobs: Any,
-    processes: Any,
-    interface: Any,
-    queue: Any,
-    log_directory: Any,
-    adaptive: Any,
-    lost_worker_timeout: Any,
-    wait: Any,
-    security: Any,
-    jobqueue_options: dict[str, Any],
-) -> None:
-    """Every argument of :func:`slurm`, checked at the call (TypeError for a wrong type,
-    ValueError for a wrong value, each naming the argument, its value and what it needs)."""
+def _integer(name: str, value: Any, least: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(
+            f"pilotfish.cluster.slurm({name}={value!r}) is invalid: give an int >= "
+            f"{least} (got {type(value).__name__})"
+        )
+    if value < least:
+        raise _bad(name, value, f"give an int >= {least}")
 
-    def integer(name: str, value: Any, least: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(
-                f"pilotfish.cluster.slurm({name}={value!r}) is invalid: give an int >= "
-                f"{least} (got {type(value).__name__})"
-            )
-        if value < least:
-            raise _bad(name, value, f"give an int >= {least}")
 
-    integer("cores", cores, 1)
-    integer("jobs", jobs, 0)
-    integer("processes", processes, 1)
+def _check_sizes(*, cores: Any, jobs: Any, processes: Any, walltime: Any, memory: Any) -> None:
+    """What the jobs are: how many, their cores, processes, walltime and memory."""
+    _integer("cores", cores, 1)
+    _integer("jobs", jobs, 0)
+    _integer("processes", processes, 1)
     if processes > cores:
         raise _bad("processes", processes, f"at most cores={cores} (one thread each at least)")
     _one_line("walltime", walltime)
@@ -498,6 +499,10 @@ def _check_slurm_args(
         size = 0
     if not size or size < 0:
         raise _bad("memory", memory, "give a size such as '4GB' or '500MiB' (> 0)")
+
+
+def _check_places(*, interface: Any, queue: Any, log_directory: Any) -> None:
+    """Where the jobs run and log: network interface, partition, log directory."""
     for name, value in (("interface", interface), ("queue", queue)):
         if value is not None:
             _one_line(name, value)
@@ -511,6 +516,10 @@ def _check_slurm_args(
     _one_line("log_directory", str(log_directory))
     if not str(log_directory).strip():
         raise _bad("log_directory", log_directory, "give a non-empty directory path")
+
+
+def _check_behaviour(adaptive: Any, lost_worker_timeout: Any, wait: Any, security: Any) -> None:
+    """How the cluster behaves: adaptive, lost_worker_timeout, wait, security."""
     if not isinstance(adaptive, bool):
         raise TypeError(f"pilotfish.cluster.slurm(adaptive={adaptive!r}) is invalid: True/False")
     _one_line("lost_worker_timeout", lost_worker_timeout)
@@ -531,9 +540,12 @@ def _check_slurm_args(
             f"pilotfish.cluster.slurm(security={security!r}) is invalid: give True (TLS "
             "with credentials made for this cluster), a distributed.Security, or False"
         )
-    # any other keyword may reach the job script (account, job_extra_directives,
-    # job_script_prologue, worker_extra_args, python, local_directory, ...): every str in
-    # it, or in a list of them, must be one line
+
+
+def _check_passed_on(jobqueue_options: dict[str, Any]) -> None:
+    """Any other keyword may reach the job script (account, job_extra_directives,
+    job_script_prologue, worker_extra_args, python, local_directory, ...): every str in
+    it, or in a list of them, must be one line."""
     for name, value in jobqueue_options.items():
         items = value if isinstance(value, list | tuple) else [value]
         for item in items:

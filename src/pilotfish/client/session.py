@@ -31,7 +31,8 @@ from ..errors import EnvironmentMismatch, FailureRecord, InvalidTask
 from ..runtime.execute import call_chunk, shared_process
 from ..runtime.programs import KEEP_SANDBOXES, keeps_sandbox
 from ..store import rundir as _rundir
-from ..store.journal import Journal, JournalError, secure_rundir
+from ..store.journal import Journal, JournalError
+from ..store.trust import secure_rundir
 from ..wire import messages as _wire
 from . import lifecycle
 from .driver import Driver

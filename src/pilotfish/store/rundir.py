@@ -34,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from .journal import JournalError, read_only_error
+from .schema import JournalError, read_only_error
 
 __all__ = ["LOCK_NAME", "RundirBusy", "RundirLock", "hold", "release"]
 

@@ -27,35 +27,37 @@ import runpy
 import shlex
 import sqlite3
 import sys
-import textwrap
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from rich import box
-from rich.cells import cell_len
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
 from .. import digest as _digest
-from ..digest import clean, fmt_dur, fmt_time
-from ..runtime.files import NotRegularFile, open_regular, read_tail
-from ..store.journal import JournalError, JournalReader, sqlite_problem
+from ..digest import clean
+from ..store.reader import JournalReader
+from ..store.schema import JournalError, sqlite_problem
+from .render import (
+    plain,
+    print_digest,
+    print_failures,
+    status_table,
+    stream_file,
+    task_lines,
+    workers_table,
+    wrapped,
+)
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 TAIL_KB = 64  # of a stderr file shown by `show` (without --full)
-_CHUNK = 1 << 16
-
-
-def plain(value: object, style: str = "", *, one_line: bool = True) -> Text:
-    """Task data for a table cell or a line: cleaned, and a ``Text`` (never parsed as
-    rich markup, so ``[/]`` in a key is just three characters)."""
-    return Text(clean(value, one_line=one_line), style=style)
 
 
 def _journal_path(rundir: str) -> Path:
@@ -73,159 +75,12 @@ def _short(path: str) -> str:
         return path
 
 
-def status_table(reader: JournalReader) -> Table:
-    counts = reader.counts()
-    cats = reader.failure_counts()
-    runs = reader.runs()
-    t = Table(title=plain(f"pilotfish status — {reader.path}"), box=box.SIMPLE_HEAVY)
-    t.add_column("what")
-    t.add_column("count", justify="right")
-    for state in ("DONE", "FAILED", "CANCELLED", "RUNNING", "RETRYING", "READY", "PENDING"):
-        if counts.get(state):
-            style = {"DONE": "green", "FAILED": "red", "CANCELLED": "yellow"}.get(state, "")
-            t.add_row(plain(state.lower(), style), str(counts[state]))
-    t.add_row("total tasks", str(sum(counts.values())), end_section=True)
-    for cat, n in sorted(cats.items()):
-        t.add_row(plain(f"failed: {cat}", "red"), str(n))
-    if cats:
-        t.rows[-1].end_section = True
-    for r in runs:
-        wall = (r["ended"] - r["started"]) if r["ended"] else None
-        t.add_row(
-            plain(f"run {r['id']} ({r['status']}) {fmt_time(r['started'])}"),
-            fmt_dur(wall) if wall is not None else "not closed",
-        )
-    return t
-
-
-def workers_table(reader: JournalReader) -> Table | None:
-    """Each worker of the last run that had any: its last state and why (a lost or
-    stopped worker's message: exit status, signal, or its batch job and how it ended),
-    drains and "every worker gone" too; None when the journal has no worker events."""
-    events = reader.events()
-    if not events:
-        return None
-    last_run = max(e["run"] for e in events)
-    t = Table(title=plain(f"workers (run {last_run})"), box=box.SIMPLE_HEAVY)
-    t.add_column("worker")
-    t.add_column("pid", justify="right")
-    t.add_column("state")
-    t.add_column("why", overflow="fold")
-    for w in reader.workers():
-        if w["run"] != last_run:
-            continue
-        style = {"lost": "red", "stopped": "", "started": "green"}.get(w["state"], "")
-        t.add_row(
-            plain(w["name"]),
-            str(w.get("pid") or ""),
-            plain(w["state"], style),
-            plain(w.get("message") or ""),
-        )
-    for e in events:
-        if e["run"] == last_run and e["kind"] in ("gone", "drained"):
-            what = "every worker gone" if e["kind"] == "gone" else f"drained {e['name']}"
-            t.add_row(plain(what, "red"), "", plain(e["kind"], "red"), plain(e["message"] or ""))
-    return t
-
-
-def failure_lines(failures: list[dict[str, Any]], width: int) -> list[Text]:
-    """One line per failed task, each at most ``width`` cells: key, category, attempts
-    and the first line of the message, cut with "…" (``show KEY`` has the rest; a cut
-    key still finds its task: ``show`` lists the keys that start with what it is given)."""
-    if not failures:
-        return [Text("no failed tasks")]
-    keys = [clean(f.get("key", ""), one_line=True) for f in failures]
-    cats = [clean(f.get("category", ""), one_line=True) for f in failures]
-    tries = [str(f.get("attempts", 0)) for f in failures]
-    gap = 2
-    cat_w = max(len("category"), *(cell_len(c) for c in cats))
-    att_w = len("attempts")
-    key_w = max(len("key"), *(cell_len(k) for k in keys))
-    # a key of usual length (24) stays whole; a longer one gets two fifths of the room
-    # (in a very narrow terminal, a third of the line: the key is what `show` needs)
-    room = width - cat_w - att_w - 3 * gap
-    key_w = max(3, min(key_w, max(24, room * 2 // 5), max(room - 10, width // 3)))
-    msg_w = max(1, width - key_w - cat_w - att_w - 3 * gap)
-
-    def cell(text: str, w: int, style: str = "", right: bool = False, last: bool = False) -> Text:
-        t = Text(text, style=style)
-        t.truncate(w, overflow="ellipsis")
-        pad = "" if last else " " * (w - t.cell_len)
-        return Text(pad, style="") + t if right else t + pad
-
-    def line(k: Text, c: Text, a: Text, m: Text) -> Text:
-        out = Text.assemble(k, " " * gap, c, " " * gap, a, " " * gap, m)
-        out.truncate(width, overflow="ellipsis")
-        return out
-
-    out = [
-        line(
-            cell("key", key_w, "bold"),
-            cell("category", cat_w, "bold"),
-            cell("attempts", att_w, "bold"),
-            cell("message", msg_w, "bold", last=True),
-        )
-    ]
-    for f, k, c, a in zip(failures, keys, cats, tries, strict=True):
-        msg = clean(_digest.headline(f), one_line=True)
-        out.append(
-            line(
-                cell(k, key_w),
-                cell(c, cat_w, "red"),
-                cell(a, att_w, right=True),
-                cell(msg, msg_w, last=True),
-            )
-        )
-    return out
-
-
-def print_failures(console: Console, failures: list[dict[str, Any]]) -> None:
-    width = console.width
-    n = len(failures)
-    console.print(Text(f"{n} failed task(s)", style="bold"))
-    for ln in failure_lines(failures, width):
-        console.print(ln, no_wrap=True, overflow="ellipsis", crop=True)
-    if failures:
-        _wrapped(
-            console,
-            "one in full: `pilotfish show KEY`; grouped: `pilotfish failures --group`",
-            style="dim",
-        )
-
-
-def _wrapped(console: Console, text: str, style: str = "", indent: str = "") -> None:
-    """``text`` (task data allowed: it is cleaned) wrapped to the console's width, its
-    continuation lines indented by ``indent`` plus two spaces."""
-    lines = textwrap.wrap(
-        clean(text, one_line=True),
-        width=max(20, console.width),
-        initial_indent=indent,
-        subsequent_indent=indent + "  ",
-        break_on_hyphens=False,
-    ) or [""]
-    for ln in lines:
-        console.print(Text(ln, style=style), no_wrap=True, crop=True)
-
-
-def print_digest(console: Console, digest: dict[str, Any]) -> None:
-    """The failure digest (:func:`pilotfish.digest.format_digest`), wrapped to the width:
-    the largest group first, its size and category in colour."""
-    lines = _digest.format_digest(digest)
-    for i, ln in enumerate(lines):
-        if i == 0:
-            _wrapped(console, ln, style="bold")
-        elif ln.startswith("    "):
-            _wrapped(console, ln.strip(), indent="    ")
-        else:
-            _wrapped(console, ln, style="red")
-
-
 def cmd_status(args: argparse.Namespace, console: Console) -> int:
     reader = JournalReader(_journal_path(args.rundir))
     console.print(status_table(reader))
     wal = Path(f"{reader.path}-wal")
     if reader.immutable and wal.exists() and wal.stat().st_size:
-        _wrapped(
+        wrapped(
             console,
             f"read-only: shown as last checkpointed; {wal} holds later records that SQLite "
             "cannot read in a read-only directory (copy the run directory somewhere "
@@ -285,75 +140,7 @@ def cmd_show(args: argparse.Namespace, console: Console) -> int:
         hint = f"; keys starting so: {', '.join(near)}" if near else ""
         raise JournalError(f"no task with key {args.key!r} in {reader.path}{hint}")
     out = Console(file=console.file, force_terminal=console.is_terminal)
-    lines: list[Any] = []
-    lines.append(plain(f"task {row['key']}", "bold"))
-    lines.append(plain(f"name: {row['name']}   kind: {row['kind']}   state: {row['state']}"))
-    lines.append(plain(f"submitted: {fmt_time(row['submitted'])}   run: {row['run']}"))
-    lines.append(plain(f"options: {row['options']}"))
-    deps = ", ".join(json.loads(row["deps"] or "[]")) or "-"
-    lines.append(plain(f"dependencies: {deps}"))
-    at = Table(title="attempts", box=box.SIMPLE)
-    for col in ("run", "#", "worker", "host", "pid", "started", "ended", "outcome"):
-        at.add_column(col)
-    attempts = reader.attempts(row["key"])
-    for a in attempts:
-        at.add_row(
-            *(
-                plain(v)
-                for v in (
-                    a["run"],
-                    a["number"],
-                    a["worker"] or "-",
-                    a["host"] or "-",
-                    a["pid"] or "-",
-                    fmt_time(a["started"]),
-                    fmt_time(a["ended"]),
-                    a["outcome"] or "-",
-                )
-            )
-        )
-    lines.append(at)
-    for a in attempts:  # what it resumed from, or why it was not charged (issue 17)
-        if a.get("note"):
-            lines.append(plain(f"attempt {a['number']} (run {a['run']}): {a['note']}"))
-    hist = reader.transitions(row["key"])
-    lines.append(
-        plain("history: " + " -> ".join(f"{b} ({fmt_time(t)})" for _r, t, _a, b in hist if b))
-    )
-    failures = [(a["number"], a["run"], a["failure"]) for a in attempts if a.get("failure")]
-    final = json.loads(row["failure"]) if row["failure"] else None
-    if final and (not failures or final.get("message") != failures[-1][2].get("message")):
-        failures.append((None, row["run"], final))
-    full: tuple[Path, object] | None = None  # a stderr file (and host) streamed last (--full)
-    for number, run, f in failures:
-        title = f"failure of attempt {number} (run {run})" if number else "final failure"
-        lines.append(plain(f"\n{title}: {f.get('category')}", "bold red", one_line=False))
-        lines.append(plain(f.get("message"), one_line=False))
-        for field in (
-            "returncode",
-            "signal",
-            "worker",
-            "host",
-            "pid",
-            "sandbox",
-            "stdout_path",
-            "stderr_path",
-            "upstream",
-            "root",
-        ):
-            if f.get(field) not in (None, ""):
-                lines.append(plain(f"  {field}: {f[field]}"))
-        if f.get("traceback"):
-            lines.append(Text("traceback (complete):", style="bold"))
-            lines.append(plain(f["traceback"], one_line=False))
-        if f.get("stderr_path"):
-            p = Path(str(f["stderr_path"]))
-            if args.full:
-                full = (p, f.get("host"))  # the last one: the others' paths are listed
-            else:
-                lines.extend(_stderr_tail(p, f.get("host"), args.tail_kb * 1024))
-    if row["state"] == "DONE":
-        lines.append(Text("value: stored in the journal", style="green"))
+    lines, full = task_lines(reader, row, tail_bytes=args.tail_kb * 1024, full=args.full)
 
     def emit() -> None:
         for item in lines:
@@ -366,68 +153,8 @@ def cmd_show(args: argparse.Namespace, console: Console) -> int:
     else:
         emit()
     if full is not None:
-        _stream_file(out, *full)
+        stream_file(out, *full)
     return 0
-
-
-def _unread(p: Path, e: OSError, host: object) -> str:
-    """Why the file ``p`` is not shown: not a regular file (a task may have made it a
-    FIFO: never opened for reading), or not readable here."""
-    if isinstance(e, NotRegularFile):
-        return f"stderr {p}: {e.strerror}"
-    return f"stderr: cannot read {p} here: {e}; it is on host {host}"
-
-
-def _stderr_tail(p: Path, host: object, limit: int) -> list[Text]:
-    """The last ``limit`` bytes of a stderr file, cleaned, with a title saying what is
-    shown and where the whole file is; never more than ``limit`` bytes read, never a
-    file that is not a regular one (:func:`pilotfish.runtime.files.read_tail`)."""
-    try:
-        data, size, start = read_tail(p, limit)
-    except OSError as e:
-        return [plain(_unread(p, e, host))]
-    if start:
-        title = (
-            f"stderr ({p}): the last {len(data) / 1024:.0f} KiB of {size / 1024:.0f} KiB; "
-            "the whole file with --full, or open the path"
-        )
-    else:
-        title = f"stderr ({p}, complete):"
-    text = data.decode("utf-8", errors="replace")
-    if start and "\n" in text:
-        text = text[text.index("\n") + 1 :]  # from the first whole line
-    return [plain(title, "bold"), plain(text, one_line=False)]
-
-
-def _stream_file(out: Console, p: Path, host: object) -> None:
-    """``p`` printed in chunks (cleaned), so a file of any size is never held whole."""
-    try:
-        fh = open_regular(p)
-    except OSError as e:
-        out.print(plain(_unread(p, e, host)))
-        return
-    out.print(plain(f"stderr ({p}, complete):", "bold"))
-    try:
-        with fh:
-            tail = b""
-            while chunk := fh.read(_CHUNK):
-                chunk, tail = _split_utf8(tail + chunk)
-                out.print(plain(chunk.decode("utf-8", "replace"), one_line=False), end="")
-            if tail:
-                out.print(plain(tail.decode("utf-8", "replace"), one_line=False), end="")
-        out.print()
-    except OSError as e:
-        out.print(plain(f"(cannot read {p} here: {e})"))
-
-
-def _split_utf8(b: bytes) -> tuple[bytes, bytes]:
-    """``b`` cut before an incomplete UTF-8 sequence at its end (kept for the next chunk)."""
-    for i in range(1, min(4, len(b)) + 1):
-        c = b[-i]
-        if c & 0xC0 != 0x80:  # the start of the last character (or ASCII)
-            need = 1 if c < 0x80 else 2 if c >> 5 == 0b110 else 3 if c >> 4 == 0b1110 else 4
-            return (b, b"") if need <= i else (b[:-i], b[-i:])
-    return b, b""
 
 
 # --------------------------------------------------------------------------- run
@@ -546,8 +273,8 @@ def run_script(path: str, argv: list[str], console: Console, *, resume: bool) ->
         for rundir in progress.rundirs:
             hint = _report_hint(_short(rundir))
             where = _short(str(Path(rundir) / "report.html"))
-            _wrapped(console, f"  grouped: {hint.replace('report --html', 'failures --group')}")
-            _wrapped(console, f"  report:  {hint}   (writes {shlex.quote(where)})")
+            wrapped(console, f"  grouped: {hint.replace('report --html', 'failures --group')}")
+            wrapped(console, f"  report:  {hint}   (writes {shlex.quote(where)})")
         return code or EXIT_FAILED
     return code
 
@@ -642,12 +369,10 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
         ("failures --json", ""),
         ("report --html", "  # the HTML report"),
     ):
-        _wrapped(console, f"  pilotfish {opt} {cmd}{what}")
-    _wrapped(console, f"report written: {_short(str(page))} (open it in a browser)")
+        wrapped(console, f"  pilotfish {opt} {cmd}{what}")
+    wrapped(console, f"report written: {_short(str(page))} (open it in a browser)")
     if not args.gromacs and gromacs.available():
-        _wrapped(
-            console, "GROMACS is installed: `pilotfish demo --gromacs` runs a real MD ensemble"
-        )
+        wrapped(console, "GROMACS is installed: `pilotfish demo --gromacs` runs a real MD ensemble")
     console.print(Text("\nfailure digest (`pilotfish failures --group`):", style="bold"))
     print_digest(console, digest)
     return 0
@@ -666,39 +391,53 @@ def _positive_int(text: str) -> int:
     return n
 
 
+_RUNDIR_HELP = "run directory holding journal.db (default: ./.pilotfish)"
+
+_Subparsers = Any  # argparse's _SubParsersAction (private to argparse)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pilotfish",
         description="Run workflows and inspect their journal (failures are first-class).",
     )
-    p.add_argument(
-        "--rundir",
-        default=".pilotfish",
-        help="run directory holding journal.db (default: ./.pilotfish)",
-    )
+    p.add_argument("--rundir", default=".pilotfish", help=_RUNDIR_HELP)
+    # --rundir after the command too (it then overrides the one before, if given)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--rundir",
-        default=argparse.SUPPRESS,
-        help="run directory holding journal.db (default: ./.pilotfish)",
-    )
+    common.add_argument("--rundir", default=argparse.SUPPRESS, help=_RUNDIR_HELP)
     sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser(
-        "run", parents=[common], help="run a workflow script with a live progress display"
+    _add_script_parser(
+        sub, common, "run", "run a workflow script with a live progress display", cmd_run
     )
-    r.add_argument("script")
-    r.add_argument("args", nargs=argparse.REMAINDER)
-    r.set_defaults(func=cmd_run)
-    r = sub.add_parser(
-        "resume", parents=[common], help="run a script again, skipping tasks already DONE"
+    _add_script_parser(
+        sub, common, "resume", "run a script again, skipping tasks already DONE", cmd_resume
     )
-    r.add_argument("script")
-    r.add_argument("args", nargs=argparse.REMAINDER)
-    r.set_defaults(func=cmd_resume)
     s = sub.add_parser(
         "status", parents=[common], help="counts by state and failure category, runs"
     )
     s.set_defaults(func=cmd_status)
+    _add_failures_parser(sub, common)
+    _add_report_parser(sub, common)
+    _add_show_parser(sub, common)
+    _add_check_parser(sub, common)
+    _add_demo_parser(sub, common)
+    return p
+
+
+def _add_script_parser(
+    sub: _Subparsers,
+    common: argparse.ArgumentParser,
+    name: str,
+    what: str,
+    func: Callable[[argparse.Namespace, Console], int],
+) -> None:
+    r = sub.add_parser(name, parents=[common], help=what)
+    r.add_argument("script")
+    r.add_argument("args", nargs=argparse.REMAINDER)
+    r.set_defaults(func=func)
+
+
+def _add_failures_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
     f = sub.add_parser(
         "failures",
         parents=[common],
@@ -711,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     f.add_argument("--json", action="store_true", help="machine-readable output")
     f.set_defaults(func=cmd_failures)
+
+
+def _add_report_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
     rp = sub.add_parser(
         "report", parents=[common], help="write one self-contained HTML page about the run"
     )
@@ -726,6 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
         "results/ are never written",
     )
     rp.set_defaults(func=cmd_report)
+
+
+def _add_show_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
     sh = sub.add_parser(
         "show", parents=[common], help="everything about one task: attempts, complete output"
     )
@@ -744,6 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"KiB of stderr shown without --full (default {TAIL_KB})",
     )
     sh.set_defaults(func=cmd_show)
+
+
+def _add_check_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
     c = sub.add_parser(
         "check", parents=[common], help="pre-flight checks of the worker environment"
     )
@@ -764,6 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="a program that must be on the workers' PATH (repeatable)",
     )
     c.set_defaults(func=cmd_check)
+
+
+def _add_demo_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
     d = sub.add_parser(
         "demo", parents=[common], help="run a bundled example ensemble with deliberate failures"
     )
@@ -774,7 +525,6 @@ def build_parser() -> argparse.ArgumentParser:
         "a member whose node dies and one that hits its walltime, both resumed from md.cpt",
     )
     d.set_defaults(func=cmd_demo)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

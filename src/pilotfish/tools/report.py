@@ -1,8 +1,8 @@
 """The HTML report (``pilotfish report --html``): one self-contained file, from the journal.
 
-A reader of the journal only: this module imports :mod:`pilotfish.store.journal` (the reader),
-:mod:`pilotfish.digest` (the failure digest) and the standard library, nothing of the
-runtime. The page it writes::
+A reader of the journal only: this module imports :mod:`pilotfish.store.reader` (the reader,
+and :mod:`~pilotfish.store.schema` for its errors), :mod:`pilotfish.digest` (the failure
+digest) and the standard library, nothing of the runtime. The page it writes::
 
     header        journal, runs, wall time
     timeline      one lane per (run, host, worker); each attempt a bar coloured *and
@@ -51,8 +51,9 @@ from typing import Any
 
 from ..digest import clean, exit_label, failure_digest, fmt_dur, fmt_time, headline, signature
 from ..runtime.files import NotRegularFile, open_regular, read_tail
-from ..store.journal import JournalError, JournalReader
+from ..store.reader import JournalReader
 from ..store.rundir import LOCK_NAME
+from ..store.schema import JournalError
 
 __all__ = [
     "DETAIL_BUDGET",
@@ -524,11 +525,39 @@ def build_report(reader: JournalReader, *, now: float | None = None) -> str:
     now = time.time() if now is None else now
     data = _collect(reader)
     tasks, runs = data["tasks"], data["runs"]
-    rundir = reader.path.parent
     failed = [t for t in tasks if t["state"] == "FAILED" and t["failure"]]
     records = [dict(t["failure"], key=t["key"]) for t in failed]
     digest = failure_digest(records)
+    t0, t_end = _time_span(tasks, now)
+    lanes, bars, markers = _lanes(tasks, t0, t_end)
+    ranked = _rank_failed(records, failed, digest)
+    listed = ranked[:ROWS_MAX]
+    anchors = {str(t["key"]): i for i, (_g, _n, t) in enumerate(listed)}
+    rows = _failed_rows(listed, records, reader.path.parent, anchors)
+    payload = _timeline_data(tasks, runs, (lanes, bars, markers), anchors, t0, t_end)
+    more = ""
+    if len(ranked) > len(listed):
+        more = (
+            f'<p class="note">{len(ranked) - len(listed):,} more failed task(s) are not '
+            "listed in this page (they are counted above and in the digest): "
+            "<code>pilotfish failures</code> lists them all.</p>"
+        )
+    return _page(
+        reader,
+        now,
+        tasks=tasks,
+        runs=runs,
+        failed=failed,
+        legend=_legend_html(bars),
+        digest_html=_digest_html(digest, anchors),
+        rows=rows,
+        more=more,
+        payload=payload,
+    )
 
+
+def _time_span(tasks: list[dict[str, Any]], now: float) -> tuple[float, float]:
+    """The timeline's start and end: the first attempt's start, the last time known."""
     starts = [a["started"] for t in tasks for a in t["attempts"] if a.get("started")]
     ends = [a["ended"] for t in tasks for a in t["attempts"] if a.get("ended")]
     t0 = min(starts) if starts else now
@@ -538,9 +567,14 @@ def build_report(reader: JournalReader, *, now: float | None = None) -> str:
     for t in tasks:
         if t.get("updated") and any(a.get("started") and not a.get("ended") for a in t["attempts"]):
             t_end = max(t_end, t["updated"])
-    lanes, bars, markers = _lanes(tasks, t0, t_end)
+    return t0, t_end
 
-    # failed rows: by digest group (largest first), then submission order
+
+def _rank_failed(
+    records: list[dict[str, Any]], failed: list[dict[str, Any]], digest: dict[str, Any]
+) -> list[tuple[int, int, dict[str, Any]]]:
+    """The failed tasks as (digest group, submission order, task): by digest group
+    (largest first), then submission order."""
     group_index = {(g["category"], g["signature"]): i for i, g in enumerate(digest["groups"])}
     dep_group = next(
         (i for i, g in enumerate(digest["groups"]) if g["category"] == "dependency_failed"), -1
@@ -552,12 +586,20 @@ def build_report(reader: JournalReader, *, now: float | None = None) -> str:
             return dep_group
         return group_index.get((cat, signature(rec)), len(group_index))
 
-    ranked = sorted(
+    return sorted(
         ((group_of(rec), n, t) for n, (rec, t) in enumerate(zip(records, failed, strict=True))),
         key=lambda x: (x[0], x[1]),
     )
-    listed = ranked[:ROWS_MAX]
-    anchors = {str(t["key"]): i for i, (_g, _n, t) in enumerate(listed)}
+
+
+def _failed_rows(
+    listed: list[tuple[int, int, dict[str, Any]]],
+    records: list[dict[str, Any]],
+    rundir: Path,
+    anchors: dict[str, int],
+) -> list[str]:
+    """One row per listed failed task, their details sharing ``DETAIL_BUDGET``; a root
+    failure's row names the tasks whose dependency it failed."""
     took: dict[str, list[str]] = {}
     for rec in records:
         if str(rec.get("category")) == "dependency_failed" and rec.get("root"):
@@ -569,14 +611,26 @@ def build_report(reader: JournalReader, *, now: float | None = None) -> str:
         for _g, _n, t in listed
     )
     budget = _Budget(DETAIL_BUDGET, pieces)
-    rows = [
+    return [
         _failure_row(i, t, g, rundir, budget, anchors, took) for i, (g, _n, t) in enumerate(listed)
     ]
+
+
+def _timeline_data(
+    tasks: list[dict[str, Any]],
+    runs: list[Any],
+    drawn: tuple[Any, list[Any], Any],
+    anchors: dict[str, int],
+    t0: float,
+    t_end: float,
+) -> dict[str, Any]:
+    """What the page's script draws the timeline from (``drawn``: lanes, bars and
+    markers of :func:`_lanes`)."""
+    lanes, bars, markers = drawn
     task_of_bar = sorted({b[4] for b in bars})
     keys = {ti: str(tasks[ti]["key"]) for ti in task_of_bar}
     failed_anchor = {ti: anchors.get(str(tasks[ti]["key"]), -1) for ti in task_of_bar}
-
-    payload = {
+    return {
         "t0": t0,
         "span": max(1, round((max(t_end, t0) - t0) * 1000)),
         "outcomes": [
@@ -590,9 +644,13 @@ def build_report(reader: JournalReader, *, now: float | None = None) -> str:
         "rows": {str(ti): a for ti, a in failed_anchor.items() if a >= 0},
         "runs": [{"id": r["id"], "t": round(((r["started"] or t0) - t0) * 1000)} for r in runs],
     }
+
+
+def _legend_html(bars: list[Any]) -> str:
+    """The outcomes drawn (and the usual four), each with its swatch and count."""
     outcome_counts = Counter(b[3] for b in bars)
     outcome_names = list(OUTCOMES)
-    legend = "".join(
+    return "".join(
         f'<span class="legend-item" data-outcome="{name}"><canvas class="swatch" width="28" '
         f'height="14" data-outcome="{i}"></canvas> {html.escape(OUTCOMES[name][0])} '
         f"({outcome_counts.get(i, 0):,})</span>"
@@ -600,6 +658,9 @@ def build_report(reader: JournalReader, *, now: float | None = None) -> str:
         if outcome_counts.get(i) or name in ("done", "user_error", "command_failed", "worker_lost")
     )
 
+
+def _runs_html(runs: list[Any]) -> tuple[float | None, str]:
+    """The wall time of all runs together, and one list item per run."""
     wall = None
     if runs:
         first_start = min(r["started"] for r in runs if r["started"]) if runs else None
@@ -615,19 +676,35 @@ def build_report(reader: JournalReader, *, now: float | None = None) -> str:
         + f" on {_h(r['host'], one_line=True)}</li>"
         for r in runs
     )
-    more = ""
-    if len(ranked) > len(listed):
-        more = (
-            f'<p class="note">{len(ranked) - len(listed):,} more failed task(s) are not '
-            "listed in this page (they are counted above and in the digest): "
-            "<code>pilotfish failures</code> lists them all.</p>"
-        )
-    script = _SCRIPT
+    return wall, run_lines
+
+
+def _csp(script: str) -> str:
+    """The page's Content-Security-Policy: nothing from outside, only its own script."""
     digest_b64 = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
-    csp = (
+    return (
         "default-src 'none'; style-src 'unsafe-inline'; img-src data:; "
         f"script-src 'sha256-{digest_b64}'; base-uri 'none'; form-action 'none'"
     )
+
+
+def _page(
+    reader: JournalReader,
+    now: float,
+    *,
+    tasks: list[dict[str, Any]],
+    runs: list[Any],
+    failed: list[dict[str, Any]],
+    legend: str,
+    digest_html: str,
+    rows: list[str],
+    more: str,
+    payload: dict[str, Any],
+) -> str:
+    """The page: its head, the timeline, counts, digest and failed tasks sections."""
+    wall, run_lines = _runs_html(runs)
+    script = _SCRIPT
+    csp = _csp(script)
     n_failed = len(failed)
     title = f"pilotfish report — {len(tasks):,} tasks, {n_failed:,} failed"
     return f"""<!DOCTYPE html>
@@ -658,7 +735,7 @@ one to open its row.</p>
 <noscript><p class="note">The timeline needs JavaScript; the tables below do not.</p></noscript>
 </section>
 <section id="counts"><h2>counts</h2>{_counts_html(tasks, [t["failure"] for t in failed])}</section>
-<section id="digest"><h2>failure digest</h2>{_digest_html(digest, anchors)}</section>
+<section id="digest"><h2>failure digest</h2>{digest_html}</section>
 <section id="failures"><h2>failed tasks</h2>
 <p class="help">Click a row to see its complete message, traceback and stderr.
 <input type="search" id="filter" placeholder="filter by key or message" aria-label="filter">

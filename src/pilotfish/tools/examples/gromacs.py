@@ -114,19 +114,7 @@ def main(rundir: str, console: Any = None) -> dict[str, Any]:
     """Run the ensemble in ``rundir``; return its failure digest."""
     say = console.print if console is not None else print
     inputs = Path(rundir).absolute() / "gromacs-inputs"
-    inputs.mkdir(parents=True, exist_ok=True)
-    (inputs / "em.mdp").write_text(EM_MDP)
-    mdps = {
-        "ok": md_mdp(1500),
-        "bad-mdp": md_mdp(1500).replace("integrator = md", "integrator = mdx"),
-        "blow-up": md_mdp(5000, dt=0.01, extra="verlet-buffer-tolerance = -1\n"),
-        "node-lost": md_mdp(5000, seed=11),
-        "walltime": md_mdp(5000, seed=13),
-    }
-    for name, text in mdps.items():
-        (inputs / f"{name}.mdp").write_text(text)
-    marker = inputs / "node-lost.marker"
-    marker.unlink(missing_ok=True)
+    members = _write_inputs(inputs)
 
     def on_event(e: object) -> None:
         if isinstance(e, pilotfish.WorkerEvent) and e.kind == "lost":
@@ -144,46 +132,8 @@ def main(rundir: str, console: Any = None) -> dict[str, Any]:
         )
         runs: dict[str, pilotfish.Task] = {}
         tprs: dict[str, pilotfish.Task] = {}
-        for name in mdps:
-            tpr = s.executable(
-                GROMPP,
-                inputs={
-                    "md.mdp": str(inputs / f"{name}.mdp"),
-                    "conf.gro": prep.output("em.gro"),
-                    "topol.top": prep.output("topol.top"),
-                },
-                outputs=["md.tpr"],
-                env=ENV,
-                name=f"grompp-{name}",
-            )
-            tprs[name] = tpr
-            common: dict[str, Any] = {
-                "inputs": {"md.tpr": tpr.output("md.tpr")},
-                "outputs": ["md.gro", "md.log"],
-                "env": ENV,
-                "name": f"mdrun-{name}",
-            }
-            if name == "node-lost":
-                cpt = [*MDRUN, "-cpt", "0.02"]
-                runs[name] = s.executable(
-                    ["sh", "-c", LOSE_NODE, "sh", *cpt],
-                    resume_files=["md.cpt", "md.log", "md.edr"],
-                    resume_argv=[*cpt, "-cpi", "md.cpt"],
-                    retries=2,
-                    **{**common, "env": {**ENV, "MARK": str(marker)}},
-                )
-            elif name == "walltime":
-                maxh = [*MDRUN, "-maxh", "0.0006"]
-                runs[name] = s.executable(
-                    ["sh", "-c", WALLTIME, "sh", *maxh],
-                    resume_files=["md.cpt", "md.log", "md.edr"],
-                    resume_argv=["sh", "-c", WALLTIME, "sh", *maxh, "-cpi", "md.cpt"],
-                    retry_exit_codes=[75],
-                    retries=5,
-                    **common,
-                )
-            else:
-                runs[name] = s.executable(MDRUN, **common)
+        for name in members:
+            tprs[name], runs[name] = _member(s, name, inputs, prep)
         good = s.submit(
             count_atoms, [runs[n].output("md.gro") for n in ("ok", "node-lost", "walltime")]
         )
@@ -194,20 +144,89 @@ def main(rundir: str, console: Any = None) -> dict[str, Any]:
             ("analysis of blow-up", doomed),
         ]
         for name, t in shown:
-            try:
-                t.result()
-                what = "ok"
-            except Exception as e:
-                first = str(e).strip().splitlines()[0]
-                what = f"{type(e).__name__}: {first if len(first) <= 70 else first[:69] + '…'}"
-            outcomes = [a.outcome for a in t.attempts]
-            say(f"  {name}: {what}  (attempts: {', '.join(o or '?' for o in outcomes) or '-'})")
-            if t.failure is not None and t.failure.stderr_path:
-                say(f"      complete stderr kept: {t.failure.stderr_path}")
-            for a in t.attempts:
-                if a.note:
-                    say(f"      attempt {a.number}: {a.note}")
+            _say_outcome(say, name, t)
         return failure_digest(s.failures())
+
+
+def _write_inputs(inputs: Path) -> list[str]:
+    """The .mdp files of the energy minimisation and of each member (one with a bad
+    option, one that blows up, two slow ones: the node lost, the walltime reached);
+    returns the members' names."""
+    inputs.mkdir(parents=True, exist_ok=True)
+    (inputs / "em.mdp").write_text(EM_MDP)
+    mdps = {
+        "ok": md_mdp(1500),
+        "bad-mdp": md_mdp(1500).replace("integrator = md", "integrator = mdx"),
+        "blow-up": md_mdp(5000, dt=0.01, extra="verlet-buffer-tolerance = -1\n"),
+        "node-lost": md_mdp(5000, seed=11),
+        "walltime": md_mdp(5000, seed=13),
+    }
+    for name, text in mdps.items():
+        (inputs / f"{name}.mdp").write_text(text)
+    (inputs / "node-lost.marker").unlink(missing_ok=True)
+    return list(mdps)
+
+
+def _member(
+    s: pilotfish.Session, name: str, inputs: Path, prep: pilotfish.Task
+) -> tuple[pilotfish.Task, pilotfish.Task]:
+    """One member: grompp (its .tpr), then mdrun; the node-lost and walltime members
+    resume from their checkpoint."""
+    tpr = s.executable(
+        GROMPP,
+        inputs={
+            "md.mdp": str(inputs / f"{name}.mdp"),
+            "conf.gro": prep.output("em.gro"),
+            "topol.top": prep.output("topol.top"),
+        },
+        outputs=["md.tpr"],
+        env=ENV,
+        name=f"grompp-{name}",
+    )
+    common: dict[str, Any] = {
+        "inputs": {"md.tpr": tpr.output("md.tpr")},
+        "outputs": ["md.gro", "md.log"],
+        "env": ENV,
+        "name": f"mdrun-{name}",
+    }
+    if name == "node-lost":
+        cpt = [*MDRUN, "-cpt", "0.02"]
+        marker = inputs / "node-lost.marker"
+        return tpr, s.executable(
+            ["sh", "-c", LOSE_NODE, "sh", *cpt],
+            resume_files=["md.cpt", "md.log", "md.edr"],
+            resume_argv=[*cpt, "-cpi", "md.cpt"],
+            retries=2,
+            **{**common, "env": {**ENV, "MARK": str(marker)}},
+        )
+    if name == "walltime":
+        maxh = [*MDRUN, "-maxh", "0.0006"]
+        return tpr, s.executable(
+            ["sh", "-c", WALLTIME, "sh", *maxh],
+            resume_files=["md.cpt", "md.log", "md.edr"],
+            resume_argv=["sh", "-c", WALLTIME, "sh", *maxh, "-cpi", "md.cpt"],
+            retry_exit_codes=[75],
+            retries=5,
+            **common,
+        )
+    return tpr, s.executable(MDRUN, **common)
+
+
+def _say_outcome(say: Any, name: str, t: pilotfish.Task) -> None:
+    """How task ``t`` ended, its attempts' outcomes, where its stderr is, its notes."""
+    try:
+        t.result()
+        what = "ok"
+    except Exception as e:
+        first = str(e).strip().splitlines()[0]
+        what = f"{type(e).__name__}: {first if len(first) <= 70 else first[:69] + '…'}"
+    outcomes = [a.outcome for a in t.attempts]
+    say(f"  {name}: {what}  (attempts: {', '.join(o or '?' for o in outcomes) or '-'})")
+    if t.failure is not None and t.failure.stderr_path:
+        say(f"      complete stderr kept: {t.failure.stderr_path}")
+    for a in t.attempts:
+        if a.note:
+            say(f"      attempt {a.number}: {a.note}")
 
 
 if __name__ == "__main__":  # pragma: no cover
