@@ -95,7 +95,9 @@ def test_second_session_is_refused_naming_the_holder_and_a_killed_holder_never_b
         assert cli.main(["--rundir", str(rundir), "status"]) == 0
         assert "run 1 (running)" in capsys.readouterr().out
         assert cli.main(["--rundir", str(rundir), "failures"]) == 0
-        assert JournalReader(rundir / "journal.db").counts() in ({"DONE": 1}, {})
+        # readable while written: the holder's one task, in whatever state it has reached
+        counts = JournalReader(rundir / "journal.db").counts()
+        assert sum(counts.values()) <= 1 and set(counts) <= {"PENDING", "RUNNING", "DONE"}
         # `pilotfish resume` gets the same refusal, as one line, exit status 2
         script = tmp_path / "wf.py"
         script.write_text(

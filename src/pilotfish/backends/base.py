@@ -132,3 +132,10 @@ class Backend(Protocol):
     def stop(self, timeout: float = 10.0) -> None: ...
 
     def processes(self) -> dict[str, Any]: ...
+
+    def drain(self, name: str, kind: str = "worker", why: str = "") -> None:
+        """The session drained ``name`` (a worker, or a host with ``kind="host"``; see
+        :mod:`pilotfish.core.drain`): send it no new attempts and retire or replace it.
+        Never blocks. A backend that cannot drain ``kind`` says so in its docstring and
+        leaves the place in use (the session has logged the drain)."""
+        ...

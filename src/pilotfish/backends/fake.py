@@ -231,6 +231,20 @@ class FakeBackend:
     def processes(self) -> dict[str, Any]:
         return {"master": None, "workers": []}  # no processes: everything runs in this one
 
+    def drain(self, name: str, kind: str = "worker", why: str = "") -> None:
+        """The session drained worker ``name``: the ledger gives it nothing more (what it
+        holds goes back, unblamed) and its slot gets a new worker, as the local master
+        replaces one; an attempt it is running finishes there. A host is never drained
+        (the fake's one host is the last)."""
+        if kind != "worker":
+            return
+        with self._lock:
+            now = time.time()
+            self._run(self.ledger.handle(L.Drain(name, why or "drained", now)))
+            if name in self._names:
+                self._names[self._names.index(name)] = self._new_worker(now, replaces=name)
+        self._flush()
+
     # ------------------------------------------------------------------ threads
     def _work_loop(self, slot: int) -> None:
         while True:

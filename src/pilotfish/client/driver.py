@@ -263,15 +263,12 @@ class Driver:
         kind=...)``: Dask retires the worker, the local master replaces it), journal it,
         log it; the public ``HostDrained`` event."""
         log.warning("pilotfish: %s (tasks: %s)", c.reason, ", ".join(c.keys))
-        backend = self.running_backend
-        drain = getattr(backend, "drain", None)
-        if callable(drain):
-            try:
-                drain(c.name, kind=c.kind, why=f"{c.reason} (tasks: {', '.join(c.keys)})")
-            except Exception:
-                log.exception("pilotfish: the backend could not drain %s %s", c.kind, c.name)
-        else:
-            log.info("pilotfish: backend %s cannot drain; %s stays", backend, c.name)
+        try:
+            self.running_backend.drain(
+                c.name, kind=c.kind, why=f"{c.reason} (tasks: {', '.join(c.keys)})"
+            )
+        except Exception:
+            log.exception("pilotfish: the backend could not drain %s %s", c.kind, c.name)
         if self.journal is not None:
             self.journal.record_drain(
                 {
