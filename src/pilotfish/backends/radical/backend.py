@@ -164,6 +164,11 @@ class RadicalBackend:
     """Runs attempts as raptor function tasks; see the module docstring."""
 
     name = "radical"
+    #: the files RP loads pilotfish's raptor master (class ``PilotfishMaster``) and
+    #: workers (class ``PilotfishWorker``) from, inside the pilot: a subclass may name
+    #: files with subclasses of them (the tests' fault injection does)
+    master_file = str(_HERE / "master.py")
+    worker_file = str(_HERE / "worker.py")
 
     def __init__(
         self,
@@ -383,7 +388,7 @@ class RadicalBackend:
         return {
             "workers": self.workers,
             "heartbeat_interval": self.hb_interval,
-            "worker_file": str(_HERE / "worker.py"),
+            "worker_file": self.worker_file,
             "named_env": self.named_env,
             "versions": client_versions(),
             "rundir": self.rundir,
@@ -391,7 +396,6 @@ class RadicalBackend:
             "sys_path": [p for p in sys.path if p],
             "worker_env": {},
             "token": self._token,  # the master takes only its own client's tasks
-            "test_hooks": {},
         }
 
     def _start_master(self) -> None:
@@ -399,7 +403,7 @@ class RadicalBackend:
             {
                 "mode": rp.RAPTOR_MASTER,
                 "raptor_class": "PilotfishMaster",
-                "raptor_file": str(_HERE / "master.py"),
+                "raptor_file": self.master_file,
                 "environment": {
                     "PILOTFISH_RP_CFG": base64.b64encode(json.dumps(self._cfg()).encode()).decode()
                 },
