@@ -170,8 +170,7 @@ def test_worker_sigkill_mid_task_is_lost_then_retried(make: Any, tmp_path: Path)
     with make(on_event=events.append) as s:
         t = s.submit(slow_once, marker)
         wait_for(lambda: os.path.exists(marker), timeout=120, interval=0.05)
-        backend = s._backend
-        held = wait_for(lambda: backend.processes()["held"], timeout=30, interval=0.05)
+        held = wait_for(lambda: s.processes()["held"], timeout=30, interval=0.05)
         (pid,) = held.values()
         t0 = time.monotonic()
         os.kill(pid, signal.SIGKILL)
@@ -191,9 +190,8 @@ def test_worker_sigkill_mid_task_is_lost_then_retried(make: Any, tmp_path: Path)
 def test_master_killed_is_runtime_lost_quickly(make: Any) -> None:
     with make(max_master_restarts=0) as s:
         t = s.submit(sleep_long)
-        backend = s._backend
-        wait_for(lambda: backend.processes()["held"], timeout=120, interval=0.05)
-        master = backend.processes()["master"]
+        wait_for(lambda: s.processes()["held"], timeout=120, interval=0.05)
+        master = s.processes()["master"]
         t0 = time.monotonic()
         os.kill(master, signal.SIGKILL)
         with pytest.raises(pilotfish.RuntimeLost) as ei:
@@ -207,25 +205,24 @@ def test_master_killed_is_runtime_lost_quickly(make: Any) -> None:
 def test_end_pids_spares_a_recycled_pid(tmp_path: Path) -> None:
     """The backend ends a remembered worker pid only while it is the process remembered:
     a live process (standing for the user's shell on a recycled pid) with another
-    creation time is not ended, nor its children. No pilot needed."""
+    creation time is not ended, nor its children (``end_pids`` returns once what it
+    ended has exited). No pilot needed."""
     import subprocess
 
     import psutil
+
+    from pilotfish.backends.radical.plumbing import end_pids
 
     shell = subprocess.Popen(["sh", "-c", "sleep 60 & wait"])
     try:
         wait_for(lambda: psutil.Process(shell.pid).children(), timeout=10, interval=0.02)
         child = psutil.Process(shell.pid).children()[0].pid
         created = psutil.Process(shell.pid).create_time()
-        RadicalBackend._end_pids({shell.pid: created - 30.0}, grace=0.0)
-        time.sleep(0.2)
+        end_pids({shell.pid: created - 30.0}, grace=0.0)  # another process's time
         assert shell.poll() is None and pid_alive(child)
-        b = RadicalBackend(1, rundir=str(tmp_path / "run"))
-        b._known_pids = {shell.pid: created + 30.0}  # learned before the pid was reused
-        RadicalBackend._end_pids(b._rp_pids(), grace=0.0)
-        time.sleep(0.2)
+        end_pids({shell.pid: created + 30.0}, grace=0.0)  # learned before the pid was reused
         assert shell.poll() is None and pid_alive(child)
-        RadicalBackend._end_pids({shell.pid: created}, grace=0.0)
+        end_pids({shell.pid: created}, grace=0.0)
         assert shell.wait(5) is not None
         wait_for(lambda: not pid_alive(child), timeout=5, interval=0.02)
     finally:
@@ -237,16 +234,17 @@ def test_end_pids_spares_a_recycled_pid(tmp_path: Path) -> None:
 
 
 def test_token_is_in_os_environ_only_around_the_spawn(tmp_path: Path) -> None:
-    """``_with_token`` holds the token in os.environ only during the call it wraps (the
+    """``with_token`` holds the token in os.environ only during the call it wraps (the
     one that starts RP's pilot launcher) and restores what was there; a process another
-    thread started in that window inherits it, but ``_token_pids`` (what stop() ends)
-    leaves it out as it is of no RP session. The session here is a stand-in object with
-    only a ``uid`` (no RP session is started)."""
+    thread started in that window inherits it, but ``token_pids`` (what stop() ends)
+    leaves it out as it is of no RP session (here a made-up session id: no RP session
+    is started)."""
     import subprocess
-    import types
 
-    b = RadicalBackend(1, rundir=str(tmp_path / "run"))
-    var = "PILOTFISH_RP_TOKEN"
+    from pilotfish.backends.radical.plumbing import TOKEN_VAR as var
+    from pilotfish.backends.radical.plumbing import token_pids, with_token
+
+    token = "t0ken123"
     os.environ.pop(var, None)
     seen: list[str | None] = []
     stray: list[subprocess.Popen[bytes]] = []
@@ -258,15 +256,14 @@ def test_token_is_in_os_environ_only_around_the_spawn(tmp_path: Path) -> None:
         return "made"
 
     try:
-        assert b._with_token(spawn) == "made"
-        assert seen == [b._token] and var not in os.environ
+        assert with_token(token, spawn) == "made"
+        assert seen == [token] and var not in os.environ
         os.environ[var] = "outer"
-        b._with_token(lambda: seen.append(os.environ.get(var)))
-        assert seen[-1] == b._token and os.environ[var] == "outer"
+        with_token(token, lambda: seen.append(os.environ.get(var)))
+        assert seen[-1] == token and os.environ[var] == "outer"
         del os.environ[var]
-        wait_for(lambda: with_env(var, b._token), timeout=5, interval=0.02)
-        b._session = types.SimpleNamespace(uid="rp.session.pilotfish.test.0000")
-        assert stray[0].pid not in b._token_pids()
+        wait_for(lambda: with_env(var, token), timeout=5, interval=0.02)
+        assert stray[0].pid not in token_pids(token, "rp.session.pilotfish.test.0000")
     finally:
         os.environ.pop(var, None)
         for p in stray:
@@ -711,11 +708,11 @@ def test_worker_asks_the_start_fence_once_the_core_is_its_before_the_fork() -> N
     t2 = {"uid": "pf.tok.2.2", "description": {}}
     assert pw._alloc(t2) is False  # the one core is t1's: not asked
     assert len(pw.asked) == 1
-    # a core freed while it waits is taken at once (not after RP's 10 ms sleep)
+    # a core freed while it waits is taken at once, woken by _dealloc (not after RP's
+    # 10 ms sleep): it would wait an hour otherwise
+    pw._pf_alloc_wait = 3600.0
     threading.Timer(0.05, pw._dealloc, (t1,)).start()
-    t0 = time.monotonic()
     assert pw._alloc(t2) is True
-    assert time.monotonic() - t0 < 0.15
     assert pw.asked[-1][:3] == ("pilotfish_start", "w1", "pf.tok.2.2")
     assert t2["pf_withdrawn"] is True  # refused: the fork reports it, runs nothing
 
