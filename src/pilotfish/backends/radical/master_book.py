@@ -108,6 +108,57 @@ class _Step:
         pass  # never asked: no TimePassed here (RP's task timeout and the worker stop it)
 
 
+class _Arrivals:
+    """Which of its client's tasks the master received, and when the highest number so
+    far went up (a sweep asks what had arrived a grace period ago; older than
+    ``_ARRIVALS_KEPT``: settled). Its owner's lock held for every call."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        # every task uid this master received (a client's sweep asks about the others),
+        # and those it withdrew, unreceived, for a sweep: cancelled if they come later
+        self.seen: set[str] = set()
+        self.tomb: set[str] = set()
+        self.last = clock()  # when a task of ours last arrived
+        self._times: list[float] = []
+        self._tops: list[int] = []
+        self._settled = 0
+        self._top = 0
+
+    def arrived(self, uids: list[str]) -> None:
+        """These tasks of ours arrived (new ones: not seen, not withdrawn)."""
+        if not uids:
+            return
+        self.seen.update(uids)
+        top = max(attempt_id(u) for u in uids)
+        now = self.last = self.clock()
+        if top > self._top:
+            self._top = top
+            self._times.append(now)
+            self._tops.append(top)
+        old = bisect.bisect_left(self._times, now - _ARRIVALS_KEPT)
+        if old:
+            self._settled = self._tops[old - 1]
+            del self._times[:old], self._tops[:old]
+
+    def _top_at(self, when: float) -> int:
+        """The highest task number of ours received at ``when`` or before."""
+        i = bisect.bisect_right(self._times, when)
+        return self._tops[i - 1] if i else self._settled
+
+    def sweep(self, uids: list[str], graces: list[float]) -> tuple[list[str], list[str]]:
+        """(known, gone): see :meth:`MasterBook.sweep`; the gone ones are withdrawn."""
+        now = self.clock()
+        known, gone = [], []
+        for u, g in zip(uids, graces, strict=False):
+            if u in self.seen:
+                known.append(u)
+            elif now - self.last >= g or attempt_id(u) < self._top_at(now - g):
+                gone.append(u)
+        self.tomb.update(gone)
+        return known, gone
+
+
 class MasterBook:
     """See the module docstring. ``token``: the client's (its tasks' uids carry it);
     ``uid``: the master's RP uid (tasks name it as their ``raptor_id``); ``clock``: the
@@ -145,17 +196,7 @@ class MasterBook:
         self._claimed_upto = 0  # a task placed before this is lost if still unclaimed
         self._push_time: dict[str, float] = {}  # unclaimed task uid -> when pushed
         self._repushed: dict[str, int] = {}  # task uid -> pushed again for idle workers
-        # every task uid this master received (a client's sweep asks about the others),
-        # and those it withdrew, unreceived, for a sweep: cancelled if they come later
-        self._seen: set[str] = set()
-        self._tomb: set[str] = set()
-        # when the highest task number received so far went up, and to what (a sweep
-        # asks what had arrived a grace period ago); older than _ARRIVALS_KEPT: settled
-        self._arrival_times: list[float] = []
-        self._arrival_tops: list[int] = []
-        self._settled = 0
-        self._last_arrival = clock()
-        self._top = 0
+        self._arrivals = _Arrivals(clock)  # what the client's sweep asks about
 
     # ------------------------------------------------------------------ queries
     def entry(self, uid: str) -> L.Entry | None:
@@ -173,7 +214,7 @@ class MasterBook:
         """RP registered the master's queue: tasks arrive from now on."""
         with self.lock:
             self.up = True
-            self._last_arrival = self.clock()
+            self._arrivals.last = self.clock()
 
     # ------------------------------------------------------------------ workers
     def add_workers(self, uids: list[str], now: float) -> None:
@@ -283,18 +324,16 @@ class MasterBook:
             problem = self.env_problem
             for t in tasks:
                 uid = str(t.get("uid") or "")
-                if not self._mine(t) or uid in self._tomb:
+                if not self._mine(t) or uid in self._arrivals.tomb:
                     refuse.append(t)
-                elif uid in self._seen:
+                elif uid in self._arrivals.seen:
                     continue  # delivered twice: the first copy is the one in flight
                 elif (e := self.ledger.get(attempt_id(uid))) is not None:
                     self.port.log(f"refused {uid}: its number is {e.item.get('uid')}'s")
                     refuse.append(t)
                 else:
-                    self._seen.add(uid)
                     keep.append(t)
-            if keep:
-                self._arrived(max(attempt_id(t["uid"]) for t in keep))
+            self._arrivals.arrived([t["uid"] for t in keep])
             if not problem:
                 self.ledger.submit((attempt_id(t["uid"]), t["uid"], t, None) for t in keep)
                 self._push(keep)
@@ -500,23 +539,6 @@ class MasterBook:
             return lost
 
     # ------------------------------------------------------------------ the client's sweep
-    def _arrived(self, top: int) -> None:
-        """Tasks of ours arrived, numbered up to ``top`` (lock held)."""
-        now = self._last_arrival = self.clock()
-        if top > self._top:
-            self._top = top
-            self._arrival_times.append(now)
-            self._arrival_tops.append(top)
-        old = bisect.bisect_left(self._arrival_times, now - _ARRIVALS_KEPT)
-        if old:
-            self._settled = self._arrival_tops[old - 1]
-            del self._arrival_times[:old], self._arrival_tops[:old]
-
-    def _top_at(self, when: float) -> int:
-        """The highest task number of ours received at ``when`` or before (lock held)."""
-        i = bisect.bisect_right(self._arrival_times, when)
-        return self._arrival_tops[i - 1] if i else self._settled
-
     def sweep(self, uids: list[str], graces: list[float]) -> dict[str, list[str]] | None:
         """Of these tasks (the client's, submitted a while ago and not seen to start):
         ``known``, those this master received; ``gone``, those it takes as lost on the
@@ -526,17 +548,10 @@ class MasterBook:
         the client may send it again under a new uid. The others may still be on their
         way. None while RP has not registered our queue (tasks wait for that in RP's
         scheduler)."""
-        known, gone = [], []
         with self.lock:
             if not self.up:
                 return None
-            now = self.clock()
-            for u, g in zip(uids, graces, strict=False):
-                if u in self._seen:
-                    known.append(u)
-                elif now - self._last_arrival >= g or attempt_id(u) < self._top_at(now - g):
-                    gone.append(u)
-            self._tomb.update(gone)
+            known, gone = self._arrivals.sweep(uids, graces)
         if gone:
             self.port.log(f"sweep: never received {gone}: withdrawn, the client sends them again")
         return {"known": known, "gone": gone}
