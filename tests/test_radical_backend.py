@@ -170,8 +170,7 @@ def test_worker_sigkill_mid_task_is_lost_then_retried(make: Any, tmp_path: Path)
     with make(on_event=events.append) as s:
         t = s.submit(slow_once, marker)
         wait_for(lambda: os.path.exists(marker), timeout=120, interval=0.05)
-        backend = s._backend
-        held = wait_for(lambda: backend.processes()["held"], timeout=30, interval=0.05)
+        held = wait_for(lambda: s.processes()["held"], timeout=30, interval=0.05)
         (pid,) = held.values()
         t0 = time.monotonic()
         os.kill(pid, signal.SIGKILL)
@@ -191,9 +190,8 @@ def test_worker_sigkill_mid_task_is_lost_then_retried(make: Any, tmp_path: Path)
 def test_master_killed_is_runtime_lost_quickly(make: Any) -> None:
     with make(max_master_restarts=0) as s:
         t = s.submit(sleep_long)
-        backend = s._backend
-        wait_for(lambda: backend.processes()["held"], timeout=120, interval=0.05)
-        master = backend.processes()["master"]
+        wait_for(lambda: s.processes()["held"], timeout=120, interval=0.05)
+        master = s.processes()["master"]
         t0 = time.monotonic()
         os.kill(master, signal.SIGKILL)
         with pytest.raises(pilotfish.RuntimeLost) as ei:
@@ -207,25 +205,24 @@ def test_master_killed_is_runtime_lost_quickly(make: Any) -> None:
 def test_end_pids_spares_a_recycled_pid(tmp_path: Path) -> None:
     """The backend ends a remembered worker pid only while it is the process remembered:
     a live process (standing for the user's shell on a recycled pid) with another
-    creation time is not ended, nor its children. No pilot needed."""
+    creation time is not ended, nor its children (``end_pids`` returns once what it
+    ended has exited). No pilot needed."""
     import subprocess
 
     import psutil
+
+    from pilotfish.backends.radical.plumbing import end_pids
 
     shell = subprocess.Popen(["sh", "-c", "sleep 60 & wait"])
     try:
         wait_for(lambda: psutil.Process(shell.pid).children(), timeout=10, interval=0.02)
         child = psutil.Process(shell.pid).children()[0].pid
         created = psutil.Process(shell.pid).create_time()
-        RadicalBackend._end_pids({shell.pid: created - 30.0}, grace=0.0)
-        time.sleep(0.2)
+        end_pids({shell.pid: created - 30.0}, grace=0.0)  # another process's time
         assert shell.poll() is None and pid_alive(child)
-        b = RadicalBackend(1, rundir=str(tmp_path / "run"))
-        b._known_pids = {shell.pid: created + 30.0}  # learned before the pid was reused
-        RadicalBackend._end_pids(b._rp_pids(), grace=0.0)
-        time.sleep(0.2)
+        end_pids({shell.pid: created + 30.0}, grace=0.0)  # learned before the pid was reused
         assert shell.poll() is None and pid_alive(child)
-        RadicalBackend._end_pids({shell.pid: created}, grace=0.0)
+        end_pids({shell.pid: created}, grace=0.0)
         assert shell.wait(5) is not None
         wait_for(lambda: not pid_alive(child), timeout=5, interval=0.02)
     finally:
@@ -237,16 +234,17 @@ def test_end_pids_spares_a_recycled_pid(tmp_path: Path) -> None:
 
 
 def test_token_is_in_os_environ_only_around_the_spawn(tmp_path: Path) -> None:
-    """``_with_token`` holds the token in os.environ only during the call it wraps (the
+    """``with_token`` holds the token in os.environ only during the call it wraps (the
     one that starts RP's pilot launcher) and restores what was there; a process another
-    thread started in that window inherits it, but ``_token_pids`` (what stop() ends)
-    leaves it out as it is of no RP session. The session here is a stand-in object with
-    only a ``uid`` (no RP session is started)."""
+    thread started in that window inherits it, but ``token_pids`` (what stop() ends)
+    leaves it out as it is of no RP session (here a made-up session id: no RP session
+    is started)."""
     import subprocess
-    import types
 
-    b = RadicalBackend(1, rundir=str(tmp_path / "run"))
-    var = "PILOTFISH_RP_TOKEN"
+    from pilotfish.backends.radical.plumbing import TOKEN_VAR as var
+    from pilotfish.backends.radical.plumbing import token_pids, with_token
+
+    token = "t0ken123"
     os.environ.pop(var, None)
     seen: list[str | None] = []
     stray: list[subprocess.Popen[bytes]] = []
@@ -258,15 +256,14 @@ def test_token_is_in_os_environ_only_around_the_spawn(tmp_path: Path) -> None:
         return "made"
 
     try:
-        assert b._with_token(spawn) == "made"
-        assert seen == [b._token] and var not in os.environ
+        assert with_token(token, spawn) == "made"
+        assert seen == [token] and var not in os.environ
         os.environ[var] = "outer"
-        b._with_token(lambda: seen.append(os.environ.get(var)))
-        assert seen[-1] == b._token and os.environ[var] == "outer"
+        with_token(token, lambda: seen.append(os.environ.get(var)))
+        assert seen[-1] == token and os.environ[var] == "outer"
         del os.environ[var]
-        wait_for(lambda: with_env(var, b._token), timeout=5, interval=0.02)
-        b._session = types.SimpleNamespace(uid="rp.session.pilotfish.test.0000")
-        assert stray[0].pid not in b._token_pids()
+        wait_for(lambda: with_env(var, token), timeout=5, interval=0.02)
+        assert stray[0].pid not in token_pids(token, "rp.session.pilotfish.test.0000")
     finally:
         os.environ.pop(var, None)
         for p in stray:
@@ -451,37 +448,60 @@ def test_preflight_in_master_fails_tasks_with_environment(make: Any) -> None:
         assert s.processes()["workers"] == []  # no worker was started
 
 
-def _bare_master(token: str = "tok", uid: str = "raptor.0001") -> Any:
-    """A PilotfishMaster's bookkeeping only, no RP component: what it would put on RP's
-    queue (``pushed``), advance (``advanced``) and log (``logged``) is recorded."""
-    import logging
-    import types
-    from collections import deque
+class _Clock:
+    """A monotonic clock a test moves on."""
 
-    from pilotfish.backends.radical import master as m
-    from pilotfish.core.ledger import Ledger
+    def __init__(self) -> None:
+        self.t = 1000.0
 
-    pm = object.__new__(m.PilotfishMaster)
-    pm._pf_ledger, pm._pf_pushed, pm._pf_seq = Ledger(), {}, 0
-    pm._pf_claims, pm._pf_claimed_upto, pm._pf_workers = deque(), 0, {}
-    pm._pf_push_time, pm._pf_repushed, pm._pf_seen, pm._pf_tomb = {}, {}, set(), set()
-    pm._pf_up, pm._pf_token, pm._pf_test, pm._uid = True, token, {}, uid
-    pm._pf_arrival_times, pm._pf_arrival_tops, pm._pf_settled, pm._pf_top = [], [], 0, 0
-    pm._pf_last_arrival = time.monotonic()
-    pm._pf_env_problem, pm._pf_doomed, pm._pf_stopping = "", [], False
-    pm._pf_lock = threading.RLock()
-    pm._log = logging.getLogger("test.pilotfish.master")
-    pm.pushed, pm.advanced, pm.logged = [], [], []
-    pm._req_put = types.SimpleNamespace(put=pm.pushed.extend)
-    pm._pf_log = pm.logged.append  # type: ignore[method-assign]
-    pm.advance = lambda tasks, state=None, **kw: pm.advanced.extend(
-        (t["uid"], state or t.get("state")) for t in tasks
-    )
-    return pm
+    def __call__(self) -> float:
+        return self.t
+
+
+class _RecordingPort:
+    """What a MasterBook asks RADICAL-Pilot to do, recorded: tasks put on RP's queue
+    (``pushed``), cancelled or failed (``advanced``), starts published, log lines."""
+
+    def __init__(self) -> None:
+        self.pushed: list[dict[str, Any]] = []
+        self.advanced: list[tuple[str, str]] = []
+        self.published: list[str] = []
+        self.logged: list[str] = []
+
+    def push(self, tasks: list[dict[str, Any]]) -> None:
+        self.pushed.extend(tasks)
+
+    def cancel(self, tasks: list[dict[str, Any]]) -> None:
+        self.advanced.extend((t["uid"], "CANCELED") for t in tasks)
+
+    def fail(self, task: dict[str, Any], info: dict[str, Any], code: int) -> None:
+        self.advanced.append((task["uid"], "FAILED"))
+
+    def publish_start(self, uid: str, info: dict[str, Any]) -> None:
+        self.published.append(uid)
+
+    def kill_groups(self, pgids: tuple[int, ...]) -> None:
+        pass
+
+    def log(self, msg: str) -> None:
+        self.logged.append(msg)
+
+
+def _book(token: str = "tok", uid: str = "raptor.0001") -> Any:
+    """A raptor master's bookkeeping (no RP component), up, with a recording port
+    (``book.port``) and a clock of its own (``book.clock``)."""
+    from pilotfish.backends.radical.master_book import MasterBook
+
+    book = MasterBook(_RecordingPort(), token=token, uid=uid, clock=_Clock())
+    book.mark_up()
+    return book
 
 
 def _rp_task(uid: str, raptor_id: str = "raptor.0001") -> dict[str, Any]:
     return {"uid": uid, "description": {"raptor_id": raptor_id, "mode": "function"}}
+
+
+_MASTER = (4242, "here")  # the master's pid and host, published with a start
 
 
 def test_master_takes_only_its_own_tasks() -> None:
@@ -495,28 +515,35 @@ def test_master_takes_only_its_own_tasks() -> None:
     in flight": ``c = add(a, b)`` waited forever. The master now takes only its own
     tasks (raptor_id and client token) and fences claims, starts and results by uid."""
 
-    pm = _bare_master("ours", "raptor.0049")
+    book = _book("ours", "raptor.0049")
     foreign = [_rp_task(f"pf.theirs.{i}.{i}", "raptor.0045") for i in range(2, 8)]
     stray = _rp_task("pf.theirs.9.9", "raptor.0049")  # right master, another client
     own = [_rp_task(f"pf.ours.{i}.{i}", "raptor.0049") for i in (1, 2)]
-    assert pm.request_cb([*foreign, stray]) == []  # nothing of theirs is run here...
-    assert {u for u, _ in pm.advanced} == {t["uid"] for t in [*foreign, stray]}
-    assert {st for _, st in pm.advanced} == {"CANCELED"}  # ...RP forgets them
-    assert pm.request_cb(own) == own
+    assert book.request([*foreign, stray]) == []  # nothing of theirs is run here...
+    assert {u for u, _ in book.port.advanced} == {t["uid"] for t in [*foreign, stray]}
+    assert {st for _, st in book.port.advanced} == {"CANCELED"}  # ...RP forgets them
+    assert book.request(own) == own
     # a foreign task delivered straight to a worker: not claimed, not started, no result
-    assert pm._pf_claim("w1", ["pf.theirs.2.2"]) == []
-    assert pm._pf_start("w1", "pf.theirs.2.2", 123) is False
-    pm._result_cb([dict(foreign[0], worker="w1", exit_code=0)])
-    assert pm._pf_ledger.get(2) is not None and pm._pf_ledger.get(2).where == "queued"
+    assert book.claim("w1", ["pf.theirs.2.2"]) == []
+    assert book.start("w1", "pf.theirs.2.2", _MASTER) is False
+    assert book.results([dict(foreign[0], worker="w1", exit_code=0)]) == []
+    assert book.entry("pf.ours.2.2").where == "queued"
     # our task 2 is still there for the worker that takes it
-    assert pm._pf_claim("w2", ["pf.ours.2.2"]) == ["pf.ours.2.2"]
-    assert pm._pf_claim("w1", ["pf.ours.2.2"]) == []  # a copy on the queue: the fence
-    assert pm._pf_claim("w2", ["pf.ours.2.2"]) == []  # also for the holder itself
-    assert pm._pf_start("w2", "pf.ours.2.2", 456) is True
-    assert pm._pf_start("w2", "pf.ours.2.2", 457) is False  # never twice
-    assert pm.request_cb([own[1]]) == []  # delivered twice: the first copy is in flight
-    assert pm.request_cb([_rp_task("pf.ours.7.2", "raptor.0049")]) == []  # number taken
-    assert pm._pf_ledger.get(2).where == "started"
+    assert book.claim("w2", ["pf.ours.2.2"]) == ["pf.ours.2.2"]
+    assert book.claim("w1", ["pf.ours.2.2"]) == []  # a copy on the queue: the fence
+    assert book.claim("w2", ["pf.ours.2.2"]) == []  # also for the holder itself
+    assert book.start("w2", "pf.ours.2.2", _MASTER) is True
+    assert book.start("w2", "pf.ours.2.2", _MASTER) is False  # never twice
+    assert book.port.published == ["pf.ours.2.2"]  # the client is told once
+    assert book.request([own[1]]) == []  # delivered twice: the first copy is in flight
+    assert book.request([_rp_task("pf.ours.7.2", "raptor.0049")]) == []  # number taken
+    assert book.entry("pf.ours.2.2").where == "started"
+    # its result is accepted from its worker only, once
+    done = dict(own[1], worker="w2", exit_code=0)
+    assert book.results([dict(done, worker="w1")]) == []
+    assert book.results([done]) == [done]
+    assert book.results([done]) == []
+    assert book.entry("pf.ours.2.2") is None
 
 
 def test_master_sweep_withdraws_what_it_never_received() -> None:
@@ -525,83 +552,100 @@ def test_master_sweep_withdraws_what_it_never_received() -> None:
     came the task's grace period ago, or nothing came for that long), so one that
     arrives after all is cancelled and never runs (the client has sent it again under a
     new uid). A task that may still be on its way through a busy RP is neither."""
-    pm = _bare_master("ours", "raptor.0001")
+    from pilotfish.backends.radical.master_book import MasterBook
+
+    book = MasterBook(_RecordingPort(), token="ours", uid="raptor.0001", clock=_Clock())
     got = _rp_task("pf.ours.1.1")
-    assert pm.request_cb([got]) == [got]
-    pm._pf_up = False
-    assert pm._pf_sweep(["pf.ours.1.1", "pf.ours.2.2"], [5.0, 5.0]) is None  # not registered
-    pm._pf_up = True
-    pm.request_cb([_rp_task("pf.ours.3.3")])  # just now: 2 may be on its way behind it
-    ans = pm._pf_sweep(["pf.ours.1.1", "pf.ours.2.2"], [5.0, 5.0])
+    assert book.request([got]) == [got]
+    assert book.sweep(["pf.ours.1.1", "pf.ours.2.2"], [5.0, 5.0]) is None  # not registered
+    book.mark_up()
+    book.request([_rp_task("pf.ours.3.3")])  # just now: 2 may be on its way behind it
+    ans = book.sweep(["pf.ours.1.1", "pf.ours.2.2"], [5.0, 5.0])
     assert ans == {"known": ["pf.ours.1.1"], "gone": []}
     # 3 came 10 s ago (and something else 2 s ago): 2 is lost, 4 may be on its way, and
     # 2 asked with a longer grace (sent again before) may be on its way too
-    pm._pf_arrival_times = [t - 10 for t in pm._pf_arrival_times]
-    pm._pf_last_arrival = time.monotonic() - 2
-    ans = pm._pf_sweep(["pf.ours.2.2", "pf.ours.4.4"], [20.0, 5.0])
+    book.clock.t += 8
+    book.request([_rp_task("pf.ours.0.0")])
+    book.clock.t += 2
+    ans = book.sweep(["pf.ours.2.2", "pf.ours.4.4"], [20.0, 5.0])
     assert ans == {"known": [], "gone": []}
-    ans = pm._pf_sweep(["pf.ours.2.2", "pf.ours.4.4"], [5.0, 5.0])
+    ans = book.sweep(["pf.ours.2.2", "pf.ours.4.4"], [5.0, 5.0])
     assert ans == {"known": [], "gone": ["pf.ours.2.2"]}
-    pm._pf_last_arrival = time.monotonic() - 10  # nothing came for 10 s: 4 is lost too
-    ans = pm._pf_sweep(["pf.ours.2.2", "pf.ours.4.4"], [5.0, 5.0])
+    book.clock.t += 8  # nothing came for 10 s: 4 is lost too
+    ans = book.sweep(["pf.ours.2.2", "pf.ours.4.4"], [5.0, 5.0])
     assert ans == {"known": [], "gone": ["pf.ours.2.2", "pf.ours.4.4"]}
     late = _rp_task("pf.ours.2.2")
-    assert pm.request_cb([late]) == []
-    assert pm.advanced == [("pf.ours.2.2", "CANCELED")]
-    assert pm._pf_claim("w1", ["pf.ours.2.2"]) == []  # and if a worker got it anyway
+    assert book.request([late]) == []
+    assert book.port.advanced == [("pf.ours.2.2", "CANCELED")]
+    assert book.claim("w1", ["pf.ours.2.2"]) == []  # and if a worker got it anyway
     again = _rp_task("pf.ours.2.5")  # the client's new uid for the same attempt
-    assert pm.request_cb([again]) == [again]
-    assert pm._pf_claim("w1", ["pf.ours.2.5"]) == ["pf.ours.2.5"]
+    assert book.request([again]) == [again]
+    assert book.claim("w1", ["pf.ours.2.5"]) == ["pf.ours.2.5"]
 
 
 def test_master_pushes_again_what_idle_workers_never_claimed() -> None:
     """A task that waits unclaimed on RP's queue while a ready worker holds nothing (a
     worker took it and died before its claim, with no later task to show the gap) is
-    pushed again after ``_IDLE_GRACE``, then after twice as long; only one copy runs. A
+    pushed again after ``IDLE_GRACE``, then after twice as long; only one copy runs. A
     worker declared lost that still claims puts what it took back on the queue."""
-    from pilotfish.backends.radical import master as m
+    from pilotfish.backends.radical.master_book import IDLE_GRACE
 
-    pm = _bare_master()
+    book = _book()
     t = _rp_task("pf.tok.1.1")
-    pm.request_cb([t])
-    now = time.monotonic()
-    pm._pf_workers = {"w1": {"uid": "w1", "state": "ready", "busy_at": now}}
-    assert pm._pf_unclaimed_while_idle(now + 1) == []  # not for long enough
-    pm._pf_workers["w1"]["busy_at"] = now - 10
-    pm._pf_push_time["pf.tok.1.1"] = now - 10
-    assert pm._pf_unclaimed_while_idle(now) == [t]
-    assert pm._pf_unclaimed_while_idle(now + m._IDLE_GRACE) == []  # next after 2x
-    assert pm._pf_unclaimed_while_idle(now + 2 * m._IDLE_GRACE + 0.1) == [t]
-    assert pm._pf_claim("w1", ["pf.tok.1.1"]) == ["pf.tok.1.1"]
-    assert pm._pf_unclaimed_while_idle(now + 60) == []  # held: nothing to push
-    assert pm._pf_claim("w2", ["pf.tok.1.1"]) == []  # the other copy
+    book.request([t])
+    assert book.hello("w1", 11, "here", []) is True  # ready, idle from now on
+    assert book.unclaimed_while_idle(book.clock() + 1) == []  # not for long enough
+    book.clock.t += 10
+    now = book.clock()
+    assert book.unclaimed_while_idle(now) == [t]
+    assert book.unclaimed_while_idle(now + IDLE_GRACE) == []  # next after 2x
+    assert book.unclaimed_while_idle(now + 2 * IDLE_GRACE + 0.1) == [t]
+    assert book.claim("w1", ["pf.tok.1.1"]) == ["pf.tok.1.1"]
+    assert book.unclaimed_while_idle(now + 60) == []  # held: nothing to push
+    assert book.claim("w2", ["pf.tok.1.1"]) == []  # the other copy
     # a lost worker's claim: refused, and the task goes back on the queue at once
     t2 = _rp_task("pf.tok.2.2")
-    pm.request_cb([t2])
-    pm._pf_workers["w3"] = {"uid": "w3", "state": "lost"}
-    assert pm._pf_claim("w3", ["pf.tok.2.2"]) == []
-    assert pm.pushed == [t2] and "pf.tok.2.2" in pm._pf_pushed
+    book.request([t2])
+    book.hello("w3", 33, "here", [])
+    assert book.lose_worker("w3") == ("ready", book.workers["w3"])
+    assert book.claim("w3", ["pf.tok.2.2"]) == []
+    assert book.port.pushed == [t2] and "pf.tok.2.2" in book.on_queue()
 
 
 def test_lost_in_transit_bookkeeping() -> None:
     """The master's record of tasks on RP's FIFO queue: a task still unclaimed after a
     task pushed later was claimed (a grace period ago) is pushed again, once."""
-    from collections import deque
-
-    from pilotfish.backends.radical import master as m
-
-    pm = _bare_master()
+    book = _book()
     uid = [f"pf.tok.{i}.{i}" for i in range(4)]  # the client's uids: pf.TOKEN.ATTEMPT.N
-    tasks = [{"uid": u} for u in uid]
-    pm._pf_ledger.submit((m._aid(t["uid"]), t["uid"], t, None) for t in tasks)
-    pm._pf_push(tasks)
-    assert pm._pf_claim("w1", [uid[0]]) == [uid[0]]
-    assert pm._pf_claim("w2", [uid[0], uid[2]]) == [uid[2]]  # held by w1: the fence
-    assert pm._pf_lost_in_transit() == []  # within the grace period
-    pm._pf_claims = deque((when - 10, place) for when, place in pm._pf_claims)
-    assert [t["uid"] for t in pm._pf_lost_in_transit()] == [uid[1]]  # uid[3] may be on its way
-    assert pm._pf_lost_in_transit() == []  # pushed again: at the back of the queue
-    assert list(pm._pf_pushed) == [uid[3], uid[1]]
+    book.request([_rp_task(u) for u in uid])
+    assert book.claim("w1", [uid[0]]) == [uid[0]]
+    assert book.claim("w2", [uid[0], uid[2]]) == [uid[2]]  # held by w1: the fence
+    assert book.lost_in_transit() == []  # within the grace period
+    book.clock.t += 10
+    assert [t["uid"] for t in book.lost_in_transit()] == [uid[1]]  # uid[3] may be on its way
+    assert book.lost_in_transit() == []  # pushed again: at the back of the queue
+    assert book.on_queue() == [uid[3], uid[1]]
+
+
+def test_worker_lost_fails_what_it_ran_and_requeues_what_it_held() -> None:
+    """The ledger's worker-loss rule, carried out by the master: the task the worker ran
+    fails (worker_lost, with how it ended), its program groups are killed, the task it
+    only held goes back on RP's queue, unblamed; a second loss report changes nothing."""
+    killed: list[tuple[int, ...]] = []
+    book = _book()
+    book.port.kill_groups = killed.append
+    a, b = _rp_task("pf.tok.1.1"), _rp_task("pf.tok.2.2")
+    book.request([a, b])
+    book.hello("w1", 11, "here", [])
+    assert book.claim("w1", ["pf.tok.1.1", "pf.tok.2.2"]) == ["pf.tok.1.1", "pf.tok.2.2"]
+    assert book.start("w1", "pf.tok.1.1", _MASTER) is True
+    book.group("pf.tok.1.1", 777)
+    assert book.lose_worker("w1") is not None
+    book.worker_gone("w1", "worker w1 was lost", -9, "SIGKILL", "tail", "/sbox/w1.err")
+    assert book.port.advanced == [("pf.tok.1.1", "FAILED")]
+    assert killed == [(777,)]
+    assert book.port.pushed == [b] and book.entry("pf.tok.2.2").where == "queued"
+    assert book.lose_worker("w1") is None
 
 
 def test_task_callback_queues_only_executing_and_final_states(tmp_path: Path) -> None:
@@ -664,11 +708,11 @@ def test_worker_asks_the_start_fence_once_the_core_is_its_before_the_fork() -> N
     t2 = {"uid": "pf.tok.2.2", "description": {}}
     assert pw._alloc(t2) is False  # the one core is t1's: not asked
     assert len(pw.asked) == 1
-    # a core freed while it waits is taken at once (not after RP's 10 ms sleep)
+    # a core freed while it waits is taken at once, woken by _dealloc (not after RP's
+    # 10 ms sleep): it would wait an hour otherwise
+    pw._pf_alloc_wait = 3600.0
     threading.Timer(0.05, pw._dealloc, (t1,)).start()
-    t0 = time.monotonic()
     assert pw._alloc(t2) is True
-    assert time.monotonic() - t0 < 0.15
     assert pw.asked[-1][:3] == ("pilotfish_start", "w1", "pf.tok.2.2")
     assert t2["pf_withdrawn"] is True  # refused: the fork reports it, runs nothing
 
@@ -708,30 +752,29 @@ def count_run(path: str, x: int) -> int:
     return x * x
 
 
-class _Hooked(RadicalBackend):
-    """Test hooks in the master and workers; the client sweeps after 2 s."""
+_TESTS = Path(__file__).resolve().parent
 
-    hooks: dict[str, Any] = {}
+
+class _Lossy(RadicalBackend):
+    """A backend whose raptor master or workers lose tasks (a subclass loaded from a
+    file under tests/, see ``worker_file``); the client sweeps after 2 s."""
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, resend_after=2.0, **kw)
 
-    def _cfg(self) -> dict[str, Any]:
-        return dict(super()._cfg(), test_hooks=dict(self.hooks))
+
+class _MasterDrops(_Lossy):
+    master_file = str(_TESTS / "rp_lossy_master.py")  # RP tasks 1 and 2 never arrive
 
 
-class _MasterDrops(_Hooked):
-    hooks = {"master_drops": [1, 2]}  # the first two RP tasks never reach the ledger
-
-
-class _WorkerDrops(_Hooked):
-    hooks = {"worker_drops": [1]}  # each worker drops the first RP task unclaimed
+class _WorkerDrops(_Lossy):
+    worker_file = str(_TESTS / "rp_lossy_worker.py")  # each worker drops task 1 unclaimed
 
 
 def test_request_lost_before_the_master_is_sent_again(
     make: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A request RP delivers nowhere (the master drops it silently: the test hook) was a
+    """A request RP delivers nowhere (the master drops it silently: rp_lossy_master) was a
     task that waited forever, and so did the session's shutdown. The client's sweep
     finds that the master never received it and sends it again; every task runs once."""
     import logging
@@ -749,8 +792,8 @@ def test_request_lost_before_the_master_is_sent_again(
     print(f"requests lost before the master -> sent again, done in {took:.1f} s")
 
 
-def test_task_lost_before_a_claim_is_pushed_again(make: Any, tmp_path: Path) -> None:
-    """A worker takes a task off RP's queue and drops it before its claim (the test hook;
+def test_task_lost_before_a_claim_is_pushed_again(make: Any, rp_pilot: Any, tmp_path: Path) -> None:
+    """A worker takes a task off RP's queue and drops it before its claim (rp_lossy_worker;
     as a worker that dies there would), and no later task shows the gap: the master sees
     the task wait unclaimed while a worker is idle, pushes it again, and it runs once."""
     runs = tmp_path / "runs.txt"
@@ -758,10 +801,9 @@ def test_task_lost_before_a_claim_is_pushed_again(make: Any, tmp_path: Path) -> 
         t0 = time.monotonic()
         assert s.submit(count_run, str(runs), 5).result(timeout=90) == 25
         took = time.monotonic() - t0
-        b = s._backend
-        from pilotfish.backends.radical.backend import _local_path
+        import radical.utils as ru
 
-        sbox = Path(_local_path(b._pilot.pilot_sandbox), b._master.uid)
+        sbox = Path(ru.Url(str(rp_pilot[0].pilot_sandbox)).path, s.processes()["master_task"])
         log = (sbox / "pilotfish-master.log").read_text()
     assert runs.read_text().split() == ["5"]
     assert "unclaimed while a worker was idle" in log, log

@@ -196,7 +196,7 @@ class PilotfishWorker(DefaultWorker):  # type: ignore[misc]
 
     def _request_cb(self, tasks: Any) -> None:
         self._pf_ready.wait()
-        tasks = self._pf_test_drop(ru.as_list(tasks))
+        tasks = ru.as_list(tasks)
         if not tasks:
             return
         uids = [t["uid"] for t in tasks]
@@ -238,25 +238,6 @@ class PilotfishWorker(DefaultWorker):  # type: ignore[misc]
         if not go:
             task["pf_withdrawn"] = True
         return True
-
-    def _pf_test_drop(self, tasks: list[Any]) -> list[Any]:
-        """Test hook (``test_hooks["worker_drops"]``: the numbers at the end of task uids):
-        the first time this worker takes such a task it drops it unclaimed, as a worker
-        that died between RP's queue and its claim would."""
-        drop = {int(n) for n in (self._pf_cfg.get("test_hooks") or {}).get("worker_drops") or ()}
-        if not drop:
-            return tasks
-        seen: set[str] = self.__dict__.setdefault("_pf_test_dropped", set())
-        keep = []
-        for t in tasks:
-            uid = str(t["uid"])
-            n = uid.rsplit(".", 1)[-1]
-            if n.isdigit() and int(n) in drop and uid not in seen:
-                seen.add(uid)
-                self._log.info("pilotfish: test hook: dropped %s unclaimed", uid)
-            else:
-                keep.append(t)
-        return keep
 
     # -- watching the per-task processes (in the worker) ---------------------------
     def _pf_start_fork(self, task: Any) -> None:
