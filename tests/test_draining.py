@@ -274,7 +274,6 @@ def test_session_drains_a_broken_worker(tmp_path: Path) -> None:
     ) as s:
         tasks = [s.submit(_member, i) for i in range(8)]
         pilotfish.wait(tasks, timeout=60)
-        can_drain = callable(getattr(s._backend, "drain", None))
     drained = [e for e in events if isinstance(e, pilotfish.HostDrained)]
     env = Category.ENVIRONMENT.value
     shown = [t for t in tasks if any(a.outcome == env for a in t.attempts)]
@@ -285,8 +284,8 @@ def test_session_drains_a_broken_worker(tmp_path: Path) -> None:
     for t in shown:  # each task's first ENVIRONMENT failure was not charged
         first = next(a for a in t.attempts if a.outcome == env)
         assert first.note is not None and first.note.startswith("not charged"), first
-    if can_drain:  # the broken worker was replaced: nothing more failed
-        assert [t.result() for t in tasks] == list(range(8))
+    # the broken worker was replaced (the local master replaces a drained worker)
+    assert [t.result() for t in tasks] == list(range(8))
 
 
 def test_bad_drain_after_is_refused_at_the_call(tmp_path: Path) -> None:
@@ -418,11 +417,13 @@ def test_dask_drain_of_a_busy_worker_runs_nothing_twice(tmp_path: Path) -> None:
 
     markers = tmp_path / "markers"
     markers.mkdir()
+    from pilotfish.backends.dask import DaskBackend
+
     with _dask_cluster() as (cluster, client):
         place = _nanny_of(client, "1")
+        backend = DaskBackend(address=cluster.scheduler_address, rundir=str(tmp_path / "run"))
         with pilotfish.Session(
-            backend="dask",
-            address=cluster.scheduler_address,
+            backend=backend,
             rundir=str(tmp_path / "run"),
             backoff=pilotfish.Backoff(base=0.01),
         ) as s:
@@ -430,7 +431,7 @@ def test_dask_drain_of_a_busy_worker_runs_nothing_twice(tmp_path: Path) -> None:
             tasks = [s.submit(member, "none", str(markers), i, 0.2) for i in range(24)]
             wait_for(lambda: sum(t.done() for t in tasks) >= 4, timeout=60)
             when = time.time()
-            s._backend.drain(place, kind="worker")  # what on_drained does
+            backend.drain(place, kind="worker")  # what the driver does for a Drained
             results = [t.result(timeout=120) for t in tasks]
             refused = s.processes()["refused_starts"]
         wait_for(lambda: not _has_place(client, place), timeout=30)
