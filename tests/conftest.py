@@ -52,6 +52,16 @@ def session(make_session: Callable[..., pilotfish.Session]) -> Iterator[pilotfis
         yield s
 
 
+def fake_session(rundir: str | Path, workers: int | None = 2, **kw: Any) -> pilotfish.Session:
+    """A Session on :class:`pilotfish.backends.fake.FakeBackend` (``workers`` threads in
+    this process): for what the client alone decides (arguments, keys, dependencies,
+    policies, journal, events), where a real worker process would only cost time."""
+    from pilotfish.backends.fake import FakeBackend
+
+    fake = FakeBackend(workers=workers or 2, rundir=str(rundir))
+    return pilotfish.Session(workers, backend=fake, rundir=str(rundir), **kw)
+
+
 def wait_for(pred, timeout: float = 10.0, interval: float = 0.01):  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -251,13 +261,7 @@ def make_session(
             pilot, tmgr = request.getfixturevalue("rp_pilot")
             kw.setdefault("pilot", pilot)
             kw.setdefault("task_manager", tmgr)
-        if backend == "fake":
-            from pilotfish.backends.fake import FakeBackend
-
-            fake = FakeBackend(workers=kw.get("workers") or 2, rundir=kw["rundir"])
-            s = pilotfish.Session(backend=fake, **kw)
-        else:
-            s = pilotfish.Session(backend=backend, **kw)
+        s = fake_session(**kw) if backend == "fake" else pilotfish.Session(backend=backend, **kw)
         made.append(s)
         return s
 
