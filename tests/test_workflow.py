@@ -415,6 +415,40 @@ def test_poison_task_rejected_after_killing_three_workers():
     assert of(w.handle(Succeeded(other.attempt, 4.0)), Resolve) == [Resolve(2, other.attempt)]
 
 
+def test_one_worker_dying_again_and_again_never_makes_a_task_poison():
+    """Issue 24 item 9: a Dask nanny restarts its worker under the same name after every
+    death; a healthy task sent there three times in a row was declared poison ("killed 3
+    workers": the same one thrice). Deaths count per different worker: the task keeps
+    its retries (the worker is drained by the drain rule, not the task condemned)."""
+    w = make(poison_after=3)
+    d = only_dispatch(submit(w, 1, retries=10))
+    for i in range(5):
+        w.handle(AttemptStarted(d.attempt, float(i), "tcp://n2:1", "node2", 100 + i))
+        cmds = w.handle(Failed(d.attempt, lost(worker="tcp://n2:1", pid=100 + i), i + 0.5))
+        assert of(cmds, Reject) == [], "the same worker five times is not poison"
+        d = only_dispatch(cmds)
+    w.handle(AttemptStarted(d.attempt, 9.0, "tcp://n1:1", "node1", 200))
+    assert of(w.handle(Succeeded(d.attempt, 9.5)), Resolve) == [Resolve(1, d.attempt)]
+
+
+def test_deaths_on_one_host_of_several_never_make_a_task_poison():
+    """One bad node with several workers: three different workers died there, but the run
+    has other hosts, so the task is not poison; once its attempts killed workers on two
+    hosts, it is (the message says how many different workers, on how many hosts)."""
+    w = make(poison_after=3)
+    other = only_dispatch(submit(w, 2))
+    w.handle(AttemptStarted(other.attempt, 0.0, "a1", "node1", 50))  # a second host seen
+    d = only_dispatch(submit(w, 1, retries=10))
+    for i, worker in enumerate(("b1", "b2", "b3")):
+        w.handle(AttemptStarted(d.attempt, float(i), worker, "node2", 60 + i))
+        cmds = w.handle(Failed(d.attempt, lost(worker=worker, pid=60 + i), i + 0.5))
+        assert of(cmds, Reject) == []
+        d = only_dispatch(cmds)
+    w.handle(AttemptStarted(d.attempt, 5.0, "a2", "node1", 70))
+    (rej,) = of(w.handle(Failed(d.attempt, lost(worker="a2", pid=70), 5.5)), Reject)
+    assert "killed 4 different workers on 2 hosts" in rej.failure.message
+
+
 def test_timeouts_do_not_count_as_poison():
     """Only lost workers make a task poison; a slow task that times out uses its budget."""
     w = make(poison_after=1)

@@ -65,6 +65,17 @@ def _killed_a_worker(a: AttemptRecord) -> bool:
     return a.outcome == Category.WORKER_LOST.value and bool(a.pid or a.started is not None)
 
 
+def is_poison(lost: list[AttemptRecord], poison_after: int, hosts_seen: int) -> bool:
+    """The poison rule: the task's attempts killed ``poison_after`` *different* workers
+    (one worker that a nanny restarts under its name after every death is one), and,
+    once the run has seen more than one host, on more than one host: one bad node, or
+    one bad worker, cannot make a healthy task poison; it is drained instead
+    (:mod:`.drain`), and the task's retries go on."""
+    workers = {a.worker or f"attempt {a.id}" for a in lost}
+    hosts = {a.host for a in lost if a.host}
+    return len(workers) >= poison_after and (hosts_seen < 2 or len(hosts) >= 2)
+
+
 @dataclasses.dataclass(slots=True)
 class _Task:
     tid: int
@@ -308,6 +319,7 @@ class Workflow:
         if poison_after < 1:
             raise ValueError(f"poison_after must be >= 1, got {poison_after!r}")
         self.poison_after = poison_after
+        self._hosts: set[str] = set()  # every host an attempt started on (the poison rule)
         self.keep_going = keep_going
         self.backoff = backoff or Backoff()
         self._rand = rand
@@ -578,6 +590,8 @@ class Workflow:
             out.append(Dropped(ev.attempt, "duplicate start", "started"))
             return
         a.started, a.worker, a.host, a.pid = ev.now, ev.worker, ev.host, ev.pid
+        if ev.host:
+            self._hosts.add(ev.host)
         if self.drain is not None:
             self.drain.seen(ev.host)
 
@@ -635,7 +649,7 @@ class Workflow:
             self._retry(t, ev.now + self.backoff.delay(1, self._rand()), ev.now, out)
             return
         lost = [x for x in t.attempts if _killed_a_worker(x)]
-        if _killed_a_worker(a) and len(lost) >= self.poison_after:
+        if _killed_a_worker(a) and is_poison(lost, self.poison_after, len(self._hosts)):
             self._fail(t, self._poison_record(t, f, lost), ev.now, out)
             return
         retryable = f.category.transient or ev.retry_requested
@@ -705,8 +719,11 @@ class Workflow:
     def _poison_record(
         self, t: _Task, last: FailureRecord, lost: list[AttemptRecord]
     ) -> FailureRecord:
+        workers = len({a.worker or f"attempt {a.id}" for a in lost})
+        hosts = len({a.host for a in lost if a.host})
+        on = f" on {hosts} hosts" if hosts > 1 else ""
         lines = [
-            f"task {t.key!r} is poison: its attempts killed {len(lost)} workers "
+            f"task {t.key!r} is poison: its attempts killed {workers} different workers{on} "
             f"(poison_after={self.poison_after}); it will not be retried again. Attempts:"
         ]
         for a in lost:
