@@ -877,3 +877,19 @@ def test_random_stimuli_keep_every_invariant(seed):
     w.validate()
     for tid in list(w._tasks):
         assert w.state(tid).final or w.state(tid) in (State.PENDING, State.RUNNING, State.RETRYING)
+
+
+def test_no_attempt_ends_before_it_started():
+    """Issue 24 item 4: an attempt's start came from one clock and its end from another
+    (the client's, the worker's), so short attempts showed negative durations ("done after
+    -0.0s"). An end before the start is recorded as the start: never a negative duration."""
+    w = make()
+    d = only_dispatch(submit(w, 1, retries=1))
+    w.handle(AttemptStarted(d.attempt, 100.0, "w1", "node2", 5))
+    w.handle(Succeeded(d.attempt, 99.98))  # the end, by a clock 20 ms behind
+    (a,) = w.attempts(1)
+    assert a.started == 100.0 and a.ended == 100.0
+    d2 = only_dispatch(submit(w, 2, retries=1))
+    w.handle(AttemptStarted(d2.attempt, 50.0, "w1", "node2", 6))
+    w.handle(Failed(d2.attempt, lost(worker="w1", pid=6), 49.0))  # the client's clock
+    assert all(x.ended is not None and x.ended >= x.started for x in w.attempts(2) if x.started)

@@ -65,6 +65,13 @@ def _killed_a_worker(a: AttemptRecord) -> bool:
     return a.outcome == Category.WORKER_LOST.value and bool(a.pid or a.started is not None)
 
 
+def _end(a: AttemptRecord, now: float) -> float:
+    """When attempt ``a`` ended, never before it started: its start is the worker's clock
+    (where it ran), an end the client decided (a loss, a timeout) is the client's, and
+    clocks of two hosts differ by a little; so no duration is ever negative."""
+    return now if a.started is None or now >= a.started else a.started
+
+
 def is_poison(lost: list[AttemptRecord], poison_after: int, hosts_seen: int) -> bool:
     """The poison rule: the task's attempts killed ``poison_after`` *different* workers
     (one worker that a nanny restarts under its name after every death is one), and,
@@ -600,7 +607,7 @@ class Workflow:
         if t is None:
             return
         a = t.attempts[-1]
-        a.ended, a.outcome = ev.now, "done"
+        a.ended, a.outcome = _end(a, ev.now), "done"
         a.note = ev.note or a.note
         a.worker = ev.worker or a.worker
         a.host = ev.host or a.host
@@ -623,7 +630,7 @@ class Workflow:
             return
         f = ev.failure
         a = t.attempts[-1]
-        a.ended, a.outcome, a.failure = ev.now, f.category.value, f
+        a.ended, a.outcome, a.failure = _end(a, ev.now), f.category.value, f
         a.worker = f.worker or a.worker
         a.host = f.host or a.host
         a.pid = f.pid or a.pid
@@ -836,7 +843,7 @@ class Workflow:
     ) -> None:
         if t.current is not None:
             a = t.attempts[-1]
-            a.ended, a.outcome = now, category.value
+            a.ended, a.outcome = _end(a, now), category.value
             t.current = None
         t.failure = FailureRecord(
             key=t.key,

@@ -87,6 +87,7 @@ class DaskBackend:
     mapping. ``hooks``: test seams (:class:`DaskHooks`)."""
 
     name = "dask"
+    drains_by_default = True  # workers on many nodes; a drained one is retired
 
     def __init__(
         self,
@@ -364,7 +365,9 @@ class DaskBackend:
         """The start fence granted a worker's request: the ledger's ``Start``."""
         aid, dkey = int(msg.get("attempt", 0)), str(msg.get("key"))
         worker, pid, host = str(msg.get("worker")), int(msg.get("pid", 0)), str(msg.get("host"))
-        now = time.time()
+        # when the worker asked, by the worker's clock: the attempt's end is the worker's
+        # too (its Result), so a duration never mixes two hosts' clocks
+        now = float(msg.get("time") or time.time())
         fl = self._flight
         with fl.lock:
             self._workers.pids[worker] = (pid, host)
