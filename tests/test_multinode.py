@@ -198,14 +198,6 @@ def test_node_lost_task_finishes_on_another_node_once(fresh: lab.DaskLab, tmp_pa
     assert done == 1 and outcomes.count("done") == 1, outcomes
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 24 item 1: a graceful worker close (SIGTERM to the nanny, as scancel or "
-    "a preemption sends) reports the attempt WORKER_LOST at once while its body runs on: "
-    "measured on the lab (2 busy cores), attempt lost 0.06 s and the retry started on "
-    "another node 0.08-0.13 s after the SIGTERM, the lost body ran on to its end (7.5 s): "
-    "7.4 s side by side",
-)
 def test_retry_does_not_overlap_its_lost_attempt(fresh: lab.DaskLab, tmp_path: Path) -> None:
     """A node's worker is closed gracefully (SIGTERM to its nanny, what scancel or a
     preemption sends) while a task runs: the user expects the retry elsewhere not to
