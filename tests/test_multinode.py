@@ -236,6 +236,9 @@ def test_retry_does_not_overlap_its_lost_attempt(fresh: lab.DaskLab, tmp_path: P
     done, outcomes = _journal(rundir, key)
     assert done == 1 and outcomes.count("done") == 1, outcomes
     assert overlap <= 1.0, f"the retry ran beside its lost attempt for {overlap:.2f} s"
+    # issue 24 item 2: the words say it was running, not "holding the unfetched result"
+    assert first.failure is not None and first.outcome == "worker_lost", first
+    assert "unfetched" not in first.failure.message and victim in first.failure.message
 
 
 @pytest.mark.xfail(

@@ -210,13 +210,18 @@ class Workers:
         cancel: list[Any],
     ) -> None:
         """The ledger's side of a worker's removal: an attempt that finished there with its
-        value not fetched is given back, then ``WorkerLost``."""
+        value not fetched is given back, then ``WorkerLost`` (every other started attempt
+        was running there). Finished means its Dask future said so (``finished``, or
+        ``lost``: a value in memory lost with its worker); a task missing from the
+        worker's ``processing`` alone is not proof: a worker that closes gracefully
+        (SIGTERM) gives its running tasks back to the scheduler before it leaves."""
         led = self.flight.ledger
         items = {a: led.entries[a].item for a in led.held_by(addr)}
         cmds: list[L.Command] = []
         for aid in started:
             e = led.entries[aid]
-            if e.item.dkey not in processing:  # it finished there, value not fetched
+            status = str(getattr(e.item.fut, "status", ""))
+            if e.item.dkey not in processing and status in ("finished", "lost"):
                 ran = now - (e.started or now)
                 why = (
                     f"{what}, while holding the unfetched result of task {e.key!r} "
