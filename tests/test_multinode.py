@@ -241,13 +241,6 @@ def test_retry_does_not_overlap_its_lost_attempt(fresh: lab.DaskLab, tmp_path: P
     assert "unfetched" not in first.failure.message and victim in first.failure.message
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 24: a partition is invisible to pilotfish on Dask for as long as Dask's "
-    "timeouts allow (scheduler worker-ttl, 300 s by default): measured on the lab, a 15 s "
-    "cut with heartbeat_timeout=5 gave no event at all and the attempt was not lost; after "
-    "the heal the partitioned node finished it (outcome done, 1 attempt, recorded once)",
-)
 def test_partition_loses_the_attempt_within_heartbeat_timeout(
     fresh: lab.DaskLab, tmp_path: Path
 ) -> None:

@@ -141,6 +141,7 @@ class DaskBackend:
             fl.lock,
             self._q.put,
         )
+        conn.unreachable_after = heartbeat_timeout
         self._workers = Workers(fl, conn, self.no_workers_timeout, d.stopping)
         self._sched = SchedulerWatch(fl, conn, self._workers, d, heartbeat_timeout)
         self._results = Results(
@@ -342,6 +343,8 @@ class DaskBackend:
         op = msg.get("op")
         if op == "worker":
             self._workers.on_worker_info(msg)
+        elif op == "unreachable":
+            self._workers.on_unreachable(msg)
         elif op == "drained":
             self._workers.on_drained(msg, events, cancel)
         elif op == "result":

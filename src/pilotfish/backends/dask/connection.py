@@ -107,6 +107,9 @@ class Connection:
         self._job_plugin = f"pilotfish-jobs-{self.token}"
         self._end_plugin = f"pilotfish-end-on-close-{self.token}"
         self.sched_pid = 0
+        #: a worker running attempts that the scheduler has not heard from for this long
+        #: is removed as unreachable (the fence's watch; None: Dask's own worker TTL)
+        self.unreachable_after: float | None = None
         self._prev_all_handler: Callable[[Any], Any] | None = None
         self._fence_n = 0  # start fences registered so far (one per (re)connection)
         self.fence_op = ""  # the scheduler handler a task asks before running user code
@@ -228,7 +231,9 @@ class Connection:
         self.remove_fence()
         self._fence_sched = sid
         self._fence_n += 1
-        plugin = _fence.StartFence(self.token, self._fence_n, self.topic)
+        plugin = _fence.StartFence(
+            self.token, self._fence_n, self.topic, unreachable_after=self.unreachable_after
+        )
         errors = []
         # by value first: the scheduler need not have pilotfish installed
         for how in ("by value", "by reference"):

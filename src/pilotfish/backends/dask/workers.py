@@ -51,6 +51,7 @@ class Workers:
         self.no_workers_timeout = no_workers_timeout
         self._stopping = stopping
         self.jobs = BatchJobs()
+        self.unreachable: dict[str, str] = {}  # worker address -> why the fence removed it
         self.pids: dict[str, tuple[int, str]] = {}
         self.place: dict[str, str] = {}
         self.drains: list[tuple[str, str, str]] = []
@@ -129,6 +130,18 @@ class Workers:
             ", ".join(sorted(addrs)) or "none now",
         )
 
+    def on_unreachable(self, msg: dict[str, Any]) -> None:
+        """The fence found a worker that runs attempts unreachable and removes it: the
+        removal that follows says why."""
+        addr, silent = str(msg.get("worker", "")), msg.get("silent", "?")
+        with self.flight.lock:
+            self.unreachable[addr] = (
+                f"unreachable: the scheduler heard nothing from it for {silent} s while it "
+                f"ran attempts (heartbeat_timeout={self.conn.unreachable_after:g} s): a "
+                "network partition, or its node froze or died; pilotfish removed it"
+            )
+        log.warning("pilotfish: Dask worker %s is unreachable (silent %s s)", addr, silent)
+
     # ------------------------------------------------------------------ joining, leaving
     def on_cluster(self, msg: dict[str, Any], events: list[Any], cancel: list[Any]) -> None:
         """The scheduler's ``add-worker`` or ``remove-worker`` event."""
@@ -166,7 +179,10 @@ class Workers:
             started = tuple(led.started_on(addr))
             cause = f"Dask's stimulus: {msg.get('stimulus_id', '?')}"
             drained = led.drained.get(addr)
-            if why_restart:
+            unreachable = self.unreachable.pop(addr, "")
+            if unreachable:
+                cause = unreachable
+            elif why_restart:
                 cause = f"pilotfish restarted it: {why_restart}"
             elif drained is not None:
                 cause = f"pilotfish drained and retired it: {drained}"
