@@ -893,3 +893,19 @@ def test_no_attempt_ends_before_it_started():
     w.handle(AttemptStarted(d2.attempt, 50.0, "w1", "node2", 6))
     w.handle(Failed(d2.attempt, lost(worker="w1", pid=6), 49.0))  # the client's clock
     assert all(x.ended is not None and x.ended >= x.started for x in w.attempts(2) if x.started)
+
+
+def test_a_retry_is_asked_to_go_elsewhere():
+    """Issue 24: a retry after a lost, timed-out or ENVIRONMENT attempt names the workers
+    it happened on (``Dispatch.avoid``), so a backend that can choose sends it to another
+    worker while one is there; a user error says nothing about the worker."""
+    w = make()
+    d = only_dispatch(submit(w, 1, retries=5))
+    assert d.avoid == ()
+    w.handle(AttemptStarted(d.attempt, 1.0, "tcp://n2:1", "node2", 5))
+    d = only_dispatch(w.handle(Failed(d.attempt, lost(worker="tcp://n2:1", pid=5), 2.0)))
+    assert d.avoid == ("tcp://n2:1",)
+    w.handle(AttemptStarted(d.attempt, 3.0, "tcp://n3:1", "node3", 6))
+    late = failure(Category.TIMEOUT, "ran past its timeout", worker="tcp://n3:1", pid=6)
+    d = only_dispatch(w.handle(Failed(d.attempt, late, 4.0)))
+    assert d.avoid == ("tcp://n2:1", "tcp://n3:1")

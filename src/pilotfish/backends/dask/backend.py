@@ -148,7 +148,13 @@ class DaskBackend:
             fl, conn, self._workers, self._sched.connection_lost, self.hooks.fetched
         )
         self._submitter = Submitter(
-            fl, conn, self.rundir, self._q.put, d.stopping, self.hooks.before_batch
+            fl,
+            conn,
+            self.rundir,
+            self._q.put,
+            d.stopping,
+            self.hooks.before_batch,
+            elsewhere=self._workers.elsewhere,
         )
         self._timeouts = Timeouts(fl, conn, d, self._tick, d.stopping)
         self._refused = 0  # start requests the fence refused (Dask's own reruns, ...)
