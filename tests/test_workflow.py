@@ -431,6 +431,23 @@ def test_one_worker_dying_again_and_again_never_makes_a_task_poison():
     assert of(w.handle(Succeeded(d.attempt, 9.5)), Resolve) == [Resolve(1, d.attempt)]
 
 
+def test_a_task_killing_both_workers_of_two_in_turn_is_poison():
+    """Two workers that their nannies restart under their names: a task killing whichever
+    runs it kills "w1", "w2", "w1": poison_after=3 deaths on two different workers is
+    poison (counting only different workers, it could never be, and would use up its
+    retries killing workers), and the message says how many times and how many workers."""
+    w = make(poison_after=3)
+    d = only_dispatch(submit(w, 1, retries=10))
+    for i, worker in enumerate(("w1", "w2", "w1")):
+        w.handle(AttemptStarted(d.attempt, float(i), worker, "h1", 10 + i))
+        cmds = w.handle(Failed(d.attempt, lost(worker=worker, pid=10 + i), i + 0.5))
+        if i < 2:
+            assert of(cmds, Reject) == []
+            d = only_dispatch(cmds)
+    (rej,) = of(cmds, Reject)
+    assert "killed workers 3 times (2 different workers)" in rej.failure.message
+
+
 def test_deaths_on_one_host_of_several_never_make_a_task_poison():
     """One bad node with several workers: three different workers died there, but the run
     has other hosts, so the task is not poison; once its attempts killed workers on two

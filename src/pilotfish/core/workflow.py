@@ -89,14 +89,18 @@ def _avoid(attempts: list[AttemptRecord]) -> tuple[str, ...]:
 
 
 def is_poison(lost: list[AttemptRecord], poison_after: int, hosts_seen: int) -> bool:
-    """The poison rule: the task's attempts killed ``poison_after`` *different* workers
-    (one worker that a nanny restarts under its name after every death is one), and,
-    once the run has seen more than one host, on more than one host: one bad node, or
-    one bad worker, cannot make a healthy task poison; it is drained instead
-    (:mod:`.drain`), and the task's retries go on."""
+    """The poison rule: the task's attempts killed ``poison_after`` workers, at least two
+    *different* ones (a worker that a nanny restarts under its name after every death is
+    one: one bad worker cannot condemn a healthy task, whose retry goes elsewhere), and,
+    once the run has seen more than one host, on more than one host: one bad node cannot
+    either; it is drained instead (:mod:`.drain`), and the task's retries go on."""
     workers = {a.worker or f"attempt {a.id}" for a in lost}
     hosts = {a.host for a in lost if a.host}
-    return len(workers) >= poison_after and (hosts_seen < 2 or len(hosts) >= 2)
+    return (
+        len(lost) >= poison_after
+        and len(workers) >= min(2, poison_after)
+        and (hosts_seen < 2 or len(hosts) >= 2)
+    )
 
 
 @dataclasses.dataclass(slots=True)
@@ -748,8 +752,13 @@ class Workflow:
         workers = len({a.worker or f"attempt {a.id}" for a in lost})
         hosts = len({a.host for a in lost if a.host})
         on = f" on {hosts} hosts" if hosts > 1 else ""
+        killed = (
+            f"{workers} different workers{on}"
+            if workers == len(lost)
+            else f"workers {len(lost)} times ({workers} different workers{on})"
+        )
         lines = [
-            f"task {t.key!r} is poison: its attempts killed {workers} different workers{on} "
+            f"task {t.key!r} is poison: its attempts killed {killed} "
             f"(poison_after={self.poison_after}); it will not be retried again. Attempts:"
         ]
         for a in lost:
