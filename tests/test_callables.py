@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 import pilotfish
-from conftest import FAKE_NO_PROCESS, skip_on, wait_for
+from conftest import FAKE_NO_PROCESS, environment_attempts, skip_on, wait_for
 from pilotfish import Category, State
 
 # ---------------------------------------------------------------- task functions
@@ -483,4 +483,4 @@ def test_failing_initializer_is_environment(make_session: Any) -> None:
         f.result(timeout=120)
     assert f.failure is not None and f.failure.category is Category.ENVIRONMENT
     assert "error in initializer" in (f.failure.traceback or "")
-    assert len(f.attempts) == 1
+    environment_attempts(f)

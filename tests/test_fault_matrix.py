@@ -532,7 +532,7 @@ def test_task_killing_its_worker_every_time_is_poison(rig: Rig, backend: str) ->
     assert isinstance(exc, pilotfish.WorkerLost), repr(exc)
     f = exc.failure
     assert f is not None and f.category is Category.WORKER_LOST and not f.transient
-    assert "poison" in str(exc) and "killed 2 workers" in str(exc), str(exc)
+    assert "poison" in str(exc) and "killed 2 different workers" in str(exc), str(exc)
     assert [a.outcome for a in bad.attempts] == ["worker_lost", "worker_lost"]
 
 
