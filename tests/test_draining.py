@@ -549,7 +549,7 @@ def test_attempts_that_never_ran_never_make_a_task_poison() -> None:
         if i == 0:
             d = current(cmds)
     [rej] = [c for c in cmds if isinstance(c, Reject)]
-    assert "its attempts killed 2 workers" in rej.failure.message
+    assert "its attempts killed 2 different workers" in rej.failure.message
     assert "pid None" not in rej.failure.message and " on ? " not in rej.failure.message
     assert w.state(1) is State.FAILED
 
@@ -629,3 +629,49 @@ def test_local_every_worker_drained_is_replaced(tmp_path: Path) -> None:
     assert len([e for e in events if isinstance(e, pilotfish.HostDrained)]) >= 2
     _never_poison(hangs + oks)
     assert [t.result() for t in oks] == [0, 1, 2]
+
+
+def test_dask_fence_removes_a_worker_that_went_silent_while_running_attempts() -> None:
+    """Issue 24 item 3: a network partition was invisible for as long as Dask's worker
+    TTL (5 minutes). The fence removes a worker the scheduler has not heard from for
+    longer than the session's heartbeat_timeout, only while it runs attempts it granted
+    (an idle silent worker is Dask's business), once, saying how long it was silent."""
+    import asyncio
+    import time as _time
+
+    from pilotfish.backends.dask.fence import StartFence
+
+    sched = _FakeScheduler()
+    removed: list[tuple[str, str, bool]] = []
+
+    async def remove_worker(address: str, stimulus_id: str, close: bool) -> None:
+        removed.append((address, stimulus_id, close))
+
+    sched.remove_worker = remove_worker  # type: ignore[attr-defined]
+    fence = StartFence("tok", 1, "pilotfish-tok", unreachable_after=5.0)
+    now = _time.time()
+    busy, idle, alive = (_FakeWorkerState(None) for _ in range(3))
+    busy.last_seen, idle.last_seen, alive.last_seen = now - 7, now - 60, now - 1  # type: ignore[attr-defined]
+    busy.processing = []  # type: ignore[attr-defined]
+    idle.processing = []  # type: ignore[attr-defined]
+    alive.processing = []  # type: ignore[attr-defined]
+
+    async def scenario() -> None:
+        await fence.start(sched)
+        sched.workers = {"tcp://b:1": busy, "tcp://i:1": idle, "tcp://a:1": alive}
+        for key, w, ws in (("k1", "tcp://b:1", busy), ("k2", "tcp://a:1", alive)):
+            sched.tasks[key] = _FakeTask(w)
+            assert sched.handlers["pilotfish_start_tok_1"](
+                key=key, attempt=1, worker=w, pid=7, host="node2", when=1.0
+            )["granted"]
+            ws.processing.append(type("TS", (), {"key": key})())  # type: ignore[attr-defined]
+        assert [w for w, _ in fence.unreachable(now)] == ["tcp://b:1"]
+        for addr, silent in fence.unreachable(now):
+            await fence._remove_unreachable(addr, silent)
+        assert fence.unreachable(now) == []  # once
+        fence.remove()
+
+    asyncio.run(scenario())
+    assert removed == [("tcp://b:1", "pilotfish-unreachable-pilotfish-fence-tok-1", False)]
+    msg = sched.events[-1]
+    assert msg["op"] == "unreachable" and msg["worker"] == "tcp://b:1" and msg["silent"] >= 7

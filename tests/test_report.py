@@ -29,7 +29,7 @@ import pilotfish.digest
 from pilotfish.errors import Category, FailureRecord
 from pilotfish.store.journal import Journal
 from pilotfish.store.reader import JournalReader
-from pilotfish.tools import cli, report
+from pilotfish.tools import cli, report, report_parts
 
 HOSTILE_KEY = "<script>window.pwned=1</script>&amp;\x1b[31m"
 HOSTILE_SHOWN = "<script>window.pwned=1</script>&amp;\\x1b[31m"  # as text, the escape visible
@@ -328,9 +328,9 @@ def test_outcomes_never_by_colour_alone() -> None:
     assert all(label for label, *_rest in outcomes.values())
 
 
-def test_report_imports_only_the_journal_and_the_digest() -> None:
-    """The report is a reader of the journal: it imports nothing from the runtime."""
-    tree = ast.parse(Path(report.__file__).read_text())
+def _imports(module: Any) -> tuple[set[str], set[str]]:
+    """What ``module`` imports: (from pilotfish, from elsewhere)."""
+    tree = ast.parse(Path(module.__file__).read_text())
     imported: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
@@ -338,16 +338,27 @@ def test_report_imports_only_the_journal_and_the_digest() -> None:
         elif isinstance(node, ast.Import):
             imported.update(a.name for a in node.names)
     ours = {m for m in imported if m.startswith((".", "pilotfish"))}
+    return ours, imported - ours
+
+
+def test_report_imports_only_the_journal_and_the_digest() -> None:
+    """The report is a reader of the journal: it imports nothing from the runtime."""
+    ours, others = _imports(report)
     # runtime.files: the one rule for reading a task's files (standard library only);
-    # store.rundir: what the run directory keeps; store.schema: the journal's errors
+    # store.rundir: what the run directory keeps; store.schema: the journal's errors;
+    # report_parts: what each part of the page looks like
     assert ours == {
         "..digest",
         "..store.reader",
         "..store.schema",
         "..runtime.files",
         "..store.rundir",
+        ".report_parts",
     }
-    assert all(m.split(".")[0] in sys.stdlib_module_names for m in imported - ours), imported
+    assert all(m.split(".")[0] in sys.stdlib_module_names for m in others), others
+    ours, others = _imports(report_parts)
+    assert ours == {"..digest", "..runtime.files"}
+    assert all(m.split(".")[0] in sys.stdlib_module_names for m in others), others
     digest_src = Path(pilotfish.digest.__file__).read_text()
     files_src = Path(report.__file__).parents[1].joinpath("runtime", "files.py").read_text()
     assert not re.search(r"^\s*(from \.|import pilotfish|from pilotfish)", files_src, re.M)

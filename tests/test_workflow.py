@@ -415,6 +415,57 @@ def test_poison_task_rejected_after_killing_three_workers():
     assert of(w.handle(Succeeded(other.attempt, 4.0)), Resolve) == [Resolve(2, other.attempt)]
 
 
+def test_one_worker_dying_again_and_again_never_makes_a_task_poison():
+    """Issue 24 item 9: a Dask nanny restarts its worker under the same name after every
+    death; a healthy task sent there three times in a row was declared poison ("killed 3
+    workers": the same one thrice). Deaths count per different worker: the task keeps
+    its retries (the worker is drained by the drain rule, not the task condemned)."""
+    w = make(poison_after=3)
+    d = only_dispatch(submit(w, 1, retries=10))
+    for i in range(5):
+        w.handle(AttemptStarted(d.attempt, float(i), "tcp://n2:1", "node2", 100 + i))
+        cmds = w.handle(Failed(d.attempt, lost(worker="tcp://n2:1", pid=100 + i), i + 0.5))
+        assert of(cmds, Reject) == [], "the same worker five times is not poison"
+        d = only_dispatch(cmds)
+    w.handle(AttemptStarted(d.attempt, 9.0, "tcp://n1:1", "node1", 200))
+    assert of(w.handle(Succeeded(d.attempt, 9.5)), Resolve) == [Resolve(1, d.attempt)]
+
+
+def test_a_task_killing_both_workers_of_two_in_turn_is_poison():
+    """Two workers that their nannies restart under their names: a task killing whichever
+    runs it kills "w1", "w2", "w1": poison_after=3 deaths on two different workers is
+    poison (counting only different workers, it could never be, and would use up its
+    retries killing workers), and the message says how many times and how many workers."""
+    w = make(poison_after=3)
+    d = only_dispatch(submit(w, 1, retries=10))
+    for i, worker in enumerate(("w1", "w2", "w1")):
+        w.handle(AttemptStarted(d.attempt, float(i), worker, "h1", 10 + i))
+        cmds = w.handle(Failed(d.attempt, lost(worker=worker, pid=10 + i), i + 0.5))
+        if i < 2:
+            assert of(cmds, Reject) == []
+            d = only_dispatch(cmds)
+    (rej,) = of(cmds, Reject)
+    assert "killed workers 3 times (2 different workers)" in rej.failure.message
+
+
+def test_deaths_on_one_host_of_several_never_make_a_task_poison():
+    """One bad node with several workers: three different workers died there, but the run
+    has other hosts, so the task is not poison; once its attempts killed workers on two
+    hosts, it is (the message says how many different workers, on how many hosts)."""
+    w = make(poison_after=3)
+    other = only_dispatch(submit(w, 2))
+    w.handle(AttemptStarted(other.attempt, 0.0, "a1", "node1", 50))  # a second host seen
+    d = only_dispatch(submit(w, 1, retries=10))
+    for i, worker in enumerate(("b1", "b2", "b3")):
+        w.handle(AttemptStarted(d.attempt, float(i), worker, "node2", 60 + i))
+        cmds = w.handle(Failed(d.attempt, lost(worker=worker, pid=60 + i), i + 0.5))
+        assert of(cmds, Reject) == []
+        d = only_dispatch(cmds)
+    w.handle(AttemptStarted(d.attempt, 5.0, "a2", "node1", 70))
+    (rej,) = of(w.handle(Failed(d.attempt, lost(worker="a2", pid=70), 5.5)), Reject)
+    assert "killed 4 different workers on 2 hosts" in rej.failure.message
+
+
 def test_timeouts_do_not_count_as_poison():
     """Only lost workers make a task poison; a slow task that times out uses its budget."""
     w = make(poison_after=1)
@@ -843,3 +894,35 @@ def test_random_stimuli_keep_every_invariant(seed):
     w.validate()
     for tid in list(w._tasks):
         assert w.state(tid).final or w.state(tid) in (State.PENDING, State.RUNNING, State.RETRYING)
+
+
+def test_no_attempt_ends_before_it_started():
+    """Issue 24 item 4: an attempt's start came from one clock and its end from another
+    (the client's, the worker's), so short attempts showed negative durations ("done after
+    -0.0s"). An end before the start is recorded as the start: never a negative duration."""
+    w = make()
+    d = only_dispatch(submit(w, 1, retries=1))
+    w.handle(AttemptStarted(d.attempt, 100.0, "w1", "node2", 5))
+    w.handle(Succeeded(d.attempt, 99.98))  # the end, by a clock 20 ms behind
+    (a,) = w.attempts(1)
+    assert a.started == 100.0 and a.ended == 100.0
+    d2 = only_dispatch(submit(w, 2, retries=1))
+    w.handle(AttemptStarted(d2.attempt, 50.0, "w1", "node2", 6))
+    w.handle(Failed(d2.attempt, lost(worker="w1", pid=6), 49.0))  # the client's clock
+    assert all(x.ended is not None and x.ended >= x.started for x in w.attempts(2) if x.started)
+
+
+def test_a_retry_is_asked_to_go_elsewhere():
+    """Issue 24: a retry after a lost, timed-out or ENVIRONMENT attempt names the workers
+    it happened on (``Dispatch.avoid``), so a backend that can choose sends it to another
+    worker while one is there; a user error says nothing about the worker."""
+    w = make()
+    d = only_dispatch(submit(w, 1, retries=5))
+    assert d.avoid == ()
+    w.handle(AttemptStarted(d.attempt, 1.0, "tcp://n2:1", "node2", 5))
+    d = only_dispatch(w.handle(Failed(d.attempt, lost(worker="tcp://n2:1", pid=5), 2.0)))
+    assert d.avoid == ("tcp://n2:1",)
+    w.handle(AttemptStarted(d.attempt, 3.0, "tcp://n3:1", "node3", 6))
+    late = failure(Category.TIMEOUT, "ran past its timeout", worker="tcp://n3:1", pid=6)
+    d = only_dispatch(w.handle(Failed(d.attempt, late, 4.0)))
+    assert d.avoid == ("tcp://n2:1", "tcp://n3:1")

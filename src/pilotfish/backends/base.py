@@ -122,6 +122,9 @@ Sink = Callable[[Sequence[BackendEvent]], None]
 
 class Backend(Protocol):
     name: str
+    #: draining is on unless ``Session(drain_after=None)`` (a backend whose workers may
+    #: be on many hosts, and that can retire a drained one); else off unless asked
+    drains_by_default: bool
 
     def start(self, sink: Sink) -> None: ...
 

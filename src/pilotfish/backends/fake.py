@@ -143,6 +143,7 @@ class FakeBackend:
     """See the module docstring. ``Session(backend=FakeBackend(...))``."""
 
     name = "fake"
+    drains_by_default = False
 
     def __init__(
         self,

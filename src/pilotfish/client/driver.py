@@ -256,6 +256,7 @@ class Driver:
             make_lineage(self.nonce, c.resume, earlier and earlier[0]),
             t.name,
             self.keep_all,
+            c.avoid,
         )
 
     def _drain(self, c: wf.Drained) -> HostDrained:

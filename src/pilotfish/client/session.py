@@ -113,10 +113,11 @@ class Session(cf.Executor):
     ``heartbeat_timeout`` while ``shutdown`` waits has its unfinished tasks failed
     RUNTIME_LOST), ``max_master_restarts``, ``backoff`` (a
     :class:`pilotfish.core.policy.Backoff`), ``clock`` and ``rand`` (injected for
-    deterministic tests), ``drain_after`` (None: off; ``3`` or ``(3, 600.0)``: a worker
-    or host where 3 different tasks failed WORKER_LOST, ENVIRONMENT or TIMEOUT within
-    600 s is drained, those attempts uncharged; see :mod:`pilotfish.core.drain`). Other
-    keywords go to the backend.
+    deterministic tests), ``drain_after`` (``3`` or ``(3, 600.0)``: a worker or host
+    where 3 different tasks failed WORKER_LOST, ENVIRONMENT or TIMEOUT within 600 s is
+    drained, those attempts uncharged; see :mod:`pilotfish.core.drain`; None: off; the
+    default ``"auto"`` is ``(3, 600.0)`` on backends whose workers may span hosts and
+    that can retire one (Dask), off elsewhere). Other keywords go to the backend.
 
     (Longer than the size guide: the Executor's public methods with their documentation,
     and an ``__init__`` whose 24 keywords take 27 lines before its body; what they run
@@ -147,7 +148,7 @@ class Session(cf.Executor):
         backoff: Backoff | None = None,
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] | None = None,
-        drain_after: Any = None,
+        drain_after: Any = "auto",
         **backend_options: Any,
     ) -> None:
         workers, workers_name = _workers_arg(workers, max_workers)
@@ -195,7 +196,11 @@ class Session(cf.Executor):
                     keep_going=keep_going,
                     backoff=backoff,
                     rand=rand or random.Random().random,
-                    drain=drain_policy(drain_after),
+                    drain=drain_policy(
+                        getattr(factory, "drains_by_default", False)
+                        if drain_after == "auto"
+                        else drain_after
+                    ),
                 ),
                 clock,
                 on_event,

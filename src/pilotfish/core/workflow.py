@@ -65,6 +65,44 @@ def _killed_a_worker(a: AttemptRecord) -> bool:
     return a.outcome == Category.WORKER_LOST.value and bool(a.pid or a.started is not None)
 
 
+def _end(a: AttemptRecord, now: float) -> float:
+    """When attempt ``a`` ended, never before it started: its start is the worker's clock
+    (where it ran), an end the client decided (a loss, a timeout) is the client's, and
+    clocks of two hosts differ by a little; so no duration is ever negative."""
+    return now if a.started is None or now >= a.started else a.started
+
+
+#: outcomes that may be the worker's (or its node's) fault: a retry goes elsewhere
+_PLACE_FAILURES = frozenset(
+    {Category.WORKER_LOST.value, Category.TIMEOUT.value, Category.ENVIRONMENT.value}
+)
+
+
+def _avoid(attempts: list[AttemptRecord]) -> tuple[str, ...]:
+    """The workers where ``attempts`` were lost, timed out or found the environment
+    wanting, oldest first, each once (the new attempt, last, has none yet)."""
+    seen: dict[str, None] = {}
+    for a in attempts:
+        if a.worker and a.outcome in _PLACE_FAILURES:
+            seen[a.worker] = None
+    return tuple(seen)
+
+
+def is_poison(lost: list[AttemptRecord], poison_after: int, hosts_seen: int) -> bool:
+    """The poison rule: the task's attempts killed ``poison_after`` workers, at least two
+    *different* ones (a worker that a nanny restarts under its name after every death is
+    one: one bad worker cannot condemn a healthy task, whose retry goes elsewhere), and,
+    once the run has seen more than one host, on more than one host: one bad node cannot
+    either; it is drained instead (:mod:`.drain`), and the task's retries go on."""
+    workers = {a.worker or f"attempt {a.id}" for a in lost}
+    hosts = {a.host for a in lost if a.host}
+    return (
+        len(lost) >= poison_after
+        and len(workers) >= min(2, poison_after)
+        and (hosts_seen < 2 or len(hosts) >= 2)
+    )
+
+
 @dataclasses.dataclass(slots=True)
 class _Task:
     tid: int
@@ -201,6 +239,9 @@ class Dispatch:
     attempt: int
     number: int
     resume: tuple[int, int] | None = None
+    #: the workers this task's earlier attempts were lost or timed out on: a backend that
+    #: can choose sends the attempt elsewhere while another worker is there
+    avoid: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -308,6 +349,7 @@ class Workflow:
         if poison_after < 1:
             raise ValueError(f"poison_after must be >= 1, got {poison_after!r}")
         self.poison_after = poison_after
+        self._hosts: set[str] = set()  # every host an attempt started on (the poison rule)
         self.keep_going = keep_going
         self.backoff = backoff or Backoff()
         self._rand = rand
@@ -553,7 +595,7 @@ class Workflow:
         self._attempt_owner[aid] = t.tid
         t.attempts.append(AttemptRecord(len(t.attempts) + 1, aid, now))
         self._move(t, State.RUNNING, now, out)
-        out.append(Dispatch(t.tid, aid, len(t.attempts), t.resume))
+        out.append(Dispatch(t.tid, aid, len(t.attempts), t.resume, _avoid(t.attempts)))
 
     def _fenced(self, aid: int, what: str, out: list[Command]) -> _Task | None:
         tid = self._attempt_owner.get(aid)
@@ -578,6 +620,8 @@ class Workflow:
             out.append(Dropped(ev.attempt, "duplicate start", "started"))
             return
         a.started, a.worker, a.host, a.pid = ev.now, ev.worker, ev.host, ev.pid
+        if ev.host:
+            self._hosts.add(ev.host)
         if self.drain is not None:
             self.drain.seen(ev.host)
 
@@ -586,7 +630,7 @@ class Workflow:
         if t is None:
             return
         a = t.attempts[-1]
-        a.ended, a.outcome = ev.now, "done"
+        a.ended, a.outcome = _end(a, ev.now), "done"
         a.note = ev.note or a.note
         a.worker = ev.worker or a.worker
         a.host = ev.host or a.host
@@ -609,7 +653,7 @@ class Workflow:
             return
         f = ev.failure
         a = t.attempts[-1]
-        a.ended, a.outcome, a.failure = ev.now, f.category.value, f
+        a.ended, a.outcome, a.failure = _end(a, ev.now), f.category.value, f
         a.worker = f.worker or a.worker
         a.host = f.host or a.host
         a.pid = f.pid or a.pid
@@ -635,7 +679,7 @@ class Workflow:
             self._retry(t, ev.now + self.backoff.delay(1, self._rand()), ev.now, out)
             return
         lost = [x for x in t.attempts if _killed_a_worker(x)]
-        if _killed_a_worker(a) and len(lost) >= self.poison_after:
+        if _killed_a_worker(a) and is_poison(lost, self.poison_after, len(self._hosts)):
             self._fail(t, self._poison_record(t, f, lost), ev.now, out)
             return
         retryable = f.category.transient or ev.retry_requested
@@ -705,8 +749,16 @@ class Workflow:
     def _poison_record(
         self, t: _Task, last: FailureRecord, lost: list[AttemptRecord]
     ) -> FailureRecord:
+        workers = len({a.worker or f"attempt {a.id}" for a in lost})
+        hosts = len({a.host for a in lost if a.host})
+        on = f" on {hosts} hosts" if hosts > 1 else ""
+        killed = (
+            f"{workers} different workers{on}"
+            if workers == len(lost)
+            else f"workers {len(lost)} times ({workers} different workers{on})"
+        )
         lines = [
-            f"task {t.key!r} is poison: its attempts killed {len(lost)} workers "
+            f"task {t.key!r} is poison: its attempts killed {killed} "
             f"(poison_after={self.poison_after}); it will not be retried again. Attempts:"
         ]
         for a in lost:
@@ -819,7 +871,7 @@ class Workflow:
     ) -> None:
         if t.current is not None:
             a = t.attempts[-1]
-            a.ended, a.outcome = now, category.value
+            a.ended, a.outcome = _end(a, now), category.value
             t.current = None
         t.failure = FailureRecord(
             key=t.key,

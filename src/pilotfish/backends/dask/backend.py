@@ -87,6 +87,7 @@ class DaskBackend:
     mapping. ``hooks``: test seams (:class:`DaskHooks`)."""
 
     name = "dask"
+    drains_by_default = True  # workers on many nodes; a drained one is retired
 
     def __init__(
         self,
@@ -140,13 +141,20 @@ class DaskBackend:
             fl.lock,
             self._q.put,
         )
+        conn.unreachable_after = heartbeat_timeout
         self._workers = Workers(fl, conn, self.no_workers_timeout, d.stopping)
         self._sched = SchedulerWatch(fl, conn, self._workers, d, heartbeat_timeout)
         self._results = Results(
             fl, conn, self._workers, self._sched.connection_lost, self.hooks.fetched
         )
         self._submitter = Submitter(
-            fl, conn, self.rundir, self._q.put, d.stopping, self.hooks.before_batch
+            fl,
+            conn,
+            self.rundir,
+            self._q.put,
+            d.stopping,
+            self.hooks.before_batch,
+            elsewhere=self._workers.elsewhere,
         )
         self._timeouts = Timeouts(fl, conn, d, self._tick, d.stopping)
         self._refused = 0  # start requests the fence refused (Dask's own reruns, ...)
@@ -341,6 +349,8 @@ class DaskBackend:
         op = msg.get("op")
         if op == "worker":
             self._workers.on_worker_info(msg)
+        elif op == "unreachable":
+            self._workers.on_unreachable(msg)
         elif op == "drained":
             self._workers.on_drained(msg, events, cancel)
         elif op == "result":
@@ -364,7 +374,9 @@ class DaskBackend:
         """The start fence granted a worker's request: the ledger's ``Start``."""
         aid, dkey = int(msg.get("attempt", 0)), str(msg.get("key"))
         worker, pid, host = str(msg.get("worker")), int(msg.get("pid", 0)), str(msg.get("host"))
-        now = time.time()
+        # when the worker asked, by the worker's clock: the attempt's end is the worker's
+        # too (its Result), so a duration never mixes two hosts' clocks
+        now = float(msg.get("time") or time.time())
         fl = self._flight
         with fl.lock:
             self._workers.pids[worker] = (pid, host)

@@ -25,7 +25,7 @@ from typing import Any
 import distributed
 
 from . import fence as _fence
-from .worker import ClientSysPath, WorkerJob
+from .worker import ClientSysPath, EndAttemptsOnClose, WorkerJob
 
 __all__ = ["Connection", "warn_if_open"]
 
@@ -105,7 +105,11 @@ class Connection:
         self.topic = f"pilotfish-{self.token}"
         self._plugin_name = f"pilotfish-syspath-{self.token}"
         self._job_plugin = f"pilotfish-jobs-{self.token}"
+        self._end_plugin = f"pilotfish-end-on-close-{self.token}"
         self.sched_pid = 0
+        #: a worker running attempts that the scheduler has not heard from for this long
+        #: is removed as unreachable (the fence's watch; None: Dask's own worker TTL)
+        self.unreachable_after: float | None = None
         self._prev_all_handler: Callable[[Any], Any] | None = None
         self._fence_n = 0  # start fences registered so far (one per (re)connection)
         self.fence_op = ""  # the scheduler handler a task asks before running user code
@@ -153,8 +157,9 @@ class Connection:
             if self.ship_sys_path:
                 with contextlib.suppress(Exception):
                     c.unregister_worker_plugin(self._plugin_name)
-            with contextlib.suppress(Exception):
-                c.unregister_worker_plugin(self._job_plugin)
+            for name in (self._job_plugin, self._end_plugin):
+                with contextlib.suppress(Exception):
+                    c.unregister_worker_plugin(name)
         del futs
         if self.own_client:
             with contextlib.suppress(Exception):
@@ -226,7 +231,9 @@ class Connection:
         self.remove_fence()
         self._fence_sched = sid
         self._fence_n += 1
-        plugin = _fence.StartFence(self.token, self._fence_n, self.topic)
+        plugin = _fence.StartFence(
+            self.token, self._fence_n, self.topic, unreachable_after=self.unreachable_after
+        )
         errors = []
         # by value first: the scheduler need not have pilotfish installed
         for how in ("by value", "by reference"):
@@ -288,3 +295,11 @@ class Connection:
             c.register_plugin(WorkerJob(self.topic), name=self._job_plugin)
         except Exception as e:  # losses then name the worker, not its batch job
             log.info("pilotfish: could not install the worker-job plugin on Dask workers: %s", e)
+        try:
+            c.register_plugin(EndAttemptsOnClose(), name=self._end_plugin)
+        except Exception as e:  # a closing worker's attempts then run on to their end
+            log.warning(
+                "pilotfish: could not install the end-on-close plugin on Dask workers (%s): "
+                "an attempt of a worker that closes may run on beside its retry",
+                e,
+            )

@@ -34,6 +34,19 @@ when it is drained gets no new Dask tasks at once (its status on the scheduler i
 The drain is published on the session's topic (``op: drained``, naming the workers
 it matched) in the same handler, so the client sees every grant made before it first.
 
+**Unreachable workers.** With ``unreachable_after`` (the session's
+``heartbeat_timeout``), the fence watches the workers that run attempts it granted: one
+the scheduler has not heard from (``WorkerState.last_seen``: Dask workers heartbeat
+about every second) for that long, while the scheduler itself runs, is unreachable (a
+network partition, a frozen node). The fence publishes ``op: unreachable`` naming it and
+how long it was silent, then removes it from the scheduler (``remove_worker``, not
+closing it: it cannot be reached), so the client loses its attempts and retries them at
+once, instead of after Dask's own worker TTL (5 minutes by default). A worker that comes
+back is told by the scheduler that it is unknown and closes (its nanny starts a fresh
+one), and its late result is refused by the client's ledger. A call that holds the GIL
+for that long also stops its worker's heartbeats: give such work a longer
+``heartbeat_timeout``.
+
 A grant is dropped when the scheduler forgets the key, so the plugin's memory
 is bounded by the keys the scheduler holds. Each (re)connection of a session
 registers a plugin of its own (``n``): a task submitted before a reconnect asks
@@ -51,6 +64,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from typing import Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
@@ -68,7 +82,9 @@ class StartFence(SchedulerPlugin):
 
     idempotent = False
 
-    def __init__(self, token: str, n: int, topic: str) -> None:
+    def __init__(
+        self, token: str, n: int, topic: str, unreachable_after: float | None = None
+    ) -> None:
         self.name = f"pilotfish-fence-{token}-{n}"
         self.op = f"pilotfish_start_{token}_{n}"
         self.close_op = f"pilotfish_fence_close_{token}_{n}"
@@ -82,12 +98,53 @@ class StartFence(SchedulerPlugin):
         self.retiring: set[str] = set()  # worker addresses we asked the scheduler to retire
         self.waiting: set[str] = set()  # drained workers to retire when their attempts end
         self._tasks: set[Any] = set()  # retire_workers calls in progress
+        self.unreachable_after = unreachable_after
+        self.removed: set[str] = set()  # workers removed as unreachable
+        self._watch: Any = None
 
     async def start(self, scheduler: Any) -> None:
         self.scheduler = scheduler
         scheduler.handlers[self.op] = self.request
         scheduler.handlers[self.close_op] = self.remove
         scheduler.handlers[self.drain_op] = self.drain
+        if self.unreachable_after:
+            self._watch = asyncio.get_running_loop().create_task(self._watch_loop())
+
+    async def _watch_loop(self) -> None:
+        assert self.unreachable_after
+        every = min(1.0, self.unreachable_after / 4)
+        while True:
+            await asyncio.sleep(every)
+            for addr, silent in self.unreachable(time.time()):
+                await self._remove_unreachable(addr, silent)
+
+    def unreachable(self, now: float) -> list[tuple[str, float]]:
+        """Workers running attempts we granted, silent for longer than
+        ``unreachable_after`` (each once), with how long they have been silent."""
+        out = []
+        after = self.unreachable_after or 0.0
+        for addr, ws in list((getattr(self.scheduler, "workers", None) or {}).items()):
+            silent = now - float(getattr(ws, "last_seen", now))
+            if after and silent > after and addr not in self.removed and self.busy(addr):
+                out.append((addr, silent))
+        return out
+
+    async def _remove_unreachable(self, addr: str, silent: float) -> None:
+        self.removed.add(addr)
+        msg = {
+            "op": "unreachable",
+            "worker": addr,
+            "host": self.hosts.get(addr) or _ip(addr),
+            "silent": round(silent, 2),
+        }
+        with contextlib.suppress(Exception):
+            self.scheduler.log_event(self.topic, msg)
+        with contextlib.suppress(Exception):
+            done = self.scheduler.remove_worker(
+                address=addr, stimulus_id=f"pilotfish-unreachable-{self.name}", close=False
+            )
+            if asyncio.iscoroutine(done):
+                await done
 
     def transition(self, key: Any, start: Any, finish: Any, *args: Any, **kwargs: Any) -> None:
         if self.waiting and start == "processing":  # a drained worker's attempt ended?
@@ -245,6 +302,9 @@ class StartFence(SchedulerPlugin):
     def remove(self) -> int:
         """Uninstall (the session ended or reconnected); returns the number of refusals."""
         s = self.scheduler
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         if s is not None:
             s.handlers.pop(self.op, None)
             s.handlers.pop(self.close_op, None)

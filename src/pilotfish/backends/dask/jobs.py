@@ -57,8 +57,11 @@ def describe_removal(who: str, cause: str, job: str, info: Any) -> tuple[str, st
     log_ = f"; see its log {info.stderr}" if info.stderr and info.stderr != "(null)" else ""
     return (
         f"{who} was removed from the cluster ({cause}), but its SLURM job {job} is still "
-        f"{info.state}: the worker process ended inside the job (killed, crashed, or out "
-        f"of memory; a nanny starts a new one){log_}",
+        f"{info.state} as far as SLURM knows: either the worker process ended inside the "
+        f"job (killed, crashed, or out of memory; a nanny starts a new one), or its node"
+        f"{' ' + info.nodes if info.nodes else ''} stopped answering, which SLURM reports "
+        "only after its "
+        f"SlurmdTimeout (`scontrol show node` then says NOT_RESPONDING){log_}",
         "",
     )
 

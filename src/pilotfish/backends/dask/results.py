@@ -172,7 +172,8 @@ class Results:
         if e.where == "queued":  # its `started` message was missed: the result proves it
             # (the fence granted it: a drain after that grant does not undo it)
             drained = fl.ledger.drained.pop(res.worker, None)
-            cmds += fl.ledger.handle(L.Start(res.worker, e.attempt, res.pid, res.host, time.time()))
+            start = L.Start(res.worker, e.attempt, res.pid, res.host, res.started)
+            cmds += fl.ledger.handle(start)
             if drained is not None:
                 fl.ledger.drained[res.worker] = drained
         cmds += fl.ledger.handle(L.Finish(res.worker, e.attempt))

@@ -26,10 +26,23 @@ from ...runtime.execute import run_attempt
 from ...wire import messages as _wire
 from ...wire.messages import Result, RunAttempt
 
-__all__ = ["EVENT_MAX", "ClientSysPath", "NotStarted", "WorkerJob", "attempt_on_worker"]
+__all__ = [
+    "EVENT_MAX",
+    "ClientSysPath",
+    "EndAttemptsOnClose",
+    "NotStarted",
+    "WorkerJob",
+    "attempt_on_worker",
+]
 
 FENCE_TIMEOUT = 30  # s a worker waits for the start fence's answer (then it refuses itself)
 EVENT_MAX = 1024  # bytes: a result up to this size also travels on the event topic
+
+
+#: the attempts this worker process is running: Dask key -> the cancel event of a program
+#: (None: a Python call, which nothing can stop but the end of its process)
+_RUNNING: dict[str, threading.Event | None] = {}
+_RUNNING_LOCK = threading.Lock()
 
 
 class NotStarted(NamedTuple):
@@ -116,7 +129,13 @@ def _in_thread(worker: Any, m: RunAttempt, dkey: str, where: str, host: str, run
 
 def _run_here(worker: Any, m: RunAttempt, dkey: str, where: str, host: str, rundir: str) -> Result:
     if m.kind != "command":
-        return run_attempt(m, worker=where, host=host, rundir=rundir)
+        with _RUNNING_LOCK:
+            _RUNNING[dkey] = None
+        try:
+            return run_attempt(m, worker=where, host=host, rundir=rundir)
+        finally:
+            with _RUNNING_LOCK:
+                _RUNNING.pop(dkey, None)
     # A program runs in its own process group, which a released task (the client died or
     # cancelled it) would leave running: Dask cannot stop the thread, but we can stop the
     # program, and with it the thread.
@@ -125,9 +144,13 @@ def _run_here(worker: Any, m: RunAttempt, dkey: str, where: str, host: str, rund
         target=_watch_release, args=(worker, dkey, cancel, done), daemon=True, name="pf-watch"
     )
     watch.start()
+    with _RUNNING_LOCK:
+        _RUNNING[dkey] = cancel
     try:
         return run_attempt(m, worker=where, host=host, rundir=rundir, cancel=cancel)
     finally:
+        with _RUNNING_LOCK:
+            _RUNNING.pop(dkey, None)
         done.set()
         watch.join()
 
@@ -178,3 +201,49 @@ class WorkerJob(WorkerPlugin):
                 "host": _wire.host_name(),
             },
         )
+
+
+class EndAttemptsOnClose(WorkerPlugin):
+    """A worker that closes while it runs attempts ends them at once.
+
+    A graceful close (SIGTERM from ``scancel``, a preemption, a walltime; a nanny or the
+    scheduler closing it) makes the scheduler give its running tasks up at once, and the
+    session retries them elsewhere within milliseconds, while the closing worker waits
+    for its threads: Dask cannot stop a thread, so the lost attempt ran on beside its
+    retry until it returned or the nanny killed the process (measured: 7.4 s of two runs
+    of one task writing the same files). So, when the worker closes (not when a session
+    merely removes this plugin): programs are killed with their process group (their
+    cancel events), and if Python calls are still running, the process ends itself; its
+    nanny, unless it is closing too, starts a new worker."""
+
+    idempotent = False
+
+    def teardown(self, worker: Any) -> None:
+        status = str(getattr(getattr(worker, "status", None), "name", ""))
+        if status not in ("closing", "closed", "closing_gracefully", "failed"):
+            return  # a session removed the plugin: the worker runs on
+        with _RUNNING_LOCK:
+            running = dict(_RUNNING)
+        if not running:
+            return
+        for cancel in running.values():
+            if cancel is not None:
+                cancel.set()
+        end = time.monotonic() + 2.0  # a killed program's attempt returns within moments
+        while time.monotonic() < end:
+            with _RUNNING_LOCK:
+                if not _RUNNING or all(c is None for c in _RUNNING.values()):
+                    break
+            time.sleep(0.02)
+        with _RUNNING_LOCK:
+            left = sorted(_RUNNING)
+        if left:
+            with contextlib.suppress(Exception):
+                print(
+                    f"pilotfish: Dask worker {worker.address} is closing while attempts "
+                    f"{', '.join(left)} run; ending its process so that they do not run on "
+                    "beside their retries",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            os._exit(1)

@@ -51,6 +51,7 @@ class Workers:
         self.no_workers_timeout = no_workers_timeout
         self._stopping = stopping
         self.jobs = BatchJobs()
+        self.unreachable: dict[str, str] = {}  # worker address -> why the fence removed it
         self.pids: dict[str, tuple[int, str]] = {}
         self.place: dict[str, str] = {}
         self.drains: list[tuple[str, str, str]] = []
@@ -129,6 +130,31 @@ class Workers:
             ", ".join(sorted(addrs)) or "none now",
         )
 
+    def elsewhere(self, avoid: tuple[str, ...]) -> list[str]:
+        """The live, undrained workers that are none of the places in ``avoid`` (worker
+        addresses or the nanny places attempts are recorded under)."""
+        fl = self.flight
+        with fl.lock:
+            return sorted(
+                w
+                for w in fl.live
+                if w not in avoid
+                and self.place.get(w, w) not in avoid
+                and w not in fl.ledger.drained
+            )
+
+    def on_unreachable(self, msg: dict[str, Any]) -> None:
+        """The fence found a worker that runs attempts unreachable and removes it: the
+        removal that follows says why."""
+        addr, silent = str(msg.get("worker", "")), msg.get("silent", "?")
+        with self.flight.lock:
+            self.unreachable[addr] = (
+                f"unreachable: the scheduler heard nothing from it for {silent} s while it "
+                f"ran attempts (heartbeat_timeout={self.conn.unreachable_after:g} s): a "
+                "network partition, or its node froze or died; pilotfish removed it"
+            )
+        log.warning("pilotfish: Dask worker %s is unreachable (silent %s s)", addr, silent)
+
     # ------------------------------------------------------------------ joining, leaving
     def on_cluster(self, msg: dict[str, Any], events: list[Any], cancel: list[Any]) -> None:
         """The scheduler's ``add-worker`` or ``remove-worker`` event."""
@@ -166,7 +192,10 @@ class Workers:
             started = tuple(led.started_on(addr))
             cause = f"Dask's stimulus: {msg.get('stimulus_id', '?')}"
             drained = led.drained.get(addr)
-            if why_restart:
+            unreachable = self.unreachable.pop(addr, "")
+            if unreachable:
+                cause = unreachable
+            elif why_restart:
                 cause = f"pilotfish restarted it: {why_restart}"
             elif drained is not None:
                 cause = f"pilotfish drained and retired it: {drained}"
@@ -210,13 +239,18 @@ class Workers:
         cancel: list[Any],
     ) -> None:
         """The ledger's side of a worker's removal: an attempt that finished there with its
-        value not fetched is given back, then ``WorkerLost``."""
+        value not fetched is given back, then ``WorkerLost`` (every other started attempt
+        was running there). Finished means its Dask future said so (``finished``, or
+        ``lost``: a value in memory lost with its worker); a task missing from the
+        worker's ``processing`` alone is not proof: a worker that closes gracefully
+        (SIGTERM) gives its running tasks back to the scheduler before it leaves."""
         led = self.flight.ledger
         items = {a: led.entries[a].item for a in led.held_by(addr)}
         cmds: list[L.Command] = []
         for aid in started:
             e = led.entries[aid]
-            if e.item.dkey not in processing:  # it finished there, value not fetched
+            status = str(getattr(e.item.fut, "status", ""))
+            if e.item.dkey not in processing and status in ("finished", "lost"):
                 ran = now - (e.started or now)
                 why = (
                     f"{what}, while holding the unfetched result of task {e.key!r} "

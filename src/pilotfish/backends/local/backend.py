@@ -84,6 +84,7 @@ class _Step:
 
 class LocalBackend:
     name = "local"
+    drains_by_default = False  # one host: a worker that keeps failing is the task's doing
 
     def __init__(
         self,

@@ -108,6 +108,7 @@ class RadicalBackend:
     half would need the other's lock and state."""
 
     name = "radical"
+    drains_by_default = False  # not until the raptor master can drain (see drain())
     #: the files RP loads pilotfish's raptor master (class ``PilotfishMaster``) and
     #: workers (class ``PilotfishWorker``) from, inside the pilot: a subclass may name
     #: files with subclasses of them (the tests' fault injection does)
