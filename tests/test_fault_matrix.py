@@ -532,8 +532,13 @@ def test_task_killing_its_worker_every_time_is_poison(rig: Rig, backend: str) ->
     assert isinstance(exc, pilotfish.WorkerLost), repr(exc)
     f = exc.failure
     assert f is not None and f.category is Category.WORKER_LOST and not f.transient
-    assert "poison" in str(exc) and "killed 2 different workers" in str(exc), str(exc)
-    assert [a.outcome for a in bad.attempts] == ["worker_lost", "worker_lost"]
+    # poison_after=2 deaths on two different workers: two attempts, or more where a
+    # worker is restarted under its name (RADICAL-Pilot, a Dask nanny) and died twice
+    assert "poison" in str(exc), str(exc)
+    assert {a.outcome for a in bad.attempts} == {"worker_lost"}, bad.attempts
+    assert len({a.worker for a in bad.attempts}) == 2, bad.attempts
+    two = "killed 2 different workers" if len(bad.attempts) == 2 else "(2 different workers)"
+    assert two in str(exc), str(exc)
 
 
 # ---------------------------------------------------------------- 6: the client SIGKILLed

@@ -354,7 +354,10 @@ def test_task_process_death_is_worker_lost_then_poison(make: Any) -> None:
         assert ok.result(timeout=120) == 81  # independent work keeps going
         f = ei.value.failure
         assert f.signal == "SIGSEGV" and "poison" in f.message, f
-        assert [a.outcome for a in bad.attempts] == ["worker_lost", "worker_lost"]
+        # two deaths on two different workers (RP restarts a worker under its name, so
+        # the same worker may have died twice first)
+        assert {a.outcome for a in bad.attempts} == {"worker_lost"}, bad.attempts
+        assert len({a.worker for a in bad.attempts}) == 2, bad.attempts
         with pytest.raises(pilotfish.WorkerLost) as ei2:
             gone.result(timeout=120)
         assert ei2.value.failure.returncode == 7
