@@ -531,11 +531,19 @@ def test_task_killing_its_worker_every_time_is_poison(rig: Rig, backend: str) ->
     exc = bad.exception()
     assert isinstance(exc, pilotfish.WorkerLost), repr(exc)
     f = exc.failure
-    assert f is not None and f.category is Category.WORKER_LOST and not f.transient
+    assert f is not None and f.category is Category.WORKER_LOST
+    assert {a.outcome for a in bad.attempts} == {"worker_lost"}, bad.attempts
+    if backend == "radical" and len({a.worker for a in bad.attempts}) == 1:
+        # RADICAL-Pilot's workers pull tasks, so a retry cannot be sent elsewhere yet:
+        # the same worker, restarted under its name, may get every retry; one worker's
+        # deaths never make a task poison (a bad worker would condemn healthy tasks),
+        # so the task fails when its retries are used up, each death on record
+        assert len(bad.attempts) == 4 and "poison" not in str(exc), str(exc)
+        return
+    assert not f.transient
     # poison_after=2 deaths on two different workers: two attempts, or more where a
     # worker is restarted under its name (RADICAL-Pilot, a Dask nanny) and died twice
     assert "poison" in str(exc), str(exc)
-    assert {a.outcome for a in bad.attempts} == {"worker_lost"}, bad.attempts
     assert len({a.worker for a in bad.attempts}) == 2, bad.attempts
     two = "killed 2 different workers" if len(bad.attempts) == 2 else "(2 different workers)"
     assert two in str(exc), str(exc)

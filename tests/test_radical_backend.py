@@ -353,11 +353,14 @@ def test_task_process_death_is_worker_lost_then_poison(make: Any) -> None:
             bad.result(timeout=120)
         assert ok.result(timeout=120) == 81  # independent work keeps going
         f = ei.value.failure
-        assert f.signal == "SIGSEGV" and "poison" in f.message, f
-        # two deaths on two different workers (RP restarts a worker under its name, so
-        # the same worker may have died twice first)
+        assert f.signal == "SIGSEGV", f
         assert {a.outcome for a in bad.attempts} == {"worker_lost"}, bad.attempts
-        assert len({a.worker for a in bad.attempts}) == 2, bad.attempts
+        if len({a.worker for a in bad.attempts}) == 1:
+            # workers pull tasks: every retry went to the same worker, restarted under
+            # its name; one worker's deaths never make a task poison: retries used up
+            assert len(bad.attempts) == 4 and "poison" not in f.message, f
+        else:  # two deaths on two different workers (the same one may have died twice)
+            assert "poison" in f.message and len({a.worker for a in bad.attempts}) == 2
         with pytest.raises(pilotfish.WorkerLost) as ei2:
             gone.result(timeout=120)
         assert ei2.value.failure.returncode == 7
