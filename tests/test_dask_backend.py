@@ -781,6 +781,43 @@ def test_a_silent_scheduler_link_is_reported_and_nothing_lost(
 
 
 @pytest.mark.timeout(90)
+def test_a_broken_scheduler_link_is_reconnected_and_not_charged(
+    external: _External, tmp_path: Path
+) -> None:
+    """Issue 24 item 6: the client's connection to the scheduler breaks (a network outage
+    outlasting the TCP timeout; here the client's comm is aborted): Dask cancels the
+    client's futures and the scheduler lets go of its tasks. pilotfish reconnects to the
+    same scheduler, retries the attempt that was running (RUNTIME_LOST, not charged: with
+    retries=0 it is still retried) and resends the queued ones: every task DONE once."""
+    client = distributed.Client(external.address, timeout=30, set_as_default=False)
+    events: list[Any] = []
+    try:
+        with pilotfish.Session(
+            backend="dask",
+            client=client,
+            rundir=str(tmp_path / "r"),
+            on_event=events.append,
+            backoff=pilotfish.Backoff(base=0.01),
+        ) as s:
+            fn = pilotfish.task(faulty.slow, retries=0)
+            ts = [s.submit(fn, i, 1.5) for i in range(3)]
+            wait_for(lambda: any(t.running() for t in ts), timeout=20)
+            comm = client.scheduler_comm.comm
+            client.loop.add_callback(comm.abort)
+            assert [t.result(timeout=60) for t in ts] == [0, 1, 2]
+    finally:
+        client.close()
+    lost = [a for t in ts for a in t.attempts if a.outcome == "runtime_lost"]
+    assert lost, [t.attempts for t in ts]
+    for a in lost:
+        assert a.note and a.note.startswith("not charged: the link to the Dask scheduler"), a
+        assert a.failure is not None and "broke (a network outage" in a.failure.message
+    assert all(t.attempts[-1].outcome == "done" for t in ts)
+    kinds = [e.kind for e in events if isinstance(e, pilotfish.MasterEvent)]
+    assert kinds == ["started", "lost", "restarted"], kinds
+
+
+@pytest.mark.timeout(90)
 def test_scheduler_restarted_in_time_resumes(external: _External, tmp_path: Path) -> None:
     """The scheduler comes back at the same address within heartbeat_timeout: started
     attempts are RUNTIME_LOST and retried, the others resubmitted; all finish."""

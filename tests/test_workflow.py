@@ -12,6 +12,7 @@ from pilotfish.core.machine import InvariantViolation
 from pilotfish.core.policy import NO_BACKOFF, Backoff
 from pilotfish.core.states import State
 from pilotfish.core.workflow import (
+    FREE_RETRIES,
     Abort,
     AttemptStarted,
     Cancel,
@@ -926,3 +927,23 @@ def test_a_retry_is_asked_to_go_elsewhere():
     late = failure(Category.TIMEOUT, "ran past its timeout", worker="tcp://n3:1", pid=6)
     d = only_dispatch(w.handle(Failed(d.attempt, late, 4.0)))
     assert d.avoid == ("tcp://n2:1", "tcp://n3:1")
+
+
+def test_an_unblamed_loss_is_retried_without_charge_a_bounded_number_of_times():
+    """A loss that is not the attempt's doing (the backend says why: the link to the
+    scheduler broke) is retried even with retries=0, marked "not charged: <why>"; at most
+    FREE_RETRIES times, so a link that keeps breaking cannot retry a task forever."""
+    w = make()
+    d = only_dispatch(submit(w, 1, retries=0))
+    why = "the link to the Dask scheduler at tcp://head:8786 broke"
+    for i in range(FREE_RETRIES):
+        w.handle(AttemptStarted(d.attempt, float(i), "w1", "h1", 10 + i))
+        cmds = w.handle(Failed(d.attempt, failure(Category.RUNTIME_LOST), i + 0.5, unblamed=why))
+        assert of(cmds, Reject) == []
+        assert w.attempts(1)[-2].note == f"not charged: {why}"
+        d = only_dispatch(cmds)
+    w.handle(AttemptStarted(d.attempt, 9.0, "w1", "h1", 20))
+    cmds = w.handle(Failed(d.attempt, failure(Category.RUNTIME_LOST), 9.5, unblamed=why))
+    (rej,) = of(cmds, Reject)
+    assert rej.failure.category is Category.RUNTIME_LOST and w.state(1) is State.FAILED
+    w.validate()

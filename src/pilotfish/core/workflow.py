@@ -198,6 +198,9 @@ class Failed:
     retry_requested: bool = False
     override: RetryOverride | FailOverride | None = None
     note: str | None = None
+    #: why the failure is not the attempt's doing (its backend lost it: a broken link):
+    #: retried without charge (at most FREE_RETRIES such retries per task)
+    unblamed: str = ""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -320,8 +323,9 @@ Command = (
 #: outcomes after which the next attempt may start from the failed one's files (also
 #: read by a resumed run, whose first attempt continues such an attempt of an earlier run)
 RESUMABLE = frozenset({Category.WORKER_LOST, Category.RUNTIME_LOST, Category.TIMEOUT})
-#: at most this many retries per task are given without charge (drained places, and the
-#: one ENVIRONMENT failure that may be the worker's): a bound, so no task retries forever
+#: at most this many retries per task are given without charge (drained places, the one
+#: ENVIRONMENT failure that may be the worker's, losses that were not the attempt's
+#: doing: ``Failed.unblamed``): a bound, so no task retries forever
 FREE_RETRIES = 2
 
 
@@ -672,7 +676,10 @@ class Workflow:
                 t.retries = ov.retries
             self._retry(t, ev.now + max(0.0, ov.delay), ev.now, out)
             return
-        free = self._free_retry(t, a, f, ev.now, out)
+        if ev.unblamed and f.category.transient and t.free_retries < FREE_RETRIES:
+            free: str | None = f"not charged: {ev.unblamed}"
+        else:
+            free = self._free_retry(t, a, f, ev.now, out)
         if free is not None and not self._stopped:
             a.note = free if not a.note else f"{a.note}; {free}"
             t.free_retries += 1

@@ -118,6 +118,7 @@ class Connection:
         self.drain_op = ""  # the fence's handler that drains a place
         self._fence_close = ""
         self._fence_sched = ""  # the id of the scheduler it is registered on
+        self.same_scheduler = False  # the last fence went to the scheduler before it
 
     # ------------------------------------------------------------------ lifecycle
     def connect(self) -> str:
@@ -228,6 +229,8 @@ class Connection:
         sid = ""
         with contextlib.suppress(Exception):
             sid = str(self.client.scheduler_info(n_workers=0).get("id", ""))
+        #: reconnected to the scheduler we had (the link broke, not the scheduler)?
+        self.same_scheduler = bool(sid) and sid == self._fence_sched
         if sid != self._fence_sched:  # another scheduler: ours went with the old one
             self._fence_close = ""
         self.remove_fence()

@@ -153,7 +153,13 @@ class SchedulerWatch:
         events.append(fatal)
 
     def _lost_locked(
-        self, why: str, pid: int, items: dict[int, Att], events: list[Any], cancel: list[Any]
+        self,
+        why: str,
+        pid: int,
+        items: dict[int, Att],
+        events: list[Any],
+        cancel: list[Any],
+        unblamed: str = "",
     ) -> None:
         """``RuntimeLost`` for the ledger, carried out; its reports also name the Dask
         worker an attempt was running on."""
@@ -162,7 +168,11 @@ class SchedulerWatch:
             e.attempt: f"; it was running on Dask worker {e.worker} (pid {e.pid}) at host {e.host}"
             for e in led.started()
         }
-        cmds = led.handle(L.RuntimeLost(why, time.time(), f"scheduler {self.conn.address}", pid))
+        cmds = led.handle(
+            L.RuntimeLost(
+                why, time.time(), f"scheduler {self.conn.address}", pid, unblamed=unblamed
+            )
+        )
         carry_out(cmds, self.flight.step(items, events, cancel, where))
 
     def _recovered(self, events: list[Any], cancel: list[Any]) -> None:
@@ -179,10 +189,19 @@ class SchedulerWatch:
             drains = [(conn.drain_op, d) for d in self.workers.drains]
         if drains:
             self.driver.nursery.start("pilotfish-dask-drain", conn.tell_fence, drains)
-        why = (
-            f"the connection to the Dask scheduler at {conn.address} was lost (reconnected; "
-            f"{self.driver.budget.note()})"
-        )
+        unblamed = ""
+        if conn.same_scheduler:  # the link broke, not the scheduler: Dask let go of our keys
+            unblamed = f"the link to the Dask scheduler at {conn.address} broke"
+            why = (
+                f"the connection to the Dask scheduler at {conn.address} broke (a network "
+                "outage: reconnected to the same scheduler, which had let go of this "
+                f"session's tasks; {self.driver.budget.note()})"
+            )
+        else:
+            why = (
+                f"the connection to the Dask scheduler at {conn.address} was lost "
+                f"(reconnected; {self.driver.budget.note()})"
+            )
         old_pid = conn.sched_pid
         conn.refresh_scheduler_pid()
         with fl.lock:
@@ -190,8 +209,9 @@ class SchedulerWatch:
             fl.lost_since = None
             self.last_heard, self.silent_since = time.monotonic(), None
             items = {a: e.item for a, e in fl.ledger.entries.items()}
-            # started: Lost(runtime_lost); the others: Resend, under new keys
-            self._lost_locked(why, old_pid, items, events, cancel)
+            # started: Lost(runtime_lost), not charged after a broken link; the others:
+            # Resend, under new keys
+            self._lost_locked(why, old_pid, items, events, cancel, unblamed)
         events.append(
             MasterReport(
                 "restarted",
