@@ -257,7 +257,14 @@ def _task_head(row: Any) -> list[Text]:
 
 
 def _attempts_table(attempts: list[dict[str, Any]]) -> Table:
-    at = Table(title="attempts", box=box.SIMPLE)
+    at = Table(
+        title="attempts",
+        box=box.SIMPLE,
+        caption=(
+            "started, ended: the clock of the attempt's host; ended is this client's for a "
+            "loss or timeout it decided (never before started)"
+        ),
+    )
     for col in ("run", "#", "worker", "host", "pid", "started", "ended", "outcome"):
         at.add_column(col)
     for a in attempts:
