@@ -194,10 +194,14 @@ def test_unpicklable_exception_becomes_remote_error(session: pilotfish.Session) 
 
 
 def test_unpicklable_result_fails_that_task_only(session: pilotfish.Session) -> None:
-    """A result that cannot be pickled is a USER_ERROR of that task, not a worker crash."""
+    """A result that cannot be pickled is a USER_ERROR of that task, not a worker crash;
+    what result() raises says so, for which task, and what to do (issue 25 item 14: it
+    was a bare "cannot pickle '_thread.lock' object"), still a TypeError."""
     t = session.submit(return_lock)
     with pytest.raises(TypeError, match="lock") as info:
         t.result(timeout=30)
+    assert "could not be pickled" in str(info.value) and t.key in str(info.value)
+    assert "return plain data" in str(info.value)
     assert t.failure is not None and t.failure.category is Category.USER_ERROR
     assert "could not be pickled" in t.failure.message and t.key in t.failure.message
     assert len(t.attempts) == 1  # not retried, no worker lost
