@@ -553,6 +553,42 @@ def test_master_takes_only_its_own_tasks() -> None:
     assert book.entry("pf.ours.2.2") is None
 
 
+def test_master_drains_a_worker_and_a_host() -> None:
+    """The client drains worker w1 while it runs task 1 and holds task 2: 2 goes back on
+    RP's queue unblamed, w1 may neither claim (what it takes is pushed again) nor start
+    anything; it is stopped once task 1 ends, and replaced. A drained host: its idle
+    worker is stopped at once and not replaced, and a worker that joins there later is
+    drained as it says hello."""
+    book = _book("ours", "raptor.0049")
+    book.add_workers(["w1", "w2", "w3"], 0.0)
+    book.hello("w1", 11, "node1", [])
+    book.hello("w2", 12, "node2", [])
+    book.hello("w3", 13, "node3", [])
+    tasks = [_rp_task(f"pf.ours.{i}.{i}", "raptor.0049") for i in (1, 2, 3)]
+    assert book.request(tasks) == tasks
+    assert book.claim("w1", ["pf.ours.1.1", "pf.ours.2.2"]) == ["pf.ours.1.1", "pf.ours.2.2"]
+    assert book.start("w1", "pf.ours.1.1", _MASTER) is True
+    book.port.pushed.clear()
+    assert book.drain("worker", "w1", "3 different tasks failed there") == []  # it runs 1
+    assert [t["uid"] for t in book.port.pushed] == ["pf.ours.2.2"]
+    assert book.claim("w1", ["pf.ours.2.2", "pf.ours.3.3"]) == []  # drained: pushed back
+    assert book.start("w1", "pf.ours.2.2", _MASTER) is False
+    assert book.claim("w2", ["pf.ours.2.2"]) == ["pf.ours.2.2"]
+    assert book.idle_drained() == []
+    done = dict(tasks[0], worker="w1", exit_code=0)
+    assert book.results([done]) == [done]  # its running task ends normally...
+    assert book.idle_drained() == ["w1"]  # ...then the master stops it, once
+    assert book.idle_drained() == []
+    assert book.replace_lost(book.workers["w1"]) is True  # a drained worker is replaced
+    assert book.drain("host", "node3", "a broken image") == ["w3"]  # idle: stop it now
+    assert book.replace_lost(book.workers["w3"]) is False  # not on a drained host
+    book.add_workers(["w4"], 1.0)
+    book.hello("w4", 14, "node3", [])  # joins on the drained host
+    assert book.workers["w4"]["drained"] == ("host", "a broken image")
+    assert book.idle_drained() == ["w4"]
+    assert book.claim("w4", ["pf.ours.3.3"]) == []
+
+
 def test_master_sweep_withdraws_what_it_never_received() -> None:
     """The client asks about tasks it sent a while ago and has not seen start: the master
     names those it has, and withdraws at once those it takes as lost (a task sent later

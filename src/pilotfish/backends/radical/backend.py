@@ -108,7 +108,7 @@ class RadicalBackend:
     half would need the other's lock and state."""
 
     name = "radical"
-    drains_by_default = False  # not until the raptor master can drain (see drain())
+    drains_by_default = True  # a pilot may span nodes; the raptor master drains
     #: the files RP loads pilotfish's raptor master (class ``PilotfishMaster``) and
     #: workers (class ``PilotfishWorker``) from, inside the pilot: a subclass may name
     #: files with subclasses of them (the tests' fault injection does)
@@ -153,6 +153,7 @@ class RadicalBackend:
         self._rp = PilotLease(pilot, task_manager, self._task_cb, self._pilot_cb)
         self._token = uuid.uuid4().hex[:8]
         self._lock = threading.RLock()
+        self._drains: list[tuple[str, str, str]] = []  # (kind, name, why), oldest first
         # threads, sink, restart budget, dead or not: the backends' kit
         self._driver = Driver("RADICAL-Pilot", max_master_restarts)
         self._stopping = self._driver.stopping
@@ -212,12 +213,15 @@ class RadicalBackend:
         return self._token
 
     def drain(self, name: str, kind: str = "worker", why: str = "") -> None:
-        """Not supported yet on RADICAL-Pilot: the raptor workers are the pilot's, and the
-        ledger that would refuse them work runs inside the raptor master, which has no
-        drain request yet. The place stays in use; the session has journaled the drain."""
-        log.warning(
-            "pilotfish: RADICAL-Pilot cannot drain %s %s yet; it stays in use (%s)", kind, name, why
-        )
+        """Drain a raptor worker (its uid) or a host: the master refuses it new tasks and
+        puts back on RP's queue what it merely holds; a drained worker is stopped once it
+        runs nothing, and replaced unless its host was drained. A master started later
+        (a restart) is given every drain so far in its configuration."""
+        with self._lock:
+            self._drains.append((kind, name, why))
+            up = self._mv.task is not None
+        if up:
+            self._async_rpc("pilotfish_drain", kind=kind, name=name, why=why)
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._lock:
@@ -268,6 +272,7 @@ class RadicalBackend:
             "sys_path": [p for p in sys.path if p],
             "worker_env": {},
             "token": self._token,  # the master takes only its own client's tasks
+            "drains": [list(d) for d in self._drains],  # a restarted master keeps them
         }
 
     def _start_master(self) -> None:
