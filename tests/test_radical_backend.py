@@ -589,6 +589,55 @@ def test_master_drains_a_worker_and_a_host() -> None:
     assert book.claim("w4", ["pf.ours.3.3"]) == []
 
 
+def _break_first_worker(marker: str) -> None:
+    """The session's initializer (it runs in each task's process, a fork of its raptor
+    worker): every task forked by the first worker to run one fails, as on a node whose
+    image lacks a library."""
+    parent = str(os.getppid())
+    with contextlib.suppress(FileExistsError):
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        os.write(fd, parent.encode())
+        os.close(fd)
+    if Path(marker).read_text() == parent:
+        raise ImportError("libcuda.so.1: cannot open shared object file (this node is broken)")
+
+
+def test_a_broken_worker_is_drained_stopped_and_replaced(make: Any, tmp_path: Path) -> None:
+    """Draining is on by default on RADICAL-Pilot: a raptor worker on which every task
+    fails ENVIRONMENT is drained after two different tasks (drain_after=(2, 60)), the
+    HostDrained event names it, its master stops it and starts another, and every task
+    succeeds; the drained worker's failures were not charged."""
+    events: list[Any] = []
+    marker = tmp_path / "broken"
+    with make(
+        workers=2,
+        initializer=_break_first_worker,
+        initargs=(str(marker),),
+        drain_after=(2, 60),
+        on_event=events.append,
+    ) as s:
+        tasks = [s.submit(square, i) for i in range(8)]
+        assert [t.result(timeout=180) for t in tasks] == [i * i for i in range(8)]
+        env = [a for t in tasks for a in t.attempts if a.outcome == "environment"]
+        if len({a.failure.key for a in env if a.failure}) < 2:
+            pytest.skip("the broken worker was given fewer than two different tasks this time")
+        drained = [e for e in events if isinstance(e, pilotfish.HostDrained)]
+        assert len(drained) == 1 and drained[0].kind == "worker", drained
+        bad = drained[0].name
+        assert all(a.worker == bad for a in env), env
+        assert all(a.note and a.note.startswith("not charged") for a in env), env
+        # stopped by the master (nothing ran there any more) and replaced
+        wait_for(
+            lambda: any(
+                getattr(e, "kind", "") == "lost" and getattr(e, "worker", "") == bad for e in events
+            ),
+            timeout=60,
+        )
+        stopped = [e for e in events if getattr(e, "worker", "") == bad and e.kind == "lost"]
+        assert "drained" in stopped[0].message and "stopped by pilotfish" in stopped[0].message
+        assert s.submit(square, 9).result(timeout=120) == 81
+
+
 def test_master_sweep_withdraws_what_it_never_received() -> None:
     """The client asks about tasks it sent a while ago and has not seen start: the master
     names those it has, and withdraws at once those it takes as lost (a task sent later
