@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 import pilotfish
@@ -590,10 +591,16 @@ def test_master_drains_a_worker_and_a_host() -> None:
 
 
 def _break_first_worker(marker: str) -> None:
-    """The session's initializer (it runs in each task's process, a fork of its raptor
-    worker): every task forked by the first worker to run one fails, as on a node whose
-    image lacks a library."""
-    parent = str(os.getppid())
+    """The session's initializer (it runs in each task's process, forked from its raptor
+    worker): every task of the first worker to run one fails, as on a node whose image
+    lacks a library. The worker is the task process's ancestor whose RP_TASK_ID names a
+    raptor worker."""
+    parent, p = "", psutil.Process()
+    while p is not None and not parent:
+        with contextlib.suppress(psutil.Error):
+            if ".worker." in p.environ().get("RP_TASK_ID", ""):
+                parent = p.environ()["RP_TASK_ID"]
+        p = p.parent()
     with contextlib.suppress(FileExistsError):
         fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         os.write(fd, parent.encode())

@@ -456,7 +456,12 @@ class PilotfishMaster(Master):  # type: ignore[misc]
                     "host": _host(),
                     "time": time.time(),
                     "workers": {
-                        w["uid"]: [w.get("state"), int(w.get("pid") or 0), w.get("host") or ""]
+                        w["uid"]: [
+                            w.get("state"),
+                            int(w.get("pid") or 0),
+                            w.get("host") or "",
+                            w.get("why") or "",  # how a lost worker ended
+                        ]
                         for w in book.workers.values()
                     },
                     "running": {e.item["uid"]: e.worker for e in book.ledger.started()},

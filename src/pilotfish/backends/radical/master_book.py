@@ -333,6 +333,8 @@ class MasterBook:
         ran fail (``"pilotfish": "worker_lost"``), their program groups are killed, the
         tasks it merely held go back on RP's queue, unblamed."""
         with self.lock:
+            if wid in self.workers:
+                self.workers[wid]["why"] = what  # the client's ping answer says it
             w = dict(self.workers.get(wid) or {})
             tasks = {a: self.ledger.entries[a].item for a in self.ledger.started_on(wid)}
             step = _Step()

@@ -125,7 +125,7 @@ class MasterView:
         new = {w: list(v) for w, v in (ans.get("workers") or {}).items()}
         self.workers = new
         self.running = dict(ans.get("running") or {})
-        for wid, (state, pid, host) in new.items():
+        for wid, (state, pid, host, *why) in new.items():
             if state in ("ready", "starting"):  # a lost worker's pid may be reused
                 self.note_worker_pid(int(pid or 0), host)
             before = (old.get(wid) or [None])[0]
@@ -134,7 +134,8 @@ class MasterView:
             if state == "ready":
                 events.append(WorkerReport("started", wid, int(pid), now))
             elif state == "lost":
-                events.append(WorkerReport("lost", wid, int(pid), now, message="worker lost"))
+                msg = str(why[0]) if why and why[0] else "worker lost"
+                events.append(WorkerReport("lost", wid, int(pid), now, message=msg))
             elif state == "preflight_failed":
                 events.append(
                     WorkerReport(
