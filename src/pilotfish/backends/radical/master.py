@@ -63,8 +63,12 @@ later) fails with an ENVIRONMENT error (``"pilotfish": "environment"``) and no
 (replacement) worker is started.
 
 The client pings the master through RP's raptor rpc (``pilotfish_ping``): the answer
-names the master's pid, its workers and the running tasks; ``pilotfish_cancel``
-withdraws tasks that are not running.
+names the master's pid, its workers (and how a lost one ended) and the running tasks;
+``pilotfish_cancel`` withdraws tasks that are not running; ``pilotfish_drain`` drains a
+worker or a host (the book's :meth:`~.master_book.MasterBook.drain`): no task starts
+there any more, what its workers hold goes back on the queue, and each is stopped
+(SIGTERM) once it runs nothing, then replaced unless its host was drained. The drains
+so far come with a restarted master's configuration.
 """
 
 from __future__ import annotations
