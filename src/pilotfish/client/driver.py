@@ -42,6 +42,7 @@ from . import lifecycle
 from .events import HostDrained, MasterEvent, TaskEvent, WorkerEvent, WorkersGone
 from .probes import Probes, is_probe
 from .programs import backstop
+from .staging import stage_failure
 from .translate import Translator
 
 if TYPE_CHECKING:
@@ -90,8 +91,10 @@ class Driver:
         keep_all_sandboxes: bool,
         heartbeat_interval: float,
         heartbeat_timeout: float,
+        rundir: str | None = None,
     ) -> None:
         self.lock = lock
+        self.rundir = rundir  # where a failure's files are staged (client/staging.py)
         self.core = core
         self.tasks = tasks
         self.translate = translate
@@ -362,7 +365,13 @@ class Driver:
 
     # ---------------------------------------------------------------- backend events
     def on_backend_events(self, events: Sequence[BackendEvent]) -> None:
-        """The backend's sink (any thread): route each event, then act outside the lock."""
+        """The backend's sink (any thread): route each event, then act outside the lock.
+        A failed attempt's files that cannot be read here are staged first, unlocked."""
+        if self.rundir is not None and any(isinstance(e, Result) and not e.ok for e in events):
+            events = [
+                stage_failure(e, self.rundir) if isinstance(e, Result) and not e.ok else e
+                for e in events
+            ]
         acts = Actions()
         with self.lock:
             self.silence.heard(time.monotonic())
