@@ -316,18 +316,19 @@ def test_own_pilot_leaves_no_process(tmp_path: Path, monkeypatch: pytest.MonkeyP
         t = s.submit(sleep_long)
         wait_for(t.running, timeout=60)
         t1 = time.monotonic()
-        b._pilot.cancel()
+        b.pilot.cancel()
         with pytest.raises(pilotfish.RuntimeLost) as ei:
             t.result(timeout=60)
         lost_in = time.monotonic() - t1
-        assert b._pilot.uid in str(ei.value) and "pilot sandbox" in str(ei.value), ei.value
+        msg = str(ei.value)
+        assert b.processes()["pilot"] in msg and "pilot sandbox" in msg, msg
         with pytest.raises(pilotfish.RuntimeLost):  # nothing runs any more, nothing waits
             s.submit(square, 2).result(timeout=30)
     closed = time.monotonic() - t0
     try:
         # the client's other processes live on, those that inherited the token too
         assert all(p.poll() is None for p in others)
-        left = with_env("PILOTFISH_RP_TOKEN", b._token)
+        left = with_env("PILOTFISH_RP_TOKEN", b.token)
         inherited = {p.pid for p in others}
         left = [p for p in left if p.pid not in inherited]
         assert not left, [" ".join(p.cmdline()) for p in left]
@@ -352,8 +353,14 @@ def test_task_process_death_is_worker_lost_then_poison(make: Any) -> None:
             bad.result(timeout=120)
         assert ok.result(timeout=120) == 81  # independent work keeps going
         f = ei.value.failure
-        assert f.signal == "SIGSEGV" and "poison" in f.message, f
-        assert [a.outcome for a in bad.attempts] == ["worker_lost", "worker_lost"]
+        assert f.signal == "SIGSEGV", f
+        assert {a.outcome for a in bad.attempts} == {"worker_lost"}, bad.attempts
+        if len({a.worker for a in bad.attempts}) == 1:
+            # workers pull tasks: every retry went to the same worker, restarted under
+            # its name; one worker's deaths never make a task poison: retries used up
+            assert len(bad.attempts) == 4 and "poison" not in f.message, f
+        else:  # two deaths on two different workers (the same one may have died twice)
+            assert "poison" in f.message and len({a.worker for a in bad.attempts}) == 2
         with pytest.raises(pilotfish.WorkerLost) as ei2:
             gone.result(timeout=120)
         assert ei2.value.failure.returncode == 7
@@ -432,8 +439,8 @@ def test_fork_sigkill_is_worker_lost_then_retried(make: Any, tmp_path: Path) -> 
 class _OldPilotfishOnThePilot(RadicalBackend):
     """The client claims a pilotfish version the pilot's environment does not have."""
 
-    def _cfg(self) -> dict[str, Any]:
-        cfg = super()._cfg()
+    def master_config(self) -> dict[str, Any]:
+        cfg = super().master_config()
         cfg["versions"] = dict(cfg["versions"], pilotfish="0.0.1")
         return cfg
 
@@ -648,24 +655,16 @@ def test_worker_lost_fails_what_it_ran_and_requeues_what_it_held() -> None:
     assert book.lose_worker("w1") is None
 
 
-def test_task_callback_queues_only_executing_and_final_states(tmp_path: Path) -> None:
+def test_only_executing_and_final_task_states_wake_the_event_thread() -> None:
     """RP calls the TaskManager callback for every state a task passes (~15 per task);
     only AGENT_EXECUTING and the final states mean anything to the backend's event
-    thread, so only those are queued for it."""
-    import types
+    thread, so only those wake it (``task_events.wakes``, the callback's filter)."""
+    from pilotfish.backends.radical.task_events import wakes
 
-    b = RadicalBackend(1, rundir=str(tmp_path / "run"))
-    task = types.SimpleNamespace(uid="pf.tok.1.1")
     states = [getattr(rp.states, n) for n in dir(rp.states) if n.isupper()]
+    # RP's own list of task states: it has no public one
     states = sorted({s for s in states if isinstance(s, str) and s in rp.states._task_state_values})
-    for st in states:
-        b._task_cb(task, st)
-    queued = []
-    while not b._q.empty():
-        item = b._q.get_nowait()
-        assert item is not None
-        queued.append(item[2])
-    assert sorted(queued) == sorted({rp.AGENT_EXECUTING, *rp.FINAL})
+    assert {st for st in states if wakes(st)} == {rp.AGENT_EXECUTING, *rp.FINAL}
 
 
 class _Prof:
@@ -681,6 +680,8 @@ def _bare_worker(answers: list[Any]) -> Any:
     from pilotfish.backends.radical import worker as w
 
     pw = object.__new__(w.PilotfishWorker)
+    # no RP component here: RP's DefaultWorker attributes its _alloc/_dealloc read, and
+    # pilotfish's _pf_ hooks on it (RP's API has no seam for a worker without a master)
     pw._uid, pw._n_cores, pw._n_gpus = "w1", 1, 0
     pw._rlock, pw._resources = threading.Lock(), {"cores": [0], "gpus": []}
     pw._res_evt, pw._pf_alloc_wait = threading.Event(), 0.2
@@ -701,6 +702,7 @@ def test_worker_asks_the_start_fence_once_the_core_is_its_before_the_fork() -> N
     process: granted, the task runs; refused, its process runs nothing (withdrawn); no
     core free, nothing is asked yet."""
     pw = _bare_worker([True, False])
+    # _alloc/_dealloc: RP DefaultWorker's own allocation methods, which pilotfish overrides
     t1 = {"uid": "pf.tok.1.1", "description": {}}
     assert pw._alloc(t1) is True
     assert pw.asked == [("pilotfish_start", "w1", "pf.tok.1.1", os.getpid())]
@@ -733,6 +735,7 @@ def test_worker_calls_pilotfish_run_as_rp_dispatcher_does() -> None:
         raise ValueError(blob)
 
     task = {"uid": "pf.tok.1.1", "description": {"function": "pilotfish_run", "args": ["ab"]}}
+    # _dispatch_func: RP's own dispatcher, the reference _pf_call is compared with
     pw.pilotfish_run = run_ok
     mine = pw._pf_call(dict(task))
     theirs = asyncio.run(pw._dispatch_func(dict(task, description=dict(task["description"]))))
@@ -823,7 +826,7 @@ def _client_script(tmp: Path) -> Path:
         "    t = s.submit(nap)\n"
         "    while not t.running():\n"
         "        time.sleep(0.1)\n"
-        "    print(b._token, b._session.uid, flush=True)\n"
+        "    print(b.token, b.pilot.session.uid, flush=True)\n"
         "    time.sleep(600)\n"
     )
     return script

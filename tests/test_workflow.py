@@ -431,6 +431,23 @@ def test_one_worker_dying_again_and_again_never_makes_a_task_poison():
     assert of(w.handle(Succeeded(d.attempt, 9.5)), Resolve) == [Resolve(1, d.attempt)]
 
 
+def test_a_task_killing_both_workers_of_two_in_turn_is_poison():
+    """Two workers that their nannies restart under their names: a task killing whichever
+    runs it kills "w1", "w2", "w1": poison_after=3 deaths on two different workers is
+    poison (counting only different workers, it could never be, and would use up its
+    retries killing workers), and the message says how many times and how many workers."""
+    w = make(poison_after=3)
+    d = only_dispatch(submit(w, 1, retries=10))
+    for i, worker in enumerate(("w1", "w2", "w1")):
+        w.handle(AttemptStarted(d.attempt, float(i), worker, "h1", 10 + i))
+        cmds = w.handle(Failed(d.attempt, lost(worker=worker, pid=10 + i), i + 0.5))
+        if i < 2:
+            assert of(cmds, Reject) == []
+            d = only_dispatch(cmds)
+    (rej,) = of(cmds, Reject)
+    assert "killed workers 3 times (2 different workers)" in rej.failure.message
+
+
 def test_deaths_on_one_host_of_several_never_make_a_task_poison():
     """One bad node with several workers: three different workers died there, but the run
     has other hosts, so the task is not poison; once its attempts killed workers on two
@@ -893,3 +910,19 @@ def test_no_attempt_ends_before_it_started():
     w.handle(AttemptStarted(d2.attempt, 50.0, "w1", "node2", 6))
     w.handle(Failed(d2.attempt, lost(worker="w1", pid=6), 49.0))  # the client's clock
     assert all(x.ended is not None and x.ended >= x.started for x in w.attempts(2) if x.started)
+
+
+def test_a_retry_is_asked_to_go_elsewhere():
+    """Issue 24: a retry after a lost, timed-out or ENVIRONMENT attempt names the workers
+    it happened on (``Dispatch.avoid``), so a backend that can choose sends it to another
+    worker while one is there; a user error says nothing about the worker."""
+    w = make()
+    d = only_dispatch(submit(w, 1, retries=5))
+    assert d.avoid == ()
+    w.handle(AttemptStarted(d.attempt, 1.0, "tcp://n2:1", "node2", 5))
+    d = only_dispatch(w.handle(Failed(d.attempt, lost(worker="tcp://n2:1", pid=5), 2.0)))
+    assert d.avoid == ("tcp://n2:1",)
+    w.handle(AttemptStarted(d.attempt, 3.0, "tcp://n3:1", "node3", 6))
+    late = failure(Category.TIMEOUT, "ran past its timeout", worker="tcp://n3:1", pid=6)
+    d = only_dispatch(w.handle(Failed(d.attempt, late, 4.0)))
+    assert d.avoid == ("tcp://n2:1", "tcp://n3:1")

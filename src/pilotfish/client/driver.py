@@ -30,7 +30,16 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, assert_never
 
-from ..backends.base import Alive, Backend, BackendEvent, Fatal, Lost, Result, Started
+from ..backends.base import (
+    Alive,
+    Backend,
+    BackendEvent,
+    Fatal,
+    Lost,
+    MasterReport,
+    Result,
+    Started,
+)
 from ..core import workflow as wf
 from ..core.ledger import describe_exit
 from ..core.policy import Silence
@@ -259,6 +268,7 @@ class Driver:
             make_lineage(self.nonce, c.resume, earlier and earlier[0]),
             t.name,
             self.keep_all,
+            c.avoid,
         )
 
     def _drain(self, c: wf.Drained) -> HostDrained:
@@ -398,6 +408,11 @@ class Driver:
             if ev.kind == "lost" and not msg:  # every backend names the cause; just in case
                 msg = f"worker {ev.worker} {describe_exit(ev.returncode)[0]}"
             self.journal.record_event(ev.time, ev.kind, ev.worker, ev.pid or None, None, msg)
+        if isinstance(ev, MasterReport) and ev.kind != "started" and self.journal is not None:
+            # the master or scheduler lost, back, its link silent: `status` shows when
+            self.journal.record_event(
+                ev.time, f"master-{ev.kind}", "", ev.pid or None, None, ev.message
+            )
         step = self.translate.event(ev)
         if step is None:
             return

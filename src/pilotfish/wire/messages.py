@@ -90,6 +90,9 @@ class RunAttempt(NamedTuple):
     #: the session keeps every sandbox (``keep_sandboxes="all"``): a Python task's scratch
     #: directories too, after a success (see ``_scratch``)
     keep: bool = False
+    #: workers where this task's earlier attempts were lost or timed out: send it elsewhere
+    #: while another worker is there (a retry should not meet the same bad node)
+    avoid: tuple[str, ...] = ()
 
 
 class PreflightFailed(NamedTuple):

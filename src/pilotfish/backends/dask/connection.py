@@ -110,6 +110,8 @@ class Connection:
         #: a worker running attempts that the scheduler has not heard from for this long
         #: is removed as unreachable (the fence's watch; None: Dask's own worker TTL)
         self.unreachable_after: float | None = None
+        #: s between the fence's pulses to this client (None: no pulse)
+        self.pulse_every: float | None = None
         self._prev_all_handler: Callable[[Any], Any] | None = None
         self._fence_n = 0  # start fences registered so far (one per (re)connection)
         self.fence_op = ""  # the scheduler handler a task asks before running user code
@@ -232,7 +234,11 @@ class Connection:
         self._fence_sched = sid
         self._fence_n += 1
         plugin = _fence.StartFence(
-            self.token, self._fence_n, self.topic, unreachable_after=self.unreachable_after
+            self.token,
+            self._fence_n,
+            self.topic,
+            unreachable_after=self.unreachable_after,
+            pulse_every=self.pulse_every,
         )
         errors = []
         # by value first: the scheduler need not have pilotfish installed
