@@ -8,9 +8,9 @@ does the rest. Every outcome becomes a ``Result``: a :class:`CommandResult`
 value, or an ``Envelope`` whose category is COMMAND_FAILED, MISSING_OUTPUT,
 TIMEOUT or ENVIRONMENT with every path in ``extra``.
 
-Stage on error: a failed attempt's sandbox is never touched, and its stdout, stderr
-and existing outputs travel with its failure, bounded (``programs/ship.py``), for a
-client that cannot read this host's disk. A successful
+Stage on error: a failed attempt's sandbox is never touched, and its stdout and stderr
+travel with its failure, bounded (``programs/ship.py``), for a client that cannot read
+this host's disk. A successful
 one is kept with ``keep_sandboxes="all"``; with ``"failed"`` (the default)
 its declared outputs and stdout/stderr are moved to ``rundir/results/NAME/``
 and the sandbox is removed.
@@ -174,8 +174,7 @@ def run_command_attempt(
     if out.stdout_path is not None and not (cancel is not None and cancel.is_set()):
         # stage on error: the files travel with the failure, for a client that cannot
         # read this host's disk (client/staging.py writes them down there if so)
-        shipped = pack_failure_files(spec, out.sandbox, out.stdout_path, out.stderr_path)
-        env.extra["shipped"] = shipped
+        env.extra["shipped"] = pack_failure_files(out.stdout_path, out.stderr_path)
     return False, pickle.dumps(env, _wire.PROTOCOL)
 
 

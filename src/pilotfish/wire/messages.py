@@ -197,16 +197,16 @@ class Envelope(NamedTuple):
 
 
 class ShippedFile(NamedTuple):
-    """One file of a failed program attempt, carried in its ``Envelope`` (``extra
-    ["shipped"]``) for a client that cannot read the worker's disk (stage on error:
-    ``runtime/programs/ship.py`` packs, ``client/staging.py`` writes it down).
+    """The stdout or stderr file of a failed program attempt, carried in its
+    ``Envelope`` (``extra["shipped"]``) for a client that cannot read the worker's disk
+    (stage on error: ``runtime/programs/ship.py`` packs, ``client/staging.py`` writes).
 
     ``head + tail`` is what was kept of the ``size`` bytes the file had: all of it when
     ``tail`` is empty and ``len(head) == size``; else the middle was cut. ``note`` says
-    why nothing was kept (too large for what was left, not a regular file)."""
+    why nothing was kept (the file could not be read on the worker)."""
 
-    role: str  # "stdout" | "stderr" | "output"
-    name: str  # the stream's file name, or the output's path relative to the sandbox's cwd
+    role: str  # "stdout" | "stderr"
+    name: str  # the file's name in the sandbox
     path: str  # where it is on the worker's host
     size: int
     head: bytes
