@@ -304,6 +304,7 @@ class Translator:
             pid=res.pid,
             attempt=number,
             time=res.ended,
+            staged=extra.get("staged"),
         )
         if exc is None:
             if category is Category.USER_ERROR:
@@ -317,6 +318,8 @@ class Translator:
                 f"pilotfish: raised by task {t.key!r}, attempt {number}, on worker "
                 f"{res.worker} (pid {res.pid}) at host {host}"
             )
+            if f.staged:
+                exc.add_note(f"pilotfish: the attempt's files were {f.staged}")
         retry = False
         if category is Category.USER_ERROR:
             retry = t.options.matches(None if isinstance(exc, RemoteError) else exc, env.type_name)

@@ -210,6 +210,7 @@ _FAILURE_FIELDS = (
     "sandbox",
     "stdout_path",
     "stderr_path",
+    "staged",
     "upstream",
     "root",
 )
