@@ -435,10 +435,12 @@ _STORED = ("lone \\udc80 surrogate", "bytes \\xff\\xfe not utf-8", "nul \x00 ins
 
 
 class _Head:
-    """What Journal.record needs of a task (key, name, kind, dependencies, options)."""
+    """What Journal.record needs of a task (key, name, kind, output reference or not,
+    dependencies, options)."""
 
     def __init__(self, key: str, name: str) -> None:
         self.key, self.name, self._kind, self._deps = key, name, "call", ()
+        self._output_of = None
         self.options = pilotfish.TaskOptions()
 
 
