@@ -6,7 +6,8 @@
 # end with them), its slurmd's and its slurmctld stopped by their pid files in
 # /run/pilotfish-lab/slurm, munged too if the lab started it and the single-node SLURM
 # (scripts/slurm-up.sh) does not run.
-# Usage: lab-down.sh [--slurm-only]   (--slurm-only: stop the lab's SLURM, keep the nodes)
+# Usage: lab-down.sh [--slurm-only]   (--slurm-only: stop the lab's slurmctld and slurmd's,
+#                                     keep the nodes and munged)
 # Exit status 0: the lab is gone; 77: cannot run here (not root), with the reason.
 set -uo pipefail
 
@@ -51,7 +52,7 @@ if [ -d "$SD" ]; then
   done
   stop "$SD/slurmctld.pid" "the lab's slurmctld" &
   wait
-  if [ -e "$SD/munged-started-by-lab" ]; then
+  if [ -e "$SD/munged-started-by-lab" ] && [ "$slurm_only" = 0 ]; then
     if alive /run/slurmctld.pid || alive /run/slurmd.pid; then
       echo "lab-down: munged left running (the single-node SLURM uses it)"
     else

@@ -12,8 +12,9 @@
 # single-node SLURM), slurmctld on the host at 10.77.0.1 port 6917, one slurmd per node
 # in the node's namespaces (hostname nodeK, port 6918), all conf, state, pid and log
 # files in /run/pilotfish-lab/slurm (nothing of /etc/slurm or /run/slurm*.pid is
-# touched); ready when sinfo shows the N nodes idle. Client commands need
-# SLURM_CONF=/run/pilotfish-lab/slurm/slurm.conf (partition "lab").
+# touched); ready when sinfo shows the N nodes idle (or running jobs, when it was up).
+# Batch jobs are not requeued when their node fails (JobRequeue=0). Client commands
+# need SLURM_CONF=/run/pilotfish-lab/slurm/slurm.conf (partition "lab").
 # Usage: lab-up.sh N [--slurm]   (1 <= N <= 9)
 # Exit status 0: the lab is up; 77: cannot run here (not root, no ip/nsenter, no SLURM),
 # with the reason; 2: usage.
@@ -144,7 +145,7 @@ ctld_host=$(hostname -s)
 install -d -m 0755 "$SD"
 install -d -o munge -g munge -m 0755 /run/munge
 if ! alive /run/munge/munged.pid; then
-  runuser -u munge -- /usr/sbin/munged
+  runuser -u munge -- /usr/sbin/munged </dev/null >/dev/null 2>&1
   touch "$SD/munged-started-by-lab"
 fi
 for _ in $(seq 50); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && break; sleep 0.1; done
@@ -176,6 +177,7 @@ AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 ReturnToService=2
 SlurmdTimeout=10
+JobRequeue=0
 MailProg=/bin/true
 KillWait=5
 SchedulerParameters=batch_sched_delay=0,sched_min_interval=100000
@@ -192,13 +194,13 @@ fi
 install -d -m 0755 "$SD/state"
 
 if ! alive "$SD/slurmctld.pid"; then
-  slurmctld -f "$CONF" -c -i
+  slurmctld -f "$CONF" -c -i </dev/null >/dev/null 2>&1  # daemons keep no pipe of the caller
   made+=("slurmctld on $HOSTIP:6917")
 fi
 for k in $(seq 1 "$n"); do
   if ! alive "$SD/slurmd-node$k.pid"; then
     install -d -m 0755 "$SD/spool-node$k"
-    "$(dirname "$0")/lab-run.sh" "$k" slurmd -f "$CONF"
+    "$(dirname "$0")/lab-run.sh" "$k" slurmd -f "$CONF" </dev/null >/dev/null 2>&1
     made+=("slurmd on node$k")
   fi
 done
@@ -210,7 +212,7 @@ for _ in $(seq 300); do  # up to 30 s
   for k in $(seq 1 "$n"); do
     st=$(state_of "$k")
     case "$st" in
-      idle) ;;
+      idle|mixed|allocated|completing) ;;  # up (jobs of a lab already in use)
       down*|drain*|*fail*) ok=0; scontrol update NodeName="node$k" State=RESUME 2>/dev/null || true ;;
       *) ok=0 ;;
     esac
