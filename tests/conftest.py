@@ -52,6 +52,28 @@ def session(make_session: Callable[..., pilotfish.Session]) -> Iterator[pilotfis
         yield s
 
 
+def fake_session(rundir: str | Path, workers: int | None = 2, **kw: Any) -> pilotfish.Session:
+    """A Session on :class:`pilotfish.backends.fake.FakeBackend` (``workers`` threads in
+    this process): for what the client alone decides (arguments, keys, dependencies,
+    policies, journal, events), where a real worker process would only cost time."""
+    from pilotfish.backends.fake import FakeBackend
+
+    fake = FakeBackend(workers=workers or 2, rundir=str(rundir))
+    return pilotfish.Session(workers, backend=fake, rundir=str(rundir), **kw)
+
+
+def environment_attempts(task: Any) -> None:
+    """A task failed ENVIRONMENT as the policy says on every backend: one attempt, or,
+    where draining is on (by default on Dask), one free retry on *another* worker (the
+    first failure may be that worker's image), both ENVIRONMENT, never a third."""
+    outcomes = [a.outcome for a in task.attempts]
+    assert outcomes in (["environment"], ["environment", "environment"]), task.attempts
+    if len(outcomes) == 2:
+        first, second = task.attempts
+        assert first.note and first.note.startswith("not charged: ENVIRONMENT"), first
+        assert first.worker != second.worker, task.attempts
+
+
 def wait_for(pred, timeout: float = 10.0, interval: float = 0.01):  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -66,20 +88,36 @@ def wait_for(pred, timeout: float = 10.0, interval: float = 0.01):  # type: igno
 #
 # Tests that take `session` or `make_session` run once per backend: the same assertions
 # hold on every backend. A behaviour a backend cannot offer is skipped explicitly, with
-# the reason, by `skip_on(...)`. `--backends` chooses the backends: local and dask by
-# default; `.ci/run` runs the suite on radical in its own step (RADICAL-Pilot needs an
+# the reason, by `skip_on(...)`. `--backends` chooses the backends: local, dask and fake
+# by default; `.ci/run` runs the suite on radical in its own step (RADICAL-Pilot needs an
 # activated venv and a private HOME):
 #     pytest tests/test_callables.py tests/test_commands.py --backends radical -k radical
+# "fake" is :class:`pilotfish.backends.fake.FakeBackend`: the same Session, workflow core,
+# ledger and driver, with attempts run in threads of the test process, so what needs a
+# process of its own (a timeout that kills, a worker killed, a crash, containment of
+# children, per-process state, a process's stdio, interpreter exit) is skipped there.
 
-ALL_BACKENDS = ("local", "dask", "radical")
+ALL_BACKENDS = ("local", "dask", "radical", "fake")
+
+# Reasons for skip_on(backend, "fake", reason=...), one wording per limit of the fake.
+FAKE_NO_PROCESS = "FakeBackend runs attempts in threads of the test process"
+FAKE_NO_KILL = FAKE_NO_PROCESS + ": user code cannot be killed (a timeout lets it run on)"
+FAKE_NO_WORKER = FAKE_NO_PROCESS + ": there is no worker process to kill or crash"
+FAKE_NO_CLIENT = (
+    FAKE_NO_PROCESS + ": a client killed is the runtime killed, and the fake is a backend "
+    "object, not a name a client's script can ask for"
+)
+FAKE_NO_CONTAINMENT = (
+    FAKE_NO_PROCESS + ", which is no child subreaper: what an attempt detaches escapes"
+)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--backends",
-        default="local,dask",
+        default="local,dask,fake",
         help="comma-separated backends the conformance tests run on "
-        f"(of {', '.join(ALL_BACKENDS)}; default: local,dask)",
+        f"(of {', '.join(ALL_BACKENDS)}; default: local,dask,fake)",
     )
 
 
@@ -235,7 +273,7 @@ def make_session(
             pilot, tmgr = request.getfixturevalue("rp_pilot")
             kw.setdefault("pilot", pilot)
             kw.setdefault("task_manager", tmgr)
-        s = pilotfish.Session(backend=backend, **kw)
+        s = fake_session(**kw) if backend == "fake" else pilotfish.Session(backend=backend, **kw)
         made.append(s)
         return s
 

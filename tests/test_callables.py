@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 import pilotfish
-from conftest import wait_for
+from conftest import FAKE_NO_PROCESS, environment_attempts, skip_on, wait_for
 from pilotfish import Category, State
 
 # ---------------------------------------------------------------- task functions
@@ -194,10 +194,14 @@ def test_unpicklable_exception_becomes_remote_error(session: pilotfish.Session) 
 
 
 def test_unpicklable_result_fails_that_task_only(session: pilotfish.Session) -> None:
-    """A result that cannot be pickled is a USER_ERROR of that task, not a worker crash."""
+    """A result that cannot be pickled is a USER_ERROR of that task, not a worker crash;
+    what result() raises says so, for which task, and what to do (issue 25 item 14: it
+    was a bare "cannot pickle '_thread.lock' object"), still a TypeError."""
     t = session.submit(return_lock)
     with pytest.raises(TypeError, match="lock") as info:
         t.result(timeout=30)
+    assert "could not be pickled" in str(info.value) and t.key in str(info.value)
+    assert "return plain data" in str(info.value)
     assert t.failure is not None and t.failure.category is Category.USER_ERROR
     assert "could not be pickled" in t.failure.message and t.key in t.failure.message
     assert len(t.attempts) == 1  # not retried, no worker lost
@@ -450,6 +454,7 @@ def test_functions_from_main_travel_by_value(tmp_path: Path) -> None:
 def test_processes(session: pilotfish.Session, backend: str) -> None:
     """Session.processes() names the master (local, radical) or scheduler (Dask) and the
     workers (on radical a worker's pid is known once it has registered with the master)."""
+    skip_on(backend, "fake", reason=FAKE_NO_PROCESS + ": there is no master or worker pid")
     session.submit(add, 1, 1).result(timeout=30)
     procs = wait_for(lambda: (p := session.processes()) and len(p["workers"]) == 2 and p, 30)
     assert os.getpid() not in procs["workers"]
@@ -482,4 +487,4 @@ def test_failing_initializer_is_environment(make_session: Any) -> None:
         f.result(timeout=120)
     assert f.failure is not None and f.failure.category is Category.ENVIRONMENT
     assert "error in initializer" in (f.failure.traceback or "")
-    assert len(f.attempts) == 1
+    environment_attempts(f)

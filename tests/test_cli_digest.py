@@ -1,7 +1,8 @@
 """The command line for many failures (issue 16, items 1, 2, 3 and 5): `failures` one
 line per task that fits the terminal, `failures --group` (and `--json`) the digest,
 `report --html`, and the hints `run`/`resume` print after failures. The CLI runs
-in-process, on a journal a real Session wrote, at 80 columns."""
+in-process, on a journal a real Session wrote (on FakeBackend: the journal is the
+client's; `run` and `demo` below use the local backend), at 80 columns."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 from rich.cells import cell_len
 
 import pilotfish
+from conftest import fake_session
 from pilotfish.digest import failure_digest
 from pilotfish.store.reader import JournalReader
 from pilotfish.tools import cli
@@ -42,7 +44,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "import sys; [print('warning: step', i, file=sys.stderr) for i in range(50)]; "
         "print('ERROR: Invalid enum 42 for variable integrator', file=sys.stderr); sys.exit(2)"
     )
-    with pilotfish.Session(workers=2, rundir=str(rundir)) as s:
+    with fake_session(rundir, workers=2) as s:
         fn = pilotfish.task(diverge, retries=0)
         long = s.submit(fn.options(key=LONG_KEY), 99, LONG_MESSAGE)
         seeds = [s.submit(fn, seed) for seed in (1, 2, 3)]

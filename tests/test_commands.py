@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 import pilotfish
-from conftest import skip_on, wait_for
+from conftest import FAKE_NO_WORKER, environment_attempts, skip_on, wait_for
 from pilotfish import Category, State
 
 PY = sys.executable
@@ -101,7 +101,7 @@ def test_missing_program_is_environment(session: pilotfish.Session) -> None:
     msg = str(info.value)
     assert "gmx_not_installed" in msg and "PATH" in msg and os.uname().nodename in msg
     assert t.failure is not None and t.failure.category is Category.ENVIRONMENT
-    assert len(t.attempts) == 1
+    environment_attempts(t)
 
 
 def test_bad_cwd_is_environment(session: pilotfish.Session) -> None:
@@ -247,6 +247,7 @@ def test_worker_killed_running_a_program_kills_the_program(
         "process group with it (no pilotfish master watches Dask workers); documented "
         "in pilotfish.backends.dask",
     )
+    skip_on(backend, "fake", reason=FAKE_NO_WORKER)
     marker = str(random.randint(10**8, 10**9 - 1))  # sleep 1000.<marker> is a valid time
     pidfile = tmp_path / "pid"
     counter = tmp_path / "n"

@@ -730,6 +730,94 @@ def test_scheduler_killed_without_restarts_is_runtime_lost(
 
 
 @pytest.mark.timeout(90)
+def test_a_silent_scheduler_link_is_reported_and_nothing_lost(
+    external: _External, tmp_path: Path
+) -> None:
+    """Issue 24 item 6: the scheduler's stream stalls while the connection stays open (a
+    network cut between client and scheduler, a frozen scheduler: here the scheduler is
+    SIGSTOPped for 6 s, shorter than Dask's TCP timeout). The session says so within a
+    few seconds (MasterEvent "silent", in the journal and `pilotfish status`), the
+    attempts run on, and when the scheduler answers again ("answering", for how long)
+    every task is DONE with its one attempt: nothing lost, nothing charged."""
+    from pilotfish.store.reader import JournalReader
+    from pilotfish.tools import render
+
+    events: list[Any] = []
+    rundir = tmp_path / "r"
+    with pilotfish.Session(
+        backend="dask", address=external.address, rundir=str(rundir), on_event=events.append
+    ) as s:
+        assert s.submit(faulty.ident, 1).result(timeout=30) == 1
+        ts = [s.submit(faulty.slow, i, 3.0) for i in range(2)]
+        wait_for(lambda: any(t.running() for t in ts), timeout=20)
+        stopped = time.monotonic()
+        external.scheduler.send_signal(signal.SIGSTOP)
+        try:
+            silent = wait_for(
+                lambda: [e for e in events if getattr(e, "kind", "") == "silent"], timeout=20
+            )
+            noticed = time.monotonic() - stopped
+            time.sleep(max(0.0, 6.0 - noticed))
+        finally:
+            external.scheduler.send_signal(signal.SIGCONT)
+        assert [t.result(timeout=40) for t in ts] == [0, 1]
+        back = wait_for(
+            lambda: [e for e in events if getattr(e, "kind", "") == "answering"], timeout=20
+        )
+    print(f"\nscheduler stopped 6 s: reported silent after {noticed:.1f} s")
+    assert external.address in silent[0].message and "cut" in silent[0].message
+    assert "heard again after" in back[0].message and "nothing was lost" in back[0].message
+    for t in ts:
+        assert [a.outcome for a in t.attempts] == ["done"], t.attempts
+    kinds = [e.kind for e in events if isinstance(e, pilotfish.MasterEvent)]
+    assert kinds == ["started", "silent", "answering"], kinds
+    reader = JournalReader(rundir / "journal.db")
+    logged = [e["kind"] for e in reader.events() if e["kind"].startswith("master-")]
+    assert logged == ["master-silent", "master-answering"], logged
+    table = render.workers_table(reader)
+    assert table is not None
+    states = [str(c) for col in table.columns if col.header == "state" for c in col.cells]
+    assert "silent" in states and "answering" in states, states
+
+
+@pytest.mark.timeout(90)
+def test_a_broken_scheduler_link_is_reconnected_and_not_charged(
+    external: _External, tmp_path: Path
+) -> None:
+    """Issue 24 item 6: the client's connection to the scheduler breaks (a network outage
+    outlasting the TCP timeout; here the client's comm is aborted): Dask cancels the
+    client's futures and the scheduler lets go of its tasks. pilotfish reconnects to the
+    same scheduler, retries the attempt that was running (RUNTIME_LOST, not charged: with
+    retries=0 it is still retried) and resends the queued ones: every task DONE once."""
+    client = distributed.Client(external.address, timeout=30, set_as_default=False)
+    events: list[Any] = []
+    try:
+        with pilotfish.Session(
+            backend="dask",
+            client=client,
+            rundir=str(tmp_path / "r"),
+            on_event=events.append,
+            backoff=pilotfish.Backoff(base=0.01),
+        ) as s:
+            fn = pilotfish.task(faulty.slow, retries=0)
+            ts = [s.submit(fn, i, 1.5) for i in range(3)]
+            wait_for(lambda: any(t.running() for t in ts), timeout=20)
+            comm = client.scheduler_comm.comm
+            client.loop.add_callback(comm.abort)
+            assert [t.result(timeout=60) for t in ts] == [0, 1, 2]
+    finally:
+        client.close()
+    lost = [a for t in ts for a in t.attempts if a.outcome == "runtime_lost"]
+    assert lost, [t.attempts for t in ts]
+    for a in lost:
+        assert a.note and a.note.startswith("not charged: the link to the Dask scheduler"), a
+        assert a.failure is not None and "broke (a network outage" in a.failure.message
+    assert all(t.attempts[-1].outcome == "done" for t in ts)
+    kinds = [e.kind for e in events if isinstance(e, pilotfish.MasterEvent)]
+    assert kinds == ["started", "lost", "restarted"], kinds
+
+
+@pytest.mark.timeout(90)
 def test_scheduler_restarted_in_time_resumes(external: _External, tmp_path: Path) -> None:
     """The scheduler comes back at the same address within heartbeat_timeout: started
     attempts are RUNTIME_LOST and retried, the others resubmitted; all finish."""

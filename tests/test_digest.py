@@ -249,3 +249,43 @@ def test_fast_for_many_failures() -> None:
     took = time.perf_counter() - t0
     assert [g["count"] for g in digest["groups"]] == [10_000, 10_000]
     assert took < 10, took
+
+
+def test_sandbox_paths_and_measured_times_do_not_split_a_group() -> None:
+    """Issue 25 item 1: two identical timeouts (and two identical missing outputs) were two
+    groups each: the sandbox path holds the task's key and a random suffix, and masking
+    the key first cut the path, leaving the suffix; "ran 0.5s" and "ran 0.7s" differed
+    too. Now each pair is one group, and a different cause is still its own."""
+
+    def timeout(key: str, ran: str, suffix: str) -> FailureRecord:
+        box = f"/scratch/run/sandboxes/{key}-f93c60d5e1d1f82f.189a8045a1.{suffix}"
+        return FailureRecord(
+            key=key, category=Category.TIMEOUT, transient=False, time=time.time(),
+            message=(
+                f"task '{key}': 'sleep' on host node2 exceeded its time limit of 0.5s (ran "
+                f"{ran}) and its process group was killed. stderr: {box}/stderr.txt; "
+                f"sandbox kept at {box}"
+            ),
+        )  # fmt: skip
+
+    def missing(key: str, suffix: str) -> FailureRecord:
+        box = f"/scratch/run/sandboxes/{key}-2a04671f0bbc718d.960d83bca3.{suffix}"
+        return FailureRecord(
+            key=key, category=Category.COMMAND_FAILED, transient=False, time=time.time(),
+            message=(
+                f"task '{key}': 'sh' on host node1 exited 0 but did not create declared "
+                f"output(s) 'traj.xtc' (looked in {box}; sandbox {box})"
+            ),
+        )  # fmt: skip
+
+    records = [
+        timeout("sim-045d88fd984e", "0.5s", "7_gen0ft"),
+        timeout("sim-9a1b2c3d4e5f", "0.7s", "x0ldmstx"),
+        missing("sim-367c7b7a2ff0", "40ohdoeu"),
+        missing("sim-132af5165ff1", "g2sxzvvb"),
+    ]
+    assert signature(records[0]) == signature(records[1])
+    assert signature(records[2]) == signature(records[3])
+    assert "7_gen0ft" not in signature(records[0])
+    groups = failure_digest(records)["groups"]
+    assert sorted(g["count"] for g in groups) == [2, 2], groups

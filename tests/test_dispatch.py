@@ -10,13 +10,25 @@ from __future__ import annotations
 import pytest
 
 from pilotfish.backends.local.dispatch import (
+    Boot,
+    CancelRequest,
+    Close,
     Dispatcher,
+    DrainRequest,
+    GroupFrom,
+    HeartbeatFrom,
+    HelloFrom,
     InvalidSlotTransition,
     Kill,
+    ResultFrom,
     SendWorker,
     SlotState,
     Spawn,
+    SubmitAttempts,
+    TimePassed,
     ToClient,
+    WithdrawnBy,
+    WorkerExited,
     describe_exit,
 )
 from pilotfish.core import ledger as L
@@ -81,9 +93,9 @@ def of(cmds, cls) -> list:
 def ready(n: int = 1, **kw) -> Dispatcher:
     """A dispatcher whose n workers w1..wn (pids 101..) all said hello at t=0."""
     d = Dispatcher(n, **kw)
-    d.start(0.0)
+    d.handle(Boot(0.0))
     for i in range(1, n + 1):
-        d.on_hello(f"w{i}", 100 + i, 0.0)
+        d.handle(HelloFrom(f"w{i}", 100 + i, 0.0))
     return d
 
 
@@ -94,8 +106,8 @@ def test_start_spawns_n_workers():
     """Session start: one Spawn per configured worker, distinct names; no work is
     assigned to a worker before it says hello."""
     d = Dispatcher(3)
-    assert d.start(0.0) == [Spawn("w1"), Spawn("w2"), Spawn("w3")]
-    assert d.submit([ra(1)], 0.1) == []
+    assert d.handle(Boot(0.0)) == [Spawn("w1"), Spawn("w2"), Spawn("w3")]
+    assert d.handle(SubmitAttempts([ra(1)], 0.1)) == []
     assert len(d.queue) == 1
 
 
@@ -109,9 +121,9 @@ def test_hello_assigns_up_to_prefetch_and_starts_only_first():
     """Three attempts queued before the only worker is up (prefetch=2): at hello it gets
     two; only the first is reported Started (it runs them in order), the third waits."""
     d = Dispatcher(1, prefetch=2)
-    d.start(0.0)
-    d.submit([ra(1), ra(2), ra(3)], 0.0)
-    cmds = d.on_hello("w1", 4242, 1.0)
+    d.handle(Boot(0.0))
+    d.handle(SubmitAttempts([ra(1), ra(2), ra(3)], 0.0))
+    cmds = d.handle(HelloFrom("w1", 4242, 1.0))
     assert msgs(cmds, WorkerReport) == [WorkerReport("started", "w1", 4242, 1.0)]
     assert sent(cmds) == {"w1": [1, 2]}
     assert msgs(cmds, Started) == [Started(1, "w1", 4242, 1.0)]
@@ -123,13 +135,13 @@ def test_result_starts_next_held_attempt_and_refills():
     """The worker finishes attempt 1: the result goes to the client first, then attempt 2
     (already prefetched) is reported Started, and attempt 3 is sent to refill the slot."""
     d = ready(1, prefetch=2)
-    d.submit([ra(1), ra(2), ra(3)], 0.0)
-    cmds = d.on_result("w1", res(1), 2.0)
+    d.handle(SubmitAttempts([ra(1), ra(2), ra(3)], 0.0))
+    cmds = d.handle(ResultFrom("w1", res(1), 2.0))
     assert cmds[0] == ToClient(res(1))
     assert started_ids(cmds) == [2]
     assert sent(cmds) == {"w1": [3]}
     assert d.ledger.get(2).started == 2.0
-    cmds = d.on_result("w1", res(2), 3.0)
+    cmds = d.handle(ResultFrom("w1", res(2), 3.0))
     assert started_ids(cmds) == [3] and sent(cmds) == {}
 
 
@@ -137,7 +149,7 @@ def test_attempts_spread_over_idle_workers():
     """Two idle workers, four attempts: each gets two (least loaded first) and each
     reports its first one Started."""
     d = ready(2, prefetch=2)
-    cmds = d.submit([ra(i) for i in range(1, 5)], 1.0)
+    cmds = d.handle(SubmitAttempts([ra(i) for i in range(1, 5)], 1.0))
     held = sent(cmds)
     assert sorted(len(v) for v in held.values()) == [2, 2]
     assert sorted(started_ids(cmds)) == sorted(v[0] for v in held.values())
@@ -146,8 +158,8 @@ def test_attempts_spread_over_idle_workers():
 def test_duplicate_hello_is_ignored():
     """A worker's hello delivered twice does not reset it or assign twice."""
     d = ready(1)
-    d.submit([ra(1)], 0.0)
-    assert d.on_hello("w1", 101, 1.0) == []
+    d.handle(SubmitAttempts([ra(1)], 0.0))
+    assert d.handle(HelloFrom("w1", 101, 1.0)) == []
 
 
 # --------------------------------------------------------------------------- worker death
@@ -159,14 +171,14 @@ def test_worker_death_blames_only_running_attempt_and_requeues_rest():
     never started, so it is requeued unblamed and sent to the other worker; a replacement
     worker is spawned."""
     d = Dispatcher(2, prefetch=2)
-    d.start(0.0)
-    d.on_hello("w1", 101, 0.0)
-    d.submit([ra(1), ra(2)], 1.0)
+    d.handle(Boot(0.0))
+    d.handle(HelloFrom("w1", 101, 0.0))
+    d.handle(SubmitAttempts([ra(1), ra(2)], 1.0))
     assert d.ledger.held_by("w1") == [1, 2]
-    d.on_hello("w2", 102, 1.5)
+    d.handle(HelloFrom("w2", 102, 1.5))
 
     tail = "Traceback (most recent call last):\nMemoryError"
-    cmds = d.on_exit("w1", -9, tail, 4.0, goodbye=False)
+    cmds = d.handle(WorkerExited("w1", -9, tail, 4.0, goodbye=False))
 
     (ev,) = [m for m in msgs(cmds, WorkerReport) if m.kind == "lost"]
     assert ev.worker == "w1" and ev.held == (1,) and ev.signal == "SIGKILL"
@@ -188,8 +200,8 @@ def test_worker_death_blames_only_running_attempt_and_requeues_rest():
 def test_worker_exit_code_named_in_lost_message():
     """A worker calls os._exit(3) from user code: the message names the exit code."""
     d = ready(1)
-    d.submit([ra(1)], 0.0)
-    (lost,) = msgs(d.on_exit("w1", 3, "", 1.0, goodbye=False), Lost)
+    d.handle(SubmitAttempts([ra(1)], 0.0))
+    (lost,) = msgs(d.handle(WorkerExited("w1", 3, "", 1.0, goodbye=False)), Lost)
     assert "exited with code 3" in lost.message
     assert lost.signal is None and "stderr" not in lost.message
 
@@ -197,7 +209,7 @@ def test_worker_exit_code_named_in_lost_message():
 def test_idle_worker_death_blames_nobody():
     """An idle worker dies: reported lost with nothing held, replaced, no Lost."""
     d = ready(1)
-    cmds = d.on_exit("w1", -11, "", 1.0, goodbye=False)
+    cmds = d.handle(WorkerExited("w1", -11, "", 1.0, goodbye=False))
     assert msgs(cmds, Lost) == []
     assert of(cmds, Spawn) == [Spawn("w2")]
 
@@ -206,11 +218,11 @@ def test_requeued_attempt_waits_for_replacement_worker():
     """The only worker dies holding two attempts: the second waits at the head of the
     queue and goes to the replacement worker when it says hello, ahead of newer work."""
     d = ready(1, prefetch=2)
-    d.submit([ra(1), ra(2)], 0.0)
-    cmds = d.on_exit("w1", -9, "", 1.0, goodbye=False)
+    d.handle(SubmitAttempts([ra(1), ra(2)], 0.0))
+    cmds = d.handle(WorkerExited("w1", -9, "", 1.0, goodbye=False))
     assert sent(cmds) == {} and of(cmds, Spawn) == [Spawn("w2")]
-    d.submit([ra(3)], 1.5)
-    cmds = d.on_hello("w2", 202, 2.0)
+    d.handle(SubmitAttempts([ra(3)], 1.5))
+    cmds = d.handle(HelloFrom("w2", 202, 2.0))
     assert sent(cmds) == {"w2": [2, 3]}
     assert started_ids(cmds) == [2]
 
@@ -234,12 +246,12 @@ def test_timeout_kills_worker_and_reports_timeout():
     that follows our kill is not reported a second time; a result the worker managed to
     send first is still forwarded (the client's fencing drops it)."""
     d = ready(1)
-    d.submit([ra(1, timeout=5.0)], 10.0)
-    d.on_command_group("w1", 1, 777)
+    d.handle(SubmitAttempts([ra(1, timeout=5.0)], 10.0))
+    d.handle(GroupFrom("w1", 1, 777))
     assert d.next_deadline() == 15.0
-    assert d.tick(14.9, {}, {}) == []
+    assert d.handle(TimePassed(14.9, {}, {})) == []
 
-    cmds = d.tick(15.25, {}, {})
+    cmds = d.handle(TimePassed(15.25, {}, {}))
     assert of(cmds, Kill) == [Kill("w1", (777,))]
     (lost,) = msgs(cmds, Lost)
     assert lost.attempt == 1 and lost.category == "timeout"
@@ -247,18 +259,18 @@ def test_timeout_kills_worker_and_reports_timeout():
     assert of(cmds, Spawn) == [Spawn("w2")]
     assert d.next_deadline() is None
 
-    assert d.on_result("w1", res(1), 15.3) == [ToClient(res(1))]
-    assert d.on_exit("w1", -9, "", 15.4, goodbye=False) == []
+    assert d.handle(ResultFrom("w1", res(1), 15.3)) == [ToClient(res(1))]
+    assert d.handle(WorkerExited("w1", -9, "", 15.4, goodbye=False)) == []
 
 
 def test_timeout_clock_starts_when_attempt_becomes_first():
     """A prefetched attempt's timeout counts from when the worker reaches it, not from
     when it was sent."""
     d = ready(1, prefetch=2)
-    d.submit([ra(1), ra(2, timeout=5.0)], 0.0)
-    d.on_result("w1", res(1), 8.0)
+    d.handle(SubmitAttempts([ra(1), ra(2, timeout=5.0)], 0.0))
+    d.handle(ResultFrom("w1", res(1), 8.0))
     assert d.next_deadline() == 13.0
-    assert of(d.tick(12.0, {}, {}), Kill) == []
+    assert of(d.handle(TimePassed(12.0, {}, {})), Kill) == []
 
 
 # --------------------------------------------------------------------------- hang detection
@@ -269,10 +281,10 @@ def test_kernel_stopped_worker_declared_hung():
     samples at least heartbeat_interval apart -> killed, its attempt Lost worker_lost
     with 'stopped' and the stderr tail, replacement spawned."""
     d = ready(1, heartbeat_interval=1.0)
-    d.submit([ra(1)], 0.0)
-    assert d.tick(0.5, {"w1": ("T", 1.0)}, {}) == []
-    assert d.tick(1.0, {"w1": ("T", 1.0)}, {}) == []
-    cmds = d.tick(1.5, {"w1": ("T", 1.0)}, {"w1": "last words"})
+    d.handle(SubmitAttempts([ra(1)], 0.0))
+    assert d.handle(TimePassed(0.5, {"w1": ("T", 1.0)}, {})) == []
+    assert d.handle(TimePassed(1.0, {"w1": ("T", 1.0)}, {})) == []
+    cmds = d.handle(TimePassed(1.5, {"w1": ("T", 1.0)}, {"w1": "last words"}))
     assert of(cmds, Kill) == [Kill("w1", ())]
     (lost,) = msgs(cmds, Lost)
     assert lost.category == "worker_lost" and lost.signal == "SIGKILL"
@@ -284,29 +296,29 @@ def test_kernel_stopped_worker_declared_hung():
 def test_kernel_stop_interrupted_by_running_is_not_hung():
     """Briefly stopped then running again (a profiler's sample): the stop clock resets."""
     d = ready(1, heartbeat_interval=1.0)
-    d.submit([ra(1)], 0.0)
+    d.handle(SubmitAttempts([ra(1)], 0.0))
     seq = [(0.0, "T"), (0.6, "R"), (1.2, "T"), (1.8, "t")]
     for now, st in seq:
-        assert of(d.tick(now, {"w1": (st, 1.0)}, {}), Kill) == [], now
+        assert of(d.handle(TimePassed(now, {"w1": (st, 1.0)}, {})), Kill) == [], now
 
 
 def test_silent_but_busy_worker_is_not_hung():
     """User code holds the GIL in a long C call: no heartbeat for 30 s, but the kernel
     shows its CPU time advancing -> busy, not hung."""
     d = ready(1, heartbeat_interval=1.0, heartbeat_timeout=10.0)
-    d.submit([ra(1)], 0.0)
+    d.handle(SubmitAttempts([ra(1)], 0.0))
     for t in range(1, 31):
-        assert of(d.tick(float(t), {"w1": ("R", float(t))}, {}), Kill) == [], t
+        assert of(d.handle(TimePassed(float(t), {"w1": ("R", float(t))}, {})), Kill) == [], t
 
 
 def test_silent_and_idle_cpu_worker_declared_hung():
     """A worker deadlocked in native code: no heartbeat and no CPU for more than
     heartbeat_timeout -> killed, Lost worker_lost naming both facts."""
     d = ready(1, heartbeat_interval=1.0, heartbeat_timeout=10.0)
-    d.submit([ra(1)], 0.0)
+    d.handle(SubmitAttempts([ra(1)], 0.0))
     for t in range(1, 12):  # first sample at t=1 records the CPU; 10 s later is not > 10
-        assert of(d.tick(float(t), {"w1": ("S", 5.0)}, {}), Kill) == [], t
-    cmds = d.tick(12.0, {"w1": ("S", 5.0)}, {})
+        assert of(d.handle(TimePassed(float(t), {"w1": ("S", 5.0)}, {})), Kill) == [], t
+    cmds = d.handle(TimePassed(12.0, {"w1": ("S", 5.0)}, {}))
     assert of(cmds, Kill) == [Kill("w1", ())]
     (lost,) = msgs(cmds, Lost)
     assert lost.category == "worker_lost"
@@ -316,10 +328,10 @@ def test_silent_and_idle_cpu_worker_declared_hung():
 def test_heartbeating_worker_without_cpu_is_not_hung():
     """A worker sleeping in user code (time.sleep) keeps heartbeating: not hung."""
     d = ready(1, heartbeat_interval=1.0, heartbeat_timeout=10.0)
-    d.submit([ra(1)], 0.0)
+    d.handle(SubmitAttempts([ra(1)], 0.0))
     for t in range(1, 40):
-        d.on_heartbeat("w1", float(t))
-        assert of(d.tick(float(t) + 0.5, {"w1": ("S", 5.0)}, {}), Kill) == [], t
+        d.handle(HeartbeatFrom("w1", float(t)))
+        assert of(d.handle(TimePassed(float(t) + 0.5, {"w1": ("S", 5.0)}, {})), Kill) == [], t
 
 
 def test_master_suspended_resets_clocks_and_blames_nobody():
@@ -327,16 +339,16 @@ def test_master_suspended_resets_clocks_and_blames_nobody():
     read and the worker was stopped at the last sample; on resume nobody is blamed, and
     the hang clocks start afresh from the resume."""
     d = ready(2, heartbeat_interval=1.0, heartbeat_timeout=10.0)
-    d.submit([ra(1), ra(2)], 0.0)
+    d.handle(SubmitAttempts([ra(1), ra(2)], 0.0))
     for t in range(1, 4):
-        d.tick(float(t), {"w1": ("S", 5.0), "w2": ("R", 1.0)}, {})
-    d.tick(3.5, {"w1": ("S", 5.0), "w2": ("T", 1.0)}, {})
-    cmds = d.tick(103.5, {"w1": ("S", 5.0), "w2": ("T", 1.0)}, {})
+        d.handle(TimePassed(float(t), {"w1": ("S", 5.0), "w2": ("R", 1.0)}, {}))
+    d.handle(TimePassed(3.5, {"w1": ("S", 5.0), "w2": ("T", 1.0)}, {}))
+    cmds = d.handle(TimePassed(103.5, {"w1": ("S", 5.0), "w2": ("T", 1.0)}, {}))
     assert of(cmds, Kill) == [] and msgs(cmds, Lost) == []
     for t in range(104, 114):
-        assert of(d.tick(float(t), {"w1": ("S", 5.0)}, {}), Kill) == [], t
+        assert of(d.handle(TimePassed(float(t), {"w1": ("S", 5.0)}, {})), Kill) == [], t
     # now the clocks are the ones that started at the resume: 10.5 s silent, no CPU
-    cmds = d.tick(114.0, {"w1": ("S", 5.0)}, {})
+    cmds = d.handle(TimePassed(114.0, {"w1": ("S", 5.0)}, {}))
     assert [k.name for k in of(cmds, Kill)] == ["w1"]
 
 
@@ -348,14 +360,14 @@ def test_repeated_start_failures_are_fatal_with_stderr():
     before hello -> each is replaced until the third, then Fatal('environment') whose
     message carries the stderr; no further spawn."""
     d = Dispatcher(1, max_start_failures=3)
-    assert d.start(0.0) == [Spawn("w1")]
+    assert d.handle(Boot(0.0)) == [Spawn("w1")]
     err = "ModuleNotFoundError: No module named 'numpy'"
-    c1 = d.on_exit("w1", 1, err, 1.0, goodbye=False)
+    c1 = d.handle(WorkerExited("w1", 1, err, 1.0, goodbye=False))
     assert of(c1, Spawn) == [Spawn("w2")]
     (ev,) = msgs(c1, WorkerReport)
     assert ev.kind == "start_failed" and "start failure 1 of 3" in ev.message
-    assert of(d.on_exit("w2", 1, err, 2.0, goodbye=False), Spawn) == [Spawn("w3")]
-    c3 = d.on_exit("w3", 1, err, 3.0, goodbye=False)
+    assert of(d.handle(WorkerExited("w2", 1, err, 2.0, goodbye=False)), Spawn) == [Spawn("w3")]
+    c3 = d.handle(WorkerExited("w3", 1, err, 3.0, goodbye=False))
     assert of(c3, Spawn) == []
     (fatal,) = msgs(c3, Fatal)
     assert fatal.category == "environment"
@@ -366,10 +378,10 @@ def test_repeated_start_failures_are_fatal_with_stderr():
 def test_start_failures_must_be_consecutive():
     """A flaky start now and then is not fatal: a successful hello resets the count."""
     d = Dispatcher(2, max_start_failures=2)
-    d.start(0.0)
-    d.on_exit("w1", 1, "", 1.0, goodbye=False)
-    d.on_hello("w2", 102, 1.5)
-    cmds = d.on_exit("w3", 1, "", 2.0, goodbye=False)
+    d.handle(Boot(0.0))
+    d.handle(WorkerExited("w1", 1, "", 1.0, goodbye=False))
+    d.handle(HelloFrom("w2", 102, 1.5))
+    cmds = d.handle(WorkerExited("w3", 1, "", 2.0, goodbye=False))
     assert msgs(cmds, Fatal) == [] and of(cmds, Spawn) == [Spawn("w4")]
 
 
@@ -380,12 +392,12 @@ def test_orderly_shutdown_is_not_a_loss():
     """Session close: every live worker is sent Shutdown; when they exit after saying
     goodbye they are reported stopped, nothing is Lost and nothing is respawned."""
     d = ready(2)
-    cmds = d.shutdown()
+    cmds = d.handle(Close())
     assert sorted(c.name for c in of(cmds, SendWorker)) == ["w1", "w2"]
     assert all(isinstance(c.msgs[0], Shutdown) for c in of(cmds, SendWorker))
-    c1 = d.on_exit("w1", 0, "", 1.0, goodbye=True)
+    c1 = d.handle(WorkerExited("w1", 0, "", 1.0, goodbye=True))
     assert msgs(c1, WorkerReport) == [WorkerReport("stopped", "w1", 101, 1.0, 0)]
-    c2 = d.on_exit("w2", None, "", 1.0, goodbye=False)  # stopping: no goodbye needed
+    c2 = d.handle(WorkerExited("w2", None, "", 1.0, goodbye=False))  # stopping: no goodbye needed
     assert [m.kind for m in msgs(c2, WorkerReport)] == ["stopped"]
     assert of(c1 + c2, Spawn) == [] and msgs(c1 + c2, Lost) == []
     assert live(d) == []
@@ -394,7 +406,7 @@ def test_orderly_shutdown_is_not_a_loss():
 def test_goodbye_exit_without_shutdown_is_stopped():
     """A worker that says goodbye and exits (e.g. max tasks reached) is not a loss."""
     d = ready(1)
-    cmds = d.on_exit("w1", 0, "", 1.0, goodbye=True)
+    cmds = d.handle(WorkerExited("w1", 0, "", 1.0, goodbye=True))
     assert [m.kind for m in msgs(cmds, WorkerReport)] == ["stopped"]
     assert of(cmds, Spawn) == [] and msgs(cmds, Lost) == []
 
@@ -406,9 +418,9 @@ def test_cancel_queued_attempt_is_never_sent():
     """A task is cancelled while its attempt waits in the master's queue: when a slot
     frees up the attempt is skipped and the next one sent instead."""
     d = ready(1, prefetch=1)
-    d.submit([ra(1), ra(2), ra(3)], 0.0)
-    assert d.cancel([2], 0.5) == []
-    cmds = d.on_result("w1", res(1), 1.0)
+    d.handle(SubmitAttempts([ra(1), ra(2), ra(3)], 0.0))
+    assert d.handle(CancelRequest(tuple([2]), 0.5)) == []
+    cmds = d.handle(ResultFrom("w1", res(1), 1.0))
     assert sent(cmds) == {"w1": [3]} and started_ids(cmds) == [3]
     assert 2 not in d.ledger
 
@@ -417,10 +429,10 @@ def test_cancel_prefetched_attempt_withdrawn_from_worker():
     """A task is cancelled after its attempt was prefetched by a busy worker (held[1]):
     the worker is told CancelAttempt; its Withdrawn frees the slot for queued work."""
     d = ready(1, prefetch=2)
-    d.submit([ra(1), ra(2), ra(3)], 0.0)
-    cmds = d.cancel([2], 0.5)
+    d.handle(SubmitAttempts([ra(1), ra(2), ra(3)], 0.0))
+    cmds = d.handle(CancelRequest(tuple([2]), 0.5))
     assert cmds == [SendWorker("w1", [CancelAttempt(2)])]
-    cmds = d.on_withdrawn("w1", 2, 0.6)
+    cmds = d.handle(WithdrawnBy("w1", 2, 0.6))
     assert sent(cmds) == {"w1": [3]}
     assert started_ids(cmds) == []  # attempt 1 is still the one running
     assert d.ledger.held_by("w1") == [1, 3]
@@ -429,17 +441,17 @@ def test_cancel_prefetched_attempt_withdrawn_from_worker():
 def test_cancel_started_attempt_does_nothing():
     """The attempt already runs: cancel sends nothing; its result is still forwarded."""
     d = ready(1)
-    d.submit([ra(1)], 0.0)
-    assert d.cancel([1], 0.5) == []
-    assert d.on_result("w1", res(1), 1.0)[0] == ToClient(res(1))
+    d.handle(SubmitAttempts([ra(1)], 0.0))
+    assert d.handle(CancelRequest(tuple([1]), 0.5)) == []
+    assert d.handle(ResultFrom("w1", res(1), 1.0))[0] == ToClient(res(1))
 
 
 def test_cancel_unknown_attempt_ignored():
     """Cancelling an attempt that already finished is harmless."""
     d = ready(1)
-    d.submit([ra(1)], 0.0)
-    d.on_result("w1", res(1), 1.0)
-    assert d.cancel([1, 99], 2.0) == []
+    d.handle(SubmitAttempts([ra(1)], 0.0))
+    d.handle(ResultFrom("w1", res(1), 1.0))
+    assert d.handle(CancelRequest(tuple([1, 99]), 2.0)) == []
 
 
 def test_cancelled_prefetched_attempt_not_rerun_when_worker_dies():
@@ -447,13 +459,13 @@ def test_cancelled_prefetched_attempt_not_rerun_when_worker_dies():
     attempt it is running times out and the worker is killed. The cancelled attempt must
     not be requeued and run on another worker (a cancelled task would run)."""
     d = Dispatcher(2, prefetch=2)
-    d.start(0.0)
-    d.on_hello("w1", 101, 0.0)
-    d.submit([ra(1, timeout=5.0), ra(2)], 0.0)
+    d.handle(Boot(0.0))
+    d.handle(HelloFrom("w1", 101, 0.0))
+    d.handle(SubmitAttempts([ra(1, timeout=5.0), ra(2)], 0.0))
     assert d.ledger.held_by("w1") == [1, 2]
-    d.on_hello("w2", 102, 0.5)  # idle, ready to take requeued work
-    assert d.cancel([2], 1.0) == [SendWorker("w1", [CancelAttempt(2)])]
-    cmds = d.tick(5.0, {}, {})
+    d.handle(HelloFrom("w2", 102, 0.5))  # idle, ready to take requeued work
+    assert d.handle(CancelRequest(tuple([2]), 1.0)) == [SendWorker("w1", [CancelAttempt(2)])]
+    cmds = d.handle(TimePassed(5.0, {}, {}))
     assert [m.attempt for m in msgs(cmds, Lost)] == [1]
     assert sent(cmds) == {}  # attempt 2 must not go to the idle w2
     assert started_ids(cmds) == []
@@ -464,12 +476,12 @@ def test_worker_hung_at_startup_is_killed_and_counted() -> None:
     """A worker that never says hello (an import stuck on a dead NFS mount) is killed after
     start_timeout; its exit counts as a start failure, so tasks never wait forever."""
     d = Dispatcher(1, heartbeat_interval=1.0, heartbeat_timeout=5.0, start_timeout=30.0)
-    (spawn,) = d.start(0.0)
+    (spawn,) = d.handle(Boot(0.0))
     d.slots[spawn.name].pid = 4242
-    assert d.tick(10.0, {}, {}) == []
-    cmds = d.tick(31.0, {}, {})
+    assert d.handle(TimePassed(10.0, {}, {})) == []
+    cmds = d.handle(TimePassed(31.0, {}, {}))
     assert Kill(spawn.name, ()) in cmds
-    out = d.on_exit(spawn.name, -9, "", 31.1, False)
+    out = d.handle(WorkerExited(spawn.name, -9, "", 31.1, False))
     assert any(isinstance(c, ToClient) and c.msg.kind == "start_failed" for c in out)
     assert any(isinstance(c, Spawn) for c in out)  # tried again, up to max_start_failures
 
@@ -503,9 +515,9 @@ def test_worker_given_k_attempts_retires_with_shutdown_after_them():
     the worker is given nothing more, and its replacement is spawned at once (not when the
     old one exits), reported 'replaced' with the reason. Attempt 4 waits for w2."""
     d = ready(1, prefetch=2, max_tasks_per_child=3)
-    d.submit([ra(i) for i in range(1, 6)], 0.0)
+    d.handle(SubmitAttempts([ra(i) for i in range(1, 6)], 0.0))
     assert d.ledger.held_by("w1") == [1, 2]
-    cmds = d.on_result("w1", res(1), 1.0)
+    cmds = d.handle(ResultFrom("w1", res(1), 1.0))
     (send,) = of(cmds, SendWorker)
     assert send.name == "w1" and [type(m) for m in send.msgs] == [RunAttempt, Shutdown]
     assert send.msgs[0].attempt == 3
@@ -514,12 +526,12 @@ def test_worker_given_k_attempts_retires_with_shutdown_after_them():
     assert rep.kind == "replaced" and rep.worker == "w2" and "max_tasks_per_child=3" in rep.message
     assert d.slots["w1"].state is SlotState.RETIRING and live(d) == ["w2"]
     # w1 finishes what it holds; it gets nothing more, w2 is not up yet
-    cmds = d.on_result("w1", res(2), 2.0)
+    cmds = d.handle(ResultFrom("w1", res(2), 2.0))
     assert sent(cmds) == {} and started_ids(cmds) == [3] and of(cmds, Spawn) == []
-    cmds = d.on_result("w1", res(3), 3.0)
+    cmds = d.handle(ResultFrom("w1", res(3), 3.0))
     assert sent(cmds) == {} and of(cmds, Spawn) == []
     assert [a.attempt for a in d.queue] == [4, 5]
-    cmds = d.on_hello("w2", 202, 3.5)
+    cmds = d.handle(HelloFrom("w2", 202, 3.5))
     assert sent(cmds) == {"w2": [4, 5]} and shutdowns(cmds) == {}
 
 
@@ -527,10 +539,10 @@ def test_retired_worker_goodbye_exit_is_stopped_not_lost():
     """The retired worker ran its three attempts, said Goodbye and exited 0: reported
     'stopped' (saying why), no Lost, nothing requeued, no second replacement."""
     d = ready(1, prefetch=1, max_tasks_per_child=2)
-    d.submit([ra(1), ra(2), ra(3)], 0.0)
-    d.on_result("w1", res(1), 1.0)
-    d.on_result("w1", res(2), 2.0)
-    cmds = d.on_exit("w1", 0, "", 2.1, goodbye=True)
+    d.handle(SubmitAttempts([ra(1), ra(2), ra(3)], 0.0))
+    d.handle(ResultFrom("w1", res(1), 1.0))
+    d.handle(ResultFrom("w1", res(2), 2.0))
+    cmds = d.handle(WorkerExited("w1", 0, "", 2.1, goodbye=True))
     (rep,) = msgs(cmds, WorkerReport)
     assert rep.kind == "stopped" and rep.pid == 101 and rep.returncode == 0
     assert "max_tasks_per_child=2" in rep.message
@@ -543,13 +555,13 @@ def test_k_1_every_worker_gets_exactly_one_attempt():
     """max_tasks_per_child=1 with prefetch=2 and two workers: each worker is given one
     attempt and Shutdown; two replacements start; the queue waits for them."""
     d = ready(2, prefetch=2, max_tasks_per_child=1)
-    cmds = d.submit([ra(i) for i in range(1, 5)], 0.0)
+    cmds = d.handle(SubmitAttempts([ra(i) for i in range(1, 5)], 0.0))
     assert sent(cmds) == {"w1": [1], "w2": [2]}
     assert shutdowns(cmds) == {"w1": 1, "w2": 1}
     assert of(cmds, Spawn) == [Spawn("w3"), Spawn("w4")]
     assert started_ids(cmds) == [1, 2]
     assert [a.attempt for a in d.queue] == [3, 4]
-    cmds = d.on_hello("w3", 303, 1.0) + d.on_hello("w4", 304, 1.0)
+    cmds = d.handle(HelloFrom("w3", 303, 1.0)) + d.handle(HelloFrom("w4", 304, 1.0))
     assert sent(cmds) == {"w3": [3], "w4": [4]}
     assert of(cmds, Spawn) == [Spawn("w5"), Spawn("w6")]
 
@@ -557,17 +569,17 @@ def test_k_1_every_worker_gets_exactly_one_attempt():
 def test_failed_attempt_counts_like_a_successful_one():
     """A task that raised (a user error) ran on the worker: it counts toward the limit."""
     d = ready(1, prefetch=1, max_tasks_per_child=2)
-    d.submit([ra(1), ra(2), ra(3)], 0.0)
-    cmds = d.on_result("w1", res(1, ok=False), 1.0)
+    d.handle(SubmitAttempts([ra(1), ra(2), ra(3)], 0.0))
+    cmds = d.handle(ResultFrom("w1", res(1, ok=False), 1.0))
     assert sent(cmds) == {"w1": [2]} and shutdowns(cmds) == {"w1": 1}
 
 
 def test_no_limit_never_retires():
     """max_tasks_per_child=None (the default): a worker takes any number of attempts."""
     d = ready(1, prefetch=1)
-    d.submit([ra(i) for i in range(1, 202)], 0.0)
+    d.handle(SubmitAttempts([ra(i) for i in range(1, 202)], 0.0))
     for i in range(1, 201):
-        cmds = d.on_result("w1", res(i), float(i))
+        cmds = d.handle(ResultFrom("w1", res(i), float(i)))
         assert sent(cmds) == {"w1": [i + 1]} and shutdowns(cmds) == {} and of(cmds, Spawn) == []
     assert d.slots["w1"].given == 0
 
@@ -576,9 +588,9 @@ def test_cancelled_queued_attempt_is_not_counted():
     """A task cancelled while its attempt waits in the master's queue never reaches a
     worker: the worker's count is of the attempts it was given (1 and 3)."""
     d = ready(1, prefetch=1, max_tasks_per_child=2)
-    d.submit([ra(1), ra(2), ra(3), ra(4)], 0.0)
-    d.cancel([2], 0.5)
-    cmds = d.on_result("w1", res(1), 1.0)
+    d.handle(SubmitAttempts([ra(1), ra(2), ra(3), ra(4)], 0.0))
+    d.handle(CancelRequest(tuple([2]), 0.5))
+    cmds = d.handle(ResultFrom("w1", res(1), 1.0))
     assert sent(cmds) == {"w1": [3]} and shutdowns(cmds) == {"w1": 1}
 
 
@@ -586,11 +598,11 @@ def test_withdrawn_prefetched_attempt_is_given_back():
     """A prefetched attempt is cancelled and the worker withdraws it without running
     it: it does not count, so the worker still runs three attempts (1, 3, 4)."""
     d = ready(1, prefetch=2, max_tasks_per_child=3)
-    d.submit([ra(i) for i in range(1, 6)], 0.0)
-    d.cancel([2], 0.5)
-    cmds = d.on_withdrawn("w1", 2, 0.6)
+    d.handle(SubmitAttempts([ra(i) for i in range(1, 6)], 0.0))
+    d.handle(CancelRequest(tuple([2]), 0.5))
+    cmds = d.handle(WithdrawnBy("w1", 2, 0.6))
     assert sent(cmds) == {"w1": [3]} and shutdowns(cmds) == {}
-    cmds = d.on_result("w1", res(1), 1.0)
+    cmds = d.handle(ResultFrom("w1", res(1), 1.0))
     assert sent(cmds) == {"w1": [4]} and shutdowns(cmds) == {"w1": 1}
 
 
@@ -599,13 +611,13 @@ def test_withdrawn_after_retirement_leaves_worker_retired():
     attempt is cancelled and withdrawn: the worker stays retired (it cannot take the
     Shutdown back, and its replacement is already starting); it just ran one fewer."""
     d = ready(1, prefetch=2, max_tasks_per_child=2)
-    d.submit([ra(1), ra(2), ra(3)], 0.0)
+    d.handle(SubmitAttempts([ra(1), ra(2), ra(3)], 0.0))
     assert d.slots["w1"].state is SlotState.RETIRING
-    d.cancel([2], 0.5)
-    cmds = d.on_withdrawn("w1", 2, 0.6)
+    d.handle(CancelRequest(tuple([2]), 0.5))
+    cmds = d.handle(WithdrawnBy("w1", 2, 0.6))
     assert sent(cmds) == {} and of(cmds, Spawn) == []
     assert d.slots["w1"].state is SlotState.RETIRING
-    cmds = d.on_result("w1", res(1), 1.0)
+    cmds = d.handle(ResultFrom("w1", res(1), 1.0))
     assert sent(cmds) == {} and [a.attempt for a in d.queue] == [3]
 
 
@@ -614,16 +626,16 @@ def test_retiring_worker_killed_is_lost_but_not_replaced_twice():
     attempt 2 is Lost (worker_lost, charged as any loss), 3 goes back unblamed, and no
     second replacement is spawned: the one started at retirement keeps the pool at N."""
     d = ready(1, prefetch=2, max_tasks_per_child=3)
-    d.submit([ra(i) for i in range(1, 5)], 0.0)
-    d.on_result("w1", res(1), 1.0)  # given 1, 2, 3: retiring; w2 spawned
-    cmds = d.on_exit("w1", -9, "", 1.5, goodbye=False)
+    d.handle(SubmitAttempts([ra(i) for i in range(1, 5)], 0.0))
+    d.handle(ResultFrom("w1", res(1), 1.0))  # given 1, 2, 3: retiring; w2 spawned
+    cmds = d.handle(WorkerExited("w1", -9, "", 1.5, goodbye=False))
     assert [(m.attempt, m.category) for m in msgs(cmds, Lost)] == [(2, "worker_lost")]
     (rep,) = msgs(cmds, WorkerReport)
     assert rep.kind == "lost" and rep.held == (2,) and rep.signal == "SIGKILL"
     assert of(cmds, Spawn) == [] and sent(cmds) == {}
     assert [a.attempt for a in d.queue] == [3, 4]
     assert live(d) == ["w2"]
-    cmds = d.on_hello("w2", 202, 2.0)
+    cmds = d.handle(HelloFrom("w2", 202, 2.0))
     assert sent(cmds) == {"w2": [3, 4]}
 
 
@@ -631,16 +643,16 @@ def test_retiring_worker_still_watched_for_hangs_and_timeouts():
     """A retiring worker runs user code: it is still killed when SIGSTOPped (hung) and
     when its attempt times out, and neither spawns a second replacement."""
     d = ready(1, prefetch=1, max_tasks_per_child=1, heartbeat_interval=1.0)
-    d.submit([ra(1)], 0.0)
+    d.handle(SubmitAttempts([ra(1)], 0.0))
     assert d.slots["w1"].state is SlotState.RETIRING
-    d.tick(0.5, {"w1": ("T", 1.0)}, {})
-    cmds = d.tick(1.5, {"w1": ("T", 1.0)}, {})
+    d.handle(TimePassed(0.5, {"w1": ("T", 1.0)}, {}))
+    cmds = d.handle(TimePassed(1.5, {"w1": ("T", 1.0)}, {}))
     assert of(cmds, Kill) == [Kill("w1", ())] and of(cmds, Spawn) == []
     assert [m.attempt for m in msgs(cmds, Lost)] == [1]
 
     d = ready(1, prefetch=1, max_tasks_per_child=1)
-    d.submit([ra(1, timeout=5.0)], 0.0)
-    cmds = d.tick(5.5, {}, {})
+    d.handle(SubmitAttempts([ra(1, timeout=5.0)], 0.0))
+    cmds = d.handle(TimePassed(5.5, {}, {}))
     assert of(cmds, Kill) == [Kill("w1", ())] and of(cmds, Spawn) == []
     assert [(m.attempt, m.category) for m in msgs(cmds, Lost)] == [(1, "timeout")]
 
@@ -649,12 +661,14 @@ def test_session_shutdown_while_a_worker_retires():
     """Session close while w1 retires: Shutdown goes only to the live pool (w1 has its
     own already); both exits after Goodbye are 'stopped', nothing Lost or respawned."""
     d = ready(1, prefetch=1, max_tasks_per_child=1)
-    d.submit([ra(1)], 0.0)
-    d.on_result("w1", res(1), 1.0)
-    d.on_hello("w2", 202, 1.0)
-    cmds = d.shutdown()
+    d.handle(SubmitAttempts([ra(1)], 0.0))
+    d.handle(ResultFrom("w1", res(1), 1.0))
+    d.handle(HelloFrom("w2", 202, 1.0))
+    cmds = d.handle(Close())
     assert [c.name for c in of(cmds, SendWorker)] == ["w2"]
-    out = d.on_exit("w1", 0, "", 1.1, goodbye=True) + d.on_exit("w2", 0, "", 1.2, goodbye=True)
+    out = d.handle(WorkerExited("w1", 0, "", 1.1, goodbye=True)) + d.handle(
+        WorkerExited("w2", 0, "", 1.2, goodbye=True)
+    )
     assert [m.kind for m in msgs(out, WorkerReport)] == ["stopped", "stopped"]
     assert of(out, Spawn) == [] and msgs(out, Lost) == []
 
@@ -663,8 +677,8 @@ def test_replacement_start_failure_is_counted_and_retried():
     """The fresh worker that replaces a retired one fails to start: a start failure like
     any other (counted, retried), not a loss of the retired worker's attempts."""
     d = ready(1, prefetch=1, max_tasks_per_child=1)
-    d.submit([ra(1), ra(2)], 0.0)
-    cmds = d.on_exit("w2", 1, "ImportError", 0.5, goodbye=False)
+    d.handle(SubmitAttempts([ra(1), ra(2)], 0.0))
+    cmds = d.handle(WorkerExited("w2", 1, "ImportError", 0.5, goodbye=False))
     assert [m.kind for m in msgs(cmds, WorkerReport)] == ["start_failed"]
     assert of(cmds, Spawn) == [Spawn("w3")] and msgs(cmds, Lost) == []
     assert d.ledger.held_by("w1") == [1] and [a.attempt for a in d.queue] == [2]
@@ -676,12 +690,12 @@ def test_retirement_waits_for_answer_about_cancelled_prefetched_attempt():
     not retired yet (2 may never run): it takes no more work until the answer; 2 is
     withdrawn, given back, so it takes 4 and retires then: it runs 1, 3 and 4."""
     d = ready(1, prefetch=2, max_tasks_per_child=3)
-    d.submit([ra(i) for i in range(1, 6)], 0.0)
-    d.cancel([2], 0.5)
-    cmds = d.on_result("w1", res(1), 1.0)
+    d.handle(SubmitAttempts([ra(i) for i in range(1, 6)], 0.0))
+    d.handle(CancelRequest(tuple([2]), 0.5))
+    cmds = d.handle(ResultFrom("w1", res(1), 1.0))
     assert sent(cmds) == {"w1": [3]} and shutdowns(cmds) == {} and of(cmds, Spawn) == []
     assert d.slots["w1"].state is SlotState.READY and [a.attempt for a in d.queue] == [4, 5]
-    cmds = d.on_withdrawn("w1", 2, 1.1)
+    cmds = d.handle(WithdrawnBy("w1", 2, 1.1))
     assert sent(cmds) == {"w1": [4]} and shutdowns(cmds) == {"w1": 1}
     assert started_ids(cmds) == [3] and of(cmds, Spawn) == [Spawn("w2")]
     assert d.slots["w1"].state is SlotState.RETIRING and [a.attempt for a in d.queue] == [5]
@@ -692,10 +706,10 @@ def test_cancelled_prefetched_attempt_that_ran_anyway_counts():
     reached it (it answers with a Result, not Withdrawn): 2 ran, so it counts and the
     worker, given 1, 2 and 3, retires now with a Shutdown of its own."""
     d = ready(1, prefetch=2, max_tasks_per_child=3)
-    d.submit([ra(i) for i in range(1, 6)], 0.0)
-    d.cancel([2], 0.5)
-    d.on_result("w1", res(1), 1.0)
-    cmds = d.on_result("w1", res(2), 1.1)
+    d.handle(SubmitAttempts([ra(i) for i in range(1, 6)], 0.0))
+    d.handle(CancelRequest(tuple([2]), 0.5))
+    d.handle(ResultFrom("w1", res(1), 1.0))
+    cmds = d.handle(ResultFrom("w1", res(2), 1.1))
     assert cmds[0] == ToClient(res(2))  # the client's fencing drops it (task cancelled)
     assert sent(cmds) == {} and shutdowns(cmds) == {"w1": 0}
     assert of(cmds, Spawn) == [Spawn("w2")] and d.slots["w1"].state is SlotState.RETIRING
@@ -706,15 +720,15 @@ def test_a_retry_keeps_its_place_in_the_queue():
     before the queued tasks submitted after it, not behind the whole queue."""
     d = ready(1, prefetch=1)
     first = [RunAttempt(i, f"k{i}", "call", b"", (), None, order=i) for i in range(1, 6)]
-    d.submit(first, 0.0)  # w1 holds attempt 1 (task 1); tasks 2..5 queued
+    d.handle(SubmitAttempts(list(first), 0.0))  # w1 holds attempt 1 (task 1); tasks 2..5 queued
     retry = RunAttempt(9, "k1", "call", b"", (), None, order=1)  # task 1 again
-    d.submit([retry], 0.1)
+    d.handle(SubmitAttempts([retry], 0.1))
     assert [a.attempt for a in d.queue] == [9, 2, 3, 4, 5]
     again = RunAttempt(10, "k0", "call", b"", (), None, order=1)  # same place: FIFO among equals
-    d.submit([again], 0.2)
+    d.handle(SubmitAttempts([again], 0.2))
     assert [a.attempt for a in d.queue] == [9, 10, 2, 3, 4, 5]
     fresh = RunAttempt(11, "k6", "call", b"", (), None, order=6)
-    d.submit([fresh], 0.3)
+    d.handle(SubmitAttempts([fresh], 0.3))
     assert [a.attempt for a in d.queue] == [9, 10, 2, 3, 4, 5, 11]
 
 
@@ -732,22 +746,22 @@ def took(aid: int, seconds: float, worker: str = "w1", start: float = 0.0) -> Re
 def test_unknown_run_time_holds_only_prefetch():
     """Attempts of a name nothing ran yet are held ``prefetch`` deep, as always."""
     d = ready(1, prefetch=2)
-    cmds = d.submit([named(i, "f") for i in range(1, 11)], 0.0)
+    cmds = d.handle(SubmitAttempts([named(i, "f") for i in range(1, 11)], 0.0))
     assert sent(cmds) == {"w1": [1, 2]}
-    assert sent(d.on_result("w1", took(1, 5.0), 5.0)) == {"w1": [3]}  # 5 s: never deeper
+    assert sent(d.handle(ResultFrom("w1", took(1, 5.0), 5.0))) == {"w1": [3]}  # 5 s: never deeper
 
 
 def test_short_attempts_travel_in_batches_with_hysteresis():
     """Once a name is known to run in microseconds, a worker holds up to 64 of them and is
     refilled only when down to half: one message per ~32 results, not one per result."""
     d = ready(1, prefetch=2)
-    d.submit([named(1, "f")], 0.0)
-    d.on_result("w1", took(1, 1e-5), 0.0)  # the estimate: 10 microseconds
-    cmds = d.submit([named(i, "f") for i in range(2, 202)], 0.0)
+    d.handle(SubmitAttempts([named(1, "f")], 0.0))
+    d.handle(ResultFrom("w1", took(1, 1e-5), 0.0))  # the estimate: 10 microseconds
+    cmds = d.handle(SubmitAttempts([named(i, "f") for i in range(2, 202)], 0.0))
     assert len(sent(cmds)["w1"]) == 64
     refills = []
     for aid in range(2, 40):
-        got = sent(d.on_result("w1", took(aid, 1e-5), 0.0)).get("w1", [])
+        got = sent(d.handle(ResultFrom("w1", took(aid, 1e-5), 0.0))).get("w1", [])
         if got:
             refills.append(len(got))
     assert refills == [32]  # one refill, at 32 held, back up to 64
@@ -758,14 +772,14 @@ def test_attempts_that_turn_long_end_deep_holding():
     """When a name's attempts turn out long, the estimate follows within a result or two
     and the worker is refilled to ``prefetch`` only, not to 64."""
     d = ready(1, prefetch=2)
-    d.submit([named(1, "f")], 0.0)
-    d.on_result("w1", took(1, 1e-5), 0.0)
-    d.submit([named(i, "f") for i in range(2, 202)], 0.0)
+    d.handle(SubmitAttempts([named(1, "f")], 0.0))
+    d.handle(ResultFrom("w1", took(1, 1e-5), 0.0))
+    d.handle(SubmitAttempts([named(i, "f") for i in range(2, 202)], 0.0))
     t = 0.0
     refills = []
     while d.queue or d.ledger.count("w1"):
         t += 1.0
-        got = sent(d.on_result("w1", took(d.ledger.held_by("w1")[0], 1.0, start=t - 1), t))
+        got = sent(d.handle(ResultFrom("w1", took(d.ledger.held_by("w1")[0], 1.0, start=t - 1), t)))
         if got:
             refills.append(len(got["w1"]))
     assert refills and set(refills) == {1}  # one attempt per result: prefetch depth
@@ -775,12 +789,12 @@ def test_attempts_that_turn_long_end_deep_holding():
 def late_second_worker() -> Dispatcher:
     """w1 took attempts 1 (running since t=0) and 2 (held); w2 said hello at t=0.01."""
     d = Dispatcher(2, prefetch=2)
-    d.start(0.0)
-    d.on_hello("w1", 101, 0.0)
-    cmds = d.submit([named(1, "long"), named(2, "long")], 0.0)
+    d.handle(Boot(0.0))
+    d.handle(HelloFrom("w1", 101, 0.0))
+    cmds = d.handle(SubmitAttempts([named(1, "long"), named(2, "long")], 0.0))
     assert sent(cmds) == {"w1": [1, 2]}
     assert started_ids(cmds) == [1]
-    assert sent(d.on_hello("w2", 102, 0.01)) == {}
+    assert sent(d.handle(HelloFrom("w2", 102, 0.01))) == {}
     return d
 
 
@@ -790,15 +804,15 @@ def test_idle_worker_takes_back_attempts_held_behind_a_long_one():
     reported started once, on w2."""
     d = late_second_worker()
     assert d.next_deadline() == pytest.approx(0.05)
-    assert d.tick(0.01, {}, {}) == []  # not yet: w2 idle, but attempt 1 is young
-    cmds = d.tick(0.06, {}, {})
+    assert d.handle(TimePassed(0.01, {}, {})) == []  # not yet: w2 idle, but attempt 1 is young
+    cmds = d.handle(TimePassed(0.06, {}, {}))
     asked = [c for c in cmds if isinstance(c, SendWorker)]
     assert asked == [SendWorker("w1", [CancelAttempt(2)])]
-    cmds = d.on_withdrawn("w1", 2, 0.07)
+    cmds = d.handle(WithdrawnBy("w1", 2, 0.07))
     assert sent(cmds) == {"w2": [2]}
     assert started_ids(cmds) == [2]
     assert msgs(cmds, Lost) == []
-    done = d.on_result("w2", took(2, 0.1, "w2", 0.07), 0.2)
+    done = d.handle(ResultFrom("w2", took(2, 0.1, "w2", 0.07), 0.2))
     assert [m.attempt for m in msgs(done, Result)] == [2]
     assert d.ledger.count("w1") == 1
 
@@ -808,11 +822,13 @@ def test_asked_back_after_the_one_before_it_ended():
     master must not mark 2 started), then the worker withdraws 2: it is queued again and
     runs elsewhere; the client never hears that 2 started on w1."""
     d = late_second_worker()
-    assert of(d.tick(0.06, {}, {}), SendWorker) == [SendWorker("w1", [CancelAttempt(2)])]
-    cmds = d.on_result("w1", took(1, 0.07), 0.07)
+    assert of(d.handle(TimePassed(0.06, {}, {})), SendWorker) == [
+        SendWorker("w1", [CancelAttempt(2)])
+    ]
+    cmds = d.handle(ResultFrom("w1", took(1, 0.07), 0.07))
     assert [m.attempt for m in msgs(cmds, Result)] == [1]
     assert 2 not in started_ids(cmds)
-    cmds = d.on_withdrawn("w1", 2, 0.08)
+    cmds = d.handle(WithdrawnBy("w1", 2, 0.08))
     assert sent(cmds) in ({"w2": [2]}, {"w1": [2]})
     assert started_ids(cmds) == [2]
 
@@ -821,9 +837,9 @@ def test_asked_back_too_late_still_reports_started_before_the_result():
     """The worker had started attempt 2 before the request reached it: its result is
     accepted, and the client hears Started(2) first."""
     d = late_second_worker()
-    d.tick(0.06, {}, {})
-    d.on_result("w1", took(1, 0.07), 0.07)
-    cmds = d.on_result("w1", took(2, 0.01, start=0.071), 0.09)
+    d.handle(TimePassed(0.06, {}, {}))
+    d.handle(ResultFrom("w1", took(1, 0.07), 0.07))
+    cmds = d.handle(ResultFrom("w1", took(2, 0.01, start=0.071), 0.09))
     order = [type(c.msg).__name__ for c in cmds if isinstance(c, ToClient)]
     assert order[:2] == ["Started", "Result"]
     assert d.ledger.count("w1") == 0 and not d.ledger.entries
@@ -837,9 +853,9 @@ def test_an_exit_reported_twice_is_an_impossible_transition():
     is already gone. The slot's transition table refuses (DEAD -> LOST), and the error
     carries the dispatcher's recent stimuli."""
     d = ready(1)
-    d.on_exit("w1", 0, "", 1.0, True)
+    d.handle(WorkerExited("w1", 0, "", 1.0, True))
     with pytest.raises(InvalidSlotTransition, match="'w1': invalid transition DEAD -> LOST") as ei:
-        d.on_exit("w1", -9, "", 2.0, False)
+        d.handle(WorkerExited("w1", -9, "", 2.0, False))
     assert "WorkerExited(name='w1', returncode=0" in str(ei.value)
     assert isinstance(ei.value, InvalidTransition)
 
@@ -848,7 +864,7 @@ def test_validate_catches_a_queued_attempt_missing_from_the_queue():
     """An attempt the ledger has queued but the dispatcher's queue lost would never be
     sent: the task hangs. validate() says so and shows the stimuli."""
     d = ready(1, prefetch=1)
-    d.submit([ra(1), ra(2)], 0.0)
+    d.handle(SubmitAttempts([ra(1), ra(2)], 0.0))
     d.queue.clear()
     with pytest.raises(
         InvariantViolation, match="attempt 2 is queued in the ledger but not on the queue"
@@ -861,7 +877,7 @@ def test_validate_catches_a_dead_worker_holding_work():
     """A slot marked dead while the ledger says it holds an attempt: nobody would report
     that attempt lost."""
     d = ready(1)
-    d.submit([ra(1)], 0.0)
+    d.handle(SubmitAttempts([ra(1)], 0.0))
     d.slots["w1"].state = SlotState.DEAD
     with pytest.raises(InvariantViolation, match=r"worker w1 is DEAD but holds attempts \[1\]"):
         d.validate()
@@ -870,7 +886,7 @@ def test_validate_catches_a_dead_worker_holding_work():
 def test_validate_checks_the_ledger_too():
     """The dispatcher's validate() includes its ledger's invariants."""
     d = ready(1)
-    d.submit([ra(1)], 0.0)
+    d.handle(SubmitAttempts([ra(1)], 0.0))
     d.ledger._by_worker["w2"] = {1: None}
     with pytest.raises(InvariantViolation, match=r"attempt ledger: .*held by both w1 and w2"):
         d.validate()
@@ -893,7 +909,7 @@ def test_random_stimuli_keep_every_invariant(seed):
         heartbeat_interval=1.0,
         heartbeat_timeout=3.0,
     )
-    d.start(0.0)
+    d.handle(Boot(0.0))
     now, nxt, asked, closed = 0.0, 1, set(), False
     done: list[int] = []
     lost: list[int] = []
@@ -905,36 +921,42 @@ def test_random_stimuli_keep_every_invariant(seed):
         r = rng.random()
         if r < 0.15:
             if s.state is SlotState.STARTING:
-                cmds = d.on_hello(name, 100 + step, now)
+                cmds = d.handle(HelloFrom(name, 100 + step, now))
             else:
-                cmds = d.on_heartbeat(name, now)
+                cmds = d.handle(HeartbeatFrom(name, now))
         elif r < 0.3:
             n = rng.randint(1, 4)
-            cmds = d.submit(
-                [ra(a, rng.choice([None, None, 1.0])) for a in range(nxt, nxt + n)], now
+            cmds = d.handle(
+                SubmitAttempts(
+                    [ra(a, rng.choice([None, None, 1.0])) for a in range(nxt, nxt + n)], now
+                )
             )
             nxt += n
         elif r < 0.55 and held:
-            cmds = d.on_result(name, Result(held[0], True, b"v", name, 1, now - 0.01, now), now)
+            cmds = d.handle(
+                ResultFrom(name, Result(held[0], True, b"v", name, 1, now - 0.01, now), now)
+            )
         elif r < 0.58:
-            cmds = d.on_result(name, res(rng.randint(1, nxt), name), now)  # stale or foreign
+            cmds = d.handle(
+                ResultFrom(name, res(rng.randint(1, nxt), name), now)
+            )  # stale or foreign
         elif r < 0.65 and asked & set(held[1:]):
             aid = rng.choice(sorted(asked & set(held[1:])))
             asked.discard(aid)
-            cmds = d.on_withdrawn(name, aid, now)
+            cmds = d.handle(WithdrawnBy(name, aid, now))
         elif r < 0.7:
-            cmds = d.cancel([rng.randint(1, nxt)], now)
+            cmds = d.handle(CancelRequest(tuple([rng.randint(1, nxt)]), now))
         elif r < 0.73:
-            cmds = d.drain(name, "broken", now)
+            cmds = d.handle(DrainRequest(name, "broken", now))
         elif r < 0.78 and s.state is not SlotState.DEAD:
             orderly = s.state in (SlotState.RETIRING, SlotState.STOPPING) and not held
-            cmds = d.on_exit(name, 0 if orderly else -9, "", now, orderly)
+            cmds = d.handle(WorkerExited(name, 0 if orderly else -9, "", now, orderly))
         elif r < 0.97:
             state = "T" if rng.random() < 0.1 else "S"
-            cmds = d.tick(now, {n: (state, float(step)) for n in d.slots}, {})
+            cmds = d.handle(TimePassed(now, {n: (state, float(step)) for n in d.slots}, {}))
         elif not closed and r > 0.995:
             closed = True
-            cmds = d.shutdown()
+            cmds = d.handle(Close())
         else:
             continue
         for c in cmds:

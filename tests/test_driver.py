@@ -101,7 +101,7 @@ def test_a_real_ledger_step() -> None:
     """A worker dies running one attempt and holding another: the started one is
     reported lost, the held one goes back unblamed, its program group is killed."""
     led = L.Ledger()
-    led.submit([(1, "a", "item-1", None), (2, "b", "item-2", None)])
+    led.handle(L.Enqueue(((1, "a", "item-1", None), (2, "b", "item-2", None))))
     led.handle(L.Hold("w1", (1, 2)))
     carry_out(led.handle(L.Start("w1", 1, 10, "h", 0.0)), Recorder())
     led.handle(L.Group("w1", 1, 99))

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import pilotfish
+from conftest import fake_session
 from executor_tasks import (
     ErrorAtUnpickle,
     ExitAtUnpickle,
@@ -66,7 +67,9 @@ def test_shutdown_no_wait_returns_at_once_and_runs_10000_queued(tmp_path: Path) 
 
 
 def test_shutdown_no_wait_then_map_iterates_everything(tmp_path: Path) -> None:
-    s = _session(tmp_path, workers=2)
+    """The client's map iterator outlives shutdown(wait=False) (FakeBackend: nothing here
+    is a worker's; the test above stops a local master the same way)."""
+    s = fake_session(tmp_path / "run", workers=2)
     res = s.map(sleep_then, range(6), [0.2] * 6)
     s.shutdown(wait=False)
     assert list(res) == list(range(6))
@@ -280,7 +283,9 @@ def test_initializer_arguments_are_checked_at_construction(tmp_path: Path) -> No
 
 
 def test_map_chunksize_batches_calls(tmp_path: Path) -> None:
-    with _session(tmp_path, workers=2) as s:
+    """map(chunksize=) is the client's batching (FakeBackend; chunks on the local and Dask
+    workers: test_callables.py::test_initializer_state_is_seen_by_tasks)."""
+    with fake_session(tmp_path / "run", workers=2) as s:
         assert list(s.map(pow, range(10), range(10), chunksize=4)) == [pow(i, i) for i in range(10)]
         assert len(s.tasks) == 0 or all(t.name == "pow[chunk]" for t in s.tasks)
         it = s.map(divmod, [1, 1, 1, 1], [2, 3, 0, 5], chunksize=2)

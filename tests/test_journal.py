@@ -19,7 +19,7 @@ import pytest
 
 import faulty
 import pilotfish
-from conftest import wait_for
+from conftest import fake_session, wait_for
 from pilotfish.store.journal import Journal
 from pilotfish.store.reader import JournalReader
 from pilotfish.store.schema import JournalError
@@ -48,8 +48,12 @@ def stored_value(r: JournalReader, key: str) -> Any:
     return pickle.loads(data)
 
 
-def mixed_run(rundir: Path, marks: Path) -> dict[str, str]:
-    with pilotfish.Session(workers=2, rundir=str(rundir)) as s:
+def mixed_run(rundir: Path, marks: Path, fake: bool = False) -> dict[str, str]:
+    """One DONE, one user error, one DONE dependant, one dependency failure, one failed
+    program; on the local backend, or (``fake``) on FakeBackend, for tests of the journal
+    and its readers, which the client alone writes."""
+    open_session = fake_session if fake else pilotfish.Session
+    with open_session(workers=2, rundir=str(rundir)) as s:
         a = s.submit(counted, str(marks), "a", 1)
         b = s.submit(counted, str(marks), "b", 2, True)
         c = s.submit(counted, str(marks), "c", a)  # depends on a
@@ -95,14 +99,16 @@ def test_journal_contents_after_mixed_run(tmp_path: Path) -> None:
 
 def test_resume_reruns_only_what_failed(tmp_path: Path) -> None:
     """A partly failed workflow run again with resume=True reruns the failed task (and
-    what depended on it) only; DONE tasks come from the journal with their values."""
+    what depended on it) only; DONE tasks come from the journal with their values.
+    (Resume is the client's: FakeBackend; the client killed and resumed on the local
+    backend is test_resume_after_client_sigkill.)"""
     rundir, marks = tmp_path / "run", tmp_path / "marks"
     marks.mkdir()
     flag = tmp_path / "broken"
     flag.write_text("1")
 
     def workflow(resume: bool) -> list[object]:
-        with pilotfish.Session(workers=2, rundir=str(rundir), resume=resume) as s:
+        with fake_session(workers=2, rundir=str(rundir), resume=resume) as s:
             a = s.submit(counted, str(marks), "a", 10)
             b = s.submit(counted, str(marks), "b", 20, str(flag))
             c = s.submit(counted, str(marks), "c", a)
@@ -131,11 +137,12 @@ def test_resume_reruns_only_what_failed(tmp_path: Path) -> None:
 
 
 def test_changed_argument_makes_a_new_key(tmp_path: Path) -> None:
-    """resume reruns a task whose arguments changed (new key), not the old one."""
+    """resume reruns a task whose arguments changed (new key), not the old one (keys and
+    resume are the client's: FakeBackend)."""
     rundir, marks = tmp_path / "run", tmp_path / "marks"
     marks.mkdir()
     for value in (1, 1, 2):
-        with pilotfish.Session(workers=1, rundir=str(rundir), resume=True) as s:
+        with fake_session(workers=1, rundir=str(rundir), resume=True) as s:
             assert s.submit(counted, str(marks), "x", value).result(timeout=30) == value
     assert runs_of(marks, "x") == 2
 
@@ -235,10 +242,11 @@ def test_newer_journal_is_refused(tmp_path: Path) -> None:
 
 
 def test_cli_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """status, failures (--json) and show, called in-process."""
+    """status, failures (--json) and show, called in-process (on a journal FakeBackend's
+    run wrote; `pilotfish run` on the local backend is test_cli_as_subprocess)."""
     rundir, marks = tmp_path / "run", tmp_path / "marks"
     marks.mkdir()
-    keys = mixed_run(rundir, marks)
+    keys = mixed_run(rundir, marks, fake=True)
     assert cli.main(["--rundir", str(rundir), "status"]) == 0
     out = capsys.readouterr().out
     assert "done" in out and "failed: command_failed" in out
@@ -260,7 +268,7 @@ def test_cli_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "no journal" in err and "Traceback" not in err
     rundir, marks = tmp_path / "run", tmp_path / "marks"
     marks.mkdir()
-    keys = mixed_run(rundir, marks)
+    keys = mixed_run(rundir, marks, fake=True)
     assert cli.main(["--rundir", str(rundir), "show", "nope"]) == 2
     assert "no task with key 'nope'" in capsys.readouterr().err
     assert cli.main(["--rundir", str(rundir), "show", keys["a"][:5], "--no-pager"]) == 2

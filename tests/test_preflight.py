@@ -10,6 +10,7 @@ import pytest
 
 import faulty
 import pilotfish
+from conftest import environment_attempts
 from pilotfish import Category
 from pilotfish.tools import cli
 
@@ -26,7 +27,7 @@ def test_missing_module_requirement(session: pilotfish.Session) -> None:
     assert "no_such_module_xyz>=1.0" in msg and "not installed" in msg
     assert os.uname().nodename in msg and sys.executable in msg and "sys.path" in msg
     assert t.failure is not None and t.failure.category is Category.ENVIRONMENT
-    assert len(t.attempts) == 1
+    environment_attempts(t)
     assert ok.result(timeout=30) == 2
 
 
@@ -48,7 +49,7 @@ def test_missing_program(session: pilotfish.Session) -> None:
     with pytest.raises(pilotfish.EnvironmentMismatch, match="gmx_absent") as info:
         t.result(timeout=30)
     assert "PATH searched" in str(info.value)
-    assert t.attempts[0].outcome == "environment" and len(t.attempts) == 1
+    environment_attempts(t)
 
 
 def test_unwritable_sandbox_root(tmp_path: Path) -> None:

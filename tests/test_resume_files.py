@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 import pilotfish
-from conftest import skip_on
+from conftest import FAKE_NO_WORKER, skip_on
 from pilotfish import Category
 from pilotfish.runtime.programs import (
     attempt_tags,
@@ -72,6 +72,7 @@ def test_resume_after_worker_sigkill(make_session: Any, backend: str, tmp_path: 
         "dask",
         reason="a SIGKILLed Dask worker cannot take the program's process group with it",
     )
+    skip_on(backend, "fake", reason=FAKE_NO_WORKER)
     kw = _count(tmp_path, "kill -9 $PPID; sleep 20")
     with make_session(workers=1) as s:
         t = s.executable(kw.pop("argv"), retries=2, **kw)
@@ -167,6 +168,7 @@ def test_python_task_reads_previous_attempt_files(
     """A Python member killed with its worker at step 5 continues there on retry, from
     the lost attempt's scratch directory."""
     skip_on(backend, "dask", reason="a Dask worker killed by its task is restarted by its nanny")
+    skip_on(backend, "fake", reason=FAKE_NO_WORKER)
     with make_session(workers=1) as s:
         t = s.submit(_python_member, str(tmp_path / "marker"))
         start, prev = t.result(timeout=60)
@@ -235,6 +237,7 @@ def test_each_call_of_a_chunk_has_its_own_scratch(
     gave [300, 300, 300]. Each call has its own, and finds its own in the retry."""
     if kill:
         skip_on(backend, "dask", reason="a Dask worker killed by its task is restarted")
+        skip_on(backend, "fake", reason=FAKE_NO_WORKER)
     fn = pilotfish.task(_chunk_member, retries=2, retry_on=[RuntimeError])
     with make_session(workers=1) as s:
         out = list(s.map(fn, [1, 2, 3], [str(tmp_path / "m")] * 3, [kill] * 3, chunksize=3))

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TOKEN_VAR, wait_for, with_env
+from conftest import FAKE_NO_CLIENT, TOKEN_VAR, skip_on, wait_for, with_env
 from pilotfish.tools import cli
 
 _CLIENT = """
@@ -113,6 +113,7 @@ def test_resume_continues_an_attempt_the_client_death_interrupted(
     simulated by deleting them): the key's newest sandbox is found, and the note says so."""
     if backend == "radical":
         pytest.skip("the RADICAL-Pilot client-kill matrix is tests/test_fault_matrix.py's")
+    skip_on(backend, "fake", reason=FAKE_NO_CLIENT)
     address = request.getfixturevalue("dask_cluster").scheduler_address if backend == "dask" else ""
     rundir = tmp_path / "run"
     script = tmp_path / "client.py"

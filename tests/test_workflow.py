@@ -12,6 +12,7 @@ from pilotfish.core.machine import InvariantViolation
 from pilotfish.core.policy import NO_BACKOFF, Backoff
 from pilotfish.core.states import State
 from pilotfish.core.workflow import (
+    FREE_RETRIES,
     Abort,
     AttemptStarted,
     Cancel,
@@ -429,6 +430,23 @@ def test_one_worker_dying_again_and_again_never_makes_a_task_poison():
         d = only_dispatch(cmds)
     w.handle(AttemptStarted(d.attempt, 9.0, "tcp://n1:1", "node1", 200))
     assert of(w.handle(Succeeded(d.attempt, 9.5)), Resolve) == [Resolve(1, d.attempt)]
+
+
+def test_a_task_killing_both_workers_of_two_in_turn_is_poison():
+    """Two workers that their nannies restart under their names: a task killing whichever
+    runs it kills "w1", "w2", "w1": poison_after=3 deaths on two different workers is
+    poison (counting only different workers, it could never be, and would use up its
+    retries killing workers), and the message says how many times and how many workers."""
+    w = make(poison_after=3)
+    d = only_dispatch(submit(w, 1, retries=10))
+    for i, worker in enumerate(("w1", "w2", "w1")):
+        w.handle(AttemptStarted(d.attempt, float(i), worker, "h1", 10 + i))
+        cmds = w.handle(Failed(d.attempt, lost(worker=worker, pid=10 + i), i + 0.5))
+        if i < 2:
+            assert of(cmds, Reject) == []
+            d = only_dispatch(cmds)
+    (rej,) = of(cmds, Reject)
+    assert "killed workers 3 times (2 different workers)" in rej.failure.message
 
 
 def test_deaths_on_one_host_of_several_never_make_a_task_poison():
@@ -893,3 +911,39 @@ def test_no_attempt_ends_before_it_started():
     w.handle(AttemptStarted(d2.attempt, 50.0, "w1", "node2", 6))
     w.handle(Failed(d2.attempt, lost(worker="w1", pid=6), 49.0))  # the client's clock
     assert all(x.ended is not None and x.ended >= x.started for x in w.attempts(2) if x.started)
+
+
+def test_a_retry_is_asked_to_go_elsewhere():
+    """Issue 24: a retry after a lost, timed-out or ENVIRONMENT attempt names the workers
+    it happened on (``Dispatch.avoid``), so a backend that can choose sends it to another
+    worker while one is there; a user error says nothing about the worker."""
+    w = make()
+    d = only_dispatch(submit(w, 1, retries=5))
+    assert d.avoid == ()
+    w.handle(AttemptStarted(d.attempt, 1.0, "tcp://n2:1", "node2", 5))
+    d = only_dispatch(w.handle(Failed(d.attempt, lost(worker="tcp://n2:1", pid=5), 2.0)))
+    assert d.avoid == ("tcp://n2:1",)
+    w.handle(AttemptStarted(d.attempt, 3.0, "tcp://n3:1", "node3", 6))
+    late = failure(Category.TIMEOUT, "ran past its timeout", worker="tcp://n3:1", pid=6)
+    d = only_dispatch(w.handle(Failed(d.attempt, late, 4.0)))
+    assert d.avoid == ("tcp://n2:1", "tcp://n3:1")
+
+
+def test_an_unblamed_loss_is_retried_without_charge_a_bounded_number_of_times():
+    """A loss that is not the attempt's doing (the backend says why: the link to the
+    scheduler broke) is retried even with retries=0, marked "not charged: <why>"; at most
+    FREE_RETRIES times, so a link that keeps breaking cannot retry a task forever."""
+    w = make()
+    d = only_dispatch(submit(w, 1, retries=0))
+    why = "the link to the Dask scheduler at tcp://head:8786 broke"
+    for i in range(FREE_RETRIES):
+        w.handle(AttemptStarted(d.attempt, float(i), "w1", "h1", 10 + i))
+        cmds = w.handle(Failed(d.attempt, failure(Category.RUNTIME_LOST), i + 0.5, unblamed=why))
+        assert of(cmds, Reject) == []
+        assert w.attempts(1)[-2].note == f"not charged: {why}"
+        d = only_dispatch(cmds)
+    w.handle(AttemptStarted(d.attempt, 9.0, "w1", "h1", 20))
+    cmds = w.handle(Failed(d.attempt, failure(Category.RUNTIME_LOST), 9.5, unblamed=why))
+    (rej,) = of(cmds, Reject)
+    assert rej.failure.category is Category.RUNTIME_LOST and w.state(1) is State.FAILED
+    w.validate()

@@ -61,7 +61,10 @@ _HEX = re.compile(
 )
 # absolute or relative paths with at least one slash, or a ~ path; a URL's scheme is kept
 _PATH = re.compile(r"(?<![\w.<>:/-])(?:~|\.{1,2})?(?:/[\w.+@%=,-]+)+/?|\b[\w.-]+(?:/[\w.-]+)+/?")
-_NUMBER = re.compile(r"(?<![\w<.])[-+]?(?:\d[\d_,]*)?\.?\d+(?:[eE][-+]?\d+)?(?![\w>])")
+# a number, with a unit glued to it ("0.5s", "48MB", "12%") masked too
+_NUMBER = re.compile(
+    r"(?<![\w<.])[-+]?(?:\d[\d_,]*)?\.?\d+(?:[eE][-+]?\d+)?(?:[a-zA-Z%]{1,3})?(?![\w>])"
+)
 _SPACES = re.compile(r"\s+")
 _TOKEN_WITH_SLASH = re.compile(r"\S*[/\\]\S*")
 _TASK_PREFIX = re.compile(r"^task '.*?'(?::\s*|\s+(?=did not run))")
@@ -166,12 +169,14 @@ def mask(text: str, names: Mapping[str, str] | None = None) -> str:
     """``text`` with the data in it masked (see the module docstring); ``names`` maps
     exact strings (a key, a worker name) to their placeholder, replaced first."""
     s = text
+    # paths first, whole: a sandbox path holds the task's key and a random suffix, and
+    # masking the key inside it first would cut the path in two, leaving the suffix
+    s = _PATH.sub(_path_token, s)
     for value, token in sorted((names or {}).items(), key=lambda kv: -len(kv[0])):
         if value and len(value) > 1:
             s = s.replace(value, token)
     s = _QUOTED.sub(lambda m: m.group() if m.group()[1:-1].startswith("<") else "<...>", s)
     s = _UUID.sub("<hex>", s)
-    s = _PATH.sub(_path_token, s)
     s = _HEX.sub("<hex>", s)
     s = _NUMBER.sub("<n>", s)
     s = _SPACES.sub(" ", s).strip()

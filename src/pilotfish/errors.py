@@ -89,7 +89,10 @@ class FailureRecord:
     ``traceback`` is the complete remote traceback text for USER_ERROR;
     ``stderr_tail`` the last lines of a dead worker's or program's stderr.
     For DEPENDENCY_FAILED, ``upstream`` is the failed input and ``root`` the
-    task where the failure began.
+    task where the failure began. ``staged`` is set when a failed program's
+    files could not be read on the client (the worker's own disk): they were
+    copied into the run directory, ``stdout_path``/``stderr_path`` name the
+    copies, and it says where the originals are (host, sandbox) and what was cut.
     """
 
     key: str
@@ -111,6 +114,7 @@ class FailureRecord:
     time: float = dataclasses.field(default_factory=time.time)
     upstream: str | None = None
     root: str | None = None
+    staged: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -85,7 +85,7 @@ class MasterReport(NamedTuple):
     """What a backend reports about its master (or scheduler); the session turns it
     into the public :class:`pilotfish.MasterEvent`."""
 
-    kind: str  # "started" | "lost" | "restarted"
+    kind: str  # "started" | "lost" | "restarted" | "silent" | "answering"
     pid: int
     time: float
     returncode: int | None = None

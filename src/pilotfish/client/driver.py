@@ -30,7 +30,16 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, assert_never
 
-from ..backends.base import Alive, Backend, BackendEvent, Fatal, Lost, Result, Started
+from ..backends.base import (
+    Alive,
+    Backend,
+    BackendEvent,
+    Fatal,
+    Lost,
+    MasterReport,
+    Result,
+    Started,
+)
 from ..core import workflow as wf
 from ..core.ledger import describe_exit
 from ..core.policy import Silence
@@ -42,6 +51,7 @@ from . import lifecycle
 from .events import HostDrained, MasterEvent, TaskEvent, WorkerEvent, WorkersGone
 from .probes import Probes, is_probe
 from .programs import backstop
+from .staging import stage_failure
 from .translate import Translator
 
 if TYPE_CHECKING:
@@ -90,8 +100,10 @@ class Driver:
         keep_all_sandboxes: bool,
         heartbeat_interval: float,
         heartbeat_timeout: float,
+        rundir: str | None = None,
     ) -> None:
         self.lock = lock
+        self.rundir = rundir  # where a failure's files are staged (client/staging.py)
         self.core = core
         self.tasks = tasks
         self.translate = translate
@@ -256,6 +268,7 @@ class Driver:
             make_lineage(self.nonce, c.resume, earlier and earlier[0]),
             t.name,
             self.keep_all,
+            c.avoid,
         )
 
     def _drain(self, c: wf.Drained) -> HostDrained:
@@ -361,8 +374,22 @@ class Driver:
                     log.exception("pilotfish: on_event callback raised on %r", e)
 
     # ---------------------------------------------------------------- backend events
+    def _staged(self, res: Result) -> Result:
+        """A failed result with its shipped files staged (client/staging.py): the same
+        result if that went wrong in a way it did not foresee (logged; the record keeps
+        the worker's paths)."""
+        assert self.rundir is not None
+        try:
+            return stage_failure(res, self.rundir)
+        except Exception:
+            log.exception("pilotfish: cannot stage the files of failed attempt %s", res.attempt)
+            return res
+
     def on_backend_events(self, events: Sequence[BackendEvent]) -> None:
-        """The backend's sink (any thread): route each event, then act outside the lock."""
+        """The backend's sink (any thread): route each event, then act outside the lock.
+        A failed attempt's files that cannot be read here are staged first, unlocked."""
+        if self.rundir is not None and any(isinstance(e, Result) and not e.ok for e in events):
+            events = [self._staged(e) if isinstance(e, Result) and not e.ok else e for e in events]
         acts = Actions()
         with self.lock:
             self.silence.heard(time.monotonic())
@@ -389,6 +416,11 @@ class Driver:
             if ev.kind == "lost" and not msg:  # every backend names the cause; just in case
                 msg = f"worker {ev.worker} {describe_exit(ev.returncode)[0]}"
             self.journal.record_event(ev.time, ev.kind, ev.worker, ev.pid or None, None, msg)
+        if isinstance(ev, MasterReport) and ev.kind != "started" and self.journal is not None:
+            # the master or scheduler lost, back, its link silent: `status` shows when
+            self.journal.record_event(
+                ev.time, f"master-{ev.kind}", "", ev.pid or None, None, ev.message
+            )
         step = self.translate.event(ev)
         if step is None:
             return

@@ -44,7 +44,10 @@ class WorkerEvent:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class MasterEvent:
-    """The master (or scheduler) ``started``, was ``lost`` or ``restarted``."""
+    """The master (or scheduler) ``started``, was ``lost`` or ``restarted``; or its link
+    to this client went ``silent`` (nothing heard for a while, the connection still open:
+    a network cut, a frozen scheduler) and later is ``answering`` again. ``message`` says
+    which, where, and for how long."""
 
     kind: str
     pid: int

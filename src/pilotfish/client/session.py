@@ -270,6 +270,7 @@ class Session(cf.Executor):
             keep_all_sandboxes=keeps_sandbox(self._keep_sandboxes, ok=True),
             heartbeat_interval=heartbeat_interval,
             heartbeat_timeout=heartbeat_timeout,
+            rundir=str(Path(self._rundir).resolve()),
         )
 
     def _pickle_initializer(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> bytes:

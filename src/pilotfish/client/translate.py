@@ -213,7 +213,8 @@ class Translator:
             stderr_tail=ev.stderr_tail or None,
             host=ev.host or None,
         )
-        return self._failed(t, ev.attempt, f, EXCEPTION_FOR[cat](ev.message, f), False)
+        exc = EXCEPTION_FOR[cat](ev.message, f)
+        return self._failed(t, ev.attempt, f, exc, False, unblamed=ev.unblamed)
 
     def _failed(
         self,
@@ -223,12 +224,13 @@ class Translator:
         exc: BaseException,
         retry: bool,
         note: str | None = None,
+        unblamed: str = "",
     ) -> wf.Failed:
         t._last_exc, t._last_failure = exc, f
         override: wf.RetryOverride | wf.FailOverride | None = None
         if self._on_failure is not None and t._call is not None:
             override = self._ask_handler(t, f, exc)
-        return wf.Failed(attempt, f, self._clock(), retry, override, note)
+        return wf.Failed(attempt, f, self._clock(), retry, override, note, unblamed)
 
     # ------------------------------------------------------------------ failures
     def exception_for(self, t: Task, f: FailureRecord) -> BaseException:
@@ -302,6 +304,7 @@ class Translator:
             pid=res.pid,
             attempt=number,
             time=res.ended,
+            staged=extra.get("staged"),
         )
         if exc is None:
             if category is Category.USER_ERROR:
@@ -315,6 +318,8 @@ class Translator:
                 f"pilotfish: raised by task {t.key!r}, attempt {number}, on worker "
                 f"{res.worker} (pid {res.pid}) at host {host}"
             )
+            if f.staged:
+                exc.add_note(f"pilotfish: the attempt's files were {f.staged}")
         retry = False
         if category is Category.USER_ERROR:
             retry = t.options.matches(None if isinstance(exc, RemoteError) else exc, env.type_name)

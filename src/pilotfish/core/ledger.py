@@ -135,6 +135,8 @@ class Lost(NamedTuple):
     started: float | None
     ended: float
     host: str = ""
+    #: why the loss is not the attempt's doing ('' if it may be): its retry is not charged
+    unblamed: str = ""
 
 
 def signal_name(returncode: int) -> str | None:
@@ -300,6 +302,9 @@ class RuntimeLost:
     returncode: int | None = None
     signal: str | None = None
     stderr_tail: str = ""
+    #: why the loss is not the attempts' doing (the link to the scheduler broke, not the
+    #: scheduler): their retries are not charged; '' if it may be theirs
+    unblamed: str = ""
 
 
 @dataclasses.dataclass(slots=True)
@@ -761,7 +766,9 @@ class Ledger:
                     e, "runtime_lost", msg, ev.time, ev.returncode, ev.signal, ev.stderr_tail
                 )
                 # reported as lost with the master, not with a worker of it
-                out.append(Report(lost._replace(worker=ev.worker, pid=ev.pid)))
+                out.append(
+                    Report(lost._replace(worker=ev.worker, pid=ev.pid, unblamed=ev.unblamed))
+                )
                 del self.entries[e.attempt]
             elif e.cancelled:
                 del self.entries[e.attempt]

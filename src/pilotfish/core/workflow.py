@@ -72,15 +72,35 @@ def _end(a: AttemptRecord, now: float) -> float:
     return now if a.started is None or now >= a.started else a.started
 
 
+#: outcomes that may be the worker's (or its node's) fault: a retry goes elsewhere
+_PLACE_FAILURES = frozenset(
+    {Category.WORKER_LOST.value, Category.TIMEOUT.value, Category.ENVIRONMENT.value}
+)
+
+
+def _avoid(attempts: list[AttemptRecord]) -> tuple[str, ...]:
+    """The workers where ``attempts`` were lost, timed out or found the environment
+    wanting, oldest first, each once (the new attempt, last, has none yet)."""
+    seen: dict[str, None] = {}
+    for a in attempts:
+        if a.worker and a.outcome in _PLACE_FAILURES:
+            seen[a.worker] = None
+    return tuple(seen)
+
+
 def is_poison(lost: list[AttemptRecord], poison_after: int, hosts_seen: int) -> bool:
-    """The poison rule: the task's attempts killed ``poison_after`` *different* workers
-    (one worker that a nanny restarts under its name after every death is one), and,
-    once the run has seen more than one host, on more than one host: one bad node, or
-    one bad worker, cannot make a healthy task poison; it is drained instead
-    (:mod:`.drain`), and the task's retries go on."""
+    """The poison rule: the task's attempts killed ``poison_after`` workers, at least two
+    *different* ones (a worker that a nanny restarts under its name after every death is
+    one: one bad worker cannot condemn a healthy task, whose retry goes elsewhere), and,
+    once the run has seen more than one host, on more than one host: one bad node cannot
+    either; it is drained instead (:mod:`.drain`), and the task's retries go on."""
     workers = {a.worker or f"attempt {a.id}" for a in lost}
     hosts = {a.host for a in lost if a.host}
-    return len(workers) >= poison_after and (hosts_seen < 2 or len(hosts) >= 2)
+    return (
+        len(lost) >= poison_after
+        and len(workers) >= min(2, poison_after)
+        and (hosts_seen < 2 or len(hosts) >= 2)
+    )
 
 
 @dataclasses.dataclass(slots=True)
@@ -178,6 +198,9 @@ class Failed:
     retry_requested: bool = False
     override: RetryOverride | FailOverride | None = None
     note: str | None = None
+    #: why the failure is not the attempt's doing (its backend lost it: a broken link):
+    #: retried without charge (at most FREE_RETRIES such retries per task)
+    unblamed: str = ""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -219,6 +242,9 @@ class Dispatch:
     attempt: int
     number: int
     resume: tuple[int, int] | None = None
+    #: the workers this task's earlier attempts were lost or timed out on: a backend that
+    #: can choose sends the attempt elsewhere while another worker is there
+    avoid: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -297,8 +323,9 @@ Command = (
 #: outcomes after which the next attempt may start from the failed one's files (also
 #: read by a resumed run, whose first attempt continues such an attempt of an earlier run)
 RESUMABLE = frozenset({Category.WORKER_LOST, Category.RUNTIME_LOST, Category.TIMEOUT})
-#: at most this many retries per task are given without charge (drained places, and the
-#: one ENVIRONMENT failure that may be the worker's): a bound, so no task retries forever
+#: at most this many retries per task are given without charge (drained places, the one
+#: ENVIRONMENT failure that may be the worker's, losses that were not the attempt's
+#: doing: ``Failed.unblamed``): a bound, so no task retries forever
 FREE_RETRIES = 2
 
 
@@ -572,7 +599,7 @@ class Workflow:
         self._attempt_owner[aid] = t.tid
         t.attempts.append(AttemptRecord(len(t.attempts) + 1, aid, now))
         self._move(t, State.RUNNING, now, out)
-        out.append(Dispatch(t.tid, aid, len(t.attempts), t.resume))
+        out.append(Dispatch(t.tid, aid, len(t.attempts), t.resume, _avoid(t.attempts)))
 
     def _fenced(self, aid: int, what: str, out: list[Command]) -> _Task | None:
         tid = self._attempt_owner.get(aid)
@@ -649,7 +676,10 @@ class Workflow:
                 t.retries = ov.retries
             self._retry(t, ev.now + max(0.0, ov.delay), ev.now, out)
             return
-        free = self._free_retry(t, a, f, ev.now, out)
+        if ev.unblamed and f.category.transient and t.free_retries < FREE_RETRIES:
+            free: str | None = f"not charged: {ev.unblamed}"
+        else:
+            free = self._free_retry(t, a, f, ev.now, out)
         if free is not None and not self._stopped:
             a.note = free if not a.note else f"{a.note}; {free}"
             t.free_retries += 1
@@ -729,8 +759,13 @@ class Workflow:
         workers = len({a.worker or f"attempt {a.id}" for a in lost})
         hosts = len({a.host for a in lost if a.host})
         on = f" on {hosts} hosts" if hosts > 1 else ""
+        killed = (
+            f"{workers} different workers{on}"
+            if workers == len(lost)
+            else f"workers {len(lost)} times ({workers} different workers{on})"
+        )
         lines = [
-            f"task {t.key!r} is poison: its attempts killed {workers} different workers{on} "
+            f"task {t.key!r} is poison: its attempts killed {killed} "
             f"(poison_after={self.poison_after}); it will not be retried again. Attempts:"
         ]
         for a in lost:

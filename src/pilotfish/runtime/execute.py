@@ -327,16 +327,23 @@ def _run(
     try:
         return True, _wire.dumps_value(value)
     except BaseException as e:
-        return _fail(
-            _wire.envelope_for(
-                e,
-                "user_error",
-                message=(
-                    f"the result of task {m.key!r} could not be pickled "
-                    f"({type(value).__name__}): {type(e).__name__}: {e}"
-                ),
-            )
+        msg = (
+            f"the result of task {m.key!r} could not be pickled ({type(value).__name__}): "
+            f"{type(e).__name__}: {e}; return plain data (numbers, arrays, dicts), or write "
+            "the object to a file in the task and return its path"
         )
+        return _fail(_wire.envelope_for(_restated(e, msg), "user_error", message=msg))
+
+
+def _restated(e: BaseException, msg: str) -> BaseException:
+    """``e`` saying ``msg`` (what failed, for which task), of ``e``'s own type when one
+    can be made from a message (TypeError, PicklingError), caused by ``e``; else ``e``."""
+    try:
+        new = type(e)(msg)
+    except Exception:
+        return e
+    new.__cause__ = e
+    return new.with_traceback(e.__traceback__)
 
 
 def run_attempt(

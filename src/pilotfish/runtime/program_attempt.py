@@ -8,7 +8,9 @@ does the rest. Every outcome becomes a ``Result``: a :class:`CommandResult`
 value, or an ``Envelope`` whose category is COMMAND_FAILED, MISSING_OUTPUT,
 TIMEOUT or ENVIRONMENT with every path in ``extra``.
 
-Stage on error: a failed attempt's sandbox is never touched. A successful
+Stage on error: a failed attempt's sandbox is never touched, and its stdout and stderr
+travel with its failure, bounded (``programs/ship.py``), for a client that cannot read
+this host's disk. A successful
 one is kept with ``keep_sandboxes="all"``; with ``"failed"`` (the default)
 its declared outputs and stdout/stderr are moved to ``rundir/results/NAME/``
 and the sandbox is removed.
@@ -67,6 +69,7 @@ from .programs import (
     run_command,
     spec_problem,
 )
+from .programs.ship import pack_failure_files
 
 _CATEGORY = {
     "failed": "command_failed",
@@ -167,7 +170,12 @@ def run_command_attempt(
                 {"sandbox": out.sandbox, "host": out.host},
             )
             return False, pickle.dumps(env, _wire.PROTOCOL)
-    return False, pickle.dumps(_failure(m, template, spec, out, note), _wire.PROTOCOL)
+    env = _failure(m, template, spec, out, note)
+    if out.stdout_path is not None and not (cancel is not None and cancel.is_set()):
+        # stage on error: the files travel with the failure, for a client that cannot
+        # read this host's disk (client/staging.py writes them down there if so)
+        env.extra["shipped"] = pack_failure_files(out.stdout_path, out.stderr_path)
+    return False, pickle.dumps(env, _wire.PROTOCOL)
 
 
 def _spec(m: _wire.RunAttempt) -> tuple[dict[str, Any], CommandSpec]:

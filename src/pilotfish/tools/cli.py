@@ -464,8 +464,8 @@ def _add_report_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> Non
         metavar="FILE",
         help="where to write it (default: RUNDIR/report.html; a directory: DIR/report.html). "
         "An existing FILE is replaced only if it is a report pilotfish wrote; the journal, "
-        "its -wal/-shm files and anything in the run directory's values/, sandboxes/ and "
-        "results/ are never written",
+        "its -wal/-shm files and anything in the run directory's values/, sandboxes/, "
+        "results/ and staged/ are never written",
     )
     rp.set_defaults(func=cmd_report)
 

@@ -65,7 +65,8 @@ def status_table(reader: JournalReader) -> Table:
 def workers_table(reader: JournalReader) -> Table | None:
     """Each worker of the last run that had any: its last state and why (a lost or
     stopped worker's message: exit status, signal, or its batch job and how it ended),
-    drains and "every worker gone" too; None when the journal has no worker events."""
+    drains, "every worker gone", and the master's (or scheduler's) losses and silences
+    too; None when the journal has no such events."""
     events = reader.events()
     if not events:
         return None
@@ -86,9 +87,21 @@ def workers_table(reader: JournalReader) -> Table | None:
             plain(w.get("message") or ""),
         )
     for e in events:
-        if e["run"] == last_run and e["kind"] in ("gone", "drained"):
-            what = "every worker gone" if e["kind"] == "gone" else f"drained {e['name']}"
-            t.add_row(plain(what, "red"), "", plain(e["kind"], "red"), plain(e["message"] or ""))
+        kind = e["kind"]
+        if e["run"] != last_run:
+            continue
+        if kind in ("gone", "drained"):
+            what = "every worker gone" if kind == "gone" else f"drained {e['name']}"
+            t.add_row(plain(what, "red"), "", plain(kind, "red"), plain(e["message"] or ""))
+        elif kind.startswith("master-"):  # the master or scheduler: lost, back, silent
+            state = kind.removeprefix("master-")
+            style = "red" if state in ("lost", "silent") else "green"
+            t.add_row(
+                plain("master/scheduler"),
+                str(e["pid"] or ""),
+                plain(state, style),
+                plain(e["message"] or ""),
+            )
     return t
 
 
@@ -197,6 +210,7 @@ _FAILURE_FIELDS = (
     "sandbox",
     "stdout_path",
     "stderr_path",
+    "staged",
     "upstream",
     "root",
 )
@@ -244,7 +258,14 @@ def _task_head(row: Any) -> list[Text]:
 
 
 def _attempts_table(attempts: list[dict[str, Any]]) -> Table:
-    at = Table(title="attempts", box=box.SIMPLE)
+    at = Table(
+        title="attempts",
+        box=box.SIMPLE,
+        caption=(
+            "started, ended: the clock of the attempt's host; ended is this client's for a "
+            "loss or timeout it decided (never before started)"
+        ),
+    )
     for col in ("run", "#", "worker", "host", "pid", "started", "ended", "outcome"):
         at.add_column(col)
     for a in attempts:

@@ -373,6 +373,7 @@ _KEPT = (
     "values",
     "sandboxes",
     "results",
+    "staged",
     LOCK_NAME,
 )
 
@@ -381,8 +382,8 @@ def check_target(journal: str | os.PathLike[str], out: str | os.PathLike[str]) -
     """Where a report of ``journal`` may be written, or :class:`JournalError` saying why
     not. The rule (``pilotfish report --help`` states it): never the journal itself, its
     ``-wal``/``-shm``/``-journal`` files or lock, nor anything inside ``values/``,
-    ``sandboxes/`` or ``results/`` of its run directory; an existing file is replaced only
-    if it is a report pilotfish wrote (``_MARK`` in its first 4 KiB)."""
+    ``sandboxes/``, ``results/`` or ``staged/`` of its run directory; an existing file
+    is replaced only if it is a report pilotfish wrote (``_MARK`` in its first 4 KiB)."""
     target = Path(out)
     if target.is_dir():
         target = target / "report.html"

@@ -113,11 +113,11 @@ def _cut_middle(text: str, limit: int, key: str) -> tuple[str, str]:
 
 def _locate(recorded: str, rundir: Path) -> tuple[Path | None, str]:
     """The file a journal names, if it may be read: inside the run directory after
-    resolving links (or found again there below sandboxes/ or results/)."""
+    resolving links (or found again there below sandboxes/, results/ or staged/)."""
     root = rundir.resolve()
     candidates = [Path(recorded)]
     parts = Path(recorded).parts
-    for anchor in ("sandboxes", "results"):
+    for anchor in ("sandboxes", "results", "staged"):
         if anchor in parts:
             i = len(parts) - 1 - parts[::-1].index(anchor)
             candidates.append(rundir.joinpath(*parts[i:]))
@@ -315,6 +315,7 @@ _FIELDS = (
     "sandbox",
     "stdout_path",
     "stderr_path",
+    "staged",
 )
 
 

@@ -90,6 +90,9 @@ class RunAttempt(NamedTuple):
     #: the session keeps every sandbox (``keep_sandboxes="all"``): a Python task's scratch
     #: directories too, after a success (see ``_scratch``)
     keep: bool = False
+    #: workers where this task's earlier attempts were lost or timed out: send it elsewhere
+    #: while another worker is there (a retry should not meet the same bad node)
+    avoid: tuple[str, ...] = ()
 
 
 class PreflightFailed(NamedTuple):
@@ -191,6 +194,24 @@ class Envelope(NamedTuple):
     traceback: str
     exc: bytes | None  # the pickled exception, when it could be pickled
     extra: dict[str, Any]  # returncode, signal, paths, ...
+
+
+class ShippedFile(NamedTuple):
+    """The stdout or stderr file of a failed program attempt, carried in its
+    ``Envelope`` (``extra["shipped"]``) for a client that cannot read the worker's disk
+    (stage on error: ``runtime/programs/ship.py`` packs, ``client/staging.py`` writes).
+
+    ``head + tail`` is what was kept of the ``size`` bytes the file had: all of it when
+    ``tail`` is empty and ``len(head) == size``; else the middle was cut. ``note`` says
+    why nothing was kept (the file could not be read on the worker)."""
+
+    role: str  # "stdout" | "stderr"
+    name: str  # the file's name in the sandbox
+    path: str  # where it is on the worker's host
+    size: int
+    head: bytes
+    tail: bytes = b""
+    note: str = ""
 
 
 # --------------------------------------------------------------------------- framing

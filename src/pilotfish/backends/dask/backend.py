@@ -142,13 +142,20 @@ class DaskBackend:
             self._q.put,
         )
         conn.unreachable_after = heartbeat_timeout
+        conn.pulse_every = heartbeat_interval
         self._workers = Workers(fl, conn, self.no_workers_timeout, d.stopping)
         self._sched = SchedulerWatch(fl, conn, self._workers, d, heartbeat_timeout)
         self._results = Results(
             fl, conn, self._workers, self._sched.connection_lost, self.hooks.fetched
         )
         self._submitter = Submitter(
-            fl, conn, self.rundir, self._q.put, d.stopping, self.hooks.before_batch
+            fl,
+            conn,
+            self.rundir,
+            self._q.put,
+            d.stopping,
+            self.hooks.before_batch,
+            elsewhere=self._workers.elsewhere,
         )
         self._timeouts = Timeouts(fl, conn, d, self._tick, d.stopping)
         self._refused = 0  # start requests the fence refused (Dask's own reruns, ...)
@@ -181,6 +188,7 @@ class DaskBackend:
         if why:
             self._die("environment", why)
             return
+        self._sched.heard()  # the fence's pulse starts now
         conn.ship_plugins()
         self._workers.jobs.from_cluster(conn.address)
         workers: list[str] = []
@@ -340,7 +348,10 @@ class DaskBackend:
         in; a worker sent a small result."""
         if not isinstance(msg, dict):
             return
+        self._sched.heard()
         op = msg.get("op")
+        if op == "pulse":
+            return
         if op == "worker":
             self._workers.on_worker_info(msg)
         elif op == "unreachable":

@@ -110,12 +110,15 @@ class Connection:
         #: a worker running attempts that the scheduler has not heard from for this long
         #: is removed as unreachable (the fence's watch; None: Dask's own worker TTL)
         self.unreachable_after: float | None = None
+        #: s between the fence's pulses to this client (None: no pulse)
+        self.pulse_every: float | None = None
         self._prev_all_handler: Callable[[Any], Any] | None = None
         self._fence_n = 0  # start fences registered so far (one per (re)connection)
         self.fence_op = ""  # the scheduler handler a task asks before running user code
         self.drain_op = ""  # the fence's handler that drains a place
         self._fence_close = ""
         self._fence_sched = ""  # the id of the scheduler it is registered on
+        self.same_scheduler = False  # the last fence went to the scheduler before it
 
     # ------------------------------------------------------------------ lifecycle
     def connect(self) -> str:
@@ -226,13 +229,19 @@ class Connection:
         sid = ""
         with contextlib.suppress(Exception):
             sid = str(self.client.scheduler_info(n_workers=0).get("id", ""))
+        #: reconnected to the scheduler we had (the link broke, not the scheduler)?
+        self.same_scheduler = bool(sid) and sid == self._fence_sched
         if sid != self._fence_sched:  # another scheduler: ours went with the old one
             self._fence_close = ""
         self.remove_fence()
         self._fence_sched = sid
         self._fence_n += 1
         plugin = _fence.StartFence(
-            self.token, self._fence_n, self.topic, unreachable_after=self.unreachable_after
+            self.token,
+            self._fence_n,
+            self.topic,
+            unreachable_after=self.unreachable_after,
+            pulse_every=self.pulse_every,
         )
         errors = []
         # by value first: the scheduler need not have pilotfish installed

@@ -47,6 +47,12 @@ one), and its late result is refused by the client's ledger. A call that holds t
 for that long also stops its worker's heartbeats: give such work a longer
 ``heartbeat_timeout``.
 
+**The link to the client.** With ``pulse_every``, the fence publishes ``op: pulse``
+on the session's topic that often: it travels on the scheduler's one stream to the
+client, as the grants and results do, so a client that hears nothing for a few pulses
+knows that stream is stalled (a network cut between client and scheduler, a frozen
+scheduler) long before the TCP connection times out.
+
 A grant is dropped when the scheduler forgets the key, so the plugin's memory
 is bounded by the keys the scheduler holds. Each (re)connection of a session
 registers a plugin of its own (``n``): a task submitted before a reconnect asks
@@ -83,7 +89,12 @@ class StartFence(SchedulerPlugin):
     idempotent = False
 
     def __init__(
-        self, token: str, n: int, topic: str, unreachable_after: float | None = None
+        self,
+        token: str,
+        n: int,
+        topic: str,
+        unreachable_after: float | None = None,
+        pulse_every: float | None = None,
     ) -> None:
         self.name = f"pilotfish-fence-{token}-{n}"
         self.op = f"pilotfish_start_{token}_{n}"
@@ -99,6 +110,7 @@ class StartFence(SchedulerPlugin):
         self.waiting: set[str] = set()  # drained workers to retire when their attempts end
         self._tasks: set[Any] = set()  # retire_workers calls in progress
         self.unreachable_after = unreachable_after
+        self.pulse_every = pulse_every
         self.removed: set[str] = set()  # workers removed as unreachable
         self._watch: Any = None
 
@@ -107,16 +119,22 @@ class StartFence(SchedulerPlugin):
         scheduler.handlers[self.op] = self.request
         scheduler.handlers[self.close_op] = self.remove
         scheduler.handlers[self.drain_op] = self.drain
-        if self.unreachable_after:
+        if self.unreachable_after or self.pulse_every:
             self._watch = asyncio.get_running_loop().create_task(self._watch_loop())
 
     async def _watch_loop(self) -> None:
-        assert self.unreachable_after
-        every = min(1.0, self.unreachable_after / 4)
+        every = min(1.0, (self.unreachable_after or 4.0) / 4, self.pulse_every or 1.0)
+        last_pulse = 0.0
         while True:
             await asyncio.sleep(every)
-            for addr, silent in self.unreachable(time.time()):
-                await self._remove_unreachable(addr, silent)
+            now = time.time()
+            if self.pulse_every and now - last_pulse >= self.pulse_every:
+                last_pulse = now
+                with contextlib.suppress(Exception):
+                    self.scheduler.log_event(self.topic, {"op": "pulse", "time": now})
+            if self.unreachable_after:
+                for addr, silent in self.unreachable(now):
+                    await self._remove_unreachable(addr, silent)
 
     def unreachable(self, now: float) -> list[tuple[str, float]]:
         """Workers running attempts we granted, silent for longer than

@@ -7,13 +7,23 @@ within ``heartbeat_timeout``: the ledger's ``RuntimeLost`` (started attempts
 ``Lost(runtime_lost)``, the others resent under new Dask keys), a fresh start fence,
 the plugins and drains installed again, ``MasterReport("restarted")``. Not back in time,
 or the client gave up: ``RuntimeLost`` and ``Fatal(runtime_lost)``.
+
+A link that stalls without breaking (a network cut between the client and the
+scheduler, a frozen scheduler) closes nothing until Dask's TCP timeout: the start
+fence's pulse (:mod:`.fence`) is then missing. Silent for ``silent_after`` seconds is
+``MasterReport("silent")`` (attempts run on; their results wait on the workers), heard
+again is ``MasterReport("answering")``, saying for how long it was silent; a link that
+breaks is the lost connection above.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from typing import Any
+
+import dask
 
 from ...core import ledger as L
 from .._driver import Driver, carry_out
@@ -23,6 +33,8 @@ from .flight import Att, Flight
 from .workers import Workers
 
 __all__ = ["SchedulerWatch"]
+
+log = logging.getLogger("pilotfish.dask")
 
 
 class SchedulerWatch:
@@ -43,9 +55,44 @@ class SchedulerWatch:
         self.driver = driver
         self.hb_timeout = hb_timeout
         self.conn_lost = False
+        #: the fence's pulse comes every ``conn.pulse_every`` s: silent this long is news
+        self.silent_after = max(3.0, 3 * (conn.pulse_every or 1.0))
+        self.last_heard = time.monotonic()
+        self.silent_since: float | None = None  # reported silent, since (monotonic)
 
     def connection_lost(self) -> None:
         self.conn_lost = True
+
+    def heard(self) -> None:
+        """The scheduler's stream brought a message for this session (a pulse, a grant)."""
+        self.last_heard = time.monotonic()
+
+    def _link(self, events: list[Any]) -> None:
+        """The connection is up: report a stall of the scheduler's stream, and its end."""
+        now = time.monotonic()
+        quiet = now - self.last_heard
+        address = self.conn.address
+        if self.silent_since is None and quiet > self.silent_after:
+            self.silent_since = self.last_heard
+            tcp = dask.config.get("distributed.comm.timeouts.tcp", "30s")
+            msg = (
+                f"the Dask scheduler at {address} has sent this client nothing for "
+                f"{quiet:.1f} s (its pulse comes every {self.conn.pulse_every or 1.0:g} s): "
+                "the network between them is cut, or the scheduler is frozen. Attempts run "
+                "on and their results wait on the workers; if the connection breaks "
+                f"(Dask's TCP timeout, {tcp}), pilotfish reconnects and retries what it lost"
+            )
+            log.warning("pilotfish: %s", msg)
+            events.append(MasterReport("silent", self.conn.sched_pid, time.time(), message=msg))
+        elif self.silent_since is not None and quiet <= self.silent_after:
+            msg = (
+                f"the Dask scheduler at {address} is heard again after "
+                f"{now - self.silent_since:.1f} s of silence; the connection held, nothing "
+                "was lost"
+            )
+            self.silent_since = None
+            log.warning("pilotfish: %s", msg)
+            events.append(MasterReport("answering", self.conn.sched_pid, time.time(), message=msg))
 
     def check(self, events: list[Any], cancel: list[Any]) -> None:
         if self.driver.dead or self.conn.client is None:
@@ -55,6 +102,7 @@ class SchedulerWatch:
         fl = self.flight
         if fl.lost_since is None:
             if status == "running" and not self.conn_lost:
+                self._link(events)
                 return
             with fl.lock:
                 fl.lost_since = time.monotonic()
@@ -105,7 +153,13 @@ class SchedulerWatch:
         events.append(fatal)
 
     def _lost_locked(
-        self, why: str, pid: int, items: dict[int, Att], events: list[Any], cancel: list[Any]
+        self,
+        why: str,
+        pid: int,
+        items: dict[int, Att],
+        events: list[Any],
+        cancel: list[Any],
+        unblamed: str = "",
     ) -> None:
         """``RuntimeLost`` for the ledger, carried out; its reports also name the Dask
         worker an attempt was running on."""
@@ -114,7 +168,11 @@ class SchedulerWatch:
             e.attempt: f"; it was running on Dask worker {e.worker} (pid {e.pid}) at host {e.host}"
             for e in led.started()
         }
-        cmds = led.handle(L.RuntimeLost(why, time.time(), f"scheduler {self.conn.address}", pid))
+        cmds = led.handle(
+            L.RuntimeLost(
+                why, time.time(), f"scheduler {self.conn.address}", pid, unblamed=unblamed
+            )
+        )
         carry_out(cmds, self.flight.step(items, events, cancel, where))
 
     def _recovered(self, events: list[Any], cancel: list[Any]) -> None:
@@ -131,18 +189,29 @@ class SchedulerWatch:
             drains = [(conn.drain_op, d) for d in self.workers.drains]
         if drains:
             self.driver.nursery.start("pilotfish-dask-drain", conn.tell_fence, drains)
-        why = (
-            f"the connection to the Dask scheduler at {conn.address} was lost (reconnected; "
-            f"{self.driver.budget.note()})"
-        )
+        unblamed = ""
+        if conn.same_scheduler:  # the link broke, not the scheduler: Dask let go of our keys
+            unblamed = f"the link to the Dask scheduler at {conn.address} broke"
+            why = (
+                f"the connection to the Dask scheduler at {conn.address} broke (a network "
+                "outage: reconnected to the same scheduler, which had let go of this "
+                f"session's tasks; {self.driver.budget.note()})"
+            )
+        else:
+            why = (
+                f"the connection to the Dask scheduler at {conn.address} was lost "
+                f"(reconnected; {self.driver.budget.note()})"
+            )
         old_pid = conn.sched_pid
         conn.refresh_scheduler_pid()
         with fl.lock:
             self.conn_lost = False
             fl.lost_since = None
+            self.last_heard, self.silent_since = time.monotonic(), None
             items = {a: e.item for a, e in fl.ledger.entries.items()}
-            # started: Lost(runtime_lost); the others: Resend, under new keys
-            self._lost_locked(why, old_pid, items, events, cancel)
+            # started: Lost(runtime_lost), not charged after a broken link; the others:
+            # Resend, under new keys
+            self._lost_locked(why, old_pid, items, events, cancel, unblamed)
         events.append(
             MasterReport(
                 "restarted",

@@ -80,8 +80,11 @@ class Submitter:
         put: Callable[[tuple[Any, ...]], None],
         stopping: threading.Event,
         before_batch: Callable[[list[RunAttempt]], None] | None = None,
+        elsewhere: Callable[[tuple[str, ...]], list[str]] | None = None,
     ) -> None:
         self.flight = flight
+        #: the live workers that are none of these places (a retry's ``avoid``)
+        self._elsewhere_of = elsewhere
         self.conn = conn
         self.rundir = rundir
         self._put = put
@@ -138,7 +141,16 @@ class Submitter:
             (ahead if 0 < a.m.order < newest else fresh).append(a)
         batch = ahead + fresh
         self._newest_order = max(newest, max((a.m.order for a in batch), default=0))
-        futs = self._map(ahead, fence, 1) + self._map(fresh, fence, 0)
+        # a retry that should go elsewhere is submitted alone, restricted; the rest in bulk
+        where = {id(a): self._elsewhere(a) for a in batch if a.m.avoid}
+        mapped = iter(
+            self._map([a for a in ahead if not where.get(id(a))], fence, 1)
+            + self._map([a for a in fresh if not where.get(id(a))], fence, 0)
+        )
+        futs = [
+            self._submit_elsewhere(a, where[id(a)], fence) if where.get(id(a)) else next(mapped)
+            for a in batch
+        ]
         late = []
         fl = self.flight
         with fl.lock:
@@ -152,6 +164,32 @@ class Submitter:
             loop = self.conn.client.loop
             loop.add_callback(_watch_futures, loop, watch, self._put)
         self.conn.cancel(late)
+
+    def _elsewhere(self, a: Att) -> list[str]:
+        """Where a retry goes: the live workers that are not where its task's earlier
+        attempts were lost or timed out ([]: no restriction)."""
+        if not a.m.avoid or self._elsewhere_of is None:
+            return []
+        return self._elsewhere_of(a.m.avoid)
+
+    def _submit_elsewhere(self, a: Att, others: list[str], fence: str) -> Any:
+        """A retry goes to another worker while one is there (a preference, with
+        ``allow_other_workers``: if they all leave, any worker will do), so one bad node
+        does not get the same task again and again."""
+        return self.conn.client.submit(
+            attempt_on_worker,
+            a.m,
+            a.dkey,
+            fence,
+            self.rundir,
+            self.conn.topic,
+            key=a.dkey,
+            pure=False,
+            retries=0,
+            workers=others,
+            allow_other_workers=True,
+            priority=1,
+        )
 
     def _map(self, batch: list[Att], fence: str, priority: int) -> list[Any]:
         if not batch:

@@ -130,6 +130,19 @@ class Workers:
             ", ".join(sorted(addrs)) or "none now",
         )
 
+    def elsewhere(self, avoid: tuple[str, ...]) -> list[str]:
+        """The live, undrained workers that are none of the places in ``avoid`` (worker
+        addresses or the nanny places attempts are recorded under)."""
+        fl = self.flight
+        with fl.lock:
+            return sorted(
+                w
+                for w in fl.live
+                if w not in avoid
+                and self.place.get(w, w) not in avoid
+                and w not in fl.ledger.drained
+            )
+
     def on_unreachable(self, msg: dict[str, Any]) -> None:
         """The fence found a worker that runs attempts unreachable and removes it: the
         removal that follows says why."""

@@ -54,7 +54,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple, assert_never
 
 from ...core import ledger as L
@@ -689,49 +689,6 @@ class Dispatcher:
 
     # The local master's runner (master.py) still calls these; each is handle() of one
     # stimulus. To go once the runner builds the stimuli itself.
-    def start(self, now: float) -> list[Cmd]:
-        return self.handle(Boot(now))
-
-    def submit(self, attempts: Iterable[RunAttempt], now: float) -> list[Cmd]:
-        return self.handle(SubmitAttempts(list(attempts), now))
-
-    def drain(self, name: str, why: str, now: float) -> list[Cmd]:
-        return self.handle(DrainRequest(name, why, now))
-
-    def cancel(self, ids: Iterable[int], now: float) -> list[Cmd]:
-        return self.handle(CancelRequest(tuple(ids), now))
-
-    def on_hello(self, name: str, pid: int, now: float) -> list[Cmd]:
-        return self.handle(HelloFrom(name, pid, now))
-
-    def on_preflight_failed(self, name: str, problems: tuple[str, ...], now: float) -> list[Cmd]:
-        return self.handle(PreflightFailedOn(name, tuple(problems), now))
-
-    def on_heartbeat(self, name: str, now: float) -> list[Cmd]:
-        return self.handle(HeartbeatFrom(name, now))
-
-    def on_command_group(self, name: str, attempt: int, pgid: int) -> list[Cmd]:
-        return self.handle(GroupFrom(name, attempt, pgid))
-
-    def on_result(self, name: str, res: Result, now: float) -> list[Cmd]:
-        return self.handle(ResultFrom(name, res, now))
-
-    def on_withdrawn(self, name: str, attempt: int, now: float) -> list[Cmd]:
-        return self.handle(WithdrawnBy(name, attempt, now))
-
-    def on_exit(
-        self, name: str, returncode: int | None, stderr_tail: str, now: float, goodbye: bool
-    ) -> list[Cmd]:
-        return self.handle(WorkerExited(name, returncode, stderr_tail, now, goodbye))
-
-    def tick(
-        self, now: float, samples: dict[str, tuple[str, float]], stderr_tails: dict[str, str]
-    ) -> list[Cmd]:
-        return self.handle(TimePassed(now, samples, stderr_tails))
-
-    def shutdown(self) -> list[Cmd]:
-        return self.handle(Close())
-
     # ------------------------------------------------------------------ events
     def _submit(self, batch: Sequence[RunAttempt], now: float, out: list[Cmd]) -> None:
         self.ledger.handle(L.Enqueue(tuple((a.attempt, a.key, a, a.timeout) for a in batch)))

@@ -52,7 +52,27 @@ from ...runtime.procs import (
 )
 from ...wire import messages as _wire
 from ...wire.messages import Channel
-from .dispatch import Cmd, Dispatcher, Kill, SendWorker, Spawn, ToClient
+from .dispatch import (
+    Boot,
+    CancelRequest,
+    Close,
+    Cmd,
+    Dispatcher,
+    DrainRequest,
+    GroupFrom,
+    HeartbeatFrom,
+    HelloFrom,
+    Kill,
+    PreflightFailedOn,
+    ResultFrom,
+    SendWorker,
+    Spawn,
+    SubmitAttempts,
+    TimePassed,
+    ToClient,
+    WithdrawnBy,
+    WorkerExited,
+)
 
 _TAIL_BYTES = 16384
 _TAIL_LINES = 20
@@ -150,7 +170,9 @@ class Master:
             ch.close()
             now = time.time()
             self.disp.slots[name].pid = 0
-            self.run_cmds(self.disp.on_exit(name, 127, f"cannot execute worker: {e}", now, False))
+            self.run_cmds(
+                self.disp.handle(WorkerExited(name, 127, f"cannot execute worker: {e}", now, False))
+            )
             return
         os.close(child_fd)
         pidfd = os.pidfd_open(popen.pid)
@@ -186,34 +208,34 @@ class Master:
         now = time.time()
         runs = [m for m in msgs if isinstance(m, _wire.RunAttempt)]
         if runs:
-            self.run_cmds(self.disp.submit(runs, now))
+            self.run_cmds(self.disp.handle(SubmitAttempts(runs, now)))
         for m in msgs:
             if isinstance(m, _wire.CancelAttempt):
-                self.run_cmds(self.disp.cancel([m.attempt], now))
+                self.run_cmds(self.disp.handle(CancelRequest((m.attempt,), now)))
             elif isinstance(m, _wire.DrainWorker):
-                self.run_cmds(self.disp.drain(m.name, m.why, now))
+                self.run_cmds(self.disp.handle(DrainRequest(m.name, m.why, now)))
             elif isinstance(m, _wire.Shutdown):
                 self.stopping = True
-                self.run_cmds(self.disp.shutdown())
+                self.run_cmds(self.disp.handle(Close()))
 
     def on_worker(self, p: _Proc, msgs: list[Any]) -> None:
         now = time.time()
         for m in msgs:
             if isinstance(m, _wire.Result):
-                self.run_cmds(self.disp.on_result(p.name, m, now))
+                self.run_cmds(self.disp.handle(ResultFrom(p.name, m, now)))
             elif isinstance(m, _wire.Heartbeat):
-                self.disp.on_heartbeat(p.name, now)
+                self.disp.handle(HeartbeatFrom(p.name, now))
             elif isinstance(m, _wire.Hello):
-                self.run_cmds(self.disp.on_hello(p.name, m.pid, now))
+                self.run_cmds(self.disp.handle(HelloFrom(p.name, m.pid, now)))
             elif isinstance(m, _wire.Withdrawn):
-                self.run_cmds(self.disp.on_withdrawn(p.name, m.attempt, now))
+                self.run_cmds(self.disp.handle(WithdrawnBy(p.name, m.attempt, now)))
             elif isinstance(m, _wire.CommandGroup):
-                self.disp.on_command_group(p.name, m.attempt, m.pgid)
+                self.disp.handle(GroupFrom(p.name, m.attempt, m.pgid))
             elif isinstance(m, _wire.Goodbye):
                 p.goodbye = True
             elif isinstance(m, _wire.PreflightFailed):
                 p.goodbye = True  # it exits on purpose
-                self.run_cmds(self.disp.on_preflight_failed(p.name, m.problems, now))
+                self.run_cmds(self.disp.handle(PreflightFailedOn(p.name, tuple(m.problems), now)))
 
     def read_stderr(self, p: _Proc) -> None:
         assert p.popen.stderr is not None
@@ -252,7 +274,9 @@ class Master:
             p.popen.stderr.close()
         del self.procs[p.name]
         self.sweep()  # what its attempts left, re-parented to us when it died
-        self.run_cmds(self.disp.on_exit(p.name, rc, p.stderr_tail(), time.time(), p.goodbye))
+        self.run_cmds(
+            self.disp.handle(WorkerExited(p.name, rc, p.stderr_tail(), time.time(), p.goodbye))
+        )
 
     # ------------------------------------------------------------------ loop
     def flush(self) -> None:
@@ -263,7 +287,7 @@ class Master:
     def run(self, early: list[Any] | None = None) -> None:
         self.sel.register(self.client, selectors.EVENT_READ, ("client", None))
         now = time.time()
-        self.run_cmds(self.disp.start(now))
+        self.run_cmds(self.disp.handle(Boot(now)))
         self.outbox.append(
             _wire.Hello(
                 os.getpid(),
@@ -317,7 +341,7 @@ class Master:
                     if s is not None:
                         samples[name] = s
                     tails[name] = pr.stderr_tail()
-                self.run_cmds(self.disp.tick(now, samples, tails))
+                self.run_cmds(self.disp.handle(TimePassed(now, samples, tails)))
                 self.sweep()
                 if now >= next_tick:
                     self.outbox.append(_wire.Heartbeat(now))

@@ -63,8 +63,12 @@ later) fails with an ENVIRONMENT error (``"pilotfish": "environment"``) and no
 (replacement) worker is started.
 
 The client pings the master through RP's raptor rpc (``pilotfish_ping``): the answer
-names the master's pid, its workers and the running tasks; ``pilotfish_cancel``
-withdraws tasks that are not running.
+names the master's pid, its workers (and how a lost one ended) and the running tasks;
+``pilotfish_cancel`` withdraws tasks that are not running; ``pilotfish_drain`` drains a
+worker or a host (the book's :meth:`~.master_book.MasterBook.drain`): no task starts
+there any more, what its workers hold goes back on the queue, and each is stopped
+(SIGTERM) once it runs nothing, then replaced unless its host was drained. The drains
+so far come with a restarted master's configuration.
 """
 
 from __future__ import annotations
@@ -227,6 +231,8 @@ class PilotfishMaster(Master):  # type: ignore[misc]
             token=str(self._pf_cfg.get("token") or ""),
             uid=os.environ.get("RP_TASK_ID"),
         )
+        for kind, name, why in self._pf_cfg.get("drains") or ():  # a restarted master's
+            self.book.drain(str(kind), str(name), str(why))
         self._pf_preflight()  # before RP's init: tasks arrive as soon as it registers
         super().__init__()
         self.book.mark_up()
@@ -290,7 +296,26 @@ class PilotfishMaster(Master):  # type: ignore[misc]
 
     def _pf_hello(self, wid: str, pid: int, host: str, problems: list[str]) -> bool:
         self._pf_port.log(f"hello {wid} pid {pid} host {host} problems {problems}")
-        return self.book.hello(wid, pid, host, problems)
+        ok = self.book.hello(wid, pid, host, problems)
+        self._pf_stop_drained(self.book.idle_drained())  # it joined on a drained host
+        return ok
+
+    def _pf_stop_drained(self, wids: list[str]) -> None:
+        """End drained workers that run nothing (SIGTERM; RP's agent cancels one still
+        starting): their RP final state is a lost worker with nothing running, and one
+        drained as a worker (not with its host) is replaced."""
+        for wid in wids:
+            w = self.book.workers.get(wid) or {}
+            self._pf_port.log(f"stop drained worker {wid} pid {w.get('pid')}: {w.get('drained')}")
+            pid = int(w.get("pid") or 0)
+            if pid:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGTERM)
+            else:
+                with contextlib.suppress(Exception):
+                    self.publish(
+                        rpc_const.CONTROL_PUBSUB, {"cmd": "cancel_tasks", "arg": {"uids": [wid]}}
+                    )
 
     def _pf_start(self, wid: str, uid: str, pid: int) -> bool:
         """A worker asks to run a task it holds (the start fence), just before it forks
@@ -382,12 +407,21 @@ class PilotfishMaster(Master):  # type: ignore[misc]
         if exit_code is None and w.get("pid"):
             exit_code = _shell_reported_exit(tail, int(w["pid"]))
         code, how, sig = _exit_status(exit_code)
+        ended = f"was lost: {why}"
+        if w.get("drained") and w.get("stop_asked"):
+            kind, because = w["drained"]
+            ended = f"was drained ({kind}: {because}) and stopped by pilotfish: {why}"
         what = (
             f"RADICAL-Pilot raptor worker {wid} (pid {w.get('pid') or '?'}, host "
-            f"{w.get('host') or '?'}) was lost: {why}" + (f"; it {how}" if code is not None else "")
+            f"{w.get('host') or '?'}) {ended}" + (f"; it {how}" if code is not None else "")
         )
         self.book.worker_gone(wid, what, code, sig, tail[-2000:], err_path)
-        if not self.book.stopping and was != "preflight_failed" and not self.book.env_problem:
+        if (
+            not self.book.stopping
+            and was != "preflight_failed"
+            and not self.book.env_problem
+            and self.book.replace_lost(w)
+        ):
             self._pf_start_workers(1)
 
     # -- tasks ------------------------------------------------------------------
@@ -398,6 +432,7 @@ class PilotfishMaster(Master):  # type: ignore[misc]
         mine = self.book.results(ru.as_list(tasks))
         if mine:
             super()._result_cb(mine)
+        self._pf_stop_drained(self.book.idle_drained())  # its last task ended
 
     def _pf_shutdown(self) -> None:
         pids = [int(w.get("pid") or 0) for w in self.book.workers.values()]
@@ -425,7 +460,12 @@ class PilotfishMaster(Master):  # type: ignore[misc]
                     "host": _host(),
                     "time": time.time(),
                     "workers": {
-                        w["uid"]: [w.get("state"), int(w.get("pid") or 0), w.get("host") or ""]
+                        w["uid"]: [
+                            w.get("state"),
+                            int(w.get("pid") or 0),
+                            w.get("host") or "",
+                            w.get("why") or "",  # how a lost worker ended
+                        ]
                         for w in book.workers.values()
                     },
                     "running": {e.item["uid"]: e.worker for e in book.ledger.started()},
@@ -438,6 +478,12 @@ class PilotfishMaster(Master):  # type: ignore[misc]
             return book.sweep(uids, graces + [10.0] * (len(uids) - len(graces)))
         if cmd == "pilotfish_cancel":
             return book.cancel([str(u) for u in kwargs.get("uids") or []])
+        if cmd == "pilotfish_drain":
+            stop = book.drain(
+                str(kwargs.get("kind")), str(kwargs.get("name")), str(kwargs.get("why") or "")
+            )
+            self._pf_stop_drained(stop)
+            return stop
         if cmd == "stop":
             book.stop()
             # answer at once: RP's Component.stop() joins threads for seconds

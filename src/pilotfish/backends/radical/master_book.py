@@ -197,6 +197,8 @@ class MasterBook:
         self._push_time: dict[str, float] = {}  # unclaimed task uid -> when pushed
         self._repushed: dict[str, int] = {}  # task uid -> pushed again for idle workers
         self._arrivals = _Arrivals(clock)  # what the client's sweep asks about
+        #: the places the client drained: ("worker", uid) or ("host", name) -> why
+        self.drains: dict[tuple[str, str], str] = {}
 
     # ------------------------------------------------------------------ queries
     def entry(self, uid: str) -> L.Entry | None:
@@ -236,6 +238,8 @@ class MasterBook:
             w = self.workers.setdefault(wid, {"uid": wid, "t0": time.time()})
             w.update(pid=pid, host=host, state="ready" if not problems else "preflight_failed")
             w["busy_at"] = self.clock()  # idle from now on, as far as we know
+            if self.drains:  # a worker on a drained host: drained at once (then stopped)
+                self._drain_matching_locked()
             doomed: list[Task] = []
             if problems and not self.env_problem:
                 lines = "\n".join(f"  - {p}" for p in problems)
@@ -248,6 +252,68 @@ class MasterBook:
                 self._unpushed(list(self._pushed))
         self._fail_environment(doomed)
         return not problems
+
+    # ------------------------------------------------------------------ draining
+    def _drained_by(self, wid: str, w: dict[str, Any]) -> tuple[str, str] | None:
+        """The drain that covers worker ``wid`` (lock held): (kind, why), or None."""
+        why = self.drains.get(("worker", wid))
+        if why is not None:
+            return "worker", why
+        why = self.drains.get(("host", str(w.get("host") or "")))
+        return ("host", why) if why is not None else None
+
+    def drain(self, kind: str, name: str, why: str) -> list[str]:
+        """The client drained a worker (``kind="worker"``, its uid) or a host: no task
+        starts there from now on, and what its workers merely hold goes back on RP's
+        queue, unblamed (the ledger's ``Drain``). Returns the workers to stop now: those
+        that run nothing; one that runs tasks is stopped when they end
+        (:meth:`idle_drained`). A worker that joins later on a drained host is drained
+        when it says hello."""
+        with self.lock:
+            self.drains[(kind, name)] = why
+            step = self._drain_matching_locked()
+            stop = self._idle_drained_locked()
+        if step.requeued and not self.stopping:
+            self.port.log(f"drained {kind} {name}: requeue {[t['uid'] for t in step.requeued]}")
+            self.port.push(step.requeued)
+        return stop
+
+    def _drain_matching_locked(self) -> _Step:
+        step = _Step()
+        for wid, w in self.workers.items():
+            if w.get("drained") or w.get("state") in ("lost", "stopped"):
+                continue
+            by = self._drained_by(wid, w)
+            if by is None:
+                continue
+            w["drained"] = by
+            L.carry_out(self.ledger.handle(L.Drain(wid, by[1], time.time())), step)
+        self._push(step.requeued)
+        return step
+
+    def _idle_drained_locked(self) -> list[str]:
+        out = []
+        for wid, w in self.workers.items():
+            if (
+                w.get("drained")
+                and not w.get("stop_asked")
+                and w.get("state") not in ("lost", "stopped")
+                and not self.ledger.started_on(wid)
+            ):
+                w["stop_asked"] = True
+                out.append(wid)
+        return out
+
+    def idle_drained(self) -> list[str]:
+        """Drained workers that run nothing any more, each once: the master stops them."""
+        with self.lock:
+            return self._idle_drained_locked()
+
+    def replace_lost(self, w: dict[str, Any]) -> bool:
+        """Is a replacement started for this lost worker's record? Not for one drained
+        with its host: RP would likely place the new one there too."""
+        by = w.get("drained")
+        return not (by and by[0] == "host")
 
     def lose_worker(self, wid: str) -> tuple[str, dict[str, Any]] | None:
         """Mark worker ``wid`` lost: (its state before, a copy of its record), or None
@@ -267,6 +333,8 @@ class MasterBook:
         ran fail (``"pilotfish": "worker_lost"``), their program groups are killed, the
         tasks it merely held go back on RP's queue, unblamed."""
         with self.lock:
+            if wid in self.workers:
+                self.workers[wid]["why"] = what  # the client's ping answer says it
             w = dict(self.workers.get(wid) or {})
             tasks = {a: self.ledger.entries[a].item for a in self.ledger.started_on(wid)}
             step = _Step()
@@ -358,7 +426,8 @@ class MasterBook:
         back: list[Task] = []
         with self.lock:
             w = self.workers.get(wid)
-            lost = w is not None and w.get("state") == "lost"
+            # a drained worker holds nothing either: what it took goes back too
+            lost = w is not None and (w.get("state") == "lost" or bool(w.get("drained")))
             ids: dict[int, str] = {}
             for u in uids:
                 e = self.entry(u)
@@ -383,7 +452,8 @@ class MasterBook:
             self._push(back)
             stopping = self.stopping
         if back and not stopping:
-            self.port.log(f"lost worker {wid} took {[t['uid'] for t in back]}: pushed again")
+            took = [t["uid"] for t in back]
+            self.port.log(f"lost or drained worker {wid} took {took}: pushed again")
             self.port.push(back)
         return mine
 

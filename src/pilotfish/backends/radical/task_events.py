@@ -2,7 +2,8 @@
 
 The radical backend's table (see :mod:`.backend`'s docstring) written once, as one
 function of the task and the attempt's ledger entry: :func:`final_events`. No state of
-its own; the backend has already taken the attempt out of its ledger.
+its own; the backend has already taken the attempt out of its ledger. Which states wake
+the backend at all: :func:`wakes`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,16 @@ from ...wire.messages import Lost, Result, Started
 from .._driver import environment_result, runtime_lost
 from .plumbing import local_path
 
-__all__ = ["final_events"]
+__all__ = ["final_events", "wakes"]
+
+_WAKING = frozenset({rp.AGENT_EXECUTING, *rp.FINAL})
+
+
+def wakes(state: str) -> bool:
+    """Whether a task reaching ``state`` means anything to the backend's event thread:
+    its start (where it runs) or its end. RP calls the task manager's callback for every
+    state a task passes (~15 per task); the others would wake the thread for nothing."""
+    return state in _WAKING
 
 
 def _env_result(e: L.Entry, why: str, *, plain: bool = False) -> Result:

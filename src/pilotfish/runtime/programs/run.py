@@ -42,7 +42,7 @@ from ...core.ledger import describe_exit, signal_name
 from ..files import open_regular
 from .outcome import TAIL_LINES, CommandOutcome, OutcomeKind, excerpt, this_host
 from .process import Ended, resolve_program, start, wait_for
-from .spec import STDERR_NAME, STDOUT_NAME, CommandSpec, program_env, spec_problem
+from .spec import STDERR_NAME, STDOUT_NAME, CommandSpec, program_cwd, program_env, spec_problem
 from .staging import find_outputs, stage_inputs
 
 
@@ -156,12 +156,7 @@ def _prepare(run: _Attempt) -> _Launch:
     executable (which must be found)."""
     spec, box, host, program = run.spec, run.box, run.host, run.program
     env = program_env(spec, os.environ)
-    if spec.cwd is None:
-        cwd = str(box)
-    elif os.path.isabs(spec.cwd):
-        cwd = spec.cwd
-    else:
-        cwd = os.path.normpath(os.path.join(box, spec.cwd))
+    cwd = program_cwd(spec, box)
     if not os.path.isdir(cwd):
         raise _Refused(
             "environment",

@@ -90,6 +90,16 @@ def inherit_from(value: Any, name: Any = None) -> bool | tuple[Any, ...]:
     return tuple(value) if name is None else tuple(name(n) for n in value)
 
 
+def program_cwd(spec: CommandSpec, box: str | os.PathLike[str]) -> str:
+    """The directory the program runs in: the sandbox ``box``, or ``spec.cwd`` (absolute,
+    or relative to the sandbox). Its declared outputs are named relative to it."""
+    if spec.cwd is None:
+        return os.fspath(box)
+    if os.path.isabs(spec.cwd):
+        return spec.cwd
+    return os.path.normpath(os.path.join(box, spec.cwd))
+
+
 def program_env(spec: CommandSpec, environ: Mapping[str, str]) -> dict[str, str]:
     """The environment the program runs with: what it inherits of ``environ`` (this
     process's), then ``spec.env`` over it."""
