@@ -62,19 +62,6 @@ def ticking(trace: str, seconds: float, value: int) -> tuple[int, str, int]:
     return value, host, pid
 
 
-def dies_on(host: str, trace: str, i: int, seconds: float) -> tuple[int, str]:
-    """A broken node: on ``host`` the worker process dies at once (``os._exit(1)``, as a
-    node with bad memory or a missing library kills whatever runs there); elsewhere a
-    line ``run HOST PID TIME`` in ``trace``, a sleep, and (i, hostname)."""
-    here = socket.gethostname()
-    with open(trace, "a") as f:
-        f.write(f"{'die' if here == host else 'run'} {here} {os.getpid()} {time.time():.3f}\n")
-    if here == host:
-        os._exit(1)
-    time.sleep(seconds)
-    return i, here
-
-
 def read_trace(trace: Path) -> list[tuple[str, str, int, float]]:
     """The lines of a :func:`ticking` trace: (kind, host, pid, time)."""
     if not trace.exists():

@@ -8,9 +8,10 @@ slurmctld on the host (port 6917), one slurmd per node, conf in
 10.77.0.1 (TLS), one worker per batch job and one job per node (each node has one CPU),
 each worker listening on its node's address (``interface="eth0"`` inside the node).
 The tests then cancel a job (scancel), fail a node (every process of node2 killed,
-slurmd too) and break one (node3 kills every task's process), and check what a cluster
-user expects: nothing lost, each task DONE once, the body run no more often than
-attempts started, the failure naming the job and the node, and how long detection took.
+slurmd too) and break one (a program the tasks need missing from node3's PATH), and
+check what a cluster user expects: nothing lost, each task DONE once, the body run no
+more often than attempts started, the failure naming the job and the node, and how long
+detection took.
 
 They run only when asked (``python -m pytest tests/test_multinode_slurm.py``, as its
 own CI step), as root (else they skip, saying why); lab-up.sh runs once for the module
@@ -106,6 +107,8 @@ def cluster(lab_slurm: int, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     from pilotfish.cluster import slurm
 
     d = tmp_path_factory.mktemp("slurm")
+    for k in range(1, N + 1):  # each node's own program directory (see _tool)
+        _tool(d, f"node{k}", present=True)
     token = os.environ.pop(TOKEN_VAR, None)
     try:
         c = slurm(
@@ -118,12 +121,13 @@ def cluster(lab_slurm: int, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             log_directory=d / "logs",
             local_directory=str(d / "dask"),
             job_name=JOB_NAME,
-            job_script_prologue=[f"unset {TOKEN_VAR}"],
+            job_script_prologue=[f"unset {TOKEN_VAR}", f'export PATH="{d}/bin/$(hostname):$PATH"'],
             scheduler_options={"interface": "brpf", "dashboard_address": ":0"},
         )
     finally:
         if token is not None:
             os.environ[TOKEN_VAR] = token
+    c._pilotfish_lab_dir = d
     try:
         assert c.scheduler_address.startswith(f"tls://{lab.HOST_IP}:"), c.scheduler_address
         _wait_one_worker_per_node(c)
@@ -142,6 +146,22 @@ def fresh(cluster: Any) -> Iterator[Any]:
     r = lab.script("lab-up.sh", str(N), "--slurm")
     assert r.returncode == 0, f"scripts/lab-up.sh --slurm failed:\n{r.stdout}\n{r.stderr}"
     _wait_one_worker_per_node(cluster)
+
+
+TOOL = "pf-labtool"
+
+
+def _tool(d: Path, host: str, present: bool) -> None:
+    """The program ``pf-labtool`` in node ``host``'s own directory on its jobs' PATH
+    (``D/bin/nodeK``, put there by the job script): present, or removed (a node whose
+    software is broken: a missing module, a failed mount)."""
+    p = d / "bin" / host / TOOL
+    if present:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text('#!/bin/sh\necho "$1 $(hostname)"\nsleep 0.3\n')
+        p.chmod(0o755)
+    else:
+        p.unlink(missing_ok=True)
 
 
 def _workers(cluster: Any) -> dict[str, str]:
@@ -267,10 +287,11 @@ def test_scancel_of_the_job_running_a_task(fresh: Any, tmp_path: Path) -> None:
 
 def test_node_failure_with_its_slurmd(fresh: Any, tmp_path: Path) -> None:
     """node2 fails (every process killed, slurmd too: power cut, kernel panic) while it
-    runs a task: the user expects that attempt WORKER_LOST naming node2 within seconds
-    (SLURM itself notices only after SlurmdTimeout=10 s, so the message says the job is
-    still RUNNING as far as SLURM knows and that the node may have stopped answering),
-    and the task DONE once on another node."""
+    runs a task: the user expects that attempt WORKER_LOST naming node2 and its job
+    within seconds, and the task DONE once on another node. SLURM itself notices only
+    after SlurmdTimeout=10 s, so the job is RUNNING as far as SLURM knows; the worker's
+    nanny does not answer either, so the message says the node stopped answering, not
+    that a nanny starts a new worker."""
     events: list[Any] = []
     rundir = tmp_path / "run"
     traces = [tmp_path / f"trace{i}" for i in range(N)]
@@ -311,36 +332,52 @@ def test_node_failure_with_its_slurmd(fresh: Any, tmp_path: Path) -> None:
     assert lab.node_ip(2) in str(f.worker), f
     assert f"SLURM job {job}" in f.message and "node2" in f.message, f.message
     assert "as far as SLURM knows" in f.message and "stopped answering" in f.message
+    # the node is dead: not "still RUNNING ... a nanny starts a new one"
+    assert "nanny starts" not in f.message and "still RUNNING" not in f.message, f.message
 
 
 def test_broken_node_is_drained(fresh: Any, tmp_path: Path) -> None:
-    """node3 is broken: every task's process dies there (``os._exit(1)``). With the
-    Dask default drain_after=(3 tasks, 600 s), the user expects node3's worker (or host)
-    to be drained (a HostDrained event naming node3), every task to finish DONE on the
-    other nodes, none declared poison or failed."""
+    """node3 is broken: a program every task needs is missing from its PATH (a failed
+    mount, a missing module). With Dask's default drain_after=(3 tasks, 600 s), the user
+    expects node3 to be drained (a HostDrained event naming its worker or host), every
+    task DONE once on the other nodes, and the failed attempts there not charged to the
+    tasks' retries (each ENVIRONMENT attempt noted "not charged")."""
+    d: Path = fresh._pilotfish_lab_dir
     events: list[Any] = []
-    rundir, trace = tmp_path / "run", tmp_path / "trace"
-    t0 = time.time()
-    with _session(fresh, rundir, events) as s:
-        ts = [s.submit(lab.dies_on, "node3", str(trace), i, 0.5) for i in range(12)]
-        results = [t.result(timeout=120) for t in ts]
-        keys = [t.key for t in ts]
-        attempts = [[(a.outcome, a.host) for a in t.attempts] for t in ts]
+    rundir = tmp_path / "run"
+    _tool(d, "node3", present=False)
+    try:
+        t0 = time.time()
+        with _session(fresh, rundir, events) as s:
+            ts = [s.executable([TOOL, str(i)], requires_programs=[TOOL]) for i in range(12)]
+            for t in ts:
+                t.result(timeout=120)
+            t_done = time.time()
+            keys = [t.key for t in ts]
+            attempts = [t.attempts for t in ts]
+    finally:
+        _tool(d, "node3", present=True)
     drained = [(w, e) for w, e in events if isinstance(e, pilotfish.HostDrained)]
-    deaths = [r for r in lab.read_trace(trace) if r[0] == "die"]
-    lost = [a for per in attempts for a in per if a[0] == "worker_lost"]
+    env = [a for per in attempts for a in per if a.outcome == "environment"]
+    first_env = min((a.ended or t0) for a in env) if env else float("nan")
+    done_hosts = sorted({per[-1].host or "?" for per in attempts})
     print(
-        f"\nbroken node3: {len(deaths)} deaths on node3, {len(lost)} attempts worker_lost; "
-        f"drained: {[(round(w - t0, 2), e.kind, e.name, e.host) for w, e in drained]}; "
-        f"all 12 done after {time.time() - t0:.1f} s; hosts "
-        f"{sorted({h for _i, h in results})}\n  reason: "
+        f"\nbroken node3 ({TOOL} missing from its PATH): {len(env)} attempts ENVIRONMENT "
+        f"on {sorted({a.host or '?' for a in env})}; drained "
+        f"{[(round(w - t0, 2), e.kind, e.name, e.host) for w, e in drained]} "
+        f"({(drained[0][0] - first_env) if drained else float('nan'):.2f} s after the "
+        f"first ENVIRONMENT failure, {(drained[0][0] - t0) if drained else float('nan'):.2f}"
+        f" s after submit); all 12 done after {t_done - t0:.1f} s on {done_hosts}; notes "
+        f"{sorted({str(a.note) for a in env})}\n  reason: "
         f"{drained[0][1].reason if drained else None}"
     )
-    assert [i for i, _h in results] == list(range(12))
-    assert all(h != "node3" for _i, h in results)
+    assert all(per[-1].outcome == "done" for per in attempts)
+    assert "node3" not in done_hosts
     for key in keys:
         done, outcomes = _journal(rundir, key)
         assert done == 1 and outcomes.count("done") == 1, outcomes
-    assert drained, f"node3 was not drained after {len(deaths)} deaths: {attempts}"
+    assert env and all(a.host == "node3" for a in env), env
+    assert all(a.note and a.note.startswith("not charged") for a in env), env
+    assert drained, f"node3 was not drained after {len(env)} ENVIRONMENT failures"
     e = drained[0][1]
     assert e.host == "node3" or "node3" in e.name or lab.node_ip(3) in e.name, e
