@@ -30,6 +30,8 @@ def _slurm(tmp: Path, **kw: Any) -> Callable[[], Any]:
 
         kw.setdefault("jobs", 0)
         kw.setdefault("log_directory", str(tmp / "logs"))
+        # a free port for the dashboard: Dask's 8787 may be taken (another test's cluster)
+        kw.setdefault("scheduler_options", {"dashboard_address": ":0"})
         return slurm(**kw)
 
     return call

@@ -345,3 +345,36 @@ def test_unusable_rundir_or_journal_path(tmp_path: Path) -> None:
         pilotfish.Session(workers=1, rundir=str(blocker / "run"))
     with pytest.raises(JournalError, match="cannot open the journal"):
         pilotfish.Session(workers=1, rundir=str(tmp_path / "r"), journal=blocker / "j.db")
+
+
+def read_text(path: str) -> str:
+    return Path(path).read_text()
+
+
+def test_output_references_are_not_counted_as_tasks(tmp_path: Path) -> None:
+    """Issue 25 item 4: every ``.output(name)`` was a task in the counts (52 submitted,
+    status said 62) and a failed program's reference showed as one more failure. Two
+    programs (one fails) and an analysis of each one's output: 4 tasks in the journal's
+    counts, 2 failures (the program, and the analysis whose root it is), one reference
+    each in the journal as kind "output"; the session's failures agree."""
+    rundir = tmp_path / "run"
+    with pilotfish.Session(workers=2, rundir=str(rundir)) as s:
+        ok = s.executable(["sh", "-c", "echo hi > out.txt"], outputs=["out.txt"])
+        bad = s.executable(["sh", "-c", "exit 3"], outputs=["out.txt"], retries=0)
+        good = s.submit(read_text, ok.output("out.txt"))
+        lost = s.submit(read_text, bad.output("out.txt"))
+        assert good.result(timeout=60) == "hi\n"
+        with pytest.raises(pilotfish.DependencyFailed):
+            lost.result(timeout=60)
+        assert {f.key for f in s.failures()} == {bad.key, lost.key}
+    r = JournalReader(rundir / "journal.db")
+    try:
+        assert r.counts() == {"DONE": 2, "FAILED": 2}
+        failures = {f["key"]: f for f in r.failures()}
+        assert set(failures) == {bad.key, lost.key}
+        assert failures[lost.key]["root"] == bad.key
+        assert r.failure_counts() == {"command_failed": 1, "dependency_failed": 1}
+        kinds = sorted(row["kind"] for row in r.tasks())
+        assert kinds == ["call", "call", "command", "command", "output", "output"]
+    finally:
+        r.close()

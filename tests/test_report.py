@@ -52,6 +52,7 @@ def _task(key: str, deps: tuple[str, ...] = ()) -> SimpleNamespace:
         key=key,
         name=key.split("-")[0],
         _kind="call",
+        _output_of=None,
         _deps=[SimpleNamespace(key=d) for d in deps],
         options=_OPTS,
     )

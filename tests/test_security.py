@@ -171,7 +171,12 @@ def test_slurm_cluster_speaks_tls_and_the_session_finds_its_credentials(tmp_path
     from pilotfish.cluster import slurm
 
     logs = tmp_path / "logs"
-    with slurm(jobs=0, interface="lo", log_directory=str(logs)) as cluster:
+    with slurm(
+        jobs=0,
+        interface="lo",
+        log_directory=str(logs),
+        scheduler_options={"dashboard_address": ":0"},  # 8787 may be another cluster's
+    ) as cluster:
         address = cluster.scheduler_address
         assert address.startswith("tls://127.0.0.1:")
         script = cluster.job_script()

@@ -126,6 +126,8 @@ class Driver:
         self.draining = False
         self.hb_interval, self.hb_timeout = heartbeat_interval, heartbeat_timeout
         self.silence = Silence(heartbeat_timeout + heartbeat_interval)
+        #: keys of the tasks made by ``Task.output()``: references, not the user's tasks
+        self.output_keys: set[str] = set()
 
     @property
     def public_events(self) -> bool:

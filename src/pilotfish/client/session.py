@@ -442,7 +442,8 @@ class Session(cf.Executor):
     def failures(self) -> list[FailureRecord]:
         """The FailureRecord of every task that failed so far, in submission order."""
         with self._driver.lock:
-            return self._driver.core.failures()
+            refs = self._driver.output_keys  # .output() references: not tasks of yours
+            return [f for f in self._driver.core.failures() if f.key not in refs]
 
     def failure_digest(self) -> dict[str, Any]:
         """The failures grouped by category and normalised message, largest group first
@@ -461,6 +462,8 @@ class Session(cf.Executor):
             return self._tasks.alive()
 
     def counts(self) -> dict[str, int]:
+        """How many tasks are in each state (``.output()`` references included: they are
+        tasks of the core; ``pilotfish status`` leaves them out)."""
         with self._driver.lock:
             return {s.name: n for s, n in self._driver.core.counts.items() if n}
 
@@ -511,6 +514,7 @@ class Session(cf.Executor):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         opts: TaskOptions,
+        output_of: str | None = None,
     ) -> Task:
         if self._shutdown_flag:
             raise RuntimeError("cannot schedule new futures after shutdown")
@@ -521,6 +525,9 @@ class Session(cf.Executor):
         digest, task_unstable = call_key_digest((fn, args, kwargs), payload, deps)
         task = self._register(name, opts, digest, deps, payload, "call")
         task._key_unstable = task_unstable if opts.key is None else None
+        task._output_of = output_of
+        if output_of is not None:
+            self._driver.output_keys.add(task.key)
         if self._on_failure is not None:
             task._call = (fn, args, kwargs)
         return self._start(task)

@@ -66,6 +66,9 @@ class Task(cf.Future, Keyed):  # type: ignore[type-arg]
         self._pending_value: Any = None
         self._declared_outputs: tuple[str, ...] = ()
         self._output_tasks: dict[str, Task] = {}
+        #: set on a reference made by ``.output(name)``: it is not a task the user
+        #: submitted (the journal's kind "output"; counts and failure lists leave it out)
+        self._output_of: str | None = None
         self._cmd_timeout: float | None = None
         self._programs: tuple[str, ...] = ()
         self._key_unstable: str | None = None  # why its auto-key may differ in another run
@@ -138,7 +141,7 @@ class Task(cf.Future, Keyed):  # type: ignore[type-arg]
             t = self._output_tasks.get(name)
             if t is None:
                 opts = TaskOptions(name=f"{self.name}.output", key=f"{self.key}:{name}")
-                t = self._session._submit_call(output_path, (self, name), {}, opts)
+                t = self._session._submit_call(output_path, (self, name), {}, opts, name)
                 self._output_tasks[name] = t
             return t
 

@@ -561,7 +561,7 @@ def _head(task: Any) -> tuple[str, str, str, tuple[str, ...], Any]:
     return (
         task.key,
         task.name,
-        task._kind,
+        "output" if task._output_of is not None else task._kind,
         tuple(d.key for d in deps) if deps else (),
         task.options,
     )

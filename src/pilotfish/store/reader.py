@@ -76,14 +76,20 @@ class JournalReader:
         return conn
 
     def counts(self) -> dict[str, int]:
+        """Tasks per state; an ``.output()`` reference (kind "output") is not counted: it
+        is a reference to a program's file, not a task the user submitted."""
         return {
             r["state"]: r["n"]
-            for r in self.conn.execute("SELECT state, count(*) AS n FROM tasks GROUP BY state")
+            for r in self.conn.execute(
+                "SELECT state, count(*) AS n FROM tasks WHERE kind != 'output' GROUP BY state"
+            )
         }
 
     def failure_counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
-        for r in self.conn.execute("SELECT failure FROM tasks WHERE state='FAILED'"):
+        for r in self.conn.execute(
+            "SELECT failure FROM tasks WHERE state='FAILED' AND kind != 'output'"
+        ):
             cat = json.loads(r["failure"])["category"] if r["failure"] else "unknown"
             out[cat] = out.get(cat, 0) + 1
         return out
@@ -192,8 +198,13 @@ class JournalReader:
         return out
 
     def failures(self) -> list[dict[str, Any]]:
+        """Each failed task's failure (not an ``.output()`` reference's: its program's
+        failure is there, and a task that used the reference names that program as its
+        root)."""
         out = []
         for r in self.tasks("FAILED"):
+            if r["kind"] == "output":
+                continue
             f = json.loads(r["failure"]) if r["failure"] else {}
             f["attempts"] = len(json.loads(r["attempts"] or "[]"))
             f["name"] = r["name"]
