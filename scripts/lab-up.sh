@@ -8,9 +8,16 @@
 # Idempotent: what exists and is right is kept, a half-made node is remade, nodes above
 # N are left alone (scripts/lab-down.sh removes everything). Traffic stays on the
 # bridge's own subnet: no route, NAT or forwarding to anywhere else is set up.
-# Usage: lab-up.sh N        (1 <= N <= 9)
-# Exit status 0: the lab is up; 77: cannot run here (not root, no ip/nsenter), with the
-# reason; 2: usage.
+# --slurm: then a SLURM of N nodes on it: munged (shared with scripts/slurm-up.sh's
+# single-node SLURM), slurmctld on the host at 10.77.0.1 port 6917, one slurmd per node
+# in the node's namespaces (hostname nodeK, port 6918), all conf, state, pid and log
+# files in /run/pilotfish-lab/slurm (nothing of /etc/slurm or /run/slurm*.pid is
+# touched); ready when sinfo shows the N nodes idle (or running jobs, when it was up).
+# Batch jobs are not requeued when their node fails (JobRequeue=0). Client commands
+# need SLURM_CONF=/run/pilotfish-lab/slurm/slurm.conf (partition "lab").
+# Usage: lab-up.sh N [--slurm]   (1 <= N <= 9)
+# Exit status 0: the lab is up; 77: cannot run here (not root, no ip/nsenter, no SLURM),
+# with the reason; 2: usage.
 set -euo pipefail
 
 skip() { echo "lab-up: skipped: $*" >&2; exit 77; }
@@ -19,9 +26,10 @@ usage() { echo "usage: lab-up.sh N [--slurm]   (N nodes, 1..9)" >&2; exit 2; }
 n="${1:-}"
 case "$n" in [1-9]) ;; *) usage ;; esac
 shift
+want_slurm=0
 for arg in "$@"; do
   case "$arg" in
-    --slurm) skip "--slurm is not implemented yet (see ../shared/notes/cluster-lab.md)" ;;
+    --slurm) want_slurm=1 ;;
     *) usage ;;
   esac
 done
@@ -30,6 +38,12 @@ done
 for tool in ip nsenter unshare; do
   command -v "$tool" >/dev/null || skip "$tool is not installed"
 done
+if [ "$want_slurm" = 1 ]; then  # checked before anything is made
+  for tool in slurmctld slurmd sinfo scontrol munged munge unmunge; do
+    command -v "$tool" >/dev/null \
+      || skip "--slurm: $tool is not installed (scripts/slurm-up.sh installs SLURM and munge)"
+  done
+fi
 ip netns list >/dev/null 2>&1 || skip "ip netns does not work here (no network namespaces?)"
 
 BR=brpf
@@ -113,4 +127,108 @@ if [ "${#made[@]}" = 0 ]; then
 else
   printf 'lab-up: made %s\n' "${made[@]}"
   echo "lab-up: the lab is up: $BR $HOSTIP, nodes 1..$n at 10.77.0.11..10.77.0.1$n"
+fi
+[ "$want_slurm" = 1 ] || exit 0
+
+# --------------------------------------------------------------------------- SLURM
+SD=/run/pilotfish-lab/slurm
+CONF=$SD/slurm.conf
+export SLURM_CONF=$CONF
+made=()
+alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+ctld_host=$(hostname -s)
+
+# munge, as scripts/slurm-up.sh starts it (a marker says the lab started it: lab-down.sh
+# stops it then, unless the single-node SLURM runs)
+[ -f /etc/munge/munge.key ] || { mungekey -c -f -k /etc/munge/munge.key \
+    && chown munge:munge /etc/munge/munge.key && chmod 400 /etc/munge/munge.key; }
+install -d -m 0755 "$SD"
+install -d -o munge -g munge -m 0755 /run/munge
+if ! alive /run/munge/munged.pid; then
+  runuser -u munge -- /usr/sbin/munged </dev/null >/dev/null 2>&1
+  touch "$SD/munged-started-by-lab"
+fi
+for _ in $(seq 50); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && break; sleep 0.1; done
+munge -n | unmunge >/dev/null || { echo "lab-up: munged does not answer" >&2; exit 1; }
+
+want=$(cat <<CONF
+# written by pilotfish scripts/lab-up.sh --slurm (the cluster lab's SLURM)
+ClusterName=pflab
+SlurmctldHost=${ctld_host}(${HOSTIP})
+SlurmctldPort=6917
+SlurmdPort=6918
+SlurmUser=root
+AuthType=auth/munge
+StateSaveLocation=$SD/state
+SlurmctldPidFile=$SD/slurmctld.pid
+SlurmctldLogFile=$SD/slurmctld.log
+SlurmdSpoolDir=$SD/spool-%n
+SlurmdPidFile=$SD/slurmd-%n.pid
+SlurmdLogFile=$SD/slurmd-%n.log
+MpiDefault=none
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SlurmdParameters=config_overrides
+SchedulerType=sched/backfill
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+ReturnToService=2
+SlurmdTimeout=10
+JobRequeue=0
+MailProg=/bin/true
+KillWait=5
+SchedulerParameters=batch_sched_delay=0,sched_min_interval=100000
+NodeName=node[1-$n] NodeAddr=10.77.0.[11-1$n] CPUs=1 RealMemory=2000 State=UNKNOWN
+PartitionName=lab Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+CONF
+)
+if [ -f "$CONF" ] && [ "$(cat "$CONF")" != "$want" ]; then
+  echo "lab-up: $CONF changed: restarting the lab's SLURM"
+  "$(dirname "$0")/lab-down.sh" --slurm-only
+  rm -f "$CONF"
+fi
+[ -f "$CONF" ] || { printf '%s\n' "$want" >"$CONF"; made+=("$CONF"); }
+install -d -m 0755 "$SD/state"
+
+if ! alive "$SD/slurmctld.pid"; then
+  slurmctld -f "$CONF" -c -i </dev/null >/dev/null 2>&1  # daemons keep no pipe of the caller
+  made+=("slurmctld on $HOSTIP:6917")
+fi
+for k in $(seq 1 "$n"); do
+  if ! alive "$SD/slurmd-node$k.pid"; then
+    install -d -m 0755 "$SD/spool-node$k"
+    "$(dirname "$0")/lab-run.sh" "$k" slurmd -f "$CONF" </dev/null >/dev/null 2>&1
+    made+=("slurmd on node$k")
+  fi
+done
+
+state_of() { sinfo -h -N -n "node$1" -o %T 2>/dev/null | head -n1 || true; }
+ok=0
+for _ in $(seq 300); do  # up to 30 s
+  ok=1
+  for k in $(seq 1 "$n"); do
+    st=$(state_of "$k")
+    case "$st" in
+      idle|mixed|allocated|completing) ;;  # up (jobs of a lab already in use)
+      down*|drain*|*fail*) ok=0; scontrol update NodeName="node$k" State=RESUME 2>/dev/null || true ;;
+      *) ok=0 ;;
+    esac
+  done
+  [ "$ok" = 1 ] && break
+  sleep 0.1
+done
+if [ "$ok" != 1 ]; then
+  sinfo -N >&2 || true
+  echo "lab-up: the lab's SLURM nodes did not all become idle; see $SD/slurmctld.log" \
+       "and $SD/slurmd-nodeK.log" >&2
+  exit 1
+fi
+if [ "${#made[@]}" = 0 ]; then
+  echo "lab-up: the lab's SLURM was up already: nodes node[1-$n] idle (SLURM_CONF=$CONF)"
+else
+  echo "lab-up: the lab's SLURM is up: nodes node[1-$n] idle, slurmctld $HOSTIP:6917" \
+       "(SLURM_CONF=$CONF)"
 fi

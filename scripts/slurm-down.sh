@@ -2,6 +2,8 @@
 # Stop the single-node SLURM that scripts/slurm-up.sh started: cancel every job and wait
 # for an empty queue (job processes outlive slurmd), then stop slurmd, slurmctld and
 # munged by their pid files. Idempotent: does nothing for daemons that are not running.
+# munged is left running while the cluster lab's SLURM (scripts/lab-up.sh N --slurm)
+# uses it; scripts/lab-down.sh stops it then.
 set -uo pipefail
 
 [ "$(id -u)" = 0 ] || { echo "slurm-down: skipped: needs root" >&2; exit 77; }
@@ -32,5 +34,11 @@ stop() {  # pid file, name
 }
 stop /run/slurmd.pid slurmd
 stop /run/slurmctld.pid slurmctld
-stop /run/munge/munged.pid munged
+LAB=/run/pilotfish-lab/slurm
+if alive "$LAB/slurmctld.pid"; then
+  echo "slurm-down: munged left running (the cluster lab's SLURM uses it; lab-down.sh stops it)"
+  touch "$LAB/munged-started-by-lab"
+else
+  stop /run/munge/munged.pid munged
+fi
 echo "slurm-down: SLURM is stopped"

@@ -408,7 +408,29 @@ def test_removal_message_names_the_job_and_its_end() -> None:
     running = SlurmJob("9", "RUNNING", "None", "00:10:00", "00:00:03", "n1")
     what, ended = describe_removal(who, "x", "9", running)
     assert "SLURM job 9 is still RUNNING" in what and ended == ""
+    what, ended = describe_removal(who, "x", "9", running, nanny_answers=False)
+    assert "nanny does not answer" in what and "node n1 stopped answering" in what
+    assert "as far as SLURM knows" in what and "nanny starts" not in what and ended == ""
+    assert "still RUNNING" not in what
+    what, ended = describe_removal(who, "x", "9", running, nanny_answers=True)
+    assert "still RUNNING and its nanny answers" in what and "stopped answering" not in what
     what, ended = describe_removal(who, "x", "9", None)
     assert "in SLURM job 9" in what and "scontrol" in what
     what, ended = describe_removal(who, "x", "", None)
     assert "SLURM" not in what and ended == ""
+
+
+def test_nanny_probe_tells_a_listening_port_from_a_closed_one() -> None:
+    """What tells a worker process that ended inside its job (its nanny answers) from a
+    node that stopped answering: a plain connect to the nanny's address."""
+    import socket
+
+    from pilotfish.backends.dask.jobs import nanny_answers
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert nanny_answers(f"tls://127.0.0.1:{port}", timeout=1) is True
+    assert nanny_answers(f"tcp://127.0.0.1:{port}", timeout=1) is False
+    assert nanny_answers("inproc://x") is None

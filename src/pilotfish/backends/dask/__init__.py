@@ -118,19 +118,21 @@ showed them. WorkerEvents still name worker processes by address.
 
 **Batch jobs.** A worker plugin makes every Dask worker report its ``SLURM_JOB_ID``
 (with its pid and host) on the session's topic as it joins. When it leaves, the client
-asks ``scontrol show job`` (:func:`pilotfish.cluster.slurm_job`, waiting up to 3 s
-while the job is ``COMPLETING``) and the attempts it had started are ``WORKER_LOST``
-with ``SLURM job N CANCELLED (...)``, ``TIMEOUT (killed by SLURM at its walltime of
-00:01:00 ...)``, ``PREEMPTED``, ... or, when the job is still ``RUNNING``, saying that
-the worker process died inside it. Once a job's walltime is known (from the cluster
-made by :func:`pilotfish.cluster.slurm`, else from the first job's ``scontrol``), an
-attempt whose ``timeout`` is longer is warned about at submit (``pilotfish.dask``,
-WARNING, once per timeout value). When the last worker leaves, ``WorkerReport("gone")``
-says so at once; after ``no_workers_timeout`` seconds (a backend keyword, default
-``heartbeat_timeout``; ``float("inf")`` waits forever) without a worker, the attempts
-in flight and queued are ``RUNTIME_LOST`` naming the jobs and how they ended, and so
-are attempts submitted later, until a worker joins. Before the first worker ever joined
-(jobs still queued in SLURM) nothing times out.
+asks ``scontrol show job`` (:func:`pilotfish.cluster.slurm_job`, waiting up to 3 s while
+the job is ``COMPLETING``) and the attempts it had started are ``WORKER_LOST`` with
+``SLURM job N CANCELLED (...)``, ``TIMEOUT (killed by SLURM at its walltime of 00:01:00
+...)``, ``PREEMPTED``, ... When SLURM still calls the job ``RUNNING``, the client tries
+a TCP connect to the worker's nanny (up to 1 s): if it answers, the worker process ended
+inside the job (the nanny starts a new one); if not, the node stopped answering (dead or
+cut off), which SLURM itself reports only after ``SlurmdTimeout``. Once a job's walltime
+is known (from the cluster made by :func:`pilotfish.cluster.slurm`, else from the first
+job's ``scontrol``), an attempt whose ``timeout`` is longer is warned about at submit
+(``pilotfish.dask``, WARNING, once per timeout value). When the last worker leaves,
+``WorkerReport("gone")`` says so at once; after ``no_workers_timeout`` seconds (a
+backend keyword, default ``heartbeat_timeout``; ``float("inf")`` waits forever) without
+a worker, the attempts in flight and queued are ``RUNTIME_LOST`` naming the jobs and how
+they ended, and so are attempts submitted later, until a worker joins. Before the first
+worker ever joined (jobs still queued in SLURM) nothing times out.
 
 Limits (honest ones):
 

@@ -20,7 +20,7 @@ from typing import Any
 from ... import cluster as _cluster
 from ...wire.messages import RunAttempt
 
-__all__ = ["JOB_SETTLE", "BatchJobs", "describe_removal"]
+__all__ = ["JOB_SETTLE", "NANNY_PROBE", "BatchJobs", "describe_removal", "nanny_answers"]
 
 log = logging.getLogger("pilotfish.dask")
 
@@ -28,10 +28,16 @@ log = logging.getLogger("pilotfish.dask")
 JOB_SETTLE = 3.0
 
 
-def describe_removal(who: str, cause: str, job: str, info: Any) -> tuple[str, str]:
+def describe_removal(
+    who: str, cause: str, job: str, info: Any, nanny_answers: bool | None = None
+) -> tuple[str, str]:
     """What a removed worker's loss says (for its attempts' WORKER_LOST), and how its
     batch job ended ('' if it did not, or it ran in none). ``info``: what SLURM said
-    about ``job`` (:func:`pilotfish.cluster.slurm_job`), None if it said nothing."""
+    about ``job`` (:func:`pilotfish.cluster.slurm_job`), None if it said nothing.
+    ``nanny_answers``: whether the worker's nanny still accepts connections
+    (:func:`nanny_answers`; None: not asked, or the worker had no nanny); it tells, while
+    SLURM still calls the job RUNNING, a worker process that ended inside the job (its
+    nanny starts a new one) from a node that stopped answering."""
     if not job:
         return (
             f"{who} was removed from the cluster ({cause}); Dask does not report its exit "
@@ -55,15 +61,56 @@ def describe_removal(who: str, cause: str, job: str, info: Any) -> tuple[str, st
         )
         return f"{who} was removed from the cluster: its {ended}", ended
     log_ = f"; see its log {info.stderr}" if info.stderr and info.stderr != "(null)" else ""
+    node = f"its node{' ' + info.nodes if info.nodes else ''}"
+    slurm_late = (
+        "which SLURM reports only after its SlurmdTimeout (`scontrol show node` then says "
+        "NOT_RESPONDING)"
+    )
+    if nanny_answers is False:
+        return (
+            f"{who} was removed from the cluster ({cause}), and its nanny does not answer "
+            f"either: {node} stopped answering (it died, or it is cut off) or every process "
+            f"of the job was killed; its SLURM job {job} is {info.state} only as far as "
+            f"SLURM knows: SLURM notices a dead node only after its SlurmdTimeout "
+            f"(`scontrol show node` then says NOT_RESPONDING){log_}",
+            "",
+        )
+    if nanny_answers is True:
+        return (
+            f"{who} was removed from the cluster ({cause}); its SLURM job {job} is still "
+            f"{info.state} and its nanny answers: the worker process ended inside the job "
+            f"(killed, crashed, or out of memory) and the nanny starts a new one{log_}",
+            "",
+        )
     return (
         f"{who} was removed from the cluster ({cause}), but its SLURM job {job} is still "
         f"{info.state} as far as SLURM knows: either the worker process ended inside the "
-        f"job (killed, crashed, or out of memory; a nanny starts a new one), or its node"
-        f"{' ' + info.nodes if info.nodes else ''} stopped answering, which SLURM reports "
-        "only after its "
-        f"SlurmdTimeout (`scontrol show node` then says NOT_RESPONDING){log_}",
+        f"job (killed, crashed, or out of memory; a nanny starts a new one), or {node} "
+        f"stopped answering, {slurm_late}{log_}",
         "",
     )
+
+
+#: s a removed worker's nanny has to accept a connection (:func:`nanny_answers`)
+NANNY_PROBE = 1.0
+
+
+def nanny_answers(address: str, timeout: float = NANNY_PROBE) -> bool | None:
+    """Whether anything accepts a TCP connection at a nanny's ``address``
+    (``tls://host:port``, ``tcp://...``) within ``timeout`` s: a plain connect, closed at
+    once (no TLS, no Dask handshake). None when the address cannot be parsed."""
+    import socket
+
+    rest = address.split("://", 1)[-1]
+    host, _, port = rest.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit():
+        return None
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 class BatchJobs:

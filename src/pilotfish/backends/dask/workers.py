@@ -23,7 +23,7 @@ from ...core import ledger as L
 from ...wire.messages import Lost, Result, WorkerReport
 from .connection import Connection
 from .flight import Flight
-from .jobs import BatchJobs, describe_removal
+from .jobs import BatchJobs, describe_removal, nanny_answers
 
 __all__ = ["Workers"]
 
@@ -182,6 +182,15 @@ class Workers:
         # a worker in a batch job: how did the job end? (scontrol, ~10 ms; before the
         # lock, and before Dask's own rerun elsewhere could be taken for the cause)
         job, info = self.jobs.job_of(addr)
+        # SLURM still calls the job RUNNING: does its nanny answer (the worker process
+        # ended inside the job), or not (the node died or is cut off; SLURM tells only
+        # after SlurmdTimeout)? A connect, up to NANNY_PROBE s, before the lock too
+        answers: bool | None = None
+        if info is not None and not info.ended and info.state != "COMPLETING":
+            with self.flight.lock:
+                nanny = self.place.get(addr, "")
+            if nanny and nanny != addr:
+                answers = nanny_answers(nanny)
         fl = self.flight
         with fl.lock:
             why_restart = fl.restarting.pop(addr, "")
@@ -204,7 +213,7 @@ class Workers:
             place = self.place.get(addr, addr)
             who = f"Dask worker {addr}{f' (nanny {place})' if place != addr else ''}"
             who += f" (pid {pid or '?'}){' at host ' + host if host else ''}"
-            what, ended = describe_removal(who, cause, job, info)
+            what, ended = describe_removal(who, cause, job, info, answers)
             kind = "lost" if started or not expected else "stopped"
             events.append(WorkerReport(kind, addr, pid, now, None, None, started, what))
             if ended:  # its job is over: the cluster may replace it
@@ -213,6 +222,11 @@ class Workers:
                     self.gone_names.add(name)
             elif not self._stopping.is_set():
                 still = f"; its SLURM job {job} is still {info.state}" if info else ""
+                if info and answers is False:
+                    still = (
+                        f"; its SLURM job {job} is {info.state} as far as SLURM knows, but "
+                        "its nanny does not answer (the node stopped answering?)"
+                    )
                 self.gone.append(f"{who} was removed ({cause}){still}")
             self._lost_locked(addr, what, processing, started, now, events, cancel)
             del self.gone[:-GONE_KEPT]
