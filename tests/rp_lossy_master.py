@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pilotfish.backends.radical.arrivals import attempt_id
 from pilotfish.backends.radical.master import PilotfishMaster as _Master
-from pilotfish.backends.radical.master_book import attempt_id
 
 DROPS = {1, 2}
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import radical.utils as ru
 
-from pilotfish.backends.radical.master_book import attempt_id
+from pilotfish.backends.radical.arrivals import attempt_id
 from pilotfish.backends.radical.worker import PilotfishWorker as _Worker
 
 DROPS = {1}

@@ -83,7 +83,8 @@ class Driver:
     ``core``, ``tasks`` and ``journal`` are read and written under ``lock`` only. The
     backend is attached by :meth:`start`. The driver holds its session only while it has
     work (``hold_session``), and is held weakly by its timer thread and by the backend's
-    sink, so an idle session the user dropped is collected, and closes itself."""
+    sink, so an idle session the user dropped is collected, and closes itself. (A little
+    over the size guide: it is the one place every command of the core is carried out.)"""
 
     def __init__(
         self,

@@ -44,6 +44,10 @@ They are sent again under new uids, unblamed (the ledger's Resend rule, here for
 attempt). The master itself pushes again a task that waits unclaimed on its queue
 while a worker is idle, and the claim and start fences drop the second copy: no
 attempt is lost, none runs twice.
+
+(Slightly over the size guide: the master's record, the attempts in flight and the
+pilot's lifecycle are modules of their own; what is left is RP's callbacks and the
+client's side of each rpc.)
 """
 
 from __future__ import annotations

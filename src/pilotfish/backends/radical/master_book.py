@@ -21,31 +21,21 @@ Loaded inside the pilot by :mod:`.master` (absolute imports only, like it).
 
 from __future__ import annotations
 
-import bisect
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from pilotfish.backends.radical.arrivals import Arrivals, attempt_id
 from pilotfish.core import ledger as L
 
-__all__ = ["IDLE_GRACE", "MasterBook", "MasterPort", "attempt_id"]
+__all__ = ["IDLE_GRACE", "MasterBook", "MasterPort"]
 
 _TRANSIT_GRACE = 1.0  # s after a later task was claimed, an unclaimed one is taken as lost
 IDLE_GRACE = 3.0  # s a task may wait unclaimed on the queue while a worker holds nothing
-_ARRIVALS_KEPT = 1800.0  # s of task arrivals a client's sweep may ask about
 
 Task = dict[str, Any]  # RP's record of a task, as the master gets it
-
-
-def attempt_id(uid: str) -> int:
-    """The ledger id of a task: the client numbers every task it submits
-    (``pf.TOKEN.TAG.N``), so ``N`` is unique among this master's tasks."""
-    try:
-        return int(str(uid).rsplit(".", 1)[1])
-    except (IndexError, ValueError):
-        return hash(uid)  # not one of ours: never matches a ledger entry
 
 
 class MasterPort(Protocol):
@@ -108,57 +98,6 @@ class _Step:
         pass  # never asked: no TimePassed here (RP's task timeout and the worker stop it)
 
 
-class _Arrivals:
-    """Which of its client's tasks the master received, and when the highest number so
-    far went up (a sweep asks what had arrived a grace period ago; older than
-    ``_ARRIVALS_KEPT``: settled). Its owner's lock held for every call."""
-
-    def __init__(self, clock: Callable[[], float]) -> None:
-        self.clock = clock
-        # every task uid this master received (a client's sweep asks about the others),
-        # and those it withdrew, unreceived, for a sweep: cancelled if they come later
-        self.seen: set[str] = set()
-        self.tomb: set[str] = set()
-        self.last = clock()  # when a task of ours last arrived
-        self._times: list[float] = []
-        self._tops: list[int] = []
-        self._settled = 0
-        self._top = 0
-
-    def arrived(self, uids: list[str]) -> None:
-        """These tasks of ours arrived (new ones: not seen, not withdrawn)."""
-        if not uids:
-            return
-        self.seen.update(uids)
-        top = max(attempt_id(u) for u in uids)
-        now = self.last = self.clock()
-        if top > self._top:
-            self._top = top
-            self._times.append(now)
-            self._tops.append(top)
-        old = bisect.bisect_left(self._times, now - _ARRIVALS_KEPT)
-        if old:
-            self._settled = self._tops[old - 1]
-            del self._times[:old], self._tops[:old]
-
-    def _top_at(self, when: float) -> int:
-        """The highest task number of ours received at ``when`` or before."""
-        i = bisect.bisect_right(self._times, when)
-        return self._tops[i - 1] if i else self._settled
-
-    def sweep(self, uids: list[str], graces: list[float]) -> tuple[list[str], list[str]]:
-        """(known, gone): see :meth:`MasterBook.sweep`; the gone ones are withdrawn."""
-        now = self.clock()
-        known, gone = [], []
-        for u, g in zip(uids, graces, strict=False):
-            if u in self.seen:
-                known.append(u)
-            elif now - self.last >= g or attempt_id(u) < self._top_at(now - g):
-                gone.append(u)
-        self.tomb.update(gone)
-        return known, gone
-
-
 class MasterBook:
     """See the module docstring. ``token``: the client's (its tasks' uids carry it);
     ``uid``: the master's RP uid (tasks name it as their ``raptor_id``); ``clock``: the
@@ -196,7 +135,7 @@ class MasterBook:
         self._claimed_upto = 0  # a task placed before this is lost if still unclaimed
         self._push_time: dict[str, float] = {}  # unclaimed task uid -> when pushed
         self._repushed: dict[str, int] = {}  # task uid -> pushed again for idle workers
-        self._arrivals = _Arrivals(clock)  # what the client's sweep asks about
+        self._arrivals = Arrivals(clock)  # what the client's sweep asks about
         #: the places the client drained: ("worker", uid) or ("host", name) -> why
         self.drains: dict[tuple[str, str], str] = {}
 
