@@ -101,6 +101,19 @@ def link(k: int, up: bool) -> None:
     subprocess.run(["ip", "link", "set", f"vn{k}", "up" if up else "down"], check=True)
 
 
+def host_link(k: int, up: bool) -> None:
+    """Cut (``up=False``) or heal the link between this host and node K alone (a
+    blackhole route on the host: what the host sends node K is dropped, so no TCP
+    connection between them makes progress); node K and the other nodes still talk."""
+    have = subprocess.run(
+        ["ip", "route", "show", "type", "blackhole", node_ip(k)], capture_output=True, text=True
+    ).stdout.strip()
+    if up and have:
+        subprocess.run(["ip", "route", "del", "blackhole", node_ip(k)], check=True)
+    elif not up and not have:
+        subprocess.run(["ip", "route", "add", "blackhole", node_ip(k)], check=True)
+
+
 def _free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -109,24 +122,29 @@ def _free_port(host: str) -> int:
 
 
 class DaskLab:
-    """A Dask scheduler on the host at 10.77.0.1 and one worker (nanny + worker process,
-    ``--nthreads 1``, ``--name nodeK``) on each of nodes 1..n, as subprocesses of the
-    test; :meth:`close` ends them all and every process left in the node namespaces."""
+    """A Dask scheduler on the host at 10.77.0.1 (or, with ``head=K``, on node K: a head
+    node, so the client's link to it can be cut alone) and one worker (nanny + worker
+    process, ``--nthreads 1``, ``--name nodeK``) on each other node of 1..n, as
+    subprocesses of the test; :meth:`close` ends them all and every process left in the
+    node namespaces."""
 
-    def __init__(self, n: int, logdir: Path) -> None:
+    def __init__(self, n: int, logdir: Path, head: int | None = None) -> None:
         self.n = n
-        self.port = _free_port(HOST_IP)
-        self.address = f"tcp://{HOST_IP}:{self.port}"
+        self.head = head
+        at = HOST_IP if head is None else node_ip(head)
+        self.port = _free_port(HOST_IP)  # a node has ports of its own: free there too
+        self.address = f"tcp://{at}:{self.port}"
         self.logdir = logdir
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT / 'tests'}"}
         self.py = sys.executable
+        self.nodes = [k for k in range(1, n + 1) if k != head]  # those with a worker
         try:
-            self._spawn("scheduler", None, "distributed.cli.dask_scheduler", "--host", HOST_IP,
+            self._spawn("scheduler", head, "distributed.cli.dask_scheduler", "--host", at,
                         "--port", str(self.port), "--no-dashboard")  # fmt: skip
-            for k in range(1, n + 1):
+            for k in self.nodes:
                 self.start_worker(k)
-            self.wait_workers(n)
+            self.wait_workers(len(self.nodes))
         except BaseException:
             self.close()
             raise
@@ -170,7 +188,7 @@ class DaskLab:
         replaced by its nanny is emptied (its link up, its processes killed, its old
         worker gone from the scheduler) and gets a fresh one."""
         have = self.names()
-        for k in range(1, self.n + 1):
+        for k in self.nodes:
             name, p = f"node{k}", self.procs.get(f"node{k}")
             if name in have and p is not None and p.poll() is None and self._pristine(k):
                 continue
@@ -184,7 +202,7 @@ class DaskLab:
             self.start_worker(k)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if len(self.names()) == self.n:
+            if len(self.names()) == len(self.nodes):
                 return
             time.sleep(0.2)
         raise AssertionError(f"workers after restore: {self.names()}")
@@ -204,6 +222,7 @@ class DaskLab:
                 p.kill()
         for k in range(1, self.n + 1):
             link(k, up=True)  # a partition left by a failed test
+            host_link(k, up=True)
             kill_node(k)
         for p in self.procs.values():
             with contextlib.suppress(subprocess.TimeoutExpired):

@@ -1,0 +1,107 @@
+"""The client's link to a Dask scheduler on another node, cut (issue 24 item 6).
+
+The lab (``scripts/lab-up.sh 3``, see ``tests/test_multinode.py``) with the scheduler on
+a head node (node3) and one worker on each of node1 and node2; the client (this process)
+on the host. A blackhole route on the host cuts the host's link to node3 alone: the
+scheduler and its workers still talk, the client hears nothing. For 10 s (shorter than
+Dask's 30 s TCP timeout, so the connection holds): the session must say the scheduler
+went silent, within seconds, and that it is heard again; every task must finish once,
+with one attempt, its body run once. The measured numbers are printed (``-s``).
+
+Run as its own CI step with ``tests/test_multinode.py`` (root only; skips otherwise).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+distributed = pytest.importorskip("distributed")
+
+import lab  # noqa: E402
+import pilotfish  # noqa: E402
+from conftest import wait_for  # noqa: E402
+from pilotfish.store.reader import JournalReader  # noqa: E402
+from test_multinode import lab_nodes  # noqa: E402, F401  (the module's lab, up and down)
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::ResourceWarning"),
+    pytest.mark.filterwarnings("ignore:.*[Ww]orker.*:UserWarning"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.timeout(150),
+]
+
+HEAD = 3  # the node the scheduler runs on
+CUT = 10.0  # s the client's link to it is cut
+
+
+@pytest.fixture(scope="module")
+def head_cluster(
+    lab_nodes: int,  # noqa: F811  (the fixture imported above)
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Any]:
+    c = lab.DaskLab(lab_nodes, tmp_path_factory.mktemp("dask-head"), head=HEAD)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def test_client_scheduler_link_cut_for_10_s(head_cluster: Any, tmp_path: Path) -> None:
+    events: list[tuple[float, Any]] = []
+    rundir, trace = tmp_path / "run", tmp_path / "trace"
+    with pilotfish.Session(
+        backend="dask",
+        address=head_cluster.address,
+        rundir=str(rundir),
+        on_event=lambda e: events.append((time.time(), e)),
+    ) as s:
+        ts = [s.submit(lab.ticking, str(trace), 6.0, i) for i in range(4)]
+        wait_for(lambda: len(lab.read_trace(trace)) >= 2, timeout=60, interval=0.05)
+        t_cut = time.time()
+        lab.host_link(HEAD, up=False)
+        try:
+            wait_for(
+                lambda: any(getattr(e, "kind", "") == "silent" for _, e in events),
+                timeout=CUT,
+                interval=0.1,
+            )
+            noticed = time.time() - t_cut
+            time.sleep(max(0.0, CUT - noticed))
+        finally:
+            lab.host_link(HEAD, up=True)
+        t_heal = time.time()
+        values = [t.result(timeout=90)[0] for t in ts]
+        back = wait_for(
+            lambda: [w for w, e in events if getattr(e, "kind", "") == "answering"],
+            timeout=30,
+            interval=0.1,
+        )
+        attempts = [[a.outcome for a in t.attempts] for t in ts]
+        keys = [t.key for t in ts]
+    kinds = [
+        (round(w - t_cut, 2), e.kind) for w, e in events if isinstance(e, pilotfish.MasterEvent)
+    ]
+    print(
+        f"\nclient-scheduler link cut {t_heal - t_cut:.1f} s: reported silent after "
+        f"{noticed:.2f} s, answering {back[0] - t_heal:.2f} s after the heal; "
+        f"master events {kinds}; attempts {attempts}"
+    )
+    assert values == [0, 1, 2, 3]
+    assert all(a == ["done"] for a in attempts), attempts  # no loss, no retry
+    starts = [r for r in lab.read_trace(trace) if r[0] == "start"]
+    assert len(starts) == 4, starts  # each body ran once
+    assert [k for _, k in kinds] == ["started", "silent", "answering"], kinds
+    j = JournalReader(rundir / "journal.db")
+    try:
+        for key in keys:
+            done = [to for _r, _t, _f, to in j.transitions(key) if to.lower() == "done"]
+            assert len(done) == 1, (key, j.transitions(key))
+        logged = [e["kind"] for e in j.events() if e["kind"].startswith("master-")]
+        assert logged == ["master-silent", "master-answering"], logged
+    finally:
+        j.close()
