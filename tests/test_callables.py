@@ -478,7 +478,7 @@ def test_initializer_state_is_seen_by_tasks(make_session: Any) -> None:
     assert [v for v, _ in s.map(lambda _: state(), range(5), chunksize=2)] == ["loaded"] * 5
 
 
-def test_failing_initializer_is_environment(make_session: Any) -> None:
+def test_failing_initializer_is_environment(make_session: Any, backend: str) -> None:
     from executor_tasks import init_fails, state
 
     s = make_session(workers=2, initializer=init_fails)
@@ -487,4 +487,4 @@ def test_failing_initializer_is_environment(make_session: Any) -> None:
         f.result(timeout=120)
     assert f.failure is not None and f.failure.category is Category.ENVIRONMENT
     assert "error in initializer" in (f.failure.traceback or "")
-    environment_attempts(f)
+    environment_attempts(f, backend)

@@ -93,7 +93,7 @@ def test_missing_declared_output(session: pilotfish.Session) -> None:
     assert Path(info.value.sandbox, "other.gro").exists()  # stage on error
 
 
-def test_missing_program_is_environment(session: pilotfish.Session) -> None:
+def test_missing_program_is_environment(session: pilotfish.Session, backend: str) -> None:
     """A program not on the worker's PATH is ENVIRONMENT, naming host, program, PATH."""
     t = session.executable(["gmx_not_installed", "mdrun"])
     with pytest.raises(pilotfish.EnvironmentMismatch) as info:
@@ -101,7 +101,7 @@ def test_missing_program_is_environment(session: pilotfish.Session) -> None:
     msg = str(info.value)
     assert "gmx_not_installed" in msg and "PATH" in msg and os.uname().nodename in msg
     assert t.failure is not None and t.failure.category is Category.ENVIRONMENT
-    environment_attempts(t)
+    environment_attempts(t, backend)
 
 
 def test_bad_cwd_is_environment(session: pilotfish.Session) -> None:

@@ -15,7 +15,7 @@ from pilotfish import Category
 from pilotfish.tools import cli
 
 
-def test_missing_module_requirement(session: pilotfish.Session) -> None:
+def test_missing_module_requirement(session: pilotfish.Session, backend: str) -> None:
     """A task requiring a module the workers lack fails with ENVIRONMENT, naming the
     requirement, the host, the Python and the sys.path searched; not retried; other
     tasks keep running."""
@@ -27,7 +27,7 @@ def test_missing_module_requirement(session: pilotfish.Session) -> None:
     assert "no_such_module_xyz>=1.0" in msg and "not installed" in msg
     assert os.uname().nodename in msg and sys.executable in msg and "sys.path" in msg
     assert t.failure is not None and t.failure.category is Category.ENVIRONMENT
-    environment_attempts(t)
+    environment_attempts(t, backend)
     assert ok.result(timeout=30) == 2
 
 
@@ -43,13 +43,13 @@ def test_too_old_version(session: pilotfish.Session) -> None:
     assert fine.result(timeout=30) == 3
 
 
-def test_missing_program(session: pilotfish.Session) -> None:
+def test_missing_program(session: pilotfish.Session, backend: str) -> None:
     """requires_programs is checked on the worker before the program task runs."""
     t = session.executable(["sh", "-c", "gmx_absent mdrun"], requires_programs=["gmx_absent"])
     with pytest.raises(pilotfish.EnvironmentMismatch, match="gmx_absent") as info:
         t.result(timeout=30)
     assert "PATH searched" in str(info.value)
-    environment_attempts(t)
+    environment_attempts(t, backend)
 
 
 def test_unwritable_sandbox_root(tmp_path: Path) -> None:
