@@ -14,6 +14,7 @@ A scheduler reachable over plain TCP from other machines is warned about at star
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import sys
@@ -136,6 +137,11 @@ class Connection:
                     self.address, timeout=self.timeout, set_as_default=False, security=sec
                 )
             except Exception as e:
+                # the half-made Client closes itself when collected, taking a lock that
+                # all of Dask's loop runners share: collected later, inside the making of
+                # another Client (by the user, or a test), it deadlocks. Collect it now.
+                e.__traceback__ = None
+                gc.collect()
                 return (
                     f"cannot connect to the Dask scheduler at {self.address}: "
                     f"{type(e).__name__}: {e}"
