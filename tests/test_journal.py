@@ -186,6 +186,8 @@ def test_resume_after_client_sigkill(tmp_path: Path) -> None:
     r = JournalReader(rundir / "journal.db")
     done_before = {row["key"] for row in r.tasks("DONE")}
     assert len(done_before) >= 45
+    # issue 25 item 7: the killed run's workers are not shown as "started" for ever
+    assert {w["state"] for w in r.workers() if w["run"] == 1} == {"unknown"}
     runs_before = {f"t{i}": runs_of(marks, f"t{i}") for i in range(40)}
     out = subprocess.run(
         [sys.executable, "-m", "pilotfish.tools.cli", "resume", str(script)],
@@ -198,6 +200,16 @@ def test_resume_after_client_sigkill(tmp_path: Path) -> None:
     assert f"total {sum(range(40)) * 2}" in out.stdout
     r2 = JournalReader(rundir / "journal.db")
     assert r2.counts() == {"DONE": 81}
+    # the resumed session found run 1 "running" with its client gone: "client died"
+    assert [(row["id"], row["status"]) for row in r2.runs()] == [
+        (1, "client died"),
+        (2, "finished"),
+    ]
+    status = subprocess.run(
+        [sys.executable, "-m", "pilotfish.tools.cli", "--rundir", str(rundir), "status"],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "80"},
+    )  # fmt: skip
+    assert "run 1 (client died)" in status.stdout and "not closed" not in status.stdout
     for row in r2.tasks("DONE"):
         if row["key"] in done_before:
             assert row["run"] == 1, f"{row['key']} was DONE but ran again"

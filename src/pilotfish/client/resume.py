@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..runtime.programs import find_sandbox, newest_sandbox, sandbox_index
+from ..store.schema import CLIENT_DIED
 
 if TYPE_CHECKING:
     from ..store.journal import Journal
@@ -113,7 +114,7 @@ class Resumer:
                 else "interrupted"
             ) + (
                 " when the client died"
-                if hit["status"] == "running"
+                if hit["status"] in ("running", CLIENT_DIED)
                 else f" when that run ended ({hit['status']})"
             )
             return hit["nonce"], hit["attempt"], hit["number"], f"of run {hit['run']} ({why})"

@@ -52,10 +52,12 @@ from typing import Any
 
 from .reader import JournalReader
 from .schema import (
+    CLIENT_DIED,
     JournalError,
     as_json,
     as_text,
     check_journal,
+    client_gone,
     create_schema,
     encode,
     escape_row,
@@ -300,7 +302,14 @@ class Journal:
         return conn
 
     def _begin_run(self) -> int:
-        """This run's row (status "running" until :meth:`close`), and its id."""
+        """This run's row (status "running" until :meth:`close`), and its id. Runs of
+        this host still "running" whose client process is gone (SIGKILLed, crashed: it
+        never closed the journal) become "client died" first."""
+        for rid, pid, host in self.conn.execute(
+            "SELECT id, pid, host FROM runs WHERE status='running'"
+        ).fetchall():
+            if client_gone(pid, host):
+                self.conn.execute("UPDATE runs SET status=? WHERE id=?", (CLIENT_DIED, rid))
         cur = self.conn.execute(
             "INSERT INTO runs (started, argv, pid, host, status) VALUES (?, ?, ?, ?, 'running')",
             (time.time(), json.dumps(sys.argv), os.getpid(), os.uname().nodename),

@@ -18,10 +18,12 @@ from typing import Any
 
 from ..core.workflow import RESUMABLE
 from .schema import (
+    CLIENT_DIED,
     JournalError,
     JournalReadOnly,
     attempt_row,
     check_journal,
+    client_gone,
     decode_attempts,
     decode_history,
     safe_text,
@@ -113,6 +115,12 @@ class JournalReader:
         """Each worker's last known state: name, pid, host, the event that said it, when,
         and its message (on a batch system: the job and why it ended), run by run."""
         last: dict[tuple[int, str], dict[str, Any]] = {}
+        died = {
+            int(r["id"])
+            for r in self.runs()
+            if r["status"] == CLIENT_DIED
+            or (r["status"] == "running" and client_gone(r["pid"], r["host"]))
+        }
         for e in self.events():
             if e["kind"] in ("gone", "drained") or not e["name"]:
                 continue
@@ -122,6 +130,10 @@ class JournalReader:
                 d["host"] = e["host"]
             if e["message"] or e["kind"] != "started":
                 d["message"] = e["message"] or ""
+        for (run, _name), d in last.items():  # its client died: nobody saw the end
+            if run in died and d.get("state") == "started":
+                d["state"] = "unknown"
+                d["message"] = "its client died; how this worker ended was not recorded"
         return list(last.values())
 
     def tasks(self, state: str | None = None) -> list[sqlite3.Row]:

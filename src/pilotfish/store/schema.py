@@ -18,6 +18,7 @@ share:
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,23 @@ from typing import Any
 from ..errors import PilotfishError
 
 SCHEMA_VERSION = 1
+#: a run's status when a later session found it "running" with its client gone
+CLIENT_DIED = "client died"
+
+
+def client_gone(pid: int | None, host: str | None) -> bool:
+    """Is the client of a run marked "running" surely gone: it ran on this host and its
+    process no longer exists? (Another host's, or another user's process: not sure.)"""
+    if not pid or host != os.uname().nodename:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);

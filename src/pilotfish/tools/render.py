@@ -24,6 +24,7 @@ from .. import digest as _digest
 from ..digest import clean, fmt_dur, fmt_time
 from ..runtime.files import NotRegularFile, open_regular, read_tail
 from ..store.reader import JournalReader
+from ..store.schema import CLIENT_DIED
 
 _CHUNK = 1 << 16
 
@@ -57,7 +58,9 @@ def status_table(reader: JournalReader) -> Table:
         wall = (r["ended"] - r["started"]) if r["ended"] else None
         t.add_row(
             plain(f"run {r['id']} ({r['status']}) {fmt_time(r['started'])}"),
-            fmt_dur(wall) if wall is not None else "not closed",
+            fmt_dur(wall)
+            if wall is not None
+            else ("end unknown" if r["status"] == CLIENT_DIED else "not closed"),
         )
     return t
 
