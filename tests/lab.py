@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
@@ -119,6 +120,35 @@ def _free_port(host: str) -> int:
         s.bind((host, 0))
         port: int = s.getsockname()[1]
         return port
+
+
+# --------------------------------------------------------------------------- the tests' side
+def session(address: str, rundir: Path, events: list[Any], **kw: Any) -> Any:
+    """A Dask session on the lab's scheduler at ``address``: fast retries, every event
+    appended to ``events`` as (wall time, event)."""
+    import pilotfish
+
+    return pilotfish.Session(
+        backend="dask",
+        address=address,
+        rundir=str(rundir),
+        backoff=pilotfish.Backoff(base=0.01),
+        on_event=lambda e: events.append((time.time(), e)),
+        **kw,
+    )
+
+
+def journal_record(rundir: Path, key: str) -> tuple[int, list[str]]:
+    """(how often the journal recorded ``key`` DONE, the outcomes of its attempts)."""
+    from pilotfish.store.reader import JournalReader
+
+    j = JournalReader(rundir / "journal.db")
+    try:
+        done = sum(1 for _run, _t, _from, to in j.transitions(key) if to.lower() == "done")
+        outcomes = [str(a.get("outcome")) for a in j.attempts(key)]
+    finally:
+        j.close()
+    return done, outcomes
 
 
 class DaskLab:

@@ -34,7 +34,6 @@ distributed = pytest.importorskip("distributed")
 import lab  # noqa: E402
 import pilotfish  # noqa: E402
 from conftest import wait_for  # noqa: E402
-from pilotfish.store.journal import JournalReader  # noqa: E402
 
 pytestmark = [
     # Dask's, not ours: transports collected late, warnings about workers that went away
@@ -94,28 +93,6 @@ def fresh(cluster: lab.DaskLab) -> Iterator[lab.DaskLab]:
     cluster.restore()
 
 
-def _session(cluster: lab.DaskLab, rundir: Path, events: list[Any], **kw: Any) -> Any:
-    return pilotfish.Session(
-        backend="dask",
-        address=cluster.address,
-        rundir=str(rundir),
-        backoff=pilotfish.Backoff(base=0.01),
-        on_event=lambda e: events.append((time.time(), e)),
-        **kw,
-    )
-
-
-def _journal(rundir: Path, key: str) -> tuple[int, list[str]]:
-    """(how often the journal recorded ``key`` DONE, the outcomes of its attempts)."""
-    j = JournalReader(rundir / "journal.db")
-    try:
-        done = sum(1 for _run, _t, _from, to in j.transitions(key) if to.lower() == "done")
-        outcomes = [str(a.get("outcome")) for a in j.attempts(key)]
-    finally:
-        j.close()
-    return done, outcomes
-
-
 def _start_on_some_node(trace: Path) -> str:
     """The host the first body run (see lab.ticking) started on."""
     wait_for(lambda: lab.read_trace(trace), timeout=60, interval=0.05)
@@ -133,7 +110,7 @@ def test_tasks_spread_over_nodes_and_records_name_them(fresh: lab.DaskLab, tmp_p
     failure) to name the node that ran it (its hostname, its address on the cluster
     network), never the client's host or 127.0.0.1."""
     events: list[Any] = []
-    with _session(fresh, tmp_path / "run", events) as s:
+    with lab.session(fresh.address, tmp_path / "run", events) as s:
         ts = [s.submit(lab.where, i, 0.3) for i in range(12)]
         results = [t.result(timeout=90) for t in ts]
         bad = [s.submit(lab.fail_here, i) for i in range(6)]
@@ -166,7 +143,7 @@ def test_node_lost_task_finishes_on_another_node_once(fresh: lab.DaskLab, tmp_pa
     often than attempts started (Dask's own rerun must not run it behind our back)."""
     events: list[Any] = []
     rundir, trace = tmp_path / "run", tmp_path / "trace"
-    with _session(fresh, rundir, events) as s:
+    with lab.session(fresh.address, rundir, events) as s:
         t = s.submit(lab.ticking, str(trace), 20, 42)
         victim = _start_on_some_node(trace)
         t_kill = time.time()
@@ -194,7 +171,7 @@ def test_node_lost_task_finishes_on_another_node_once(fresh: lab.DaskLab, tmp_pa
         key = t.key
     runs = [r for r in lab.read_trace(trace) if r[0] == "start"]
     assert len(runs) <= started, (runs, t.attempts)
-    done, outcomes = _journal(rundir, key)
+    done, outcomes = lab.journal_record(rundir, key)
     assert done == 1 and outcomes.count("done") == 1, outcomes
 
 
@@ -205,7 +182,7 @@ def test_retry_does_not_overlap_its_lost_attempt(fresh: lab.DaskLab, tmp_path: P
     two runs writing the same outputs at once corrupt them)."""
     events: list[Any] = []
     rundir, trace = tmp_path / "run", tmp_path / "trace"
-    with _session(fresh, rundir, events) as s:
+    with lab.session(fresh.address, rundir, events) as s:
         t = s.submit(lab.ticking, str(trace), 8, 7)
         victim = _start_on_some_node(trace)
         time.sleep(0.5)  # the body is well under way
@@ -233,7 +210,7 @@ def test_retry_does_not_overlap_its_lost_attempt(fresh: lab.DaskLab, tmp_path: P
         f"{[a.outcome for a in t.attempts]}, body runs {len(runs)}"
     )
     assert len(runs) <= started, (runs, t.attempts)
-    done, outcomes = _journal(rundir, key)
+    done, outcomes = lab.journal_record(rundir, key)
     assert done == 1 and outcomes.count("done") == 1, outcomes
     assert overlap <= 1.0, f"the retry ran beside its lost attempt for {overlap:.2f} s"
     # issue 24 item 2: the words say it was running, not "holding the unfetched result"
@@ -250,7 +227,7 @@ def test_partition_loses_the_attempt_within_heartbeat_timeout(
     partitioned node's late result must not be recorded a second time."""
     events: list[Any] = []
     rundir, trace = tmp_path / "run", tmp_path / "trace"
-    with _session(fresh, rundir, events, heartbeat_timeout=HEARTBEAT) as s:
+    with lab.session(fresh.address, rundir, events, heartbeat_timeout=HEARTBEAT) as s:
         t = s.submit(lab.ticking, str(trace), 25, 9)
         victim = _start_on_some_node(trace)
         k = _node(victim)
@@ -284,7 +261,7 @@ def test_partition_loses_the_attempt_within_heartbeat_timeout(
     )
     runs = [r for r in lab.read_trace(trace) if r[0] == "start"]
     assert len(runs) <= started, (runs, t.attempts)
-    done, outcomes = _journal(rundir, key)
+    done, outcomes = lab.journal_record(rundir, key)
     assert done == 1 and outcomes.count("done") == 1, outcomes
     assert lost is not None and lost <= HEARTBEAT + 1.0, f"attempt not lost in the cut: {lost}"
     assert first.outcome == "worker_lost" and host != victim

@@ -41,7 +41,6 @@ if importlib.util.find_spec("dask_jobqueue") is None:
 import lab  # noqa: E402
 import pilotfish  # noqa: E402
 from conftest import TOKEN_VAR, wait_for  # noqa: E402
-from pilotfish.store.journal import JournalReader  # noqa: E402
 
 pytestmark = [
     # Dask's, not ours: transports collected late, warnings about workers that went away
@@ -204,28 +203,6 @@ def _cancel_all() -> None:
         time.sleep(0.2)
 
 
-def _session(cluster: Any, rundir: Path, events: list[Any], **kw: Any) -> Any:
-    return pilotfish.Session(
-        backend="dask",
-        address=cluster.scheduler_address,
-        rundir=str(rundir),
-        backoff=pilotfish.Backoff(base=0.01),
-        on_event=lambda e: events.append((time.time(), e)),
-        **kw,
-    )
-
-
-def _journal(rundir: Path, key: str) -> tuple[int, list[str]]:
-    """(how often the journal recorded ``key`` DONE, the outcomes of its attempts)."""
-    j = JournalReader(rundir / "journal.db")
-    try:
-        done = sum(1 for _run, _t, _from, to in j.transitions(key) if to.lower() == "done")
-        outcomes = [str(a.get("outcome")) for a in j.attempts(key)]
-    finally:
-        j.close()
-    return done, outcomes
-
-
 def _lost_events(events: list[Any]) -> list[tuple[float, Any]]:
     return [(w, e) for w, e in events if isinstance(e, pilotfish.WorkerEvent) and e.kind == "lost"]
 
@@ -243,7 +220,7 @@ def test_scancel_of_the_job_running_a_task(fresh: Any, tmp_path: Path) -> None:
     started, and the cancelled body not running beside its retry for more than ~1 s."""
     events: list[Any] = []
     rundir, trace = tmp_path / "run", tmp_path / "trace"
-    with _session(fresh, rundir, events) as s:
+    with lab.session(fresh.scheduler_address, rundir, events) as s:
         t = s.submit(lab.ticking, str(trace), 8, 11)
         wait_for(lambda: lab.read_trace(trace), timeout=60, interval=0.05)
         victim = lab.read_trace(trace)[0][1]
@@ -275,7 +252,7 @@ def test_scancel_of_the_job_running_a_task(fresh: Any, tmp_path: Path) -> None:
         f"{len(runs)}\n  message: {message}"
     )
     assert len(runs) <= started, (runs, t.attempts)
-    done, outcomes = _journal(rundir, key)
+    done, outcomes = lab.journal_record(rundir, key)
     assert done == 1 and outcomes.count("done") == 1, outcomes
     assert host != victim and last.outcome == "done" and last.host == host
     f = first.failure
@@ -295,7 +272,7 @@ def test_node_failure_with_its_slurmd(fresh: Any, tmp_path: Path) -> None:
     events: list[Any] = []
     rundir = tmp_path / "run"
     traces = [tmp_path / f"trace{i}" for i in range(N)]
-    with _session(fresh, rundir, events) as s:
+    with lab.session(fresh.scheduler_address, rundir, events) as s:
         ts = [s.submit(lab.ticking, str(tr), 6, i) for i, tr in enumerate(traces)]
         wait_for(lambda: all(lab.read_trace(tr) for tr in traces), timeout=60, interval=0.05)
         on = {lab.read_trace(tr)[0][1]: i for i, tr in enumerate(traces)}
@@ -325,7 +302,7 @@ def test_node_failure_with_its_slurmd(fresh: Any, tmp_path: Path) -> None:
     runs = [r for r in lab.read_trace(traces[i]) if r[0] == "start"]
     assert len(runs) <= started, (runs, t.attempts)
     for x, key in zip(ts, keys, strict=True):
-        done, outcomes = _journal(rundir, key)
+        done, outcomes = lab.journal_record(rundir, key)
         assert done == 1 and outcomes.count("done") == 1, (x, outcomes)
     assert first.outcome == "worker_lost" and first.host == "node2", first
     assert f is not None and f.category is pilotfish.Category.WORKER_LOST
@@ -348,7 +325,7 @@ def test_broken_node_is_drained(fresh: Any, tmp_path: Path) -> None:
     _tool(d, "node3", present=False)
     try:
         t0 = time.time()
-        with _session(fresh, rundir, events) as s:
+        with lab.session(fresh.scheduler_address, rundir, events) as s:
             ts = [s.executable([TOOL, str(i)], requires_programs=[TOOL]) for i in range(12)]
             for t in ts:
                 t.result(timeout=120)
@@ -374,7 +351,7 @@ def test_broken_node_is_drained(fresh: Any, tmp_path: Path) -> None:
     assert all(per[-1].outcome == "done" for per in attempts)
     assert "node3" not in done_hosts
     for key in keys:
-        done, outcomes = _journal(rundir, key)
+        done, outcomes = lab.journal_record(rundir, key)
         assert done == 1 and outcomes.count("done") == 1, outcomes
     assert env and all(a.host == "node3" for a in env), env
     assert all(a.note and a.note.startswith("not charged") for a in env), env
