@@ -158,7 +158,9 @@ class DaskLab:
     subprocesses of the test; :meth:`close` ends them all and every process left in the
     node namespaces."""
 
-    def __init__(self, n: int, logdir: Path, head: int | None = None) -> None:
+    def __init__(
+        self, n: int, logdir: Path, head: int | None = None, env: dict[str, str] | None = None
+    ) -> None:
         self.n = n
         self.head = head
         at = HOST_IP if head is None else node_ip(head)
@@ -167,6 +169,7 @@ class DaskLab:
         self.logdir = logdir
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT / 'tests'}"}
+        self.env.update(env or {})
         self.py = sys.executable
         self.nodes = [k for k in range(1, n + 1) if k != head]  # those with a worker
         try:

@@ -648,9 +648,11 @@ def _free_port() -> int:
 
 
 class _External:
-    """A scheduler and nanny-less workers as our own subprocesses (all killed at the end)."""
+    """A scheduler and workers (nanny-less unless ``nanny``) as our own subprocesses, each
+    in a process group of its own (all killed at the end)."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, nanny: bool = False) -> None:
+        self.nanny = nanny
         self.tmp_path = tmp_path
         self.port = _free_port()
         self.address = f"tcp://127.0.0.1:{self.port}"
@@ -667,12 +669,14 @@ class _External:
             stderr=self.logs,
             cwd=self.tmp_path,
             env={**os.environ, "PYTHONPATH": ""},  # only the backend's plugin adds tests/
+            start_new_session=True,  # a nanny's worker process goes with its group
         )
         self.procs.append(p)
         return p
 
     def add_worker(self) -> None:
-        self.spawn("dask_worker", self.address, "--nthreads", "1", "--no-nanny",
+        nanny = "--nanny" if self.nanny else "--no-nanny"
+        self.spawn("dask_worker", self.address, "--nthreads", "1", nanny,
                     "--no-dashboard", "--death-timeout", "30")  # fmt: skip
         with distributed.Client(self.address, timeout=30, set_as_default=False) as c:
             c.wait_for_workers(1, timeout=30)
@@ -684,7 +688,7 @@ class _External:
     def close(self) -> None:
         for p in self.procs:
             with contextlib.suppress(OSError):
-                p.kill()
+                os.killpg(p.pid, signal.SIGKILL)
             p.wait()
         self.logs.close()
 
@@ -692,6 +696,15 @@ class _External:
 @pytest.fixture
 def external(tmp_path: Path) -> Iterator[_External]:
     ext = _External(tmp_path)
+    try:
+        yield ext
+    finally:
+        ext.close()
+
+
+@pytest.fixture
+def external_nanny(tmp_path: Path) -> Iterator[_External]:
+    ext = _External(tmp_path, nanny=True)
     try:
         yield ext
     finally:
@@ -815,6 +828,50 @@ def test_a_broken_scheduler_link_is_reconnected_and_not_charged(
     assert all(t.attempts[-1].outcome == "done" for t in ts)
     kinds = [e.kind for e in events if isinstance(e, pilotfish.MasterEvent)]
     assert kinds == ["started", "lost", "restarted"], kinds
+
+
+@pytest.mark.timeout(90)
+def test_a_released_call_does_not_run_beside_its_retry(
+    external_nanny: _External, tmp_path: Path
+) -> None:
+    """Issue 24: the link breaks while a Python call runs; the scheduler lets go of the
+    session's tasks, and Dask lets a released call run on in its thread. The worker ends
+    its process (its nanny starts a fresh one) once it sees the call released, so the
+    retry after the reconnect never runs beside the lost body for more than a moment."""
+    import lab
+
+    client = distributed.Client(external_nanny.address, timeout=30, set_as_default=False)
+    trace = tmp_path / "trace"
+    try:
+        with pilotfish.Session(
+            backend="dask",
+            client=client,
+            rundir=str(tmp_path / "r"),
+            backoff=pilotfish.Backoff(base=0.01),
+        ) as s:
+            t = s.submit(pilotfish.task(lab.ticking, retries=0), str(trace), 4.0, 7)
+            wait_for(lambda: lab.read_trace(trace), timeout=30, interval=0.05)
+            time.sleep(0.3)
+            t_cut = time.time()
+            client.loop.add_callback(client.scheduler_comm.comm.abort)
+            value, _host, pid = t.result(timeout=60)
+    finally:
+        client.close()
+    rows = lab.read_trace(trace)
+    starts = [r for r in rows if r[0] == "start"]
+    assert len(starts) == 2 and value == 7, rows
+    # the released body's process ended: the retry ran in a fresh worker process
+    assert pid != starts[0][2], "the released call ran on in the worker that ran its retry"
+    old = [r[3] for r in rows if r[2] == starts[0][2]]
+    new = [r[3] for r in rows if r[2] != starts[0][2]]
+    overlap = max(0.0, max(old) - min(new))
+    print(
+        f"\nlink broken: the released call ran on {max(old) - t_cut:.2f} s, its retry "
+        f"started {min(new) - t_cut:.2f} s after the break; overlap {overlap:.2f} s"
+    )
+    assert [a.outcome for a in t.attempts] == ["runtime_lost", "done"], t.attempts
+    assert not any(r[0] == "end" and r[2] == starts[0][2] for r in rows)
+    assert overlap <= 1.0, f"the retry ran beside its released attempt for {overlap:.2f} s"
 
 
 @pytest.mark.timeout(90)

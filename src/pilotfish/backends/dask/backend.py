@@ -144,7 +144,9 @@ class DaskBackend:
         conn.unreachable_after = heartbeat_timeout
         conn.pulse_every = heartbeat_interval
         self._workers = Workers(fl, conn, self.no_workers_timeout, d.stopping)
-        self._sched = SchedulerWatch(fl, conn, self._workers, d, heartbeat_timeout)
+        self._sched = SchedulerWatch(
+            fl, conn, self._workers, d, heartbeat_timeout, replay=self._on_fence
+        )
         self._results = Results(
             fl, conn, self._workers, self._sched.connection_lost, self.hooks.fetched
         )

@@ -120,6 +120,14 @@ class Connection:
         self._fence_close = ""
         self._fence_sched = ""  # the id of the scheduler it is registered on
         self.same_scheduler = False  # the last fence went to the scheduler before it
+        #: the scheduler's time of the newest event heard on the session's topic; the
+        #: connection it came on; the spans of scheduler time whose events did not reach
+        #: this client (the link broke); the times of those handed over from the log
+        self.heard_until = 0.0
+        self._comm: Any = None
+        self._gaps: list[tuple[float, float]] = []
+        self._replayed: set[float] = set()
+        self._topic_lock = threading.Lock()  # its own: the loop thread takes it per event
 
     # ------------------------------------------------------------------ lifecycle
     def connect(self) -> str:
@@ -201,7 +209,7 @@ class Connection:
     # ------------------------------------------------------------------ topics
     def subscribe(self) -> None:
         c = self.client
-        c.subscribe_topic(self.topic, lambda ev: self._put(("fence", ev[1])))
+        c.subscribe_topic(self.topic, self._on_topic)
         prev = c._event_handlers.get("all")  # chain to the user's own handler, if any
         if prev is not None and getattr(prev, "_pilotfish", None) != self.token:
             self._prev_all_handler = prev
@@ -216,6 +224,43 @@ class Connection:
 
         on_all._pilotfish = self.token  # type: ignore[attr-defined]
         c.subscribe_topic("all", on_all)
+
+    def _on_topic(self, ev: Any) -> None:
+        """An event on the session's topic, (scheduler time, message): to the event thread,
+        unless :meth:`missed_events` handed it over already. The first event on a new
+        connection to the scheduler marks a gap: what was published between the last
+        one heard and this one did not reach this client."""
+        when = float(ev[0])
+        with self._topic_lock:
+            if when in self._replayed:
+                return
+            comm = getattr(self.client, "scheduler_comm", None)
+            if comm is not self._comm:
+                if self._comm is not None:
+                    self._gaps.append((self.heard_until, when))
+                self._comm = comm
+            self.heard_until = max(self.heard_until, when)
+        self._put(("fence", ev[1]))
+
+    def missed_events(self) -> tuple[list[Any], bool]:
+        """After a reconnect: the messages the scheduler published on the session's topic
+        that did not reach this client (grants, refusals, small results), from the
+        scheduler's log of that topic, oldest first; and whether that log still reaches
+        back to the last event heard before the link broke (False: older ones were
+        dropped; see :mod:`.fence`)."""
+        with self._topic_lock:
+            gaps = self._gaps or [(self.heard_until, float("inf"))]
+            self._gaps = []
+        try:
+            logged = [(float(t), m) for t, m in self.client.get_events(self.topic)]
+        except Exception as e:
+            log.warning("pilotfish: could not read the session's events on the scheduler: %s", e)
+            return [], False
+        missed = [(t, m) for t, m in logged if any(lo < t < hi for lo, hi in gaps)]
+        whole = not logged or logged[0][0] <= gaps[0][0] or gaps[0][0] == 0.0
+        with self._topic_lock:
+            self._replayed = {t for t, _m in missed}
+        return [m for _t, m in missed], whole
 
     def _unsubscribe(self) -> None:
         c = self.client

@@ -53,6 +53,12 @@ client, as the grants and results do, so a client that hears nothing for a few p
 knows that stream is stalled (a network cut between client and scheduler, a frozen
 scheduler) long before the TCP connection times out.
 
+**Missed events.** The scheduler keeps the last :data:`TOPIC_KEEP` events of the
+session's topic (the fence lengthens Dask's log of 1000): a client whose link broke reads
+there, once reconnected, the grants and small results published while it was cut off, so
+that an attempt that ran meanwhile is recorded as started (and, if its result is there,
+done) instead of sent again as if it never ran.
+
 A grant is dropped when the scheduler forgets the key, so the plugin's memory
 is bounded by the keys the scheduler holds. Each (re)connection of a session
 registers a plugin of its own (``n``): a task submitted before a reconnect asks
@@ -69,6 +75,7 @@ there anyway.)
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 from typing import Any
@@ -76,6 +83,10 @@ from typing import Any
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 __all__ = ["StartFence"]
+
+#: events the scheduler keeps of a session's topic (Dask keeps 1000 of each topic): after
+#: a broken link, the client reads the grants and small results it missed from there
+TOPIC_KEEP = 100_000
 
 
 def _ip(address: str) -> str:
@@ -116,6 +127,10 @@ class StartFence(SchedulerPlugin):
 
     async def start(self, scheduler: Any) -> None:
         self.scheduler = scheduler
+        with contextlib.suppress(Exception):  # keep the topic's log long enough to replay
+            log = scheduler.events[self.topic]
+            if (log.maxlen or 0) < TOPIC_KEEP:
+                scheduler.events[self.topic] = collections.deque(log, maxlen=TOPIC_KEEP)
         scheduler.handlers[self.op] = self.request
         scheduler.handlers[self.close_op] = self.remove
         scheduler.handlers[self.drain_op] = self.drain

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import dask
@@ -48,8 +49,11 @@ class SchedulerWatch:
         workers: Workers,
         driver: Driver,
         hb_timeout: float,
+        replay: Callable[[Any, list[Any], list[Any]], None],
     ) -> None:
         self.flight = flight
+        #: handles one message of the session's topic (the backend's), for missed events
+        self.replay = replay
         self.conn = conn
         self.workers = workers
         self.driver = driver
@@ -175,6 +179,27 @@ class SchedulerWatch:
         )
         carry_out(cmds, self.flight.step(items, events, cancel, where))
 
+    def _replay(self, events: list[Any], cancel: list[Any]) -> None:
+        """Handle what the scheduler published on the session's topic while the link was
+        down: attempts granted meanwhile are started (then lost with the link, unblamed,
+        if their result is not there too), small results delivered: what ran during the
+        outage is recorded as it ran, not sent again as if it never started."""
+        missed, whole = self.conn.missed_events()
+        for msg in missed:
+            self.replay(msg, events, cancel)
+        if missed:
+            log.info(
+                "pilotfish: read %d events of this session published while the link to "
+                "the Dask scheduler was down",
+                len(missed),
+            )
+        if not whole:
+            log.warning(
+                "pilotfish: the Dask scheduler no longer has every event of this session "
+                "from while the link was down: an attempt that started then may be sent "
+                "again as if it had not"
+            )
+
     def _recovered(self, events: list[Any], cancel: list[Any]) -> None:
         """The client is connected again: what the old scheduler had is gone."""
         conn, fl = self.conn, self.flight
@@ -202,6 +227,8 @@ class SchedulerWatch:
                 f"the connection to the Dask scheduler at {conn.address} was lost "
                 f"(reconnected; {self.driver.budget.note()})"
             )
+        if conn.same_scheduler:
+            self._replay(events, cancel)
         old_pid = conn.sched_pid
         conn.refresh_scheduler_pid()
         with fl.lock:

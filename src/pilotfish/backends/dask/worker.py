@@ -39,10 +39,29 @@ FENCE_TIMEOUT = 30  # s a worker waits for the start fence's answer (then it ref
 EVENT_MAX = 1024  # bytes: a result up to this size also travels on the event topic
 
 
-#: the attempts this worker process is running: Dask key -> the cancel event of a program
-#: (None: a Python call, which nothing can stop but the end of its process)
-_RUNNING: dict[str, threading.Event | None] = {}
+EXIT_RELEASED = 76  # exit status of a worker that ended a Python call its session let go of
+WATCH_EVERY = 0.25  # s between looks at the running attempts' Dask task states
+
+
+class _Running:
+    """An attempt this worker process runs: its worker, the cancel event of a program
+    (None: a Python call, which nothing can stop but the end of its process), whether
+    the session lets its process end to stop a released call, and how many looks in a
+    row found its Dask task released."""
+
+    __slots__ = ("cancel", "end_released", "released", "worker")
+
+    def __init__(self, worker: Any, cancel: threading.Event | None, end_released: bool) -> None:
+        self.worker = worker
+        self.cancel = cancel
+        self.end_released = end_released
+        self.released = 0
+
+
+#: the attempts this worker process is running, by Dask key
+_RUNNING: dict[str, _Running] = {}
 _RUNNING_LOCK = threading.Lock()
+_WATCHER: list[threading.Thread] = []  # the one watcher thread of this process, once started
 
 
 class NotStarted(NamedTuple):
@@ -56,7 +75,12 @@ class NotStarted(NamedTuple):
 
 
 async def attempt_on_worker(
-    m: RunAttempt, dkey: str, fence: str, rundir: str, topic: str = ""
+    m: RunAttempt,
+    dkey: str,
+    fence: str,
+    rundir: str,
+    topic: str = "",
+    end_released: bool = True,
 ) -> Result | NotStarted:
     """The Dask task: ask the start fence on the scheduler (one synchronous call), then
     run the attempt here, or return :class:`NotStarted` without running user code.
@@ -70,7 +94,12 @@ async def attempt_on_worker(
     A small result (up to :data:`EVENT_MAX` bytes) also goes to the client on the
     session's event topic (``op: result``), which reaches it before Dask says the task
     finished: the client then need not fetch it from the worker. The task's value is the
-    result all the same (a larger one, or one whose event did not arrive, is fetched)."""
+    result all the same (a larger one, or one whose event did not arrive, is fetched).
+
+    ``end_released``: a Python call whose Dask task is released while it runs (its
+    session's link to the scheduler broke, its client died or let it go) ends this worker
+    process when it has a nanny (see :func:`_watch`), so that it does not run on beside
+    its retry; off with the backend's ``timeout_restart=False``."""
     pid = os.getpid()
     try:
         worker: Any = distributed.get_worker()
@@ -101,7 +130,7 @@ async def attempt_on_worker(
     ctx = contextvars.copy_context()  # Dask's worker context variable: get_worker() works
     pool = worker.executors.get("default")
     res: Result = await asyncio.get_running_loop().run_in_executor(
-        pool, ctx.run, _in_thread, worker, m, dkey, where, host, rundir
+        pool, ctx.run, _in_thread, worker, m, dkey, where, host, rundir, end_released
     )
     if topic and len(res.data) <= EVENT_MAX:
         with contextlib.suppress(Exception):  # else the client fetches it
@@ -109,7 +138,9 @@ async def attempt_on_worker(
     return res
 
 
-def _in_thread(worker: Any, m: RunAttempt, dkey: str, where: str, host: str, rundir: str) -> Result:
+def _in_thread(
+    worker: Any, m: RunAttempt, dkey: str, where: str, host: str, rundir: str, end_released: bool
+) -> Result:
     """Run a granted attempt in a thread of the worker's pool, set up as Dask sets up a
     thread that runs a task (its key, its worker; listed in the worker's active threads)."""
     from distributed.utils import set_thread_state
@@ -121,47 +152,83 @@ def _in_thread(worker: Any, m: RunAttempt, dkey: str, where: str, host: str, run
         with set_thread_state(
             start_time=time.time(), execution_state=worker.execution_state, key=dkey
         ):
-            return _run_here(worker, m, dkey, where, host, rundir)
+            return _run_here(worker, m, dkey, where, host, rundir, end_released)
     finally:
         with worker.active_threads_lock:
             worker.active_threads.pop(ident, None)
 
 
-def _run_here(worker: Any, m: RunAttempt, dkey: str, where: str, host: str, rundir: str) -> Result:
-    if m.kind != "command":
-        with _RUNNING_LOCK:
-            _RUNNING[dkey] = None
-        try:
-            return run_attempt(m, worker=where, host=host, rundir=rundir)
-        finally:
-            with _RUNNING_LOCK:
-                _RUNNING.pop(dkey, None)
-    # A program runs in its own process group, which a released task (the client died or
-    # cancelled it) would leave running: Dask cannot stop the thread, but we can stop the
-    # program, and with it the thread.
-    cancel, done = threading.Event(), threading.Event()
-    watch = threading.Thread(
-        target=_watch_release, args=(worker, dkey, cancel, done), daemon=True, name="pf-watch"
-    )
-    watch.start()
+def _run_here(
+    worker: Any, m: RunAttempt, dkey: str, where: str, host: str, rundir: str, end_released: bool
+) -> Result:
+    # A program runs in its own process group, which a released task would leave running:
+    # Dask cannot stop the thread, but the watcher stops the program, and with it the
+    # thread. A Python call can only be stopped with its process (see _watch).
+    cancel = threading.Event() if m.kind == "command" else None
     with _RUNNING_LOCK:
-        _RUNNING[dkey] = cancel
+        _RUNNING[dkey] = _Running(worker, cancel, end_released)
+        if not _WATCHER:
+            w = threading.Thread(target=_watch, daemon=True, name="pilotfish-watch")
+            _WATCHER.append(w)
+            w.start()
     try:
         return run_attempt(m, worker=where, host=host, rundir=rundir, cancel=cancel)
     finally:
         with _RUNNING_LOCK:
             _RUNNING.pop(dkey, None)
-        done.set()
-        watch.join()
 
 
-def _watch_release(worker: Any, dkey: str, cancel: threading.Event, done: threading.Event) -> None:
-    """Set ``cancel`` once the worker no longer runs task ``dkey`` (released, cancelled)."""
-    while not done.wait(0.5):
-        ts = worker.state.tasks.get(dkey)
-        if ts is None or ts.state not in ("executing", "long-running"):
-            cancel.set()
-            return
+def _watch() -> None:
+    """This process's watcher: every :data:`WATCH_EVERY` s, look at the Dask task of each
+    attempt it runs. Once a task is no longer executing here (Dask released it: its
+    session's connection to the scheduler broke and the scheduler let go of the session's
+    tasks, its client died, or it timed out), the attempt is lost to its session, which
+    retries it: a program is killed with its process group at once (its cancel event);
+    a Python call, seen released on two looks in a row, ends this worker process when a
+    nanny will start a fresh one (the rule of :class:`EndAttemptsOnClose`: a lost
+    attempt's body does not run on beside its retry). A worker without a nanny is left
+    running (ending it would shrink the cluster for good): it says so on stderr."""
+    said: set[str] = set()
+    while True:
+        time.sleep(WATCH_EVERY)
+        with _RUNNING_LOCK:
+            running = list(_RUNNING.items())
+        end: list[str] = []
+        worker: Any = None
+        for dkey, r in running:
+            try:
+                ts = r.worker.state.tasks.get(dkey)
+            except Exception:  # the worker is closing: EndAttemptsOnClose ends its attempts
+                continue
+            if ts is not None and ts.state in ("executing", "long-running"):
+                r.released = 0
+                continue
+            r.released += 1
+            if r.cancel is not None:
+                r.cancel.set()
+            elif r.end_released and r.released >= 2:
+                if getattr(r.worker, "nanny", None):
+                    end.append(dkey)
+                    worker = r.worker
+                elif dkey not in said:
+                    said.add(dkey)
+                    _say(
+                        f"pilotfish: Dask worker {r.worker.address} runs attempt {dkey}, which "
+                        "its session let go of; this worker has no nanny to start a fresh "
+                        "one, so the call runs on (its result is dropped)"
+                    )
+        if end:
+            _say(
+                f"pilotfish: Dask worker {worker.address}: its session let go of attempts "
+                f"{', '.join(sorted(end))} while they ran; ending this process so that they "
+                "do not run on beside their retries (its nanny starts a fresh worker)"
+            )
+            os._exit(EXIT_RELEASED)
+
+
+def _say(text: str) -> None:
+    with contextlib.suppress(Exception):
+        print(text, file=sys.stderr, flush=True)
 
 
 class ClientSysPath(WorkerPlugin):
@@ -226,24 +293,21 @@ class EndAttemptsOnClose(WorkerPlugin):
             running = dict(_RUNNING)
         if not running:
             return
-        for cancel in running.values():
-            if cancel is not None:
-                cancel.set()
+        for r in running.values():
+            if r.cancel is not None:
+                r.cancel.set()
         end = time.monotonic() + 2.0  # a killed program's attempt returns within moments
         while time.monotonic() < end:
             with _RUNNING_LOCK:
-                if not _RUNNING or all(c is None for c in _RUNNING.values()):
+                if not _RUNNING or all(r.cancel is None for r in _RUNNING.values()):
                     break
             time.sleep(0.02)
         with _RUNNING_LOCK:
             left = sorted(_RUNNING)
         if left:
-            with contextlib.suppress(Exception):
-                print(
-                    f"pilotfish: Dask worker {worker.address} is closing while attempts "
-                    f"{', '.join(left)} run; ending its process so that they do not run on "
-                    "beside their retries",
-                    file=sys.stderr,
-                    flush=True,
-                )
+            _say(
+                f"pilotfish: Dask worker {worker.address} is closing while attempts "
+                f"{', '.join(left)} run; ending its process so that they do not run on "
+                "beside their retries"
+            )
             os._exit(1)
