@@ -947,3 +947,72 @@ def test_an_unblamed_loss_is_retried_without_charge_a_bounded_number_of_times():
     (rej,) = of(cmds, Reject)
     assert rej.failure.category is Category.RUNTIME_LOST and w.state(1) is State.FAILED
     w.validate()
+
+
+# --------------------------------------------------------------------------- settled inputs
+
+
+def _settled(w: Workflow, tid: int, groups, plain=(), now: float = 0.0) -> list:
+    """Submit ``tid`` taking each group (members, at_least) settled, and ``plain`` inputs."""
+    from pilotfish.core.workflow import Settled
+
+    listed = {m for members, _need in groups for m in members}
+    deps = tuple(dict.fromkeys([*plain, *(m for members, _n in groups for m in members)]))
+    st = Settled(frozenset(listed - set(plain)), tuple((tuple(m), n) for m, n in groups))
+    return w.handle(Submit(tid, f"t{tid}", deps, 0, now, st))
+
+
+def test_settled_inputs_run_the_dependent_whatever_they_became():
+    """An analysis over an ensemble (issue 25 item 5): it waits for every member to
+    finish, and runs when they have, though some failed or were cancelled; a plain
+    dependent of the same failed member fails at once as always."""
+    w = make()
+    d1, d2 = only_dispatch(submit(w, 1)), only_dispatch(submit(w, 2))
+    only_dispatch(submit(w, 5))
+    submit(w, 3, [5])  # waits for 5: cancelled below, while PENDING
+    assert of(_settled(w, 10, [((1, 2, 3), 0)]), Dispatch) == []
+    plain = submit(w, 11, [1])
+    assert of(plain, Dispatch) == []
+    cmds = w.handle(Failed(d1.attempt, failure(Category.USER_ERROR), 1.0))
+    assert w.state(1) is State.FAILED and w.state(11) is State.FAILED
+    assert w.state(10) is State.PENDING  # still waiting for 2 and 3
+    assert of(cmds, Dispatch) == []
+    w.handle(Cancel(3, 2.0))
+    assert w.state(3) is State.CANCELLED and w.state(10) is State.PENDING
+    cmds = w.handle(Succeeded(d2.attempt, 3.0))
+    assert [d.tid for d in of(cmds, Dispatch)] == [10]
+    check_counts(w)
+
+
+def test_settled_with_too_few_successes_fails_naming_the_first_failure():
+    """``at_least`` not met: the dependent does not run; DEPENDENCY_FAILED says how many
+    succeeded, how many it asked for, and where the first failure began."""
+    w = make()
+    ds = [only_dispatch(submit(w, i)) for i in (1, 2, 3)]
+    _settled(w, 10, [((1, 2, 3), 2)])
+    w.handle(Succeeded(ds[0].attempt, 1.0))
+    w.handle(Failed(ds[1].attempt, failure(Category.TIMEOUT, "timed out after 5 s"), 2.0))
+    assert w.state(10) is State.PENDING
+    cmds = w.handle(Failed(ds[2].attempt, failure(Category.USER_ERROR), 3.0))
+    assert of(cmds, Dispatch) == []
+    rej = [r for r in of(cmds, Reject) if r.tid == 10]
+    assert len(rej) == 1 and w.state(10) is State.FAILED
+    f = rej[0].failure
+    assert f.category is Category.DEPENDENCY_FAILED and (f.upstream, f.root) == ("t2", "t2")
+    assert "1 of its 3 settled inputs succeeded" in f.message and "at least 2" in f.message
+    assert "timed out after 5 s" in f.message
+    check_counts(w)
+
+
+def test_settled_inputs_already_finished_at_submit_and_a_plain_one_that_failed():
+    """Members that finished before the dependent was submitted count at once; an input
+    that is both listed settled and passed plainly is plain: its failure fails the call."""
+    w = make()
+    d1, d2 = only_dispatch(submit(w, 1)), only_dispatch(submit(w, 2))
+    w.handle(Failed(d1.attempt, failure(Category.USER_ERROR), 1.0))
+    w.handle(Succeeded(d2.attempt, 1.0))
+    assert [d.tid for d in of(_settled(w, 10, [((1, 2), 1)]), Dispatch)] == [10]
+    cmds = _settled(w, 11, [((1, 2), 0)], plain=(1,))
+    assert w.state(11) is State.FAILED and of(cmds, Dispatch) == []
+    assert [d.tid for d in of(_settled(w, 12, [((1, 2), 0)]), Dispatch)] == [12]
+    check_counts(w)

@@ -16,6 +16,7 @@ from ._version import __version__
 from .client.events import HostDrained, MasterEvent, TaskEvent, WorkerEvent, WorkersGone
 from .client.options import TaskFunction, TaskOptions, task
 from .client.session import Call, Fail, Retry, Session, Task, as_completed, wait
+from .client.settled import settled
 from .core.drain import DrainPolicy
 from .core.policy import Backoff
 from .core.states import State
@@ -25,6 +26,7 @@ from .errors import (
     CommandFailed,
     DependencyFailed,
     EnvironmentMismatch,
+    Failure,
     FailureRecord,
     InvalidTask,
     InvalidTransition,
@@ -50,6 +52,7 @@ __all__ = [
     "DrainPolicy",
     "EnvironmentMismatch",
     "Fail",
+    "Failure",
     "FailureRecord",
     "HostDrained",
     "InvalidTask",
@@ -74,6 +77,7 @@ __all__ = [
     "as_completed",
     "previous_attempt_files",
     "scratch_dir",
+    "settled",
     "task",
     "wait",
 ]

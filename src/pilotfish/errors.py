@@ -132,6 +132,21 @@ class FailureRecord:
         return first[0] if first else self.category.value
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Failure:
+    """What a task that takes its inputs settled (:func:`pilotfish.settled`) gets in
+    place of the value of an input that failed or was cancelled: which task, its name,
+    the category and the one-line message (``pilotfish show KEY`` has the rest)."""
+
+    key: str
+    name: str
+    category: Category
+    message: str
+
+    def __repr__(self) -> str:
+        return f"Failure({self.key!r}, {self.category.value}: {self.message!r})"
+
+
 class PilotfishError(Exception):
     """Base of every exception pilotfish raises; ``.failure`` is the record."""
 

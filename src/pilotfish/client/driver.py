@@ -51,6 +51,7 @@ from . import lifecycle
 from .events import HostDrained, MasterEvent, TaskEvent, WorkerEvent, WorkersGone
 from .probes import Probes, is_probe
 from .programs import backstop
+from .settled import failure_of
 from .staging import stage_failure
 from .translate import Translator
 
@@ -176,7 +177,7 @@ class Driver:
                     self.resumer.pending[task._tid] = earlier
                 deps = tuple(d._tid for d in task._deps)
                 cmds = self.core.handle(
-                    wf.Submit(task._tid, task.key, deps, task.options.retries, now)
+                    wf.Submit(task._tid, task.key, deps, task.options.retries, now, task._settled)
                 )
                 if self.journal is not None:
                     self.journal.record_submit(task, now)
@@ -249,6 +250,18 @@ class Driver:
                 self.drained.notify_all()
             self.release_session()  # idle: the user's references alone keep it now
 
+    def _inputs(self, t: Task) -> tuple[bytes, ...]:
+        """The pickled values of ``t``'s inputs; one it takes settled that did not succeed
+        is its :class:`pilotfish.Failure` (see :mod:`.settled`)."""
+        if t._settled is None:
+            return tuple(d._value_bytes or b"" for d in t._deps)
+        return tuple(
+            d._value_bytes
+            if d._value_bytes is not None
+            else _wire.dumps_value(failure_of(d, self.core.failure(d._tid)))
+            for d in t._deps
+        )
+
     def _attempt(self, c: wf.Dispatch) -> _wire.RunAttempt:
         """The message that runs attempt ``c.attempt`` of its task on a worker."""
         t = self.tasks[c.tid]
@@ -262,7 +275,7 @@ class Driver:
             t.key,
             t._kind,
             t._payload,
-            tuple(d._value_bytes or b"" for d in t._deps),
+            self._inputs(t),
             t.options.timeout if t._kind == "call" else backstop(t._cmd_timeout),
             t.options.requires,
             t._programs,

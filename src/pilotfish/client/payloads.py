@@ -34,6 +34,7 @@ from cloudpickle.cloudpickle import _should_pickle_by_reference
 
 from ..errors import InvalidTask
 from ..wire import messages as _wire
+from .settled import Member, SettledFound, SettledTasks
 
 if TYPE_CHECKING:
     from .session import Session, Task
@@ -42,25 +43,45 @@ __all__ = ["call_digest", "call_key_digest", "canonical_digest", "pickle_call"]
 
 
 def pickle_call(
-    obj: Any, session: Session, task_type: type[Task], what: str | None = None
+    obj: Any,
+    session: Session,
+    task_type: type[Task],
+    what: str | None = None,
+    found: SettledFound | None = None,
 ) -> tuple[bytes, list[Task]]:
     """Pickle ``obj`` (a ``(fn, args, kwargs)`` call, or a program template described by
-    ``what``) for ``session``; returns the payload and the Tasks it depends on."""
+    ``what``) for ``session``; returns the payload and the Tasks it depends on. ``found``
+    collects the ``pilotfish.settled`` groups in it (see :mod:`.settled`)."""
     deps: list[Task] = []
     index: dict[int, int] = {}
 
+    def dep(x: Task) -> int:
+        if x._session is not session:
+            raise InvalidTask(
+                f"argument {x!r} is a Task of another Session; a task can only "
+                "depend on tasks of its own session (pass its .result() instead)"
+            )
+        i = index.get(x._tid)
+        if i is None:
+            i = index[x._tid] = len(deps)
+            deps.append(x)
+        return i
+
     def ref(x: Any) -> int | None:
         if isinstance(x, task_type):
-            if x._session is not session:
-                raise InvalidTask(
-                    f"argument {x!r} is a Task of another Session; a task can only "
-                    "depend on tasks of its own session (pass its .result() instead)"
-                )
-            i = index.get(x._tid)
-            if i is None:
-                i = index[x._tid] = len(deps)
-                deps.append(x)
+            i = dep(x)
+            if found is not None:
+                found.plain.add(i)
             return i
+        if isinstance(x, Member):
+            return dep(x.task)
+        if isinstance(x, SettledTasks):
+            if what is not None or found is None:
+                raise InvalidTask(
+                    f"pilotfish.settled() is for the arguments of a Python call (submit), "
+                    f"not {what or 'here'}: pass the tasks themselves"
+                )
+            found.groups.append((tuple(dep(t) for t in x.tasks), x.need()))
         return None
 
     if what is None and _plain_call(obj):

@@ -48,6 +48,7 @@ from .options import (
 from .payloads import call_digest, call_key_digest, pickle_call
 from .programs import input_stamps, program_spec
 from .resume import Resumer
+from .settled import SettledFound
 from .task import Task, TaskTable
 from .translate import Call, Fail, Retry, Translator, drain_policy
 
@@ -520,10 +521,12 @@ class Session(cf.Executor):
             raise RuntimeError("cannot schedule new futures after shutdown")
         if lifecycle.exiting():
             raise RuntimeError("cannot schedule new futures after interpreter shutdown")
-        payload, deps = self._pickle_call(fn, args, kwargs)
+        found = SettledFound()
+        payload, deps = pickle_call((fn, args, kwargs), self, Task, found=found)
         name = opts.name or getattr(fn, "__qualname__", None) or type(fn).__name__
         digest, task_unstable = call_key_digest((fn, args, kwargs), payload, deps)
         task = self._register(name, opts, digest, deps, payload, "call")
+        task._settled = found.for_core(deps)
         task._key_unstable = task_unstable if opts.key is None else None
         task._output_of = output_of
         if output_of is not None:

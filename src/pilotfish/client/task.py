@@ -32,6 +32,9 @@ __all__ = ["Task", "TaskTable"]
 class Task(cf.Future, Keyed):  # type: ignore[type-arg]
     """A submitted task: a ``concurrent.futures.Future`` with pilotfish's record of it."""
 
+    #: the inputs it takes settled (pilotfish.settled), for the core; most tasks: None
+    _settled: Any = None
+
     def __init__(
         self,
         session: Session,

@@ -103,6 +103,18 @@ def is_poison(lost: list[AttemptRecord], poison_after: int, hosts_seen: int) -> 
     )
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settled:
+    """The inputs a task takes *settled*: it runs once each of them has finished, however
+    it ended, and gets a value or a failure for each. ``soft``: the inputs whose failure
+    or cancellation does not fail it (they appear only inside settled groups); ``groups``:
+    each group's inputs and how many of them must be DONE (``at_least``); fewer, and the
+    task fails with DEPENDENCY_FAILED naming the first failure's root."""
+
+    soft: frozenset[int]
+    groups: tuple[tuple[tuple[int, ...], int], ...]
+
+
 @dataclasses.dataclass(slots=True)
 class _Task:
     tid: int
@@ -118,6 +130,7 @@ class _Task:
     failure: FailureRecord | None = None
     retries_used: int = 0
     ready_at: float = 0.0
+    settled: Settled | None = None
     #: (attempt id, number) of the attempt a retry may resume from (its sandbox's files)
     resume: tuple[int, int] | None = None
     charged: set[int] | None = None  # attempt ids charged to the retry budget
@@ -133,13 +146,15 @@ class _Task:
 
 @dataclasses.dataclass(slots=True)  # not frozen: made per task (see below)
 class Submit:
-    """A new task; ``deps`` are tids of tasks already submitted."""
+    """A new task; ``deps`` are tids of tasks already submitted. ``settled``: the groups
+    of inputs it takes settled (``pilotfish.settled``), or None (see :class:`Settled`)."""
 
     tid: int
     key: str
     deps: tuple[int, ...]
     retries: int
     now: float
+    settled: Settled | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -511,7 +526,14 @@ class Workflow:
             if any(a.outcome is None for a in t.attempts[:-1]):
                 yield f"{k}: an attempt before the last has no outcome"
             if t.state is State.PENDING:
-                unfinished = [d for d in t.deps if d in tasks and tasks[d].state is not State.DONE]
+                soft = t.settled.soft if t.settled is not None else frozenset()
+                unfinished = [
+                    d
+                    for d in t.deps
+                    if d in tasks
+                    and tasks[d].state is not State.DONE
+                    and not (d in soft and tasks[d].state.final)
+                ]
                 if not unfinished:
                     yield f"{k} waits but every input is DONE"
                 if t.waiting != len(unfinished):
@@ -553,6 +575,8 @@ class Workflow:
         if ev.tid in self._tasks:
             raise ValueError(f"task id {ev.tid} submitted twice")
         t = _Task(ev.tid, ev.key, ev.deps, ev.retries)
+        t.settled = ev.settled
+        soft = ev.settled.soft if ev.settled is not None else frozenset()
         t.history.append((ev.now, "", "PENDING"))
         self._tasks[ev.tid] = t
         self.counts[State.PENDING] += 1
@@ -563,7 +587,8 @@ class Workflow:
             if dt.state is State.DONE:
                 continue
             if dt.state in (State.FAILED, State.CANCELLED):
-                failed_dep = dt
+                if d not in soft:
+                    failed_dep = dt
                 continue
             t.waiting += 1
             dt.dependents.append(t.tid)
@@ -578,7 +603,47 @@ class Workflow:
             out.append(Cancelled(t.tid))
             return
         if t.waiting == 0:
-            self._make_ready(t, ev.now, out)
+            self._inputs_ready(t, ev.now, out)
+
+    def _inputs_ready(self, t: _Task, now: float, out: list[Command]) -> None:
+        """Every input of PENDING ``t`` has finished as it needs: ready, unless a settled
+        group of its inputs has fewer successes than it asked for."""
+        if t.settled is not None:
+            short = self._short_group(t, now)
+            if short is not None:
+                self._fail(t, short, now, out)
+                return
+        self._make_ready(t, now, out)
+
+    def _short_group(self, t: _Task, now: float) -> FailureRecord | None:
+        """DEPENDENCY_FAILED for ``t`` if a settled group of its inputs has fewer DONE
+        than its ``at_least``, naming the first failed input and where its failure began."""
+        assert t.settled is not None
+        for members, need in t.settled.groups:
+            ended = [self._tasks[m] for m in members]
+            done = sum(1 for m in ended if m.state is State.DONE)
+            if done >= need:
+                continue
+            bad = next((m for m in ended if m.state is not State.DONE), None)
+            up = bad.key if bad is not None else None
+            f = bad.failure if bad is not None else None
+            root = (f.root or up) if f is not None else up
+            why = f"{f.category.value}: {f.one_line()}" if f is not None else "cancelled"
+            return FailureRecord(
+                key=t.key,
+                category=Category.DEPENDENCY_FAILED,
+                message=(
+                    f"task {t.key!r} did not run: {done} of its {len(members)} settled "
+                    f"inputs succeeded, it asked for at least {need}; the first that did "
+                    f"not is {up!r}, whose failure began in {root!r} ({why}). "
+                    f"Run `pilotfish show {root}` for the full record."
+                ),
+                transient=False,
+                upstream=up,
+                root=root,
+                time=now,
+            )
+        return None
 
     def _restore(self, ev: Restore, out: list[Command]) -> None:
         t = _Task(ev.tid, ev.key, (), 0)
@@ -649,7 +714,7 @@ class Workflow:
                 continue
             dt.waiting -= 1
             if dt.waiting == 0:
-                self._make_ready(dt, ev.now, out)
+                self._inputs_ready(dt, ev.now, out)
 
     def _failed(self, ev: Failed, out: list[Command]) -> None:
         t = self._fenced(ev.attempt, "failed", out)
@@ -816,6 +881,11 @@ class Workflow:
         while stack:
             up, c = stack.pop()
             if c.state.final or c.state is not State.PENDING:
+                continue
+            if c.settled is not None and up.tid in c.settled.soft:
+                c.waiting -= 1  # it takes this input settled: finished, however it ended
+                if c.waiting == 0:
+                    self._inputs_ready(c, now, out)
                 continue
             if failed.state is State.CANCELLED and root_f is None:
                 self._move(c, State.CANCELLED, now, out)
