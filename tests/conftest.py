@@ -58,7 +58,7 @@ def fake_session(rundir: str | Path, workers: int | None = 2, **kw: Any) -> pilo
     policies, journal, events), where a real worker process would only cost time."""
     from pilotfish.backends.fake import FakeBackend
 
-    fake = FakeBackend(workers=workers or 2, rundir=str(rundir))
+    fake = FakeBackend(workers=workers or 2, rundir=str(rundir), preload=kw.pop("preload", ()))
     return pilotfish.Session(workers, backend=fake, rundir=str(rundir), **kw)
 
 

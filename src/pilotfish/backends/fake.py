@@ -153,7 +153,9 @@ class FakeBackend:
         rundir: str = ".pilotfish",
         alive_interval: float | None = 0.02,
         host: str = "fakehost",
+        preload: Iterable[str] = (),
     ) -> None:
+        self.preload = tuple(preload)  # imported here (this process) as the backend starts
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ValueError(f"FakeBackend(workers={workers!r}): give an int >= 1")
         if alive_interval is not None and not alive_interval > 0:
@@ -197,6 +199,10 @@ class FakeBackend:
     # ------------------------------------------------------------------ protocol
     def start(self, sink: Sink) -> None:
         self.driver.sink = sink
+        if self.preload:
+            from ..runtime.preflight import preload
+
+            preload(self.preload, "fake")
         now = time.time()
         with self._lock:
             self._outbox.append(

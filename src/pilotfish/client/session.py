@@ -29,6 +29,7 @@ from ..core import workflow as wf
 from ..core.policy import Backoff
 from ..errors import EnvironmentMismatch, FailureRecord, InvalidTask
 from ..runtime.execute import call_chunk, shared_process
+from ..runtime.preflight import check_preload
 from ..runtime.programs import KEEP_SANDBOXES, keeps_sandbox
 from ..store import rundir as _rundir
 from ..store.journal import Journal, JournalError
@@ -118,7 +119,9 @@ class Session(cf.Executor):
     where 3 different tasks failed WORKER_LOST, ENVIRONMENT or TIMEOUT within 600 s is
     drained, those attempts uncharged; see :mod:`pilotfish.core.drain`; None: off; the
     default ``"auto"`` is ``(3, 600.0)`` on backends whose workers may span hosts and
-    that can retire one (Dask), off elsewhere). Other keywords go to the backend.
+    that can retire one (Dask), off elsewhere). ``preload`` (module names, every backend):
+    each worker imports them as it starts, not on its first task. Other keywords go to
+    the backend.
 
     (Longer than the size guide: the Executor's public methods with their documentation,
     and an ``__init__`` whose 24 keywords take 27 lines before its body; what they run
@@ -153,6 +156,8 @@ class Session(cf.Executor):
         **backend_options: Any,
     ) -> None:
         workers, workers_name = _workers_arg(workers, max_workers)
+        if "preload" in backend_options:  # every backend takes it; checked here, once
+            backend_options["preload"] = check_preload(backend_options["preload"])
         factory = backend_factory(backend, backend_options)
         check_session_args(
             workers,

@@ -237,3 +237,53 @@ def session_checks(
 ) -> list[Check]:
     """What ``Session(requires=...)`` and ``pilotfish check`` run on a worker."""
     return worker_checks(client, rundir) + requirement_checks(modules, programs)
+
+
+def preload(modules: Iterable[str], where: str = "") -> list[str]:
+    """Import ``modules`` (``Session(preload=...)``) in this worker process, so that its
+    first task does not wait for them; returns what could not be imported (each also said
+    on stderr: the tasks that need it then fail with their own ImportError)."""
+    import importlib
+
+    failed = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except BaseException as e:  # a module's import-time crash: not this worker's end
+            failed.append(f"{name}: {type(e).__name__}: {e}")
+            print(
+                f"pilotfish: worker {where or os.getpid()} could not preload {name!r}: "
+                f"{type(e).__name__}: {e}",
+                file=sys.stderr,
+                flush=True,
+            )
+    return failed
+
+
+def check_preload(preload: Any) -> tuple[str, ...]:
+    """``Session(preload=...)`` checked in the client: module names that this Python can
+    find (workers see the client's ``sys.path``); a clear error otherwise."""
+    from ..errors import InvalidTask
+
+    if isinstance(preload, str) or not isinstance(preload, Iterable):
+        raise InvalidTask(
+            f"Session(preload={preload!r}) is invalid: give a list of module names, "
+            "e.g. preload=['numpy', 'scipy.optimize']"
+        )
+    names = tuple(preload)
+    for name in names:
+        if not isinstance(name, str) or not all(p.isidentifier() for p in name.split(".")):
+            raise InvalidTask(
+                f"Session(preload=...): {name!r} is not a module name; give names such as "
+                "'numpy' or 'scipy.optimize'"
+            )
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise InvalidTask(
+                f"Session(preload=...): module {name!r} is not importable here (workers see "
+                "this Python's sys.path): install it, or fix the name"
+            )
+    return names

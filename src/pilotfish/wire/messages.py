@@ -62,6 +62,7 @@ class Config(NamedTuple):
     prefetch: int
     name: str = ""
     versions: dict[str, str] | None = None  # the client's, for the workers' pre-flight
+    preload: tuple[str, ...] = ()  # modules a worker imports as it starts (Session(preload=))
 
 
 class RunAttempt(NamedTuple):

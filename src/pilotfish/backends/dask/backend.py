@@ -24,7 +24,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,6 +105,7 @@ class DaskBackend:
         no_workers_timeout: float | None = None,
         security: Any = None,
         hooks: DaskHooks | None = None,
+        preload: Iterable[str] = (),
     ) -> None:
         _check_options(address, client, security)
         self.security = security
@@ -142,6 +143,7 @@ class DaskBackend:
             self._q.put,
         )
         conn.unreachable_after = heartbeat_timeout
+        conn.preload = tuple(preload)
         conn.pulse_every = heartbeat_interval
         self._workers = Workers(fl, conn, self.no_workers_timeout, d.stopping)
         self._sched = SchedulerWatch(

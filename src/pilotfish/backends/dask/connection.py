@@ -26,7 +26,7 @@ from typing import Any
 import distributed
 
 from . import fence as _fence
-from .worker import ClientSysPath, EndAttemptsOnClose, WorkerJob
+from .worker import ClientSysPath, EndAttemptsOnClose, Preload, WorkerJob
 
 __all__ = ["Connection", "warn_if_open"]
 
@@ -99,6 +99,7 @@ class Connection:
         self.security = security
         self.timeout = timeout
         self.ship_sys_path = ship_sys_path
+        self.preload: tuple[str, ...] = ()  # modules every worker imports as it joins
         self._lock = lock
         self._put = put
         #: this session's id on the cluster: in its Dask keys, topic and plugin names
@@ -351,6 +352,11 @@ class Connection:
                 log.warning(
                     "pilotfish: could not install the sys.path plugin on Dask workers: %s", e
                 )
+        if self.preload:
+            try:
+                c.register_plugin(Preload(self.preload), name=f"pilotfish-preload-{self.token}")
+            except Exception as e:  # the first tasks then import them themselves
+                log.warning("pilotfish: could not install the preload plugin: %s", e)
         try:
             c.register_plugin(WorkerJob(self.topic), name=self._job_plugin)
         except Exception as e:  # losses then name the worker, not its batch job

@@ -31,6 +31,7 @@ __all__ = [
     "ClientSysPath",
     "EndAttemptsOnClose",
     "NotStarted",
+    "Preload",
     "WorkerJob",
     "attempt_on_worker",
 ]
@@ -243,6 +244,21 @@ class ClientSysPath(WorkerPlugin):
         for p in self.paths:
             if p and p not in sys.path:
                 sys.path.append(p)
+
+
+class Preload(WorkerPlugin):
+    """``Session(preload=...)``: each worker imports these modules as it joins (or when
+    the session starts, for the workers already there), not on its first task."""
+
+    idempotent = False
+
+    def __init__(self, modules: Sequence[str]) -> None:
+        self.modules = list(modules)
+
+    def setup(self, worker: Any) -> None:
+        from ...runtime.preflight import preload
+
+        preload(self.modules, str(worker.address))
 
 
 class WorkerJob(WorkerPlugin):

@@ -31,7 +31,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +99,9 @@ class LocalBackend:
         prefetch: int = 2,
         start_timeout: float = 60.0,
         max_tasks_per_child: int | None = None,
+        preload: Iterable[str] = (),
     ) -> None:
+        self.preload = tuple(preload)
         if max_tasks_per_child is not None and (
             not isinstance(max_tasks_per_child, int)
             or isinstance(max_tasks_per_child, bool)
@@ -243,6 +245,7 @@ class LocalBackend:
             rundir=str(Path(self.rundir).resolve()),
             prefetch=self.prefetch,
             versions=client_versions(),
+            preload=self.preload,
         )
         try:
             argv = [self.python, "-m", "pilotfish.backends.local.master", str(child_fd)]

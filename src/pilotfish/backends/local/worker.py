@@ -136,6 +136,12 @@ class Worker:
         )
 
 
+def _preload(modules: tuple[str, ...], name: str) -> None:
+    from ...runtime.preflight import preload  # here: its imports are not the worker's start
+
+    preload(modules, name)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     die_with_parent()
@@ -146,6 +152,10 @@ def main(argv: list[str] | None = None) -> None:
         os._exit(_EXIT_PARENT_GONE)
     sys.path[:] = list(cfg.sys_path)
     os.chdir(cfg.cwd)
+    if cfg.preload:  # beside the first tasks: one that needs a module waits for its import
+        threading.Thread(
+            target=_preload, args=(cfg.preload, cfg.name), daemon=True, name="pilotfish-preload"
+        ).start()
     w = Worker(ch, cfg)
     with w._rlock:
         w._take(early)

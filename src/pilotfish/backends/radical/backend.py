@@ -61,7 +61,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -137,7 +137,9 @@ class RadicalBackend:
         named_env: str | None = "rp",
         ping_timeout: float | None = None,
         resend_after: float | None = None,
+        preload: Iterable[str] = (),
     ) -> None:
+        self.preload = tuple(preload)  # every raptor worker imports them as it starts
         self.workers = workers or max(1, (os.cpu_count() or 2) - 1)
         self.hb_interval = heartbeat_interval
         self.hb_timeout = heartbeat_timeout
@@ -274,6 +276,7 @@ class RadicalBackend:
             "rundir": self.rundir,
             "cwd": os.getcwd(),
             "sys_path": [p for p in sys.path if p],
+            "preload": list(self.preload),
             "worker_env": {},
             "token": self._token,  # the master takes only its own client's tasks
             "drains": [list(d) for d in self._drains],  # a restarted master keeps them

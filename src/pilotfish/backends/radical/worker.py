@@ -146,6 +146,10 @@ class PilotfishWorker(DefaultWorker):  # type: ignore[misc]
         self._pf_cfg = cfg
         self._pf_host = _wire.host_name()
         _preload()
+        if cfg.get("preload"):  # Session(preload=...): before the per-task forks inherit them
+            from pilotfish.runtime.preflight import preload
+
+            preload([str(m) for m in cfg["preload"]], raptor_id)
         try:
             checks = worker_checks(cfg.get("versions") or {}, cfg.get("rundir") or ".")
             self._pf_problems = [c.message() for c in checks if not c.ok]
