@@ -30,7 +30,10 @@ def test_workers_import_preloaded_modules_at_start(
         for t in got:
             seen, pid = t.result(timeout=120)
             assert seen, "the worker had not imported the preloaded module"
-            assert pid == t.attempts[-1].pid or backend == "fake", (pid, t.attempts)
+            # imported by the worker process that ran it; on RADICAL-Pilot each task runs
+            # in a fork of the worker (which inherits the import), on fake in this process
+            if backend not in ("radical", "fake"):
+                assert pid == t.attempts[-1].pid, (pid, t.attempts)
 
 
 def test_without_preload_nothing_is_imported(tmp_path: Path) -> None:
