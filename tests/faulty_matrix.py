@@ -104,3 +104,10 @@ def say(countfile: str, text: str) -> str:
     print(text)
     print(text, file=sys.stderr)
     return text
+
+
+def record_then_hang(countfile: str, seconds: float) -> str:
+    """Hangs (past its timeout) every time it runs."""
+    _record(countfile)
+    time.sleep(seconds)
+    return "woke"

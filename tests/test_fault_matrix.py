@@ -713,6 +713,28 @@ def test_nothing_a_program_starts_outlives_its_timeout(rig: Rig, backend: str) -
     rig.close(s)
 
 
+def test_a_task_that_hangs_every_time_is_retried_once(rig: Rig, backend: str) -> None:
+    """A hang tends to repeat (issue 25 item 17: with timeout=3600 and the default 3
+    retries, 4 hours went by before the user heard): a timed-out call is retried once by
+    default, then fails TIMEOUT, its last attempt's note saying why, though retries are
+    left; its body ran once per started attempt; other tasks are not held up."""
+    skip_on(backend, "fake", reason=FAKE_NO_KILL)
+    if backend == "dask":
+        rig.cluster(workers=2)
+    s = rig.session(workers=2)
+    count = rig.path("count")
+    t = s.submit(pilotfish.task(fm.record_then_hang, timeout=1.0), count, 1000.0)
+    ok = s.submit(fm.record, rig.path("count-ok"), 5)
+    ends([t, ok], END[backend] + 10, "submit")
+    assert ok.result() == 5
+    assert isinstance(t.exception(), pilotfish.TaskTimeout), repr(t.exception())
+    assert [a.outcome for a in t.attempts] == ["timeout", "timeout"], t.attempts
+    note = t.attempts[-1].note or ""
+    assert "not retried: timed out 2 times (timeout_retries=1" in note, t.attempts[-1]
+    rig.close(s)
+    check_runs(t, count)
+
+
 def test_a_task_that_closes_its_stdio_breaks_no_later_task(rig: Rig, backend: str) -> None:
     """A Python task closes file descriptors 0-2 (a library that daemonizes itself);
     issue 22 item 11: the next, innocent task on that worker failed with ``OSError: Bad

@@ -1016,3 +1016,24 @@ def test_settled_inputs_already_finished_at_submit_and_a_plain_one_that_failed()
     assert w.state(11) is State.FAILED and of(cmds, Dispatch) == []
     assert [d.tid for d in of(_settled(w, 12, [((1, 2), 0)]), Dispatch)] == [12]
     check_counts(w)
+
+
+def test_a_task_that_keeps_timing_out_stops_after_timeout_retries():
+    """Issue 25 item 17: a hang tends to repeat; with timeout_retries=1 the second
+    timeout is final though retries are left, and the attempt's note says why; other
+    transient failures still use the whole budget."""
+    w = make()
+    d = only_dispatch(w.handle(Submit(1, "t1", (), 3, 0.0, None, 1)))
+    d = only_dispatch(w.handle(Failed(d.attempt, failure(Category.WORKER_LOST), 1.0)))
+    d = only_dispatch(w.handle(Failed(d.attempt, failure(Category.TIMEOUT), 2.0)))
+    cmds = w.handle(Failed(d.attempt, failure(Category.TIMEOUT), 3.0))
+    assert of(cmds, Dispatch) == [] and w.state(1) is State.FAILED
+    last = w.attempts(1)[-1]
+    assert last.note and "timed out 2 times (timeout_retries=1" in last.note
+    assert [a.outcome for a in w.attempts(1)] == ["worker_lost", "timeout", "timeout"]
+    w2 = make()  # no limit of its own (None): the retry budget alone
+    d = only_dispatch(w2.handle(Submit(1, "t1", (), 2, 0.0)))
+    for i in range(2):
+        d = only_dispatch(w2.handle(Failed(d.attempt, failure(Category.TIMEOUT), 1.0 + i)))
+    w2.handle(Failed(d.attempt, failure(Category.TIMEOUT), 5.0))
+    assert len(w2.attempts(1)) == 3 and w2.state(1) is State.FAILED

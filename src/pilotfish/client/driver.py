@@ -176,8 +176,17 @@ class Driver:
                 if earlier is not None and self.resumer is not None:
                     self.resumer.pending[task._tid] = earlier
                 deps = tuple(d._tid for d in task._deps)
+                o = task.options
                 cmds = self.core.handle(
-                    wf.Submit(task._tid, task.key, deps, task.options.retries, now, task._settled)
+                    wf.Submit(
+                        task._tid,
+                        task.key,
+                        deps,
+                        o.retries,
+                        now,
+                        task._settled,
+                        1 if o.timeout_retries is None else o.timeout_retries,
+                    )
                 )
                 if self.journal is not None:
                     self.journal.record_submit(task, now)

@@ -27,6 +27,10 @@ class TaskOptions:
     retries: int = 3
     retry_on: tuple[type[BaseException], ...] | bool = ()
     timeout: float | None = None
+    #: how many of ``retries`` may follow a timeout (a hang tends to repeat: 4 x a 1-hour
+    #: timeout is 4 hours before anyone hears); None: 1, or all ``retries`` for a program
+    #: with ``resume_files`` (each retry continues from its checkpoint)
+    timeout_retries: int | None = None
     key: str | None = None
     name: str | None = None
     requires: tuple[str, ...] = ()
@@ -63,6 +67,7 @@ class TaskOptions:
             if isinstance(ro, bool)
             else [f"{t.__module__}.{t.__qualname__}" for t in ro],
             "timeout": self.timeout,
+            "timeout_retries": self.timeout_retries,
             "key": self.key,
             "name": self.name,
             "requires": list(self.requires),
@@ -90,6 +95,12 @@ def _normalise(d: dict[str, Any]) -> dict[str, Any]:
 def validate(o: TaskOptions) -> None:
     if isinstance(o.retries, bool) or not isinstance(o.retries, int) or o.retries < 0:
         raise InvalidTask(f"task option retries={o.retries!r} is invalid: it must be an int >= 0")
+    tr = o.timeout_retries
+    if tr is not None and (isinstance(tr, bool) or not isinstance(tr, int) or tr < 0):
+        raise InvalidTask(
+            f"task option timeout_retries={tr!r} is invalid: it must be an int >= 0 (how "
+            "many timed-out attempts are retried), or None for the default"
+        )
     if not isinstance(o.retry_on, bool):
         if not isinstance(o.retry_on, tuple):
             raise InvalidTask(

@@ -81,6 +81,7 @@ def program_spec(
     inherit_env: Any = True,
     resume_files: Any = (),
     resume_argv: Any = None,
+    timeout_retries: Any = None,
 ) -> ProgramSpec:
     """Check ``executable()``'s arguments; ``keep_sandboxes`` is already defaulted.
     ``task_type`` is :class:`pilotfish.Task` (Tasks may stand for arguments and inputs).
@@ -106,7 +107,11 @@ def program_spec(
     _check_resume_argv(resume_argv, resume_files, task_type)
     if keep_sandboxes not in KEEP_SANDBOXES:
         raise _bad(f"keep_sandboxes={keep_sandboxes!r} must be 'failed' or 'all'")
-    opts = make_options(retries=retries, timeout=timeout, name=name, key=key)
+    if timeout_retries is None and resume_files and isinstance(retries, int):
+        timeout_retries = retries  # each retry continues from the checkpoint: progress
+    opts = make_options(
+        retries=retries, timeout=timeout, name=name, key=key, timeout_retries=timeout_retries
+    )
     stdin = _stdin(stdin)
     # The same rules the worker applies, on what is known now (a Task stands in
     # for a value that only exists on the worker; it is checked there).

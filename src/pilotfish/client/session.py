@@ -374,13 +374,16 @@ class Session(cf.Executor):
         inherit_env: bool | Iterable[str] = True,
         resume_files: Sequence[str] = (),
         resume_argv: Sequence[Any] | None = None,
+        timeout_retries: int | None = None,
     ) -> Task:
         """Run a program in its own sandbox; the Task's value is a :class:`CommandResult`.
 
         ``argv`` elements and ``inputs`` values may be Tasks (their value, e.g. from
         ``task.output(name)``, is substituted). ``outputs`` must exist after exit 0.
         ``retries`` covers transient failures (worker lost, timeout) and exit codes
-        listed in ``retry_exit_codes``; any other non-zero exit is permanent.
+        listed in ``retry_exit_codes``; any other non-zero exit is permanent. Of those,
+        ``timeout_retries`` may follow a timeout (default 1, or all ``retries`` with
+        ``resume_files``: each retry then continues from the checkpoint).
         ``keep_sandboxes`` (default: the session's) is ``"failed"`` (successful
         sandboxes are removed after moving outputs to ``rundir/results/NAME``) or
         ``"all"``. Failed attempts' sandboxes are always kept. ``requires_programs``
@@ -415,6 +418,7 @@ class Session(cf.Executor):
             inherit_env=inherit_env,
             resume_files=resume_files,
             resume_argv=resume_argv,
+            timeout_retries=timeout_retries,
         )
         payload, deps = pickle_call(spec.template, self, Task, f"program {spec.shown!r}")
         digest = call_digest(payload, deps, input_stamps(spec.template))

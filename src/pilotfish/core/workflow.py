@@ -131,6 +131,7 @@ class _Task:
     retries_used: int = 0
     ready_at: float = 0.0
     settled: Settled | None = None
+    timeout_retries: int | None = None
     #: (attempt id, number) of the attempt a retry may resume from (its sandbox's files)
     resume: tuple[int, int] | None = None
     charged: set[int] | None = None  # attempt ids charged to the retry budget
@@ -155,6 +156,8 @@ class Submit:
     retries: int
     now: float
     settled: Settled | None = None
+    #: how many timed-out attempts are retried (within ``retries``); None: no own limit
+    timeout_retries: int | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -576,6 +579,7 @@ class Workflow:
             raise ValueError(f"task id {ev.tid} submitted twice")
         t = _Task(ev.tid, ev.key, ev.deps, ev.retries)
         t.settled = ev.settled
+        t.timeout_retries = ev.timeout_retries
         soft = ev.settled.soft if ev.settled is not None else frozenset()
         t.history.append((ev.now, "", "PENDING"))
         self._tasks[ev.tid] = t
@@ -755,6 +759,17 @@ class Workflow:
             self._fail(t, self._poison_record(t, f, lost), ev.now, out)
             return
         retryable = f.category.transient or ev.retry_requested
+        if retryable and f.category is Category.TIMEOUT and t.timeout_retries is not None:
+            timeouts = sum(1 for x in t.attempts if x.outcome == Category.TIMEOUT.value)
+            if timeouts > t.timeout_retries:
+                stop = (
+                    f"not retried: timed out {timeouts} times (timeout_retries="
+                    f"{t.timeout_retries}: a task that hangs again will likely hang for good; "
+                    "give a longer timeout= or a larger timeout_retries=)"
+                )
+                a.note = stop if not a.note else f"{a.note}; {stop}"
+                self._fail(t, f, ev.now, out)
+                return
         if retryable and t.retries_used < t.retries and not self._stopped:
             t.retries_used += 1
             if t.charged is None:
