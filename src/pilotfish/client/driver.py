@@ -116,6 +116,8 @@ class Driver:
         self.nonce = nonce
         self.keep_all = keep_all_sandboxes
         self.init = b""  # the initializer's payload, sent with every attempt
+        #: the largest value the journal keeps (Session(journal_values=)); None: any
+        self.value_limit: int | None = None
         self.probes = Probes()
         self.backend: Backend | None = None
         self.held: Any = None  # the session, held (lifecycle.busy) while it has work
@@ -363,9 +365,19 @@ class Driver:
         value: bytes | None = None,
     ) -> None:
         if self.journal is not None:
+            if value is not None and not self._keeps(t, value):
+                value = None  # DONE without a value: resume runs it again
             self.journal.record(
                 t, state, self.core.history(t._tid), self.core.attempts(t._tid), failure, value
             )
+
+    def _keeps(self, t: Task, value: bytes) -> bool:
+        """Does the journal keep ``t``'s value (its ``keep_result``, else the session's
+        ``journal_values``: ``value_limit`` None for all, else a size in bytes)?"""
+        keep = t.options.keep_result
+        if keep is not None:
+            return keep
+        return self.value_limit is None or len(value) <= self.value_limit
 
     # ---------------------------------------------------------------- after the lock
     def finish(self, acts: Actions) -> None:

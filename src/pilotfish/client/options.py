@@ -31,6 +31,8 @@ class TaskOptions:
     #: timeout is 4 hours before anyone hears); None: 1, or all ``retries`` for a program
     #: with ``resume_files`` (each retry continues from its checkpoint)
     timeout_retries: int | None = None
+    #: journal its value (for resume)? None: as the session's ``journal_values`` says
+    keep_result: bool | None = None
     key: str | None = None
     name: str | None = None
     requires: tuple[str, ...] = ()
@@ -68,6 +70,7 @@ class TaskOptions:
             else [f"{t.__module__}.{t.__qualname__}" for t in ro],
             "timeout": self.timeout,
             "timeout_retries": self.timeout_retries,
+            "keep_result": self.keep_result,
             "key": self.key,
             "name": self.name,
             "requires": list(self.requires),
@@ -95,6 +98,12 @@ def _normalise(d: dict[str, Any]) -> dict[str, Any]:
 def validate(o: TaskOptions) -> None:
     if isinstance(o.retries, bool) or not isinstance(o.retries, int) or o.retries < 0:
         raise InvalidTask(f"task option retries={o.retries!r} is invalid: it must be an int >= 0")
+    if not (o.keep_result is None or isinstance(o.keep_result, bool)):
+        raise InvalidTask(
+            f"task option keep_result={o.keep_result!r} is invalid: give True (journal its "
+            "value: resume takes it), False (do not: resume runs it again) or None (the "
+            "session's journal_values decides)"
+        )
     tr = o.timeout_retries
     if tr is not None and (isinstance(tr, bool) or not isinstance(tr, int) or tr < 0):
         raise InvalidTask(

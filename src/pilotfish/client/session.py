@@ -119,7 +119,10 @@ class Session(cf.Executor):
     where 3 different tasks failed WORKER_LOST, ENVIRONMENT or TIMEOUT within 600 s is
     drained, those attempts uncharged; see :mod:`pilotfish.core.drain`; None: off; the
     default ``"auto"`` is ``(3, 600.0)`` on backends whose workers may span hosts and
-    that can retire one (Dask), off elsewhere). ``preload`` (module names, every backend):
+    that can retire one (Dask), off elsewhere). ``journal_values``: which DONE values the
+    journal keeps for resume (True: all; False: none; N: those up to N bytes; a larger
+    one's task runs again on resume; a task's ``keep_result`` option overrides it).
+    ``preload`` (module names, every backend):
     each worker imports them as it starts, not on its first task. Other keywords go to
     the backend.
 
@@ -147,6 +150,7 @@ class Session(cf.Executor):
         journal: str | os.PathLike[str] | bool | None = True,
         resume: bool | None = None,
         keep_sandboxes: str = "failed",
+        journal_values: bool | int = True,
         requires: Iterable[str] = (),
         requires_programs: Iterable[str] = (),
         backoff: Backoff | None = None,
@@ -172,6 +176,14 @@ class Session(cf.Executor):
             raise InvalidTask(
                 f"Session(initializer={initializer!r}) is invalid: give a callable, run once "
                 "in every worker before its first task"
+            )
+        if not isinstance(journal_values, bool) and (
+            not isinstance(journal_values, int) or journal_values < 0
+        ):
+            raise InvalidTask(
+                f"Session(journal_values={journal_values!r}) is invalid: give True (journal "
+                "every DONE task's value, for resume), False (none: resume reruns every "
+                "task), or a size in bytes (values up to it; larger ones rerun on resume)"
             )
         if keep_sandboxes not in KEEP_SANDBOXES:
             raise InvalidTask(
@@ -216,6 +228,9 @@ class Session(cf.Executor):
             )
             if initializer is not None:
                 d.init = self._pickle_initializer(initializer, tuple(initargs))
+            d.value_limit = (
+                None if journal_values is True else 0 if journal_values is False else journal_values
+            )
             self._backend: Backend = (
                 factory(
                     workers,
