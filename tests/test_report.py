@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import base64
+import contextlib
 import hashlib
 import html.parser
 import json
@@ -16,8 +17,10 @@ import os
 import re
 import shutil
 import signal
+import struct
 import sys
 import time
+import zlib
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -318,15 +321,19 @@ def test_empty_and_unfinished_runs(tmp_path: Path) -> None:
 
 
 def test_outcomes_never_by_colour_alone() -> None:
-    """Every outcome a bar can have differs from every other by its pattern or symbol and
-    has a text label (the legend), so readers who cannot tell the colours apart can tell
-    the outcomes apart; the failure categories the issue names all have one."""
+    """Every outcome a bar can have differs from every other by its pattern or marker
+    shape and has a text label (the legend), so readers who cannot tell the colours apart
+    can tell the outcomes apart; the failure categories the issue names all have one.
+    Every shape is drawn by the stylesheet (not by a character of some font)."""
     outcomes = report.OUTCOMES
     assert {c.value for c in Category} - {"invalid_task"} <= set(outcomes)
-    looks = [(pattern, symbol) for _label, _colour, pattern, symbol in outcomes.values()]
+    looks = [(pattern, shape) for _label, _colour, pattern, shape in outcomes.values()]
     assert len(set(looks)) == len(looks)
-    assert len({symbol for *_rest, symbol in outcomes.values()}) == len(outcomes)
+    assert len({shape for *_rest, shape in outcomes.values()}) == len(outcomes)
     assert all(label for label, *_rest in outcomes.values())
+    css = report._STYLE
+    for *_rest, shape in outcomes.values():
+        assert re.fullmatch(r"[a-z-]+", shape) and f".mk-{shape}::before" in css, shape
 
 
 def _imports(module: Any) -> tuple[set[str], set[str]]:
@@ -391,13 +398,10 @@ def _chromium() -> tuple[str, str] | None:
     return (browser, driver) if browser and driver else None
 
 
-@pytest.mark.timeout(120)
-def test_report_in_a_real_browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The report of a mixed run (successes, a user exception whose key is a <script>
-    tag, a command failure with 400 lines of stderr, a worker SIGKILLed, a dependency
-    failure) in headless Chromium: lanes, the lost-worker marker and the failure rows are
-    in the DOM; clicking the command's row shows its whole stderr; the hostile key is
-    text; no script error; and the page made no network request."""
+@contextlib.contextmanager
+def _browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: str = "1300,1000") -> Any:
+    """Headless Chromium (skips the test if it or chromedriver is missing), logging the
+    page's requests and console; closed at the end."""
     found = _chromium()
     if found is None:
         pytest.skip(
@@ -405,9 +409,126 @@ def test_report_in_a_real_browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         )
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
 
     browser, driver_path = found
+    monkeypatch.setenv("SE_OFFLINE", "true")  # selenium must not look for drivers online
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        f"--window-size={size}",
+        "--force-device-scale-factor=1",
+    ):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
+    try:
+        driver.set_page_load_timeout(30)
+        driver.set_script_timeout(30)
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _open_report(driver: Any, rundir: Path, out: Path) -> None:
+    """Write the report of ``rundir`` as the user does and open it."""
+    assert cli.main(["--rundir", str(rundir), "report", "--html", "--out", str(out)]) == 0
+    driver.get(out.resolve().as_uri())
+    assert driver.execute_script("return document.readyState") == "complete"
+
+
+def _script_errors(driver: Any) -> list[Any]:
+    return [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def _pixels(png: bytes) -> list[list[tuple[int, int, int]]]:
+    """The RGB pixels of an 8-bit RGB or RGBA PNG (what Chromium's screenshots are)."""
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat, head = 8, b"", b""
+    while pos < len(png):
+        (n,) = struct.unpack(">I", png[pos : pos + 4])
+        kind, body = png[pos + 4 : pos + 8], png[pos + 8 : pos + 8 + n]
+        pos += 12 + n
+        if kind == b"IHDR":
+            head = body
+        elif kind == b"IDAT":
+            idat += body
+    width, height, depth, colour = struct.unpack(">IIBB", head[:10])
+    assert depth == 8 and colour in (2, 6), (depth, colour)
+    bpp = 3 if colour == 2 else 4
+    raw, stride = zlib.decompress(idat), width * bpp
+    rows: list[list[tuple[int, int, int]]] = []
+    prev = bytearray(stride)
+    for y in range(height):
+        f, line = (
+            raw[y * (stride + 1)],
+            bytearray(raw[y * (stride + 1) + 1 : (y + 1) * (stride + 1)]),
+        )
+        for i in range(stride):
+            a = line[i - bpp] if i >= bpp else 0
+            b, c = prev[i], (prev[i - bpp] if i >= bpp else 0)
+            if f == 1:
+                line[i] = (line[i] + a) & 255
+            elif f == 2:
+                line[i] = (line[i] + b) & 255
+            elif f == 3:
+                line[i] = (line[i] + (a + b) // 2) & 255
+            elif f == 4:
+                p = a + b - c
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                line[i] = (line[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 255
+        rows.append([tuple(line[i : i + 3]) for i in range(0, stride, bpp)])  # type: ignore[misc]
+        prev = line
+    return rows
+
+
+#: characters of the page's text (its elements' text, ::before/::after content, titles)
+#: that the browser draws as its missing-glyph box: each is drawn on a canvas in the font
+#: of the element that shows it and compared with a private-use character no font has
+_MISSING_GLYPHS_JS = """
+const seen = new Map();
+function add(text, font) {
+  for (const ch of text || "") {
+    if (ch.codePointAt(0) < 128) continue;
+    seen.set(font + "\u0000" + ch, [font, ch]);
+  }
+}
+for (const el of document.querySelectorAll("body, body *")) {
+  const cs = getComputedStyle(el);
+  for (const n of el.childNodes) if (n.nodeType === 3) add(n.textContent, cs.font);
+  add(el.getAttribute("title"), cs.font);
+  for (const p of ["::before", "::after"]) {
+    const ps = getComputedStyle(el, p), c = ps.content;
+    if (c && c !== "none" && c !== "normal") add(c.replace(/^"|"$/g, ""), ps.font);
+  }
+}
+const canvas = document.createElement("canvas");
+canvas.width = 64; canvas.height = 64;
+const g = canvas.getContext("2d", {willReadFrequently: true});
+function ink(ch, font) {
+  g.clearRect(0, 0, 64, 64); g.font = font; g.fillStyle = "#000"; g.textBaseline = "top";
+  g.fillText(ch, 8, 8);
+  return Array.from(g.getImageData(0, 0, 64, 64).data).join(",");
+}
+const bad = [];
+for (const [font, ch] of seen.values()) {
+  if (ink(ch, font) === ink("\ue000", font)) bad.push([ch, font]);
+}
+return [seen.size, bad];
+"""
+
+
+@pytest.mark.timeout(120)
+def test_report_in_a_real_browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The report of a mixed run (successes, a user exception whose key is a <script>
+    tag, a command failure with 400 lines of stderr, a worker SIGKILLed, a dependency
+    failure) in headless Chromium: lanes, the lost-worker marker and the failure rows are
+    in the DOM; clicking the command's row shows its whole stderr; the hostile key is
+    text; no script error; and the page made no network request."""
     rundir = tmp_path / "run"
     script = (
         f"import sys\nfor i in range(1, {STDERR_LINES + 1}):\n"
@@ -428,26 +549,11 @@ def test_report_in_a_real_browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert lost.failure is not None and lost.failure.category is Category.WORKER_LOST
 
     out = tmp_path / "report.html"
-    assert cli.main(["--rundir", str(rundir), "report", "--html", "--out", str(out)]) == 0
     url = out.resolve().as_uri()
+    with _browser(tmp_path, monkeypatch) as driver:
+        from selenium.webdriver.common.by import By
 
-    monkeypatch.setenv("SE_OFFLINE", "true")  # selenium must not look for drivers online
-    options = webdriver.ChromeOptions()
-    options.binary_location = browser
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}",
-        "--window-size=1300,1000",
-    ):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
-    try:
-        driver.set_page_load_timeout(30)
-        driver.get(url)
+        _open_report(driver, rundir, out)
         lanes = driver.find_elements(By.CSS_SELECTOR, "#labels .lane")
         workers = {e.get_attribute("data-worker") for e in lanes}
         assert len(lanes) >= 2 and lost.failure.worker in workers, workers
@@ -460,7 +566,7 @@ def test_report_in_a_real_browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
             "return n;"
         )
         assert painted > 500, painted
-        markers = driver.find_elements(By.CSS_SELECTOR, ".lost-marker.worker_lost")
+        markers = driver.find_elements(By.CSS_SELECTOR, ".tl-marker.worker_lost")
         assert len(markers) == 1
         assert f"{lost.failure.worker} lost: signal SIGKILL" in markers[0].text
         assert markers[0].is_displayed()
@@ -490,8 +596,7 @@ def test_report_in_a_real_browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         assert "the failure began in the root task" in dep.text and HOSTILE_SHOWN in dep.text
         assert "which took 1 task(s) with it" in dep.text
 
-        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
-        assert errors == []
+        assert _script_errors(driver) == []
         requests = []
         for entry in driver.get_log("performance"):
             message = json.loads(entry["message"])["message"]
@@ -502,5 +607,114 @@ def test_report_in_a_real_browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         after = requests[requests.index(url) :]
         assert all(u == url or u.startswith("data:") for u in after), after
         assert not [u for u in requests if re.match(r"(?i)(https?|wss?|ftp):", u)], requests
-    finally:
-        driver.quit()
+
+
+# outcomes an attempt can end with, and the failure it records (None: no failure)
+_ATTEMPT_OUTCOMES: dict[str, tuple[Category | None, str]] = {
+    "done": (None, ""),
+    "user_error": (Category.USER_ERROR, "ValueError: diverged"),
+    "command_failed": (Category.COMMAND_FAILED, "program 'gmx' exited with code 1"),
+    "missing_output": (Category.MISSING_OUTPUT, "declared output md.gro is missing"),
+    "timeout": (Category.TIMEOUT, "program 'gmx' was killed at its timeout of 2 s"),
+    "worker_lost": (Category.WORKER_LOST, "worker w6 was killed by signal SIGKILL (-9)"),
+    "runtime_lost": (Category.RUNTIME_LOST, "the master stopped answering"),
+    "environment": (Category.ENVIRONMENT, "program 'gmx' is not installed"),
+    "cancelled": (Category.CANCELLED, "cancelled"),
+    "running": (None, ""),
+}
+
+
+def _every_outcome(rundir: Path) -> dict[str, str]:
+    """A journal with one task per attempt outcome, each on its own worker, and a
+    dependency failure of the user error; returns outcome -> task key."""
+    journal = Journal(rundir / "journal.db")
+    t0 = time.time() - 100
+    keys: dict[str, str] = {}
+    for i, (outcome, (cat, msg)) in enumerate(_ATTEMPT_OUTCOMES.items()):
+        key = f"{outcome}-task"
+        w = f"w{i + 1}"
+        f = None
+        if cat is not None:
+            f = FailureRecord(
+                key,
+                cat,
+                msg,
+                worker=w,
+                returncode=-9 if cat.value == "worker_lost" else None,
+                signal="SIGKILL" if cat.value == "worker_lost" else None,
+            )
+        a = _attempt(1, w, t0 + i, t0 + i + 5, outcome, f)
+        state = {"done": "DONE", "running": "RUNNING", "cancelled": "CANCELLED"}.get(
+            outcome, "FAILED"
+        )
+        if outcome == "running":
+            a.ended, a.outcome = None, None
+        _write(journal, key, state, [a], f if state == "FAILED" else None)
+        keys[outcome] = key
+    dep = FailureRecord(
+        "after-user-error",
+        Category.DEPENDENCY_FAILED,
+        "did not run",
+        upstream="user_error-task",
+        root="user_error-task",
+    )
+    _write(journal, "after-user-error", "FAILED", [], dep, deps=("user_error-task",))
+    journal.close()
+    return keys
+
+
+@pytest.mark.timeout(120)
+def test_each_outcome_has_its_own_marker_in_a_browser(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 25 item 9: every attempt outcome has its own legend entry whose marker looks
+    different from every other's (compared as rendered pixels); a program timeout is
+    marked on its lane with the timeout marker, not the lost-worker one; every marker is a
+    drawn shape; and no character of the page renders as the missing-glyph box in
+    headless Chromium's own fonts."""
+    rundir = tmp_path / "run"
+    _every_outcome(rundir)
+    with _browser(tmp_path, monkeypatch) as driver:
+        from selenium.webdriver.common.by import By
+
+        _open_report(driver, rundir, tmp_path / "report.html")
+        items = {
+            e.get_attribute("data-outcome"): e
+            for e in driver.find_elements(By.CSS_SELECTOR, ".legend .legend-item")
+        }
+        assert set(_ATTEMPT_OUTCOMES) <= set(items), sorted(items)
+        looks: dict[str, tuple[tuple[int, int, int], ...]] = {}
+        for outcome, item in items.items():
+            (mk,) = item.find_elements(By.CSS_SELECTOR, ".mk")
+            assert mk.size["width"] >= 8 and mk.size["height"] >= 8, (outcome, mk.size)
+            assert mk.text == ""  # a shape, not a character
+            pixels = tuple(p for row in _pixels(mk.screenshot_as_png) for p in row)
+            dark = sum(1 for p in pixels if sum(p) < 3 * 128)
+            assert dark >= 6, (outcome, dark)  # something is drawn
+            looks[outcome] = pixels
+            assert report.OUTCOMES[outcome][0] in item.text
+        same = [(a, b) for a in looks for b in looks if a < b and looks[a] == looks[b]]
+        assert same == [], same
+
+        # the timeout's lane ends with the timeout marker, the lost worker's with its own
+        def marker_class(kind: str) -> str:
+            (m,) = driver.find_elements(By.CSS_SELECTOR, f".tl-marker.{kind}")
+            assert m.is_displayed()
+            return str(m.find_element(By.CSS_SELECTOR, ".mk").get_attribute("class"))
+
+        timeout_mk, lost_mk = marker_class("timeout"), marker_class("worker_lost")
+        assert timeout_mk != lost_mk
+        assert timeout_mk == items["timeout"].find_element(By.CSS_SELECTOR, ".mk").get_attribute(
+            "class"
+        )
+        assert lost_mk == items["worker_lost"].find_element(By.CSS_SELECTOR, ".mk").get_attribute(
+            "class"
+        )
+        assert "timeout" in driver.find_element(By.CSS_SELECTOR, ".tl-marker.timeout").text
+        # the failed-tasks table's badges carry the same markers
+        badge = driver.find_element(By.CSS_SELECTOR, 'details[data-key="timeout-task"] .badge .mk')
+        assert badge.get_attribute("class") == timeout_mk
+
+        checked, missing = driver.execute_script(_MISSING_GLYPHS_JS)
+        assert checked > 0 and missing == [], missing
+        assert _script_errors(driver) == []

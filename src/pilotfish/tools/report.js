@@ -60,12 +60,22 @@ LANES.forEach(function (l, i) {
   d.title = d.textContent + (l.after ? " — " + l.after : "");
   if (l.after) {
     const s = document.createElement("span");
-    s.className = "after"; s.textContent = " ↳ " + l.after;
+    s.className = "after"; s.textContent = " (" + l.after + ")";
     d.appendChild(s);
   }
   labels.appendChild(d);
 });
 if (!LANES.length) labels.textContent = "no attempt was started";
+
+// an outcome's marker: an element its CSS draws (report.css .mk-*), never a glyph
+const OUT_ID = {};
+OUT.forEach(function (o) { OUT_ID[o.id] = o; });
+function shape(kind) {
+  const i = document.createElement("i");
+  i.className = "mk mk-" + (OUT_ID[kind] ? OUT_ID[kind].shape : "dot");
+  i.setAttribute("aria-hidden", "true");
+  return i;
+}
 
 function width() { return Math.max(200, scroller.clientWidth); }
 function x(ms) { return 4 + ms / D.span * (width() * zoom - 12); }
@@ -75,14 +85,20 @@ function layout() {
   spacer.style.height = (AX + LANES.length * LH) + "px";
   markersEl.textContent = "";
   // a marker names the signal or exit code; where markers crowd a lane, the later ones
-  // shrink to their symbol (the name in their tooltip) until zoomed in
+  // shrink to their shape (the name in their tooltip) until zoomed in
   const right = {};
   D.markers.slice().sort(function (a, b) { return a.t - b.t; }).forEach(function (m) {
     const e = document.createElement("div"), left = x(m.t);
     const full = left >= (right[m.lane] || -1e9) + 4;
-    e.className = "lost-marker " + m.kind + (full ? "" : " compact");
+    e.className = "tl-marker " + m.kind + (full ? "" : " compact");
     e.dataset.lane = m.lane;
-    e.textContent = full ? "✕ " + m.label : "✕"; e.title = m.label;
+    e.appendChild(shape(m.kind));
+    if (full) {
+      const t = document.createElement("span");
+      t.className = "ml"; t.textContent = m.label;
+      e.appendChild(t);
+    }
+    e.title = m.label;
     e.style.left = left + "px";
     e.style.top = (AX + m.lane * LH + Math.max(0, (LH - 17) / 2)) + "px";
     markersEl.appendChild(e);
@@ -158,7 +174,7 @@ canvas.addEventListener("mousemove", function (ev) {
   tip.hidden = false;
   tip.style.left = (ev.clientX + 12) + "px"; tip.style.top = (ev.clientY + 12) + "px";
   tip.textContent = D.keys[b[4]] + "\nattempt " + b[5] + " on " + LANES[b[0]].label + "\n" +
-    o.symbol + " " + o.label + ", " + fmt(b[2] - b[1]);
+    o.label + ", " + fmt(b[2] - b[1]);
   canvas.style.cursor = (b[4] in D.rows) ? "pointer" : "";
 });
 canvas.addEventListener("mouseleave", function () { tip.hidden = true; });

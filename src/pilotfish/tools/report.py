@@ -279,7 +279,7 @@ def _timeline_data(
         "t0": t0,
         "span": max(1, round((max(t_end, t0) - t0) * 1000)),
         "outcomes": [
-            {"id": name, "label": v[0], "colour": v[1], "pattern": v[2], "symbol": v[3]}
+            {"id": name, "label": v[0], "colour": v[1], "pattern": v[2], "shape": v[3]}
             for name, v in OUTCOMES.items()
         ],
         "lanes": lanes,
@@ -333,7 +333,8 @@ wall time {fmt_dur(wall)} · report written {fmt_time(now)}</p>
 <ul class="runs">{run_lines}</ul></header>
 <section id="timeline"><h2>timeline</h2>
 <p class="help">One lane per worker and host; each attempt is a bar, its outcome shown by
-colour <em>and</em> pattern (legend below). ✕ marks where a worker was lost. Scroll
+colour <em>and</em> pattern (legend below); a marker with the outcome's shape and a label
+marks where a worker was lost, a program was killed at its timeout or the runtime was lost. Scroll
 sideways; zoom with the buttons or Ctrl+wheel; hover a bar for its task, click a failed
 one to open its row.</p>
 <div class="tools"><button type="button" id="zin">zoom in</button>

@@ -39,6 +39,7 @@ __all__ = [
     "escaped",
     "failed_rows",
     "legend_html",
+    "marker",
     "outcome_css",
     "runs_html",
 ]
@@ -50,22 +51,30 @@ GROUPS_MAX = 200  # digest groups listed (the rest are counted)
 HEADLINE_MAX = 160  # characters of a message in a collapsed row
 
 # outcome -> (label, colour (Okabe-Ito, safe for colour-blind readers), pattern drawn on
-# top, a symbol used in the legend and the tables). Pattern and label carry the meaning.
+# top, the shape of its marker in the legend, the tables and the timeline). Pattern, shape
+# and label carry the meaning. Shapes are drawn by CSS (report.css, ``.mk-SHAPE``), never
+# by a font's glyph, which headless or minimal systems may lack (an empty box).
 OUTCOMES: dict[str, tuple[str, str, str, str]] = {
-    "done": ("done", "#009E73", "solid", "✓"),
-    "user_error": ("user error", "#D55E00", "slash", "!"),
-    "command_failed": ("command failed", "#E69F00", "backslash", "✗"),
-    "missing_output": ("missing output", "#E69F00", "cross", "∅"),
-    "timeout": ("timeout", "#CC79A7", "horizontal", "⌛"),
-    "worker_lost": ("worker lost", "#000000", "dots", "☠"),
-    "runtime_lost": ("runtime lost", "#0072B2", "vertical", "⚡"),
-    "environment": ("environment", "#F0E442", "grid", "⚙"),
-    "invalid_task": ("invalid task", "#56B4E9", "cross", "?"),
-    "dependency_failed": ("dependency failed", "#7f7f7f", "slash", "↑"),
-    "cancelled": ("cancelled", "#BBBBBB", "hollow", "⊘"),
-    "dropped": ("dropped", "#DDDDDD", "hollow", "·"),
-    "running": ("unfinished", "#FFFFFF", "hollow", "…"),
+    "done": ("done", "#009E73", "solid", "check"),
+    "user_error": ("user error", "#D55E00", "slash", "triangle"),
+    "command_failed": ("command failed", "#E69F00", "backslash", "square"),
+    "missing_output": ("missing output", "#E69F00", "cross", "square-hollow"),
+    "timeout": ("timeout", "#CC79A7", "horizontal", "hourglass"),
+    "worker_lost": ("worker lost", "#000000", "dots", "x"),
+    "runtime_lost": ("runtime lost", "#0072B2", "vertical", "diamond"),
+    "environment": ("environment", "#F0E442", "grid", "ring"),
+    "invalid_task": ("invalid task", "#56B4E9", "cross", "triangle-down"),
+    "dependency_failed": ("dependency failed", "#7f7f7f", "slash", "chevron-up"),
+    "cancelled": ("cancelled", "#BBBBBB", "hollow", "circle-slash"),
+    "dropped": ("dropped", "#DDDDDD", "hollow", "dot"),
+    "running": ("unfinished", "#FFFFFF", "hollow", "ring-dotted"),
 }
+
+
+def marker(outcome: str) -> str:
+    """The outcome's marker: an empty element its CSS class draws (never a glyph)."""
+    shape = OUTCOMES[outcome][3] if outcome in OUTCOMES else "dot"
+    return f'<i class="mk mk-{shape}" aria-hidden="true"></i>'
 
 
 def escaped(value: object, *, one_line: bool = False) -> str:
@@ -152,9 +161,9 @@ def _read_tail(path: Path, limit: int) -> tuple[str, int, bool]:
 
 
 def _badge(outcome: str) -> str:
-    label, _colour, _pattern, symbol = OUTCOMES.get(outcome, (outcome, "", "", "?"))
+    label = OUTCOMES[outcome][0] if outcome in OUTCOMES else outcome
     cls = outcome if outcome in OUTCOMES else "other"
-    return f'<span class="badge o-{cls}"><b aria-hidden="true">{symbol}</b> {escaped(label)}</span>'
+    return f'<span class="badge o-{cls}">{marker(outcome)} {escaped(label)}</span>'
 
 
 def outcome_css() -> str:
@@ -415,7 +424,7 @@ def legend_html(bars: list[Any]) -> str:
     outcome_names = list(OUTCOMES)
     return "".join(
         f'<span class="legend-item" data-outcome="{name}"><canvas class="swatch" width="28" '
-        f'height="14" data-outcome="{i}"></canvas> {html.escape(OUTCOMES[name][0])} '
+        f'height="14" data-outcome="{i}"></canvas>{marker(name)}{html.escape(OUTCOMES[name][0])} '
         f"({outcome_counts.get(i, 0):,})</span>"
         for i, name in enumerate(outcome_names)
         if outcome_counts.get(i) or name in ("done", "user_error", "command_failed", "worker_lost")
