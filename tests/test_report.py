@@ -718,3 +718,138 @@ def test_each_outcome_has_its_own_marker_in_a_browser(
         checked, missing = driver.execute_script(_MISSING_GLYPHS_JS)
         assert checked > 0 and missing == [], missing
         assert _script_errors(driver) == []
+
+
+def _crowded(rundir: Path, lanes: int, per_lane: int, runs: int = 1) -> None:
+    """Long keys, long worker and host names, and lanes crowded with lost workers and
+    timeouts: several within a few milliseconds, one at the very start and one at the very
+    end of the timeline."""
+    t0 = time.time()  # the runs begin together, a few ms after the first attempt
+    span = 50.0
+    for run in range(runs):
+        journal = Journal(rundir / "journal.db")
+        for lane in range(run, lanes, runs):
+            w = f"w{lane + 1}"
+            host = f"compute-node-{lane:04d}.partition-long-name.cluster.example.org"
+            for j in range(per_lane):
+                key = f"member-{lane:04d}-{j:03d}-" + "very-long-parameter-set-name-" * 6
+                start = t0 + span * j / per_lane + (lane % 7) * 0.001
+                end = start + (0.002 if j % 3 == 1 else span / per_lane * 0.8)
+                if lane == 0 and j == per_lane - 1:
+                    end = t0 + span  # the last attempt ends at the timeline's end
+                outcome = ("worker_lost", "timeout", "timeout", "done")[(lane + j) % 4]
+                f = None
+                if outcome != "done":
+                    cat = Category(outcome)
+                    f = FailureRecord(
+                        key,
+                        cat,
+                        f"{outcome} on {w}",
+                        worker=w,
+                        returncode=-9 if outcome == "worker_lost" else None,
+                        signal="SIGKILL" if outcome == "worker_lost" else None,
+                    )
+                a = _attempt(1, w, start, end, outcome, f)
+                a.host = host
+                state = "DONE" if f is None else "FAILED"
+                _write(journal, key, state, [a], f)
+        journal.close()
+
+
+#: every text of the timeline a user sees (lane names, markers, the axis's times and run
+#: names): those that overlap another, leave the part of the page that shows them, or are
+#: cut without an ellipsis and a tooltip holding the whole text
+_LABEL_PROBLEMS_JS = """
+const zoomed = arguments[0];
+const view = document.getElementById("scroller").getBoundingClientRect();
+const column = document.getElementById("labels").getBoundingClientRect();
+const layer = document.getElementById("markers").getBoundingClientRect();
+const lanes = document.getElementById("spacer").getBoundingClientRect();
+const items = [];
+function visible(el) {
+  const r = el.getBoundingClientRect();
+  return !el.hidden && r.width > 0 && r.height > 0 && getComputedStyle(el).visibility !== "hidden";
+}
+for (const el of document.querySelectorAll("#labels .lane")) items.push([el, column, el]);
+for (const el of document.querySelectorAll(".tl-marker")) {
+  const ml = el.querySelector(".ml");
+  items.push([el, zoomed ? layer : view, ml && !ml.hidden ? ml : null]);
+}
+for (const el of document.querySelectorAll(".axis-label")) items.push([el, view, el]);
+const problems = [], boxes = [];
+let shown = 0;
+for (const [el, box, text] of items) {
+  if (!visible(el)) continue;
+  const r = el.getBoundingClientRect();
+  const name = el.className + " " + JSON.stringify((el.title || el.textContent).slice(0, 60));
+  boxes.push([r, name]);
+  // across: inside its area (the window in view, or when zoomed the whole timeline);
+  // down: inside the timeline's lanes (which scroll as one when they are many)
+  if (r.left < box.left - 0.5 || r.right > box.right + 0.5 || r.top < lanes.top - 0.5 ||
+      r.bottom > lanes.bottom + 0.5)
+    problems.push("outside its area: " + name);
+  if (text) {
+    shown++;
+    const cut = text.scrollWidth > text.clientWidth + 0.5;
+    const whole = el.title.indexOf(text.textContent.replace(/ \\+\\d+ more$/, "")) >= 0;
+    if (cut && (getComputedStyle(text).textOverflow !== "ellipsis" || !whole))
+      problems.push("cut without ellipsis and tooltip: " + name);
+  } else if (el.classList.contains("tl-marker") && !el.title) {
+    problems.push("a marker without its label in a tooltip: " + name);
+  }
+}
+for (let i = 0; i < boxes.length; i++) {
+  for (let j = i + 1; j < boxes.length; j++) {
+    const a = boxes[i][0], b = boxes[j][0];
+    const w = Math.min(a.right, b.right) - Math.max(a.left, b.left);
+    const h = Math.min(a.bottom, b.bottom) - Math.max(a.top, b.top);
+    if (w > 0.5 && h > 0.5) problems.push("overlap: " + boxes[i][1] + " / " + boxes[j][1]);
+  }
+}
+return [boxes.length, shown, problems.slice(0, 20)];
+"""
+
+
+@pytest.mark.timeout(180)
+def test_timeline_labels_never_overlap_or_clip_in_a_browser(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 25 item 9: with long keys, long worker and host names, 480 tasks on 40 lanes
+    crowded with lost workers and timeouts (several a few ms apart, one at each end of the
+    timeline) and three runs started together, no text of the timeline overlaps another or
+    is cut off by the edge of its area, and a text that is shortened ends with an ellipsis
+    and has the whole in its tooltip; the same zoomed in and scrolled to the end; and with
+    600 lanes (too low for labels) the markers alone do not overlap."""
+    from selenium.webdriver.common.by import By
+
+    rundir = tmp_path / "run"
+    _crowded(rundir, lanes=40, per_lane=12, runs=3)
+    many = tmp_path / "many"
+    _crowded(many, lanes=600, per_lane=3)
+    with _browser(tmp_path, monkeypatch) as driver:
+        _open_report(driver, rundir, tmp_path / "report.html")
+        n_markers = len(driver.find_elements(By.CSS_SELECTOR, ".tl-marker"))
+        assert n_markers > 40
+        boxes, shown, problems = driver.execute_script(_LABEL_PROBLEMS_JS, False)
+        assert boxes > 40 + 40 and shown > 40 and problems == [], problems
+        assert driver.find_elements(By.CSS_SELECTOR, ".axis-label")  # times are shown
+        assert any(  # three runs begun together share one name
+            "runs 1, 2, 3" in e.get_attribute("textContent")
+            for e in driver.find_elements(By.CSS_SELECTOR, ".axis-label")
+        )
+        for _ in range(4):
+            driver.find_element(By.ID, "zin").click()
+        driver.execute_script(
+            "const s = document.getElementById('scroller'); s.scrollLeft = s.scrollWidth;"
+            "s.dispatchEvent(new Event('scroll'));"
+        )
+        boxes, shown, problems = driver.execute_script(_LABEL_PROBLEMS_JS, True)
+        assert shown > 40 and problems == [], problems
+        assert _script_errors(driver) == []
+
+        _open_report(driver, many, tmp_path / "many.html")
+        compact = driver.find_elements(By.CSS_SELECTOR, ".tl-marker.compact")
+        assert len(compact) > 600
+        boxes, _shown, problems = driver.execute_script(_LABEL_PROBLEMS_JS, False)
+        assert boxes > 600 and problems == [], problems
+        assert _script_errors(driver) == []

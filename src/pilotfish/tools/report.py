@@ -8,9 +8,11 @@ digest), :mod:`pilotfish.runtime.files` (reading a file safely), :mod:`.report_p
     header        journal, runs, wall time
     timeline      one lane per (run, host, worker); each attempt a bar coloured *and
                   patterned* by outcome (a legend with labels: never colour alone); a lost
-                  worker's lane ends with a marker naming its signal or exit code, and
-                  the lane of the worker that started after it says so. Drawn on a
-                  canvas (only the visible window), so 10,000 attempts scroll and zoom
+                  worker's lane ends with a marker naming its signal or exit code (a
+                  timeout's with its own marker), and the lane of the worker that started
+                  after it says so; no label overlaps another or leaves the timeline (cut
+                  with an ellipsis, the whole in its tooltip). Drawn on a canvas (only
+                  the visible window), so 10,000 attempts scroll and zoom
     counts        tasks by state, failed tasks by category
     digest        :func:`pilotfish.digest.failure_digest`, each group a filter
     failures      one row per failed task (key, category, attempts, message); a row opens
@@ -91,7 +93,8 @@ def _lanes(
 ) -> tuple[list[dict[str, Any]], list[list[int]], list[dict[str, Any]]]:
     """Lanes (one per run, host and worker, in order of their first attempt), the bars
     ``[lane, start_ms, end_ms, outcome_index, task_index, attempt_number]`` and the markers
-    ``{lane, t, label, kind}`` where a lane ends with a lost worker or master."""
+    ``{lane, t, label, kind, key}`` where a lane's attempt ended with a lost worker or
+    master, or a timeout."""
     outcome_ids = {name: i for i, name in enumerate(OUTCOMES)}
     raw: list[tuple[tuple[Any, str, str], float, float, str, int, int, dict[str, Any] | None]] = []
     for ti, t in enumerate(tasks):
@@ -124,7 +127,7 @@ def _lanes(
     bars.sort(key=lambda b: (b[0], b[1]))
     markers: list[dict[str, Any]] = []
     losses: list[tuple[float, tuple[Any, str, str]]] = []
-    for ln, _s, e, o, _ti, _n, f in raw:
+    for ln, _s, e, o, ti, _n, f in raw:
         if o not in _MARKED:
             continue
         f = f or {}
@@ -134,7 +137,13 @@ def _lanes(
             rc = f.get("returncode")
             what = f"{what}: {how}" + (f" ({rc})" if f.get("signal") and rc is not None else "")
         markers.append(
-            {"lane": index[ln], "t": round((e - t0) * 1000), "label": f"{ln[2]} {what}", "kind": o}
+            {
+                "lane": index[ln],
+                "t": round((e - t0) * 1000),
+                "label": f"{ln[2]} {what}",
+                "kind": o,
+                "key": clean(tasks[ti]["key"], one_line=True),
+            }
         )
         if o == "worker_lost":
             losses.append((e, ln))
@@ -343,7 +352,8 @@ one to open its row.</p>
 <div class="legend">{legend}</div>
 <div class="tl"><div class="labels" id="labels"></div>
 <div class="scroller" id="scroller"><div class="spacer" id="spacer">
-<canvas id="tl-canvas"></canvas><div class="markers" id="markers"></div></div></div></div>
+<canvas id="tl-canvas"></canvas><div class="axis" id="axis"></div>
+<div class="markers" id="markers"></div></div></div></div>
 <div id="tip" role="tooltip" hidden></div>
 <noscript><p class="note">The timeline needs JavaScript; the tables below do not.</p></noscript>
 </section>

@@ -387,9 +387,11 @@ def _failure_row(
     return (
         f'<details class="failure" id="f{i}" data-group="{group}" '
         f'data-key="{escaped(key, one_line=True)}">'
-        f'<summary><span class="k">{escaped(key, one_line=True)}</span>'
+        f'<summary><span class="k" title="{escaped(key, one_line=True)}">'
+        f"{escaped(key, one_line=True)}</span>"
         f'<span class="c">{_badge(cat)}</span><span class="a">{n_att}</span>'
-        f'<span class="m">{escaped(first, one_line=True)}</span></summary>'
+        f'<span class="m" title="{escaped(first, one_line=True)}">'
+        f"{escaped(first, one_line=True)}</span></summary>"
         f'<div class="body">{"".join(body)}</div></details>'
     )
 
