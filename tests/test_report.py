@@ -853,3 +853,47 @@ def test_timeline_labels_never_overlap_or_clip_in_a_browser(
         boxes, _shown, problems = driver.execute_script(_LABEL_PROBLEMS_JS, False)
         assert boxes > 600 and problems == [], problems
         assert _script_errors(driver) == []
+
+
+def test_failed_tasks_list_root_causes_first(tmp_path: Path) -> None:
+    """Issue 25 item 9: 13 dependency failures of one root and 2 of another (the largest
+    digest group) come after the tasks that failed on their own, grouped by root in the
+    order the roots are listed, each group under a line naming its root."""
+    rundir = tmp_path / "run"
+    journal = Journal(rundir / "journal.db")
+    t0 = 1_700_000_000.0
+    roots = {"prep-a": Category.USER_ERROR, "prep-b": Category.COMMAND_FAILED}
+    # submission order: a dependent of b first, then the roots, then the rest
+    order = ["down-b-0", "prep-a", "prep-b"] + [f"down-a-{i:02d}" for i in range(13)] + ["down-b-1"]
+    for i, key in enumerate(order):
+        if key in roots:
+            f = FailureRecord(key, roots[key], f"{key} broke", returncode=1)
+            a = _attempt(1, "w1", t0 + i, t0 + i + 1, roots[key].value, f)
+            _write(journal, key, "FAILED", [a], f)
+        else:
+            root = "prep-" + key.split("-")[1]
+            f = FailureRecord(
+                key, Category.DEPENDENCY_FAILED, "did not run", upstream=root, root=root
+            )
+            _write(journal, key, "FAILED", [], f, deps=(root,))
+    journal.close()
+    page = _page_of(rundir)
+    shown = re.findall(r'<details class="failure"[^>]* data-key="([^"]+)"', page)
+    # the roots first (in digest order: both are groups of one), then each root's
+    # dependency failures in submission order, the roots' groups in the roots' order
+    assert sorted(shown[:2]) == ["prep-a", "prep-b"]
+    groups = {r: [k for k in order if k.startswith("down-" + r[-1])] for r in shown[:2]}
+    assert shown[2:] == groups[shown[0]] + groups[shown[1]]
+    heads = re.findall(r'<div class="dep-head" data-root="([^"]+)"[^>]*>(.*?)</div>', page)
+    assert [r for r, _t in heads] == shown[:2]
+    text = [re.sub(r"<[^>]+>", "", t) for _r, t in heads]
+    assert text == [
+        f"{len(groups[r])} task(s) did not run because the root task {r} failed:" for r in shown[:2]
+    ]
+    # each head comes right before its group, and the head links to its root's row
+    for root, _t in heads:
+        head_at = page.index(f'<div class="dep-head" data-root="{root}"')
+        after = page[head_at : page.index("</details>", head_at)]
+        assert re.search(rf'<details class="failure"[^>]* data-root="{root}"', after)
+    assert re.search(rf'class="dep-head" data-root="{shown[0]}".*?href="#f0"', page)
+    assert page.index("failed on their own: 2") < page.index(f'data-key="{shown[0]}"')

@@ -312,6 +312,20 @@ function apply() {
     const out = (group !== null && r.dataset.group !== group) || (q && t.indexOf(q) < 0);
     r.classList.toggle("hidden", !!out);
   });
+  // a heading stays only while a row under it is shown
+  let head = null, section = null;
+  const shown = new Set();
+  document.querySelectorAll(".ftable > .fsection, .ftable > .dep-head, details.failure")
+    .forEach(function (e) {
+      if (e.classList.contains("fsection")) { section = e; head = null; return; }
+      if (e.classList.contains("dep-head")) { head = e; return; }
+      if (e.classList.contains("hidden")) return;
+      if (head && e.dataset.root === head.dataset.root) shown.add(head);
+      if (section) shown.add(section);
+    });
+  document.querySelectorAll(".ftable > .fsection, .ftable > .dep-head").forEach(function (e) {
+    e.classList.toggle("hidden", !shown.has(e));
+  });
   showall.hidden = group === null;
 }
 function clearGroup() { group = null; filter.value = ""; apply(); }

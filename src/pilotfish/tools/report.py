@@ -62,6 +62,7 @@ from .report_parts import (
     failed_rows,
     legend_html,
     outcome_css,
+    root_of,
     runs_html,
 )
 
@@ -251,23 +252,26 @@ def _time_span(tasks: list[dict[str, Any]], now: float) -> tuple[float, float]:
 def _rank_failed(
     records: list[dict[str, Any]], failed: list[dict[str, Any]], digest: dict[str, Any]
 ) -> list[tuple[int, int, dict[str, Any]]]:
-    """The failed tasks as (digest group, submission order, task): by digest group
-    (largest first), then submission order."""
+    """The failed tasks as (digest group, submission order, task): first the root causes
+    (tasks that failed on their own) by digest group (largest first), then submission
+    order; then the dependency failures, grouped by their root in the order the roots
+    are listed (roots not listed last, by key), each group in submission order."""
     group_index = {(g["category"], g["signature"]): i for i, g in enumerate(digest["groups"])}
     dep_group = next(
         (i for i, g in enumerate(digest["groups"]) if g["category"] == "dependency_failed"), -1
     )
-
-    def group_of(rec: dict[str, Any]) -> int:
+    own: list[tuple[int, int, dict[str, Any]]] = []
+    deps: list[tuple[int, int, dict[str, Any]]] = []
+    for n, (rec, t) in enumerate(zip(records, failed, strict=True)):
         cat = str(rec.get("category") or "unknown").lower()
         if cat == "dependency_failed":
-            return dep_group
-        return group_index.get((cat, signature(rec)), len(group_index))
-
-    return sorted(
-        ((group_of(rec), n, t) for n, (rec, t) in enumerate(zip(records, failed, strict=True))),
-        key=lambda x: (x[0], x[1]),
-    )
+            deps.append((dep_group, n, t))
+        else:
+            own.append((group_index.get((cat, signature(rec)), len(group_index)), n, t))
+    own.sort(key=lambda x: (x[0], x[1]))
+    place = {str(t["key"]): i for i, (_g, _n, t) in enumerate(own)}
+    deps.sort(key=lambda x: (place.get(root_of(x[2]), len(place)), root_of(x[2]), x[1]))
+    return own + deps
 
 
 def _timeline_data(

@@ -41,6 +41,7 @@ __all__ = [
     "legend_html",
     "marker",
     "outcome_css",
+    "root_of",
     "runs_html",
 ]
 
@@ -386,13 +387,35 @@ def _failure_row(
     body.append("<h4>attempts</h4>" + _attempts_html(t["attempts"]))
     return (
         f'<details class="failure" id="f{i}" data-group="{group}" '
-        f'data-key="{escaped(key, one_line=True)}">'
+        + (
+            f'data-root="{escaped(root_of(t), one_line=True)}" '
+            if cat == "dependency_failed"
+            else ""
+        )
+        + f'data-key="{escaped(key, one_line=True)}">'
         f'<summary><span class="k" title="{escaped(key, one_line=True)}">'
         f"{escaped(key, one_line=True)}</span>"
         f'<span class="c">{_badge(cat)}</span><span class="a">{n_att}</span>'
         f'<span class="m" title="{escaped(first, one_line=True)}">'
         f"{escaped(first, one_line=True)}</span></summary>"
         f'<div class="body">{"".join(body)}</div></details>'
+    )
+
+
+def root_of(task: dict[str, Any]) -> str:
+    """The key of the task where a dependency failure began (its upstream if the record
+    has no root)."""
+    f = task.get("failure") or {}
+    return str(f.get("root") or f.get("upstream") or "")
+
+
+def _dep_head(root: str, n: int, group: int, anchors: dict[str, int]) -> str:
+    """The line above the dependency failures of one root, naming it."""
+    return (
+        f'<div class="dep-head" data-root="{escaped(root, one_line=True)}" data-group="{group}">'
+        f"<b>{n:,}</b> task(s) did not run because "
+        + (f"the root task {_key_link(root, anchors)} failed:" if root else "an input failed:")
+        + "</div>"
     )
 
 
@@ -403,7 +426,9 @@ def failed_rows(
     anchors: dict[str, int],
 ) -> list[str]:
     """One row per listed failed task, their details sharing ``DETAIL_BUDGET``; a root
-    failure's row names the tasks whose dependency it failed."""
+    failure's row names the tasks whose dependency it failed. ``listed`` has the root
+    causes first, then the dependency failures grouped by root: each group is headed by
+    a line naming its root."""
     took: dict[str, list[str]] = {}
     for rec in records:
         if str(rec.get("category")) == "dependency_failed" and rec.get("root"):
@@ -415,9 +440,27 @@ def failed_rows(
         for _g, _n, t in listed
     )
     budget = _Budget(DETAIL_BUDGET, pieces)
-    return [
-        _failure_row(i, t, g, rundir, budget, anchors, took) for i, (g, _n, t) in enumerate(listed)
-    ]
+    per_root = Counter(root_of(t) for _g, _n, t in listed if _is_dep(t))
+    own = len(listed) - sum(per_root.values())
+    out: list[str] = []
+    if own and per_root:
+        out.append(f'<div class="fsection">failed on their own: {own:,}</div>')
+    last: str | None = None
+    for i, (g, _n, t) in enumerate(listed):
+        if _is_dep(t) and root_of(t) != last:
+            if last is None:
+                out.append(
+                    f'<div class="fsection">did not run because an input failed: '
+                    f"{sum(per_root.values()):,}, by the root task where the failure began</div>"
+                )
+            last = root_of(t)
+            out.append(_dep_head(last, per_root[last], g, anchors))
+        out.append(_failure_row(i, t, g, rundir, budget, anchors, took))
+    return out
+
+
+def _is_dep(t: dict[str, Any]) -> bool:
+    return str((t.get("failure") or {}).get("category")) == "dependency_failed"
 
 
 def legend_html(bars: list[Any]) -> str:
