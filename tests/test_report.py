@@ -897,3 +897,109 @@ def test_failed_tasks_list_root_causes_first(tmp_path: Path) -> None:
         assert re.search(rf'<details class="failure"[^>]* data-root="{root}"', after)
     assert re.search(rf'class="dep-head" data-root="{shown[0]}".*?href="#f0"', page)
     assert page.index("failed on their own: 2") < page.index(f'data-key="{shown[0]}"')
+
+
+def _legend_counts(driver: Any) -> dict[str, tuple[int, int, int]]:
+    """outcome -> (attempts, of them the task failed with, retried), as the legend says."""
+    from selenium.webdriver.common.by import By
+
+    out = {}
+    for item in driver.find_elements(By.CSS_SELECTOR, ".legend .legend-item"):
+        outcome = str(item.get_attribute("data-outcome"))
+        text = item.find_element(By.CSS_SELECTOR, ".n").text
+        m = re.fullmatch(r"\((\d+)(?:: (.*))?\)", text)
+        assert m, text
+        n = int(m.group(1))
+        parts = dict((k, int(v)) for v, k in re.findall(r"(\d+) (\w+)", m.group(2) or ""))
+        failed = parts.get("failed", 0) if m.group(2) else n
+        out[outcome] = (n, failed, parts.get("retried", 0))
+    return out
+
+
+def _walltime_journal(rundir: Path) -> None:
+    """A member that exits 75 at its walltime (retry_exit_codes) and is continued to
+    DONE, one whose run ended while it waited to be continued, a node lost then done, a
+    bad input (exit 1) and a blow-up (SIGSEGV)."""
+    journal = Journal(rundir / "journal.db")
+    t0 = time.time()
+
+    def failure(key: str, cat: Category, rc: int | None, sig: str | None = None) -> Any:
+        return FailureRecord(key, cat, f"{key}: exit {rc}", returncode=rc, signal=sig, worker="w1")
+
+    f = failure("walltime", Category.COMMAND_FAILED, 75)
+    a1 = _attempt(1, "w1", t0, t0 + 2, "command_failed", f)
+    _write(journal, "walltime", "DONE", [a1, _attempt(2, "w1", t0 + 2.1, t0 + 4, "done")])
+    f = failure("waiting", Category.COMMAND_FAILED, 75)
+    a1 = _attempt(1, "w2", t0, t0 + 3, "command_failed", f)
+    journal.record(
+        _task("waiting"),
+        "RETRYING",
+        [(t0, "PENDING", "READY"), (t0, "READY", "RUNNING"), (t0 + 3, "RUNNING", "RETRYING")],
+        [a1],
+        None,
+        None,
+    )
+    f = failure("lost", Category.WORKER_LOST, -9, "SIGKILL")
+    a1 = _attempt(1, "w3", t0, t0 + 1, "worker_lost", f)
+    _write(journal, "lost", "DONE", [a1, _attempt(2, "w4", t0 + 1.5, t0 + 4, "done")])
+    for key, rc, sig, w in (("bad-input", 1, None, "w2"), ("blow-up", -11, "SIGSEGV", "w4")):
+        f = failure(key, Category.COMMAND_FAILED, rc, sig)
+        _write(journal, key, "FAILED", [_attempt(1, w, t0 + 4, t0 + 5, "command_failed", f)], f)
+    journal.close()
+
+
+def test_continued_attempts_are_not_failures(tmp_path: Path) -> None:
+    """Issue 25 item 9: a program exit the task asked to be retried on (75 after -maxh)
+    that a later attempt continued, or that the run ended waiting to continue, is shown
+    as 'continued', not 'command failed'; a failed task's last attempt stays a failure."""
+    rundir = tmp_path / "run"
+    _walltime_journal(rundir)
+    page = _page_of(rundir)
+    data = json.loads(re.search(r'id="pf-data">(.*?)</script>', page, re.S).group(1))  # type: ignore[union-attr]
+    ids = [o["id"] for o in data["outcomes"]]
+    shown = {}
+    for b in data["bars"]:
+        shown[(data["keys"][str(b[4])], b[5])] = (ids[b[3]], b[6])
+    assert shown[("walltime", 1)] == ("retried", 2)
+    assert shown[("walltime", 2)] == ("done", 0)
+    assert shown[("waiting", 1)] == ("retried", 2)
+    assert shown[("lost", 1)] == ("worker_lost", 2)  # a lost worker is drawn as such
+    assert shown[("bad-input", 1)] == ("command_failed", 1)
+    assert shown[("blow-up", 1)] == ("command_failed", 1)
+
+
+@pytest.mark.timeout(120)
+def test_legend_counts_agree_with_the_failed_tasks_in_a_browser(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 25 item 9, as a user sees it: the legend counts the continued attempts under
+    'continued' (its own entry, its own marker), and for each failure the number of tasks
+    that failed with it is the number of rows of that category in the failed-tasks table
+    (only tasks whose final state is FAILED); the lost worker that was retried is counted
+    as retried, not failed."""
+    from selenium.webdriver.common.by import By
+
+    rundir = tmp_path / "run"
+    _walltime_journal(rundir)
+    with _browser(tmp_path, monkeypatch) as driver:
+        _open_report(driver, rundir, tmp_path / "report.html")
+        legend = _legend_counts(driver)
+        rows = driver.find_elements(By.CSS_SELECTOR, "details.failure")
+        per_category: dict[str, int] = {}
+        for r in rows:
+            badge = r.find_element(By.CSS_SELECTOR, "summary .badge")
+            cat = next(c[2:] for c in str(badge.get_attribute("class")).split() if c[:2] == "o-")
+            per_category[cat] = per_category.get(cat, 0) + 1
+        assert len(rows) == 2 and per_category == {"command_failed": 2}
+        assert legend["retried"][0] == 2
+        assert (
+            "continued"
+            in driver.find_element(By.CSS_SELECTOR, '.legend-item[data-outcome="retried"]').text
+        )
+        for outcome in report_parts.FAILING:
+            if outcome in legend:
+                assert legend[outcome][1] == per_category.get(outcome, 0), (outcome, legend)
+        assert legend["worker_lost"] == (1, 0, 1)
+        title = driver.find_element(By.TAG_NAME, "title").get_attribute("textContent")
+        assert f"{len(rows)} failed" in title
+        assert _script_errors(driver) == []

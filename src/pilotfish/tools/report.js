@@ -260,7 +260,9 @@ canvas.addEventListener("mousemove", function (ev) {
   const o = OUT[b[3]];
   tip.hidden = false;
   tip.textContent = D.keys[b[4]] + "\nattempt " + b[5] + " on " + LANES[b[0]].label + "\n" +
-    o.label + ", " + fmt(b[2] - b[1]);
+    o.label + ", " + fmt(b[2] - b[1]) +
+    (b[6] === 2 ? (o.id === "retried" ? "\nthe task asked to be tried again, and was"
+      : "\nthe task was tried again") : b[6] === 1 ? "\nthe task failed with it" : "");
   // beside the pointer, but never past the window's edge
   const tw = tip.offsetWidth, th = tip.offsetHeight;
   const vw = document.documentElement.clientWidth, vh = document.documentElement.clientHeight;

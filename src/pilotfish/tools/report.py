@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import hashlib
 import html
 import importlib.resources
@@ -61,6 +62,7 @@ from .report_parts import (
     escaped,
     failed_rows,
     legend_html,
+    mark_attempts,
     outcome_css,
     root_of,
     runs_html,
@@ -93,23 +95,27 @@ def _lanes(
     tasks: list[dict[str, Any]], t0: float, now: float
 ) -> tuple[list[dict[str, Any]], list[list[int]], list[dict[str, Any]]]:
     """Lanes (one per run, host and worker, in order of their first attempt), the bars
-    ``[lane, start_ms, end_ms, outcome_index, task_index, attempt_number]`` and the markers
+    ``[lane, start_ms, end_ms, outcome_index, task_index, attempt_number, fate]`` (fate: 1
+    the task failed with it, 2 it was retried, else 0) and the markers
     ``{lane, t, label, kind, key}`` where a lane's attempt ended with a lost worker or
     master, or a timeout."""
     outcome_ids = {name: i for i, name in enumerate(OUTCOMES)}
     raw: list[tuple[tuple[Any, str, str], float, float, str, int, int, dict[str, Any] | None]] = []
+    fate_ids = {"": 0, "failed": 1, "retried": 2}
+    fates: list[int] = []
     for ti, t in enumerate(tasks):
         for a in t["attempts"]:
             if not a.get("started") or not a.get("worker"):
                 continue  # never started: no bar (the task's table row says so)
             lane = (a.get("run"), str(a.get("host") or "?"), str(a["worker"]))
-            outcome = a.get("outcome") or "running"
+            outcome = a.get("shown") or a.get("outcome") or "running"
             if outcome not in outcome_ids:
                 outcome = "running"
             end = a.get("ended") or now
             raw.append(
                 (lane, a["started"], end, outcome, ti, a.get("number") or 0, a.get("failure"))
             )
+            fates.append(fate_ids.get(a.get("fate") or "", 0))
     first: dict[tuple[Any, str, str], float] = {}
     last: dict[tuple[Any, str, str], float] = {}
     for lane, start, end, *_ in raw:
@@ -122,8 +128,8 @@ def _lanes(
         for ln in order
     ]
     bars = [
-        [index[ln], round((s - t0) * 1000), round((e - t0) * 1000), outcome_ids[o], ti, n]
-        for ln, s, e, o, ti, n, _f in raw
+        [index[ln], round((s - t0) * 1000), round((e - t0) * 1000), outcome_ids[o], ti, n, fate]
+        for (ln, s, e, o, ti, n, _f), fate in zip(raw, fates, strict=True)
     ]
     bars.sort(key=lambda b: (b[0], b[1]))
     markers: list[dict[str, Any]] = []
@@ -181,6 +187,10 @@ def _collect(reader: JournalReader) -> dict[str, Any]:
         failure = json.loads(row["failure"]) if row["failure"] else None
         if failure is not None and "journal_error" in failure and "category" not in failure:
             failure = None
+        attempts = reader.attempts(row["key"])
+        mark_attempts(
+            attempts, row["state"], row["run"], functools.partial(reader.transitions, row["key"])
+        )
         tasks.append(
             {
                 "key": row["key"],
@@ -190,7 +200,7 @@ def _collect(reader: JournalReader) -> dict[str, Any]:
                 "submitted": row["submitted"],
                 "updated": row["updated"],
                 "failure": failure,
-                "attempts": reader.attempts(row["key"]),
+                "attempts": attempts,
             }
         )
     return {"tasks": tasks, "runs": [dict(r) for r in reader.runs()]}

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import html
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +31,19 @@ from ..digest import clean, exit_label, fmt_dur, fmt_time, headline
 from ..runtime.files import NotRegularFile, read_tail
 
 __all__ = [
+    "CONTINUED",
     "DETAIL_BUDGET",
+    "FAILING",
     "GROUPS_MAX",
     "OUTCOMES",
     "PIECE_MAX",
+    "TRANSIENT",
     "counts_html",
     "digest_html",
     "escaped",
     "failed_rows",
     "legend_html",
+    "mark_attempts",
     "marker",
     "outcome_css",
     "root_of",
@@ -57,6 +62,7 @@ HEADLINE_MAX = 160  # characters of a message in a collapsed row
 # by a font's glyph, which headless or minimal systems may lack (an empty box).
 OUTCOMES: dict[str, tuple[str, str, str, str]] = {
     "done": ("done", "#009E73", "solid", "check"),
+    "retried": ("continued", "#9ED9C6", "vertical", "play"),
     "user_error": ("user error", "#D55E00", "slash", "triangle"),
     "command_failed": ("command failed", "#E69F00", "backslash", "square"),
     "missing_output": ("missing output", "#E69F00", "cross", "square-hollow"),
@@ -70,6 +76,60 @@ OUTCOMES: dict[str, tuple[str, str, str, str]] = {
     "dropped": ("dropped", "#DDDDDD", "hollow", "dot"),
     "running": ("unfinished", "#FFFFFF", "hollow", "ring-dotted"),
 }
+
+
+#: what "continued" means (the legend's tooltip)
+CONTINUED = (
+    "continued: a failed attempt whose task asked to be tried again (its exit code is in "
+    "retry_exit_codes, e.g. 75 after mdrun -maxh, or its exception in retry_on), and was: "
+    "not a failure of the task"
+)
+#: outcomes the retry policy retries by itself (transient): drawn as they are when retried
+TRANSIENT = frozenset({"timeout", "worker_lost", "runtime_lost"})
+#: outcomes of an attempt that failed
+FAILING = frozenset(OUTCOMES) - {"done", "retried", "running", "cancelled", "dropped"}
+
+
+def mark_attempts(
+    attempts: list[dict[str, Any]],
+    state: str | None,
+    run: int | None,
+    history: Callable[[], list[tuple[int, float, str, str]]],
+) -> None:
+    """Set on each attempt of a task (:meth:`JournalReader.attempts`, in order) what the
+    report shows: ``shown``, its outcome, and ``fate``: "failed" (the last attempt of a
+    task that is FAILED: a row of the failed-tasks table), "retried" (a failed attempt
+    the task was tried again after) or "". A failed attempt that is not transient (a
+    program's exit, an exception) and was retried in the same run was retried because the
+    task asked for it (``retry_exit_codes``, ``retry_on``; the journal keeps no other
+    reason for it): it is shown as "retried" (continued). Also so: the last attempt of a
+    run that ended with the task waiting for its retry (RETRYING or READY). ``state`` and
+    ``run``: the task's state and the run that recorded it; ``history``: its transitions
+    (:meth:`JournalReader.transitions`, read only when needed)."""
+    ended_in: dict[int | None, str] = {}
+
+    def waiting(a: dict[str, Any]) -> bool:
+        r = a.get("run")
+        if r == run:
+            return state in ("RETRYING", "READY")
+        if not ended_in:
+            ended_in.update({h[0]: h[3] for h in history()})
+            ended_in.setdefault(None, "")
+        return ended_in.get(r) in ("RETRYING", "READY")
+
+    for i, a in enumerate(attempts):
+        outcome = a.get("outcome") or "running"
+        a["shown"], a["fate"] = outcome, ""
+        if outcome not in FAILING:
+            continue
+        later = attempts[i + 1 :]
+        continued = any(b.get("run") == a.get("run") for b in later) or (not later and waiting(a))
+        if continued or later:
+            a["fate"] = "retried"
+        elif state == "FAILED":
+            a["fate"] = "failed"
+        if continued and outcome not in TRANSIENT:
+            a["shown"] = "retried"
 
 
 def marker(outcome: str) -> str:
@@ -303,7 +363,8 @@ def _attempts_html(attempts: list[dict[str, Any]]) -> str:
             )
             + f"<td>{escaped(a.get('host') or '-', one_line=True)}</td>"
             + f"<td>{escaped(a.get('pid') or '-')}</td><td>{fmt_time(a.get('started'))}</td>"
-            + f"<td>{fmt_dur(dur)}</td><td>{_badge(a.get('outcome') or 'running')}</td>"
+            + f"<td>{fmt_dur(dur)}</td>"
+            + f"<td>{_badge(a.get('shown') or a.get('outcome') or 'running')}</td>"
             + f"<td>{escaped(how)}</td></tr>"
         )
     return (
@@ -464,16 +525,46 @@ def _is_dep(t: dict[str, Any]) -> bool:
 
 
 def legend_html(bars: list[Any]) -> str:
-    """The outcomes drawn (and the usual four), each with its swatch and count."""
-    outcome_counts = Counter(b[3] for b in bars)
-    outcome_names = list(OUTCOMES)
-    return "".join(
-        f'<span class="legend-item" data-outcome="{name}"><canvas class="swatch" width="28" '
-        f'height="14" data-outcome="{i}"></canvas>{marker(name)}{html.escape(OUTCOMES[name][0])} '
-        f"({outcome_counts.get(i, 0):,})</span>"
-        for i, name in enumerate(outcome_names)
-        if outcome_counts.get(i) or name in ("done", "user_error", "command_failed", "worker_lost")
-    )
+    """The outcomes drawn (and the usual four), each with its swatch, marker and count of
+    attempts; for a failing outcome, how many of them the task failed with (the rows of
+    the failed-tasks table) and how many were retried."""
+    names = list(OUTCOMES)
+    total: Counter[int] = Counter()
+    fates: dict[int, Counter[int]] = {}
+    for b in bars:
+        total[b[3]] += 1
+        fates.setdefault(b[3], Counter())[b[6]] += 1
+    out = []
+    for i, name in enumerate(names):
+        n = total.get(i, 0)
+        if not n and name not in ("done", "user_error", "command_failed", "worker_lost"):
+            continue
+        failed, retried = fates.get(i, Counter())[1], fates.get(i, Counter())[2]
+        count = f"{n:,}"
+        if name in FAILING and (failed, retried) != (n, 0):
+            parts = [f"{failed:,} failed"] if failed else []
+            parts += [f"{retried:,} retried"] if retried else []
+            if n - failed - retried:
+                parts.append(f"{n - failed - retried:,} other")
+            count = f"{n:,}: " + ", ".join(parts) if n else "0"
+        title = (
+            CONTINUED
+            if name == "retried"
+            else f"attempts that ended {OUTCOMES[name][0]}"
+            + (
+                "; failed: the task failed with it (a row of the failed-tasks table); "
+                "retried: the task was tried again"
+                if name in FAILING
+                else ""
+            )
+        )
+        out.append(
+            f'<span class="legend-item" data-outcome="{name}" title="{html.escape(title)}">'
+            f'<canvas class="swatch" width="28" height="14" data-outcome="{i}"></canvas>'
+            f'{marker(name)}{html.escape(OUTCOMES[name][0])} <span class="n">({count})</span>'
+            "</span>"
+        )
+    return "".join(out)
 
 
 def runs_html(runs: list[Any]) -> tuple[float | None, str]:
