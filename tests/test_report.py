@@ -1003,3 +1003,62 @@ def test_legend_counts_agree_with_the_failed_tasks_in_a_browser(
         title = driver.find_element(By.TAG_NAME, "title").get_attribute("textContent")
         assert f"{len(rows)} failed" in title
         assert _script_errors(driver) == []
+
+
+def test_output_references_are_not_tasks(tmp_path: Path) -> None:
+    """Issue 25 item 9: ``.output(name)`` references (journal kind "output") are neither
+    rows of the failed-tasks table nor counted nor drawn; a dependency failure through a
+    reference names the program as its input and root."""
+    rundir = tmp_path / "run"
+    journal = Journal(rundir / "journal.db")
+    t0 = 1_700_000_000.0
+
+    def ref(program: str, name: str) -> SimpleNamespace:
+        t = _task(f"{program}:{name}", (program,))
+        t._output_of = program
+        return t
+
+    _write(journal, "prep", "DONE", [_attempt(1, "w1", t0, t0 + 1, "done")])
+    prep_ref = ref("prep", "em.gro")
+    a = _attempt(1, "w1", t0 + 1, t0 + 1.001, "done")
+    journal.record(prep_ref, "DONE", [], [a], None, b"\x80\x04K\x01.")
+    bad = FailureRecord("grompp", Category.COMMAND_FAILED, "exit 1", returncode=1)
+    a = _attempt(1, "w1", t0 + 2, t0 + 3, "command_failed", bad)
+    _write(journal, "grompp", "FAILED", [a], bad, deps=("prep:em.gro",))
+    f = FailureRecord(
+        "grompp:md.tpr", Category.DEPENDENCY_FAILED, "did not run", upstream="grompp", root="grompp"
+    )
+    journal.record(ref("grompp", "md.tpr"), "FAILED", [], [], f, None)
+    f = FailureRecord(
+        "mdrun",
+        Category.DEPENDENCY_FAILED,
+        "did not run: its input 'grompp:md.tpr' failed",
+        upstream="grompp:md.tpr",
+        root="grompp:md.tpr",  # even a root through a reference names the program
+    )
+    _write(journal, "mdrun", "FAILED", [], f, deps=("grompp:md.tpr",))
+    journal.close()
+    reader = JournalReader(rundir / "journal.db")
+    try:
+        tasks = sum(reader.counts().values())
+        page = report.build_report(reader)
+    finally:
+        reader.close()
+    assert tasks == 3
+    assert f"<title>pilotfish report — {tasks} tasks, 2 failed</title>" in page
+    assert re.findall(r'<details class="failure"[^>]* data-key="([^"]+)"', page) == [
+        "grompp",
+        "mdrun",
+    ]
+    assert re.findall(r'class="dep-head" data-root="([^"]+)"', page) == ["grompp"]
+    dep = page[page.index('data-key="mdrun"') :]
+    dep_text = re.sub(r"<[^>]+>", "", dep[dep.index('<p class="dep">') : dep.index("</p>")])
+    assert dep_text == (
+        "did not run because its input grompp (its file md.tpr) failed; the failure began in "
+        "the root task grompp, which took 1 task(s) with it"
+    )
+    assert "2 failed task(s) in 2 group(s)" in page
+    assert "total</th><td>3</td>" in page
+    data = json.loads(re.search(r'id="pf-data">(.*?)</script>', page, re.S).group(1))  # type: ignore[union-attr]
+    assert sorted(data["keys"].values()) == ["grompp", "prep"]  # no bar of a reference
+    assert len(data["bars"]) == 2

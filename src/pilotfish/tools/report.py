@@ -64,8 +64,10 @@ from .report_parts import (
     legend_html,
     mark_attempts,
     outcome_css,
+    program_of_outputs,
     root_of,
     runs_html,
+    through_outputs,
 )
 
 __all__ = [
@@ -182,11 +184,23 @@ def _natural(name: str) -> tuple[Any, ...]:
 
 
 def _collect(reader: JournalReader) -> dict[str, Any]:
+    """The tasks (not the ``.output(name)`` references: journal kind "output", a program's
+    file, not a task the user submitted; the journal's counts leave them out too) with
+    their attempts, and the runs. A dependency failure whose input or root is such a
+    reference names the reference's program instead (:func:`program_of_outputs`)."""
     tasks: list[dict[str, Any]] = []
-    for row in reader.tasks():
+    rows = reader.tasks()
+    programs = program_of_outputs(
+        (str(r["key"]), str(r["kind"]), r["deps"]) for r in rows if r["kind"] == "output"
+    )
+    for row in rows:
+        if row["kind"] == "output":
+            continue
         failure = json.loads(row["failure"]) if row["failure"] else None
         if failure is not None and "journal_error" in failure and "category" not in failure:
             failure = None
+        if failure is not None:
+            failure = through_outputs(failure, programs)
         attempts = reader.attempts(row["key"])
         mark_attempts(
             attempts, row["state"], row["run"], functools.partial(reader.transitions, row["key"])

@@ -22,8 +22,9 @@ Like the report, a reader of the journal's records only: it imports
 from __future__ import annotations
 
 import html
+import json
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +47,10 @@ __all__ = [
     "mark_attempts",
     "marker",
     "outcome_css",
+    "program_of_outputs",
     "root_of",
     "runs_html",
+    "through_outputs",
 ]
 
 DETAIL_BUDGET = 3 * 512 * 1024  # characters of (escaped) failure detail text in a page
@@ -412,7 +415,17 @@ def _failure_row(
         root, upstream = f.get("root"), f.get("upstream")
         body.append(
             '<p class="dep">did not run because '
-            + (f"its input {_key_link(str(upstream), anchors)} failed; " if upstream else "")
+            + (
+                f"its input {_key_link(str(upstream), anchors)}"
+                + (
+                    f" (its file <code>{escaped(_output_name(f['upstream_output']))}</code>)"
+                    if f.get("upstream_output")
+                    else ""
+                )
+                + " failed; "
+                if upstream
+                else ""
+            )
             + (
                 f"the failure began in the root task {_key_link(str(root), anchors)}, "
                 f"which took {len(took.get(str(root), ())):,} task(s) with it"
@@ -461,6 +474,38 @@ def _failure_row(
         f"{escaped(first, one_line=True)}</span></summary>"
         f'<div class="body">{"".join(body)}</div></details>'
     )
+
+
+def program_of_outputs(outputs: Iterable[tuple[str, str, str | None]]) -> dict[str, str]:
+    """``.output(name)`` reference -> the key of its program, from the journal's rows
+    ``(key, kind, deps)`` of kind "output": the one dependency of the reference, else the
+    key before its last ":" (``PROGRAM:name``)."""
+    out: dict[str, str] = {}
+    for key, _kind, deps in outputs:
+        try:
+            listed = json.loads(deps) if deps else []
+        except ValueError:
+            listed = []
+        program = listed[0] if len(listed) == 1 and isinstance(listed[0], str) else ""
+        out[key] = program or key.rpartition(":")[0] or key
+    return out
+
+
+def through_outputs(failure: dict[str, Any], programs: dict[str, str]) -> dict[str, Any]:
+    """A failure record whose ``upstream`` or ``root`` is an ``.output(name)`` reference,
+    with the reference's program there instead (the reference kept as ``upstream_output``
+    or ``root_output``): the report's tasks are those the user submitted."""
+    f = dict(failure)
+    for field in ("upstream", "root"):
+        ref = f.get(field)
+        seen = 0
+        while isinstance(ref, str) and ref in programs and seen < 100:
+            f.setdefault(f"{field}_output", ref)
+            ref = programs[ref]
+            seen += 1
+        if seen:
+            f[field] = ref
+    return f
 
 
 def root_of(task: dict[str, Any]) -> str:
@@ -518,6 +563,11 @@ def failed_rows(
             out.append(_dep_head(last, per_root[last], g, anchors))
         out.append(_failure_row(i, t, g, rundir, budget, anchors, took))
     return out
+
+
+def _output_name(ref: object) -> str:
+    """``md.tpr`` of the reference ``PROGRAM:md.tpr``."""
+    return str(ref).rpartition(":")[2] or str(ref)
 
 
 def _is_dep(t: dict[str, Any]) -> bool:
