@@ -717,6 +717,20 @@ def test_each_outcome_has_its_own_marker_in_a_browser(
 
         checked, missing = driver.execute_script(_MISSING_GLYPHS_JS)
         assert checked > 0 and missing == [], missing
+
+        # the dependency failure is listed under the line naming its root; filtering the
+        # rows to another group hides that line too, showing all brings it back
+        (head,) = driver.find_elements(By.CSS_SELECTOR, ".dep-head")
+        assert head.is_displayed() and "root task user_error-task failed" in head.text
+        driver.find_element(By.ID, "filter").send_keys("timeout-task")
+        assert not head.is_displayed()
+        shown = [e for e in driver.find_elements(By.CSS_SELECTOR, ".fsection") if e.is_displayed()]
+        assert [e.text for e in shown] == [
+            e.text for e in driver.find_elements(By.CSS_SELECTOR, ".fsection")
+        ][:1]
+        driver.find_element(By.ID, "filter").clear()
+        driver.execute_script("document.getElementById('filter').dispatchEvent(new Event('input'))")
+        assert head.is_displayed()
         assert _script_errors(driver) == []
 
 
