@@ -68,3 +68,40 @@ def test_demo_gromacs(tmp_path: Path) -> None:
     assert [a["outcome"] for a in attempts] == ["worker_lost", "done"]
     if "note" in attempts[1]:  # the journal stores attempt notes
         assert attempts[1]["note"].startswith("resumed from attempt 1: md.cpt")
+    reader.close()
+    _check_report(rundir)
+
+
+def _check_report(rundir: Path) -> None:
+    """The demo's HTML report (issue 25 item 9): the walltime member's exit 75 (in its
+    retry_exit_codes) that a later attempt continued is 'continued', not 'command failed';
+    the legend's failed counts agree with the failed-tasks table, which lists the two root
+    causes first and no ``.output()`` reference; the references are not counted."""
+    import json
+    import re
+
+    from pilotfish.tools import report
+
+    reader = JournalReader(rundir / "journal.db")
+    try:
+        tasks = sum(reader.counts().values())
+        failed = reader.counts().get("FAILED", 0)
+        page = report.build_report(reader)
+    finally:
+        reader.close()
+    assert f"{tasks} tasks, {failed} failed</title>" in page
+    rows = re.findall(r'<details class="failure"[^>]* data-key="([^"]+)"', page)
+    assert len(rows) == failed and not [k for k in rows if ":" in k], rows
+    cats = re.findall(
+        r'<details class="failure".*?<span class="c"><span class="badge o-(\w+)"', page
+    )
+    assert cats[:2] == ["command_failed", "command_failed"]  # the roots first
+    assert set(cats[2:]) == {"dependency_failed"}
+    data = json.loads(re.search(r'id="pf-data">(.*?)</script>', page, re.S).group(1))  # type: ignore[union-attr]
+    ids = [o["id"] for o in data["outcomes"]]
+    walltime = [
+        ids[b[3]] for b in data["bars"] if data["keys"][str(b[4])].startswith("mdrun-walltime")
+    ]
+    assert walltime[0] == "retried" and walltime[-1] == "done", walltime
+    legend = re.search(r'data-outcome="command_failed".*?<span class="n">\((\d+)\)', page)
+    assert legend and int(legend.group(1)) == cats.count("command_failed")

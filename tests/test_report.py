@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import base64
+import contextlib
 import hashlib
 import html.parser
 import json
@@ -16,8 +17,10 @@ import os
 import re
 import shutil
 import signal
+import struct
 import sys
 import time
+import zlib
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -318,15 +321,19 @@ def test_empty_and_unfinished_runs(tmp_path: Path) -> None:
 
 
 def test_outcomes_never_by_colour_alone() -> None:
-    """Every outcome a bar can have differs from every other by its pattern or symbol and
-    has a text label (the legend), so readers who cannot tell the colours apart can tell
-    the outcomes apart; the failure categories the issue names all have one."""
+    """Every outcome a bar can have differs from every other by its pattern or marker
+    shape and has a text label (the legend), so readers who cannot tell the colours apart
+    can tell the outcomes apart; the failure categories the issue names all have one.
+    Every shape is drawn by the stylesheet (not by a character of some font)."""
     outcomes = report.OUTCOMES
     assert {c.value for c in Category} - {"invalid_task"} <= set(outcomes)
-    looks = [(pattern, symbol) for _label, _colour, pattern, symbol in outcomes.values()]
+    looks = [(pattern, shape) for _label, _colour, pattern, shape in outcomes.values()]
     assert len(set(looks)) == len(looks)
-    assert len({symbol for *_rest, symbol in outcomes.values()}) == len(outcomes)
+    assert len({shape for *_rest, shape in outcomes.values()}) == len(outcomes)
     assert all(label for label, *_rest in outcomes.values())
+    css = report._STYLE
+    for *_rest, shape in outcomes.values():
+        assert re.fullmatch(r"[a-z-]+", shape) and f".mk-{shape}::before" in css, shape
 
 
 def _imports(module: Any) -> tuple[set[str], set[str]]:
@@ -391,13 +398,10 @@ def _chromium() -> tuple[str, str] | None:
     return (browser, driver) if browser and driver else None
 
 
-@pytest.mark.timeout(120)
-def test_report_in_a_real_browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The report of a mixed run (successes, a user exception whose key is a <script>
-    tag, a command failure with 400 lines of stderr, a worker SIGKILLed, a dependency
-    failure) in headless Chromium: lanes, the lost-worker marker and the failure rows are
-    in the DOM; clicking the command's row shows its whole stderr; the hostile key is
-    text; no script error; and the page made no network request."""
+@contextlib.contextmanager
+def _browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: str = "1300,1000") -> Any:
+    """Headless Chromium (skips the test if it or chromedriver is missing), logging the
+    page's requests and console; closed at the end."""
     found = _chromium()
     if found is None:
         pytest.skip(
@@ -405,9 +409,126 @@ def test_report_in_a_real_browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         )
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
 
     browser, driver_path = found
+    monkeypatch.setenv("SE_OFFLINE", "true")  # selenium must not look for drivers online
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        f"--window-size={size}",
+        "--force-device-scale-factor=1",
+    ):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
+    try:
+        driver.set_page_load_timeout(30)
+        driver.set_script_timeout(30)
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _open_report(driver: Any, rundir: Path, out: Path) -> None:
+    """Write the report of ``rundir`` as the user does and open it."""
+    assert cli.main(["--rundir", str(rundir), "report", "--html", "--out", str(out)]) == 0
+    driver.get(out.resolve().as_uri())
+    assert driver.execute_script("return document.readyState") == "complete"
+
+
+def _script_errors(driver: Any) -> list[Any]:
+    return [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def _pixels(png: bytes) -> list[list[tuple[int, int, int]]]:
+    """The RGB pixels of an 8-bit RGB or RGBA PNG (what Chromium's screenshots are)."""
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat, head = 8, b"", b""
+    while pos < len(png):
+        (n,) = struct.unpack(">I", png[pos : pos + 4])
+        kind, body = png[pos + 4 : pos + 8], png[pos + 8 : pos + 8 + n]
+        pos += 12 + n
+        if kind == b"IHDR":
+            head = body
+        elif kind == b"IDAT":
+            idat += body
+    width, height, depth, colour = struct.unpack(">IIBB", head[:10])
+    assert depth == 8 and colour in (2, 6), (depth, colour)
+    bpp = 3 if colour == 2 else 4
+    raw, stride = zlib.decompress(idat), width * bpp
+    rows: list[list[tuple[int, int, int]]] = []
+    prev = bytearray(stride)
+    for y in range(height):
+        f, line = (
+            raw[y * (stride + 1)],
+            bytearray(raw[y * (stride + 1) + 1 : (y + 1) * (stride + 1)]),
+        )
+        for i in range(stride):
+            a = line[i - bpp] if i >= bpp else 0
+            b, c = prev[i], (prev[i - bpp] if i >= bpp else 0)
+            if f == 1:
+                line[i] = (line[i] + a) & 255
+            elif f == 2:
+                line[i] = (line[i] + b) & 255
+            elif f == 3:
+                line[i] = (line[i] + (a + b) // 2) & 255
+            elif f == 4:
+                p = a + b - c
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                line[i] = (line[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 255
+        rows.append([tuple(line[i : i + 3]) for i in range(0, stride, bpp)])  # type: ignore[misc]
+        prev = line
+    return rows
+
+
+#: characters of the page's text (its elements' text, ::before/::after content, titles)
+#: that the browser draws as its missing-glyph box: each is drawn on a canvas in the font
+#: of the element that shows it and compared with a private-use character no font has
+_MISSING_GLYPHS_JS = """
+const seen = new Map();
+function add(text, font) {
+  for (const ch of text || "") {
+    if (ch.codePointAt(0) < 128) continue;
+    seen.set(font + "\u0000" + ch, [font, ch]);
+  }
+}
+for (const el of document.querySelectorAll("body, body *")) {
+  const cs = getComputedStyle(el);
+  for (const n of el.childNodes) if (n.nodeType === 3) add(n.textContent, cs.font);
+  add(el.getAttribute("title"), cs.font);
+  for (const p of ["::before", "::after"]) {
+    const ps = getComputedStyle(el, p), c = ps.content;
+    if (c && c !== "none" && c !== "normal") add(c.replace(/^"|"$/g, ""), ps.font);
+  }
+}
+const canvas = document.createElement("canvas");
+canvas.width = 64; canvas.height = 64;
+const g = canvas.getContext("2d", {willReadFrequently: true});
+function ink(ch, font) {
+  g.clearRect(0, 0, 64, 64); g.font = font; g.fillStyle = "#000"; g.textBaseline = "top";
+  g.fillText(ch, 8, 8);
+  return Array.from(g.getImageData(0, 0, 64, 64).data).join(",");
+}
+const bad = [];
+for (const [font, ch] of seen.values()) {
+  if (ink(ch, font) === ink("\ue000", font)) bad.push([ch, font]);
+}
+return [seen.size, bad];
+"""
+
+
+@pytest.mark.timeout(120)
+def test_report_in_a_real_browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The report of a mixed run (successes, a user exception whose key is a <script>
+    tag, a command failure with 400 lines of stderr, a worker SIGKILLed, a dependency
+    failure) in headless Chromium: lanes, the lost-worker marker and the failure rows are
+    in the DOM; clicking the command's row shows its whole stderr; the hostile key is
+    text; no script error; and the page made no network request."""
     rundir = tmp_path / "run"
     script = (
         f"import sys\nfor i in range(1, {STDERR_LINES + 1}):\n"
@@ -428,26 +549,11 @@ def test_report_in_a_real_browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert lost.failure is not None and lost.failure.category is Category.WORKER_LOST
 
     out = tmp_path / "report.html"
-    assert cli.main(["--rundir", str(rundir), "report", "--html", "--out", str(out)]) == 0
     url = out.resolve().as_uri()
+    with _browser(tmp_path, monkeypatch) as driver:
+        from selenium.webdriver.common.by import By
 
-    monkeypatch.setenv("SE_OFFLINE", "true")  # selenium must not look for drivers online
-    options = webdriver.ChromeOptions()
-    options.binary_location = browser
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}",
-        "--window-size=1300,1000",
-    ):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
-    try:
-        driver.set_page_load_timeout(30)
-        driver.get(url)
+        _open_report(driver, rundir, out)
         lanes = driver.find_elements(By.CSS_SELECTOR, "#labels .lane")
         workers = {e.get_attribute("data-worker") for e in lanes}
         assert len(lanes) >= 2 and lost.failure.worker in workers, workers
@@ -460,7 +566,7 @@ def test_report_in_a_real_browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
             "return n;"
         )
         assert painted > 500, painted
-        markers = driver.find_elements(By.CSS_SELECTOR, ".lost-marker.worker_lost")
+        markers = driver.find_elements(By.CSS_SELECTOR, ".tl-marker.worker_lost")
         assert len(markers) == 1
         assert f"{lost.failure.worker} lost: signal SIGKILL" in markers[0].text
         assert markers[0].is_displayed()
@@ -490,8 +596,7 @@ def test_report_in_a_real_browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         assert "the failure began in the root task" in dep.text and HOSTILE_SHOWN in dep.text
         assert "which took 1 task(s) with it" in dep.text
 
-        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
-        assert errors == []
+        assert _script_errors(driver) == []
         requests = []
         for entry in driver.get_log("performance"):
             message = json.loads(entry["message"])["message"]
@@ -502,5 +607,472 @@ def test_report_in_a_real_browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         after = requests[requests.index(url) :]
         assert all(u == url or u.startswith("data:") for u in after), after
         assert not [u for u in requests if re.match(r"(?i)(https?|wss?|ftp):", u)], requests
+
+
+# outcomes an attempt can end with, and the failure it records (None: no failure)
+_ATTEMPT_OUTCOMES: dict[str, tuple[Category | None, str]] = {
+    "done": (None, ""),
+    "user_error": (Category.USER_ERROR, "ValueError: diverged"),
+    "command_failed": (Category.COMMAND_FAILED, "program 'gmx' exited with code 1"),
+    "missing_output": (Category.MISSING_OUTPUT, "declared output md.gro is missing"),
+    "timeout": (Category.TIMEOUT, "program 'gmx' was killed at its timeout of 2 s"),
+    "worker_lost": (Category.WORKER_LOST, "worker w6 was killed by signal SIGKILL (-9)"),
+    "runtime_lost": (Category.RUNTIME_LOST, "the master stopped answering"),
+    "environment": (Category.ENVIRONMENT, "program 'gmx' is not installed"),
+    "cancelled": (Category.CANCELLED, "cancelled"),
+    "running": (None, ""),
+}
+
+
+def _every_outcome(rundir: Path) -> dict[str, str]:
+    """A journal with one task per attempt outcome, each on its own worker, and a
+    dependency failure of the user error; returns outcome -> task key."""
+    journal = Journal(rundir / "journal.db")
+    t0 = time.time() - 100
+    keys: dict[str, str] = {}
+    for i, (outcome, (cat, msg)) in enumerate(_ATTEMPT_OUTCOMES.items()):
+        key = f"{outcome}-task"
+        w = f"w{i + 1}"
+        f = None
+        if cat is not None:
+            f = FailureRecord(
+                key,
+                cat,
+                msg,
+                worker=w,
+                returncode=-9 if cat.value == "worker_lost" else None,
+                signal="SIGKILL" if cat.value == "worker_lost" else None,
+            )
+        a = _attempt(1, w, t0 + i, t0 + i + 5, outcome, f)
+        state = {"done": "DONE", "running": "RUNNING", "cancelled": "CANCELLED"}.get(
+            outcome, "FAILED"
+        )
+        if outcome == "running":
+            a.ended, a.outcome = None, None
+        _write(journal, key, state, [a], f if state == "FAILED" else None)
+        keys[outcome] = key
+    dep = FailureRecord(
+        "after-user-error",
+        Category.DEPENDENCY_FAILED,
+        "did not run",
+        upstream="user_error-task",
+        root="user_error-task",
+    )
+    _write(journal, "after-user-error", "FAILED", [], dep, deps=("user_error-task",))
+    journal.close()
+    return keys
+
+
+@pytest.mark.timeout(120)
+def test_each_outcome_has_its_own_marker_in_a_browser(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 25 item 9: every attempt outcome has its own legend entry whose marker looks
+    different from every other's (compared as rendered pixels); a program timeout is
+    marked on its lane with the timeout marker, not the lost-worker one; every marker is a
+    drawn shape; and no character of the page renders as the missing-glyph box in
+    headless Chromium's own fonts."""
+    rundir = tmp_path / "run"
+    _every_outcome(rundir)
+    with _browser(tmp_path, monkeypatch) as driver:
+        from selenium.webdriver.common.by import By
+
+        _open_report(driver, rundir, tmp_path / "report.html")
+        items = {
+            e.get_attribute("data-outcome"): e
+            for e in driver.find_elements(By.CSS_SELECTOR, ".legend .legend-item")
+        }
+        assert set(_ATTEMPT_OUTCOMES) <= set(items), sorted(items)
+        looks: dict[str, tuple[tuple[int, int, int], ...]] = {}
+        for outcome, item in items.items():
+            (mk,) = item.find_elements(By.CSS_SELECTOR, ".mk")
+            assert mk.size["width"] >= 8 and mk.size["height"] >= 8, (outcome, mk.size)
+            assert mk.text == ""  # a shape, not a character
+            pixels = tuple(p for row in _pixels(mk.screenshot_as_png) for p in row)
+            dark = sum(1 for p in pixels if sum(p) < 3 * 128)
+            assert dark >= 6, (outcome, dark)  # something is drawn
+            looks[outcome] = pixels
+            assert report.OUTCOMES[outcome][0] in item.text
+        same = [(a, b) for a in looks for b in looks if a < b and looks[a] == looks[b]]
+        assert same == [], same
+
+        # the timeout's lane ends with the timeout marker, the lost worker's with its own
+        def marker_class(kind: str) -> str:
+            (m,) = driver.find_elements(By.CSS_SELECTOR, f".tl-marker.{kind}")
+            assert m.is_displayed()
+            return str(m.find_element(By.CSS_SELECTOR, ".mk").get_attribute("class"))
+
+        timeout_mk, lost_mk = marker_class("timeout"), marker_class("worker_lost")
+        assert timeout_mk != lost_mk
+        assert timeout_mk == items["timeout"].find_element(By.CSS_SELECTOR, ".mk").get_attribute(
+            "class"
+        )
+        assert lost_mk == items["worker_lost"].find_element(By.CSS_SELECTOR, ".mk").get_attribute(
+            "class"
+        )
+        assert "timeout" in driver.find_element(By.CSS_SELECTOR, ".tl-marker.timeout").text
+        # the failed-tasks table's badges carry the same markers
+        badge = driver.find_element(By.CSS_SELECTOR, 'details[data-key="timeout-task"] .badge .mk')
+        assert badge.get_attribute("class") == timeout_mk
+
+        checked, missing = driver.execute_script(_MISSING_GLYPHS_JS)
+        assert checked > 0 and missing == [], missing
+
+        # the dependency failure is listed under the line naming its root; filtering the
+        # rows to another group hides that line too, showing all brings it back
+        (head,) = driver.find_elements(By.CSS_SELECTOR, ".dep-head")
+        assert head.is_displayed() and "root task user_error-task failed" in head.text
+        driver.find_element(By.ID, "filter").send_keys("timeout-task")
+        assert not head.is_displayed()
+        shown = [e for e in driver.find_elements(By.CSS_SELECTOR, ".fsection") if e.is_displayed()]
+        assert [e.text for e in shown] == [
+            e.text for e in driver.find_elements(By.CSS_SELECTOR, ".fsection")
+        ][:1]
+        driver.find_element(By.ID, "filter").clear()
+        driver.execute_script("document.getElementById('filter').dispatchEvent(new Event('input'))")
+        assert head.is_displayed()
+        assert _script_errors(driver) == []
+
+
+def _crowded(rundir: Path, lanes: int, per_lane: int, runs: int = 1) -> None:
+    """Long keys, long worker and host names, and lanes crowded with lost workers and
+    timeouts: several within a few milliseconds, one at the very start and one at the very
+    end of the timeline."""
+    t0 = time.time()  # the runs begin together, a few ms after the first attempt
+    span = 50.0
+    for run in range(runs):
+        journal = Journal(rundir / "journal.db")
+        for lane in range(run, lanes, runs):
+            w = f"w{lane + 1}"
+            host = f"compute-node-{lane:04d}.partition-long-name.cluster.example.org"
+            for j in range(per_lane):
+                key = f"member-{lane:04d}-{j:03d}-" + "very-long-parameter-set-name-" * 6
+                start = t0 + span * j / per_lane + (lane % 7) * 0.001
+                end = start + (0.002 if j % 3 == 1 else span / per_lane * 0.8)
+                if lane == 0 and j == per_lane - 1:
+                    end = t0 + span  # the last attempt ends at the timeline's end
+                outcome = ("worker_lost", "timeout", "timeout", "done")[(lane + j) % 4]
+                f = None
+                if outcome != "done":
+                    cat = Category(outcome)
+                    f = FailureRecord(
+                        key,
+                        cat,
+                        f"{outcome} on {w}",
+                        worker=w,
+                        returncode=-9 if outcome == "worker_lost" else None,
+                        signal="SIGKILL" if outcome == "worker_lost" else None,
+                    )
+                a = _attempt(1, w, start, end, outcome, f)
+                a.host = host
+                state = "DONE" if f is None else "FAILED"
+                _write(journal, key, state, [a], f)
+        journal.close()
+
+
+#: every text of the timeline a user sees (lane names, markers, the axis's times and run
+#: names): those that overlap another, leave the part of the page that shows them, or are
+#: cut without an ellipsis and a tooltip holding the whole text
+_LABEL_PROBLEMS_JS = """
+const zoomed = arguments[0];
+const view = document.getElementById("scroller").getBoundingClientRect();
+const column = document.getElementById("labels").getBoundingClientRect();
+const layer = document.getElementById("markers").getBoundingClientRect();
+const lanes = document.getElementById("spacer").getBoundingClientRect();
+const items = [];
+function visible(el) {
+  const r = el.getBoundingClientRect();
+  return !el.hidden && r.width > 0 && r.height > 0 && getComputedStyle(el).visibility !== "hidden";
+}
+for (const el of document.querySelectorAll("#labels .lane")) items.push([el, column, el]);
+for (const el of document.querySelectorAll(".tl-marker")) {
+  const ml = el.querySelector(".ml");
+  items.push([el, zoomed ? layer : view, ml && !ml.hidden ? ml : null]);
+}
+for (const el of document.querySelectorAll(".axis-label")) items.push([el, view, el]);
+const problems = [], boxes = [];
+let shown = 0;
+for (const [el, box, text] of items) {
+  if (!visible(el)) continue;
+  const r = el.getBoundingClientRect();
+  const name = el.className + " " + JSON.stringify((el.title || el.textContent).slice(0, 60));
+  boxes.push([r, name]);
+  // across: inside its area (the window in view, or when zoomed the whole timeline);
+  // down: inside the timeline's lanes (which scroll as one when they are many)
+  if (r.left < box.left - 0.5 || r.right > box.right + 0.5 || r.top < lanes.top - 0.5 ||
+      r.bottom > lanes.bottom + 0.5)
+    problems.push("outside its area: " + name);
+  if (text) {
+    shown++;
+    const cut = text.scrollWidth > text.clientWidth + 0.5;
+    const whole = el.title.indexOf(text.textContent.replace(/ \\+\\d+ more$/, "")) >= 0;
+    if (cut && (getComputedStyle(text).textOverflow !== "ellipsis" || !whole))
+      problems.push("cut without ellipsis and tooltip: " + name);
+  } else if (el.classList.contains("tl-marker") && !el.title) {
+    problems.push("a marker without its label in a tooltip: " + name);
+  }
+}
+for (let i = 0; i < boxes.length; i++) {
+  for (let j = i + 1; j < boxes.length; j++) {
+    const a = boxes[i][0], b = boxes[j][0];
+    const w = Math.min(a.right, b.right) - Math.max(a.left, b.left);
+    const h = Math.min(a.bottom, b.bottom) - Math.max(a.top, b.top);
+    if (w > 0.5 && h > 0.5) problems.push("overlap: " + boxes[i][1] + " / " + boxes[j][1]);
+  }
+}
+return [boxes.length, shown, problems.slice(0, 20)];
+"""
+
+
+@pytest.mark.timeout(180)
+def test_timeline_labels_never_overlap_or_clip_in_a_browser(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 25 item 9: with long keys, long worker and host names, 480 tasks on 40 lanes
+    crowded with lost workers and timeouts (several a few ms apart, one at each end of the
+    timeline) and three runs started together, no text of the timeline overlaps another or
+    is cut off by the edge of its area, and a text that is shortened ends with an ellipsis
+    and has the whole in its tooltip; the same zoomed in and scrolled to the end; and with
+    600 lanes (too low for labels) the markers alone do not overlap."""
+    from selenium.webdriver.common.by import By
+
+    rundir = tmp_path / "run"
+    _crowded(rundir, lanes=40, per_lane=12, runs=3)
+    many = tmp_path / "many"
+    _crowded(many, lanes=600, per_lane=3)
+    with _browser(tmp_path, monkeypatch) as driver:
+        _open_report(driver, rundir, tmp_path / "report.html")
+        n_markers = len(driver.find_elements(By.CSS_SELECTOR, ".tl-marker"))
+        assert n_markers > 40
+        boxes, shown, problems = driver.execute_script(_LABEL_PROBLEMS_JS, False)
+        assert boxes > 40 + 40 and shown > 40 and problems == [], problems
+        assert driver.find_elements(By.CSS_SELECTOR, ".axis-label")  # times are shown
+        assert any(  # three runs begun together share one name
+            "runs 1, 2, 3" in e.get_attribute("textContent")
+            for e in driver.find_elements(By.CSS_SELECTOR, ".axis-label")
+        )
+        for _ in range(4):
+            driver.find_element(By.ID, "zin").click()
+        driver.execute_script(
+            "const s = document.getElementById('scroller'); s.scrollLeft = s.scrollWidth;"
+            "s.dispatchEvent(new Event('scroll'));"
+        )
+        boxes, shown, problems = driver.execute_script(_LABEL_PROBLEMS_JS, True)
+        assert shown > 40 and problems == [], problems
+        assert _script_errors(driver) == []
+
+        _open_report(driver, many, tmp_path / "many.html")
+        compact = driver.find_elements(By.CSS_SELECTOR, ".tl-marker.compact")
+        assert len(compact) > 600
+        boxes, _shown, problems = driver.execute_script(_LABEL_PROBLEMS_JS, False)
+        assert boxes > 600 and problems == [], problems
+        assert _script_errors(driver) == []
+
+
+def test_failed_tasks_list_root_causes_first(tmp_path: Path) -> None:
+    """Issue 25 item 9: 13 dependency failures of one root and 2 of another (the largest
+    digest group) come after the tasks that failed on their own, grouped by root in the
+    order the roots are listed, each group under a line naming its root."""
+    rundir = tmp_path / "run"
+    journal = Journal(rundir / "journal.db")
+    t0 = 1_700_000_000.0
+    roots = {"prep-a": Category.USER_ERROR, "prep-b": Category.COMMAND_FAILED}
+    # submission order: a dependent of b first, then the roots, then the rest
+    order = ["down-b-0", "prep-a", "prep-b"] + [f"down-a-{i:02d}" for i in range(13)] + ["down-b-1"]
+    for i, key in enumerate(order):
+        if key in roots:
+            f = FailureRecord(key, roots[key], f"{key} broke", returncode=1)
+            a = _attempt(1, "w1", t0 + i, t0 + i + 1, roots[key].value, f)
+            _write(journal, key, "FAILED", [a], f)
+        else:
+            root = "prep-" + key.split("-")[1]
+            f = FailureRecord(
+                key, Category.DEPENDENCY_FAILED, "did not run", upstream=root, root=root
+            )
+            _write(journal, key, "FAILED", [], f, deps=(root,))
+    journal.close()
+    page = _page_of(rundir)
+    shown = re.findall(r'<details class="failure"[^>]* data-key="([^"]+)"', page)
+    # the roots first (in digest order: both are groups of one), then each root's
+    # dependency failures in submission order, the roots' groups in the roots' order
+    assert sorted(shown[:2]) == ["prep-a", "prep-b"]
+    groups = {r: [k for k in order if k.startswith("down-" + r[-1])] for r in shown[:2]}
+    assert shown[2:] == groups[shown[0]] + groups[shown[1]]
+    heads = re.findall(r'<div class="dep-head" data-root="([^"]+)"[^>]*>(.*?)</div>', page)
+    assert [r for r, _t in heads] == shown[:2]
+    text = [re.sub(r"<[^>]+>", "", t) for _r, t in heads]
+    assert text == [
+        f"{len(groups[r])} task(s) did not run because the root task {r} failed:" for r in shown[:2]
+    ]
+    # each head comes right before its group, and the head links to its root's row
+    for root, _t in heads:
+        head_at = page.index(f'<div class="dep-head" data-root="{root}"')
+        after = page[head_at : page.index("</details>", head_at)]
+        assert re.search(rf'<details class="failure"[^>]* data-root="{root}"', after)
+    assert re.search(rf'class="dep-head" data-root="{shown[0]}".*?href="#f0"', page)
+    assert page.index("failed on their own: 2") < page.index(f'data-key="{shown[0]}"')
+
+
+def _legend_counts(driver: Any) -> dict[str, tuple[int, int, int]]:
+    """outcome -> (attempts, of them the task failed with, retried), as the legend says."""
+    from selenium.webdriver.common.by import By
+
+    out = {}
+    for item in driver.find_elements(By.CSS_SELECTOR, ".legend .legend-item"):
+        outcome = str(item.get_attribute("data-outcome"))
+        text = item.find_element(By.CSS_SELECTOR, ".n").text
+        m = re.fullmatch(r"\((\d+)(?:: (.*))?\)", text)
+        assert m, text
+        n = int(m.group(1))
+        parts = dict((k, int(v)) for v, k in re.findall(r"(\d+) (\w+)", m.group(2) or ""))
+        failed = parts.get("failed", 0) if m.group(2) else n
+        out[outcome] = (n, failed, parts.get("retried", 0))
+    return out
+
+
+def _walltime_journal(rundir: Path) -> None:
+    """A member that exits 75 at its walltime (retry_exit_codes) and is continued to
+    DONE, one whose run ended while it waited to be continued, a node lost then done, a
+    bad input (exit 1) and a blow-up (SIGSEGV)."""
+    journal = Journal(rundir / "journal.db")
+    t0 = time.time()
+
+    def failure(key: str, cat: Category, rc: int | None, sig: str | None = None) -> Any:
+        return FailureRecord(key, cat, f"{key}: exit {rc}", returncode=rc, signal=sig, worker="w1")
+
+    f = failure("walltime", Category.COMMAND_FAILED, 75)
+    a1 = _attempt(1, "w1", t0, t0 + 2, "command_failed", f)
+    _write(journal, "walltime", "DONE", [a1, _attempt(2, "w1", t0 + 2.1, t0 + 4, "done")])
+    f = failure("waiting", Category.COMMAND_FAILED, 75)
+    a1 = _attempt(1, "w2", t0, t0 + 3, "command_failed", f)
+    journal.record(
+        _task("waiting"),
+        "RETRYING",
+        [(t0, "PENDING", "READY"), (t0, "READY", "RUNNING"), (t0 + 3, "RUNNING", "RETRYING")],
+        [a1],
+        None,
+        None,
+    )
+    f = failure("lost", Category.WORKER_LOST, -9, "SIGKILL")
+    a1 = _attempt(1, "w3", t0, t0 + 1, "worker_lost", f)
+    _write(journal, "lost", "DONE", [a1, _attempt(2, "w4", t0 + 1.5, t0 + 4, "done")])
+    for key, rc, sig, w in (("bad-input", 1, None, "w2"), ("blow-up", -11, "SIGSEGV", "w4")):
+        f = failure(key, Category.COMMAND_FAILED, rc, sig)
+        _write(journal, key, "FAILED", [_attempt(1, w, t0 + 4, t0 + 5, "command_failed", f)], f)
+    journal.close()
+
+
+def test_continued_attempts_are_not_failures(tmp_path: Path) -> None:
+    """Issue 25 item 9: a program exit the task asked to be retried on (75 after -maxh)
+    that a later attempt continued, or that the run ended waiting to continue, is shown
+    as 'continued', not 'command failed'; a failed task's last attempt stays a failure."""
+    rundir = tmp_path / "run"
+    _walltime_journal(rundir)
+    page = _page_of(rundir)
+    data = json.loads(re.search(r'id="pf-data">(.*?)</script>', page, re.S).group(1))  # type: ignore[union-attr]
+    ids = [o["id"] for o in data["outcomes"]]
+    shown = {}
+    for b in data["bars"]:
+        shown[(data["keys"][str(b[4])], b[5])] = (ids[b[3]], b[6])
+    assert shown[("walltime", 1)] == ("retried", 2)
+    assert shown[("walltime", 2)] == ("done", 0)
+    assert shown[("waiting", 1)] == ("retried", 2)
+    assert shown[("lost", 1)] == ("worker_lost", 2)  # a lost worker is drawn as such
+    assert shown[("bad-input", 1)] == ("command_failed", 1)
+    assert shown[("blow-up", 1)] == ("command_failed", 1)
+
+
+@pytest.mark.timeout(120)
+def test_legend_counts_agree_with_the_failed_tasks_in_a_browser(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 25 item 9, as a user sees it: the legend counts the continued attempts under
+    'continued' (its own entry, its own marker), and for each failure the number of tasks
+    that failed with it is the number of rows of that category in the failed-tasks table
+    (only tasks whose final state is FAILED); the lost worker that was retried is counted
+    as retried, not failed."""
+    from selenium.webdriver.common.by import By
+
+    rundir = tmp_path / "run"
+    _walltime_journal(rundir)
+    with _browser(tmp_path, monkeypatch) as driver:
+        _open_report(driver, rundir, tmp_path / "report.html")
+        legend = _legend_counts(driver)
+        rows = driver.find_elements(By.CSS_SELECTOR, "details.failure")
+        per_category: dict[str, int] = {}
+        for r in rows:
+            badge = r.find_element(By.CSS_SELECTOR, "summary .badge")
+            cat = next(c[2:] for c in str(badge.get_attribute("class")).split() if c[:2] == "o-")
+            per_category[cat] = per_category.get(cat, 0) + 1
+        assert len(rows) == 2 and per_category == {"command_failed": 2}
+        assert legend["retried"][0] == 2
+        assert (
+            "continued"
+            in driver.find_element(By.CSS_SELECTOR, '.legend-item[data-outcome="retried"]').text
+        )
+        for outcome in report_parts.FAILING:
+            if outcome in legend:
+                assert legend[outcome][1] == per_category.get(outcome, 0), (outcome, legend)
+        assert legend["worker_lost"] == (1, 0, 1)
+        title = driver.find_element(By.TAG_NAME, "title").get_attribute("textContent")
+        assert f"{len(rows)} failed" in title
+        assert _script_errors(driver) == []
+
+
+def test_output_references_are_not_tasks(tmp_path: Path) -> None:
+    """Issue 25 item 9: ``.output(name)`` references (journal kind "output") are neither
+    rows of the failed-tasks table nor counted nor drawn; a dependency failure through a
+    reference names the program as its input and root."""
+    rundir = tmp_path / "run"
+    journal = Journal(rundir / "journal.db")
+    t0 = 1_700_000_000.0
+
+    def ref(program: str, name: str) -> SimpleNamespace:
+        t = _task(f"{program}:{name}", (program,))
+        t._output_of = program
+        return t
+
+    _write(journal, "prep", "DONE", [_attempt(1, "w1", t0, t0 + 1, "done")])
+    prep_ref = ref("prep", "em.gro")
+    a = _attempt(1, "w1", t0 + 1, t0 + 1.001, "done")
+    journal.record(prep_ref, "DONE", [], [a], None, b"\x80\x04K\x01.")
+    bad = FailureRecord("grompp", Category.COMMAND_FAILED, "exit 1", returncode=1)
+    a = _attempt(1, "w1", t0 + 2, t0 + 3, "command_failed", bad)
+    _write(journal, "grompp", "FAILED", [a], bad, deps=("prep:em.gro",))
+    f = FailureRecord(
+        "grompp:md.tpr", Category.DEPENDENCY_FAILED, "did not run", upstream="grompp", root="grompp"
+    )
+    journal.record(ref("grompp", "md.tpr"), "FAILED", [], [], f, None)
+    f = FailureRecord(
+        "mdrun",
+        Category.DEPENDENCY_FAILED,
+        "did not run: its input 'grompp:md.tpr' failed",
+        upstream="grompp:md.tpr",
+        root="grompp:md.tpr",  # even a root through a reference names the program
+    )
+    _write(journal, "mdrun", "FAILED", [], f, deps=("grompp:md.tpr",))
+    journal.close()
+    reader = JournalReader(rundir / "journal.db")
+    try:
+        tasks = sum(reader.counts().values())
+        page = report.build_report(reader)
     finally:
-        driver.quit()
+        reader.close()
+    assert tasks == 3
+    assert f"<title>pilotfish report — {tasks} tasks, 2 failed</title>" in page
+    assert re.findall(r'<details class="failure"[^>]* data-key="([^"]+)"', page) == [
+        "grompp",
+        "mdrun",
+    ]
+    assert re.findall(r'class="dep-head" data-root="([^"]+)"', page) == ["grompp"]
+    dep = page[page.index('data-key="mdrun"') :]
+    dep_text = re.sub(r"<[^>]+>", "", dep[dep.index('<p class="dep">') : dep.index("</p>")])
+    assert dep_text == (
+        "did not run because its input grompp (its file md.tpr) failed; the failure began in "
+        "the root task grompp, which took 1 task(s) with it"
+    )
+    assert "2 failed task(s) in 2 group(s)" in page
+    assert "total</th><td>3</td>" in page
+    data = json.loads(re.search(r'id="pf-data">(.*?)</script>', page, re.S).group(1))  # type: ignore[union-attr]
+    assert sorted(data["keys"].values()) == ["grompp", "prep"]  # no bar of a reference
+    assert len(data["bars"]) == 2

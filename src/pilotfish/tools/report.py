@@ -8,9 +8,11 @@ digest), :mod:`pilotfish.runtime.files` (reading a file safely), :mod:`.report_p
     header        journal, runs, wall time
     timeline      one lane per (run, host, worker); each attempt a bar coloured *and
                   patterned* by outcome (a legend with labels: never colour alone); a lost
-                  worker's lane ends with a marker naming its signal or exit code, and
-                  the lane of the worker that started after it says so. Drawn on a
-                  canvas (only the visible window), so 10,000 attempts scroll and zoom
+                  worker's lane ends with a marker naming its signal or exit code (a
+                  timeout's with its own marker), and the lane of the worker that started
+                  after it says so; no label overlaps another or leaves the timeline (cut
+                  with an ellipsis, the whole in its tooltip). Drawn on a canvas (only
+                  the visible window), so 10,000 attempts scroll and zoom
     counts        tasks by state, failed tasks by category
     digest        :func:`pilotfish.digest.failure_digest`, each group a filter
     failures      one row per failed task (key, category, attempts, message); a row opens
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import hashlib
 import html
 import importlib.resources
@@ -59,8 +62,12 @@ from .report_parts import (
     escaped,
     failed_rows,
     legend_html,
+    mark_attempts,
     outcome_css,
+    program_of_outputs,
+    root_of,
     runs_html,
+    through_outputs,
 )
 
 __all__ = [
@@ -90,22 +97,27 @@ def _lanes(
     tasks: list[dict[str, Any]], t0: float, now: float
 ) -> tuple[list[dict[str, Any]], list[list[int]], list[dict[str, Any]]]:
     """Lanes (one per run, host and worker, in order of their first attempt), the bars
-    ``[lane, start_ms, end_ms, outcome_index, task_index, attempt_number]`` and the markers
-    ``{lane, t, label, kind}`` where a lane ends with a lost worker or master."""
+    ``[lane, start_ms, end_ms, outcome_index, task_index, attempt_number, fate]`` (fate: 1
+    the task failed with it, 2 it was retried, else 0) and the markers
+    ``{lane, t, label, kind, key}`` where a lane's attempt ended with a lost worker or
+    master, or a timeout."""
     outcome_ids = {name: i for i, name in enumerate(OUTCOMES)}
     raw: list[tuple[tuple[Any, str, str], float, float, str, int, int, dict[str, Any] | None]] = []
+    fate_ids = {"": 0, "failed": 1, "retried": 2}
+    fates: list[int] = []
     for ti, t in enumerate(tasks):
         for a in t["attempts"]:
             if not a.get("started") or not a.get("worker"):
                 continue  # never started: no bar (the task's table row says so)
             lane = (a.get("run"), str(a.get("host") or "?"), str(a["worker"]))
-            outcome = a.get("outcome") or "running"
+            outcome = a.get("shown") or a.get("outcome") or "running"
             if outcome not in outcome_ids:
                 outcome = "running"
             end = a.get("ended") or now
             raw.append(
                 (lane, a["started"], end, outcome, ti, a.get("number") or 0, a.get("failure"))
             )
+            fates.append(fate_ids.get(a.get("fate") or "", 0))
     first: dict[tuple[Any, str, str], float] = {}
     last: dict[tuple[Any, str, str], float] = {}
     for lane, start, end, *_ in raw:
@@ -118,13 +130,13 @@ def _lanes(
         for ln in order
     ]
     bars = [
-        [index[ln], round((s - t0) * 1000), round((e - t0) * 1000), outcome_ids[o], ti, n]
-        for ln, s, e, o, ti, n, _f in raw
+        [index[ln], round((s - t0) * 1000), round((e - t0) * 1000), outcome_ids[o], ti, n, fate]
+        for (ln, s, e, o, ti, n, _f), fate in zip(raw, fates, strict=True)
     ]
     bars.sort(key=lambda b: (b[0], b[1]))
     markers: list[dict[str, Any]] = []
     losses: list[tuple[float, tuple[Any, str, str]]] = []
-    for ln, _s, e, o, _ti, _n, f in raw:
+    for ln, _s, e, o, ti, _n, f in raw:
         if o not in _MARKED:
             continue
         f = f or {}
@@ -134,7 +146,13 @@ def _lanes(
             rc = f.get("returncode")
             what = f"{what}: {how}" + (f" ({rc})" if f.get("signal") and rc is not None else "")
         markers.append(
-            {"lane": index[ln], "t": round((e - t0) * 1000), "label": f"{ln[2]} {what}", "kind": o}
+            {
+                "lane": index[ln],
+                "t": round((e - t0) * 1000),
+                "label": f"{ln[2]} {what}",
+                "kind": o,
+                "key": clean(tasks[ti]["key"], one_line=True),
+            }
         )
         if o == "worker_lost":
             losses.append((e, ln))
@@ -166,11 +184,27 @@ def _natural(name: str) -> tuple[Any, ...]:
 
 
 def _collect(reader: JournalReader) -> dict[str, Any]:
+    """The tasks (not the ``.output(name)`` references: journal kind "output", a program's
+    file, not a task the user submitted; the journal's counts leave them out too) with
+    their attempts, and the runs. A dependency failure whose input or root is such a
+    reference names the reference's program instead (:func:`program_of_outputs`)."""
     tasks: list[dict[str, Any]] = []
-    for row in reader.tasks():
+    rows = reader.tasks()
+    programs = program_of_outputs(
+        (str(r["key"]), str(r["kind"]), r["deps"]) for r in rows if r["kind"] == "output"
+    )
+    for row in rows:
+        if row["kind"] == "output":
+            continue
         failure = json.loads(row["failure"]) if row["failure"] else None
         if failure is not None and "journal_error" in failure and "category" not in failure:
             failure = None
+        if failure is not None:
+            failure = through_outputs(failure, programs)
+        attempts = reader.attempts(row["key"])
+        mark_attempts(
+            attempts, row["state"], row["run"], functools.partial(reader.transitions, row["key"])
+        )
         tasks.append(
             {
                 "key": row["key"],
@@ -180,7 +214,7 @@ def _collect(reader: JournalReader) -> dict[str, Any]:
                 "submitted": row["submitted"],
                 "updated": row["updated"],
                 "failure": failure,
-                "attempts": reader.attempts(row["key"]),
+                "attempts": attempts,
             }
         )
     return {"tasks": tasks, "runs": [dict(r) for r in reader.runs()]}
@@ -242,23 +276,26 @@ def _time_span(tasks: list[dict[str, Any]], now: float) -> tuple[float, float]:
 def _rank_failed(
     records: list[dict[str, Any]], failed: list[dict[str, Any]], digest: dict[str, Any]
 ) -> list[tuple[int, int, dict[str, Any]]]:
-    """The failed tasks as (digest group, submission order, task): by digest group
-    (largest first), then submission order."""
+    """The failed tasks as (digest group, submission order, task): first the root causes
+    (tasks that failed on their own) by digest group (largest first), then submission
+    order; then the dependency failures, grouped by their root in the order the roots
+    are listed (roots not listed last, by key), each group in submission order."""
     group_index = {(g["category"], g["signature"]): i for i, g in enumerate(digest["groups"])}
     dep_group = next(
         (i for i, g in enumerate(digest["groups"]) if g["category"] == "dependency_failed"), -1
     )
-
-    def group_of(rec: dict[str, Any]) -> int:
+    own: list[tuple[int, int, dict[str, Any]]] = []
+    deps: list[tuple[int, int, dict[str, Any]]] = []
+    for n, (rec, t) in enumerate(zip(records, failed, strict=True)):
         cat = str(rec.get("category") or "unknown").lower()
         if cat == "dependency_failed":
-            return dep_group
-        return group_index.get((cat, signature(rec)), len(group_index))
-
-    return sorted(
-        ((group_of(rec), n, t) for n, (rec, t) in enumerate(zip(records, failed, strict=True))),
-        key=lambda x: (x[0], x[1]),
-    )
+            deps.append((dep_group, n, t))
+        else:
+            own.append((group_index.get((cat, signature(rec)), len(group_index)), n, t))
+    own.sort(key=lambda x: (x[0], x[1]))
+    place = {str(t["key"]): i for i, (_g, _n, t) in enumerate(own)}
+    deps.sort(key=lambda x: (place.get(root_of(x[2]), len(place)), root_of(x[2]), x[1]))
+    return own + deps
 
 
 def _timeline_data(
@@ -279,7 +316,7 @@ def _timeline_data(
         "t0": t0,
         "span": max(1, round((max(t_end, t0) - t0) * 1000)),
         "outcomes": [
-            {"id": name, "label": v[0], "colour": v[1], "pattern": v[2], "symbol": v[3]}
+            {"id": name, "label": v[0], "colour": v[1], "pattern": v[2], "shape": v[3]}
             for name, v in OUTCOMES.items()
         ],
         "lanes": lanes,
@@ -333,7 +370,8 @@ wall time {fmt_dur(wall)} · report written {fmt_time(now)}</p>
 <ul class="runs">{run_lines}</ul></header>
 <section id="timeline"><h2>timeline</h2>
 <p class="help">One lane per worker and host; each attempt is a bar, its outcome shown by
-colour <em>and</em> pattern (legend below). ✕ marks where a worker was lost. Scroll
+colour <em>and</em> pattern (legend below); a marker with the outcome's shape and a label
+marks where a worker was lost, a program was killed at its timeout or the runtime was lost. Scroll
 sideways; zoom with the buttons or Ctrl+wheel; hover a bar for its task, click a failed
 one to open its row.</p>
 <div class="tools"><button type="button" id="zin">zoom in</button>
@@ -342,7 +380,8 @@ one to open its row.</p>
 <div class="legend">{legend}</div>
 <div class="tl"><div class="labels" id="labels"></div>
 <div class="scroller" id="scroller"><div class="spacer" id="spacer">
-<canvas id="tl-canvas"></canvas><div class="markers" id="markers"></div></div></div></div>
+<canvas id="tl-canvas"></canvas><div class="axis" id="axis"></div>
+<div class="markers" id="markers"></div></div></div></div>
 <div id="tip" role="tooltip" hidden></div>
 <noscript><p class="note">The timeline needs JavaScript; the tables below do not.</p></noscript>
 </section>

@@ -22,7 +22,9 @@ Like the report, a reader of the journal's records only: it imports
 from __future__ import annotations
 
 import html
+import json
 from collections import Counter
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -30,17 +32,25 @@ from ..digest import clean, exit_label, fmt_dur, fmt_time, headline
 from ..runtime.files import NotRegularFile, read_tail
 
 __all__ = [
+    "CONTINUED",
     "DETAIL_BUDGET",
+    "FAILING",
     "GROUPS_MAX",
     "OUTCOMES",
     "PIECE_MAX",
+    "TRANSIENT",
     "counts_html",
     "digest_html",
     "escaped",
     "failed_rows",
     "legend_html",
+    "mark_attempts",
+    "marker",
     "outcome_css",
+    "program_of_outputs",
+    "root_of",
     "runs_html",
+    "through_outputs",
 ]
 
 DETAIL_BUDGET = 3 * 512 * 1024  # characters of (escaped) failure detail text in a page
@@ -50,22 +60,85 @@ GROUPS_MAX = 200  # digest groups listed (the rest are counted)
 HEADLINE_MAX = 160  # characters of a message in a collapsed row
 
 # outcome -> (label, colour (Okabe-Ito, safe for colour-blind readers), pattern drawn on
-# top, a symbol used in the legend and the tables). Pattern and label carry the meaning.
+# top, the shape of its marker in the legend, the tables and the timeline). Pattern, shape
+# and label carry the meaning. Shapes are drawn by CSS (report.css, ``.mk-SHAPE``), never
+# by a font's glyph, which headless or minimal systems may lack (an empty box).
 OUTCOMES: dict[str, tuple[str, str, str, str]] = {
-    "done": ("done", "#009E73", "solid", "✓"),
-    "user_error": ("user error", "#D55E00", "slash", "!"),
-    "command_failed": ("command failed", "#E69F00", "backslash", "✗"),
-    "missing_output": ("missing output", "#E69F00", "cross", "∅"),
-    "timeout": ("timeout", "#CC79A7", "horizontal", "⌛"),
-    "worker_lost": ("worker lost", "#000000", "dots", "☠"),
-    "runtime_lost": ("runtime lost", "#0072B2", "vertical", "⚡"),
-    "environment": ("environment", "#F0E442", "grid", "⚙"),
-    "invalid_task": ("invalid task", "#56B4E9", "cross", "?"),
-    "dependency_failed": ("dependency failed", "#7f7f7f", "slash", "↑"),
-    "cancelled": ("cancelled", "#BBBBBB", "hollow", "⊘"),
-    "dropped": ("dropped", "#DDDDDD", "hollow", "·"),
-    "running": ("unfinished", "#FFFFFF", "hollow", "…"),
+    "done": ("done", "#009E73", "solid", "check"),
+    "retried": ("continued", "#9ED9C6", "vertical", "play"),
+    "user_error": ("user error", "#D55E00", "slash", "triangle"),
+    "command_failed": ("command failed", "#E69F00", "backslash", "square"),
+    "missing_output": ("missing output", "#E69F00", "cross", "square-hollow"),
+    "timeout": ("timeout", "#CC79A7", "horizontal", "hourglass"),
+    "worker_lost": ("worker lost", "#000000", "dots", "x"),
+    "runtime_lost": ("runtime lost", "#0072B2", "vertical", "diamond"),
+    "environment": ("environment", "#F0E442", "grid", "ring"),
+    "invalid_task": ("invalid task", "#56B4E9", "cross", "triangle-down"),
+    "dependency_failed": ("dependency failed", "#7f7f7f", "slash", "chevron-up"),
+    "cancelled": ("cancelled", "#BBBBBB", "hollow", "circle-slash"),
+    "dropped": ("dropped", "#DDDDDD", "hollow", "dot"),
+    "running": ("unfinished", "#FFFFFF", "hollow", "ring-dotted"),
 }
+
+
+#: what "continued" means (the legend's tooltip)
+CONTINUED = (
+    "continued: a failed attempt whose task asked to be tried again (its exit code is in "
+    "retry_exit_codes, e.g. 75 after mdrun -maxh, or its exception in retry_on), and was: "
+    "not a failure of the task"
+)
+#: outcomes the retry policy retries by itself (transient): drawn as they are when retried
+TRANSIENT = frozenset({"timeout", "worker_lost", "runtime_lost"})
+#: outcomes of an attempt that failed
+FAILING = frozenset(OUTCOMES) - {"done", "retried", "running", "cancelled", "dropped"}
+
+
+def mark_attempts(
+    attempts: list[dict[str, Any]],
+    state: str | None,
+    run: int | None,
+    history: Callable[[], list[tuple[int, float, str, str]]],
+) -> None:
+    """Set on each attempt of a task (:meth:`JournalReader.attempts`, in order) what the
+    report shows: ``shown``, its outcome, and ``fate``: "failed" (the last attempt of a
+    task that is FAILED: a row of the failed-tasks table), "retried" (a failed attempt
+    the task was tried again after) or "". A failed attempt that is not transient (a
+    program's exit, an exception) and was retried in the same run was retried because the
+    task asked for it (``retry_exit_codes``, ``retry_on``; the journal keeps no other
+    reason for it): it is shown as "retried" (continued). Also so: the last attempt of a
+    run that ended with the task waiting for its retry (RETRYING or READY). ``state`` and
+    ``run``: the task's state and the run that recorded it; ``history``: its transitions
+    (:meth:`JournalReader.transitions`, read only when needed)."""
+    ended_in: dict[int | None, str] = {}
+
+    def waiting(a: dict[str, Any]) -> bool:
+        r = a.get("run")
+        if r == run:
+            return state in ("RETRYING", "READY")
+        if not ended_in:
+            ended_in.update({h[0]: h[3] for h in history()})
+            ended_in.setdefault(None, "")
+        return ended_in.get(r) in ("RETRYING", "READY")
+
+    for i, a in enumerate(attempts):
+        outcome = a.get("outcome") or "running"
+        a["shown"], a["fate"] = outcome, ""
+        if outcome not in FAILING:
+            continue
+        later = attempts[i + 1 :]
+        continued = any(b.get("run") == a.get("run") for b in later) or (not later and waiting(a))
+        if continued or later:
+            a["fate"] = "retried"
+        elif state == "FAILED":
+            a["fate"] = "failed"
+        if continued and outcome not in TRANSIENT:
+            a["shown"] = "retried"
+
+
+def marker(outcome: str) -> str:
+    """The outcome's marker: an empty element its CSS class draws (never a glyph)."""
+    shape = OUTCOMES[outcome][3] if outcome in OUTCOMES else "dot"
+    return f'<i class="mk mk-{shape}" aria-hidden="true"></i>'
 
 
 def escaped(value: object, *, one_line: bool = False) -> str:
@@ -152,9 +225,9 @@ def _read_tail(path: Path, limit: int) -> tuple[str, int, bool]:
 
 
 def _badge(outcome: str) -> str:
-    label, _colour, _pattern, symbol = OUTCOMES.get(outcome, (outcome, "", "", "?"))
+    label = OUTCOMES[outcome][0] if outcome in OUTCOMES else outcome
     cls = outcome if outcome in OUTCOMES else "other"
-    return f'<span class="badge o-{cls}"><b aria-hidden="true">{symbol}</b> {escaped(label)}</span>'
+    return f'<span class="badge o-{cls}">{marker(outcome)} {escaped(label)}</span>'
 
 
 def outcome_css() -> str:
@@ -293,7 +366,8 @@ def _attempts_html(attempts: list[dict[str, Any]]) -> str:
             )
             + f"<td>{escaped(a.get('host') or '-', one_line=True)}</td>"
             + f"<td>{escaped(a.get('pid') or '-')}</td><td>{fmt_time(a.get('started'))}</td>"
-            + f"<td>{fmt_dur(dur)}</td><td>{_badge(a.get('outcome') or 'running')}</td>"
+            + f"<td>{fmt_dur(dur)}</td>"
+            + f"<td>{_badge(a.get('shown') or a.get('outcome') or 'running')}</td>"
             + f"<td>{escaped(how)}</td></tr>"
         )
     return (
@@ -341,7 +415,17 @@ def _failure_row(
         root, upstream = f.get("root"), f.get("upstream")
         body.append(
             '<p class="dep">did not run because '
-            + (f"its input {_key_link(str(upstream), anchors)} failed; " if upstream else "")
+            + (
+                f"its input {_key_link(str(upstream), anchors)}"
+                + (
+                    f" (its file <code>{escaped(_output_name(f['upstream_output']))}</code>)"
+                    if f.get("upstream_output")
+                    else ""
+                )
+                + " failed; "
+                if upstream
+                else ""
+            )
             + (
                 f"the failure began in the root task {_key_link(str(root), anchors)}, "
                 f"which took {len(took.get(str(root), ())):,} task(s) with it"
@@ -377,11 +461,67 @@ def _failure_row(
     body.append("<h4>attempts</h4>" + _attempts_html(t["attempts"]))
     return (
         f'<details class="failure" id="f{i}" data-group="{group}" '
-        f'data-key="{escaped(key, one_line=True)}">'
-        f'<summary><span class="k">{escaped(key, one_line=True)}</span>'
+        + (
+            f'data-root="{escaped(root_of(t), one_line=True)}" '
+            if cat == "dependency_failed"
+            else ""
+        )
+        + f'data-key="{escaped(key, one_line=True)}">'
+        f'<summary><span class="k" title="{escaped(key, one_line=True)}">'
+        f"{escaped(key, one_line=True)}</span>"
         f'<span class="c">{_badge(cat)}</span><span class="a">{n_att}</span>'
-        f'<span class="m">{escaped(first, one_line=True)}</span></summary>'
+        f'<span class="m" title="{escaped(first, one_line=True)}">'
+        f"{escaped(first, one_line=True)}</span></summary>"
         f'<div class="body">{"".join(body)}</div></details>'
+    )
+
+
+def program_of_outputs(outputs: Iterable[tuple[str, str, str | None]]) -> dict[str, str]:
+    """``.output(name)`` reference -> the key of its program, from the journal's rows
+    ``(key, kind, deps)`` of kind "output": the one dependency of the reference, else the
+    key before its last ":" (``PROGRAM:name``)."""
+    out: dict[str, str] = {}
+    for key, _kind, deps in outputs:
+        try:
+            listed = json.loads(deps) if deps else []
+        except ValueError:
+            listed = []
+        program = listed[0] if len(listed) == 1 and isinstance(listed[0], str) else ""
+        out[key] = program or key.rpartition(":")[0] or key
+    return out
+
+
+def through_outputs(failure: dict[str, Any], programs: dict[str, str]) -> dict[str, Any]:
+    """A failure record whose ``upstream`` or ``root`` is an ``.output(name)`` reference,
+    with the reference's program there instead (the reference kept as ``upstream_output``
+    or ``root_output``): the report's tasks are those the user submitted."""
+    f = dict(failure)
+    for field in ("upstream", "root"):
+        ref = f.get(field)
+        seen = 0
+        while isinstance(ref, str) and ref in programs and seen < 100:
+            f.setdefault(f"{field}_output", ref)
+            ref = programs[ref]
+            seen += 1
+        if seen:
+            f[field] = ref
+    return f
+
+
+def root_of(task: dict[str, Any]) -> str:
+    """The key of the task where a dependency failure began (its upstream if the record
+    has no root)."""
+    f = task.get("failure") or {}
+    return str(f.get("root") or f.get("upstream") or "")
+
+
+def _dep_head(root: str, n: int, group: int, anchors: dict[str, int]) -> str:
+    """The line above the dependency failures of one root, naming it."""
+    return (
+        f'<div class="dep-head" data-root="{escaped(root, one_line=True)}" data-group="{group}">'
+        f"<b>{n:,}</b> task(s) did not run because "
+        + (f"the root task {_key_link(root, anchors)} failed:" if root else "an input failed:")
+        + "</div>"
     )
 
 
@@ -392,7 +532,9 @@ def failed_rows(
     anchors: dict[str, int],
 ) -> list[str]:
     """One row per listed failed task, their details sharing ``DETAIL_BUDGET``; a root
-    failure's row names the tasks whose dependency it failed."""
+    failure's row names the tasks whose dependency it failed. ``listed`` has the root
+    causes first, then the dependency failures grouped by root: each group is headed by
+    a line naming its root."""
     took: dict[str, list[str]] = {}
     for rec in records:
         if str(rec.get("category")) == "dependency_failed" and rec.get("root"):
@@ -404,22 +546,75 @@ def failed_rows(
         for _g, _n, t in listed
     )
     budget = _Budget(DETAIL_BUDGET, pieces)
-    return [
-        _failure_row(i, t, g, rundir, budget, anchors, took) for i, (g, _n, t) in enumerate(listed)
-    ]
+    per_root = Counter(root_of(t) for _g, _n, t in listed if _is_dep(t))
+    own = len(listed) - sum(per_root.values())
+    out: list[str] = []
+    if own and per_root:
+        out.append(f'<div class="fsection">failed on their own: {own:,}</div>')
+    last: str | None = None
+    for i, (g, _n, t) in enumerate(listed):
+        if _is_dep(t) and root_of(t) != last:
+            if last is None:
+                out.append(
+                    f'<div class="fsection">did not run because an input failed: '
+                    f"{sum(per_root.values()):,}, by the root task where the failure began</div>"
+                )
+            last = root_of(t)
+            out.append(_dep_head(last, per_root[last], g, anchors))
+        out.append(_failure_row(i, t, g, rundir, budget, anchors, took))
+    return out
+
+
+def _output_name(ref: object) -> str:
+    """``md.tpr`` of the reference ``PROGRAM:md.tpr``."""
+    return str(ref).rpartition(":")[2] or str(ref)
+
+
+def _is_dep(t: dict[str, Any]) -> bool:
+    return str((t.get("failure") or {}).get("category")) == "dependency_failed"
 
 
 def legend_html(bars: list[Any]) -> str:
-    """The outcomes drawn (and the usual four), each with its swatch and count."""
-    outcome_counts = Counter(b[3] for b in bars)
-    outcome_names = list(OUTCOMES)
-    return "".join(
-        f'<span class="legend-item" data-outcome="{name}"><canvas class="swatch" width="28" '
-        f'height="14" data-outcome="{i}"></canvas> {html.escape(OUTCOMES[name][0])} '
-        f"({outcome_counts.get(i, 0):,})</span>"
-        for i, name in enumerate(outcome_names)
-        if outcome_counts.get(i) or name in ("done", "user_error", "command_failed", "worker_lost")
-    )
+    """The outcomes drawn (and the usual four), each with its swatch, marker and count of
+    attempts; for a failing outcome, how many of them the task failed with (the rows of
+    the failed-tasks table) and how many were retried."""
+    names = list(OUTCOMES)
+    total: Counter[int] = Counter()
+    fates: dict[int, Counter[int]] = {}
+    for b in bars:
+        total[b[3]] += 1
+        fates.setdefault(b[3], Counter())[b[6]] += 1
+    out = []
+    for i, name in enumerate(names):
+        n = total.get(i, 0)
+        if not n and name not in ("done", "user_error", "command_failed", "worker_lost"):
+            continue
+        failed, retried = fates.get(i, Counter())[1], fates.get(i, Counter())[2]
+        count = f"{n:,}"
+        if name in FAILING and (failed, retried) != (n, 0):
+            parts = [f"{failed:,} failed"] if failed else []
+            parts += [f"{retried:,} retried"] if retried else []
+            if n - failed - retried:
+                parts.append(f"{n - failed - retried:,} other")
+            count = f"{n:,}: " + ", ".join(parts) if n else "0"
+        title = (
+            CONTINUED
+            if name == "retried"
+            else f"attempts that ended {OUTCOMES[name][0]}"
+            + (
+                "; failed: the task failed with it (a row of the failed-tasks table); "
+                "retried: the task was tried again"
+                if name in FAILING
+                else ""
+            )
+        )
+        out.append(
+            f'<span class="legend-item" data-outcome="{name}" title="{html.escape(title)}">'
+            f'<canvas class="swatch" width="28" height="14" data-outcome="{i}"></canvas>'
+            f'{marker(name)}{html.escape(OUTCOMES[name][0])} <span class="n">({count})</span>'
+            "</span>"
+        )
+    return "".join(out)
 
 
 def runs_html(runs: list[Any]) -> tuple[float | None, str]:
