@@ -110,8 +110,9 @@ def workers_table(reader: JournalReader) -> Table | None:
 
 def failure_lines(failures: list[dict[str, Any]], width: int) -> list[Text]:
     """One line per failed task, each at most ``width`` cells: key, category, attempts
-    and the first line of the message, cut with "…" (``show KEY`` has the rest; a cut
-    key still finds its task: ``show`` lists the keys that start with what it is given)."""
+    ("tries") and the reason, first (:func:`pilotfish.digest.reason`: ``exit 3: ...``, ``timed out
+    after 5 s``; no paths), cut with "…" (``show KEY`` has the rest; a cut key still finds
+    its task: ``show`` lists the keys that start with what it is given)."""
     if not failures:
         return [Text("no failed tasks")]
     keys = [clean(f.get("key", ""), one_line=True) for f in failures]
@@ -119,7 +120,7 @@ def failure_lines(failures: list[dict[str, Any]], width: int) -> list[Text]:
     tries = [str(f.get("attempts", 0)) for f in failures]
     gap = 2
     cat_w = max(len("category"), *(cell_len(c) for c in cats))
-    att_w = len("attempts")
+    att_w = len("tries")
     key_w = max(len("key"), *(cell_len(k) for k in keys))
     # a key of usual length (24) stays whole; a longer one gets two fifths of the room
     # (in a very narrow terminal, a third of the line: the key is what `show` needs)
@@ -142,12 +143,12 @@ def failure_lines(failures: list[dict[str, Any]], width: int) -> list[Text]:
         line(
             cell("key", key_w, "bold"),
             cell("category", cat_w, "bold"),
-            cell("attempts", att_w, "bold"),
-            cell("message", msg_w, "bold", last=True),
+            cell("tries", att_w, "bold"),
+            cell("reason", msg_w, "bold", last=True),
         )
     ]
     for f, k, c, a in zip(failures, keys, cats, tries, strict=True):
-        msg = clean(_digest.headline(f), one_line=True)
+        msg = clean(_digest.reason(f), one_line=True)
         out.append(
             line(
                 cell(k, key_w),
