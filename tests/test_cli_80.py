@@ -5,7 +5,9 @@ run for real), at COLUMNS=80."""
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +15,7 @@ from rich.cells import cell_len
 
 import pilotfish
 from conftest import fake_session
+from pilotfish.store.reader import JournalReader
 from pilotfish.tools import cli
 
 WIDTH = 80
@@ -36,7 +39,9 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         user = s.submit(pilotfish.task(fails, retries=0), 7, "x" * 300)
         tasks = {
             "user": user,
-            "exit": s.executable([sys.executable, "-c", noisy], key="exit3", retries=0),
+            "exit": s.executable(
+                [sys.executable, "-c", noisy], key="exit3", retries=1, retry_exit_codes=[3]
+            ),
             "segv": s.executable(
                 ["sh", "-c", "echo crashing >&2; kill -SEGV $$"], key="segv", retries=0
             ),
@@ -71,3 +76,58 @@ def test_failures_reason_first(run: dict[str, Any], capsys: pytest.CaptureFixtur
     assert "ValueError: seed 7 diverged" in by_key[keys["user"]]
     assert f"input failed: {keys['user']}" in by_key[keys["dep"]]
     assert not any("/" in ln for ln in lines[2:-1])  # no path in the one-line view
+
+
+def _show(run: dict[str, Any], key: str, capsys: pytest.CaptureFixture[str]) -> str:
+    assert cli.main(["--rundir", run["rundir"], "show", run["keys"][key], "--no-pager"]) == 0
+    return capsys.readouterr().out
+
+
+def test_show_paths_once_whole_and_the_tail_once(
+    run: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Item 6: a program retried once (exit 3 listed in retry_exit_codes): each path of
+    each attempt printed once, whole, on a line of its own (the only lines wider than 80
+    columns); each attempt's stderr tail once; the attempts table within 80 columns, its
+    outcome whole."""
+    out = _show(run, "exit", capsys)
+    lines = out.splitlines()
+    reader = JournalReader(Path(run["rundir"]) / "journal.db")
+    attempts = reader.attempts(run["keys"]["exit"])
+    reader.close()
+    assert len(attempts) == 2
+    paths = []
+    for a in attempts:
+        f = a["failure"]
+        paths += [f["sandbox"], f["stdout_path"], f["stderr_path"]]
+    assert len(set(paths)) == 6
+    for p in paths:
+        assert lines.count(p) == 1, p  # a line of its own, whole
+        assert out.count(p) == 1 + sum(q != p and q.startswith(p) for q in paths), p
+    assert not _too_wide(lines, tuple(paths)), _too_wide(lines, tuple(paths))
+    assert out.count("\nline 39\n") == 2 and out.count("\nline 0\n") == 2  # once per attempt
+    assert "last lines of stderr" not in out
+    rows = [ln for ln in lines if "command_failed" in ln and "2 " in ln[:12]]
+    assert any(ln.split()[:2] == ["1", "1"] for ln in lines if "command_failed" in ln)
+    assert rows and all(ln.rstrip().endswith("command_failed") for ln in rows)
+    assert "failure of attempt 1 (run 1): command_failed: exit 3: line 39" in out
+
+
+@pytest.mark.parametrize("which", ["missing", "timeout", "user", "dep", "segv"])
+def test_show_each_kind_fits(
+    run: dict[str, Any], which: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every kind of failure: no line wider than 80 columns but a whole path, and each
+    path once."""
+    out = _show(run, which, capsys)
+    lines = out.splitlines()
+    reader = JournalReader(Path(run["rundir"]) / "journal.db")
+    row = reader.task(run["keys"][which])
+    reader.close()
+    assert row is not None
+    f = json.loads(row["failure"])
+    paths = tuple(str(f[k]) for k in ("sandbox", "stdout_path", "stderr_path") if f.get(k))
+    assert not _too_wide(lines, paths), _too_wide(lines, paths)
+    for p in paths:
+        assert lines.count(p) == 1, p
+    assert f"{f['category']}: " in out

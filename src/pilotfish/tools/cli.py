@@ -45,6 +45,7 @@ from ..digest import clean
 from ..store.reader import JournalReader
 from ..store.schema import JournalError, sqlite_problem
 from .render import (
+    Whole,
     plain,
     print_digest,
     print_failures,
@@ -143,8 +144,8 @@ def cmd_show(args: argparse.Namespace, console: Console) -> int:
     lines, full = task_lines(reader, row, tail_bytes=args.tail_kb * 1024, full=args.full)
 
     def emit() -> None:
-        for item in lines:
-            out.print(item)
+        for item in lines:  # a path whole (soft-wrapped by the terminal, copyable)
+            out.print(item, soft_wrap=isinstance(item, Whole))
 
     if console.is_terminal and not args.no_pager and full is None:
         # rich's pager holds what it shows: bounded here (the stderr is a tail)
