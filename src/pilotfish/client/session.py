@@ -35,6 +35,7 @@ from ..store.journal import Journal, JournalError
 from ..store.trust import secure_rundir
 from ..wire import messages as _wire
 from . import lifecycle
+from .describe import describe_argv, describe_call, task_name
 from .driver import Driver
 from .lifecycle import Closer
 from .options import (
@@ -338,7 +339,7 @@ class Session(cf.Executor):
             opts, fn = fn.task_options, fn.fn
         if not callable(fn):
             raise InvalidTask(f"map() needs a callable as first argument, got {fn!r}")
-        name = f"{opts.name or getattr(fn, '__qualname__', None) or type(fn).__name__}[chunk]"
+        name = f"{opts.name or task_name(fn)}[chunk]"
         opts = opts.merged(name=name)
         calls = zip(*iterables, strict=False)
         fs = [
@@ -415,6 +416,7 @@ class Session(cf.Executor):
         opts = spec.options
         task = self._register(opts.name or spec.shown, opts, digest, deps, payload, "command")
         task._declared_outputs = spec.outputs
+        task._call_text = describe_argv(argv)
         task._cmd_timeout = timeout
         task._programs = programs
         if modules:
@@ -521,9 +523,10 @@ class Session(cf.Executor):
         if lifecycle.exiting():
             raise RuntimeError("cannot schedule new futures after interpreter shutdown")
         payload, deps = self._pickle_call(fn, args, kwargs)
-        name = opts.name or getattr(fn, "__qualname__", None) or type(fn).__name__
+        name = opts.name or task_name(fn)  # the function a library's wrapper holds
         digest, task_unstable = call_key_digest((fn, args, kwargs), payload, deps)
         task = self._register(name, opts, digest, deps, payload, "call")
+        task._call_text = describe_call(fn, args, kwargs)
         task._key_unstable = task_unstable if opts.key is None else None
         task._output_of = output_of
         if output_of is not None:

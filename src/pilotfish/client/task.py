@@ -72,6 +72,8 @@ class Task(cf.Future, Keyed):  # type: ignore[type-arg]
         self._cmd_timeout: float | None = None
         self._programs: tuple[str, ...] = ()
         self._key_unstable: str | None = None  # why its auto-key may differ in another run
+        #: a short description of the call or argv, for people (the journal's "call")
+        self._call_text: str | None = None
 
     @property
     def _condition(self) -> threading.Condition:
