@@ -601,6 +601,8 @@ class Session(cf.Executor):
         self._closer.collected = False
         self._finalizer()  # once: a later garbage collection does nothing
         lifecycle.unregister(self)
+        if self._driver.resumer is not None:  # what resume took and what it ran, once
+            self._driver.resumer.report()
 
 
 def _chunk_results(fs: list[Task], end: float | None) -> Iterator[Any]:

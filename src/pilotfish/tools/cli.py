@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import logging
 import os
 import runpy
 import shlex
@@ -41,6 +42,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .. import digest as _digest
+from ..client.resume import SUMMARY as RESUME_SUMMARY
 from ..digest import clean
 from ..store.reader import JournalReader
 from ..store.schema import JournalError, sqlite_problem
@@ -235,6 +237,22 @@ class Progress:
             return t
 
 
+class _ResumeSummaries(logging.Filter):
+    """Takes each resumed session's summary off the ``pilotfish`` logger while a script
+    runs (``run_script`` prints it at the end, once); other records pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.texts: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = getattr(record, RESUME_SUMMARY, None)
+        if isinstance(text, str):
+            self.texts.append(text)
+            return False
+        return True
+
+
 def run_script(path: str, argv: list[str], console: Console, *, resume: bool) -> int:
     from ..client import lifecycle
 
@@ -243,6 +261,8 @@ def run_script(path: str, argv: list[str], console: Console, *, resume: bool) ->
         raise JournalError(f"no such workflow script: {script}")
     progress = Progress(console)
     lifecycle.add_listener(progress.on_event)
+    summaries = _ResumeSummaries()
+    logging.getLogger("pilotfish").addFilter(summaries)
     old_argv, old_env = sys.argv, os.environ.get("PILOTFISH_RESUME")
     sys.argv = [str(script), *argv]
     if resume:
@@ -261,12 +281,17 @@ def run_script(path: str, argv: list[str], console: Console, *, resume: bool) ->
             live.update(progress.render())
     finally:
         lifecycle.remove_listener(progress.on_event)
+        logging.getLogger("pilotfish").removeFilter(summaries)
         sys.argv = old_argv
         if resume:
             if old_env is None:
                 os.environ.pop("PILOTFISH_RESUME", None)
             else:
                 os.environ["PILOTFISH_RESUME"] = old_env
+    if summaries.texts:
+        console.line()
+    for text in summaries.texts:  # what each resumed session took and ran
+        wrapped(console, text)
     if progress.failed:
         n = len(progress.failed)
         console.line()
@@ -411,7 +436,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub, common, "run", "run a workflow script with a live progress display", cmd_run
     )
     _add_script_parser(
-        sub, common, "resume", "run a script again, skipping tasks already DONE", cmd_resume
+        sub,
+        common,
+        "resume",
+        "run a script again: tasks DONE before are taken from the journal, every other "
+        "one (failed ones too) runs again",
+        cmd_resume,
     )
     s = sub.add_parser(
         "status", parents=[common], help="counts by state and failure category, runs"
