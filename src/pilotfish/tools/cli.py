@@ -37,13 +37,12 @@ from typing import Any
 
 from rich import box
 from rich.console import Console
-from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
 from .. import digest as _digest
 from ..client.resume import SUMMARY as RESUME_SUMMARY
-from ..digest import clean
+from ..digest import clean, fmt_dur
 from ..store.reader import JournalReader
 from ..store.schema import JournalError, sqlite_problem
 from .render import (
@@ -164,47 +163,68 @@ def cmd_show(args: argparse.Namespace, console: Console) -> int:
 
 
 class Progress:
-    """Live display for `pilotfish run`: counts per state, failures, workers alive."""
+    """What `pilotfish run` says while a script runs, one line at a time on its own
+    console (stderr: never mixed into the script's stdout): each failure with its
+    category and reason, each lost worker with the tasks it was running, and a count
+    line (done, failed, running of submitted, elapsed) after each failure and at most
+    every ``every`` seconds while tasks move; :meth:`summary` at the end."""
 
-    def __init__(self, console: Console) -> None:
+    def __init__(
+        self, console: Console, *, every: float = 5.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.console = console
         self.states: dict[str, str] = {}
         self.failed: list[str] = []
         self.workers: set[str] = set()
-        self.rundirs: list[str] = []  # of sessions with failed tasks (for the report hint)
+        self.rundirs: list[str] = []  # of the sessions seen (for the hints)
         self.lock = threading.Lock()
-        self.live: Live | None = None
+        self.every = every
+        self.clock = clock
+        self.t0 = clock()
+        self._last = self.t0  # when the last count line was printed
+        self._changed = False
+
+    def _say(self, text: str, style: str = "") -> None:
+        wrapped(self.console, text, style=style, indent="")
 
     def on_event(self, e: Any) -> None:
         from ..client.events import MasterEvent, TaskEvent, WorkerEvent
 
         with self.lock:
             if isinstance(e, TaskEvent):
+                first = not self.states
                 self.states[e.key] = e.finish.name
+                self._changed = True
+                if first:
+                    self._note_rundirs()
                 if e.finish.name == "FAILED":
                     self.failed.append(e.key)
-                    self.console.print(plain(f"failed: {e.key}", "red"))
+                    f = getattr(e, "failure", None)
+                    why = f" ({_category(f)}: {_digest.reason(f)})" if f is not None else ""
+                    self._say(f"failed: {e.key}{why}", "red")
                     self._note_rundirs()
+                    self._count()
+                elif self.clock() - self._last >= self.every:
+                    self._count()
             elif isinstance(e, WorkerEvent):
                 if e.kind == "started":
                     self.workers.add(e.worker)
                 elif e.kind in ("lost", "stopped", "start_failed"):
                     self.workers.discard(e.worker)
                     if e.kind == "lost":
-                        self.console.print(plain(f"worker {e.worker} lost: {e.message}", "yellow"))
+                        held = f" while running {', '.join(e.held)}" if e.held else ""
+                        self._say(f"worker {e.worker} lost{held}: {e.message}", "yellow")
             elif isinstance(e, MasterEvent) and e.kind == "lost":
-                self.console.print(plain(f"master lost: {e.message}", "yellow"))
-        if self.live is not None:
-            self.live.update(self.render())
+                self._say(f"master lost: {e.message}", "yellow")
 
     def _note_rundirs(self) -> None:
-        """The run directories of the live sessions with a journal (a failure happened in
-        one of them): `run` names them in its report hint."""
+        """The run directories of the live sessions with a journal: `run` names them in
+        its hints."""
         from ..client import lifecycle
 
         try:
             journals = lifecycle.live_journals()
-        except RuntimeError:  # the set changed while it was read: the next failure retries
+        except RuntimeError:  # the set changed while it was read: the next event retries
             return
         for path in journals:
             if path.name == "journal.db":
@@ -212,29 +232,35 @@ class Progress:
                 if rundir not in self.rundirs:
                     self.rundirs.append(rundir)
 
-    def render(self) -> Table:
+    def count_line(self) -> str:
+        c = Counter(self.states.values())
+        n = len(self.states)
+        ended = c["DONE"] + c["FAILED"] + c["CANCELLED"]
+        waiting = c["PENDING"] + c["READY"] + c["RETRYING"]
+        parts = [f"{c['DONE']} done", f"{c['FAILED']} failed"]
+        for n_, what in ((c["CANCELLED"], "cancelled"), (c["RUNNING"], "running")):
+            if n_:
+                parts.append(f"{n_} {what}")
+        if waiting:
+            parts.append(f"{waiting} waiting")
+        pct = f" ({100 * ended // n}%)" if n else ""
+        return f"[{fmt_dur(self.clock() - self.t0)}] {', '.join(parts)} of {n} submitted{pct}"
+
+    def _count(self) -> None:
+        self._last = self.clock()
+        self._changed = False
+        self._say(self.count_line(), "dim")
+
+    def summary(self) -> None:
+        """The last count line (if any task was seen and it changed since)."""
         with self.lock:
-            c = Counter(self.states.values())
-            t = Table(box=box.MINIMAL, show_header=True)
-            for s in ("PENDING", "READY", "RUNNING", "RETRYING", "DONE", "FAILED", "CANCELLED"):
-                t.add_column(s.lower(), justify="right")
-            t.add_column("workers", justify="right")
-            t.add_row(
-                *[
-                    str(c.get(s, 0))
-                    for s in (
-                        "PENDING",
-                        "READY",
-                        "RUNNING",
-                        "RETRYING",
-                        "DONE",
-                        "FAILED",
-                        "CANCELLED",
-                    )
-                ],
-                str(len(self.workers)),
-            )
-            return t
+            if self.states and self._changed:
+                self._count()
+
+
+def _category(f: Any) -> str:
+    cat = getattr(f, "category", None)
+    return str(getattr(cat, "value", cat) or "unknown")
 
 
 class _ResumeSummaries(logging.Filter):
@@ -259,7 +285,7 @@ def run_script(path: str, argv: list[str], console: Console, *, resume: bool) ->
     script = Path(path)
     if not script.is_file():
         raise JournalError(f"no such workflow script: {script}")
-    progress = Progress(console)
+    progress = Progress(Console(stderr=True))  # the script's stdout stays its own
     lifecycle.add_listener(progress.on_event)
     summaries = _ResumeSummaries()
     logging.getLogger("pilotfish").addFilter(summaries)
@@ -270,15 +296,11 @@ def run_script(path: str, argv: list[str], console: Console, *, resume: bool) ->
     sys.path.insert(0, str(script.resolve().parent))
     code = 0
     try:
-        with Live(
-            progress.render(), console=console, refresh_per_second=8, transient=False
-        ) as live:
-            progress.live = live
-            try:
-                runpy.run_path(str(script), run_name="__main__")
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-            live.update(progress.render())
+        try:
+            runpy.run_path(str(script), run_name="__main__")
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        progress.summary()
     finally:
         lifecycle.remove_listener(progress.on_event)
         logging.getLogger("pilotfish").removeFilter(summaries)
@@ -288,13 +310,10 @@ def run_script(path: str, argv: list[str], console: Console, *, resume: bool) ->
                 os.environ.pop("PILOTFISH_RESUME", None)
             else:
                 os.environ["PILOTFISH_RESUME"] = old_env
-    if summaries.texts:
-        console.line()
     for text in summaries.texts:  # what each resumed session took and ran
         wrapped(console, text)
     if progress.failed:
         n = len(progress.failed)
-        console.line()
         console.print(Text(f"{n} task(s) failed; see `pilotfish failures`", style="red"))
         for rundir in progress.rundirs:
             hint = _report_hint(_short(rundir))
