@@ -101,3 +101,33 @@ def test_progress_count_lines_every_interval(capsys: pytest.CaptureFixture[str])
     assert out[1].endswith("2 done, 1 failed of 3 submitted (100%)")
     prog.on_event(WorkerEvent("lost", "w3", 12, 8.0, signal="SIGKILL", held=("a", "b")))
     assert capsys.readouterr().out.startswith("worker w3 lost while running a, b:")
+
+
+@pytest.mark.timeout(90)
+def test_check_fits_and_creates_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Item 13: `check` at 80 columns: one check per line, the searched sys.path one entry
+    per line (whole); the current directory is left as it was (no ./.pilotfish)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.txt").write_text("x")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code = cli.main(["check", "--requires", "no_such_module_pf25"])
+    assert code == cli.EXIT_FAILED
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0] == "pre-flight checks (local backend)"
+    assert any(ln.startswith("ok      python ") for ln in lines)
+    failed = [ln for ln in lines if ln.startswith("FAILED  module no_such_module_pf25")]
+    assert len(failed) == 1
+    i = lines.index("        sys.path searched:")
+    entries = []
+    for ln in lines[i + 1 :]:
+        if not ln.startswith(" " * 10):
+            break
+        entries.append(ln.strip())
+    assert len(entries) >= 3 and all(e.startswith("/") for e in entries)
+    assert "        fix: install it on the workers: pip install 'no_such_module_pf25'" in lines
+    wide = [ln for ln in _wide(out) if ln.strip() not in entries]
+    assert not wide, wide

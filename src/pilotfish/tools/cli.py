@@ -20,14 +20,19 @@ and ``report --html`` writes one self-contained HTML page (:mod:`pilotfish.tools
 from __future__ import annotations
 
 import argparse
+import ast
+import contextlib
 import errno
 import json
 import logging
 import os
+import re
 import runpy
 import shlex
 import sqlite3
 import sys
+import tempfile
+import textwrap
 import threading
 import time
 from collections import Counter
@@ -35,9 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rich import box
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 
 from .. import digest as _digest
@@ -332,33 +335,54 @@ def cmd_resume(args: argparse.Namespace, console: Console) -> int:
     return run_script(args.script, args.args, console, resume=True)
 
 
+_SYS_PATH = re.compile(r"\s*\(sys\.path searched: (\[.*\])\)")
+
+
 def cmd_check(args: argparse.Namespace, console: Console) -> int:
+    """Pre-flight checks of the workers' environment, one check per line (what was
+    found, the fix), a searched ``sys.path`` one entry per line. It creates nothing:
+    the session runs in a temporary run directory, removed at the end."""
     from .. import Session
     from ..errors import PilotfishError
 
     try:
-        with Session(
-            workers=1,
-            backend=args.backend,
-            rundir=args.rundir,
-            journal=None,
-            **({"address": args.address} if args.address else {}),
-        ) as s:
+        with (
+            tempfile.TemporaryDirectory(prefix="pilotfish-check-") as scratch,
+            Session(
+                workers=1,
+                backend=args.backend,
+                rundir=scratch,
+                journal=None,
+                **({"address": args.address} if args.address else {}),
+            ) as s,
+        ):
             checks = s.preflight(args.requires, args.program)
     except PilotfishError as e:
         Console(stderr=True).print(plain(f"pilotfish check: {e}", "red", one_line=False))
         return EXIT_FAILED
-    t = Table(title=f"pre-flight checks ({args.backend} backend)", box=box.SIMPLE_HEAVY)
-    for col in ("check", "result", "found", "fix"):
-        t.add_column(col, overflow="fold")
+    console.print(Text(f"pre-flight checks ({args.backend} backend)", style="bold"))
     for c in checks:
-        t.add_row(
-            plain(c.name),
-            Text("ok", style="green") if c.ok else Text("FAILED", style="red"),
-            plain(c.found, one_line=False),
-            plain("" if c.ok else c.hint, one_line=False),
+        found, paths = str(c.found), []
+        m = _SYS_PATH.search(found)
+        if m:
+            with contextlib.suppress(ValueError, SyntaxError):
+                paths = [str(p) for p in ast.literal_eval(m.group(1))]
+                found = found[: m.start()] + found[m.end() :]
+        mark = "ok    " if c.ok else "FAILED"
+        head = textwrap.wrap(
+            clean(f"{mark}  {c.name}: {found}", one_line=True),
+            width=max(20, console.width),
+            subsequent_indent=" " * 8,
+            break_on_hyphens=False,
         )
-    console.print(t)
+        for ln in head:
+            console.print(Text(ln, style="" if c.ok else "red"), no_wrap=True, crop=True)
+        if paths:
+            wrapped(console, "sys.path searched:", indent="        ")
+            for p in paths:
+                console.print(Whole("          " + clean(p, one_line=True)), soft_wrap=True)
+        if not c.ok and c.hint:
+            wrapped(console, f"fix: {c.hint}", indent="        ")
     bad = sum(not c.ok for c in checks)
     if bad:
         console.print(Text(f"{bad} check(s) failed", style="red"))
@@ -543,7 +567,10 @@ def _add_show_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
 
 def _add_check_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
     c = sub.add_parser(
-        "check", parents=[common], help="pre-flight checks of the worker environment"
+        "check",
+        parents=[common],
+        help="pre-flight checks of the worker environment (creates nothing: it runs in a "
+        "temporary run directory, removed at the end; --rundir is not used)",
     )
     c.add_argument("--backend", default="local", choices=["local", "dask"])
     c.add_argument("--address", help="Dask scheduler address (with --backend dask)")
