@@ -131,3 +131,37 @@ def test_check_fits_and_creates_nothing(
     assert "        fix: install it on the workers: pip install 'no_such_module_pf25'" in lines
     wide = [ln for ln in _wide(out) if ln.strip() not in entries]
     assert not wide, wide
+
+
+OWN_RUNDIR = """
+import pilotfish
+
+def boom(x):
+    raise RuntimeError(f"boom {x}")
+
+with pilotfish.Session(workers=1, **KW) as s:
+    pilotfish.wait([s.submit(boom, 1)])
+"""
+
+
+@pytest.mark.timeout(90)
+def test_run_rundir_is_the_scripts_default(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Item 10: `run --rundir X` makes X the run directory of a Session made without
+    one, and the hints name it; a script that names its own run directory is told
+    apart, and the hints name the one it used."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "plain.py").write_text(OWN_RUNDIR.replace("**KW", ""))
+    assert cli.main(["run", "--rundir", "other", "plain.py"]) == cli.EXIT_FAILED
+    out = " ".join(capsys.readouterr().out.split())
+    assert (tmp_path / "other" / "journal.db").is_file()
+    assert not (tmp_path / ".pilotfish").exists()
+    assert "pilotfish --rundir other failures --group" in out and "note:" not in out
+    (tmp_path / "own.py").write_text(OWN_RUNDIR.replace("**KW", "rundir='mine'"))
+    assert cli.main(["run", "--rundir", "other", "own.py"]) == cli.EXIT_FAILED
+    cap = capsys.readouterr()
+    out = " ".join(cap.out.split())
+    assert "note: --rundir other was not used" in out and "its journal is in mine" in out
+    assert "pilotfish --rundir mine failures --group" in out
+    assert not _wide(cap.out)

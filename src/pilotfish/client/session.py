@@ -101,12 +101,17 @@ def _open_rundir(
         raise
 
 
+#: the environment variable that names the default run directory (`pilotfish run --rundir`)
+RUNDIR_ENV = "PILOTFISH_RUNDIR"
+
+
 class Session(cf.Executor):
     """Run Python callables (and programs) with every failure recorded and handled.
 
     Keywords: ``workers`` (default: CPU count), ``backend`` (``"local"``, ``"dask"``,
     ``"radical"``, or a backend object such as
-    :class:`pilotfish.backends.fake.FakeBackend`), ``rundir``, ``keep_going`` (default
+    :class:`pilotfish.backends.fake.FakeBackend`), ``rundir`` (default
+    ``$PILOTFISH_RUNDIR``, else ``./.pilotfish``), ``keep_going`` (default
     True: independent work continues after a failure; False cancels what has not
     started), ``on_event(event)``, ``on_failure(failure, call)``, ``poison_after``
     (worker deaths that make a task poison), ``heartbeat_interval``/``heartbeat_timeout``
@@ -133,7 +138,7 @@ class Session(cf.Executor):
         initializer: Callable[..., Any] | None = None,
         initargs: Iterable[Any] = (),
         backend: str | Backend = "local",
-        rundir: str = ".pilotfish",
+        rundir: str | None = None,
         keep_going: bool = True,
         on_event: Callable[[Any], None] | None = None,
         on_failure: Callable[[FailureRecord, Call], Retry | Fail | None] | None = None,
@@ -162,7 +167,10 @@ class Session(cf.Executor):
             max_master_restarts,
             workers_name=workers_name,
         )
-        rundir = check_rundir(rundir)
+        # the default: $PILOTFISH_RUNDIR (`pilotfish run --rundir X` sets it), else .pilotfish
+        rundir = check_rundir(
+            rundir if rundir is not None else os.environ.get(RUNDIR_ENV) or ".pilotfish"
+        )
         if initializer is not None and not callable(initializer):
             raise InvalidTask(
                 f"Session(initializer={initializer!r}) is invalid: give a callable, run once "

@@ -282,8 +282,13 @@ class _ResumeSummaries(logging.Filter):
         return True
 
 
-def run_script(path: str, argv: list[str], console: Console, *, resume: bool) -> int:
+def run_script(
+    path: str, argv: list[str], console: Console, *, resume: bool, rundir: str | None = None
+) -> int:
+    """Run the script ``path`` as ``__main__``; ``rundir``: the default run directory of
+    the Sessions it makes without one ($PILOTFISH_RUNDIR while it runs)."""
     from ..client import lifecycle
+    from ..client.session import RUNDIR_ENV
 
     script = Path(path)
     if not script.is_file():
@@ -293,6 +298,9 @@ def run_script(path: str, argv: list[str], console: Console, *, resume: bool) ->
     summaries = _ResumeSummaries()
     logging.getLogger("pilotfish").addFilter(summaries)
     old_argv, old_env = sys.argv, os.environ.get("PILOTFISH_RESUME")
+    old_rundir = os.environ.get(RUNDIR_ENV)
+    if rundir is not None:
+        os.environ[RUNDIR_ENV] = rundir
     sys.argv = [str(script), *argv]
     if resume:
         os.environ["PILOTFISH_RESUME"] = "1"
@@ -308,11 +316,27 @@ def run_script(path: str, argv: list[str], console: Console, *, resume: bool) ->
         lifecycle.remove_listener(progress.on_event)
         logging.getLogger("pilotfish").removeFilter(summaries)
         sys.argv = old_argv
+        if rundir is not None:
+            if old_rundir is None:
+                os.environ.pop(RUNDIR_ENV, None)
+            else:
+                os.environ[RUNDIR_ENV] = old_rundir
         if resume:
             if old_env is None:
                 os.environ.pop("PILOTFISH_RESUME", None)
             else:
                 os.environ["PILOTFISH_RESUME"] = old_env
+    if rundir is not None:
+        for used in progress.rundirs:
+            if Path(used).absolute() != Path(rundir).absolute():
+                wrapped(
+                    console,
+                    f"note: --rundir {shlex.quote(rundir)} was not used by a Session of the "
+                    f"script that names its own run directory: its journal is in "
+                    f"{shlex.quote(_short(used))} (--rundir is the default only for "
+                    "Sessions made without rundir=)",
+                    style="yellow",
+                )
     for text in summaries.texts:  # what each resumed session took and ran
         wrapped(console, text)
     if progress.failed:
@@ -327,12 +351,17 @@ def run_script(path: str, argv: list[str], console: Console, *, resume: bool) ->
     return code
 
 
+def _given_rundir(args: argparse.Namespace) -> str | None:
+    """The --rundir given to `run`/`resume` (None: the default, ./.pilotfish)."""
+    return None if Path(args.rundir) == Path(".pilotfish") else str(args.rundir)
+
+
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
-    return run_script(args.script, args.args, console, resume=False)
+    return run_script(args.script, args.args, console, resume=False, rundir=_given_rundir(args))
 
 
 def cmd_resume(args: argparse.Namespace, console: Console) -> int:
-    return run_script(args.script, args.args, console, resume=True)
+    return run_script(args.script, args.args, console, resume=True, rundir=_given_rundir(args))
 
 
 _SYS_PATH = re.compile(r"\s*\(sys\.path searched: (\[.*\])\)")
