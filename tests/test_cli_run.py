@@ -5,6 +5,7 @@ their tasks, count lines), hints naming the run directory the script really used
 
 from __future__ import annotations
 
+import argparse
 import re
 from pathlib import Path
 
@@ -165,3 +166,33 @@ def test_run_rundir_is_the_scripts_default(
     assert "note: --rundir other was not used" in out and "its journal is in mine" in out
     assert "pilotfish --rundir mine failures --group" in out
     assert not _wide(cap.out)
+
+
+def test_help_has_examples_and_every_argument_explained(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Item 12: each command's --help ends with examples, every argument has help, no
+    line is wider than 80 columns; demo's help names the run directory it uses."""
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) == {
+        "run",
+        "resume",
+        "status",
+        "failures",
+        "report",
+        "show",
+        "check",
+        "demo",
+    }
+    for name, p in sub.choices.items():
+        for action in p._actions:
+            assert action.help, (name, action.dest)
+        with pytest.raises(SystemExit):
+            cli.main([name, "--help"])
+        out = capsys.readouterr().out
+        assert "examples:\n  pilotfish " in out, name
+        assert not _wide(out), (name, _wide(out))
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--help"])
+    assert "./.pilotfish-demo" in " ".join(capsys.readouterr().out.split())

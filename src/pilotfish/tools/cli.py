@@ -489,15 +489,45 @@ def _positive_int(text: str) -> int:
     return n
 
 
-_RUNDIR_HELP = "run directory holding journal.db (default: ./.pilotfish)"
+_RUNDIR_HELP = (
+    "run directory holding journal.db (default: ./.pilotfish; for run/resume, the default "
+    "of the script's Sessions made without rundir=)"
+)
 
 _Subparsers = Any  # argparse's _SubParsersAction (private to argparse)
+
+#: examples shown at the end of each command's --help
+_EXAMPLES = {
+    "run": "  pilotfish run ensemble.py --members 100\n"
+    "  pilotfish run --rundir runs/today ensemble.py  # its Sessions default rundir",
+    "resume": "  pilotfish resume ensemble.py --members 100   # the same script and arguments",
+    "status": "  pilotfish status\n  pilotfish --rundir runs/today status",
+    "failures": "  pilotfish failures            # one line per failed task, reason first\n"
+    "  pilotfish failures --group    # grouped by cause, largest group first\n"
+    "  pilotfish failures --json | jq '.[].call'",
+    "report": "  pilotfish report --html\n  pilotfish report --out ~/public_html/run.html",
+    "show": "  pilotfish show simulate-18010ca2a0f7\n"
+    "  pilotfish show mdrun-7 --full --no-pager > mdrun-7.txt",
+    "check": "  pilotfish check --requires 'numpy>=1.26' --program gmx\n"
+    "  pilotfish check --backend dask --address tcp://head:8786 --requires scipy",
+    "demo": "  pilotfish demo\n  pilotfish demo --gromacs --rundir /tmp/md-demo",
+}
+
+
+def _examples(name: str) -> dict[str, Any]:
+    return {
+        "epilog": "examples:\n" + _EXAMPLES[name],
+        "formatter_class": argparse.RawDescriptionHelpFormatter,
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pilotfish",
         description="Run workflows and inspect their journal (failures are first-class).",
+        epilog="examples:\n  pilotfish run ensemble.py\n  pilotfish failures\n"
+        "  pilotfish show KEY\n  pilotfish COMMAND --help   # each command's own examples",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--rundir", default=".pilotfish", help=_RUNDIR_HELP)
     # --rundir after the command too (it then overrides the one before, if given)
@@ -505,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--rundir", default=argparse.SUPPRESS, help=_RUNDIR_HELP)
     sub = p.add_subparsers(dest="command", required=True)
     _add_script_parser(
-        sub, common, "run", "run a workflow script with a live progress display", cmd_run
+        sub, common, "run", "run a workflow script; progress (failures, counts) on stderr", cmd_run
     )
     _add_script_parser(
         sub,
@@ -516,7 +546,10 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_resume,
     )
     s = sub.add_parser(
-        "status", parents=[common], help="counts by state and failure category, runs"
+        "status",
+        parents=[common],
+        help="counts by state and failure category, runs",
+        **_examples("status"),
     )
     s.set_defaults(func=cmd_status)
     _add_failures_parser(sub, common)
@@ -534,9 +567,13 @@ def _add_script_parser(
     what: str,
     func: Callable[[argparse.Namespace, Console], int],
 ) -> None:
-    r = sub.add_parser(name, parents=[common], help=what)
-    r.add_argument("script")
-    r.add_argument("args", nargs=argparse.REMAINDER)
+    r = sub.add_parser(
+        name, parents=[common], help=what, description=textwrap.fill(what, 78), **_examples(name)
+    )
+    r.add_argument("script", help="the workflow script (Python) to run as __main__")
+    r.add_argument(
+        "args", nargs=argparse.REMAINDER, help="arguments passed to the script (its sys.argv)"
+    )
     r.set_defaults(func=func)
 
 
@@ -545,6 +582,7 @@ def _add_failures_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> N
         "failures",
         parents=[common],
         help="every failed task on one line (--group: the digest, grouped by cause)",
+        **_examples("failures"),
     )
     f.add_argument(
         "--group",
@@ -557,7 +595,10 @@ def _add_failures_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> N
 
 def _add_report_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
     rp = sub.add_parser(
-        "report", parents=[common], help="write one self-contained HTML page about the run"
+        "report",
+        parents=[common],
+        help="write one self-contained HTML page about the run",
+        **_examples("report"),
     )
     rp.add_argument(
         "--html", action="store_true", help="an HTML page (the only format, and the default)"
@@ -575,10 +616,19 @@ def _add_report_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> Non
 
 def _add_show_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
     sh = sub.add_parser(
-        "show", parents=[common], help="everything about one task: attempts, complete output"
+        "show",
+        parents=[common],
+        help="everything about one task: attempts, complete output",
+        **_examples("show"),
     )
-    sh.add_argument("key")
-    sh.add_argument("--no-pager", action="store_true")
+    sh.add_argument(
+        "key", help="the task's key, as `failures` lists it (a prefix lists the keys starting so)"
+    )
+    sh.add_argument(
+        "--no-pager",
+        action="store_true",
+        help="print straight to the terminal (default there: a pager, such as less)",
+    )
     sh.add_argument(
         "--full",
         action="store_true",
@@ -600,8 +650,14 @@ def _add_check_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None
         parents=[common],
         help="pre-flight checks of the worker environment (creates nothing: it runs in a "
         "temporary run directory, removed at the end; --rundir is not used)",
+        **_examples("check"),
     )
-    c.add_argument("--backend", default="local", choices=["local", "dask"])
+    c.add_argument(
+        "--backend",
+        default="local",
+        choices=["local", "dask"],
+        help="whose workers to check (default: local)",
+    )
     c.add_argument("--address", help="Dask scheduler address (with --backend dask)")
     c.add_argument(
         "--requires",
@@ -622,7 +678,14 @@ def _add_check_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None
 
 def _add_demo_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
     d = sub.add_parser(
-        "demo", parents=[common], help="run a bundled example ensemble with deliberate failures"
+        "demo",
+        help="run a bundled example ensemble with deliberate failures",
+        **_examples("demo"),
+    )
+    d.add_argument(
+        "--rundir",
+        default=argparse.SUPPRESS,
+        help="run directory of the demo (default: ./.pilotfish-demo, not ./.pilotfish)",
     )
     d.add_argument(
         "--gromacs",
