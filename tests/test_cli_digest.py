@@ -66,7 +66,7 @@ def test_failures_one_line_per_task_at_80_columns(
     assert cli.main(["--rundir", run["rundir"], "failures"]) == 0
     lines = _lines(capsys.readouterr().out)
     assert lines[0] == "7 failed task(s)"
-    assert lines[1].split() == ["key", "category", "attempts", "message"]
+    assert lines[1].split() == ["key", "category", "tries", "reason"]
     rows = lines[2:9]
     assert len(lines) == 10 and "pilotfish show KEY" in lines[9]
     assert all(cell_len(ln) <= 80 for ln in lines), [ln for ln in lines if cell_len(ln) > 80]
@@ -74,9 +74,9 @@ def test_failures_one_line_per_task_at_80_columns(
     assert "…" in long and "user_error" in long and "ValueError: seed 99" in long
     assert long.endswith("…")
     mdrun = next(ln for ln in rows if ln.startswith("mdrun "))
-    assert "command_failed" in mdrun and "program" in mdrun
+    assert "command_failed" in mdrun and "exit 2: ERROR: Invalid enum" in mdrun
     dep = [ln for ln in rows if "dependency_failed" in ln]
-    assert len(dep) == 2 and all("did not run: its input" in ln for ln in dep)
+    assert len(dep) == 2 and all("input failed: diverge-" in ln for ln in dep)
 
 
 def test_failures_group(run: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:

@@ -45,6 +45,7 @@ __all__ = [
     "format_digest",
     "headline",
     "mask",
+    "reason",
     "signature",
 ]
 
@@ -261,6 +262,87 @@ def signature(record: Any) -> str:
                 first = ""
         return f"{short}: {mask(first, names)}" if first else short
     return mask(first, names)
+
+
+_TIMEOUT_OF = re.compile(r"(?:time limit|timeout) of ([0-9][0-9.e+]*) ?s\b")
+_MISSING = re.compile(r"declared output\(s\) (.+?) (?:\(looked in|resolve outside)")
+_NOT_ON_PATH = re.compile(r"program ('[^']*'|\S+) was not found on PATH")
+_OUTPUT_NAME = re.compile(r"'([^']*)'|\"([^\"]*)\"")
+# an absolute path (or ~/...): in a one-line reason it becomes its last name
+_ABS_PATH = re.compile(r"(?<![\w.~/-])~?/[^\s'\";,()\[\]]+")
+
+
+def _basename(m: re.Match[str]) -> str:
+    name = m.group().rstrip("/.").rsplit("/", 1)[-1]
+    return f"…/{name}" if name else m.group()
+
+
+def _no_paths(text: str) -> str:
+    """``text`` with each absolute path replaced by ``…/`` and its last name (a one-line
+    view has no room for a sandbox path; ``show KEY`` prints them whole)."""
+    return _ABS_PATH.sub(_basename, text) if "/" in text else text
+
+
+def _missing_outputs(message: str) -> str | None:
+    m = _MISSING.search(message)
+    if m is None:
+        return None
+    names = [a or b for a, b in _OUTPUT_NAME.findall(m.group(1))] or [m.group(1)]
+    if "resolve outside" in m.group(0):
+        return f"output{'s' if len(names) != 1 else ''} outside the sandbox: {', '.join(names)}"
+    return f"missing output{'s' if len(names) != 1 else ''} {', '.join(names)}"
+
+
+def reason(record: Any) -> str:
+    """Why a task failed, short and reason first, for a one-line view (``pilotfish
+    failures``, ``run``'s progress lines): ``exit 3: <the distinctive stderr line>``,
+    ``signal SIGSEGV``, ``timed out after 5 s``, ``missing output x.dat``, ``worker lost:
+    signal SIGKILL``, ``ValueError: <first line>``; else the first line of the message.
+    Paths are cut to their last name (the category is shown beside it)."""
+    category = _category(record)
+    message = str(_get(record, "message") or "")
+    first = headline(record)
+    returncode, sig = _get(record, "returncode"), _get(record, "signal")
+    out = first
+    if category == "command_failed" and (returncode is not None or sig):
+        line = distinctive_line(_stderr_tail(record))
+        ended = exit_label(returncode, sig)
+        out = f"{ended}: {line}" if line else ended
+    elif category == "timeout":
+        m = _TIMEOUT_OF.search(message)
+        out = f"timed out after {m.group(1)} s" if m else first
+    elif category == "missing_output":
+        out = _missing_outputs(message) or first
+    elif category in ("worker_lost", "runtime_lost"):
+        who = "worker lost" if category == "worker_lost" else "master/scheduler lost"
+        if returncode is not None or sig:
+            out = f"{who}: {exit_label(returncode, sig)}"
+            if "poison" in message:
+                out += " (poison: it killed workers)"
+    elif category == "user_error":
+        exc_type = _get(record, "exc_type")
+        if exc_type:
+            short = _short_type(str(exc_type))
+            for prefix in (f"{exc_type}: ", f"{short}: "):
+                if first.startswith(prefix):
+                    first = first[len(prefix) :]
+                    break
+            else:
+                if first in (str(exc_type), short):
+                    first = ""
+            out = f"{short}: {first}" if first else short
+    elif category == "dependency_failed":
+        up, root = _get(record, "upstream"), _get(record, "root")
+        if up:
+            out = f"input failed: {up}" + (f" (root {root})" if root and root != up else "")
+    elif category == "environment" and (m := _NOT_ON_PATH.search(message)):
+        out = f"program {m.group(1)} not found on PATH"
+    elif first.endswith(":"):  # "requirements are not met:" and the list below it
+        rest = [ln.strip().removeprefix("- ") for ln in message.splitlines()[1:] if ln.strip()]
+        if rest:
+            more = f" (and {len(rest) - 1} more)" if len(rest) > 1 else ""
+            out = rest[0] + more
+    return _no_paths(out)
 
 
 def failure_digest(records: Iterable[Any]) -> dict[str, Any]:

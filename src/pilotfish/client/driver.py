@@ -226,7 +226,8 @@ class Driver:
                     if self.listeners:
                         t = self.tasks[c.tid]
                         n = len(self.core.attempts(c.tid)) or None
-                        acts.events.append(TaskEvent(t.key, t.name, c.start, c.finish, c.now, n))
+                        f = self.core.failure(c.tid) if c.finish is State.FAILED else None
+                        acts.events.append(TaskEvent(t.key, t.name, c.start, c.finish, c.now, n, f))
                 case wf.Dispatch():
                     acts.dispatch.append(self._attempt(c))
                 case wf.Drained():

@@ -12,11 +12,13 @@ from __future__ import annotations
 import dataclasses
 
 from ..core.states import State
+from ..errors import FailureRecord
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class TaskEvent:
-    """A task changed state (``start`` -> ``finish``); ``attempt`` is the attempt number."""
+    """A task changed state (``start`` -> ``finish``); ``attempt`` is the attempt number;
+    ``failure`` the task's :class:`pilotfish.FailureRecord` when it became FAILED."""
 
     key: str
     name: str
@@ -24,6 +26,7 @@ class TaskEvent:
     finish: State
     time: float
     attempt: int | None = None
+    failure: FailureRecord | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -8,15 +8,17 @@ started) continues that attempt: its first attempt's lineage names it, so
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 import sqlite3
 import threading
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..runtime.programs import find_sandbox, newest_sandbox, sandbox_index
-from ..store.schema import CLIENT_DIED
+from ..store.schema import CLIENT_DIED, safe_text
 
 if TYPE_CHECKING:
     from ..store.journal import Journal
@@ -24,7 +26,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pilotfish")
 
-__all__ = ["Earlier", "Resumer"]
+__all__ = ["SUMMARY", "Earlier", "Resumer"]
+
+#: the attribute of the log record that carries a resumed run's summary (``pilotfish
+#: resume`` prints it itself)
+SUMMARY = "pilotfish_resume_summary"
 
 #: the ``make_lineage`` ``earlier`` of an interrupted attempt, and the note of a Python
 #: task's attempt that continues it
@@ -46,11 +52,16 @@ class Resumer:
         self.nonce = nonce
         self.pending: dict[int, Earlier] = {}
         self._index: dict[str, list[tuple[int, Path]]] | None = None
+        #: what each task submitted in this run was before: "done" (taken from the
+        #: journal), "failed <category>", "unfinished <state>", "new"
+        self.before: Counter[str] = Counter()
 
     def restore_value(self, task: Task) -> tuple[bytes, Any] | None:
         """The journaled value of a task already DONE with this key, if any."""
         with self.lock:
             data = self.journal.done_value(task.key)
+            if data is None and task._output_of is None:
+                self.before[self._was(task.key)] += 1
         if data is None:
             if task._key_unstable is not None:
                 log.warning(
@@ -63,12 +74,68 @@ class Resumer:
                 )
             return None
         try:
-            return data, pickle.loads(data)
+            restored = data, pickle.loads(data)
         except Exception:
             log.warning(
                 "pilotfish: cannot unpickle the journaled value of %s; rerunning it", task.key
             )
+            self.before["unfinished DONE but its value could not be read"] += 1
             return None
+        if task._output_of is None:
+            self.before["done"] += 1
+        return restored
+
+    def _was(self, key: str) -> str:
+        """What ``key`` (not DONE) was in the journal: "failed <category>", "unfinished
+        <state>" or "new" (called with the lock held)."""
+        row = self.journal.reader.conn.execute(
+            "SELECT state, failure FROM tasks WHERE key=?", (safe_text(key),)
+        ).fetchone()
+        if row is None:
+            return "new"
+        state, failure = row[0], row[1]
+        if state == "FAILED":
+            try:
+                category = json.loads(failure)["category"] if failure else "unknown"
+            except (ValueError, TypeError, KeyError):
+                category = "unknown"
+            return f"failed {category}"
+        return f"unfinished {str(state).lower()}"
+
+    def summary(self) -> str | None:
+        """What this resumed run took from the journal and what it ran, in one line; None
+        if it submitted nothing."""
+        b = self.before
+        total = sum(b.values())
+        if not total:
+            return None
+        failed = {k.removeprefix("failed "): n for k, n in b.items() if k.startswith("failed ")}
+        unfinished = {
+            k.removeprefix("unfinished "): n for k, n in b.items() if k.startswith("unfinished ")
+        }
+
+        def detail(d: dict[str, int]) -> str:
+            return ", ".join(f"{k} {n}" for k, n in sorted(d.items(), key=lambda kv: -kv[1]))
+
+        parts = [f"{b['done']} DONE before, taken from the journal (not run)"]
+        n = sum(failed.values())
+        parts.append(f"{n} failed before, run again" + (f" ({detail(failed)})" if n else ""))
+        n = sum(unfinished.values())
+        if n:
+            parts.append(f"{n} unfinished before, run again ({detail(unfinished)})")
+        parts.append(f"{b['new']} new, run for the first time")
+        return (
+            f"pilotfish resume of {self.journal.path.parent}: {total} task(s): "
+            + "; ".join(parts)
+            + ". Resume reruns every task that did not end DONE, failed ones included."
+        )
+
+    def report(self) -> None:
+        """Say :meth:`summary` once, at the end of the run (the ``pilotfish`` logger,
+        WARNING: seen without any logging set up; ``pilotfish resume`` prints it)."""
+        text = self.summary()
+        if text is not None:
+            log.warning("%s", text, extra={SUMMARY: text})
 
     def earlier_attempt(self, task: Task) -> Earlier | None:
         """The attempt of an earlier run that ``task`` (not DONE) was running when that

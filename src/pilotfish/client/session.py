@@ -36,6 +36,7 @@ from ..store.journal import Journal, JournalError
 from ..store.trust import secure_rundir
 from ..wire import messages as _wire
 from . import lifecycle
+from .describe import describe_argv, describe_call, task_name
 from .driver import Driver
 from .lifecycle import Closer
 from .options import (
@@ -102,12 +103,17 @@ def _open_rundir(
         raise
 
 
+#: the environment variable that names the default run directory (`pilotfish run --rundir`)
+RUNDIR_ENV = "PILOTFISH_RUNDIR"
+
+
 class Session(cf.Executor):
     """Run Python callables (and programs) with every failure recorded and handled.
 
     Keywords: ``workers`` (default: CPU count), ``backend`` (``"local"``, ``"dask"``,
     ``"radical"``, or a backend object such as
-    :class:`pilotfish.backends.fake.FakeBackend`), ``rundir``, ``keep_going`` (default
+    :class:`pilotfish.backends.fake.FakeBackend`), ``rundir`` (default
+    ``$PILOTFISH_RUNDIR``, else ``./.pilotfish``), ``keep_going`` (default
     True: independent work continues after a failure; False cancels what has not
     started), ``on_event(event)``, ``on_failure(failure, call)``, ``poison_after``
     (worker deaths that make a task poison), ``heartbeat_interval``/``heartbeat_timeout``
@@ -139,7 +145,7 @@ class Session(cf.Executor):
         initializer: Callable[..., Any] | None = None,
         initargs: Iterable[Any] = (),
         backend: str | Backend = "local",
-        rundir: str = ".pilotfish",
+        rundir: str | None = None,
         keep_going: bool = True,
         on_event: Callable[[Any], None] | None = None,
         on_failure: Callable[[FailureRecord, Call], Retry | Fail | None] | None = None,
@@ -171,7 +177,10 @@ class Session(cf.Executor):
             max_master_restarts,
             workers_name=workers_name,
         )
-        rundir = check_rundir(rundir)
+        # the default: $PILOTFISH_RUNDIR (`pilotfish run --rundir X` sets it), else .pilotfish
+        rundir = check_rundir(
+            rundir if rundir is not None else os.environ.get(RUNDIR_ENV) or ".pilotfish"
+        )
         if initializer is not None and not callable(initializer):
             raise InvalidTask(
                 f"Session(initializer={initializer!r}) is invalid: give a callable, run once "
@@ -359,7 +368,7 @@ class Session(cf.Executor):
             opts, fn = fn.task_options, fn.fn
         if not callable(fn):
             raise InvalidTask(f"map() needs a callable as first argument, got {fn!r}")
-        name = f"{opts.name or getattr(fn, '__qualname__', None) or type(fn).__name__}[chunk]"
+        name = f"{opts.name or task_name(fn)}[chunk]"
         opts = opts.merged(name=name)
         calls = zip(*iterables, strict=False)
         fs = [
@@ -440,6 +449,7 @@ class Session(cf.Executor):
         opts = spec.options
         task = self._register(opts.name or spec.shown, opts, digest, deps, payload, "command")
         task._declared_outputs = spec.outputs
+        task._call_text = describe_argv(argv)
         task._cmd_timeout = timeout
         task._programs = programs
         if modules:
@@ -547,10 +557,11 @@ class Session(cf.Executor):
             raise RuntimeError("cannot schedule new futures after interpreter shutdown")
         found = SettledFound()
         payload, deps = pickle_call((fn, args, kwargs), self, Task, found=found)
-        name = opts.name or getattr(fn, "__qualname__", None) or type(fn).__name__
+        name = opts.name or task_name(fn)  # the function a library's wrapper holds
         digest, task_unstable = call_key_digest((fn, args, kwargs), payload, deps)
         task = self._register(name, opts, digest, deps, payload, "call")
         task._settled = found.for_core(deps)
+        task._call_text = describe_call(fn, args, kwargs)
         task._key_unstable = task_unstable if opts.key is None else None
         task._output_of = output_of
         if output_of is not None:
@@ -625,6 +636,8 @@ class Session(cf.Executor):
         self._closer.collected = False
         self._finalizer()  # once: a later garbage collection does nothing
         lifecycle.unregister(self)
+        if self._driver.resumer is not None:  # what resume took and what it ran, once
+            self._driver.resumer.report()
 
 
 def _chunk_results(fs: list[Task], end: float | None) -> Iterator[Any]:

@@ -34,6 +34,8 @@ class Task(cf.Future, Keyed):  # type: ignore[type-arg]
 
     #: the inputs it takes settled (pilotfish.settled), for the core; most tasks: None
     _settled: Any = None
+    #: a short description of the call or argv, for people (the journal's "call")
+    _call_text: str | None = None
 
     def __init__(
         self,

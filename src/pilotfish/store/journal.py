@@ -76,8 +76,8 @@ log = logging.getLogger("pilotfish")
 # run) when the task is submitted again (resume), so no attempt is ever forgotten.
 _UPSERT = """
 INSERT INTO tasks (key, name, kind, deps, options, run, submitted, state, updated, failure,
-                   value, value_path, attempts, history)
-VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)
+                   value, value_path, attempts, history, call)
+VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)
 ON CONFLICT(key) DO UPDATE SET
     earlier = CASE WHEN tasks.run != excluded.run THEN
         coalesce(tasks.earlier, '') || json_object(
@@ -90,7 +90,7 @@ ON CONFLICT(key) DO UPDATE SET
     options = excluded.options, run = excluded.run, submitted = excluded.submitted,
     state = excluded.state, updated = excluded.updated, failure = excluded.failure,
     value = excluded.value, value_path = excluded.value_path, attempts = excluded.attempts,
-    history = excluded.history
+    history = excluded.history, call = coalesce(excluded.call, tasks.call)
 """
 
 _INSERT_EVENT = "INSERT INTO events VALUES (?,?,?,?,?,?,?,?)"
@@ -119,7 +119,7 @@ class _Rows:
         (OSError: the journal is broken); a record that cannot be encoded, as a row that
         says why."""
         (
-            (task_key, task_name, kind, deps, options),
+            (task_key, task_name, kind, deps, options, call),
             state,
             history,
             attempts,
@@ -156,8 +156,9 @@ class _Rows:
                 cached[1],
                 self.run,
             )
+            call = as_text(call)
             if state is None:  # submitted, nothing else known yet: the cheap row
-                return (*head, now, "PENDING", now, None, None, None, "[]", "")
+                return (*head, now, "PENDING", now, None, None, None, "[]", "", call)
             value_path = None
             if value is not None and len(value) > VALUE_INLINE_MAX:
                 value_path, value = str(self._value_file(task_key, value)), None
@@ -170,6 +171,7 @@ class _Rows:
                 value,
                 value_path,
                 *encode(history, attempts),
+                call,
             )
         except OSError:
             raise  # the values directory cannot be written: the journal is broken
@@ -177,7 +179,7 @@ class _Rows:
             log.warning("pilotfish: journal record of task %r is incomplete: %s", key, e)
             note = json.dumps({"journal_error": f"{type(e).__name__}: {e}"}, default=str)
             head = (key, name, str(kind), "[]", "{}", self.run)
-            return (*head, now, state or "PENDING", now, note, None, None, "[]", "")
+            return (*head, now, state or "PENDING", now, note, None, None, "[]", "", None)
 
     def event(self, e: tuple[Any, ...]) -> tuple[Any, ...]:
         """An event as a row: every text field through :func:`as_text`, whatever it holds."""
@@ -198,7 +200,7 @@ class _Rows:
         ASCII, its state and times, and why (``journal_error``)."""
         note = json.dumps({"journal_error": f"{type(e).__name__}: {e}"})
         head = (ascii(row[0]), ascii(row[1]), "call", "[]", "{}", self.run)
-        return (*head, row[6], row[7], row[8], note, None, None, "[]", "")
+        return (*head, row[6], row[7], row[8], note, None, None, "[]", "", None)
 
     def _value_file(self, key: str, value: bytes) -> Path:
         self.values_dir.mkdir(mode=0o700, exist_ok=True)
@@ -562,10 +564,10 @@ class Journal:
             self.error = err
 
 
-def _head(task: Any) -> tuple[str, str, str, tuple[str, ...], Any]:
+def _head(task: Any) -> tuple[str, str, str, tuple[str, ...], Any, str | None]:
     """What a record needs of a ``pilotfish.Task``: (key, name, kind, dependency keys,
-    options). Not the Task itself: a queued record must not keep a finished task, and
-    with it its result, alive until the next flush."""
+    options, the description of its call). Not the Task itself: a queued record must not
+    keep a finished task, and with it its result, alive until the next flush."""
     deps = task._deps
     return (
         task.key,
@@ -573,4 +575,5 @@ def _head(task: Any) -> tuple[str, str, str, tuple[str, ...], Any]:
         "output" if task._output_of is not None else task._kind,
         tuple(d.key for d in deps) if deps else (),
         task.options,
+        getattr(task, "_call_text", None),
     )

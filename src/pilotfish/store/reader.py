@@ -220,6 +220,7 @@ class JournalReader:
             f = json.loads(r["failure"]) if r["failure"] else {}
             f["attempts"] = len(json.loads(r["attempts"] or "[]"))
             f["name"] = r["name"]
+            f["call"] = r["call"] if "call" in r.keys() else None  # noqa: SIM118 (sqlite3.Row)
             out.append(f)
         return out
 

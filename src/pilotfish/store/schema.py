@@ -52,7 +52,7 @@ CREATE TABLE IF NOT EXISTS runs (
 CREATE TABLE IF NOT EXISTS tasks (
     key TEXT PRIMARY KEY, name TEXT, kind TEXT, deps TEXT, options TEXT, run INTEGER,
     submitted REAL, state TEXT, updated REAL, failure TEXT, value BLOB, value_path TEXT,
-    attempts TEXT, history TEXT, earlier TEXT);
+    attempts TEXT, history TEXT, earlier TEXT, call TEXT);
 CREATE TABLE IF NOT EXISTS events (
     run INTEGER, time REAL, kind TEXT, name TEXT, pid INTEGER, host TEXT, message TEXT,
     data TEXT);
@@ -63,9 +63,14 @@ CREATE INDEX IF NOT EXISTS started_key ON started (key);
 
 
 def create_schema(conn: sqlite3.Connection, created: float) -> None:
-    """Make the tables that are missing (all of them in a new journal) and record the
-    schema version and, in a new journal, when it was ``created``."""
+    """Make the tables that are missing (all of them in a new journal), and the columns
+    added since (``tasks.call``: the schema version stays, a pilotfish before it reads
+    such a journal), and record the schema version and, in a new journal, when it was
+    ``created``."""
     conn.executescript(_SCHEMA)
+    columns = {r[1] for r in conn.execute("PRAGMA table_info(tasks)")}
+    if "call" not in columns:  # a journal from before issue 25: readable by both
+        conn.execute("ALTER TABLE tasks ADD COLUMN call TEXT")
     conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
     conn.execute("INSERT OR IGNORE INTO meta VALUES ('created', ?)", (str(created),))
 

@@ -20,13 +20,19 @@ and ``report --html`` writes one self-contained HTML page (:mod:`pilotfish.tools
 from __future__ import annotations
 
 import argparse
+import ast
+import contextlib
 import errno
 import json
+import logging
 import os
+import re
 import runpy
 import shlex
 import sqlite3
 import sys
+import tempfile
+import textwrap
 import threading
 import time
 from collections import Counter
@@ -34,17 +40,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rich import box
 from rich.console import Console
-from rich.live import Live
-from rich.table import Table
 from rich.text import Text
 
 from .. import digest as _digest
-from ..digest import clean
+from ..client.resume import SUMMARY as RESUME_SUMMARY
+from ..digest import clean, fmt_dur
 from ..store.reader import JournalReader
 from ..store.schema import JournalError, sqlite_problem
 from .render import (
+    Whole,
     plain,
     print_digest,
     print_failures,
@@ -143,8 +148,8 @@ def cmd_show(args: argparse.Namespace, console: Console) -> int:
     lines, full = task_lines(reader, row, tail_bytes=args.tail_kb * 1024, full=args.full)
 
     def emit() -> None:
-        for item in lines:
-            out.print(item)
+        for item in lines:  # a path whole (soft-wrapped by the terminal, copyable)
+            out.print(item, soft_wrap=isinstance(item, Whole))
 
     if console.is_terminal and not args.no_pager and full is None:
         # rich's pager holds what it shows: bounded here (the stderr is a tail)
@@ -161,47 +166,68 @@ def cmd_show(args: argparse.Namespace, console: Console) -> int:
 
 
 class Progress:
-    """Live display for `pilotfish run`: counts per state, failures, workers alive."""
+    """What `pilotfish run` says while a script runs, one line at a time on its own
+    console (stderr: never mixed into the script's stdout): each failure with its
+    category and reason, each lost worker with the tasks it was running, and a count
+    line (done, failed, running of submitted, elapsed) after each failure and at most
+    every ``every`` seconds while tasks move; :meth:`summary` at the end."""
 
-    def __init__(self, console: Console) -> None:
+    def __init__(
+        self, console: Console, *, every: float = 5.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.console = console
         self.states: dict[str, str] = {}
         self.failed: list[str] = []
         self.workers: set[str] = set()
-        self.rundirs: list[str] = []  # of sessions with failed tasks (for the report hint)
+        self.rundirs: list[str] = []  # of the sessions seen (for the hints)
         self.lock = threading.Lock()
-        self.live: Live | None = None
+        self.every = every
+        self.clock = clock
+        self.t0 = clock()
+        self._last = self.t0  # when the last count line was printed
+        self._changed = False
+
+    def _say(self, text: str, style: str = "") -> None:
+        wrapped(self.console, text, style=style, indent="")
 
     def on_event(self, e: Any) -> None:
         from ..client.events import MasterEvent, TaskEvent, WorkerEvent
 
         with self.lock:
             if isinstance(e, TaskEvent):
+                first = not self.states
                 self.states[e.key] = e.finish.name
+                self._changed = True
+                if first:
+                    self._note_rundirs()
                 if e.finish.name == "FAILED":
                     self.failed.append(e.key)
-                    self.console.print(plain(f"failed: {e.key}", "red"))
+                    f = getattr(e, "failure", None)
+                    why = f" ({_category(f)}: {_digest.reason(f)})" if f is not None else ""
+                    self._say(f"failed: {e.key}{why}", "red")
                     self._note_rundirs()
+                    self._count()
+                elif self.clock() - self._last >= self.every:
+                    self._count()
             elif isinstance(e, WorkerEvent):
                 if e.kind == "started":
                     self.workers.add(e.worker)
                 elif e.kind in ("lost", "stopped", "start_failed"):
                     self.workers.discard(e.worker)
                     if e.kind == "lost":
-                        self.console.print(plain(f"worker {e.worker} lost: {e.message}", "yellow"))
+                        held = f" while running {', '.join(e.held)}" if e.held else ""
+                        self._say(f"worker {e.worker} lost{held}: {e.message}", "yellow")
             elif isinstance(e, MasterEvent) and e.kind == "lost":
-                self.console.print(plain(f"master lost: {e.message}", "yellow"))
-        if self.live is not None:
-            self.live.update(self.render())
+                self._say(f"master lost: {e.message}", "yellow")
 
     def _note_rundirs(self) -> None:
-        """The run directories of the live sessions with a journal (a failure happened in
-        one of them): `run` names them in its report hint."""
+        """The run directories of the live sessions with a journal: `run` names them in
+        its hints."""
         from ..client import lifecycle
 
         try:
             journals = lifecycle.live_journals()
-        except RuntimeError:  # the set changed while it was read: the next failure retries
+        except RuntimeError:  # the set changed while it was read: the next event retries
             return
         for path in journals:
             if path.name == "journal.db":
@@ -209,66 +235,112 @@ class Progress:
                 if rundir not in self.rundirs:
                     self.rundirs.append(rundir)
 
-    def render(self) -> Table:
+    def count_line(self) -> str:
+        c = Counter(self.states.values())
+        n = len(self.states)
+        ended = c["DONE"] + c["FAILED"] + c["CANCELLED"]
+        waiting = c["PENDING"] + c["READY"] + c["RETRYING"]
+        parts = [f"{c['DONE']} done", f"{c['FAILED']} failed"]
+        for n_, what in ((c["CANCELLED"], "cancelled"), (c["RUNNING"], "running")):
+            if n_:
+                parts.append(f"{n_} {what}")
+        if waiting:
+            parts.append(f"{waiting} waiting")
+        pct = f" ({100 * ended // n}%)" if n else ""
+        return f"[{fmt_dur(self.clock() - self.t0)}] {', '.join(parts)} of {n} submitted{pct}"
+
+    def _count(self) -> None:
+        self._last = self.clock()
+        self._changed = False
+        self._say(self.count_line(), "dim")
+
+    def summary(self) -> None:
+        """The last count line (if any task was seen and it changed since)."""
         with self.lock:
-            c = Counter(self.states.values())
-            t = Table(box=box.MINIMAL, show_header=True)
-            for s in ("PENDING", "READY", "RUNNING", "RETRYING", "DONE", "FAILED", "CANCELLED"):
-                t.add_column(s.lower(), justify="right")
-            t.add_column("workers", justify="right")
-            t.add_row(
-                *[
-                    str(c.get(s, 0))
-                    for s in (
-                        "PENDING",
-                        "READY",
-                        "RUNNING",
-                        "RETRYING",
-                        "DONE",
-                        "FAILED",
-                        "CANCELLED",
-                    )
-                ],
-                str(len(self.workers)),
-            )
-            return t
+            if self.states and self._changed:
+                self._count()
 
 
-def run_script(path: str, argv: list[str], console: Console, *, resume: bool) -> int:
+def _category(f: Any) -> str:
+    cat = getattr(f, "category", None)
+    return str(getattr(cat, "value", cat) or "unknown")
+
+
+class _ResumeSummaries(logging.Filter):
+    """Takes each resumed session's summary off the ``pilotfish`` logger while a script
+    runs (``run_script`` prints it at the end, once); other records pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.texts: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = getattr(record, RESUME_SUMMARY, None)
+        if isinstance(text, str):
+            self.texts.append(text)
+            return False
+        return True
+
+
+def run_script(
+    path: str, argv: list[str], console: Console, *, resume: bool, rundir: str | None = None
+) -> int:
+    """Run the script ``path`` as ``__main__``; ``rundir``: the default run directory of
+    the Sessions it makes without one ($PILOTFISH_RUNDIR while it runs)."""
     from ..client import lifecycle
+    from ..client.session import RUNDIR_ENV
 
     script = Path(path)
     if not script.is_file():
         raise JournalError(f"no such workflow script: {script}")
-    progress = Progress(console)
+    progress = Progress(Console(stderr=True))  # the script's stdout stays its own
     lifecycle.add_listener(progress.on_event)
+    summaries = _ResumeSummaries()
+    logging.getLogger("pilotfish").addFilter(summaries)
     old_argv, old_env = sys.argv, os.environ.get("PILOTFISH_RESUME")
+    old_rundir = os.environ.get(RUNDIR_ENV)
+    if rundir is not None:
+        os.environ[RUNDIR_ENV] = rundir
     sys.argv = [str(script), *argv]
     if resume:
         os.environ["PILOTFISH_RESUME"] = "1"
     sys.path.insert(0, str(script.resolve().parent))
     code = 0
     try:
-        with Live(
-            progress.render(), console=console, refresh_per_second=8, transient=False
-        ) as live:
-            progress.live = live
-            try:
-                runpy.run_path(str(script), run_name="__main__")
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-            live.update(progress.render())
+        try:
+            runpy.run_path(str(script), run_name="__main__")
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        progress.summary()
     finally:
         lifecycle.remove_listener(progress.on_event)
+        logging.getLogger("pilotfish").removeFilter(summaries)
         sys.argv = old_argv
+        if rundir is not None:
+            if old_rundir is None:
+                os.environ.pop(RUNDIR_ENV, None)
+            else:
+                os.environ[RUNDIR_ENV] = old_rundir
         if resume:
             if old_env is None:
                 os.environ.pop("PILOTFISH_RESUME", None)
             else:
                 os.environ["PILOTFISH_RESUME"] = old_env
+    if rundir is not None:
+        for used in progress.rundirs:
+            if Path(used).absolute() != Path(rundir).absolute():
+                wrapped(
+                    console,
+                    f"note: --rundir {shlex.quote(rundir)} was not used by a Session of the "
+                    f"script that names its own run directory: its journal is in "
+                    f"{shlex.quote(_short(used))} (--rundir is the default only for "
+                    "Sessions made without rundir=)",
+                    style="yellow",
+                )
+    for text in summaries.texts:  # what each resumed session took and ran
+        wrapped(console, text)
     if progress.failed:
         n = len(progress.failed)
-        console.line()
         console.print(Text(f"{n} task(s) failed; see `pilotfish failures`", style="red"))
         for rundir in progress.rundirs:
             hint = _report_hint(_short(rundir))
@@ -279,41 +351,67 @@ def run_script(path: str, argv: list[str], console: Console, *, resume: bool) ->
     return code
 
 
+def _given_rundir(args: argparse.Namespace) -> str | None:
+    """The --rundir given to `run`/`resume` (None: the default, ./.pilotfish)."""
+    return None if Path(args.rundir) == Path(".pilotfish") else str(args.rundir)
+
+
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
-    return run_script(args.script, args.args, console, resume=False)
+    return run_script(args.script, args.args, console, resume=False, rundir=_given_rundir(args))
 
 
 def cmd_resume(args: argparse.Namespace, console: Console) -> int:
-    return run_script(args.script, args.args, console, resume=True)
+    return run_script(args.script, args.args, console, resume=True, rundir=_given_rundir(args))
+
+
+_SYS_PATH = re.compile(r"\s*\(sys\.path searched: (\[.*\])\)")
 
 
 def cmd_check(args: argparse.Namespace, console: Console) -> int:
+    """Pre-flight checks of the workers' environment, one check per line (what was
+    found, the fix), a searched ``sys.path`` one entry per line. It creates nothing:
+    the session runs in a temporary run directory, removed at the end."""
     from .. import Session
     from ..errors import PilotfishError
 
     try:
-        with Session(
-            workers=1,
-            backend=args.backend,
-            rundir=args.rundir,
-            journal=None,
-            **({"address": args.address} if args.address else {}),
-        ) as s:
+        with (
+            tempfile.TemporaryDirectory(prefix="pilotfish-check-") as scratch,
+            Session(
+                workers=1,
+                backend=args.backend,
+                rundir=scratch,
+                journal=None,
+                **({"address": args.address} if args.address else {}),
+            ) as s,
+        ):
             checks = s.preflight(args.requires, args.program)
     except PilotfishError as e:
         Console(stderr=True).print(plain(f"pilotfish check: {e}", "red", one_line=False))
         return EXIT_FAILED
-    t = Table(title=f"pre-flight checks ({args.backend} backend)", box=box.SIMPLE_HEAVY)
-    for col in ("check", "result", "found", "fix"):
-        t.add_column(col, overflow="fold")
+    console.print(Text(f"pre-flight checks ({args.backend} backend)", style="bold"))
     for c in checks:
-        t.add_row(
-            plain(c.name),
-            Text("ok", style="green") if c.ok else Text("FAILED", style="red"),
-            plain(c.found, one_line=False),
-            plain("" if c.ok else c.hint, one_line=False),
+        found, paths = str(c.found), []
+        m = _SYS_PATH.search(found)
+        if m:
+            with contextlib.suppress(ValueError, SyntaxError):
+                paths = [str(p) for p in ast.literal_eval(m.group(1))]
+                found = found[: m.start()] + found[m.end() :]
+        mark = "ok    " if c.ok else "FAILED"
+        head = textwrap.wrap(
+            clean(f"{mark}  {c.name}: {found}", one_line=True),
+            width=max(20, console.width),
+            subsequent_indent=" " * 8,
+            break_on_hyphens=False,
         )
-    console.print(t)
+        for ln in head:
+            console.print(Text(ln, style="" if c.ok else "red"), no_wrap=True, crop=True)
+        if paths:
+            wrapped(console, "sys.path searched:", indent="        ")
+            for p in paths:
+                console.print(Whole("          " + clean(p, one_line=True)), soft_wrap=True)
+        if not c.ok and c.hint:
+            wrapped(console, f"fix: {c.hint}", indent="        ")
     bad = sum(not c.ok for c in checks)
     if bad:
         console.print(Text(f"{bad} check(s) failed", style="red"))
@@ -391,15 +489,45 @@ def _positive_int(text: str) -> int:
     return n
 
 
-_RUNDIR_HELP = "run directory holding journal.db (default: ./.pilotfish)"
+_RUNDIR_HELP = (
+    "run directory holding journal.db (default: ./.pilotfish; for run/resume, the default "
+    "of the script's Sessions made without rundir=)"
+)
 
 _Subparsers = Any  # argparse's _SubParsersAction (private to argparse)
+
+#: examples shown at the end of each command's --help
+_EXAMPLES = {
+    "run": "  pilotfish run ensemble.py --members 100\n"
+    "  pilotfish run --rundir runs/today ensemble.py  # its Sessions default rundir",
+    "resume": "  pilotfish resume ensemble.py --members 100   # the same script and arguments",
+    "status": "  pilotfish status\n  pilotfish --rundir runs/today status",
+    "failures": "  pilotfish failures            # one line per failed task, reason first\n"
+    "  pilotfish failures --group    # grouped by cause, largest group first\n"
+    "  pilotfish failures --json | jq '.[].call'",
+    "report": "  pilotfish report --html\n  pilotfish report --out ~/public_html/run.html",
+    "show": "  pilotfish show simulate-18010ca2a0f7\n"
+    "  pilotfish show mdrun-7 --full --no-pager > mdrun-7.txt",
+    "check": "  pilotfish check --requires 'numpy>=1.26' --program gmx\n"
+    "  pilotfish check --backend dask --address tcp://head:8786 --requires scipy",
+    "demo": "  pilotfish demo\n  pilotfish demo --gromacs --rundir /tmp/md-demo",
+}
+
+
+def _examples(name: str) -> dict[str, Any]:
+    return {
+        "epilog": "examples:\n" + _EXAMPLES[name],
+        "formatter_class": argparse.RawDescriptionHelpFormatter,
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pilotfish",
         description="Run workflows and inspect their journal (failures are first-class).",
+        epilog="examples:\n  pilotfish run ensemble.py\n  pilotfish failures\n"
+        "  pilotfish show KEY\n  pilotfish COMMAND --help   # each command's own examples",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--rundir", default=".pilotfish", help=_RUNDIR_HELP)
     # --rundir after the command too (it then overrides the one before, if given)
@@ -407,13 +535,21 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--rundir", default=argparse.SUPPRESS, help=_RUNDIR_HELP)
     sub = p.add_subparsers(dest="command", required=True)
     _add_script_parser(
-        sub, common, "run", "run a workflow script with a live progress display", cmd_run
+        sub, common, "run", "run a workflow script; progress (failures, counts) on stderr", cmd_run
     )
     _add_script_parser(
-        sub, common, "resume", "run a script again, skipping tasks already DONE", cmd_resume
+        sub,
+        common,
+        "resume",
+        "run a script again: tasks DONE before are taken from the journal, every other "
+        "one (failed ones too) runs again",
+        cmd_resume,
     )
     s = sub.add_parser(
-        "status", parents=[common], help="counts by state and failure category, runs"
+        "status",
+        parents=[common],
+        help="counts by state and failure category, runs",
+        **_examples("status"),
     )
     s.set_defaults(func=cmd_status)
     _add_failures_parser(sub, common)
@@ -431,9 +567,13 @@ def _add_script_parser(
     what: str,
     func: Callable[[argparse.Namespace, Console], int],
 ) -> None:
-    r = sub.add_parser(name, parents=[common], help=what)
-    r.add_argument("script")
-    r.add_argument("args", nargs=argparse.REMAINDER)
+    r = sub.add_parser(
+        name, parents=[common], help=what, description=textwrap.fill(what, 78), **_examples(name)
+    )
+    r.add_argument("script", help="the workflow script (Python) to run as __main__")
+    r.add_argument(
+        "args", nargs=argparse.REMAINDER, help="arguments passed to the script (its sys.argv)"
+    )
     r.set_defaults(func=func)
 
 
@@ -442,6 +582,7 @@ def _add_failures_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> N
         "failures",
         parents=[common],
         help="every failed task on one line (--group: the digest, grouped by cause)",
+        **_examples("failures"),
     )
     f.add_argument(
         "--group",
@@ -454,7 +595,10 @@ def _add_failures_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> N
 
 def _add_report_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
     rp = sub.add_parser(
-        "report", parents=[common], help="write one self-contained HTML page about the run"
+        "report",
+        parents=[common],
+        help="write one self-contained HTML page about the run",
+        **_examples("report"),
     )
     rp.add_argument(
         "--html", action="store_true", help="an HTML page (the only format, and the default)"
@@ -472,10 +616,19 @@ def _add_report_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> Non
 
 def _add_show_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
     sh = sub.add_parser(
-        "show", parents=[common], help="everything about one task: attempts, complete output"
+        "show",
+        parents=[common],
+        help="everything about one task: attempts, complete output",
+        **_examples("show"),
     )
-    sh.add_argument("key")
-    sh.add_argument("--no-pager", action="store_true")
+    sh.add_argument(
+        "key", help="the task's key, as `failures` lists it (a prefix lists the keys starting so)"
+    )
+    sh.add_argument(
+        "--no-pager",
+        action="store_true",
+        help="print straight to the terminal (default there: a pager, such as less)",
+    )
     sh.add_argument(
         "--full",
         action="store_true",
@@ -493,9 +646,18 @@ def _add_show_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
 
 def _add_check_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
     c = sub.add_parser(
-        "check", parents=[common], help="pre-flight checks of the worker environment"
+        "check",
+        parents=[common],
+        help="pre-flight checks of the worker environment (creates nothing: it runs in a "
+        "temporary run directory, removed at the end; --rundir is not used)",
+        **_examples("check"),
     )
-    c.add_argument("--backend", default="local", choices=["local", "dask"])
+    c.add_argument(
+        "--backend",
+        default="local",
+        choices=["local", "dask"],
+        help="whose workers to check (default: local)",
+    )
     c.add_argument("--address", help="Dask scheduler address (with --backend dask)")
     c.add_argument(
         "--requires",
@@ -516,7 +678,14 @@ def _add_check_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None
 
 def _add_demo_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
     d = sub.add_parser(
-        "demo", parents=[common], help="run a bundled example ensemble with deliberate failures"
+        "demo",
+        help="run a bundled example ensemble with deliberate failures",
+        **_examples("demo"),
+    )
+    d.add_argument(
+        "--rundir",
+        default=argparse.SUPPRESS,
+        help="run directory of the demo (default: ./.pilotfish-demo, not ./.pilotfish)",
     )
     d.add_argument(
         "--gromacs",

@@ -110,8 +110,9 @@ def workers_table(reader: JournalReader) -> Table | None:
 
 def failure_lines(failures: list[dict[str, Any]], width: int) -> list[Text]:
     """One line per failed task, each at most ``width`` cells: key, category, attempts
-    and the first line of the message, cut with "…" (``show KEY`` has the rest; a cut
-    key still finds its task: ``show`` lists the keys that start with what it is given)."""
+    ("tries") and the reason, first (:func:`pilotfish.digest.reason`: ``exit 3: ...``, ``timed out
+    after 5 s``; no paths), cut with "…" (``show KEY`` has the rest; a cut key still finds
+    its task: ``show`` lists the keys that start with what it is given)."""
     if not failures:
         return [Text("no failed tasks")]
     keys = [clean(f.get("key", ""), one_line=True) for f in failures]
@@ -119,7 +120,7 @@ def failure_lines(failures: list[dict[str, Any]], width: int) -> list[Text]:
     tries = [str(f.get("attempts", 0)) for f in failures]
     gap = 2
     cat_w = max(len("category"), *(cell_len(c) for c in cats))
-    att_w = len("attempts")
+    att_w = len("tries")
     key_w = max(len("key"), *(cell_len(k) for k in keys))
     # a key of usual length (24) stays whole; a longer one gets two fifths of the room
     # (in a very narrow terminal, a third of the line: the key is what `show` needs)
@@ -142,12 +143,12 @@ def failure_lines(failures: list[dict[str, Any]], width: int) -> list[Text]:
         line(
             cell("key", key_w, "bold"),
             cell("category", cat_w, "bold"),
-            cell("attempts", att_w, "bold"),
-            cell("message", msg_w, "bold", last=True),
+            cell("tries", att_w, "bold"),
+            cell("reason", msg_w, "bold", last=True),
         )
     ]
     for f, k, c, a in zip(failures, keys, cats, tries, strict=True):
-        msg = clean(_digest.headline(f), one_line=True)
+        msg = clean(_digest.reason(f), one_line=True)
         out.append(
             line(
                 cell(k, key_w),
@@ -203,20 +204,20 @@ def print_digest(console: Console, digest: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- show
 
 
-#: the fields of a failure record ``show`` lists under its message, in this order
-_FAILURE_FIELDS = (
-    "returncode",
-    "signal",
-    "worker",
-    "host",
-    "pid",
-    "sandbox",
-    "stdout_path",
-    "stderr_path",
-    "staged",
-    "upstream",
-    "root",
+class Whole(Text):
+    """A line printed whole, never wrapped or cut (``soft_wrap``): a path, so it can be
+    copied from the terminal (a terminal narrower than it wraps it on screen only)."""
+
+
+#: the fields of a failure record ``show`` lists on one line under its message
+_FAILURE_FIELDS = ("returncode", "signal", "worker", "host", "pid", "upstream", "root")
+#: its paths, each printed once, whole, on a line of its own: (field, label, token)
+_PATH_FIELDS = (
+    ("sandbox", "sandbox (kept)", "<sandbox>"),
+    ("stdout_path", "stdout, complete", "<stdout>"),
+    ("stderr_path", "stderr, complete", "<stderr>"),
 )
+_TAIL_MARKER = "last lines of stderr:"
 
 
 def task_lines(
@@ -225,7 +226,11 @@ def task_lines(
     """What ``pilotfish show`` prints about the task of journal row ``row``: its head,
     attempts, history and each failure (with the last ``tail_bytes`` of its stderr
     file); with ``full``, no tails but the last stderr file (and its host) to stream
-    after them (:func:`stream_file`; the others' paths are listed)."""
+    after them (:func:`stream_file`; the others' paths are listed).
+
+    Each path is printed once, as a :class:`Whole` line; the stderr tail once: a
+    message's own copy of it ("last lines of stderr:") is left out when the file's
+    tail is printed."""
     attempts = reader.attempts(row["key"])
     lines: list[Any] = [*_task_head(row), _attempts_table(attempts)]
     for a in attempts:  # what it resumed from, or why it was not charged (issue 17)
@@ -236,24 +241,34 @@ def task_lines(
         plain("history: " + " -> ".join(f"{b} ({fmt_time(t)})" for _r, t, _a, b in hist if b))
     )
     streamed: tuple[Path, object] | None = None
+    shown: set[str] = set()  # paths printed already (a final failure repeats its attempt's)
     for number, run, f in _failures_of(row, attempts):
-        lines.extend(_failure_block(number, run, f))
-        if f.get("stderr_path"):
-            p = Path(str(f["stderr_path"]))
+        tail: list[Text] = []
+        err = str(f.get("stderr_path") or "")
+        if err and err not in shown:
+            p = Path(err)
             if full:
                 streamed = (p, f.get("host"))
             else:
-                lines.extend(stderr_tail(p, f.get("host"), tail_bytes))
+                tail = stderr_tail(p, f.get("host"), tail_bytes)
+        lines.extend(_failure_block(number, run, f, shown, drop_tail=_readable(tail)))
+        lines.extend(tail)
     if row["state"] == "DONE":
         lines.append(Text("value: stored in the journal", style="green"))
     return lines, streamed
 
 
+def _readable(tail: list[Text]) -> bool:
+    return bool(tail) and tail[0].plain.startswith("stderr (")
+
+
 def _task_head(row: Any) -> list[Text]:
     deps = ", ".join(json.loads(row["deps"] or "[]")) or "-"
+    call = row["call"] if "call" in row.keys() else None  # noqa: SIM118 (a sqlite3.Row)
     return [
         plain(f"task {row['key']}", "bold"),
         plain(f"name: {row['name']}   kind: {row['kind']}   state: {row['state']}"),
+        *([plain(f"call: {call}")] if call else []),
         plain(f"submitted: {fmt_time(row['submitted'])}   run: {row['run']}"),
         plain(f"options: {row['options']}"),
         plain(f"dependencies: {deps}"),
@@ -261,17 +276,29 @@ def _task_head(row: Any) -> list[Text]:
 
 
 def _attempts_table(attempts: list[dict[str, Any]]) -> Table:
+    """One row per attempt, within 80 columns: its start in full, how long it took, and
+    its outcome never cut (the worker and host columns fold if they must)."""
     at = Table(
         title="attempts",
         box=box.SIMPLE,
         caption=(
-            "started, ended: the clock of the attempt's host; ended is this client's for a "
-            "loss or timeout it decided (never before started)"
+            "started: the clock of the attempt's host; took: until it ended (this "
+            "client's clock for a loss or timeout it decided)"
         ),
+        caption_justify="left",
+        pad_edge=False,
     )
-    for col in ("run", "#", "worker", "host", "pid", "started", "ended", "outcome"):
-        at.add_column(col)
+    at.add_column("run", justify="right", no_wrap=True)
+    at.add_column("#", justify="right", no_wrap=True)
+    at.add_column("worker", overflow="fold")
+    at.add_column("host", overflow="fold")
+    at.add_column("pid", justify="right", no_wrap=True)
+    at.add_column("started", no_wrap=True)
+    at.add_column("took", justify="right", no_wrap=True)
+    at.add_column("outcome", no_wrap=True)
     for a in attempts:
+        s, e = a["started"], a["ended"]
+        took = fmt_dur(max(0.0, e - s)) if s and e else ("-" if not e else "ended")
         at.add_row(
             *(
                 plain(v)
@@ -281,8 +308,8 @@ def _attempts_table(attempts: list[dict[str, Any]]) -> Table:
                     a["worker"] or "-",
                     a["host"] or "-",
                     a["pid"] or "-",
-                    fmt_time(a["started"]),
-                    fmt_time(a["ended"]),
+                    fmt_time(s),
+                    took,
                     a["outcome"] or "-",
                 )
             )
@@ -302,16 +329,46 @@ def _failures_of(
     return failures
 
 
-def _failure_block(number: int | None, run: int, f: dict[str, Any]) -> list[Text]:
-    """One failure: title, complete message, its fields, complete traceback."""
+def _message(f: dict[str, Any], drop_tail: bool) -> str:
+    """A failure's message with its paths replaced by ``<sandbox>``, ``<stdout>`` and
+    ``<stderr>`` (printed once, whole, below it), a line that only named one of them
+    left out, and (``drop_tail``) its copy of the stderr tail too: the file's is shown."""
+    text = str(f.get("message") or "")
+    if drop_tail and (i := text.rfind(_TAIL_MARKER)) >= 0:
+        text = text[:i].rstrip()
+    paths = [(str(f[k]), tok) for k, _l, tok in _PATH_FIELDS if f.get(k)]
+    for path, tok in sorted(paths, key=lambda pt: -len(pt[0])):  # a file in the sandbox first
+        text = text.replace(path, tok)
+    kept = []
+    for ln in text.splitlines():
+        label, _, rest = ln.partition(": ")
+        if rest.strip() in {tok for _p, tok in paths} and len(label.split()) <= 3:
+            continue  # "  complete stderr: <stderr>": the path is listed below
+        kept.append(ln)
+    return "\n".join(kept)
+
+
+def _failure_block(
+    number: int | None, run: int, f: dict[str, Any], shown: set[str], *, drop_tail: bool
+) -> list[Text]:
+    """One failure: title (with the short reason), message, its fields on one line,
+    each path not ``shown`` yet on a line of its own, complete traceback."""
     title = f"failure of attempt {number} (run {run})" if number else "final failure"
     lines = [
-        plain(f"\n{title}: {f.get('category')}", "bold red", one_line=False),
-        plain(f.get("message"), one_line=False),
+        plain(f"\n{title}: {f.get('category')}: {_digest.reason(f)}", "bold red", one_line=False),
+        plain(_message(f, drop_tail), one_line=False),
     ]
-    for field in _FAILURE_FIELDS:
-        if f.get(field) not in (None, ""):
-            lines.append(plain(f"  {field}: {f[field]}"))
+    fields = [f"{k}: {f[k]}" for k in _FAILURE_FIELDS if f.get(k) not in (None, "")]
+    if fields:
+        lines.append(plain("  " + "   ".join(fields)))
+    if f.get("staged"):
+        lines.append(plain(f"  staged: {f['staged']}", one_line=False))
+    for field, label, _tok in _PATH_FIELDS:
+        path = str(f.get(field) or "")
+        if path and path not in shown:
+            shown.add(path)
+            lines.append(plain(f"  {label}:", "dim"))
+            lines.append(Whole(clean(path, one_line=True)))
     if f.get("traceback"):
         lines.append(Text("traceback (complete):", style="bold"))
         lines.append(plain(f["traceback"], one_line=False))
@@ -319,11 +376,11 @@ def _failure_block(number: int | None, run: int, f: dict[str, Any]) -> list[Text
 
 
 def _unread(p: Path, e: OSError, host: object) -> str:
-    """Why the file ``p`` is not shown: not a regular file (a task may have made it a
-    FIFO: never opened for reading), or not readable here."""
+    """Why the file ``p`` (printed above) is not shown: not a regular file (a task may
+    have made it a FIFO: never opened for reading), or not readable here."""
     if isinstance(e, NotRegularFile):
-        return f"stderr {p}: {e.strerror}"
-    return f"stderr: cannot read {p} here: {e}; it is on host {host}"
+        return f"stderr: {e.strerror}"
+    return f"stderr: cannot read the file here ({e.strerror or e}); it is on host {host}"
 
 
 def stderr_tail(p: Path, host: object, limit: int) -> list[Text]:
@@ -336,11 +393,13 @@ def stderr_tail(p: Path, host: object, limit: int) -> list[Text]:
         return [plain(_unread(p, e, host))]
     if start:
         title = (
-            f"stderr ({p}): the last {len(data) / 1024:.0f} KiB of {size / 1024:.0f} KiB; "
-            "the whole file with --full, or open the path"
+            f"stderr (the last {len(data) / 1024:.0f} KiB of {size / 1024:.0f} KiB; "
+            "the whole file with --full, or open its path above):"
         )
+    elif not data:
+        return [plain("stderr (complete): empty", "bold")]
     else:
-        title = f"stderr ({p}, complete):"
+        title = "stderr (complete):"
     text = data.decode("utf-8", errors="replace")
     if start and "\n" in text:
         text = text[text.index("\n") + 1 :]  # from the first whole line
@@ -354,7 +413,7 @@ def stream_file(out: Console, p: Path, host: object) -> None:
     except OSError as e:
         out.print(plain(_unread(p, e, host)))
         return
-    out.print(plain(f"stderr ({p}, complete):", "bold"))
+    out.print(plain("stderr (complete, the file above):", "bold"))
     try:
         with fh:
             tail = b""
