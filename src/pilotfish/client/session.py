@@ -601,7 +601,8 @@ class Session(cf.Executor):
                 while self._tasks.used(key):
                     n += 1
                     key = f"{base}-{n}"
-                self._dups[base] = n
+                if n > 1:  # only repeated calls: a million distinct ones cost nothing here
+                    self._dups[base] = n
             tid = self._next_tid
             self._next_tid += 1
             task = Task(self, self._driver, tid, key, name, opts)

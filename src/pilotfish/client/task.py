@@ -193,8 +193,9 @@ _DONE_STATES = frozenset({cf._base.CANCELLED, cf._base.CANCELLED_AND_NOTIFIED, c
 
 
 class _TaskRef(weakref.ref):  # type: ignore[type-arg]
-    __slots__ = ("tid",)
+    __slots__ = ("key", "tid")
     tid: int
+    key: str
 
 
 class TaskTable:
@@ -207,14 +208,22 @@ class TaskTable:
     journal has it). So memory grows with the tasks the user keeps, not with every task
     ever run, and an executor keeps no reference to results, as concurrent.futures
     promises.
+
+    Keys must stay unique for the whole session, so every key ever used is remembered,
+    but only as its ``hash()`` in a set (about 50 bytes each, where the key and a dict
+    entry cost ~150): the tasks that still exist are found by key in ``_ids``. Two keys
+    with the same 64-bit hash (odds about 3e-8 among a million) make :meth:`used` say
+    yes for the second: an automatic key then gets the next ``-n`` suffix, a user's own
+    key is refused as used.
     """
 
-    __slots__ = ("_gone_cb", "_ids", "_live", "_refs", "gone")
+    __slots__ = ("_gone_cb", "_ids", "_live", "_refs", "_used", "gone")
 
     def __init__(self) -> None:
         self._live: dict[int, Task] = {}
         self._refs: dict[int, _TaskRef] = {}
-        self._ids: dict[str, int] = {}  # every key ever used in the session -> task id
+        self._ids: dict[str, int] = {}  # the key of every task that still exists -> id
+        self._used: set[int] = set()  # hash() of every key ever used in the session
         self.gone: collections.deque[int] = collections.deque()
         gone = self.gone
 
@@ -228,8 +237,10 @@ class TaskTable:
         self._live[tid] = task
         ref = _TaskRef(task, self._gone_cb)
         ref.tid = tid
+        ref.key = task.key
         self._refs[tid] = ref
         self._ids[task.key] = tid
+        self._used.add(hash(task.key))
 
     def release(self, tid: int) -> None:
         """``tid`` is final: hold it no more (it lives on while someone else holds it)."""
@@ -238,11 +249,14 @@ class TaskTable:
     def collect(self) -> list[int]:
         """The ids of tasks freed since the last call (under the session's lock)."""
         gone, refs, out = self.gone, self._refs, []
+        ids = self._ids
         while gone:
             tid = gone.popleft()
             ref = refs.get(tid)
             if ref is not None and ref() is None:
                 del refs[tid]
+                if ids.get(ref.key) == tid:  # its key stays used (in _used), not findable
+                    del ids[ref.key]
                 out.append(tid)
         return out
 
@@ -252,6 +266,7 @@ class TaskTable:
         self._refs.pop(task._tid, None)
         if self._ids.get(task.key) == task._tid:
             del self._ids[task.key]
+            self._used.discard(hash(task.key))
 
     def __getitem__(self, tid: int) -> Task:
         t = self._live.get(tid)
@@ -273,7 +288,8 @@ class TaskTable:
         return None if tid is None else self.get(tid)
 
     def used(self, key: str) -> bool:
-        return key in self._ids
+        """Was ``key`` used in this session (or does its hash collide with one that was)?"""
+        return key in self._ids or hash(key) in self._used
 
     def alive(self) -> list[Task]:
         """The tasks that still exist (unfinished, or held by someone), in submission order."""
