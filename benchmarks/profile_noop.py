@@ -41,7 +41,13 @@ from _tasks import noop
 
 import pilotfish
 from pilotfish.backends.base import Result, RunAttempt, Sink
-from pilotfish.backends.local.dispatch import Dispatcher
+from pilotfish.backends.local.dispatch import (
+    Boot,
+    Dispatcher,
+    HelloFrom,
+    ResultFrom,
+    SubmitAttempts,
+)
 from pilotfish.runtime.execute import run_attempt
 from pilotfish.wire import messages as _wire
 
@@ -112,16 +118,17 @@ def master() -> list[float]:
     value = _wire.dumps_value(None)
     for _ in range(REPEAT):
         d = Dispatcher(2)
-        d.start(0.0)
-        d.on_hello("w1", 101, 0.0)
-        d.on_hello("w2", 102, 0.0)
+        d.handle(Boot(0.0))
+        d.handle(HelloFrom("w1", 101, 0.0))
+        d.handle(HelloFrom("w2", 102, 0.0))
         atts = [RunAttempt(i, f"k{i}", "call", b"", (), None) for i in range(1, N + 1)]
 
         def run(d: Dispatcher = d, atts: list[RunAttempt] = atts) -> None:
-            d.submit(atts, 0.0)
+            d.handle(SubmitAttempts(atts, 0.0))
             for a in atts:
                 w = "w1" if a.attempt % 2 else "w2"
-                d.on_result(w, Result(a.attempt, True, value, w, 1, 0.0, 0.0, "h"), 0.0)
+                r = Result(a.attempt, True, value, w, 1, 0.0, 0.0, "h")
+                d.handle(ResultFrom(w, r, 0.0))
 
         out.append(timed(run))
     return out

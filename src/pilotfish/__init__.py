@@ -8,37 +8,102 @@
 2048
 
 The public face is this module; everything else is private.
+
+Its names are imported when first used (PEP 562): a worker or master process, which
+imports ``pilotfish.backends...`` and so this package, then loads only what it runs,
+not the client (the session, the journal, rich): about 0.1 s less at every process start.
 """
 
-from concurrent.futures import CancelledError
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
-from .client.events import HostDrained, MasterEvent, TaskEvent, WorkerEvent, WorkersGone
-from .client.options import TaskFunction, TaskOptions, task
-from .client.session import Call, Fail, Retry, Session, Task, as_completed, wait
-from .client.settled import settled
-from .core.drain import DrainPolicy
-from .core.policy import Backoff
-from .core.states import State
-from .core.workflow import AttemptRecord
-from .errors import (
-    Category,
-    CommandFailed,
-    DependencyFailed,
-    EnvironmentMismatch,
-    Failure,
-    FailureRecord,
-    InvalidTask,
-    InvalidTransition,
-    MissingOutput,
-    PilotfishError,
-    RemoteError,
-    RuntimeLost,
-    TaskTimeout,
-    WorkerLost,
-)
-from .runtime.programs import CommandResult
-from .runtime.scratch import previous_attempt_files, scratch_dir
+
+if TYPE_CHECKING:
+    from concurrent.futures import CancelledError
+
+    from .client.events import HostDrained, MasterEvent, TaskEvent, WorkerEvent, WorkersGone
+    from .client.options import TaskFunction, TaskOptions, task
+    from .client.session import Call, Fail, Retry, Session, Task, as_completed, wait
+    from .client.settled import settled
+    from .core.drain import DrainPolicy
+    from .core.policy import Backoff
+    from .core.states import State
+    from .core.workflow import AttemptRecord
+    from .errors import (
+        Category,
+        CommandFailed,
+        DependencyFailed,
+        EnvironmentMismatch,
+        Failure,
+        FailureRecord,
+        InvalidTask,
+        InvalidTransition,
+        MissingOutput,
+        PilotfishError,
+        RemoteError,
+        RuntimeLost,
+        TaskTimeout,
+        WorkerLost,
+    )
+    from .runtime.programs import CommandResult
+    from .runtime.scratch import previous_attempt_files, scratch_dir
+
+#: public name -> the module that defines it
+_WHERE = {
+    "CancelledError": "concurrent.futures",
+    **dict.fromkeys(
+        ("HostDrained", "MasterEvent", "TaskEvent", "WorkerEvent", "WorkersGone"),
+        "pilotfish.client.events",
+    ),
+    **dict.fromkeys(("TaskFunction", "TaskOptions", "task"), "pilotfish.client.options"),
+    **dict.fromkeys(
+        ("Call", "Fail", "Retry", "Session", "Task", "as_completed", "wait"),
+        "pilotfish.client.session",
+    ),
+    "settled": "pilotfish.client.settled",
+    "DrainPolicy": "pilotfish.core.drain",
+    "Backoff": "pilotfish.core.policy",
+    "State": "pilotfish.core.states",
+    "AttemptRecord": "pilotfish.core.workflow",
+    **dict.fromkeys(
+        (
+            "Category",
+            "CommandFailed",
+            "DependencyFailed",
+            "EnvironmentMismatch",
+            "Failure",
+            "FailureRecord",
+            "InvalidTask",
+            "InvalidTransition",
+            "MissingOutput",
+            "PilotfishError",
+            "RemoteError",
+            "RuntimeLost",
+            "TaskTimeout",
+            "WorkerLost",
+        ),
+        "pilotfish.errors",
+    ),
+    "CommandResult": "pilotfish.runtime.programs",
+    **dict.fromkeys(("previous_attempt_files", "scratch_dir"), "pilotfish.runtime.scratch"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    where = _WHERE.get(name)
+    if where is None:
+        raise AttributeError(f"module 'pilotfish' has no attribute {name!r}")
+    value = getattr(importlib.import_module(where), name)
+    globals()[name] = value  # the next access is a plain lookup
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = [
     "AttemptRecord",

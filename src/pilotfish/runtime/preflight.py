@@ -27,9 +27,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from packaging.requirements import InvalidRequirement, Requirement
-from packaging.version import InvalidVersion, Version
-
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Check:
@@ -67,11 +64,26 @@ def client_versions() -> dict[str, str]:
     }
 
 
+def _release(v: str) -> tuple[int, ...]:
+    """The leading release numbers of version ``v`` ('1.2.3rc1' -> (1, 2, 3)): enough to
+    compare majors and minors without importing packaging at every worker's start."""
+    out = []
+    for part in v.split("."):
+        digits = ""
+        for ch in part:
+            if not ch.isdigit():
+                break
+            digits += ch
+        if not digits:
+            break
+        out.append(int(digits))
+        if len(digits) < len(part):
+            break
+    return tuple(out)
+
+
 def _major_minor(v: str) -> tuple[int, ...]:
-    try:
-        return Version(v).release[:2]
-    except InvalidVersion:
-        return ()
+    return _release(v)[:2]
 
 
 def worker_checks(
@@ -102,7 +114,7 @@ def worker_checks(
             host,
         )
     )
-    cp_ok = Version(mine["cloudpickle"]).major == Version(client.get("cloudpickle", "0")).major
+    cp_ok = _release(mine["cloudpickle"])[:1] == _release(client.get("cloudpickle", "0"))[:1]
     out.append(
         Check(
             f"cloudpickle {client.get('cloudpickle')} (same major)",
@@ -148,6 +160,8 @@ _cache: dict[str, Check] = {}
 
 
 def _check_module(spec: str) -> Check:
+    from packaging.requirements import InvalidRequirement, Requirement
+
     host = _host()
     try:
         req = Requirement(spec)
