@@ -32,6 +32,24 @@ __all__ = ["Task", "TaskTable"]
 class Task(cf.Future, Keyed):  # type: ignore[type-arg]
     """A submitted task: a ``concurrent.futures.Future`` with pilotfish's record of it."""
 
+    # Defaults on the class, set on a task only where it differs (issue 26: every
+    # attribute set in __init__ is a slot of every task's __dict__, held or not).
+    _kind = "call"
+    _payload = b""
+    _deps: tuple[Task, ...] = ()
+    _call: tuple[Any, ...] | None = None
+    _value_bytes: bytes | None = None
+    _last_exc: BaseException | None = None
+    _last_failure: FailureRecord | None = None
+    _pending_value: Any = None
+    _declared_outputs: tuple[str, ...] = ()
+    _output_tasks: dict[str, Task] | None = None  # made by the first output(name)
+    #: set on a reference made by ``.output(name)``: it is not a task the user
+    #: submitted (the journal's kind "output"; counts and failure lists leave it out)
+    _output_of: str | None = None
+    _cmd_timeout: float | None = None
+    _programs: tuple[str, ...] = ()
+    _key_unstable: str | None = None  # why its auto-key may differ in another run
     #: the inputs it takes settled (pilotfish.settled), for the core; most tasks: None
     _settled: Any = None
     #: a short description of the call or argv, for people (the journal's "call")
@@ -61,22 +79,6 @@ class Task(cf.Future, Keyed):  # type: ignore[type-arg]
         self.key = key
         self.name = name
         self.options = options
-        self._kind = "call"
-        self._payload = b""
-        self._deps: tuple[Task, ...] = ()
-        self._call: tuple[Any, ...] | None = None
-        self._value_bytes: bytes | None = None
-        self._last_exc: BaseException | None = None
-        self._last_failure: FailureRecord | None = None
-        self._pending_value: Any = None
-        self._declared_outputs: tuple[str, ...] = ()
-        self._output_tasks: dict[str, Task] = {}
-        #: set on a reference made by ``.output(name)``: it is not a task the user
-        #: submitted (the journal's kind "output"; counts and failure lists leave it out)
-        self._output_of: str | None = None
-        self._cmd_timeout: float | None = None
-        self._programs: tuple[str, ...] = ()
-        self._key_unstable: str | None = None  # why its auto-key may differ in another run
 
     @property
     def _condition(self) -> threading.Condition:
@@ -143,6 +145,8 @@ class Task(cf.Future, Keyed):  # type: ignore[type-arg]
                 f"{list(self._declared_outputs)} (add it to outputs=[...])"
             )
         with self._driver.lock:
+            if self._output_tasks is None:
+                self._output_tasks = {}
             t = self._output_tasks.get(name)
             if t is None:
                 opts = TaskOptions(name=f"{self.name}.output", key=f"{self.key}:{name}")

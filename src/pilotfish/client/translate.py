@@ -120,6 +120,7 @@ class Translator:
         self._core = core
         self._tasks = tasks
         self._by_key = by_key
+        self._names: dict[str, str] = {}  # worker and host names, one object each
         self._host = host
         self._clock = clock
         self._on_failure = on_failure
@@ -133,8 +134,8 @@ class Translator:
             case Result():
                 return self._result(ev)
             case Started():
-                host = ev.host or self._host
-                return wf.AttemptStarted(ev.attempt, ev.time, ev.worker, host, ev.pid)
+                host = self._name(ev.host) or self._host
+                return wf.AttemptStarted(ev.attempt, ev.time, self._name(ev.worker), host, ev.pid)
             case Lost():
                 return self._lost(ev)
             case _wire.WorkerReport():
@@ -195,7 +196,15 @@ class Translator:
         t._value_bytes = ev.data
         t._pending_value = value
         note = value.note if isinstance(value, CommandResult) else None
-        return wf.Succeeded(ev.attempt, ev.ended, ev.worker, ev.host or self._host, ev.pid, note)
+        worker, host = self._name(ev.worker), self._name(ev.host) or self._host
+        return wf.Succeeded(ev.attempt, ev.ended, worker, host, ev.pid, note)
+
+    def _name(self, name: str | None) -> str | None:
+        """One string object per worker or host name: each message brings its own copy,
+        and every attempt record keeps one (issue 26: memory per held task)."""
+        if not name:
+            return name
+        return self._names.setdefault(name, name)
 
     def _lost(self, ev: Lost) -> Step:
         t = self._current(ev.attempt, "lost")

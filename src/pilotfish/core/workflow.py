@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import struct
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, assert_never
 
@@ -31,6 +32,21 @@ from .policy import Backoff
 from .states import TRANSITIONS, State
 
 # --------------------------------------------------------------------------- records
+
+#: a packed transition: when (a double), from and to (indices in _STATE_NAMES)
+_HIST = struct.Struct("<dBB")
+_STATE_NAMES = ("", *(st.name for st in State))
+_STATE_CODE = {name: i for i, name in enumerate(_STATE_NAMES)}
+
+
+def _record(history: bytearray, now: float, start: str, finish: str) -> None:
+    history += _HIST.pack(now, _STATE_CODE[start], _STATE_CODE[finish])
+
+
+def unpack_history(history: bytearray) -> list[tuple[float, str, str]]:
+    """(time, from, to) of every packed transition, oldest first."""
+    names = _STATE_NAMES
+    return [(t, names[a], names[b]) for t, a, b in _HIST.iter_unpack(history)]
 
 
 @dataclasses.dataclass(slots=True)
@@ -126,7 +142,9 @@ class _Task:
     dependents: list[int] = dataclasses.field(default_factory=list)
     current: int | None = None
     attempts: list[AttemptRecord] = dataclasses.field(default_factory=list)
-    history: list[tuple[float, str, str]] = dataclasses.field(default_factory=list)
+    #: every transition, packed (see _HIST): ~10 bytes each, where a list of tuples of
+    #: a float and two names cost ~90 (issue 26: memory per held task)
+    history: bytearray = dataclasses.field(default_factory=bytearray)
     failure: FailureRecord | None = None
     retries_used: int = 0
     ready_at: float = 0.0
@@ -398,7 +416,7 @@ class Workflow:
 
     def history(self, tid: int) -> list[tuple[float, str, str]]:
         """(time, from, to) of every transition of the task, oldest first."""
-        return self._tasks[tid].history
+        return unpack_history(self._tasks[tid].history)
 
     def key(self, tid: int) -> str:
         return self._tasks[tid].key
@@ -509,8 +527,9 @@ class Workflow:
             k = f"task {t.key!r} ({t.state.name})"
             if t.tid != tid:
                 yield f"{k} is filed under tid {tid} but has tid {t.tid}"
-            if not t.history or t.history[-1][2] != t.state.name:
-                yield f"{k}: its history does not end in its state: {t.history[-1:]}"
+            hist = unpack_history(t.history)
+            if not hist or hist[-1][2] != t.state.name:
+                yield f"{k}: its history does not end in its state: {hist[-1:]}"
             numbers = [a.number for a in t.attempts]
             if numbers != list(range(1, len(numbers) + 1)):
                 yield f"{k}: attempt numbers are {numbers}"
@@ -566,9 +585,9 @@ class Workflow:
     def _move(self, t: _Task, finish: State, now: float, out: list[Command]) -> None:
         start = t.state
         if (start, finish) not in TRANSITIONS:
-            raise InvalidTransition(t.key, start.name, finish.name, list(t.history))
+            raise InvalidTransition(t.key, start.name, finish.name, unpack_history(t.history))
         t.state = finish
-        t.history.append((now, start._name_, finish._name_))  # _name_: no enum property call
+        _record(t.history, now, start._name_, finish._name_)  # _name_: no enum property call
         counts = self.counts
         counts[start] -= 1
         counts[finish] += 1
@@ -581,7 +600,7 @@ class Workflow:
         t.settled = ev.settled
         t.timeout_retries = ev.timeout_retries
         soft = ev.settled.soft if ev.settled is not None else frozenset()
-        t.history.append((ev.now, "", "PENDING"))
+        _record(t.history, ev.now, "", "PENDING")
         self._tasks[ev.tid] = t
         self.counts[State.PENDING] += 1
         out.append(Transition(t.tid, t.key, State.PENDING, State.PENDING, ev.now))
@@ -651,7 +670,7 @@ class Workflow:
 
     def _restore(self, ev: Restore, out: list[Command]) -> None:
         t = _Task(ev.tid, ev.key, (), 0)
-        t.history.append((ev.now, "", "PENDING"))
+        _record(t.history, ev.now, "", "PENDING")
         self._tasks[ev.tid] = t
         self.counts[State.PENDING] += 1
         self._move(t, State.DONE, ev.now, out)
