@@ -34,6 +34,7 @@ from cloudpickle.cloudpickle import _should_pickle_by_reference
 
 from ..errors import InvalidTask
 from ..wire import messages as _wire
+from .keyed import Keyed
 from .settled import Member, SettledFound, SettledTasks
 
 if TYPE_CHECKING:
@@ -158,15 +159,6 @@ def call_key_digest(
     for d in deps:
         h.update(d.key.encode())
     return h.hexdigest(), None
-
-
-class Keyed:
-    """What a session's ``Task`` is to this module: an object whose canonical form is its
-    stable ``key`` (pickled as a dependency, never by value). ``Task`` subclasses it, so a
-    Task is recognised by type, never by the name of the module that defines it."""
-
-    __slots__ = ()
-    key: str
 
 
 def _simple(x: Any) -> bool:

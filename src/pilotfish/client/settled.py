@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..core.workflow import Settled as CoreSettled
 from ..errors import Category, Failure, FailureRecord, InvalidTask
+from .keyed import Keyed
 
 if TYPE_CHECKING:
     from .task import Task
@@ -73,15 +74,13 @@ def settled(tasks: Iterable[Task], at_least: int | float | None = None) -> Settl
     >>> members = [s.submit(simulate, seed) for seed in range(40)]
     >>> summary = s.submit(analyse, pilotfish.settled(members, at_least=0.9))
     """
-    from .task import Task
-
-    if isinstance(tasks, Task) or not isinstance(tasks, Iterable):
+    if isinstance(tasks, Keyed) or not isinstance(tasks, Iterable):
         raise InvalidTask(
             f"settled() takes a list of tasks, got {tasks!r}; write pilotfish.settled([task, ...])"
         )
     listed = tuple(tasks)
     for i, t in enumerate(listed):
-        if not isinstance(t, Task):
+        if not isinstance(t, Keyed):
             raise InvalidTask(
                 f"settled(): item {i} is {t!r}, not a task of this session; list only the "
                 "Tasks that submit() or executable() returned"

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 from ..core import workflow as wf
 from ..core.states import State
 from ..errors import FailureRecord, InvalidTask
+from .keyed import Keyed
 from .options import TaskOptions
-from .payloads import Keyed
 from .programs import output_path
 
 if TYPE_CHECKING:
