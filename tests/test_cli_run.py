@@ -134,6 +134,24 @@ def test_check_fits_and_creates_nothing(
     assert not wide, wide
 
 
+@pytest.mark.timeout(90)
+def test_check_looks_at_the_run_directory_without_making_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`check --rundir DIR` says whether DIR can be made or written, and makes nothing;
+    a file where the directory should be fails with the fix."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["check", "--rundir", "new/run"]) == 0
+    out = capsys.readouterr().out
+    assert "ok      run directory new/run:" in out and "does not exist yet" in out
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "afile").write_text("x")
+    assert cli.main(["check", "--rundir", "afile"]) == cli.EXIT_FAILED
+    out = capsys.readouterr().out
+    assert "FAILED  run directory afile:" in out and "not a directory you can write" in out
+    assert "fix: give a run directory you can write" in out
+
+
 OWN_RUNDIR = """
 import pilotfish
 

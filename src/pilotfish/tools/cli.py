@@ -367,6 +367,27 @@ def cmd_resume(args: argparse.Namespace, console: Console) -> int:
 _SYS_PATH = re.compile(r"\s*\(sys\.path searched: (\[.*\])\)")
 
 
+def _rundir_check(rundir: str) -> Any:
+    """Can this user make and write the run directory ``rundir``? Looked at, not made:
+    the directory itself if it exists, else the nearest parent that does."""
+    from ..runtime.preflight import Check
+
+    path = Path(rundir).absolute()
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe == path:
+        ok = path.is_dir() and os.access(path, os.W_OK | os.X_OK)
+        found = f"{path} exists" + ("" if ok else ", but is not a directory you can write")
+    else:
+        ok = probe.is_dir() and os.access(probe, os.W_OK | os.X_OK)
+        found = f"{path} does not exist yet; {probe} " + (
+            "lets you create it" if ok else "does not let you create it"
+        )
+    hint = "give a run directory you can write: --rundir DIR (Session(rundir=DIR))"
+    return Check(f"run directory {rundir}", ok, found, hint, os.uname().nodename)
+
+
 def cmd_check(args: argparse.Namespace, console: Console) -> int:
     """Pre-flight checks of the workers' environment, one check per line (what was
     found, the fix), a searched ``sys.path`` one entry per line. It creates nothing:
@@ -386,6 +407,7 @@ def cmd_check(args: argparse.Namespace, console: Console) -> int:
             ) as s,
         ):
             checks = s.preflight(args.requires, args.program)
+        checks.append(_rundir_check(args.rundir))
     except PilotfishError as e:
         Console(stderr=True).print(plain(f"pilotfish check: {e}", "red", one_line=False))
         return EXIT_FAILED
@@ -649,7 +671,8 @@ def _add_check_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None
         "check",
         parents=[common],
         help="pre-flight checks of the worker environment (creates nothing: it runs in a "
-        "temporary run directory, removed at the end; --rundir is not used)",
+        "temporary run directory, removed at the end; --rundir is checked: that you can "
+        "create or write it)",
         **_examples("check"),
     )
     c.add_argument(
