@@ -236,6 +236,16 @@ def _short_type(exc_type: str) -> str:
     return exc_type.rsplit(".", 1)[-1]
 
 
+def _exception_line(exc_type: str, first: str) -> tuple[str, str]:
+    """A user exception's short type name, and its message's first line without the
+    type name it may start with ('' if the line is only the type)."""
+    short = _short_type(exc_type)
+    for prefix in (f"{exc_type}: ", f"{short}: "):
+        if first.startswith(prefix):
+            return short, first[len(prefix) :]
+    return short, "" if first in (exc_type, short) else first
+
+
 def signature(record: Any) -> str:
     """The normalised signature of one failure (see the module docstring)."""
     category = _category(record)
@@ -252,14 +262,7 @@ def signature(record: Any) -> str:
     if category in ("worker_lost", "runtime_lost") and (returncode is not None or sig):
         return f"{exit_label(returncode, sig)}: {mask(first, names)}"
     if category == "user_error" and exc_type:
-        short = _short_type(str(exc_type))
-        for prefix in (f"{exc_type}: ", f"{short}: "):
-            if first.startswith(prefix):
-                first = first[len(prefix) :]
-                break
-        else:
-            if first in (str(exc_type), short):
-                first = ""
+        short, first = _exception_line(str(exc_type), first)
         return f"{short}: {mask(first, names)}" if first else short
     return mask(first, names)
 
@@ -322,14 +325,7 @@ def reason(record: Any) -> str:
     elif category == "user_error":
         exc_type = _get(record, "exc_type")
         if exc_type:
-            short = _short_type(str(exc_type))
-            for prefix in (f"{exc_type}: ", f"{short}: "):
-                if first.startswith(prefix):
-                    first = first[len(prefix) :]
-                    break
-            else:
-                if first in (str(exc_type), short):
-                    first = ""
+            short, first = _exception_line(str(exc_type), first)
             out = f"{short}: {first}" if first else short
     elif category == "dependency_failed":
         up, root = _get(record, "upstream"), _get(record, "root")
