@@ -19,6 +19,8 @@ import shlex
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from .keyed import Keyed
+
 __all__ = ["ARG_MAX", "CALL_MAX", "describe_argv", "describe_call", "task_name", "unwrap"]
 
 ARG_MAX = 40  # characters of one argument's repr
@@ -132,9 +134,8 @@ def describe_argv(argv: Iterable[Any]) -> str:
     try:
         parts = []
         for a in argv:
-            key = getattr(a, "key", None) if type(a).__name__ == "Task" else None
-            if isinstance(key, str):
-                s = f"<{key}>"
+            if isinstance(a, Keyed):  # a Task: its value is not known yet
+                s = f"<{a.key}>"
             elif isinstance(a, str | os.PathLike):
                 s = shlex.quote(os.fsdecode(os.fspath(a)))
             else:
