@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from . import errors as _errors  # light, and every process imports it anyway
 from ._version import __version__
 
 if TYPE_CHECKING:
@@ -68,25 +69,7 @@ _WHERE = {
     "Backoff": "pilotfish.core.policy",
     "State": "pilotfish.core.states",
     "AttemptRecord": "pilotfish.core.workflow",
-    **dict.fromkeys(
-        (
-            "Category",
-            "CommandFailed",
-            "DependencyFailed",
-            "EnvironmentMismatch",
-            "Failure",
-            "FailureRecord",
-            "InvalidTask",
-            "InvalidTransition",
-            "MissingOutput",
-            "PilotfishError",
-            "RemoteError",
-            "RuntimeLost",
-            "TaskTimeout",
-            "WorkerLost",
-        ),
-        "pilotfish.errors",
-    ),
+    **dict.fromkeys(_errors.__all__, "pilotfish.errors"),  # its public names, all
     "CommandResult": "pilotfish.runtime.programs",
     **dict.fromkeys(("previous_attempt_files", "scratch_dir"), "pilotfish.runtime.scratch"),
 }

@@ -48,6 +48,7 @@ __all__ = [
     "CommandFailed",
     "DependencyFailed",
     "EnvironmentMismatch",
+    "Failure",
     "FailureRecord",
     "InvalidTask",
     "InvalidTransition",
