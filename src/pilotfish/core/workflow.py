@@ -67,6 +67,10 @@ class AttemptRecord:
     #: md.cpt, 48 MB", "fresh start: md.cpt missing", "not charged: worker w3 drained"
     note: str | None = None
 
+    def add_note(self, text: str) -> None:
+        """Append ``text`` to the attempt's note ("; " between notes)."""
+        self.note = f"{self.note}; {text}" if self.note else text
+
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["failure"] = self.failure.to_dict() if self.failure else None
@@ -102,6 +106,22 @@ def _avoid(attempts: list[AttemptRecord]) -> tuple[str, ...]:
         if a.worker and a.outcome in _PLACE_FAILURES:
             seen[a.worker] = None
     return tuple(seen)
+
+
+def _dependency_failure(
+    key: str, message: str, upstream: str | None, root: str | None, now: float
+) -> FailureRecord:
+    """The DEPENDENCY_FAILED record of task ``key`` (an input failed, or too few of its
+    settled inputs succeeded)."""
+    return FailureRecord(
+        key=key,
+        category=Category.DEPENDENCY_FAILED,
+        message=message,
+        transient=False,
+        upstream=upstream,
+        root=root,
+        time=now,
+    )
 
 
 def is_poison(lost: list[AttemptRecord], poison_after: int, hosts_seen: int) -> bool:
@@ -652,20 +672,13 @@ class Workflow:
             f = bad.failure if bad is not None else None
             root = (f.root or up) if f is not None else up
             why = f"{f.category.value}: {f.one_line()}" if f is not None else "cancelled"
-            return FailureRecord(
-                key=t.key,
-                category=Category.DEPENDENCY_FAILED,
-                message=(
-                    f"task {t.key!r} did not run: {done} of its {len(members)} settled "
-                    f"inputs succeeded, it asked for at least {need}; the first that did "
-                    f"not is {up!r}, whose failure began in {root!r} ({why}). "
-                    f"Run `pilotfish show {root}` for the full record."
-                ),
-                transient=False,
-                upstream=up,
-                root=root,
-                time=now,
+            msg = (
+                f"task {t.key!r} did not run: {done} of its {len(members)} settled inputs "
+                f"succeeded, it asked for at least {need}; the first that did not is {up!r}, "
+                f"whose failure began in {root!r} ({why}). "
+                f"Run `pilotfish show {root}` for the full record."
             )
+            return _dependency_failure(t.key, msg, up, root, now)
         return None
 
     def _restore(self, ev: Restore, out: list[Command]) -> None:
@@ -769,7 +782,7 @@ class Workflow:
         else:
             free = self._free_retry(t, a, f, ev.now, out)
         if free is not None and not self._stopped:
-            a.note = free if not a.note else f"{a.note}; {free}"
+            a.add_note(free)
             t.free_retries += 1
             self._retry(t, ev.now + self.backoff.delay(1, self._rand()), ev.now, out)
             return
@@ -786,7 +799,7 @@ class Workflow:
                     f"{t.timeout_retries}: a task that hangs again will likely hang for good; "
                     "give a longer timeout= or a larger timeout_retries=)"
                 )
-                a.note = stop if not a.note else f"{a.note}; {stop}"
+                a.add_note(stop)
                 self._fail(t, f, ev.now, out)
                 return
         if retryable and t.retries_used < t.retries and not self._stopped:
@@ -847,7 +860,7 @@ class Workflow:
                 continue
             for rec in t.attempts:
                 if rec.id == aid:
-                    rec.note = note if not rec.note else f"{rec.note}; {note}"
+                    rec.add_note(note)
             if t.charged and aid in t.charged and not t.state.final:
                 t.charged.discard(aid)
                 t.retries_used -= 1
@@ -932,15 +945,7 @@ class Workflow:
                     f"the failure began in {root!r} ({cat}: {what}). "
                     f"Run `pilotfish show {root}` for the full record."
                 )
-                c.failure = FailureRecord(
-                    key=c.key,
-                    category=Category.DEPENDENCY_FAILED,
-                    message=msg,
-                    transient=False,
-                    upstream=up.key,
-                    root=root,
-                    time=now,
-                )
+                c.failure = _dependency_failure(c.key, msg, up.key, root, now)
                 self._move(c, State.FAILED, now, out)
                 out.append(Reject(c.tid, c.failure))
             stack.extend((c, d) for d in self._children(c))
