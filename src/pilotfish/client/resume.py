@@ -8,7 +8,6 @@ started) continues that attempt: its first attempt's lineage names it, so
 
 from __future__ import annotations
 
-import json
 import logging
 import pickle
 import sqlite3
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..runtime.programs import find_sandbox, newest_sandbox, sandbox_index
-from ..store.schema import CLIENT_DIED, safe_text
+from ..store.schema import CLIENT_DIED
 
 if TYPE_CHECKING:
     from ..store.journal import Journal
@@ -35,6 +34,16 @@ SUMMARY = "pilotfish_resume_summary"
 #: the ``make_lineage`` ``earlier`` of an interrupted attempt, and the note of a Python
 #: task's attempt that continues it
 Earlier = tuple[tuple[str, int, int | None, str], str]
+
+
+def _was(state: str | None, category: str | None) -> str:
+    """What a task not taken from the journal was there: "failed <category>",
+    "unfinished <state>" or "new"."""
+    if state is None:
+        return "new"
+    if state == "FAILED":
+        return f"failed {category}"
+    return f"unfinished {state.lower()}"
 
 
 class Resumer:
@@ -59,9 +68,9 @@ class Resumer:
     def restore_value(self, task: Task) -> tuple[bytes, Any] | None:
         """The journaled value of a task already DONE with this key, if any."""
         with self.lock:
-            data = self.journal.done_value(task.key)
+            state, category, data = self.journal.earlier(task.key)
             if data is None and task._output_of is None:
-                self.before[self._was(task.key)] += 1
+                self.before[_was(state, category)] += 1
         if data is None:
             if task._key_unstable is not None:
                 log.warning(
@@ -84,23 +93,6 @@ class Resumer:
         if task._output_of is None:
             self.before["done"] += 1
         return restored
-
-    def _was(self, key: str) -> str:
-        """What ``key`` (not DONE) was in the journal: "failed <category>", "unfinished
-        <state>" or "new" (called with the lock held)."""
-        row = self.journal.reader.conn.execute(
-            "SELECT state, failure FROM tasks WHERE key=?", (safe_text(key),)
-        ).fetchone()
-        if row is None:
-            return "new"
-        state, failure = row[0], row[1]
-        if state == "FAILED":
-            try:
-                category = json.loads(failure)["category"] if failure else "unknown"
-            except (ValueError, TypeError, KeyError):
-                category = "unknown"
-            return f"failed {category}"
-        return f"unfinished {str(state).lower()}"
 
     def summary(self) -> str | None:
         """What this resumed run took from the journal and what it ran, in one line; None

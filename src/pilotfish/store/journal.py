@@ -319,10 +319,10 @@ class Journal:
         return int(cur.lastrowid or 0)
 
     # ------------------------------------------------------------------ reading (resume)
-    def done_value(self, key: str) -> bytes | None:
-        """The pickled value of ``key`` if it is DONE in the journal, else None
-        (:meth:`JournalReader.done_value`)."""
-        return self.reader.done_value(key)
+    def earlier(self, key: str) -> tuple[str | None, str | None, bytes | None]:
+        """State, failure category and kept DONE value of ``key`` in the journal
+        (:meth:`JournalReader.earlier`)."""
+        return self.reader.earlier(key)
 
     def raise_if_broken(self) -> None:
         """Raise :class:`JournalError` while the journal cannot be written (the session

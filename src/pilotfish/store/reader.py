@@ -155,25 +155,41 @@ class JournalReader:
         return None if row is None else str(row[0])
 
     def done_value(self, key: str) -> bytes | None:
-        """The pickled value of ``key`` if it is DONE in the journal, else None. Read only
-        from a private journal and a private file in its ``values/`` (the row holds the
-        file's name; the run directory may have moved), else :class:`JournalError`."""
+        """The pickled value of ``key`` if it is DONE in the journal, else None (see
+        :meth:`earlier`)."""
+        return self.earlier(key)[2]
+
+    def earlier(self, key: str) -> tuple[str | None, str | None, bytes | None]:
+        """What an earlier run left of ``key``, in one read: its state (None: not in the
+        journal), its failure's category (if it FAILED), and its pickled value if it is
+        DONE and the value was kept. The value is read only from a private journal and a
+        private file in its ``values/`` (the row holds the file's name; the run directory
+        may have moved), else :class:`JournalError`."""
         row = self.conn.execute(
-            "SELECT state, value, value_path FROM tasks WHERE key=?", (safe_text(key),)
+            "SELECT state, value, value_path, failure FROM tasks WHERE key=?", (safe_text(key),)
         ).fetchone()
-        if row is None or row[0] != "DONE":
-            return None
+        if row is None:
+            return None, None, None
+        state = str(row[0])
+        if state != "DONE":
+            category = None
+            if state == "FAILED":
+                try:
+                    category = str(json.loads(row[3])["category"]) if row[3] else "unknown"
+                except (ValueError, TypeError, KeyError):
+                    category = "unknown"
+            return state, category, None
         if not self._private:
             check_private(self.path, "the journal")
             self._private = True
         if row[1] is not None:
-            return bytes(row[1])
+            return state, None, bytes(row[1])
         if row[2]:
             path = self.path.parent / "values" / Path(row[2]).name
             if not path.exists() and not path.is_symlink():
-                return None
-            return read_private(path, "the value file")
-        return None
+                return state, None, None
+            return state, None, read_private(path, "the value file")
+        return state, None, None
 
     def find(self, prefix: str) -> list[str]:
         return [
