@@ -64,6 +64,14 @@ def _dispositions() -> dict[int, Any]:
 _FRESH = _dispositions()
 
 
+def fresh_worker() -> None:
+    """This process became a fresh worker after importing this module (forked from the
+    local master, whose own handlers it dropped): its dispositions now are the ones
+    :func:`reset_signals` puts back."""
+    global _FRESH
+    _FRESH = _dispositions()
+
+
 def reset_signals() -> None:
     """Put back the fresh worker's signal dispositions (SIGCHLD, SIGPIPE, SIGINT...)
     that an earlier task changed; a no-op outside the main thread."""

@@ -73,13 +73,17 @@ from .dispatch import (
     WithdrawnBy,
     WorkerExited,
 )
+from .forking import Forked, can_fork, fork_worker
 
+_WORKER_MODULE = "pilotfish.backends.local.worker"
 _TAIL_BYTES = 16384
 _TAIL_LINES = 20
 
 
 class _Proc:
-    def __init__(self, name: str, popen: subprocess.Popen[bytes], ch: Channel, pidfd: int) -> None:
+    def __init__(
+        self, name: str, popen: subprocess.Popen[bytes] | Forked, ch: Channel, pidfd: int
+    ) -> None:
         self.name = name
         self.popen = popen
         self.ch = ch
@@ -117,6 +121,7 @@ class Master:
         self.procs: dict[str, _Proc] = {}
         self.outbox: list[Any] = []
         self.env = dict(os.environ)
+        self.fork = can_fork(cfg.worker_python)
         self.stopping = False
 
     # ------------------------------------------------------------------ commands
@@ -157,14 +162,18 @@ class Master:
     def spawn(self, name: str) -> None:
         ch, child_fd = Channel.pair()
         try:
-            popen = subprocess.Popen(
-                [self.cfg.worker_python, "-m", "pilotfish.backends.local.worker", str(child_fd)],
-                pass_fds=(child_fd,),
-                stdin=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                cwd=self.cfg.cwd,
-                env=self.env,
-            )
+            popen: subprocess.Popen[bytes] | Forked
+            if self.fork:  # our own interpreter: a fork is its start (forking.py)
+                popen = fork_worker(child_fd, self.cfg.cwd)
+            else:
+                popen = subprocess.Popen(
+                    [self.cfg.worker_python, "-m", _WORKER_MODULE, str(child_fd)],
+                    pass_fds=(child_fd,),
+                    stdin=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    cwd=self.cfg.cwd,
+                    env=self.env,
+                )
         except OSError as e:
             os.close(child_fd)
             ch.close()
