@@ -113,6 +113,7 @@ class Driver:
         self.resumer = resumer
         self.clock = clock
         self.listeners = listeners
+        core.transitions = bool(listeners)  # only on_event listeners need them
         self.nonce = nonce
         self.keep_all = keep_all_sandboxes
         self.init = b""  # the initializer's payload, sent with every attempt

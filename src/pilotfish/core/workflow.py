@@ -396,6 +396,9 @@ class Workflow:
 
     #: validate after every stimulus (tests; off in production: O(tasks) per step)
     debug = False
+    #: emit a ``Transition`` command for every move (for ``on_event`` listeners); a
+    #: session nobody listens to turns it off: three commands per task fewer to make
+    transitions = True
 
     def __init__(
         self,
@@ -611,7 +614,8 @@ class Workflow:
         counts = self.counts
         counts[start] -= 1
         counts[finish] += 1
-        out.append(Transition(t.tid, t.key, start, finish, now, t.current))
+        if self.transitions:
+            out.append(Transition(t.tid, t.key, start, finish, now, t.current))
 
     def _submit(self, ev: Submit, out: list[Command]) -> None:
         if ev.tid in self._tasks:
@@ -623,7 +627,8 @@ class Workflow:
         _record(t.history, ev.now, "", "PENDING")
         self._tasks[ev.tid] = t
         self.counts[State.PENDING] += 1
-        out.append(Transition(t.tid, t.key, State.PENDING, State.PENDING, ev.now))
+        if self.transitions:
+            out.append(Transition(t.tid, t.key, State.PENDING, State.PENDING, ev.now))
         failed_dep: _Task | None = None
         for d in ev.deps:
             dt = self._tasks[d]

@@ -96,7 +96,41 @@ def encode(history: list[tuple[float, str, str]], attempts: list[Any]) -> tuple[
     """Compact, fast encodings (this runs once per task): attempts as JSON lists in
     ``ATTEMPT_FIELDS`` order, history as ``time from to;...``."""
     h = ";".join([f"{t:.6f} {a} {b}" for t, a, b in history])  # a list joins faster
-    rows = [
+    return "[" + ",".join([_attempt_json(a) for a in attempts]) + "]", h
+
+
+_NUMBER = (int, float)
+_NAMES: dict[str, str] = {}  # worker, host and outcome names as JSON strings
+
+
+def _name(v: str | None) -> str:
+    """``v`` as a JSON string by :func:`as_json`'s rule; the few names that recur
+    (workers, hosts, outcomes) are encoded once."""
+    if v is None:
+        return "null"
+    out = _NAMES.get(v)
+    if out is None:
+        if len(_NAMES) > 4096:
+            _NAMES.clear()
+        out = _NAMES[v] = as_json(v)
+    return out
+
+
+def _num(v: Any) -> str:
+    return "null" if v is None else repr(v)
+
+
+def _attempt_json(a: Any) -> str:
+    """One attempt as a JSON list. Most attempts (no failure, no note, plain numbers)
+    are written here directly: ``json.dumps`` of the row cost a no-op task ~4 us."""
+    failure, note = a.failure, getattr(a, "note", None)
+    numbers = (a.number, a.id, a.dispatched, a.pid, a.started, a.ended)
+    if failure is None and note is None and all(type(v) in _NUMBER or v is None for v in numbers):
+        return (
+            f"[{a.number},{a.id},{a.dispatched!r},{_name(a.worker)},{_name(a.host)},"
+            f"{_num(a.pid)},{_num(a.started)},{_num(a.ended)},{_name(a.outcome)},null,null]"
+        )
+    return as_json(
         (
             a.number,
             a.id,
@@ -107,12 +141,10 @@ def encode(history: list[tuple[float, str, str]], attempts: list[Any]) -> tuple[
             a.started,
             a.ended,
             a.outcome,
-            a.failure.to_dict() if a.failure is not None else None,
-            getattr(a, "note", None),
+            failure.to_dict() if failure is not None else None,
+            note,
         )
-        for a in attempts
-    ]
-    return as_json(rows), h
+    )
 
 
 def attempt_row(r: list[Any]) -> dict[str, Any]:
