@@ -370,7 +370,12 @@ class Driver:
             if value is not None and not self._keeps(t, value):
                 value = None  # DONE without a value: resume runs it again
             self.journal.record(
-                t, state, self.core.history(t._tid), self.core.attempts(t._tid), failure, value
+                t,
+                state,
+                self.core.packed_history(t._tid),  # unpacked by the journal's writer
+                self.core.attempts(t._tid),
+                failure,
+                value,
             )
 
     def _keeps(self, t: Task, value: bytes) -> bool:

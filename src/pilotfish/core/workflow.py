@@ -43,7 +43,7 @@ def _record(history: bytearray, now: float, start: str, finish: str) -> None:
     history += _HIST.pack(now, _STATE_CODE[start], _STATE_CODE[finish])
 
 
-def unpack_history(history: bytearray) -> list[tuple[float, str, str]]:
+def unpack_history(history: bytes | bytearray) -> list[tuple[float, str, str]]:
     """(time, from, to) of every packed transition, oldest first."""
     names = _STATE_NAMES
     return [(t, names[a], names[b]) for t, a, b in _HIST.iter_unpack(history)]
@@ -440,6 +440,11 @@ class Workflow:
     def history(self, tid: int) -> list[tuple[float, str, str]]:
         """(time, from, to) of every transition of the task, oldest first."""
         return unpack_history(self._tasks[tid].history)
+
+    def packed_history(self, tid: int) -> bytes:
+        """The task's history as it is kept (:func:`unpack_history` reads it): a copy
+        that costs one allocation, for a reader in another thread (the journal)."""
+        return bytes(self._tasks[tid].history)
 
     def key(self, tid: int) -> str:
         return self._tasks[tid].key

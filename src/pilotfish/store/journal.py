@@ -50,6 +50,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..core.workflow import unpack_history
 from .reader import JournalReader
 from .schema import (
     CLIENT_DIED,
@@ -127,6 +128,8 @@ class _Rows:
             value,
             now,
         ) = rec
+        if isinstance(history, bytes):  # as the core keeps it (Journal.record)
+            history = unpack_history(history)
         key, name = safe_text(task_key), safe_text(task_name)
         if key != task_key or name != task_name:
             log.warning(
@@ -336,7 +339,7 @@ class Journal:
         self,
         task: Any,
         state: str,
-        history: list[tuple[float, str, str]],
+        history: bytes | list[tuple[float, str, str]],
         attempts: list[Any],
         failure: Any = None,
         value: bytes | None = None,
@@ -345,9 +348,9 @@ class Journal:
         and when final. Serialised by the writer thread, off the session's hot path;
         the latest snapshot of a key in a batch wins, so a task that finishes within one
         flush interval costs one row."""
-        self._q.append(
-            (_head(task), state, list(history), list(attempts), failure, value, time.time())
-        )
+        if not isinstance(history, bytes):  # packed (the core's), else a list to copy
+            history = list(history)
+        self._q.append((_head(task), state, history, list(attempts), failure, value, time.time()))
 
     def record_event(
         self,
