@@ -818,8 +818,8 @@ def test_validate_catches_a_pending_task_whose_inputs_are_done():
     d = only_dispatch(submit(w, 1))
     submit(w, 2, [1])
     w.debug = False  # corrupt first, then look
-    w._tasks[2].dependents.clear()
-    w._tasks[1].dependents.clear()  # its input forgets it: its success will not wake it
+    w._tasks[2].dependents = None
+    w._tasks[1].dependents = None  # its input forgets it: its success will not wake it
     w.handle(Succeeded(d.attempt, 1.0))
     assert w.state(2) is State.PENDING
     with pytest.raises(InvariantViolation, match=r"'t2' \(PENDING\) waits but every input"):

@@ -193,6 +193,7 @@ class Driver:
                 )
                 if self.journal is not None:
                     self.journal.record_submit(task, now)
+                    task._call_text = None  # in the submit row: later rows keep it there
             self.run(cmds, acts)
         self.finish(acts)
 

@@ -449,7 +449,8 @@ class Session(cf.Executor):
         opts = spec.options
         task = self._register(opts.name or spec.shown, opts, digest, deps, payload, "command")
         task._declared_outputs = spec.outputs
-        task._call_text = describe_argv(argv)
+        if self._journal is not None:
+            task._call_text = describe_argv(argv)
         task._cmd_timeout = timeout
         task._programs = programs
         if modules:
@@ -561,7 +562,8 @@ class Session(cf.Executor):
         digest, task_unstable = call_key_digest((fn, args, kwargs), payload, deps)
         task = self._register(name, opts, digest, deps, payload, "call")
         task._settled = found.for_core(deps)
-        task._call_text = describe_call(fn, args, kwargs)
+        if self._journal is not None:  # for the journal's submit row only (driver.enqueue)
+            task._call_text = describe_call(fn, args, kwargs)
         task._key_unstable = task_unstable if opts.key is None else None
         task._output_of = output_of
         if output_of is not None:

@@ -19,6 +19,7 @@ from ..core import workflow as wf
 from ..core.states import State
 from ..errors import FailureRecord, InvalidTask
 from .keyed import Keyed
+from .keyset import HashSet
 from .options import TaskOptions
 from .programs import output_path
 
@@ -32,28 +33,61 @@ __all__ = ["Task", "TaskTable"]
 class Task(cf.Future, Keyed):  # type: ignore[type-arg]
     """A submitted task: a ``concurrent.futures.Future`` with pilotfish's record of it."""
 
-    # Defaults on the class, set on a task only where it differs (issue 26: every
-    # attribute set in __init__ is a slot of every task's __dict__, held or not).
-    _kind = "call"
-    _payload = b""
-    _deps: tuple[Task, ...] = ()
-    _call: tuple[Any, ...] | None = None
-    _value_bytes: bytes | None = None
-    _last_exc: BaseException | None = None
-    _last_failure: FailureRecord | None = None
-    _pending_value: Any = None
-    _declared_outputs: tuple[str, ...] = ()
-    _output_tasks: dict[str, Task] | None = None  # made by the first output(name)
+    # Slots, the Future's own fields too (a slot on the class wins over the instance
+    # dict, so Future's methods use them): a Task never fills a __dict__. Issue 26:
+    # attributes set after a task was made (its value, at the end) outgrew the inline
+    # values CPython sizes when an object is made, turning each finished task's
+    # attributes into a dict of its own (~830 B per held future).
+    __slots__ = (
+        "_call",
+        "_call_text",
+        "_cbl",  # Future._done_callbacks, made when first asked for (see below)
+        "_cmd_timeout",
+        "_cond",  # Future._condition, likewise
+        "_declared_outputs",
+        "_deps",
+        "_driver",
+        "_exception",
+        "_key_unstable",
+        "_kind",
+        "_last_exc",
+        "_last_failure",
+        "_output_of",
+        "_output_tasks",
+        "_payload",
+        "_pending_value",
+        "_programs",
+        "_result",
+        "_session",
+        "_settled",
+        "_state",
+        "_tid",
+        "_value_bytes",
+        "_wl",  # Future._waiters, made when first asked for (see below)
+        "key",
+        "name",
+        "options",
+    )
+    _kind: str
+    _payload: bytes
+    _deps: tuple[Task, ...]
+    _call: tuple[Any, ...] | None
+    _value_bytes: bytes | None
+    _last_exc: BaseException | None
+    _last_failure: FailureRecord | None
+    _pending_value: Any
+    _declared_outputs: tuple[str, ...]
+    _output_tasks: dict[str, Task] | None  # made by the first output(name)
     #: set on a reference made by ``.output(name)``: it is not a task the user
     #: submitted (the journal's kind "output"; counts and failure lists leave it out)
-    _output_of: str | None = None
-    _cmd_timeout: float | None = None
-    _programs: tuple[str, ...] = ()
-    _key_unstable: str | None = None  # why its auto-key may differ in another run
+    _output_of: str | None
+    _cmd_timeout: float | None
+    _programs: tuple[str, ...]
+    _key_unstable: str | None  # why its auto-key may differ in another run
     #: the inputs it takes settled (pilotfish.settled), for the core; most tasks: None
-    _settled: Any = None
+    _settled: Any
     #: a short description of the call or argv, for people (the journal's "call")
-    _call_text: str | None = None
+    _call_text: str | None
 
     def __init__(
         self,
@@ -64,35 +98,74 @@ class Task(cf.Future, Keyed):  # type: ignore[type-arg]
         name: str,
         options: TaskOptions,
     ) -> None:
-        # Future.__init__ without its Condition (a lock, a deque and five bound methods):
-        # most tasks are never waited on one by one, so it is made when first needed
-        # (``_condition`` below). Fewer objects per task: less work for the cyclic GC,
-        # a large share of a no-op's cost (benchmarks/README.md).
+        # Future.__init__ without its Condition (a lock, a deque and five bound methods)
+        # or its two lists: most tasks are never waited on one by one, so they are made
+        # when first needed. Fewer objects per task: less work for the cyclic GC, a large
+        # share of a no-op's cost (benchmarks/README.md).
         self._state = cf._base.PENDING
         self._result = None
         self._exception = None
-        self._waiters: list[Any] = []
-        self._done_callbacks: list[Any] = []
+        self._wl: list[Any] | None = None
+        self._cbl: list[Any] | None = None
+        self._cond: threading.Condition | None = None
         self._session = session  # output() submits through it
         self._driver = driver  # state, attempts, failure and cancel read its core
         self._tid = tid
         self.key = key
         self.name = name
         self.options = options
+        self._kind = "call"
+        self._payload = b""
+        self._deps = ()
+        self._call = None
+        self._value_bytes = None
+        self._last_exc = None
+        self._last_failure = None
+        self._pending_value = None
+        self._declared_outputs = ()
+        self._output_tasks = None
+        self._output_of = None
+        self._cmd_timeout = None
+        self._programs = ()
+        self._key_unstable = None
+        self._settled = None
+        self._call_text = None
+
+    @property
+    def _waiters(self) -> list[Any]:
+        w = self._wl
+        if w is None:
+            w = self._wl = []
+        return w
+
+    @_waiters.setter
+    def _waiters(self, w: list[Any]) -> None:
+        self._wl = w
+
+    @property
+    def _done_callbacks(self) -> list[Any]:
+        c = self._cbl
+        if c is None:
+            c = self._cbl = []
+        return c
+
+    @_done_callbacks.setter
+    def _done_callbacks(self, c: list[Any]) -> None:
+        self._cbl = c
 
     @property
     def _condition(self) -> threading.Condition:
-        c: threading.Condition | None = self.__dict__.get("_cond")
+        c = self._cond
         if c is None:
             with _COND_LOCK:
-                c = self.__dict__.get("_cond")
+                c = self._cond
                 if c is None:
-                    c = self.__dict__["_cond"] = threading.Condition()
+                    c = self._cond = threading.Condition()
         return c
 
     @_condition.setter
     def _condition(self, c: threading.Condition) -> None:
-        self.__dict__["_cond"] = c
+        self._cond = c
 
     def done(self) -> bool:
         return self._state in _DONE_STATES  # one attribute read: no lock (or Condition) needed
@@ -100,10 +173,10 @@ class Task(cf.Future, Keyed):  # type: ignore[type-arg]
     def _nobody_waits(self) -> None:
         """About to finish: if nobody ever asked for the Condition, nobody waits on it,
         and the shared one for finished tasks will do."""
-        if "_cond" not in self.__dict__:
+        if self._cond is None:
             with _COND_LOCK:
-                if "_cond" not in self.__dict__:
-                    self.__dict__["_cond"] = _FINISHED_CONDITION
+                if self._cond is None:
+                    self._cond = _FINISHED_CONDITION
 
     @property
     def state(self) -> State:
@@ -186,6 +259,9 @@ class Task(cf.Future, Keyed):  # type: ignore[type-arg]
         keeps the memory per finished task small in runs of 100,000 tasks."""
         if self.done():
             self._condition = _FINISHED_CONDITION
+            if not self._wl:  # nobody waits on it (a waiter installed later makes its own)
+                self._wl = None
+            self._cbl = None  # the callbacks ran (Future._invoke_callbacks)
 
     def __repr__(self) -> str:
         return f"<Task {self.key!r} {self.state.name}>"
@@ -214,8 +290,8 @@ class TaskTable:
     promises.
 
     Keys must stay unique for the whole session, so every key ever used is remembered,
-    but only as its ``hash()`` in a set (about 50 bytes each, where the key and a dict
-    entry cost ~150): the tasks that still exist are found by key in ``_ids``. Two keys
+    but only as its ``hash()`` (:class:`.keyset.HashSet`: 16 bytes each, where the key and
+    a dict entry cost ~150): the tasks that still exist are found by key in ``_ids``. Two keys
     with the same 64-bit hash (odds about 3e-8 among a million) make :meth:`used` say
     yes for the second: an automatic key then gets the next ``-n`` suffix, a user's own
     key is refused as used.
@@ -227,7 +303,7 @@ class TaskTable:
         self._live: dict[int, Task] = {}
         self._refs: dict[int, _TaskRef] = {}
         self._ids: dict[str, int] = {}  # the key of every task that still exists -> id
-        self._used: set[int] = set()  # hash() of every key ever used in the session
+        self._used = HashSet()  # hash() of every key ever used in the session
         self.gone: collections.deque[int] = collections.deque()
         gone = self.gone
 

@@ -193,7 +193,7 @@ class Translator:
                 f.message, f, type_name=f.exc_type or "", remote_traceback=f.traceback or ""
             )
             return self._failed(t, ev.attempt, f, exc, False)
-        t._value_bytes = ev.data
+        t._value_bytes = _small(ev.data)
         t._pending_value = value
         note = value.note if isinstance(value, CommandResult) else None
         worker, host = self._name(ev.worker), self._name(ev.host) or self._host
@@ -396,3 +396,19 @@ def drain_policy(value: Any) -> DrainPolicy | None:
         return DrainPolicy.coerce(value)
     except (ValueError, TypeError) as e:
         raise InvalidTask(f"Session(drain_after={value!r}) is invalid: {e}") from None
+
+
+_SMALL: dict[bytes, bytes] = {}  # pickles of None, True, small ints...: one object each
+
+
+def _small(data: bytes) -> bytes:
+    """``data``, or the equal bytes object already kept if it is a tiny pickle (a no-op's
+    ``None`` is 4 bytes in a 37-byte object, kept per task for its dependents)."""
+    if len(data) > 16:
+        return data
+    kept = _SMALL.get(data)
+    if kept is None:
+        if len(_SMALL) >= 4096:
+            return data
+        kept = _SMALL[data] = data
+    return kept

@@ -39,8 +39,8 @@ _STATE_NAMES = ("", *(st.name for st in State))
 _STATE_CODE = {name: i for i, name in enumerate(_STATE_NAMES)}
 
 
-def _record(history: bytearray, now: float, start: str, finish: str) -> None:
-    history += _HIST.pack(now, _STATE_CODE[start], _STATE_CODE[finish])
+def _record(t: _Task, now: float, start: str, finish: str) -> None:
+    t.history += _HIST.pack(now, _STATE_CODE[start], _STATE_CODE[finish])
 
 
 def unpack_history(history: bytes | bytearray) -> list[tuple[float, str, str]]:
@@ -159,12 +159,13 @@ class _Task:
     retries: int
     state: State = State.PENDING
     waiting: int = 0
-    dependents: list[int] = dataclasses.field(default_factory=list)
+    dependents: list[int] | None = None  # made by the first dependent
     current: int | None = None
     attempts: list[AttemptRecord] = dataclasses.field(default_factory=list)
     #: every transition, packed (see _HIST): ~10 bytes each, where a list of tuples of
-    #: a float and two names cost ~90 (issue 26: memory per held task)
-    history: bytearray = dataclasses.field(default_factory=bytearray)
+    #: a float and two names cost ~90 (issue 26: memory per held task); immutable bytes,
+    #: one object, where a bytearray is two and is copied for every reader
+    history: bytes = b""
     failure: FailureRecord | None = None
     retries_used: int = 0
     ready_at: float = 0.0
@@ -442,9 +443,9 @@ class Workflow:
         return unpack_history(self._tasks[tid].history)
 
     def packed_history(self, tid: int) -> bytes:
-        """The task's history as it is kept (:func:`unpack_history` reads it): a copy
-        that costs one allocation, for a reader in another thread (the journal)."""
-        return bytes(self._tasks[tid].history)
+        """The task's history as it is kept (:func:`unpack_history` reads it): immutable,
+        so a reader in another thread (the journal) takes it as it is."""
+        return self._tasks[tid].history
 
     def key(self, tid: int) -> str:
         return self._tasks[tid].key
@@ -591,7 +592,7 @@ class Workflow:
                 for d in unfinished:
                     if tasks[d].state.final:
                         yield f"{k} waits for input {tasks[d].key!r} which is {tasks[d].state.name}"
-                    elif tid not in tasks[d].dependents:
+                    elif tid not in (tasks[d].dependents or ()):
                         yield f"{k} waits for {tasks[d].key!r}, which does not list it"
             if t.state is State.RETRYING and tid not in timers:
                 yield f"{k} has no timer to wake it"
@@ -615,7 +616,7 @@ class Workflow:
         if (start, finish) not in TRANSITIONS:
             raise InvalidTransition(t.key, start.name, finish.name, unpack_history(t.history))
         t.state = finish
-        _record(t.history, now, start._name_, finish._name_)  # _name_: no enum property call
+        _record(t, now, start._name_, finish._name_)  # _name_: no enum property call
         counts = self.counts
         counts[start] -= 1
         counts[finish] += 1
@@ -629,7 +630,7 @@ class Workflow:
         t.settled = ev.settled
         t.timeout_retries = ev.timeout_retries
         soft = ev.settled.soft if ev.settled is not None else frozenset()
-        _record(t.history, ev.now, "", "PENDING")
+        _record(t, ev.now, "", "PENDING")
         self._tasks[ev.tid] = t
         self.counts[State.PENDING] += 1
         if self.transitions:
@@ -644,7 +645,10 @@ class Workflow:
                     failed_dep = dt
                 continue
             t.waiting += 1
-            dt.dependents.append(t.tid)
+            if dt.dependents is None:
+                dt.dependents = [t.tid]
+            else:
+                dt.dependents.append(t.tid)
         if failed_dep is not None:
             self._fail_downstream_of(failed_dep, [t], ev.now, out)
             return
@@ -693,7 +697,7 @@ class Workflow:
 
     def _restore(self, ev: Restore, out: list[Command]) -> None:
         t = _Task(ev.tid, ev.key, (), 0)
-        _record(t.history, ev.now, "", "PENDING")
+        _record(t, ev.now, "", "PENDING")
         self._tasks[ev.tid] = t
         self.counts[State.PENDING] += 1
         self._move(t, State.DONE, ev.now, out)

@@ -447,7 +447,13 @@ class Journal:
         latest: dict[str, tuple[Any, ...]] = {}
         for _ in range(len(q)):
             rec = q.popleft()
-            latest[rec[0][0]] = rec
+            key = rec[0][0]
+            before = latest.get(key)
+            if before is not None and rec[0][5] is None and before[0][5] is not None:
+                # the description of the call comes with the submit record only (the task
+                # does not keep it): the latest record of the batch carries it on
+                rec = ((*rec[0][:5], before[0][5]), *rec[1:])
+            latest[key] = rec
         if not latest:
             return
         try:
