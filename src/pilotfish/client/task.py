@@ -244,13 +244,35 @@ class Task(cf.Future, Keyed):  # type: ignore[type-arg]
         self._release_condition()
 
     def set_result(self, result: Any) -> None:
-        self._nobody_waits()
-        super().set_result(result)
-        self._release_condition()
+        self._finish(True, result)
 
     def set_exception(self, exception: BaseException | None) -> None:
+        self._finish(False, exception)
+
+    def _finish(self, ok: bool, outcome: Any) -> None:
+        """``Future.set_result`` / ``set_exception``, reading the waiter and callback lists
+        only if someone made them (reading ``_waiters`` would make one per task)."""
         self._nobody_waits()
-        super().set_exception(exception)
+        cond = self._condition
+        with cond:
+            if self._state in _DONE_STATES:
+                raise cf.InvalidStateError(f"{self._state}: {self!r}")
+            if ok:
+                self._result = outcome
+            else:
+                self._exception = outcome
+            self._state = cf._base.FINISHED
+            for waiter in self._wl or ():
+                if ok:
+                    waiter.add_result(self)
+                else:
+                    waiter.add_exception(self)
+            cond.notify_all()
+        for callback in self._cbl or ():  # as Future._invoke_callbacks
+            try:
+                callback(self)
+            except Exception:
+                cf._base.LOGGER.exception("exception calling callback for %r", self)
         self._release_condition()
 
     def _release_condition(self) -> None:
@@ -259,9 +281,6 @@ class Task(cf.Future, Keyed):  # type: ignore[type-arg]
         keeps the memory per finished task small in runs of 100,000 tasks."""
         if self.done():
             self._condition = _FINISHED_CONDITION
-            if not self._wl:  # nobody waits on it (a waiter installed later makes its own)
-                self._wl = None
-            self._cbl = None  # the callbacks ran (Future._invoke_callbacks)
 
     def __repr__(self) -> str:
         return f"<Task {self.key!r} {self.state.name}>"
