@@ -34,3 +34,25 @@ def test_a_dropped_task_leaves_only_its_keys_hash(tmp_path: Path) -> None:
             s.submit(pilotfish.task(ident, key="member-001"), 3)
         assert again.result(timeout=30) == 1
         assert not s._dups or list(s._dups.values()) == [2]  # only repeated calls counted
+
+
+def test_a_finished_task_holds_no_dict_lists_or_condition_of_its_own(tmp_path: Path) -> None:
+    """Issue 26, memory per held future: a Task is slotted (no __dict__ filled), Future's
+    waiter and callback lists and its Condition exist only if someone asked for them,
+    and a finished task's Condition is the shared one; waiting and callbacks still work."""
+    import concurrent.futures as cf
+
+    with fake_session(tmp_path / "r") as s:
+        plain = s.submit(ident, 1)
+        waited = s.submit(ident, 2)
+        called: list[int] = []
+        waited.add_done_callback(lambda f: called.append(f.result()))
+        done, _ = cf.wait([plain, waited], timeout=30)
+        assert done == {plain, waited} and called == [2]
+        assert not plain.__dict__, plain.__dict__
+        assert plain._cbl is None
+        assert plain._condition is waited._condition  # the shared one, once finished
+        # cf.wait on finished futures installs and removes its waiter: still fine
+        for _ in range(3):
+            assert cf.wait([plain, waited], timeout=5).not_done == set()
+        assert [f.result() for f in cf.as_completed([plain, waited], timeout=5)] != []
