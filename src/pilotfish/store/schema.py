@@ -95,11 +95,10 @@ ATTEMPT_FIELDS = (
 def encode(history: list[tuple[float, str, str]], attempts: list[Any]) -> tuple[str, str]:
     """Compact, fast encodings (this runs once per task): attempts as JSON lists in
     ``ATTEMPT_FIELDS`` order, history as ``time from to;...``."""
-    h = ";".join([f"{t:.6f} {a} {b}" for t, a, b in history])  # a list joins faster
+    h = ";".join(["%.6f %s %s" % step for step in history])  # noqa: UP031 (faster here)
     return "[" + ",".join([_attempt_json(a) for a in attempts]) + "]", h
 
 
-_NUMBER = (int, float)
 _NAMES: dict[str, str] = {}  # worker, host and outcome names as JSON strings
 
 
@@ -124,8 +123,16 @@ def _attempt_json(a: Any) -> str:
     """One attempt as a JSON list. Most attempts (no failure, no note, plain numbers)
     are written here directly: ``json.dumps`` of the row cost a no-op task ~4 us."""
     failure, note = a.failure, getattr(a, "note", None)
-    numbers = (a.number, a.id, a.dispatched, a.pid, a.started, a.ended)
-    if failure is None and note is None and all(type(v) in _NUMBER or v is None for v in numbers):
+    if (
+        failure is None
+        and note is None
+        and type(a.number) is int
+        and type(a.id) is int
+        and type(a.dispatched) is float
+        and (a.pid is None or type(a.pid) is int)
+        and (a.started is None or type(a.started) is float)
+        and (a.ended is None or type(a.ended) is float)
+    ):
         return (
             f"[{a.number},{a.id},{a.dispatched!r},{_name(a.worker)},{_name(a.host)},"
             f"{_num(a.pid)},{_num(a.started)},{_num(a.ended)},{_name(a.outcome)},null,null]"
