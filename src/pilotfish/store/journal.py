@@ -47,6 +47,7 @@ import sqlite3
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -340,7 +341,7 @@ class Journal:
         task: Any,
         state: str,
         history: bytes | list[tuple[float, str, str]],
-        attempts: list[Any],
+        attempts: Sequence[Any],
         failure: Any = None,
         value: bytes | None = None,
     ) -> None:
