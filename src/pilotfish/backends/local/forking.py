@@ -112,9 +112,7 @@ def _worker_child(child_fd: int, stderr_fd: int, cwd: str) -> None:
 
         fresh_worker()  # what the attempts' signal reset puts back: this, not the master's
         os.dup2(stderr_fd, 2)
-        keep = sorted({child_fd, 2})
-        os.closerange(3, keep[-1])
-        os.closerange(keep[-1] + 1, _max_fd())
+        _close_all_but(child_fd)
         with contextlib.suppress(OSError):
             os.chdir(cwd)
         from . import worker
@@ -132,6 +130,21 @@ def _worker_child(child_fd: int, stderr_fd: int, cwd: str) -> None:
             sys.stdout.flush()
             sys.stderr.flush()
         os._exit(code)
+
+
+def _close_all_but(fd: int) -> None:
+    """Close every descriptor from 3 up but ``fd``: those listed in /proc/self/fd (a
+    kernel without close_range would make closerange() try each of up to a million)."""
+    try:
+        open_fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        os.closerange(3, fd)
+        os.closerange(fd + 1, _max_fd())
+        return
+    for n in open_fds:
+        if n > 2 and n != fd:
+            with contextlib.suppress(OSError):  # the listing's own, closed by now
+                os.close(n)
 
 
 def _max_fd() -> int:
