@@ -39,7 +39,7 @@ from ...core import ledger as L
 from ...core.ledger import describe_exit
 from ...errors import InvalidTask
 from ...runtime.preflight import client_versions
-from ...runtime.procs import proc_sample
+from ...runtime.procs import exited_within, proc_sample
 from ...wire import messages as _wire
 from ...wire.messages import Channel, RunAttempt
 from .._driver import Driver, carry_out
@@ -218,7 +218,8 @@ class LocalBackend:
             with contextlib.suppress(OSError):
                 ch.send([_wire.Shutdown("session closed")])
             try:
-                popen.wait(timeout)
+                gone = exited_within(popen.pid, timeout)  # at once; popen.wait() polls
+                popen.wait(timeout if gone is None else 5.0 if gone else 0.0)
             except subprocess.TimeoutExpired:
                 popen.kill()
                 popen.wait()

@@ -28,6 +28,8 @@ import time
 import traceback
 from typing import IO
 
+from ...runtime.procs import exited_within
+
 __all__ = ["Forked", "can_fork", "fork_worker", "prepare"]
 
 _prepared = False
@@ -76,6 +78,11 @@ class Forked:
                 except ChildProcessError:  # reaped by someone else: its code is unknown
                     self.returncode = -signal.SIGKILL
             return self.returncode
+        if self.returncode is None and exited_within(self.pid, timeout) is not None:
+            rc = self.poll()
+            if rc is None:
+                raise subprocess.TimeoutExpired(f"worker {self.pid}", timeout)
+            return rc
         deadline = time.monotonic() + timeout
         while (rc := self.poll()) is None:
             if time.monotonic() >= deadline:

@@ -431,3 +431,8 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    # Leave without the interpreter's teardown of every module (~25 ms a session's
+    # shutdown waited for): the workers are reaped, what we wrote is flushed here.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
