@@ -1,8 +1,9 @@
-"""A local worker: a fresh interpreter that runs attempts one at a time.
+"""A local worker: a process that runs attempts one at a time.
 
-Started by the master as ``python -m pilotfish.backends.local.worker FD`` with
-one end of a Unix socket pair. Never forked from a process with threads, and
-never re-imports the user's ``__main__`` (functions from it travel by value).
+Forked by the master (:mod:`.forking`), or started as ``python -m
+pilotfish.backends.local.worker FD`` when it runs another interpreter, with one end of
+a Unix socket pair. Never forked from a process with threads, and never re-imports the
+user's ``__main__`` (functions from it travel by value).
 
 Threads: the main thread reads the socket and runs user code: before each
 attempt it takes what the master sent meanwhile without blocking, and blocks
