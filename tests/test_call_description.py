@@ -8,6 +8,7 @@ import functools
 import json
 import sqlite3
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -167,3 +168,30 @@ def test_a_journal_without_the_call_column_still_opens(
         version = conn.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
     conn.close()
     assert rows == {t.key: None, t2.key: "model(2)"} and version == ("1",)
+
+
+def ok(x: float) -> float:
+    return x
+
+
+def slow(x: float) -> float:
+    time.sleep(1.5)  # longer than the journal's flush interval (0.5 s)
+    return x
+
+
+def test_the_call_is_kept_whether_its_task_ends_in_the_submit_rows_batch_or_later(
+    tmp_path: Path,
+) -> None:
+    """The task hands its description to the journal's submit record and keeps no copy:
+    a later record of the same flush carries it on, a later flush's row keeps the one
+    written (issue 26: memory per held future)."""
+    with fake_session(tmp_path / "r") as s:
+        quick = [s.submit(ok, i / 4) for i in range(50)]  # submitted and done in one batch
+        late = s.submit(slow, 9.5)  # its submit row is written before it ends
+        pilotfish.wait([*quick, late], timeout=30)
+        assert all(t._call_text is None for t in [*quick, late])
+    conn = sqlite3.connect(tmp_path / "r" / "journal.db")
+    calls = dict(conn.execute("SELECT key, call FROM tasks"))
+    conn.close()
+    assert [calls[t.key] for t in quick] == [f"ok({i / 4})" for i in range(50)]
+    assert calls[late.key] == "slow(9.5)"
