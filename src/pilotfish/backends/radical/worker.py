@@ -63,19 +63,23 @@ _CFG_VAR = "PILOTFISH_RP_CFG"
 _MASTER_VAR = "PILOTFISH_RP_MASTER"
 
 
-def _die_with_master() -> None:
-    """End this worker when its master (on this host) is gone: RP's worker waits for
-    its registration forever if the master died first, and keeps running otherwise
-    until RP's agent notices (it may not, when the master was killed)."""
+def _die_with_master(me: str) -> None:
+    """End this worker when its master (``me``: 'host pid create_time'; on this host) is
+    gone: RP's worker waits for its registration forever if the master died first, and
+    keeps running otherwise until RP's agent notices (it may not, when the master was
+    killed). A worker the master submitted has ``me`` from its environment; one the
+    client submitted (started with the master) from the master's answer to its hello,
+    and until then RP's own watch ends it (the master's final state) or the client
+    cancels it."""
     import time
 
     from pilotfish.runtime.procs import alive
     from pilotfish.wire import messages as _wire
 
     try:
-        host, pid, created = os.environ[_MASTER_VAR].split()
+        host, pid, created = me.split()
         master = (int(pid), float(created))
-    except (KeyError, ValueError):
+    except (AttributeError, ValueError):
         return
     if host != _wire.host_name():
         return
@@ -135,9 +139,7 @@ class _Fork:
 
 class PilotfishWorker(DefaultWorker):  # type: ignore[misc]
     def __init__(self, raptor_id: str) -> None:
-        threading.Thread(
-            target=_die_with_master, name="pilotfish-master-watch", daemon=True
-        ).start()
+        self._pf_watch_master(os.environ.get(_MASTER_VAR))
         cfg = _cfg()
         _client_path(cfg)
         from pilotfish.runtime.preflight import worker_checks
@@ -183,6 +185,13 @@ class PilotfishWorker(DefaultWorker):  # type: ignore[misc]
         ).start()
         self._pf_hello()
 
+    def _pf_watch_master(self, me: str | None) -> None:
+        if me and not getattr(self, "_pf_master_watched", False):
+            self._pf_master_watched = True
+            threading.Thread(
+                target=_die_with_master, args=(me,), name="pilotfish-master-watch", daemon=True
+            ).start()
+
     # -- talking to the master (its task service, request/reply) ---------------
     def _pf_request(self, cmd: str, *args: Any) -> Any:
         with self._pf_lock:
@@ -193,10 +202,12 @@ class PilotfishWorker(DefaultWorker):  # type: ignore[misc]
     def _pf_hello(self) -> None:
         if self._pf_said_hello:
             return
-        self._pf_request(
+        ans = self._pf_request(
             "pilotfish_hello", self._uid, os.getpid(), self._pf_host, list(self._pf_problems)
         )
         self._pf_said_hello = True
+        if isinstance(ans, dict):
+            self._pf_watch_master(str(ans.get("master") or ""))
 
     def _request_cb(self, tasks: Any) -> None:
         self._pf_ready.wait()
