@@ -493,7 +493,8 @@ class PilotfishMaster(Master):  # type: ignore[misc]
             # workers the client saw end: their RP state may have come before this master
             # listened (a worker the client submitted starts with it)
             for wid, state, code in kwargs.get("ended") or ():
-                if wid in book.workers:
+                w = book.workers.get(wid)
+                if w is not None and w.get("state") not in ("lost", "stopped"):
                     self._pf_worker_lost(str(wid), code, f"RP state {state}")
             with book.lock:
                 return {
