@@ -142,21 +142,15 @@ class PilotfishWorker(DefaultWorker):  # type: ignore[misc]
         self._pf_watch_master(os.environ.get(_MASTER_VAR))
         cfg = _cfg()
         _client_path(cfg)
-        from pilotfish.runtime.preflight import worker_checks
         from pilotfish.wire import messages as _wire
 
         self._pf_cfg = cfg
         self._pf_host = _wire.host_name()
-        _preload()
-        if cfg.get("preload"):  # Session(preload=...): before the per-task forks inherit them
-            from pilotfish.runtime.preflight import preload
-
-            preload([str(m) for m in cfg["preload"]], raptor_id)
-        try:
-            checks = worker_checks(cfg.get("versions") or {}, cfg.get("rundir") or ".")
-            self._pf_problems = [c.message() for c in checks if not c.ok]
-        except Exception as e:  # pragma: no cover - defensive
-            self._pf_problems = [f"pre-flight could not run: {type(e).__name__}: {e}"]
+        self._pf_problems: list[str] = []
+        # imports and pre-flight while RP's worker start-up waits (a second for ZMQ, then
+        # for its master): done before the first task is taken, and before any fork
+        prepare = threading.Thread(target=self._pf_prepare, name="pilotfish-prepare", daemon=True)
+        prepare.start()
         self._pf_lock = threading.Lock()
         self._pf_client: Any = None
         self._pf_said_hello = False
@@ -173,6 +167,11 @@ class PilotfishWorker(DefaultWorker):  # type: ignore[misc]
         # '_plock'", and that listener dies). Requests wait for the end of __init__.
         self._pf_ready = threading.Event()
         super().__init__(raptor_id)
+        prepare.join()
+        if cfg.get("preload"):  # Session(preload=...): in the main thread, before any fork
+            from pilotfish.runtime.preflight import preload
+
+            preload([str(m) for m in cfg["preload"]], raptor_id)
         # a subreaper: what a per-task process started is re-parented to us when that
         # process dies before its attempt's containment ran (SIGKILL); _pf_sweep ends it
         from pilotfish.runtime.procs import become_subreaper, children
@@ -184,6 +183,19 @@ class PilotfishWorker(DefaultWorker):  # type: ignore[misc]
             target=self._pf_watch_forks, name="pilotfish-fork-watch", daemon=True
         ).start()
         self._pf_hello()
+
+    def _pf_prepare(self) -> None:
+        """What each task's forked processes need, imported once here, and the pre-flight
+        checks (``self._pf_problems``)."""
+        from pilotfish.runtime.preflight import worker_checks
+
+        cfg = self._pf_cfg
+        _preload()
+        try:
+            checks = worker_checks(cfg.get("versions") or {}, cfg.get("rundir") or ".")
+            self._pf_problems = [c.message() for c in checks if not c.ok]
+        except Exception as e:  # pragma: no cover - defensive
+            self._pf_problems = [f"pre-flight could not run: {type(e).__name__}: {e}"]
 
     def _pf_watch_master(self, me: str | None) -> None:
         if me and not getattr(self, "_pf_master_watched", False):
