@@ -151,6 +151,10 @@ class PilotfishWorker(DefaultWorker):  # type: ignore[misc]
         # for its master): done before the first task is taken, and before any fork
         prepare = threading.Thread(target=self._pf_prepare, name="pilotfish-prepare", daemon=True)
         prepare.start()
+        if cfg.get("preload"):  # Session(preload=...): in the main thread, before the worker
+            from pilotfish.runtime.preflight import preload  # registers and takes tasks
+
+            preload([str(m) for m in cfg["preload"]], raptor_id)
         self._pf_lock = threading.Lock()
         self._pf_client: Any = None
         self._pf_said_hello = False
@@ -168,10 +172,6 @@ class PilotfishWorker(DefaultWorker):  # type: ignore[misc]
         self._pf_ready = threading.Event()
         super().__init__(raptor_id)
         prepare.join()
-        if cfg.get("preload"):  # Session(preload=...): in the main thread, before any fork
-            from pilotfish.runtime.preflight import preload
-
-            preload([str(m) for m in cfg["preload"]], raptor_id)
         # a subreaper: what a per-task process started is re-parented to us when that
         # process dies before its attempt's containment ran (SIGKILL); _pf_sweep ends it
         from pilotfish.runtime.procs import become_subreaper, children
