@@ -48,6 +48,7 @@ import json
 import multiprocessing as mp
 import os
 import pickle
+import queue
 import signal
 import sys
 import threading
@@ -63,23 +64,28 @@ _CFG_VAR = "PILOTFISH_RP_CFG"
 _MASTER_VAR = "PILOTFISH_RP_MASTER"
 
 
-def _die_with_master(me: str) -> None:
-    """End this worker when its master (``me``: 'host pid create_time'; on this host) is
-    gone: RP's worker waits for its registration forever if the master died first, and
-    keeps running otherwise until RP's agent notices (it may not, when the master was
-    killed). A worker the master submitted has ``me`` from its environment; one the
-    client submitted (started with the master) from the master's answer to its hello,
-    and until then RP's own watch ends it (the master's final state) or the client
-    cancels it."""
+def _die_with_master(told: queue.SimpleQueue[str]) -> None:
+    """End this worker when its master (on this host) is gone: RP's worker waits for
+    its registration forever if the master died first, and keeps running otherwise
+    until RP's agent notices (it may not, when the master was killed).
+
+    The master ('host pid create_time') is ``told``: at once by the environment of a
+    worker the master submitted; by the master's answer to its hello for one the client
+    submitted (started with the master: until then RP's own watch ends it when the
+    master's task is final, or the client cancels it). This thread starts with the
+    worker and imports what it needs then: an import in a thread while RP forks a task's
+    process could leave that process a held import lock."""
     import time
+
+    import psutil  # noqa: F401  (what alive() uses: imported now, not after a fork)
 
     from pilotfish.runtime.procs import alive
     from pilotfish.wire import messages as _wire
 
     try:
-        host, pid, created = me.split()
+        host, pid, created = told.get().split()
         master = (int(pid), float(created))
-    except (AttributeError, ValueError):
+    except ValueError:
         return
     if host != _wire.host_name():
         return
@@ -139,7 +145,15 @@ class _Fork:
 
 class PilotfishWorker(DefaultWorker):  # type: ignore[misc]
     def __init__(self, raptor_id: str) -> None:
-        self._pf_watch_master(os.environ.get(_MASTER_VAR))
+        self._pf_master: queue.SimpleQueue[str] = queue.SimpleQueue()  # see _die_with_master
+        if os.environ.get(_MASTER_VAR):
+            self._pf_master.put(os.environ[_MASTER_VAR])
+        threading.Thread(
+            target=_die_with_master,
+            args=(self._pf_master,),
+            name="pilotfish-master-watch",
+            daemon=True,
+        ).start()
         cfg = _cfg()
         _client_path(cfg)
         from pilotfish.wire import messages as _wire
@@ -197,13 +211,6 @@ class PilotfishWorker(DefaultWorker):  # type: ignore[misc]
         except Exception as e:  # pragma: no cover - defensive
             self._pf_problems = [f"pre-flight could not run: {type(e).__name__}: {e}"]
 
-    def _pf_watch_master(self, me: str | None) -> None:
-        if me and not getattr(self, "_pf_master_watched", False):
-            self._pf_master_watched = True
-            threading.Thread(
-                target=_die_with_master, args=(me,), name="pilotfish-master-watch", daemon=True
-            ).start()
-
     # -- talking to the master (its task service, request/reply) ---------------
     def _pf_request(self, cmd: str, *args: Any) -> Any:
         with self._pf_lock:
@@ -218,8 +225,8 @@ class PilotfishWorker(DefaultWorker):  # type: ignore[misc]
             "pilotfish_hello", self._uid, os.getpid(), self._pf_host, list(self._pf_problems)
         )
         self._pf_said_hello = True
-        if isinstance(ans, dict):
-            self._pf_watch_master(str(ans.get("master") or ""))
+        if isinstance(ans, dict) and not os.environ.get(_MASTER_VAR):
+            self._pf_master.put(str(ans.get("master") or ""))
 
     def _request_cb(self, tasks: Any) -> None:
         self._pf_ready.wait()
