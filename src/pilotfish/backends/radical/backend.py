@@ -87,6 +87,7 @@ from .pilot_lease import PilotLease
 from .plumbing import (
     Reaper,
     bounded,
+    cancel_launched,
     end_pids,
     master_details,
     pilot_details,
@@ -309,7 +310,9 @@ class RadicalBackend:
             self._mv.task = task
             self._mv.worker_uids = set(uids)
         env = {"PILOTFISH_RP_CFG": cfg, **(config.get("worker_env") or {})}
-        task.submit_workers([self._worker_td(uid, task.uid, env) for uid in uids])
+        workers = task.submit_workers([self._worker_td(uid, task.uid, env) for uid in uids])
+        with self._lock:
+            self._mv.worker_tasks = list(workers)
 
     def _worker_td(self, uid: str, master: str, env: dict[str, str]) -> Any:
         """One of the workers submitted with ``master``: as the master would submit it,
@@ -428,6 +431,15 @@ class RadicalBackend:
         self._send(again, tds, events)
         self._cancel_rp_tasks(old)
 
+    def _cancel_workers(self, tasks: list[Any]) -> None:
+        """End the workers submitted with a lost master (in the background: each once RP
+        launched it, see :func:`.plumbing.cancel_launched`)."""
+        tmgr = self._rp.tmgr
+        if tasks and tmgr is not None:
+            self._driver.nursery.start(
+                "pilotfish-rp-cancel", lambda: cancel_launched(tmgr, list(tasks))
+            )
+
     def _cancel_rp_tasks(self, uids: list[str]) -> None:
         """Have RP forget tasks we no longer wait for (in the background: best effort)."""
         tmgr = self._rp.tmgr
@@ -538,8 +550,8 @@ class RadicalBackend:
         carry_out(cmds, step)
         resend, stale = step.resend, step.stale
         # end what is left of the old master and its workers
-        ours = [old.uid, *sorted(self._mv.worker_uids)]
-        bounded(lambda: self._rp.tmgr.cancel_tasks(ours), 10, "cancel master")
+        bounded(lambda: self._rp.tmgr.cancel_tasks([old.uid]), 10, "cancel master")
+        self._cancel_workers(self._mv.worker_tasks)
         # its unstarted tasks are sent again: RP's scheduler, which keeps the tasks of a
         # master until its queue registers, must not hand them to anyone
         self._cancel_rp_tasks(stale)
@@ -653,13 +665,12 @@ class RadicalBackend:
 
     def _stop_master(self) -> None:
         master = self._mv.task
-        if master is None or (self._driver.dead and master.state in rp.FINAL):
+        if master is None:
             return
-        # a master that never answered is still starting (or hung): RP cancels its task,
-        # and its workers end themselves once it is gone
+        # a master that never answered is still starting (or hung): RP cancels its task
         with contextlib.suppress(Exception):
             if master.state not in rp.FINAL and self._mv.last_answer is not None:
                 self._rpc("stop", 5.0)
-        # and the workers submitted with it (one still starting has no pid to end)
-        ours = [master.uid, *sorted(self._mv.worker_uids)]
-        bounded(lambda: self._rp.tmgr.cancel_tasks(ours), 10, "cancel master")
+        # and the workers submitted with it (one still starting has no pid to end, and
+        # may never hear of a master that is gone)
+        cancel_launched(self._rp.tmgr, [master, *self._mv.worker_tasks])

@@ -55,6 +55,7 @@ class MasterView:
         # final: uid -> [uid, state, exit code], sent with every ping (the master may have
         # missed RP's state update: it came before the master listened)
         self.worker_uids: set[str] = set()
+        self.worker_tasks: list[Any] = []  # their RP tasks
         self.ended: dict[str, list[Any]] = {}
 
     def renew(self, pilot_uid: str, now: float) -> None:
@@ -71,6 +72,7 @@ class MasterView:
         self.workers = {}
         self.running = {}
         self.worker_uids = set()
+        self.worker_tasks = []
         self.ended = {}
         self.submitted = now
 
