@@ -652,7 +652,7 @@ class RadicalBackend:
                 e = self._fl.entry(uid)
                 if e is None or e.where == "started":
                     continue
-                _, pid, host = self._mv.workers.get(wid) or ["", 0, ""]
+                _, pid, host, *_ = self._mv.workers.get(wid) or ["", 0, ""]
                 start = L.Start(wid, e.attempt, int(pid), host, now)
                 carry_out(self._fl.ledger.handle(start), Step(events))
 
