@@ -317,9 +317,9 @@ class PilotfishPeer:
         import psutil
 
         deadline = time.monotonic() + 15
-        alive = self.pids
+        alive = [p for p in self.pids if _alive(p)]
         while alive and time.monotonic() < deadline:
-            time.sleep(0.2)
+            time.sleep(0.05)
             alive = [p for p in alive if _alive(p)]
         if alive:
             for pid in alive:

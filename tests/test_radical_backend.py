@@ -976,7 +976,8 @@ def _client_dies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sig: signal.Si
         token, _, sid = p.stdout.readline().strip().partition(" ")
         assert token and sid, "the client did not start its task"
         assert len(with_env("PILOTFISH_RP_TOKEN", token)) > 5
-        titles = [" ".join(q.cmdline()).strip() for q in _session_procs(sid)]
+        titles = _describe(_session_procs(sid))  # one may end while we look
+        titles = [t.partition(" ")[2] for t in titles]
         assert any(t.startswith("rp.agent_executing") for t in titles), titles
         t0 = time.monotonic()
         p.send_signal(sig)

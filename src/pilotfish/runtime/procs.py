@@ -120,25 +120,45 @@ def in_places(p: psutil.Process, names: Collection[str]) -> bool:
     return False
 
 
+def _running(p: psutil.Process) -> bool:
+    """``p`` still runs: a zombie does not (it has exited; only its parent, or init
+    once it is an orphan, can reap it)."""
+    try:
+        return bool(p.is_running() and p.status() != psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return False
+
+
+def _settle(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait up to ``timeout`` seconds for ``procs`` to exit; those still running.
+
+    psutil's ``wait_procs`` alone waits for a process that is not our child until its
+    pid is gone: an orphan's zombie stays until init reaps it, which takes seconds on
+    some machines (a VM's init), although it ended long before."""
+    deadline = time.monotonic() + timeout
+    while True:
+        _, procs = psutil.wait_procs(procs, timeout=0)  # reaps those that are our children
+        procs = [p for p in procs if _running(p)]
+        if not procs or time.monotonic() >= deadline:
+            return procs
+        time.sleep(0.02)
+
+
 def end_processes(procs: Iterable[psutil.Process], grace: float = 0.0) -> None:
     """Give ``procs`` ``grace`` seconds to exit, then SIGTERM, then SIGKILL a second later."""
-    alive = []
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                alive.append(p)
+    alive = [p for p in procs if _running(p)]
     if not alive:
         return
     if grace > 0:
-        _, alive = psutil.wait_procs(alive, timeout=grace)
+        alive = _settle(alive, grace)
     for p in alive:
         with contextlib.suppress(psutil.Error):
             p.send_signal(signal.SIGTERM)
-    _, alive = psutil.wait_procs(alive, timeout=1.0)
+    alive = _settle(alive, 1.0)
     for p in alive:
         with contextlib.suppress(psutil.Error):
             p.kill()
-    psutil.wait_procs(alive, timeout=1.0)
+    _settle(alive, 1.0)
 
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")

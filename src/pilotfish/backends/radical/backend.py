@@ -81,11 +81,13 @@ from ...wire.messages import RunAttempt
 from .._driver import Driver, Stimuli, carry_out, runtime_lost
 from ..base import MasterReport, Pulse, Sink
 from .in_flight import InFlight, Step
+from .master_book import client_worker_uids
 from .master_view import MasterView
 from .pilot_lease import PilotLease
 from .plumbing import (
     Reaper,
     bounded,
+    cancel_launched,
     end_pids,
     master_details,
     pilot_details,
@@ -269,6 +271,8 @@ class RadicalBackend:
         pilot does not have)."""
         return {
             "workers": self.workers,
+            # all of them submitted by the client, with the master (see _start_master)
+            "client_workers": self.workers,
             "heartbeat_interval": self.hb_interval,
             "worker_file": self.worker_file,
             "named_env": self.named_env,
@@ -283,7 +287,11 @@ class RadicalBackend:
         }
 
     def _start_master(self) -> None:
-        cfg = base64.b64encode(json.dumps(self.master_config()).encode()).decode()
+        """Submit a master and, at once, its workers: they start while it does (RP's
+        raptor worker registers with its master once both are up), instead of after it
+        (as the ones it submits itself, the replacements of lost workers)."""
+        config = self.master_config()
+        cfg = base64.b64encode(json.dumps(config).encode()).decode()
         td = rp.TaskDescription(
             {
                 "mode": rp.RAPTOR_MASTER,
@@ -297,8 +305,32 @@ class RadicalBackend:
         with self._lock:
             self._mv.renew(self._rp.pilot.uid, time.monotonic())
         task = self._rp.tmgr.submit_raptors([td], self._rp.pilot.uid)[0]
+        uids = client_worker_uids(task.uid, int(config.get("client_workers") or 0))
         with self._lock:
             self._mv.task = task
+            self._mv.worker_uids = set(uids)
+        env = {"PILOTFISH_RP_CFG": cfg, **(config.get("worker_env") or {})}
+        workers = task.submit_workers([self._worker_td(uid, task.uid, env) for uid in uids])
+        with self._lock:
+            self._mv.worker_tasks = list(workers)
+
+    def _worker_td(self, uid: str, master: str, env: dict[str, str]) -> Any:
+        """One of the workers submitted with ``master``: as the master would submit it,
+        in its sandbox."""
+        td = rp.TaskDescription(
+            {
+                "mode": rp.RAPTOR_WORKER,
+                "uid": uid,
+                "raptor_class": "PilotfishWorker",
+                "raptor_file": self.worker_file,
+                "environment": dict(env),
+                "sandbox": master,  # relative to the pilot's sandbox: the master's
+                "pilot": self._rp.pilot.uid,
+            }
+        )
+        if self.named_env:
+            td.named_env = self.named_env
+        return td
 
     # ------------------------------------------------------------------ RP callbacks
     def _task_cb(self, task: Any, state: str) -> None:
@@ -399,6 +431,15 @@ class RadicalBackend:
         self._send(again, tds, events)
         self._cancel_rp_tasks(old)
 
+    def _cancel_workers(self, tasks: list[Any]) -> None:
+        """End the workers submitted with a lost master (in the background: each once RP
+        launched it, see :func:`.plumbing.cancel_launched`)."""
+        tmgr = self._rp.tmgr
+        if tasks and tmgr is not None:
+            self._driver.nursery.start(
+                "pilotfish-rp-cancel", lambda: cancel_launched(tmgr, list(tasks))
+            )
+
     def _cancel_rp_tasks(self, uids: list[str]) -> None:
         """Have RP forget tasks we no longer wait for (in the background: best effort)."""
         tmgr = self._rp.tmgr
@@ -423,6 +464,10 @@ class RadicalBackend:
             master = self._mv.task
             if master is not None and uid == master.uid:
                 self._mv.task_state(state, time.monotonic())
+            if uid in self._mv.worker_uids:  # the master is told with the next ping
+                if state in rp.FINAL:
+                    self._mv.ended[uid] = [uid, state, task.exit_code]
+                return
         if master is not None and uid == master.uid:
             if state in rp.FINAL:
                 self._master_lost(f"its RP task {uid} reached state {state}", task, events)
@@ -506,6 +551,7 @@ class RadicalBackend:
         resend, stale = step.resend, step.stale
         # end what is left of the old master and its workers
         bounded(lambda: self._rp.tmgr.cancel_tasks([old.uid]), 10, "cancel master")
+        self._cancel_workers(self._mv.worker_tasks)
         # its unstarted tasks are sent again: RP's scheduler, which keeps the tasks of a
         # master until its queue registers, must not hand them to anyone
         self._cancel_rp_tasks(stale)
@@ -562,8 +608,10 @@ class RadicalBackend:
                 gen, running = self._mv.gen, self._mv.seen_running
             if running is None:
                 continue
+            with self._lock:
+                ended = list(self._mv.ended.values())
             try:
-                ans = self._rpc("pilotfish_ping", self.ping_timeout)
+                ans = self._rpc("pilotfish_ping", self.ping_timeout, ended=ended)
             except Exception:
                 continue
             if isinstance(ans, dict):
@@ -604,7 +652,7 @@ class RadicalBackend:
                 e = self._fl.entry(uid)
                 if e is None or e.where == "started":
                     continue
-                _, pid, host = self._mv.workers.get(wid) or ["", 0, ""]
+                _, pid, host, *_ = self._mv.workers.get(wid) or ["", 0, ""]
                 start = L.Start(wid, e.attempt, int(pid), host, now)
                 carry_out(self._fl.ledger.handle(start), Step(events))
 
@@ -617,11 +665,12 @@ class RadicalBackend:
 
     def _stop_master(self) -> None:
         master = self._mv.task
-        if master is None or (self._driver.dead and master.state in rp.FINAL):
+        if master is None:
             return
-        # a master that never answered is still starting (or hung): RP cancels its task,
-        # and its workers end themselves once it is gone
+        # a master that never answered is still starting (or hung): RP cancels its task
         with contextlib.suppress(Exception):
             if master.state not in rp.FINAL and self._mv.last_answer is not None:
                 self._rpc("stop", 5.0)
-        bounded(lambda: self._rp.tmgr.cancel_tasks([master.uid]), 10, "cancel master")
+        # and the workers submitted with it (one still starting has no pid to end, and
+        # may never hear of a master that is gone)
+        cancel_launched(self._rp.tmgr, [master, *self._mv.worker_tasks])

@@ -17,6 +17,13 @@ rule below is written, and what tests drive):
   only together with the result);
 * each worker's pid, host and pre-flight result (``pilotfish_hello``).
 
+The first workers are submitted by the client together with the master (uids from
+:func:`~pilotfish.backends.radical.master_book.client_worker_uids`, known to the book from
+the start), so they start while it does; a registration that comes before the master
+serves pilotfish's requests is answered once it does. RP's state update of such a worker
+can come before the master listens to them: the client sends the final states it saw
+with every ping. The master submits only replacements itself.
+
 When a worker fails or is cancelled (its RP state update, with its exit code) or its
 process is gone (polled; RP's update is awaited for a second so the exit code is
 known), the master advances exactly the tasks it was *running* to FAILED, with the
@@ -88,7 +95,7 @@ import radical.utils as ru
 from radical.pilot import constants as rpc_const
 from radical.pilot.raptor import Master
 
-from pilotfish.backends.radical.master_book import MasterBook, Task
+from pilotfish.backends.radical.master_book import MasterBook, Task, client_worker_uids
 
 _CFG_VAR = "PILOTFISH_RP_CFG"
 _MASTER_VAR = "PILOTFISH_RP_MASTER"
@@ -226,6 +233,8 @@ class PilotfishMaster(Master):  # type: ignore[misc]
             base64.b64decode(os.environ.get(_CFG_VAR) or "e30=")
         )
         self._pf_port = _Port(self)
+        # set once pilotfish's requests are served: a worker's registration waits for it
+        self._pf_up = threading.Event()
         self.book = MasterBook(
             self._pf_port,
             token=str(self._pf_cfg.get("token") or ""),
@@ -233,6 +242,10 @@ class PilotfishMaster(Master):  # type: ignore[misc]
         )
         for kind, name, why in self._pf_cfg.get("drains") or ():  # a restarted master's
             self.book.drain(str(kind), str(name), str(why))
+        # the workers the client submitted with this master: starting while it does
+        n = int(self._pf_cfg.get("client_workers") or 0)
+        self._pf_client_workers = client_worker_uids(os.environ.get("RP_TASK_ID", ""), n)
+        self.book.add_workers(self._pf_client_workers, time.time())
         self._pf_preflight()  # before RP's init: tasks arrive as soon as it registers
         super().__init__()
         self.book.mark_up()
@@ -243,10 +256,14 @@ class PilotfishMaster(Master):  # type: ignore[misc]
         ts.register_request("pilotfish_claim", self.book.claim)
         ts.register_request("pilotfish_start", self._pf_start)
         ts.register_request("pilotfish_group", self._pf_group)
+        self._pf_up.set()
         self.register_rpc_handler("raptor_rpc", self._raptor_rpc, rpc_addr=self.uid)
         threading.Thread(target=self._pf_watch, name="pilotfish-watch", daemon=True).start()
-        if not self.book.env_problem:
-            self._pf_start_workers(int(self._pf_cfg.get("workers") or 1))
+        if self.book.env_problem:
+            self._pf_cancel_workers(self._pf_client_workers)
+        else:
+            own = int(self._pf_cfg.get("workers") or 1) - len(self._pf_client_workers)
+            self._pf_start_workers(own)
 
     def _pf_preflight(self) -> None:
         try:
@@ -263,7 +280,7 @@ class PilotfishMaster(Master):  # type: ignore[misc]
             self.book.env_problem = (
                 "pre-flight checks failed in the pilotfish raptor master "
                 f"{os.environ.get('RP_TASK_ID', '?')} "
-                f"(pid {os.getpid()}, host {host}); no worker was started:\n{lines}"
+                f"(pid {os.getpid()}, host {host}); no worker takes tasks:\n{lines}"
             )
 
     # -- workers ----------------------------------------------------------------
@@ -287,6 +304,13 @@ class PilotfishMaster(Master):  # type: ignore[misc]
             tds.append(td)
         self.book.add_workers(self.submit_workers(tds), time.time())
 
+    def _pf_cancel_workers(self, wids: list[str]) -> None:
+        """Have RP's agent cancel these workers (running or still starting)."""
+        if wids:
+            msg = {"cmd": "cancel_tasks", "arg": {"uids": wids}}
+            with contextlib.suppress(Exception):
+                self.publish(rpc_const.CONTROL_PUBSUB, msg)
+
     @staticmethod
     def _pf_me() -> str:
         """'host pid create_time': a worker on this host ends itself when we are gone."""
@@ -294,11 +318,30 @@ class PilotfishMaster(Master):  # type: ignore[misc]
 
         return f"{_host()} {os.getpid()} {psutil.Process().create_time()!r}"
 
-    def _pf_hello(self, wid: str, pid: int, host: str, problems: list[str]) -> bool:
+    def control_cb(self, topic: str, msg: Any) -> Any:
+        """A worker submitted with this master may register while the master is still
+        starting (before RP's queues, or pilotfish's requests, are there): its
+        registration is answered once they are, so its hello finds them."""
+        if (
+            isinstance(msg, dict)
+            and msg.get("cmd") == "worker_register"
+            and not self._pf_up.is_set()
+        ):
+            threading.Thread(target=self._pf_register_later, args=(topic, msg), daemon=True).start()
+            return True
+        return super().control_cb(topic, msg)
+
+    def _pf_register_later(self, topic: str, msg: Any) -> None:
+        self._pf_up.wait()
+        super().control_cb(topic, msg)
+
+    def _pf_hello(self, wid: str, pid: int, host: str, problems: list[str]) -> dict[str, Any]:
+        """A worker is up: whether it may take tasks, and who the master is (a worker the
+        client submitted watches it from now on)."""
         self._pf_port.log(f"hello {wid} pid {pid} host {host} problems {problems}")
         ok = self.book.hello(wid, pid, host, problems)
         self._pf_stop_drained(self.book.idle_drained())  # it joined on a drained host
-        return ok
+        return {"ok": ok, "master": self._pf_me()}
 
     def _pf_stop_drained(self, wids: list[str]) -> None:
         """End drained workers that run nothing (SIGTERM; RP's agent cancels one still
@@ -312,10 +355,7 @@ class PilotfishMaster(Master):  # type: ignore[misc]
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGTERM)
             else:
-                with contextlib.suppress(Exception):
-                    self.publish(
-                        rpc_const.CONTROL_PUBSUB, {"cmd": "cancel_tasks", "arg": {"uids": [wid]}}
-                    )
+                self._pf_cancel_workers([wid])
 
     def _pf_start(self, wid: str, uid: str, pid: int) -> bool:
         """A worker asks to run a task it holds (the start fence), just before it forks
@@ -442,11 +482,7 @@ class PilotfishMaster(Master):  # type: ignore[misc]
                     os.kill(pid, signal.SIGTERM)
         # a worker still starting has no pid yet: have RP's agent cancel every worker task
         # (and such a worker ends itself when this master is gone)
-        with contextlib.suppress(Exception):
-            self.publish(
-                rpc_const.CONTROL_PUBSUB,
-                {"cmd": "cancel_tasks", "arg": {"uids": list(self.book.workers)}},
-            )
+        self._pf_cancel_workers(list(self.book.workers))
         self.stop()
 
     # -- rpc from the client ---------------------------------------------------------
@@ -454,6 +490,12 @@ class PilotfishMaster(Master):  # type: ignore[misc]
         cmd = kwargs.get("raptor_cmd")
         book = self.book
         if cmd == "pilotfish_ping":
+            # workers the client saw end: their RP state may have come before this master
+            # listened (a worker the client submitted starts with it)
+            for wid, state, code in kwargs.get("ended") or ():
+                w = book.workers.get(wid)
+                if w is not None and w.get("state") not in ("lost", "stopped"):
+                    self._pf_worker_lost(str(wid), code, f"RP state {state}")
             with book.lock:
                 return {
                     "pid": os.getpid(),

@@ -30,12 +30,19 @@ from typing import Any, Protocol
 from pilotfish.backends.radical.arrivals import Arrivals, attempt_id
 from pilotfish.core import ledger as L
 
-__all__ = ["IDLE_GRACE", "MasterBook", "MasterPort"]
+__all__ = ["IDLE_GRACE", "MasterBook", "MasterPort", "client_worker_uids"]
 
 _TRANSIT_GRACE = 1.0  # s after a later task was claimed, an unclaimed one is taken as lost
 IDLE_GRACE = 3.0  # s a task may wait unclaimed on the queue while a worker holds nothing
 
 Task = dict[str, Any]  # RP's record of a task, as the master gets it
+
+
+def client_worker_uids(master_uid: str, n: int) -> list[str]:
+    """The RP task uids of the ``n`` workers the client submits together with the
+    master ``master_uid`` (so they start while the master does); RP names the ones the
+    master submits itself (replacements) ``<master>.worker.NNNN``."""
+    return [f"{master_uid}.worker.c{i:04d}" for i in range(n)]
 
 
 class MasterPort(Protocol):

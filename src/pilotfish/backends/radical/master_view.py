@@ -51,6 +51,12 @@ class MasterView:
         self.running: dict[str, str] = {}  # RP task uid -> worker name, ditto
         # worker pids on this host -> creation time: only that process is ever ended
         self._known_pids: dict[int, float] = {}
+        # the RP uids of the workers submitted with this master, and those of them seen
+        # final: uid -> [uid, state, exit code], sent with every ping (the master may have
+        # missed RP's state update: it came before the master listened)
+        self.worker_uids: set[str] = set()
+        self.worker_tasks: list[Any] = []  # their RP tasks
+        self.ended: dict[str, list[Any]] = {}
 
     def renew(self, pilot_uid: str, now: float) -> None:
         """A new master is being submitted (monotonic ``now``): a new generation, nothing
@@ -65,6 +71,9 @@ class MasterView:
         self.last_answer = None
         self.workers = {}
         self.running = {}
+        self.worker_uids = set()
+        self.worker_tasks = []
+        self.ended = {}
         self.submitted = now
 
     def task_state(self, state: str, now: float) -> None:

@@ -7,6 +7,7 @@ the pieces of RP it reaches past RP's API.
   ``stop()`` (:mod:`.reaper`);
 * :func:`end_pids`, :func:`token_pids`: ending what RP left behind, never a recycled pid;
 * :func:`raptor_rpc`: RP's raptor rpc with a timeout (RP's own waits forever);
+* :func:`cancel_launched`: cancelling RP tasks without losing the pilot's cores;
 * :func:`bounded`, :func:`tail`, :func:`local_path`, :func:`pilot_details`,
   :func:`master_details`: a bounded RP call, and what a sandbox shows of a failure.
 """
@@ -31,6 +32,7 @@ __all__ = [
     "TOKEN_VAR",
     "Reaper",
     "bounded",
+    "cancel_launched",
     "end_pids",
     "ensure_venv_env",
     "local_path",
@@ -171,6 +173,35 @@ def bounded(fn: Callable[[], Any], timeout: float, what: str) -> None:
     t.join(timeout)
     if t.is_alive():
         log.warning("pilotfish: %s did not return within %g s", what, timeout)
+
+
+def _launched(task: Any) -> bool:
+    import radical.pilot as rp
+
+    return task.state in rp.FINAL or task.state in (
+        rp.AGENT_EXECUTING,
+        rp.AGENT_STAGING_OUTPUT_PENDING,
+        rp.AGENT_STAGING_OUTPUT,
+        rp.TMGR_STAGING_OUTPUT_PENDING,
+        rp.TMGR_STAGING_OUTPUT,
+    )
+
+
+def cancel_launched(tmgr: Any, tasks: list[Any], timeout: float = 10.0) -> None:
+    """Cancel the RP ``tasks`` (a master, workers) that are not final, once each has been
+    launched (waited for ``timeout`` seconds at most): RP's agent loses the cores of a
+    task cancelled after its scheduler placed it and before its executor launched it
+    (pinned RP 1.103: the executor drops it on arrival, never unscheduled), and a pilot
+    that many short sessions use runs out of cores. A task still on its way to the agent,
+    or launched, is cancelled without that loss."""
+    deadline = time.monotonic() + timeout
+    while not all(_launched(t) for t in tasks) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    import radical.pilot as rp
+
+    live = [t.uid for t in tasks if t.state not in rp.FINAL]
+    if live:
+        bounded(lambda: tmgr.cancel_tasks(live), 10, "cancel")
 
 
 def raptor_rpc(pilot: Any, master: Any, cmd: str, timeout: float, **kwargs: Any) -> Any:

@@ -48,6 +48,7 @@ import json
 import multiprocessing as mp
 import os
 import pickle
+import queue
 import signal
 import sys
 import threading
@@ -63,19 +64,28 @@ _CFG_VAR = "PILOTFISH_RP_CFG"
 _MASTER_VAR = "PILOTFISH_RP_MASTER"
 
 
-def _die_with_master() -> None:
+def _die_with_master(told: queue.SimpleQueue[str]) -> None:
     """End this worker when its master (on this host) is gone: RP's worker waits for
     its registration forever if the master died first, and keeps running otherwise
-    until RP's agent notices (it may not, when the master was killed)."""
+    until RP's agent notices (it may not, when the master was killed).
+
+    The master ('host pid create_time') is ``told``: at once by the environment of a
+    worker the master submitted; by the master's answer to its hello for one the client
+    submitted (started with the master: until then RP's own watch ends it when the
+    master's task is final, or the client cancels it). This thread starts with the
+    worker and imports what it needs then: an import in a thread while RP forks a task's
+    process could leave that process a held import lock."""
     import time
+
+    import psutil  # noqa: F401  (what alive() uses: imported now, not after a fork)
 
     from pilotfish.runtime.procs import alive
     from pilotfish.wire import messages as _wire
 
     try:
-        host, pid, created = os.environ[_MASTER_VAR].split()
+        host, pid, created = told.get().split()
         master = (int(pid), float(created))
-    except (KeyError, ValueError):
+    except ValueError:
         return
     if host != _wire.host_name():
         return
@@ -135,26 +145,30 @@ class _Fork:
 
 class PilotfishWorker(DefaultWorker):  # type: ignore[misc]
     def __init__(self, raptor_id: str) -> None:
+        self._pf_master: queue.SimpleQueue[str] = queue.SimpleQueue()  # see _die_with_master
+        if os.environ.get(_MASTER_VAR):
+            self._pf_master.put(os.environ[_MASTER_VAR])
         threading.Thread(
-            target=_die_with_master, name="pilotfish-master-watch", daemon=True
+            target=_die_with_master,
+            args=(self._pf_master,),
+            name="pilotfish-master-watch",
+            daemon=True,
         ).start()
         cfg = _cfg()
         _client_path(cfg)
-        from pilotfish.runtime.preflight import worker_checks
         from pilotfish.wire import messages as _wire
 
         self._pf_cfg = cfg
         self._pf_host = _wire.host_name()
-        _preload()
-        if cfg.get("preload"):  # Session(preload=...): before the per-task forks inherit them
-            from pilotfish.runtime.preflight import preload
+        self._pf_problems: list[str] = []
+        # imports and pre-flight while RP's worker start-up waits (a second for ZMQ, then
+        # for its master): done before the first task is taken, and before any fork
+        prepare = threading.Thread(target=self._pf_prepare, name="pilotfish-prepare", daemon=True)
+        prepare.start()
+        if cfg.get("preload"):  # Session(preload=...): in the main thread, before the worker
+            from pilotfish.runtime.preflight import preload  # registers and takes tasks
 
             preload([str(m) for m in cfg["preload"]], raptor_id)
-        try:
-            checks = worker_checks(cfg.get("versions") or {}, cfg.get("rundir") or ".")
-            self._pf_problems = [c.message() for c in checks if not c.ok]
-        except Exception as e:  # pragma: no cover - defensive
-            self._pf_problems = [f"pre-flight could not run: {type(e).__name__}: {e}"]
         self._pf_lock = threading.Lock()
         self._pf_client: Any = None
         self._pf_said_hello = False
@@ -171,6 +185,7 @@ class PilotfishWorker(DefaultWorker):  # type: ignore[misc]
         # '_plock'", and that listener dies). Requests wait for the end of __init__.
         self._pf_ready = threading.Event()
         super().__init__(raptor_id)
+        prepare.join()
         # a subreaper: what a per-task process started is re-parented to us when that
         # process dies before its attempt's containment ran (SIGKILL); _pf_sweep ends it
         from pilotfish.runtime.procs import become_subreaper, children
@@ -183,6 +198,19 @@ class PilotfishWorker(DefaultWorker):  # type: ignore[misc]
         ).start()
         self._pf_hello()
 
+    def _pf_prepare(self) -> None:
+        """What each task's forked processes need, imported once here, and the pre-flight
+        checks (``self._pf_problems``)."""
+        from pilotfish.runtime.preflight import worker_checks
+
+        cfg = self._pf_cfg
+        _preload()
+        try:
+            checks = worker_checks(cfg.get("versions") or {}, cfg.get("rundir") or ".")
+            self._pf_problems = [c.message() for c in checks if not c.ok]
+        except Exception as e:  # pragma: no cover - defensive
+            self._pf_problems = [f"pre-flight could not run: {type(e).__name__}: {e}"]
+
     # -- talking to the master (its task service, request/reply) ---------------
     def _pf_request(self, cmd: str, *args: Any) -> Any:
         with self._pf_lock:
@@ -193,10 +221,12 @@ class PilotfishWorker(DefaultWorker):  # type: ignore[misc]
     def _pf_hello(self) -> None:
         if self._pf_said_hello:
             return
-        self._pf_request(
+        ans = self._pf_request(
             "pilotfish_hello", self._uid, os.getpid(), self._pf_host, list(self._pf_problems)
         )
         self._pf_said_hello = True
+        if isinstance(ans, dict) and not os.environ.get(_MASTER_VAR):
+            self._pf_master.put(str(ans.get("master") or ""))
 
     def _request_cb(self, tasks: Any) -> None:
         self._pf_ready.wait()
