@@ -30,6 +30,24 @@ if TYPE_CHECKING:
 __all__ = ["Task", "TaskTable"]
 
 
+class _ListWhenAsked:
+    """A ``Future`` list (``_waiters``, ``_done_callbacks``) kept in slot ``slot`` and made
+    the first time someone asks for it: most tasks never need one."""
+
+    def __init__(self, slot: str) -> None:
+        self.slot = slot
+
+    def __get__(self, task: Any, owner: Any = None) -> list[Any]:
+        items: list[Any] | None = getattr(task, self.slot)
+        if items is None:
+            items = []
+            setattr(task, self.slot, items)
+        return items
+
+    def __set__(self, task: Any, items: list[Any]) -> None:
+        setattr(task, self.slot, items)
+
+
 class Task(cf.Future, Keyed):  # type: ignore[type-arg]
     """A submitted task: a ``concurrent.futures.Future`` with pilotfish's record of it."""
 
@@ -131,27 +149,8 @@ class Task(cf.Future, Keyed):  # type: ignore[type-arg]
         self._settled = None
         self._call_text = None
 
-    @property
-    def _waiters(self) -> list[Any]:
-        w = self._wl
-        if w is None:
-            w = self._wl = []
-        return w
-
-    @_waiters.setter
-    def _waiters(self, w: list[Any]) -> None:
-        self._wl = w
-
-    @property
-    def _done_callbacks(self) -> list[Any]:
-        c = self._cbl
-        if c is None:
-            c = self._cbl = []
-        return c
-
-    @_done_callbacks.setter
-    def _done_callbacks(self, c: list[Any]) -> None:
-        self._cbl = c
+    _waiters = _ListWhenAsked("_wl")
+    _done_callbacks = _ListWhenAsked("_cbl")
 
     @property
     def _condition(self) -> threading.Condition:

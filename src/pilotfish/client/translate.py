@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import logging
 import pickle
+import sys
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, assert_never
 
@@ -120,7 +121,6 @@ class Translator:
         self._core = core
         self._tasks = tasks
         self._by_key = by_key
-        self._names: dict[str, str] = {}  # worker and host names, one object each
         self._host = host
         self._clock = clock
         self._on_failure = on_failure
@@ -202,9 +202,7 @@ class Translator:
     def _name(self, name: str | None) -> str | None:
         """One string object per worker or host name: each message brings its own copy,
         and every attempt record keeps one (issue 26: memory per held task)."""
-        if not name:
-            return name
-        return self._names.setdefault(name, name)
+        return sys.intern(name) if name and type(name) is str else name
 
     def _lost(self, ev: Lost) -> Step:
         t = self._current(ev.attempt, "lost")
