@@ -18,6 +18,7 @@ sbatch exports it) finds any process left behind.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -194,10 +195,46 @@ def _cancel_all(name: str) -> None:
             wait_for(lambda: not with_env(TOKEN_VAR, token), 30, 0.2)
 
 
-def _session(cluster: Any, tmp_path: Path, **kw: Any) -> pilotfish.Session:
-    return pilotfish.Session(
+@contextlib.contextmanager
+def _session(cluster: Any, tmp_path: Path, **kw: Any) -> Iterator[pilotfish.Session]:
+    """A Session on ``cluster``. When the test fails inside it, the session is stopped at
+    once instead of waiting (as ``Executor.__exit__`` does) for attempts that sleep for
+    minutes: the test then reports its own failure, not a pytest timeout."""
+    s = pilotfish.Session(
         backend="dask", address=cluster.scheduler_address, rundir=str(tmp_path / "run"), **kw
     )
+    try:
+        yield s
+    except BaseException:
+        s.shutdown(wait=False, cancel_futures=True, _stop_now=True)
+        raise
+    s.shutdown(wait=True)
+
+
+def _first_run(marker: Path, timeout: float = 60) -> str:
+    """The SLURM job of the first execution recorded in ``marker``, once its line is
+    written (the file exists a moment before: ``open(..., "a")`` creates it)."""
+    wait_for(lambda: marker.exists() and marker.read_text().endswith("\n"), timeout=timeout)
+    return _executions(marker)[0][0]
+
+
+def _result(t: Any, job: str, timeout: float = 60) -> Any:
+    """``t.result(timeout)``; when it does not come, a failure saying what each attempt
+    did and what SLURM says of ``job`` and of every job in the queue."""
+    try:
+        return t.result(timeout=timeout)
+    except TimeoutError:
+        show = subprocess.run(
+            ["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=10
+        )
+        queue = subprocess.run(
+            ["squeue", "-o", "%i %j %T %r"], capture_output=True, text=True, timeout=10
+        )
+        attempts = [(a.outcome, a.worker, a.failure and a.failure.message) for a in t.attempts]
+        raise AssertionError(
+            f"no result within {timeout} s; attempts {attempts}; scontrol: "
+            f"{show.stdout.strip() or show.stderr.strip()}; squeue:\n{queue.stdout}"
+        ) from None
 
 
 # --------------------------------------------------------------------------- tests
@@ -212,10 +249,9 @@ def test_scancel_of_a_worker_job_is_worker_lost_naming_the_job(
     marker = tmp_path / "runs"
     with _session(cluster, tmp_path) as s:
         t = s.submit(sleep_first, str(marker), 300, 5)
-        wait_for(marker.exists, timeout=60)
-        job = _executions(marker)[0][0]
+        job = _first_run(marker)
         subprocess.run(["scancel", job], check=True, timeout=10)
-        assert t.result(timeout=60) == 5
+        assert _result(t, job) == 5
         runs = _executions(marker)
         assert len(runs) == 2, runs  # the cancelled run and pilotfish's retry, nothing else
         assert runs[1][0] != job
@@ -235,10 +271,9 @@ def test_requeued_worker_job_is_worker_lost_naming_requeue(
     marker = tmp_path / "runs"
     with _session(cluster, tmp_path) as s:
         t = s.submit(sleep_first, str(marker), 300, 4)
-        wait_for(marker.exists, timeout=60)
-        job = _executions(marker)[0][0]
+        job = _first_run(marker)
         subprocess.run(["scontrol", "requeue", job], check=True, timeout=10)
-        assert t.result(timeout=60) == 4
+        assert _result(t, job) == 4
         runs = _executions(marker)
         assert len(runs) == 2 and runs[1][0] != job, runs
         first = t.attempts[0].failure
@@ -262,8 +297,7 @@ def test_all_jobs_gone_with_work_queued_is_runtime_lost(
             s.submit(pilotfish.task(sleep_first).options(retries=1), str(marker), 0, i)
             for i in range(3)
         ]
-        wait_for(marker.exists, timeout=60)
-        job = _executions(marker)[0][0]
+        job = _first_run(marker)
         t0 = time.monotonic()
         subprocess.run(["scancel", job], check=True, timeout=10)
         pilotfish.wait([running, *queued], timeout=40)
@@ -375,6 +409,40 @@ def test_scontrol_line_and_job_end() -> None:
     assert text.startswith("SLURM job 42 TIMEOUT (killed by SLURM at its walltime of 00:01:00")
     assert "/logs/dask-worker-42.err" in text and "Reason=TimeLimit" in text
     assert cluster.slurm_job("1; rm -rf /") is None  # a job id is checked before use
+
+
+def test_requeue_is_told_while_the_job_is_still_completing() -> None:
+    """``scontrol requeue`` (or preemption with PreemptMode=REQUEUE) shows the job
+    COMPLETING, with its Restarts counted and no EndTime, while SLURM kills its
+    processes (up to KillWait): that is already a requeue, not an unexplained end. A job
+    requeued before that is now cancelled has an EndTime: not a requeue."""
+    from pilotfish import cluster
+
+    line = (
+        "JobId=247 JobName=w JobState=COMPLETING Reason=None Requeue=1 Restarts=1 "
+        "RunTime=00:00:00 TimeLimit=00:10:00 EndTime=Unknown NodeList=vm"
+    )
+    f = cluster._fields(line)
+    requeuing = cluster.SlurmJob(
+        "247",
+        f["JobState"],
+        f["Reason"],
+        f["TimeLimit"],
+        f["RunTime"],
+        f["NodeList"],
+        restarts=int(f["Restarts"]),
+        end_time=f["EndTime"],
+    )
+    assert requeuing.requeued and requeuing.ended
+    text = cluster.describe_job_end(requeuing)
+    assert text.startswith("SLURM job 247 REQUEUED (requeued"), text
+    assert "it ran 00:00:00" not in text and "requeued 1 time" in text
+    cancelled = dataclasses.replace(requeuing, end_time="2026-12-07T19:11:50")
+    assert not cancelled.requeued
+    pending = dataclasses.replace(requeuing, state="PENDING", end_time="Unknown")
+    assert pending.requeued
+    first_run = dataclasses.replace(requeuing, restarts=0)
+    assert not first_run.requeued
 
 
 @pytest.mark.parametrize(

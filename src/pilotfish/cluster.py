@@ -95,13 +95,22 @@ class SlurmJob:
     stdout: str = ""  # StdOut path (per-job log)
     stderr: str = ""  # StdErr path
     restarts: int = 0  # Restarts: how often it was requeued
+    end_time: str = ""  # EndTime: "Unknown" while it runs, and while a requeue ends it
 
     @property
     def requeued(self) -> bool:
         """Requeued (preemption with PreemptMode=REQUEUE, ``scontrol requeue``): its
-        processes are gone and it waits to start again."""
-        return self.state in ("REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED") or (
-            self.state == "PENDING" and self.restarts > 0
+        processes are gone (or being killed) and it waits to start again.
+
+        While a requeue kills the job's processes (up to KillWait, 30 s by default) SLURM
+        shows the job ``COMPLETING`` with its ``Restarts`` already counted and no
+        ``EndTime``; a job that ends for good while completing has its ``EndTime``."""
+        if self.state in ("REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"):
+            return True
+        if self.restarts <= 0:
+            return False
+        return self.state == "PENDING" or (
+            self.state == "COMPLETING" and self.end_time == "Unknown"
         )
 
     @property
@@ -128,7 +137,8 @@ def slurm_job(job_id: str, timeout: float = 3.0, settle: float = 0.0) -> SlurmJo
     deadline = time.monotonic() + settle
     while True:
         job = _scontrol_job(job_id, timeout)
-        if job is None or job.state != "COMPLETING" or time.monotonic() >= deadline:
+        done = job is None or job.state != "COMPLETING" or job.requeued
+        if done or time.monotonic() >= deadline:
             return job
         time.sleep(0.1)
 
@@ -167,6 +177,7 @@ def _scontrol_job(job_id: str, timeout: float) -> SlurmJob | None:
         stdout=_log_path(f.get("StdOut", ""), job_id),
         stderr=_log_path(f.get("StdErr", ""), job_id),
         restarts=int(f.get("Restarts", "0")) if f.get("Restarts", "").isdigit() else 0,
+        end_time=f.get("EndTime", ""),
     )
 
 
@@ -195,7 +206,8 @@ def describe_job_end(job: SlurmJob) -> str:
     bits = [_WHY.get(state, "")]
     if state == "TIMEOUT" and job.time_limit:
         bits = [f"killed by SLURM at its walltime of {job.time_limit}"]
-    if job.run_time:
+    if job.run_time and not (job.requeued and job.run_time == "00:00:00"):
+        # (a requeue resets RunTime while it still kills the job's processes)
         bits.append(f"it ran {job.run_time}")
         if state != "TIMEOUT" and job.time_limit and job.time_limit != "UNLIMITED":
             bits[-1] += f" of its walltime of {job.time_limit}"
