@@ -49,6 +49,7 @@ TRANSITIONS: frozenset[tuple[State, State]] = frozenset(
         (S.RUNNING, S.FAILED),
         (S.RUNNING, S.RETRYING),
         (S.RUNNING, S.CANCELLED),  # cancelled while queued at the backend, not yet started
+        (S.RUNNING, S.PENDING),  # a linked attempt dropped: its input's attempt did not succeed
         (S.RETRYING, S.READY),
         (S.RETRYING, S.FAILED),
         (S.RETRYING, S.CANCELLED),

@@ -177,6 +177,22 @@ class _Task:
     resume: tuple[int, int] | None = None
     charged: set[int] | None = None  # attempt ids charged to the retry budget
     free_retries: int = 0  # retries given without charge (drained places, ENVIRONMENT)
+    #: its current attempt was dispatched *linked* to attempts of inputs still running
+    #: (see :class:`_Linked`); ``NO_LINK``: its inputs must be DONE before it is sent
+    linked: _Linked | None = None
+
+
+@dataclasses.dataclass(slots=True)
+class _Linked:
+    """A linked attempt's unresolved links, ``input attempt id -> input tid``, and its end
+    when it came before every link resolved (held: see :meth:`Workflow._hold`)."""
+
+    inputs: dict[int, int]
+    held: Succeeded | Failed | None = None
+
+
+#: a task whose linked attempt the backend could not link: it waits for its inputs
+NO_LINK = _Linked({})
 
 
 # --------------------------------------------------------------------------- events
@@ -286,7 +302,20 @@ class Abort:
     now: float
 
 
-Event = Submit | Restore | AttemptStarted | Succeeded | Failed | TimePassed | Cancel | Abort
+@dataclasses.dataclass(frozen=True, slots=True)
+class Unlinked:
+    """The backend could not run a linked attempt: an input attempt it was linked to is
+    not there to take the value from (it ended, was lost or cancelled, or its value was
+    lost with its worker). Nothing ran; the task waits for its inputs to be DONE."""
+
+    attempt: int
+    reason: str
+    now: float
+
+
+Event = (
+    Submit | Restore | AttemptStarted | Succeeded | Failed | TimePassed | Cancel | Abort | Unlinked
+)
 
 # --------------------------------------------------------------------------- commands
 
@@ -304,6 +333,9 @@ class Dispatch:
     #: the workers this task's earlier attempts were lost or timed out on: a backend that
     #: can choose sends the attempt elsewhere while another worker is there
     avoid: tuple[str, ...] = ()
+    #: ``(input tid, input attempt id)`` of the inputs not DONE yet, whose values the
+    #: backend passes from those attempts to this one (``Workflow.links``)
+    links: tuple[tuple[int, int], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -402,6 +434,22 @@ class Workflow:
     #: emit a ``Transition`` command for every move (for ``on_event`` listeners); a
     #: session nobody listens to turns it off: three commands per task fewer to make
     transitions = True
+    #: dispatch a task whose inputs are still running, *linked* to their attempts, when
+    #: the backend passes values between attempts itself (Dask's scheduler chains them);
+    #: set per session from the backend's ``links``. The rules:
+    #:
+    #: * a task is linked when every input not DONE is RUNNING (a linked one too, so a
+    #:   whole chain goes out at once), it takes no input settled, and no earlier link of
+    #:   its failed on the backend (:class:`Unlinked`: then it waits for DONE inputs);
+    #: * its end (success or failure) is *held* until every linked input is DONE, so a
+    #:   task never ends before its inputs;
+    #: * when a linked input's attempt ends in any other way (failed, lost, timed out,
+    #:   cancelled), the linked attempt is *dropped*: not charged, its held end and any
+    #:   late result discarded, withdrawn from the backend, and the task waits for that
+    #:   input again (``RUNNING -> PENDING``); what was linked to it is dropped in turn.
+    #:   A retry of the input is linked to again; a final failure fails it as usual
+    #:   (DEPENDENCY_FAILED).
+    links = False
 
     def __init__(
         self,
@@ -427,6 +475,8 @@ class Workflow:
         self._aborted: Abort | None = None
         self.counts: dict[State, int] = dict.fromkeys(State, 0)
         self._forgotten_failures: dict[int, FailureRecord | None] = {}
+        #: held ends of linked attempts whose links all resolved, to apply (handle())
+        self._replay: list[Succeeded | Failed] = []
         self.drain = DrainRule(drain) if drain is not None else None
         self.story = Story()
 
@@ -528,8 +578,17 @@ class Workflow:
                     self._restore(event, out)
                 case Abort():
                     self._abort(event, out)
+                case Unlinked():
+                    self._unlinked(event, out)
                 case _:
                     assert_never(event)
+            replay = self._replay
+            while replay:
+                held = replay.pop()
+                if isinstance(held, Succeeded):
+                    self._succeeded(held, out)
+                else:
+                    self._failed(held, out)
         except InvalidTransition as e:
             raise add_story(e, self.story) from None
         if self.debug:
@@ -596,6 +655,13 @@ class Workflow:
                         yield f"{k} waits for input {tasks[d].key!r} which is {tasks[d].state.name}"
                     elif tid not in (tasks[d].dependents or ()):
                         yield f"{k} waits for {tasks[d].key!r}, which does not list it"
+            if t.linked is not None and t.linked is not NO_LINK:
+                if t.state is not State.RUNNING:
+                    yield f"{k} holds links but is {t.state.name}"
+                for aid, dtid in t.linked.inputs.items():
+                    up = tasks.get(dtid)
+                    if up is None or up.current != aid or up.state is not State.RUNNING:
+                        yield f"{k} is linked to attempt {aid}, not a running input's current"
             if t.state is State.RETRYING and tid not in timers:
                 yield f"{k} has no timer to wake it"
             if t.state is State.FAILED and t.failure is None:
@@ -663,6 +729,8 @@ class Workflow:
             return
         if t.waiting == 0:
             self._inputs_ready(t, ev.now, out)
+        elif self.links:
+            self._link(t, ev.now, out)
 
     def _inputs_ready(self, t: _Task, now: float, out: list[Command]) -> None:
         """Every input of PENDING ``t`` has finished as it needs: ready, unless a settled
@@ -709,14 +777,108 @@ class Workflow:
         self._move(t, State.READY, now, out)
         self._dispatch(t, now, out)
 
-    def _dispatch(self, t: _Task, now: float, out: list[Command]) -> None:
+    def _dispatch(
+        self, t: _Task, now: float, out: list[Command], links: tuple[tuple[int, int], ...] = ()
+    ) -> None:
         aid = self._next_attempt
         self._next_attempt += 1
         t.current = aid
         self._attempt_owner[aid] = t.tid
         t.attempts += (AttemptRecord(len(t.attempts) + 1, aid, now),)
         self._move(t, State.RUNNING, now, out)
-        out.append(Dispatch(t.tid, aid, len(t.attempts), t.resume, _avoid(t.attempts)))
+        out.append(Dispatch(t.tid, aid, len(t.attempts), t.resume, _avoid(t.attempts), links))
+        if self.links and t.dependents and not links:
+            self._link_down(t, now, out)  # its waiting dependents may link to this attempt
+
+    # ----------------------------------------------------------------- links
+    def _link(self, t: _Task, now: float, out: list[Command]) -> None:
+        """Dispatch PENDING ``t`` linked to its running inputs' attempts if it may be (see
+        :attr:`links`), then what waits for it in turn (a loop: a long chain whose head
+        is sent again does not recurse)."""
+        if self._link_one(t, now, out):
+            self._link_down(t, now, out)
+
+    def _link_down(self, t: _Task, now: float, out: list[Command]) -> None:
+        stack = [t]
+        while stack:
+            for c in self._children(stack.pop()):
+                if c.state is State.PENDING and self._link_one(c, now, out):
+                    stack.append(c)
+
+    def _link_one(self, t: _Task, now: float, out: list[Command]) -> bool:
+        if t.linked is NO_LINK or t.settled is not None or self._stopped:
+            return False
+        tasks = self._tasks
+        links: dict[int, int] = {}
+        for d in t.deps:
+            dt = tasks.get(d)
+            if dt is None or dt.state is State.DONE:
+                continue
+            if dt.state is not State.RUNNING or dt.current is None:
+                return False
+            links[dt.current] = d
+        if not links:
+            return False
+        self._move(t, State.READY, now, out)
+        t.linked = _Linked(links)
+        self._dispatch(t, now, out, tuple((d, aid) for aid, d in links.items()))
+        return True
+
+    def _hold(self, t: _Task, ev: Succeeded | Failed) -> bool:
+        """Keep the end of a linked attempt whose inputs are not all DONE yet (it is
+        applied when they are: :meth:`_resolve_link`); True if held."""
+        ln = t.linked
+        if ln is None or not ln.inputs:
+            return False
+        if ln.held is None:
+            ln.held = ev
+        return True
+
+    def _resolve_link(self, up: _Task, aid: int, c: _Task, out: list[Command]) -> None:
+        """Input ``up`` of RUNNING ``c`` is DONE with attempt ``aid``: that link holds;
+        once every link does, an end that came early is applied."""
+        ln = c.linked
+        if ln is None or ln is NO_LINK or ln.inputs.pop(aid, None) is None or ln.inputs:
+            return
+        held, c.linked = ln.held, None
+        if held is not None:  # applied by handle(), in a loop: a held chain does not recurse
+            self._replay.append(held)
+
+    def _unlink_from(self, up: _Task, aid: int, why: str, now: float, out: list[Command]) -> None:
+        """Attempt ``aid`` of ``up`` ended without success: drop every attempt linked to
+        it (and, in turn, what was linked to those); each such task waits for its inputs
+        again."""
+        stack = [(up, aid)]
+        while stack:
+            src, src_aid = stack.pop()
+            for c in self._children(src):
+                ln = c.linked
+                if c.state is not State.RUNNING or ln is None or src_aid not in ln.inputs:
+                    continue
+                assert c.current is not None
+                a = c.attempts[-1]
+                a.ended, a.outcome = now, "dropped"
+                a.add_note(
+                    f"not charged: its input {src.key!r} (attempt {src_aid}) {why} before "
+                    "this attempt could use its value"
+                )
+                out.append(CancelAttempt(c.current))
+                stack.append((c, c.current))
+                c.current, c.linked = None, None
+                self._move(c, State.PENDING, now, out)
+
+    def _unlinked(self, ev: Unlinked, out: list[Command]) -> None:
+        t = self._fenced(ev.attempt, "unlinked", out)
+        if t is None:
+            return
+        a = t.attempts[-1]
+        a.ended, a.outcome = ev.now, "dropped"
+        a.add_note(f"not charged: not run: {ev.reason}")
+        self._unlink_from(t, ev.attempt, "was dropped", ev.now, out)
+        t.current, t.linked = None, NO_LINK
+        self._move(t, State.PENDING, ev.now, out)
+        if t.waiting == 0:
+            self._inputs_ready(t, ev.now, out)
 
     def _fenced(self, aid: int, what: str, out: list[Command]) -> _Task | None:
         tid = self._attempt_owner.get(aid)
@@ -748,7 +910,7 @@ class Workflow:
 
     def _succeeded(self, ev: Succeeded, out: list[Command]) -> None:
         t = self._fenced(ev.attempt, "succeeded", out)
-        if t is None:
+        if t is None or self._hold(t, ev):
             return
         a = t.attempts[-1]
         a.ended, a.outcome = _end(a, ev.now), "done"
@@ -762,19 +924,27 @@ class Workflow:
         self._move(t, State.DONE, ev.now, out)
         out.append(Resolve(t.tid, ev.attempt))
         for dt in self._children(t):
+            if dt.state is State.RUNNING and dt.linked is not None:
+                dt.waiting -= 1
+                self._resolve_link(t, ev.attempt, dt, out)
+                continue
             if dt.state is not State.PENDING:
                 continue
             dt.waiting -= 1
             if dt.waiting == 0:
                 self._inputs_ready(dt, ev.now, out)
+            elif self.links:
+                self._link(dt, ev.now, out)
 
     def _failed(self, ev: Failed, out: list[Command]) -> None:
         t = self._fenced(ev.attempt, "failed", out)
-        if t is None:
+        if t is None or self._hold(t, ev):
             return
         f = ev.failure
         a = t.attempts[-1]
         a.ended, a.outcome, a.failure = _end(a, ev.now), f.category.value, f
+        if t.dependents:
+            self._unlink_from(t, a.id, f"ended {f.category.value}", ev.now, out)
         a.worker = f.worker or a.worker
         a.host = f.host or a.host
         a.pid = f.pid or a.pid
@@ -977,7 +1147,8 @@ class Workflow:
             out.append(CancelAttempt(t.current))
             t.attempts[-1].outcome = "cancelled"
             t.attempts[-1].ended = ev.now
-            t.current = None
+            self._unlink_from(t, t.current, "was cancelled", ev.now, out)
+            t.current, t.linked = None, None
         self._move(t, State.CANCELLED, ev.now, out)
         out.append(Cancelled(t.tid))
         self._fail_downstream_of(t, self._children(t), ev.now, out)
@@ -1004,7 +1175,7 @@ class Workflow:
         if t.current is not None:
             a = t.attempts[-1]
             a.ended, a.outcome = _end(a, now), category.value
-            t.current = None
+            t.current, t.linked = None, None
         t.failure = FailureRecord(
             key=t.key,
             category=category,
