@@ -111,3 +111,9 @@ def record_then_hang(countfile: str, seconds: float) -> str:
     _record(countfile)
     time.sleep(seconds)
     return "woke"
+
+
+def plus(countfile: str, x: int, n: int) -> int:
+    """A link of a chain: record this run, return ``x + n``."""
+    _record(countfile)
+    return x + n

@@ -368,6 +368,41 @@ def test_sigkill_on_the_way_to_user_code(rig: Rig, backend: str, level: str) -> 
     assert len(t.attempts) == 2, t.attempts
 
 
+def test_sigkill_of_the_head_of_a_running_chain(rig: Rig, backend: str) -> None:
+    """The worker running the first task of a chain of four is killed. On Dask the three
+    after it were already handed to the scheduler, linked to its attempt (issue 26): those
+    linked attempts are dropped, never run and not charged, and go out again linked to its
+    retry; elsewhere they wait for it. Either way every link ends DONE with the right
+    value, and each body ran exactly once per started attempt."""
+    if not KILL[backend]:
+        skip_on(backend, backend, reason=NO_SUCH_LEVEL[backend]["user_code"])
+    if backend == "dask":
+        rig.cluster()
+    s = rig.session()
+    counts = [rig.path(f"count{i}") for i in range(4)]
+    chainfile = rig.path("chain")
+    head = s.submit(fm.chain_then_sleep, counts[0], chainfile, 30, 0.1, 40)
+    links = [head]
+    for i in range(1, 4):
+        links.append(s.submit(fm.plus, counts[i], links[-1], 1))
+    chain = read_chain(chainfile, START[backend])
+    _check_chain(rig, s, chain)
+    _kill(chain[0]["pid"])
+    ends(links, END[backend], "the SIGKILL of the chain's first task")
+    rig.close(s)
+    assert [t.result() for t in links] == [40, 41, 42, 43]
+    print(f"\n[{backend}] chain attempts: {[[a.outcome for a in t.attempts] for t in links]}")
+    assert head.attempts[0].outcome == "worker_lost" and len(head.attempts) == 2
+    for t, count in zip(links, counts, strict=True):
+        check_runs(t, count)
+    for t in links[1:]:
+        *before, last = t.attempts
+        assert last.outcome == "done", t.attempts
+        for a in before:  # only dropped links: never started, never charged
+            assert a.outcome == "dropped" and a.started is None, t.attempts
+            assert a.note is not None and "not charged" in a.note, a.note
+
+
 def test_sigkill_of_a_program(rig: Rig, backend: str) -> None:
     """A program task is killed by ``kill -9`` (the OOM killer picks the program, not the
     worker): that is the program's own result, COMMAND_FAILED naming SIGKILL (return code

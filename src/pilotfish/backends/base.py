@@ -21,6 +21,8 @@ from :mod:`pilotfish.core.ledger`, which every backend uses to produce them):
                   was replaced / stopped
 ``MasterReport``  the master (or scheduler) started / was lost / restarted
 ``Fatal``         the backend cannot run anything any more; every unfinished task fails
+``Unlinked``      a linked attempt could not take its input's value: nothing ran (only
+                  from a backend with ``links``, below)
 ``Alive``         optional: the backend is working (see below)
 
 **Alive (optional).** A backend that sends ``Alive`` promises to send *some* event
@@ -35,6 +37,14 @@ way (it must report every loss itself). Every backend here sends it: the local o
 while its master answers, Dask and RADICAL-Pilot from their event threads (which
 bound the scheduler's or master's silence themselves, :class:`Pulse`), the fake
 unless told not to.
+
+**Links (optional).** A backend whose class says ``links = True`` passes values between
+attempts itself: the session then dispatches a task whose inputs are still running,
+*linked* to their attempts (``RunAttempt.links``; the rules are the core's,
+:attr:`pilotfish.core.workflow.Workflow.links`). The backend runs it once those attempts
+succeeded, with their values, or reports ``Unlinked`` without running it. The Dask
+backend does (a linked attempt is a Dask task that depends on its inputs' tasks, so
+Dask's scheduler chains them); the others do not, and get only DONE inputs' values.
 
 **Probes.** Attempts with a *negative* id are probes (pre-flight checks, see
 :mod:`pilotfish.client.probes`): a backend runs them like any attempt and reports their
@@ -63,7 +73,7 @@ import time as _time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol
 
-from ..wire.messages import Fatal, Lost, Result, RunAttempt, Started, WorkerReport
+from ..wire.messages import Fatal, Lost, Result, RunAttempt, Started, Unlinked, WorkerReport
 
 __all__ = [
     "Alive",
@@ -77,6 +87,7 @@ __all__ = [
     "RunAttempt",
     "Sink",
     "Started",
+    "Unlinked",
     "WorkerReport",
 ]
 
@@ -116,7 +127,7 @@ class Pulse:
         return [Alive(_time.time())]
 
 
-BackendEvent = Started | Result | Lost | WorkerReport | MasterReport | Fatal | Alive
+BackendEvent = Started | Result | Lost | Unlinked | WorkerReport | MasterReport | Fatal | Alive
 Sink = Callable[[Sequence[BackendEvent]], None]
 
 

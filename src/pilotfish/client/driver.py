@@ -245,11 +245,15 @@ class Driver:
                 case wf.Reject():
                     t = self.tasks[c.tid]
                     self._ended(c.tid)
+                    # (a linked attempt's result may have come, then been dropped)
+                    t._value_bytes = t._pending_value = None
                     acts.finish.append((t, False, self.translate.exception_for(t, c.failure)))
                     self.journal_task(t, "FAILED", failure=c.failure)
                 case wf.Cancelled():
                     self._ended(c.tid)
-                    acts.finish.append((self.tasks[c.tid], False, None))
+                    t = self.tasks[c.tid]
+                    t._value_bytes = t._pending_value = None
+                    acts.finish.append((t, False, None))
                     self.journal_task(self.tasks[c.tid], "CANCELLED")
                 case wf.CancelAttempt():
                     acts.cancels.append(c.attempt)
@@ -284,12 +288,18 @@ class Driver:
             earlier = self.resumer.for_dispatch(c.tid, c.resume)
             if earlier is not None and t._kind == "call":
                 self.core.attempts(c.tid)[-1].note = earlier[1]
+        deps = self._inputs(t)
+        links: tuple[tuple[int, int], ...] = ()
+        if c.links:  # inputs still running: the backend passes their values on
+            of = dict(c.links)
+            links = tuple((i, of[d._tid]) for i, d in enumerate(t._deps) if d._tid in of)
+            deps = tuple(b"" if d._tid in of else v for d, v in zip(t._deps, deps, strict=True))
         return _wire.RunAttempt(
             c.attempt,
             t.key,
             t._kind,
             t._payload,
-            self._inputs(t),
+            deps,
             t.options.timeout if t._kind == "call" else backstop(t._cmd_timeout),
             t.options.requires,
             t._programs,
@@ -299,6 +309,7 @@ class Driver:
             t.name,
             self.keep_all,
             c.avoid,
+            links,
         )
 
     def _drain(self, c: wf.Drained) -> HostDrained:

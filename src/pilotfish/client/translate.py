@@ -34,7 +34,7 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, assert_never
 
-from ..backends.base import Fatal, Lost, MasterReport, Result, Started
+from ..backends.base import Fatal, Lost, MasterReport, Result, Started, Unlinked
 from ..core import workflow as wf
 from ..core.drain import DrainPolicy
 from ..errors import (
@@ -59,7 +59,7 @@ log = logging.getLogger("pilotfish")
 __all__ = ["Call", "Fail", "Reported", "Retry", "Translator", "drain_policy"]
 
 #: the backend events the translator reads: every kind but ``Alive`` (the driver's)
-Reported = Started | Result | Lost | _wire.WorkerReport | MasterReport | Fatal
+Reported = Started | Result | Lost | Unlinked | _wire.WorkerReport | MasterReport | Fatal
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -146,6 +146,8 @@ class Translator:
                 return MasterEvent(ev.kind, ev.pid, ev.time, ev.returncode, ev.signal, ev.message)
             case Fatal():
                 return wf.Abort(Category(ev.category), ev.message, self._clock())
+            case Unlinked():
+                return wf.Unlinked(ev.attempt, ev.reason, ev.time)
             case _:
                 assert_never(ev)
 

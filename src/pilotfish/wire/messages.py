@@ -94,6 +94,20 @@ class RunAttempt(NamedTuple):
     #: workers where this task's earlier attempts were lost or timed out: send it elsewhere
     #: while another worker is there (a retry should not meet the same bad node)
     avoid: tuple[str, ...] = ()
+    #: ``(position in deps, input attempt id)``: inputs still running when this attempt
+    #: was sent (linked dispatch; only to a backend with ``links``): ``deps`` holds ``b""``
+    #: there and the backend passes that attempt's value on (Dask: a task dependency)
+    links: tuple[tuple[int, int], ...] = ()
+
+
+class Unlinked(NamedTuple):
+    """A backend could not run a linked attempt (see ``RunAttempt.links``): an input
+    attempt it was linked to did not leave a value to take (it failed, was lost or
+    cancelled, or its value went with its worker). Nothing ran; not charged."""
+
+    attempt: int
+    reason: str
+    time: float
 
 
 class PreflightFailed(NamedTuple):

@@ -106,8 +106,15 @@ class DaskBackend:
         security: Any = None,
         hooks: DaskHooks | None = None,
         preload: Iterable[str] = (),
+        links: bool = True,
     ) -> None:
         _check_options(address, client, security)
+        if not isinstance(links, bool):
+            raise InvalidTask(f"backend='dask': links={links!r} is invalid: give True or False")
+        #: chains go to Dask linked (see :mod:`pilotfish.backends.base`): a task whose
+        #: inputs still run is a Dask task depending on theirs, and Dask's scheduler
+        #: chains them; ``links=False``: each is sent once its inputs are DONE
+        self.links = links
         self.security = security
         self.workers = workers  # the cluster decides its size; kept for diagnostics
         self.hb_interval = heartbeat_interval

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...core import ledger as L
-from ...wire.messages import Lost, RunAttempt
+from ...wire.messages import Lost, RunAttempt, Unlinked
 from .._driver import Driver, Outcome, carry_out, environment_result
 
 __all__ = ["Att", "Flight", "Step"]
@@ -207,6 +207,25 @@ class Flight:
         msg = f"task {e.key!r} (attempt id {e.attempt}) was lost: {why}{where}"
         cmds = self.ledger.handle(L.Bounce(e.attempt, msg, now, drained))
         self.carry_out(cmds, {e.attempt: att}, events, cancel)
+
+    def unlink_locked(self, att: Att, why: str, events: list[Any], cancel: list[Any]) -> None:
+        """A linked attempt that cannot take its inputs' values (see
+        :mod:`pilotfish.backends.base`): it leaves the ledger unrun, and the session is
+        told (``Unlinked``: it waits for its inputs to be DONE). One that started runs
+        on: its end decides."""
+        e = self.ledger.get(att.m.attempt)
+        if e is None or e.item is not att or e.where == "started":
+            return
+        self.ledger.handle(L.Revoke((e.attempt,)))
+        if att.fut is not None:
+            cancel.append(att.fut)
+        events.append(Unlinked(att.m.attempt, f"task {att.m.key!r}: {why}", time.time()))
+
+    def input_future_locked(self, attempt: int) -> Any:
+        """The Dask future of in-flight attempt ``attempt`` (None: not in flight, or not
+        handed to Dask yet): what a linked attempt depends on."""
+        e = self.ledger.get(attempt)
+        return None if e is None else e.item.fut
 
     def env_error_locked(self, att: Att, exc: BaseException, events: list[Any]) -> None:
         """Dask could not run the task: an ENVIRONMENT error, not retried."""

@@ -27,7 +27,7 @@ from ...wire import messages as _wire
 from ...wire.messages import Result
 from .connection import Connection
 from .flight import Att, Flight
-from .worker import NotStarted
+from .worker import InputMissing, NotStarted
 
 if TYPE_CHECKING:
     from .workers import Workers
@@ -165,6 +165,9 @@ class Results:
         if isinstance(res, NotStarted):
             self._not_started_locked(att, e, res, events, cancel)
             return
+        if isinstance(res, InputMissing):
+            fl.unlink_locked(att, res.reason, events, cancel)
+            return
         if not isinstance(res, Result):
             fl.env_error_locked(att, TypeError(f"unexpected task result {res!r}"), events)
             return
@@ -217,6 +220,8 @@ class Results:
     def _on_unfinished(
         self, att: Att, fut: Any, status: str, events: list[Any], cancel: list[Any]
     ) -> None:
+        if att.m.links and status != "cancelled" and self._unlink(att, status, events, cancel):
+            return
         if status == "cancelled":
             self._on_cancelled(att, fut, events, cancel)
         elif status == "error":
@@ -241,6 +246,8 @@ class Results:
         if CONN_LOST in reason:
             self._on_conn_lost()  # the scheduler watch decides: lost or resubmitted
             return
+        if att.m.links and self._unlink(att, "cancelled", events, cancel):
+            return
         with self.flight.lock:
             self.flight.bounce_locked(
                 att,
@@ -249,6 +256,20 @@ class Results:
                 events,
                 cancel,
             )
+
+    def _unlink(self, att: Att, status: str, events: list[Any], cancel: list[Any]) -> bool:
+        """A linked attempt's Dask task ended ``status`` before it started: Dask does
+        that when a task it depends on is cancelled, lost or failed (the input attempt
+        was withdrawn or lost). Unlinked, not sent again with the same links; True if so
+        (False: it had started, and its loss is handled as any other)."""
+        fl = self.flight
+        with fl.lock:
+            e = fl.ledger.get(att.m.attempt)
+            if e is None or e.item is not att or e.where == "started":
+                return False
+            why = f"its Dask task was {status} before it started (a task it depends on was"
+            fl.unlink_locked(att, f"{why} withdrawn, lost or failed)", events, cancel)
+        return True
 
     def _on_error(self, att: Att, fut: Any, events: list[Any], cancel: list[Any]) -> None:
         try:

@@ -5,7 +5,15 @@ the :class:`Submitter`'s thread hands everything pending to Dask with one
 ``Client.map`` per batch (one graph update on the scheduler per batch, not per
 attempt), each attempt as one Dask task (:func:`.worker.attempt_on_worker`) under a
 unique key, ``pure=False``, ``retries=0``. An attempt cancelled, lost or stopped before
-its Dask future exists is skipped, or its late future cancelled. Each batch's futures
+its Dask future exists is skipped, or its late future cancelled.
+
+A *linked* attempt (``RunAttempt.links``: its inputs were still running when it was
+dispatched) is a Dask task that depends on its inputs' tasks: their futures are its
+``inputs`` argument, so Dask's scheduler runs it where their values are once they are
+done, as it chains any graph. It is handed over after them (in rounds, within a batch);
+one whose input attempt has no future any more (it ended, was lost, or was sent again
+and is not yet handed over) is not submitted: the session is told ``Unlinked`` and sends
+it again once its inputs are DONE. Each batch's futures
 are watched from the client's event loop (one hand-over per batch): their ends reach
 the backend's stimulus queue as ``("done", future, dask key, attempt id)``.
 """
@@ -141,16 +149,26 @@ class Submitter:
             (ahead if 0 < a.m.order < newest else fresh).append(a)
         batch = ahead + fresh
         self._newest_order = max(newest, max((a.m.order for a in batch), default=0))
+        linked = [a for a in batch if a.m.links]
+        if linked:
+            batch = [a for a in batch if not a.m.links]
         # a retry that should go elsewhere is submitted alone, restricted; the rest in bulk
         where = {id(a): self._elsewhere(a) for a in batch if a.m.avoid}
         mapped = iter(
-            self._map([a for a in ahead if not where.get(id(a))], fence, 1)
-            + self._map([a for a in fresh if not where.get(id(a))], fence, 0)
+            self._map([a for a in ahead if not where.get(id(a)) and not a.m.links], fence, 1)
+            + self._map([a for a in fresh if not where.get(id(a)) and not a.m.links], fence, 0)
         )
         futs = [
             self._submit_elsewhere(a, where[id(a)], fence) if where.get(id(a)) else next(mapped)
             for a in batch
         ]
+        self._handed_over(batch, futs)
+        if linked:
+            self._submit_linked(linked, fence)
+
+    def _handed_over(self, batch: list[Att], futs: list[Any]) -> None:
+        """Record the futures of ``batch`` and watch them; cancel those whose attempt was
+        cancelled, lost or stopped while it was submitted."""
         late = []
         fl = self.flight
         with fl.lock:
@@ -164,6 +182,42 @@ class Submitter:
             loop = self.conn.client.loop
             loop.add_callback(_watch_futures, loop, watch, self._put)
         self.conn.cancel(late)
+
+    def _submit_linked(self, linked: list[Att], fence: str) -> None:
+        """Hand over linked attempts, each with its inputs' futures, in rounds: one
+        whose inputs are in this batch goes after them (a chain is one round per link).
+        One whose input has no future and is not in this batch is ``Unlinked``."""
+        fl = self.flight
+        while linked:
+            ready: list[tuple[Att, list[Any]]] = []
+            later: list[Att] = []
+            events: list[Any] = []
+            cancel: list[Any] = []
+            here = {a.m.attempt for a in linked}
+            with fl.lock:
+                for a in linked:
+                    if not fl.current(a):
+                        continue
+                    inputs = [fl.input_future_locked(aid) for _, aid in a.m.links]
+                    gone = [aid for (_, aid), f in zip(a.m.links, inputs, strict=True) if f is None]
+                    if not gone:
+                        ready.append((a, inputs))
+                    elif all(aid in here for aid in gone):
+                        later.append(a)
+                    else:
+                        why = f"its input attempt {gone[0]} was no longer in flight at Dask"
+                        fl.unlink_locked(a, why, events, cancel)
+                if not ready:  # what waited for an input of this batch that was not sent
+                    for a in later:
+                        fl.unlink_locked(a, "its input was not handed to Dask", events, cancel)
+                    later = []
+            if events:
+                self._put(("emit", events))
+            self.conn.cancel(cancel)
+            if ready:
+                futs = self._map([a for a, _ in ready], fence, 0, [i for _, i in ready])
+                self._handed_over([a for a, _ in ready], futs)
+            linked = later
 
     def _elsewhere(self, a: Att) -> list[str]:
         """Where a retry goes: the live workers that are not where its task's earlier
@@ -192,11 +246,14 @@ class Submitter:
             priority=1,
         )
 
-    def _map(self, batch: list[Att], fence: str, priority: int) -> list[Any]:
+    def _map(
+        self, batch: list[Att], fence: str, priority: int, inputs: list[list[Any]] | None = None
+    ) -> list[Any]:
         if not batch:
             return []
         n = len(batch)
         keys = [a.dkey for a in batch]
+        extra = [inputs] if inputs is not None else []  # a linked attempt's input futures
         futs: list[Any] = self.conn.client.map(
             attempt_on_worker,
             [a.m for a in batch],
@@ -205,6 +262,7 @@ class Submitter:
             [self.rundir] * n,
             [self.conn.topic] * n,
             [self.flight.timeout_restart] * n,
+            *extra,
             key=keys,
             pure=False,
             retries=0,

@@ -30,6 +30,7 @@ __all__ = [
     "EVENT_MAX",
     "ClientSysPath",
     "EndAttemptsOnClose",
+    "InputMissing",
     "NotStarted",
     "Preload",
     "WorkerJob",
@@ -75,6 +76,32 @@ class NotStarted(NamedTuple):
     drained: bool = False  # refused because this worker is drained (never counted)
 
 
+class InputMissing(NamedTuple):
+    """What a linked attempt's Dask task returns when an input it was linked to left no
+    value (the input attempt failed, or the fence refused a rerun of it): user code did
+    not run, and the start fence was not asked."""
+
+    attempt: int
+    dkey: str
+    reason: str
+
+
+def link_inputs(m: RunAttempt, inputs: Sequence[Any]) -> RunAttempt | str:
+    """``m`` with the values of its linked inputs (what their Dask tasks returned, in the
+    order of ``m.links``) in place, or why it cannot run."""
+    if len(inputs) != len(m.links):
+        return f"it got {len(inputs)} input values for {len(m.links)} links"
+    deps = list(m.deps)
+    for (i, aid), got in zip(m.links, inputs, strict=True):
+        if not isinstance(got, Result) or got.attempt != aid:
+            what = got.reason if isinstance(got, NotStarted) else type(got).__name__
+            return f"its input attempt {aid} did not run here ({what})"
+        if not got.ok:
+            return f"its input attempt {aid} failed"
+        deps[i] = got.data
+    return m._replace(deps=tuple(deps), links=())
+
+
 async def attempt_on_worker(
     m: RunAttempt,
     dkey: str,
@@ -82,7 +109,8 @@ async def attempt_on_worker(
     rundir: str,
     topic: str = "",
     end_released: bool = True,
-) -> Result | NotStarted:
+    inputs: Sequence[Any] = (),
+) -> Result | NotStarted | InputMissing:
     """The Dask task: ask the start fence on the scheduler (one synchronous call), then
     run the attempt here, or return :class:`NotStarted` without running user code.
 
@@ -100,7 +128,16 @@ async def attempt_on_worker(
     ``end_released``: a Python call whose Dask task is released while it runs (its
     session's link to the scheduler broke, its client died or let it go) ends this worker
     process when it has a nanny (see :func:`_watch`), so that it does not run on beside
-    its retry; off with the backend's ``timeout_restart=False``."""
+    its retry; off with the backend's ``timeout_restart=False``.
+
+    ``inputs``: for a linked attempt (``m.links``), what its inputs' Dask tasks returned
+    (Dask passes them: this task depends on theirs); without a successful value for each,
+    it returns :class:`InputMissing` before asking the fence."""
+    if m.links:
+        linked = link_inputs(m, inputs)
+        if isinstance(linked, str):
+            return InputMissing(m.attempt, dkey, linked)
+        m = linked
     pid = os.getpid()
     try:
         worker: Any = distributed.get_worker()
