@@ -29,6 +29,20 @@ INFO, naming attempt, Dask key (it holds the task key) and worker) and counted i
 ``Session.processes()["refused_starts"]``. A worker that died holding an attempt
 it had *not* started leaves no grant behind: Dask's rerun elsewhere is granted.
 
+**Linked chains** (``links=True``, the default; see :mod:`pilotfish.backends.base`).
+A task whose inputs are still running is handed to Dask at once, as a Dask task that
+depends on its inputs' Dask tasks: Dask's scheduler runs it where their values are once
+they are done (worker to worker; the client still gets every value), so a chain costs no
+round trip through the client per link. The worker takes each input's value from the
+``Result`` its task returned; an input that failed, or whose rerun the fence refused,
+leaves no value, and the task returns without asking the fence. That, a linked task
+cancelled or erred by Dask because a task it depends on was (pilotfish withdrew or lost
+that input), or an input attempt with no Dask future any more when the task is handed
+over, is ``Unlinked``: nothing ran, not charged, and the session sends it again once its
+inputs are DONE. The session's core drops what was linked to an input attempt that did
+not succeed on its own (:attr:`pilotfish.core.workflow.Workflow.links`). A linked retry
+is not steered away from the workers its earlier attempts were lost on.
+
 Cost (see benchmarks/bench_dask.py): ``submit`` only registers an attempt; a
 submitter thread hands everything pending to Dask with one ``Client.map``
 (one graph update on the scheduler per batch, not per attempt). An attempt
