@@ -157,7 +157,7 @@ def test_links_false_sends_each_task_with_its_inputs_values(cluster: Any, tmp_pa
 
 
 def test_links_must_be_a_bool(cluster: Any, tmp_path: Path) -> None:
-    with pytest.raises(pilotfish.InvalidTask, match="links='yes' is invalid"):
+    with pytest.raises(pilotfish.InvalidTask, match=r"links=.yes. is invalid: give True"):
         pilotfish.Session(
             backend="dask", address=cluster.scheduler_address, rundir=str(tmp_path), links="yes"
         )

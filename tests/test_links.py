@@ -10,6 +10,18 @@ from __future__ import annotations
 
 import pytest
 
+from pilotfish.backends._links import LinkTable
+from pilotfish.backends.local.dispatch import (
+    Boot,
+    CancelRequest,
+    Dispatcher,
+    HelloFrom,
+    ResultFrom,
+    SendWorker,
+    SubmitAttempts,
+    ToClient,
+    WorkerExited,
+)
 from pilotfish.core.states import State
 from pilotfish.core.workflow import (
     Abort,
@@ -29,6 +41,8 @@ from pilotfish.core.workflow import (
     Workflow,
 )
 from pilotfish.errors import Category
+from pilotfish.wire.messages import Result, RunAttempt
+from pilotfish.wire.messages import Unlinked as Unlinked_  # what a master sends
 from test_workflow import IMMEDIATE, SLOW, failure, of, submit
 
 
@@ -214,3 +228,94 @@ def test_a_long_chain_whose_head_is_sent_again_does_not_recurse(
     cmds = w.handle(Succeeded(again[1].attempt, 4.0))
     assert len(of(cmds, Resolve)) == n
     w.validate()
+
+
+# --------------------------------------------------------------------------- at a master
+# The local master resolves links itself (pilotfish.backends._links.LinkTable, fed by
+# its dispatcher): a linked attempt waits off the queue and is queued with its inputs'
+# values in place as their results come through the master.
+
+
+def _ra(aid: int, links: tuple[tuple[int, int], ...] = (), n: int = 1) -> RunAttempt:
+    deps = tuple(b"" if any(i == j for j, _ in links) else b"v" for i in range(n))
+    return RunAttempt(aid, f"k{aid}", "call", b"payload", deps if links else (), None, links=links)
+
+
+def _res(aid: int, data: bytes, worker: str = "w1", ok: bool = True) -> Result:
+    return Result(aid, ok, data, worker, 101, 0.0, 1.0)
+
+
+def _master(monkeypatch: pytest.MonkeyPatch, n: int = 1) -> Dispatcher:
+    monkeypatch.setattr(Dispatcher, "debug", True)
+    d = Dispatcher(n, prefetch=1)
+    d.handle(Boot(0.0))
+    for i in range(1, n + 1):
+        d.handle(HelloFrom(f"w{i}", 100 + i, 0.0))
+    return d
+
+
+def _sent(cmds) -> list[RunAttempt]:
+    return [
+        m for c in cmds if isinstance(c, SendWorker) for m in c.msgs if isinstance(m, RunAttempt)
+    ]
+
+
+def _unlinked(cmds) -> list[Unlinked_]:
+    return [c.msg for c in cmds if isinstance(c, ToClient) and isinstance(c.msg, Unlinked_)]
+
+
+def test_a_master_queues_a_linked_attempt_with_its_inputs_value(monkeypatch):
+    d = _master(monkeypatch)
+    d.handle(SubmitAttempts([_ra(1), _ra(2, ((0, 1),)), _ra(3, ((0, 2),))], 0.0))
+    assert set(d.links.waiting) == {2, 3} and not d.queue
+    cmds = d.handle(ResultFrom("w1", _res(1, b"one"), 1.0))
+    (m2,) = _sent(cmds)
+    assert m2.attempt == 2 and m2.deps == (b"one",) and m2.links == ()
+    (m3,) = _sent(d.handle(ResultFrom("w1", _res(2, b"two"), 2.0)))
+    assert m3.deps == (b"two",)
+
+
+def test_a_master_unlinks_what_waits_for_a_failed_or_lost_input(monkeypatch):
+    d = _master(monkeypatch)
+    d.handle(SubmitAttempts([_ra(1), _ra(2, ((0, 1),)), _ra(3, ((0, 2),))], 0.0))
+    cmds = d.handle(ResultFrom("w1", _res(1, b"err", ok=False), 1.0))
+    assert {u.attempt for u in _unlinked(cmds)} == {2, 3} and not _sent(cmds)
+    assert "failed" in _unlinked(cmds)[0].reason
+    d = _master(monkeypatch)
+    d.handle(SubmitAttempts([_ra(1), _ra(2, ((0, 1),))], 0.0))
+    cmds = d.handle(WorkerExited("w1", -9, "", 1.0, False))
+    assert [u.attempt for u in _unlinked(cmds)] == [2] and "was lost" in _unlinked(cmds)[0].reason
+    assert not d.links.waiting
+
+
+def test_a_master_takes_a_value_that_came_just_before_the_link(monkeypatch):
+    """The input ended here just before its linked attempt arrived: its value is kept a
+    while, so the attempt is queued with it rather than unlinked; an input the master
+    never saw is unlinked."""
+    d = _master(monkeypatch)
+    d.handle(SubmitAttempts([_ra(1)], 0.0))
+    d.handle(ResultFrom("w1", _res(1, b"one"), 1.0))
+    (m2,) = _sent(d.handle(SubmitAttempts([_ra(2, ((0, 1),))], 2.0)))
+    assert m2.deps == (b"one",)
+    cmds = d.handle(SubmitAttempts([_ra(3, ((0, 99),))], 3.0))
+    assert [u.attempt for u in _unlinked(cmds)] == [3]
+
+
+def test_a_master_drops_a_waiting_attempt_the_session_cancels(monkeypatch):
+    d = _master(monkeypatch)
+    d.handle(SubmitAttempts([_ra(1), _ra(2, ((0, 1),))], 0.0))
+    d.handle(CancelRequest((2,), 0.5))
+    assert not d.links.waiting
+    cmds = d.handle(ResultFrom("w1", _res(1, b"one"), 1.0))
+    assert not _sent(cmds) and not _unlinked(cmds)
+
+
+def test_the_table_keeps_recent_values_within_its_bounds():
+    t = LinkTable(recent=(2, 10, 4))
+    t.succeeded(1, b"aaaa")
+    t.succeeded(2, b"bbbbb")  # larger than 4 bytes: not kept
+    t.succeeded(3, b"cc")
+    t.succeeded(4, b"dd")  # 1 evicted (count 2)
+    assert isinstance(t.take(_ra(9, ((0, 1),)), lambda a: False), str)
+    got = t.take(_ra(8, ((0, 3), (1, 4)), n=2), lambda a: False)
+    assert isinstance(got, RunAttempt) and got.deps == (b"cc", b"dd")

@@ -33,6 +33,7 @@ from ...core import ledger as L
 from ...errors import InvalidTask
 from ...wire.messages import RunAttempt, WorkerReport
 from .._driver import Driver, Stimuli, runtime_lost
+from .._links import check_links
 from ..base import MasterReport, Pulse, Sink
 from .connection import Connection
 from .flight import MAX_RESUBMITS, Att, Flight
@@ -109,12 +110,10 @@ class DaskBackend:
         links: bool = True,
     ) -> None:
         _check_options(address, client, security)
-        if not isinstance(links, bool):
-            raise InvalidTask(f"backend='dask': links={links!r} is invalid: give True or False")
         #: chains go to Dask linked (see :mod:`pilotfish.backends.base`): a task whose
         #: inputs still run is a Dask task depending on theirs, and Dask's scheduler
         #: chains them; ``links=False``: each is sent once its inputs are DONE
-        self.links = links
+        self.links = check_links("dask", links)
         self.security = security
         self.workers = workers  # the cluster decides its size; kept for diagnostics
         self.hb_interval = heartbeat_interval

@@ -43,6 +43,7 @@ from ...runtime.procs import exited_within, proc_sample
 from ...wire import messages as _wire
 from ...wire.messages import Channel, RunAttempt
 from .._driver import Driver, carry_out
+from .._links import check_links
 from ..base import Alive, BackendEvent, MasterReport, Sink
 
 _STDERR_TAIL = 16384
@@ -100,7 +101,12 @@ class LocalBackend:
         start_timeout: float = 60.0,
         max_tasks_per_child: int | None = None,
         preload: Iterable[str] = (),
+        links: bool = True,
     ) -> None:
+        #: chains go to the master linked (see :mod:`pilotfish.backends.base`): a task
+        #: whose inputs still run waits at the master, which puts their values in place
+        #: as they arrive from the workers; ``links=False``: sent once they are DONE
+        self.links = check_links("local", links)
         self.preload = tuple(preload)
         if max_tasks_per_child is not None and (
             not isinstance(max_tasks_per_child, int)
@@ -310,6 +316,9 @@ class LocalBackend:
                             events.append(m)
                         elif isinstance(m, _wire.Started):
                             self._ledger.handle(L.Start(m.worker, m.attempt, m.pid, m.host, m.time))
+                            events.append(m)
+                        elif isinstance(m, _wire.Unlinked):  # never ran: the master let go
+                            self._ledger.handle(L.Revoke((m.attempt,)))
                             events.append(m)
                         elif isinstance(m, _wire.Heartbeat):
                             pass

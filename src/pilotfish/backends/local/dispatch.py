@@ -61,7 +61,16 @@ from ...core import ledger as L
 from ...core.ledger import describe_exit
 from ...core.machine import InvariantViolation, Story
 from ...errors import InvalidTransition
-from ...wire.messages import CancelAttempt, Fatal, Result, RunAttempt, Shutdown, WorkerReport
+from ...wire.messages import (
+    CancelAttempt,
+    Fatal,
+    Result,
+    RunAttempt,
+    Shutdown,
+    Unlinked,
+    WorkerReport,
+)
+from .._links import LinkTable
 
 __all__ = [
     "SLOT_TRANSITIONS",
@@ -331,6 +340,8 @@ class _Hooks:
 
     def report(self, msg: L.Started | L.Lost) -> None:
         self.out.append(ToClient(msg))
+        if isinstance(msg, L.Lost) and self.d.links.waiting:
+            self.d._unlink(msg.attempt, f"was lost ({msg.category})", self.now, self.out)
 
     def send(self, items: tuple[Any, ...], resend: bool) -> None:
         # Requeue: never started, back on the queue ahead of others, unblamed (the master's
@@ -342,6 +353,8 @@ class _Hooks:
     def withdraw(self, worker: str, attempt: int) -> None:
         if worker:  # held by a worker: it answers Withdrawn (or Started, too late)
             self.out.append(SendWorker(worker, [CancelAttempt(attempt)]))
+        if self.d.links.waiting:
+            self.d._unlink(attempt, "was withdrawn", self.now, self.out)
 
     def kill_groups(self, worker: str, pgids: tuple[int, ...]) -> None:
         self.out.append(Kill(worker, pgids))
@@ -401,6 +414,8 @@ class Dispatcher:
         self._held_cost: dict[int, tuple[str, str, float]] = {}  # attempt -> worker, name, s
         self._stolen: set[int] = set()  # asked back from a busy worker for an idle one
         self._steal_at: float | None = None
+        #: linked attempts waiting for their inputs' values (off the queue and the ledger)
+        self.links = LinkTable()
         self.story = Story()
 
     # ------------------------------------------------------------------ helpers
@@ -613,7 +628,8 @@ class Dispatcher:
             case TimePassed():
                 self._tick(ev.now, ev.samples, ev.stderr_tails, out)
             case CancelRequest():
-                self._carry_out(self.ledger.handle(L.Revoke(ev.attempts)), out, ev.now)
+                rest = tuple(a for a in ev.attempts if not self.links.cancel(a))
+                self._carry_out(self.ledger.handle(L.Revoke(rest)), out, ev.now)
             case WithdrawnBy():
                 self._withdrawn(ev.name, ev.attempt, ev.now, out)
             case GroupFrom():
@@ -686,15 +702,44 @@ class Dispatcher:
         for aid, e in ledger.entries.items():
             if e.where == "queued" and aid not in seen:
                 yield f"attempt {aid} is queued in the ledger but not on the queue (a hang)"
+        for aid in self.links.waiting:
+            if aid in ledger.entries:
+                yield f"linked attempt {aid} waits for its inputs but is in the ledger too"
+        yield from self.links.problems(ledger.entries.__contains__)
 
     # The local master's runner (master.py) still calls these; each is handle() of one
     # stimulus. To go once the runner builds the stimuli itself.
     # ------------------------------------------------------------------ events
     def _submit(self, batch: Sequence[RunAttempt], now: float, out: list[Cmd]) -> None:
+        if any(a.links for a in batch):
+            self._link(batch, now, out)
+        else:
+            self._queue(batch)
+        self._assign(now, out)
+
+    def _queue(self, batch: Sequence[RunAttempt]) -> None:
         self.ledger.handle(L.Enqueue(tuple((a.attempt, a.key, a, a.timeout) for a in batch)))
         for a in batch:
             self._enqueue(a)
-        self._assign(now, out)
+
+    def _link(self, batch: Sequence[RunAttempt], now: float, out: list[Cmd]) -> None:
+        """Queue the plain attempts of ``batch``; the linked ones (``RunAttempt.links``)
+        wait for their inputs' values here (:class:`.._links.LinkTable`) and are queued
+        once those are in place; one whose input is not in flight here is ``Unlinked``."""
+        self._queue([a for a in batch if not a.links])  # the inputs may be among them
+        entries = self.ledger.entries
+        for a in batch:
+            if a.links:
+                got = self.links.take(a, entries.__contains__)
+                if isinstance(got, str):
+                    out.append(ToClient(Unlinked(a.attempt, f"task {a.key!r}: {got}", now)))
+                elif got is not None:  # its inputs succeeded here already
+                    self._queue([got])
+
+    def _unlink(self, attempt: int, why: str, now: float, out: list[Cmd]) -> None:
+        """Input ``attempt`` ended without a value: what waited for it is ``Unlinked``."""
+        for aid, said in self.links.ended(attempt, why):
+            out.append(ToClient(Unlinked(aid, said, now)))
 
     def _enqueue(self, a: RunAttempt) -> None:
         """Queue ``a`` by its task's submission order: a retry (or a resend) of a task goes
@@ -773,10 +818,18 @@ class Dispatcher:
             st = L.Start(name, res.attempt, res.pid, res.host, res.started)
             self._carry_out(self.ledger.handle(st), out, now)
         head = len(out)  # the result goes before what its end starts (after its Started)
-        if self._finish(s, res.attempt, now, out) or s.state is W.LOST:
+        accepted = self._finish(s, res.attempt, now, out)
+        if accepted or s.state is W.LOST:
             # a result from a worker already declared lost is still forwarded: the
             # client's fencing decides (it was reported lost, so it will be dropped)
             out.insert(head, ToClient(res))
+        if accepted:  # what waited for its value goes on the queue (the value is kept)
+            if res.ok:
+                ready = self.links.succeeded(res.attempt, res.data)
+                if ready:
+                    self._queue(ready)
+            elif self.links.waiting:
+                self._unlink(res.attempt, "failed", now, out)
         if self.max_tasks is not None:
             self._settle(s, now, out)
         self._assign(now, out)
