@@ -42,9 +42,12 @@ unless told not to.
 attempts itself: the session then dispatches a task whose inputs are still running,
 *linked* to their attempts (``RunAttempt.links``; the rules are the core's,
 :attr:`pilotfish.core.workflow.Workflow.links`). The backend runs it once those attempts
-succeeded, with their values, or reports ``Unlinked`` without running it. The Dask
-backend does (a linked attempt is a Dask task that depends on its inputs' tasks, so
-Dask's scheduler chains them); the others do not, and get only DONE inputs' values.
+succeeded, with their values, or reports ``Unlinked`` without running it. The local
+backend does (its master sees every result and queues a linked attempt with its inputs'
+values: :mod:`pilotfish.backends._links`), and so does Dask (a linked attempt is a Dask
+task that depends on its inputs' tasks, so Dask's scheduler chains them); both take
+``links=False`` to turn it off. RADICAL-Pilot and the fake backend get only DONE inputs'
+values.
 
 **Probes.** Attempts with a *negative* id are probes (pre-flight checks, see
 :mod:`pilotfish.client.probes`): a backend runs them like any attempt and reports their
