@@ -129,8 +129,11 @@ class Session(cf.Executor):
     journal keeps for resume (True: all; False: none; N: those up to N bytes; a larger
     one's task runs again on resume; a task's ``keep_result`` option overrides it).
     ``preload`` (module names, every backend):
-    each worker imports them as it starts, not on its first task. Other keywords go to
-    the backend.
+    each worker imports them as it starts, not on its first task. ``links`` (local and
+    Dask, default True): a task whose inputs still run is sent at once, linked to them,
+    and the master or Dask's scheduler passes their values on (False: sent once they are
+    DONE; see :attr:`pilotfish.core.workflow.Workflow.links`). Other keywords go to the
+    backend.
 
     (Longer than the size guide: the Executor's public methods with their documentation,
     and an ``__init__`` whose 24 keywords take 27 lines before its body; what they run

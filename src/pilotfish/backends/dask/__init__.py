@@ -40,8 +40,7 @@ cancelled or erred by Dask because a task it depends on was (pilotfish withdrew 
 that input), or an input attempt with no Dask future any more when the task is handed
 over, is ``Unlinked``: nothing ran, not charged, and the session sends it again once its
 inputs are DONE. The session's core drops what was linked to an input attempt that did
-not succeed on its own (:attr:`pilotfish.core.workflow.Workflow.links`). A linked retry
-is not steered away from the workers its earlier attempts were lost on.
+not succeed on its own (:attr:`pilotfish.core.workflow.Workflow.links`).
 
 Cost (see benchmarks/bench_dask.py): ``submit`` only registers an attempt; a
 submitter thread hands everything pending to Dask with one ``Client.map``

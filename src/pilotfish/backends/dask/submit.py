@@ -214,8 +214,16 @@ class Submitter:
             if events:
                 self._put(("emit", events))
             self.conn.cancel(cancel)
-            if ready:
-                futs = self._map([a for a, _ in ready], fence, 0, [i for _, i in ready])
+            if ready:  # (a retry that should go elsewhere alone, restricted, as above)
+                where = {id(a): self._elsewhere(a) for a, _ in ready if a.m.avoid}
+                bulk = [(a, i) for a, i in ready if not where.get(id(a))]
+                mapped = iter(self._map([a for a, _ in bulk], fence, 0, [i for _, i in bulk]))
+                futs = [
+                    self._submit_elsewhere(a, where[id(a)], fence, i)
+                    if where.get(id(a))
+                    else next(mapped)
+                    for a, i in ready
+                ]
                 self._handed_over([a for a, _ in ready], futs)
             linked = later
 
@@ -226,7 +234,9 @@ class Submitter:
             return []
         return self._elsewhere_of(a.m.avoid)
 
-    def _submit_elsewhere(self, a: Att, others: list[str], fence: str) -> Any:
+    def _submit_elsewhere(
+        self, a: Att, others: list[str], fence: str, inputs: list[Any] | None = None
+    ) -> Any:
         """A retry goes to another worker while one is there (a preference, with
         ``allow_other_workers``: if they all leave, any worker will do), so one bad node
         does not get the same task again and again."""
@@ -238,6 +248,7 @@ class Submitter:
             self.rundir,
             self.conn.topic,
             self.flight.timeout_restart,
+            *([inputs] if inputs is not None else []),
             key=a.dkey,
             pure=False,
             retries=0,
