@@ -39,12 +39,13 @@ if HERE not in sys.path:
 import _tasks  # noqa: E402
 from bench import machine_meta  # noqa: E402
 
-VARIANTS = ("raw", "raw_gather", "pf", "pf_journal")
+VARIANTS = ("raw", "raw_gather", "pf", "pf_journal", "pf_unlinked")
 LABEL = {
     "raw": "raw Dask",
     "raw_gather": "raw Dask + gather all",
     "pf": "pilotfish journal=None",
     "pf_journal": "pilotfish journal=True",
+    "pf_unlinked": "pf journal, links=False",
 }
 #: DESIGN.md section 6 / issue 26: pilotfish on Dask, journal on, against raw Dask
 TARGET = {"noop": 1.1, "chains": 1.5}
@@ -91,12 +92,19 @@ class Raw:
 
 
 class Pf:
-    def __init__(self, address: str, journal: bool) -> None:
+    """``links=False``: each chain step is sent once its input is done (the session's
+    round trip per link, as before linked dispatch); else Dask's scheduler chains them."""
+
+    def __init__(self, address: str, journal: bool, links: bool = True) -> None:
         import pilotfish
 
         self.rundir = tempfile.mkdtemp(prefix="pilotfish-bench-dask-")
         self.s = pilotfish.Session(
-            backend="dask", address=address, journal=True if journal else None, rundir=self.rundir
+            backend="dask",
+            address=address,
+            journal=True if journal else None,
+            rundir=self.rundir,
+            links=links,
         )
 
     def noop(self, n: int) -> list[Any]:
@@ -211,7 +219,11 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.repeat):
             order = variants[r % len(variants) :] + variants[: r % len(variants)]
             for v in order:
-                rt: Any = raws[v] if v in raws else Pf(cluster.scheduler_address, v == "pf_journal")
+                rt: Any = (
+                    raws[v]
+                    if v in raws
+                    else Pf(cluster.scheduler_address, v != "pf", links=v != "pf_unlinked")
+                )
                 try:
                     if v not in raws:
                         warm_up(rt)
