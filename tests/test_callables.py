@@ -396,6 +396,26 @@ def test_cancel_queued_tasks(make_session: Any, tmp_path: Path) -> None:
         assert queued[0].result(timeout=30) == 0
 
 
+def test_cancel_a_task_whose_input_is_running(make_session: Any, tmp_path: Path) -> None:
+    """A task whose input is still running has not started, so it can be cancelled: on a
+    backend that links chains it is already there, waiting for the input's value, and is
+    withdrawn; elsewhere it waits in the session. Its body never runs, and the input and
+    another task taking the same input are not affected."""
+    import faulty_matrix as fm
+
+    count = str(tmp_path / "count")
+    with make_session(workers=2) as s:
+        head = s.submit(sleep_then, 5, 1.0)
+        doomed = s.submit(fm.plus, count, head, 1)
+        wait_for(head.running, timeout=120)
+        assert not doomed.running()
+        assert doomed.cancel() and doomed.cancelled()
+        other = s.submit(inc, head)
+        assert other.result(timeout=60) == 6 and head.result(timeout=60) == 5
+    assert not os.path.exists(count)  # the cancelled body never ran
+    assert all(a.started is None for a in doomed.attempts), doomed.attempts
+
+
 def test_shutdown_cancel_futures(make_session: Any, tmp_path: Path) -> None:
     """shutdown(cancel_futures=True) cancels what has not started and returns promptly."""
     s = make_session(workers=1)
