@@ -405,7 +405,7 @@ def test_cancel_a_task_whose_input_is_running(make_session: Any, tmp_path: Path)
 
     count = str(tmp_path / "count")
     with make_session(workers=2) as s:
-        head = s.submit(sleep_then, 5, 1.0)
+        head = s.submit(sleep_then, 5, 2.0)
         doomed = s.submit(fm.plus, count, head, 1)
         wait_for(head.running, timeout=120)
         assert not doomed.running()

@@ -76,7 +76,7 @@ def test_a_chain_goes_to_dask_at_once_linked(cluster: Any, tmp_path: Path) -> No
     the one before; every link runs once and gets its input's value."""
     s, sent = session(cluster, tmp_path)
     with s:
-        head = s.submit(slow_value, 1.0, 1)
+        head = s.submit(slow_value, 2.0, 1)
         chain = [head]
         for _ in range(3):
             chain.append(s.submit(add, chain[-1], 1))
@@ -136,7 +136,7 @@ def test_an_input_gone_from_dask_unlinks_and_takes_the_value(cluster: Any, tmp_p
 
     s, sent = session(cluster, tmp_path, before_batch=hold_linked)
     with s:
-        head = s.submit(slow_value, 0.5, 20)
+        head = s.submit(slow_value, 2.0, 20)
         held.append(head)
         wait_for(head.running, timeout=30)
         after = s.submit(add, head, 1)
