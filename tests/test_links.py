@@ -43,7 +43,7 @@ from pilotfish.core.workflow import (
 from pilotfish.errors import Category
 from pilotfish.wire.messages import Result, RunAttempt
 from pilotfish.wire.messages import Unlinked as Unlinked_  # what a master sends
-from test_workflow import IMMEDIATE, SLOW, failure, of, submit
+from test_workflow import SLOW, failure, make, of, submit
 
 
 @pytest.fixture(autouse=True)
@@ -52,9 +52,7 @@ def _validate_every_step(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def linked(**kw) -> Workflow:
-    kw.setdefault("backoff", IMMEDIATE)
-    kw.setdefault("rand", lambda: 0.0)
-    w = Workflow(**kw)
+    w = make(**kw)
     w.links = True
     return w
 
@@ -80,7 +78,7 @@ def test_a_chain_goes_out_at_once_each_link_naming_its_input_attempt():
 
 
 def test_without_links_a_dependent_waits_for_its_input():
-    w = Workflow(backoff=IMMEDIATE)
+    w = make()
     submit(w, 1)
     assert of(submit(w, 2, deps=[1]), Dispatch) == []
     assert w.state(2) is State.PENDING
@@ -245,9 +243,9 @@ def _res(aid: int, data: bytes, worker: str = "w1", ok: bool = True) -> Result:
     return Result(aid, ok, data, worker, 101, 0.0, 1.0)
 
 
-def _master(monkeypatch: pytest.MonkeyPatch, n: int = 1) -> Dispatcher:
+def _master(monkeypatch: pytest.MonkeyPatch, n: int = 1, links: bool = True) -> Dispatcher:
     monkeypatch.setattr(Dispatcher, "debug", True)
-    d = Dispatcher(n, prefetch=1)
+    d = Dispatcher(n, prefetch=1, links=links)
     d.handle(Boot(0.0))
     for i in range(1, n + 1):
         d.handle(HelloFrom(f"w{i}", 100 + i, 0.0))
@@ -299,6 +297,16 @@ def test_a_master_takes_a_value_that_came_just_before_the_link(monkeypatch):
     assert m2.deps == (b"one",)
     cmds = d.handle(SubmitAttempts([_ra(3, ((0, 99),))], 3.0))
     assert [u.attempt for u in _unlinked(cmds)] == [3]
+
+
+def test_a_master_of_a_session_that_does_not_link_keeps_no_values(monkeypatch):
+    """``links=False`` (the master's Config says so): no result's value is kept for a
+    linked attempt that might come later."""
+    d = _master(monkeypatch, links=False)
+    d.handle(SubmitAttempts([_ra(1)], 0.0))
+    d.handle(ResultFrom("w1", _res(1, b"one"), 1.0))
+    cmds = d.handle(SubmitAttempts([_ra(2, ((0, 1),))], 2.0))
+    assert [u.attempt for u in _unlinked(cmds)] == [2] and not _sent(cmds)
 
 
 def test_a_master_drops_a_waiting_attempt_the_session_cancels(monkeypatch):

@@ -254,7 +254,7 @@ class Driver:
                     t = self.tasks[c.tid]
                     t._value_bytes = t._pending_value = None
                     acts.finish.append((t, False, None))
-                    self.journal_task(self.tasks[c.tid], "CANCELLED")
+                    self.journal_task(t, "CANCELLED")
                 case wf.CancelAttempt():
                     acts.cancels.append(c.attempt)
                 case wf.Wake():

@@ -834,9 +834,9 @@ class Workflow:
             ln.held = ev
         return True
 
-    def _resolve_link(self, up: _Task, aid: int, c: _Task, out: list[Command]) -> None:
-        """Input ``up`` of RUNNING ``c`` is DONE with attempt ``aid``: that link holds;
-        once every link does, an end that came early is applied."""
+    def _resolve_link(self, aid: int, c: _Task) -> None:
+        """An input of RUNNING ``c`` is DONE with attempt ``aid``: that link holds; once
+        every link does, an end that came early is applied."""
         ln = c.linked
         if ln is None or ln is NO_LINK or ln.inputs.pop(aid, None) is None or ln.inputs:
             return
@@ -926,7 +926,7 @@ class Workflow:
         for dt in self._children(t):
             if dt.state is State.RUNNING and dt.linked is not None:
                 dt.waiting -= 1
-                self._resolve_link(t, ev.attempt, dt, out)
+                self._resolve_link(ev.attempt, dt)
                 continue
             if dt.state is not State.PENDING:
                 continue

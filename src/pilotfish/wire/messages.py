@@ -63,6 +63,7 @@ class Config(NamedTuple):
     name: str = ""
     versions: dict[str, str] | None = None  # the client's, for the workers' pre-flight
     preload: tuple[str, ...] = ()  # modules a worker imports as it starts (Session(preload=))
+    links: bool = True  # the session links chains: a master keeps the latest values for them
 
 
 class RunAttempt(NamedTuple):

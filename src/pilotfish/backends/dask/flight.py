@@ -208,18 +208,19 @@ class Flight:
         cmds = self.ledger.handle(L.Bounce(e.attempt, msg, now, drained))
         self.carry_out(cmds, {e.attempt: att}, events, cancel)
 
-    def unlink_locked(self, att: Att, why: str, events: list[Any], cancel: list[Any]) -> None:
+    def unlink_locked(self, att: Att, why: str, events: list[Any], cancel: list[Any]) -> bool:
         """A linked attempt that cannot take its inputs' values (see
         :mod:`pilotfish.backends.base`): it leaves the ledger unrun, and the session is
-        told (``Unlinked``: it waits for its inputs to be DONE). One that started runs
-        on: its end decides."""
+        told (``Unlinked``: it waits for its inputs to be DONE); True if so. One that
+        started runs on (False): its end decides."""
         e = self.ledger.get(att.m.attempt)
         if e is None or e.item is not att or e.where == "started":
-            return
+            return False
         self.ledger.handle(L.Revoke((e.attempt,)))
         if att.fut is not None:
             cancel.append(att.fut)
         events.append(Unlinked(att.m.attempt, f"task {att.m.key!r}: {why}", time.time()))
+        return True
 
     def input_future_locked(self, attempt: int) -> Any:
         """The Dask future of in-flight attempt ``attempt`` (None: not in flight, or not

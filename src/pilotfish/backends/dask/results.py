@@ -262,14 +262,11 @@ class Results:
         that when a task it depends on is cancelled, lost or failed (the input attempt
         was withdrawn or lost). Unlinked, not sent again with the same links; True if so
         (False: it had started, and its loss is handled as any other)."""
-        fl = self.flight
-        with fl.lock:
-            e = fl.ledger.get(att.m.attempt)
-            if e is None or e.item is not att or e.where == "started":
-                return False
-            why = f"its Dask task was {status} before it started (a task it depends on was"
-            fl.unlink_locked(att, f"{why} withdrawn, lost or failed)", events, cancel)
-        return True
+        why = f"its Dask task was {status} before it started (a task it depends on was"
+        with self.flight.lock:
+            return self.flight.unlink_locked(
+                att, f"{why} withdrawn, lost or failed)", events, cancel
+            )
 
     def _on_error(self, att: Att, fut: Any, events: list[Any], cancel: list[Any]) -> None:
         try:

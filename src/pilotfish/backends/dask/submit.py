@@ -142,29 +142,35 @@ class Submitter:
             self._before_batch([a.m for a in batch])
         # Retries keep their place: an attempt of a task submitted before the newest one
         # already handed over (a retry, or a resend) goes ahead of Dask's FIFO order
+        # (linked attempts go after the inputs they depend on: _submit_linked)
         newest = self._newest_order
         ahead: list[Att] = []
         fresh: list[Att] = []
+        linked: list[Att] = []
         for a in batch:
-            (ahead if 0 < a.m.order < newest else fresh).append(a)
-        batch = ahead + fresh
+            (linked if a.m.links else ahead if 0 < a.m.order < newest else fresh).append(a)
         self._newest_order = max(newest, max((a.m.order for a in batch), default=0))
-        linked = [a for a in batch if a.m.links]
-        if linked:
-            batch = [a for a in batch if not a.m.links]
-        # a retry that should go elsewhere is submitted alone, restricted; the rest in bulk
-        where = {id(a): self._elsewhere(a) for a in batch if a.m.avoid}
-        mapped = iter(
-            self._map([a for a in ahead if not where.get(id(a)) and not a.m.links], fence, 1)
-            + self._map([a for a in fresh if not where.get(id(a)) and not a.m.links], fence, 0)
-        )
-        futs = [
-            self._submit_elsewhere(a, where[id(a)], fence) if where.get(id(a)) else next(mapped)
-            for a in batch
-        ]
-        self._handed_over(batch, futs)
+        futs = self._hand(ahead, fence, 1) + self._hand(fresh, fence, 0)
+        self._handed_over(ahead + fresh, futs)
         if linked:
             self._submit_linked(linked, fence)
+
+    def _hand(
+        self, atts: list[Att], fence: str, priority: int, inputs: list[list[Any]] | None = None
+    ) -> list[Any]:
+        """The Dask futures of ``atts`` (``inputs``: each linked one's input futures), in
+        order: a retry that should go elsewhere submitted alone, restricted; the rest in
+        one ``Client.map``."""
+        where = {id(a): self._elsewhere(a) for a in atts if a.m.avoid}
+        bulk = [k for k, a in enumerate(atts) if not where.get(id(a))]
+        picked = None if inputs is None else [inputs[k] for k in bulk]
+        mapped = iter(self._map([atts[k] for k in bulk], fence, priority, picked))
+        return [
+            self._submit_elsewhere(a, where[id(a)], fence, None if inputs is None else inputs[k])
+            if where.get(id(a))
+            else next(mapped)
+            for k, a in enumerate(atts)
+        ]
 
     def _handed_over(self, batch: list[Att], futs: list[Any]) -> None:
         """Record the futures of ``batch`` and watch them; cancel those whose attempt was
@@ -214,17 +220,9 @@ class Submitter:
             if events:
                 self._put(("emit", events))
             self.conn.cancel(cancel)
-            if ready:  # (a retry that should go elsewhere alone, restricted, as above)
-                where = {id(a): self._elsewhere(a) for a, _ in ready if a.m.avoid}
-                bulk = [(a, i) for a, i in ready if not where.get(id(a))]
-                mapped = iter(self._map([a for a, _ in bulk], fence, 0, [i for _, i in bulk]))
-                futs = [
-                    self._submit_elsewhere(a, where[id(a)], fence, i)
-                    if where.get(id(a))
-                    else next(mapped)
-                    for a, i in ready
-                ]
-                self._handed_over([a for a, _ in ready], futs)
+            if ready:
+                atts = [a for a, _ in ready]
+                self._handed_over(atts, self._hand(atts, fence, 0, [i for _, i in ready]))
             linked = later
 
     def _elsewhere(self, a: Att) -> list[str]:

@@ -253,6 +253,7 @@ class LocalBackend:
             prefetch=self.prefetch,
             versions=client_versions(),
             preload=self.preload,
+            links=self.links,
         )
         try:
             argv = [self.python, "-m", "pilotfish.backends.local.master", str(child_fd)]

@@ -340,7 +340,7 @@ class _Hooks:
 
     def report(self, msg: L.Started | L.Lost) -> None:
         self.out.append(ToClient(msg))
-        if isinstance(msg, L.Lost) and self.d.links.waiting:
+        if isinstance(msg, L.Lost):
             self.d._unlink(msg.attempt, f"was lost ({msg.category})", self.now, self.out)
 
     def send(self, items: tuple[Any, ...], resend: bool) -> None:
@@ -353,8 +353,7 @@ class _Hooks:
     def withdraw(self, worker: str, attempt: int) -> None:
         if worker:  # held by a worker: it answers Withdrawn (or Started, too late)
             self.out.append(SendWorker(worker, [CancelAttempt(attempt)]))
-        if self.d.links.waiting:
-            self.d._unlink(attempt, "was withdrawn", self.now, self.out)
+        self.d._unlink(attempt, "was withdrawn", self.now, self.out)
 
     def kill_groups(self, worker: str, pgids: tuple[int, ...]) -> None:
         self.out.append(Kill(worker, pgids))
@@ -388,6 +387,7 @@ class Dispatcher:
         max_start_failures: int = 3,
         start_timeout: float = 60.0,
         max_tasks_per_child: int | None = None,
+        links: bool = True,
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
@@ -414,8 +414,10 @@ class Dispatcher:
         self._held_cost: dict[int, tuple[str, str, float]] = {}  # attempt -> worker, name, s
         self._stolen: set[int] = set()  # asked back from a busy worker for an idle one
         self._steal_at: float | None = None
-        #: linked attempts waiting for their inputs' values (off the queue and the ledger)
+        #: linked attempts waiting for their inputs' values (off the queue and the ledger);
+        #: ``linking``: the session links chains (else no value is kept for them)
         self.links = LinkTable()
+        self.linking = links
         self.story = Story()
 
     # ------------------------------------------------------------------ helpers
@@ -738,6 +740,8 @@ class Dispatcher:
 
     def _unlink(self, attempt: int, why: str, now: float, out: list[Cmd]) -> None:
         """Input ``attempt`` ended without a value: what waited for it is ``Unlinked``."""
+        if not self.links.waiting:
+            return
         for aid, said in self.links.ended(attempt, why):
             out.append(ToClient(Unlinked(aid, said, now)))
 
@@ -823,12 +827,12 @@ class Dispatcher:
             # a result from a worker already declared lost is still forwarded: the
             # client's fencing decides (it was reported lost, so it will be dropped)
             out.insert(head, ToClient(res))
-        if accepted:  # what waited for its value goes on the queue (the value is kept)
-            if res.ok:
+        if accepted and self.linking:  # what waited for its value goes on the queue
+            if res.ok:  # (and the value is kept a while, for a link that comes late)
                 ready = self.links.succeeded(res.attempt, res.data)
                 if ready:
                     self._queue(ready)
-            elif self.links.waiting:
+            else:
                 self._unlink(res.attempt, "failed", now, out)
         if self.max_tasks is not None:
             self._settle(s, now, out)

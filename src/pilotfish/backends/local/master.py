@@ -116,6 +116,7 @@ class Master:
             heartbeat_interval=cfg.heartbeat_interval,
             heartbeat_timeout=cfg.heartbeat_timeout,
             max_tasks_per_child=max_tasks_per_child,
+            links=cfg.links,
         )
         self.sel = selectors.DefaultSelector()
         self.procs: dict[str, _Proc] = {}
