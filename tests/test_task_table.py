@@ -10,6 +10,7 @@ import pytest
 
 import pilotfish
 from conftest import fake_session
+from pilotfish.core import workflow as wf
 
 
 def ident(x: int) -> int:
@@ -50,9 +51,50 @@ def test_a_finished_task_holds_no_dict_lists_or_condition_of_its_own(tmp_path: P
         done, _ = cf.wait([plain, waited], timeout=30)
         assert done == {plain, waited} and called == [2]
         assert not plain.__dict__, plain.__dict__
-        assert plain._cbl is None
+        assert plain._cbl is None and waited._cbl is None  # called, then dropped
+        assert plain._wl is None and waited._wl is None  # cf.wait removed its waiter
+        assert plain._more is None  # nothing rare set: no record for it
+        record = s._driver.core._tasks[plain._tid]
+        assert record.rare is None and isinstance(record.att, wf.AttemptRecord)
+        assert record.attempts == (record.att,) and record.last() is record.att
         assert plain._condition is waited._condition  # the shared one, once finished
         # cf.wait on finished futures installs and removes its waiter: still fine
         for _ in range(3):
             assert cf.wait([plain, waited], timeout=5).not_done == set()
         assert [f.result() for f in cf.as_completed([plain, waited], timeout=5)] != []
+
+
+def slow(x: int) -> int:
+    import time
+
+    time.sleep(0.3)
+    return x
+
+
+def test_waiters_come_and_go_and_rare_attributes_read_back(tmp_path: Path) -> None:
+    """Two threads wait on one running task: the waiter list lives while either waits and
+    is dropped when the last is removed; a task's rarely set attributes (kept in one
+    record made on first use) read back as set, and as their defaults when never set."""
+    import concurrent.futures as cf
+    import threading
+
+    with fake_session(tmp_path / "r") as s:
+        t = s.submit(slow, 5)
+        seen: list[set[cf.Future[int]]] = []
+        waiters = [
+            threading.Thread(target=lambda: seen.append(cf.wait([t], timeout=30).done))
+            for _ in range(2)
+        ]
+        for w in waiters:
+            w.start()
+        for w in waiters:
+            w.join(timeout=30)
+        assert seen == [{t}, {t}] and t._wl is None
+        assert t._settled is None and t._programs == () and t._output_of is None
+        t._programs = ("gmx",)
+        t._key_unstable = None  # a default: still no record
+        assert t._programs == ("gmx",) and t._more is not None
+        assert t._declared_outputs == () and t._cmd_timeout is None
+        first = t._more
+        t._cmd_timeout = 2.5
+        assert t._more is first and t._cmd_timeout == 2.5 and t._programs == ("gmx",)

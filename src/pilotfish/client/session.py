@@ -612,7 +612,7 @@ class Session(cf.Executor):
                     self._dups[base] = n
             tid = self._next_tid
             self._next_tid += 1
-            task = Task(self, self._driver, tid, key, name, opts)
+            task = Task(self, tid, key, name, opts)
             task._payload = payload
             task._deps = tuple(deps)
             task._kind = kind

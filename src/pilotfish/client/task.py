@@ -34,18 +34,98 @@ class _ListWhenAsked:
     """A ``Future`` list (``_waiters``, ``_done_callbacks``) kept in slot ``slot`` and made
     the first time someone asks for it: most tasks never need one."""
 
-    def __init__(self, slot: str) -> None:
+    def __init__(self, slot: str, kind: Any) -> None:
         self.slot = slot
+        self.kind = kind  # list, or _Waiters (made with the task)
 
     def __get__(self, task: Any, owner: Any = None) -> list[Any]:
         items: list[Any] | None = getattr(task, self.slot)
         if items is None:
-            items = []
+            items = self.kind(task) if self.kind is not list else []
             setattr(task, self.slot, items)
         return items
 
     def __set__(self, task: Any, items: list[Any]) -> None:
         setattr(task, self.slot, items)
+
+
+class _Waiters(list):  # type: ignore[type-arg]
+    """A task's ``Future._waiters`` while someone waits (``concurrent.futures.wait`` and
+    ``as_completed`` add and remove theirs under the task's Condition): when the last is
+    removed, the task drops the list (56 bytes per held task that was waited for)."""
+
+    __slots__ = ("task",)
+
+    def __init__(self, task: Task) -> None:
+        super().__init__()
+        self.task = task
+
+    def remove(self, waiter: Any) -> None:
+        list.remove(self, waiter)
+        if not self and self.task._wl is self:
+            self.task._wl = None
+
+
+class _TaskMore:
+    """What most tasks leave at its default (programs, outputs, failures, settled
+    inputs): one slot on :class:`Task` (None) instead of ten (issue 26: memory per held
+    future). Read and written as the task's own attributes (:class:`_More`)."""
+
+    # _call: (fn, args, kwargs), kept for an on_failure handler
+    # _output_tasks: made by the first output(name)
+    # _output_of: set on a reference made by ``.output(name)``: it is not a task the user
+    #   submitted (the journal's kind "output"; counts and failure lists leave it out)
+    # _key_unstable: why its auto-key may differ in another run
+    # _settled: the inputs it takes settled (pilotfish.settled), for the core
+    __slots__ = (
+        "_call",
+        "_cmd_timeout",
+        "_declared_outputs",
+        "_key_unstable",
+        "_last_exc",
+        "_last_failure",
+        "_output_of",
+        "_output_tasks",
+        "_programs",
+        "_settled",
+    )
+
+    def __init__(self) -> None:
+        self._call = None
+        self._cmd_timeout = None
+        self._declared_outputs = ()
+        self._key_unstable = None
+        self._last_exc = None
+        self._last_failure = None
+        self._output_of = None
+        self._output_tasks = None
+        self._programs = ()
+        self._settled = None
+
+
+_NO_MORE = _TaskMore()  # read by tasks without one; never written
+
+
+class _More:
+    """A task attribute kept in its :class:`_TaskMore`: reading one never set costs no
+    object, and neither does setting one to its default."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.default = getattr(_NO_MORE, name)
+
+    def __get__(self, task: Any, owner: Any = None) -> Any:
+        if task is None:
+            return self
+        return getattr(task._more or _NO_MORE, self.name)
+
+    def __set__(self, task: Any, value: Any) -> None:
+        more = task._more
+        if more is None:
+            if value is self.default or value == self.default:
+                return
+            more = task._more = _TaskMore()
+        setattr(more, self.name, value)
 
 
 class Task(cf.Future, Keyed):  # type: ignore[type-arg]
@@ -57,27 +137,17 @@ class Task(cf.Future, Keyed):  # type: ignore[type-arg]
     # values CPython sizes when an object is made, turning each finished task's
     # attributes into a dict of its own (~830 B per held future).
     __slots__ = (
-        "_call",
         "_call_text",
         "_cbl",  # Future._done_callbacks, made when first asked for (see below)
-        "_cmd_timeout",
         "_cond",  # Future._condition, likewise
-        "_declared_outputs",
         "_deps",
-        "_driver",
         "_exception",
-        "_key_unstable",
         "_kind",
-        "_last_exc",
-        "_last_failure",
-        "_output_of",
-        "_output_tasks",
+        "_more",  # the attributes most tasks leave at their defaults (_TaskMore)
         "_payload",
         "_pending_value",
-        "_programs",
         "_result",
         "_session",
-        "_settled",
         "_state",
         "_tid",
         "_value_bytes",
@@ -89,28 +159,14 @@ class Task(cf.Future, Keyed):  # type: ignore[type-arg]
     _kind: str
     _payload: bytes
     _deps: tuple[Task, ...]
-    _call: tuple[Any, ...] | None
     _value_bytes: bytes | None
-    _last_exc: BaseException | None
-    _last_failure: FailureRecord | None
     _pending_value: Any
-    _declared_outputs: tuple[str, ...]
-    _output_tasks: dict[str, Task] | None  # made by the first output(name)
-    #: set on a reference made by ``.output(name)``: it is not a task the user
-    #: submitted (the journal's kind "output"; counts and failure lists leave it out)
-    _output_of: str | None
-    _cmd_timeout: float | None
-    _programs: tuple[str, ...]
-    _key_unstable: str | None  # why its auto-key may differ in another run
-    #: the inputs it takes settled (pilotfish.settled), for the core; most tasks: None
-    _settled: Any
     #: a short description of the call or argv, for people (the journal's "call")
     _call_text: str | None
 
     def __init__(
         self,
         session: Session,
-        driver: Driver,
         tid: int,
         key: str,
         name: str,
@@ -127,30 +183,35 @@ class Task(cf.Future, Keyed):  # type: ignore[type-arg]
         self._cbl: list[Any] | None = None
         self._cond: threading.Condition | None = None
         self._session = session  # output() submits through it
-        self._driver = driver  # state, attempts, failure and cancel read its core
         self._tid = tid
         self.key = key
         self.name = name
         self.options = options
         self._kind = "call"
+        self._more: _TaskMore | None = None
         self._payload = b""
         self._deps = ()
-        self._call = None
         self._value_bytes = None
-        self._last_exc = None
-        self._last_failure = None
         self._pending_value = None
-        self._declared_outputs = ()
-        self._output_tasks = None
-        self._output_of = None
-        self._cmd_timeout = None
-        self._programs = ()
-        self._key_unstable = None
-        self._settled = None
         self._call_text = None
 
-    _waiters = _ListWhenAsked("_wl")
-    _done_callbacks = _ListWhenAsked("_cbl")
+    @property
+    def _driver(self) -> Driver:
+        """The session's driver: state, attempts, failure and cancel read its core."""
+        return self._session._driver
+
+    _waiters = _ListWhenAsked("_wl", _Waiters)
+    _done_callbacks = _ListWhenAsked("_cbl", list)
+    _call = _More("_call")
+    _cmd_timeout = _More("_cmd_timeout")
+    _declared_outputs = _More("_declared_outputs")
+    _key_unstable = _More("_key_unstable")
+    _last_exc = _More("_last_exc")
+    _last_failure = _More("_last_failure")
+    _output_of = _More("_output_of")
+    _output_tasks = _More("_output_tasks")
+    _programs = _More("_programs")
+    _settled = _More("_settled")
 
     @property
     def _condition(self) -> threading.Condition:
@@ -219,7 +280,7 @@ class Task(cf.Future, Keyed):  # type: ignore[type-arg]
         with self._driver.lock:
             if self._output_tasks is None:
                 self._output_tasks = {}
-            t = self._output_tasks.get(name)
+            t: Task | None = self._output_tasks.get(name)
             if t is None:
                 opts = TaskOptions(name=f"{self.name}.output", key=f"{self.key}:{name}")
                 t = self._session._submit_call(output_path, (self, name), {}, opts, name)
@@ -267,7 +328,8 @@ class Task(cf.Future, Keyed):  # type: ignore[type-arg]
                 else:
                     waiter.add_exception(self)
             cond.notify_all()
-        for callback in self._cbl or ():  # as Future._invoke_callbacks
+        callbacks, self._cbl = self._cbl, None  # called once: later ones run at once
+        for callback in callbacks or ():  # as Future._invoke_callbacks
             try:
                 callback(self)
             except Exception:

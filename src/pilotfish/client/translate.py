@@ -247,7 +247,8 @@ class Translator:
         the attempt (the user's own type), or one of ``f``'s category; a dependency
         failure has the root task's exception as ``__cause__``."""
         if t._last_failure is f and t._last_exc is not None:
-            return t._last_exc
+            last: BaseException = t._last_exc
+            return last
         if f.category is Category.DEPENDENCY_FAILED:
             exc: BaseException = DependencyFailed(f.message, f)
             root = self._by_key(f.root or "")

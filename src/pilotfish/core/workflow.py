@@ -152,6 +152,42 @@ class Settled:
 
 
 @dataclasses.dataclass(slots=True)
+class _Rare:
+    """The part of a task's record that most tasks never set (retries, settled inputs,
+    resuming): one slot on :class:`_Task` (None) instead of six (issue 26: memory per
+    held task)."""
+
+    settled: Settled | None = None
+    retries_used: int = 0
+    ready_at: float = 0.0
+    #: (attempt id, number) of the attempt a retry may resume from (its sandbox's files)
+    resume: tuple[int, int] | None = None
+    charged: set[int] | None = None  # attempt ids charged to the retry budget
+    free_retries: int = 0  # retries given without charge (drained places, ENVIRONMENT)
+
+
+_NO_RARE = _Rare()  # what a task that set none of them reads (never written)
+
+
+def _rare_field(name: str, default: Any) -> property:
+    """A :class:`_Rare` field read and written through its task (see :attr:`_Task.rare`):
+    reading one that was never set costs no object; setting one to its default neither."""
+
+    def get(t: _Task) -> Any:
+        return getattr(t.rare or _NO_RARE, name)
+
+    def put(t: _Task, value: Any) -> None:
+        r = t.rare
+        if r is None:
+            if value is default or value == default:
+                return
+            r = t.rare = _Rare()
+        setattr(r, name, value)
+
+    return property(get, put)
+
+
+@dataclasses.dataclass(slots=True)
 class _Task:
     tid: int
     key: str
@@ -161,25 +197,41 @@ class _Task:
     waiting: int = 0
     dependents: list[int] | None = None  # made by the first dependent
     current: int | None = None
-    #: a tuple: one object of 48 bytes for the usual single attempt, where a list and
-    #: its item array took 88 (issue 26: memory per held task)
-    attempts: tuple[AttemptRecord, ...] = ()
+    #: its attempts (see :attr:`attempts`): the usual single attempt is held as itself,
+    #: more as a tuple (issue 26: a 1-tuple was 48 bytes per held task)
+    att: AttemptRecord | tuple[AttemptRecord, ...] = ()
     #: every transition, packed (see _HIST): ~10 bytes each, where a list of tuples of
     #: a float and two names cost ~90 (issue 26: memory per held task); immutable bytes,
     #: one object, where a bytearray is two and is copied for every reader
     history: bytes = b""
     failure: FailureRecord | None = None
-    retries_used: int = 0
-    ready_at: float = 0.0
-    settled: Settled | None = None
-    timeout_retries: int | None = None
-    #: (attempt id, number) of the attempt a retry may resume from (its sandbox's files)
-    resume: tuple[int, int] | None = None
-    charged: set[int] | None = None  # attempt ids charged to the retry budget
-    free_retries: int = 0  # retries given without charge (drained places, ENVIRONMENT)
     #: its current attempt was dispatched *linked* to attempts of inputs still running
     #: (see :class:`_Linked`); ``NO_LINK``: its inputs must be DONE before it is sent
     linked: _Linked | None = None
+    rare: _Rare | None = None  # see _Rare; None: all at their defaults
+    #: timeouts it may retry (None: as many as ``retries``); set for nearly every task
+    timeout_retries: int | None = None
+
+    @property
+    def attempts(self) -> tuple[AttemptRecord, ...]:
+        a = self.att
+        return (a,) if isinstance(a, AttemptRecord) else a
+
+    @attempts.setter
+    def attempts(self, value: tuple[AttemptRecord, ...]) -> None:
+        self.att = value[0] if len(value) == 1 else value
+
+    def last(self) -> AttemptRecord:
+        """Its latest attempt (it has one)."""
+        a = self.att
+        return a if isinstance(a, AttemptRecord) else a[-1]
+
+    settled = _rare_field("settled", None)
+    retries_used = _rare_field("retries_used", 0)
+    ready_at = _rare_field("ready_at", 0.0)
+    resume = _rare_field("resume", None)
+    charged = _rare_field("charged", None)
+    free_retries = _rare_field("free_retries", 0)
 
 
 @dataclasses.dataclass(slots=True)
@@ -464,6 +516,9 @@ class Workflow:
             raise ValueError(f"poison_after must be >= 1, got {poison_after!r}")
         self.poison_after = poison_after
         self._hosts: set[str] = set()  # every host an attempt started on (the poison rule)
+        #: one int object per worker pid, shared by its attempts' records (each message
+        #: brings its own: 28 bytes per held task; issue 26)
+        self._pids: dict[int, int] = {}
         self.keep_going = keep_going
         self.backoff = backoff or Backoff()
         self._rand = rand
@@ -518,7 +573,7 @@ class Workflow:
 
     def is_started(self, tid: int) -> bool:
         t = self._tasks[tid]
-        return t.state is State.RUNNING and bool(t.attempts) and t.attempts[-1].started is not None
+        return t.state is State.RUNNING and bool(t.attempts) and t.last().started is not None
 
     def running_attempts(self) -> list[int]:
         return [t.current for t in self._tasks.values() if t.state is State.RUNNING and t.current]
@@ -629,9 +684,9 @@ class Workflow:
                 if a.id >= self._next_attempt:
                     yield f"{k}: attempt id {a.id} was never handed out"
             if t.state is State.RUNNING:
-                if t.current is None or not t.attempts or t.attempts[-1].id != t.current:
+                if t.current is None or not t.attempts or t.last().id != t.current:
                     yield f"{k} has no current attempt (current={t.current})"
-                elif t.attempts[-1].ended is not None or t.attempts[-1].outcome is not None:
+                elif t.last().ended is not None or t.last().outcome is not None:
                     yield f"{k}: its current attempt {t.current} already ended"
             elif t.current is not None:
                 yield f"{k} is not RUNNING but has a current attempt {t.current}"
@@ -871,7 +926,7 @@ class Workflow:
         t = self._fenced(ev.attempt, "unlinked", out)
         if t is None:
             return
-        a = t.attempts[-1]
+        a = t.last()
         a.ended, a.outcome = ev.now, "dropped"
         a.add_note(f"not charged: not run: {ev.reason}")
         self._unlink_from(t, ev.attempt, "was dropped", ev.now, out)
@@ -898,11 +953,12 @@ class Workflow:
         t = self._fenced(ev.attempt, "started", out)
         if t is None:
             return
-        a = t.attempts[-1]
+        a = t.last()
         if a.started is not None:
             out.append(Dropped(ev.attempt, "duplicate start", "started"))
             return
-        a.started, a.worker, a.host, a.pid = ev.now, ev.worker, ev.host, ev.pid
+        a.started, a.worker, a.host = ev.now, ev.worker, ev.host
+        a.pid = self._pids.setdefault(ev.pid, ev.pid) if ev.pid else ev.pid
         if ev.host:
             self._hosts.add(ev.host)
         if self.drain is not None:
@@ -912,12 +968,13 @@ class Workflow:
         t = self._fenced(ev.attempt, "succeeded", out)
         if t is None or self._hold(t, ev):
             return
-        a = t.attempts[-1]
+        a = t.last()
         a.ended, a.outcome = _end(a, ev.now), "done"
         a.note = ev.note or a.note
         a.worker = ev.worker or a.worker
         a.host = ev.host or a.host
-        a.pid = ev.pid or a.pid
+        if ev.pid and ev.pid != a.pid:
+            a.pid = self._pids.setdefault(ev.pid, ev.pid)
         if a.started is None:
             a.started = a.dispatched
         t.current = None
@@ -941,7 +998,7 @@ class Workflow:
         if t is None or self._hold(t, ev):
             return
         f = ev.failure
-        a = t.attempts[-1]
+        a = t.last()
         a.ended, a.outcome, a.failure = _end(a, ev.now), f.category.value, f
         if t.dependents:
             self._unlink_from(t, a.id, f"ended {f.category.value}", ev.now, out)
@@ -1141,12 +1198,12 @@ class Workflow:
         if t.state.final:
             return
         if t.state is State.RUNNING:
-            if t.attempts[-1].started is not None:
+            if t.last().started is not None:
                 return  # started: cannot be cancelled (concurrent.futures semantics)
             assert t.current is not None
             out.append(CancelAttempt(t.current))
-            t.attempts[-1].outcome = "cancelled"
-            t.attempts[-1].ended = ev.now
+            t.last().outcome = "cancelled"
+            t.last().ended = ev.now
             self._unlink_from(t, t.current, "was cancelled", ev.now, out)
             t.current, t.linked = None, None
         self._move(t, State.CANCELLED, ev.now, out)
@@ -1158,7 +1215,7 @@ class Workflow:
         self._stopped = True
         for t in list(self._tasks.values()):
             if t.state in (State.PENDING, State.READY, State.RETRYING) or (
-                t.state is State.RUNNING and t.attempts[-1].started is None
+                t.state is State.RUNNING and t.last().started is None
             ):
                 self._cancel(Cancel(t.tid, now), out)
 
@@ -1173,7 +1230,7 @@ class Workflow:
         self, t: _Task, category: Category, message: str, now: float, out: list[Command]
     ) -> None:
         if t.current is not None:
-            a = t.attempts[-1]
+            a = t.last()
             a.ended, a.outcome = _end(a, now), category.value
             t.current, t.linked = None, None
         t.failure = FailureRecord(
