@@ -98,3 +98,26 @@ def test_waiters_come_and_go_and_rare_attributes_read_back(tmp_path: Path) -> No
         first = t._more
         t._cmd_timeout = 2.5
         assert t._more is first and t._cmd_timeout == 2.5 and t._programs == ("gmx",)
+
+
+class Touchy(Exception):
+    """A user's exception that cannot be compared (its ``__eq__`` raises)."""
+
+    def __eq__(self, other: object) -> bool:
+        raise RuntimeError("Touchy instances cannot be compared")
+
+    __hash__ = Exception.__hash__
+
+
+def raise_touchy() -> None:
+    raise Touchy("mine")
+
+
+def test_a_user_exception_that_cannot_be_compared_is_kept_as_it_is(tmp_path: Path) -> None:
+    """The task keeps the attempt's exception in its record of rare attributes; storing it
+    never compares it with anything (a user's ``__eq__`` may raise or lie)."""
+    with fake_session(tmp_path / "r") as s:
+        t = s.submit(raise_touchy)
+        exc = t.exception(timeout=30)
+        assert type(exc) is Touchy and str(exc) == "mine"
+        assert t._last_exc is exc

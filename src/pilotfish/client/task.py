@@ -122,7 +122,8 @@ class _More:
     def __set__(self, task: Any, value: Any) -> None:
         more = task._more
         if more is None:
-            if value is self.default or value == self.default:
+            d = self.default  # None or (): never ``==`` (a user's exception defines it)
+            if value is d or (d == () and type(value) is tuple and not value):
                 return
             more = task._more = _TaskMore()
         setattr(more, self.name, value)
