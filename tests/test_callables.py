@@ -416,6 +416,36 @@ def test_cancel_a_task_whose_input_is_running(make_session: Any, tmp_path: Path)
     assert all(a.started is None for a in doomed.attempts), doomed.attempts
 
 
+def test_an_end_pilotfish_cannot_handle_fails_its_task_and_names_the_error(
+    make_session: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in the client while it takes an attempt's end (here: translating the result
+    raises) must not lose the task: it fails RUNTIME_LOST, at once and not retried, with a
+    message naming the error, and the session goes on."""
+    from pilotfish.backends.base import Result
+
+    with make_session(workers=1) as s:
+        tr = s._driver.translate
+        real = tr.event
+
+        def broken(ev: Any) -> Any:
+            if isinstance(ev, Result) and ev.ok:
+                raise ZeroDivisionError("boom while translating")
+            return real(ev)
+
+        monkeypatch.setattr(tr, "event", broken)
+        t = s.submit(inc, 1)
+        exc = t.exception(timeout=60)
+        f = t.failure
+        assert f is not None and f.category is Category.RUNTIME_LOST, f
+        assert "ZeroDivisionError: boom while translating" in f.message, f.message
+        assert "bug in pilotfish" in f.message and "ZeroDivisionError" in (f.traceback or "")
+        assert isinstance(exc, pilotfish.PilotfishError), repr(exc)
+        assert [a.outcome for a in t.attempts] == ["runtime_lost"], t.attempts
+        monkeypatch.undo()
+        assert s.submit(inc, 2).result(timeout=60) == 3
+
+
 def test_shutdown_cancel_futures(make_session: Any, tmp_path: Path) -> None:
     """shutdown(cancel_futures=True) cancels what has not started and returns promptly."""
     s = make_session(workers=1)

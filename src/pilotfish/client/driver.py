@@ -26,6 +26,7 @@ import heapq
 import logging
 import threading
 import time
+import traceback
 import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, assert_never
@@ -39,6 +40,7 @@ from ..backends.base import (
     MasterReport,
     Result,
     Started,
+    Unlinked,
 )
 from ..core import workflow as wf
 from ..core.ledger import describe_exit
@@ -454,9 +456,40 @@ class Driver:
             for ev in events:
                 try:
                     self._route(ev, acts)
-                except BaseException:  # even SystemExit: never kill a backend's thread
+                except BaseException as e:  # even SystemExit: never kill a backend's thread
                     log.exception("pilotfish: error handling backend event %r", ev)
+                    self._unroutable(ev, e, acts)
         self.finish(acts)
+
+    def _unroutable(self, ev: BackendEvent, err: BaseException, acts: Actions) -> None:
+        """An attempt's end that could not be handled (a bug in pilotfish) must not leave
+        its task waiting for ever: the attempt fails RUNTIME_LOST, naming the error, and is
+        not retried (the same end would fail the same way)."""
+        attempt = getattr(ev, "attempt", None)
+        if not isinstance(ev, Result | Lost | Unlinked) or not isinstance(attempt, int):
+            return
+        try:
+            tid = None if is_probe(attempt) else self.core.owner(attempt)
+            if tid is None:
+                return
+            msg = (
+                f"pilotfish could not take the end of attempt {attempt} of task "
+                f"{self.core.key(tid)!r} ({type(err).__name__}: {err}); what the attempt "
+                "returned is unknown, so the task failed. This is a bug in pilotfish: "
+                "please report it with the session's log"
+            )
+            f = FailureRecord(
+                key=self.core.key(tid),
+                category=Category.RUNTIME_LOST,
+                message=msg,
+                exc_type=type(err).__name__,
+                traceback="".join(traceback.format_exception(err)),
+                attempt=len(self.core.attempts(tid)),
+            )
+            failed = wf.Failed(attempt, f, self.clock(), override=wf.FailOverride())
+            self.run(self.core.handle(failed), acts)
+        except BaseException:
+            log.exception("pilotfish: cannot fail attempt %s after that error", attempt)
 
     def _route(self, ev: BackendEvent, acts: Actions) -> None:
         if isinstance(ev, Result | Started | Lost) and is_probe(ev.attempt):
