@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Generic, ParamSpec, TypeVar
 
 from ..errors import InvalidTask
+from ..runtime.programs import KEEP_SANDBOXES
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -227,6 +228,29 @@ def check_session_args(
         )
     if not isinstance(max_restarts, int) or max_restarts < 0:
         raise bad("max_master_restarts", max_restarts, "give an int >= 0")
+
+
+def check_session_choices(initializer: Any, journal_values: Any, keep_sandboxes: Any) -> int | None:
+    """``Session(...)``'s other keywords, each rejected with what to give instead. Returns
+    the journal's value limit: None (every DONE value), 0 (none) or a size in bytes."""
+    if initializer is not None and not callable(initializer):
+        raise InvalidTask(
+            f"Session(initializer={initializer!r}) is invalid: give a callable, run once "
+            "in every worker before its first task"
+        )
+    if not isinstance(journal_values, bool) and (
+        not isinstance(journal_values, int) or journal_values < 0
+    ):
+        raise InvalidTask(
+            f"Session(journal_values={journal_values!r}) is invalid: give True (journal "
+            "every DONE task's value, for resume), False (none: resume reruns every "
+            "task), or a size in bytes (values up to it; larger ones rerun on resume)"
+        )
+    if keep_sandboxes not in KEEP_SANDBOXES:
+        raise InvalidTask(
+            f"Session(keep_sandboxes={keep_sandboxes!r}) is invalid: give 'failed' or 'all'"
+        )
+    return None if journal_values is True else 0 if journal_values is False else journal_values
 
 
 def str_list(items: Iterable[str], what: str) -> tuple[str, ...]:

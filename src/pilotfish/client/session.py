@@ -30,7 +30,7 @@ from ..core.policy import Backoff
 from ..errors import EnvironmentMismatch, FailureRecord, InvalidTask
 from ..runtime.execute import call_chunk, shared_process
 from ..runtime.preflight import check_preload
-from ..runtime.programs import KEEP_SANDBOXES, keeps_sandbox
+from ..runtime.programs import keeps_sandbox
 from ..store import rundir as _rundir
 from ..store.journal import Journal, JournalError
 from ..store.trust import secure_rundir
@@ -44,6 +44,7 @@ from .options import (
     TaskOptions,
     check_rundir,
     check_session_args,
+    check_session_choices,
     check_wait,
     str_list,
 )
@@ -184,23 +185,7 @@ class Session(cf.Executor):
         rundir = check_rundir(
             rundir if rundir is not None else os.environ.get(RUNDIR_ENV) or ".pilotfish"
         )
-        if initializer is not None and not callable(initializer):
-            raise InvalidTask(
-                f"Session(initializer={initializer!r}) is invalid: give a callable, run once "
-                "in every worker before its first task"
-            )
-        if not isinstance(journal_values, bool) and (
-            not isinstance(journal_values, int) or journal_values < 0
-        ):
-            raise InvalidTask(
-                f"Session(journal_values={journal_values!r}) is invalid: give True (journal "
-                "every DONE task's value, for resume), False (none: resume reruns every "
-                "task), or a size in bytes (values up to it; larger ones rerun on resume)"
-            )
-        if keep_sandboxes not in KEEP_SANDBOXES:
-            raise InvalidTask(
-                f"Session(keep_sandboxes={keep_sandboxes!r}) is invalid: give 'failed' or 'all'"
-            )
+        value_limit = check_session_choices(initializer, journal_values, keep_sandboxes)
         if resume is None:  # `pilotfish resume SCRIPT` sets it for the script's sessions
             resume = os.environ.get("PILOTFISH_RESUME") == "1"
         if journal is True:
@@ -219,19 +204,20 @@ class Session(cf.Executor):
         lock = threading.RLock()
         self._locks, self._journal = _open_rundir(rundir, journal, bool(resume))
         try:
+            core = wf.Workflow(
+                poison_after=poison_after,
+                keep_going=keep_going,
+                backoff=backoff,
+                rand=rand or random.Random().random,
+                drain=drain_policy(
+                    getattr(factory, "drains_by_default", False)
+                    if drain_after == "auto"
+                    else drain_after
+                ),
+            )
             self._driver = d = self._make_driver(
                 lock,
-                wf.Workflow(
-                    poison_after=poison_after,
-                    keep_going=keep_going,
-                    backoff=backoff,
-                    rand=rand or random.Random().random,
-                    drain=drain_policy(
-                        getattr(factory, "drains_by_default", False)
-                        if drain_after == "auto"
-                        else drain_after
-                    ),
-                ),
+                core,
                 clock,
                 on_event,
                 bool(resume),
@@ -240,9 +226,7 @@ class Session(cf.Executor):
             )
             if initializer is not None:
                 d.init = self._pickle_initializer(initializer, tuple(initargs))
-            d.value_limit = (
-                None if journal_values is True else 0 if journal_values is False else journal_values
-            )
+            d.value_limit = value_limit
             self._backend: Backend = (
                 factory(
                     workers,
