@@ -165,9 +165,16 @@ class Driver:
             self.run(self.core.handle(stimulus), acts)
         self.finish(acts)
 
-    def enqueue(self, task: Task, restored: tuple[bytes, Any] | None, earlier: Any) -> None:
+    def enqueue(
+        self,
+        task: Task,
+        restored: tuple[bytes, Any] | None,
+        earlier: Any,
+        call: str | None = None,
+    ) -> None:
         """A registered task enters the core: restored from the journal (``restored``), or
-        submitted (continuing ``earlier``, an interrupted attempt of an earlier run)."""
+        submitted (continuing ``earlier``, an interrupted attempt of an earlier run);
+        ``call``, the description of its call for the journal's submit row, is not kept."""
         acts = Actions()
         with self.lock:
             if self.tasks.gone:
@@ -194,8 +201,7 @@ class Driver:
                     )
                 )
                 if self.journal is not None:
-                    self.journal.record_submit(task, now)
-                    task._call_text = None  # in the submit row: later rows keep it there
+                    self.journal.record_submit(task, now, call)
             self.run(cmds, acts)
         self.finish(acts)
 
@@ -358,7 +364,7 @@ class Driver:
     def forget_freed(self) -> None:
         """Drop the core's records of finished tasks nobody holds any more."""
         forget = self.core.forget
-        for tid in self.tasks.collect():
+        for tid in self.tasks.collect(self.core.key):
             forget(tid)
 
     # ---------------------------------------------------------------- journal

@@ -438,13 +438,11 @@ class Session(cf.Executor):
         opts = spec.options
         task = self._register(opts.name or spec.shown, opts, digest, deps, payload, "command")
         task._declared_outputs = spec.outputs
-        if self._journal is not None:
-            task._call_text = describe_argv(argv)
         task._cmd_timeout = timeout
         task._programs = programs
         if modules:
             task.options = task.options.merged(requires=modules)
-        return self._start(task)
+        return self._start(task, describe_argv(argv) if self._journal is not None else None)
 
     def preflight(
         self,
@@ -551,15 +549,15 @@ class Session(cf.Executor):
         digest, task_unstable = call_key_digest((fn, args, kwargs), payload, deps)
         task = self._register(name, opts, digest, deps, payload, "call")
         task._settled = found.for_core(deps)
-        if self._journal is not None:  # for the journal's submit row only (driver.enqueue)
-            task._call_text = describe_call(fn, args, kwargs)
         task._key_unstable = task_unstable if opts.key is None else None
         task._output_of = output_of
         if output_of is not None:
             self._driver.output_keys.add(task.key)
         if self._on_failure is not None:
             task._call = (fn, args, kwargs)
-        return self._start(task)
+        # for the journal's submit row only (driver.enqueue): the task does not keep it
+        call = describe_call(fn, args, kwargs) if self._journal is not None else None
+        return self._start(task, call)
 
     def _pickle_call(
         self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -604,9 +602,10 @@ class Session(cf.Executor):
             self._driver.hold_session(self)
             return task
 
-    def _start(self, task: Task) -> Task:
+    def _start(self, task: Task, call: str | None = None) -> Task:
         """A registered task enters the core (resume: restored, or continuing the
-        earlier run's interrupted attempt)."""
+        earlier run's interrupted attempt); ``call``: its description, for the journal's
+        submit row (the task does not keep it)."""
         resumer, restored, earlier = self._driver.resumer, None, None
         if resumer is not None:
             try:
@@ -617,7 +616,7 @@ class Session(cf.Executor):
                 with self._driver.lock:
                     self._tasks.forget(task)
                 raise
-        self._driver.enqueue(task, restored, earlier)
+        self._driver.enqueue(task, restored, earlier, call)
         return task
 
     def _close(self) -> None:

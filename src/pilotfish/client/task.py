@@ -13,6 +13,7 @@ import concurrent.futures as cf
 import dataclasses
 import threading
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..core import workflow as wf
@@ -138,7 +139,6 @@ class Task(cf.Future, Keyed):  # type: ignore[type-arg]
     # values CPython sizes when an object is made, turning each finished task's
     # attributes into a dict of its own (~830 B per held future).
     __slots__ = (
-        "_call_text",
         "_cbl",  # Future._done_callbacks, made when first asked for (see below)
         "_cond",  # Future._condition, likewise
         "_deps",
@@ -162,8 +162,6 @@ class Task(cf.Future, Keyed):  # type: ignore[type-arg]
     _deps: tuple[Task, ...]
     _value_bytes: bytes | None
     _pending_value: Any
-    #: a short description of the call or argv, for people (the journal's "call")
-    _call_text: str | None
 
     def __init__(
         self,
@@ -194,7 +192,6 @@ class Task(cf.Future, Keyed):  # type: ignore[type-arg]
         self._deps = ()
         self._value_bytes = None
         self._pending_value = None
-        self._call_text = None
 
     @property
     def _driver(self) -> Driver:
@@ -354,9 +351,8 @@ _DONE_STATES = frozenset({cf._base.CANCELLED, cf._base.CANCELLED_AND_NOTIFIED, c
 
 
 class _TaskRef(weakref.ref):  # type: ignore[type-arg]
-    __slots__ = ("key", "tid")
+    __slots__ = ("tid",)  # its key, when it is gone, is the core's (collect's key_of)
     tid: int
-    key: str
 
 
 class TaskTable:
@@ -398,7 +394,6 @@ class TaskTable:
         self._live[tid] = task
         ref = _TaskRef(task, self._gone_cb)
         ref.tid = tid
-        ref.key = task.key
         self._refs[tid] = ref
         self._ids[task.key] = tid
         self._used.add(hash(task.key))
@@ -407,8 +402,9 @@ class TaskTable:
         """``tid`` is final: hold it no more (it lives on while someone else holds it)."""
         self._live.pop(tid, None)
 
-    def collect(self) -> list[int]:
-        """The ids of tasks freed since the last call (under the session's lock)."""
+    def collect(self, key_of: Callable[[int], str]) -> list[int]:
+        """The ids of tasks freed since the last call (under the session's lock);
+        ``key_of(tid)``: a freed task's key (the core still has its record)."""
         gone, refs, out = self.gone, self._refs, []
         ids = self._ids
         while gone:
@@ -416,8 +412,12 @@ class TaskTable:
             ref = refs.get(tid)
             if ref is not None and ref() is None:
                 del refs[tid]
-                if ids.get(ref.key) == tid:  # its key stays used (in _used), not findable
-                    del ids[ref.key]
+                try:
+                    key = key_of(tid)
+                except KeyError:  # never reached the core (its submit failed half-way)
+                    key = None
+                if key is not None and ids.get(key) == tid:  # stays used (_used), not findable
+                    del ids[key]
                 out.append(tid)
         return out
 

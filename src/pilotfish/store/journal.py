@@ -387,9 +387,11 @@ class Journal:
             {"kind": d.get("kind"), "keys": d.get("keys"), "attempts": d.get("attempts")},
         )
 
-    def record_submit(self, task: Any, now: float) -> None:
-        """A new task (state PENDING or later: the latest snapshot in a batch wins)."""
-        self._q.append((_head(task), None, None, None, None, None, now))
+    def record_submit(self, task: Any, now: float, call: str | None = None) -> None:
+        """A new task (state PENDING or later: the latest snapshot in a batch wins);
+        ``call``: the description of its call or argv (later records carry none, and the
+        row keeps this one)."""
+        self._q.append((_head(task, call), None, None, None, None, None, now))
 
     def record_started(self, key: str, nonce: str, attempt: int, number: int, now: float) -> None:
         """An attempt started (the core took the backend's Started): enough to find its
@@ -574,10 +576,13 @@ class Journal:
             self.error = err
 
 
-def _head(task: Any) -> tuple[str, str, str, tuple[str, ...], Any, str | None]:
+def _head(
+    task: Any, call: str | None = None
+) -> tuple[str, str, str, tuple[str, ...], Any, str | None]:
     """What a record needs of a ``pilotfish.Task``: (key, name, kind, dependency keys,
-    options, the description of its call). Not the Task itself: a queued record must not
-    keep a finished task, and with it its result, alive until the next flush."""
+    options, the description of its call, given with the submit record only). Not the
+    Task itself: a queued record must not keep a finished task, and with it its result,
+    alive until the next flush."""
     deps = task._deps
     return (
         task.key,
@@ -585,5 +590,5 @@ def _head(task: Any) -> tuple[str, str, str, tuple[str, ...], Any, str | None]:
         "output" if task._output_of is not None else task._kind,
         tuple(d.key for d in deps) if deps else (),
         task.options,
-        getattr(task, "_call_text", None),
+        call,
     )
