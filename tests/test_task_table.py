@@ -121,3 +121,45 @@ def test_a_user_exception_that_cannot_be_compared_is_kept_as_it_is(tmp_path: Pat
         exc = t.exception(timeout=30)
         assert type(exc) is Touchy and str(exc) == "mine"
         assert t._last_exc is exc
+
+
+def test_a_rare_field_makes_its_record_only_for_a_value_that_is_not_its_default() -> None:
+    """The one descriptor behind the Task's and the core record's rare fields: the default
+    (by identity, or ``==`` of exactly its built-in type) makes no record; anything else
+    does, a user's value is never compared, and a default must be plain."""
+    from pilotfish._rare import Rare
+
+    class Side:
+        def __init__(self) -> None:
+            self.n = 0
+            self.names: tuple[str, ...] = ()
+
+    class Obj:
+        __slots__ = ("side",)
+        n = Rare("side", Side)
+        names = Rare("side", Side)
+
+        def __init__(self) -> None:
+            self.side: Side | None = None
+
+    class Liar(int):
+        def __eq__(self, other: object) -> bool:
+            raise RuntimeError("compared")
+
+        __hash__ = int.__hash__
+
+    o = Obj()
+    o.n, o.names = 0, ()
+    assert o.side is None and o.n == 0 and o.names == ()
+    o.n = Liar(0)  # not exactly an int: kept, never compared
+    assert o.side is not None and type(o.n) is Liar
+    p = Obj()
+    p.names = ("gmx",)
+    assert p.side is not None and p.names == ("gmx",) and p.n == 0
+
+    class Mutable:
+        def __init__(self) -> None:
+            self.items: list[int] = []
+
+    with pytest.raises(TypeError, match="must be plain"):  # as a class body would call it
+        Rare("side", Mutable).__set_name__(Obj, "items")

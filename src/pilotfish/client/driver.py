@@ -478,14 +478,15 @@ class Driver:
             tid = None if is_probe(attempt) else self.core.owner(attempt)
             if tid is None:
                 return
+            key = self.core.key(tid)
             msg = (
                 f"pilotfish could not take the end of attempt {attempt} of task "
-                f"{self.core.key(tid)!r} ({type(err).__name__}: {err}); what the attempt "
+                f"{key!r} ({type(err).__name__}: {err}); what the attempt "
                 "returned is unknown, so the task failed. This is a bug in pilotfish: "
                 "please report it with the session's log"
             )
             f = FailureRecord(
-                key=self.core.key(tid),
+                key=key,
                 category=Category.RUNTIME_LOST,
                 message=msg,
                 exc_type=type(err).__name__,

@@ -16,6 +16,7 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .._rare import Rare
 from ..core import workflow as wf
 from ..core.states import State
 from ..errors import FailureRecord, InvalidTask
@@ -35,14 +36,14 @@ class _ListWhenAsked:
     """A ``Future`` list (``_waiters``, ``_done_callbacks``) kept in slot ``slot`` and made
     the first time someone asks for it: most tasks never need one."""
 
-    def __init__(self, slot: str, kind: Any) -> None:
+    def __init__(self, slot: str, make: Callable[[Any], list[Any]]) -> None:
         self.slot = slot
-        self.kind = kind  # list, or _Waiters (made with the task)
+        self.make = make  # the task -> its new list
 
     def __get__(self, task: Any, owner: Any = None) -> list[Any]:
         items: list[Any] | None = getattr(task, self.slot)
         if items is None:
-            items = self.kind(task) if self.kind is not list else []
+            items = self.make(task)
             setattr(task, self.slot, items)
         return items
 
@@ -70,7 +71,7 @@ class _Waiters(list):  # type: ignore[type-arg]
 class _TaskMore:
     """What most tasks leave at its default (programs, outputs, failures, settled
     inputs): one slot on :class:`Task` (None) instead of ten (issue 26: memory per held
-    future). Read and written as the task's own attributes (:class:`_More`)."""
+    future). Read and written as the task's own attributes (:class:`.._rare.Rare`)."""
 
     # _call: (fn, args, kwargs), kept for an on_failure handler
     # _output_tasks: made by the first output(name)
@@ -102,32 +103,6 @@ class _TaskMore:
         self._output_tasks = None
         self._programs = ()
         self._settled = None
-
-
-_NO_MORE = _TaskMore()  # read by tasks without one; never written
-
-
-class _More:
-    """A task attribute kept in its :class:`_TaskMore`: reading one never set costs no
-    object, and neither does setting one to its default."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.default = getattr(_NO_MORE, name)
-
-    def __get__(self, task: Any, owner: Any = None) -> Any:
-        if task is None:
-            return self
-        return getattr(task._more or _NO_MORE, self.name)
-
-    def __set__(self, task: Any, value: Any) -> None:
-        more = task._more
-        if more is None:
-            d = self.default  # None or (): never ``==`` (a user's exception defines it)
-            if value is d or (d == () and type(value) is tuple and not value):
-                return
-            more = task._more = _TaskMore()
-        setattr(more, self.name, value)
 
 
 class Task(cf.Future, Keyed):  # type: ignore[type-arg]
@@ -199,17 +174,17 @@ class Task(cf.Future, Keyed):  # type: ignore[type-arg]
         return self._session._driver
 
     _waiters = _ListWhenAsked("_wl", _Waiters)
-    _done_callbacks = _ListWhenAsked("_cbl", list)
-    _call = _More("_call")
-    _cmd_timeout = _More("_cmd_timeout")
-    _declared_outputs = _More("_declared_outputs")
-    _key_unstable = _More("_key_unstable")
-    _last_exc = _More("_last_exc")
-    _last_failure = _More("_last_failure")
-    _output_of = _More("_output_of")
-    _output_tasks = _More("_output_tasks")
-    _programs = _More("_programs")
-    _settled = _More("_settled")
+    _done_callbacks = _ListWhenAsked("_cbl", lambda task: [])
+    _call = Rare("_more", _TaskMore)
+    _cmd_timeout = Rare("_more", _TaskMore)
+    _declared_outputs = Rare("_more", _TaskMore)
+    _key_unstable = Rare("_more", _TaskMore)
+    _last_exc = Rare("_more", _TaskMore)
+    _last_failure = Rare("_more", _TaskMore)
+    _output_of = Rare("_more", _TaskMore)
+    _output_tasks = Rare("_more", _TaskMore)
+    _programs = Rare("_more", _TaskMore)
+    _settled = Rare("_more", _TaskMore)
 
     @property
     def _condition(self) -> threading.Condition:

@@ -27,6 +27,7 @@ import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, assert_never
 
+from .._rare import Rare
 from ..errors import Category, FailureRecord, InvalidTransition
 from .drain import DRAIN_CATEGORIES, DrainPolicy, DrainRule
 from .events import (
@@ -204,7 +205,7 @@ def is_poison(lost: list[AttemptRecord], poison_after: int, hosts_seen: int) -> 
 class _Rare:
     """The part of a task's record that most tasks never set (retries, settled inputs,
     resuming): one slot on :class:`_Task` (None) instead of six (issue 26: memory per
-    held task)."""
+    held task), read and written as the task's own (:class:`.._rare.Rare`)."""
 
     settled: Settled | None = None
     retries_used: int = 0
@@ -213,27 +214,6 @@ class _Rare:
     resume: tuple[int, int] | None = None
     charged: set[int] | None = None  # attempt ids charged to the retry budget
     free_retries: int = 0  # retries given without charge (drained places, ENVIRONMENT)
-
-
-_NO_RARE = _Rare()  # what a task that set none of them reads (never written)
-
-
-def _rare_field(name: str, default: Any) -> property:
-    """A :class:`_Rare` field read and written through its task (see :attr:`_Task.rare`):
-    reading one that was never set costs no object; setting one to its default neither."""
-
-    def get(t: _Task) -> Any:
-        return getattr(t.rare or _NO_RARE, name)
-
-    def put(t: _Task, value: Any) -> None:
-        r = t.rare
-        if r is None:
-            if value is default or value == default:
-                return
-            r = t.rare = _Rare()
-        setattr(r, name, value)
-
-    return property(get, put)
 
 
 @dataclasses.dataclass(slots=True)
@@ -275,12 +255,12 @@ class _Task:
         a = self.att
         return a if isinstance(a, AttemptRecord) else a[-1]
 
-    settled = _rare_field("settled", None)
-    retries_used = _rare_field("retries_used", 0)
-    ready_at = _rare_field("ready_at", 0.0)
-    resume = _rare_field("resume", None)
-    charged = _rare_field("charged", None)
-    free_retries = _rare_field("free_retries", 0)
+    settled = Rare("rare", _Rare)
+    retries_used = Rare("rare", _Rare)
+    ready_at = Rare("rare", _Rare)
+    resume = Rare("rare", _Rare)
+    charged = Rare("rare", _Rare)
+    free_retries = Rare("rare", _Rare)
 
 
 @dataclasses.dataclass(slots=True)
@@ -782,6 +762,10 @@ class Workflow:
             return None
         return t
 
+    def _shared_pid(self, pid: int | None) -> int | None:
+        """``pid`` as the one int object kept for that worker pid (see ``_pids``)."""
+        return self._pids.setdefault(pid, pid) if pid else pid
+
     def _started(self, ev: AttemptStarted, out: list[Command]) -> None:
         t = self._fenced(ev.attempt, "started", out)
         if t is None:
@@ -791,7 +775,7 @@ class Workflow:
             out.append(Dropped(ev.attempt, "duplicate start", "started"))
             return
         a.started, a.worker, a.host = ev.now, ev.worker, ev.host
-        a.pid = self._pids.setdefault(ev.pid, ev.pid) if ev.pid else ev.pid
+        a.pid = self._shared_pid(ev.pid)
         if ev.host:
             self._hosts.add(ev.host)
         if self.drain is not None:
@@ -807,7 +791,7 @@ class Workflow:
         a.worker = ev.worker or a.worker
         a.host = ev.host or a.host
         if ev.pid and ev.pid != a.pid:
-            a.pid = self._pids.setdefault(ev.pid, ev.pid)
+            a.pid = self._shared_pid(ev.pid)
         if a.started is None:
             a.started = a.dispatched
         t.current = None
