@@ -37,6 +37,16 @@ def sleep_then(value: Any, seconds: float) -> Any:
     return value
 
 
+def wait_for_file(path: str, timeout: float) -> bool:
+    """Block until ``path`` exists (True), or ``timeout`` seconds passed (False)."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def write_pid_then_sleep(path: str, seconds: float) -> tuple[Any, int]:
     Path(path).write_text(str(os.getpid()))
     time.sleep(seconds)

@@ -49,16 +49,25 @@ def _alive(pid: int) -> bool:
 
 
 def test_shutdown_no_wait_returns_at_once_and_runs_10000_queued(tmp_path: Path) -> None:
+    """Two gate tasks wait for a file the test writes only after shutdown(wait=False)
+    returned, so work is still pending then however fast the workers are (with 10,000
+    no-ops alone, a fast machine finished them all before the check: a race)."""
+    from executor_tasks import wait_for_file
+
+    gate = tmp_path / "shutdown-returned"
     s = _session(tmp_path, workers=2)
+    gates = [s.submit(wait_for_file, str(gate), 60.0) for _ in range(2)]
     fs = [s.submit(abs, -i) for i in range(10_000)]
     master = s.processes()["master"]
     s.shutdown(wait=False)
-    # it returned before the work was done (it did not wait for 10,000 tasks)
-    pending = sum(not f.done() for f in fs)
+    # it returned before the work was done (it did not wait for the gates and 10,000 tasks)
+    pending = sum(not f.done() for f in [*gates, *fs])
+    gate.touch()
     with pytest.raises(RuntimeError, match="cannot schedule new futures"):
         s.submit(abs, 1)
     assert [f.result(timeout=60) for f in fs] == list(range(10_000))
     assert pending > 0, "shutdown(wait=False) waited until every task was done"
+    assert [g.result(timeout=60) for g in gates] == [True, True], "a gate timed out"
     # the backend is stopped once the work is done, without anyone waiting for it
     closer = [t for t in threading.enumerate() if t.name == "pilotfish-shutdown"]
     for th in closer:
