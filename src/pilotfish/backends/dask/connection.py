@@ -26,7 +26,7 @@ from typing import Any
 import distributed
 
 from . import fence as _fence
-from .worker import ClientSysPath, EndAttemptsOnClose, Preload, WorkerJob
+from .worker import ClientSysPath, EndAttemptsOnClose, Preload, Reservations, WorkerJob
 
 __all__ = ["Connection", "warn_if_open"]
 
@@ -108,6 +108,7 @@ class Connection:
         self._plugin_name = f"pilotfish-syspath-{self.token}"
         self._job_plugin = f"pilotfish-jobs-{self.token}"
         self._end_plugin = f"pilotfish-end-on-close-{self.token}"
+        self._reserve_plugin = f"pilotfish-reservations-{self.token}"
         self.sched_pid = 0
         #: a worker running attempts that the scheduler has not heard from for this long
         #: is removed as unreachable (the fence's watch; None: Dask's own worker TTL)
@@ -175,7 +176,7 @@ class Connection:
             if self.ship_sys_path:
                 with contextlib.suppress(Exception):
                     c.unregister_worker_plugin(self._plugin_name)
-            for name in (self._job_plugin, self._end_plugin):
+            for name in (self._job_plugin, self._end_plugin, self._reserve_plugin):
                 with contextlib.suppress(Exception):
                     c.unregister_worker_plugin(name)
         del futs
@@ -308,6 +309,10 @@ class Connection:
             with self._lock:
                 self.fence_op, self._fence_close = plugin.op, plugin.close_op
                 self.drain_op = plugin.drain_op
+            try:  # workers on the scheduler's host then start without a round trip
+                self.client.register_plugin(Reservations(plugin.op), name=self._reserve_plugin)
+            except Exception as e:  # each start then asks the fence
+                log.info("pilotfish: start reservations are off on this cluster: %s", e)
             return ""
         return (
             "pilotfish could not install its start fence (a Dask scheduler plugin that lets "

@@ -20,6 +20,26 @@ is published too (the client counts and logs it) and the task returns without
 running user code. A worker that died holding a task it had *not* started leaves
 no grant behind, so Dask's rerun of that task elsewhere is granted (once).
 
+**Reservations (the start without a round trip).** A worker on the scheduler's own
+host whose pilotfish is ready for it (it said so on the fence's own topic, see
+:class:`.worker.Reservations`) is not asked to call the handler: when the scheduler hands
+it a key of this session that was never granted (the plugin's ``transition`` to
+``processing``), the fence sends it a *reservation* (``pilotfish_reserve``: the key and
+the scheduler's ``run_id`` for this hand-over) on the scheduler's stream to it, ahead of
+the ``compute-task`` message it precedes. The worker, at start, takes the reservation
+that matches its task's ``run_id`` and publishes ``started`` itself, on its own stream to
+the scheduler, written into the socket before user code runs; the fence records the
+grant when that event passes through the scheduler (:meth:`log_event`). So the scheduler
+still hears every start before it hears of that worker's end (both on the worker's one
+stream, in order), and a start is still published to the client before the worker's
+removal. A task Dask moves without a transition (work stealing) has a new ``run_id`` and
+no reservation: it asks. A drain or the fence's removal revokes the reservations it
+sent; a start that took its reservation just before cannot be undone, and the attempt
+runs (its result is accepted as any granted one's). Only workers on the scheduler's
+host get reservations: across hosts a connection reset could lose the bytes of a
+``started`` written just before a process died, and a network partition could hide
+one, so those workers ask and wait for the answer.
+
 **Draining.** The client drains a worker (several different tasks failed there) by
 calling the fence's ``pilotfish_fence_drain_<token>_<n>`` handler with the worker's
 *place*: its nanny's address (stable while the nanny restarts the worker process
@@ -124,6 +144,11 @@ class StartFence(SchedulerPlugin):
         self.pulse_every = pulse_every
         self.removed: set[str] = set()  # workers removed as unreachable
         self._watch: Any = None
+        self.token = token
+        #: same-host workers that take reservations (they said so on ``self.op``'s topic)
+        self.ready: set[str] = set()
+        self.reserved = 0  # reservations sent
+        self.asked = 0  # start requests answered (the round trip)
 
     async def start(self, scheduler: Any) -> None:
         self.scheduler = scheduler
@@ -180,6 +205,8 @@ class StartFence(SchedulerPlugin):
                 await done
 
     def transition(self, key: Any, start: Any, finish: Any, *args: Any, **kwargs: Any) -> None:
+        if finish == "processing" and self.ready:
+            self.reserve(key)
         if self.waiting and start == "processing":  # a drained worker's attempt ended?
             w = self.granted.get(key)
             if w in self.waiting and not self.busy(w):
@@ -188,8 +215,60 @@ class StartFence(SchedulerPlugin):
         if finish == "forgotten" and self.granted:
             self.granted.pop(key, None)
 
+    def reserve(self, key: Any) -> None:
+        """The scheduler just handed ``key`` to a worker: reserve its start there if it is
+        one of this session's keys, never granted, on a ready worker that is not drained
+        (the reservation goes ahead of the ``compute-task`` message on the same stream)."""
+        if not (isinstance(key, str) and key.startswith("pilotfish-")):
+            return
+        if not key.endswith(f"-{self.token}") and f"-{self.token}-r" not in key:
+            return  # another session's
+        if key in self.granted:
+            return  # Dask runs it again: the worker must ask (and is refused)
+        ts = self.scheduler.tasks.get(key)
+        addr = getattr(getattr(ts, "processing_on", None), "address", None)
+        run_id = getattr(ts, "run_id", None)
+        if addr not in self.ready or run_id is None:
+            return
+        if self.drained and self.is_drained(addr, self.hosts.get(addr) or _ip(addr)):
+            return
+        bs = (getattr(self.scheduler, "stream_comms", None) or {}).get(addr)
+        if bs is None:
+            return
+        with contextlib.suppress(Exception):  # a closed stream: the worker is going
+            bs.send({"op": "pilotfish_reserve", "fence": self.op, "key": key, "run_id": run_id})
+            self.reserved += 1
+
+    def revoke(self, workers: Any) -> None:
+        """Void this fence's reservations held by ``workers`` (a drain, the fence's end)."""
+        comms = getattr(self.scheduler, "stream_comms", None) or {}
+        for w in list(workers):
+            bs = comms.get(w)
+            if bs is not None:
+                with contextlib.suppress(Exception):
+                    bs.send({"op": "pilotfish_reserve", "fence": self.op, "revoke": True})
+
+    def log_event(self, topic: str, msg: Any) -> None:
+        """Every event the scheduler publishes passes here: a worker's ``ready`` on the
+        fence's own topic, and a reserved ``started`` on the session's (the grant)."""
+        if not isinstance(msg, dict):
+            return
+        if topic == self.topic:
+            if msg.get("op") == "started" and msg.get("reserved"):
+                key, worker = msg.get("key"), str(msg.get("worker", ""))
+                self.granted.setdefault(key, worker)
+                if msg.get("host"):
+                    self.hosts[worker] = str(msg["host"])
+        elif topic == self.op and msg.get("op") == "ready":
+            worker = str(msg.get("worker", ""))
+            sched = str(getattr(self.scheduler, "address", "") or "")
+            known = worker in (getattr(self.scheduler, "workers", None) or {})
+            if known and sched and _ip(worker) == _ip(sched):
+                self.ready.add(worker)
+
     def remove_worker(self, scheduler: Any = None, worker: str = "", **kwargs: Any) -> None:
         self.waiting.discard(worker)
+        self.ready.discard(worker)
 
     def add_worker(self, scheduler: Any = None, worker: str = "") -> None:
         """A nanny restarted a drained worker (same nanny, new address), or a worker joined
@@ -247,6 +326,7 @@ class StartFence(SchedulerPlugin):
         self, key: Any, attempt: int, worker: str, pid: int, host: str, when: float
     ) -> dict[str, Any]:
         """The handler a worker calls before running user code; answers at once."""
+        self.asked += 1
         if host:
             self.hosts[worker] = host
         why = self.decide(key, worker, host)
@@ -285,6 +365,7 @@ class StartFence(SchedulerPlugin):
         )
         msg = {"op": "drained", "kind": kind, "name": place, "workers": workers, "why": why}
         self.scheduler.log_event(self.topic, msg)
+        self.revoke(workers)
         self.retire(workers)
         return workers
 
@@ -339,6 +420,8 @@ class StartFence(SchedulerPlugin):
             self._watch.cancel()
             self._watch = None
         if s is not None:
+            self.revoke(self.ready)
+            self.ready.clear()
             s.handlers.pop(self.op, None)
             s.handlers.pop(self.close_op, None)
             s.handlers.pop(self.drain_op, None)

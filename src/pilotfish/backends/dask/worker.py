@@ -33,6 +33,7 @@ __all__ = [
     "InputMissing",
     "NotStarted",
     "Preload",
+    "Reservations",
     "WorkerJob",
     "attempt_on_worker",
 ]
@@ -59,6 +60,11 @@ class _Running:
         self.end_released = end_released
         self.released = 0
 
+
+#: start reservations the scheduler's fence sent this worker process (see
+#: :class:`Reservations`): Dask key -> (the fence's handler name, the scheduler's run_id)
+_RESERVED: dict[str, tuple[str, int]] = {}
+RESERVED_PRUNE = 10_000  # reservations held before those of keys gone are dropped
 
 #: the attempts this worker process is running, by Dask key
 _RUNNING: dict[str, _Running] = {}
@@ -145,6 +151,11 @@ async def attempt_on_worker(
         return NotStarted(m.attempt, dkey, f"pid {pid}", "not running on a Dask worker")
     where = str(worker.address)
     host = _wire.host_name()
+    if topic and _take_reservation(worker, dkey, fence):
+        why = await _start_reserved(worker, topic, m.attempt, dkey, where, pid, host)
+        if why:
+            return NotStarted(m.attempt, dkey, where, why)
+        return await _run_granted(worker, m, dkey, where, host, rundir, topic, end_released)
     try:
         answer = await asyncio.wait_for(
             getattr(worker.scheduler, fence)(
@@ -165,6 +176,68 @@ async def attempt_on_worker(
         why = f"pilotfish's start fence on the scheduler did not answer: {type(e).__name__}: {e}"
     if not granted:
         return NotStarted(m.attempt, dkey, where, why, drained)
+    return await _run_granted(worker, m, dkey, where, host, rundir, topic, end_released)
+
+
+def _take_reservation(worker: Any, dkey: str, fence: str) -> bool:
+    """Does this worker hold the fence's reservation for this very hand-over of ``dkey``
+    (the ``run_id`` of the Dask task it runs)? Taken: it is used once."""
+    r = _RESERVED.pop(dkey, None)
+    if r is None or r[0] != fence:
+        return False
+    ts = worker.state.tasks.get(dkey)
+    return ts is not None and getattr(ts, "run_id", None) == r[1]
+
+
+async def _start_reserved(
+    worker: Any, topic: str, attempt: int, dkey: str, where: str, pid: int, host: str
+) -> str:
+    """Publish a reserved start (``started`` on the session's topic, through the
+    scheduler) on this worker's stream to the scheduler, written into the socket with
+    everything queued before it, before user code runs; '' or why it could not be."""
+    msg: dict[str, Any] = {
+        "op": "started",
+        "attempt": attempt,
+        "key": dkey,
+        "worker": where,
+        "pid": pid,
+        "host": host,
+        "time": time.time(),
+        "reserved": True,
+    }
+    nanny = getattr(worker, "nanny", None)
+    if nanny and str(nanny) != where:  # the client names the worker by its place
+        msg["place"] = str(nanny)
+    bs = worker.batched_stream
+    comm = getattr(bs, "comm", None)
+    if comm is None or comm.closed():
+        return "its worker's stream to the scheduler is closed"
+    # BatchedSend would send it within its interval; it must be in the socket before user
+    # code can end this process, so it goes now, after what was queued before it
+    payload, bs.buffer = [*bs.buffer, {"op": "log-event", "topic": topic, "msg": msg}], []
+    bs.message_count += 1
+    try:
+        await comm.write(payload, serializers=bs.serializers, on_error="raise")
+        stream = getattr(comm, "stream", None)
+        if stream is not None:
+            await stream.write(b"")  # resolves once the kernel has every byte
+    except Exception as e:
+        return f"its start could not be sent to the scheduler: {type(e).__name__}: {e}"
+    return ""
+
+
+async def _run_granted(
+    worker: Any,
+    m: RunAttempt,
+    dkey: str,
+    where: str,
+    host: str,
+    rundir: str,
+    topic: str,
+    end_released: bool,
+) -> Result:
+    """Run a granted attempt in the worker's thread pool; a small result also goes on the
+    session's topic."""
     ctx = contextvars.copy_context()  # Dask's worker context variable: get_worker() works
     pool = worker.executors.get("default")
     res: Result = await asyncio.get_running_loop().run_in_executor(
@@ -267,6 +340,48 @@ def _watch() -> None:
 def _say(text: str) -> None:
     with contextlib.suppress(Exception):
         print(text, file=sys.stderr, flush=True)
+
+
+def _on_reserve(
+    fence: str, key: str = "", run_id: int | None = None, revoke: bool = False, **_: Any
+) -> None:
+    """The ``pilotfish_reserve`` message from the scheduler's fence: keep a reservation,
+    or drop all of that fence's (``revoke``)."""
+    if revoke:
+        for k in [k for k, r in _RESERVED.items() if r[0] == fence]:
+            _RESERVED.pop(k, None)
+        return
+    if run_id is not None and key:
+        _RESERVED[key] = (fence, int(run_id))
+
+
+def _prune_reservations(worker: Any) -> None:
+    """Drop the reservations of keys this worker no longer has (Dask moved or released
+    them before they started)."""
+    tasks = worker.state.tasks
+    for k in [k for k in _RESERVED if k not in tasks]:
+        _RESERVED.pop(k, None)
+
+
+class Reservations(WorkerPlugin):
+    """Lets the start fence (``fence``, its handler's name) send this worker start
+    reservations: installs the handler of ``pilotfish_reserve`` messages (a message a
+    worker has no handler for would end its connection to the scheduler), then tells the
+    fence, on its topic, that this worker takes them (see :mod:`.fence`)."""
+
+    idempotent = False
+
+    def __init__(self, fence: str) -> None:
+        self.fence = fence
+
+    def setup(self, worker: Any) -> None:
+        def on_reserve(**msg: Any) -> None:
+            _on_reserve(**msg)
+            if len(_RESERVED) > RESERVED_PRUNE:
+                _prune_reservations(worker)
+
+        worker.stream_handlers["pilotfish_reserve"] = on_reserve
+        worker.log_event(self.fence, {"op": "ready"})
 
 
 class ClientSysPath(WorkerPlugin):
