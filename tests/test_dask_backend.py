@@ -127,6 +127,27 @@ def _dask_keys(scheduler: Any, prefix: str) -> list[str]:
 
 
 @pytest.mark.timeout(60)
+def test_attempts_on_the_schedulers_host_start_by_reservation(
+    ds: pilotfish.Session, cluster: Any
+) -> None:
+    """LocalCluster's workers share the scheduler's host: each attempt, chained ones
+    included, starts by the fence's reservation (no round trip to its handler), and is
+    recorded as started on the worker that ran it (named by its nanny)."""
+    fences = [p for n, p in cluster.scheduler.plugins.items() if n.startswith("pilotfish-fence")]
+    assert len(fences) == 1
+    fence = fences[0]
+    fs = [ds.submit(faulty.ident, i) for i in range(20)]
+    fs += [ds.submit(faulty.ident, f) for f in fs[:5]]
+    assert [f.result(timeout=30) for f in fs] == [*range(20), *range(5)]
+    assert fence.asked == 0 and fence.reserved >= 25
+    assert len(fence.ready) == 2
+    places = {ws.nanny for ws in cluster.scheduler.workers.values()}  # a worker's name
+    for f in fs:
+        (a,) = f.attempts
+        assert a.started is not None and a.pid and a.worker in places
+
+
+@pytest.mark.timeout(60)
 def test_cancel_and_processes(ds: pilotfish.Session, cluster: Any) -> None:
     first = [ds.submit(sleep_then, i, 0.5) for i in range(2)]
     queued = [ds.submit(sleep_then, i, 0.01) for i in range(2, 12)]
@@ -633,6 +654,118 @@ def test_start_fence_grants_each_key_once() -> None:
     # removed (session closed, or a reconnect registered a new fence): handlers gone
     assert fence.remove() == 5
     assert sched.handlers == {} and sched.plugins == {}
+
+
+class _Stream:
+    """A BatchedSend that keeps what is sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+
+    def send(self, msg: dict[str, Any]) -> None:
+        self.sent.append(msg)
+
+
+def test_start_fence_reserves_starts_for_ready_workers_on_its_host() -> None:
+    """Start reservations (no cluster): a worker on the scheduler's host that said it
+    takes them gets one when the scheduler hands it a key of this session that was never
+    granted, with the run_id of that hand-over; a worker on another host, a worker that
+    did not say so, another session's key, a key already started (Dask running it again)
+    and a drained worker get none and ask. A reserved start passing through the scheduler
+    is the grant (a later request for that key is refused); a drain and the fence's
+    removal revoke what they hold."""
+    import asyncio
+
+    from pilotfish.backends.dask.fence import StartFence
+
+    sched = _FakeScheduler()
+    sched.address = "tcp://10.0.0.1:8786"  # type: ignore[attr-defined]
+    streams = {w: _Stream() for w in ("tcp://10.0.0.1:1", "tcp://10.0.0.1:2", "tcp://10.0.0.2:1")}
+    sched.stream_comms = streams  # type: ignore[attr-defined]
+    sched.workers = {w: types.SimpleNamespace(nanny=None) for w in streams}  # type: ignore[attr-defined]
+    fence = StartFence("tok", 1, "pilotfish-tok")
+    asyncio.run(fence.start(sched))
+    sched.plugins[fence.name] = fence
+    a, a2, far = streams
+
+    def ready(worker: str) -> None:  # what Reservations.setup sends, as the scheduler adds "worker"
+        fence.log_event(fence.op, {"op": "ready", "worker": worker})
+
+    def hand(key: str, worker: str, run_id: int) -> list[dict[str, Any]]:
+        t = _FakeTask(worker)
+        t.run_id = run_id  # type: ignore[attr-defined]
+        sched.tasks[key] = t
+        before = len(streams[worker].sent)
+        fence.transition(key, "waiting", "processing", stimulus_id="s")
+        return streams[worker].sent[before:]
+
+    ready(a)
+    ready(far)  # another host: never reserved
+    ready("tcp://10.0.0.1:99")  # not a worker the scheduler knows (gone already)
+    assert fence.ready == {a}
+    key = "pilotfish-k1-a1-tok"
+    assert hand(key, a, 5) == [
+        {"op": "pilotfish_reserve", "fence": fence.op, "key": key, "run_id": 5}
+    ]
+    assert hand("pilotfish-k2-a2-tok-r1", a, 6)[0]["run_id"] == 6  # a resend: its own key
+    assert hand("pilotfish-k1-a1-other", a, 7) == []  # another session's key
+    assert hand("some-dask-key", a, 8) == []
+    assert hand("pilotfish-k3-a3-tok", a2, 9) == []  # same host, not ready: it asks
+    assert hand("pilotfish-k4-a4-tok", far, 10) == []
+    # the worker publishes its reserved start; the scheduler passes it through the fence
+    started = {"op": "started", "key": key, "worker": a, "host": "h", "reserved": True}
+    fence.log_event("pilotfish-tok", started)
+    assert fence.granted == {key: a} and fence.hosts[a] == "h"
+    # its worker died; Dask hands the key to another: no reservation, and its request is refused
+    ready(a2)
+    assert hand(key, a2, 11) == []
+    r = sched.handlers[fence.op](key=key, attempt=1, worker=a2, pid=1, host="h", when=1.0)
+    assert not r["granted"] and "already started" in r["reason"]
+    # a drain revokes the reservations the worker holds and stops new ones
+    drain = sched.handlers[fence.drain_op]
+    fence.retire = lambda workers: None  # type: ignore[method-assign]
+    drain(kind="worker", place=a, why="3 tasks died there")
+    assert streams[a].sent[-1] == {"op": "pilotfish_reserve", "fence": fence.op, "revoke": True}
+    assert hand("pilotfish-k5-a5-tok", a, 12) == []
+    assert hand("pilotfish-k6-a6-tok", a2, 13)[0]["key"] == "pilotfish-k6-a6-tok"
+    # a worker that left takes none; the fence's end revokes the rest
+    fence.remove_worker(sched, a)
+    assert fence.ready == {a2}
+    fence.remove()
+    assert streams[a2].sent[-1]["revoke"] is True and fence.ready == set()
+    assert fence.reserved == 3 and fence.asked == 1
+
+
+def test_a_worker_starts_by_reservation_only_for_the_hand_over_it_was_made_for() -> None:
+    """The worker's side of start reservations: a reservation is used once, only by the
+    fence that made it, and only while the worker's Dask task has the run_id it was made
+    for (a task Dask stole away and handed back has a new one); a revocation drops that
+    fence's reservations; reservations of keys the worker no longer has are pruned."""
+    from pilotfish.backends.dask import worker as w
+
+    tasks: dict[str, Any] = {}
+    fake = types.SimpleNamespace(state=types.SimpleNamespace(tasks=tasks))
+    w._RESERVED.clear()
+    try:
+        tasks["k1"] = types.SimpleNamespace(run_id=5)
+        w._on_reserve(fence="f1", key="k1", run_id=5)
+        assert not w._take_reservation(fake, "k1", "f2")  # another fence's: dropped, unused
+        w._on_reserve(fence="f1", key="k1", run_id=5)
+        assert w._take_reservation(fake, "k1", "f1")
+        assert not w._take_reservation(fake, "k1", "f1")  # once
+        w._on_reserve(fence="f1", key="k1", run_id=5)
+        tasks["k1"] = types.SimpleNamespace(run_id=6)  # handed over again (stolen, back)
+        assert not w._take_reservation(fake, "k1", "f1")
+        for k in ("k2", "k3"):
+            tasks[k] = types.SimpleNamespace(run_id=1)
+            w._on_reserve(fence="f1", key=k, run_id=1)
+        w._on_reserve(fence="f9", key="k4", run_id=1)
+        w._on_reserve(fence="f1", revoke=True)
+        assert w._RESERVED == {"k4": ("f9", 1)}
+        w._prune_reservations(fake)  # k4 is not a task of this worker
+        assert w._RESERVED == {}
+    finally:
+        w._RESERVED.clear()
 
 
 # ---------------------------------------------------------------- scheduler loss

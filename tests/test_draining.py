@@ -675,3 +675,27 @@ def test_dask_fence_removes_a_worker_that_went_silent_while_running_attempts() -
     assert removed == [("tcp://b:1", "pilotfish-unreachable-pilotfish-fence-tok-1", False)]
     msg = sched.events[-1]
     assert msg["op"] == "unreachable" and msg["worker"] == "tcp://b:1" and msg["silent"] >= 7
+
+
+def test_dask_a_start_the_fence_granted_counts_on_a_worker_drained_meanwhile() -> None:
+    """The client drains a Dask worker in its own ledger before the scheduler's fence
+    hears of it, and a start (the fence's grant, or a worker's reserved start that took
+    its reservation just before the drain revoked it) can cross that: the attempt runs
+    there, so the client records it as started (a later loss of it is a loss with a pid,
+    its result is accepted), and the worker stays drained for every later attempt."""
+    from pilotfish.backends._driver import Driver
+    from pilotfish.backends.dask.flight import Flight
+    from pilotfish.core import ledger as L
+
+    fl = Flight(Driver("dask"), "tok", True)
+    fl.ledger.handle(L.Enqueue(((1, "k1", "item1", None), (2, "k2", "item2", None))))
+    fl.ledger.handle(L.Drain("tcp://a:1", "3 tasks died there", 1.0))
+    cmds = fl.start_granted_locked(L.Start("tcp://a:1", 1, 77, "h", 2.0))
+    assert [type(c).__name__ for c in cmds] == ["Granted", "Report"]  # Report: Started
+    assert fl.ledger.get(1).where == "started" and fl.ledger.get(1).pid == 77
+    assert fl.ledger.drained == {"tcp://a:1": "3 tasks died there"}
+    (finish,) = fl.ledger.handle(L.Finish("tcp://a:1", 1))
+    assert type(finish).__name__ == "Accept"
+    # a start the fence did not grant (no grant behind it) is still refused there
+    (refused,) = fl.ledger.handle(L.Start("tcp://a:1", 2, 78, "h", 3.0))
+    assert type(refused).__name__ == "Refused" and "drained" in refused.reason

@@ -408,7 +408,7 @@ class DaskBackend:
                 )
                 return
             att = e.item
-            cmds = fl.ledger.handle(L.Start(worker, aid, pid, host, now))
+            cmds = fl.start_granted_locked(L.Start(worker, aid, pid, host, now))
             out = fl.carry_out(cmds, {aid: att}, events, cancel)
             for c in out.refused:
                 log.warning(

@@ -168,6 +168,17 @@ class Flight:
         may name (an attempt the ledger let go of is no longer in it)."""
         return carry_out(cmds, Step(self, items, events, cancel))
 
+    def start_granted_locked(self, ev: L.Start) -> list[L.Command]:
+        """The ledger's commands for a start the scheduler's fence granted: recorded even
+        on a worker the client drained meanwhile (the fence, not yet told or told just
+        after the start, let it run: a drain after a grant does not undo it)."""
+        drained = self.ledger.drained.pop(ev.worker, None)
+        try:
+            return self.ledger.handle(ev)
+        finally:
+            if drained is not None:
+                self.ledger.drained[ev.worker] = drained
+
     def resubmit_locked(self, old: Att, cancel: list[Any]) -> None:
         """The ledger sends ``old`` again (it never started): a new Dask key, unblamed."""
         if not self.current(old):

@@ -173,12 +173,9 @@ class Results:
             return
         cmds: list[L.Command] = []
         if e.where == "queued":  # its `started` message was missed: the result proves it
-            # (the fence granted it: a drain after that grant does not undo it)
-            drained = fl.ledger.drained.pop(res.worker, None)
-            start = L.Start(res.worker, e.attempt, res.pid, res.host, res.started)
-            cmds += fl.ledger.handle(start)
-            if drained is not None:
-                fl.ledger.drained[res.worker] = drained
+            cmds += fl.start_granted_locked(
+                L.Start(res.worker, e.attempt, res.pid, res.host, res.started)
+            )
         cmds += fl.ledger.handle(L.Finish(res.worker, e.attempt))
         out = fl.carry_out(cmds, {e.attempt: att}, events, cancel)
         if out.accepted:
