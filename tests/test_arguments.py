@@ -182,3 +182,28 @@ def test_the_worker_command_replaces_the_job_shell(tmp_path: Path) -> None:
     with _slurm(tmp_path)() as cluster:
         last = cluster.job_script().strip().splitlines()[-1]
     assert last.startswith("exec ") and "-m distributed.cli.dask_worker" in last, last
+
+
+def test_a_slurm_clusters_lost_worker_timeout_is_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``pilotfish.cluster.slurm(lost_worker_timeout=...)`` set Dask's
+    ``distributed.deploy.lost-worker-timeout`` for the whole process, so every other
+    cluster in it (a LocalCluster) closed the nanny of a worker whose restart took longer
+    than 1 s. The timeout now holds for that cluster only: the process's setting is
+    unchanged, and the cluster reads its own when a worker leaves."""
+    pytest.importorskip("dask_jobqueue")
+    import dask
+
+    before = dask.config.get("distributed.deploy.lost-worker-timeout")
+    with _slurm(tmp_path, lost_worker_timeout="3s")() as cluster:
+        assert dask.config.get("distributed.deploy.lost-worker-timeout") == before
+        seen: list[Any] = []
+
+        def dasks_own(self: Any, op: Any, msg: Any) -> None:  # what it reads there
+            seen.append((op, dask.config.get("distributed.deploy.lost-worker-timeout")))
+
+        monkeypatch.setattr(type(cluster), "_update_worker_status", dasks_own)
+        cluster._update_worker_status("remove", "tcp://10.0.0.9:1")
+        assert seen == [("remove", "3s")]
+        assert dask.config.get("distributed.deploy.lost-worker-timeout") == before

@@ -276,7 +276,7 @@ def slurm(
     * ``adaptive=True``: ``cluster.adapt(minimum_jobs=jobs, maximum_jobs=jobs)``, so a job
       that is cancelled, preempted or reaches its walltime is replaced; with
       ``lost_worker_timeout`` (Dask's ``distributed.deploy.lost-worker-timeout``, 15 s by
-      default, set here for this process) at 1 s the replacement is submitted about 1 s
+      default, set here for this cluster only) at 1 s the replacement is submitted about 1 s
       after the job's worker left. ``adaptive=False``: ``cluster.scale(jobs=jobs)`` once.
     * ``log_directory``: every job's stdout/stderr are kept there
       (``dask-worker-<jobid>.err``); failure records name the file.
@@ -299,7 +299,7 @@ def slurm(
     (same process): it reads the walltime (warning at submit when a task's timeout is
     longer) and asks it for replacement jobs when every worker is gone.
     """
-    dask, slurm_cluster = _jobqueue()
+    _, slurm_cluster = _jobqueue()
     # every argument checked at the call (:mod:`pilotfish._cluster_args` says how)
     check_sizes(
         cores=cores,
@@ -316,7 +316,6 @@ def slurm(
         security = _temporary_security()
     logs = Path(log_directory).resolve()
     logs.mkdir(parents=True, exist_ok=True)
-    dask.config.set({"distributed.deploy.lost-worker-timeout": lost_worker_timeout})
     opts: dict[str, Any] = dict(
         cores=cores, memory=memory, processes=processes, walltime=walltime, log_directory=str(logs)
     )
@@ -325,6 +324,7 @@ def slurm(
     if interface is not None:
         opts["interface"] = interface
     cluster = _new_cluster(slurm_cluster, opts, security, jobqueue_options)
+    _lost_worker_timeout(cluster, lost_worker_timeout)
     _start_jobs(cluster, walltime=walltime, jobs=jobs, adaptive=adaptive, wait=wait)
     return cluster
 
@@ -355,6 +355,20 @@ def _temporary_security() -> Any:
             "pip install 'pilotfish[slurm]' (or pass security=False for plain TCP, "
             "which anyone who can reach the scheduler can use)"
         ) from e
+
+
+def _lost_worker_timeout(cluster: Any, timeout: str) -> None:
+    """Give ``cluster`` its own ``distributed.deploy.lost-worker-timeout``. Dask reads that
+    setting when a worker leaves (``SpecCluster._update_worker_status``); setting it for
+    the process changed every other cluster in it too, e.g. a LocalCluster, whose nannies
+    were then closed when a restart took longer than 1 s."""
+    import dask
+
+    def update_worker_status(op: Any, msg: Any) -> Any:
+        with dask.config.set({"distributed.deploy.lost-worker-timeout": timeout}):
+            return type(cluster)._update_worker_status(cluster, op, msg)
+
+    cluster._update_worker_status = update_worker_status
 
 
 def _new_cluster(
