@@ -28,6 +28,11 @@ pilotfish's policy decides about a retry. A refusal is logged (``pilotfish.dask`
 INFO, naming attempt, Dask key (it holds the task key) and worker) and counted in
 ``Session.processes()["refused_starts"]``. A worker that died holding an attempt
 it had *not* started leaves no grant behind: Dask's rerun elsewhere is granted.
+A worker on the scheduler's host makes no call: the fence reserves the start for it
+when the scheduler hands it the task (on the scheduler's stream to it, ahead of the
+task), and the worker sends ``started`` on its own stream to the scheduler, in the
+socket before user code runs, so the scheduler still hears the start before it hears of
+that worker's end (see :mod:`.fence`, *Reservations*; workers on other hosts ask).
 
 **Linked chains** (``links=True``, the default; see :mod:`pilotfish.backends.base`).
 A task whose inputs are still running is handed to Dask at once, as a Dask task that
@@ -65,6 +70,7 @@ Dask                                             ledger event     pilotfish
 ===============================================  ===============  ===============================
 ``Session.submit`` (a retry too)                 ``Enqueue``      handed to Dask in a batch
 the start fence granted a worker's request       ``Start``        ``Started``
+(or a worker started by its reservation)
 the start fence refused it (Dask's own rerun, a  --               logged and counted; the task
 task cancelled or moved meanwhile)                                returns, user code not run
 future finished (or its small result's event)    ``Finish``       ``Result`` (value or error)
