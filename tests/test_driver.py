@@ -46,8 +46,10 @@ class Recorder:
     def kill_groups(self, worker: str, pgids: tuple[int, ...]) -> None:
         self.calls.append(("kill_groups", worker, pgids))
 
-    def expire(self, worker: str, attempt: int, pid: int, pgids: tuple[int, ...]) -> None:
-        self.calls.append(("expire", worker, attempt, pid, pgids))
+    def expire(
+        self, worker: str, attempt: int, pid: int, pgids: tuple[int, ...], key: str = ""
+    ) -> None:
+        self.calls.append(("expire", worker, attempt, pid, pgids, key))
 
 
 def _example(cls: type) -> Any:
@@ -78,7 +80,7 @@ def test_commands_go_to_their_hooks_in_order() -> None:
         L.Resend(("b",)),
         L.Withdraw("w2", 3),
         L.KillGroups("w1", (44,)),
-        L.Expired("w1", 4, 9, (45,)),
+        L.Expired("w1", 4, 9, (45,), "k4"),
         L.Granted("w1", 1),
         L.Refused("w3", 2, "it is held by w1"),
         L.Accept("w1", 1),
@@ -91,7 +93,7 @@ def test_commands_go_to_their_hooks_in_order() -> None:
         ("send", ("b",), True),
         ("withdraw", "w2", 3),
         ("kill_groups", "w1", (44,)),
-        ("expire", "w1", 4, 9, (45,)),
+        ("expire", "w1", 4, 9, (45,), "k4"),
     ]
     assert [c.attempt for c in out.granted] == [1] and [c.attempt for c in out.accepted] == [1]
     assert out.reasons() == "it is held by w1; late"

@@ -132,9 +132,10 @@ def test_gil_holding_c_code_is_not_mistaken_for_a_hang(tmp_path: Path) -> None:
         assert len(t.attempts) == 1
 
 
-def test_timeout_of_a_sleeping_task(fs: pilotfish.Session) -> None:
+def test_timeout_of_a_sleeping_task(fs: pilotfish.Session, events: list[object]) -> None:
     """timeout= stops the attempt by killing its worker; TaskTimeout states limit and
-    elapsed time; the session keeps working."""
+    elapsed time; the worker's loss names the task it was killed for (pilotfish run's
+    progress line shows that message); the session keeps working."""
     t = fs.submit(pilotfish.task(faulty.slow, timeout=0.5, retries=0), 1, 30)
     with pytest.raises(pilotfish.TaskTimeout) as info:
         t.result(timeout=30)
@@ -145,6 +146,8 @@ def test_timeout_of_a_sleeping_task(fs: pilotfish.Session) -> None:
     f = info.value.failure
     assert f is not None and f.category is Category.TIMEOUT and f.transient
     assert fs.submit(faulty.ident, 3).result(timeout=30) == 3
+    (lost,) = [e for e in events if isinstance(e, pilotfish.WorkerEvent) and e.kind == "lost"]
+    assert f"attempt {a.id} of task {t.key!r} timed out" in lost.message
 
 
 def test_timeout_is_retried_by_policy(fs: pilotfish.Session) -> None:

@@ -196,7 +196,7 @@ def test_timeout_expires_started_attempt_once():
     (lost,) = reports(cmds, Lost)
     assert lost.category == "timeout" and "timeout of 5 s" in lost.message
     assert "killed the worker" in lost.message
-    assert of(cmds, L.Expired) == [L.Expired("w1", 1, 101, (55,))]
+    assert of(cmds, L.Expired) == [L.Expired("w1", 1, 101, (55,), "k1")]
     assert reports(led.handle(L.WorkerLost("w1", "killed", 15.3)), Lost) == []
 
 

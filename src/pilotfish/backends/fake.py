@@ -427,5 +427,7 @@ class FakeBackend:
     def kill_groups(self, worker: str, pgids: tuple[int, ...]) -> None:
         pass  # never asked: nothing here sends the ledger a Group (no process groups)
 
-    def expire(self, worker: str, attempt: int, pid: int, pgids: tuple[int, ...]) -> None:
+    def expire(
+        self, worker: str, attempt: int, pid: int, pgids: tuple[int, ...], key: str = ""
+    ) -> None:
         pass  # user code cannot be stopped in-process: it runs on, its result is dropped

@@ -426,6 +426,7 @@ class Expired:
     attempt: AttemptId
     pid: int
     pgids: tuple[int, ...] = ()
+    key: str = ""  # the attempt's task (for messages)
 
 
 Command = (
@@ -801,7 +802,7 @@ class Ledger:
                     )
                 )
             )
-            out.append(Expired(e.worker, e.attempt, e.pid, e.groups))
+            out.append(Expired(e.worker, e.attempt, e.pid, e.groups, e.key))
 
     # ------------------------------------------------------------------ helpers
     def _lost(
@@ -861,8 +862,11 @@ class Hooks(Protocol):
     def kill_groups(self, worker: str, pgids: tuple[int, ...]) -> None:
         """Kill the process groups of programs whose worker is gone."""
 
-    def expire(self, worker: str, attempt: int, pid: int, pgids: tuple[int, ...]) -> None:
-        """Stop an attempt that ran past its timeout (already reported lost)."""
+    def expire(
+        self, worker: str, attempt: int, pid: int, pgids: tuple[int, ...], key: str = ""
+    ) -> None:
+        """Stop an attempt (of task ``key``) that ran past its timeout (already reported
+        lost)."""
 
 
 @dataclasses.dataclass(slots=True)
@@ -905,7 +909,7 @@ def carry_out(cmds: Sequence[Command], hooks: Hooks) -> Outcome:
             case KillGroups():
                 hooks.kill_groups(c.worker, c.pgids)
             case Expired():
-                hooks.expire(c.worker, c.attempt, c.pid, c.pgids)
+                hooks.expire(c.worker, c.attempt, c.pid, c.pgids, c.key)
             case _:
                 assert_never(c)
     return out

@@ -82,7 +82,9 @@ class Step:
     def kill_groups(self, worker: str, pgids: tuple[int, ...]) -> None:
         pass  # never asked: no Group events (a Dask worker's programs have no master)
 
-    def expire(self, worker: str, attempt: int, pid: int, pgids: tuple[int, ...]) -> None:
+    def expire(
+        self, worker: str, attempt: int, pid: int, pgids: tuple[int, ...], key: str = ""
+    ) -> None:
         att = self.items.get(attempt)
         if att is None:
             return

@@ -79,7 +79,9 @@ class _Step:
     def kill_groups(self, worker: str, pgids: tuple[int, ...]) -> None:
         pass  # never asked: the master watches its workers' program groups
 
-    def expire(self, worker: str, attempt: int, pid: int, pgids: tuple[int, ...]) -> None:
+    def expire(
+        self, worker: str, attempt: int, pid: int, pgids: tuple[int, ...], key: str = ""
+    ) -> None:
         pass  # never asked: the master enforces timeouts (no TimePassed here)
 
 

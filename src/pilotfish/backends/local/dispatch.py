@@ -358,12 +358,15 @@ class _Hooks:
     def kill_groups(self, worker: str, pgids: tuple[int, ...]) -> None:
         self.out.append(Kill(worker, pgids))
 
-    def expire(self, worker: str, attempt: int, pid: int, pgids: tuple[int, ...]) -> None:
+    def expire(
+        self, worker: str, attempt: int, pid: int, pgids: tuple[int, ...], key: str = ""
+    ) -> None:
         # the only way to stop a running call is to kill its worker, which is replaced
         d, now = self.d, self.now
         s = d.slots[worker]
         d._unhold(attempt)  # the ledger forgot it: so does the depth count
-        why = f"worker {s.name} (pid {s.pid}) was killed: attempt {attempt} timed out"
+        what = f"attempt {attempt} of task {key!r}" if key else f"attempt {attempt}"
+        why = f"worker {s.name} (pid {s.pid}) was killed: {what} timed out"
         self.out.append(Kill(s.name, pgids + d.pgids(s.name)))
         d._lose(s, now, L.WorkerLost(s.name, why, now, signal="SIGKILL"), self.out)
 

@@ -71,7 +71,9 @@ class Step:
     def kill_groups(self, worker: str, pgids: tuple[int, ...]) -> None:
         pass  # never asked: no Group events here (the raptor master kills those groups)
 
-    def expire(self, worker: str, attempt: int, pid: int, pgids: tuple[int, ...]) -> None:
+    def expire(
+        self, worker: str, attempt: int, pid: int, pgids: tuple[int, ...], key: str = ""
+    ) -> None:
         pass  # never asked: no TimePassed here (RP's task timeout and the raptor worker stop it)
 
 

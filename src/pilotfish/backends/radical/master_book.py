@@ -101,7 +101,9 @@ class _Step:
     def kill_groups(self, worker: str, pgids: tuple[int, ...]) -> None:
         self.pgids.extend(pgids)
 
-    def expire(self, worker: str, attempt: int, pid: int, pgids: tuple[int, ...]) -> None:
+    def expire(
+        self, worker: str, attempt: int, pid: int, pgids: tuple[int, ...], key: str = ""
+    ) -> None:
         pass  # never asked: no TimePassed here (RP's task timeout and the worker stop it)
 
 
