@@ -100,6 +100,26 @@ def test_describe_call_is_bounded_and_never_fails() -> None:
     many = describe_call(model, tuple("y" * ARG_MAX for _ in range(100)), {})
     assert len(many) == CALL_MAX and many.endswith("…")
     assert describe_argv(["gmx", "mdrun", "-s", "my topol.tpr"]) == "gmx mdrun -s 'my topol.tpr'"
+
+
+def test_a_task_in_a_call_shows_as_its_key_and_only_a_task_does(tmp_path: Any) -> None:
+    """A session's Task among the arguments (top level or nested) shows as ``<its key>``;
+    a user's own class that happens to be named ``Task`` and has a ``key`` attribute is
+    shown by its own repr (it was taken for a session's Task by its type's name)."""
+
+    class Task:  # the user's, not pilotfish's
+        key = "not-a-pilotfish-task"
+
+        def __repr__(self) -> str:
+            return "Task(mine)"
+
+    with fake_session(tmp_path / "run", workers=1) as s:
+        t = s.submit(abs, -1)
+        assert (
+            describe_call(model, (t, [t], Task()), {})
+            == f"model(<{t.key}>, [<{t.key}>], Task(mine))"
+        )
+        t.result(timeout=30)
     assert len(describe_argv(["prog", *["z" * 500] * 10])) <= CALL_MAX
 
 

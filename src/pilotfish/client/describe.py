@@ -76,9 +76,12 @@ class _Repr(reprlib.Repr):
         self.maxlist = self.maxtuple = self.maxset = self.maxdict = 4
         self.maxfrozenset = self.maxdeque = self.maxarray = 4
 
-    def repr_Task(self, x: Any, level: int) -> str:  # reprlib's naming: repr_<type name>
-        key = getattr(x, "key", None)
-        return f"<{key}>" if isinstance(key, str) else self.repr_instance(x, level)
+    def repr1(self, x: Any, level: int) -> str:
+        # a session's Task by its type (Keyed), not by its type's name as reprlib's
+        # repr_<name> methods would: a user's own class named Task is not one
+        if isinstance(x, Keyed):
+            return f"<{x.key}>"
+        return super().repr1(x, level)
 
     def repr_instance(self, x: Any, level: int) -> str:
         try:
