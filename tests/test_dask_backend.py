@@ -736,6 +736,43 @@ def test_start_fence_reserves_starts_for_ready_workers_on_its_host() -> None:
     assert fence.reserved == 3 and fence.asked == 1
 
 
+def test_a_drained_worker_holding_a_reservation_is_retired_once_its_key_leaves() -> None:
+    """A worker drained while it holds a reservation may start that attempt before the
+    revocation reaches it: the fence does not retire (close) it at once, which would end
+    an attempt it may just have started, but when that key leaves it (it ran, or the
+    worker asked and was refused), as for a worker running a granted attempt."""
+    import asyncio
+
+    from pilotfish.backends.dask.fence import StartFence
+
+    sched = _FakeScheduler()
+    sched.address = "tcp://10.0.0.1:8786"  # type: ignore[attr-defined]
+    a, b = "tcp://10.0.0.1:1", "tcp://10.0.0.1:2"
+    sched.stream_comms = {a: _Stream(), b: _Stream()}  # type: ignore[attr-defined]
+    task = _FakeTask(a)
+    task.key = "pilotfish-k1-a1-tok"  # type: ignore[attr-defined]
+    task.run_id = 3  # type: ignore[attr-defined]
+    sched.tasks[task.key] = task  # type: ignore[attr-defined]
+    sched.workers = {  # type: ignore[attr-defined]
+        a: types.SimpleNamespace(nanny=None, processing=[task]),
+        b: types.SimpleNamespace(nanny=None, processing=[]),
+    }
+    fence = StartFence("tok", 1, "pilotfish-tok")
+    asyncio.run(fence.start(sched))
+    for w in (a, b):
+        fence.log_event(fence.op, {"op": "ready", "worker": w})
+    fence.transition(task.key, "waiting", "processing", stimulus_id="s")  # type: ignore[attr-defined]
+    assert fence.reserved_for == {task.key: a} and fence.busy(a) and not fence.busy(b)  # type: ignore[attr-defined]
+    fence.drain(kind="worker", place=a, why="3 tasks died there")
+    fence.drain(kind="worker", place=b, why="3 tasks died there")
+    assert fence.waiting == {a} and fence.retiring == {b}  # b held nothing: at once
+    sched.workers[a].processing = []  # type: ignore[attr-defined]
+    fence.transition(task.key, "processing", "memory", stimulus_id="s")  # type: ignore[attr-defined]
+    assert fence.waiting == set() and fence.retiring == {a, b}
+    fence.transition(task.key, "memory", "forgotten", stimulus_id="s")  # type: ignore[attr-defined]
+    assert fence.reserved_for == {}
+
+
 def test_a_worker_starts_by_reservation_only_for_the_hand_over_it_was_made_for() -> None:
     """The worker's side of start reservations: a reservation is used once, only by the
     fence that made it, and only while the worker's Dask task has the run_id it was made

@@ -148,6 +148,9 @@ class StartFence(SchedulerPlugin):
         #: same-host workers that take reservations (they said so on ``self.op``'s topic)
         self.ready: set[str] = set()
         self.reserved = 0  # reservations sent
+        #: the worker each key's latest reservation went to (dropped when it is forgotten):
+        #: a drained worker holding one is not retired before that key leaves it
+        self.reserved_for: dict[Any, str] = {}
         self.asked = 0  # start requests answered (the round trip)
 
     async def start(self, scheduler: Any) -> None:
@@ -208,12 +211,15 @@ class StartFence(SchedulerPlugin):
         if finish == "processing" and self.ready:
             self.reserve(key)
         if self.waiting and start == "processing":  # a drained worker's attempt ended?
-            w = self.granted.get(key)
+            w = self.granted.get(key) or self.reserved_for.get(key)
             if w in self.waiting and not self.busy(w):
                 self.waiting.discard(w)
                 self.retire([w])
-        if finish == "forgotten" and self.granted:
-            self.granted.pop(key, None)
+        if finish == "forgotten":
+            if self.granted:
+                self.granted.pop(key, None)
+            if self.reserved_for:
+                self.reserved_for.pop(key, None)
 
     def reserve(self, key: Any) -> None:
         """The scheduler just handed ``key`` to a worker: reserve its start there if it is
@@ -238,6 +244,7 @@ class StartFence(SchedulerPlugin):
         with contextlib.suppress(Exception):  # a closed stream: the worker is going
             bs.send({"op": "pilotfish_reserve", "fence": self.op, "key": key, "run_id": run_id})
             self.reserved += 1
+            self.reserved_for[key] = addr
 
     def revoke(self, workers: Any) -> None:
         """Void this fence's reservations held by ``workers`` (a drain, the fence's end)."""
@@ -370,9 +377,14 @@ class StartFence(SchedulerPlugin):
         return workers
 
     def busy(self, worker: str) -> bool:
-        """Does ``worker`` run user code we let start (a granted key processing there)?"""
+        """Does ``worker`` run user code we let start, or may it start some without asking
+        (a key processing there that we granted it, or reserved for it)?"""
         ws = (getattr(self.scheduler, "workers", None) or {}).get(worker)
-        return any(self.granted.get(ts.key) == worker for ts in getattr(ws, "processing", ()))
+        granted, reserved = self.granted, self.reserved_for
+        return any(
+            granted.get(ts.key) == worker or reserved.get(ts.key) == worker
+            for ts in getattr(ws, "processing", ())
+        )
 
     def retire(self, workers: list[str]) -> None:
         """Retire ``workers`` (once each, in the background): at once if they run no
@@ -428,4 +440,5 @@ class StartFence(SchedulerPlugin):
             if s.plugins.get(self.name) is self:
                 s.remove_plugin(self.name)
         self.granted.clear()
+        self.reserved_for.clear()
         return self.refused
