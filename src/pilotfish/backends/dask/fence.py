@@ -35,7 +35,8 @@ stream, in order), and a start is still published to the client before the worke
 removal. A task Dask moves without a transition (work stealing) has a new ``run_id`` and
 no reservation: it asks. A drain or the fence's removal revokes the reservations it
 sent; a start that took its reservation just before cannot be undone, and the attempt
-runs (its result is accepted as any granted one's). Only workers on the scheduler's
+runs (its result is accepted as any granted one's): a drained worker holding a
+reservation is retired only once that key has left it. Only workers on the scheduler's
 host get reservations: across hosts a connection reset could lose the bytes of a
 ``started`` written just before a process died, and a network partition could hide
 one, so those workers ask and wait for the answer.
