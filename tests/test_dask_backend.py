@@ -773,6 +773,48 @@ def test_a_drained_worker_holding_a_reservation_is_retired_once_its_key_leaves()
     assert fence.reserved_for == {}
 
 
+def test_a_reserved_start_is_written_before_user_code_or_the_worker_asks() -> None:
+    """A worker starting by its reservation writes ``started`` (after what its stream had
+    queued, in order) into its stream to the scheduler and waits until the kernel has
+    every byte; a closed stream, or a Dask whose stream is not what pilotfish knows, is a
+    reason (then the worker asks the fence as any other does), never an exception."""
+    import asyncio
+
+    from pilotfish.backends.dask import worker as w
+
+    class Comm:
+        def __init__(self, closed: bool = False) -> None:
+            self.is_closed, self.written, self.flushed = closed, [], 0
+            self.stream = self
+
+        def closed(self) -> bool:
+            return self.is_closed
+
+        async def write(self, payload: Any, **kw: Any) -> int:
+            if isinstance(payload, bytes):  # the stream's "all written" future
+                self.flushed += 1
+                return 0
+            self.written.append(list(payload))
+            return 1
+
+    queued = {"op": "task-finished", "key": "before"}
+    bs = types.SimpleNamespace(comm=Comm(), buffer=[queued], message_count=1, serializers=None)
+    fake = types.SimpleNamespace(batched_stream=bs, nanny="tcp://h:9")
+
+    def start(worker: Any) -> str:
+        return asyncio.run(w._start_reserved(worker, "topic", 4, "dk", "tcp://h:1", 7, "h"))
+
+    assert start(fake) == ""
+    ((first, sent),) = bs.comm.written
+    assert first == queued and bs.buffer == [] and bs.comm.flushed == 1
+    assert sent["op"] == "log-event" and sent["topic"] == "topic"
+    assert sent["msg"]["op"] == "started" and sent["msg"]["reserved"] is True
+    assert sent["msg"]["attempt"] == 4 and sent["msg"]["place"] == "tcp://h:9"
+    bs.comm = Comm(closed=True)
+    assert "closed" in start(fake)
+    assert "AttributeError" in start(types.SimpleNamespace(batched_stream=object()))
+
+
 def test_a_worker_starts_by_reservation_only_for_the_hand_over_it_was_made_for() -> None:
     """The worker's side of start reservations: a reservation is used once, only by the
     fence that made it, and only while the worker's Dask task has the run_id it was made

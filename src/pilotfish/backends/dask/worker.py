@@ -153,9 +153,9 @@ async def attempt_on_worker(
     host = _wire.host_name()
     if topic and _take_reservation(worker, dkey, fence):
         why = await _start_reserved(worker, topic, m.attempt, dkey, where, pid, host)
-        if why:
-            return NotStarted(m.attempt, dkey, where, why)
-        return await _run_granted(worker, m, dkey, where, host, rundir, topic, end_released)
+        if not why:
+            return await _run_granted(worker, m, dkey, where, host, rundir, topic, end_released)
+        # it could not say so itself: it asks the fence, as a worker without one does
     try:
         answer = await asyncio.wait_for(
             getattr(worker.scheduler, fence)(
@@ -194,7 +194,8 @@ async def _start_reserved(
 ) -> str:
     """Publish a reserved start (``started`` on the session's topic, through the
     scheduler) on this worker's stream to the scheduler, written into the socket with
-    everything queued before it, before user code runs; '' or why it could not be."""
+    everything queued before it, before user code runs; '' or why it could not be (then
+    the worker asks the fence instead)."""
     msg: dict[str, Any] = {
         "op": "started",
         "attempt": attempt,
@@ -208,15 +209,15 @@ async def _start_reserved(
     nanny = getattr(worker, "nanny", None)
     if nanny and str(nanny) != where:  # the client names the worker by its place
         msg["place"] = str(nanny)
-    bs = worker.batched_stream
-    comm = getattr(bs, "comm", None)
-    if comm is None or comm.closed():
-        return "its worker's stream to the scheduler is closed"
-    # BatchedSend would send it within its interval; it must be in the socket before user
-    # code can end this process, so it goes now, after what was queued before it
-    payload, bs.buffer = [*bs.buffer, {"op": "log-event", "topic": topic, "msg": msg}], []
-    bs.message_count += 1
     try:
+        bs = worker.batched_stream
+        comm = bs.comm
+        if comm is None or comm.closed():
+            return "its worker's stream to the scheduler is closed"
+        # BatchedSend would send it within its interval; it must be in the socket before
+        # user code can end this process, so it goes now, after what was queued before it
+        payload, bs.buffer = [*bs.buffer, {"op": "log-event", "topic": topic, "msg": msg}], []
+        bs.message_count += 1
         await comm.write(payload, serializers=bs.serializers, on_error="raise")
         stream = getattr(comm, "stream", None)
         if stream is not None:
