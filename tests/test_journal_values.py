@@ -27,11 +27,18 @@ def _journaled(rundir: Path, key: str) -> bytes | None:
         j.close()
 
 
-def test_large_values_are_not_journaled_and_rerun_on_resume(tmp_path: Path) -> None:
+def test_large_values_are_not_journaled_and_rerun_on_resume(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """... and the resumed run's summary counts those as DONE without a kept value (it
+    called them "unfinished done")."""
     rundir = tmp_path / "r"
     runs = []
     for resume in (False, True):
-        with fake_session(rundir, resume=resume, journal_values=1000) as s:
+        with (
+            caplog.at_level("INFO", logger="pilotfish"),
+            fake_session(rundir, resume=resume, journal_values=1000) as s,
+        ):
             small = s.submit(blob, 10)
             big = s.submit(blob, 100_000)
             kept = s.submit(pilotfish.task(blob, keep_result=True), 50_000)
@@ -44,6 +51,12 @@ def test_large_values_are_not_journaled_and_rerun_on_resume(tmp_path: Path) -> N
         got = [_journaled(rundir, k) for k in keys]
         assert [g is not None for g in got] == [True, False, True, False]
     assert runs == [[1, 1, 1, 1], [0, 1, 0, 1]]  # resume: the unkept ran again
+    (summary,) = [r.getMessage() for r in caplog.records if "pilotfish resume of" in r.getMessage()]
+    assert "2 DONE before, taken from the journal" in summary
+    assert "2 DONE before without a kept value (journal_values, keep_result), run again" in (
+        summary
+    )
+    assert "unfinished" not in summary
     values = rundir / "values"
     size = sum(f.stat().st_size for f in values.iterdir()) if values.exists() else 0
     assert size < 60_000, size  # the 100 kB value never went there

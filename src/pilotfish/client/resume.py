@@ -36,13 +36,20 @@ SUMMARY = "pilotfish_resume_summary"
 Earlier = tuple[tuple[str, int, int | None, str], str]
 
 
+#: a task DONE before whose value the journal did not keep (``journal_values``,
+#: ``keep_result``): it runs again
+NOT_KEPT = "done, value not kept"
+
+
 def _was(state: str | None, category: str | None) -> str:
     """What a task not taken from the journal was there: "failed <category>",
-    "unfinished <state>" or "new"."""
+    :data:`NOT_KEPT`, "unfinished <state>" or "new"."""
     if state is None:
         return "new"
     if state == "FAILED":
         return f"failed {category}"
+    if state == "DONE":
+        return NOT_KEPT
     return f"unfinished {state.lower()}"
 
 
@@ -112,6 +119,11 @@ class Resumer:
         parts = [f"{b['done']} DONE before, taken from the journal (not run)"]
         n = sum(failed.values())
         parts.append(f"{n} failed before, run again" + (f" ({detail(failed)})" if n else ""))
+        if b[NOT_KEPT]:
+            parts.append(
+                f"{b[NOT_KEPT]} DONE before without a kept value (journal_values, "
+                "keep_result), run again"
+            )
         n = sum(unfinished.values())
         if n:
             parts.append(f"{n} unfinished before, run again ({detail(unfinished)})")
@@ -119,7 +131,8 @@ class Resumer:
         return (
             f"pilotfish resume of {self.journal.path.parent}: {total} task(s): "
             + "; ".join(parts)
-            + ". Resume reruns every task that did not end DONE, failed ones included."
+            + ". Resume reruns every task that did not end DONE with its value kept, "
+            "failed ones included."
         )
 
     def report(self) -> None:
