@@ -189,6 +189,9 @@ def test_worker_lost_and_other_categories() -> None:
             "can't parse and/or read x86_64 float64 v1.2.3",
         ),
         ("  many   spaces\tand\nlines  ", "many spaces and lines"),
+        # which program failed is what a group is about: its name stays
+        ("program 'gmx' was not found on PATH", "program 'gmx' was not found on PATH"),
+        ("program 'cp2k' exited 3 on 'in.inp'", "program 'cp2k' exited <n> on <...>"),
     ],
 )
 def test_mask(text: str, masked: str) -> None:

@@ -20,7 +20,8 @@ The signature of a failure (:func:`signature`):
 
 Messages are masked so that failures differing only in data fall together: the
 task's own key (and its upstream, root, worker and host names) become ``<key>``,
-``<worker>``, ``<host>``; quoted values ``<...>``; paths ``<path>``; hexadecimal
+``<worker>``, ``<host>``; quoted values ``<...>`` (not a program's name: ``program
+'gmx'`` stays); paths ``<path>``; hexadecimal
 ids and UUIDs ``<hex>``; numbers ``<n>``.
 
 This module is pure (no I/O, standard library only): it reads FailureRecord-like
@@ -176,12 +177,22 @@ def mask(text: str, names: Mapping[str, str] | None = None) -> str:
     for value, token in sorted((names or {}).items(), key=lambda kv: -len(kv[0])):
         if value and len(value) > 1:
             s = s.replace(value, token)
-    s = _QUOTED.sub(lambda m: m.group() if m.group()[1:-1].startswith("<") else "<...>", s)
+    s = _QUOTED.sub(_quoted_token, s)
     s = _UUID.sub("<hex>", s)
     s = _HEX.sub("<hex>", s)
     s = _NUMBER.sub("<n>", s)
     s = _SPACES.sub(" ", s).strip()
     return s if len(s) <= _LINE_MAX else s[: _LINE_MAX - 1] + "…"
+
+
+def _quoted_token(m: re.Match[str]) -> str:
+    """A quoted value as ``<...>``, unless it is a placeholder already or the name of a
+    program (``program 'gmx'``): which program failed is what a group is about, not
+    data that differs between its failures."""
+    text = m.group()
+    if text[1:-1].startswith("<") or m.string[max(0, m.start() - 8) : m.start()] == "program ":
+        return text
+    return "<...>"
 
 
 def _path_token(m: re.Match[str]) -> str:
