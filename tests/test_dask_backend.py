@@ -736,6 +736,18 @@ def test_start_fence_reserves_starts_for_ready_workers_on_its_host() -> None:
     assert fence.reserved == 3 and fence.asked == 1
 
 
+def test_the_fence_knows_its_sessions_dask_keys() -> None:
+    """The Dask keys the client makes (first hand-over, resends) are its session's to the
+    fence, whatever the task key holds; another session's and Dask's own are not."""
+    from pilotfish.backends.dask.fence import dask_key, is_session_key
+
+    for task_key in ("sim-1", "run-r5", "x-tok-r2", "a-tok"):
+        for n in (0, 1, 12):
+            assert is_session_key(dask_key(task_key, 7, "tok", n), "tok")
+            assert not is_session_key(dask_key(task_key, 7, "other", n), "tok")
+    assert not is_session_key("inc-5f2a", "tok") and not is_session_key(("tuple", 1), "tok")
+
+
 def test_a_drained_worker_holding_a_reservation_is_retired_once_its_key_leaves() -> None:
     """A worker drained while it holds a reservation may start that attempt before the
     revocation reaches it: the fence does not retire (close) it at once, which would end

@@ -103,11 +103,26 @@ from typing import Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-__all__ = ["StartFence"]
+__all__ = ["StartFence", "dask_key", "is_session_key"]
 
 #: events the scheduler keeps of a session's topic (Dask keeps 1000 of each topic): after
 #: a broken link, the client reads the grants and small results it missed from there
 TOPIC_KEEP = 100_000
+
+
+def dask_key(task_key: str, attempt: int, token: str, n: int) -> str:
+    """The Dask key of attempt ``attempt`` (of task ``task_key``) of session ``token``,
+    handed to Dask for the ``n``-th time (0: the first); :func:`is_session_key` reads it."""
+    tail = f"-r{n}" if n else ""
+    return f"pilotfish-{task_key}-a{attempt}-{token}{tail}"
+
+
+def is_session_key(key: Any, token: str) -> bool:
+    """Is ``key`` a Dask key :func:`dask_key` made for session ``token``?"""
+    if not (isinstance(key, str) and key.startswith("pilotfish-")):
+        return False
+    head, sep, n = key.rpartition("-r")
+    return (head if sep and n.isdigit() else key).endswith(f"-{token}")
 
 
 def _ip(address: str) -> str:
@@ -226,10 +241,8 @@ class StartFence(SchedulerPlugin):
         """The scheduler just handed ``key`` to a worker: reserve its start there if it is
         one of this session's keys, never granted, on a ready worker that is not drained
         (the reservation goes ahead of the ``compute-task`` message on the same stream)."""
-        if not (isinstance(key, str) and key.startswith("pilotfish-")):
-            return
-        if not key.endswith(f"-{self.token}") and f"-{self.token}-r" not in key:
-            return  # another session's
+        if not is_session_key(key, self.token):
+            return  # another session's, or not pilotfish's
         if key in self.granted:
             return  # Dask runs it again: the worker must ask (and is refused)
         ts = self.scheduler.tasks.get(key)

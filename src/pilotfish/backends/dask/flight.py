@@ -22,6 +22,7 @@ from typing import Any
 from ...core import ledger as L
 from ...wire.messages import Lost, RunAttempt, Unlinked
 from .._driver import Driver, Outcome, carry_out, environment_result
+from .fence import dask_key
 
 __all__ = ["Att", "Flight", "Step"]
 
@@ -117,9 +118,9 @@ class Flight:
         self.restarting: dict[str, str] = {}  # worker address -> why we restarted it
 
     def dkey(self, a: RunAttempt, n: int) -> str:
-        """The Dask key of attempt ``a``'s ``n``-th submission."""
-        tail = f"-r{n}" if n else ""
-        return f"pilotfish-{a.key}-a{a.attempt}-{self.token}{tail}"
+        """The Dask key of attempt ``a``'s ``n``-th submission (the start fence knows its
+        session's keys by it)."""
+        return dask_key(a.key, a.attempt, self.token, n)
 
     def current(self, att: Att) -> bool:
         e = self.ledger.entries.get(att.m.attempt)
